@@ -1,0 +1,1 @@
+//! The merged-registry model (placeholder; filled in by the registry work).

@@ -1,0 +1,1 @@
+//! Fake Consul, Eureka and Kubernetes API servers replaying recorded fixtures (placeholder).
