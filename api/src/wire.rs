@@ -7,8 +7,6 @@
 //! newer peers can add fields; an unknown request kind decodes to `kind: None` and is
 //! answered with [`ErrorCode::Unsupported`].
 
-use prost::Message as _;
-
 /// Largest request frame the controller reads for join and renewal.
 pub const MAX_REQUEST_FRAME: usize = 64 * 1024;
 /// Largest response frame a client reads.
@@ -221,6 +219,7 @@ pub enum ErrorCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message as _;
 
     #[test]
     fn frame_round_trip() {

@@ -1,0 +1,390 @@
+//! The admin HTTP API (axum) used by `causewayctl`. Every route but `/healthz` needs the
+//! admin credential (`Authorization: Bearer <contents of admin.token>`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use causeway_api::{JoinToken, MtlsMode, PortSpec, WorkloadGroup, hex};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::ca::{Ca, to_pem};
+use crate::config::TokenConfig;
+use crate::enroll::{now_unix, random_hex, sha256_hex};
+use crate::store::{GroupRecord, Store, StoreError, TokenRecord};
+
+/// What the admin handlers share.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The CA.
+    pub ca: Arc<Ca>,
+    /// SHA-256 (hex) of the admin credential.
+    pub credential_sha256: String,
+    /// Token settings.
+    pub tokens: TokenConfig,
+    /// `host:port` written into join tokens.
+    pub advertise: String,
+}
+
+/// An error answer: status and message, sent as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let status = match &e {
+            StoreError::Exists { .. } | StoreError::Conflict(_) => StatusCode::CONFLICT,
+            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self(status, e.to_string())
+    }
+}
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+/// The router with every route.
+pub fn router(state: AdminState) -> Router {
+    let api = Router::new()
+        .route("/v1/ca", get(ca_show))
+        .route("/v1/groups", get(group_list).post(group_create))
+        .route("/v1/groups/{name}", get(group_show).delete(group_delete))
+        .route("/v1/tokens", post(token_create).get(token_list))
+        .route("/v1/agents", get(agent_list))
+        .route("/v1/agents/{id}", delete(agent_remove).get(agent_show))
+        .route("/v1/certificates", get(cert_list))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(api)
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .with_state(state)
+}
+
+async fn auth(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(p) if sha256_hex(p.as_bytes()) == state.credential_sha256 => next.run(req).await,
+        Some(_) => ApiError(
+            StatusCode::UNAUTHORIZED,
+            "admin credential does not match this controller's admin.token".into(),
+        )
+        .into_response(),
+        None => ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing admin credential: send `Authorization: Bearer <admin.token>` (causewayctl reads --admin-token-file or CAUSEWAY_ADMIN_TOKEN_FILE)".into(),
+        )
+        .into_response(),
+    }
+}
+
+#[derive(Serialize)]
+struct CaView {
+    fingerprint: String,
+    mode: &'static str,
+    trust_domain: String,
+    certificate_chain_pem: Vec<String>,
+    trust_bundle_pem: Vec<String>,
+}
+
+async fn ca_show(State(s): State<AdminState>) -> Json<CaView> {
+    Json(CaView {
+        fingerprint: hex(&s.ca.fingerprint()),
+        mode: s.ca.mode(),
+        trust_domain: s.ca.trust_domain().to_string(),
+        certificate_chain_pem: s.ca.chain_der().iter().map(|d| to_pem("CERTIFICATE", d)).collect(),
+        trust_bundle_pem: s.ca.bundle_der().iter().map(|d| to_pem("CERTIFICATE", d)).collect(),
+    })
+}
+
+/// Body of `POST /v1/groups`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupCreate {
+    name: String,
+    namespace: String,
+    service_account: String,
+    #[serde(default)]
+    service: Option<String>,
+    #[serde(default)]
+    ports: Vec<String>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    allowed_cidrs: Vec<IpNet>,
+    #[serde(default)]
+    mtls: Option<String>,
+}
+
+async fn group_create(
+    State(s): State<AdminState>,
+    Json(body): Json<GroupCreate>,
+) -> Result<(StatusCode, Json<GroupRecord>), ApiError> {
+    let mut errors = Vec::new();
+    let ports: Vec<PortSpec> = body
+        .ports
+        .iter()
+        .filter_map(|p| p.parse().map_err(|e| errors.push(format!("{e}"))).ok())
+        .collect();
+    let mtls: MtlsMode = match body.mtls.as_deref() {
+        None => MtlsMode::default(),
+        Some(m) => m.parse().unwrap_or_else(|e| {
+            errors.push(format!("{e}"));
+            MtlsMode::default()
+        }),
+    };
+    let group = WorkloadGroup {
+        name: body.name,
+        namespace: body.namespace,
+        service_account: body.service_account,
+        service: body.service,
+        ports,
+        labels: body.labels,
+        allowed_cidrs: body.allowed_cidrs,
+        mtls,
+    };
+    if let Err(es) = group.validate() {
+        errors.extend(es.iter().map(ToString::to_string));
+    }
+    if !errors.is_empty() {
+        return Err(bad_request(format!("invalid group: {}", errors.join("; "))));
+    }
+    let record = GroupRecord {
+        group,
+        created_at: now_unix(),
+    };
+    s.store.create_group(&record)?;
+    s.store.flush()?;
+    Ok((StatusCode::CREATED, Json(record)))
+}
+
+async fn group_list(State(s): State<AdminState>) -> Result<Json<Vec<GroupRecord>>, ApiError> {
+    Ok(Json(s.store.groups()?))
+}
+
+async fn group_show(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<GroupRecord>, ApiError> {
+    s.store.group(&name)?.map(Json).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("group {name:?} does not exist; see `causewayctl group list`"),
+        )
+    })
+}
+
+async fn group_delete(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    s.store.delete_group(&name)?;
+    s.store.flush()?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Body of `POST /v1/tokens`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenCreate {
+    group: String,
+    #[serde(default)]
+    ttl_secs: Option<u64>,
+    #[serde(default)]
+    uses: Option<u32>,
+    #[serde(default)]
+    cidrs: Vec<IpNet>,
+}
+
+#[derive(Serialize)]
+struct TokenCreated {
+    token: String,
+    id: String,
+    group: String,
+    expires_at: i64,
+    uses: u32,
+    cidrs: Vec<IpNet>,
+    controller: String,
+}
+
+async fn token_create(
+    State(s): State<AdminState>,
+    Json(body): Json<TokenCreate>,
+) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
+    if s.store.group(&body.group)?.is_none() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "group {:?} does not exist; create it with `causewayctl group create {} --namespace NS --service-account SA`",
+                body.group, body.group
+            ),
+        ));
+    }
+    let ttl = body
+        .ttl_secs
+        .map(Duration::from_secs)
+        .unwrap_or(s.tokens.default_ttl);
+    if ttl.is_zero() || ttl > s.tokens.max_ttl {
+        return Err(bad_request(format!(
+            "ttl {} is out of range: must be above zero and at most {} (tokens.max_ttl)",
+            humantime::format_duration(ttl),
+            humantime::format_duration(s.tokens.max_ttl)
+        )));
+    }
+    let uses = body.uses.unwrap_or(1);
+    if uses == 0 || uses > 100_000 {
+        return Err(bad_request(format!("uses = {uses}: must be between 1 and 100000")));
+    }
+    let mut secret = [0u8; causeway_api::token::SECRET_LEN];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "random generator failed".into()))?;
+    let now = now_unix();
+    let record = TokenRecord {
+        id: random_hex(8),
+        secret_sha256: sha256_hex(&secret),
+        group: body.group.clone(),
+        created_at: now,
+        expires_at: now + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 4),
+        uses_total: uses,
+        uses_left: uses,
+        cidrs: body.cidrs.clone(),
+    };
+    s.store.create_token(&record)?;
+    s.store.flush()?;
+    let token = JoinToken {
+        controller: s.advertise.clone(),
+        ca_fingerprint: s.ca.fingerprint(),
+        id: record.id.clone(),
+        secret,
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenCreated {
+            token: token.encode(),
+            id: record.id,
+            group: record.group,
+            expires_at: record.expires_at,
+            uses,
+            cidrs: record.cidrs,
+            controller: s.advertise,
+        }),
+    ))
+}
+
+#[derive(Serialize)]
+struct TokenView {
+    id: String,
+    group: String,
+    created_at: i64,
+    expires_at: i64,
+    uses_total: u32,
+    uses_left: u32,
+    cidrs: Vec<IpNet>,
+}
+
+async fn token_list(State(s): State<AdminState>) -> Result<Json<Vec<TokenView>>, ApiError> {
+    Ok(Json(
+        s.store
+            .tokens()?
+            .into_iter()
+            .map(|t| TokenView {
+                id: t.id,
+                group: t.group,
+                created_at: t.created_at,
+                expires_at: t.expires_at,
+                uses_total: t.uses_total,
+                uses_left: t.uses_left,
+                cidrs: t.cidrs,
+            })
+            .collect(),
+    ))
+}
+
+/// An agent as the API shows it.
+#[derive(Serialize)]
+struct AgentView {
+    id: String,
+    identity: String,
+    group: String,
+    hostname: String,
+    address: std::net::IpAddr,
+    joined_at: i64,
+    serial: String,
+    not_after: i64,
+    renewed_at: Option<i64>,
+    renewals: u64,
+    removed: bool,
+    removed_at: Option<i64>,
+}
+
+impl From<crate::store::AgentRecord> for AgentView {
+    fn from(a: crate::store::AgentRecord) -> Self {
+        Self {
+            removed: a.removed_at.is_some(),
+            id: a.id,
+            identity: a.spiffe_id,
+            group: a.group,
+            hostname: a.hostname,
+            address: a.address,
+            joined_at: a.joined_at,
+            serial: a.serial,
+            not_after: a.not_after,
+            renewed_at: a.renewed_at,
+            renewals: a.renewals,
+            removed_at: a.removed_at,
+        }
+    }
+}
+
+async fn agent_list(State(s): State<AdminState>) -> Result<Json<Vec<AgentView>>, ApiError> {
+    Ok(Json(s.store.agents()?.into_iter().map(AgentView::from).collect()))
+}
+
+async fn agent_show(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<AgentView>, ApiError> {
+    s.store.agent(&id)?.map(|a| Json(a.into())).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("agent {id:?} does not exist; see `causewayctl agent list`"),
+        )
+    })
+}
+
+async fn agent_remove(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<AgentView>, ApiError> {
+    let agent = s.store.remove_agent(&id, now_unix())?;
+    s.store.flush()?;
+    tracing::info!(agent = %id, "agent removed; its renewals will be refused");
+    Ok(Json(agent.into()))
+}
+
+async fn cert_list(
+    State(s): State<AdminState>,
+) -> Result<Json<Vec<crate::store::CertRecord>>, ApiError> {
+    Ok(Json(s.store.certs()?))
+}

@@ -1,0 +1,336 @@
+//! The controller's configuration: one typed struct, read from TOML, checked as a whole.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default data directory of a packaged controller.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/causeway/controller";
+
+/// Why the configuration could not be used. Every problem is listed at once.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this struct (unknown field, wrong type, ...).
+    #[error("config file {path} is invalid: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said, with line and column.
+        message: String,
+    },
+    /// Rules across fields failed; each line is one problem.
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// `causeway-controller` configuration (`/etc/causeway/controller.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory for the embedded store (sled) and the admin credential.
+    pub data_dir: PathBuf,
+    /// SPIFFE trust domain of the mesh, e.g. "causeway.local".
+    pub trust_domain: String,
+    /// Admin HTTP API (used by causewayctl).
+    pub admin: AdminConfig,
+    /// Control endpoint (QUIC) for join, renewal and config push.
+    pub control: ControlConfig,
+    /// Certificate authority.
+    pub ca: CaConfig,
+    /// Join tokens.
+    pub tokens: TokenConfig,
+    /// Diagnostics; not for production.
+    pub debug: DebugConfig,
+}
+
+/// Admin HTTP API settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address to listen on. Anything but loopback requires `tls_cert` and `tls_key`.
+    pub listen: SocketAddr,
+    /// PEM certificate chain for HTTPS on the admin API.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for HTTPS on the admin API.
+    pub tls_key: Option<PathBuf>,
+}
+
+/// Control endpoint settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// UDP address of the QUIC control endpoint.
+    pub listen: SocketAddr,
+    /// `host:port` agents use to reach the controller; written into join tokens.
+    /// Default: the listen address, or this host's outbound address when listening on all.
+    pub advertise: Option<String>,
+    /// Largest request (join or renewal) accepted, in bytes.
+    pub max_request_bytes: usize,
+}
+
+/// Certificate-authority settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaConfig {
+    /// Lifetime of workload certificates, e.g. "24h".
+    #[serde(with = "duration_text")]
+    pub workload_cert_ttl: Duration,
+    /// PEM file: an intermediate CA certificate followed by its chain up to the root.
+    /// With `intermediate_key`, the controller signs with it instead of generating a root.
+    pub intermediate_cert_chain: Option<PathBuf>,
+    /// PEM file: the private key of `intermediate_cert_chain` (PKCS#8, ECDSA P-256).
+    pub intermediate_key: Option<PathBuf>,
+}
+
+/// Join-token settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// Lifetime of a token when `--ttl` is not given, e.g. "1h".
+    #[serde(with = "duration_text")]
+    pub default_ttl: Duration,
+    /// Longest lifetime a token may be given.
+    #[serde(with = "duration_text")]
+    pub max_ttl: Duration,
+}
+
+/// Diagnostics.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DebugConfig {
+    /// If set, every raw control request is written to a file in this directory
+    /// (used by tests to prove what agents send). Never enable in production.
+    pub record_requests_dir: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            trust_domain: "causeway.local".into(),
+            admin: AdminConfig::default(),
+            control: ControlConfig::default(),
+            ca: CaConfig::default(),
+            tokens: TokenConfig::default(),
+            debug: DebugConfig::default(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 15080)),
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 15012)),
+            advertise: None,
+            max_request_bytes: causeway_api::wire::MAX_REQUEST_FRAME,
+        }
+    }
+}
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        Self {
+            workload_cert_ttl: Duration::from_secs(24 * 3600),
+            intermediate_cert_chain: None,
+            intermediate_key: None,
+        }
+    }
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text (`origin` names it in errors); does not validate.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks rules across fields; reports every problem at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        if let Err(e) = self.trust_domain.parse::<causeway_api::TrustDomain>() {
+            errors.push(format!("trust_domain: {e}"));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            errors.push("data_dir: must not be empty".into());
+        }
+        match (&self.admin.tls_cert, &self.admin.tls_key) {
+            (Some(_), None) | (None, Some(_)) => errors.push(
+                "admin: tls_cert and tls_key go together; set both or neither".into(),
+            ),
+            (None, None) if !self.admin.listen.ip().is_loopback() => errors.push(format!(
+                "admin.listen = {}: the admin API may listen off-host only with TLS; set admin.tls_cert and admin.tls_key, or listen on 127.0.0.1",
+                self.admin.listen
+            )),
+            _ => {}
+        }
+        match (&self.ca.intermediate_cert_chain, &self.ca.intermediate_key) {
+            (Some(_), None) | (None, Some(_)) => errors.push(
+                "ca: intermediate_cert_chain and intermediate_key go together; set both or neither"
+                    .into(),
+            ),
+            _ => {}
+        }
+        let ttl = self.ca.workload_cert_ttl;
+        if ttl < Duration::from_secs(60) || ttl > Duration::from_secs(366 * 24 * 3600) {
+            errors.push(format!(
+                "ca.workload_cert_ttl = {}: must be between 1m and 366d",
+                humantime::format_duration(ttl)
+            ));
+        }
+        if self.tokens.default_ttl.is_zero() || self.tokens.default_ttl > self.tokens.max_ttl {
+            errors.push(format!(
+                "tokens.default_ttl = {}: must be above zero and at most tokens.max_ttl ({})",
+                humantime::format_duration(self.tokens.default_ttl),
+                humantime::format_duration(self.tokens.max_ttl)
+            ));
+        }
+        if self.control.max_request_bytes < 1024 || self.control.max_request_bytes > 16 << 20 {
+            errors.push(format!(
+                "control.max_request_bytes = {}: must be between 1024 and 16777216",
+                self.control.max_request_bytes
+            ));
+        }
+        if let Some(adv) = &self.control.advertise
+            && !adv.contains(':')
+        {
+            errors.push(format!(
+                "control.advertise = {adv:?}: must be host:port, e.g. \"10.0.0.5:15012\""
+            ));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+}
+
+/// Durations written as text ("24h", "90s", "1h 30m").
+mod duration_text {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); write it like \"24h\", \"30m\" or \"90s\""
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+        let c = Config::parse("", Path::new("empty.toml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.admin.listen.port(), 15080);
+        assert_eq!(c.control.listen.port(), 15012);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = Config::parse("trust_domian = \"x\"", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("trust_domian"), "{err}");
+        let err = Config::parse("[admin]\nlisten = \"127.0.0.1:1\"\nport = 3", Path::new("c.toml"))
+            .unwrap_err();
+        assert!(err.to_string().contains("port"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_value() {
+        let err = Config::parse("[ca]\nworkload_cert_ttl = \"soon\"", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            trust_domain = "Not Valid"
+            [admin]
+            listen = "0.0.0.0:15080"
+            [ca]
+            workload_cert_ttl = "10s"
+            intermediate_key = "/x.pem"
+            [tokens]
+            default_ttl = "60d"
+            max_ttl = "1d"
+        "#;
+        let c = Config::parse(text, Path::new("c.toml")).unwrap();
+        let ConfigError::Invalid(errors) = c.validate().unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        assert_eq!(errors.len(), 5, "{errors:#?}");
+        assert!(errors.iter().any(|e| e.contains("trust_domain")));
+        assert!(errors.iter().any(|e| e.contains("off-host only with TLS")));
+        assert!(errors.iter().any(|e| e.contains("intermediate_cert_chain")));
+        assert!(errors.iter().any(|e| e.contains("workload_cert_ttl")));
+        assert!(errors.iter().any(|e| e.contains("default_ttl")));
+    }
+
+    #[test]
+    fn shipped_example_configs_parse_and_validate() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut found = 0;
+        for dir in ["controller/examples", "packaging/deb/controller"] {
+            let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+                continue;
+            };
+            for entry in entries {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                    c.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    found += 1;
+                }
+            }
+        }
+        assert!(found >= 1, "no example controller config found");
+    }
+}

@@ -1,0 +1,303 @@
+//! Join and renewal: the policy between a request and a signed certificate.
+//!
+//! Join: token id + secret (hash compared) → not expired → uses left → source address
+//! inside the token's and the group's networks → CSR verified → certificate for the
+//! group's SPIFFE ID → token spent, agent and certificate recorded in one transaction →
+//! flushed (group commit) → answered. A reply is only ever sent for durable state.
+//!
+//! Renewal: the caller's client certificate (verified by TLS against the trust bundle)
+//! must be one this controller issued, to an agent that was not removed.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use causeway_api::wire::{ErrorCode, Issued, JoinRequest, RenewRequest};
+use causeway_api::{SpiffeId, hex};
+use ipnet::IpNet;
+use ring::rand::SecureRandom as _;
+use rustls::pki_types::CertificateDer;
+
+use crate::ca::{Ca, CaError};
+use crate::csr::{CsrError, parse_csr};
+use crate::durability::GroupCommit;
+use crate::store::{AgentRecord, CertRecord, Store, StoreError};
+
+/// Seconds before "now" that a new certificate is already valid (clock skew).
+const BACKDATE_SECS: i64 = 300;
+
+/// Why a join or renewal was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnrollError {
+    /// Unknown token id or wrong secret (not told apart, on purpose).
+    #[error("join token is not valid: unknown token or wrong secret; create a new one with `causewayctl token create`")]
+    TokenInvalid,
+    /// The token expired.
+    #[error("join token {id} expired at {expired_at} (Unix time); create a new one with `causewayctl token create`")]
+    TokenExpired {
+        /// Token id.
+        id: String,
+        /// Unix seconds.
+        expired_at: i64,
+    },
+    /// No uses left.
+    #[error("join token {0} has already been used; create a new one, or pass --uses N for a reusable token")]
+    TokenSpent(String),
+    /// Caller outside the allowed networks.
+    #[error("join from {address} refused: the {what} allows only {allowed}")]
+    SourceNotAllowed {
+        /// The caller's address.
+        address: IpAddr,
+        /// "token" or "group G".
+        what: String,
+        /// The allowed networks.
+        allowed: String,
+    },
+    /// The group is gone.
+    #[error("workload group {0:?} does not exist (deleted after the token was created?)")]
+    GroupMissing(String),
+    /// The CSR was refused.
+    #[error("CSR refused: {0}")]
+    Csr(#[from] CsrError),
+    /// No client certificate on a renewal.
+    #[error("renewal needs the agent's current certificate (mutual TLS); none was presented")]
+    NotAuthenticated,
+    /// The client certificate is not one we issued.
+    #[error("certificate serial {0} was not issued by this controller; re-join with a new token")]
+    UnknownCertificate(String),
+    /// The agent was removed.
+    #[error("agent {0} was removed by an operator; it must re-join with a new token")]
+    AgentRemoved(String),
+    /// The store failed.
+    #[error("store error: {0}")]
+    Store(StoreError),
+    /// Signing failed.
+    #[error("CA error: {0}")]
+    Ca(#[from] CaError),
+}
+
+impl From<StoreError> for EnrollError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::TokenSpent(id) => Self::TokenSpent(id),
+            StoreError::AgentRemoved(id) => Self::AgentRemoved(id),
+            other => Self::Store(other),
+        }
+    }
+}
+
+impl EnrollError {
+    /// The wire code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::TokenInvalid => ErrorCode::TokenInvalid,
+            Self::TokenExpired { .. } => ErrorCode::TokenExpired,
+            Self::TokenSpent(_) => ErrorCode::TokenSpent,
+            Self::SourceNotAllowed { .. } => ErrorCode::SourceNotAllowed,
+            Self::GroupMissing(_) => ErrorCode::GroupMissing,
+            Self::Csr(_) => ErrorCode::CsrInvalid,
+            Self::NotAuthenticated | Self::UnknownCertificate(_) => ErrorCode::NotAuthenticated,
+            Self::AgentRemoved(_) => ErrorCode::AgentRemoved,
+            Self::Store(_) | Self::Ca(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Current Unix time in seconds.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// SHA-256 as hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
+}
+
+/// Random bytes as hex.
+pub fn random_hex(len: usize) -> String {
+    let mut b = vec![0u8; len];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .expect("system RNG works");
+    hex(&b)
+}
+
+fn join_nets(nets: &[IpNet]) -> String {
+    nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// Issues certificates for joins and renewals.
+pub struct Enroller {
+    store: Arc<dyn Store>,
+    ca: Arc<Ca>,
+    commit: GroupCommit,
+    cert_ttl: Duration,
+}
+
+impl Enroller {
+    /// A new enroller; starts the group-commit task (needs a Tokio runtime).
+    pub fn new(store: Arc<dyn Store>, ca: Arc<Ca>, cert_ttl: Duration) -> Self {
+        Self {
+            commit: GroupCommit::start(store.clone()),
+            store,
+            ca,
+            cert_ttl,
+        }
+    }
+
+    /// The CA.
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    fn issued(&self, agent: &AgentRecord, der: Vec<u8>) -> Issued {
+        let mut chain = vec![der];
+        chain.extend(self.ca.chain_der().iter().cloned());
+        Issued {
+            agent_id: agent.id.clone(),
+            spiffe_id: agent.spiffe_id.clone(),
+            cert_chain_der: chain,
+            trust_bundle_der: self.ca.bundle_der().to_vec(),
+            not_after_unix: agent.not_after,
+            group: agent.group.clone(),
+        }
+    }
+
+    fn ttl_secs(&self) -> i64 {
+        i64::try_from(self.cert_ttl.as_secs()).unwrap_or(i64::MAX / 4)
+    }
+
+    /// Enrolls a new agent with a join token.
+    pub async fn join(&self, req: &JoinRequest, source: IpAddr) -> Result<Issued, EnrollError> {
+        let now = now_unix();
+        let token = self
+            .store
+            .token(&req.token_id)?
+            .ok_or(EnrollError::TokenInvalid)?;
+        if sha256_hex(&req.secret) != token.secret_sha256 {
+            return Err(EnrollError::TokenInvalid);
+        }
+        if now >= token.expires_at {
+            return Err(EnrollError::TokenExpired {
+                id: token.id,
+                expired_at: token.expires_at,
+            });
+        }
+        if token.uses_left == 0 {
+            return Err(EnrollError::TokenSpent(token.id));
+        }
+        if !token.cidrs.is_empty() && !token.cidrs.iter().any(|n| n.contains(&source)) {
+            return Err(EnrollError::SourceNotAllowed {
+                address: source,
+                what: "token".into(),
+                allowed: join_nets(&token.cidrs),
+            });
+        }
+        let group = self
+            .store
+            .group(&token.group)?
+            .ok_or_else(|| EnrollError::GroupMissing(token.group.clone()))?
+            .group;
+        if !group.allows_source(source) {
+            return Err(EnrollError::SourceNotAllowed {
+                address: source,
+                what: format!("group {}", group.name),
+                allowed: join_nets(&group.allowed_cidrs),
+            });
+        }
+        let key = parse_csr(&req.csr_der)?;
+        if !key.requested_names.is_empty() {
+            tracing::info!(names = ?key.requested_names, "CSR asked for names; ignored, the group sets the identity");
+        }
+        let id = group
+            .spiffe_id(self.ca.trust_domain())
+            .map_err(|e| EnrollError::GroupMissing(format!("{} ({e})", group.name)))?;
+        let not_after = now + self.ttl_secs();
+        let (der, serial) = self
+            .ca
+            .issue_workload(&key, &id, now - BACKDATE_SECS, not_after)?;
+        let hostname: String = req
+            .hostname
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+            .take(253)
+            .collect();
+        let agent = AgentRecord {
+            id: format!("a-{}", random_hex(8)),
+            group: group.name.clone(),
+            spiffe_id: id.to_string(),
+            hostname,
+            address: source,
+            token_id: token.id.clone(),
+            joined_at: now,
+            serial: serial.clone(),
+            not_after,
+            renewed_at: None,
+            renewals: 0,
+            removed_at: None,
+        };
+        let cert = CertRecord {
+            serial,
+            agent_id: agent.id.clone(),
+            spiffe_id: agent.spiffe_id.clone(),
+            not_before: now - BACKDATE_SECS,
+            not_after,
+            reason: "join".into(),
+        };
+        self.store.commit_join(&token.id, &agent, &cert)?;
+        self.commit.commit().await?;
+        tracing::info!(agent = %agent.id, identity = %agent.spiffe_id, %source, token = %token.id, "agent joined");
+        Ok(self.issued(&agent, der))
+    }
+
+    /// Renews the certificate of the agent presenting `peer_chain`.
+    pub async fn renew(
+        &self,
+        peer_chain: Option<&[CertificateDer<'static>]>,
+        req: &RenewRequest,
+    ) -> Result<Issued, EnrollError> {
+        let leaf = peer_chain
+            .and_then(|c| c.first())
+            .ok_or(EnrollError::NotAuthenticated)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|_| EnrollError::UnknownCertificate("(unparseable)".into()))?;
+        let serial = hex(cert.raw_serial());
+        let record = self
+            .store
+            .cert(&serial)?
+            .ok_or_else(|| EnrollError::UnknownCertificate(serial.clone()))?;
+        let agent = self
+            .store
+            .agent(&record.agent_id)?
+            .ok_or_else(|| EnrollError::UnknownCertificate(serial.clone()))?;
+        if agent.removed_at.is_some() {
+            return Err(EnrollError::AgentRemoved(agent.id));
+        }
+        let key = parse_csr(&req.csr_der)?;
+        let id: SpiffeId = agent
+            .spiffe_id
+            .parse()
+            .map_err(|_| EnrollError::UnknownCertificate(serial.clone()))?;
+        let now = now_unix();
+        let not_after = now + self.ttl_secs();
+        let (der, new_serial) = self
+            .ca
+            .issue_workload(&key, &id, now - BACKDATE_SECS, not_after)?;
+        let cert = CertRecord {
+            serial: new_serial,
+            agent_id: agent.id.clone(),
+            spiffe_id: agent.spiffe_id.clone(),
+            not_before: now - BACKDATE_SECS,
+            not_after,
+            reason: "renew".into(),
+        };
+        let agent = self.store.commit_renewal(&agent.id, &cert, now)?;
+        self.commit.commit().await?;
+        tracing::info!(agent = %agent.id, identity = %agent.spiffe_id, renewals = agent.renewals, "certificate renewed");
+        Ok(self.issued(&agent, der))
+    }
+}

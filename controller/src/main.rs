@@ -1,0 +1,211 @@
+//! `causeway-controller`: the Causeway control plane binary.
+
+use std::io::Write as _;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use causeway_api::{TrustDomain, hex};
+use causeway_controller::admin::{AdminState, router};
+use causeway_controller::ca::Ca;
+use causeway_controller::config::Config;
+use causeway_controller::control::ControlServer;
+use causeway_controller::enroll::{Enroller, now_unix, random_hex, sha256_hex};
+use causeway_controller::store::{SledStore, Store};
+use causeway_controller::{logging, tls_listener::TlsListener};
+use clap::Parser;
+
+/// The Causeway controller: CA, join tokens, store and control endpoint.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Data directory (store, admin.token). Overrides `data_dir` in the config file.
+    #[arg(long, env = "CAUSEWAY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML config file; without it the controller runs on defaults.
+    #[arg(long, env = "CAUSEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Admin API listen address (default 127.0.0.1:15080).
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Control endpoint UDP listen address (default 0.0.0.0:15012).
+    #[arg(long)]
+    control_listen: Option<SocketAddr>,
+    /// `host:port` written into join tokens.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// SPIFFE trust domain (default causeway.local).
+    #[arg(long)]
+    trust_domain: Option<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    logging::init("info");
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads the admin credential, creating it (mode 0600) at first start.
+fn admin_credential(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join("admin.token");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(text.trim().to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let credential = random_hex(32);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            writeln!(f, "{credential}")?;
+            f.sync_all()?;
+            tracing::info!(path = %path.display(), "admin credential created");
+            Ok(credential)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// The address to put in tokens when none is configured.
+fn default_advertise(listen: SocketAddr) -> String {
+    if !listen.ip().is_unspecified() {
+        return listen.to_string();
+    }
+    // The source address of this host's default route; connecting a UDP socket sends nothing.
+    let ip = UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.0.2.1:9").map(|()| s))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.ip())
+        .unwrap_or_else(|_| std::net::Ipv4Addr::LOCALHOST.into());
+    SocketAddr::new(ip, listen.port()).to_string()
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut cfg = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = args.data_dir {
+        cfg.data_dir = d;
+    }
+    if let Some(a) = args.admin_listen {
+        cfg.admin.listen = a;
+    }
+    if let Some(a) = args.control_listen {
+        cfg.control.listen = a;
+    }
+    if let Some(a) = args.advertise {
+        cfg.control.advertise = Some(a);
+    }
+    if let Some(td) = args.trust_domain {
+        cfg.trust_domain = td;
+    }
+    cfg.validate()?;
+    let td: TrustDomain = cfg.trust_domain.parse()?;
+
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set permissions on {}", cfg.data_dir.display()))?;
+    let store_dir = cfg.data_dir.join("store");
+    let store: Arc<dyn Store> = Arc::new(
+        SledStore::open(&store_dir)
+            .with_context(|| format!("cannot open the store at {} (is another controller using this data dir?)", store_dir.display()))?,
+    );
+    let ca = Arc::new(Ca::load_or_create(store.as_ref(), &cfg.ca, &td, now_unix())?);
+    tracing::info!(fingerprint = %hex(&ca.fingerprint()), mode = ca.mode(), trust_domain = %td, "CA ready");
+    let credential = admin_credential(&cfg.data_dir)?;
+
+    let control = ControlServer::bind(cfg.control.listen, &ca)?;
+    let control_addr = control.local_addr()?;
+    let advertise = cfg
+        .control
+        .advertise
+        .clone()
+        .unwrap_or_else(|| default_advertise(control_addr));
+
+    let tcp = tokio::net::TcpListener::bind(cfg.admin.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for the admin API (set admin.listen or --admin-listen)", cfg.admin.listen))?;
+    let admin_addr = tcp.local_addr()?;
+    let state = AdminState {
+        store: store.clone(),
+        ca: ca.clone(),
+        credential_sha256: sha256_hex(credential.as_bytes()),
+        tokens: cfg.tokens.clone(),
+        advertise: advertise.clone(),
+    };
+    let app = router(state);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let admin_task = {
+        let mut stop = stop_rx.clone();
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        match (&cfg.admin.tls_cert, &cfg.admin.tls_key) {
+            (Some(cert), Some(key)) => {
+                let listener = TlsListener::new(
+                    tcp,
+                    &std::fs::read_to_string(cert).with_context(|| format!("cannot read admin.tls_cert {}", cert.display()))?,
+                    &std::fs::read_to_string(key).with_context(|| format!("cannot read admin.tls_key {}", key.display()))?,
+                )?;
+                tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await })
+            }
+            _ => tokio::spawn(async move { axum::serve(tcp, app).with_graceful_shutdown(shutdown).await }),
+        }
+    };
+    let scheme = if cfg.admin.tls_cert.is_some() { "https" } else { "http" };
+
+    let enroller = Arc::new(Enroller::new(store.clone(), ca.clone(), cfg.ca.workload_cert_ttl));
+    let control = Arc::new(control);
+    let control_task = {
+        let control = control.clone();
+        let max = cfg.control.max_request_bytes;
+        let record = cfg.debug.record_requests_dir.clone();
+        tokio::spawn(async move { control.serve(enroller, max, record).await })
+    };
+
+    // Tell tests and tools where we listen (ports may be ephemeral).
+    let endpoints = serde_json::json!({
+        "admin": format!("{scheme}://{admin_addr}"),
+        "control": control_addr.to_string(),
+        "advertise": advertise,
+        "ca_fingerprint": hex(&ca.fingerprint()),
+        "pid": std::process::id(),
+    });
+    let tmp = cfg.data_dir.join("endpoints.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&endpoints)?)?;
+    std::fs::rename(&tmp, cfg.data_dir.join("endpoints.json"))?;
+    tracing::info!(admin = %format!("{scheme}://{admin_addr}"), control = %control_addr, %advertise, "controller ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    control.close();
+    let _ = admin_task.await;
+    control_task.abort();
+    store.flush()?;
+    Ok(())
+}

@@ -1,0 +1,602 @@
+//! Persistent state behind a [`Store`] trait; [`SledStore`] is the embedded default.
+//!
+//! Values are JSON (serde) in typed sled trees: `meta` (schema version), `ca`, `groups`,
+//! `tokens`, `agents`, `certs`. Operations that must be atomic (spending a token while
+//! recording the agent and its certificate; renewing) run as one sled transaction across
+//! trees. Durability is explicit: callers [`Store::flush`] before answering a client, and
+//! [`crate::durability::GroupCommit`] batches those flushes.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use causeway_api::WorkloadGroup;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+/// The schema this build writes. Older schemas are migrated at open.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database itself failed (I/O, corruption detected by sled).
+    #[error("store I/O error: {0}")]
+    Db(#[from] sled::Error),
+    /// A value could not be decoded.
+    #[error("store value {tree}/{key} is corrupt: {message}")]
+    Corrupt {
+        /// The tree.
+        tree: &'static str,
+        /// The key.
+        key: String,
+        /// What failed.
+        message: String,
+    },
+    /// The data directory was written by a newer controller.
+    #[error(
+        "the store's schema version is {found}, newer than this controller's {SCHEMA_VERSION}: run the newer causeway-controller, or restore a backup"
+    )]
+    SchemaTooNew {
+        /// The version found.
+        found: u32,
+    },
+    /// The thing to create exists already.
+    #[error("{kind} {name:?} already exists")]
+    Exists {
+        /// What kind of thing.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// The thing does not exist.
+    #[error("{kind} {name:?} does not exist")]
+    NotFound {
+        /// What kind of thing.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// The token has no uses left (another join spent it first).
+    #[error("join token {0} has already been used")]
+    TokenSpent(String),
+    /// The agent was removed.
+    #[error("agent {0} was removed")]
+    AgentRemoved(String),
+    /// The operation conflicts with existing state.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// The CA as stored: generated at first start, never replaced by a restart.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CaRecord {
+    /// PEM certificate of the signing CA.
+    pub cert_pem: String,
+    /// PEM (PKCS#8) key of the signing CA; empty when the key lives in an operator file.
+    pub key_pem: String,
+    /// SHA-256 (hex) of the signing CA certificate's DER.
+    pub fingerprint: String,
+    /// "generated" or "intermediate".
+    pub mode: String,
+    /// PEM roots of the trust bundle (more than one during a rotation).
+    pub trust_bundle: Vec<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// A workload group with its bookkeeping.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupRecord {
+    /// The group.
+    #[serde(flatten)]
+    pub group: WorkloadGroup,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// A join token; only the hash of its secret is kept.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// The token id (public).
+    pub id: String,
+    /// SHA-256 of the secret, hex.
+    pub secret_sha256: String,
+    /// The group it joins into.
+    pub group: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// How many joins it allows in total.
+    pub uses_total: u32,
+    /// How many are left.
+    pub uses_left: u32,
+    /// Source networks allowed to use it (empty: any).
+    pub cidrs: Vec<IpNet>,
+}
+
+/// An enrolled agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentRecord {
+    /// The agent id.
+    pub id: String,
+    /// Its group.
+    pub group: String,
+    /// Its SPIFFE ID.
+    pub spiffe_id: String,
+    /// The host name it reported.
+    pub hostname: String,
+    /// The source address it joined from.
+    pub address: IpAddr,
+    /// The token used to join.
+    pub token_id: String,
+    /// Unix seconds.
+    pub joined_at: i64,
+    /// Serial (hex) of the newest certificate.
+    pub serial: String,
+    /// Expiry of the newest certificate, Unix seconds.
+    pub not_after: i64,
+    /// Unix seconds of the last renewal, if any.
+    pub renewed_at: Option<i64>,
+    /// How many renewals so far.
+    pub renewals: u64,
+    /// Unix seconds when an operator removed it; a removed agent cannot renew.
+    pub removed_at: Option<i64>,
+}
+
+/// A certificate the CA issued.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertRecord {
+    /// Serial, hex.
+    pub serial: String,
+    /// The agent it was issued to.
+    pub agent_id: String,
+    /// The SPIFFE ID in it.
+    pub spiffe_id: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// "join" or "renew".
+    pub reason: String,
+}
+
+/// The controller's persistent state.
+pub trait Store: Send + Sync + 'static {
+    /// The CA, if one was created.
+    fn ca(&self) -> Result<Option<CaRecord>, StoreError>;
+    /// Stores `ca` unless a CA exists; returns the CA that is now in force.
+    fn init_ca(&self, ca: &CaRecord) -> Result<CaRecord, StoreError>;
+
+    /// Creates a group; fails if the name is taken.
+    fn create_group(&self, group: &GroupRecord) -> Result<(), StoreError>;
+    /// One group.
+    fn group(&self, name: &str) -> Result<Option<GroupRecord>, StoreError>;
+    /// All groups, by name.
+    fn groups(&self) -> Result<Vec<GroupRecord>, StoreError>;
+    /// Deletes a group; refused while agents that were not removed belong to it.
+    fn delete_group(&self, name: &str) -> Result<(), StoreError>;
+
+    /// Stores a new token.
+    fn create_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// One token.
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// All tokens.
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Atomically spends one use of `token_id` and records the agent and its certificate.
+    fn commit_join(
+        &self,
+        token_id: &str,
+        agent: &AgentRecord,
+        cert: &CertRecord,
+    ) -> Result<(), StoreError>;
+    /// Atomically records a renewal (refused if the agent was removed meanwhile).
+    fn commit_renewal(&self, agent_id: &str, cert: &CertRecord, now: i64) -> Result<AgentRecord, StoreError>;
+    /// One agent.
+    fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError>;
+    /// All agents, removed ones included.
+    fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+    /// Marks an agent removed; it can no longer renew.
+    fn remove_agent(&self, id: &str, now: i64) -> Result<AgentRecord, StoreError>;
+
+    /// One issued certificate by serial (hex).
+    fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError>;
+    /// All issued certificates.
+    fn certs(&self) -> Result<Vec<CertRecord>, StoreError>;
+
+    /// Makes everything written so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// The embedded store on sled.
+pub struct SledStore {
+    db: sled::Db,
+    meta: sled::Tree,
+    ca: sled::Tree,
+    groups: sled::Tree,
+    tokens: sled::Tree,
+    agents: sled::Tree,
+    certs: sled::Tree,
+}
+
+const CA_KEY: &[u8] = b"ca";
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialize")
+}
+
+fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        tree,
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn all<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str) -> Result<Vec<T>, StoreError> {
+    tree.iter()
+        .map(|kv| {
+            let (k, v) = kv?;
+            decode(name, &k, &v)
+        })
+        .collect()
+}
+
+/// Turns a transaction result into a store result.
+fn txn<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
+    r.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Db(e),
+    })
+}
+
+fn abort<T>(e: StoreError) -> Result<T, ConflictableTransactionError<StoreError>> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`, checking and migrating the schema.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).open()?;
+        let store = Self {
+            meta: db.open_tree("meta")?,
+            ca: db.open_tree("ca")?,
+            groups: db.open_tree("groups")?,
+            tokens: db.open_tree("tokens")?,
+            agents: db.open_tree("agents")?,
+            certs: db.open_tree("certs")?,
+            db,
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// The schema version recorded in the store.
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        match self.meta.get(b"schema_version")? {
+            Some(v) => decode("meta", b"schema_version", &v),
+            None => Ok(0),
+        }
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let found = self.schema_version()?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew { found });
+        }
+        // Version 0 is an empty store; migrations from older versions go here, one
+        // step per version, each in its own transaction.
+        if found < SCHEMA_VERSION {
+            self.meta.insert(b"schema_version", encode(&SCHEMA_VERSION))?;
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+}
+
+impl Store for SledStore {
+    fn ca(&self) -> Result<Option<CaRecord>, StoreError> {
+        self.ca
+            .get(CA_KEY)?
+            .map(|v| decode("ca", CA_KEY, &v))
+            .transpose()
+    }
+
+    fn init_ca(&self, ca: &CaRecord) -> Result<CaRecord, StoreError> {
+        match self.ca.compare_and_swap(CA_KEY, None::<&[u8]>, Some(encode(ca)))? {
+            Ok(()) => {
+                self.db.flush()?;
+                Ok(ca.clone())
+            }
+            Err(existing) => decode("ca", CA_KEY, &existing.current.expect("present on conflict")),
+        }
+    }
+
+    fn create_group(&self, group: &GroupRecord) -> Result<(), StoreError> {
+        let key = group.group.name.as_bytes();
+        match self.groups.compare_and_swap(key, None::<&[u8]>, Some(encode(group)))? {
+            Ok(()) => Ok(()),
+            Err(_) => Err(StoreError::Exists {
+                kind: "group",
+                name: group.group.name.clone(),
+            }),
+        }
+    }
+
+    fn group(&self, name: &str) -> Result<Option<GroupRecord>, StoreError> {
+        self.groups
+            .get(name.as_bytes())?
+            .map(|v| decode("groups", name.as_bytes(), &v))
+            .transpose()
+    }
+
+    fn groups(&self) -> Result<Vec<GroupRecord>, StoreError> {
+        all(&self.groups, "groups")
+    }
+
+    fn delete_group(&self, name: &str) -> Result<(), StoreError> {
+        let active: Vec<String> = self
+            .agents()?
+            .into_iter()
+            .filter(|a| a.group == name && a.removed_at.is_none())
+            .map(|a| a.id)
+            .collect();
+        if !active.is_empty() {
+            return Err(StoreError::Conflict(format!(
+                "group {name:?} still has {} active agent(s) ({}); remove them first with `causewayctl agent remove ID`",
+                active.len(),
+                active.join(", ")
+            )));
+        }
+        match self.groups.remove(name.as_bytes())? {
+            Some(_) => Ok(()),
+            None => Err(StoreError::NotFound {
+                kind: "group",
+                name: name.to_owned(),
+            }),
+        }
+    }
+
+    fn create_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        self.tokens.insert(token.id.as_bytes(), encode(token))?;
+        Ok(())
+    }
+
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.tokens
+            .get(id.as_bytes())?
+            .map(|v| decode("tokens", id.as_bytes(), &v))
+            .transpose()
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        all(&self.tokens, "tokens")
+    }
+
+    fn commit_join(
+        &self,
+        token_id: &str,
+        agent: &AgentRecord,
+        cert: &CertRecord,
+    ) -> Result<(), StoreError> {
+        txn((&self.tokens, &self.agents, &self.certs).transaction(|(tokens, agents, certs)| {
+            let key = token_id.as_bytes();
+            let Some(raw) = tokens.get(key)? else {
+                return abort(StoreError::NotFound {
+                    kind: "join token",
+                    name: token_id.to_owned(),
+                });
+            };
+            let mut token: TokenRecord = match decode("tokens", key, &raw) {
+                Ok(t) => t,
+                Err(e) => return abort(e),
+            };
+            if token.uses_left == 0 {
+                return abort(StoreError::TokenSpent(token_id.to_owned()));
+            }
+            token.uses_left -= 1;
+            tokens.insert(key, encode(&token))?;
+            agents.insert(agent.id.as_bytes(), encode(agent))?;
+            certs.insert(cert.serial.as_bytes(), encode(cert))?;
+            Ok(())
+        }))
+    }
+
+    fn commit_renewal(&self, agent_id: &str, cert: &CertRecord, now: i64) -> Result<AgentRecord, StoreError> {
+        txn((&self.agents, &self.certs).transaction(|(agents, certs)| {
+            let key = agent_id.as_bytes();
+            let Some(raw) = agents.get(key)? else {
+                return abort(StoreError::NotFound {
+                    kind: "agent",
+                    name: agent_id.to_owned(),
+                });
+            };
+            let mut agent: AgentRecord = match decode("agents", key, &raw) {
+                Ok(a) => a,
+                Err(e) => return abort(e),
+            };
+            if agent.removed_at.is_some() {
+                return abort(StoreError::AgentRemoved(agent_id.to_owned()));
+            }
+            agent.serial = cert.serial.clone();
+            agent.not_after = cert.not_after;
+            agent.renewed_at = Some(now);
+            agent.renewals += 1;
+            agents.insert(key, encode(&agent))?;
+            certs.insert(cert.serial.as_bytes(), encode(cert))?;
+            Ok(agent)
+        }))
+    }
+
+    fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        self.agents
+            .get(id.as_bytes())?
+            .map(|v| decode("agents", id.as_bytes(), &v))
+            .transpose()
+    }
+
+    fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        all(&self.agents, "agents")
+    }
+
+    fn remove_agent(&self, id: &str, now: i64) -> Result<AgentRecord, StoreError> {
+        txn(self.agents.transaction(|agents| {
+            let Some(raw) = agents.get(id.as_bytes())? else {
+                return abort(StoreError::NotFound {
+                    kind: "agent",
+                    name: id.to_owned(),
+                });
+            };
+            let mut agent: AgentRecord = match decode("agents", id.as_bytes(), &raw) {
+                Ok(a) => a,
+                Err(e) => return abort(e),
+            };
+            if agent.removed_at.is_none() {
+                agent.removed_at = Some(now);
+                agents.insert(id.as_bytes(), encode(&agent))?;
+            }
+            Ok(agent)
+        }))
+    }
+
+    fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
+        self.certs
+            .get(serial.as_bytes())?
+            .map(|v| decode("certs", serial.as_bytes(), &v))
+            .transpose()
+    }
+
+    fn certs(&self) -> Result<Vec<CertRecord>, StoreError> {
+        all(&self.certs, "certs")
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(id: &str, uses: u32) -> TokenRecord {
+        TokenRecord {
+            id: id.into(),
+            secret_sha256: "00".into(),
+            group: "g".into(),
+            created_at: 0,
+            expires_at: 100,
+            uses_total: uses,
+            uses_left: uses,
+            cidrs: vec![],
+        }
+    }
+
+    fn agent(id: &str) -> AgentRecord {
+        AgentRecord {
+            id: id.into(),
+            group: "g".into(),
+            spiffe_id: "spiffe://td/ns/a/sa/b".into(),
+            hostname: "h".into(),
+            address: "127.0.0.1".parse().unwrap(),
+            token_id: "t".into(),
+            joined_at: 0,
+            serial: format!("s-{id}"),
+            not_after: 10,
+            renewed_at: None,
+            renewals: 0,
+            removed_at: None,
+        }
+    }
+
+    fn cert(serial: &str, agent: &str) -> CertRecord {
+        CertRecord {
+            serial: serial.into(),
+            agent_id: agent.into(),
+            spiffe_id: "spiffe://td/ns/a/sa/b".into(),
+            not_before: 0,
+            not_after: 10,
+            reason: "join".into(),
+        }
+    }
+
+    #[test]
+    fn single_use_token_is_spent_once_and_state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            s.create_token(&token("t", 1)).unwrap();
+            s.commit_join("t", &agent("a1"), &cert("s1", "a1")).unwrap();
+            let err = s.commit_join("t", &agent("a2"), &cert("s2", "a2")).unwrap_err();
+            assert!(matches!(err, StoreError::TokenSpent(_)), "{err}");
+            assert!(s.agent("a2").unwrap().is_none(), "a failed join leaves no agent");
+            assert!(s.cert("s2").unwrap().is_none(), "a failed join leaves no cert");
+            s.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(s.token("t").unwrap().unwrap().uses_left, 0);
+        assert_eq!(s.agents().unwrap().len(), 1);
+        assert_eq!(s.cert("s1").unwrap().unwrap().agent_id, "a1");
+    }
+
+    #[test]
+    fn ca_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let first = CaRecord {
+            cert_pem: "A".into(),
+            key_pem: "K".into(),
+            fingerprint: "f1".into(),
+            mode: "generated".into(),
+            trust_bundle: vec!["A".into()],
+            created_at: 1,
+        };
+        let mut second = first.clone();
+        second.fingerprint = "f2".into();
+        assert_eq!(s.init_ca(&first).unwrap(), first);
+        assert_eq!(s.init_ca(&second).unwrap(), first);
+    }
+
+    #[test]
+    fn removed_agents_cannot_renew_and_block_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.create_token(&token("t", 5)).unwrap();
+        s.commit_join("t", &agent("a1"), &cert("s1", "a1")).unwrap();
+        let renewed = s.commit_renewal("a1", &cert("s2", "a1"), 5).unwrap();
+        assert_eq!((renewed.serial.as_str(), renewed.renewals), ("s2", 1));
+        let err = s.delete_group("g").unwrap_err();
+        assert!(err.to_string().contains("a1"), "{err}");
+        s.remove_agent("a1", 6).unwrap();
+        let err = s.commit_renewal("a1", &cert("s3", "a1"), 7).unwrap_err();
+        assert!(matches!(err, StoreError::AgentRemoved(_)));
+        assert!(s.cert("s3").unwrap().is_none());
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            s.meta.insert(b"schema_version", encode(&(SCHEMA_VERSION + 1))).unwrap();
+            s.flush().unwrap();
+        }
+        let err = SledStore::open(dir.path()).err().unwrap();
+        assert!(matches!(err, StoreError::SchemaTooNew { .. }), "{err}");
+    }
+
+    #[test]
+    fn corrupt_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.groups.insert(b"web", b"{not json".to_vec()).unwrap();
+        let err = s.group("web").unwrap_err();
+        assert!(err.to_string().contains("groups/web"), "{err}");
+    }
+}
