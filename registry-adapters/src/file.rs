@@ -1,0 +1,311 @@
+//! File source: external services (like an Istio ServiceEntry) from a TOML file,
+//! re-read when its content changes.
+//!
+//! ```toml
+//! [[services]]
+//! name = "payments"             # service name (normalized to a DNS label)
+//! namespace = "external"        # optional, default "default"
+//! hosts = ["payments.example.com"]  # optional DNS names of the service
+//! ports = { https = 443 }       # named ports of every endpoint
+//! labels = { team = "billing" } # optional
+//!
+//! [[services.endpoints]]        # optional; without endpoints, each host is one
+//! address = "203.0.113.10"
+//! ports = { https = 8443 }      # optional, overrides the service's ports by name
+//! zone = "eu-west-1a"           # optional
+//! labels = { canary = "true" }  # optional, added to the service's labels
+//! ```
+//!
+//! A missing, unreadable or invalid file makes the source stale with the error; its
+//! last good content stays.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use causeway_api::registry::{
+    Endpoint, Locality, Provenance, ServiceKey, SourceChange, SourceKind, SourceSnapshot,
+    normalize_name,
+};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::config::FileSourceConfig;
+use crate::source::{SourceOptions, SourceUpdate, StateTracker};
+
+/// The file's top level.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    #[serde(default)]
+    services: Vec<FileService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileService {
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    ports: BTreeMap<String, u16>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    endpoints: Vec<FileEndpoint>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEndpoint {
+    address: String,
+    #[serde(default)]
+    ports: BTreeMap<String, u16>,
+    #[serde(default)]
+    zone: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+/// A file of external services as a source.
+#[derive(Clone, Debug)]
+pub struct FileSource {
+    name: String,
+    path: PathBuf,
+    opts: SourceOptions,
+}
+
+/// Parses a services file into a snapshot; every problem is reported at once.
+pub fn parse_services_file(source: &str, text: &str) -> Result<SourceSnapshot, String> {
+    let doc: FileDoc = toml::from_str(text).map_err(|e| e.to_string())?;
+    let revision = format!("{:016x}", fnv1a(text.as_bytes()));
+    let mut problems = Vec::new();
+    let mut snap = SourceSnapshot::default();
+    let mut seen: BTreeSet<ServiceKey> = BTreeSet::new();
+    for (i, svc) in doc.services.iter().enumerate() {
+        let name = match normalize_name(&svc.name) {
+            Ok(n) => n,
+            Err(e) => {
+                problems.push(format!("services[{i}].name: {e}"));
+                continue;
+            }
+        };
+        let ns = svc.namespace.clone().unwrap_or_else(|| "default".into());
+        if normalize_name(&ns).ok().as_deref() != Some(ns.as_str()) {
+            problems.push(format!("services[{i}].namespace {ns:?} is not a DNS label; use lower-case letters, digits and '-'"));
+            continue;
+        }
+        let key = ServiceKey::new(ns, name);
+        if !seen.insert(key.clone()) {
+            problems.push(format!(
+                "services[{i}]: service {key} is defined twice; merge the two entries"
+            ));
+            continue;
+        }
+        for (p, n) in &svc.ports {
+            if *n == 0 {
+                problems.push(format!(
+                    "services[{i}].ports.{p} = 0; use a port between 1 and 65535"
+                ));
+            }
+        }
+        let targets: Vec<FileEndpoint> = if svc.endpoints.is_empty() {
+            svc.hosts
+                .iter()
+                .map(|h| FileEndpoint {
+                    address: h.clone(),
+                    ports: BTreeMap::new(),
+                    zone: None,
+                    labels: BTreeMap::new(),
+                })
+                .collect()
+        } else {
+            svc.endpoints.clone()
+        };
+        if targets.is_empty() {
+            problems.push(format!(
+                "services[{i}] ({key}) has neither endpoints nor hosts; add one of them"
+            ));
+            continue;
+        }
+        let eps = snap.services.entry(key.clone()).or_default();
+        for (
+            j,
+            FileEndpoint {
+                address,
+                ports,
+                zone,
+                labels,
+            },
+        ) in targets.into_iter().enumerate()
+        {
+            if address.trim().is_empty() {
+                problems.push(format!("services[{i}].endpoints[{j}].address is empty"));
+                continue;
+            }
+            let native_id = format!("{key}/{address}");
+            let mut ep = Endpoint::new(
+                address,
+                Provenance {
+                    source: source.into(),
+                    kind: SourceKind::File,
+                    native_id: native_id.clone(),
+                    revision: revision.clone(),
+                },
+            );
+            ep.ports = svc.ports.clone();
+            ep.ports.extend(ports);
+            if ep.ports.is_empty() {
+                problems.push(format!(
+                    "services[{i}] ({key}): endpoint {j} has no ports; set ports = {{ http = 80 }}"
+                ));
+            }
+            ep.labels = svc.labels.clone();
+            ep.labels.extend(labels);
+            ep.locality = Locality {
+                zone,
+                ..Locality::default()
+            };
+            ep.hostnames = svc.hosts.iter().cloned().collect();
+            eps.insert(native_id, ep);
+        }
+    }
+    if problems.is_empty() {
+        Ok(snap)
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl FileSource {
+    /// A source for `cfg.path`.
+    pub fn new(cfg: &FileSourceConfig, opts: &SourceOptions) -> Self {
+        Self {
+            name: cfg.name.clone(),
+            path: cfg.path.clone(),
+            opts: opts.clone(),
+        }
+    }
+
+    /// Runs until `tx` is closed: re-reads the file every `file_interval` and sends a
+    /// full snapshot when its content changed and parses.
+    pub async fn run(self, tx: mpsc::Sender<SourceUpdate>) {
+        let mut last: Option<Vec<u8>> = None;
+        let mut tracker = StateTracker::new();
+        loop {
+            let outcome = match tokio::fs::read(&self.path).await {
+                Err(e) => Err(format!(
+                    "cannot read {}: {e}; create the file or fix sources.file path",
+                    self.path.display()
+                )),
+                Ok(bytes) if last.as_ref() == Some(&bytes) && !tracker.state.is_stale() => Ok(None),
+                Ok(bytes) => match std::str::from_utf8(&bytes) {
+                    Err(e) => Err(format!("{}: not UTF-8 ({e})", self.path.display())),
+                    Ok(text) => match parse_services_file(&self.name, text) {
+                        Ok(snap) => {
+                            last = Some(bytes.clone());
+                            Ok(Some(snap))
+                        }
+                        Err(e) => Err(format!("{}: {e}", self.path.display())),
+                    },
+                },
+            };
+            let update = match outcome {
+                Ok(Some(snap)) => {
+                    tracker.ok();
+                    Some(SourceUpdate {
+                        source: self.name.clone(),
+                        kind: SourceKind::File,
+                        change: Some(SourceChange::Full(snap)),
+                        state: tracker.state.clone(),
+                    })
+                }
+                Ok(None) => None,
+                Err(e) => tracker.fail(&e).then(|| SourceUpdate {
+                    source: self.name.clone(),
+                    kind: SourceKind::File,
+                    change: None,
+                    state: tracker.state.clone(),
+                }),
+            };
+            if let Some(u) = update
+                && tx.send(u).await.is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(self.opts.file_interval).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_services_with_endpoints_and_hosts() {
+        let text = r#"
+            [[services]]
+            name = "Payments"
+            namespace = "external"
+            hosts = ["payments.example.com"]
+            ports = { https = 443 }
+            labels = { team = "billing" }
+            [[services.endpoints]]
+            address = "203.0.113.10"
+            zone = "eu-1a"
+            [[services.endpoints]]
+            address = "203.0.113.11"
+            ports = { https = 8443 }
+
+            [[services]]
+            name = "geo"
+            hosts = ["geo.example.com"]
+            ports = { http = 80 }
+        "#;
+        let snap = parse_services_file("ext", text).unwrap();
+        let pay = &snap.services[&ServiceKey::new("external", "payments")];
+        assert_eq!(pay.len(), 2);
+        let e = &pay["external/payments/203.0.113.11"];
+        assert_eq!(e.ports["https"], 8443);
+        assert_eq!(e.labels["team"], "billing");
+        assert!(e.hostnames.contains("payments.example.com"));
+        let geo = &snap.services[&ServiceKey::new("default", "geo")];
+        assert_eq!(
+            geo["default/geo/geo.example.com"].address,
+            "geo.example.com"
+        );
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let text = r#"
+            [[services]]
+            name = "a"
+            ports = { http = 0 }
+            hosts = ["a.example.com"]
+            [[services]]
+            name = "b"
+            [[services]]
+            name = "a"
+            hosts = ["x"]
+            ports = { http = 1 }
+        "#;
+        let err = parse_services_file("ext", text).unwrap_err();
+        assert!(err.contains("ports.http = 0"), "{err}");
+        assert!(err.contains("neither endpoints nor hosts"), "{err}");
+        assert!(err.contains("defined twice"), "{err}");
+        assert!(
+            parse_services_file("ext", "[[services]]\nname = \"a\"\nhostz = []\n")
+                .unwrap_err()
+                .contains("hostz")
+        );
+    }
+}

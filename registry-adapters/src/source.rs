@@ -1,0 +1,473 @@
+//! What all sources share: the update message, tuning, HTTP reading with limits, errors.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use causeway_api::registry::{Registry, RegistryDelta, SourceChange, SourceKind, SourceState};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::{ConfigErrors, SourcesConfig};
+use crate::{ConsulSource, EurekaSource, FileSource};
+
+/// What a source sends to the controller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceUpdate {
+    /// The source's configured name.
+    pub source: String,
+    /// Its kind.
+    pub kind: SourceKind,
+    /// New data, if any: `Full` on the first sync and after a full re-fetch, `Services`
+    /// for the services that changed. `None` when only the state changed.
+    pub change: Option<SourceChange>,
+    /// The source's state after this update. When stale, keep its last known good data.
+    pub state: SourceState,
+}
+
+/// Applies an update to the merged registry: the data first, then the state (a stale
+/// source's endpoints are flagged stale, never removed). Returns the non-empty deltas.
+pub fn apply_update(
+    registry: &mut Registry,
+    update: &SourceUpdate,
+    now_ms: u64,
+) -> Vec<RegistryDelta> {
+    let mut out = Vec::new();
+    if let Some(change) = &update.change {
+        out.push(registry.apply(&update.source, update.kind, change.clone()));
+    }
+    if update.state.is_stale() {
+        let error = update
+            .state
+            .last_error
+            .as_deref()
+            .unwrap_or("source failing");
+        let since = update.state.stale_since_ms.unwrap_or(now_ms);
+        out.push(registry.mark_stale(&update.source, update.kind, error, since));
+    } else if update.change.is_none()
+        && registry
+            .sources()
+            .get(&update.source)
+            .is_some_and(|s| s.state.is_stale())
+    {
+        // recovered without new data: flip its endpoints back
+        out.push(registry.apply(
+            &update.source,
+            update.kind,
+            SourceChange::Services(Default::default()),
+        ));
+    }
+    out.retain(|d| !d.is_empty());
+    out
+}
+
+/// Tuning shared by all sources. [`Default`] is for production; tests shorten it.
+#[derive(Clone, Debug)]
+pub struct SourceOptions {
+    /// Consul blocking-query `wait` (Consul caps it at 10 min).
+    pub consul_wait: Duration,
+    /// Added to `wait + wait/16` for a blocking query's HTTP timeout, and the timeout
+    /// of every other request.
+    pub request_timeout: Duration,
+    /// At least this long between two calls of one watch (rate limit).
+    pub min_interval: Duration,
+    /// First retry delay after an error; doubles up to `max_backoff`.
+    pub error_backoff: Duration,
+    /// Longest retry delay.
+    pub max_backoff: Duration,
+    /// Largest response body accepted; larger is an error (the source goes stale).
+    pub max_body_bytes: usize,
+    /// Eureka delta poll interval (Eureka clients use 30 s).
+    pub eureka_interval: Duration,
+    /// How often the file source checks its file.
+    pub file_interval: Duration,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        Self {
+            consul_wait: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(10),
+            min_interval: Duration::from_millis(200),
+            error_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            max_body_bytes: 64 << 20,
+            eureka_interval: Duration::from_secs(30),
+            file_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Starts one task per configured source, all sending to `tx`. Validates first and
+/// reports every problem at once.
+pub fn spawn_sources(
+    config: &SourcesConfig,
+    options: &SourceOptions,
+    tx: mpsc::Sender<SourceUpdate>,
+) -> Result<Vec<JoinHandle<()>>, ConfigErrors> {
+    config.validate()?;
+    let mut problems = Vec::new();
+    let mut tasks = Vec::new();
+    for c in &config.consul {
+        match ConsulSource::new(c, options) {
+            Ok(s) => tasks.push(tokio::spawn(s.run(tx.clone()))),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    for e in &config.eureka {
+        match EurekaSource::new(e, options) {
+            Ok(s) => tasks.push(tokio::spawn(s.run(tx.clone()))),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    for f in &config.file {
+        tasks.push(tokio::spawn(FileSource::new(f, options).run(tx.clone())));
+    }
+    if problems.is_empty() {
+        Ok(tasks)
+    } else {
+        for t in tasks {
+            t.abort();
+        }
+        Err(ConfigErrors { problems })
+    }
+}
+
+/// Errors creating a source.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// The token file could not be read.
+    #[error(
+        "source {source_name:?}: cannot read token_file {path}: {error}; create it with the ACL token, readable by the controller"
+    )]
+    TokenFile {
+        /// Source name.
+        source_name: String,
+        /// The path.
+        path: String,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// The HTTP client could not be built.
+    #[error("source {source_name:?}: cannot build its HTTP client: {error}")]
+    Client {
+        /// Source name.
+        source_name: String,
+        /// Why.
+        error: reqwest::Error,
+    },
+    /// A URL in the config is not usable.
+    #[error(
+        "source {source_name:?}: {field} {value:?} is not an http(s) URL; write it as http://host:port"
+    )]
+    BadUrl {
+        /// Source name.
+        source_name: String,
+        /// Field name.
+        field: &'static str,
+        /// The value.
+        value: String,
+    },
+    /// A namespace in the config is not a DNS label.
+    #[error(
+        "source {source_name:?}: namespace {value:?} is not a DNS label; use lower-case letters, digits and '-'"
+    )]
+    BadNamespace {
+        /// Source name.
+        source_name: String,
+        /// The value.
+        value: String,
+    },
+}
+
+/// Why one fetch from a registry failed. The text is what operators see as `last_error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// Could not connect.
+    #[error(
+        "GET {url}: cannot connect ({detail}); check the address and that the registry is running"
+    )]
+    Connect {
+        /// The URL.
+        url: String,
+        /// The cause.
+        detail: String,
+    },
+    /// No complete answer in time.
+    #[error("GET {url}: no answer within {after:?}; the registry is overloaded or unreachable")]
+    Timeout {
+        /// The URL.
+        url: String,
+        /// The timeout.
+        after: Duration,
+    },
+    /// Refused for lack of rights.
+    #[error("GET {url}: HTTP {status} ({body}); check the ACL token (token_file) and its policy")]
+    Auth {
+        /// The URL.
+        url: String,
+        /// HTTP status.
+        status: u16,
+        /// Start of the body.
+        body: String,
+    },
+    /// Any other non-success status.
+    #[error("GET {url}: HTTP {status} ({body})")]
+    Status {
+        /// The URL.
+        url: String,
+        /// HTTP status.
+        status: u16,
+        /// Start of the body.
+        body: String,
+    },
+    /// The body exceeded the limit.
+    #[error(
+        "GET {url}: response larger than {limit} bytes; refusing it (raise max_body_bytes if the registry is really that big)"
+    )]
+    TooLarge {
+        /// The URL.
+        url: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// The body broke off or did not parse.
+    #[error("GET {url}: bad response body: {detail}")]
+    Body {
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A required header is missing or bad.
+    #[error("GET {url}: header {header} missing or not a number; is this a Consul server?")]
+    Header {
+        /// The URL.
+        url: String,
+        /// Which header.
+        header: &'static str,
+    },
+}
+
+/// Sends a GET and reads the body with a size limit. Returns status-checked headers and body.
+pub(crate) async fn get_limited(
+    request: reqwest::RequestBuilder,
+    url: &str,
+    timeout: Duration,
+    limit: usize,
+) -> Result<(reqwest::header::HeaderMap, Vec<u8>), FetchError> {
+    let classify = |e: reqwest::Error| {
+        if e.is_timeout() {
+            FetchError::Timeout {
+                url: url.to_string(),
+                after: timeout,
+            }
+        } else if e.is_connect() {
+            FetchError::Connect {
+                url: url.to_string(),
+                detail: error_chain(&e),
+            }
+        } else {
+            FetchError::Body {
+                url: url.to_string(),
+                detail: error_chain(&e),
+            }
+        }
+    };
+    let mut resp = request.timeout(timeout).send().await.map_err(classify)?;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    if resp.content_length().is_some_and(|l| l > limit as u64) {
+        return Err(FetchError::TooLarge {
+            url: url.to_string(),
+            limit,
+        });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(classify)? {
+        if body.len() + chunk.len() > limit {
+            return Err(FetchError::TooLarge {
+                url: url.to_string(),
+                limit,
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if !status.is_success() {
+        let text: String = String::from_utf8_lossy(&body).chars().take(200).collect();
+        let text = text.trim().to_string();
+        return Err(if status.as_u16() == 401 || status.as_u16() == 403 {
+            FetchError::Auth {
+                url: url.to_string(),
+                status: status.as_u16(),
+                body: text,
+            }
+        } else {
+            FetchError::Status {
+                url: url.to_string(),
+                status: status.as_u16(),
+                body: text,
+            }
+        });
+    }
+    Ok((headers, body))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+/// Builds the HTTP client every source uses (rustls with ring).
+pub(crate) fn http_client(source_name: &str) -> Result<reqwest::Client, SourceError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|error| SourceError::Client {
+            source_name: source_name.to_string(),
+            error,
+        })
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Exponential backoff with a cap.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    first: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(opts: &SourceOptions) -> Self {
+        Self {
+            first: opts.error_backoff,
+            max: opts.max_backoff,
+            next: opts.error_backoff,
+        }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = self.first;
+    }
+
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+}
+
+/// Tracks a source's state and tells when it changed.
+#[derive(Debug)]
+pub(crate) struct StateTracker {
+    pub(crate) state: SourceState,
+}
+
+impl StateTracker {
+    pub(crate) fn new() -> Self {
+        Self {
+            state: SourceState::syncing(),
+        }
+    }
+
+    /// Records a failure; true if the state or the error text changed.
+    pub(crate) fn fail(&mut self, error: &str) -> bool {
+        let since = self.state.stale_since_ms.unwrap_or_else(now_ms);
+        let new = SourceState::stale(error, since);
+        let changed = new != self.state;
+        self.state = new;
+        changed
+    }
+
+    /// Records success; true if it was not synced before.
+    pub(crate) fn ok(&mut self) -> bool {
+        let changed = self.state != SourceState::synced();
+        self.state = SourceState::synced();
+        changed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use causeway_api::registry::{Endpoint, Provenance, ServiceKey, SourceSnapshot};
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let opts = SourceOptions {
+            error_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(350),
+            ..SourceOptions::default()
+        };
+        let mut b = Backoff::new(&opts);
+        let got: Vec<u128> = (0..4).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(got, vec![100, 200, 350, 350]);
+        b.reset();
+        assert_eq!(b.next_delay().as_millis(), 100);
+    }
+
+    #[test]
+    fn apply_update_keeps_data_of_a_stale_source_and_recovers() {
+        let key = ServiceKey::new("default", "web");
+        let mut snap = SourceSnapshot::default();
+        let ep = Endpoint::new(
+            "10.0.0.1",
+            Provenance {
+                source: "c".into(),
+                kind: SourceKind::Consul,
+                native_id: "n/1".into(),
+                revision: "1".into(),
+            },
+        );
+        snap.services
+            .insert(key.clone(), [("n/1".to_string(), ep)].into());
+        let mut reg = Registry::new();
+        let up = |change, state| SourceUpdate {
+            source: "c".into(),
+            kind: SourceKind::Consul,
+            change,
+            state,
+        };
+        let d = apply_update(
+            &mut reg,
+            &up(Some(SourceChange::Full(snap)), SourceState::synced()),
+            1,
+        );
+        assert_eq!(d.len(), 1);
+        let d = apply_update(&mut reg, &up(None, SourceState::stale("HTTP 500", 5)), 6);
+        assert_eq!(d.len(), 1);
+        assert!(reg.merged()[&key][0].stale);
+        let d = apply_update(&mut reg, &up(None, SourceState::synced()), 7);
+        assert_eq!(d.len(), 1);
+        assert!(!reg.merged()[&key][0].stale);
+        assert!(apply_update(&mut reg, &up(None, SourceState::synced()), 8).is_empty());
+    }
+
+    #[test]
+    fn state_tracker_reports_transitions_only() {
+        let mut t = StateTracker::new();
+        assert!(t.ok());
+        assert!(!t.ok());
+        assert!(t.fail("a"));
+        let since = t.state.stale_since_ms;
+        assert!(!t.fail("a"));
+        assert!(t.fail("b"));
+        assert_eq!(t.state.stale_since_ms, since);
+        assert!(t.ok());
+    }
+}
