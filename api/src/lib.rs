@@ -9,6 +9,7 @@
 
 pub mod group;
 pub mod identity;
+pub mod pem;
 pub mod registry;
 pub mod token;
 pub mod wire;

@@ -102,34 +102,12 @@ fn pem_certs(what: &str, pem_text: &str) -> Result<Vec<Vec<u8>>, CaError> {
 
 /// Extracts the DER of every PEM block with the given label.
 pub fn pem_text_blocks(text: &str, label: &str) -> Vec<Vec<u8>> {
-    use base64::Engine as _;
-    let begin = format!("-----BEGIN {label}-----");
-    let end = format!("-----END {label}-----");
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find(&begin) {
-        let after = &rest[start + begin.len()..];
-        let Some(stop) = after.find(&end) else { break };
-        let b64: String = after[..stop].chars().filter(|c| !c.is_whitespace()).collect();
-        if let Ok(der) = base64::engine::general_purpose::STANDARD.decode(b64) {
-            out.push(der);
-        }
-        rest = &after[stop + end.len()..];
-    }
-    out
+    causeway_api::pem::decode_all(text, label)
 }
 
 /// PEM-encodes DER with a label.
 pub fn to_pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).expect("base64 is ASCII"));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
+    causeway_api::pem::encode(label, der)
 }
 
 fn unix(t: i64) -> OffsetDateTime {

@@ -1,0 +1,358 @@
+//! `causewayctl`: the operator CLI. It talks to the controller's admin API only.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+const DEFAULT_TOKEN_FILE: &str = "/var/lib/causeway/controller/admin.token";
+
+/// Operate a Causeway mesh.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Admin API of the controller.
+    #[arg(long, global = true, env = "CAUSEWAY_CONTROLLER", default_value = "http://127.0.0.1:15080")]
+    controller: String,
+    /// File holding the admin credential (default: the controller's data dir).
+    #[arg(long, global = true, env = "CAUSEWAY_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// PEM CA certificate to trust for an https admin API.
+    #[arg(long, global = true, env = "CAUSEWAY_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Output format of list and show commands.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Workload groups: the templates VMs join into.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Enrolled agents.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// The certificate authority.
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// Print shell completions.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCmd {
+    /// Create a workload group.
+    Create {
+        /// Group name.
+        name: String,
+        /// Mesh namespace.
+        #[arg(long)]
+        namespace: String,
+        /// Service account (last part of the SPIFFE ID).
+        #[arg(long)]
+        service_account: String,
+        /// Service the VMs offer.
+        #[arg(long)]
+        service: Option<String>,
+        /// Named port NAME:PORT (repeatable).
+        #[arg(long = "port")]
+        ports: Vec<String>,
+        /// Label KEY=VALUE (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Networks allowed to join (repeatable).
+        #[arg(long = "cidr")]
+        cidrs: Vec<ipnet::IpNet>,
+        /// mTLS mode.
+        #[arg(long, default_value = "permissive", value_parser = ["strict", "permissive"])]
+        mtls: String,
+    },
+    /// List groups.
+    List,
+    /// Show one group.
+    Show {
+        /// Group name.
+        name: String,
+    },
+    /// Delete a group (refused while it has active agents).
+    Delete {
+        /// Group name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Create a join token; prints the token alone on stdout.
+    Create {
+        /// Group to join into.
+        #[arg(long)]
+        group: String,
+        /// Lifetime, e.g. 1h, 30m (default: the controller's tokens.default_ttl).
+        #[arg(long)]
+        ttl: Option<humantime::Duration>,
+        /// How many joins it allows.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Source networks allowed to use it (repeatable).
+        #[arg(long = "cidr")]
+        cidrs: Vec<ipnet::IpNet>,
+    },
+    /// List tokens (never their secrets).
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentCmd {
+    /// List agents.
+    List,
+    /// Show one agent.
+    Show {
+        /// Agent id.
+        id: String,
+    },
+    /// Remove an agent: its renewals are refused from now on.
+    Remove {
+        /// Agent id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCmd {
+    /// Show the CA fingerprint, mode and trust bundle.
+    Show,
+}
+
+struct Api {
+    base: String,
+    credential: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(cli: &Cli) -> anyhow::Result<Self> {
+        let token_file = cli
+            .admin_token_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_TOKEN_FILE));
+        let credential = std::fs::read_to_string(&token_file)
+            .with_context(|| {
+                format!(
+                    "cannot read the admin credential {}: pass --admin-token-file FILE (or set CAUSEWAY_ADMIN_TOKEN_FILE) to the controller's <data-dir>/admin.token",
+                    token_file.display()
+                )
+            })?
+            .trim()
+            .to_owned();
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if let Some(ca) = &cli.ca_file {
+            let pem = std::fs::read(ca).with_context(|| format!("cannot read --ca-file {}", ca.display()))?;
+            builder = builder.add_root_certificate(
+                reqwest::Certificate::from_pem(&pem).with_context(|| format!("--ca-file {} is not a PEM certificate", ca.display()))?,
+            );
+        }
+        Ok(Self {
+            base: cli.controller.trim_end_matches('/').to_owned(),
+            credential,
+            http: builder.build()?,
+        })
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url).bearer_auth(&self.credential);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.map_err(|e| {
+            anyhow::anyhow!("cannot reach the controller at {}: {e}; is causeway-controller running? (set --controller or CAUSEWAY_CONTROLLER)", self.base)
+        })?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let value: Value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if !status.is_success() {
+            let msg = value.get("error").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| value.to_string());
+            bail!("{msg} (HTTP {})", status.as_u16());
+        }
+        Ok(value)
+    }
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn time(v: &Value, k: &str) -> String {
+    v.get(k)
+        .and_then(Value::as_i64)
+        .map(|t| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t.max(0).unsigned_abs())).to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out = line(headers.iter().map(|h| (*h).to_owned()).collect());
+    out.push('\n');
+    for r in rows {
+        out.push_str(&line(r));
+        out.push('\n');
+    }
+    out
+}
+
+fn print(output: Output, value: &Value, text: impl FnOnce(&Value) -> String) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value).unwrap_or_default()),
+        Output::Text => print!("{}", text(value)),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    use reqwest::Method;
+    if let Command::Completions { shell } = &cli.command {
+        clap_complete::generate(*shell, &mut Cli::command(), "causewayctl", &mut std::io::stdout());
+        return Ok(());
+    }
+    let api = Api::new(&cli)?;
+    let out = cli.output;
+    match &cli.command {
+        Command::Completions { .. } => unreachable!("handled above"),
+        Command::Group(GroupCmd::Create { name, namespace, service_account, service, ports, labels, cidrs, mtls }) => {
+            let mut label_map = serde_json::Map::new();
+            for l in labels {
+                let (k, v) = l.split_once('=').with_context(|| format!("label {l:?} must be KEY=VALUE"))?;
+                label_map.insert(k.to_owned(), Value::String(v.to_owned()));
+            }
+            let body = json!({
+                "name": name, "namespace": namespace, "service_account": service_account,
+                "service": service, "ports": ports, "labels": label_map, "allowed_cidrs": cidrs, "mtls": mtls,
+            });
+            let v = api.call(Method::POST, "/v1/groups", Some(body)).await?;
+            print(out, &v, |v| format!("group {} created (namespace {}, service account {})\n", s(v, "name"), s(v, "namespace"), s(v, "service_account")));
+        }
+        Command::Group(GroupCmd::List) => {
+            let v = api.call(Method::GET, "/v1/groups", None).await?;
+            print(out, &v, |v| {
+                let rows = v.as_array().into_iter().flatten().map(|g| {
+                    let ports = g.get("ports").and_then(Value::as_array).map(|ps| ps.iter().map(|p| format!("{}:{}", s(p, "name"), s(p, "port"))).collect::<Vec<_>>().join(",")).unwrap_or_default();
+                    vec![s(g, "name"), s(g, "namespace"), s(g, "service_account"), s(g, "service"), ports, s(g, "mtls")]
+                }).collect();
+                table(&["NAME", "NAMESPACE", "SERVICE ACCOUNT", "SERVICE", "PORTS", "MTLS"], rows)
+            });
+        }
+        Command::Group(GroupCmd::Show { name }) => {
+            let v = api.call(Method::GET, &format!("/v1/groups/{name}"), None).await?;
+            print(out, &v, |v| format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default()));
+        }
+        Command::Group(GroupCmd::Delete { name }) => {
+            api.call(Method::DELETE, &format!("/v1/groups/{name}"), None).await?;
+            eprintln!("group {name} deleted");
+        }
+        Command::Token(TokenCmd::Create { group, ttl, uses, cidrs }) => {
+            let body = json!({
+                "group": group, "ttl_secs": ttl.map(|d| Duration::from(d).as_secs()), "uses": uses, "cidrs": cidrs,
+            });
+            let v = api.call(Method::POST, "/v1/tokens", Some(body)).await?;
+            if out == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}", s(&v, "token"));
+                if std::io::stderr().is_terminal() {
+                    eprintln!("token {} for group {}: {} use(s), expires {}", s(&v, "id"), s(&v, "group"), s(&v, "uses"), time(&v, "expires_at"));
+                }
+            }
+        }
+        Command::Token(TokenCmd::List) => {
+            let v = api.call(Method::GET, "/v1/tokens", None).await?;
+            print(out, &v, |v| {
+                let rows = v.as_array().into_iter().flatten().map(|t| vec![s(t, "id"), s(t, "group"), format!("{}/{}", s(t, "uses_left"), s(t, "uses_total")), time(t, "expires_at")]).collect();
+                table(&["ID", "GROUP", "USES LEFT", "EXPIRES"], rows)
+            });
+        }
+        Command::Agent(AgentCmd::List) => {
+            let v = api.call(Method::GET, "/v1/agents", None).await?;
+            print(out, &v, |v| {
+                let rows = v.as_array().into_iter().flatten().map(|a| vec![
+                    s(a, "id"), s(a, "identity"), s(a, "hostname"), s(a, "address"), time(a, "not_after"),
+                    if a.get("removed").and_then(Value::as_bool) == Some(true) { "removed".into() } else { "active".into() },
+                ]).collect();
+                table(&["ID", "IDENTITY", "HOST", "ADDRESS", "CERT EXPIRES", "STATE"], rows)
+            });
+        }
+        Command::Agent(AgentCmd::Show { id }) => {
+            let v = api.call(Method::GET, &format!("/v1/agents/{id}"), None).await?;
+            print(out, &v, |v| format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default()));
+        }
+        Command::Agent(AgentCmd::Remove { id }) => {
+            let v = api.call(Method::DELETE, &format!("/v1/agents/{id}"), None).await?;
+            print(out, &v, |v| format!("agent {} removed; its certificate ({}) will not be renewed\n", s(v, "id"), s(v, "serial")));
+        }
+        Command::Ca(CaCmd::Show) => {
+            let v = api.call(Method::GET, "/v1/ca", None).await?;
+            print(out, &v, |v| format!("fingerprint:  {}\nmode:         {}\ntrust domain: {}\nroots:        {}\n", s(v, "fingerprint"), s(v, "mode"), s(v, "trust_domain"), v.get("trust_bundle_pem").and_then(Value::as_array).map_or(0, Vec::len)));
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! The agent's configuration (`/etc/causeway/agent.toml`): one typed struct, checked whole.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default state directory of a packaged agent.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/causeway";
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Not valid TOML for this struct.
+    #[error("config file {path} is invalid: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message with position.
+        message: String,
+    },
+    /// Rules across fields failed; one line per problem.
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// `causeway-agent` configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Directory for key.pem, cert.pem, bundle.pem, agent.json and status.json.
+    pub state_dir: PathBuf,
+    /// `host:port` of the controller; overrides the address from the join token.
+    pub controller: Option<String>,
+    /// Certificate renewal.
+    pub identity: IdentityConfig,
+}
+
+/// Certificate renewal settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Renew when this fraction of the certificate's lifetime has passed (0.5 = half).
+    pub renew_at: f64,
+    /// Random spread around `renew_at` so a fleet does not renew at once (0.1 = ±10 %).
+    pub jitter: f64,
+    /// First retry delay after a failed renewal or connection, e.g. "1s".
+    #[serde(with = "duration_text")]
+    pub retry_min: Duration,
+    /// Longest retry delay, e.g. "5m".
+    #[serde(with = "duration_text")]
+    pub retry_max: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            controller: None,
+            identity: IdentityConfig::default(),
+        }
+    }
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            renew_at: 0.5,
+            jitter: 0.1,
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads a config file (does not validate).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks rules across fields; reports every problem at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let id = &self.identity;
+        if !(id.renew_at > 0.0 && id.renew_at < 1.0) {
+            errors.push(format!("identity.renew_at = {}: must be between 0 and 1 (0.5 renews at half the lifetime)", id.renew_at));
+        }
+        if !(0.0..=0.4).contains(&id.jitter) {
+            errors.push(format!("identity.jitter = {}: must be between 0 and 0.4", id.jitter));
+        } else if id.renew_at - id.jitter <= 0.0 || id.renew_at + id.jitter >= 1.0 {
+            errors.push(format!(
+                "identity.renew_at ± jitter = {}..{}: must stay inside 0..1",
+                id.renew_at - id.jitter,
+                id.renew_at + id.jitter
+            ));
+        }
+        if id.retry_min.is_zero() || id.retry_min > id.retry_max {
+            errors.push(format!(
+                "identity.retry_min = {}: must be above zero and at most identity.retry_max ({})",
+                humantime::format_duration(id.retry_min),
+                humantime::format_duration(id.retry_max)
+            ));
+        }
+        if let Some(c) = &self.controller
+            && !c.contains(':')
+        {
+            errors.push(format!("controller = {c:?}: must be host:port, e.g. \"10.0.0.5:15012\""));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+}
+
+mod duration_text {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); write it like \"5m\" or \"90s\""
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        AgentConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_and_all_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.toml");
+        std::fs::write(&p, "state_dri = \"/x\"").unwrap();
+        let err = AgentConfig::load(&p).unwrap_err();
+        assert!(err.to_string().contains("state_dri"), "{err}");
+        std::fs::write(
+            &p,
+            "controller = \"nohost\"\n[identity]\nrenew_at = 1.5\nretry_min = \"10m\"\nretry_max = \"1m\"\n",
+        )
+        .unwrap();
+        let ConfigError::Invalid(errors) = AgentConfig::load(&p).unwrap().validate().unwrap_err() else {
+            panic!()
+        };
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+    }
+
+    #[test]
+    fn shipped_example_configs_parse_and_validate() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut found = 0;
+        for dir in ["node-agent/examples", "packaging/deb/agent"] {
+            let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+                continue;
+            };
+            for entry in entries {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    AgentConfig::load(&path)
+                        .and_then(|c| c.validate())
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    found += 1;
+                }
+            }
+        }
+        assert!(found >= 1, "no example agent config found");
+    }
+}

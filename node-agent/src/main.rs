@@ -1,0 +1,175 @@
+//! `causeway-agent`: the Causeway node agent binary.
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use causeway_agent::config::{AgentConfig, DEFAULT_STATE_DIR};
+use causeway_agent::identity::StateDir;
+use causeway_agent::{client, logging, run, status};
+use causeway_api::JoinToken;
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// The Causeway node agent.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Enroll this host with a join token (one-shot). The key is made here and never sent.
+    Join {
+        /// The join token from `causewayctl token create` ("-" reads it from stdin).
+        token: Option<String>,
+        /// Read the token from this file instead.
+        #[arg(long, conflicts_with = "token")]
+        token_file: Option<PathBuf>,
+        /// State directory.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Host name to report (default: this host's name).
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Join again even if this host already has an identity.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the agent service.
+    Run {
+        /// TOML config file.
+        #[arg(long, env = "CAUSEWAY_AGENT_CONFIG")]
+        config: Option<PathBuf>,
+        /// State directory (overrides the config file).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Renew the certificate now (one-shot, over mutual TLS; no token needed).
+    Renew {
+        /// State directory.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Show identity, expiry, controller connection and config version.
+    Status {
+        /// State directory.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    logging::init("info");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(args.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn fmt_time(unix: i64) -> String {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix.max(0).unsigned_abs()),
+    )
+    .to_string()
+}
+
+async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Join {
+            token,
+            token_file,
+            state_dir,
+            hostname,
+            force,
+        } => {
+            let text = match (token.as_deref(), token_file) {
+                (_, Some(f)) => std::fs::read_to_string(&f)
+                    .with_context(|| format!("cannot read token file {}", f.display()))?,
+                (Some("-"), None) => {
+                    let mut s = String::new();
+                    std::io::stdin().read_to_string(&mut s)?;
+                    s
+                }
+                (Some(t), None) => t.to_owned(),
+                (None, None) => anyhow::bail!("give the join token as an argument, with --token-file FILE, or as \"-\" on stdin"),
+            };
+            let token = JoinToken::decode(&text)?;
+            let state = StateDir::new(state_dir);
+            let id = client::join(&token, &state, &hostname.unwrap_or_else(host_name), force).await?;
+            println!("joined as agent {}", id.info.agent_id);
+            println!("identity:    {}", id.spiffe_id);
+            println!("expires:     {}", fmt_time(id.not_after));
+            println!("state dir:   {} (key.pem stays on this host)", state.path().display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { config, state_dir } => {
+            let mut cfg = match &config {
+                Some(p) => AgentConfig::load(p)?,
+                None => AgentConfig::default(),
+            };
+            if let Some(d) = state_dir {
+                cfg.state_dir = d;
+            }
+            cfg.validate()?;
+            let shutdown = async {
+                let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(_) => return std::future::pending().await,
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            };
+            run::run(cfg, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Renew { state_dir } => {
+            let state = StateDir::new(state_dir);
+            let id = state.load()?;
+            let conn = client::connect_mtls(&id, &id.info.controller).await?;
+            let new = client::renew(&conn, &state, &id).await?;
+            conn.close(0u32.into(), b"done");
+            println!("renewed: serial {} expires {}", new.serial, fmt_time(new.not_after));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { state_dir, output } => {
+            let s = status::status(&StateDir::new(state_dir))?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+                Output::Text => print!("{}", status::render(&s)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! `causeway-agent status`: identity, expiry and controller connection, from the state dir.
+
+use serde::Serialize;
+
+use crate::identity::StateDir;
+use crate::run::{RunStatus, STATUS_FILE};
+
+/// The status report.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// Agent id.
+    pub agent_id: String,
+    /// SPIFFE ID.
+    pub identity: String,
+    /// Group.
+    pub group: String,
+    /// Controller address.
+    pub controller: String,
+    /// Certificate serial.
+    pub serial: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Seconds left (negative once expired).
+    pub expires_in_secs: i64,
+    /// Whether an agent process is running for this state dir.
+    pub running: bool,
+    /// Whether that process has a control connection.
+    pub controller_connected: bool,
+    /// The applied config version; `null` until the controller has pushed config.
+    pub config_version: Option<u64>,
+    /// The last error the running agent reported.
+    pub last_error: Option<String>,
+    /// Unix seconds.
+    pub last_renewal_at: Option<i64>,
+    /// Unix seconds.
+    pub next_renewal_at: Option<i64>,
+}
+
+fn process_alive(pid: u32) -> bool {
+    pid != 0
+        && std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains("causeway-agent"))
+            .unwrap_or(false)
+}
+
+/// Builds the report.
+pub fn status(state: &StateDir) -> anyhow::Result<Status> {
+    let id = state.load()?;
+    let run: RunStatus = std::fs::read(state.file(STATUS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let running = process_alive(run.pid);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(0))
+        .unwrap_or(0);
+    Ok(Status {
+        agent_id: id.info.agent_id,
+        identity: id.spiffe_id.to_string(),
+        group: id.info.group,
+        controller: if run.controller.is_empty() { id.info.controller } else { run.controller },
+        serial: id.serial,
+        expires_at: id.not_after,
+        expires_in_secs: id.not_after - now,
+        running,
+        controller_connected: running && run.controller_connected,
+        config_version: None,
+        last_error: if running { run.last_error } else { None },
+        last_renewal_at: run.last_renewal_at,
+        next_renewal_at: if running { run.next_renewal_at } else { None },
+    })
+}
+
+/// Human-readable form.
+pub fn render(s: &Status) -> String {
+    let left = if s.expires_in_secs >= 0 {
+        format!("in {}", humantime::format_duration(std::time::Duration::from_secs(s.expires_in_secs.unsigned_abs())))
+    } else {
+        format!("EXPIRED {} ago: re-join with a new token", humantime::format_duration(std::time::Duration::from_secs(s.expires_in_secs.unsigned_abs())))
+    };
+    let mut out = format!(
+        "agent:       {}\nidentity:    {}\ngroup:       {}\ncontroller:  {} ({})\ncertificate: serial {}, expires {} ({left})\n",
+        s.agent_id,
+        s.identity,
+        s.group,
+        s.controller,
+        match (s.running, s.controller_connected) {
+            (false, _) => "agent not running",
+            (true, true) => "connected",
+            (true, false) => "NOT connected",
+        },
+        s.serial,
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.expires_at.max(0).unsigned_abs())),
+    );
+    out.push_str(&format!(
+        "config:      {}\n",
+        s.config_version.map_or("no config pushed yet".to_owned(), |v| format!("version {v}"))
+    ));
+    if let Some(e) = &s.last_error {
+        out.push_str(&format!("last error:  {e}\n"));
+    }
+    out
+}
