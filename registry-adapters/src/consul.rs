@@ -377,7 +377,6 @@ async fn watch(
     let mut index = 0u64;
     let mut backoff = Backoff::new(&src.opts);
     let mut last_call: Option<tokio::time::Instant> = None;
-    let mut last_sent_index: Option<u64> = None;
     loop {
         if let Some(t) = last_call {
             tokio::time::sleep_until(t + src.opts.min_interval).await;
@@ -391,24 +390,20 @@ async fn watch(
                     tracing::info!(source = %src.name, path, index, returned, "consul index went backwards; resetting to 0");
                 }
                 index = next;
-                // an answer after a wait with the same index carries no change, unless
-                // the last thing sent for this watch was an error
-                if last_sent_index != Some(returned) || reset {
-                    last_sent_index = Some(returned);
-                    if tx
-                        .send(Event::Ok {
-                            watch: name.clone(),
-                            body,
-                        })
-                        .is_err()
-                    {
-                        return;
-                    }
+                // even an answer with an unchanged index is checked: its body may be
+                // broken (the coordinator parses it and ignores it if nothing changed)
+                if tx
+                    .send(Event::Ok {
+                        watch: name.clone(),
+                        body,
+                    })
+                    .is_err()
+                {
+                    return;
                 }
             }
             Err(error) => {
                 tracing::warn!(source = %src.name, path, %error, "consul watch failed");
-                last_sent_index = None;
                 if tx
                     .send(Event::Err {
                         watch: name.clone(),
