@@ -79,7 +79,6 @@ pub struct FileSource {
 /// Parses a services file into a snapshot; every problem is reported at once.
 pub fn parse_services_file(source: &str, text: &str) -> Result<SourceSnapshot, String> {
     let doc: FileDoc = toml::from_str(text).map_err(|e| e.to_string())?;
-    let revision = format!("{:016x}", fnv1a(text.as_bytes()));
     let mut problems = Vec::new();
     let mut snap = SourceSnapshot::default();
     let mut seen: BTreeSet<ServiceKey> = BTreeSet::new();
@@ -151,7 +150,7 @@ pub fn parse_services_file(source: &str, text: &str) -> Result<SourceSnapshot, S
                     source: source.into(),
                     kind: SourceKind::File,
                     native_id: native_id.clone(),
-                    revision: revision.clone(),
+                    revision: String::new(),
                 },
             );
             ep.ports = svc.ports.clone();
@@ -168,6 +167,18 @@ pub fn parse_services_file(source: &str, text: &str) -> Result<SourceSnapshot, S
                 ..Locality::default()
             };
             ep.hostnames = svc.hosts.iter().cloned().collect();
+            // the revision changes only when this endpoint's own definition does
+            let def = format!(
+                "{:?}",
+                (
+                    &ep.address,
+                    &ep.ports,
+                    &ep.labels,
+                    &ep.locality,
+                    &ep.hostnames
+                )
+            );
+            ep.provenance.revision = format!("{:016x}", fnv1a(def.as_bytes()));
             eps.insert(native_id, ep);
         }
     }

@@ -276,6 +276,14 @@ impl FakeEureka {
         lock(&self.inner.data).put(&inst.app, inst.to_json(), "ADDED");
     }
 
+    /// Registers an instance without recording it in the recent-changes queue (as when
+    /// a client misses a delta): only `apps__hashcode` reveals it.
+    pub fn register_without_delta(&self, inst: &EurekaInstance) {
+        let mut d = lock(&self.inner.data);
+        d.put(&inst.app, inst.to_json(), "ADDED");
+        d.queue.pop();
+    }
+
     /// Registers a raw instance JSON object as given.
     pub fn register_json(&self, inst: Value) {
         let app = inst["app"].as_str().unwrap_or_default().to_uppercase();
