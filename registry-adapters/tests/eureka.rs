@@ -31,15 +31,15 @@ async fn initial_sync_from_spring_cloud_base_path() {
     let fake = FakeEureka::start().await.unwrap();
     let (h, task) = started(fake.url()).await;
     assert!(matches!(h.updates[0].change, Some(SourceChange::Full(_))));
-    let foo = &h.endpoints("apps", "foo")[0];
-    assert_eq!(foo.address, "192.168.56.1");
-    assert_eq!(foo.ports["http"], 8080);
+    let first = &h.endpoints("apps", "foo")[0];
+    assert_eq!(first.address, "192.168.56.1");
+    assert_eq!(first.ports["http"], 8080);
     assert!(
-        !foo.ports.contains_key("https"),
+        !first.ports.contains_key("https"),
         "securePort disabled in the fixture"
     );
-    assert!(foo.hostnames.contains("foo"), "vipAddress kept");
-    assert!(foo.healthy());
+    assert!(first.hostnames.contains("foo"), "vipAddress kept");
+    assert!(first.healthy());
     let dc = &h.endpoints("apps", "discoverableclient")[0];
     assert_eq!(dc.ports.get("https"), Some(&10012));
     assert_eq!(
@@ -198,9 +198,9 @@ async fn fault_keeps_last_known_good_then_recovers(fault: Fault, expect_in_error
         err.contains(expect_in_error),
         "{fault:?}: error {err:?} should mention {expect_in_error:?}"
     );
-    let foo = h.endpoints("apps", "foo");
-    assert_eq!(foo.len(), 1, "{fault:?}: last known good kept");
-    assert!(foo[0].stale, "{fault:?}: marked stale");
+    let foo_eps = h.endpoints("apps", "foo");
+    assert_eq!(foo_eps.len(), 1, "{fault:?}: last known good kept");
+    assert!(foo_eps[0].stale, "{fault:?}: marked stale");
     assert_eq!(h.endpoints("apps", "discoverableclient").len(), 1);
 
     fake.clear_fault();

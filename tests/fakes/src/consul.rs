@@ -59,6 +59,14 @@ impl ConsulRegistration {
     }
 }
 
+/// A field by name, matched as Consul does: case-insensitively, `_` ignored.
+fn field<'a>(obj: &'a Value, name: &str) -> Option<&'a Value> {
+    obj.as_object()?
+        .iter()
+        .find(|(k, _)| k.replace('_', "").eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
+}
+
 struct Svc {
     service: Value,
     checks: Vec<Value>,
@@ -126,17 +134,21 @@ impl Data {
     }
 
     fn register(&mut self, body: &Value) -> Result<(), String> {
-        let id = body["ID"]
-            .as_str()
-            .or(body["Name"].as_str())
+        // Consul decodes field names case-insensitively and accepts snake_case
+        // (py-consul sends "name", "id", "checks")
+        let name = field(body, "Name")
+            .and_then(Value::as_str)
             .ok_or("missing service Name")?
             .to_string();
-        let name = body["Name"]
-            .as_str()
-            .ok_or("missing service Name")?
+        let id = field(body, "ID")
+            .and_then(Value::as_str)
+            .unwrap_or(&name)
             .to_string();
-        let port = body["Port"].as_u64().unwrap_or(0);
-        let address = body["Address"].as_str().unwrap_or("").to_string();
+        let port = field(body, "Port").and_then(Value::as_u64).unwrap_or(0);
+        let address = field(body, "Address")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         let idx = self.bump();
         let create = self
             .services
@@ -148,19 +160,19 @@ impl Data {
             tagged = json!({"lan_ipv4": {"Address": address, "Port": port}, "wan_ipv4": {"Address": address, "Port": port}});
         }
         let service = json!({
-            "ID": id, "Service": name, "Tags": body.get("Tags").cloned().unwrap_or(json!([])),
+            "ID": id, "Service": name, "Tags": field(body, "Tags").cloned().filter(|t| !t.is_null()).unwrap_or(json!([])),
             "Address": address, "TaggedAddresses": tagged,
-            "Meta": body.get("Meta").cloned().unwrap_or(json!({})), "Port": port,
+            "Meta": field(body, "Meta").cloned().filter(|m| !m.is_null()).unwrap_or(json!({})), "Port": port,
             "Weights": {"Passing": 1, "Warning": 1}, "EnableTagOverride": false,
             "Proxy": {"Mode": "", "MeshGateway": {}, "Expose": {}}, "Connect": {},
             "CreateIndex": create, "ModifyIndex": idx
         });
         let tags = service["Tags"].clone();
         let mut defs: Vec<Value> = Vec::new();
-        if let Some(c) = body.get("Check").filter(|c| c.is_object()) {
+        if let Some(c) = field(body, "Check").filter(|c| c.is_object()) {
             defs.push(c.clone());
         }
-        if let Some(cs) = body.get("Checks").and_then(Value::as_array) {
+        if let Some(cs) = field(body, "Checks").and_then(Value::as_array) {
             defs.extend(cs.iter().cloned());
         }
         let several = defs.len() > 1;
@@ -168,14 +180,14 @@ impl Data {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let check_id = c["CheckID"].as_str().map(str::to_string).unwrap_or_else(|| {
+                let check_id = field(c, "CheckID").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| {
                     if several { format!("service:{id}:{}", i + 1) } else { format!("service:{id}") }
                 });
-                let ty = if c.get("TTL").is_some() { "ttl" } else if c.get("HTTP").is_some() { "http" } else if c.get("TCP").is_some() { "tcp" } else { "" };
+                let ty = if field(c, "TTL").is_some() { "ttl" } else if field(c, "HTTP").is_some() { "http" } else if field(c, "TCP").is_some() { "tcp" } else { "" };
                 json!({
                     "Node": self.node["Node"], "CheckID": check_id,
-                    "Name": c["Name"].as_str().map(str::to_string).unwrap_or_else(|| format!("Service '{name}' check")),
-                    "Status": c["Status"].as_str().unwrap_or("critical"), "Notes": "", "Output": "",
+                    "Name": field(c, "Name").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| format!("Service '{name}' check")),
+                    "Status": field(c, "Status").and_then(Value::as_str).unwrap_or("critical"), "Notes": "", "Output": "",
                     "ServiceID": id, "ServiceName": name, "ServiceTags": tags, "Type": ty,
                     "Interval": "", "Timeout": "", "ExposedPort": 0, "Definition": {},
                     "CreateIndex": idx, "ModifyIndex": idx
@@ -601,8 +613,14 @@ fn write(inner: &Arc<Inner>, segs: &[&str], body: &[u8]) -> Response {
                     _ => {
                         let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
                         (
-                            v["Status"].as_str().unwrap_or("critical").to_string(),
-                            v["Output"].as_str().unwrap_or("").to_string(),
+                            field(&v, "Status")
+                                .and_then(Value::as_str)
+                                .unwrap_or("critical")
+                                .to_string(),
+                            field(&v, "Output")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_string(),
                         )
                     }
                 };
