@@ -560,10 +560,24 @@ impl Registry {
     /// Applies what a source reported. `Full` replaces its data; `Services` replaces
     /// only the services it names. Marks the source synced.
     pub fn apply(&mut self, source: &str, kind: SourceKind, change: SourceChange) -> RegistryDelta {
+        self.apply_with_state(source, kind, change, SourceState::synced())
+    }
+
+    /// Applies data and sets the source's state in one step, giving one delta. With a
+    /// stale state (a source that got some answers while others failed) the new data is
+    /// kept as last known good and shown stale; the first stale time is kept.
+    pub fn apply_with_state(
+        &mut self,
+        source: &str,
+        kind: SourceKind,
+        change: SourceChange,
+        state: SourceState,
+    ) -> RegistryDelta {
         let entry = self.entry(source, kind);
         let mut touched: BTreeSet<ServiceKey> = BTreeSet::new();
-        if entry.state.is_stale() || matches!(change, SourceChange::Full(_)) {
-            // a full snapshot may drop any service; a stale source flips every endpoint back
+        let flips = entry.state.is_stale() != state.is_stale();
+        if flips || matches!(change, SourceChange::Full(_)) {
+            // a full snapshot may drop any service; a stale flag flip touches every endpoint
             touched.extend(entry.snapshot.services.keys().cloned());
         }
         match &change {
@@ -587,7 +601,14 @@ impl Registry {
                 }
             }
         }
-        entry.state = SourceState::synced();
+        entry.state = if state.is_stale() {
+            SourceState {
+                stale_since_ms: entry.state.stale_since_ms.or(state.stale_since_ms),
+                ..state
+            }
+        } else {
+            state
+        };
         entry.kind = kind;
         self.update_holders(source, &touched);
         self.delta_from(old, touched)
@@ -646,14 +667,16 @@ impl Registry {
                 all.extend(eps.values().map(|e| (name.as_str(), entry, e)));
             }
         }
+        let originals: BTreeSet<(SourceKind, &str)> = all
+            .iter()
+            .filter(|(_, _, e)| e.synced_from.is_none())
+            .map(|(_, entry, e)| (entry.kind, e.address.as_str()))
+            .collect();
         for (_, entry, ep) in &all {
-            if let Some(origin) = ep.synced_from {
-                let original_present = all.iter().any(|(_, e2, o)| {
-                    e2.kind == origin && o.synced_from.is_none() && o.address == ep.address
-                });
-                if original_present {
-                    continue;
-                }
+            if let Some(origin) = ep.synced_from
+                && originals.contains(&(origin, ep.address.as_str()))
+            {
+                continue;
             }
             let mut ep = (*ep).clone();
             ep.stale = entry.state.is_stale();
@@ -1098,6 +1121,33 @@ mod tests {
         assert_eq!(d.services.len(), 2);
         assert!(r.merged().values().flatten().all(|e| !e.stale));
         assert_eq!(r.sources()["c"].state, SourceState::synced());
+    }
+
+    #[test]
+    fn data_from_a_partly_failing_source_stays_stale_in_one_delta() {
+        let mut r = Registry::new();
+        let a = ep("c", SourceKind::Consul, "1", "10.0.0.1", 80);
+        r.apply(
+            "c",
+            SourceKind::Consul,
+            full(vec![(web(), vec![a.clone()])]),
+        );
+        r.mark_stale("c", SourceKind::Consul, "one watch fails", 10);
+        let b = ep("c", SourceKind::Consul, "2", "10.0.0.2", 80);
+        let d = r.apply_with_state(
+            "c",
+            SourceKind::Consul,
+            SourceChange::Services([(web(), svc(vec![a.clone(), b.clone()]))].into()),
+            SourceState::stale("one watch fails", 20),
+        );
+        assert_eq!(d.services.len(), 1);
+        assert_eq!(d.services[0].added.len(), 1);
+        assert!(d.services[0].added[0].stale);
+        assert!(
+            d.services[0].updated.is_empty(),
+            "no stale flip back and forth"
+        );
+        assert_eq!(r.sources()["c"].state.stale_since_ms, Some(10));
     }
 
     #[test]

@@ -133,7 +133,10 @@ impl EurekaSource {
         for (app, instances) in local {
             if let Some(key) = self.key(app) {
                 let eps = snap.services.entry(key).or_default();
-                for (id, i) in instances {
+                for (id, i) in instances
+                    .iter()
+                    .filter(|(_, i)| !i.endpoint.address.is_empty())
+                {
                     eps.insert(id.clone(), i.endpoint.clone());
                 }
             }
@@ -209,6 +212,7 @@ impl EurekaSource {
                             .get(&app)
                             .map(|m| {
                                 m.iter()
+                                    .filter(|(_, i)| !i.endpoint.address.is_empty())
                                     .map(|(id, i)| (id.clone(), i.endpoint.clone()))
                                     .collect()
                             })
@@ -349,9 +353,7 @@ pub fn parse_applications(source: &str, body: &[u8]) -> Result<Applications, Str
     for app in as_list(apps.get("application")) {
         let app_name = text(app.get("name")).unwrap_or_default();
         for inst in as_list(app.get("instance")) {
-            if let Some(i) = parse_instance(source, &app_name, inst)? {
-                instances.push(i);
-            }
+            instances.push(parse_instance(source, &app_name, inst)?);
         }
     }
     Ok(Applications {
@@ -360,7 +362,9 @@ pub fn parse_applications(source: &str, body: &[u8]) -> Result<Applications, Str
     })
 }
 
-fn parse_instance(source: &str, app_name: &str, inst: &Value) -> Result<Option<Instance>, String> {
+/// An instance without any address is still returned (it counts in the hashcode), but
+/// never becomes an endpoint.
+fn parse_instance(source: &str, app_name: &str, inst: &Value) -> Result<Instance, String> {
     if !inst.is_object() {
         return Err(format!(
             "application {app_name}: an instance is not an object"
@@ -384,9 +388,6 @@ fn parse_instance(source: &str, app_name: &str, inst: &Value) -> Result<Option<I
                 http.or(https).unwrap_or(0)
             )
         });
-    if address.is_empty() {
-        return Ok(None);
-    }
     let status = text(inst.get("status"))
         .unwrap_or_else(|| "UNKNOWN".into())
         .to_uppercase();
@@ -425,13 +426,13 @@ fn parse_instance(source: &str, app_name: &str, inst: &Value) -> Result<Option<I
         .chain(dns_names(inst.get("secureVipAddress")))
         .collect();
     ep.metadata = metadata;
-    Ok(Some(Instance {
+    Ok(Instance {
         app,
         id,
         status,
         action: text(inst.get("actionType")),
         endpoint: ep,
-    }))
+    })
 }
 
 #[cfg(test)]
@@ -524,12 +525,39 @@ mod tests {
     fn status_maps_to_health() {
         let v: Value =
             serde_json::from_slice(&fixture("instance-empty-metadata-emptymap.json")).unwrap();
-        let i = parse_instance("e", "MINIMAL", &v["instance"])
-            .unwrap()
-            .unwrap();
+        let i = parse_instance("e", "MINIMAL", &v["instance"]).unwrap();
         assert_eq!(i.status, "OUT_OF_SERVICE");
         assert_eq!(i.endpoint.health, Health::Critical);
         assert!(!i.endpoint.healthy());
+    }
+
+    #[test]
+    fn instance_without_address_counts_in_hashcode_but_is_no_endpoint() {
+        let body =
+            br#"{"applications":{"apps__hashcode":"UP_2_","application":{"name":"A","instance":[
+            {"instanceId":"a1","app":"A","ipAddr":"10.0.0.1","status":"UP","port":80},
+            {"instanceId":"a2","app":"A","status":"UP"}]}}}"#;
+        let apps = parse_applications("e", body).unwrap();
+        let mut local = Local::new();
+        apply_delta(&mut local, apps.instances);
+        let ours = reconcile_hashcode(
+            local
+                .values()
+                .flat_map(|a| a.values())
+                .map(|i| i.status.as_str()),
+        );
+        assert_eq!(ours, apps.hashcode);
+        let src = EurekaSource::new(
+            &EurekaSourceConfig {
+                name: "e".into(),
+                url: "http://127.0.0.1:1/eureka".into(),
+                namespace: None,
+            },
+            &SourceOptions::default(),
+        )
+        .unwrap();
+        let snap = src.snapshot(&local);
+        assert_eq!(snap.endpoint_count(), 1);
     }
 
     #[test]

@@ -23,40 +23,46 @@ pub struct SourceUpdate {
     pub state: SourceState,
 }
 
-/// Applies an update to the merged registry: the data first, then the state (a stale
-/// source's endpoints are flagged stale, never removed). Returns the non-empty deltas.
+/// Applies an update to the merged registry: its data and its state in one step (a
+/// stale source's endpoints are flagged stale, never removed). Returns the delta, if
+/// anything changed (at most one).
 pub fn apply_update(
     registry: &mut Registry,
     update: &SourceUpdate,
     now_ms: u64,
 ) -> Vec<RegistryDelta> {
-    let mut out = Vec::new();
-    if let Some(change) = &update.change {
-        out.push(registry.apply(&update.source, update.kind, change.clone()));
+    let mut state = update.state.clone();
+    if state.is_stale() && state.stale_since_ms.is_none() {
+        state.stale_since_ms = Some(now_ms);
     }
-    if update.state.is_stale() {
-        let error = update
-            .state
-            .last_error
-            .as_deref()
-            .unwrap_or("source failing");
-        let since = update.state.stale_since_ms.unwrap_or(now_ms);
-        out.push(registry.mark_stale(&update.source, update.kind, error, since));
-    } else if update.change.is_none()
-        && registry
+    let delta = match &update.change {
+        Some(change) => {
+            registry.apply_with_state(&update.source, update.kind, change.clone(), state)
+        }
+        None if state.is_stale() => {
+            let error = state.last_error.as_deref().unwrap_or("source failing");
+            let since = state.stale_since_ms.unwrap_or(now_ms);
+            registry.mark_stale(&update.source, update.kind, error, since)
+        }
+        None if registry
             .sources()
             .get(&update.source)
-            .is_some_and(|s| s.state.is_stale())
-    {
-        // recovered without new data: flip its endpoints back
-        out.push(registry.apply(
-            &update.source,
-            update.kind,
-            SourceChange::Services(Default::default()),
-        ));
+            .is_some_and(|s| s.state.is_stale()) =>
+        {
+            // recovered without new data: flip its endpoints back
+            registry.apply(
+                &update.source,
+                update.kind,
+                SourceChange::Services(Default::default()),
+            )
+        }
+        None => return Vec::new(),
+    };
+    if delta.is_empty() {
+        Vec::new()
+    } else {
+        vec![delta]
     }
-    out.retain(|d| !d.is_empty());
-    out
 }
 
 /// Tuning shared by all sources. [`Default`] is for production; tests shorten it.
