@@ -31,7 +31,9 @@ pub enum GroupError {
 }
 
 /// How an agent treats plaintext traffic to the applications of its group.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum MtlsMode {
     /// Plaintext to application ports is accepted beside mesh traffic.
@@ -201,7 +203,10 @@ mod tests {
         assert_eq!(errors.len(), 3, "{errors:?}");
         let mut g = group();
         g.service = None;
-        assert_eq!(g.validate().unwrap_err(), vec![GroupError::PortsWithoutService]);
+        assert_eq!(
+            g.validate().unwrap_err(),
+            vec![GroupError::PortsWithoutService]
+        );
     }
 
     #[test]

@@ -23,12 +23,16 @@ pub enum IdentityError {
         value: String,
     },
     /// The text is not of the form `spiffe://<td>/ns/<ns>/sa/<sa>`.
-    #[error("invalid SPIFFE ID {0:?}: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    #[error(
+        "invalid SPIFFE ID {0:?}: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    )]
     SpiffeId(String),
 }
 
 /// A SPIFFE trust domain such as `causeway.local`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct TrustDomain(String);
 
@@ -215,7 +219,10 @@ mod tests {
             assert!(bad.parse::<SpiffeId>().is_err(), "accepted {bad:?}");
         }
         let err = "spiffe://x/ns/a".parse::<SpiffeId>().unwrap_err();
-        assert!(err.to_string().contains("spiffe://<trust-domain>/ns/"), "{err}");
+        assert!(
+            err.to_string().contains("spiffe://<trust-domain>/ns/"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Decodes hex (either case, optional `:` separators as printed by openssl).
 pub fn unhex(text: &str) -> Option<Vec<u8>> {
     let clean: Vec<u8> = text.bytes().filter(|b| *b != b':').collect();
-    if clean.len() % 2 != 0 {
+    if !clean.len().is_multiple_of(2) {
         return None;
     }
     clean

@@ -24,7 +24,10 @@ pub fn decode_all(text: &str, label: &str) -> Vec<Vec<u8>> {
     while let Some(start) = rest.find(&begin) {
         let after = &rest[start + begin.len()..];
         let Some(stop) = after.find(&end) else { break };
-        let b64: String = after[..stop].chars().filter(|c| !c.is_whitespace()).collect();
+        let b64: String = after[..stop]
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
         if let Ok(der) = STANDARD.decode(b64) {
             out.push(der);
         }
@@ -41,7 +44,12 @@ mod tests {
     fn round_trip_several_blocks() {
         let a = vec![1u8; 100];
         let b = vec![2u8; 3];
-        let text = format!("junk\n{}{}{}", encode("CERTIFICATE", &a), encode("PRIVATE KEY", &[9]), encode("CERTIFICATE", &b));
+        let text = format!(
+            "junk\n{}{}{}",
+            encode("CERTIFICATE", &a),
+            encode("PRIVATE KEY", &[9]),
+            encode("CERTIFICATE", &b)
+        );
         assert_eq!(decode_all(&text, "CERTIFICATE"), vec![a, b]);
         assert_eq!(decode_all(&text, "PRIVATE KEY"), vec![vec![9]]);
         assert!(decode_all("-----BEGIN CERTIFICATE-----\nAAA", "CERTIFICATE").is_empty());

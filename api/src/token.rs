@@ -25,7 +25,9 @@ pub enum TokenError {
     )]
     Prefix,
     /// The text is longer than any token this version creates.
-    #[error("join token is {0} characters long, more than the {MAX_TOKEN_LEN} allowed: it was probably pasted twice or corrupted")]
+    #[error(
+        "join token is {0} characters long, more than the {MAX_TOKEN_LEN} allowed: it was probably pasted twice or corrupted"
+    )]
     TooLong(usize),
     /// The body is not valid base64url.
     #[error("join token is corrupted (not base64url after the prefix): copy it again")]
@@ -84,7 +86,10 @@ impl JoinToken {
             id: self.id.clone(),
             secret: self.secret.to_vec(),
         };
-        format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(body.encode_to_vec()))
+        format!(
+            "{TOKEN_PREFIX}{}",
+            URL_SAFE_NO_PAD.encode(body.encode_to_vec())
+        )
     }
 
     /// Reads a token from text (surrounding white space is ignored).
@@ -94,7 +99,9 @@ impl JoinToken {
             return Err(TokenError::TooLong(text.len()));
         }
         let b64 = text.strip_prefix(TOKEN_PREFIX).ok_or(TokenError::Prefix)?;
-        let raw = URL_SAFE_NO_PAD.decode(b64).map_err(|_| TokenError::Base64)?;
+        let raw = URL_SAFE_NO_PAD
+            .decode(b64)
+            .map_err(|_| TokenError::Base64)?;
         let body = TokenBody::decode(raw.as_slice()).map_err(|_| TokenError::Body)?;
         if body.controller.is_empty() {
             return Err(TokenError::Field("no controller address"));
@@ -154,7 +161,10 @@ mod tests {
         assert_eq!(JoinToken::decode("cwt1.!!!"), Err(TokenError::Base64));
         assert_eq!(JoinToken::decode("cwt1.AAAA_w"), Err(TokenError::Body));
         let long = format!("cwt1.{}", "A".repeat(5000));
-        assert!(matches!(JoinToken::decode(&long), Err(TokenError::TooLong(_))));
+        assert!(matches!(
+            JoinToken::decode(&long),
+            Err(TokenError::TooLong(_))
+        ));
         // Truncated: valid base64 of a partial body.
         let text = token().encode();
         let truncated = &text[..text.len() - 20];
@@ -166,7 +176,13 @@ mod tests {
             id: "a".into(),
             secret: vec![0; 32],
         };
-        let text = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(body.encode_to_vec()));
-        assert!(matches!(JoinToken::decode(&text), Err(TokenError::Field(_))));
+        let text = format!(
+            "{TOKEN_PREFIX}{}",
+            URL_SAFE_NO_PAD.encode(body.encode_to_vec())
+        );
+        assert!(matches!(
+            JoinToken::decode(&text),
+            Err(TokenError::Field(_))
+        ));
     }
 }

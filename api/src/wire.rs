@@ -59,14 +59,17 @@ pub fn frame_len(prefix: [u8; 4], limit: usize) -> Result<usize, FrameError> {
 }
 
 /// Decodes exactly one frame from `buf` (the whole content of a stream).
-pub fn decode_frame<M: prost::Message + Default>(buf: &[u8], limit: usize) -> Result<M, FrameError> {
-    let prefix: [u8; 4] = buf
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .ok_or(FrameError::Truncated {
-            have: buf.len(),
-            need: 4,
-        })?;
+pub fn decode_frame<M: prost::Message + Default>(
+    buf: &[u8],
+    limit: usize,
+) -> Result<M, FrameError> {
+    let prefix: [u8; 4] =
+        buf.get(..4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(FrameError::Truncated {
+                have: buf.len(),
+                need: 4,
+            })?;
     let len = frame_len(prefix, limit)?;
     let body = &buf[4..];
     if body.len() < len {
@@ -234,7 +237,9 @@ mod tests {
 
     #[test]
     fn frame_errors() {
-        let frame = encode_frame(&RenewRequest { csr_der: vec![0; 100] });
+        let frame = encode_frame(&RenewRequest {
+            csr_der: vec![0; 100],
+        });
         assert!(matches!(
             decode_frame::<RenewRequest>(&frame, 10),
             Err(FrameError::TooLarge { .. })
@@ -249,7 +254,10 @@ mod tests {
         ));
         let mut long = frame.clone();
         long.push(0);
-        assert_eq!(decode_frame::<RenewRequest>(&long, 1024), Err(FrameError::Trailing(1)));
+        assert_eq!(
+            decode_frame::<RenewRequest>(&long, 1024),
+            Err(FrameError::Trailing(1))
+        );
         let garbage = [0, 0, 0, 3, 0xff, 0xff, 0xff];
         assert!(matches!(
             decode_frame::<ClientRequest>(&garbage, 1024),

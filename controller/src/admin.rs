@@ -113,8 +113,18 @@ async fn ca_show(State(s): State<AdminState>) -> Json<CaView> {
         fingerprint: hex(&s.ca.fingerprint()),
         mode: s.ca.mode(),
         trust_domain: s.ca.trust_domain().to_string(),
-        certificate_chain_pem: s.ca.chain_der().iter().map(|d| to_pem("CERTIFICATE", d)).collect(),
-        trust_bundle_pem: s.ca.bundle_der().iter().map(|d| to_pem("CERTIFICATE", d)).collect(),
+        certificate_chain_pem: s
+            .ca
+            .chain_der()
+            .iter()
+            .map(|d| to_pem("CERTIFICATE", d))
+            .collect(),
+        trust_bundle_pem: s
+            .ca
+            .bundle_der()
+            .iter()
+            .map(|d| to_pem("CERTIFICATE", d))
+            .collect(),
     })
 }
 
@@ -254,11 +264,19 @@ async fn token_create(
     }
     let uses = body.uses.unwrap_or(1);
     if uses == 0 || uses > 100_000 {
-        return Err(bad_request(format!("uses = {uses}: must be between 1 and 100000")));
+        return Err(bad_request(format!(
+            "uses = {uses}: must be between 1 and 100000"
+        )));
     }
     let mut secret = [0u8; causeway_api::token::SECRET_LEN];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
-        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "random generator failed".into()))?;
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).map_err(
+        |_| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "random generator failed".into(),
+            )
+        },
+    )?;
     let now = now_unix();
     let record = TokenRecord {
         id: random_hex(8),
@@ -329,6 +347,7 @@ struct AgentView {
     group: String,
     hostname: String,
     address: std::net::IpAddr,
+    token_id: String,
     joined_at: i64,
     serial: String,
     not_after: i64,
@@ -347,6 +366,7 @@ impl From<crate::store::AgentRecord> for AgentView {
             group: a.group,
             hostname: a.hostname,
             address: a.address,
+            token_id: a.token_id,
             joined_at: a.joined_at,
             serial: a.serial,
             not_after: a.not_after,
@@ -358,7 +378,9 @@ impl From<crate::store::AgentRecord> for AgentView {
 }
 
 async fn agent_list(State(s): State<AdminState>) -> Result<Json<Vec<AgentView>>, ApiError> {
-    Ok(Json(s.store.agents()?.into_iter().map(AgentView::from).collect()))
+    Ok(Json(
+        s.store.agents()?.into_iter().map(AgentView::from).collect(),
+    ))
 }
 
 async fn agent_show(

@@ -344,7 +344,11 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer)?;
         let mut chain = vec![cert.der().clone()];
-        chain.extend(self.chain_der.iter().map(|d| CertificateDer::from(d.clone())));
+        chain.extend(
+            self.chain_der
+                .iter()
+                .map(|d| CertificateDer::from(d.clone())),
+        );
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         Ok((chain, key_der))
     }
@@ -385,7 +389,12 @@ mod tests {
         let (der, serial) = ca.issue_workload(&key, &id, now, now + 3600).unwrap();
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
         let san = cert.subject_alternative_name().unwrap().unwrap();
-        let names: Vec<String> = san.value.general_names.iter().map(|n| n.to_string()).collect();
+        let names: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
         assert_eq!(names, vec![format!("URI({id})")]);
         assert_eq!(hex(cert.raw_serial()), serial);
         assert_eq!(cert.validity().not_after.timestamp(), now + 3600);
@@ -403,7 +412,10 @@ mod tests {
         let int_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut int_params = CertificateParams::new(vec![]).unwrap();
         int_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        int_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        int_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let int_cert = int_params.signed_by(&int_key, &root).unwrap();
         let chain = dir.path().join("chain.pem");
         let keyf = dir.path().join("key.pem");
@@ -419,7 +431,10 @@ mod tests {
         assert_eq!(ca.mode(), "intermediate");
         assert_eq!(ca.fingerprint(), fingerprint(int_cert.der()));
         assert_eq!(ca.bundle_der(), &[root.der().to_vec()]);
-        assert!(store.ca().unwrap().unwrap().key_pem.is_empty(), "operator key is not copied into the store");
+        assert!(
+            store.ca().unwrap().unwrap().key_pem.is_empty(),
+            "operator key is not copied into the store"
+        );
         // Dropping the intermediate from the config would silently mint a new root: refused.
         let err = Ca::load_or_create(&store, &CaConfig::default(), &td(), now).unwrap_err();
         assert!(matches!(err, CaError::Changed { .. }), "{err}");

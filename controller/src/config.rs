@@ -278,14 +278,18 @@ mod tests {
     fn unknown_fields_are_refused() {
         let err = Config::parse("trust_domian = \"x\"", Path::new("c.toml")).unwrap_err();
         assert!(err.to_string().contains("trust_domian"), "{err}");
-        let err = Config::parse("[admin]\nlisten = \"127.0.0.1:1\"\nport = 3", Path::new("c.toml"))
-            .unwrap_err();
+        let err = Config::parse(
+            "[admin]\nlisten = \"127.0.0.1:1\"\nport = 3",
+            Path::new("c.toml"),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("port"), "{err}");
     }
 
     #[test]
     fn bad_duration_names_the_value() {
-        let err = Config::parse("[ca]\nworkload_cert_ttl = \"soon\"", Path::new("c.toml")).unwrap_err();
+        let err =
+            Config::parse("[ca]\nworkload_cert_ttl = \"soon\"", Path::new("c.toml")).unwrap_err();
         assert!(err.to_string().contains("soon"), "{err}");
     }
 
@@ -326,7 +330,8 @@ mod tests {
                 let path = entry.unwrap().path();
                 if path.extension().is_some_and(|e| e == "toml") {
                     let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-                    c.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    c.validate()
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                     found += 1;
                 }
             }

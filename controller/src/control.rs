@@ -36,10 +36,9 @@ pub fn server_config(ca: &Ca) -> anyhow::Result<quinn::ServerConfig> {
     for der in ca.bundle_der() {
         roots.add(CertificateDer::from(der.clone()))?;
     }
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .allow_unauthenticated()
-            .build()?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -76,7 +75,8 @@ impl ControlServer {
 
     /// Closes the endpoint.
     pub fn close(&self) {
-        self.endpoint.close(0u32.into(), b"controller shutting down");
+        self.endpoint
+            .close(0u32.into(), b"controller shutting down");
     }
 
     /// Serves until the endpoint is closed.
@@ -98,7 +98,9 @@ impl ControlServer {
                         endpoint.set_server_config(Some(cfg));
                         tracing::info!("control endpoint certificate re-issued");
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot re-issue the control endpoint certificate; keeping the current one"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot re-issue the control endpoint certificate; keeping the current one")
+                    }
                 }
             }
         });
@@ -170,14 +172,20 @@ impl Ctx {
         let response = match tokio::time::timeout(REQUEST_TIMEOUT, recv.read_to_end(limit)).await {
             Err(_) => error_response(
                 ErrorCode::Malformed,
-                format!("request not completed within {}s", REQUEST_TIMEOUT.as_secs()),
+                format!(
+                    "request not completed within {}s",
+                    REQUEST_TIMEOUT.as_secs()
+                ),
             ),
             Ok(Err(quinn::ReadToEndError::TooLong)) => {
                 let _ = recv.stop(0u32.into());
                 tracing::warn!(%remote, limit = self.max_request, "oversized control request refused");
                 error_response(
                     ErrorCode::TooLarge,
-                    format!("request larger than the limit of {} bytes", self.max_request),
+                    format!(
+                        "request larger than the limit of {} bytes",
+                        self.max_request
+                    ),
                 )
             }
             Ok(Err(e)) => return Err(e.into()),
@@ -222,9 +230,7 @@ impl Ctx {
         };
         let result = match req.kind {
             Some(client_request::Kind::Join(j)) => {
-                self.enroller
-                    .join(&j, remote.ip().to_canonical())
-                    .await
+                self.enroller.join(&j, remote.ip().to_canonical()).await
             }
             Some(client_request::Kind::Renew(r)) => {
                 self.enroller.renew(peer.map(|v| v.as_slice()), &r).await
@@ -232,7 +238,8 @@ impl Ctx {
             None => {
                 return error_response(
                     ErrorCode::Unsupported,
-                    "request kind not supported by this controller (upgrade the controller?)".into(),
+                    "request kind not supported by this controller (upgrade the controller?)"
+                        .into(),
                 );
             }
         };

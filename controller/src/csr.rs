@@ -111,9 +111,16 @@ mod tests {
 
     #[test]
     fn accepts_p256_and_reports_requested_names() {
-        let der = csr_with(vec!["evil.example.com".into()], &rcgen::PKCS_ECDSA_P256_SHA256);
+        let der = csr_with(
+            vec!["evil.example.com".into()],
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+        );
         let key = parse_csr(&der).unwrap();
-        assert!(key.requested_names.iter().any(|n| n.contains("evil.example.com")));
+        assert!(
+            key.requested_names
+                .iter()
+                .any(|n| n.contains("evil.example.com"))
+        );
     }
 
     #[test]
@@ -129,16 +136,16 @@ mod tests {
         assert_eq!(parse_csr(&[]), Err(CsrError::Empty));
         assert!(matches!(parse_csr(b"not a csr"), Err(CsrError::Parse(_))));
         let der = csr_with(vec!["a.example".into()], &rcgen::PKCS_ECDSA_P256_SHA256);
-        assert!(matches!(parse_csr(&der[..der.len() / 2]), Err(CsrError::Parse(_))));
+        assert!(matches!(
+            parse_csr(&der[..der.len() / 2]),
+            Err(CsrError::Parse(_))
+        ));
         let mut long = der.clone();
         long.push(0);
         assert_eq!(parse_csr(&long), Err(CsrError::Trailing(1)));
         // Flip a byte inside the requested name: the signature no longer verifies.
         let mut tampered = der.clone();
-        let pos = tampered
-            .windows(9)
-            .position(|w| w == b"a.example")
-            .unwrap();
+        let pos = tampered.windows(9).position(|w| w == b"a.example").unwrap();
         tampered[pos] = b'b';
         assert_eq!(parse_csr(&tampered), Err(CsrError::Signature));
     }

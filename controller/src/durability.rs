@@ -38,7 +38,9 @@ impl GroupCommit {
                 let s = store.clone();
                 let result = tokio::task::spawn_blocking(move || s.flush())
                     .await
-                    .unwrap_or_else(|e| Err(StoreError::Conflict(format!("flush task failed: {e}"))));
+                    .unwrap_or_else(|e| {
+                        Err(StoreError::Conflict(format!("flush task failed: {e}")))
+                    });
                 done = target;
                 let err = result.err().map(|e| e.to_string());
                 if tx.send((done, err)).is_err() {

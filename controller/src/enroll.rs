@@ -23,18 +23,22 @@ use crate::csr::{CsrError, parse_csr};
 use crate::durability::GroupCommit;
 use crate::store::{AgentRecord, CertRecord, Store, StoreError};
 
-/// Seconds before "now" that a new certificate is already valid (clock skew).
-const BACKDATE_SECS: i64 = 300;
+/// Longest time before "now" that a new certificate is already valid (clock skew).
+const MAX_BACKDATE_SECS: i64 = 300;
 
 /// Why a join or renewal was refused.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EnrollError {
     /// Unknown token id or wrong secret (not told apart, on purpose).
-    #[error("join token is not valid: unknown token or wrong secret; create a new one with `causewayctl token create`")]
+    #[error(
+        "join token is not valid: unknown token or wrong secret; create a new one with `causewayctl token create`"
+    )]
     TokenInvalid,
     /// The token expired.
-    #[error("join token {id} expired at {expired_at} (Unix time); create a new one with `causewayctl token create`")]
+    #[error(
+        "join token {id} expired at {expired_at} (Unix time); create a new one with `causewayctl token create`"
+    )]
     TokenExpired {
         /// Token id.
         id: String,
@@ -42,7 +46,9 @@ pub enum EnrollError {
         expired_at: i64,
     },
     /// No uses left.
-    #[error("join token {0} has already been used; create a new one, or pass --uses N for a reusable token")]
+    #[error(
+        "join token {0} has already been used; create a new one, or pass --uses N for a reusable token"
+    )]
     TokenSpent(String),
     /// Caller outside the allowed networks.
     #[error("join from {address} refused: the {what} allows only {allowed}")]
@@ -127,7 +133,10 @@ pub fn random_hex(len: usize) -> String {
 }
 
 fn join_nets(nets: &[IpNet]) -> String {
-    nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    nets.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Issues certificates for joins and renewals.
@@ -169,6 +178,12 @@ impl Enroller {
 
     fn ttl_secs(&self) -> i64 {
         i64::try_from(self.cert_ttl.as_secs()).unwrap_or(i64::MAX / 4)
+    }
+
+    /// How far back `not_before` goes: covers clock skew without eating much of a
+    /// short lifetime (at most 5 minutes, at most 1/20 of the lifetime).
+    fn backdate(&self) -> i64 {
+        (self.ttl_secs() / 20).min(MAX_BACKDATE_SECS)
     }
 
     /// Enrolls a new agent with a join token.
@@ -219,7 +234,7 @@ impl Enroller {
         let not_after = now + self.ttl_secs();
         let (der, serial) = self
             .ca
-            .issue_workload(&key, &id, now - BACKDATE_SECS, not_after)?;
+            .issue_workload(&key, &id, now - self.backdate(), not_after)?;
         let hostname: String = req
             .hostname
             .chars()
@@ -244,7 +259,7 @@ impl Enroller {
             serial,
             agent_id: agent.id.clone(),
             spiffe_id: agent.spiffe_id.clone(),
-            not_before: now - BACKDATE_SECS,
+            not_before: now - self.backdate(),
             not_after,
             reason: "join".into(),
         };
@@ -284,14 +299,14 @@ impl Enroller {
             .map_err(|_| EnrollError::UnknownCertificate(serial.clone()))?;
         let now = now_unix();
         let not_after = now + self.ttl_secs();
-        let (der, new_serial) = self
-            .ca
-            .issue_workload(&key, &id, now - BACKDATE_SECS, not_after)?;
+        let (der, new_serial) =
+            self.ca
+                .issue_workload(&key, &id, now - self.backdate(), not_after)?;
         let cert = CertRecord {
             serial: new_serial,
             agent_id: agent.id.clone(),
             spiffe_id: agent.spiffe_id.clone(),
-            not_before: now - BACKDATE_SECS,
+            not_before: now - self.backdate(),
             not_after,
             reason: "renew".into(),
         };

@@ -44,7 +44,10 @@ struct Args {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     logging::init("info");
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -126,11 +129,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot set permissions on {}", cfg.data_dir.display()))?;
     let store_dir = cfg.data_dir.join("store");
-    let store: Arc<dyn Store> = Arc::new(
-        SledStore::open(&store_dir)
-            .with_context(|| format!("cannot open the store at {} (is another controller using this data dir?)", store_dir.display()))?,
-    );
-    let ca = Arc::new(Ca::load_or_create(store.as_ref(), &cfg.ca, &td, now_unix())?);
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&store_dir).with_context(|| {
+        format!(
+            "cannot open the store at {} (is another controller using this data dir?)",
+            store_dir.display()
+        )
+    })?);
+    let ca = Arc::new(Ca::load_or_create(
+        store.as_ref(),
+        &cfg.ca,
+        &td,
+        now_unix(),
+    )?);
     tracing::info!(fingerprint = %hex(&ca.fingerprint()), mode = ca.mode(), trust_domain = %td, "CA ready");
     let credential = admin_credential(&cfg.data_dir)?;
 
@@ -144,7 +154,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let tcp = tokio::net::TcpListener::bind(cfg.admin.listen)
         .await
-        .with_context(|| format!("cannot listen on {} for the admin API (set admin.listen or --admin-listen)", cfg.admin.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for the admin API (set admin.listen or --admin-listen)",
+                cfg.admin.listen
+            )
+        })?;
     let admin_addr = tcp.local_addr()?;
     let state = AdminState {
         store: store.clone(),
@@ -164,17 +179,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
             (Some(cert), Some(key)) => {
                 let listener = TlsListener::new(
                     tcp,
-                    &std::fs::read_to_string(cert).with_context(|| format!("cannot read admin.tls_cert {}", cert.display()))?,
-                    &std::fs::read_to_string(key).with_context(|| format!("cannot read admin.tls_key {}", key.display()))?,
+                    &std::fs::read_to_string(cert).with_context(|| {
+                        format!("cannot read admin.tls_cert {}", cert.display())
+                    })?,
+                    &std::fs::read_to_string(key)
+                        .with_context(|| format!("cannot read admin.tls_key {}", key.display()))?,
                 )?;
-                tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await })
+                tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(shutdown)
+                        .await
+                })
             }
-            _ => tokio::spawn(async move { axum::serve(tcp, app).with_graceful_shutdown(shutdown).await }),
+            _ => {
+                tokio::spawn(
+                    async move { axum::serve(tcp, app).with_graceful_shutdown(shutdown).await },
+                )
+            }
         }
     };
-    let scheme = if cfg.admin.tls_cert.is_some() { "https" } else { "http" };
+    let scheme = if cfg.admin.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
 
-    let enroller = Arc::new(Enroller::new(store.clone(), ca.clone(), cfg.ca.workload_cert_ttl));
+    let enroller = Arc::new(Enroller::new(
+        store.clone(),
+        ca.clone(),
+        cfg.ca.workload_cert_ttl,
+    ));
     let control = Arc::new(control);
     let control_task = {
         let control = control.clone();

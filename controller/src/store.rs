@@ -195,7 +195,12 @@ pub trait Store: Send + Sync + 'static {
         cert: &CertRecord,
     ) -> Result<(), StoreError>;
     /// Atomically records a renewal (refused if the agent was removed meanwhile).
-    fn commit_renewal(&self, agent_id: &str, cert: &CertRecord, now: i64) -> Result<AgentRecord, StoreError>;
+    fn commit_renewal(
+        &self,
+        agent_id: &str,
+        cert: &CertRecord,
+        now: i64,
+    ) -> Result<AgentRecord, StoreError>;
     /// One agent.
     fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError>;
     /// All agents, removed ones included.
@@ -229,7 +234,11 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records serialize")
 }
 
-fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+fn decode<T: DeserializeOwned>(
+    tree: &'static str,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         tree,
         key: String::from_utf8_lossy(key).into_owned(),
@@ -291,7 +300,8 @@ impl SledStore {
         // Version 0 is an empty store; migrations from older versions go here, one
         // step per version, each in its own transaction.
         if found < SCHEMA_VERSION {
-            self.meta.insert(b"schema_version", encode(&SCHEMA_VERSION))?;
+            self.meta
+                .insert(b"schema_version", encode(&SCHEMA_VERSION))?;
             self.db.flush()?;
         }
         Ok(())
@@ -307,18 +317,28 @@ impl Store for SledStore {
     }
 
     fn init_ca(&self, ca: &CaRecord) -> Result<CaRecord, StoreError> {
-        match self.ca.compare_and_swap(CA_KEY, None::<&[u8]>, Some(encode(ca)))? {
+        match self
+            .ca
+            .compare_and_swap(CA_KEY, None::<&[u8]>, Some(encode(ca)))?
+        {
             Ok(()) => {
                 self.db.flush()?;
                 Ok(ca.clone())
             }
-            Err(existing) => decode("ca", CA_KEY, &existing.current.expect("present on conflict")),
+            Err(existing) => decode(
+                "ca",
+                CA_KEY,
+                &existing.current.expect("present on conflict"),
+            ),
         }
     }
 
     fn create_group(&self, group: &GroupRecord) -> Result<(), StoreError> {
         let key = group.group.name.as_bytes();
-        match self.groups.compare_and_swap(key, None::<&[u8]>, Some(encode(group)))? {
+        match self
+            .groups
+            .compare_and_swap(key, None::<&[u8]>, Some(encode(group)))?
+        {
             Ok(()) => Ok(()),
             Err(_) => Err(StoreError::Exists {
                 kind: "group",
@@ -383,30 +403,37 @@ impl Store for SledStore {
         agent: &AgentRecord,
         cert: &CertRecord,
     ) -> Result<(), StoreError> {
-        txn((&self.tokens, &self.agents, &self.certs).transaction(|(tokens, agents, certs)| {
-            let key = token_id.as_bytes();
-            let Some(raw) = tokens.get(key)? else {
-                return abort(StoreError::NotFound {
-                    kind: "join token",
-                    name: token_id.to_owned(),
-                });
-            };
-            let mut token: TokenRecord = match decode("tokens", key, &raw) {
-                Ok(t) => t,
-                Err(e) => return abort(e),
-            };
-            if token.uses_left == 0 {
-                return abort(StoreError::TokenSpent(token_id.to_owned()));
-            }
-            token.uses_left -= 1;
-            tokens.insert(key, encode(&token))?;
-            agents.insert(agent.id.as_bytes(), encode(agent))?;
-            certs.insert(cert.serial.as_bytes(), encode(cert))?;
-            Ok(())
-        }))
+        txn(
+            (&self.tokens, &self.agents, &self.certs).transaction(|(tokens, agents, certs)| {
+                let key = token_id.as_bytes();
+                let Some(raw) = tokens.get(key)? else {
+                    return abort(StoreError::NotFound {
+                        kind: "join token",
+                        name: token_id.to_owned(),
+                    });
+                };
+                let mut token: TokenRecord = match decode("tokens", key, &raw) {
+                    Ok(t) => t,
+                    Err(e) => return abort(e),
+                };
+                if token.uses_left == 0 {
+                    return abort(StoreError::TokenSpent(token_id.to_owned()));
+                }
+                token.uses_left -= 1;
+                tokens.insert(key, encode(&token))?;
+                agents.insert(agent.id.as_bytes(), encode(agent))?;
+                certs.insert(cert.serial.as_bytes(), encode(cert))?;
+                Ok(())
+            }),
+        )
     }
 
-    fn commit_renewal(&self, agent_id: &str, cert: &CertRecord, now: i64) -> Result<AgentRecord, StoreError> {
+    fn commit_renewal(
+        &self,
+        agent_id: &str,
+        cert: &CertRecord,
+        now: i64,
+    ) -> Result<AgentRecord, StoreError> {
         txn((&self.agents, &self.certs).transaction(|(agents, certs)| {
             let key = agent_id.as_bytes();
             let Some(raw) = agents.get(key)? else {
@@ -532,10 +559,18 @@ mod tests {
             let s = SledStore::open(dir.path()).unwrap();
             s.create_token(&token("t", 1)).unwrap();
             s.commit_join("t", &agent("a1"), &cert("s1", "a1")).unwrap();
-            let err = s.commit_join("t", &agent("a2"), &cert("s2", "a2")).unwrap_err();
+            let err = s
+                .commit_join("t", &agent("a2"), &cert("s2", "a2"))
+                .unwrap_err();
             assert!(matches!(err, StoreError::TokenSpent(_)), "{err}");
-            assert!(s.agent("a2").unwrap().is_none(), "a failed join leaves no agent");
-            assert!(s.cert("s2").unwrap().is_none(), "a failed join leaves no cert");
+            assert!(
+                s.agent("a2").unwrap().is_none(),
+                "a failed join leaves no agent"
+            );
+            assert!(
+                s.cert("s2").unwrap().is_none(),
+                "a failed join leaves no cert"
+            );
             s.flush().unwrap();
         }
         let s = SledStore::open(dir.path()).unwrap();
@@ -584,7 +619,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = SledStore::open(dir.path()).unwrap();
-            s.meta.insert(b"schema_version", encode(&(SCHEMA_VERSION + 1))).unwrap();
+            s.meta
+                .insert(b"schema_version", encode(&(SCHEMA_VERSION + 1)))
+                .unwrap();
             s.flush().unwrap();
         }
         let err = SledStore::open(dir.path()).err().unwrap();

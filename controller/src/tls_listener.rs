@@ -29,7 +29,9 @@ impl TlsListener {
         let key = crate::ca::pem_text_blocks(key_pem, "PRIVATE KEY")
             .into_iter()
             .next()
-            .ok_or_else(|| anyhow::anyhow!("admin.tls_key holds no PEM PRIVATE KEY (PKCS#8) block"))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!("admin.tls_key holds no PEM PRIVATE KEY (PKCS#8) block")
+            })?;
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.into());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
@@ -49,11 +51,15 @@ impl TlsListener {
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                        .await
+                    {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "admin TLS handshake failed"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "admin TLS handshake failed")
+                        }
                         Err(_) => tracing::debug!(%peer, "admin TLS handshake timed out"),
                     }
                 });

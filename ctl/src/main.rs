@@ -16,7 +16,12 @@ const DEFAULT_TOKEN_FILE: &str = "/var/lib/causeway/controller/admin.token";
 #[command(version, about)]
 struct Cli {
     /// Admin API of the controller.
-    #[arg(long, global = true, env = "CAUSEWAY_CONTROLLER", default_value = "http://127.0.0.1:15080")]
+    #[arg(
+        long,
+        global = true,
+        env = "CAUSEWAY_CONTROLLER",
+        default_value = "http://127.0.0.1:15080"
+    )]
     controller: String,
     /// File holding the admin credential (default: the controller's data dir).
     #[arg(long, global = true, env = "CAUSEWAY_ADMIN_TOKEN_FILE")]
@@ -166,10 +171,12 @@ impl Api {
             .to_owned();
         let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
         if let Some(ca) = &cli.ca_file {
-            let pem = std::fs::read(ca).with_context(|| format!("cannot read --ca-file {}", ca.display()))?;
-            builder = builder.add_root_certificate(
-                reqwest::Certificate::from_pem(&pem).with_context(|| format!("--ca-file {} is not a PEM certificate", ca.display()))?,
-            );
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("cannot read --ca-file {}", ca.display()))?;
+            builder =
+                builder.add_root_certificate(reqwest::Certificate::from_pem(&pem).with_context(
+                    || format!("--ca-file {} is not a PEM certificate", ca.display()),
+                )?);
         }
         Ok(Self {
             base: cli.controller.trim_end_matches('/').to_owned(),
@@ -178,9 +185,17 @@ impl Api {
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method, &url).bearer_auth(&self.credential);
+        let mut req = self
+            .http
+            .request(method, &url)
+            .bearer_auth(&self.credential);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -195,7 +210,11 @@ impl Api {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
         if !status.is_success() {
-            let msg = value.get("error").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| value.to_string());
+            let msg = value
+                .get("error")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or_else(|| value.to_string());
             bail!("{msg} (HTTP {})", status.as_u16());
         }
         Ok(value)
@@ -213,7 +232,12 @@ fn s(v: &Value, k: &str) -> String {
 fn time(v: &Value, k: &str) -> String {
     v.get(k)
         .and_then(Value::as_i64)
-        .map(|t| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t.max(0).unsigned_abs())).to_string())
+        .map(|t| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_secs(t.max(0).unsigned_abs()),
+            )
+            .to_string()
+        })
         .unwrap_or_else(|| "-".into())
 }
 
@@ -245,7 +269,10 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
 
 fn print(output: Output, value: &Value, text: impl FnOnce(&Value) -> String) {
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(value).unwrap_or_default()),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        ),
         Output::Text => print!("{}", text(value)),
     }
 }
@@ -253,17 +280,33 @@ fn print(output: Output, value: &Value, text: impl FnOnce(&Value) -> String) {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     use reqwest::Method;
     if let Command::Completions { shell } = &cli.command {
-        clap_complete::generate(*shell, &mut Cli::command(), "causewayctl", &mut std::io::stdout());
+        clap_complete::generate(
+            *shell,
+            &mut Cli::command(),
+            "causewayctl",
+            &mut std::io::stdout(),
+        );
         return Ok(());
     }
     let api = Api::new(&cli)?;
     let out = cli.output;
     match &cli.command {
         Command::Completions { .. } => unreachable!("handled above"),
-        Command::Group(GroupCmd::Create { name, namespace, service_account, service, ports, labels, cidrs, mtls }) => {
+        Command::Group(GroupCmd::Create {
+            name,
+            namespace,
+            service_account,
+            service,
+            ports,
+            labels,
+            cidrs,
+            mtls,
+        }) => {
             let mut label_map = serde_json::Map::new();
             for l in labels {
-                let (k, v) = l.split_once('=').with_context(|| format!("label {l:?} must be KEY=VALUE"))?;
+                let (k, v) = l
+                    .split_once('=')
+                    .with_context(|| format!("label {l:?} must be KEY=VALUE"))?;
                 label_map.insert(k.to_owned(), Value::String(v.to_owned()));
             }
             let body = json!({
@@ -271,27 +314,75 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "service": service, "ports": ports, "labels": label_map, "allowed_cidrs": cidrs, "mtls": mtls,
             });
             let v = api.call(Method::POST, "/v1/groups", Some(body)).await?;
-            print(out, &v, |v| format!("group {} created (namespace {}, service account {})\n", s(v, "name"), s(v, "namespace"), s(v, "service_account")));
+            print(out, &v, |v| {
+                format!(
+                    "group {} created (namespace {}, service account {})\n",
+                    s(v, "name"),
+                    s(v, "namespace"),
+                    s(v, "service_account")
+                )
+            });
         }
         Command::Group(GroupCmd::List) => {
             let v = api.call(Method::GET, "/v1/groups", None).await?;
             print(out, &v, |v| {
-                let rows = v.as_array().into_iter().flatten().map(|g| {
-                    let ports = g.get("ports").and_then(Value::as_array).map(|ps| ps.iter().map(|p| format!("{}:{}", s(p, "name"), s(p, "port"))).collect::<Vec<_>>().join(",")).unwrap_or_default();
-                    vec![s(g, "name"), s(g, "namespace"), s(g, "service_account"), s(g, "service"), ports, s(g, "mtls")]
-                }).collect();
-                table(&["NAME", "NAMESPACE", "SERVICE ACCOUNT", "SERVICE", "PORTS", "MTLS"], rows)
+                let rows = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|g| {
+                        let ports = g
+                            .get("ports")
+                            .and_then(Value::as_array)
+                            .map(|ps| {
+                                ps.iter()
+                                    .map(|p| format!("{}:{}", s(p, "name"), s(p, "port")))
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            })
+                            .unwrap_or_default();
+                        vec![
+                            s(g, "name"),
+                            s(g, "namespace"),
+                            s(g, "service_account"),
+                            s(g, "service"),
+                            ports,
+                            s(g, "mtls"),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "NAME",
+                        "NAMESPACE",
+                        "SERVICE ACCOUNT",
+                        "SERVICE",
+                        "PORTS",
+                        "MTLS",
+                    ],
+                    rows,
+                )
             });
         }
         Command::Group(GroupCmd::Show { name }) => {
-            let v = api.call(Method::GET, &format!("/v1/groups/{name}"), None).await?;
-            print(out, &v, |v| format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default()));
+            let v = api
+                .call(Method::GET, &format!("/v1/groups/{name}"), None)
+                .await?;
+            print(out, &v, |v| {
+                format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default())
+            });
         }
         Command::Group(GroupCmd::Delete { name }) => {
-            api.call(Method::DELETE, &format!("/v1/groups/{name}"), None).await?;
+            api.call(Method::DELETE, &format!("/v1/groups/{name}"), None)
+                .await?;
             eprintln!("group {name} deleted");
         }
-        Command::Token(TokenCmd::Create { group, ttl, uses, cidrs }) => {
+        Command::Token(TokenCmd::Create {
+            group,
+            ttl,
+            uses,
+            cidrs,
+        }) => {
             let body = json!({
                 "group": group, "ttl_secs": ttl.map(|d| Duration::from(d).as_secs()), "uses": uses, "cidrs": cidrs,
             });
@@ -301,38 +392,96 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("{}", s(&v, "token"));
                 if std::io::stderr().is_terminal() {
-                    eprintln!("token {} for group {}: {} use(s), expires {}", s(&v, "id"), s(&v, "group"), s(&v, "uses"), time(&v, "expires_at"));
+                    eprintln!(
+                        "token {} for group {}: {} use(s), expires {}",
+                        s(&v, "id"),
+                        s(&v, "group"),
+                        s(&v, "uses"),
+                        time(&v, "expires_at")
+                    );
                 }
             }
         }
         Command::Token(TokenCmd::List) => {
             let v = api.call(Method::GET, "/v1/tokens", None).await?;
             print(out, &v, |v| {
-                let rows = v.as_array().into_iter().flatten().map(|t| vec![s(t, "id"), s(t, "group"), format!("{}/{}", s(t, "uses_left"), s(t, "uses_total")), time(t, "expires_at")]).collect();
+                let rows = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|t| {
+                        vec![
+                            s(t, "id"),
+                            s(t, "group"),
+                            format!("{}/{}", s(t, "uses_left"), s(t, "uses_total")),
+                            time(t, "expires_at"),
+                        ]
+                    })
+                    .collect();
                 table(&["ID", "GROUP", "USES LEFT", "EXPIRES"], rows)
             });
         }
         Command::Agent(AgentCmd::List) => {
             let v = api.call(Method::GET, "/v1/agents", None).await?;
             print(out, &v, |v| {
-                let rows = v.as_array().into_iter().flatten().map(|a| vec![
-                    s(a, "id"), s(a, "identity"), s(a, "hostname"), s(a, "address"), time(a, "not_after"),
-                    if a.get("removed").and_then(Value::as_bool) == Some(true) { "removed".into() } else { "active".into() },
-                ]).collect();
-                table(&["ID", "IDENTITY", "HOST", "ADDRESS", "CERT EXPIRES", "STATE"], rows)
+                let rows = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|a| {
+                        vec![
+                            s(a, "id"),
+                            s(a, "identity"),
+                            s(a, "hostname"),
+                            s(a, "address"),
+                            time(a, "not_after"),
+                            if a.get("removed").and_then(Value::as_bool) == Some(true) {
+                                "removed".into()
+                            } else {
+                                "active".into()
+                            },
+                        ]
+                    })
+                    .collect();
+                table(
+                    &["ID", "IDENTITY", "HOST", "ADDRESS", "CERT EXPIRES", "STATE"],
+                    rows,
+                )
             });
         }
         Command::Agent(AgentCmd::Show { id }) => {
-            let v = api.call(Method::GET, &format!("/v1/agents/{id}"), None).await?;
-            print(out, &v, |v| format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default()));
+            let v = api
+                .call(Method::GET, &format!("/v1/agents/{id}"), None)
+                .await?;
+            print(out, &v, |v| {
+                format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default())
+            });
         }
         Command::Agent(AgentCmd::Remove { id }) => {
-            let v = api.call(Method::DELETE, &format!("/v1/agents/{id}"), None).await?;
-            print(out, &v, |v| format!("agent {} removed; its certificate ({}) will not be renewed\n", s(v, "id"), s(v, "serial")));
+            let v = api
+                .call(Method::DELETE, &format!("/v1/agents/{id}"), None)
+                .await?;
+            print(out, &v, |v| {
+                format!(
+                    "agent {} removed; its certificate ({}) will not be renewed\n",
+                    s(v, "id"),
+                    s(v, "serial")
+                )
+            });
         }
         Command::Ca(CaCmd::Show) => {
             let v = api.call(Method::GET, "/v1/ca", None).await?;
-            print(out, &v, |v| format!("fingerprint:  {}\nmode:         {}\ntrust domain: {}\nroots:        {}\n", s(v, "fingerprint"), s(v, "mode"), s(v, "trust_domain"), v.get("trust_bundle_pem").and_then(Value::as_array).map_or(0, Vec::len)));
+            print(out, &v, |v| {
+                format!(
+                    "fingerprint:  {}\nmode:         {}\ntrust domain: {}\nroots:        {}\n",
+                    s(v, "fingerprint"),
+                    s(v, "mode"),
+                    s(v, "trust_domain"),
+                    v.get("trust_bundle_pem")
+                        .and_then(Value::as_array)
+                        .map_or(0, Vec::len)
+                )
+            });
         }
     }
     Ok(())
@@ -341,7 +490,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: {e}");

@@ -62,7 +62,9 @@ pub enum ClientError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
     /// The host already joined.
-    #[error("this host already joined as agent {agent_id} ({spiffe_id}) in {dir}; pass --force to join again with a new key")]
+    #[error(
+        "this host already joined as agent {agent_id} ({spiffe_id}) in {dir}; pass --force to join again with a new key"
+    )]
     AlreadyJoined {
         /// Existing agent id.
         agent_id: String,
@@ -89,10 +91,12 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, ClientError> {
-    let resolved = tokio::net::lookup_host(addr).await.map_err(|e| ClientError::Resolve {
-        addr: addr.to_owned(),
-        message: e.to_string(),
-    })?;
+    let resolved = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| ClientError::Resolve {
+            addr: addr.to_owned(),
+            message: e.to_string(),
+        })?;
     let all: Vec<SocketAddr> = resolved.collect();
     all.iter()
         .find(|a| a.is_ipv4())
@@ -148,20 +152,32 @@ async fn connect(
 /// Turns a QUIC/TLS failure into advice.
 fn explain(e: &quinn::ConnectionError) -> String {
     let text = e.to_string();
-    if text.contains("UnknownCA") || text.contains("unknown ca") || text.contains("BadCertificate") || text.contains("bad certificate") {
-        format!("{text}: the controller does not accept this host's certificate (issued by another CA?); re-join with a new token")
-    } else if text.contains("CertificateExpired") || text.contains("certificate expired") {
+    if text.contains("CertificateExpired")
+        || text.contains("certificate expired")
+        || text.contains("Expired")
+    {
         format!("{text}: this host's certificate has expired; re-join with a new token")
+    } else if [
+        "UnknownCA",
+        "unknown ca",
+        "BadCertificate",
+        "bad certificate",
+        "invalid peer certificate",
+        "UnknownIssuer",
+    ]
+    .iter()
+    .any(|p| text.contains(p))
+    {
+        format!(
+            "{text}: the controller does not accept this host's certificate (issued by another CA?); re-join with a new token"
+        )
     } else {
         text
     }
 }
 
 /// Sends one request on its own stream and reads the answer.
-pub async fn request(
-    conn: &quinn::Connection,
-    req: &ClientRequest,
-) -> Result<Issued, ClientError> {
+pub async fn request(conn: &quinn::Connection, req: &ClientRequest) -> Result<Issued, ClientError> {
     let addr = conn.remote_address().to_string();
     let proto = |message: String| ClientError::Protocol {
         addr: addr.clone(),
@@ -180,9 +196,21 @@ pub async fn request(
         wire::decode_frame::<ServerResponse>(&buf, wire::MAX_RESPONSE_FRAME)
             .map_err(|e| proto(e.to_string()))
     };
-    let resp = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-        .await
-        .map_err(|_| proto(format!("no answer within {}s", REQUEST_TIMEOUT.as_secs())))??;
+    let resp = match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+        Err(_) => {
+            return Err(proto(format!(
+                "no answer within {}s",
+                REQUEST_TIMEOUT.as_secs()
+            )));
+        }
+        // In TLS 1.3 the server judges the client certificate after the client thinks the
+        // handshake is done: the reason arrives as the connection's close reason.
+        Ok(Err(e)) => match conn.close_reason() {
+            Some(reason) => return Err(proto(explain(&reason))),
+            None => return Err(e),
+        },
+        Ok(Ok(r)) => r,
+    };
     match resp.kind {
         Some(server_response::Kind::Issued(i)) => Ok(i),
         Some(server_response::Kind::Error(e)) => Err(ClientError::Refused {
@@ -220,18 +248,7 @@ pub async fn join(
     }
     state.ensure()?;
     let (key, csr_der) = new_key_and_csr()?;
-    let pinned = Arc::new(PinnedCa::new(token.ca_fingerprint, provider()));
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ClientError::Protocol {
-            addr: token.controller.clone(),
-            message: e.to_string(),
-        })?
-        .dangerous()
-        .with_custom_certificate_verifier(pinned.clone())
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let conn = connect(&token.controller, tls, Some(&pinned)).await?;
+    let conn = connect_pinned(token).await?;
     let req = ClientRequest {
         kind: Some(client_request::Kind::Join(JoinRequest {
             token_id: token.id.clone(),
@@ -258,6 +275,23 @@ pub async fn join(
     Ok(state.load()?)
 }
 
+/// Opens a server-authenticated connection to the controller named by `token`, pinning
+/// the token's CA fingerprint.
+pub async fn connect_pinned(token: &JoinToken) -> Result<quinn::Connection, ClientError> {
+    let pinned = Arc::new(PinnedCa::new(token.ca_fingerprint, provider()));
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Protocol {
+            addr: token.controller.clone(),
+            message: e.to_string(),
+        })?
+        .dangerous()
+        .with_custom_certificate_verifier(pinned.clone())
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    connect(&token.controller, tls, Some(&pinned)).await
+}
+
 /// Opens a mutual-TLS connection to the controller with the current identity.
 pub async fn connect_mtls(
     identity: &Identity,
@@ -265,12 +299,12 @@ pub async fn connect_mtls(
 ) -> Result<quinn::Connection, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     for der in &identity.bundle_der {
-        roots
-            .add(CertificateDer::from(der.clone()))
-            .map_err(|e| ClientError::Identity(IdentityError::Invalid {
+        roots.add(CertificateDer::from(der.clone())).map_err(|e| {
+            ClientError::Identity(IdentityError::Invalid {
                 path: "bundle.pem".into(),
                 message: e.to_string(),
-            }))?;
+            })
+        })?;
     }
     let chain: Vec<CertificateDer<'static>> = identity
         .chain_der
@@ -287,13 +321,17 @@ pub async fn connect_mtls(
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .and_then(|b| {
-            b.with_root_certificates(roots)
-                .with_client_auth_cert(chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)))
+            b.with_root_certificates(roots).with_client_auth_cert(
+                chain,
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
+            )
         })
-        .map_err(|e| ClientError::Identity(IdentityError::Invalid {
-            path: "cert.pem".into(),
-            message: e.to_string(),
-        }))?;
+        .map_err(|e| {
+            ClientError::Identity(IdentityError::Invalid {
+                path: "cert.pem".into(),
+                message: e.to_string(),
+            })
+        })?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     connect(controller, tls, None).await
 }

@@ -100,10 +100,16 @@ impl AgentConfig {
         let mut errors = Vec::new();
         let id = &self.identity;
         if !(id.renew_at > 0.0 && id.renew_at < 1.0) {
-            errors.push(format!("identity.renew_at = {}: must be between 0 and 1 (0.5 renews at half the lifetime)", id.renew_at));
+            errors.push(format!(
+                "identity.renew_at = {}: must be between 0 and 1 (0.5 renews at half the lifetime)",
+                id.renew_at
+            ));
         }
         if !(0.0..=0.4).contains(&id.jitter) {
-            errors.push(format!("identity.jitter = {}: must be between 0 and 0.4", id.jitter));
+            errors.push(format!(
+                "identity.jitter = {}: must be between 0 and 0.4",
+                id.jitter
+            ));
         } else if id.renew_at - id.jitter <= 0.0 || id.renew_at + id.jitter >= 1.0 {
             errors.push(format!(
                 "identity.renew_at ± jitter = {}..{}: must stay inside 0..1",
@@ -121,7 +127,9 @@ impl AgentConfig {
         if let Some(c) = &self.controller
             && !c.contains(':')
         {
-            errors.push(format!("controller = {c:?}: must be host:port, e.g. \"10.0.0.5:15012\""));
+            errors.push(format!(
+                "controller = {c:?}: must be host:port, e.g. \"10.0.0.5:15012\""
+            ));
         }
         if errors.is_empty() {
             Ok(())
@@ -166,7 +174,8 @@ mod tests {
             "controller = \"nohost\"\n[identity]\nrenew_at = 1.5\nretry_min = \"10m\"\nretry_max = \"1m\"\n",
         )
         .unwrap();
-        let ConfigError::Invalid(errors) = AgentConfig::load(&p).unwrap().validate().unwrap_err() else {
+        let ConfigError::Invalid(errors) = AgentConfig::load(&p).unwrap().validate().unwrap_err()
+        else {
             panic!()
         };
         assert_eq!(errors.len(), 4, "{errors:#?}");

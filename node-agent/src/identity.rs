@@ -197,10 +197,12 @@ impl StateDir {
     fn recover(&self) -> Result<(), IdentityError> {
         let (key_next, cert_next) = (self.file("key.pem.next"), self.file("cert.pem.next"));
         if key_next.exists() && cert_next.exists() {
-            std::fs::rename(&key_next, self.file(KEY_FILE)).map_err(io("cannot rename", &key_next))?;
+            std::fs::rename(&key_next, self.file(KEY_FILE))
+                .map_err(io("cannot rename", &key_next))?;
         }
         if cert_next.exists() && !key_next.exists() {
-            std::fs::rename(&cert_next, self.file(CERT_FILE)).map_err(io("cannot rename", &cert_next))?;
+            std::fs::rename(&cert_next, self.file(CERT_FILE))
+                .map_err(io("cannot rename", &cert_next))?;
         }
         Ok(())
     }
@@ -231,11 +233,16 @@ impl StateDir {
             return Err(invalid(BUNDLE_FILE, "no certificate".into()));
         }
         let facts = cert_facts(leaf).map_err(|m| invalid(CERT_FILE, m))?;
-        let key = rcgen::KeyPair::from_pem(&key_pem).map_err(|e| invalid(KEY_FILE, e.to_string()))?;
+        let key =
+            rcgen::KeyPair::from_pem(&key_pem).map_err(|e| invalid(KEY_FILE, e.to_string()))?;
         let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
             .map_err(|e| invalid(CERT_FILE, e.to_string()))?;
-        if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
-            return Err(invalid(KEY_FILE, "the key does not belong to cert.pem".into()));
+        if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        {
+            return Err(invalid(
+                KEY_FILE,
+                "the key does not belong to cert.pem".into(),
+            ));
         }
         Ok(Identity {
             info,
@@ -274,7 +281,8 @@ impl StateDir {
         let info_json = serde_json::to_vec_pretty(info).expect("serializable");
         write_atomic(&self.file(AGENT_FILE), &info_json, 0o644)?;
         std::fs::rename(&key_next, self.file(KEY_FILE)).map_err(io("cannot rename", &key_next))?;
-        std::fs::rename(&cert_next, self.file(CERT_FILE)).map_err(io("cannot rename", &cert_next))?;
+        std::fs::rename(&cert_next, self.file(CERT_FILE))
+            .map_err(io("cannot rename", &cert_next))?;
         Ok(())
     }
 }
@@ -288,8 +296,19 @@ mod tests {
         let (_key, csr) = new_key_and_csr().unwrap();
         let (_, parsed) =
             <x509_parser::certification_request::X509CertificationRequest<'_> as x509_parser::prelude::FromDer<'_, _>>::from_der(&csr).unwrap();
-        assert_eq!(parsed.certification_request_info.subject.iter_attributes().count(), 0);
-        assert!(parsed.requested_extensions().is_none_or(|mut e| e.next().is_none()));
+        assert_eq!(
+            parsed
+                .certification_request_info
+                .subject
+                .iter_attributes()
+                .count(),
+            0
+        );
+        assert!(
+            parsed
+                .requested_extensions()
+                .is_none_or(|mut e| e.next().is_none())
+        );
     }
 
     #[test]

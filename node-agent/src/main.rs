@@ -74,7 +74,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     logging::init("info");
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -121,15 +124,21 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     s
                 }
                 (Some(t), None) => t.to_owned(),
-                (None, None) => anyhow::bail!("give the join token as an argument, with --token-file FILE, or as \"-\" on stdin"),
+                (None, None) => anyhow::bail!(
+                    "give the join token as an argument, with --token-file FILE, or as \"-\" on stdin"
+                ),
             };
             let token = JoinToken::decode(&text)?;
             let state = StateDir::new(state_dir);
-            let id = client::join(&token, &state, &hostname.unwrap_or_else(host_name), force).await?;
+            let id =
+                client::join(&token, &state, &hostname.unwrap_or_else(host_name), force).await?;
             println!("joined as agent {}", id.info.agent_id);
             println!("identity:    {}", id.spiffe_id);
             println!("expires:     {}", fmt_time(id.not_after));
-            println!("state dir:   {} (key.pem stays on this host)", state.path().display());
+            println!(
+                "state dir:   {} (key.pem stays on this host)",
+                state.path().display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { config, state_dir } => {
@@ -142,10 +151,12 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             }
             cfg.validate()?;
             let shutdown = async {
-                let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(t) => t,
-                    Err(_) => return std::future::pending().await,
-                };
+                let mut term =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
+                        Ok(t) => t,
+                        Err(_) => return std::future::pending().await,
+                    };
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
                     _ = term.recv() => {}
@@ -160,7 +171,11 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             let conn = client::connect_mtls(&id, &id.info.controller).await?;
             let new = client::renew(&conn, &state, &id).await?;
             conn.close(0u32.into(), b"done");
-            println!("renewed: serial {} expires {}", new.serial, fmt_time(new.not_after));
+            println!(
+                "renewed: serial {} expires {}",
+                new.serial,
+                fmt_time(new.not_after)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { state_dir, output } => {

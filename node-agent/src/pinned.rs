@@ -53,10 +53,7 @@ impl ServerCertVerifier for PinnedCa {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some(anchor) = intermediates
-            .iter()
-            .find(|c| sha256(c) == self.fingerprint)
-        else {
+        let Some(anchor) = intermediates.iter().find(|c| sha256(c) == self.fingerprint) else {
             let offered: Vec<String> = intermediates.iter().map(|c| hex(&sha256(c))).collect();
             return Err(self.fail(format!(
                 "the controller's CA does not match the join token: the token pins {}, the controller presented {}; the token belongs to another controller (or the controller's CA changed): create a new token on the right controller",
@@ -68,12 +65,17 @@ impl ServerCertVerifier for PinnedCa {
         roots
             .add(anchor.clone().into_owned())
             .map_err(|e| self.fail(format!("pinned CA certificate is unusable: {e}")))?;
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| self.fail(format!("cannot build verifier: {e}")))?;
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| self.fail(format!("cannot build verifier: {e}")))?;
         inner
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-            .map_err(|e| self.fail(format!("the controller's certificate does not verify against the pinned CA: {e}")))
+            .map_err(|e| {
+                self.fail(format!(
+                    "the controller's certificate does not verify against the pinned CA: {e}"
+                ))
+            })
     }
 
     fn verify_tls12_signature(

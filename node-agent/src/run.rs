@@ -71,7 +71,11 @@ struct Backoff {
 
 impl Backoff {
     fn new(min: Duration, max: Duration) -> Self {
-        Self { min, max, current: min }
+        Self {
+            min,
+            max,
+            current: min,
+        }
     }
     fn reset(&mut self) {
         self.current = self.min;
@@ -117,7 +121,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     };
     let id_cfg = cfg.identity.clone();
     let mut backoff = Backoff::new(id_cfg.retry_min, id_cfg.retry_max);
-    let mut renew_at = renewal_time(identity.not_before, identity.not_after, id_cfg.renew_at, id_cfg.jitter, unit_random());
+    let mut renew_at = renewal_time(
+        identity.not_before,
+        identity.not_after,
+        id_cfg.renew_at,
+        id_cfg.jitter,
+        unit_random(),
+    );
     rep.status.next_renewal_at = Some(renew_at);
     rep.write();
     let mut conn: Option<quinn::Connection> = None;
@@ -164,7 +174,19 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                 Ok(new) => {
                     tracing::info!(serial = %new.serial, expires_at = new.not_after, "certificate renewed");
                     identity = new;
-                    renew_at = renewal_time(identity.not_before, identity.not_after, id_cfg.renew_at, id_cfg.jitter, unit_random());
+                    // Never renew again sooner than retry_min, whatever the certificate says.
+                    let earliest = now_unix()
+                        + i64::try_from(id_cfg.retry_min.as_secs())
+                            .unwrap_or(1)
+                            .max(1);
+                    renew_at = renewal_time(
+                        identity.not_before,
+                        identity.not_after,
+                        id_cfg.renew_at,
+                        id_cfg.jitter,
+                        unit_random(),
+                    )
+                    .max(earliest);
                     backoff.reset();
                     rep.status.renewals += 1;
                     rep.status.last_renewal_at = Some(now_unix());
@@ -186,11 +208,18 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                     }
                     rep.status.last_error = Some(e.to_string());
                     rep.write();
-                    if matches!(e, ClientError::Connect { .. } | ClientError::Protocol { .. }) {
+                    if matches!(
+                        e,
+                        ClientError::Connect { .. } | ClientError::Protocol { .. }
+                    ) {
                         c.close(0u32.into(), b"retry");
                         conn = None;
                     }
-                    let wait = if e.is_retryable() { backoff.next() } else { id_cfg.retry_max };
+                    let wait = if e.is_retryable() {
+                        backoff.next()
+                    } else {
+                        id_cfg.retry_max
+                    };
                     tokio::select! {
                         _ = &mut shutdown => break,
                         _ = tokio::time::sleep(wait) => continue,
@@ -226,7 +255,11 @@ mod tests {
         assert_eq!(renewal_time(0, 1000, 0.5, 0.1, 0.5), 500);
         assert_eq!(renewal_time(0, 1000, 0.5, 0.1, 0.0), 400);
         assert!(renewal_time(0, 1000, 0.5, 0.1, 0.999_999) <= 600);
-        assert_eq!(renewal_time(100, 50, 0.5, 0.1, 0.5), 100, "no life left: renew now");
+        assert_eq!(
+            renewal_time(100, 50, 0.5, 0.1, 0.5),
+            100,
+            "no life left: renew now"
+        );
     }
 
     #[test]

@@ -59,7 +59,11 @@ pub fn status(state: &StateDir) -> anyhow::Result<Status> {
         agent_id: id.info.agent_id,
         identity: id.spiffe_id.to_string(),
         group: id.info.group,
-        controller: if run.controller.is_empty() { id.info.controller } else { run.controller },
+        controller: if run.controller.is_empty() {
+            id.info.controller
+        } else {
+            run.controller
+        },
         serial: id.serial,
         expires_at: id.not_after,
         expires_in_secs: id.not_after - now,
@@ -75,9 +79,19 @@ pub fn status(state: &StateDir) -> anyhow::Result<Status> {
 /// Human-readable form.
 pub fn render(s: &Status) -> String {
     let left = if s.expires_in_secs >= 0 {
-        format!("in {}", humantime::format_duration(std::time::Duration::from_secs(s.expires_in_secs.unsigned_abs())))
+        format!(
+            "in {}",
+            humantime::format_duration(std::time::Duration::from_secs(
+                s.expires_in_secs.unsigned_abs()
+            ))
+        )
     } else {
-        format!("EXPIRED {} ago: re-join with a new token", humantime::format_duration(std::time::Duration::from_secs(s.expires_in_secs.unsigned_abs())))
+        format!(
+            "EXPIRED {} ago: re-join with a new token",
+            humantime::format_duration(std::time::Duration::from_secs(
+                s.expires_in_secs.unsigned_abs()
+            ))
+        )
     };
     let mut out = format!(
         "agent:       {}\nidentity:    {}\ngroup:       {}\ncontroller:  {} ({})\ncertificate: serial {}, expires {} ({left})\n",
@@ -91,11 +105,17 @@ pub fn render(s: &Status) -> String {
             (true, false) => "NOT connected",
         },
         s.serial,
-        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.expires_at.max(0).unsigned_abs())),
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(s.expires_at.max(0).unsigned_abs())
+        ),
     );
     out.push_str(&format!(
         "config:      {}\n",
-        s.config_version.map_or("no config pushed yet".to_owned(), |v| format!("version {v}"))
+        s.config_version
+            .map_or("no config pushed yet".to_owned(), |v| format!(
+                "version {v}"
+            ))
     ));
     if let Some(e) = &s.last_error {
         out.push_str(&format!("last error:  {e}\n"));

@@ -1,1 +1,360 @@
-//! placeholder
+//! Support for Causeway's end-to-end tests: start the real binaries on `127.0.0.1:0`,
+//! drive them through `causewayctl`, and read what they wrote.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`); [`bin`] finds
+//! them next to the test executable, or in `$CAUSEWAY_BIN_DIR`.
+
+#![allow(
+    clippy::disallowed_methods,
+    reason = "blocking test support code: sleeping while polling is intended"
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of a workspace binary.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("CAUSEWAY_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("test executable path");
+            // target/debug/deps/<test> → target/debug
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .to_owned()
+        });
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the binaries first with `cargo build --workspace --bins` (or set CAUSEWAY_BIN_DIR)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Text of a command's output, for assertion messages.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Sends SIGTERM to a child.
+pub fn terminate(child: &Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY-free: libc::kill through a safe wrapper is not available; use the kill command.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+    }
+}
+
+/// A controller process on ephemeral ports with its own data directory.
+pub struct Controller {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+    /// Admin API base URL.
+    pub admin: String,
+    /// Control endpoint address.
+    pub control: String,
+    /// CA fingerprint (hex).
+    pub fingerprint: String,
+    extra: Vec<String>,
+}
+
+impl Controller {
+    /// Starts a controller in `data_dir` with extra arguments.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Self {
+        let mut c = Self {
+            data_dir: data_dir.to_owned(),
+            child: None,
+            admin: String::new(),
+            control: String::new(),
+            fingerprint: String::new(),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        c.spawn(None);
+        c
+    }
+
+    /// Starts with a config file written from `toml` (data dir and ports from the harness).
+    pub fn start_with_config(data_dir: &Path, toml: &str) -> Self {
+        std::fs::create_dir_all(data_dir).expect("data dir");
+        let cfg = data_dir.with_extension("toml");
+        std::fs::write(&cfg, toml).expect("write config");
+        Self::start(data_dir, &["--config", cfg.to_str().expect("utf-8 path")])
+    }
+
+    fn spawn(&mut self, control_listen: Option<&str>) {
+        let endpoints = self.data_dir.join("endpoints.json");
+        let _ = std::fs::remove_file(&endpoints);
+        std::fs::create_dir_all(&self.data_dir).expect("data dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.with_extension("log"))
+            .expect("log file");
+        let control = control_listen.unwrap_or("127.0.0.1:0");
+        let child = Command::new(bin("causeway-controller"))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--admin-listen", "127.0.0.1:0", "--control-listen", control])
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn causeway-controller");
+        let pid = child.id();
+        self.child = Some(child);
+        let v: Value = wait_for("controller endpoints.json", Duration::from_secs(30), || {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("controller exited with {status}; log:\n{}", self.log());
+            }
+            let text = std::fs::read_to_string(&endpoints).ok()?;
+            let v: Value = serde_json::from_str(&text).ok()?;
+            (v["pid"].as_u64() == Some(u64::from(pid))).then_some(v)
+        });
+        self.admin = v["admin"].as_str().expect("admin").to_owned();
+        self.control = v["control"].as_str().expect("control").to_owned();
+        self.fingerprint = v["ca_fingerprint"]
+            .as_str()
+            .expect("fingerprint")
+            .to_owned();
+    }
+
+    /// The controller's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&c);
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same data dir and the same control port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let control = self.control.clone();
+        self.spawn(Some(&control));
+    }
+
+    /// Runs `causewayctl` against this controller.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("causewayctl"))
+            .args(args)
+            .env("CAUSEWAY_CONTROLLER", &self.admin)
+            .env(
+                "CAUSEWAY_ADMIN_TOKEN_FILE",
+                self.data_dir.join("admin.token"),
+            )
+            .output()
+            .expect("run causewayctl")
+    }
+
+    /// Runs `causewayctl`, asserting success; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "causewayctl {args:?} failed: {}",
+            describe(&out)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    /// Runs `causewayctl ... --output json` and parses it.
+    pub fn ctl_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        serde_json::from_str(&self.ctl_ok(&all)).expect("JSON output")
+    }
+
+    /// Creates the group `web` (namespace default, service account web).
+    pub fn create_web_group(&self) {
+        self.ctl_ok(&[
+            "group",
+            "create",
+            "web",
+            "--namespace",
+            "default",
+            "--service-account",
+            "web",
+            "--service",
+            "web",
+            "--port",
+            "http:8080",
+        ]);
+    }
+
+    /// Creates a token for `group` with extra arguments; returns its text.
+    pub fn token(&self, group: &str, extra: &[&str]) -> String {
+        let mut args = vec!["token", "create", "--group", group];
+        args.extend_from_slice(extra);
+        self.ctl_ok(&args).trim().to_owned()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `causeway-agent` with arguments.
+pub fn agent(args: &[&str]) -> Output {
+    Command::new(bin("causeway-agent"))
+        .args(args)
+        .output()
+        .expect("run causeway-agent")
+}
+
+/// Joins with `token` into `state_dir`, asserting success.
+pub fn join_ok(token: &str, state_dir: &Path) -> String {
+    let out = agent(&[
+        "join",
+        token,
+        "--state-dir",
+        state_dir.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "join failed: {}", describe(&out));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// Joins with `token`, asserting failure; returns stderr.
+pub fn join_err(token: &str, state_dir: &Path) -> String {
+    let out = agent(&[
+        "join",
+        token,
+        "--state-dir",
+        state_dir.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        !out.status.success(),
+        "join unexpectedly succeeded: {}",
+        describe(&out)
+    );
+    String::from_utf8(out.stderr).expect("utf-8")
+}
+
+/// The leaf certificate facts of a state dir.
+pub fn cert_of(state_dir: &Path) -> causeway_agent::identity::CertFacts {
+    let pem = std::fs::read_to_string(state_dir.join("cert.pem")).expect("cert.pem");
+    let der = causeway_api::pem::decode_all(&pem, "CERTIFICATE")
+        .into_iter()
+        .next()
+        .expect("a certificate");
+    causeway_agent::identity::cert_facts(&der).expect("valid certificate")
+}
+
+/// A running `causeway-agent run` process.
+pub struct AgentProcess {
+    child: Option<Child>,
+    /// Its state dir.
+    pub state_dir: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `causeway-agent run` with a config file written from `toml`.
+    pub fn start(state_dir: &Path, toml: &str) -> Self {
+        let cfg = state_dir.with_extension("agent.toml");
+        std::fs::write(&cfg, toml).expect("write agent config");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state_dir.with_extension("agent.log"))
+            .expect("agent log");
+        let child = Command::new(bin("causeway-agent"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn causeway-agent run");
+        Self {
+            child: Some(child),
+            state_dir: state_dir.to_owned(),
+        }
+    }
+
+    /// The agent's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.with_extension("agent.log")).unwrap_or_default()
+    }
+
+    /// `causeway-agent status --output json`.
+    pub fn status(&self) -> Value {
+        let out = agent(&[
+            "status",
+            "--state-dir",
+            self.state_dir.to_str().expect("utf-8"),
+            "--output",
+            "json",
+        ]);
+        assert!(out.status.success(), "status failed: {}", describe(&out));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&c);
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
