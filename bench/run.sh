@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Builds the benchmark programs in release mode and runs them one after another in one
+# run, each next to its own baselines, printing their tables (with ratios) and the peak
+# RSS of each process. Results go to BENCH_OUT (default: a temporary directory) as JSON.
+#
+#   bench/run.sh [ARGS...]    ARGS are passed to every program (e.g. --count 5000)
+#
+# Environment: BENCH_PIN=0 to not pin to one CPU (default: taskset -c 0 when available,
+# so "one core" holds for every thread, the fsync and sled threads included);
+# BENCH_OUT=DIR to keep the JSON; CARGO_TARGET_DIR as usual.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
+out=${BENCH_OUT:-$(mktemp -d -t causeway-bench.XXXXXX)}
+mkdir -p "$out"
+
+echo "== building (release)"
+cargo build --release -p causeway-bench --bins
+
+programs=()
+for src in bench/src/bin/*.rs; do
+    programs+=("$(basename "$src" .rs)")
+done
+
+pin=()
+if [ "${BENCH_PIN:-1}" != 0 ] && command -v taskset >/dev/null; then
+    pin=(taskset -c 0)
+fi
+timev=()
+if [ -x /usr/bin/time ]; then
+    timev=(/usr/bin/time -v -o "$out/time.txt")
+else
+    echo "(no /usr/bin/time: peak RSS comes from the programs' own VmHWM; apt-get install time)"
+fi
+
+echo "== machine"
+echo "date:    $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+echo "cpu:     $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n1) ($(nproc) CPUs online)"
+echo "memory:  $(free -h 2>/dev/null | awk '/^Mem:/ {print $2}')"
+echo "kernel:  $(uname -r)"
+echo "rustc:   $(rustc --version)"
+echo "temp fs: $(df -T "${TMPDIR:-/tmp}" | awk 'NR==2 {print $2 " on " $1}') (${TMPDIR:-/tmp}; the sled store lives there unless --dir is given)"
+echo "pinning: ${pin[*]:-none}"
+
+status=0
+for p in "${programs[@]}"; do
+    echo
+    echo "== $p ${*}"
+    rc=0
+    "${timev[@]}" "${pin[@]}" "$target_dir/release/$p" --json "$out/$p.json" "$@" || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "!! $p exited with $rc" >&2
+        status=1
+        continue
+    fi
+    if [ -f "$out/time.txt" ]; then
+        rss=$(sed -n 's/^[[:space:]]*Maximum resident set size (kbytes): //p' "$out/time.txt")
+        user=$(sed -n 's/^[[:space:]]*User time (seconds): //p' "$out/time.txt")
+        sys=$(sed -n 's/^[[:space:]]*System time (seconds): //p' "$out/time.txt")
+        wall=$(sed -n 's/^[[:space:]]*Elapsed (wall clock) time (h:mm:ss or m:ss): //p' "$out/time.txt")
+        echo "process: peak RSS $((rss / 1024)) MiB (/usr/bin/time -v), user ${user}s, sys ${sys}s, wall ${wall} (setup included)"
+        mv "$out/time.txt" "$out/$p.time.txt"
+    fi
+done
+echo
+echo "JSON results in $out"
+exit "$status"
