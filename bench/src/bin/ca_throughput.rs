@@ -12,6 +12,9 @@
 //! | `csr-verify`  | `csr::parse_csr` alone (DER parse + the CSR's ECDSA signature check) |
 //! | `ca-sign`     | `Ca::issue_workload` alone (build + sign a certificate, no store)    |
 //! | `store-txn`   | `Store::commit_join` alone (sled transaction, no flush)              |
+//! | `txn-flush-1` | `commit_join` + `Store::flush` after each one (no signing)           |
+//! | `txn-flush-N` | `commit_join` + one `Store::flush` per N (ideal group commit, no signing) |
+//! | `join-inline` | the join's steps re-stated inline (token + group reads, CSR verify, sign, transaction), no flush |
 //! | `join-serial` | `Enroller::join`, 1 in flight: one durable flush per certificate     |
 //! | `join-N`      | `Enroller::join`, N in flight (default 64): group commit batches flushes |
 //!
@@ -128,6 +131,15 @@ fn process_cpu() -> Option<Duration> {
     Some(Duration::from_secs_f64((utime + stime) / USER_HZ))
 }
 
+/// Bytes this process has caused to be written to storage (`write_bytes` of
+/// /proc/self/io: page-cache writeback and direct writes, all threads).
+fn process_write_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Peak resident set size so far (VmHWM), in KiB.
 fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -143,6 +155,7 @@ struct Row {
     count: usize,
     wall: Duration,
     cpu: Option<Duration>,
+    written: Option<u64>,
     peak_rss_kib: Option<u64>,
     judged: bool,
 }
@@ -165,6 +178,7 @@ where
     F: AsyncFnOnce() -> Result<()>,
 {
     let cpu0 = process_cpu();
+    let written0 = process_write_bytes();
     let t0 = Instant::now();
     f().await?;
     let wall = t0.elapsed();
@@ -175,6 +189,9 @@ where
         count,
         wall,
         cpu,
+        written: process_write_bytes()
+            .zip(written0)
+            .map(|(b, a)| b.saturating_sub(a)),
         peak_rss_kib: peak_rss_kib(),
         judged,
     };
@@ -219,6 +236,42 @@ fn token(id: &str, secret: &[u8], uses: u32, now: i64) -> TokenRecord {
         uses_left: uses,
         cidrs: vec!["10.0.0.0/8".parse().expect("valid network")],
     }
+}
+
+/// Agent and certificate records shaped like real ones, for the store-only modes.
+fn fake_records(
+    tag: &str,
+    count: usize,
+    id: &SpiffeId,
+    now: i64,
+) -> Vec<(AgentRecord, CertRecord)> {
+    (0..count)
+        .map(|i| {
+            let agent = AgentRecord {
+                id: format!("a-{tag}-{i:08}"),
+                group: "bench".into(),
+                spiffe_id: id.to_string(),
+                hostname: format!("vm-{i}.bench"),
+                address: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)),
+                token_id: "bench-txn".into(),
+                joined_at: now,
+                serial: format!("{tag}-{i:032x}"),
+                not_after: now + 86400,
+                renewed_at: None,
+                renewals: 0,
+                removed_at: None,
+            };
+            let cert = CertRecord {
+                serial: agent.serial.clone(),
+                agent_id: agent.id.clone(),
+                spiffe_id: agent.spiffe_id.clone(),
+                not_before: now - 300,
+                not_after: now + 86400,
+                reason: "join".into(),
+            };
+            (agent, cert)
+        })
+        .collect()
 }
 
 /// Runs `reqs` through `Enroller::join` with `in_flight` joins outstanding at any time.
@@ -317,7 +370,7 @@ async fn run(args: &Args) -> Result<Vec<Row>> {
         created_at: now,
     })?;
     let secret = b"benchmark-secret-0123456789abcde".to_vec();
-    let uses = u32::try_from(2 * (n + args.serial_count)).context("count too large")?;
+    let uses = u32::try_from(4 * (n + args.serial_count)).context("count too large")?;
     store.create_token(&token("bench-join", &secret, uses, now))?;
     store.create_token(&token("bench-txn", &secret, uses, now))?;
     store.flush()?;
@@ -371,35 +424,7 @@ async fn run(args: &Args) -> Result<Vec<Row>> {
     );
 
     // --- The sled transaction alone (no flush). ---
-    let records: Vec<(AgentRecord, CertRecord)> = issued
-        .iter()
-        .enumerate()
-        .map(|(i, (_, serial))| {
-            let agent = AgentRecord {
-                id: format!("a-txn-{i:08}"),
-                group: "bench".into(),
-                spiffe_id: id.to_string(),
-                hostname: format!("vm-{i}"),
-                address: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)),
-                token_id: "bench-txn".into(),
-                joined_at: now,
-                serial: serial.clone(),
-                not_after: now + 86400,
-                renewed_at: None,
-                renewals: 0,
-                removed_at: None,
-            };
-            let cert = CertRecord {
-                serial: serial.clone(),
-                agent_id: agent.id.clone(),
-                spiffe_id: agent.spiffe_id.clone(),
-                not_before: now - 300,
-                not_after: now + 86400,
-                reason: "join".into(),
-            };
-            (agent, cert)
-        })
-        .collect();
+    let records = fake_records("txn", n, &id, now);
     rows.push(
         timed(
             "store-txn",
@@ -416,8 +441,105 @@ async fn run(args: &Args) -> Result<Vec<Row>> {
         .await?,
     );
     drop(records);
+    store.flush()?;
+    let records = fake_records("flush1", args.serial_count, &id, now);
+    rows.push(
+        timed(
+            "txn-flush-1",
+            "commit_join + Store::flush after each (no signing)",
+            records.len(),
+            false,
+            async || {
+                for (agent, cert) in &records {
+                    store.commit_join("bench-txn", agent, cert)?;
+                    store.flush()?;
+                }
+                Ok(())
+            },
+        )
+        .await?,
+    );
+    let records = fake_records("flushN", n, &id, now);
+    rows.push(
+        timed(
+            format!("txn-flush-{}", args.in_flight),
+            "commit_join + one Store::flush per batch (ideal group commit, no signing)",
+            records.len(),
+            false,
+            async || {
+                for batch in records.chunks(args.in_flight) {
+                    for (agent, cert) in batch {
+                        store.commit_join("bench-txn", agent, cert)?;
+                    }
+                    store.flush()?;
+                }
+                Ok(())
+            },
+        )
+        .await?,
+    );
+    drop(records);
     drop(issued);
     drop(keys);
+    store.flush()?;
+
+    // --- The join's steps inline, without the durable flush. ---
+    // The same store reads, checks, CSR verification, signing and transaction as
+    // `Enroller::join` (re-stated here, so keep it in step with enroll.rs), minus the
+    // group-commit flush: the difference to `join-N` is what durability costs.
+    let source = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7));
+    let inline_join = |i: usize, der: &[u8]| -> Result<()> {
+        let tok = store.token("bench-txn")?.context("token vanished")?;
+        ensure!(
+            sha256_hex(&secret) == tok.secret_sha256 && tok.uses_left > 0 && now < tok.expires_at
+        );
+        ensure!(tok.cidrs.iter().any(|c| c.contains(&source)));
+        let g = store.group(&tok.group)?.context("group vanished")?.group;
+        ensure!(g.allows_source(source));
+        let key = parse_csr(der)?;
+        let id = g.spiffe_id(ca.trust_domain())?;
+        let (cert_der, serial) = ca.issue_workload(&key, &id, now - 300, now + 86400)?;
+        let agent = AgentRecord {
+            id: format!("a-inline-{i:08}"),
+            group: g.name.clone(),
+            spiffe_id: id.to_string(),
+            hostname: format!("vm-{i}.bench"),
+            address: source,
+            token_id: tok.id.clone(),
+            joined_at: now,
+            serial: serial.clone(),
+            not_after: now + 86400,
+            renewed_at: None,
+            renewals: 0,
+            removed_at: None,
+        };
+        let cert = CertRecord {
+            serial,
+            agent_id: agent.id.clone(),
+            spiffe_id: agent.spiffe_id.clone(),
+            not_before: now - 300,
+            not_after: now + 86400,
+            reason: "join".into(),
+        };
+        store.commit_join(&tok.id, &agent, &cert)?;
+        std::hint::black_box(cert_der);
+        Ok(())
+    };
+    rows.push(
+        timed(
+            "join-inline",
+            "join steps inline (reads, verify, sign, txn), no flush",
+            n,
+            false,
+            async || {
+                for (i, der) in csrs[..n].iter().enumerate() {
+                    inline_join(i, der)?;
+                }
+                Ok(())
+            },
+        )
+        .await?,
+    );
     store.flush()?;
 
     // --- End to end: Enroller::join. ---
@@ -497,13 +619,25 @@ async fn run(args: &Args) -> Result<Vec<Row>> {
 
 fn print_table(rows: &[Row], raw_per_sec: f64) {
     println!(
-        "{:<12} {:>7} {:>8} {:>10} {:>8} {:>9} {:>8} {:>9}  what",
-        "mode", "count", "seconds", "per-second", "µs/op", "vs raw", "cpu/wall", "target"
+        "{:<12} {:>7} {:>8} {:>10} {:>8} {:>7} {:>8} {:>10} {:>6}  what",
+        "mode",
+        "count",
+        "seconds",
+        "per-second",
+        "µs/op",
+        "vs raw",
+        "cpu/wall",
+        "disk KiB/op",
+        "target"
     );
     for r in rows {
         let cpu_wall = r
             .cpu
             .map(|c| format!("{:.2}", c.as_secs_f64() / r.wall.as_secs_f64()))
+            .unwrap_or_else(|| "-".into());
+        let written = r
+            .written
+            .map(|w| format!("{:.2}", w as f64 / 1024.0 / r.count as f64))
             .unwrap_or_else(|| "-".into());
         let verdict = if !r.judged {
             "-".to_owned()
@@ -513,7 +647,7 @@ fn print_table(rows: &[Row], raw_per_sec: f64) {
             "FAIL".to_owned()
         };
         println!(
-            "{:<12} {:>7} {:>8.3} {:>10.0} {:>8.1} {:>9.3} {:>8} {:>9}  {}",
+            "{:<12} {:>7} {:>8.3} {:>10.0} {:>8.1} {:>7.3} {:>8} {:>11} {:>6}  {}",
             r.mode,
             r.count,
             r.wall.as_secs_f64(),
@@ -521,12 +655,14 @@ fn print_table(rows: &[Row], raw_per_sec: f64) {
             1e6 / r.per_sec(),
             r.per_sec() / raw_per_sec,
             cpu_wall,
+            written,
             verdict,
             r.what
         );
     }
     println!(
-        "target: >= {TARGET_PER_SEC:.0} issued certificates/s on one core (join-* rows); \"vs raw\" = per-second / raw-sign per-second"
+        "target: >= {TARGET_PER_SEC:.0} issued certificates/s on one core (join-* rows); \"vs raw\" = per-second / raw-sign per-second;\n\
+         cpu/wall = process CPU time (all threads) / wall time; disk KiB/op = /proc/self/io write_bytes per operation"
     );
     if let Some(kib) = rows.last().and_then(|r| r.peak_rss_kib) {
         println!(
@@ -573,7 +709,7 @@ fn to_json(args: &Args, rows: &[Row], raw_per_sec: f64) -> String {
                 concat!(
                     "    {{\"mode\": {}, \"what\": {}, \"count\": {}, \"seconds\": {:.6}, ",
                     "\"per_second\": {:.1}, \"ratio_to_raw_sign\": {:.4}, \"cpu_seconds\": {}, ",
-                    "\"peak_rss_kib_so_far\": {}, \"target\": {}}}"
+                    "\"disk_write_bytes\": {}, \"peak_rss_kib_so_far\": {}, \"target\": {}}}"
                 ),
                 json_str(&r.mode),
                 json_str(r.what),
@@ -582,6 +718,7 @@ fn to_json(args: &Args, rows: &[Row], raw_per_sec: f64) -> String {
                 r.per_sec(),
                 r.per_sec() / raw_per_sec,
                 json_opt(r.cpu.map(|c| format!("{:.2}", c.as_secs_f64()))),
+                json_opt(r.written),
                 json_opt(r.peak_rss_kib),
                 target,
             )
