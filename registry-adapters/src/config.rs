@@ -33,7 +33,7 @@ pub struct SourcesConfig {
     /// Eureka servers, read with full and delta fetches.
     #[serde(default)]
     pub eureka: Vec<EurekaSourceConfig>,
-    /// Kubernetes clusters (not available in this build yet; `validate` rejects them).
+    /// Kubernetes clusters, read with list + watch on Services and EndpointSlices.
     #[serde(default)]
     pub kubernetes: Vec<KubernetesSourceConfig>,
     /// TOML files of external services, reloaded when they change.
@@ -148,10 +148,14 @@ impl SourcesConfig {
         }
         for (i, k) in self.kubernetes.iter().enumerate() {
             check_name("kubernetes", i, &k.name, &mut problems);
-            problems.push(format!(
-                "sources.kubernetes[{i}] (name {:?}): the Kubernetes source is not available in this build yet; remove it from the config",
-                k.name
-            ));
+            if k.kubeconfig
+                .as_ref()
+                .is_some_and(|p| p.as_os_str().is_empty())
+            {
+                problems.push(format!(
+                    "sources.kubernetes[{i}].kubeconfig is empty; give the path of a kubeconfig file, or remove it to use the in-cluster config"
+                ));
+            }
         }
         for (i, f) in self.file.iter().enumerate() {
             check_name("file", i, &f.name, &mut problems);
@@ -256,7 +260,7 @@ mod tests {
             }],
             kubernetes: vec![KubernetesSourceConfig {
                 name: "k".into(),
-                kubeconfig: None,
+                kubeconfig: Some(PathBuf::new()),
             }],
             file: vec![],
         };
@@ -266,6 +270,6 @@ mod tests {
         assert!(text.contains("\"a\" is used by another source"), "{text}");
         assert!(text.contains("ftp"), "{text}");
         assert!(text.contains("Bad_NS"), "{text}");
-        assert!(text.contains("not available in this build"), "{text}");
+        assert!(text.contains("kubeconfig is empty"), "{text}");
     }
 }

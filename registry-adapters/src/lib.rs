@@ -3,7 +3,8 @@
 //!
 //! What it does: one module per source — [`consul`] (blocking queries on the catalog
 //! and health endpoints), [`eureka`] (full fetch, then deltas reconciled by
-//! `apps__hashcode`), [`file`] (external services in a TOML file, reloaded on change).
+//! `apps__hashcode`), [`kubernetes`] (kube-rs watchers on Services and EndpointSlices,
+//! re-listing on 410), [`file`] (external services in a TOML file, reloaded on change).
 //! Each source runs as a task, keeps its last known good data, and reports
 //! [`SourceUpdate`]s: its data (a full snapshot or the services that changed) and its
 //! state (syncing, synced, or stale with the last error). A failing source never sends
@@ -11,8 +12,7 @@
 //! marked stale (see [`causeway_api::registry::Registry::mark_stale`]).
 //!
 //! What it does not: merge sources (that is [`causeway_api::registry::Registry`], driven
-//! by the controller), persist anything, or watch Kubernetes (not in this build:
-//! [`SourcesConfig::validate`] rejects `[[sources.kubernetes]]`).
+//! by the controller) or persist anything.
 //!
 //! # Wiring it into the controller
 //!
@@ -46,6 +46,7 @@ pub mod config;
 pub mod consul;
 pub mod eureka;
 pub mod file;
+pub mod kubernetes;
 mod source;
 
 pub use config::{
@@ -55,6 +56,7 @@ pub use config::{
 pub use consul::ConsulSource;
 pub use eureka::EurekaSource;
 pub use file::FileSource;
+pub use kubernetes::KubernetesSource;
 pub use source::{
     FetchError, SourceError, SourceOptions, SourceUpdate, apply_update, spawn_sources,
 };

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::config::{ConfigErrors, SourcesConfig};
-use crate::{ConsulSource, EurekaSource, FileSource};
+use crate::{ConsulSource, EurekaSource, FileSource, KubernetesSource};
 
 /// What a source sends to the controller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,6 +123,11 @@ pub fn spawn_sources(
             Ok(s) => tasks.push(tokio::spawn(s.run(tx.clone()))),
             Err(e) => problems.push(e.to_string()),
         }
+    }
+    for k in &config.kubernetes {
+        tasks.push(tokio::spawn(
+            KubernetesSource::new(k, options).run(tx.clone()),
+        ));
     }
     for f in &config.file {
         tasks.push(tokio::spawn(FileSource::new(f, options).run(tx.clone())));

@@ -117,3 +117,75 @@ async fn spawn_refuses_a_bad_config_with_every_problem() {
     let err = spawn_sources(&config, &fast_options(), tx).unwrap_err();
     assert_eq!(err.problems.len(), 3, "{err}");
 }
+
+#[tokio::test]
+async fn consul_and_kubernetes_merge_without_double_counting_consul_k8s_copies() {
+    use causeway_fakes::FakeKubernetes;
+    use causeway_registry::KubernetesSourceConfig;
+
+    let consul = FakeConsul::start().await.unwrap();
+    let kube = FakeKubernetes::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, kube.kubeconfig("t")).unwrap();
+    // a VM instance of demo/web whose http port disagrees with the pods' 8080
+    let mut vm = ConsulRegistration::new("web-vm", "web", "10.5.0.1", 8081);
+    vm.meta.insert("protocol".into(), "http".into());
+    consul.register(&vm);
+    // consul-k8s synced the pod 192.0.2.11 into Consul
+    let mut copy = ConsulRegistration::new("web-abcde-pod", "web", "192.0.2.11", 8080);
+    copy.meta
+        .insert("external-source".into(), "kubernetes".into());
+    copy.meta.insert("protocol".into(), "http".into());
+    consul.register(&copy);
+
+    let config = SourcesConfig {
+        consul: vec![ConsulSourceConfig {
+            name: "consul".into(),
+            address: consul.url(),
+            datacenter: None,
+            token_file: None,
+            namespace: Some("demo".into()),
+        }],
+        kubernetes: vec![KubernetesSourceConfig {
+            name: "cluster-a".into(),
+            kubeconfig: Some(kubeconfig),
+        }],
+        ..SourcesConfig::default()
+    };
+    let (mut h, tx) = Harness::new();
+    let tasks = spawn_sources(&config, &fast_options(), tx).unwrap();
+    h.until("both sources in demo/web", |r| {
+        let web = eps(r, "demo", "web");
+        web.iter().any(|e| e.provenance.source == "cluster-a")
+            && web.iter().any(|e| e.address == "10.5.0.1")
+    })
+    .await;
+    let web = h.endpoints("demo", "web");
+    let from = |s: &str| web.iter().filter(|e| e.provenance.source == s).count();
+    assert_eq!(from("cluster-a"), 2, "{web:#?}");
+    assert_eq!(
+        from("consul"),
+        3,
+        "web-1, web-2, web-vm; the synced copy is not counted: {web:#?}"
+    );
+    assert_eq!(web.iter().filter(|e| e.address == "192.0.2.11").count(), 1);
+    let conflicts = h.registry.conflicts();
+    assert!(
+        conflicts.iter().any(
+            |c| matches!(c, Conflict::SyncedCopy { address, copy_source, original_source, .. }
+            if address == "192.0.2.11" && copy_source == "consul" && original_source == "cluster-a")
+        ),
+        "{conflicts:?}"
+    );
+    assert!(
+        conflicts
+            .iter()
+            .any(|c| matches!(c, Conflict::PortMismatch { port, numbers, .. }
+            if port == "http" && numbers.contains_key(&8080) && numbers.contains_key(&8081))),
+        "{conflicts:?}"
+    );
+    for t in tasks {
+        t.abort();
+    }
+}

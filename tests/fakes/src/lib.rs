@@ -1,4 +1,4 @@
-//! `causeway-fakes`: fake Consul and Eureka HTTP servers for tests.
+//! `causeway-fakes`: fake Consul, Eureka and Kubernetes API servers for tests.
 //!
 //! What it does: each fake binds `127.0.0.1:0`, seeds itself from the recorded real
 //! responses in `../shared/fixtures` (see [`fixtures_dir`]), serves the read APIs that
@@ -15,8 +15,10 @@ mod consul;
 mod eureka;
 mod fixtures;
 mod http;
+mod kubernetes;
 
 pub use consul::{ConsulRegistration, FakeConsul, registration_fixture};
 pub use eureka::{EurekaInstance, FakeEureka};
 pub use fixtures::{HttpFixture, fixtures_dir, read_http_fixture};
 pub use http::{Fault, RecordedRequest};
+pub use kubernetes::{FakeKubernetes, KubeKind};
