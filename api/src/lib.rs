@@ -10,6 +10,7 @@
 pub mod group;
 pub mod identity;
 pub mod pem;
+pub mod push;
 pub mod registry;
 pub mod token;
 pub mod wire;

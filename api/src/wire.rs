@@ -58,6 +58,11 @@ pub fn frame_len(prefix: [u8; 4], limit: usize) -> Result<usize, FrameError> {
     Ok(len)
 }
 
+/// Decodes a frame's body (the bytes after the length prefix).
+pub fn decode_body<M: prost::Message + Default>(body: &[u8]) -> Result<M, FrameError> {
+    M::decode(body).map_err(|e| FrameError::Decode(e.to_string()))
+}
+
 /// Decodes exactly one frame from `buf` (the whole content of a stream).
 pub fn decode_frame<M: prost::Message + Default>(
     buf: &[u8],
@@ -88,7 +93,7 @@ pub fn decode_frame<M: prost::Message + Default>(
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ClientRequest {
     /// What is asked.
-    #[prost(oneof = "client_request::Kind", tags = "1, 2")]
+    #[prost(oneof = "client_request::Kind", tags = "1, 2, 3")]
     pub kind: Option<client_request::Kind>,
 }
 
@@ -103,6 +108,9 @@ pub mod client_request {
         /// Renewal over mutual TLS with the current certificate.
         #[prost(message, tag = "2")]
         Renew(super::RenewRequest),
+        /// Config subscription over mutual TLS; the stream stays open (see `crate::push`).
+        #[prost(message, tag = "3")]
+        Subscribe(crate::push::Hello),
     }
 }
 

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::ca::{Ca, to_pem};
 use crate::config::TokenConfig;
 use crate::enroll::{now_unix, random_hex, sha256_hex};
+use crate::mesh::{Mesh, SessionView};
 use crate::store::{GroupRecord, Store, StoreError, TokenRecord};
 
 /// What the admin handlers share.
@@ -32,6 +33,8 @@ pub struct AdminState {
     pub tokens: TokenConfig,
     /// `host:port` written into join tokens.
     pub advertise: String,
+    /// The mesh hub.
+    pub mesh: Arc<Mesh>,
 }
 
 /// An error answer: status and message, sent as `{"error": "..."}`.
@@ -69,6 +72,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/agents", get(agent_list))
         .route("/v1/agents/{id}", delete(agent_remove).get(agent_show))
         .route("/v1/certificates", get(cert_list))
+        .route("/v1/registry", get(registry_list))
+        .route("/v1/registry/sources", get(registry_sources))
+        .route("/v1/registry/conflicts", get(registry_conflicts))
+        .route("/v1/registry/{namespace}/{name}", get(registry_show))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -355,6 +362,9 @@ struct AgentView {
     renewals: u64,
     removed: bool,
     removed_at: Option<i64>,
+    connected: bool,
+    acked_version: Option<u64>,
+    session: Option<SessionView>,
 }
 
 impl From<crate::store::AgentRecord> for AgentView {
@@ -373,7 +383,21 @@ impl From<crate::store::AgentRecord> for AgentView {
             renewed_at: a.renewed_at,
             renewals: a.renewals,
             removed_at: a.removed_at,
+            connected: false,
+            acked_version: None,
+            session: None,
         }
+    }
+}
+
+impl AgentView {
+    fn with_session(mut self, sessions: &std::collections::BTreeMap<String, SessionView>) -> Self {
+        if let Some(s) = sessions.get(&self.id) {
+            self.connected = s.connected;
+            self.acked_version = Some(s.acked_version);
+            self.session = Some(s.clone());
+        }
+        self
     }
 }
 
@@ -387,12 +411,16 @@ async fn agent_show(
     State(s): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<Json<AgentView>, ApiError> {
-    s.store.agent(&id)?.map(|a| Json(a.into())).ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("agent {id:?} does not exist; see `causewayctl agent list`"),
-        )
-    })
+    let sessions = s.mesh.sessions();
+    s.store
+        .agent(&id)?
+        .map(|a| Json(AgentView::from(a).with_session(&sessions)))
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("agent {id:?} does not exist; see `causewayctl agent list`"),
+            )
+        })
 }
 
 async fn agent_remove(
@@ -401,6 +429,7 @@ async fn agent_remove(
 ) -> Result<Json<AgentView>, ApiError> {
     let agent = s.store.remove_agent(&id, now_unix())?;
     s.store.flush()?;
+    s.mesh.agent_removed(&agent.id, &agent.serial)?;
     tracing::info!(agent = %id, "agent removed; its renewals will be refused");
     Ok(Json(agent.into()))
 }
@@ -409,4 +438,35 @@ async fn cert_list(
     State(s): State<AdminState>,
 ) -> Result<Json<Vec<crate::store::CertRecord>>, ApiError> {
     Ok(Json(s.store.certs()?))
+}
+
+async fn registry_list(State(s): State<AdminState>) -> Json<Vec<crate::mesh::ServiceView>> {
+    Json(s.mesh.services())
+}
+
+async fn registry_show(
+    State(s): State<AdminState>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Json<crate::mesh::ServiceView>, ApiError> {
+    s.mesh
+        .services()
+        .into_iter()
+        .find(|v| v.namespace == namespace && v.name == name)
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("service {namespace}/{name} is not in the merged registry; see `causewayctl registry list`"),
+            )
+        })
+}
+
+async fn registry_sources(State(s): State<AdminState>) -> Json<Vec<crate::mesh::SourceView>> {
+    Json(s.mesh.sources())
+}
+
+async fn registry_conflicts(
+    State(s): State<AdminState>,
+) -> Json<Vec<causeway_api::registry::Conflict>> {
+    Json(s.mesh.conflicts())
 }

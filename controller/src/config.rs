@@ -50,6 +50,11 @@ pub struct Config {
     pub ca: CaConfig,
     /// Join tokens.
     pub tokens: TokenConfig,
+    /// Config push, VIPs and agent workloads.
+    pub mesh: MeshConfig,
+    /// Registries merged into the mesh (`[[sources.consul]]`, `[[sources.eureka]]`,
+    /// `[[sources.kubernetes]]`, `[[sources.file]]`).
+    pub sources: causeway_registry::SourcesConfig,
     /// Diagnostics; not for production.
     pub debug: DebugConfig,
 }
@@ -105,6 +110,29 @@ pub struct TokenConfig {
     pub max_ttl: Duration,
 }
 
+/// Config push, VIPs and agent workloads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshConfig {
+    /// IPv4 range that service VIPs are allocated from.
+    pub vip_range: ipnet::Ipv4Net,
+    /// How long an agent's workload stays registered after its connection is lost.
+    #[serde(with = "duration_text")]
+    pub agent_grace: Duration,
+    /// How many config versions are remembered so reconnecting agents get a delta.
+    pub history: u64,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            vip_range: "240.240.0.0/16".parse().expect("literal"),
+            agent_grace: Duration::from_secs(60),
+            history: 1024,
+        }
+    }
+}
+
 /// Diagnostics.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -123,6 +151,8 @@ impl Default for Config {
             control: ControlConfig::default(),
             ca: CaConfig::default(),
             tokens: TokenConfig::default(),
+            mesh: MeshConfig::default(),
+            sources: causeway_registry::SourcesConfig::default(),
             debug: DebugConfig::default(),
         }
     }
@@ -237,6 +267,19 @@ impl Config {
             errors.push(format!(
                 "control.advertise = {adv:?}: must be host:port, e.g. \"10.0.0.5:15012\""
             ));
+        }
+        let vip_bits = 32 - u32::from(self.mesh.vip_range.prefix_len());
+        if vip_bits < 4 {
+            errors.push(format!(
+                "mesh.vip_range = {}: too small; use at least a /28 (default 240.240.0.0/16)",
+                self.mesh.vip_range
+            ));
+        }
+        if self.mesh.history == 0 {
+            errors.push("mesh.history = 0: must be at least 1".into());
+        }
+        if let Err(e) = self.sources.validate() {
+            errors.extend(e.problems.into_iter().map(|p| format!("sources: {p}")));
         }
         if errors.is_empty() {
             Ok(())

@@ -18,6 +18,9 @@ use rustls::server::WebPkiClientVerifier;
 
 use crate::ca::Ca;
 use crate::enroll::{Enroller, now_unix};
+use crate::mesh::Mesh;
+use crate::push::{ReadFrameError, read_frame, run_session};
+use crate::store::Store;
 
 /// ALPN protocol of the control endpoint.
 pub const ALPN: &[u8] = b"causeway-control/1";
@@ -83,6 +86,8 @@ impl ControlServer {
     pub async fn serve(
         &self,
         enroller: Arc<Enroller>,
+        mesh: Arc<Mesh>,
+        store: Arc<dyn Store>,
         max_request: usize,
         record_dir: Option<PathBuf>,
     ) {
@@ -106,6 +111,8 @@ impl ControlServer {
         });
         let ctx = Arc::new(Ctx {
             enroller,
+            mesh,
+            store,
             max_request,
             record_dir,
             seq: AtomicU64::new(0),
@@ -125,6 +132,8 @@ impl ControlServer {
 
 struct Ctx {
     enroller: Arc<Enroller>,
+    mesh: Arc<Mesh>,
+    store: Arc<dyn Store>,
     max_request: usize,
     record_dir: Option<PathBuf>,
     seq: AtomicU64,
@@ -168,8 +177,9 @@ impl Ctx {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) -> anyhow::Result<()> {
-        let limit = self.max_request + 4;
-        let response = match tokio::time::timeout(REQUEST_TIMEOUT, recv.read_to_end(limit)).await {
+        let first =
+            tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut recv, self.max_request)).await;
+        let response = match first {
             Err(_) => error_response(
                 ErrorCode::Malformed,
                 format!(
@@ -177,21 +187,48 @@ impl Ctx {
                     REQUEST_TIMEOUT.as_secs()
                 ),
             ),
-            Ok(Err(quinn::ReadToEndError::TooLong)) => {
+            Ok(Err(ReadFrameError::Frame(wire::FrameError::TooLarge { len, .. }))) => {
                 let _ = recv.stop(0u32.into());
-                tracing::warn!(%remote, limit = self.max_request, "oversized control request refused");
+                tracing::warn!(%remote, len, limit = self.max_request, "oversized control request refused");
                 error_response(
                     ErrorCode::TooLarge,
                     format!(
-                        "request larger than the limit of {} bytes",
+                        "request of {len} bytes is larger than the limit of {} bytes",
                         self.max_request
                     ),
                 )
             }
-            Ok(Err(e)) => return Err(e.into()),
-            Ok(Ok(buf)) => {
-                self.record(&buf);
-                self.handle(remote, peer, &buf).await
+            Ok(Err(ReadFrameError::Frame(e))) => {
+                tracing::warn!(%remote, error = %e, "malformed control request");
+                error_response(ErrorCode::Malformed, format!("malformed request: {e}"))
+            }
+            Ok(Err(e)) => return Err(anyhow::anyhow!("{e}")),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(body))) => {
+                self.record(&body);
+                match wire::decode_body::<ClientRequest>(&body) {
+                    Ok(ClientRequest {
+                        kind: Some(client_request::Kind::Subscribe(hello)),
+                    }) => {
+                        run_session(
+                            self.mesh.clone(),
+                            self.store.clone(),
+                            self.enroller.ca().trust_domain().clone(),
+                            peer.map(|v| v.as_slice()),
+                            hello,
+                            remote,
+                            send,
+                            recv,
+                        )
+                        .await;
+                        return Ok(());
+                    }
+                    Ok(req) => self.handle(remote, peer, req).await,
+                    Err(e) => {
+                        tracing::warn!(%remote, error = %e, "malformed control request");
+                        error_response(ErrorCode::Malformed, format!("malformed request: {e}"))
+                    }
+                }
             }
         };
         send.write_all(&wire::encode_frame(&response)).await?;
@@ -201,11 +238,17 @@ impl Ctx {
         Ok(())
     }
 
-    fn record(&self, buf: &[u8]) {
+    fn record(&self, body: &[u8]) {
         if let Some(dir) = &self.record_dir {
             let n = self.seq.fetch_add(1, Ordering::SeqCst);
             let path = dir.join(format!("request-{n:06}.bin"));
-            if let Err(e) = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, buf)) {
+            let frame = [
+                &u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes()[..],
+                body,
+            ]
+            .concat();
+            if let Err(e) = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, frame))
+            {
                 tracing::warn!(path = %path.display(), error = %e, "cannot record request");
             }
         }
@@ -215,19 +258,8 @@ impl Ctx {
         &self,
         remote: SocketAddr,
         peer: Option<&Vec<CertificateDer<'static>>>,
-        buf: &[u8],
+        req: ClientRequest,
     ) -> ServerResponse {
-        let req: ClientRequest = match wire::decode_frame(buf, self.max_request) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(%remote, error = %e, "malformed control request");
-                let code = match e {
-                    wire::FrameError::TooLarge { .. } => ErrorCode::TooLarge,
-                    _ => ErrorCode::Malformed,
-                };
-                return error_response(code, format!("malformed request: {e}"));
-            }
-        };
         let result = match req.kind {
             Some(client_request::Kind::Join(j)) => {
                 self.enroller.join(&j, remote.ip().to_canonical()).await
@@ -235,7 +267,7 @@ impl Ctx {
             Some(client_request::Kind::Renew(r)) => {
                 self.enroller.renew(peer.map(|v| v.as_slice()), &r).await
             }
-            None => {
+            Some(client_request::Kind::Subscribe(_)) | None => {
                 return error_response(
                     ErrorCode::Unsupported,
                     "request kind not supported by this controller (upgrade the controller?)"

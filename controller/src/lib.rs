@@ -16,5 +16,7 @@ pub mod csr;
 pub mod durability;
 pub mod enroll;
 pub mod logging;
+pub mod mesh;
+pub mod push;
 pub mod store;
 pub mod tls_listener;

@@ -13,8 +13,10 @@ use causeway_controller::ca::Ca;
 use causeway_controller::config::Config;
 use causeway_controller::control::ControlServer;
 use causeway_controller::enroll::{Enroller, now_unix, random_hex, sha256_hex};
+use causeway_controller::mesh::{Mesh, MeshSettings};
 use causeway_controller::store::{SledStore, Store};
 use causeway_controller::{logging, tls_listener::TlsListener};
+use causeway_registry::{SourceOptions, spawn_sources};
 use clap::Parser;
 
 /// The Causeway controller: CA, join tokens, store and control endpoint.
@@ -144,6 +146,53 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(fingerprint = %hex(&ca.fingerprint()), mode = ca.mode(), trust_domain = %td, "CA ready");
     let credential = admin_credential(&cfg.data_dir)?;
 
+    // The mesh: restored from the store before any source answers.
+    let configured: std::collections::BTreeSet<String> = cfg
+        .sources
+        .consul
+        .iter()
+        .map(|c| c.name.clone())
+        .chain(cfg.sources.eureka.iter().map(|c| c.name.clone()))
+        .chain(cfg.sources.kubernetes.iter().map(|c| c.name.clone()))
+        .chain(cfg.sources.file.iter().map(|c| c.name.clone()))
+        .collect();
+    let now = now_unix();
+    let deny = store
+        .agents()?
+        .into_iter()
+        .filter(|a| a.removed_at.is_some() && a.not_after > now)
+        .map(|a| a.serial)
+        .collect();
+    let mesh = Mesh::open(
+        store.clone(),
+        MeshSettings {
+            vip_range: cfg.mesh.vip_range,
+            agent_grace: cfg.mesh.agent_grace,
+            history_len: cfg.mesh.history,
+        },
+        ca.bundle_der().to_vec(),
+        &configured,
+        deny,
+    )?;
+    tracing::info!(
+        version = mesh.version(),
+        services = mesh.services().len(),
+        "mesh restored from the store"
+    );
+    let (src_tx, mut src_rx) = tokio::sync::mpsc::channel(64);
+    let _source_tasks = spawn_sources(&cfg.sources, &SourceOptions::default(), src_tx)
+        .map_err(|e| anyhow::anyhow!("invalid sources: {}", e.problems.join("; ")))?;
+    {
+        let mesh = mesh.clone();
+        tokio::spawn(async move {
+            while let Some(update) = src_rx.recv().await {
+                if let Err(e) = mesh.apply_source_update(&update) {
+                    tracing::error!(source = %update.source, error = %e, "cannot persist a registry update");
+                }
+            }
+        });
+    }
+
     let control = ControlServer::bind(cfg.control.listen, &ca)?;
     let control_addr = control.local_addr()?;
     let advertise = cfg
@@ -167,6 +216,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         credential_sha256: sha256_hex(credential.as_bytes()),
         tokens: cfg.tokens.clone(),
         advertise: advertise.clone(),
+        mesh: mesh.clone(),
     };
     let app = router(state);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -214,7 +264,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let control = control.clone();
         let max = cfg.control.max_request_bytes;
         let record = cfg.debug.record_requests_dir.clone();
-        tokio::spawn(async move { control.serve(enroller, max, record).await })
+        let (mesh, store) = (mesh.clone(), store.clone());
+        tokio::spawn(async move { control.serve(enroller, mesh, store, max, record).await })
     };
 
     // Tell tests and tools where we listen (ports may be ephemeral).

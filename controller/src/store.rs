@@ -9,7 +9,11 @@
 use std::net::IpAddr;
 use std::path::Path;
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
 use causeway_api::WorkloadGroup;
+use causeway_api::registry::{ServiceEndpoints, ServiceKey, SourceKind, SourceState};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use sled::Transactional;
@@ -213,8 +217,67 @@ pub trait Store: Send + Sync + 'static {
     /// All issued certificates.
     fn certs(&self) -> Result<Vec<CertRecord>, StoreError>;
 
+    /// The persisted mesh: merged-registry inputs, VIPs, version and change history.
+    fn load_mesh(&self) -> Result<MeshDump, StoreError>;
+    /// Writes one mesh change atomically.
+    fn save_mesh(&self, change: &MeshWrite) -> Result<(), StoreError>;
+
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// One source's persisted state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceRecord {
+    /// Its kind.
+    pub kind: SourceKind,
+    /// Its state.
+    pub state: SourceState,
+}
+
+/// Which services one mesh version changed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HistoryRecord {
+    /// Services whose merged endpoints or VIP changed.
+    pub services: BTreeSet<ServiceKey>,
+    /// Whether the deny list changed.
+    pub deny: bool,
+}
+
+/// Everything persisted about the mesh.
+#[derive(Debug, Clone, Default)]
+pub struct MeshDump {
+    /// The mesh version.
+    pub version: u64,
+    /// Sources by name.
+    pub sources: BTreeMap<String, SourceRecord>,
+    /// Each source's endpoints per service.
+    pub data: BTreeMap<String, BTreeMap<ServiceKey, ServiceEndpoints>>,
+    /// Allocated VIPs.
+    pub vips: BTreeMap<ServiceKey, Ipv4Addr>,
+    /// Recent versions and what they changed.
+    pub history: BTreeMap<u64, HistoryRecord>,
+}
+
+/// One mesh change to persist.
+#[derive(Debug, Clone, Default)]
+pub struct MeshWrite {
+    /// The new mesh version.
+    pub version: u64,
+    /// Sources whose state changed.
+    pub sources: Vec<(String, SourceRecord)>,
+    /// Per source and service: the new endpoints, or `None` when the source no longer has it.
+    pub data: Vec<(String, ServiceKey, Option<ServiceEndpoints>)>,
+    /// Newly allocated VIPs.
+    pub vips: Vec<(ServiceKey, Ipv4Addr)>,
+    /// The history entry of this version.
+    pub history: HistoryRecord,
+    /// History entries below this version are dropped.
+    pub history_keep_from: u64,
+}
+
+fn data_key(source: &str, key: &ServiceKey) -> Vec<u8> {
+    format!("{source}\0{key}").into_bytes()
 }
 
 /// The embedded store on sled.
@@ -226,6 +289,10 @@ pub struct SledStore {
     tokens: sled::Tree,
     agents: sled::Tree,
     certs: sled::Tree,
+    reg_sources: sled::Tree,
+    reg_data: sled::Tree,
+    vips: sled::Tree,
+    history: sled::Tree,
 }
 
 const CA_KEY: &[u8] = b"ca";
@@ -278,6 +345,10 @@ impl SledStore {
             tokens: db.open_tree("tokens")?,
             agents: db.open_tree("agents")?,
             certs: db.open_tree("certs")?,
+            reg_sources: db.open_tree("reg_sources")?,
+            reg_data: db.open_tree("reg_data")?,
+            vips: db.open_tree("vips")?,
+            history: db.open_tree("history")?,
             db,
         };
         store.migrate()?;
@@ -499,6 +570,95 @@ impl Store for SledStore {
 
     fn certs(&self) -> Result<Vec<CertRecord>, StoreError> {
         all(&self.certs, "certs")
+    }
+
+    fn load_mesh(&self) -> Result<MeshDump, StoreError> {
+        let mut dump = MeshDump {
+            version: match self.meta.get(b"mesh_version")? {
+                Some(v) => decode("meta", b"mesh_version", &v)?,
+                None => 0,
+            },
+            ..MeshDump::default()
+        };
+        for kv in self.reg_sources.iter() {
+            let (k, v) = kv?;
+            dump.sources.insert(
+                String::from_utf8_lossy(&k).into_owned(),
+                decode("reg_sources", &k, &v)?,
+            );
+        }
+        for kv in self.reg_data.iter() {
+            let (k, v) = kv?;
+            let text = String::from_utf8_lossy(&k).into_owned();
+            let corrupt = || StoreError::Corrupt {
+                tree: "reg_data",
+                key: text.clone(),
+                message: "key is not <source>\\0<namespace>/<name>".into(),
+            };
+            let (source, key) = text.split_once('\0').ok_or_else(corrupt)?;
+            let key = ServiceKey::try_from(key.to_owned()).map_err(|_| corrupt())?;
+            let eps: ServiceEndpoints = decode("reg_data", &k, &v)?;
+            dump.data
+                .entry(source.to_owned())
+                .or_default()
+                .insert(key, eps);
+        }
+        for kv in self.vips.iter() {
+            let (k, v) = kv?;
+            let text = String::from_utf8_lossy(&k).into_owned();
+            let key = ServiceKey::try_from(text.clone()).map_err(|e| StoreError::Corrupt {
+                tree: "vips",
+                key: text.clone(),
+                message: e.to_string(),
+            })?;
+            dump.vips.insert(key, decode("vips", &k, &v)?);
+        }
+        for kv in self.history.iter() {
+            let (k, v) = kv?;
+            let version =
+                u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    tree: "history",
+                    key: format!("{k:?}"),
+                    message: "key is not 8 bytes".into(),
+                })?);
+            dump.history.insert(version, decode("history", &k, &v)?);
+        }
+        Ok(dump)
+    }
+
+    fn save_mesh(&self, w: &MeshWrite) -> Result<(), StoreError> {
+        let old: Vec<sled::IVec> = self
+            .history
+            .range(..w.history_keep_from.to_be_bytes())
+            .keys()
+            .collect::<Result<_, _>>()?;
+        txn((
+            &self.meta,
+            &self.reg_sources,
+            &self.reg_data,
+            &self.vips,
+            &self.history,
+        )
+            .transaction(|(meta, sources, data, vips, history)| {
+                meta.insert(b"mesh_version".as_ref(), encode(&w.version))?;
+                for (name, rec) in &w.sources {
+                    sources.insert(name.as_bytes(), encode(rec))?;
+                }
+                for (source, key, eps) in &w.data {
+                    match eps {
+                        Some(eps) => data.insert(data_key(source, key), encode(eps))?,
+                        None => data.remove(data_key(source, key))?,
+                    };
+                }
+                for (key, ip) in &w.vips {
+                    vips.insert(key.to_string().as_bytes(), encode(ip))?;
+                }
+                history.insert(&w.version.to_be_bytes(), encode(&w.history))?;
+                for k in &old {
+                    history.remove(k)?;
+                }
+                Ok(())
+            }))
     }
 
     fn flush(&self) -> Result<(), StoreError> {

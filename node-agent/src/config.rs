@@ -41,6 +41,9 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// `host:port` of the controller; overrides the address from the join token.
     pub controller: Option<String>,
+    /// Workload address registered in the mesh; default: the local address of the
+    /// route to the controller.
+    pub address: Option<std::net::IpAddr>,
     /// Certificate renewal.
     pub identity: IdentityConfig,
 }
@@ -66,6 +69,7 @@ impl Default for AgentConfig {
         Self {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             controller: None,
+            address: None,
             identity: IdentityConfig::default(),
         }
     }

@@ -12,5 +12,6 @@ pub mod config;
 pub mod identity;
 pub mod logging;
 pub mod pinned;
+pub mod push;
 pub mod run;
 pub mod status;

@@ -52,6 +52,9 @@ enum Command {
         /// State directory (overrides the config file).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Workload address to register (default: the local address of the route to the controller).
+        #[arg(long)]
+        address: Option<std::net::IpAddr>,
     },
     /// Renew the certificate now (one-shot, over mutual TLS; no token needed).
     Renew {
@@ -141,13 +144,20 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { config, state_dir } => {
+        Command::Run {
+            config,
+            state_dir,
+            address,
+        } => {
             let mut cfg = match &config {
                 Some(p) => AgentConfig::load(p)?,
                 None => AgentConfig::default(),
             };
             if let Some(d) = state_dir {
                 cfg.state_dir = d;
+            }
+            if address.is_some() {
+                cfg.address = address;
             }
             cfg.validate()?;
             let shutdown = async {

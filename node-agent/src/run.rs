@@ -4,15 +4,19 @@
 //! jitter, and reports the time left in `status.json`.
 
 use std::future::Future;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ring::rand::SecureRandom as _;
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::client::{self, ClientError};
 use crate::config::AgentConfig;
 use crate::identity::{Identity, StateDir, write_atomic};
+use crate::push::{self, ConfigCache, Event, SharedState};
 
 /// The status file written by the running agent.
 pub const STATUS_FILE: &str = "status.json";
@@ -36,6 +40,18 @@ pub struct RunStatus {
     pub renewals: u64,
     /// Unix seconds of this report.
     pub updated_at: i64,
+    /// The applied config version (0: none).
+    #[serde(default)]
+    pub config_version: u64,
+    /// The controller's latest version as last heard.
+    #[serde(default)]
+    pub controller_version: Option<u64>,
+    /// Why the last refused update was refused.
+    #[serde(default)]
+    pub config_error: Option<String>,
+    /// Unix seconds of the last applied update.
+    #[serde(default)]
+    pub config_applied_at: Option<i64>,
 }
 
 fn now_unix() -> i64 {
@@ -102,6 +118,24 @@ impl Reporter {
     }
 }
 
+/// The workload address to register: configured, or the local address of the route to
+/// the controller.
+fn local_address_towards(remote: std::net::SocketAddr) -> Option<IpAddr> {
+    let bind: std::net::SocketAddr = if remote.is_ipv4() {
+        "0.0.0.0:0".parse().ok()?
+    } else {
+        "[::]:0".parse().ok()?
+    };
+    let sock = std::net::UdpSocket::bind(bind).ok()?;
+    sock.connect(remote).ok()?;
+    sock.local_addr().ok().map(|a| a.ip())
+}
+
+struct Subscription {
+    task: tokio::task::JoinHandle<Result<(), ClientError>>,
+    goodbye: Option<oneshot::Sender<()>>,
+}
+
 /// Runs the agent until `shutdown` completes.
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let state = StateDir::new(&cfg.state_dir);
@@ -110,14 +144,23 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         .controller
         .clone()
         .unwrap_or_else(|| identity.info.controller.clone());
-    tracing::info!(agent = %identity.info.agent_id, identity = %identity.spiffe_id, %controller, "agent starting");
-    let mut rep = Reporter {
+    let cache = ConfigCache::new(state.path());
+    let mesh_state: SharedState = Arc::new(RwLock::new(cache.load()));
+    let cached_version = mesh_state.read().unwrap_or_else(|p| p.into_inner()).version;
+    tracing::info!(agent = %identity.info.agent_id, identity = %identity.spiffe_id, %controller, cached_config_version = cached_version, "agent starting");
+    let rep = Arc::new(Mutex::new(Reporter {
         state: state.clone(),
         status: RunStatus {
             pid: std::process::id(),
             controller: controller.clone(),
+            config_version: cached_version,
             ..RunStatus::default()
         },
+    }));
+    let report = |f: &dyn Fn(&mut RunStatus)| {
+        let mut r = rep.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut r.status);
+        r.write();
     };
     let id_cfg = cfg.identity.clone();
     let mut backoff = Backoff::new(id_cfg.retry_min, id_cfg.retry_max);
@@ -128,35 +171,95 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         id_cfg.jitter,
         unit_random(),
     );
-    rep.status.next_renewal_at = Some(renew_at);
-    rep.write();
+    report(&|s| s.next_renewal_at = Some(renew_at));
     let mut conn: Option<quinn::Connection> = None;
+    let mut sub: Option<Subscription> = None;
     tokio::pin!(shutdown);
 
     loop {
-        // 1. A control connection.
-        if conn.as_ref().is_some_and(|c| c.close_reason().is_some()) {
-            tracing::warn!(%controller, "control connection lost");
-            conn = None;
-            rep.status.controller_connected = false;
-            rep.write();
+        // 1. A control connection with a config subscription.
+        let sub_ended = sub.as_ref().is_some_and(|s| s.task.is_finished());
+        if conn.as_ref().is_some_and(|c| c.close_reason().is_some()) || sub_ended {
+            let mut refused = false;
+            if let Some(s) = sub.take() {
+                match s.task.await {
+                    Ok(Err(e)) => {
+                        refused = !e.is_retryable();
+                        tracing::warn!(error = %e, "config subscription ended");
+                        let msg = e.to_string();
+                        report(&move |st| st.last_error = Some(msg.clone()));
+                    }
+                    Ok(Ok(())) | Err(_) => {}
+                }
+            }
+            if let Some(c) = conn.take() {
+                c.close(0u32.into(), b"reconnecting");
+            }
+            tracing::warn!(%controller, "control connection lost; serving from the last applied config");
+            report(&|s| s.controller_connected = false);
+            let wait = if refused {
+                id_cfg.retry_max
+            } else {
+                backoff.next()
+            };
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
         }
         if conn.is_none() {
             match client::connect_mtls(&identity, &controller).await {
                 Ok(c) => {
-                    tracing::info!(%controller, "connected to the controller");
+                    let address = cfg
+                        .address
+                        .or_else(|| local_address_towards(c.remote_address()));
+                    tracing::info!(%controller, address = ?address, "connected to the controller");
+                    let (tx, rx) = oneshot::channel();
+                    let (c2, st, ca, rep2) =
+                        (c.clone(), mesh_state.clone(), cache.clone(), rep.clone());
+                    let task = tokio::spawn(async move {
+                        push::subscribe(&c2, st, ca, address, rx, move |ev| {
+                            let mut r = rep2.lock().unwrap_or_else(|p| p.into_inner());
+                            match ev {
+                                Event::Applied(v) => {
+                                    r.status.config_version = v;
+                                    r.status.controller_version =
+                                        Some(r.status.controller_version.unwrap_or(0).max(v));
+                                    r.status.config_error = None;
+                                    r.status.config_applied_at = Some(now_unix());
+                                }
+                                Event::Refused(v, e) => {
+                                    r.status.controller_version =
+                                        Some(r.status.controller_version.unwrap_or(0).max(v));
+                                    r.status.config_error = Some(e);
+                                }
+                                Event::ControllerVersion(v) => {
+                                    r.status.controller_version = Some(v)
+                                }
+                            }
+                            r.write();
+                        })
+                        .await
+                    });
+                    sub = Some(Subscription {
+                        task,
+                        goodbye: Some(tx),
+                    });
                     conn = Some(c);
-                    rep.status.controller_connected = true;
-                    rep.status.last_error = None;
                     backoff.reset();
-                    rep.write();
+                    report(&|s| {
+                        s.controller_connected = true;
+                        s.last_error = None;
+                    });
                 }
                 Err(e) => {
                     let left = identity.not_after - now_unix();
-                    tracing::warn!(error = %e, certificate_expires_in_secs = left, "controller unreachable; serving with the current certificate");
-                    rep.status.controller_connected = false;
-                    rep.status.last_error = Some(e.to_string());
-                    rep.write();
+                    tracing::warn!(error = %e, certificate_expires_in_secs = left, "controller unreachable; serving with the current certificate and config");
+                    let msg = e.to_string();
+                    report(&move |s| {
+                        s.controller_connected = false;
+                        s.last_error = Some(msg.clone());
+                    });
                     let wait = backoff.next();
                     tokio::select! {
                         _ = &mut shutdown => break,
@@ -188,13 +291,22 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                     )
                     .max(earliest);
                     backoff.reset();
-                    rep.status.renewals += 1;
-                    rep.status.last_renewal_at = Some(now_unix());
-                    rep.status.next_renewal_at = Some(renew_at);
-                    rep.status.last_error = None;
-                    rep.write();
+                    let at = now_unix();
+                    report(&move |s| {
+                        s.renewals += 1;
+                        s.last_renewal_at = Some(at);
+                        s.next_renewal_at = Some(renew_at);
+                        s.last_error = None;
+                    });
                     // The connection was authenticated with the old certificate; reconnect
-                    // so the controller sees the new one.
+                    // so the controller sees the new one. The subscription resumes from
+                    // its version.
+                    if let Some(mut s) = sub.take()
+                        && let Some(g) = s.goodbye.take()
+                    {
+                        drop(g);
+                        s.task.abort();
+                    }
                     c.close(0u32.into(), b"renewed");
                     conn = None;
                     continue;
@@ -206,42 +318,58 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                     } else {
                         tracing::error!(error = %e, certificate_expires_in_secs = left, "renewal refused by the controller");
                     }
-                    rep.status.last_error = Some(e.to_string());
-                    rep.write();
-                    if matches!(
-                        e,
-                        ClientError::Connect { .. } | ClientError::Protocol { .. }
-                    ) {
-                        c.close(0u32.into(), b"retry");
-                        conn = None;
-                    }
+                    let msg = e.to_string();
+                    report(&move |s| s.last_error = Some(msg.clone()));
                     let wait = if e.is_retryable() {
                         backoff.next()
                     } else {
                         id_cfg.retry_max
                     };
-                    tokio::select! {
-                        _ = &mut shutdown => break,
-                        _ = tokio::time::sleep(wait) => continue,
+                    renew_at = now_unix() + i64::try_from(wait.as_secs()).unwrap_or(1).max(1);
+                    if matches!(
+                        e,
+                        ClientError::Connect { .. } | ClientError::Protocol { .. }
+                    ) {
+                        c.close(0u32.into(), b"retry");
                     }
+                    continue;
                 }
             }
         }
 
-        // 3. Wait for the renewal time, a lost connection, or shutdown.
+        // 3. Wait for the renewal time, a lost connection or subscription, or shutdown.
         let until = Duration::from_secs(u64::try_from(renew_at - now).unwrap_or(0));
+        let sub_done = async {
+            match sub.as_mut() {
+                Some(s) => {
+                    while !s.task.is_finished() {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tokio::time::sleep_until(Instant::now() + until) => {}
             _ = c.closed() => {}
+            _ = sub_done => {}
         }
+    }
+    // Graceful stop: tell the controller to deregister this workload now.
+    if let Some(mut s) = sub.take() {
+        if let Some(g) = s.goodbye.take() {
+            let _ = g.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(3), &mut s.task).await;
     }
     if let Some(c) = conn {
         c.close(0u32.into(), b"agent stopping");
     }
-    rep.status.controller_connected = false;
-    rep.status.pid = 0;
-    rep.write();
+    report(&|s| {
+        s.controller_connected = false;
+        s.pid = 0;
+    });
     tracing::info!("agent stopped");
     Ok(())
 }

@@ -26,8 +26,17 @@ pub struct Status {
     pub running: bool,
     /// Whether that process has a control connection.
     pub controller_connected: bool,
-    /// The applied config version; `null` until the controller has pushed config.
+    /// The applied config version (from the running agent, else the on-disk cache);
+    /// `null` until the controller has pushed config.
     pub config_version: Option<u64>,
+    /// The controller's version as last heard, when known.
+    pub controller_version: Option<u64>,
+    /// Versions behind the controller.
+    pub config_lag: Option<u64>,
+    /// Why the last refused update was refused.
+    pub config_error: Option<String>,
+    /// Services in the applied config.
+    pub services: usize,
     /// The last error the running agent reported.
     pub last_error: Option<String>,
     /// Unix seconds.
@@ -51,6 +60,7 @@ pub fn status(state: &StateDir) -> anyhow::Result<Status> {
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
     let running = process_alive(run.pid);
+    let cached = crate::push::ConfigCache::new(state.path()).load();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(0))
@@ -69,7 +79,20 @@ pub fn status(state: &StateDir) -> anyhow::Result<Status> {
         expires_in_secs: id.not_after - now,
         running,
         controller_connected: running && run.controller_connected,
-        config_version: None,
+        config_version: (cached.version > 0).then_some(cached.version),
+        controller_version: if running {
+            run.controller_version
+        } else {
+            None
+        },
+        config_lag: if running {
+            run.controller_version
+                .map(|c| c.saturating_sub(cached.version))
+        } else {
+            None
+        },
+        config_error: if running { run.config_error } else { None },
+        services: cached.services.len(),
         last_error: if running { run.last_error } else { None },
         last_renewal_at: run.last_renewal_at,
         next_renewal_at: if running { run.next_renewal_at } else { None },

@@ -1,0 +1,759 @@
+//! The mesh hub: the merged registry, VIP allocation, the versioned change history,
+//! and the agents' sessions and leases.
+//!
+//! Every change (a source update, an agent registering or leaving, an agent removed)
+//! goes through [`Mesh::commit`]: the services it touched get VIPs if new, the change is
+//! written to the store in one transaction, the mesh version grows by one, the history
+//! records which services changed, and subscribers are woken through a watch channel.
+//! Subscribers pull what changed since their own version ([`Mesh::update_since`]), so a
+//! slow agent's changes coalesce and nothing waits for it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use causeway_api::WorkloadGroup;
+use causeway_api::push::{ConfigUpdate, EndpointMsg, ServiceMsg, ServiceRef};
+use causeway_api::registry::{
+    Conflict, Endpoint, Provenance, Registry, RegistryDelta, ServiceKey, SourceChange, SourceKind,
+    SourceSnapshot, SourceState,
+};
+use causeway_registry::{SourceUpdate, apply_update};
+use ipnet::Ipv4Net;
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
+
+use crate::store::{AgentRecord, HistoryRecord, MeshWrite, SourceRecord, Store, StoreError};
+
+/// The source name under which agents register their workloads.
+pub const AGENTS_SOURCE: &str = "agents";
+
+/// Mesh settings.
+#[derive(Debug, Clone)]
+pub struct MeshSettings {
+    /// Range VIPs are allocated from.
+    pub vip_range: Ipv4Net,
+    /// How long an agent's workload stays registered after its connection is gone.
+    pub agent_grace: Duration,
+    /// How many versions of history are kept for resuming agents.
+    pub history_len: u64,
+}
+
+/// An agent's session as operators see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionView {
+    /// Whether a subscription is open.
+    pub connected: bool,
+    /// The last version the agent acknowledged.
+    pub acked_version: u64,
+    /// The last version sent.
+    pub sent_version: u64,
+    /// The last refusal, if the agent refused an update.
+    pub last_nack: Option<NackView>,
+    /// The registered workload address.
+    pub address: String,
+    /// Session generation (grows with every new session).
+    pub generation: u64,
+}
+
+/// A refused update.
+#[derive(Debug, Clone, Serialize)]
+pub struct NackView {
+    /// The refused version.
+    pub version: u64,
+    /// The agent's reason.
+    pub error: String,
+}
+
+struct Session {
+    view: SessionView,
+    kick: Arc<Notify>,
+}
+
+/// What a session task holds.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    /// The agent.
+    pub agent_id: String,
+    /// This session's generation.
+    pub generation: u64,
+    /// Notified when the session must end (replaced by a newer one, or agent removed).
+    pub kick: Arc<Notify>,
+}
+
+struct Inner {
+    version: u64,
+    registry: Registry,
+    vips: BTreeMap<ServiceKey, Ipv4Addr>,
+    used_vips: BTreeSet<Ipv4Addr>,
+    vip_cursor: u32,
+    history: BTreeMap<u64, HistoryRecord>,
+    deny: BTreeSet<String>,
+    sessions: BTreeMap<String, Session>,
+    next_generation: u64,
+}
+
+/// The hub.
+pub struct Mesh {
+    store: Arc<dyn Store>,
+    settings: MeshSettings,
+    bundle: Vec<Vec<u8>>,
+    inner: Mutex<Inner>,
+    version_tx: watch::Sender<u64>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A service as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceView {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// VIP, when allocated.
+    pub vip: Option<Ipv4Addr>,
+    /// Merged endpoints.
+    pub endpoints: Vec<EndpointView>,
+    /// Names of the sources that contribute.
+    pub sources: BTreeSet<String>,
+}
+
+/// An endpoint as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointView {
+    /// Address.
+    pub address: String,
+    /// Named ports.
+    pub ports: BTreeMap<String, u16>,
+    /// Whether it routes.
+    pub healthy: bool,
+    /// Source name.
+    pub source: String,
+    /// Source kind.
+    pub kind: SourceKind,
+    /// The source's own id.
+    pub native_id: String,
+    /// The source's revision.
+    pub revision: String,
+    /// Whether its source is failing.
+    pub stale: bool,
+    /// SPIFFE ID, when it runs an agent.
+    pub identity: Option<String>,
+    /// Zone.
+    pub zone: Option<String>,
+}
+
+/// A source as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceView {
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: SourceKind,
+    /// "syncing", "synced" or "stale".
+    pub state: String,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// Services it holds.
+    pub services: usize,
+    /// Endpoints it holds.
+    pub endpoints: usize,
+}
+
+fn endpoint_msg(ep: &Endpoint) -> EndpointMsg {
+    EndpointMsg {
+        id: format!("{}/{}", ep.provenance.source, ep.provenance.native_id),
+        address: ep.address.clone(),
+        ports: ep
+            .ports
+            .iter()
+            .map(|(k, v)| (k.clone(), u32::from(*v)))
+            .collect(),
+        healthy: ep.healthy(),
+        zone: ep.locality.zone.clone().unwrap_or_default(),
+        identity: ep.identity.clone().unwrap_or_default(),
+        source: ep.provenance.source.clone(),
+        stale: ep.stale,
+        labels: ep.labels.clone(),
+    }
+}
+
+impl Inner {
+    fn service_msg(&self, key: &ServiceKey) -> Option<ServiceMsg> {
+        let eps = self.registry.service(key);
+        if eps.is_empty() {
+            return None;
+        }
+        let mut hostnames = BTreeSet::new();
+        let mut kinds = BTreeSet::new();
+        for ep in eps.values() {
+            hostnames.extend(ep.hostnames.iter().cloned());
+            kinds.insert(ep.provenance.kind.to_string());
+        }
+        Some(ServiceMsg {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            vip: self
+                .vips
+                .get(key)
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            endpoints: eps.values().map(endpoint_msg).collect(),
+            hostnames: hostnames.into_iter().collect(),
+            source_kinds: kinds.into_iter().collect(),
+        })
+    }
+
+    fn allocate_vip(&mut self, range: Ipv4Net) -> Option<Ipv4Addr> {
+        let base = u32::from(range.network());
+        let size = 1u64 << (32 - u32::from(range.prefix_len()));
+        for _ in 0..size {
+            let offset = self.vip_cursor;
+            self.vip_cursor = u32::try_from((u64::from(self.vip_cursor) + 1) % size).unwrap_or(0);
+            let ip = Ipv4Addr::from(base.wrapping_add(offset));
+            if ip == range.network() || ip == range.broadcast() || self.used_vips.contains(&ip) {
+                continue;
+            }
+            self.used_vips.insert(ip);
+            return Some(ip);
+        }
+        None
+    }
+}
+
+impl Mesh {
+    /// Restores the mesh from the store (before any source answers). Sources that are
+    /// no longer configured are dropped; restored agent workloads get a grace period.
+    pub fn open(
+        store: Arc<dyn Store>,
+        settings: MeshSettings,
+        bundle: Vec<Vec<u8>>,
+        configured_sources: &BTreeSet<String>,
+        deny: BTreeSet<String>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let dump = store.load_mesh()?;
+        let mut registry = Registry::new();
+        for (name, rec) in &dump.sources {
+            let snapshot = SourceSnapshot {
+                services: dump.data.get(name).cloned().unwrap_or_default(),
+            };
+            registry.apply_with_state(
+                name,
+                rec.kind,
+                SourceChange::Full(snapshot),
+                rec.state.clone(),
+            );
+        }
+        let used_vips = dump.vips.values().copied().collect();
+        let inner = Inner {
+            version: dump.version,
+            registry,
+            vips: dump.vips,
+            used_vips,
+            vip_cursor: 1,
+            history: dump.history,
+            deny,
+            sessions: BTreeMap::new(),
+            next_generation: 0,
+        };
+        let (version_tx, _) = watch::channel(inner.version);
+        let mesh = Arc::new(Self {
+            store,
+            settings,
+            bundle,
+            inner: Mutex::new(inner),
+            version_tx,
+        });
+        {
+            let mut inner = mesh.lock();
+            let stale: Vec<String> = inner
+                .registry
+                .sources()
+                .keys()
+                .filter(|s| s.as_str() != AGENTS_SOURCE && !configured_sources.contains(*s))
+                .cloned()
+                .collect();
+            for name in stale {
+                tracing::info!(source = %name, "source no longer configured; dropping its endpoints");
+                let delta = inner.registry.remove_source(&name);
+                mesh.commit(&mut inner, vec![delta], &[name], false)?;
+            }
+            // Workloads restored from the store wait for their agents to reconnect.
+            let restored: Vec<String> = inner
+                .registry
+                .sources()
+                .get(AGENTS_SOURCE)
+                .map(|e| {
+                    e.snapshot
+                        .services
+                        .values()
+                        .flat_map(|eps| eps.keys().cloned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            for agent_id in restored {
+                mesh.schedule_expiry(agent_id, 0);
+            }
+        }
+        Ok(mesh)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current mesh version.
+    pub fn version(&self) -> u64 {
+        self.lock().version
+    }
+
+    /// Watches the mesh version.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.version_tx.subscribe()
+    }
+
+    /// Persists and publishes one change. Returns the new version (or the old one if
+    /// nothing changed).
+    fn commit(
+        &self,
+        inner: &mut Inner,
+        deltas: Vec<RegistryDelta>,
+        sources: &[String],
+        deny_changed: bool,
+    ) -> Result<u64, StoreError> {
+        let touched: BTreeSet<ServiceKey> = deltas
+            .iter()
+            .flat_map(|d| d.services.iter().map(|s| s.key.clone()))
+            .collect();
+        let mut write = MeshWrite {
+            version: inner.version + 1,
+            ..MeshWrite::default()
+        };
+        for name in sources {
+            if let Some(entry) = inner.registry.sources().get(name) {
+                write.sources.push((
+                    name.clone(),
+                    SourceRecord {
+                        kind: entry.kind,
+                        state: entry.state.clone(),
+                    },
+                ));
+            }
+            for key in &touched {
+                let eps = inner
+                    .registry
+                    .sources()
+                    .get(name)
+                    .and_then(|e| e.snapshot.services.get(key))
+                    .cloned();
+                write.data.push((name.clone(), key.clone(), eps));
+            }
+        }
+        if touched.is_empty() && !deny_changed {
+            if !write.sources.is_empty() {
+                // Only a state change (e.g. an error message) with no endpoint change.
+                write.version = inner.version;
+                write.history = inner
+                    .history
+                    .get(&inner.version)
+                    .cloned()
+                    .unwrap_or_default();
+                write.history_keep_from = inner.version.saturating_sub(self.settings.history_len);
+                self.store.save_mesh(&write)?;
+            }
+            return Ok(inner.version);
+        }
+        for key in &touched {
+            if !inner.vips.contains_key(key) && !inner.registry.service(key).is_empty() {
+                match inner.allocate_vip(self.settings.vip_range) {
+                    Some(ip) => {
+                        inner.vips.insert(key.clone(), ip);
+                        write.vips.push((key.clone(), ip));
+                    }
+                    None => {
+                        tracing::error!(service = %key, range = %self.settings.vip_range, "VIP range exhausted; the service has no VIP (widen mesh.vip_range)")
+                    }
+                }
+            }
+        }
+        write.history = HistoryRecord {
+            services: touched,
+            deny: deny_changed,
+        };
+        write.history_keep_from = write.version.saturating_sub(self.settings.history_len) + 1;
+        self.store.save_mesh(&write)?;
+        inner.version = write.version;
+        inner.history.insert(write.version, write.history);
+        let keep = write.history_keep_from;
+        inner.history.retain(|v, _| *v >= keep);
+        self.version_tx.send_replace(inner.version);
+        Ok(inner.version)
+    }
+
+    /// Applies a registry source's update.
+    pub fn apply_source_update(&self, update: &SourceUpdate) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let deltas = apply_update(&mut inner.registry, update, now_ms());
+        self.commit(
+            &mut inner,
+            deltas,
+            std::slice::from_ref(&update.source),
+            false,
+        )
+    }
+
+    /// What a subscriber at `since` needs to reach the current version: the services
+    /// changed since then, or a full snapshot when the history does not reach back.
+    pub fn update_since(&self, since: u64) -> ConfigUpdate {
+        let inner = self.lock();
+        let covered = since > 0
+            && since <= inner.version
+            && (since == inner.version
+                || inner
+                    .history
+                    .first_key_value()
+                    .is_some_and(|(first, _)| *first <= since + 1));
+        if !covered {
+            let keys: Vec<ServiceKey> = inner.registry.service_keys().cloned().collect();
+            return ConfigUpdate {
+                version: inner.version,
+                base_version: 0,
+                full: true,
+                services: keys.iter().filter_map(|k| inner.service_msg(k)).collect(),
+                trust_bundle_der: self.bundle.clone(),
+                bundle_set: true,
+                deny_serials: inner.deny.iter().cloned().collect(),
+                deny_set: true,
+                vip_cidr: self.settings.vip_range.to_string(),
+                ..ConfigUpdate::default()
+            };
+        }
+        let mut keys = BTreeSet::new();
+        let mut deny = false;
+        for (_, rec) in inner.history.range(since + 1..) {
+            keys.extend(rec.services.iter().cloned());
+            deny |= rec.deny;
+        }
+        let mut update = ConfigUpdate {
+            version: inner.version,
+            base_version: since,
+            ..ConfigUpdate::default()
+        };
+        for key in &keys {
+            match inner.service_msg(key) {
+                Some(s) => update.services.push(s),
+                None => update.removed.push(ServiceRef {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                }),
+            }
+        }
+        if deny {
+            update.deny_set = true;
+            update.deny_serials = inner.deny.iter().cloned().collect();
+        }
+        update
+    }
+
+    fn agents_services(
+        inner: &Inner,
+    ) -> BTreeMap<ServiceKey, causeway_api::registry::ServiceEndpoints> {
+        inner
+            .registry
+            .sources()
+            .get(AGENTS_SOURCE)
+            .map(|e| e.snapshot.services.clone())
+            .unwrap_or_default()
+    }
+
+    /// Registers (or re-registers) an agent's workload; returns the change to apply.
+    fn register(
+        inner: &mut Inner,
+        agent: &AgentRecord,
+        group: &WorkloadGroup,
+        address: &str,
+    ) -> Option<RegistryDelta> {
+        let service = group.service.as_ref()?;
+        let key = ServiceKey::new(&group.namespace, service);
+        let mut ep = Endpoint::new(
+            address,
+            Provenance {
+                source: AGENTS_SOURCE.into(),
+                kind: SourceKind::Agents,
+                native_id: agent.id.clone(),
+                revision: agent.joined_at.to_string(),
+            },
+        );
+        ep.ports = group
+            .ports
+            .iter()
+            .map(|p| (p.name.clone(), p.port))
+            .collect();
+        ep.labels = group.labels.clone();
+        ep.identity = Some(agent.spiffe_id.clone());
+        let mut changes = BTreeMap::new();
+        let all = Self::agents_services(inner);
+        // The agent may have registered under another service before (group changed).
+        for (k, eps) in &all {
+            if k != &key && eps.contains_key(&agent.id) {
+                let mut eps = eps.clone();
+                eps.remove(&agent.id);
+                changes.insert(k.clone(), eps);
+            }
+        }
+        let mut eps = all.get(&key).cloned().unwrap_or_default();
+        eps.insert(agent.id.clone(), ep);
+        changes.insert(key, eps);
+        Some(inner.registry.apply(
+            AGENTS_SOURCE,
+            SourceKind::Agents,
+            SourceChange::Services(changes),
+        ))
+    }
+
+    fn deregister(inner: &mut Inner, agent_id: &str) -> Option<RegistryDelta> {
+        let changes: BTreeMap<_, _> = Self::agents_services(inner)
+            .into_iter()
+            .filter(|(_, eps)| eps.contains_key(agent_id))
+            .map(|(k, mut eps)| {
+                eps.remove(agent_id);
+                (k, eps)
+            })
+            .collect();
+        if changes.is_empty() {
+            return None;
+        }
+        Some(inner.registry.apply(
+            AGENTS_SOURCE,
+            SourceKind::Agents,
+            SourceChange::Services(changes),
+        ))
+    }
+
+    /// Starts a session for `agent`: ends any older one, registers the workload.
+    pub fn session_start(
+        &self,
+        agent: &AgentRecord,
+        group: Option<&WorkloadGroup>,
+        address: IpAddr,
+        acked_version: u64,
+    ) -> Result<SessionHandle, StoreError> {
+        let mut inner = self.lock();
+        inner.next_generation += 1;
+        let generation = inner.next_generation;
+        let kick = Arc::new(Notify::new());
+        if let Some(old) = inner.sessions.get(&agent.id) {
+            old.kick.notify_one();
+        }
+        inner.sessions.insert(
+            agent.id.clone(),
+            Session {
+                view: SessionView {
+                    connected: true,
+                    acked_version,
+                    sent_version: 0,
+                    last_nack: None,
+                    address: address.to_string(),
+                    generation,
+                },
+                kick: kick.clone(),
+            },
+        );
+        if let Some(group) = group
+            && let Some(delta) = Self::register(&mut inner, agent, group, &address.to_string())
+        {
+            self.commit(&mut inner, vec![delta], &[AGENTS_SOURCE.to_owned()], false)?;
+        }
+        Ok(SessionHandle {
+            agent_id: agent.id.clone(),
+            generation,
+            kick,
+        })
+    }
+
+    /// Ends a session. A graceful end deregisters at once; otherwise the workload stays
+    /// for the grace period, unless a newer session of the same agent exists.
+    pub fn session_end(
+        self: &Arc<Self>,
+        h: &SessionHandle,
+        graceful: bool,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let Some(s) = inner.sessions.get_mut(&h.agent_id) else {
+            return Ok(());
+        };
+        if s.view.generation != h.generation {
+            return Ok(()); // a newer session owns the lease
+        }
+        s.view.connected = false;
+        if graceful {
+            if let Some(delta) = Self::deregister(&mut inner, &h.agent_id) {
+                self.commit(&mut inner, vec![delta], &[AGENTS_SOURCE.to_owned()], false)?;
+            }
+            tracing::info!(agent = %h.agent_id, "agent left gracefully; workload deregistered");
+        } else {
+            drop(inner);
+            self.schedule_expiry(h.agent_id.clone(), h.generation);
+        }
+        Ok(())
+    }
+
+    fn schedule_expiry(self: &Arc<Self>, agent_id: String, generation: u64) {
+        let mesh = Arc::downgrade(self);
+        let grace = self.settings.agent_grace;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let Some(mesh) = mesh.upgrade() else { return };
+            let mut inner = mesh.lock();
+            let current = inner
+                .sessions
+                .get(&agent_id)
+                .map(|s| (s.view.generation, s.view.connected));
+            let expire = match current {
+                None => generation == 0,
+                Some((g, connected)) => g == generation && !connected,
+            };
+            if expire && let Some(delta) = Self::deregister(&mut inner, &agent_id) {
+                tracing::info!(%agent_id, "agent connection gone longer than the grace period; workload deregistered");
+                if let Err(e) =
+                    mesh.commit(&mut inner, vec![delta], &[AGENTS_SOURCE.to_owned()], false)
+                {
+                    tracing::error!(error = %e, "cannot persist a deregistration");
+                }
+            }
+        });
+    }
+
+    /// Records what a session sent.
+    pub fn record_sent(&self, h: &SessionHandle, version: u64) {
+        if let Some(s) = self.lock().sessions.get_mut(&h.agent_id)
+            && s.view.generation == h.generation
+        {
+            s.view.sent_version = version;
+        }
+    }
+
+    /// Records an ACK or a NACK.
+    pub fn record_answer(&self, h: &SessionHandle, acked: u64, nack: Option<NackView>) {
+        if let Some(s) = self.lock().sessions.get_mut(&h.agent_id)
+            && s.view.generation == h.generation
+        {
+            s.view.acked_version = acked;
+            if nack.is_some() {
+                s.view.last_nack = nack;
+            } else {
+                s.view.last_nack = None;
+            }
+        }
+    }
+
+    /// An operator removed an agent: deny its certificate, deregister, end its session.
+    pub fn agent_removed(&self, agent_id: &str, serial: &str) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        inner.deny.insert(serial.to_owned());
+        let delta = Self::deregister(&mut inner, agent_id);
+        if let Some(s) = inner.sessions.get(agent_id) {
+            s.kick.notify_one();
+        }
+        self.commit(
+            &mut inner,
+            delta.into_iter().collect(),
+            &[AGENTS_SOURCE.to_owned()],
+            true,
+        )?;
+        Ok(())
+    }
+
+    /// Sessions by agent id.
+    pub fn sessions(&self) -> BTreeMap<String, SessionView> {
+        self.lock()
+            .sessions
+            .iter()
+            .map(|(k, s)| (k.clone(), s.view.clone()))
+            .collect()
+    }
+
+    /// The merged registry for the admin API.
+    pub fn services(&self) -> Vec<ServiceView> {
+        let inner = self.lock();
+        inner
+            .registry
+            .service_keys()
+            .filter_map(|key| {
+                let eps = inner.registry.service(key);
+                if eps.is_empty() {
+                    return None;
+                }
+                Some(ServiceView {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    vip: inner.vips.get(key).copied(),
+                    sources: eps.values().map(|e| e.provenance.source.clone()).collect(),
+                    endpoints: eps
+                        .values()
+                        .map(|e| EndpointView {
+                            address: e.address.clone(),
+                            ports: e.ports.clone(),
+                            healthy: e.healthy(),
+                            source: e.provenance.source.clone(),
+                            kind: e.provenance.kind,
+                            native_id: e.provenance.native_id.clone(),
+                            revision: e.provenance.revision.clone(),
+                            stale: e.stale,
+                            identity: e.identity.clone(),
+                            zone: e.locality.zone.clone(),
+                        })
+                        .collect(),
+                })
+            })
+            .collect()
+    }
+
+    /// The registry's sources for the admin API.
+    pub fn sources(&self) -> Vec<SourceView> {
+        let inner = self.lock();
+        inner
+            .registry
+            .sources()
+            .iter()
+            .map(|(name, e)| SourceView {
+                name: name.clone(),
+                kind: e.kind,
+                state: match e.state.status {
+                    causeway_api::registry::SourceStatus::Synced => "synced",
+                    causeway_api::registry::SourceStatus::Stale => "stale",
+                    _ => "syncing",
+                }
+                .into(),
+                last_error: e.state.last_error.clone(),
+                services: e.snapshot.services.len(),
+                endpoints: e.snapshot.endpoint_count(),
+            })
+            .collect()
+    }
+
+    /// Disagreements between sources.
+    pub fn conflicts(&self) -> Vec<Conflict> {
+        self.lock().registry.conflicts()
+    }
+
+    /// Marks configured sources that have not reported yet (for the admin API).
+    pub fn declare_source(&self, name: &str, kind: SourceKind) {
+        let mut inner = self.lock();
+        if !inner.registry.sources().contains_key(name) {
+            let _ = inner.registry.apply_with_state(
+                name,
+                kind,
+                SourceChange::Services(BTreeMap::new()),
+                SourceState::syncing(),
+            );
+        }
+    }
+}
