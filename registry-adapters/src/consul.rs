@@ -219,7 +219,7 @@ impl ConsulSource {
                     if !watchers.contains_key(&name) {
                         continue; // a late answer for a service that left the catalog
                     }
-                    match parse_health(&self, &body) {
+                    match parse_health(&self.name, self.datacenter.as_deref(), &body) {
                         Ok(eps) => {
                             failing.remove(&name);
                             let key = match self.mapping.key(
@@ -476,8 +476,13 @@ fn check_health(status: &str) -> Health {
     }
 }
 
-/// Parses a `/v1/health/service/<name>` body into endpoints by native id.
-fn parse_health(src: &ConsulSource, body: &[u8]) -> Result<ServiceEndpoints, String> {
+/// Parses a `/v1/health/service/<name>` body into endpoints by native id, for source
+/// `source` reading `datacenter` (used as region when a node has none).
+pub fn parse_health(
+    source: &str,
+    datacenter: Option<&str>,
+    body: &[u8],
+) -> Result<ServiceEndpoints, String> {
     let entries: Vec<HealthEntry> =
         serde_json::from_slice(body).map_err(|e| format!("not the expected JSON array: {e}"))?;
     let mut out = ServiceEndpoints::new();
@@ -494,7 +499,7 @@ fn parse_health(src: &ConsulSource, body: &[u8]) -> Result<ServiceEndpoints, Str
         let mut ep = Endpoint::new(
             address,
             Provenance {
-                source: src.name.clone(),
+                source: source.to_string(),
                 kind: SourceKind::Consul,
                 native_id: native_id.clone(),
                 revision: e.service.modify_index.to_string(),
@@ -523,7 +528,11 @@ fn parse_health(src: &ConsulSource, body: &[u8]) -> Result<ServiceEndpoints, Str
             .fold(Health::Passing, Health::worst);
         let node_meta = e.node.meta.unwrap_or_default();
         ep.locality = Locality {
-            region: e.node.datacenter.clone().or_else(|| src.datacenter.clone()),
+            region: e
+                .node
+                .datacenter
+                .clone()
+                .or_else(|| datacenter.map(str::to_string)),
             zone: meta.get("zone").or_else(|| node_meta.get("zone")).cloned(),
             node: Some(e.node.node.clone()),
         };
@@ -546,20 +555,6 @@ fn parse_health(src: &ConsulSource, body: &[u8]) -> Result<ServiceEndpoints, Str
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn src() -> ConsulSource {
-        ConsulSource::new(
-            &ConsulSourceConfig {
-                name: "consul-dc1".into(),
-                address: "http://127.0.0.1:1".into(),
-                datacenter: None,
-                token_file: None,
-                namespace: None,
-            },
-            &SourceOptions::default(),
-        )
-        .unwrap()
-    }
 
     #[test]
     fn index_resets_when_it_goes_backwards_and_never_uses_zero() {
@@ -584,7 +579,12 @@ mod tests {
 
     #[test]
     fn parses_the_recorded_health_answer() {
-        let eps = parse_health(&src(), &recorded("consul/03-health-service-web.http")).unwrap();
+        let eps = parse_health(
+            "consul-dc1",
+            None,
+            &recorded("consul/03-health-service-web.http"),
+        )
+        .unwrap();
         assert_eq!(eps.len(), 2);
         let w1 = &eps["realsrv-server/web-1"];
         assert_eq!(w1.address, "127.0.0.1");
@@ -601,12 +601,17 @@ mod tests {
             Health::Critical,
             "worst of the checks: web-2's TTL is critical"
         );
-        let after =
-            parse_health(&src(), &recorded("consul/07-health-service-web-after.http")).unwrap();
+        let after = parse_health(
+            "consul-dc1",
+            None,
+            &recorded("consul/07-health-service-web-after.http"),
+        )
+        .unwrap();
         assert_eq!(after["realsrv-server/web-2"].health, Health::Passing);
         assert!(
             parse_health(
-                &src(),
+                "consul-dc1",
+                None,
                 &recorded("consul/09-health-service-api-after-deregister.http")
             )
             .unwrap()
@@ -619,7 +624,7 @@ mod tests {
         let body = br#"[{"Node":{"Node":"n1","Address":"10.0.0.7","Datacenter":"dc1","Meta":null},
             "Service":{"ID":"web-x","Service":"web","Tags":null,"Address":"","Meta":{"external-source":"kubernetes","port-grpc":"9090","protocol":"http"},"Port":8080,"ModifyIndex":3},
             "Checks":[{"Status":"passing"},{"Status":"warning"}]}]"#;
-        let eps = parse_health(&src(), body).unwrap();
+        let eps = parse_health("consul-dc1", None, body).unwrap();
         let e = &eps["n1/web-x"];
         assert_eq!(e.address, "10.0.0.7");
         assert_eq!(e.synced_from, Some(SourceKind::Kubernetes));
@@ -632,7 +637,7 @@ mod tests {
 
     #[test]
     fn malformed_bodies_are_errors() {
-        assert!(parse_health(&src(), b"[{\"Node\":").is_err());
-        assert!(parse_health(&src(), b"{}").is_err());
+        assert!(parse_health("consul-dc1", None, b"[{\"Node\":").is_err());
+        assert!(parse_health("consul-dc1", None, b"{}").is_err());
     }
 }

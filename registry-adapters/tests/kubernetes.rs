@@ -211,3 +211,38 @@ async fn missing_kubeconfig_is_reported() {
     );
     task.abort();
 }
+
+#[tokio::test]
+async fn two_clusters_at_once_merge_by_namespace_and_name() {
+    let a = FakeKubernetes::start().await.unwrap();
+    let b = FakeKubernetes::start().await.unwrap();
+    b.delete(KubeKind::EndpointSlice, "demo", "web-abcde");
+    b.apply(KubeKind::EndpointSlice, web2_slice());
+    let dir = tempfile::tempdir().unwrap();
+    let (mut h, tx) = Harness::new();
+    for (name, fake) in [("cluster-a", &a), ("cluster-b", &b)] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, fake.kubeconfig("t")).unwrap();
+        let cfg = KubernetesSourceConfig {
+            name: name.into(),
+            kubeconfig: Some(path),
+        };
+        tokio::spawn(KubernetesSource::new(&cfg, &fast_options()).run(tx.clone()));
+    }
+    drop(tx);
+    h.until("both clusters", |r| eps(r, "demo", "web").len() == 3)
+        .await;
+    let web = h.endpoints("demo", "web");
+    assert_eq!(
+        web.iter()
+            .filter(|e| e.provenance.source == "cluster-a")
+            .count(),
+        2
+    );
+    let from_b: Vec<_> = web
+        .iter()
+        .filter(|e| e.provenance.source == "cluster-b")
+        .collect();
+    assert_eq!(from_b.len(), 1);
+    assert_eq!(from_b[0].address, "192.0.2.13");
+}
