@@ -72,6 +72,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/agents", get(agent_list))
         .route("/v1/agents/{id}", delete(agent_remove).get(agent_show))
         .route("/v1/certificates", get(cert_list))
+        .route("/v1/mesh", get(mesh_status))
         .route("/v1/registry", get(registry_list))
         .route("/v1/registry/sources", get(registry_sources))
         .route("/v1/registry/conflicts", get(registry_conflicts))
@@ -402,8 +403,13 @@ impl AgentView {
 }
 
 async fn agent_list(State(s): State<AdminState>) -> Result<Json<Vec<AgentView>>, ApiError> {
+    let sessions = s.mesh.sessions();
     Ok(Json(
-        s.store.agents()?.into_iter().map(AgentView::from).collect(),
+        s.store
+            .agents()?
+            .into_iter()
+            .map(|a| AgentView::from(a).with_session(&sessions))
+            .collect(),
     ))
 }
 
@@ -469,4 +475,13 @@ async fn registry_conflicts(
     State(s): State<AdminState>,
 ) -> Json<Vec<causeway_api::registry::Conflict>> {
     Json(s.mesh.conflicts())
+}
+
+async fn mesh_status(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let sessions = s.mesh.sessions();
+    Json(serde_json::json!({
+        "version": s.mesh.version(),
+        "services": s.mesh.services().len(),
+        "agents_connected": sessions.values().filter(|v| v.connected).count(),
+    }))
 }

@@ -52,7 +52,9 @@ pub fn server_config(ca: &Ca) -> anyhow::Result<quinn::ServerConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport.max_concurrent_bidi_streams(64u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
-    transport.max_idle_timeout(Some(Duration::from_secs(60).try_into()?));
+    // Agents send keep-alives every 3 s; a connection silent for 10 s is dead, which
+    // starts its workload's grace period.
+    transport.max_idle_timeout(Some(Duration::from_secs(10).try_into()?));
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
 }

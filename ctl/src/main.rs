@@ -56,6 +56,9 @@ enum Command {
     /// The certificate authority.
     #[command(subcommand)]
     Ca(CaCmd),
+    /// The merged registry.
+    #[command(subcommand)]
+    Registry(RegistryCmd),
     /// Print shell completions.
     Completions {
         /// The shell.
@@ -140,6 +143,21 @@ enum AgentCmd {
         /// Agent id.
         id: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum RegistryCmd {
+    /// List services with their VIPs, endpoints and sources.
+    List,
+    /// Show one service: NAME (namespace default) or NAMESPACE/NAME.
+    Show {
+        /// The service.
+        name: String,
+    },
+    /// List the registry sources and their state.
+    Sources,
+    /// List disagreements between sources.
+    Conflicts,
 }
 
 #[derive(Subcommand, Debug)]
@@ -467,6 +485,155 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     s(v, "id"),
                     s(v, "serial")
                 )
+            });
+        }
+        Command::Registry(RegistryCmd::List) => {
+            let v = api.call(Method::GET, "/v1/registry", None).await?;
+            print(out, &v, |v| {
+                let rows = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|svc| {
+                        let eps = svc
+                            .get("endpoints")
+                            .and_then(Value::as_array)
+                            .cloned()
+                            .unwrap_or_default();
+                        let healthy = eps
+                            .iter()
+                            .filter(|e| e.get("healthy").and_then(Value::as_bool) == Some(true))
+                            .count();
+                        let stale = eps
+                            .iter()
+                            .filter(|e| e.get("stale").and_then(Value::as_bool) == Some(true))
+                            .count();
+                        let sources = svc
+                            .get("sources")
+                            .and_then(Value::as_array)
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(Value::as_str)
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            })
+                            .unwrap_or_default();
+                        vec![
+                            format!("{}/{}", s(svc, "namespace"), s(svc, "name")),
+                            s(svc, "vip"),
+                            format!("{healthy}/{}", eps.len()),
+                            if stale > 0 {
+                                format!("{stale} stale")
+                            } else {
+                                String::new()
+                            },
+                            sources,
+                        ]
+                    })
+                    .collect();
+                table(&["SERVICE", "VIP", "HEALTHY", "STALE", "SOURCES"], rows)
+            });
+        }
+        Command::Registry(RegistryCmd::Show { name }) => {
+            let path = if name.contains('/') {
+                name.clone()
+            } else {
+                format!("default/{name}")
+            };
+            let v = api
+                .call(Method::GET, &format!("/v1/registry/{path}"), None)
+                .await?;
+            print(out, &v, |v| {
+                let mut text = format!(
+                    "service: {}/{}\nvip:     {}\n",
+                    s(v, "namespace"),
+                    s(v, "name"),
+                    s(v, "vip")
+                );
+                let rows = v
+                    .get("endpoints")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .map(|e| {
+                        let ports = e
+                            .get("ports")
+                            .and_then(Value::as_object)
+                            .map(|p| {
+                                p.iter()
+                                    .map(|(k, n)| format!("{k}:{n}"))
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            })
+                            .unwrap_or_default();
+                        vec![
+                            s(e, "address"),
+                            ports,
+                            s(e, "healthy"),
+                            s(e, "source"),
+                            s(e, "native_id"),
+                            s(e, "stale"),
+                            s(e, "identity"),
+                        ]
+                    })
+                    .collect();
+                text.push_str(&table(
+                    &[
+                        "ADDRESS",
+                        "PORTS",
+                        "HEALTHY",
+                        "SOURCE",
+                        "NATIVE ID",
+                        "STALE",
+                        "IDENTITY",
+                    ],
+                    rows,
+                ));
+                text
+            });
+        }
+        Command::Registry(RegistryCmd::Sources) => {
+            let v = api.call(Method::GET, "/v1/registry/sources", None).await?;
+            print(out, &v, |v| {
+                let rows = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|x| {
+                        vec![
+                            s(x, "name"),
+                            s(x, "kind"),
+                            s(x, "state"),
+                            s(x, "services"),
+                            s(x, "endpoints"),
+                            s(x, "last_error"),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "NAME",
+                        "KIND",
+                        "STATE",
+                        "SERVICES",
+                        "ENDPOINTS",
+                        "LAST ERROR",
+                    ],
+                    rows,
+                )
+            });
+        }
+        Command::Registry(RegistryCmd::Conflicts) => {
+            let v = api
+                .call(Method::GET, "/v1/registry/conflicts", None)
+                .await?;
+            print(out, &v, |v| {
+                let list = v.as_array().cloned().unwrap_or_default();
+                if list.is_empty() {
+                    "no conflicts\n".to_owned()
+                } else {
+                    list.iter().map(|c| format!("{}\n", c)).collect()
+                }
             });
         }
         Command::Ca(CaCmd::Show) => {

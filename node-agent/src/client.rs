@@ -128,8 +128,10 @@ async fn connect(
         .map_err(|e| connect_err(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(10)));
-    transport.max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("in range")));
+    // Keep-alives every 3 s and a 10 s idle timeout: the controller notices a dead
+    // agent (and starts its lease's grace period) within about 10 s.
+    transport.keep_alive_interval(Some(Duration::from_secs(3)));
+    transport.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("in range")));
     cfg.transport_config(Arc::new(transport));
     endpoint.set_default_client_config(cfg);
     let connecting = endpoint
@@ -150,7 +152,7 @@ async fn connect(
 }
 
 /// Turns a QUIC/TLS failure into advice.
-fn explain(e: &quinn::ConnectionError) -> String {
+pub(crate) fn explain(e: &quinn::ConnectionError) -> String {
     let text = e.to_string();
     if text.contains("CertificateExpired")
         || text.contains("certificate expired")

@@ -58,8 +58,8 @@ pub type SharedState = Arc<RwLock<MeshState>>;
 /// What the subscription reports to the service loop.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// A version was applied.
-    Applied(u64),
+    /// A version was applied (`true`: it was a full snapshot).
+    Applied(u64, bool),
     /// A version was refused.
     Refused(u64, String),
     /// The controller's current version (heartbeat).
@@ -139,7 +139,7 @@ pub async fn subscribe(
     loop {
         let body = tokio::select! {
             r = read_frame(&mut recv) => r.map_err(|e| match conn.close_reason() {
-                Some(reason) => proto(reason.to_string()),
+                Some(reason) => proto(crate::client::explain(&reason)),
                 None => proto(e),
             })?,
             _ = &mut goodbye => {
@@ -164,7 +164,7 @@ pub async fn subscribe(
                             removed = update.removed.len(),
                             "config applied"
                         );
-                        events(Event::Applied(v));
+                        events(Event::Applied(v, update.full));
                         agent_frame::Kind::Ack(Ack { version: v })
                     }
                     Err((current, e)) => {

@@ -52,6 +52,12 @@ pub struct RunStatus {
     /// Unix seconds of the last applied update.
     #[serde(default)]
     pub config_applied_at: Option<i64>,
+    /// Full snapshots applied by this process.
+    #[serde(default)]
+    pub full_updates: u64,
+    /// Deltas applied by this process.
+    #[serde(default)]
+    pub delta_updates: u64,
 }
 
 fn now_unix() -> i64 {
@@ -181,16 +187,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         let sub_ended = sub.as_ref().is_some_and(|s| s.task.is_finished());
         if conn.as_ref().is_some_and(|c| c.close_reason().is_some()) || sub_ended {
             let mut refused = false;
-            if let Some(s) = sub.take() {
-                match s.task.await {
-                    Ok(Err(e)) => {
-                        refused = !e.is_retryable();
-                        tracing::warn!(error = %e, "config subscription ended");
-                        let msg = e.to_string();
-                        report(&move |st| st.last_error = Some(msg.clone()));
-                    }
-                    Ok(Ok(())) | Err(_) => {}
-                }
+            if let Some(s) = sub.take()
+                && let Ok(Err(e)) = s.task.await
+            {
+                refused = !e.is_retryable();
+                tracing::warn!(error = %e, "config subscription ended");
+                let msg = e.to_string();
+                report(&move |st| st.last_error = Some(msg.clone()));
             }
             if let Some(c) = conn.take() {
                 c.close(0u32.into(), b"reconnecting");
@@ -221,7 +224,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                         push::subscribe(&c2, st, ca, address, rx, move |ev| {
                             let mut r = rep2.lock().unwrap_or_else(|p| p.into_inner());
                             match ev {
-                                Event::Applied(v) => {
+                                Event::Applied(v, full) => {
+                                    if full {
+                                        r.status.full_updates += 1;
+                                    } else {
+                                        r.status.delta_updates += 1;
+                                    }
                                     r.status.config_version = v;
                                     r.status.controller_version =
                                         Some(r.status.controller_version.unwrap_or(0).max(v));

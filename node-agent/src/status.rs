@@ -37,6 +37,10 @@ pub struct Status {
     pub config_error: Option<String>,
     /// Services in the applied config.
     pub services: usize,
+    /// Full snapshots applied by the running process.
+    pub full_updates: Option<u64>,
+    /// Deltas applied by the running process.
+    pub delta_updates: Option<u64>,
     /// The last error the running agent reported.
     pub last_error: Option<String>,
     /// Unix seconds.
@@ -93,6 +97,8 @@ pub fn status(state: &StateDir) -> anyhow::Result<Status> {
         },
         config_error: if running { run.config_error } else { None },
         services: cached.services.len(),
+        full_updates: running.then_some(run.full_updates),
+        delta_updates: running.then_some(run.delta_updates),
         last_error: if running { run.last_error } else { None },
         last_renewal_at: run.last_renewal_at,
         next_renewal_at: if running { run.next_renewal_at } else { None },
@@ -137,9 +143,15 @@ pub fn render(s: &Status) -> String {
         "config:      {}\n",
         s.config_version
             .map_or("no config pushed yet".to_owned(), |v| format!(
-                "version {v}"
+                "version {v}, {} services{}",
+                s.services,
+                s.config_lag
+                    .map_or(String::new(), |l| format!(", {l} behind the controller"))
             ))
     ));
+    if let Some(e) = &s.config_error {
+        out.push_str(&format!("config refused: {e}\n"));
+    }
     if let Some(e) = &s.last_error {
         out.push_str(&format!("last error:  {e}\n"));
     }

@@ -177,6 +177,40 @@ impl Controller {
         self.spawn(Some(&control));
     }
 
+    /// GETs an admin API path with the credential and parses the JSON answer.
+    pub fn api(&self, path: &str) -> Value {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let credential =
+            std::fs::read_to_string(self.data_dir.join("admin.token")).expect("admin.token");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let resp = reqwest::Client::new()
+                .get(format!("{}{path}", self.admin))
+                .bearer_auth(credential.trim())
+                .send()
+                .await
+                .expect("admin API reachable");
+            assert!(resp.status().is_success(), "{path}: {}", resp.status());
+            resp.json().await.expect("JSON")
+        })
+    }
+
+    /// The mesh version.
+    pub fn mesh_version(&self) -> u64 {
+        self.api("/v1/mesh")["version"].as_u64().expect("version")
+    }
+
+    /// The agent list (`causewayctl agent list --output json`).
+    pub fn agents(&self) -> Vec<Value> {
+        self.ctl_json(&["agent", "list"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Runs `causewayctl` against this controller.
     pub fn ctl(&self, args: &[&str]) -> Output {
         Command::new(bin("causewayctl"))
@@ -295,6 +329,11 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `causeway-agent run` with a config file written from `toml`.
     pub fn start(state_dir: &Path, toml: &str) -> Self {
+        Self::start_with(state_dir, toml, &[])
+    }
+
+    /// Starts `causeway-agent run` with a config file and extra arguments.
+    pub fn start_with(state_dir: &Path, toml: &str, extra: &[&str]) -> Self {
         let cfg = state_dir.with_extension("agent.toml");
         std::fs::write(&cfg, toml).expect("write agent config");
         let log = std::fs::OpenOptions::new()
@@ -307,6 +346,7 @@ impl AgentProcess {
             .arg(&cfg)
             .arg("--state-dir")
             .arg(state_dir)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

@@ -276,7 +276,7 @@ fn sigkill_during_a_burst_of_joins_loses_nothing() {
 
     let agents = ctl.ctl_json(&["agent", "list"]);
     let agents = agents.as_array().unwrap();
-    let issued = reqwest_json(&ctl, "/v1/certificates");
+    let issued = ctl.api("/v1/certificates");
     let serials: Vec<&str> = issued
         .as_array()
         .unwrap()
@@ -327,20 +327,6 @@ fn sigkill_during_a_burst_of_joins_loses_nothing() {
             join_ok(tok, &retry);
         }
     }
-}
-
-fn reqwest_json(ctl: &Controller, path: &str) -> serde_json::Value {
-    let credential = std::fs::read_to_string(ctl.data_dir.join("admin.token")).unwrap();
-    rt().block_on(async {
-        let resp = reqwest::Client::new()
-            .get(format!("{}{path}", ctl.admin))
-            .bearer_auth(credential.trim())
-            .send()
-            .await
-            .unwrap();
-        assert!(resp.status().is_success(), "{path}: {}", resp.status());
-        resp.json().await.unwrap()
-    })
 }
 
 #[test]
