@@ -59,6 +59,15 @@ pub struct ConsulSourceConfig {
     /// catalog reports one (Enterprise), else `default`.
     #[serde(default)]
     pub namespace: Option<String>,
+    /// Consul Enterprise namespace to read (`?ns=`); all of the token's when absent.
+    #[serde(default)]
+    pub consul_namespace: Option<String>,
+    /// Consul Enterprise admin partition to read (`?partition=`).
+    #[serde(default)]
+    pub partition: Option<String>,
+    /// PEM file of the CA that signed Consul's HTTPS certificate (added to the system roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// One Eureka source (`[[sources.eureka]]`).
@@ -252,6 +261,9 @@ mod tests {
                 datacenter: None,
                 token_file: None,
                 namespace: Some("Bad_NS".into()),
+                consul_namespace: None,
+                partition: None,
+                ca_file: None,
             }],
             eureka: vec![EurekaSourceConfig {
                 name: "a".into(),

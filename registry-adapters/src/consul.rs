@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use crate::config::ConsulSourceConfig;
 use crate::source::{
     Backoff, FetchError, SourceError, SourceOptions, SourceUpdate, StateTracker, get_limited,
-    http_client,
+    http_client_with_ca,
 };
 
 /// A Consul catalog as a source. Create with [`ConsulSource::new`], drive with [`ConsulSource::run`].
@@ -38,6 +38,8 @@ pub struct ConsulSource {
     name: String,
     base: String,
     datacenter: Option<String>,
+    /// `&ns=…&partition=…` for Consul Enterprise, or empty.
+    scope: String,
     token: Option<String>,
     mapping: NamespaceMapping,
     client: reqwest::Client,
@@ -93,9 +95,13 @@ impl ConsulSource {
             name: cfg.name.clone(),
             base: cfg.address.trim_end_matches('/').to_string(),
             datacenter: cfg.datacenter.clone(),
+            scope: [("ns", &cfg.consul_namespace), ("partition", &cfg.partition)]
+                .into_iter()
+                .filter_map(|(k, v)| v.as_ref().map(|v| format!("&{k}={v}")))
+                .collect(),
             token,
             mapping,
-            client: http_client(&cfg.name)?,
+            client: http_client_with_ca(&cfg.name, cfg.ca_file.as_deref())?,
             opts: opts.clone(),
         })
     }
@@ -124,6 +130,7 @@ impl ConsulSource {
             url.push_str("&dc=");
             url.push_str(dc);
         }
+        url.push_str(&self.scope);
         let mut req = self.client.get(&url);
         if let Some(t) = &self.token {
             req = req.header("X-Consul-Token", t);

@@ -158,6 +158,18 @@ pub enum SourceError {
         /// The OS error.
         error: std::io::Error,
     },
+    /// The CA file could not be read.
+    #[error(
+        "source {source_name:?}: cannot read ca_file {path}: {error}; point it at the PEM of the registry's CA"
+    )]
+    CaFile {
+        /// Source name.
+        source_name: String,
+        /// The path.
+        path: String,
+        /// The OS error.
+        error: std::io::Error,
+    },
     /// The HTTP client could not be built.
     #[error("source {source_name:?}: cannot build its HTTP client: {error}")]
     Client {
@@ -337,14 +349,36 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Builds the HTTP client every source uses (rustls with ring).
 pub(crate) fn http_client(source_name: &str) -> Result<reqwest::Client, SourceError> {
+    http_client_with_ca(source_name, None)
+}
+
+/// An HTTP client that also trusts the CA in `ca_file` (PEM), for registries behind a
+/// private CA.
+pub(crate) fn http_client_with_ca(
+    source_name: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<reqwest::Client, SourceError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .map_err(|error| SourceError::Client {
+    let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|error| SourceError::CaFile {
             source_name: source_name.to_string(),
+            path: path.display().to_string(),
             error,
-        })
+        })?;
+        let certs =
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|error| SourceError::Client {
+                source_name: source_name.to_string(),
+                error,
+            })?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(|error| SourceError::Client {
+        source_name: source_name.to_string(),
+        error,
+    })
 }
 
 /// Milliseconds since the Unix epoch.

@@ -17,6 +17,9 @@ fn config(fake: &FakeConsul) -> ConsulSourceConfig {
         datacenter: Some("dc1".into()),
         token_file: None,
         namespace: Some("default".into()),
+        consul_namespace: None,
+        partition: None,
+        ca_file: None,
     }
 }
 
@@ -238,6 +241,9 @@ async fn unreachable_consul_is_stale_with_a_clear_error() {
         datacenter: None,
         token_file: None,
         namespace: None,
+        consul_namespace: None,
+        partition: None,
+        ca_file: None,
     };
     cfg.namespace = None;
     let task = tokio::spawn(ConsulSource::new(&cfg, &fast_options()).unwrap().run(tx));
@@ -288,4 +294,30 @@ async fn acl_token_from_file_is_sent_and_a_wrong_one_is_reported() {
     assert!(e.contains("token_file") && e.contains("missing"), "{e}");
     t1.abort();
     t2.abort();
+}
+
+#[tokio::test]
+async fn enterprise_namespace_and_partition_are_sent_and_a_missing_ca_file_is_named() {
+    let fake = FakeConsul::start().await.unwrap();
+    let mut cfg = config(&fake);
+    cfg.consul_namespace = Some("team-a".into());
+    cfg.partition = Some("part-1".into());
+    let (mut h, tx) = Harness::new();
+    let task = tokio::spawn(ConsulSource::new(&cfg, &fast_options()).unwrap().run(tx));
+    h.until("initial sync", |r| eps(r, "default", "web").len() == 2)
+        .await;
+    let reqs = fake.requests();
+    assert!(!reqs.is_empty());
+    for r in &reqs {
+        assert_eq!(r.param("ns").as_deref(), Some("team-a"), "{r:?}");
+        assert_eq!(r.param("partition").as_deref(), Some("part-1"), "{r:?}");
+    }
+    task.abort();
+    cfg.ca_file = Some("/nonexistent/consul-ca.pem".into());
+    let err = ConsulSource::new(&cfg, &fast_options()).err().unwrap();
+    let text = err.to_string();
+    assert!(
+        text.contains("ca_file") && text.contains("/nonexistent/consul-ca.pem"),
+        "{text}"
+    );
 }

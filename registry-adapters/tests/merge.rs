@@ -29,6 +29,9 @@ async fn same_service_from_consul_eureka_and_file_merges_with_provenance_and_con
             datacenter: None,
             token_file: None,
             namespace: None,
+            consul_namespace: None,
+            partition: None,
+            ca_file: None,
         }],
         eureka: vec![EurekaSourceConfig {
             name: "eureka".into(),
@@ -146,6 +149,9 @@ async fn consul_and_kubernetes_merge_without_double_counting_consul_k8s_copies()
             datacenter: None,
             token_file: None,
             namespace: Some("demo".into()),
+            consul_namespace: None,
+            partition: None,
+            ca_file: None,
         }],
         kubernetes: vec![KubernetesSourceConfig {
             name: "cluster-a".into(),

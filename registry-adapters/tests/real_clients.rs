@@ -77,6 +77,9 @@ async fn py_consul_registers_into_the_fake_and_the_adapter_sees_it() {
         datacenter: None,
         token_file: None,
         namespace: None,
+        consul_namespace: None,
+        partition: None,
+        ca_file: None,
     };
     let task = tokio::spawn(ConsulSource::new(&cfg, &fast_options()).unwrap().run(tx));
     h.until("initial sync", |r| eps(r, "default", "web").len() == 2)
