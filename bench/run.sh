@@ -3,11 +3,15 @@
 # run, each next to its own baselines, printing their tables (with ratios) and the peak
 # RSS of each process. Results go to BENCH_OUT (default: a temporary directory) as JSON.
 #
-#   bench/run.sh [ARGS...]    ARGS are passed to every program (e.g. --count 5000)
+#   bench/run.sh [PROGRAM...]   default: every program in bench/src/bin
 #
-# Environment: BENCH_PIN=0 to not pin to one CPU (default: taskset -c 0 when available,
-# so "one core" holds for every thread, the fsync and sled threads included);
-# BENCH_OUT=DIR to keep the JSON; CARGO_TARGET_DIR as usual.
+# Environment:
+#   <PROGRAM>_ARGS   extra arguments for one program, e.g. CA_THROUGHPUT_ARGS="--count 5000"
+#   BENCH_PIN=0      do not pin ca_throughput to one CPU (default: taskset -c 0 when
+#                    available, so "one core" holds for every thread of it, the fsync and
+#                    sled threads included; the other programs are never pinned)
+#   BENCH_OUT=DIR    keep the JSON results there
+#   CARGO_TARGET_DIR as usual
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -18,14 +22,18 @@ mkdir -p "$out"
 echo "== building (release)"
 cargo build --release -p causeway-bench --bins
 
-programs=()
-for src in bench/src/bin/*.rs; do
-    programs+=("$(basename "$src" .rs)")
-done
+programs=("$@")
+if [ ${#programs[@]} -eq 0 ]; then
+    for src in bench/src/bin/*.rs; do
+        programs+=("$(basename "$src" .rs)")
+    done
+fi
 
-pin=()
+# Programs whose target is stated "on one core" run pinned to CPU 0.
+pinned_programs=" ca_throughput "
+pin_cmd=()
 if [ "${BENCH_PIN:-1}" != 0 ] && command -v taskset >/dev/null; then
-    pin=(taskset -c 0)
+    pin_cmd=(taskset -c 0)
 fi
 timev=()
 if [ -x /usr/bin/time ]; then
@@ -40,15 +48,24 @@ echo "cpu:     $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n1) ($
 echo "memory:  $(free -h 2>/dev/null | awk '/^Mem:/ {print $2}')"
 echo "kernel:  $(uname -r)"
 echo "rustc:   $(rustc --version)"
-echo "temp fs: $(df -T "${TMPDIR:-/tmp}" | awk 'NR==2 {print $2 " on " $1}') (${TMPDIR:-/tmp}; the sled store lives there unless --dir is given)"
-echo "pinning: ${pin[*]:-none}"
+echo "load:    $(cut -d' ' -f1-3 /proc/loadavg) (1, 5, 15 min; other work on the box skews results)"
+echo "temp fs: $(df -T "${TMPDIR:-/tmp}" | awk 'NR==2 {print $2 " on " $1}') (${TMPDIR:-/tmp}; the stores live there unless --dir is given)"
 
 status=0
 for p in "${programs[@]}"; do
+    if [ ! -x "$target_dir/release/$p" ]; then
+        echo "!! no program $p (have: $(cd bench/src/bin && ls -- *.rs | sed 's/\.rs$//' | tr '\n' ' '))" >&2
+        status=1
+        continue
+    fi
+    args_var="$(echo "$p" | tr '[:lower:]-' '[:upper:]_')_ARGS"
+    read -r -a extra <<<"${!args_var:-}"
+    pin=()
+    case "$pinned_programs" in *" $p "*) pin=("${pin_cmd[@]}") ;; esac
     echo
-    echo "== $p ${*}"
+    echo "== $p ${extra[*]} (pinned: ${pin[*]:-no})"
     rc=0
-    "${timev[@]}" "${pin[@]}" "$target_dir/release/$p" --json "$out/$p.json" "$@" || rc=$?
+    "${timev[@]}" "${pin[@]}" "$target_dir/release/$p" --json "$out/$p.json" "${extra[@]}" || rc=$?
     if [ "$rc" -ne 0 ]; then
         echo "!! $p exited with $rc" >&2
         status=1

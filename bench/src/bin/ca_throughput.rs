@@ -140,6 +140,21 @@ fn process_write_bytes() -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Total size of the files under `dir`.
+fn dir_size(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 /// Peak resident set size so far (VmHWM), in KiB.
 fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -614,6 +629,13 @@ async fn run(args: &Args) -> Result<Vec<Row>> {
         "{joined} agents recorded, expected {expected}"
     );
     eprintln!("checked: {expected} joins recorded, token spent {expected} times");
+    let records = store.agents()?.len();
+    let bytes = dir_size(&tmp.path().join("db"));
+    eprintln!(
+        "store on disk: {:.1} MiB for {records} agents ({:.1} KiB per agent, certificates and tokens included)",
+        bytes as f64 / 1048576.0,
+        bytes as f64 / 1024.0 / records as f64
+    );
     Ok(rows)
 }
 
