@@ -661,3 +661,56 @@ fn group_delete_refused_while_agents_are_active() {
         "{err}"
     );
 }
+
+#[test]
+fn admin_api_over_https_with_the_operator_certificate() {
+    let t = tmp();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (t.path().join("admin.crt"), t.path().join("admin.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let ctl = Controller::start_with_config(
+        &t.path().join("c"),
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:15080\"\ntls_cert = {:?}\ntls_key = {:?}\n",
+            cert_path.to_str().unwrap(),
+            key_path.to_str().unwrap()
+        ),
+    );
+    assert!(ctl.admin.starts_with("https://"), "{}", ctl.admin);
+    let run = |extra: &[&str]| {
+        std::process::Command::new(bin("causewayctl"))
+            .args(["ca", "show", "--output", "json"])
+            .args(extra)
+            .env("CAUSEWAY_CONTROLLER", &ctl.admin)
+            .env(
+                "CAUSEWAY_ADMIN_TOKEN_FILE",
+                ctl.data_dir.join("admin.token"),
+            )
+            .output()
+            .unwrap()
+    };
+    // Trusting the operator's certificate: works.
+    let out = run(&["--ca-file", cert_path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["fingerprint"], ctl.fingerprint.as_str());
+    // Without trusting it: a clear failure, not a silent downgrade.
+    let out = run(&[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach the controller"),
+        "{}",
+        describe(&out)
+    );
+    // Shell completions are generated without a controller.
+    let out = std::process::Command::new(bin("causewayctl"))
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("causewayctl"));
+}
