@@ -481,6 +481,7 @@ async fn mesh_status(State(s): State<AdminState>) -> Json<serde_json::Value> {
     let sessions = s.mesh.sessions();
     Json(serde_json::json!({
         "version": s.mesh.version(),
+        "durable_version": s.mesh.durable_version(),
         "services": s.mesh.services().len(),
         "agents_connected": sessions.values().filter(|v| v.connected).count(),
     }))

@@ -101,6 +101,10 @@ pub struct Mesh {
     bundle: Vec<Vec<u8>>,
     inner: Mutex<Inner>,
     version_tx: watch::Sender<u64>,
+    /// Wakes the flusher after a commit.
+    flush: Arc<Notify>,
+    /// The newest version known to be on disk.
+    durable: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn now_ms() -> u64 {
@@ -264,13 +268,42 @@ impl Mesh {
             next_generation: 0,
         };
         let (version_tx, _) = watch::channel(inner.version);
+        let durable = Arc::new(std::sync::atomic::AtomicU64::new(inner.version));
+        let flush = Arc::new(Notify::new());
         let mesh = Arc::new(Self {
             store,
             settings,
             bundle,
             inner: Mutex::new(inner),
             version_tx,
+            flush,
+            durable,
         });
+        // Registry changes are written in a transaction and flushed right after, off the
+        // commit path: a burst of changes shares one fsync, and the window a crash can
+        // lose is one fsync long (the sources re-sync anything lost).
+        {
+            let (store, flush, durable) =
+                (mesh.store.clone(), mesh.flush.clone(), mesh.durable.clone());
+            let versions = mesh.version_tx.subscribe();
+            tokio::spawn(async move {
+                loop {
+                    flush.notified().await;
+                    let target = *versions.borrow();
+                    let s = store.clone();
+                    match tokio::task::spawn_blocking(move || s.flush()).await {
+                        Ok(Ok(())) => {
+                            durable.fetch_max(target, std::sync::atomic::Ordering::SeqCst)
+                        }
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "cannot flush the registry to disk");
+                            0
+                        }
+                        Err(_) => return,
+                    };
+                }
+            });
+        }
         {
             let mut inner = mesh.lock();
             let stale: Vec<String> = inner
@@ -312,6 +345,11 @@ impl Mesh {
     /// The current mesh version.
     pub fn version(&self) -> u64 {
         self.lock().version
+    }
+
+    /// The newest version known to be flushed to disk.
+    pub fn durable_version(&self) -> u64 {
+        self.durable.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Watches the mesh version.
@@ -394,6 +432,7 @@ impl Mesh {
         let keep = write.history_keep_from;
         inner.history.retain(|v, _| *v >= keep);
         self.version_tx.send_replace(inner.version);
+        self.flush.notify_one();
         Ok(inner.version)
     }
 

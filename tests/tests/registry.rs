@@ -29,7 +29,7 @@ fn consul_and_file_merge_and_survive_a_restart_without_their_sources() {
     let file = dir.path().join("external.toml");
     std::fs::write(
         &file,
-        "[[services]]\nname = \"web\"\nnamespace = \"default\"\nports = { tcp = 8080 }\n[[services.endpoints]]\naddress = \"192.0.2.50\"\n",
+        "[[services]]\nname = \"web\"\nnamespace = \"default\"\nports = { tcp = 8080 }\n[[services.endpoints]]\naddress = \"192.0.2.50\"\n\n[[services]]\nname = \"api\"\nnamespace = \"default\"\nports = { tcp = 9091 }\n[[services.endpoints]]\naddress = \"127.0.0.1\"\n",
     )
     .unwrap();
     let mut ctl = Controller::start_with_config(
@@ -77,6 +77,22 @@ fn consul_and_file_merge_and_survive_a_restart_without_their_sources() {
     assert_eq!(consul_src["kind"], "consul");
     assert_eq!(consul_src["state"], "synced");
     assert!(consul_src.get("last_error").is_some());
+    // The file lists api at the address Consul has for it, with another port number:
+    // both disagreements are reported, not hidden.
+    let conflicts = wait_for("conflicts for api", WAIT, || {
+        let c = ctl.ctl_json(&["registry", "conflicts"]);
+        (c.as_array().unwrap().len() >= 2).then_some(c)
+    });
+    let kinds: Vec<&str> = conflicts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"duplicate_address") && kinds.contains(&"port_mismatch"),
+        "{conflicts}"
+    );
     let text = ctl.ctl_ok(&["registry", "show", "web"]);
     assert!(
         text.contains("consul-dc1") && text.contains("external"),
@@ -85,6 +101,10 @@ fn consul_and_file_merge_and_survive_a_restart_without_their_sources() {
 
     // Controller killed; Consul gone too. After restart, before any source answers,
     // the merged registry is back from sled, with the same VIP.
+    wait_for("the registry on disk", WAIT, || {
+        let m = ctl.api("/v1/mesh");
+        (m["durable_version"] == m["version"]).then_some(())
+    });
     ctl.kill();
     drop(consul);
     std::fs::remove_file(&file).unwrap();
