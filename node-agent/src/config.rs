@@ -1,5 +1,6 @@
 //! The agent's configuration (`/etc/causeway/agent.toml`): one typed struct, checked whole.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -46,6 +47,55 @@ pub struct AgentConfig {
     pub address: Option<std::net::IpAddr>,
     /// Certificate renewal.
     pub identity: IdentityConfig,
+    /// Traffic capture, outbound proxy and tunnel.
+    pub dataplane: DataplaneConfig,
+}
+
+/// Data-plane settings (ports from the design brief by default).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataplaneConfig {
+    /// Install iptables capture rules (needs root or CAP_NET_ADMIN). `--no-capture`
+    /// turns it off; the listeners still run.
+    pub capture: bool,
+    /// Where captured outbound connections are redirected to; loopback only.
+    pub outbound_listen: SocketAddr,
+    /// UDP address of the tunnel (QUIC) that peer agents connect to.
+    pub tunnel_listen: SocketAddr,
+    /// Tunnel port of peer agents.
+    pub tunnel_port: u16,
+    /// Socket mark (SO_MARK) on the agent's own TCP sockets so capture skips them.
+    pub mark: u32,
+    /// This host's zone, for same-zone-first endpoint choice.
+    pub zone: Option<String>,
+    /// Timeout of a connect to an endpoint, a peer agent or a local application, e.g. "5s".
+    #[serde(with = "duration_text")]
+    pub connect_timeout: Duration,
+    /// First ejection of an endpoint whose connect failed; doubles per failure, e.g. "5s".
+    #[serde(with = "duration_text")]
+    pub eject_base: Duration,
+    /// Longest ejection, e.g. "1m".
+    #[serde(with = "duration_text")]
+    pub eject_max: Duration,
+    /// Reach endpoints that run no agent in plaintext (auto mTLS); false refuses them.
+    pub plaintext_upstreams: bool,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        Self {
+            capture: true,
+            outbound_listen: SocketAddr::from(([127, 0, 0, 1], 15001)),
+            tunnel_listen: SocketAddr::from(([0, 0, 0, 0], 15008)),
+            tunnel_port: 15008,
+            mark: 0x4357,
+            zone: None,
+            connect_timeout: Duration::from_secs(5),
+            eject_base: Duration::from_secs(5),
+            eject_max: Duration::from_secs(60),
+            plaintext_upstreams: true,
+        }
+    }
 }
 
 /// Certificate renewal settings.
@@ -71,6 +121,7 @@ impl Default for AgentConfig {
             controller: None,
             address: None,
             identity: IdentityConfig::default(),
+            dataplane: DataplaneConfig::default(),
         }
     }
 }
@@ -135,6 +186,34 @@ impl AgentConfig {
                 "controller = {c:?}: must be host:port, e.g. \"10.0.0.5:15012\""
             ));
         }
+        let dp = &self.dataplane;
+        if !dp.outbound_listen.ip().is_loopback() {
+            errors.push(format!(
+                "dataplane.outbound_listen = {}: must be a loopback address (captured connections come from this host only), e.g. \"127.0.0.1:15001\"",
+                dp.outbound_listen
+            ));
+        }
+        if dp.capture && dp.outbound_listen.port() == 0 {
+            errors.push(
+                "dataplane.outbound_listen: port 0 cannot be a capture target; use 15001".into(),
+            );
+        }
+        if dp.tunnel_port == 0 {
+            errors.push("dataplane.tunnel_port = 0: must be 1..65535 (15008)".into());
+        }
+        if dp.mark == 0 {
+            errors.push("dataplane.mark = 0: must be non-zero (0 is every unmarked socket)".into());
+        }
+        if dp.connect_timeout.is_zero() {
+            errors.push("dataplane.connect_timeout: must be above zero, e.g. \"5s\"".into());
+        }
+        if dp.eject_base.is_zero() || dp.eject_base > dp.eject_max {
+            errors.push(format!(
+                "dataplane.eject_base = {}: must be above zero and at most dataplane.eject_max ({})",
+                humantime::format_duration(dp.eject_base),
+                humantime::format_duration(dp.eject_max)
+            ));
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -183,6 +262,16 @@ mod tests {
             panic!()
         };
         assert_eq!(errors.len(), 4, "{errors:#?}");
+        std::fs::write(
+            &p,
+            "[dataplane]\noutbound_listen = \"0.0.0.0:15001\"\nmark = 0\neject_base = \"2m\"\n",
+        )
+        .unwrap();
+        let ConfigError::Invalid(errors) = AgentConfig::load(&p).unwrap().validate().unwrap_err()
+        else {
+            panic!()
+        };
+        assert_eq!(errors.len(), 3, "{errors:#?}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod config;
+pub mod dataplane;
 pub mod identity;
 pub mod logging;
 pub mod pinned;

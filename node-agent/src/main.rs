@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use causeway_agent::config::{AgentConfig, DEFAULT_STATE_DIR};
 use causeway_agent::identity::StateDir;
-use causeway_agent::{client, logging, run, status};
+use causeway_agent::{client, dataplane, logging, run, status};
 use causeway_api::JoinToken;
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -55,6 +55,15 @@ enum Command {
         /// Workload address to register (default: the local address of the route to the controller).
         #[arg(long)]
         address: Option<std::net::IpAddr>,
+        /// Do not install traffic capture rules (the data-plane listeners still run).
+        #[arg(long)]
+        no_capture: bool,
+    },
+    /// Compare the live capture rules with the ones the agent expects; non-zero on drift.
+    Doctor {
+        /// State directory.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Renew the certificate now (one-shot, over mutual TLS; no token needed).
     Renew {
@@ -148,6 +157,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             config,
             state_dir,
             address,
+            no_capture,
         } => {
             let mut cfg = match &config {
                 Some(p) => AgentConfig::load(p)?,
@@ -159,21 +169,49 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             if address.is_some() {
                 cfg.address = address;
             }
+            if no_capture {
+                cfg.dataplane.capture = false;
+            }
             cfg.validate()?;
-            let shutdown = async {
-                let mut term =
-                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    {
-                        Ok(t) => t,
-                        Err(_) => return std::future::pending().await,
-                    };
+            // Handlers are installed now, not when the future is first polled: a SIGTERM
+            // during start-up must still run the shutdown path (it removes capture rules).
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            let shutdown = async move {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
+                    _ = int.recv() => {}
                     _ = term.recv() => {}
                 }
             };
             run::run(cfg, shutdown).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor { state_dir } => {
+            let report = dataplane::doctor(&state_dir)?;
+            println!(
+                "agent: {}",
+                if report.agent_running {
+                    "running"
+                } else {
+                    "not running (no capture rules expected)"
+                }
+            );
+            if report.drift.is_empty() {
+                println!("capture rules: as expected");
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("capture rules: DRIFT");
+            for l in &report.drift.missing {
+                println!("  missing:    {l}");
+            }
+            for l in &report.drift.unexpected {
+                println!("  unexpected: {l}");
+            }
+            println!(
+                "fix: restart the agent (it removes leftovers and reinstalls its rules), or remove the unexpected rules"
+            );
+            Ok(ExitCode::from(2))
         }
         Command::Renew { state_dir } => {
             let state = StateDir::new(state_dir);

@@ -1,5 +1,6 @@
-//! The agent service: keeps a mutual-TLS connection to the controller and renews the
-//! certificate at about half its lifetime (with jitter). While the controller is away
+//! The agent service: runs the data plane ([`crate::dataplane`]), keeps a mutual-TLS
+//! connection to the controller and renews the certificate at about half its lifetime
+//! (with jitter); a renewed certificate is handed to the tunnel for new connections. While the controller is away
 //! it keeps serving with the current certificate, retries with exponential backoff and
 //! jitter, and reports the time left in `status.json`.
 
@@ -168,6 +169,16 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         f(&mut r.status);
         r.write();
     };
+    // The data plane before the control loop: it serves from the cached config while the
+    // controller is away (static stability).
+    let dataplane = crate::dataplane::Dataplane::start(
+        &cfg.dataplane,
+        &identity,
+        mesh_state.clone(),
+        cfg.address,
+        state.path(),
+    )
+    .await?;
     let id_cfg = cfg.identity.clone();
     let mut backoff = Backoff::new(id_cfg.retry_min, id_cfg.retry_max);
     let mut renew_at = renewal_time(
@@ -193,7 +204,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                 refused = !e.is_retryable();
                 tracing::warn!(error = %e, "config subscription ended");
                 let msg = e.to_string();
-                report(&move |st| st.last_error = Some(msg.clone()));
+                // One write: a reader never sees the error with the connection still "up".
+                report(&move |st| {
+                    st.last_error = Some(msg.clone());
+                    st.controller_connected = false;
+                });
             }
             if let Some(c) = conn.take() {
                 c.close(0u32.into(), b"reconnecting");
@@ -285,6 +300,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                 Ok(new) => {
                     tracing::info!(serial = %new.serial, expires_at = new.not_after, "certificate renewed");
                     identity = new;
+                    dataplane.reload(&identity);
                     // Never renew again sooner than retry_min, whatever the certificate says.
                     let earliest = now_unix()
                         + i64::try_from(id_cfg.retry_min.as_secs())
@@ -373,6 +389,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     }
     if let Some(c) = conn {
         c.close(0u32.into(), b"agent stopping");
+    }
+    if let Err(e) = dataplane.stop().await {
+        tracing::error!(error = %e, "cannot remove capture rules; `causeway-agent doctor` shows what is left");
     }
     report(&|s| {
         s.controller_connected = false;

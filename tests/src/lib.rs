@@ -9,6 +9,8 @@
     reason = "blocking test support code: sleeping while polling is intended"
 )]
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -347,6 +349,9 @@ impl AgentProcess {
             .arg("--state-dir")
             .arg(state_dir)
             .args(extra)
+            // These tests run agents on the host (as root in CI): never touch the host's
+            // iptables. Data-plane tests start their agents in network namespaces instead.
+            .args((!extra.contains(&"--no-capture")).then_some("--no-capture"))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

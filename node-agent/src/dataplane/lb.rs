@@ -1,0 +1,234 @@
+//! Endpoint choice: power of two choices on outstanding connections, same zone first,
+//! passive ejection of endpoints whose connects fail (exponential backoff), recovery
+//! when the ejection ends or a connect succeeds.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher as _, Hasher as _};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+#[derive(Debug, Default)]
+struct Stat {
+    outstanding: usize,
+    failures: u32,
+    ejected_until: Option<Instant>,
+}
+
+/// Per-endpoint counters shared by every outbound connection.
+#[derive(Debug)]
+pub struct Balancer {
+    stats: Mutex<HashMap<String, Stat>>,
+    eject_base: Duration,
+    eject_max: Duration,
+}
+
+/// One endpoint to choose from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Stable key (`service/endpoint id`).
+    pub key: String,
+    /// Its zone.
+    pub zone: Option<String>,
+}
+
+/// Counts a connection as outstanding until dropped.
+#[derive(Debug)]
+pub struct Outstanding {
+    lb: Arc<Balancer>,
+    key: String,
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        let mut s = self.lb.stats.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(st) = s.get_mut(&self.key) {
+            st.outstanding = st.outstanding.saturating_sub(1);
+        }
+    }
+}
+
+fn random() -> u64 {
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+impl Balancer {
+    /// A balancer ejecting for `eject_base`, doubling per consecutive failure up to `eject_max`.
+    pub fn new(eject_base: Duration, eject_max: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            stats: Mutex::new(HashMap::new()),
+            eject_base,
+            eject_max,
+        })
+    }
+
+    /// Chooses among `cands` (minus `tried`), preferring `zone`; `None` if none is left.
+    /// If every remaining endpoint is ejected, all of them are eligible again (failing
+    /// open beats refusing every connection).
+    pub fn pick(&self, cands: &[Candidate], zone: Option<&str>, tried: &[String]) -> Option<usize> {
+        self.pick_with(cands, zone, tried, Instant::now(), random)
+    }
+
+    fn pick_with(
+        &self,
+        cands: &[Candidate],
+        zone: Option<&str>,
+        tried: &[String],
+        now: Instant,
+        mut rnd: impl FnMut() -> u64,
+    ) -> Option<usize> {
+        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let left: Vec<usize> = (0..cands.len())
+            .filter(|i| !tried.contains(&cands[*i].key))
+            .collect();
+        let healthy: Vec<usize> = left
+            .iter()
+            .copied()
+            .filter(|i| {
+                stats
+                    .get(&cands[*i].key)
+                    .and_then(|s| s.ejected_until)
+                    .is_none_or(|t| t <= now)
+            })
+            .collect();
+        let pool = if healthy.is_empty() { left } else { healthy };
+        let local: Vec<usize> = match zone {
+            Some(z) => pool
+                .iter()
+                .copied()
+                .filter(|i| cands[*i].zone.as_deref() == Some(z))
+                .collect(),
+            None => Vec::new(),
+        };
+        let pool = if local.is_empty() { pool } else { local };
+        match pool.len() {
+            0 => None,
+            1 => Some(pool[0]),
+            n => {
+                let n64 = u64::try_from(n).unwrap_or(u64::MAX);
+                let a = usize::try_from(rnd() % n64).unwrap_or(0);
+                let mut b = usize::try_from(rnd() % (n64 - 1)).unwrap_or(0);
+                if b >= a {
+                    b += 1;
+                }
+                let load = |i: usize| stats.get(&cands[pool[i]].key).map_or(0, |s| s.outstanding);
+                Some(if load(b) < load(a) { pool[b] } else { pool[a] })
+            }
+        }
+    }
+
+    /// Marks a connection to `key` as started.
+    pub fn start(self: &Arc<Self>, key: &str) -> Outstanding {
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        s.entry(key.to_owned()).or_default().outstanding += 1;
+        Outstanding {
+            lb: self.clone(),
+            key: key.to_owned(),
+        }
+    }
+
+    /// A connect to `key` failed: eject it for a while.
+    pub fn failed(&self, key: &str) {
+        self.failed_at(key, Instant::now());
+    }
+
+    fn failed_at(&self, key: &str, now: Instant) {
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let st = s.entry(key.to_owned()).or_default();
+        st.failures = st.failures.saturating_add(1);
+        let factor = 1u32 << st.failures.saturating_sub(1).min(16);
+        let d = self.eject_base.saturating_mul(factor).min(self.eject_max);
+        st.ejected_until = Some(now + d);
+        tracing::info!(endpoint = key, ejected_for = ?d, "endpoint ejected after a failed connect");
+    }
+
+    /// A connect to `key` succeeded: it is healthy again.
+    pub fn succeeded(&self, key: &str) {
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(st) = s.get_mut(key) {
+            st.failures = 0;
+            st.ejected_until = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cands(zones: &[Option<&str>]) -> Vec<Candidate> {
+        zones
+            .iter()
+            .enumerate()
+            .map(|(i, z)| Candidate {
+                key: format!("e{i}"),
+                zone: z.map(str::to_owned),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn two_choices_take_the_less_loaded() {
+        let lb = Balancer::new(Duration::from_secs(5), Duration::from_secs(60));
+        let c = cands(&[None, None]);
+        let _busy = lb.start("e0");
+        let mut seq = [0u64, 0].into_iter();
+        // a = 0, b = 1: e1 has fewer outstanding connections.
+        assert_eq!(
+            lb.pick_with(&c, None, &[], Instant::now(), || seq.next().unwrap()),
+            Some(1)
+        );
+        drop(_busy);
+        let mut seq = [0u64, 0].into_iter();
+        assert_eq!(
+            lb.pick_with(&c, None, &[], Instant::now(), || seq.next().unwrap()),
+            Some(0),
+            "ties go to the first choice"
+        );
+    }
+
+    #[tokio::test]
+    async fn same_zone_first_and_tried_skipped() {
+        let lb = Balancer::new(Duration::from_secs(5), Duration::from_secs(60));
+        let c = cands(&[Some("a"), Some("b"), Some("b")]);
+        for _ in 0..20 {
+            assert_eq!(lb.pick(&c, Some("a"), &[]), Some(0));
+            assert_ne!(lb.pick(&c, Some("a"), &["e0".into()]), Some(0));
+        }
+        assert_eq!(
+            lb.pick(&c, None, &["e0".into(), "e1".into(), "e2".into()]),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn ejection_backs_off_and_recovers() {
+        let lb = Balancer::new(Duration::from_secs(5), Duration::from_secs(60));
+        let c = cands(&[None, None]);
+        let t0 = Instant::now();
+        lb.failed_at("e0", t0);
+        for _ in 0..20 {
+            assert_eq!(lb.pick_with(&c, None, &[], t0, random), Some(1));
+        }
+        // After the ejection it is eligible again.
+        let later = t0 + Duration::from_secs(6);
+        let picks: Vec<_> = (0..64)
+            .map(|_| lb.pick_with(&c, None, &[], later, random))
+            .collect();
+        assert!(picks.contains(&Some(0)), "{picks:?}");
+        // A second failure doubles the ejection; success clears it.
+        lb.failed_at("e0", later);
+        assert_eq!(
+            lb.pick_with(&c, None, &[], later + Duration::from_secs(9), random),
+            Some(1)
+        );
+        lb.succeeded("e0");
+        // All ejected: fail open.
+        lb.failed_at("e0", t0);
+        lb.failed_at("e1", t0);
+        assert!(lb.pick_with(&c, None, &[], t0, random).is_some());
+    }
+}

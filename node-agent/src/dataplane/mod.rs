@@ -1,0 +1,284 @@
+//! The data plane: traffic capture ([`capture`]), the outbound proxy ([`outbound`]) with
+//! its endpoint choice ([`lb`]), and the tunnel between agents ([`tunnel`], [`tls`]).
+//!
+//! Start order: listeners first, then capture rules, so a redirected connection always
+//! finds a listener; stop order is the reverse. With capture on, every failure is fatal
+//! (the agent would otherwise swallow traffic); with capture off the listeners are best
+//! effort (nothing is redirected to them), so several agents can share one host in tests.
+//!
+//! Not here yet: DNS (15053), inbound plaintext capture and STRICT mode (15006), the
+//! TCP + TLS fallback, metrics.
+
+pub mod capture;
+pub mod lb;
+pub mod outbound;
+pub mod tls;
+pub mod tunnel;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::DataplaneConfig;
+use crate::identity::Identity;
+use crate::push::SharedState;
+use capture::{Capture, CaptureError, Drift, LiveRules, RuleSet};
+
+/// File in the state dir listing the capture rules the running agent installed.
+pub const RULES_FILE: &str = "capture.rules";
+
+/// Why the data plane could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataplaneError {
+    /// Capture rules could not be installed or removed.
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    /// A listener could not be bound.
+    #[error(
+        "cannot listen on {what} {addr}: {source}; another agent or program holds it, or pick another address in the [dataplane] config"
+    )]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The tunnel could not start.
+    #[error(transparent)]
+    Tunnel(#[from] tunnel::TunnelError),
+}
+
+/// The running data plane.
+#[derive(Debug)]
+pub struct Dataplane {
+    tunnel: Option<Arc<tunnel::Tunnel>>,
+    capture: Option<Arc<std::sync::Mutex<Option<Capture>>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    rules_file: PathBuf,
+}
+
+/// Whether `ip` belongs to this host (a bind to it succeeds).
+fn is_local(ip: Ipv4Addr) -> bool {
+    std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
+fn rules_for(state: &SharedState, cfg: &DataplaneConfig, own: Option<IpAddr>) -> RuleSet {
+    let s = state.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut local: Vec<Ipv4Addr> = Vec::new();
+    if let Some(IpAddr::V4(a)) = own {
+        local.push(a);
+    }
+    for svc in s.services.values() {
+        for ep in svc.endpoints.values() {
+            if let Ok(ip) = ep.address.parse::<Ipv4Addr>()
+                && !local.contains(&ip)
+                && is_local(ip)
+            {
+                local.push(ip);
+            }
+        }
+    }
+    RuleSet::for_state(&s, cfg.mark, cfg.outbound_listen.port(), &local)
+}
+
+fn write_rules_file(path: &Path, rules: &RuleSet) {
+    let text = rules.expected_lines().join("\n") + "\n";
+    if let Err(e) = crate::identity::write_atomic(path, text.as_bytes(), 0o644) {
+        tracing::warn!(error = %e, "cannot write {RULES_FILE}");
+    }
+}
+
+impl Dataplane {
+    /// Starts listeners, the tunnel and (when `cfg.capture`) the capture rules.
+    pub async fn start(
+        cfg: &DataplaneConfig,
+        identity: &Identity,
+        state: SharedState,
+        own: Option<IpAddr>,
+        state_dir: &Path,
+    ) -> Result<Self, DataplaneError> {
+        let rules_file = state_dir.join(RULES_FILE);
+        let _ = std::fs::remove_file(&rules_file);
+        let strict = cfg.capture;
+        let mark = cfg.capture.then_some(cfg.mark);
+        let mut dp = Self {
+            tunnel: None,
+            capture: None,
+            tasks: Vec::new(),
+            rules_file: rules_file.clone(),
+        };
+        let tunnel = match tunnel::Tunnel::bind(
+            cfg.tunnel_listen,
+            identity.clone(),
+            state.clone(),
+            cfg.connect_timeout,
+            mark,
+        ) {
+            Ok(t) => Some(t),
+            Err(e) if strict => return Err(e.into()),
+            Err(e) => {
+                tracing::error!(error = %e, "tunnel not started (capture is off, so the agent keeps running)");
+                None
+            }
+        };
+        dp.tunnel = tunnel.clone();
+        match (
+            tokio::net::TcpListener::bind(cfg.outbound_listen).await,
+            &tunnel,
+        ) {
+            (Ok(l), Some(t)) => {
+                let lb = lb::Balancer::new(cfg.eject_base, cfg.eject_max);
+                let settings = outbound::OutboundSettings {
+                    mark,
+                    tunnel_port: cfg.tunnel_port,
+                    connect_timeout: cfg.connect_timeout,
+                    zone: cfg.zone.clone(),
+                    plaintext_upstreams: cfg.plaintext_upstreams,
+                };
+                tracing::info!(outbound = %cfg.outbound_listen, tunnel = %cfg.tunnel_listen, "data plane listening");
+                dp.tasks.push(tokio::spawn(outbound::Outbound::serve(
+                    l,
+                    state.clone(),
+                    t.clone(),
+                    lb,
+                    settings,
+                )));
+            }
+            (Ok(_), None) => {}
+            (Err(source), _) if strict => {
+                return Err(DataplaneError::Bind {
+                    what: "TCP",
+                    addr: cfg.outbound_listen.to_string(),
+                    source,
+                });
+            }
+            (Err(e), _) => {
+                tracing::error!(addr = %cfg.outbound_listen, error = %e, "outbound listener not started (capture is off, so the agent keeps running)");
+            }
+        }
+        if cfg.capture {
+            let rules = rules_for(&state, cfg, own);
+            let cap = tokio::task::spawn_blocking(move || Capture::install(rules))
+                .await
+                .map_err(|e| CaptureError::Failed {
+                    tool: "iptables-restore",
+                    status: "task failed".into(),
+                    stderr: e.to_string(),
+                })??;
+            write_rules_file(&rules_file, cap.current());
+            let cap = Arc::new(std::sync::Mutex::new(Some(cap)));
+            dp.capture = Some(cap.clone());
+            let (cfg, state) = (cfg.clone(), state.clone());
+            // Follow the mesh: endpoints come and go with config pushes.
+            dp.tasks.push(tokio::spawn(async move {
+                let mut seen = state.read().unwrap_or_else(|p| p.into_inner()).version;
+                loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let v = state.read().unwrap_or_else(|p| p.into_inner()).version;
+                    if v == seen {
+                        continue;
+                    }
+                    seen = v;
+                    let (cap, cfg, state, file) =
+                        (cap.clone(), cfg.clone(), state.clone(), rules_file.clone());
+                    let _ = tokio::task::spawn_blocking(move || {
+                        let rules = rules_for(&state, &cfg, own);
+                        let mut guard = cap.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some(c) = guard.as_mut() {
+                            match c.update(rules) {
+                                Ok(true) => write_rules_file(&file, c.current()),
+                                Ok(false) => {}
+                                Err(e) => {
+                                    tracing::error!(error = %e, "cannot update capture rules")
+                                }
+                            }
+                        }
+                    })
+                    .await;
+                }
+            }));
+        } else {
+            tracing::info!("capture is off (--no-capture): no traffic is redirected to the agent");
+        }
+        Ok(dp)
+    }
+
+    /// Uses a renewed identity for new tunnel connections.
+    pub fn reload(&self, identity: &Identity) {
+        if let Some(t) = &self.tunnel
+            && let Err(e) = t.reload(identity.clone())
+        {
+            tracing::error!(error = %e, "cannot use the renewed certificate in the tunnel");
+        }
+    }
+
+    /// Removes the capture rules, then stops the listeners.
+    pub async fn stop(self) -> Result<(), DataplaneError> {
+        let mut result = Ok(());
+        if let Some(cap) = self.capture {
+            let taken = cap.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(c) = taken {
+                result = tokio::task::spawn_blocking(move || c.remove())
+                    .await
+                    .unwrap_or(Ok(()))
+                    .map_err(DataplaneError::from);
+            }
+            let _ = std::fs::remove_file(&self.rules_file);
+        }
+        for t in self.tasks {
+            t.abort();
+        }
+        if let Some(t) = self.tunnel {
+            t.close();
+        }
+        result
+    }
+}
+
+/// The result of `causeway-agent doctor`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoctorReport {
+    /// Whether an agent process of this state dir is running.
+    pub agent_running: bool,
+    /// The differences.
+    pub drift: Drift,
+}
+
+fn agent_alive(state_dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(state_dir.join(crate::run::STATUS_FILE)) else {
+        return false;
+    };
+    let Ok(status) = serde_json::from_str::<crate::run::RunStatus>(&text) else {
+        return false;
+    };
+    status.pid != 0
+        && std::fs::read_to_string(format!("/proc/{}/comm", status.pid))
+            .is_ok_and(|c| c.trim().starts_with("causeway-agent"))
+}
+
+/// Compares the live rules with what the agent of `state_dir` installed (nothing, when no
+/// agent is running or it runs without capture).
+pub fn doctor(state_dir: &Path) -> Result<DoctorReport, CaptureError> {
+    let running = agent_alive(state_dir);
+    let expected: Vec<String> = if running {
+        std::fs::read_to_string(state_dir.join(RULES_FILE))
+            .map(|t| {
+                t.lines()
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let live = LiveRules::parse(&capture::save()?);
+    Ok(DoctorReport {
+        agent_running: running,
+        drift: Drift::between(&expected, &live.lines()),
+    })
+}

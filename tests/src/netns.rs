@@ -1,0 +1,170 @@
+//! Network namespaces as "VMs" for end-to-end data-plane tests.
+//!
+//! A [`Lab`] is a hub namespace holding a bridge, and one namespace per node, each with
+//! `eth0` (a veth whose peer is on the bridge), an address in `10.77.0.0/24` and a default
+//! route on `eth0`. Names are unique per process and lab, so tests run in parallel; every
+//! namespace (and so every veth and rule inside it) is removed in `Drop`, also when a test
+//! panics, after killing the processes still running inside it. Nothing is done in the
+//! host's own namespace except creating and deleting these namespaces.
+//!
+//! Needs root (CAP_SYS_ADMIN + CAP_NET_ADMIN): [`Lab::new`] panics with an explanation
+//! otherwise, so such tests fail loudly instead of passing.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Whether this process runs as root (effective uid 0).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Panics unless root, naming what to do.
+pub fn require_root(test: &str) {
+    assert!(
+        is_root(),
+        "{test} needs root (network namespaces, veth, iptables): run the data-plane tests as root (CI does), e.g. `sudo -E cargo test -p causeway-tests --test dataplane`"
+    );
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| {
+        panic!("cannot run {cmd:?}: {e} (run scripts/install-deps-dataplane.sh)")
+    })
+}
+
+fn ok(cmd: &mut Command) -> Output {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        crate::describe(&out)
+    );
+    out
+}
+
+/// One node: a namespace with `eth0` at `addr`.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// The namespace's name.
+    pub ns: String,
+    /// Its address on the lab network.
+    pub addr: Ipv4Addr,
+}
+
+impl Node {
+    /// A command that runs `program` inside this namespace.
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns]).arg(program);
+        c
+    }
+
+    /// Runs `sh -c script` inside the namespace.
+    pub fn sh(&self, script: &str) -> Output {
+        run(self.cmd("sh").args(["-c", script]))
+    }
+
+    /// Runs `sh -c script`, asserting success; returns stdout.
+    pub fn sh_ok(&self, script: &str) -> String {
+        let out = ok(self.cmd("sh").args(["-c", script]));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `iptables-save -t nat` inside the namespace.
+    pub fn nat_rules(&self) -> String {
+        self.sh_ok("iptables-save -t nat")
+    }
+}
+
+/// A set of namespaces joined by a bridge; removed on drop.
+#[derive(Debug)]
+pub struct Lab {
+    hub: String,
+    /// The nodes, in the order given.
+    pub nodes: Vec<Node>,
+}
+
+/// The lab network's prefix length.
+pub const PREFIX: u8 = 24;
+
+impl Lab {
+    /// Creates one namespace per name, with addresses 10.77.0.10, .11, ... in that order.
+    pub fn new(names: &[&str]) -> Self {
+        require_root("this network-namespace test");
+        let id = format!(
+            "cw{}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let hub = format!("{id}-hub");
+        let mut lab = Self {
+            hub: hub.clone(),
+            nodes: Vec::new(),
+        };
+        ok(Command::new("ip").args(["netns", "add", &hub]));
+        let in_hub = |args: &[&str]| {
+            ok(Command::new("ip").args(["netns", "exec", &hub]).args(args));
+        };
+        in_hub(&["ip", "link", "set", "lo", "up"]);
+        in_hub(&["ip", "link", "add", "br0", "type", "bridge"]);
+        in_hub(&["ip", "link", "set", "br0", "up"]);
+        for (i, name) in names.iter().enumerate() {
+            let ns = format!("{id}-{name}");
+            ok(Command::new("ip").args(["netns", "add", &ns]));
+            let node = Node {
+                ns: ns.clone(),
+                addr: Ipv4Addr::new(10, 77, 0, 10 + u8::try_from(i).expect("few nodes")),
+            };
+            lab.nodes.push(node.clone());
+            let port = format!("p{i}");
+            ok(Command::new("ip").args([
+                "link", "add", "name", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port,
+                "netns", &hub,
+            ]));
+            in_hub(&["ip", "link", "set", &port, "master", "br0"]);
+            in_hub(&["ip", "link", "set", &port, "up"]);
+            node.sh_ok(&format!(
+                "ip link set lo up && ip addr add {}/{PREFIX} dev eth0 && ip link set eth0 up && ip route add default dev eth0",
+                node.addr
+            ));
+        }
+        lab
+    }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.ns.ends_with(&format!("-{name}")))
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in self
+            .nodes
+            .iter()
+            .map(|n| n.ns.as_str())
+            .chain(std::iter::once(self.hub.as_str()))
+        {
+            // Processes this test started inside the namespace keep it alive: kill them.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-KILL", pid]).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}

@@ -1,0 +1,524 @@
+//! The data plane end to end, in network namespaces created by the test: a controller
+//! namespace, two "VMs" with agents (capture on, the brief's ports), and a plain server
+//! without an agent. Needs root; fails loudly without it.
+#![allow(clippy::disallowed_methods, reason = "tests may block")]
+
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use causeway_api::push::MeshState;
+use causeway_tests::netns::{Lab, Node, require_root};
+use causeway_tests::{bin, describe, terminate, wait_for};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Echo server: first line names the peer address and the server, then echoes until EOF,
+/// then closes its side (so half-close is visible to the client).
+const SERVER_PY: &str = r#"
+import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(128)
+def h(c, a):
+    c.sendall(("peer=%s name=%s\n" % (a[0], sys.argv[2])).encode())
+    while True:
+        d = c.recv(65536)
+        if not d: break
+        c.sendall(d)
+    c.shutdown(socket.SHUT_WR); c.close()
+while True:
+    c, a = s.accept(); threading.Thread(target=h, args=(c, a), daemon=True).start()
+"#;
+
+/// Client: sends argv[3], half-closes, prints everything it receives until EOF.
+const CLIENT_PY: &str = r#"
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+c.sendall(sys.argv[3].encode()); c.shutdown(socket.SHUT_WR)
+b = b""
+while True:
+    d = c.recv(65536)
+    if not d: break
+    b += d
+sys.stdout.write(b.decode())
+"#;
+
+/// A process started in a namespace; killed on drop.
+struct Proc {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(node: &Node, log: &Path, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Self {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let child = node
+            .cmd(program)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("log"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn in namespace");
+        Self {
+            child: Some(child),
+            log: log.to_owned(),
+        }
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&c);
+            let _ = c.wait();
+        }
+    }
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Mesh {
+    // Field order = drop order: processes before the namespaces they run in.
+    procs: Vec<Proc>,
+    ctl_admin: String,
+    root: PathBuf,
+    lab: Lab,
+    _dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    /// Lab with nodes ctl, vm1, vm2, plain; a controller in ctl with a file source naming
+    /// the plain server; groups `web` (port 8080) and `client`.
+    fn new() -> Self {
+        require_root("the data-plane tests");
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        let lab = Lab::new(&["ctl", "vm1", "vm2", "plain"]);
+        let plain = lab.node("plain").addr;
+        let services = root.join("services.toml");
+        std::fs::write(
+            &services,
+            format!(
+                "[[services]]\nname = \"plain\"\nnamespace = \"ext\"\nports = {{ tcp = 9090 }}\n[[services.endpoints]]\naddress = \"{plain}\"\n"
+            ),
+        )
+        .unwrap();
+        let cfg = root.join("controller.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[[sources.file]]\nname = \"ext\"\npath = {:?}\n",
+                services.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        let data = root.join("controller");
+        let ctl = lab.node("ctl");
+        let control = format!("{}:15012", ctl.addr);
+        let c = Proc::spawn(
+            ctl,
+            &root.join("controller.log"),
+            bin("causeway-controller"),
+            &[
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--config",
+                cfg.to_str().unwrap(),
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--control-listen",
+                &control,
+            ],
+        );
+        let endpoints: Value = wait_for("controller endpoints.json", WAIT, || {
+            let text = std::fs::read_to_string(data.join("endpoints.json")).ok()?;
+            serde_json::from_str(&text).ok()
+        });
+        let m = Self {
+            procs: vec![c],
+            ctl_admin: endpoints["admin"].as_str().expect("admin").to_owned(),
+            root,
+            lab,
+            _dir: dir,
+        };
+        for (group, port) in [("web", "http:8080"), ("client", "http:7070")] {
+            m.ctl_ok(&[
+                "group",
+                "create",
+                group,
+                "--namespace",
+                "default",
+                "--service-account",
+                group,
+                "--service",
+                group,
+                "--port",
+                port,
+            ]);
+        }
+        m
+    }
+
+    fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self
+            .lab
+            .node("ctl")
+            .cmd(bin("causewayctl"))
+            .args(args)
+            .env("CAUSEWAY_CONTROLLER", &self.ctl_admin)
+            .env(
+                "CAUSEWAY_ADMIN_TOKEN_FILE",
+                self.root.join("controller").join("admin.token"),
+            )
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "causewayctl {args:?}: {}",
+            describe(&out)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Joins `vm` into `group`; returns its state dir.
+    fn join(&self, vm: &str, group: &str) -> PathBuf {
+        let token = self.ctl_ok(&["token", "create", "--group", group]);
+        let state = self.root.join(vm);
+        let out = self
+            .lab
+            .node(vm)
+            .cmd(bin("causeway-agent"))
+            .args(["join", token.trim(), "--state-dir", state.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "join {vm}: {}", describe(&out));
+        state
+    }
+
+    /// Starts `causeway-agent run` in `vm` with no config file (capture on, brief's ports);
+    /// returns the index in `procs`.
+    fn agent(&mut self, vm: &str, state: &Path) -> usize {
+        let node = self.lab.node(vm).clone();
+        let addr = node.addr.to_string();
+        let p = Proc::spawn(
+            &node,
+            &self.root.join(format!("{vm}.agent.log")),
+            bin("causeway-agent"),
+            &[
+                "run",
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--address",
+                &addr,
+            ],
+        );
+        self.procs.push(p);
+        self.procs.len() - 1
+    }
+
+    fn server(&mut self, vm: &str, port: u16) {
+        let node = self.lab.node(vm).clone();
+        let p = Proc::spawn(
+            &node,
+            &self.root.join(format!("{vm}.server.log")),
+            "python3",
+            &["-c", SERVER_PY, &port.to_string(), vm],
+        );
+        self.procs.push(p);
+        wait_for("the test server to listen", WAIT, || {
+            node.sh(&format!("ss -ltn | grep -q ':{port} '"))
+                .status
+                .success()
+                .then_some(())
+        });
+    }
+
+    fn client(&self, vm: &str, host: &str, port: u16, marker: &str) -> String {
+        let out = self
+            .lab
+            .node(vm)
+            .cmd("python3")
+            .args(["-c", CLIENT_PY, host, &port.to_string(), marker])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "client {vm} → {host}:{port}: {}\n{}",
+            describe(&out),
+            self.logs()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn logs(&self) -> String {
+        self.procs
+            .iter()
+            .map(|p| format!("== {}\n{}", p.log.display(), p.log()))
+            .collect()
+    }
+
+    fn doctor(&self, vm: &str, state: &Path) -> (bool, String) {
+        let out = self
+            .lab
+            .node(vm)
+            .cmd(bin("causeway-agent"))
+            .args(["doctor", "--state-dir", state.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+}
+
+fn config(state: &Path) -> MeshState {
+    std::fs::read(state.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn spiffe_id(state: &Path) -> String {
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(state.join("agent.json")).unwrap()).unwrap();
+    v["spiffe_id"].as_str().unwrap().to_owned()
+}
+
+/// Waits until `vm`'s agent has `service` with an endpoint at `addr` and has put that
+/// address in its capture rules; returns the service's VIP.
+fn wait_routed(state: &Path, service: &str, addr: &str) -> String {
+    wait_for(&format!("{service} at {addr} routed"), WAIT, || {
+        let s = config(state);
+        let svc = s.services.get(service)?;
+        svc.endpoints.values().find(|e| e.address == addr)?;
+        let rules = std::fs::read_to_string(state.join("capture.rules")).ok()?;
+        rules.contains(&format!("-d {addr}/32 ")).then_some(())?;
+        svc.vip.map(|v| v.to_string())
+    })
+}
+
+fn no_causeway_rules(node: &Node) -> bool {
+    !node.nat_rules().contains("CAUSEWAY")
+}
+
+#[test]
+fn vip_and_address_through_both_agents_without_plaintext_on_the_wire() {
+    let mut m = Mesh::new();
+    let s1 = m.join("vm1", "client");
+    let s2 = m.join("vm2", "web");
+    m.server("vm2", 8080);
+    m.server("plain", 9090);
+    let a2 = m.agent("vm2", &s2);
+    m.agent("vm1", &s1);
+    let vm1 = m.lab.node("vm1").clone();
+    let vm2_addr = m.lab.node("vm2").addr.to_string();
+    let plain_addr = m.lab.node("plain").addr.to_string();
+    let web_vip = wait_routed(&s1, "default/web", &vm2_addr);
+    let plain_vip = wait_routed(&s1, "ext/plain", &plain_addr);
+
+    // Capture everything on vm1's link; started before any application traffic.
+    let pcap = m.root.join("vm1.pcap");
+    let mut dump = vm1
+        .cmd("tcpdump")
+        .args(["-i", "eth0", "-n", "-U", "-w", pcap.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tcpdump (run scripts/install-deps-dataplane.sh)");
+    let mut line = String::new();
+    std::io::BufReader::new(dump.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("listening"), "tcpdump: {line}");
+
+    let secret_vip = "SECRET-MARKER-VIP-7f3a9c";
+    let secret_addr = "SECRET-MARKER-ADDR-51be02";
+    let public = "PUBLIC-MARKER-PLAIN-c0ffee";
+
+    // 1. The VIP: through both agents; the server sees its local agent (loopback).
+    let out = m.client("vm1", &web_vip, 8080, secret_vip);
+    assert!(
+        out.starts_with("peer=127.0.0.1 name=vm2\n") && out.ends_with(secret_vip),
+        "{out:?}\n{}",
+        m.logs()
+    );
+    // 2. The service's real address: the same path.
+    let out = m.client("vm1", &vm2_addr, 8080, secret_addr);
+    assert!(
+        out.starts_with("peer=127.0.0.1 name=vm2\n") && out.ends_with(secret_addr),
+        "{out:?}"
+    );
+    // vm2's agent knows the client's SPIFFE ID.
+    let client_id = spiffe_id(&s1);
+    let vm2_log = m.procs[a2].log();
+    assert!(
+        vm2_log
+            .lines()
+            .filter(|l| l.contains("inbound tunnel stream") && l.contains(&client_id))
+            .count()
+            >= 2,
+        "vm2 agent log lacks the client identity {client_id}:\n{vm2_log}"
+    );
+    // 3. Auto mTLS: the plain server (no agent) is reached in plaintext, from vm1 itself.
+    let out = m.client("vm1", &plain_vip, 9090, public);
+    assert!(
+        out.starts_with(&format!("peer={} name=plain\n", vm1.addr)) && out.ends_with(public),
+        "{out:?}"
+    );
+
+    // Positive control: the capture does see plaintext (the auto-mTLS connection). Its
+    // packets come after the tunnelled ones, so once it is in the file, they are too.
+    let contains =
+        |wire: &[u8], needle: &str| wire.windows(needle.len()).any(|w| w == needle.as_bytes());
+    wait_for("the plaintext marker in the capture", WAIT, || {
+        let wire = std::fs::read(&pcap).ok()?;
+        contains(&wire, public).then_some(())
+    });
+    terminate(&dump);
+    let _ = dump.wait();
+    let wire = std::fs::read(&pcap).unwrap();
+    let contains = |needle: &str| contains(&wire, needle);
+    assert!(
+        !contains(secret_vip),
+        "VIP marker seen in plaintext on the wire"
+    );
+    assert!(
+        !contains(secret_addr),
+        "address marker seen in plaintext on the wire"
+    );
+}
+
+#[test]
+fn capture_rules_are_removed_on_stop_cleaned_after_sigkill_and_checked_by_doctor() {
+    let mut m = Mesh::new();
+    let s1 = m.join("vm1", "client");
+    let vm1 = m.lab.node("vm1").clone();
+    let plain_addr = m.lab.node("plain").addr.to_string();
+
+    let a = m.agent("vm1", &s1);
+    wait_routed(&s1, "ext/plain", &plain_addr);
+    let (ok, text) = m.doctor("vm1", &s1);
+    assert!(ok, "doctor on a healthy agent: {text}\n{}", vm1.nat_rules());
+
+    // Injected drift: a foreign rule in our chain, and our jump removed.
+    vm1.sh_ok("iptables -t nat -A CAUSEWAY_OUTPUT -d 10.99.0.1/32 -p tcp -j RETURN");
+    vm1.sh_ok("iptables -t nat -D OUTPUT -j CAUSEWAY_OUTPUT");
+    let (ok, text) = m.doctor("vm1", &s1);
+    assert!(!ok, "doctor must fail on drift: {text}");
+    assert!(
+        text.contains("unexpected: -A CAUSEWAY_OUTPUT -d 10.99.0.1/32 -p tcp -j RETURN")
+            && text.contains("missing:    -A OUTPUT -j CAUSEWAY_OUTPUT"),
+        "{text}"
+    );
+
+    // Stop removes every rule (also the foreign one inside our chain).
+    m.procs[a].stop();
+    assert!(no_causeway_rules(&vm1), "{}", vm1.nat_rules());
+    let (ok, text) = m.doctor("vm1", &s1);
+    assert!(ok, "{text}");
+
+    // SIGKILL leaves rules behind; doctor names them; the next start cleans them.
+    let b = m.agent("vm1", &s1);
+    wait_for("capture rules", WAIT, || {
+        vm1.nat_rules()
+            .contains("-A OUTPUT -j CAUSEWAY_OUTPUT")
+            .then_some(())
+    });
+    m.procs[b].kill();
+    assert!(!no_causeway_rules(&vm1));
+    let (ok, text) = m.doctor("vm1", &s1);
+    assert!(
+        !ok && text.contains("not running") && text.contains("unexpected:"),
+        "{text}"
+    );
+    let c = m.agent("vm1", &s1);
+    wait_for("a clean start after the crash", WAIT, || {
+        let (ok, _) = m.doctor("vm1", &s1);
+        ok.then_some(())
+            .filter(|()| m.procs[c].log().contains("capture rules installed"))
+    });
+    let rules = vm1.nat_rules();
+    assert_eq!(
+        rules.matches("-A OUTPUT -j CAUSEWAY_OUTPUT").count(),
+        1,
+        "{rules}"
+    );
+    assert!(
+        m.procs[c]
+            .log()
+            .contains("removed capture rules left by an earlier agent"),
+        "{}",
+        m.procs[c].log()
+    );
+    m.procs[c].stop();
+    assert!(no_causeway_rules(&vm1), "{}", vm1.nat_rules());
+}
+
+#[test]
+fn capture_without_privilege_fails_naming_the_fix_and_no_capture_runs() {
+    let mut m = Mesh::new();
+    let s1 = m.join("vm1", "client");
+    let vm1 = m.lab.node("vm1").clone();
+    // Root without capabilities (empty bounding set): iptables is refused.
+    let unprivileged = |extra: &[&str]| {
+        let mut c = vm1.cmd("setpriv");
+        c.args(["--inh-caps=-all", "--bounding-set=-all", "--"])
+            .arg(bin("causeway-agent"))
+            .args(["run", "--state-dir", s1.to_str().unwrap()])
+            .args(extra);
+        c
+    };
+    let out = unprivileged(&[]).output().expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--no-capture") && err.contains("root"),
+        "{}",
+        describe(&out)
+    );
+    assert!(no_causeway_rules(&vm1));
+    // With --no-capture the same unprivileged agent runs and its listeners are up.
+    let log = m.root.join("vm1.unprivileged.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let child = unprivileged(&["--no-capture"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    m.procs.push(Proc {
+        child: Some(child),
+        log: log.clone(),
+    });
+    wait_for("the unprivileged agent's data plane", WAIT, || {
+        std::fs::read_to_string(&log)
+            .ok()?
+            .contains("data plane listening")
+            .then_some(())
+    });
+    assert!(
+        vm1.sh("ss -ltn | grep -q '127.0.0.1:15001 '")
+            .status
+            .success()
+    );
+    assert!(vm1.sh("ss -lun | grep -q ':15008 '").status.success());
+    assert!(no_causeway_rules(&vm1), "{}", vm1.nat_rules());
+}
