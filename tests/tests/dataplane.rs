@@ -20,7 +20,7 @@ const WAIT: Duration = Duration::from_secs(60);
 const SERVER_PY: &str = r#"
 import socket, sys, threading
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(128)
+s.bind((sys.argv[3] if len(sys.argv) > 3 else "0.0.0.0", int(sys.argv[1]))); s.listen(128)
 def h(c, a):
     c.sendall(("peer=%s name=%s\n" % (a[0], sys.argv[2])).encode())
     while True:
@@ -108,6 +108,11 @@ impl Mesh {
     /// Lab with nodes ctl, vm1, vm2, plain; a controller in ctl with a file source naming
     /// the plain server; groups `web` (port 8080) and `client`.
     fn new() -> Self {
+        Self::with_services("")
+    }
+
+    /// Like [`Mesh::new`], with more file-source services (TOML `[[services]]` entries).
+    fn with_services(extra: &str) -> Self {
         require_root("the data-plane tests");
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_owned();
@@ -117,7 +122,7 @@ impl Mesh {
         std::fs::write(
             &services,
             format!(
-                "[[services]]\nname = \"plain\"\nnamespace = \"ext\"\nports = {{ tcp = 9090 }}\n[[services.endpoints]]\naddress = \"{plain}\"\n"
+                "[[services]]\nname = \"plain\"\nnamespace = \"ext\"\nports = {{ tcp = 9090 }}\n[[services.endpoints]]\naddress = \"{plain}\"\n{extra}"
             ),
         )
         .unwrap();
@@ -216,39 +221,52 @@ impl Mesh {
     /// Starts `causeway-agent run` in `vm` with no config file (capture on, brief's ports);
     /// returns the index in `procs`.
     fn agent(&mut self, vm: &str, state: &Path) -> usize {
+        self.agent_with(vm, state, &[])
+    }
+
+    fn agent_with(&mut self, vm: &str, state: &Path, extra: &[&str]) -> usize {
         let node = self.lab.node(vm).clone();
         let addr = node.addr.to_string();
+        let mut args = vec![
+            "run",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--address",
+            &addr,
+        ];
+        args.extend_from_slice(extra);
         let p = Proc::spawn(
             &node,
             &self.root.join(format!("{vm}.agent.log")),
             bin("causeway-agent"),
-            &[
-                "run",
-                "--state-dir",
-                state.to_str().unwrap(),
-                "--address",
-                &addr,
-            ],
+            &args,
         );
         self.procs.push(p);
         self.procs.len() - 1
     }
 
-    fn server(&mut self, vm: &str, port: u16) {
+    fn server(&mut self, vm: &str, port: u16) -> usize {
+        self.server_named(vm, port, vm, "0.0.0.0")
+    }
+
+    /// A server in `vm` on `host:port` that calls itself `name`; returns its index.
+    fn server_named(&mut self, vm: &str, port: u16, name: &str, host: &str) -> usize {
         let node = self.lab.node(vm).clone();
         let p = Proc::spawn(
             &node,
-            &self.root.join(format!("{vm}.server.log")),
+            &self.root.join(format!("{vm}.{name}.server.log")),
             "python3",
-            &["-c", SERVER_PY, &port.to_string(), vm],
+            &["-c", SERVER_PY, &port.to_string(), name, host],
         );
         self.procs.push(p);
+        let local = if host == "0.0.0.0" { "" } else { host };
         wait_for("the test server to listen", WAIT, || {
-            node.sh(&format!("ss -ltn | grep -q ':{port} '"))
+            node.sh(&format!("ss -ltn | grep -q ' {local}:{port} '"))
                 .status
                 .success()
                 .then_some(())
         });
+        self.procs.len() - 1
     }
 
     fn client(&self, vm: &str, host: &str, port: u16, marker: &str) -> String {
@@ -521,4 +539,59 @@ fn capture_without_privilege_fails_naming_the_fix_and_no_capture_runs() {
     );
     assert!(vm1.sh("ss -lun | grep -q ':15008 '").status.success());
     assert!(no_causeway_rules(&vm1), "{}", vm1.nat_rules());
+}
+
+#[test]
+fn load_balancing_skips_a_down_endpoint_and_takes_it_back_after_recovery() {
+    // Three endpoints of one service, on extra addresses of the plain node; lb-3 is down.
+    let mut extra =
+        String::from("[[services]]\nname = \"lb\"\nnamespace = \"ext\"\nports = { tcp = 9191 }\n");
+    for i in 1..=3 {
+        extra.push_str(&format!(
+            "[[services.endpoints]]\naddress = \"10.77.0.{}\"\n",
+            20 + i
+        ));
+    }
+    let mut m = Mesh::with_services(&extra);
+    let plain = m.lab.node("plain").clone();
+    for i in 1..=3 {
+        plain.sh_ok(&format!("ip addr add 10.77.0.{}/24 dev eth0", 20 + i));
+    }
+    m.server_named("plain", 9191, "lb-1", "10.77.0.21");
+    m.server_named("plain", 9191, "lb-2", "10.77.0.22");
+    let s1 = m.join("vm1", "client");
+    // Short ejections so recovery is quick to show.
+    let cfg = m.root.join("vm1.toml");
+    std::fs::write(
+        &cfg,
+        "[dataplane]\neject_base = \"1s\"\neject_max = \"2s\"\n",
+    )
+    .unwrap();
+    m.agent_with("vm1", &s1, &["--config", cfg.to_str().unwrap()]);
+    let vip = wait_routed(&s1, "ext/lb", "10.77.0.23");
+    let name = |out: &str| {
+        out.lines()
+            .next()
+            .and_then(|l| l.split("name=").nth(1))
+            .unwrap_or("")
+            .to_owned()
+    };
+    let mut seen = std::collections::BTreeMap::new();
+    for i in 0..30 {
+        let marker = format!("lb-{i}");
+        let out = m.client("vm1", &vip, 9191, &marker);
+        assert!(out.ends_with(&marker), "{out:?}");
+        *seen.entry(name(&out)).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        vec!["lb-1".to_owned(), "lb-2".to_owned()],
+        "every connection succeeds, on the two healthy endpoints: {seen:?}"
+    );
+    // lb-3 comes up: once its ejection ends it gets connections again.
+    m.server_named("plain", 9191, "lb-3", "10.77.0.23");
+    wait_for("lb-3 to receive connections after recovery", WAIT, || {
+        let out = m.client("vm1", &vip, 9191, "again");
+        (name(&out) == "lb-3").then_some(())
+    });
 }

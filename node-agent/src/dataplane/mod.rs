@@ -14,6 +14,8 @@ pub mod lb;
 pub mod outbound;
 pub mod tls;
 pub mod tunnel;
+#[cfg(test)]
+mod tunnel_tests;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,241 @@
+//! The tunnel in one process on loopback (tier 2): two real `Tunnel`s, certificates from a
+//! test CA, a local echo application.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use causeway_api::push::MeshState;
+use tokio::io::AsyncWriteExt as _;
+
+use super::tunnel::{Header, Tunnel};
+use crate::identity::{AgentInfo, Identity, cert_facts};
+use crate::push::SharedState;
+
+const WEB: &str = "spiffe://causeway.local/ns/default/sa/web";
+const CLIENT: &str = "spiffe://causeway.local/ns/default/sa/client";
+
+fn ca() -> rcgen::CertifiedIssuer<'static, rcgen::KeyPair> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    rcgen::CertifiedIssuer::self_signed(p, key).unwrap()
+}
+
+fn identity(ca: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>, id: &str) -> Identity {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+    p.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = p.signed_by(&key, ca).unwrap();
+    let facts = cert_facts(cert.der()).unwrap();
+    Identity {
+        info: AgentInfo {
+            agent_id: "a-test".into(),
+            controller: "127.0.0.1:1".into(),
+            group: "g".into(),
+            spiffe_id: id.into(),
+            ca_fingerprint: String::new(),
+            joined_at: 0,
+        },
+        key_pem: key.serialize_pem(),
+        chain_der: vec![cert.der().to_vec()],
+        bundle_der: vec![ca.der().to_vec()],
+        spiffe_id: facts.spiffe_id,
+        not_before: facts.not_before,
+        not_after: facts.not_after,
+        serial: facts.serial,
+    }
+}
+
+fn state(deny: &[&str]) -> SharedState {
+    Arc::new(RwLock::new(MeshState {
+        deny_serials: deny
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect::<BTreeSet<_>>(),
+        ..MeshState::default()
+    }))
+}
+
+fn tunnel(id: Identity, st: SharedState) -> Arc<Tunnel> {
+    Tunnel::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        id,
+        st,
+        Duration::from_secs(5),
+        None,
+    )
+    .unwrap()
+}
+
+/// An echo application on loopback; returns its port.
+async fn echo_app() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+/// Sends `msg` through the tunnel, half-closes, returns what came back (or the error).
+async fn round_trip(
+    a: &Tunnel,
+    b: SocketAddr,
+    expected: &str,
+    port: u16,
+    msg: &[u8],
+) -> Result<Vec<u8>, String> {
+    let header = Header {
+        service: "default/web".into(),
+        port,
+    };
+    let (mut send, mut recv) = a
+        .open(b, expected, &header)
+        .await
+        .map_err(|e| e.to_string())?;
+    send.write_all(msg).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let mut back = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut recv, &mut back)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(back)
+}
+
+#[tokio::test]
+async fn mutual_tls_with_the_expected_identity_carries_bytes_both_ways() {
+    let ca = ca();
+    let port = echo_app().await;
+    let b = tunnel(identity(&ca, WEB), state(&[]));
+    let a = tunnel(identity(&ca, CLIENT), state(&[]));
+    let addr = b.local_addr().unwrap();
+    assert_eq!(
+        round_trip(&a, addr, WEB, port, b"hello").await.unwrap(),
+        b"hello"
+    );
+    // A second stream reuses the pooled connection.
+    assert_eq!(
+        round_trip(&a, addr, WEB, port, b"again").await.unwrap(),
+        b"again"
+    );
+}
+
+#[tokio::test]
+async fn another_identity_than_expected_is_refused() {
+    let ca = ca();
+    let port = echo_app().await;
+    let b = tunnel(identity(&ca, WEB), state(&[]));
+    let a = tunnel(identity(&ca, CLIENT), state(&[]));
+    let err = round_trip(
+        &a,
+        b.local_addr().unwrap(),
+        "spiffe://causeway.local/ns/default/sa/db",
+        port,
+        b"x",
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("but the endpoint's identity is"), "{err}");
+}
+
+#[tokio::test]
+async fn a_peer_from_another_ca_is_refused_both_ways() {
+    let (ours, theirs) = (ca(), ca());
+    let port = echo_app().await;
+    // Server from another CA, same SPIFFE ID.
+    let stranger = tunnel(identity(&theirs, WEB), state(&[]));
+    let a = tunnel(identity(&ours, CLIENT), state(&[]));
+    let err = round_trip(&a, stranger.local_addr().unwrap(), WEB, port, b"x")
+        .await
+        .unwrap_err();
+    assert!(err.contains("cannot connect"), "{err}");
+    // Client from another CA: the server refuses it; nothing reaches the application.
+    let b = tunnel(identity(&ours, WEB), state(&[]));
+    let intruder = tunnel(identity(&theirs, CLIENT), state(&[]));
+    let mut intruder_bundle = identity(&theirs, CLIENT);
+    intruder_bundle.bundle_der.push(ours.der().to_vec());
+    let intruder2 = tunnel(intruder_bundle, state(&[]));
+    for t in [&intruder, &intruder2] {
+        assert!(
+            round_trip(t, b.local_addr().unwrap(), WEB, port, b"x")
+                .await
+                .is_err()
+        );
+    }
+}
+
+#[tokio::test]
+async fn denied_serials_are_refused() {
+    let ca = ca();
+    let port = echo_app().await;
+    let web = identity(&ca, WEB);
+    let client = identity(&ca, CLIENT);
+    // The client denies the server's certificate.
+    let b = tunnel(web.clone(), state(&[]));
+    let a = tunnel(client.clone(), state(&[&web.serial]));
+    let err = round_trip(&a, b.local_addr().unwrap(), WEB, port, b"x")
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("deny list") || err.contains("cannot connect"),
+        "{err}"
+    );
+    // The server denies the client's certificate.
+    let b2 = tunnel(web, state(&[&client.serial]));
+    let a2 = tunnel(client, state(&[]));
+    assert!(
+        round_trip(&a2, b2.local_addr().unwrap(), WEB, port, b"x")
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn rotation_keeps_established_streams_and_new_connections_work() {
+    let ca = ca();
+    let port = echo_app().await;
+    let b = tunnel(identity(&ca, WEB), state(&[]));
+    let a = tunnel(identity(&ca, CLIENT), state(&[]));
+    let addr = b.local_addr().unwrap();
+    let header = Header {
+        service: "default/web".into(),
+        port,
+    };
+    let (mut send, mut recv) = a.open(addr, WEB, &header).await.unwrap();
+    send.write_all(b"before ").await.unwrap();
+    let mut buf = [0u8; 7];
+    recv.read_exact(&mut buf).await.unwrap();
+    // Both sides renew.
+    a.reload(identity(&ca, CLIENT)).unwrap();
+    b.reload(identity(&ca, WEB)).unwrap();
+    // The established stream goes on.
+    send.write_all(b"after").await.unwrap();
+    send.finish().unwrap();
+    let mut rest = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut recv, &mut rest)
+        .await
+        .unwrap();
+    assert_eq!(rest, b"after");
+    // A fresh tunnel (new connection, renewed certificates on both ends) works too.
+    let c = tunnel(identity(&ca, CLIENT), state(&[]));
+    assert_eq!(
+        round_trip(&c, addr, WEB, port, b"new").await.unwrap(),
+        b"new"
+    );
+}
