@@ -337,7 +337,14 @@ fn abort<T>(e: StoreError) -> Result<T, ConflictableTransactionError<StoreError>
 impl SledStore {
     /// Opens (or creates) the store in `dir`, checking and migrating the schema.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open()?;
+        // Durability comes from explicit flushes (group commit for joins and renewals,
+        // a flush after each admin write and registry commit), so sled's own periodic
+        // flush is off: it would only add fsyncs that compete with ours.
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(None)
+            .open()?;
         let store = Self {
             meta: db.open_tree("meta")?,
             ca: db.open_tree("ca")?,
