@@ -581,4 +581,36 @@ mod tests {
         bytes.extend_from_slice(&[0xf8, 0x01, 0x05]); // field 31, varint 5
         assert_eq!(ConfigUpdate::decode(bytes.as_slice()).unwrap().version, 7);
     }
+
+    #[test]
+    fn fuzz_seeds_decode_and_apply() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/push_decode");
+        let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+        let full: PushFrame =
+            crate::wire::decode_frame(&read("update-full.bin"), MAX_PUSH_FRAME).unwrap();
+        let Some(push_frame::Kind::Update(full)) = full.kind else {
+            panic!("update seed")
+        };
+        let s1 = MeshState::default().apply(&full).unwrap();
+        assert_eq!(s1.services["ext/web"].endpoints["f/1"].ports["http"], 80);
+        let delta: PushFrame =
+            crate::wire::decode_frame(&read("update-delta.bin"), MAX_PUSH_FRAME).unwrap();
+        let Some(push_frame::Kind::Update(delta)) = delta.kind else {
+            panic!("delta seed")
+        };
+        let s2 = s1.apply(&delta).unwrap();
+        assert_eq!(s2.version, 3);
+        let ack: AgentFrame = crate::wire::decode_frame(&read("ack.bin"), MAX_PUSH_FRAME).unwrap();
+        assert!(matches!(
+            ack.kind,
+            Some(agent_frame::Kind::Ack(Ack { version: 3 }))
+        ));
+        let hb: PushFrame =
+            crate::wire::decode_frame(&read("heartbeat.bin"), MAX_PUSH_FRAME).unwrap();
+        assert!(matches!(
+            hb.kind,
+            Some(push_frame::Kind::Heartbeat(Heartbeat { version: 9 }))
+        ));
+    }
 }
