@@ -259,9 +259,13 @@ impl Mesh {
             &["-c", SERVER_PY, &port.to_string(), name, host],
         );
         self.procs.push(p);
-        let local = if host == "0.0.0.0" { "" } else { host };
+        let pattern = if host == "0.0.0.0" {
+            format!(":{port} ")
+        } else {
+            format!(" {host}:{port} ")
+        };
         wait_for("the test server to listen", WAIT, || {
-            node.sh(&format!("ss -ltn | grep -q ' {local}:{port} '"))
+            node.sh(&format!("ss -ltn | grep -q '{pattern}'"))
                 .status
                 .success()
                 .then_some(())
