@@ -378,7 +378,7 @@ fn run_size(root: &std::path::Path, services: usize, changes: usize) -> Result<S
     let rss_after_open_mb = mb(proc_status_kb("VmRSS:"));
     let mut per_source = Vec::new();
     let mut initial_merge = Duration::ZERO;
-    for s in 0..SOURCES.len() {
+    for (s, (name, _)) in SOURCES.iter().enumerate() {
         let update = full_update(s, services);
         let start = Instant::now();
         mesh.apply_source_update(&update)?;
@@ -386,7 +386,7 @@ fn run_size(root: &std::path::Path, services: usize, changes: usize) -> Result<S
         drop(update);
         initial_merge += took;
         per_source.push((
-            SOURCES[s].0.to_owned(),
+            (*name).to_owned(),
             took,
             mb(proc_status_kb("VmRSS:")),
             mb(proc_status_kb("VmHWM:")),
