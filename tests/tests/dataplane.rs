@@ -599,3 +599,36 @@ fn load_balancing_skips_a_down_endpoint_and_takes_it_back_after_recovery() {
         (name(&out) == "lb-3").then_some(())
     });
 }
+
+#[test]
+fn udp_blocked_between_the_vms_falls_back_to_tcp_tls() {
+    let mut m = Mesh::new();
+    let s1 = m.join("vm1", "client");
+    let s2 = m.join("vm2", "web");
+    m.server("vm2", 8080);
+    let a2 = m.agent("vm2", &s2);
+    let a1 = m.agent("vm1", &s1);
+    let vm1 = m.lab.node("vm1").clone();
+    let vm2_addr = m.lab.node("vm2").addr.to_string();
+    let vip = wait_routed(&s1, "default/web", &vm2_addr);
+    // Drop the tunnel's UDP between vm1 and vm2 (the controller's UDP 15012 stays open).
+    vm1.sh_ok("iptables -A OUTPUT -p udp --dport 15008 -j DROP");
+    let out = m.client("vm1", &vip, 8080, "over-tcp");
+    assert!(
+        out.starts_with("peer=127.0.0.1 name=vm2\n") && out.ends_with("over-tcp"),
+        "{out:?}"
+    );
+    assert!(
+        m.procs[a1].log().contains("transport=tcp+tls"),
+        "{}",
+        m.procs[a1].log()
+    );
+    assert!(
+        m.procs[a2]
+            .log()
+            .lines()
+            .any(|l| l.contains("inbound tunnel stream") && l.contains("transport=tcp+tls")),
+        "{}",
+        m.procs[a2].log()
+    );
+}

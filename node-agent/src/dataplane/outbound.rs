@@ -212,10 +212,10 @@ impl Outbound {
                         port: up.addr.port(),
                     };
                     match self.tunnel.open(peer, identity, &header).await {
-                        Ok((send, recv)) => {
+                        Ok(opened) => {
                             self.lb.succeeded(&up.key);
-                            tracing::info!(%client, %dst, upstream = %up.addr, peer_identity = %identity, "outbound via tunnel");
-                            splice(stream.into_split(), (recv, send)).await;
+                            tracing::info!(%client, %dst, upstream = %up.addr, peer_identity = %identity, transport = %opened.transport, "outbound via tunnel");
+                            splice(stream.into_split(), (opened.recv, opened.send)).await;
                             drop(guard);
                             return;
                         }

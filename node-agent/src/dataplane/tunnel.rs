@@ -20,7 +20,10 @@
 //! Certificates: [`Tunnel::reload`] swaps in a renewed identity. New connections (both
 //! directions) use it; established connections keep going with the old one.
 //!
-//! Not here yet: the TCP + TLS fallback on TCP 15008.
+//! Fallback: the same port number on TCP carries TLS 1.3 (same certificates, same
+//! verification, same header), one TCP connection per proxied connection. [`Tunnel::open`]
+//! tries QUIC first (at most 2 s); when it gets no answer and TCP works, that peer is
+//! reached over TCP for 30 s before QUIC is tried again.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -40,6 +43,51 @@ pub const VERSION: u8 = 1;
 /// Largest header.
 pub const MAX_HEADER: usize = 3 + 1 + 2 + 1 + 255;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a QUIC handshake may take before the TCP + TLS fallback is tried.
+const QUIC_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a peer whose QUIC failed while TCP worked is reached over TCP directly.
+const QUIC_DOWN_FOR: Duration = Duration::from_secs(30);
+
+/// Read half of a tunnel stream (QUIC stream or TLS over TCP).
+pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+/// Write half of a tunnel stream; shutting it down is the half-close.
+pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Which transport carries a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A stream of the pooled QUIC connection (UDP).
+    Quic,
+    /// One TLS-over-TCP connection per stream (fallback when UDP is blocked).
+    TcpTls,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Quic => "quic",
+            Self::TcpTls => "tcp+tls",
+        })
+    }
+}
+
+/// An opened tunnel stream, header written.
+pub struct Opened {
+    /// The transport in use.
+    pub transport: Transport,
+    /// Bytes from the peer.
+    pub recv: BoxRead,
+    /// Bytes to the peer.
+    pub send: BoxWrite,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("transport", &self.transport)
+            .finish()
+    }
+}
 
 /// Why a tunnel operation failed; says which side and whether a retry elsewhere helps.
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +235,8 @@ pub async fn connect_tcp(
 /// The tunnel endpoint (server and client on one UDP socket).
 pub struct Tunnel {
     endpoint: quinn::Endpoint,
+    tls_server: RwLock<Arc<rustls::ServerConfig>>,
+    quic_down: std::sync::Mutex<HashMap<SocketAddr, tokio::time::Instant>>,
     identity: RwLock<Arc<Identity>>,
     state: SharedState,
     pool: tokio::sync::Mutex<HashMap<(SocketAddr, String), quinn::Connection>>,
@@ -223,14 +273,25 @@ impl Tunnel {
         connect_timeout: Duration,
         mark: Option<u32>,
     ) -> Result<Arc<Self>, TunnelError> {
-        let server = Self::quic_server_config(&identity, &state)?;
+        let (server, tls_server) = Self::server_configs(&identity, &state)?;
         let endpoint =
             quinn::Endpoint::server(server, listen).map_err(|e| TunnelError::Connect {
                 peer: listen,
                 message: format!("cannot bind UDP {listen}: {e}"),
             })?;
+        // TCP + TLS fallback on the same port number.
+        let tcp_addr = endpoint.local_addr().unwrap_or(listen);
+        let tcp = std::net::TcpListener::bind(tcp_addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|e| TunnelError::Connect {
+                peer: tcp_addr,
+                message: format!("cannot bind TCP {tcp_addr} (TCP + TLS fallback): {e}"),
+            })?;
         let t = Arc::new(Self {
             endpoint,
+            tls_server: RwLock::new(tls_server),
+            quic_down: std::sync::Mutex::new(HashMap::new()),
             identity: RwLock::new(Arc::new(identity)),
             state,
             pool: tokio::sync::Mutex::new(HashMap::new()),
@@ -238,6 +299,7 @@ impl Tunnel {
             mark,
         });
         tokio::spawn(t.clone().serve());
+        tokio::spawn(t.clone().serve_tcp(tcp));
         Ok(t)
     }
 
@@ -255,22 +317,23 @@ impl Tunnel {
         }
     }
 
-    fn quic_server_config(
+    fn server_configs(
         identity: &Identity,
         state: &SharedState,
-    ) -> Result<quinn::ServerConfig, TunnelError> {
+    ) -> Result<(quinn::ServerConfig, Arc<rustls::ServerConfig>), TunnelError> {
         let tls = tls::server_config(identity, &Self::bundle(identity, state))?;
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls.clone())
             .map_err(|e| tls::TlsError::Identity(e.to_string()))?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         cfg.transport_config(transport());
-        Ok(cfg)
+        Ok((cfg, Arc::new(tls)))
     }
 
     /// Uses `identity` for new connections from now on; established ones keep going.
     pub fn reload(&self, identity: Identity) -> Result<(), TunnelError> {
-        let server = Self::quic_server_config(&identity, &self.state)?;
+        let (server, tls_server) = Self::server_configs(&identity, &self.state)?;
         self.endpoint.set_server_config(Some(server));
+        *self.tls_server.write().unwrap_or_else(|p| p.into_inner()) = tls_server;
         *self.identity.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(identity);
         tracing::info!("tunnel uses the renewed certificate for new connections");
         Ok(())
@@ -279,6 +342,27 @@ impl Tunnel {
     /// Stops accepting and closes every connection.
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"agent stopping");
+    }
+
+    fn client_tls(&self, expected: &str) -> Result<rustls::ClientConfig, TunnelError> {
+        let identity = self
+            .identity
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let deny = Arc::new(
+            self.state
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .deny_serials
+                .clone(),
+        );
+        Ok(tls::client_config(
+            &identity,
+            &Self::bundle(&identity, &self.state),
+            expected,
+            deny,
+        )?)
     }
 
     async fn connection(
@@ -292,24 +376,7 @@ impl Tunnel {
         {
             return Ok(c.clone());
         }
-        let identity = self
-            .identity
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let deny = Arc::new(
-            self.state
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .deny_serials
-                .clone(),
-        );
-        let tls = tls::client_config(
-            &identity,
-            &Self::bundle(&identity, &self.state),
-            expected,
-            deny,
-        )?;
+        let tls = self.client_tls(expected)?;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| tls::TlsError::Identity(e.to_string()))?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
@@ -319,7 +386,7 @@ impl Tunnel {
             .endpoint
             .connect_with(cfg, peer, tls::SERVER_NAME)
             .map_err(|e| err(e.to_string()))?;
-        let conn = tokio::time::timeout(self.connect_timeout, connecting)
+        let conn = tokio::time::timeout(self.connect_timeout.min(QUIC_TIMEOUT), connecting)
             .await
             .map_err(|_| err("no QUIC answer in time (UDP blocked?)".into()))?
             .map_err(|e| err(e.to_string()))?;
@@ -329,8 +396,99 @@ impl Tunnel {
     }
 
     /// Opens a stream to the agent at `peer`, which must present `expected`, and writes
-    /// the header.
+    /// the header: over QUIC, or over TCP + TLS when QUIC gets no answer (UDP blocked).
+    /// A peer whose QUIC failed while TCP worked is reached over TCP for a while.
     pub async fn open(
+        &self,
+        peer: SocketAddr,
+        expected: &str,
+        header: &Header,
+    ) -> Result<Opened, TunnelError> {
+        let now = tokio::time::Instant::now();
+        let quic_down = self
+            .quic_down
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&peer)
+            .is_some_and(|until| *until > now);
+        let quic_err = if quic_down {
+            None
+        } else {
+            match self.open_quic(peer, expected, header).await {
+                Ok((send, recv)) => {
+                    return Ok(Opened {
+                        transport: Transport::Quic,
+                        recv: Box::new(recv),
+                        send: Box::new(send),
+                    });
+                }
+                Err(e @ TunnelError::Tls(_)) | Err(e @ TunnelError::Header(_)) => return Err(e),
+                Err(e) => Some(e),
+            }
+        };
+        match self.open_tcp(peer, expected, header).await {
+            Ok(o) => {
+                if let Some(e) = &quic_err {
+                    tracing::warn!(%peer, quic_error = %e, "QUIC to the peer agent failed; using TCP + TLS for a while");
+                    self.quic_down
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(peer, now + QUIC_DOWN_FOR);
+                }
+                Ok(o)
+            }
+            Err(tcp_err) => {
+                self.quic_down
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&peer);
+                Err(TunnelError::Connect {
+                    peer,
+                    message: match quic_err {
+                        Some(q) => format!("QUIC: {q}; TCP + TLS: {tcp_err}"),
+                        None => tcp_err.to_string(),
+                    },
+                })
+            }
+        }
+    }
+
+    async fn open_tcp(
+        &self,
+        peer: SocketAddr,
+        expected: &str,
+        header: &Header,
+    ) -> Result<Opened, TunnelError> {
+        let bytes = header.encode()?;
+        let tls = Arc::new(self.client_tls(expected)?);
+        let err = |message: String| TunnelError::Connect { peer, message };
+        let tcp = connect_tcp(peer, self.mark, self.connect_timeout)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).expect("literal");
+        let mut stream = tokio::time::timeout(
+            self.connect_timeout,
+            tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| err("TLS handshake timed out".into()))?
+        .map_err(|e| err(e.to_string()))?;
+        stream
+            .write_all(&bytes)
+            .await
+            .map_err(|e| TunnelError::Stream {
+                peer,
+                message: e.to_string(),
+            })?;
+        let (recv, send) = tokio::io::split(stream);
+        Ok(Opened {
+            transport: Transport::TcpTls,
+            recv: Box::new(recv),
+            send: Box::new(send),
+        })
+    }
+
+    async fn open_quic(
         &self,
         peer: SocketAddr,
         expected: &str,
@@ -361,6 +519,117 @@ impl Tunnel {
             peer,
             message: last.unwrap_or_default(),
         })
+    }
+
+    async fn serve_tcp(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        loop {
+            let Ok((tcp, remote)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let cfg = me
+                    .tls_server
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                let tls = match tokio::time::timeout(
+                    HEADER_TIMEOUT,
+                    tokio_rustls::TlsAcceptor::from(cfg).accept(tcp),
+                )
+                .await
+                {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        tracing::info!(peer = %remote, error = %e, "tunnel TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let leaf = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|d| d.to_vec());
+                let deny = me
+                    .state
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .deny_serials
+                    .clone();
+                let peer = match leaf
+                    .ok_or_else(|| "no client certificate".to_owned())
+                    .and_then(|l| tls::check_peer(&l, None, &deny))
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(peer = %remote, error = %e, "tunnel connection refused");
+                        return;
+                    }
+                };
+                let (mut recv, send) = tokio::io::split(tls);
+                let header =
+                    match tokio::time::timeout(HEADER_TIMEOUT, Header::read(&mut recv)).await {
+                        Ok(Ok(h)) => h,
+                        Ok(Err(e)) => {
+                            tracing::warn!(peer = %remote, error = %e, "tunnel stream refused");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                me.serve_app(
+                    &peer,
+                    remote,
+                    Transport::TcpTls,
+                    header,
+                    recv,
+                    send,
+                    |_, _| {},
+                )
+                .await;
+            });
+        }
+    }
+
+    /// Authorizes, connects to the local application and splices. `reset` refuses the
+    /// stream when that fails.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one internal call site per transport"
+    )]
+    async fn serve_app<R, W>(
+        &self,
+        peer: &tls::PeerFacts,
+        remote: SocketAddr,
+        transport: Transport,
+        header: Header,
+        recv: R,
+        mut send: W,
+        reset: impl FnOnce(&mut W, u32),
+    ) where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if !authorize(&peer.spiffe_id, &header) {
+            tracing::warn!(peer_identity = %peer.spiffe_id, service = %header.service, port = header.port, "tunnel stream denied by policy");
+            reset(&mut send, 3);
+            return;
+        }
+        let app = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, header.port));
+        let tcp = match connect_tcp(app, self.mark, self.connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(peer_identity = %peer.spiffe_id, %app, error = %e, "local application unreachable");
+                reset(&mut send, 2);
+                return;
+            }
+        };
+        tracing::info!(peer = %remote, peer_identity = %peer.spiffe_id, service = %header.service, port = header.port, %transport, "inbound tunnel stream");
+        let (up, down) = splice((recv, send), tcp.into_split()).await;
+        tracing::debug!(peer_identity = %peer.spiffe_id, bytes_in = up, bytes_out = down, "inbound stream done");
     }
 
     async fn serve(self: Arc<Self>) {
@@ -432,24 +701,18 @@ impl Tunnel {
                 return;
             }
         };
-        if !authorize(&peer.spiffe_id, &header) {
-            tracing::warn!(peer_identity = %peer.spiffe_id, service = %header.service, port = header.port, "tunnel stream denied by policy");
-            let _ = send.reset(3u32.into());
-            return;
-        }
-        let app = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, header.port));
-        let tcp = match connect_tcp(app, self.mark, self.connect_timeout).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(peer_identity = %peer.spiffe_id, %app, error = %e, "local application unreachable");
-                let _ = send.reset(2u32.into());
-                return;
-            }
-        };
-        tracing::info!(peer = %remote, peer_identity = %peer.spiffe_id, service = %header.service, port = header.port, "inbound tunnel stream");
-        let (r, w) = tcp.into_split();
-        let (up, down) = splice((recv, send), (r, w)).await;
-        tracing::debug!(peer_identity = %peer.spiffe_id, bytes_in = up, bytes_out = down, "inbound stream done");
+        self.serve_app(
+            &peer.clone(),
+            remote,
+            Transport::Quic,
+            header,
+            recv,
+            send,
+            |s, code| {
+                let _ = s.reset(code.into());
+            },
+        )
+        .await;
     }
 }
 

@@ -7,9 +7,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use causeway_api::push::MeshState;
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::tunnel::{Header, Tunnel};
+use super::tunnel::{Header, Transport, Tunnel};
 use crate::identity::{AgentInfo, Identity, cert_facts};
 use crate::push::SharedState;
 
@@ -101,21 +101,32 @@ async fn round_trip(
     port: u16,
     msg: &[u8],
 ) -> Result<Vec<u8>, String> {
+    Ok(round_trip_on(a, b, expected, port, msg).await?.1)
+}
+
+async fn round_trip_on(
+    a: &Tunnel,
+    b: SocketAddr,
+    expected: &str,
+    port: u16,
+    msg: &[u8],
+) -> Result<(Transport, Vec<u8>), String> {
     let header = Header {
         service: "default/web".into(),
         port,
     };
-    let (mut send, mut recv) = a
+    let mut o = a
         .open(b, expected, &header)
         .await
         .map_err(|e| e.to_string())?;
-    send.write_all(msg).await.map_err(|e| e.to_string())?;
-    send.finish().map_err(|e| e.to_string())?;
+    o.send.write_all(msg).await.map_err(|e| e.to_string())?;
+    o.send.shutdown().await.map_err(|e| e.to_string())?;
     let mut back = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut recv, &mut back)
+    o.recv
+        .read_to_end(&mut back)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(back)
+    Ok((o.transport, back))
 }
 
 #[tokio::test]
@@ -217,20 +228,19 @@ async fn rotation_keeps_established_streams_and_new_connections_work() {
         service: "default/web".into(),
         port,
     };
-    let (mut send, mut recv) = a.open(addr, WEB, &header).await.unwrap();
-    send.write_all(b"before ").await.unwrap();
+    let mut o = a.open(addr, WEB, &header).await.unwrap();
+    assert_eq!(o.transport, Transport::Quic);
+    o.send.write_all(b"before ").await.unwrap();
     let mut buf = [0u8; 7];
-    recv.read_exact(&mut buf).await.unwrap();
+    o.recv.read_exact(&mut buf).await.unwrap();
     // Both sides renew.
     a.reload(identity(&ca, CLIENT)).unwrap();
     b.reload(identity(&ca, WEB)).unwrap();
     // The established stream goes on.
-    send.write_all(b"after").await.unwrap();
-    send.finish().unwrap();
+    o.send.write_all(b"after").await.unwrap();
+    o.send.shutdown().await.unwrap();
     let mut rest = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut recv, &mut rest)
-        .await
-        .unwrap();
+    o.recv.read_to_end(&mut rest).await.unwrap();
     assert_eq!(rest, b"after");
     // A fresh tunnel (new connection, renewed certificates on both ends) works too.
     let c = tunnel(identity(&ca, CLIENT), state(&[]));
@@ -238,4 +248,51 @@ async fn rotation_keeps_established_streams_and_new_connections_work() {
         round_trip(&c, addr, WEB, port, b"new").await.unwrap(),
         b"new"
     );
+}
+
+#[tokio::test]
+async fn udp_blocked_falls_back_to_tcp_tls() {
+    let ca = ca();
+    let port = echo_app().await;
+    let b = tunnel(identity(&ca, WEB), state(&[]));
+    let a = tunnel(identity(&ca, CLIENT), state(&[]));
+    assert_eq!(
+        round_trip_on(&a, b.local_addr().unwrap(), WEB, port, b"q")
+            .await
+            .unwrap(),
+        (Transport::Quic, b"q".to_vec())
+    );
+    // A port where UDP is a black hole and TCP reaches b's TCP + TLS listener.
+    let black_hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let blocked = black_hole.local_addr().unwrap();
+    let relay = tokio::net::TcpListener::bind(blocked).await.unwrap();
+    let target = b.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = relay.accept().await {
+            tokio::spawn(async move {
+                let Ok(up) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                super::tunnel::splice(s.into_split(), up.into_split()).await;
+            });
+        }
+    });
+    assert_eq!(
+        round_trip_on(&a, blocked, WEB, port, b"fallback")
+            .await
+            .unwrap(),
+        (Transport::TcpTls, b"fallback".to_vec())
+    );
+    // Remembered: the next stream goes straight to TCP + TLS; identity checks still apply.
+    assert_eq!(
+        round_trip_on(&a, blocked, WEB, port, b"again")
+            .await
+            .unwrap(),
+        (Transport::TcpTls, b"again".to_vec())
+    );
+    let err = round_trip(&a, blocked, CLIENT, port, b"x")
+        .await
+        .unwrap_err();
+    assert!(err.contains("but the endpoint's identity is"), "{err}");
+    drop(black_hole);
 }
