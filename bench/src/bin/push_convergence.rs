@@ -909,7 +909,9 @@ async fn run(args: Args) -> Result<()> {
                 Instant::now() < deadline,
                 "the mesh did not reach {size} services"
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Each GET /v1/mesh builds every service's view under the mesh lock:
+            // poll slowly while the mesh grows, to disturb the sync as little as possible.
+            tokio::time::sleep(Duration::from_secs(1)).await;
         };
         tracker.wait_all(keep.clone(), grown).await?;
         let grow_sync_ms = ms(grow_start.elapsed());
