@@ -79,6 +79,21 @@ pub struct DataplaneConfig {
     pub eject_max: Duration,
     /// Reach endpoints that run no agent in plaintext (auto mTLS); false refuses them.
     pub plaintext_upstreams: bool,
+    /// Plaintext to this host's application ports from off-host: "permissive" accepts it,
+    /// "strict" refuses it (only tunnel traffic gets in). Set here until the controller
+    /// pushes the workload group's mode.
+    pub inbound_mode: InboundMode,
+}
+
+/// Whether off-host plaintext may reach this host's application ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundMode {
+    /// Accepted (migration: clients without an agent keep working).
+    #[default]
+    Permissive,
+    /// Refused (TCP reset); tunnel traffic arrives over loopback and is not affected.
+    Strict,
 }
 
 impl Default for DataplaneConfig {
@@ -94,6 +109,7 @@ impl Default for DataplaneConfig {
             eject_base: Duration::from_secs(5),
             eject_max: Duration::from_secs(60),
             plaintext_upstreams: true,
+            inbound_mode: InboundMode::Permissive,
         }
     }
 }

@@ -273,14 +273,17 @@ impl Mesh {
         self.procs.len() - 1
     }
 
-    fn client(&self, vm: &str, host: &str, port: u16, marker: &str) -> String {
-        let out = self
-            .lab
+    fn client_output(&self, vm: &str, host: &str, port: u16, marker: &str) -> std::process::Output {
+        self.lab
             .node(vm)
             .cmd("python3")
             .args(["-c", CLIENT_PY, host, &port.to_string(), marker])
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    fn client(&self, vm: &str, host: &str, port: u16, marker: &str) -> String {
+        let out = self.client_output(vm, host, port, marker);
         assert!(
             out.status.success(),
             "client {vm} → {host}:{port}: {}\n{}",
@@ -339,7 +342,7 @@ fn wait_routed(state: &Path, service: &str, addr: &str) -> String {
 }
 
 fn no_causeway_rules(node: &Node) -> bool {
-    !node.nat_rules().contains("CAUSEWAY")
+    !node.sh_ok("iptables-save").contains("CAUSEWAY")
 }
 
 #[test]
@@ -415,6 +418,12 @@ fn vip_and_address_through_both_agents_without_plaintext_on_the_wire() {
         let wire = std::fs::read(&pcap).ok()?;
         contains(&wire, public).then_some(())
     });
+    // PERMISSIVE (the default): plaintext from a host without an agent still gets in.
+    let out = m.client("plain", &vm2_addr, 8080, "permissive");
+    assert!(
+        out.starts_with(&format!("peer={} name=vm2\n", m.lab.node("plain").addr)),
+        "{out:?}"
+    );
     terminate(&dump);
     let _ = dump.wait();
     let wire = std::fs::read(&pcap).unwrap();
@@ -447,8 +456,8 @@ fn capture_rules_are_removed_on_stop_cleaned_after_sigkill_and_checked_by_doctor
     let (ok, text) = m.doctor("vm1", &s1);
     assert!(!ok, "doctor must fail on drift: {text}");
     assert!(
-        text.contains("unexpected: -A CAUSEWAY_OUTPUT -d 10.99.0.1/32 -p tcp -j RETURN")
-            && text.contains("missing:    -A OUTPUT -j CAUSEWAY_OUTPUT"),
+        text.contains("unexpected: nat -A CAUSEWAY_OUTPUT -d 10.99.0.1/32 -p tcp -j RETURN")
+            && text.contains("missing:    nat -A OUTPUT -j CAUSEWAY_OUTPUT"),
         "{text}"
     );
 
@@ -631,4 +640,40 @@ fn udp_blocked_between_the_vms_falls_back_to_tcp_tls() {
         "{}",
         m.procs[a2].log()
     );
+}
+
+#[test]
+fn strict_mode_refuses_off_host_plaintext_but_not_the_tunnel() {
+    let mut m = Mesh::new();
+    let s1 = m.join("vm1", "client");
+    let s2 = m.join("vm2", "web");
+    m.server("vm2", 8080);
+    let cfg = m.root.join("vm2.toml");
+    std::fs::write(&cfg, "[dataplane]\ninbound_mode = \"strict\"\n").unwrap();
+    m.agent_with("vm2", &s2, &["--config", cfg.to_str().unwrap()]);
+    m.agent("vm1", &s1);
+    let vm2 = m.lab.node("vm2").clone();
+    let vm2_addr = vm2.addr.to_string();
+    let vip = wait_routed(&s1, "default/web", &vm2_addr);
+    wait_for("vm2's STRICT rule for its port 8080", WAIT, || {
+        std::fs::read_to_string(s2.join("capture.rules"))
+            .ok()?
+            .contains("--dport 8080 -j REJECT")
+            .then_some(())
+    });
+    // Straight to the application port from a host without an agent: refused.
+    let out = m.client_output("plain", &vm2_addr, 8080, "plaintext");
+    assert!(
+        !out.status.success(),
+        "STRICT let plaintext in: {}",
+        describe(&out)
+    );
+    // Through the mesh: fine.
+    let out = m.client("vm1", &vip, 8080, "via-tunnel");
+    assert!(
+        out.starts_with("peer=127.0.0.1 name=vm2\n") && out.ends_with("via-tunnel"),
+        "{out:?}"
+    );
+    let (ok, text) = m.doctor("vm2", &s2);
+    assert!(ok, "{text}");
 }

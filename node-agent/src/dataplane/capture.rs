@@ -6,8 +6,9 @@
 //! rule set is live or the old one still is. Removal is one transaction too, computed from
 //! what `iptables-save` shows, so leftovers of a crashed agent are found and removed.
 //!
-//! What this module does not do: DNS capture (port 15053) and inbound plaintext capture
-//! (15006) come with their own work items.
+//! STRICT mode adds `CAUSEWAY_INBOUND` in the `filter` table (reset for off-host TCP to
+//! this host's application ports). What this module does not do: DNS capture (port
+//! 15053) and the inbound plaintext port (15006) come with their own work items.
 
 use std::collections::BTreeSet;
 use std::io::Write as _;
@@ -50,6 +51,9 @@ pub enum CaptureError {
     },
 }
 
+/// The chain that drops off-host plaintext to this host's application ports (STRICT).
+pub const INBOUND_CHAIN: &str = "CAUSEWAY_INBOUND";
+
 /// The expected capture rules for one state of the mesh: pure, so it is unit-tested.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleSet {
@@ -59,25 +63,38 @@ pub struct RuleSet {
     pub outbound_port: u16,
     /// Captured destinations (VIP range first, then meshed endpoint addresses).
     pub destinations: Vec<Ipv4Net>,
+    /// STRICT mode: this host's application ports, refused to plaintext from off-host
+    /// (the tunnel reaches them over loopback). Empty in PERMISSIVE mode.
+    pub strict_ports: Vec<u16>,
+    /// Whether STRICT mode is on (the filter chain exists even with no ports yet).
+    pub strict: bool,
 }
 
 impl RuleSet {
     /// The rules for `state`: the VIP range and every endpoint IPv4 address of every
-    /// service, except `own` addresses (this host's workload: no hairpin through the
-    /// agent) and loopback.
-    pub fn for_state(state: &MeshState, mark: u32, outbound_port: u16, own: &[Ipv4Addr]) -> Self {
+    /// service, except `own` addresses (this host's workloads: no hairpin through the
+    /// agent) and loopback. With `strict`, the ports of this host's own endpoints are
+    /// closed to off-host plaintext.
+    pub fn for_state(
+        state: &MeshState,
+        mark: u32,
+        outbound_port: u16,
+        own: &[Ipv4Addr],
+        strict: bool,
+    ) -> Self {
         let vip = state
             .vip_cidr
             .unwrap_or_else(|| DEFAULT_VIP_CIDR.parse().expect("literal"));
         let mut addrs = BTreeSet::new();
+        let mut ports = BTreeSet::new();
         for svc in state.services.values() {
             for ep in svc.endpoints.values() {
-                if let Ok(ip) = ep.address.parse::<Ipv4Addr>()
-                    && !ip.is_loopback()
-                    && !ip.is_unspecified()
-                    && !own.contains(&ip)
-                    && !vip.contains(&ip)
-                {
+                let Ok(ip) = ep.address.parse::<Ipv4Addr>() else {
+                    continue;
+                };
+                if own.contains(&ip) {
+                    ports.extend(ep.ports.values().copied());
+                } else if !ip.is_loopback() && !ip.is_unspecified() && !vip.contains(&ip) {
                     addrs.insert(ip);
                 }
             }
@@ -88,10 +105,16 @@ impl RuleSet {
             mark,
             outbound_port,
             destinations,
+            strict_ports: if strict {
+                ports.into_iter().collect()
+            } else {
+                Vec::new()
+            },
+            strict,
         }
     }
 
-    /// The rules of [`OUTPUT_CHAIN`], in the exact form `iptables-save` prints them.
+    /// The rules of [`OUTPUT_CHAIN`] (nat), in the exact form `iptables-save` prints them.
     pub fn chain_rules(&self) -> Vec<String> {
         let mut rules = vec![format!(
             "-A {OUTPUT_CHAIN} -m mark --mark {:#x} -j RETURN",
@@ -106,74 +129,132 @@ impl RuleSet {
         rules
     }
 
+    /// The rules of [`INBOUND_CHAIN`] (filter), STRICT mode only.
+    pub fn inbound_rules(&self) -> Vec<String> {
+        if !self.strict {
+            return Vec::new();
+        }
+        let mut rules = vec![format!("-A {INBOUND_CHAIN} -i lo -j RETURN")];
+        for p in &self.strict_ports {
+            rules.push(format!(
+                "-A {INBOUND_CHAIN} -p tcp -m tcp --dport {p} -j REJECT --reject-with tcp-reset"
+            ));
+        }
+        rules
+    }
+
     /// The jump from the built-in chain.
     pub fn jump_rule() -> String {
         format!("-A OUTPUT -j {OUTPUT_CHAIN}")
     }
 
-    /// Every live line the agent expects (chain declaration, jump, chain rules).
+    fn inbound_jump() -> String {
+        format!("-A INPUT -j {INBOUND_CHAIN}")
+    }
+
+    /// Every live line the agent expects, each prefixed with its table.
     pub fn expected_lines(&self) -> Vec<String> {
-        let mut v = vec![format!(":{OUTPUT_CHAIN}"), Self::jump_rule()];
-        v.extend(self.chain_rules());
+        let mut v = vec![
+            format!("nat :{OUTPUT_CHAIN}"),
+            format!("nat {}", Self::jump_rule()),
+        ];
+        v.extend(self.chain_rules().into_iter().map(|r| format!("nat {r}")));
+        if self.strict {
+            v.push(format!("filter :{INBOUND_CHAIN}"));
+            v.push(format!("filter {}", Self::inbound_jump()));
+            v.extend(
+                self.inbound_rules()
+                    .into_iter()
+                    .map(|r| format!("filter {r}")),
+            );
+        }
         v
     }
 
-    /// The `iptables-restore --noflush` input that installs everything (after a cleanup).
-    pub fn install_script(&self) -> String {
-        let mut s = format!("*nat\n:{OUTPUT_CHAIN} - [0:0]\n");
-        for r in self.chain_rules() {
-            s.push_str(&r);
+    fn section(table: &str, chain: &str, rules: &[String], jump: Option<&str>) -> String {
+        let mut s = format!("*{table}\n:{chain} - [0:0]\n");
+        for r in rules {
+            s.push_str(r);
             s.push('\n');
         }
-        s.push_str(&Self::jump_rule());
-        s.push_str("\nCOMMIT\n");
-        s
-    }
-
-    /// The input that replaces the chain's rules in place (the jump stays): declaring a
-    /// chain in `--noflush` mode flushes it, in the same transaction as the new rules.
-    pub fn update_script(&self) -> String {
-        let mut s = format!("*nat\n:{OUTPUT_CHAIN} - [0:0]\n");
-        for r in self.chain_rules() {
-            s.push_str(&r);
+        if let Some(j) = jump {
+            s.push_str(j);
             s.push('\n');
         }
         s.push_str("COMMIT\n");
         s
     }
+
+    /// The `iptables-restore --noflush` input that installs everything (after a cleanup).
+    pub fn install_script(&self) -> String {
+        let mut s = Self::section(
+            "nat",
+            OUTPUT_CHAIN,
+            &self.chain_rules(),
+            Some(&Self::jump_rule()),
+        );
+        if self.strict {
+            s.push_str(&Self::section(
+                "filter",
+                INBOUND_CHAIN,
+                &self.inbound_rules(),
+                Some(&Self::inbound_jump()),
+            ));
+        }
+        s
+    }
+
+    /// The input that replaces the chains' rules in place (jumps stay): declaring a chain
+    /// in `--noflush` mode flushes it, in the same transaction as the new rules.
+    pub fn update_script(&self, previous: &RuleSet) -> String {
+        let mut s = Self::section("nat", OUTPUT_CHAIN, &self.chain_rules(), None);
+        match (previous.strict, self.strict) {
+            (true, true) => {
+                s.push_str(&Self::section("filter", INBOUND_CHAIN, &self.inbound_rules(), None))
+            }
+            (false, true) => s.push_str(&Self::section(
+                "filter",
+                INBOUND_CHAIN,
+                &self.inbound_rules(),
+                Some(&Self::inbound_jump()),
+            )),
+            (true, false) => s.push_str(&format!(
+                "*filter\n-D INPUT -j {INBOUND_CHAIN}\n-F {INBOUND_CHAIN}\n-X {INBOUND_CHAIN}\nCOMMIT\n"
+            )),
+            (false, false) => {}
+        }
+        s
+    }
 }
 
-/// What the live `nat` table holds that belongs to Causeway.
+/// What the live tables hold that belongs to Causeway.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LiveRules {
-    /// `CAUSEWAY_*` chains declared.
-    pub chains: Vec<String>,
-    /// Rules inside `CAUSEWAY_*` chains and rules elsewhere that jump to one.
-    pub rules: Vec<String>,
+    /// (table, chain) of every `CAUSEWAY_*` chain declared.
+    pub chains: Vec<(String, String)>,
+    /// (table, rule) of rules inside `CAUSEWAY_*` chains and rules elsewhere that jump to one.
+    pub rules: Vec<(String, String)>,
 }
 
 impl LiveRules {
-    /// Extracts Causeway's part of `iptables-save -t nat` output.
+    /// Extracts Causeway's part of `iptables-save` output (every table).
     pub fn parse(save: &str) -> Self {
         let mut live = Self::default();
-        let mut in_nat = false;
+        let mut table = String::new();
         for line in save.lines().map(str::trim) {
             if let Some(t) = line.strip_prefix('*') {
-                in_nat = t == "nat";
-                continue;
-            }
-            if !in_nat {
+                table = t.to_owned();
                 continue;
             }
             if let Some(decl) = line.strip_prefix(':') {
                 let name = decl.split_whitespace().next().unwrap_or("");
                 if name.starts_with(CHAIN_PREFIX) {
-                    live.chains.push(name.to_owned());
+                    live.chains.push((table.clone(), name.to_owned()));
                 }
             } else if let Some(rule) = line.strip_prefix("-A ") {
                 let chain = rule.split_whitespace().next().unwrap_or("");
                 if chain.starts_with(CHAIN_PREFIX) || rule.contains(&format!("-j {CHAIN_PREFIX}")) {
-                    live.rules.push(line.to_owned());
+                    live.rules.push((table.clone(), line.to_owned()));
                 }
             }
         }
@@ -187,31 +268,51 @@ impl LiveRules {
 
     /// The lines in the form of [`RuleSet::expected_lines`].
     pub fn lines(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.chains.iter().map(|c| format!(":{c}")).collect();
-        v.extend(self.rules.iter().cloned());
+        let mut v: Vec<String> = self
+            .chains
+            .iter()
+            .map(|(t, c)| format!("{t} :{c}"))
+            .collect();
+        v.extend(self.rules.iter().map(|(t, r)| format!("{t} {r}")));
         v
     }
 
     /// The `iptables-restore --noflush` input that removes all of it in one transaction:
-    /// jumps from other chains first, then flush and delete every `CAUSEWAY_*` chain.
+    /// per table, jumps from other chains first, then flush and delete every
+    /// `CAUSEWAY_*` chain.
     pub fn removal_script(&self) -> Option<String> {
         if self.is_empty() {
             return None;
         }
-        let mut s = String::from("*nat\n");
-        for r in &self.rules {
-            let chain = r.trim_start_matches("-A ").split_whitespace().next();
-            if chain.is_some_and(|c| !c.starts_with(CHAIN_PREFIX)) {
-                s.push_str(&format!("-D {}\n", r.trim_start_matches("-A ")));
+        let tables: BTreeSet<&str> = self
+            .chains
+            .iter()
+            .map(|(t, _)| t.as_str())
+            .chain(self.rules.iter().map(|(t, _)| t.as_str()))
+            .collect();
+        let mut s = String::new();
+        for table in tables {
+            s.push_str(&format!("*{table}\n"));
+            for (_, r) in self.rules.iter().filter(|(t, _)| t == table) {
+                let chain = r.trim_start_matches("-A ").split_whitespace().next();
+                if chain.is_some_and(|c| !c.starts_with(CHAIN_PREFIX)) {
+                    s.push_str(&format!("-D {}\n", r.trim_start_matches("-A ")));
+                }
             }
+            let chains: Vec<&str> = self
+                .chains
+                .iter()
+                .filter(|(t, _)| t == table)
+                .map(|(_, c)| c.as_str())
+                .collect();
+            for c in &chains {
+                s.push_str(&format!("-F {c}\n"));
+            }
+            for c in &chains {
+                s.push_str(&format!("-X {c}\n"));
+            }
+            s.push_str("COMMIT\n");
         }
-        for c in &self.chains {
-            s.push_str(&format!("-F {c}\n"));
-        }
-        for c in &self.chains {
-            s.push_str(&format!("-X {c}\n"));
-        }
-        s.push_str("COMMIT\n");
         Some(s)
     }
 }
@@ -249,10 +350,9 @@ impl Drift {
     }
 }
 
-/// Runs `iptables-save -t nat`.
+/// Runs `iptables-save` (every table).
 pub fn save() -> Result<String, CaptureError> {
     let out = Command::new("iptables-save")
-        .args(["-t", "nat"])
         .stdin(Stdio::null())
         .output()
         .map_err(|source| CaptureError::Spawn {
@@ -338,7 +438,7 @@ impl Capture {
         if rules == self.current {
             return Ok(false);
         }
-        restore(&rules.update_script())?;
+        restore(&rules.update_script(&self.current))?;
         tracing::info!(
             destinations = rules.destinations.len(),
             "capture rules updated"
@@ -406,6 +506,7 @@ mod tests {
             0x4357,
             15001,
             &["10.0.0.1".parse().unwrap()],
+            false,
         );
         assert_eq!(
             r.chain_rules(),
@@ -419,30 +520,73 @@ mod tests {
             r.install_script()
                 .contains("-A OUTPUT -j CAUSEWAY_OUTPUT\nCOMMIT")
         );
-        assert!(!r.update_script().contains("-A OUTPUT"));
+        assert!(!r.update_script(&r).contains("-A OUTPUT"));
+        assert!(
+            !r.install_script().contains("filter"),
+            "PERMISSIVE: no filter rules"
+        );
     }
 
-    const SAVE: &str = "# Generated by iptables-save\n*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:DOCKER - [0:0]\n:CAUSEWAY_OUTPUT - [0:0]\n-A OUTPUT -j CAUSEWAY_OUTPUT\n-A OUTPUT -j DOCKER\n-A CAUSEWAY_OUTPUT -m mark --mark 0x4357 -j RETURN\n-A CAUSEWAY_OUTPUT -d 240.240.0.0/16 -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n";
+    #[test]
+    fn strict_closes_own_ports_to_off_host_plaintext() {
+        let own = ["10.0.0.1".parse().unwrap()];
+        let strict =
+            RuleSet::for_state(&state(&["10.0.0.1", "10.0.0.2"]), 0x4357, 15001, &own, true);
+        assert_eq!(strict.strict_ports, vec![80]);
+        assert_eq!(
+            strict.inbound_rules(),
+            vec![
+                "-A CAUSEWAY_INBOUND -i lo -j RETURN",
+                "-A CAUSEWAY_INBOUND -p tcp -m tcp --dport 80 -j REJECT --reject-with tcp-reset",
+            ]
+        );
+        assert!(
+            strict
+                .install_script()
+                .contains("*filter\n:CAUSEWAY_INBOUND - [0:0]\n")
+        );
+        assert!(
+            strict
+                .expected_lines()
+                .contains(&"filter -A INPUT -j CAUSEWAY_INBOUND".to_owned())
+        );
+        let permissive = RuleSet::for_state(&state(&["10.0.0.1"]), 0x4357, 15001, &own, false);
+        assert!(
+            strict
+                .update_script(&permissive)
+                .contains("-A INPUT -j CAUSEWAY_INBOUND")
+        );
+        assert!(
+            permissive
+                .update_script(&strict)
+                .contains("-X CAUSEWAY_INBOUND")
+        );
+    }
+
+    const SAVE: &str = "# Generated by iptables-save\n*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:DOCKER - [0:0]\n:CAUSEWAY_OUTPUT - [0:0]\n-A OUTPUT -j CAUSEWAY_OUTPUT\n-A OUTPUT -j DOCKER\n-A CAUSEWAY_OUTPUT -m mark --mark 0x4357 -j RETURN\n-A CAUSEWAY_OUTPUT -d 240.240.0.0/16 -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n";
 
     #[test]
     fn live_rules_and_drift() {
         let live = LiveRules::parse(SAVE);
-        assert_eq!(live.chains, vec!["CAUSEWAY_OUTPUT"]);
+        assert_eq!(
+            live.chains,
+            vec![("nat".to_owned(), "CAUSEWAY_OUTPUT".to_owned())]
+        );
         assert_eq!(live.rules.len(), 3, "{live:?}");
-        let expected = RuleSet::for_state(&MeshState::default(), 0x4357, 15001, &[]);
+        let expected = RuleSet::for_state(&MeshState::default(), 0x4357, 15001, &[], false);
         assert!(Drift::between(&expected.expected_lines(), &live.lines()).is_empty());
-        let other = RuleSet::for_state(&state(&["10.0.0.9"]), 0x4357, 15001, &[]);
+        let other = RuleSet::for_state(&state(&["10.0.0.9"]), 0x4357, 15001, &[], false);
         let d = Drift::between(&other.expected_lines(), &live.lines());
         assert_eq!(
             d.missing,
-            vec!["-A CAUSEWAY_OUTPUT -d 10.0.0.9/32 -p tcp -j REDIRECT --to-ports 15001"]
+            vec!["nat -A CAUSEWAY_OUTPUT -d 10.0.0.9/32 -p tcp -j REDIRECT --to-ports 15001"]
         );
         assert!(d.unexpected.is_empty());
         let mut doubled = live.lines();
-        doubled.push(RuleSet::jump_rule());
+        doubled.push(format!("nat {}", RuleSet::jump_rule()));
         assert_eq!(
             Drift::between(&expected.expected_lines(), &doubled).unexpected,
-            vec![RuleSet::jump_rule()]
+            vec![format!("nat {}", RuleSet::jump_rule())]
         );
     }
 
@@ -453,6 +597,12 @@ mod tests {
             script,
             "*nat\n-D OUTPUT -j CAUSEWAY_OUTPUT\n-F CAUSEWAY_OUTPUT\n-X CAUSEWAY_OUTPUT\nCOMMIT\n"
         );
-        assert!(LiveRules::parse("*filter\n:CAUSEWAY_X - [0:0]\nCOMMIT\n").is_empty());
+        let filter = LiveRules::parse(
+            "*filter\n:CAUSEWAY_INBOUND - [0:0]\n-A INPUT -j CAUSEWAY_INBOUND\nCOMMIT\n",
+        );
+        assert_eq!(
+            filter.removal_script().unwrap(),
+            "*filter\n-D INPUT -j CAUSEWAY_INBOUND\n-F CAUSEWAY_INBOUND\n-X CAUSEWAY_INBOUND\nCOMMIT\n"
+        );
     }
 }

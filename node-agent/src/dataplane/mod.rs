@@ -6,8 +6,9 @@
 //! (the agent would otherwise swallow traffic); with capture off the listeners are best
 //! effort (nothing is redirected to them), so several agents can share one host in tests.
 //!
-//! Not here yet: DNS (15053), inbound plaintext capture and STRICT mode (15006), the
-//! TCP + TLS fallback, metrics.
+//! Not here yet: DNS (15053), the inbound plaintext capture port 15006 (PERMISSIVE now
+//! lets plaintext reach the application directly; STRICT refuses it with a filter rule),
+//! metrics.
 
 pub mod capture;
 pub mod lb;
@@ -84,7 +85,13 @@ fn rules_for(state: &SharedState, cfg: &DataplaneConfig, own: Option<IpAddr>) ->
             }
         }
     }
-    RuleSet::for_state(&s, cfg.mark, cfg.outbound_listen.port(), &local)
+    RuleSet::for_state(
+        &s,
+        cfg.mark,
+        cfg.outbound_listen.port(),
+        &local,
+        cfg.inbound_mode == crate::config::InboundMode::Strict,
+    )
 }
 
 fn write_rules_file(path: &Path, rules: &RuleSet) {
