@@ -45,6 +45,28 @@ while True:
 sys.stdout.write(b.decode())
 "#;
 
+/// Long-lived client: sends argv[3], reads its echo, waits until file argv[4] exists,
+/// sends argv[5], half-closes, prints everything it received.
+const LONG_CLIENT_PY: &str = r#"
+import os, socket, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
+first = sys.argv[3].encode(); c.sendall(first)
+b = b""
+while not b.endswith(first):
+    d = c.recv(65536)
+    if not d: break
+    b += d
+open(sys.argv[4] + ".open", "w").close()
+while not os.path.exists(sys.argv[4]):
+    time.sleep(0.05)
+c.sendall(sys.argv[5].encode()); c.shutdown(socket.SHUT_WR)
+while True:
+    d = c.recv(65536)
+    if not d: break
+    b += d
+sys.stdout.write(b.decode())
+"#;
+
 /// A process started in a namespace; killed on drop.
 struct Proc {
     child: Option<Child>,
@@ -676,4 +698,73 @@ fn strict_mode_refuses_off_host_plaintext_but_not_the_tunnel() {
     );
     let (ok, text) = m.doctor("vm2", &s2);
     assert!(ok, "{text}");
+}
+
+#[test]
+fn certificate_rotation_during_a_long_lived_connection_keeps_it() {
+    let mut m = Mesh::new();
+    let s1 = m.join("vm1", "client");
+    let s2 = m.join("vm2", "web");
+    m.server("vm2", 8080);
+    m.agent("vm2", &s2);
+    let a1 = m.agent("vm1", &s1);
+    let vm2_addr = m.lab.node("vm2").addr.to_string();
+    let vip = wait_routed(&s1, "default/web", &vm2_addr);
+    let go = m.root.join("go");
+    let client = m
+        .lab
+        .node("vm1")
+        .cmd("python3")
+        .args([
+            "-c",
+            LONG_CLIENT_PY,
+            &vip,
+            "8080",
+            "before-rotation;",
+            go.to_str().unwrap(),
+            "after-rotation",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let opened = go.with_extension("open");
+    wait_for("the long-lived connection to carry bytes", WAIT, || {
+        opened.exists().then_some(())
+    });
+    // Renew both VMs' certificates while the connection is open.
+    let before = (cert_serial(&s1), cert_serial(&s2));
+    for (vm, state) in [("vm1", &s1), ("vm2", &s2)] {
+        let out = m
+            .lab
+            .node(vm)
+            .cmd(bin("causeway-agent"))
+            .args(["renew", "--state-dir", state.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "renew {vm}: {}", describe(&out));
+    }
+    assert_ne!(before, (cert_serial(&s1), cert_serial(&s2)));
+    wait_for("vm1's tunnel to take the renewed certificate", WAIT, || {
+        m.procs[a1]
+            .log()
+            .contains("tunnel uses the renewed certificate")
+            .then_some(())
+    });
+    std::fs::write(&go, "").unwrap();
+    let out = client.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text.starts_with("peer=127.0.0.1 name=vm2\n")
+            && text.ends_with("before-rotation;after-rotation"),
+        "{text:?}"
+    );
+    // New connections work after the rotation.
+    let out = m.client("vm1", &vip, 8080, "new-connection");
+    assert!(out.ends_with("new-connection"), "{out:?}");
+}
+
+fn cert_serial(state: &Path) -> String {
+    causeway_tests::cert_of(state).serial
 }

@@ -135,6 +135,29 @@ impl Dataplane {
             }
         };
         dp.tunnel = tunnel.clone();
+        if let Some(t) = &tunnel {
+            // Follow the certificate on disk too (a renewal by `causeway-agent renew`, or
+            // by this agent): new connections use it, established ones keep going.
+            let (t, dir, mut serial) = (t.clone(), state_dir.to_owned(), identity.serial.clone());
+            dp.tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    let d = dir.clone();
+                    let Ok(Ok(id)) =
+                        tokio::task::spawn_blocking(move || crate::identity::StateDir::new(d).load())
+                            .await
+                    else {
+                        continue;
+                    };
+                    if id.serial != serial {
+                        serial = id.serial.clone();
+                        if let Err(e) = t.reload(id) {
+                            tracing::error!(error = %e, "cannot use the renewed certificate in the tunnel");
+                        }
+                    }
+                }
+            }));
+        }
         match (
             tokio::net::TcpListener::bind(cfg.outbound_listen).await,
             &tunnel,
