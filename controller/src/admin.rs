@@ -482,7 +482,7 @@ async fn mesh_status(State(s): State<AdminState>) -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "version": s.mesh.version(),
         "durable_version": s.mesh.durable_version(),
-        "services": s.mesh.services().len(),
+        "services": s.mesh.service_count(),
         "agents_connected": sessions.values().filter(|v| v.connected).count(),
     }))
 }

@@ -28,6 +28,8 @@ pub const ALPN: &[u8] = b"causeway-control/1";
 const SERVER_CERT_SECS: i64 = 30 * 24 * 3600;
 /// How often the serving certificate is re-issued.
 const SERVER_CERT_ROTATE: Duration = Duration::from_secs(24 * 3600);
+/// Socket buffer asked for the control endpoint (the kernel caps it at rmem_max/wmem_max).
+const UDP_BUFFER: usize = 8 << 20;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -67,9 +69,38 @@ pub struct ControlServer {
 impl ControlServer {
     /// Binds the endpoint.
     pub fn bind(addr: SocketAddr, ca: &Ca) -> anyhow::Result<Self> {
-        let endpoint = quinn::Endpoint::server(server_config(ca)?, addr).map_err(|e| {
-            anyhow::anyhow!("cannot listen on UDP {addr} for the control endpoint: {e} (is another controller running? set control.listen or --control-listen)")
-        })?;
+        let bind_err = |e: std::io::Error| {
+            anyhow::anyhow!(
+                "cannot listen on UDP {addr} for the control endpoint: {e} (is another controller running? set control.listen or --control-listen)"
+            )
+        };
+        let socket = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
+        // Many agents answering one update at once overflow the kernel's default
+        // receive buffer (~200 KiB); ask for more (capped by net.core.rmem_max).
+        let state = quinn::udp::UdpSocketState::new((&socket).into()).map_err(bind_err)?;
+        for (what, r) in [
+            (
+                "receive",
+                state.set_recv_buffer_size((&socket).into(), UDP_BUFFER),
+            ),
+            (
+                "send",
+                state.set_send_buffer_size((&socket).into(), UDP_BUFFER),
+            ),
+        ] {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot enlarge the control socket's {what} buffer; raise net.core.rmem_max / wmem_max");
+            }
+        }
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| anyhow::anyhow!("no async runtime for the control endpoint"))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config(ca)?),
+            socket,
+            runtime,
+        )
+        .map_err(bind_err)?;
         Ok(Self { endpoint })
     }
 

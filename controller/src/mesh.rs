@@ -83,6 +83,8 @@ pub struct SessionHandle {
 }
 
 struct Inner {
+    /// The last update built, shared by every session asking for the same versions.
+    last_update: Option<(u64, u64, Arc<Vec<u8>>)>,
     version: u64,
     registry: Registry,
     vips: BTreeMap<ServiceKey, Ipv4Addr>,
@@ -257,6 +259,7 @@ impl Mesh {
         }
         let used_vips = dump.vips.values().copied().collect();
         let inner = Inner {
+            last_update: None,
             version: dump.version,
             registry,
             vips: dump.vips,
@@ -283,24 +286,25 @@ impl Mesh {
         // commit path: a burst of changes shares one fsync, and the window a crash can
         // lose is one fsync long (the sources re-sync anything lost).
         {
-            let (store, flush, durable) =
-                (mesh.store.clone(), mesh.flush.clone(), mesh.durable.clone());
-            let versions = mesh.version_tx.subscribe();
+            // The task holds the mesh weakly, so dropping the mesh releases the store.
+            let weak = Arc::downgrade(&mesh);
+            let flush = mesh.flush.clone();
             tokio::spawn(async move {
                 loop {
                     flush.notified().await;
-                    let target = *versions.borrow();
-                    let s = store.clone();
-                    match tokio::task::spawn_blocking(move || s.flush()).await {
+                    let Some(mesh) = weak.upgrade() else { return };
+                    let target = *mesh.version_tx.borrow();
+                    let (store, durable) = (mesh.store.clone(), mesh.durable.clone());
+                    drop(mesh);
+                    match tokio::task::spawn_blocking(move || store.flush()).await {
                         Ok(Ok(())) => {
-                            durable.fetch_max(target, std::sync::atomic::Ordering::SeqCst)
+                            durable.fetch_max(target, std::sync::atomic::Ordering::SeqCst);
                         }
                         Ok(Err(e)) => {
-                            tracing::error!(error = %e, "cannot flush the registry to disk");
-                            0
+                            tracing::error!(error = %e, "cannot flush the registry to disk")
                         }
                         Err(_) => return,
-                    };
+                    }
                 }
             });
         }
@@ -446,6 +450,38 @@ impl Mesh {
             std::slice::from_ref(&update.source),
             false,
         )
+    }
+
+    /// [`Mesh::update_since`] as an encoded push frame with its version, built once per
+    /// (since, version) pair and shared by every session that asks for the same pair:
+    /// after a change, most agents stand at the same version.
+    pub fn update_frame_since(&self, since: u64) -> (u64, Arc<Vec<u8>>) {
+        {
+            let inner = self.lock();
+            if let Some((s, v, frame)) = &inner.last_update
+                && *s == since
+                && *v == inner.version
+            {
+                return (*v, frame.clone());
+            }
+        }
+        let update = self.update_since(since);
+        let version = update.version;
+        let frame = Arc::new(causeway_api::wire::encode_frame(
+            &causeway_api::push::PushFrame {
+                kind: Some(causeway_api::push::push_frame::Kind::Update(update)),
+            },
+        ));
+        let mut inner = self.lock();
+        if inner.version == version {
+            inner.last_update = Some((since, version, frame.clone()));
+        }
+        (version, frame)
+    }
+
+    /// The number of services in the merged registry.
+    pub fn service_count(&self) -> usize {
+        self.lock().registry.service_keys().count()
     }
 
     /// What a subscriber at `since` needs to reach the current version: the services

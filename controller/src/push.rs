@@ -194,12 +194,8 @@ pub(crate) async fn run_session(
         if in_flight.is_none() {
             let current = *versions.borrow_and_update();
             if current != acked && nacked.is_none_or(|n| current > n) {
-                let update = mesh.update_since(acked);
-                let version = update.version;
-                let frame = PushFrame {
-                    kind: Some(push_frame::Kind::Update(update)),
-                };
-                if let Err(e) = send_frame(&mut send, &frame).await {
+                let (version, frame) = mesh.update_frame_since(acked);
+                if let Err(e) = send.write_all(&frame).await {
                     tracing::info!(agent = %agent.id, error = %e, "subscription write failed");
                     break false;
                 }
