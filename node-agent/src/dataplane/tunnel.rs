@@ -613,6 +613,14 @@ impl Tunnel {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        // Only the ports this host's own workload registered are reachable through the
+        // tunnel: never arbitrary loopback services (admin APIs, databases bound to lo).
+        let served = self.served_ports();
+        if !served.contains(&header.port) {
+            tracing::warn!(peer_identity = %peer.spiffe_id, port = header.port, served = ?served, "tunnel stream refused: not a port of this host's workload");
+            reset(&mut send, 3);
+            return;
+        }
         if !authorize(&peer.spiffe_id, &header) {
             tracing::warn!(peer_identity = %peer.spiffe_id, service = %header.service, port = header.port, "tunnel stream denied by policy");
             reset(&mut send, 3);
@@ -630,6 +638,26 @@ impl Tunnel {
         tracing::info!(peer = %remote, peer_identity = %peer.spiffe_id, service = %header.service, port = header.port, %transport, "inbound tunnel stream");
         let (up, down) = splice((recv, send), tcp.into_split()).await;
         tracing::debug!(peer_identity = %peer.spiffe_id, bytes_in = up, bytes_out = down, "inbound stream done");
+    }
+
+    /// Ports of this agent's own registered workload (endpoint `agents/<agent id>`).
+    fn served_ports(&self) -> std::collections::BTreeSet<u16> {
+        let me = format!(
+            "agents/{}",
+            self.identity
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .info
+                .agent_id
+        );
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .services
+            .values()
+            .filter_map(|s| s.endpoints.get(&me))
+            .flat_map(|e| e.ports.values().copied())
+            .collect()
     }
 
     async fn serve(self: Arc<Self>) {

@@ -66,6 +66,34 @@ fn state(deny: &[&str]) -> SharedState {
     }))
 }
 
+/// A state in which this host ("a-test") serves `port` (the tunnel only reaches such ports).
+fn serving(port: u16, deny: &[&str]) -> SharedState {
+    let st = state(deny);
+    st.write().unwrap().services.insert(
+        "default/web".into(),
+        causeway_api::push::ServiceState {
+            vip: None,
+            endpoints: [(
+                "agents/a-test".to_owned(),
+                causeway_api::push::EndpointState {
+                    address: "127.0.0.1".into(),
+                    ports: [("http".to_owned(), port)].into(),
+                    healthy: true,
+                    zone: None,
+                    identity: None,
+                    source: "agents".into(),
+                    stale: false,
+                    labels: Default::default(),
+                },
+            )]
+            .into(),
+            hostnames: vec![],
+            source_kinds: vec![],
+        },
+    );
+    st
+}
+
 fn tunnel(id: Identity, st: SharedState) -> Arc<Tunnel> {
     Tunnel::bind(
         "127.0.0.1:0".parse().unwrap(),
@@ -133,7 +161,7 @@ async fn round_trip_on(
 async fn mutual_tls_with_the_expected_identity_carries_bytes_both_ways() {
     let ca = ca();
     let port = echo_app().await;
-    let b = tunnel(identity(&ca, WEB), state(&[]));
+    let b = tunnel(identity(&ca, WEB), serving(port, &[]));
     let a = tunnel(identity(&ca, CLIENT), state(&[]));
     let addr = b.local_addr().unwrap();
     assert_eq!(
@@ -151,7 +179,7 @@ async fn mutual_tls_with_the_expected_identity_carries_bytes_both_ways() {
 async fn another_identity_than_expected_is_refused() {
     let ca = ca();
     let port = echo_app().await;
-    let b = tunnel(identity(&ca, WEB), state(&[]));
+    let b = tunnel(identity(&ca, WEB), serving(port, &[]));
     let a = tunnel(identity(&ca, CLIENT), state(&[]));
     let err = round_trip(
         &a,
@@ -170,14 +198,14 @@ async fn a_peer_from_another_ca_is_refused_both_ways() {
     let (ours, theirs) = (ca(), ca());
     let port = echo_app().await;
     // Server from another CA, same SPIFFE ID.
-    let stranger = tunnel(identity(&theirs, WEB), state(&[]));
+    let stranger = tunnel(identity(&theirs, WEB), serving(port, &[]));
     let a = tunnel(identity(&ours, CLIENT), state(&[]));
     let err = round_trip(&a, stranger.local_addr().unwrap(), WEB, port, b"x")
         .await
         .unwrap_err();
     assert!(err.contains("cannot connect"), "{err}");
     // Client from another CA: the server refuses it; nothing reaches the application.
-    let b = tunnel(identity(&ours, WEB), state(&[]));
+    let b = tunnel(identity(&ours, WEB), serving(port, &[]));
     let intruder = tunnel(identity(&theirs, CLIENT), state(&[]));
     let mut intruder_bundle = identity(&theirs, CLIENT);
     intruder_bundle.bundle_der.push(ours.der().to_vec());
@@ -198,7 +226,7 @@ async fn denied_serials_are_refused() {
     let web = identity(&ca, WEB);
     let client = identity(&ca, CLIENT);
     // The client denies the server's certificate.
-    let b = tunnel(web.clone(), state(&[]));
+    let b = tunnel(web.clone(), serving(port, &[]));
     let a = tunnel(client.clone(), state(&[&web.serial]));
     let err = round_trip(&a, b.local_addr().unwrap(), WEB, port, b"x")
         .await
@@ -208,7 +236,7 @@ async fn denied_serials_are_refused() {
         "{err}"
     );
     // The server denies the client's certificate.
-    let b2 = tunnel(web, state(&[&client.serial]));
+    let b2 = tunnel(web, serving(port, &[&client.serial]));
     let a2 = tunnel(client, state(&[]));
     assert!(
         round_trip(&a2, b2.local_addr().unwrap(), WEB, port, b"x")
@@ -221,7 +249,7 @@ async fn denied_serials_are_refused() {
 async fn rotation_keeps_established_streams_and_new_connections_work() {
     let ca = ca();
     let port = echo_app().await;
-    let b = tunnel(identity(&ca, WEB), state(&[]));
+    let b = tunnel(identity(&ca, WEB), serving(port, &[]));
     let a = tunnel(identity(&ca, CLIENT), state(&[]));
     let addr = b.local_addr().unwrap();
     let header = Header {
@@ -254,7 +282,7 @@ async fn rotation_keeps_established_streams_and_new_connections_work() {
 async fn udp_blocked_falls_back_to_tcp_tls() {
     let ca = ca();
     let port = echo_app().await;
-    let b = tunnel(identity(&ca, WEB), state(&[]));
+    let b = tunnel(identity(&ca, WEB), serving(port, &[]));
     let a = tunnel(identity(&ca, CLIENT), state(&[]));
     assert_eq!(
         round_trip_on(&a, b.local_addr().unwrap(), WEB, port, b"q")
@@ -295,4 +323,23 @@ async fn udp_blocked_falls_back_to_tcp_tls() {
         .unwrap_err();
     assert!(err.contains("but the endpoint's identity is"), "{err}");
     drop(black_hole);
+}
+
+#[tokio::test]
+async fn only_the_hosts_workload_ports_are_reachable() {
+    let ca = ca();
+    let served = echo_app().await;
+    let private = echo_app().await; // e.g. a loopback-only admin API on the same host
+    let b = tunnel(identity(&ca, WEB), serving(served, &[]));
+    let a = tunnel(identity(&ca, CLIENT), state(&[]));
+    let addr = b.local_addr().unwrap();
+    assert_eq!(
+        round_trip(&a, addr, WEB, served, b"ok").await.unwrap(),
+        b"ok".to_vec()
+    );
+    let refused = round_trip(&a, addr, WEB, private, b"secret").await;
+    assert!(
+        refused.map(|v| v.is_empty()).unwrap_or(true),
+        "a loopback port outside the workload was reachable"
+    );
 }
