@@ -35,8 +35,8 @@ echo "==> causeway-agent join (the key is generated here and never sent)"
 "$B/causeway-agent" join "$token" --state-dir "$work/vm1"
 ls -l "$work/vm1"
 
-echo "==> causeway-agent run (service mode), then status"
-"$B/causeway-agent" run --state-dir "$work/vm1" 2>"$work/agent.log" &
+echo "==> causeway-agent run (service mode; --no-capture: the demo leaves this host's iptables alone), then status"
+"$B/causeway-agent" run --state-dir "$work/vm1" --no-capture 2>"$work/agent.log" &
 pids+=($!)
 for _ in $(seq 50); do
   "$B/causeway-agent" status --state-dir "$work/vm1" --output json 2>/dev/null | grep -q '"controller_connected": true' && break
@@ -47,4 +47,6 @@ echo "==> causeway-agent renew (over mutual TLS, no token)"
 "$B/causeway-agent" renew --state-dir "$work/vm1"
 echo "==> causewayctl agent list"
 "$B/causewayctl" agent list
+echo "==> causewayctl registry list (the agent registered its workload, with a VIP)"
+"$B/causewayctl" registry list
 echo "==> demo done; everything under $work is removed"
