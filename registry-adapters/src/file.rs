@@ -17,7 +17,8 @@
 //! ```
 //!
 //! A missing, unreadable or invalid file makes the source stale with the error; its
-//! last good content stays.
+//! last good content stays. Replace the file atomically (write a temporary file, then
+//! rename it over this one): a half-written file that happens to parse is taken as is.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -205,10 +206,12 @@ impl FileSource {
         }
     }
 
-    /// Runs until `tx` is closed: re-reads the file every `file_interval` and sends a
-    /// full snapshot when its content changed and parses.
+    /// Runs until `tx` is closed: re-reads the file every `file_interval`; the first
+    /// good read is sent as a full snapshot, later changes as only the services that
+    /// changed (so one edited entry costs one service, not the whole file).
     pub async fn run(self, tx: mpsc::Sender<SourceUpdate>) {
         let mut last: Option<Vec<u8>> = None;
+        let mut prev: Option<SourceSnapshot> = None;
         let mut tracker = StateTracker::new();
         loop {
             let outcome = match tokio::fs::read(&self.path).await {
@@ -231,10 +234,17 @@ impl FileSource {
             let update = match outcome {
                 Ok(Some(snap)) => {
                     tracker.ok();
+                    let change = match prev.replace(snap.clone()) {
+                        None => Some(SourceChange::Full(snap)),
+                        Some(old) => {
+                            let changed = changed_services(&old, &snap);
+                            (!changed.is_empty()).then_some(SourceChange::Services(changed))
+                        }
+                    };
                     Some(SourceUpdate {
                         source: self.name.clone(),
                         kind: SourceKind::File,
-                        change: Some(SourceChange::Full(snap)),
+                        change,
                         state: tracker.state.clone(),
                     })
                 }
@@ -256,9 +266,40 @@ impl FileSource {
     }
 }
 
+/// The services that differ between two snapshots; a removed service maps to no endpoints.
+fn changed_services(
+    old: &SourceSnapshot,
+    new: &SourceSnapshot,
+) -> BTreeMap<causeway_api::registry::ServiceKey, causeway_api::registry::ServiceEndpoints> {
+    let mut out = BTreeMap::new();
+    for (key, eps) in &new.services {
+        if old.services.get(key) != Some(eps) {
+            out.insert(key.clone(), eps.clone());
+        }
+    }
+    for key in old.services.keys() {
+        if !new.services.contains_key(key) {
+            out.insert(key.clone(), Default::default());
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_changed_services_are_sent_after_the_first_read() {
+        let a = parse_services_file("f", "[[services]]\nname = \"a\"\nports = { http = 80 }\n[[services.endpoints]]\naddress = \"192.0.2.1\"\n[[services]]\nname = \"b\"\nports = { http = 80 }\n[[services.endpoints]]\naddress = \"192.0.2.2\"\n").unwrap();
+        let b = parse_services_file("f", "[[services]]\nname = \"a\"\nports = { http = 80 }\n[[services.endpoints]]\naddress = \"192.0.2.9\"\n").unwrap();
+        let changed = changed_services(&a, &b);
+        assert_eq!(changed.len(), 2, "{changed:?}");
+        let names: Vec<&str> = changed.keys().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, vec!["a", "b"]);
+        assert!(changed.values().any(|eps| eps.is_empty()), "b is removed");
+        assert!(changed_services(&b, &b).is_empty());
+    }
 
     #[test]
     fn parses_services_with_endpoints_and_hosts() {

@@ -60,7 +60,10 @@ impl Mesh {
 
     fn set_services(&self, entries: &[(&str, &str)]) -> u64 {
         let before = self.ctl.mesh_version();
-        std::fs::write(&self.services, services_file(entries)).unwrap();
+        // Atomically, as operators should: the source must never read a half-written file.
+        let tmp = self.services.with_extension("tmp");
+        std::fs::write(&tmp, services_file(entries)).unwrap();
+        std::fs::rename(&tmp, &self.services).unwrap();
         wait_for("the file change to reach the registry", WAIT, || {
             let v = self.ctl.mesh_version();
             (v > before).then_some(v)
