@@ -229,6 +229,10 @@ pub struct EndpointMsg {
     /// Labels.
     #[prost(btree_map = "string, string", tag = "9")]
     pub labels: BTreeMap<String, String>,
+    /// The endpoint's workload group is in STRICT mTLS mode (agent workloads only):
+    /// plaintext from off-host to its ports is dropped.
+    #[prost(bool, tag = "10")]
+    pub mtls_strict: bool,
 }
 
 /// Why an update was refused.
@@ -299,6 +303,9 @@ pub struct EndpointState {
     pub stale: bool,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+    /// Its group is in STRICT mTLS mode.
+    #[serde(default)]
+    pub mtls_strict: bool,
 }
 
 /// The config an agent has applied (what it persists and serves from).
@@ -428,6 +435,7 @@ impl MeshState {
                         source: e.source.clone(),
                         stale: e.stale,
                         labels: e.labels.clone(),
+                        mtls_strict: e.mtls_strict,
                     },
                 );
             }

@@ -26,6 +26,9 @@ use tokio::sync::{Notify, watch};
 
 use crate::store::{AgentRecord, HistoryRecord, MeshWrite, SourceRecord, Store, StoreError};
 
+/// Metadata key carrying an agent workload's group mTLS mode.
+pub const MTLS_METADATA: &str = "causeway.io/mtls";
+
 /// The source name under which agents register their workloads.
 pub const AGENTS_SOURCE: &str = "agents";
 
@@ -188,6 +191,10 @@ fn endpoint_msg(ep: &Endpoint) -> EndpointMsg {
         source: ep.provenance.source.clone(),
         stale: ep.stale,
         labels: ep.labels.clone(),
+        mtls_strict: ep
+            .metadata
+            .get(MTLS_METADATA)
+            .is_some_and(|m| m == "strict"),
     }
 }
 
@@ -572,6 +579,8 @@ impl Mesh {
             .map(|p| (p.name.clone(), p.port))
             .collect();
         ep.labels = group.labels.clone();
+        ep.metadata
+            .insert(MTLS_METADATA.into(), group.mtls.to_string());
         ep.identity = Some(agent.spiffe_id.clone());
         let mut changes = BTreeMap::new();
         let all = Self::agents_services(inner);

@@ -768,3 +768,45 @@ fn certificate_rotation_during_a_long_lived_connection_keeps_it() {
 fn cert_serial(state: &Path) -> String {
     causeway_tests::cert_of(state).serial
 }
+
+#[test]
+fn strict_group_mode_is_pushed_to_the_agent() {
+    let mut m = Mesh::new();
+    m.ctl_ok(&[
+        "group",
+        "create",
+        "secure",
+        "--namespace",
+        "default",
+        "--service-account",
+        "secure",
+        "--service",
+        "secure",
+        "--port",
+        "http:8080",
+        "--mtls",
+        "strict",
+    ]);
+    let s1 = m.join("vm1", "client");
+    let s2 = m.join("vm2", "secure");
+    m.server("vm2", 8080);
+    // No local setting: the mode comes from the group, through the controller.
+    m.agent("vm2", &s2);
+    m.agent("vm1", &s1);
+    let vm2_addr = m.lab.node("vm2").addr.to_string();
+    let vip = wait_routed(&s1, "default/secure", &vm2_addr);
+    wait_for("vm2's STRICT rule from its group", WAIT, || {
+        std::fs::read_to_string(s2.join("capture.rules"))
+            .ok()?
+            .contains("--dport 8080 -j REJECT")
+            .then_some(())
+    });
+    let out = m.client_output("plain", &vm2_addr, 8080, "plaintext");
+    assert!(
+        !out.status.success(),
+        "STRICT group let plaintext in: {}",
+        describe(&out)
+    );
+    let out = m.client("vm1", &vip, 8080, "via-tunnel");
+    assert!(out.ends_with("via-tunnel"), "{out:?}");
+}

@@ -477,6 +477,7 @@ mod tests {
                         source: "file".into(),
                         stale: false,
                         labels: Default::default(),
+                        mtls_strict: false,
                     },
                 )
             })

@@ -85,12 +85,23 @@ fn rules_for(state: &SharedState, cfg: &DataplaneConfig, own: Option<IpAddr>) ->
             }
         }
     }
+    // STRICT when this agent's config says so, or when the controller pushed this host's
+    // workload with its group in STRICT mode (`causewayctl group create --mtls strict`).
+    let group_strict = s.services.values().any(|svc| {
+        svc.endpoints.values().any(|ep| {
+            ep.mtls_strict
+                && ep
+                    .address
+                    .parse::<Ipv4Addr>()
+                    .is_ok_and(|ip| local.contains(&ip))
+        })
+    });
     RuleSet::for_state(
         &s,
         cfg.mark,
         cfg.outbound_listen.port(),
         &local,
-        cfg.inbound_mode == crate::config::InboundMode::Strict,
+        cfg.inbound_mode == crate::config::InboundMode::Strict || group_strict,
     )
 }
 

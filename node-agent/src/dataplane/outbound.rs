@@ -270,6 +270,7 @@ mod tests {
             source: "agents".into(),
             stale: false,
             labels: Default::default(),
+            mtls_strict: false,
         }
     }
 

@@ -84,6 +84,7 @@ fn serving(port: u16, deny: &[&str]) -> SharedState {
                     source: "agents".into(),
                     stale: false,
                     labels: Default::default(),
+                    mtls_strict: false,
                 },
             )]
             .into(),
