@@ -810,3 +810,46 @@ fn strict_group_mode_is_pushed_to_the_agent() {
     let out = m.client("vm1", &vip, 8080, "via-tunnel");
     assert!(out.ends_with("via-tunnel"), "{out:?}");
 }
+
+#[test]
+fn strict_group_refuses_plaintext_egress_to_an_agentless_endpoint() {
+    let mut m = Mesh::new();
+    m.ctl_ok(&[
+        "group",
+        "create",
+        "secure",
+        "--namespace",
+        "default",
+        "--service-account",
+        "secure",
+        "--service",
+        "secure",
+        "--port",
+        "http:8080",
+        "--mtls",
+        "strict",
+    ]);
+    m.server("plain", 9090);
+    let s1 = m.join("vm1", "secure");
+    m.agent("vm1", &s1);
+    let plain_addr = m.lab.node("plain").addr.to_string();
+    let plain_vip = wait_routed(&s1, "ext/plain", &plain_addr);
+    // vm1's own workload is pushed as STRICT before the refusal can be observed.
+    let vm1_addr = m.lab.node("vm1").addr.to_string();
+    wait_for("vm1's workload pushed as STRICT", WAIT, || {
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(s1.join("config.json")).ok()?).ok()?;
+        cfg["services"]["default/secure"]["endpoints"]
+            .as_object()?
+            .values()
+            .any(|e| e["address"] == vm1_addr.as_str() && e["mtls_strict"] == true)
+            .then_some(())
+    });
+    let out = m.client_output("vm1", &plain_vip, 9090, "must-not-leave-in-plaintext");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("name=plain"),
+        "a STRICT group's agent sent plaintext to an agentless endpoint: {}",
+        describe(&out)
+    );
+}

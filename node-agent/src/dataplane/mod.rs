@@ -181,6 +181,7 @@ impl Dataplane {
                     connect_timeout: cfg.connect_timeout,
                     zone: cfg.zone.clone(),
                     plaintext_upstreams: cfg.plaintext_upstreams,
+                    own_address: own,
                 };
                 tracing::info!(outbound = %cfg.outbound_listen, tunnel = %cfg.tunnel_listen, "data plane listening");
                 dp.tasks.push(tokio::spawn(outbound::Outbound::serve(

@@ -101,6 +101,9 @@ pub struct OutboundSettings {
     pub zone: Option<String>,
     /// Whether endpoints without an agent may be reached in plaintext.
     pub plaintext_upstreams: bool,
+    /// This host's workload address: when the controller pushes this host's workload
+    /// with its group in STRICT mode, plaintext upstreams are refused as well.
+    pub own_address: Option<std::net::IpAddr>,
 }
 
 /// The outbound proxy.
@@ -114,6 +117,24 @@ pub struct Outbound {
 }
 
 impl Outbound {
+    /// Whether this host's own workload is in a STRICT group (pushed by the controller).
+    fn group_strict(&self) -> bool {
+        let Some(own) = self.settings.own_address else {
+            return false;
+        };
+        let own = own.to_string();
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .services
+            .values()
+            .any(|s| {
+                s.endpoints
+                    .values()
+                    .any(|e| e.mtls_strict && e.address == own)
+            })
+    }
+
     /// Serves connections from `listener` until the task is dropped.
     pub async fn serve(
         listener: tokio::net::TcpListener,
@@ -228,7 +249,7 @@ impl Outbound {
                         }
                     }
                 }
-                None if !self.settings.plaintext_upstreams => {
+                None if !self.settings.plaintext_upstreams || self.group_strict() => {
                     tracing::warn!(%client, upstream = %up.addr, "endpoint has no agent and plaintext upstreams are disabled; refused");
                     continue;
                 }
