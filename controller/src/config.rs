@@ -89,7 +89,7 @@ pub struct ControlConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct CaConfig {
     /// Lifetime of workload certificates, e.g. "24h".
-    #[serde(with = "duration_text")]
+    #[serde(with = "causeway_api::duration")]
     pub workload_cert_ttl: Duration,
     /// PEM file: an intermediate CA certificate followed by its chain up to the root.
     /// With `intermediate_key`, the controller signs with it instead of generating a root.
@@ -103,10 +103,10 @@ pub struct CaConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TokenConfig {
     /// Lifetime of a token when `--ttl` is not given, e.g. "1h".
-    #[serde(with = "duration_text")]
+    #[serde(with = "causeway_api::duration")]
     pub default_ttl: Duration,
     /// Longest lifetime a token may be given.
-    #[serde(with = "duration_text")]
+    #[serde(with = "causeway_api::duration")]
     pub max_ttl: Duration,
 }
 
@@ -117,7 +117,7 @@ pub struct MeshConfig {
     /// IPv4 range that service VIPs are allocated from.
     pub vip_range: ipnet::Ipv4Net,
     /// How long an agent's workload stays registered after its connection is lost.
-    #[serde(with = "duration_text")]
+    #[serde(with = "causeway_api::duration")]
     pub agent_grace: Duration,
     /// How many config versions are remembered so reconnecting agents get a delta.
     pub history: u64,
@@ -286,21 +286,6 @@ impl Config {
         } else {
             Err(ConfigError::Invalid(errors))
         }
-    }
-}
-
-/// Durations written as text ("24h", "90s", "1h 30m").
-mod duration_text {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "invalid duration {text:?} ({e}); write it like \"24h\", \"30m\" or \"90s\""
-            ))
-        })
     }
 }
 

@@ -69,13 +69,13 @@ pub struct DataplaneConfig {
     /// This host's zone, for same-zone-first endpoint choice.
     pub zone: Option<String>,
     /// Timeout of a connect to an endpoint, a peer agent or a local application, e.g. "5s".
-    #[serde(with = "duration_text")]
+    #[serde(with = "causeway_api::duration")]
     pub connect_timeout: Duration,
     /// First ejection of an endpoint whose connect failed; doubles per failure, e.g. "5s".
-    #[serde(with = "duration_text")]
+    #[serde(with = "causeway_api::duration")]
     pub eject_base: Duration,
     /// Longest ejection, e.g. "1m".
-    #[serde(with = "duration_text")]
+    #[serde(with = "causeway_api::duration")]
     pub eject_max: Duration,
     /// Reach endpoints that run no agent in plaintext (auto mTLS); false refuses them.
     pub plaintext_upstreams: bool,
@@ -123,10 +123,10 @@ pub struct IdentityConfig {
     /// Random spread around `renew_at` so a fleet does not renew at once (0.1 = ±10 %).
     pub jitter: f64,
     /// First retry delay after a failed renewal or connection, e.g. "1s".
-    #[serde(with = "duration_text")]
+    #[serde(with = "causeway_api::duration")]
     pub retry_min: Duration,
     /// Longest retry delay, e.g. "5m".
-    #[serde(with = "duration_text")]
+    #[serde(with = "causeway_api::duration")]
     pub retry_max: Duration,
 }
 
@@ -235,20 +235,6 @@ impl AgentConfig {
         } else {
             Err(ConfigError::Invalid(errors))
         }
-    }
-}
-
-mod duration_text {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "invalid duration {text:?} ({e}); write it like \"5m\" or \"90s\""
-            ))
-        })
     }
 }
 
