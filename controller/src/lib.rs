@@ -2,11 +2,12 @@
 //!
 //! What it does: keeps state in a [`store::Store`] (sled by default), runs the
 //! certificate authority ([`ca`]), admits agents with join tokens and renews their
-//! certificates ([`enroll`]) over the QUIC control endpoint ([`control`]), and serves the
-//! admin HTTP API for `causewayctl` ([`admin`]).
+//! certificates ([`enroll`]) over the QUIC control endpoint ([`control`]), merges the
+//! registry sources into one registry with VIPs and agent leases ([`mesh`]), pushes
+//! config to subscribed agents ([`push`]), and serves the admin HTTP API for
+//! `causewayctl` ([`admin`]).
 //!
-//! What it does not (yet): merge registries or push config; those arrive with the
-//! registry and push work.
+//! What it does not (yet): run with several controllers (etcd), serve metrics or policy.
 
 pub mod admin;
 pub mod ca;

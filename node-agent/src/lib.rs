@@ -2,10 +2,11 @@
 //!
 //! What it does now: enrolls the host with a join token ([`client::join`]), keeping the
 //! private key on the host; renews the workload certificate over mutual TLS before it
-//! expires ([`run`]); reports identity, expiry and controller connection ([`status`]).
+//! expires ([`run`]); subscribes to config and keeps it on disk ([`push`]); captures and
+//! proxies traffic through the mTLS tunnel ([`dataplane`]); reports identity, expiry,
+//! controller connection and config version ([`status`]).
 //!
-//! What it does not (yet): config push, the transparent proxy and DNS arrive with their
-//! own work items.
+//! What it does not (yet): DNS, metrics, or the inbound capture port 15006.
 
 pub mod client;
 pub mod config;
