@@ -2,7 +2,7 @@
 //! and the agents' sessions and leases.
 //!
 //! Every change (a source update, an agent registering or leaving, an agent removed)
-//! goes through [`Mesh::commit`]: the services it touched get VIPs if new, the change is
+//! goes through `Mesh::commit`: the services it touched get VIPs if new, the change is
 //! written to the store in one transaction, the mesh version grows by one, the history
 //! records which services changed, and subscribers are woken through a watch channel.
 //! Subscribers pull what changed since their own version ([`Mesh::update_since`]), so a
