@@ -71,6 +71,10 @@ pub struct DataplaneConfig {
     /// Timeout of a connect to an endpoint, a peer agent or a local application, e.g. "5s".
     #[serde(with = "causeway_api::duration")]
     pub connect_timeout: Duration,
+    /// A proxied connection with no byte in either direction for this long is closed
+    /// with a reset at both ends, e.g. "1h"; "0s" turns the timeout off.
+    #[serde(with = "causeway_api::duration")]
+    pub idle_timeout: Duration,
     /// First ejection of an endpoint whose connect failed; doubles per failure, e.g. "5s".
     #[serde(with = "causeway_api::duration")]
     pub eject_base: Duration,
@@ -106,6 +110,7 @@ impl Default for DataplaneConfig {
             mark: 0x4357,
             zone: None,
             connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(3600),
             eject_base: Duration::from_secs(5),
             eject_max: Duration::from_secs(60),
             plaintext_upstreams: true,

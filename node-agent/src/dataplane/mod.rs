@@ -13,6 +13,7 @@
 pub mod capture;
 pub mod lb;
 pub mod outbound;
+pub mod splice;
 pub mod tls;
 pub mod tunnel;
 #[cfg(test)]
@@ -131,12 +132,14 @@ impl Dataplane {
             tasks: Vec::new(),
             rules_file: rules_file.clone(),
         };
+        let idle = (!cfg.idle_timeout.is_zero()).then_some(cfg.idle_timeout);
         let tunnel = match tunnel::Tunnel::bind(
             cfg.tunnel_listen,
             identity.clone(),
             state.clone(),
             cfg.connect_timeout,
             mark,
+            idle,
         ) {
             Ok(t) => Some(t),
             Err(e) if strict => return Err(e.into()),
@@ -179,6 +182,7 @@ impl Dataplane {
                     mark,
                     tunnel_port: cfg.tunnel_port,
                     connect_timeout: cfg.connect_timeout,
+                    idle_timeout: idle,
                     zone: cfg.zone.clone(),
                     plaintext_upstreams: cfg.plaintext_upstreams,
                     own_address: own,
