@@ -21,9 +21,9 @@ out=${BENCH_OUT:-$(mktemp -d -t causeway-bench.XXXXXX)}
 mkdir -p "$out"
 
 echo "== building (release)"
-cargo build --release -p causeway-bench --bins
-# The data-plane benchmark runs the real controller, agents and causewayctl.
-cargo build --release -p causeway-controller -p causeway-agent -p causewayctl --bins
+# One invocation (one feature set): the data-plane benchmark runs the real controller,
+# agents and causewayctl next to the bench programs.
+cargo build --release -p causeway-bench -p causeway-controller -p causeway-agent -p causewayctl --bins
 export CAUSEWAY_BIN_DIR="$target_dir/release"
 
 programs=("$@")

@@ -254,7 +254,7 @@ fn spawn(node: &Node, log: &Path, program: &Path, args: &[&str]) -> anyhow::Resu
     let f = std::fs::File::create(log)?;
     let child = node
         .cmd("prlimit")
-        .arg("--nofile=65536:65536")
+        .arg(nofile_arg())
         .arg(program)
         .args(args)
         .env("RUST_LOG", "warn")
@@ -269,7 +269,7 @@ fn spawn(node: &Node, log: &Path, program: &Path, args: &[&str]) -> anyhow::Resu
 fn run_json(node: &Node, me: &Path, args: &[&str]) -> anyhow::Result<Value> {
     let out = node
         .cmd("prlimit")
-        .arg("--nofile=65536:65536")
+        .arg(nofile_arg())
         .arg(me)
         .args(args)
         .output()?;
@@ -280,6 +280,24 @@ fn run_json(node: &Node, me: &Path, args: &[&str]) -> anyhow::Result<Value> {
         );
     }
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// This process's hard limit of open files (raising it needs CAP_SYS_RESOURCE, which
+/// containers often lack): every process of the benchmark runs with soft = hard.
+fn nofile_hard() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|x| x.starts_with("Max open files"))
+                .and_then(|x| x.split_whitespace().nth(4)?.parse().ok())
+        })
+        .unwrap_or(1024)
+}
+
+fn nofile_arg() -> String {
+    let h = nofile_hard();
+    format!("--nofile={h}:{h}")
 }
 
 /// utime + stime of a process, in seconds.
@@ -393,6 +411,13 @@ impl Run {
 
 fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
     causeway_tests::netns::require_root("the data-plane benchmark");
+    let need = CONNS as u64 + 1000;
+    if nofile_hard() < need {
+        bail!(
+            "the hard limit of open files is {}, below the {need} that {CONNS} connections need; raise it (ulimit -Hn, LimitNOFILE) and run again",
+            nofile_hard()
+        );
+    }
     let me = std::env::current_exe()?;
     let dir = tempfile::tempdir()?;
     let root = dir.path().to_owned();
@@ -417,9 +442,22 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
             &control,
         ],
     )?;
-    let endpoints: Value = wait_for("controller endpoints.json", WAIT, || {
-        serde_json::from_str(&std::fs::read_to_string(data.join("endpoints.json")).ok()?).ok()
-    });
+    let start = Instant::now();
+    let endpoints: Value = loop {
+        if let Some(v) = std::fs::read_to_string(data.join("endpoints.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+        {
+            break v;
+        }
+        if start.elapsed() > WAIT {
+            bail!(
+                "the controller did not start:\n{}",
+                std::fs::read_to_string(root.join("controller.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let run = Run {
         admin: endpoints["admin"].as_str().context("admin")?.to_owned(),
         lab,
@@ -498,7 +536,7 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
     eprintln!("-- {CONNS} concurrent connections through both agents");
     let mut holder = vm1
         .cmd("prlimit")
-        .arg("--nofile=65536:65536")
+        .arg(nofile_arg())
         .arg(&me)
         .args(["hold", &vip_addr, &CONNS.to_string()])
         .stdin(Stdio::piped())
@@ -551,14 +589,24 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
 
     // 4. stunnel4, mutual TLS.
     let (st_client, st_server) = stunnel(&root, &vm1, &vm2)?;
-    results.push(run.measure(
-        "stunnel4 → stunnel4 (mTLS)",
-        "127.0.0.1:9000",
-        &[
-            ("client stunnel", st_client.0.id()),
-            ("server stunnel", st_server.0.id()),
-        ],
-    )?);
+    results.push(
+        run.measure(
+            "stunnel4 → stunnel4 (mTLS)",
+            "127.0.0.1:9000",
+            &[
+                ("client stunnel", st_client.0.id()),
+                ("server stunnel", st_server.0.id()),
+            ],
+        )
+        .with_context(|| {
+            let log = |f: &str| std::fs::read_to_string(root.join(f)).unwrap_or_default();
+            format!(
+                "stunnel4 logs:\n{}\n{}",
+                log("st-client.log"),
+                log("st-server.log")
+            )
+        })?,
+    );
     let st_idle = (rss_mib(st_client.0.id()).0, rss_mib(st_server.0.id()).0);
     drop((st_client, st_server));
 
@@ -589,13 +637,21 @@ fn stunnel(root: &Path, vm1: &Node, vm2: &Node) -> anyhow::Result<(Proc, Proc)> 
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Distinct subject names: OpenSSL takes a leaf whose subject equals its issuer's for
+    // self-issued and refuses the chain.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "causeway bench stunnel CA");
     let ca = ca_params.self_signed(&ca_key)?;
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     std::fs::write(root.join("st-ca.pem"), ca.pem())?;
     for name in ["server", "client"] {
         let key = rcgen::KeyPair::generate()?;
-        let cert = rcgen::CertificateParams::new(vec![format!("{name}.bench")])?
-            .signed_by(&key, &issuer)?;
+        let mut params = rcgen::CertificateParams::new(vec![format!("{name}.bench")])?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name}.bench"));
+        let cert = params.signed_by(&key, &issuer)?;
         std::fs::write(
             root.join(format!("st-{name}.pem")),
             format!("{}{}", cert.pem(), key.serialize_pem()),
@@ -695,5 +751,8 @@ fn print_table(report: &Value) {
     if let Some(m) = results.get(1).map(|r| &r["memory_mib"]) {
         println!("\nagent memory (MiB): {m}");
     }
-    println!("stunnel4 RSS after its run (MiB): {}", report["stunnel_rss_mib"]);
+    println!(
+        "stunnel4 RSS after its run (MiB): {}",
+        report["stunnel_rss_mib"]
+    );
 }

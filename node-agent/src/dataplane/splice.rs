@@ -207,10 +207,26 @@ impl Side for tokio::net::TcpStream {
     }
 }
 
+/// Most chunks taken from a QUIC stream at once.
+const QUIC_CHUNKS: usize = 32;
+
+/// A QUIC stream hands over its received chunks (about one datagram each). When several
+/// are waiting, they are joined into one buffer so the TCP side gets one write for them
+/// instead of one per datagram (a copy is far cheaper than the system calls it saves).
 impl ChunkRead for quinn::RecvStream {
     async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
-        match quinn::RecvStream::read_chunk(self, usize::MAX, true).await {
-            Ok(Some(c)) => Ok(Some(c.bytes)),
+        let mut bufs: [Bytes; QUIC_CHUNKS] = std::array::from_fn(|_| Bytes::new());
+        match self.read_chunks(&mut bufs).await {
+            Ok(Some(0)) => Ok(Some(Bytes::new())),
+            Ok(Some(1)) => Ok(Some(std::mem::take(&mut bufs[0]))),
+            Ok(Some(n)) => {
+                let total = bufs[..n].iter().map(Bytes::len).sum();
+                let mut joined = bytes::BytesMut::with_capacity(total);
+                for b in &bufs[..n] {
+                    joined.extend_from_slice(b);
+                }
+                Ok(Some(joined.freeze()))
+            }
             Ok(None) => Ok(None),
             Err(e) => Err(io::Error::from(e)),
         }

@@ -46,6 +46,8 @@ pub const MAX_HEADER: usize = 3 + 1 + 2 + 1 + 255;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a QUIC handshake may take before the TCP + TLS fallback is tried.
 const QUIC_TIMEOUT: Duration = Duration::from_secs(2);
+/// Requested size of the tunnel's UDP socket buffers.
+const UDP_BUFFER: usize = 4 * 1024 * 1024;
 /// How long a peer whose QUIC failed while TCP worked is reached over TCP directly.
 const QUIC_DOWN_FOR: Duration = Duration::from_secs(30);
 
@@ -276,11 +278,38 @@ impl Tunnel {
         idle_timeout: Option<Duration>,
     ) -> Result<Arc<Self>, TunnelError> {
         let (server, tls_server) = Self::server_configs(&identity, &state)?;
-        let endpoint =
-            quinn::Endpoint::server(server, listen).map_err(|e| TunnelError::Connect {
-                peer: listen,
-                message: format!("cannot bind UDP {listen}: {e}"),
-            })?;
+        let bind_err = |e: std::io::Error| TunnelError::Connect {
+            peer: listen,
+            message: format!("cannot bind UDP {listen}: {e}"),
+        };
+        let socket = std::net::UdpSocket::bind(listen).map_err(bind_err)?;
+        // One bulk stream sends tens of thousands of datagrams per second: the kernel's
+        // default socket buffers (~200 KiB) drop bursts and the congestion controller
+        // backs off. Ask for more (capped by net.core.rmem_max / wmem_max).
+        let udp = quinn::udp::UdpSocketState::new((&socket).into()).map_err(bind_err)?;
+        for (what, r) in [
+            (
+                "receive",
+                udp.set_recv_buffer_size((&socket).into(), UDP_BUFFER),
+            ),
+            (
+                "send",
+                udp.set_send_buffer_size((&socket).into(), UDP_BUFFER),
+            ),
+        ] {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot enlarge the tunnel socket's {what} buffer; raise net.core.rmem_max / wmem_max");
+            }
+        }
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| bind_err(std::io::Error::other("no async runtime for the tunnel")))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )
+        .map_err(bind_err)?;
         // TCP + TLS fallback on the same port number.
         let tcp_addr = endpoint.local_addr().unwrap_or(listen);
         let tcp = std::net::TcpListener::bind(tcp_addr)
