@@ -1,0 +1,357 @@
+//! The query path: one DNS message in, a decision out. Pure (no sockets), so it is
+//! unit-tested and fuzzed (`fuzz/fuzz_targets/dns_query.rs`).
+//!
+//! Mesh names are answered from the [`Index`]; everything else is forwarded unchanged
+//! (the raw bytes go to the upstream, so flags, EDNS options and DNSSEC bits pass
+//! through). Malformed input gets FORMERR when its header is readable and is dropped
+//! otherwise; responses are never answered (no reflection loops).
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, SOA, SRV};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+
+use super::index::{Index, Lookup, Target};
+
+/// Largest query the server accepts; a real query is a few hundred bytes at most.
+pub const MAX_QUERY: usize = 4096;
+/// The UDP payload size the agent advertises in EDNS answers.
+pub const EDNS_PAYLOAD: u16 = 1232;
+/// DNS header length.
+const HEADER: usize = 12;
+
+/// What to do with a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Send these bytes back.
+    Answer(Vec<u8>),
+    /// Not a mesh name: forward the query unchanged to the upstream resolvers.
+    Forward,
+    /// Say nothing (not a query, or not even a header).
+    Drop,
+}
+
+/// Transport of the query (UDP answers are limited in size; TCP's are not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Datagram: answers above the client's payload size are truncated (TC set).
+    Udp,
+    /// Stream.
+    Tcp,
+}
+
+/// A bare error response built from the raw header (for messages hickory cannot parse).
+pub fn raw_error(packet: &[u8], rcode: u8) -> Outcome {
+    if packet.len() < HEADER || packet[2] & 0x80 != 0 {
+        return Outcome::Drop;
+    }
+    let mut out = vec![0u8; HEADER];
+    out[0] = packet[0];
+    out[1] = packet[1];
+    // QR=1, opcode copied, RD copied.
+    out[2] = 0x80 | (packet[2] & 0x79);
+    // RA=1, RCODE.
+    out[3] = 0x80 | (rcode & 0x0f);
+    Outcome::Answer(out)
+}
+
+/// SERVFAIL for a query (forwarding failed).
+pub fn servfail(packet: &[u8]) -> Outcome {
+    raw_error(packet, 2)
+}
+
+fn soa(zone: &str, ttl: u32) -> Option<Record> {
+    let zone = Name::from_ascii(format!("{zone}.")).ok()?;
+    let mname = Name::from_ascii("causeway-agent.").ok()?;
+    let rname = Name::from_ascii("hostmaster.causeway-agent.").ok()?;
+    Some(Record::from_rdata(
+        zone,
+        ttl,
+        RData::SOA(SOA::new(mname, rname, 1, 3600, 600, 86400, ttl)),
+    ))
+}
+
+/// The zone a name belongs to for the SOA of a negative answer: the name's parent labels.
+fn negative_zone(name: &str) -> &str {
+    name.split_once('.').map(|(_, z)| z).unwrap_or(name)
+}
+
+fn srv_records(
+    target: &Target,
+    qname: &Name,
+    owner: &Name,
+    only: Option<&str>,
+    ttl: u32,
+) -> Vec<Record> {
+    target
+        .ports
+        .iter()
+        .filter(|(n, _)| only.is_none_or(|o| o == n.as_str()))
+        .map(|(_, p)| {
+            Record::from_rdata(
+                qname.clone(),
+                ttl,
+                RData::SRV(SRV::new(0, 1, *p, owner.clone())),
+            )
+        })
+        .collect()
+}
+
+/// Handles one query.
+pub fn handle(index: &Index, packet: &[u8], transport: Transport) -> Outcome {
+    if packet.len() < HEADER || packet[2] & 0x80 != 0 {
+        return Outcome::Drop;
+    }
+    if packet.len() > MAX_QUERY {
+        return raw_error(packet, 1);
+    }
+    let req = match Message::from_vec(packet) {
+        Ok(m) => m,
+        Err(_) => return raw_error(packet, 1),
+    };
+    if req.metadata.message_type != MessageType::Query {
+        return Outcome::Drop;
+    }
+    if req.metadata.op_code != OpCode::Query {
+        return raw_error(packet, 4); // NOTIMP
+    }
+    if req.queries.len() != 1 || !req.answers.is_empty() || !req.authorities.is_empty() {
+        return raw_error(packet, 1);
+    }
+    let q = &req.queries[0];
+    let ascii = q.name().to_ascii();
+    let Some(name) = super::index::normalize(&ascii) else {
+        return Outcome::Forward;
+    };
+    let lookup = index.lookup(&name);
+    // SRV in the `_port._proto.<name>` form (Kubernetes style): strip the two labels.
+    let mut srv_port: Option<&str> = None;
+    let lookup = match lookup {
+        Lookup::Outside | Lookup::NxDomain(_) if q.query_type() == RecordType::SRV => {
+            let mut parts = name.splitn(3, '.');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(p), Some(proto), Some(rest))
+                    if p.starts_with('_') && (proto == "_tcp" || proto == "_udp") =>
+                {
+                    match index.lookup(rest) {
+                        Lookup::Found(t) => {
+                            srv_port = Some(&p[1..]);
+                            Lookup::Found(t)
+                        }
+                        _ => lookup,
+                    }
+                }
+                _ => lookup,
+            }
+        }
+        other => other,
+    };
+    if matches!(lookup, Lookup::Outside) {
+        return Outcome::Forward;
+    }
+    if q.query_class() != DNSClass::IN {
+        return raw_error(packet, 5); // REFUSED: the mesh has IN records only
+    }
+    let ttl = index.ttl;
+    let mut resp = Message::response(req.metadata.id, OpCode::Query);
+    resp.metadata.recursion_desired = req.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    resp.metadata.authoritative = true;
+    resp.add_query(q.clone());
+    if let Some(e) = &req.edns {
+        let mut edns = Edns::new();
+        edns.set_max_payload(EDNS_PAYLOAD);
+        if e.version() > 0 {
+            resp.metadata.response_code = ResponseCode::BADVERS;
+        }
+        resp.set_edns(edns);
+    }
+    let qname = q.name().clone();
+    match lookup {
+        Lookup::Found(t) => {
+            let owner = match srv_port {
+                Some(_) => {
+                    // The SRV target is the service name itself (strip `_port._proto.`).
+                    let base: Vec<&str> = name.splitn(3, '.').collect();
+                    Name::from_ascii(format!("{}.", base.get(2).copied().unwrap_or(&name)))
+                        .unwrap_or_else(|_| qname.clone())
+                }
+                None => qname.clone(),
+            };
+            let records: Vec<Record> = match (q.query_type(), t.vip) {
+                (RecordType::A | RecordType::ANY, Some(vip)) if srv_port.is_none() => {
+                    vec![Record::from_rdata(qname.clone(), ttl, RData::A(A(vip)))]
+                }
+                (RecordType::SRV, _) => srv_records(t, &qname, &owner, srv_port, ttl),
+                _ => Vec::new(), // NODATA: AAAA (no v6 VIPs), MX, TXT, ...
+            };
+            if q.query_type() == RecordType::SRV
+                && let Some(vip) = t.vip
+                && !records.is_empty()
+            {
+                resp.add_additional(Record::from_rdata(owner, ttl, RData::A(A(vip))));
+            }
+            if records.is_empty()
+                && let Some(s) = soa(negative_zone(&name), ttl)
+            {
+                resp.add_authority(s);
+            }
+            resp.add_answers(records);
+        }
+        Lookup::NxDomain(zone) => {
+            resp.metadata.response_code = ResponseCode::NXDomain;
+            if let Some(s) = soa(zone, ttl) {
+                resp.add_authority(s);
+            }
+        }
+        Lookup::Outside => return Outcome::Forward,
+    }
+    let limit = match transport {
+        Transport::Tcp => usize::from(u16::MAX),
+        Transport::Udp => usize::from(req.edns.as_ref().map_or(512, |e| e.max_payload()).max(512)),
+    };
+    match resp.to_vec() {
+        Ok(bytes) if bytes.len() <= limit => Outcome::Answer(bytes),
+        Ok(_) => match resp.truncate().to_vec() {
+            Ok(b) => Outcome::Answer(b),
+            Err(_) => servfail(packet),
+        },
+        Err(_) => servfail(packet),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::index::{Zones, tests::mesh};
+    use hickory_proto::op::Query;
+
+    fn index() -> Index {
+        Index::build(&mesh(), &Zones::default())
+    }
+
+    fn query(name: &str, t: RecordType) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+        m.to_vec().unwrap()
+    }
+
+    fn answer(o: Outcome) -> Message {
+        match o {
+            Outcome::Answer(b) => Message::from_vec(&b).unwrap(),
+            other => panic!("expected an answer, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_srv_nodata_nxdomain_forward() {
+        let idx = index();
+        let m = answer(handle(
+            &idx,
+            &query("Web.Service.Consul.", RecordType::A),
+            Transport::Udp,
+        ));
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.metadata.authoritative && m.metadata.recursion_desired);
+        assert_eq!(m.answers.len(), 1);
+        assert_eq!(
+            m.answers[0].data,
+            RData::A(A("240.240.0.10".parse().unwrap()))
+        );
+        assert_eq!(m.answers[0].ttl, 5);
+
+        let m = answer(handle(
+            &idx,
+            &query("web.default.causeway.", RecordType::AAAA),
+            Transport::Udp,
+        ));
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty(), "no v6 VIP: NODATA");
+        assert_eq!(m.authorities.len(), 1);
+
+        let m = answer(handle(
+            &idx,
+            &query("web.service.consul.", RecordType::SRV),
+            Transport::Udp,
+        ));
+        let mut ports: Vec<u16> = m
+            .answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::SRV(s) => s.port,
+                _ => 0,
+            })
+            .collect();
+        ports.sort();
+        assert_eq!(ports, vec![8080, 9090]);
+        assert_eq!(m.additionals.len(), 1);
+
+        let m = answer(handle(
+            &idx,
+            &query("_http._tcp.web.default.svc.cluster.local.", RecordType::SRV),
+            Transport::Udp,
+        ));
+        assert_eq!(m.answers.len(), 1);
+
+        let m = answer(handle(
+            &idx,
+            &query("nope.service.consul.", RecordType::A),
+            Transport::Udp,
+        ));
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+
+        let m = answer(handle(
+            &idx,
+            &query("web.service.consul.", RecordType::MX),
+            Transport::Udp,
+        ));
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+
+        assert_eq!(
+            handle(&idx, &query("example.com.", RecordType::A), Transport::Udp),
+            Outcome::Forward
+        );
+    }
+
+    #[test]
+    fn malformed_input() {
+        let idx = index();
+        assert_eq!(handle(&idx, &[], Transport::Udp), Outcome::Drop);
+        assert_eq!(handle(&idx, &[1, 2, 3], Transport::Udp), Outcome::Drop);
+        // A header claiming one question, then garbage: FORMERR with the same id.
+        let bad = [0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+        let m = answer(handle(&idx, &bad, Transport::Udp));
+        assert_eq!(m.metadata.id, 0xabcd);
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+        // A response is never answered.
+        let mut resp = query("web.service.consul.", RecordType::A);
+        resp[2] |= 0x80;
+        assert_eq!(handle(&idx, &resp, Transport::Udp), Outcome::Drop);
+        // Oversized.
+        let mut big = query("web.service.consul.", RecordType::A);
+        big.resize(MAX_QUERY + 1, 0);
+        let m = answer(handle(&idx, &big, Transport::Udp));
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+        // Two questions.
+        let mut two = Message::query();
+        two.add_query(Query::query(
+            Name::from_ascii("a.b.").unwrap(),
+            RecordType::A,
+        ));
+        two.add_query(Query::query(
+            Name::from_ascii("c.d.").unwrap(),
+            RecordType::A,
+        ));
+        let m = answer(handle(&idx, &two.to_vec().unwrap(), Transport::Udp));
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+        // Another opcode.
+        let mut notify = Message::new(7, MessageType::Query, OpCode::Notify);
+        notify.add_query(Query::query(
+            Name::from_ascii("a.b.").unwrap(),
+            RecordType::SOA,
+        ));
+        let m = answer(handle(&idx, &notify.to_vec().unwrap(), Transport::Udp));
+        assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
+    }
+}
