@@ -80,6 +80,11 @@ pub struct DnsCapture {
 
 impl DnsCapture {
     /// Creates the table through a long-lived `nft -i` and waits until it is live.
+    /// Blocking: call it from `spawn_blocking`.
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "blocking by design; the agent calls it from spawn_blocking"
+    )]
     pub fn install(mark: u32, port: u16) -> Result<Self, NftError> {
         if live().is_some() {
             // Not owned (someone ran nft by hand) or owned by a live process.
@@ -145,7 +150,11 @@ impl DnsCapture {
     }
 
     /// Removes the table: closes `nft`'s input, so it exits and the kernel deletes the
-    /// table with its socket.
+    /// table with its socket. Blocking (at most 2 s): call it from `spawn_blocking`.
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "blocking by design; the agent calls it from spawn_blocking"
+    )]
     pub fn remove(&mut self) {
         drop(self.stdin.take());
         let deadline = Instant::now() + Duration::from_secs(2);
