@@ -315,6 +315,42 @@ mod tests {
     }
 
     #[test]
+    fn fuzz_seeds_give_the_outcomes_they_are_named_for() {
+        let idx = index();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/dns_query");
+        let read = |n: &str| std::fs::read(dir.join(n)).unwrap();
+        let rcode = |o: Outcome| answer(o).metadata.response_code;
+        assert_eq!(
+            rcode(handle(&idx, &read("a-consul.bin"), Transport::Udp)),
+            ResponseCode::NoError
+        );
+        assert_eq!(
+            answer(handle(&idx, &read("aaaa-edns-k8s.bin"), Transport::Udp))
+                .answers
+                .len(),
+            0
+        );
+        assert_eq!(
+            answer(handle(&idx, &read("srv-k8s-port.bin"), Transport::Tcp))
+                .answers
+                .len(),
+            1
+        );
+        assert_eq!(
+            rcode(handle(&idx, &read("nxdomain-causeway.bin"), Transport::Udp)),
+            ResponseCode::NXDomain
+        );
+        assert_eq!(
+            handle(&idx, &read("forward-outside.bin"), Transport::Udp),
+            Outcome::Forward
+        );
+        assert_eq!(
+            rcode(handle(&idx, &read("formerr-garbage.bin"), Transport::Udp)),
+            ResponseCode::FormErr
+        );
+    }
+
+    #[test]
     fn malformed_input() {
         let idx = index();
         assert_eq!(handle(&idx, &[], Transport::Udp), Outcome::Drop);
