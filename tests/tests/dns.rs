@@ -293,8 +293,20 @@ fn resolves_everywhere(l: &Lab1, name: &str, ip: &str) {
     }
 }
 
-#[test]
-fn mesh_names_forwarding_fail_open_and_cache() {
+struct Setup {
+    l: Lab1,
+    state: PathBuf,
+    root: PathBuf,
+    vm2: Node,
+    controller: usize,
+    agent: usize,
+    web_vip: String,
+    inv_vip: String,
+}
+
+/// The lab, registries, controller and a joined agent in vm1 running with `agent_toml`,
+/// up to the moment web and inventory (with VIPs) reached it.
+fn setup(agent_toml: &str) -> Setup {
     require_root("the DNS tests");
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_owned();
@@ -373,7 +385,7 @@ fn mesh_names_forwarding_fail_open_and_cache() {
             &control,
         ],
     ));
-    let controller_idx = procs.len() - 1;
+    let controller = procs.len() - 1;
     let endpoints: Value = wait_for("controller endpoints.json", WAIT, || {
         serde_json::from_str(&std::fs::read_to_string(data.join("endpoints.json")).ok()?).ok()
     });
@@ -414,11 +426,7 @@ fn mesh_names_forwarding_fail_open_and_cache() {
         .output()
         .unwrap();
     assert!(out.status.success(), "join: {}", describe(&out));
-    std::fs::write(
-        root.join("agent.toml"),
-        "[dns]\neureka_bare_names = true\nttl = \"3s\"\n",
-    )
-    .unwrap();
+    std::fs::write(root.join("agent.toml"), agent_toml).unwrap();
     let agent = l.agent(&state);
 
     // The registry reaches the agent; the capture table is up.
@@ -428,6 +436,30 @@ fn mesh_names_forwarding_fail_open_and_cache() {
         let inv = s.services.get("shop/inventory")?.vip?;
         Some((web.to_string(), inv.to_string()))
     });
+    Setup {
+        l,
+        state,
+        root,
+        vm2,
+        controller,
+        agent,
+        web_vip,
+        inv_vip,
+    }
+}
+
+#[test]
+fn mesh_names_forwarding_fail_open_and_cache() {
+    let Setup {
+        mut l,
+        state,
+        root,
+        vm2,
+        controller: controller_idx,
+        agent,
+        web_vip,
+        inv_vip,
+    } = setup("[dns]\neureka_bare_names = true\nttl = \"3s\"\n");
     wait_for("DNS capture installed", WAIT, || {
         (dns_capture_reported(&state) && table_live(l.vm1())).then_some(())
     });
@@ -612,4 +644,67 @@ fn mesh_names_forwarding_fail_open_and_cache() {
         "",
         "without the agent, mesh names are not answered"
     );
+}
+
+#[test]
+fn resolv_conf_mode_points_libc_at_the_agent_and_restores_the_file() {
+    let Setup {
+        mut l,
+        state,
+        agent,
+        web_vip,
+        ..
+    } = setup("[dns]\nmode = \"resolv-conf\"\n");
+    let dns_addr = l.lab.node("dns").addr.to_string();
+    let original = format!("nameserver {dns_addr}\nsearch lab.test\noptions ndots:1\n");
+    // The agent runs without capture rules in this mode and rewrote resolv.conf.
+    wait_for("resolv.conf pointing at the agent", WAIT, || {
+        let text = out_text(&l.sh("cat /etc/resolv.conf"));
+        text.starts_with("# Written by causeway-agent")
+            .then_some(())
+    });
+    let text = out_text(&l.sh("cat /etc/resolv.conf"));
+    assert!(
+        text.contains("nameserver 127.0.0.153\n")
+            && text.contains(&format!("nameserver {dns_addr}\n"))
+            && text.contains("search lab.test"),
+        "{text}"
+    );
+    assert!(!table_live(l.vm1()), "no capture table in resolv-conf mode");
+    for name in ["web.service.consul", "web.default.causeway"] {
+        let out = l.sh(&format!("getent hosts {name}"));
+        assert!(
+            out_text(&out).starts_with(&web_vip),
+            "{name}: {}\n{}",
+            describe(&out),
+            l.logs()
+        );
+    }
+    let out = l.sh("getent hosts outside.test && getent hosts host1");
+    assert!(out.status.success(), "forwarded: {}", describe(&out));
+    // Killed: libc falls through to the original server after the agent's address.
+    l.procs[agent].kill();
+    let out = l.sh("getent hosts outside.test");
+    assert!(
+        out_text(&out).starts_with("192.0.2.7"),
+        "fail open: {}",
+        describe(&out)
+    );
+    // The next start restores the original first, then points at itself again; a
+    // graceful stop restores it for good.
+    let agent = l.agent(&state);
+    wait_for("the agent serving again", WAIT, || {
+        out_text(&l.sh("getent hosts web.service.consul"))
+            .starts_with(&web_vip)
+            .then_some(())
+    });
+    assert!(
+        l.procs[agent]
+            .log()
+            .contains("restored the resolver configuration"),
+        "{}",
+        l.logs()
+    );
+    l.procs[agent].stop();
+    assert_eq!(out_text(&l.sh("cat /etc/resolv.conf")), original);
 }
