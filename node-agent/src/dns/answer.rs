@@ -96,8 +96,132 @@ fn srv_records(
         .collect()
 }
 
+/// What the fast path found in a plain query.
+struct Plain<'a> {
+    /// The question section (name, type, class), as sent.
+    question: &'a [u8],
+    /// The lower-cased name without the trailing dot.
+    name: [u8; 255],
+    name_len: usize,
+    qtype: u16,
+    qclass: u16,
+    /// The query had an EDNS OPT record (version 0).
+    edns: bool,
+}
+
+/// Reads the common case without allocating: one question of plain labels (no
+/// compression), nothing else but an optional EDNS version-0 OPT record with no
+/// options, and nothing after it. Anything else → None (the hickory path decides).
+fn plain(packet: &[u8]) -> Option<Plain<'_>> {
+    if packet.len() < HEADER + 5 || packet.len() > 512 {
+        return None;
+    }
+    // QR=0, opcode QUERY, one question, no answers/authorities, at most one additional.
+    if packet[2] & 0xf8 != 0 || packet[4..10] != [0, 1, 0, 0, 0, 0] || packet[10] != 0 {
+        return None;
+    }
+    let arcount = packet[11];
+    if arcount > 1 {
+        return None;
+    }
+    let mut name = [0u8; 255];
+    let mut name_len = 0usize;
+    let mut i = HEADER;
+    loop {
+        let len = usize::from(*packet.get(i)?);
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        if len > 63 {
+            return None; // a compression pointer or a reserved label type
+        }
+        let label = packet.get(i..i + len)?;
+        if name_len + len + 1 > name.len() {
+            return None;
+        }
+        if name_len > 0 {
+            name[name_len] = b'.';
+            name_len += 1;
+        }
+        for b in label {
+            if !(b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_') {
+                return None;
+            }
+            name[name_len] = b.to_ascii_lowercase();
+            name_len += 1;
+        }
+        i += len;
+    }
+    let fixed = packet.get(i..i + 4)?;
+    let qtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+    let qclass = u16::from_be_bytes([fixed[2], fixed[3]]);
+    let question = &packet[HEADER..i + 4];
+    let rest = &packet[i + 4..];
+    let edns = match (arcount, rest) {
+        (0, []) => false,
+        // Root name, type OPT, any payload size, extended RCODE 0, version 0, any flags,
+        // no options.
+        (1, [0, 0, 41, _, _, 0, 0, _, _, 0, 0]) => true,
+        _ => return None,
+    };
+    if name_len == 0 {
+        return None;
+    }
+    Some(Plain {
+        question,
+        name,
+        name_len,
+        qtype,
+        qclass,
+        edns,
+    })
+}
+
+/// The fast path: an A query for a mesh name with a VIP is answered by copying the
+/// question and appending one record (a compression pointer to the question's name);
+/// a name outside the mesh (not SRV) is forwarded. Everything else → None.
+fn fast(index: &Index, packet: &[u8]) -> Option<Outcome> {
+    let p = plain(packet)?;
+    let name = std::str::from_utf8(&p.name[..p.name_len]).ok()?;
+    match index.lookup(name) {
+        Lookup::Found(t) if p.qtype == 1 && p.qclass == 1 => {
+            let vip = t.vip?;
+            let mut out = Vec::with_capacity(HEADER + p.question.len() + 16 + 11);
+            out.extend_from_slice(&packet[..2]);
+            // QR, AA, RD as asked; RA; NOERROR.
+            out.push(0x84 | (packet[2] & 0x01));
+            out.push(0x80);
+            out.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, u8::from(p.edns)]);
+            out.extend_from_slice(p.question);
+            out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+            out.extend_from_slice(&index.ttl.to_be_bytes());
+            out.extend_from_slice(&[0, 4]);
+            out.extend_from_slice(&vip.octets());
+            if p.edns {
+                out.push(0);
+                out.extend_from_slice(&[0, 41]);
+                out.extend_from_slice(&EDNS_PAYLOAD.to_be_bytes());
+                out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+            }
+            Some(Outcome::Answer(out))
+        }
+        Lookup::Outside if p.qtype != 33 => Some(Outcome::Forward),
+        _ => None,
+    }
+}
+
 /// Handles one query.
 pub fn handle(index: &Index, packet: &[u8], transport: Transport) -> Outcome {
+    if let Some(o) = fast(index, packet) {
+        return o;
+    }
+    handle_parsed(index, packet, transport)
+}
+
+/// The general path: hickory parses and builds (also the reference the fast path is
+/// tested against).
+pub fn handle_parsed(index: &Index, packet: &[u8], transport: Transport) -> Outcome {
     if packet.len() < HEADER || packet[2] & 0x80 != 0 {
         return Outcome::Drop;
     }
@@ -348,6 +472,54 @@ mod tests {
             rcode(handle(&idx, &read("formerr-garbage.bin"), Transport::Udp)),
             ResponseCode::FormErr
         );
+    }
+
+    #[test]
+    fn fast_path_answers_as_the_general_path() {
+        let idx = index();
+        let mut with_edns = Message::query();
+        with_edns.metadata.recursion_desired = true;
+        with_edns.add_query(Query::query(
+            Name::from_ascii("WEB.service.consul.").unwrap(),
+            RecordType::A,
+        ));
+        let mut e = Edns::new();
+        e.set_max_payload(4096);
+        with_edns.set_edns(e);
+        let queries = [
+            query("web.service.consul.", RecordType::A),
+            query("Web.Default.Causeway.", RecordType::A),
+            with_edns.to_vec().unwrap(),
+            query("example.com.", RecordType::A),
+            query("example.com.", RecordType::AAAA),
+        ];
+        for q in &queries {
+            let f = fast(&idx, q).expect("the fast path takes it");
+            let g = handle_parsed(&idx, q, Transport::Udp);
+            match (f, g) {
+                (Outcome::Answer(a), Outcome::Answer(b)) => {
+                    let (a, b) = (
+                        Message::from_vec(&a).unwrap(),
+                        Message::from_vec(&b).unwrap(),
+                    );
+                    assert_eq!(a.metadata, b.metadata);
+                    assert_eq!(a.queries, b.queries);
+                    assert_eq!(a.answers, b.answers);
+                    assert_eq!(a.edns.is_some(), b.edns.is_some());
+                    assert!(a.authorities.is_empty() && b.authorities.is_empty());
+                }
+                (a, b) => assert_eq!(a, b),
+            }
+        }
+        // Left to the general path: NXDOMAIN, AAAA, SRV, compression, a second record.
+        for q in [
+            query("nope.service.consul.", RecordType::A),
+            query("web.service.consul.", RecordType::AAAA),
+            query("web.service.consul.", RecordType::SRV),
+            query("_http._tcp.example.com.", RecordType::SRV),
+        ] {
+            assert!(fast(&idx, &q).is_none());
+        }
     }
 
     #[test]
