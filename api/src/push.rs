@@ -197,6 +197,15 @@ pub struct ServiceMsg {
     /// Kinds of the sources that contribute ("consul", "eureka", ...).
     #[prost(string, repeated, tag = "6")]
     pub source_kinds: Vec<String>,
+    /// Tags of the service's Consul endpoints (union), for `<tag>.<svc>.service.consul`.
+    #[prost(string, repeated, tag = "7")]
+    pub consul_tags: Vec<String>,
+    /// Datacenters of the service's Consul endpoints, for `<svc>.service.<dc>.consul`.
+    #[prost(string, repeated, tag = "8")]
+    pub consul_datacenters: Vec<String>,
+    /// Eureka `vipAddress` and `secureVipAddress` names of the service's Eureka instances.
+    #[prost(string, repeated, tag = "9")]
+    pub eureka_vips: Vec<String>,
 }
 
 /// One endpoint.
@@ -282,6 +291,15 @@ pub struct ServiceState {
     pub hostnames: Vec<String>,
     /// Contributing source kinds.
     pub source_kinds: Vec<String>,
+    /// Consul tags (union over the Consul endpoints).
+    #[serde(default)]
+    pub consul_tags: Vec<String>,
+    /// Consul datacenters.
+    #[serde(default)]
+    pub consul_datacenters: Vec<String>,
+    /// Eureka VIP and secure VIP names.
+    #[serde(default)]
+    pub eureka_vips: Vec<String>,
 }
 
 /// One endpoint as the agent holds it.
@@ -446,6 +464,9 @@ impl MeshState {
                     endpoints,
                     hostnames: s.hostnames.clone(),
                     source_kinds: s.source_kinds.clone(),
+                    consul_tags: s.consul_tags.clone(),
+                    consul_datacenters: s.consul_datacenters.clone(),
+                    eureka_vips: s.eureka_vips.clone(),
                 },
             );
         }

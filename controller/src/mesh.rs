@@ -206,9 +206,20 @@ impl Inner {
         }
         let mut hostnames = BTreeSet::new();
         let mut kinds = BTreeSet::new();
+        let (mut consul_tags, mut consul_dcs, mut eureka_vips) =
+            (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
         for ep in eps.values() {
             hostnames.extend(ep.hostnames.iter().cloned());
             kinds.insert(ep.provenance.kind.to_string());
+            match ep.provenance.kind {
+                SourceKind::Consul => {
+                    consul_tags.extend(ep.tags.iter().cloned());
+                    consul_dcs.extend(ep.locality.region.iter().cloned());
+                }
+                // The Eureka adapter puts vipAddress and secureVipAddress into hostnames.
+                SourceKind::Eureka => eureka_vips.extend(ep.hostnames.iter().cloned()),
+                _ => {}
+            }
         }
         Some(ServiceMsg {
             namespace: key.namespace.clone(),
@@ -221,6 +232,9 @@ impl Inner {
             endpoints: eps.values().map(endpoint_msg).collect(),
             hostnames: hostnames.into_iter().collect(),
             source_kinds: kinds.into_iter().collect(),
+            consul_tags: consul_tags.into_iter().collect(),
+            consul_datacenters: consul_dcs.into_iter().collect(),
+            eureka_vips: eureka_vips.into_iter().collect(),
         })
     }
 

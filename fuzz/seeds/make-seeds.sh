@@ -59,4 +59,26 @@ open("frame_decode/unknown-kind.bin", "wb").write(frame(bytes([0x4A, 0x02, 0x08,
 err = bytes([0x08, 5]) + field(2, b"join token t has already been used")
 open("frame_decode/error-reply.bin", "wb").write(frame(field(2, err)))
 PY
-ls -l token_decode csr_intake frame_decode
+
+# DNS queries as an application's libc or dig sends them (dns_query).
+mkdir -p dns_query
+python3 - <<'PY'
+import struct
+def q(name, qtype=1, qid=0x1234, edns=False):
+    hdr = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 1 if edns else 0)
+    b = hdr + b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0" + struct.pack(">HH", qtype, 1)
+    if edns:
+        b += b"\0" + struct.pack(">HHIH", 41, 1232, 0, 0)
+    return b
+seeds = {
+  "a-consul.bin": q("web.service.consul"),
+  "aaaa-edns-k8s.bin": q("web.default.svc.cluster.local", 28, edns=True),
+  "srv-k8s-port.bin": q("_http._tcp.web.default.svc.cluster.local", 33),
+  "nxdomain-causeway.bin": q("nope.default.causeway"),
+  "forward-outside.bin": q("example.com"),
+  "formerr-garbage.bin": struct.pack(">HHHHHH", 0x0bad, 0x0100, 1, 0, 0, 0) + b"\xc0\xff\xff",
+}
+for n, b in seeds.items():
+    open("dns_query/" + n, "wb").write(b)
+PY
+ls -l token_decode csr_intake frame_decode dns_query

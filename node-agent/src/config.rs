@@ -49,6 +49,82 @@ pub struct AgentConfig {
     pub identity: IdentityConfig,
     /// Traffic capture, outbound proxy and tunnel.
     pub dataplane: DataplaneConfig,
+    /// The built-in DNS server.
+    pub dns: DnsConfig,
+}
+
+/// How applications' DNS queries reach the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DnsMode {
+    /// An nftables rule redirects port 53 (UDP and TCP) to `dns.listen`; resolv.conf is
+    /// untouched. Needs `dataplane.capture`; fails open (the kernel drops the rule when
+    /// the agent dies).
+    #[default]
+    Capture,
+    /// No rules: the agent writes /etc/resolv.conf (or a systemd-resolved drop-in) to point
+    /// at `dns.resolver_listen` first, keeping the original servers after it, and restores
+    /// the original on stop.
+    ResolvConf,
+    /// The DNS server runs on `dns.listen` only; nothing points applications at it.
+    Off,
+}
+
+/// The built-in DNS server (`[dns]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Run the DNS server at all.
+    pub enabled: bool,
+    /// How queries reach it: "capture" (default), "resolv-conf" or "off".
+    pub mode: DnsMode,
+    /// UDP and TCP address of the server (capture target); loopback only.
+    pub listen: SocketAddr,
+    /// Port-53 address used in "resolv-conf" mode (resolv.conf cannot name a port).
+    pub resolver_listen: SocketAddr,
+    /// TTL of mesh answers (and of negative answers in mesh zones), e.g. "5s".
+    #[serde(with = "causeway_api::duration")]
+    pub ttl: Duration,
+    /// Kubernetes cluster domains: `<svc>.<ns>.svc.<domain>` for every service.
+    pub cluster_domains: Vec<String>,
+    /// Consul's domain: `<svc>.service.<domain>`, `<svc>.service.<dc>.<domain>` and
+    /// `<tag>.<svc>.service.<domain>` for services from Consul sources.
+    pub consul_domain: String,
+    /// Eureka VIP names are answered as `<vip>.<suffix>` for each suffix here.
+    pub eureka_suffixes: Vec<String>,
+    /// Also answer single-label Eureka VIP names as they are (`inventory-service`).
+    pub eureka_bare_names: bool,
+    /// Causeway's own domain: `<svc>.<ns>.<domain>` for every service.
+    pub causeway_domain: String,
+    /// Upstream resolvers (`ip` or `ip:port`); empty: the nameservers of `resolv_conf`
+    /// as they were before the agent started (systemd-resolved's stub is followed to
+    /// /run/systemd/resolve/resolv.conf).
+    pub upstreams: Vec<String>,
+    /// The resolver configuration to read upstreams from (and to rewrite in "resolv-conf" mode).
+    pub resolv_conf: PathBuf,
+    /// How long to wait for one upstream before trying the next, e.g. "2s".
+    #[serde(with = "causeway_api::duration")]
+    pub forward_timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            mode: DnsMode::Capture,
+            listen: SocketAddr::from(([127, 0, 0, 1], 15053)),
+            resolver_listen: SocketAddr::from(([127, 0, 0, 153], 53)),
+            ttl: Duration::from_secs(5),
+            cluster_domains: vec!["cluster.local".into()],
+            consul_domain: "consul".into(),
+            eureka_suffixes: Vec::new(),
+            eureka_bare_names: false,
+            causeway_domain: "causeway".into(),
+            upstreams: Vec::new(),
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            forward_timeout: Duration::from_secs(2),
+        }
+    }
 }
 
 /// Data-plane settings (ports from the design brief by default).
@@ -143,6 +219,7 @@ impl Default for AgentConfig {
             address: None,
             identity: IdentityConfig::default(),
             dataplane: DataplaneConfig::default(),
+            dns: DnsConfig::default(),
         }
     }
 }
@@ -235,6 +312,57 @@ impl AgentConfig {
                 humantime::format_duration(dp.eject_max)
             ));
         }
+        let dns = &self.dns;
+        if dns.enabled {
+            if !dns.listen.ip().is_loopback() || dns.listen.port() == 0 {
+                errors.push(format!(
+                    "dns.listen = {}: must be a loopback address with a port, e.g. \"127.0.0.1:15053\"",
+                    dns.listen
+                ));
+            }
+            if dns.mode == DnsMode::ResolvConf
+                && (!dns.resolver_listen.ip().is_loopback() || dns.resolver_listen.port() != 53)
+            {
+                errors.push(format!(
+                    "dns.resolver_listen = {}: must be a loopback address on port 53 (resolv.conf cannot name a port), e.g. \"127.0.0.153:53\"",
+                    dns.resolver_listen
+                ));
+            }
+            if dns.ttl.is_zero() || dns.ttl > Duration::from_secs(3600) {
+                errors.push(format!(
+                    "dns.ttl = {}: must be between 1s and 1h (short: VIPs are stable, but services come and go)",
+                    humantime::format_duration(dns.ttl)
+                ));
+            }
+            if dns.forward_timeout.is_zero() {
+                errors.push("dns.forward_timeout: must be above zero, e.g. \"2s\"".into());
+            }
+            let domains = dns
+                .cluster_domains
+                .iter()
+                .map(|d| ("dns.cluster_domains", d))
+                .chain(
+                    dns.eureka_suffixes
+                        .iter()
+                        .map(|d| ("dns.eureka_suffixes", d)),
+                )
+                .chain([
+                    ("dns.consul_domain", &dns.consul_domain),
+                    ("dns.causeway_domain", &dns.causeway_domain),
+                ]);
+            for (field, d) in domains {
+                if let Err(why) = crate::dns::check_domain(d) {
+                    errors.push(format!("{field}: {d:?} {why}"));
+                }
+            }
+            for u in &dns.upstreams {
+                if crate::dns::upstream::parse_upstream(u).is_none() {
+                    errors.push(format!(
+                        "dns.upstreams: {u:?} is not an IP address or ip:port, e.g. \"10.0.0.2\" or \"[fd00::2]:53\""
+                    ));
+                }
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -279,6 +407,42 @@ mod tests {
             panic!()
         };
         assert_eq!(errors.len(), 3, "{errors:#?}");
+    }
+
+    #[test]
+    fn dns_section_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.toml");
+        std::fs::write(&p, "[dns]\nzones = []\n").unwrap();
+        assert!(
+            AgentConfig::load(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("zones")
+        );
+        std::fs::write(
+            &p,
+            "[dns]\nmode = \"resolv-conf\"\nlisten = \"0.0.0.0:15053\"\nresolver_listen = \"127.0.0.153:5353\"\nttl = \"0s\"\ncluster_domains = [\"bad domain\"]\nupstreams = [\"dns.example\"]\n",
+        )
+        .unwrap();
+        let ConfigError::Invalid(errors) = AgentConfig::load(&p).unwrap().validate().unwrap_err()
+        else {
+            panic!()
+        };
+        assert_eq!(errors.len(), 5, "{errors:#?}");
+        std::fs::write(&p, "[dns]\nmode = \"sideways\"\n").unwrap();
+        assert!(
+            AgentConfig::load(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("sideways")
+        );
+        std::fs::write(
+            &p,
+            "[dns]\nmode = \"off\"\neureka_suffixes = [\"eureka.internal\"]\neureka_bare_names = true\nupstreams = [\"10.0.0.2\", \"[fd00::2]:53\"]\n",
+        )
+        .unwrap();
+        AgentConfig::load(&p).unwrap().validate().unwrap();
     }
 
     #[test]

@@ -11,6 +11,7 @@
 pub mod client;
 pub mod config;
 pub mod dataplane;
+pub mod dns;
 pub mod identity;
 pub mod logging;
 pub mod pinned;

@@ -197,9 +197,23 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     "not running (no capture rules expected)"
                 }
             );
+            let dns = causeway_agent::dns::doctor(&state_dir, report.agent_running);
+            println!("dns: {}", dns.summary);
+            if dns.problems.is_empty() {
+                println!("dns capture: as expected");
+            } else {
+                println!("dns capture: PROBLEM");
+                for p in &dns.problems {
+                    println!("  {p}");
+                }
+            }
             if report.drift.is_empty() {
                 println!("capture rules: as expected");
-                return Ok(ExitCode::SUCCESS);
+                return Ok(if dns.problems.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(2)
+                });
             }
             println!("capture rules: DRIFT");
             for l in &report.drift.missing {

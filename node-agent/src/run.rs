@@ -179,6 +179,28 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         state.path(),
     )
     .await?;
+    // DNS after the data plane (its forwarder's sockets carry the data plane's mark); it
+    // answers from the cached config too. A DNS failure is logged, never fatal: nothing
+    // is redirected to a server that is not running.
+    let dns = if cfg.dns.enabled {
+        match crate::dns::Dns::start(
+            &cfg.dns,
+            cfg.dataplane.capture,
+            cfg.dataplane.mark,
+            mesh_state.clone(),
+            state.path(),
+        )
+        .await
+        {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::error!(error = %e, "DNS server not started; applications keep using their resolvers directly");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let id_cfg = cfg.identity.clone();
     let mut backoff = Backoff::new(id_cfg.retry_min, id_cfg.retry_max);
     let mut renew_at = renewal_time(
@@ -389,6 +411,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     }
     if let Some(c) = conn {
         c.close(0u32.into(), b"agent stopping");
+    }
+    if let Some(d) = dns {
+        d.stop().await;
     }
     if let Err(e) = dataplane.stop().await {
         tracing::error!(error = %e, "cannot remove capture rules; `causeway-agent doctor` shows what is left");

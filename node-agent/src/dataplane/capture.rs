@@ -489,6 +489,9 @@ mod tests {
                 endpoints,
                 hostnames: vec![],
                 source_kinds: vec![],
+                consul_tags: vec![],
+                consul_datacenters: vec![],
+                eureka_vips: vec![],
             },
         );
         s

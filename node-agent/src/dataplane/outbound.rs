@@ -321,6 +321,9 @@ mod tests {
                 .into(),
                 hostnames: vec![],
                 source_kinds: vec![],
+                consul_tags: vec![],
+                consul_datacenters: vec![],
+                eureka_vips: vec![],
             },
         );
         s

@@ -90,6 +90,9 @@ fn serving(port: u16, deny: &[&str]) -> SharedState {
             .into(),
             hostnames: vec![],
             source_kinds: vec![],
+            consul_tags: vec![],
+            consul_datacenters: vec![],
+            eureka_vips: vec![],
         },
     );
     st

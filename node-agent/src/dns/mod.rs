@@ -1,0 +1,636 @@
+//! The agent's DNS server on 127.0.0.1:15053 (UDP and TCP).
+//!
+//! Mesh names — `<svc>.<ns>.svc.cluster.local`, `<svc>.service.consul`,
+//! `<svc>.service.<dc>.consul`, `<tag>.<svc>.service.consul`, Eureka VIP names and
+//! `<svc>.<ns>.causeway` — are answered from the applied config (also the cached one,
+//! before the controller is reached) through a name [`index::Index`] rebuilt once per
+//! config version. Everything else is forwarded unchanged to the host's original
+//! resolvers ([`forward`]). Messages are parsed and built with hickory-proto
+//! ([`answer`]).
+//!
+//! Threads: UDP is served by one blocking thread per listening socket (receive, look up,
+//! send: no task switch on the hot path); forwarded UDP queries and TCP connections are
+//! tokio tasks.
+//!
+//! Reaching the server: with `[dns] mode = "capture"` (and data-plane capture on) an
+//! nftables owner table redirects port 53 to it ([`nft`]) — removed by the kernel when
+//! the agent dies, and by the agent whenever it cannot serve (listener down, or neither a
+//! config nor an upstream to answer from). `mode = "resolv-conf"` rewrites the resolver
+//! configuration instead ([`resolvconf`]).
+
+pub mod answer;
+pub mod forward;
+pub mod index;
+pub mod nft;
+pub mod resolvconf;
+pub mod upstream;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::config::{DnsConfig, DnsMode};
+use crate::push::SharedState;
+use answer::{Outcome, Transport};
+use forward::Forwarder;
+use index::{Index, Zones};
+
+/// What the running agent reports about its DNS server (`dns.json` in the state dir).
+pub const STATUS_FILE: &str = "dns.json";
+
+/// Checks a configured domain (`cluster.local`); the reason when it is not one.
+pub fn check_domain(d: &str) -> Result<(), &'static str> {
+    match index::normalize(d) {
+        Some(_) => Ok(()),
+        None => Err(
+            "is not a DNS domain: use letters, digits and '-' in dot-separated labels, e.g. \"cluster.local\"",
+        ),
+    }
+}
+
+/// The DNS server's state as written to [`STATUS_FILE`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsStatus {
+    /// The listener.
+    pub listen: Option<SocketAddr>,
+    /// Whether it is serving.
+    pub serving: bool,
+    /// Whether the port-53 capture table should be live.
+    pub capture: bool,
+    /// The mark exempt from capture.
+    pub mark: u32,
+    /// The upstream resolvers.
+    pub upstreams: Vec<SocketAddr>,
+}
+
+/// Why the DNS server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DnsError {
+    /// A listener could not be bound.
+    #[error(
+        "cannot listen for DNS on {addr} ({proto}): {source}; another program holds it: change [dns] listen, or stop that program"
+    )]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// "UDP" or "TCP".
+        proto: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The resolver configuration could not be changed (mode "resolv-conf").
+    #[error(
+        "cannot point {path} at the agent: {source}; check permissions, or use [dns] mode = \"capture\""
+    )]
+    ResolvConf {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// What the query path shares between threads and tasks.
+struct Shared {
+    state: SharedState,
+    zones: Zones,
+    index: RwLock<Arc<Index>>,
+    forwarder: RwLock<Arc<Forwarder>>,
+}
+
+impl Shared {
+    /// The index for the current config version (rebuilt here when a push changed it).
+    fn index(&self) -> Arc<Index> {
+        let v = self.state.read().unwrap_or_else(|p| p.into_inner()).version;
+        {
+            let cur = self.index.read().unwrap_or_else(|p| p.into_inner());
+            if cur.version == v {
+                return cur.clone();
+            }
+        }
+        let built = {
+            let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+            Arc::new(Index::build(&st, &self.zones))
+        };
+        tracing::debug!(
+            version = built.version,
+            names = built.len(),
+            "DNS name index rebuilt"
+        );
+        *self.index.write().unwrap_or_else(|p| p.into_inner()) = built.clone();
+        built
+    }
+
+    fn forwarder(&self) -> Arc<Forwarder> {
+        self.forwarder
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The running DNS server.
+pub struct Dns {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    alive: Vec<Arc<AtomicBool>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    capture: Arc<Mutex<Option<nft::DnsCapture>>>,
+    resolv: Option<resolvconf::ResolvGuard>,
+    status_file: PathBuf,
+}
+
+impl std::fmt::Debug for Dns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dns").finish_non_exhaustive()
+    }
+}
+
+fn zones_of(cfg: &DnsConfig) -> Zones {
+    Zones {
+        cluster_domains: cfg.cluster_domains.clone(),
+        consul_domain: cfg.consul_domain.clone(),
+        eureka_suffixes: cfg.eureka_suffixes.clone(),
+        eureka_bare_names: cfg.eureka_bare_names,
+        causeway_domain: cfg.causeway_domain.clone(),
+        ttl: u32::try_from(cfg.ttl.as_secs()).unwrap_or(u32::MAX),
+    }
+}
+
+fn upstreams_of(cfg: &DnsConfig, own: &[IpAddr], resolv_text: Option<&str>) -> Vec<SocketAddr> {
+    if !cfg.upstreams.is_empty() {
+        return cfg
+            .upstreams
+            .iter()
+            .filter_map(|u| upstream::parse_upstream(u))
+            .collect();
+    }
+    let rc = match resolv_text {
+        Some(t) => upstream::ResolvConf::parse(t),
+        None => upstream::ResolvConf::load(&cfg.resolv_conf, Path::new(upstream::RESOLVED_UPSTREAMS))
+            .unwrap_or_else(|e| {
+                tracing::warn!(path = %cfg.resolv_conf.display(), error = %e, "cannot read the resolver configuration; names outside the mesh cannot be forwarded");
+                upstream::ResolvConf::default()
+            }),
+    };
+    rc.upstreams(own)
+}
+
+fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, DnsError> {
+    let err = |source| DnsError::Bind {
+        addr,
+        proto: "UDP",
+        source,
+    };
+    let s = std::net::UdpSocket::bind(addr).map_err(err)?;
+    s.set_read_timeout(Some(Duration::from_millis(250)))
+        .map_err(err)?;
+    Ok(s)
+}
+
+/// The UDP loop of one socket: answers mesh names inline, hands the rest to `fwd`.
+fn udp_loop(
+    sock: Arc<std::net::UdpSocket>,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    fwd: tokio::sync::mpsc::Sender<(Vec<u8>, SocketAddr)>,
+) {
+    let mut buf = vec![0u8; 65536];
+    while !stop.load(Ordering::Relaxed) {
+        let (n, src) = match sock.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => {
+                // ICMP errors of earlier sends surface here on some kernels: not fatal.
+                tracing::debug!(error = %e, "DNS UDP receive error");
+                continue;
+            }
+        };
+        let packet = &buf[..n];
+        let idx = shared.index();
+        match answer::handle(&idx, packet, Transport::Udp) {
+            Outcome::Answer(b) => {
+                let _ = sock.send_to(&b, src);
+            }
+            Outcome::Forward => {
+                if fwd.try_send((packet.to_vec(), src)).is_err()
+                    && let Outcome::Answer(b) = answer::servfail(packet)
+                {
+                    tracing::warn!("too many DNS queries being forwarded; answering SERVFAIL");
+                    let _ = sock.send_to(&b, src);
+                }
+            }
+            Outcome::Drop => {}
+        }
+    }
+}
+
+/// Forwards UDP queries handed over by the UDP loops, each in its own task.
+async fn udp_forwarder(
+    sock: Arc<std::net::UdpSocket>,
+    shared: Arc<Shared>,
+    mut rx: tokio::sync::mpsc::Receiver<(Vec<u8>, SocketAddr)>,
+) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(1024));
+    while let Some((q, src)) = rx.recv().await {
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let (sock, f) = (sock.clone(), shared.forwarder());
+        tokio::spawn(async move {
+            let resp = match f.udp(&q).await {
+                Some(r) => r,
+                None => match answer::servfail(&q) {
+                    Outcome::Answer(b) => b,
+                    _ => return,
+                },
+            };
+            let _ = sock.send_to(&resp, src);
+            drop(permit);
+        });
+    }
+}
+
+/// One TCP connection: length-prefixed queries, answered in order (pipelined queries
+/// wait in the socket buffer); closed after 10 s idle or on a malformed frame.
+async fn tcp_conn(mut s: tokio::net::TcpStream, shared: Arc<Shared>) {
+    loop {
+        let mut prefix = [0u8; 2];
+        match tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut prefix)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let len = usize::from(u16::from_be_bytes(prefix));
+        let mut q = vec![0u8; len];
+        match tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut q)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let idx = shared.index();
+        let resp = match answer::handle(&idx, &q, Transport::Tcp) {
+            Outcome::Answer(b) => b,
+            Outcome::Forward => match shared.forwarder().tcp(&q).await {
+                Some(b) => b,
+                None => match answer::servfail(&q) {
+                    Outcome::Answer(b) => b,
+                    _ => return,
+                },
+            },
+            Outcome::Drop => return,
+        };
+        let Ok(n) = u16::try_from(resp.len()) else {
+            return;
+        };
+        let mut out = Vec::with_capacity(resp.len() + 2);
+        out.extend_from_slice(&n.to_be_bytes());
+        out.extend_from_slice(&resp);
+        if s.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn tcp_accept(l: tokio::net::TcpListener, shared: Arc<Shared>) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(256));
+    loop {
+        let Ok((s, _)) = l.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            tcp_conn(s, shared).await;
+            drop(permit);
+        });
+    }
+}
+
+fn write_status(path: &Path, st: &DnsStatus) {
+    let json = serde_json::to_vec_pretty(st).unwrap_or_default();
+    if let Err(e) = crate::identity::write_atomic(path, &json, 0o644) {
+        tracing::warn!(error = %e, "cannot write {STATUS_FILE}");
+    }
+}
+
+impl Dns {
+    /// Starts the server (and its capture or resolver configuration). `capture` is the
+    /// data plane's capture switch; `mark` its socket mark. A listener that cannot be
+    /// bound is an error; the caller logs it and runs on without DNS (nothing is
+    /// redirected to a server that is not there).
+    pub async fn start(
+        cfg: &DnsConfig,
+        capture: bool,
+        mark: u32,
+        state: SharedState,
+        state_dir: &Path,
+    ) -> Result<Self, DnsError> {
+        let status_file = state_dir.join(STATUS_FILE);
+        let _ = std::fs::remove_file(&status_file);
+        let use_capture = capture && cfg.mode == DnsMode::Capture;
+        let own = [cfg.listen.ip(), cfg.resolver_listen.ip()];
+        let mut resolv_text = None;
+        if cfg.mode == DnsMode::ResolvConf {
+            // Upstreams from the original file, restored first if an earlier agent crashed.
+            resolvconf::recover(&cfg.resolv_conf, state_dir).map_err(|source| {
+                DnsError::ResolvConf {
+                    path: cfg.resolv_conf.clone(),
+                    source,
+                }
+            })?;
+            resolv_text = std::fs::read_to_string(&cfg.resolv_conf).ok();
+        }
+        let forwarder = Forwarder {
+            upstreams: upstreams_of(cfg, &own, resolv_text.as_deref()),
+            timeout: cfg.forward_timeout,
+            mark: capture.then_some(mark),
+        };
+        let zones = zones_of(cfg);
+        let first = {
+            let st = state.read().unwrap_or_else(|p| p.into_inner());
+            Index::build(&st, &zones)
+        };
+        tracing::info!(listen = %cfg.listen, names = first.len(), config_version = first.version, upstreams = ?forwarder.upstreams, "DNS server starting");
+        let shared = Arc::new(Shared {
+            state: state.clone(),
+            zones,
+            index: RwLock::new(Arc::new(first)),
+            forwarder: RwLock::new(Arc::new(forwarder)),
+        });
+        let mut addrs = vec![cfg.listen];
+        if cfg.mode == DnsMode::ResolvConf {
+            addrs.push(cfg.resolver_listen);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut dns = Dns {
+            stop: stop.clone(),
+            threads: Vec::new(),
+            alive: Vec::new(),
+            tasks: Vec::new(),
+            capture: Arc::new(Mutex::new(None)),
+            resolv: None,
+            status_file: status_file.clone(),
+        };
+        for addr in &addrs {
+            let udp = Arc::new(bind_udp(*addr)?);
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DnsError::Bind {
+                    addr: *addr,
+                    proto: "TCP",
+                    source,
+                })?;
+            let (tx, rx) = tokio::sync::mpsc::channel(4096);
+            let (u, sh, st) = (udp.clone(), shared.clone(), stop.clone());
+            let alive = Arc::new(AtomicBool::new(true));
+            dns.alive.push(alive.clone());
+            let th = std::thread::Builder::new()
+                .name("dns-udp".into())
+                .spawn(move || {
+                    // Cleared however the loop ends (a panic included): capture then goes.
+                    struct Alive(Arc<AtomicBool>);
+                    impl Drop for Alive {
+                        fn drop(&mut self) {
+                            self.0.store(false, Ordering::Relaxed);
+                        }
+                    }
+                    let _alive = Alive(alive);
+                    udp_loop(u, sh, st, tx)
+                })
+                .map_err(|source| DnsError::Bind {
+                    addr: *addr,
+                    proto: "UDP",
+                    source,
+                })?;
+            dns.threads.push(th);
+            dns.tasks
+                .push(tokio::spawn(udp_forwarder(udp, shared.clone(), rx)));
+            dns.tasks
+                .push(tokio::spawn(tcp_accept(tcp, shared.clone())));
+        }
+        if cfg.mode == DnsMode::ResolvConf {
+            let idx = shared.index();
+            let zones: Vec<String> = idx.zones().to_vec();
+            let g = resolvconf::apply(
+                &cfg.resolv_conf,
+                state_dir,
+                cfg.resolver_listen.ip(),
+                &zones,
+            )
+            .map_err(|source| DnsError::ResolvConf {
+                path: cfg.resolv_conf.clone(),
+                source,
+            })?;
+            tracing::info!(path = %cfg.resolv_conf.display(), resolver = %cfg.resolver_listen, "resolver configuration points at the agent");
+            dns.resolv = Some(g);
+        }
+        // Supervisor: capture only while the server can serve; upstreams follow resolv.conf.
+        let (cap, cfg2, sh) = (dns.capture.clone(), cfg.clone(), shared.clone());
+        let listen = cfg.listen;
+        let loops_alive = dns.alive.clone();
+        let stop2 = stop.clone();
+        let mut last_status: Option<DnsStatus> = None;
+        let resolv_mtime = move || {
+            std::fs::metadata(&cfg2.resolv_conf)
+                .and_then(|m| m.modified())
+                .ok()
+        };
+        let cfg3 = cfg.clone();
+        dns.tasks.push(tokio::spawn(async move {
+            let mut seen_mtime = resolv_mtime();
+            loop {
+                if stop2.load(Ordering::Relaxed) {
+                    return;
+                }
+                // resolv.conf edited (DHCP, an operator): new upstreams.
+                if cfg3.upstreams.is_empty() && cfg3.mode != DnsMode::ResolvConf {
+                    let m = resolv_mtime();
+                    if m != seen_mtime {
+                        seen_mtime = m;
+                        let mut f = (*sh.forwarder()).clone();
+                        f.upstreams = upstreams_of(&cfg3, &own, None);
+                        tracing::info!(upstreams = ?f.upstreams, "resolver configuration changed; new upstreams");
+                        *sh.forwarder.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(f);
+                    }
+                }
+                let f = sh.forwarder();
+                let has_config = sh.index().version > 0;
+                let serving = loops_alive.iter().all(|a| a.load(Ordering::Relaxed));
+                let want = use_capture && serving && (has_config || f.has_upstreams());
+                let cap2 = cap.clone();
+                let installed = tokio::task::spawn_blocking(move || {
+                    let mut guard = cap2.lock().unwrap_or_else(|p| p.into_inner());
+                    let alive = guard.as_mut().is_some_and(|c| c.alive());
+                    if want && !alive {
+                        if guard.take().is_some() {
+                            tracing::warn!("the DNS capture's nft process ended; installing it again");
+                        }
+                        match nft::DnsCapture::install(mark, listen.port()) {
+                            Ok(c) => *guard = Some(c),
+                            Err(e) => tracing::error!(error = %e, "DNS capture not installed; applications keep using their resolvers directly"),
+                        }
+                    } else if !want && let Some(mut c) = guard.take() {
+                        c.remove();
+                        tracing::warn!(serving, "DNS capture removed: the server cannot answer (listener down, or no config and no upstream resolver)");
+                    }
+                    guard.is_some()
+                })
+                .await
+                .unwrap_or(false);
+                if use_capture && !want && !installed {
+                    tracing::debug!("DNS capture waits for a config or an upstream resolver");
+                }
+                let st = DnsStatus {
+                    listen: Some(listen),
+                    serving,
+                    capture: installed,
+                    mark,
+                    upstreams: f.upstreams.clone(),
+                };
+                if last_status.as_ref() != Some(&st) {
+                    write_status(&status_file, &st);
+                    last_status = Some(st);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }));
+        Ok(dns)
+    }
+
+    /// Whether the capture table is installed now.
+    pub fn capturing(&self) -> bool {
+        self.capture
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Removes capture (or restores the resolver configuration) first, then stops serving.
+    pub async fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in &self.tasks {
+            t.abort();
+        }
+        let cap = self.capture.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(mut c) = cap.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                c.remove();
+                tracing::info!("DNS capture removed");
+            }
+        })
+        .await;
+        if let Some(g) = self.resolv.take()
+            && let Err(e) = g.restore()
+        {
+            tracing::error!(error = %e, "cannot restore the original resolver configuration");
+        }
+        for t in self.threads.drain(..) {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        let _ = std::fs::remove_file(&self.status_file);
+    }
+}
+
+/// What `causeway-agent doctor` finds about DNS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsDoctor {
+    /// Problems, one line each (empty: as expected).
+    pub problems: Vec<String>,
+    /// What was checked, for the report.
+    pub summary: String,
+}
+
+/// Compares the live DNS capture with what the running agent reports, and asks the
+/// server a question when it should be serving.
+pub fn doctor(state_dir: &Path, agent_running: bool) -> DnsDoctor {
+    let status: Option<DnsStatus> = std::fs::read_to_string(state_dir.join(STATUS_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let live = nft::live();
+    let mut problems = Vec::new();
+    let expected = agent_running && status.as_ref().is_some_and(|s| s.capture);
+    match (&live, expected) {
+        (Some(_), false) => problems.push(format!(
+            "nftables table ip {} redirects port 53 but no serving agent expects it: DNS of this host goes to a server that is not there; remove it with `nft delete table ip {}`",
+            nft::TABLE,
+            nft::TABLE
+        )),
+        (None, true) => problems.push(format!(
+            "the agent reports DNS capture on, but table ip {} is missing: applications bypass the mesh DNS; restart the agent",
+            nft::TABLE
+        )),
+        (Some(t), true) => {
+            if let Some(s) = &status
+                && let Some(l) = s.listen
+                && !nft::matches(t, s.mark, l.port())
+            {
+                problems.push(format!(
+                    "table ip {} does not redirect port 53 to {l} with mark {:#x} exempt; restart the agent",
+                    nft::TABLE,
+                    s.mark
+                ));
+            }
+        }
+        (None, false) => {}
+    }
+    if agent_running
+        && let Some(s) = &status
+        && let Some(l) = s.listen
+        && !probe(l)
+    {
+        problems.push(format!(
+            "the DNS server on {l} does not answer: names inside the mesh do not resolve; see the agent's log"
+        ));
+    }
+    let summary = match (&status, agent_running) {
+        (Some(s), true) => format!(
+            "listening on {}, capture {}, upstreams {:?}",
+            s.listen.map(|l| l.to_string()).unwrap_or_default(),
+            if s.capture { "on" } else { "off" },
+            s.upstreams
+        ),
+        _ => "no agent DNS server running (no capture expected)".into(),
+    };
+    DnsDoctor { problems, summary }
+}
+
+/// Asks `addr` for a name in the mesh's own zone; any answer counts.
+fn probe(addr: SocketAddr) -> bool {
+    let Ok(sock) = std::net::UdpSocket::bind(if addr.is_ipv4() {
+        "127.0.0.1:0"
+    } else {
+        "[::1]:0"
+    }) else {
+        return false;
+    };
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(2)));
+    // id 0x4357, RD, one question: "doctor.causeway." A IN.
+    let mut q = vec![0x43, 0x57, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in ["doctor", "causeway"] {
+        q.push(u8::try_from(label.len()).unwrap_or(0));
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    if sock.send_to(&q, addr).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 512];
+    matches!(sock.recv_from(&mut buf), Ok((n, _)) if n >= 12 && buf[..2] == q[..2])
+}

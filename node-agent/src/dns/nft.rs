@@ -1,0 +1,201 @@
+//! DNS capture that fails open: an nftables table with the `owner` flag.
+//!
+//! The kernel ties an owned table to the netlink socket that created it and deletes the
+//! table when that socket closes. The socket belongs to an `nft -i` child whose standard
+//! input is a pipe from the agent: when the agent exits in any way (including `kill -9`
+//! or the OOM killer), the pipe reaches EOF, `nft` exits and the kernel removes the
+//! redirect; when the `nft` child itself dies, the same happens. No user-space cleanup
+//! has to run after a crash, so a dead agent never leaves port 53 pointing at nothing.
+//!
+//! The table (`ip causeway_dns`, chain `output`, nat hook at priority -100):
+//! packets with the agent's mark return (its own upstream queries), then UDP and TCP to
+//! port 53 are redirected to the DNS listener's port on 127.0.0.1.
+
+use std::io::Write as _;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The table's name (family `ip`).
+pub const TABLE: &str = "causeway_dns";
+
+/// Why the DNS capture could not be installed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NftError {
+    /// `nft` could not be started.
+    #[error(
+        "cannot run nft: {0}; install the nftables package, or set [dns] mode = \"resolv-conf\" or \"off\""
+    )]
+    Spawn(std::io::Error),
+    /// The table did not appear (no CAP_NET_ADMIN, kernel without owner tables, ...).
+    #[error(
+        "the DNS capture table {TABLE} did not appear: {0}; the agent needs CAP_NET_ADMIN and a kernel with nftables owner tables (5.12+); or set [dns] mode = \"resolv-conf\""
+    )]
+    NotInstalled(String),
+    /// A table of that name is held by another live process (another agent?).
+    #[error(
+        "nftables table ip {TABLE} already exists and is owned by another process (another causeway-agent?): stop it first"
+    )]
+    Busy,
+}
+
+/// The `nft` script that creates the table.
+pub fn script(mark: u32, port: u16) -> String {
+    format!(
+        "add table ip {TABLE} {{ flags owner; }}\n\
+         add chain ip {TABLE} output {{ type nat hook output priority -100; policy accept; }}\n\
+         add rule ip {TABLE} output meta mark {mark:#x} return\n\
+         add rule ip {TABLE} output udp dport 53 redirect to :{port}\n\
+         add rule ip {TABLE} output tcp dport 53 redirect to :{port}\n"
+    )
+}
+
+/// The live table as `nft list table` prints it, if it exists.
+pub fn live() -> Option<String> {
+    let out = Command::new("nft")
+        .args(["list", "table", "ip", TABLE])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether a live table's text redirects port 53 to `port` and exempts `mark`.
+pub fn matches(listing: &str, mark: u32, port: u16) -> bool {
+    let norm: String = listing.split_whitespace().collect::<Vec<_>>().join(" ");
+    norm.contains(&format!("meta mark {mark:#010x} return"))
+        && norm.contains(&format!("udp dport 53 redirect to :{port}"))
+        && norm.contains(&format!("tcp dport 53 redirect to :{port}"))
+}
+
+/// The installed capture; dropping it (or the agent dying) removes the table.
+#[derive(Debug)]
+pub struct DnsCapture {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl DnsCapture {
+    /// Creates the table through a long-lived `nft -i` and waits until it is live.
+    /// Blocking: call it from `spawn_blocking`.
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "blocking by design; the agent calls it from spawn_blocking"
+    )]
+    pub fn install(mark: u32, port: u16) -> Result<Self, NftError> {
+        if live().is_some() {
+            // Not owned (someone ran nft by hand) or owned by a live process.
+            let out = Command::new("nft")
+                .args(["delete", "table", "ip", TABLE])
+                .output()
+                .map_err(NftError::Spawn)?;
+            if !out.status.success() {
+                return Err(NftError::Busy);
+            }
+            tracing::warn!(
+                table = TABLE,
+                "removed a DNS capture table left by someone else"
+            );
+        }
+        let mut child = Command::new("nft")
+            .arg("-i")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(NftError::Spawn)?;
+        let mut stdin = child.stdin.take();
+        if let Some(s) = stdin.as_mut()
+            && let Err(e) = s
+                .write_all(script(mark, port).as_bytes())
+                .and_then(|()| s.flush())
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(NftError::NotInstalled(e.to_string()));
+        }
+        let mut cap = Self { child, stdin };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(t) = live()
+                && matches(&t, mark, port)
+            {
+                tracing::info!(
+                    table = TABLE,
+                    port,
+                    "DNS capture installed (port 53 → agent; removed by the kernel if the agent dies)"
+                );
+                return Ok(cap);
+            }
+            if let Ok(Some(status)) = cap.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = cap.child.stderr.take() {
+                    use std::io::Read as _;
+                    let _ = e.read_to_string(&mut err);
+                }
+                return Err(NftError::NotInstalled(format!(
+                    "nft -i exited ({status}): {}",
+                    err.trim()
+                )));
+            }
+            if Instant::now() > deadline {
+                cap.remove();
+                return Err(NftError::NotInstalled("timed out after 5s".into()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Removes the table: closes `nft`'s input, so it exits and the kernel deletes the
+    /// table with its socket. Blocking (at most 2 s): call it from `spawn_blocking`.
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "blocking by design; the agent calls it from spawn_blocking"
+    )]
+    pub fn remove(&mut self) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    /// Whether the `nft` child (and so the table) is still there.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for DnsCapture {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn script_and_listing_match() {
+        let s = script(0x4357, 15053);
+        assert!(s.contains("flags owner"));
+        assert!(s.contains("meta mark 0x4357 return"));
+        // What `nft list table ip causeway_dns` prints for it (nftables 1.0.6).
+        let listing = "table ip causeway_dns { # progname nft\n\tflags owner\n\n\tchain output {\n\t\ttype nat hook output priority -100; policy accept;\n\t\tmeta mark 0x00004357 return\n\t\tudp dport 53 redirect to :15053\n\t\ttcp dport 53 redirect to :15053\n\t}\n}\n";
+        assert!(matches(listing, 0x4357, 15053));
+        assert!(!matches(listing, 0x4357, 15054));
+        assert!(!matches(listing, 0x1, 15053));
+    }
+}

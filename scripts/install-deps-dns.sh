@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# What the DNS tests and benchmark need: dig (dnsutils), dnsmasq (the upstream resolver
+# the tests start in a namespace, and the benchmark's baseline), dnsperf, nft (the agent's
+# fail-open DNS capture), taskset (util-linux). dnsmasq-base, not dnsmasq: the latter
+# ships a service that would start on the host and take port 53.
+set -euo pipefail
+need=()
+for pair in dig:dnsutils dnsmasq:dnsmasq-base dnsperf:dnsperf nft:nftables taskset:util-linux python3:python3-minimal; do
+    cmd=${pair%%:*}
+    pkg=${pair#*:}
+    command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# If a full dnsmasq package is installed anyway, its service must not hold port 53.
+if systemctl list-unit-files dnsmasq.service >/dev/null 2>&1 \
+    && systemctl is-enabled dnsmasq.service >/dev/null 2>&1; then
+    systemctl disable --now dnsmasq.service >/dev/null 2>&1 || true
+fi
