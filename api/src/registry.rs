@@ -846,6 +846,14 @@ impl Registry {
                 all.extend(eps.values().map(|e| (name.as_str(), entry.kind, e)));
             }
         }
+        // An agent's workload bound to a registration is that registration, not a
+        // second endpoint at its address: no conflict with it.
+        all.retain(|(_, kind, ep)| {
+            *kind != SourceKind::Agents
+                || !ep.metadata.get(BIND_SOURCE_METADATA).is_some_and(|bind| {
+                    all_bound_to(holders, &self.sources, key, bind, &ep.address)
+                })
+        });
         let mut ports: BTreeMap<&str, BTreeMap<u16, BTreeSet<String>>> = BTreeMap::new();
         let mut addresses: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
         for (source, _, ep) in &all {
@@ -937,6 +945,21 @@ impl Registry {
 /// workload: the merged registry then shows one endpoint, the registration's, carrying
 /// the agent's identity (see ARCHITECTURE.md, "Joining from existing registries").
 pub const BIND_SOURCE_METADATA: &str = "causeway.io/registry-source";
+
+/// Whether source `bind` (one of `holders`) has an endpoint of `key` at `address`.
+fn all_bound_to(
+    holders: &BTreeSet<String>,
+    sources: &BTreeMap<String, SourceEntry>,
+    key: &ServiceKey,
+    bind: &str,
+    address: &str,
+) -> bool {
+    holders.contains(bind)
+        && sources
+            .get(bind)
+            .and_then(|e| e.snapshot.services.get(key))
+            .is_some_and(|eps| eps.values().any(|e| e.address == address))
+}
 
 /// Folds an agent's workload into the registry endpoint it is bound to: the identity,
 /// the agent's `causeway.io/*` metadata (mTLS mode) and its provenance in `bound`.
@@ -1746,6 +1769,11 @@ mod tests {
         assert_eq!(bound.bound, vec![agent.provenance.clone()]);
         let unbound = merged.iter().find(|e| e.address == "10.0.0.6").unwrap();
         assert_eq!(unbound.identity, None);
+        assert!(
+            r.conflicts().is_empty(),
+            "a bound workload is no duplicate address: {:?}",
+            r.conflicts()
+        );
 
         // the registration goes away: the agent's workload stands alone
         r.apply(

@@ -185,6 +185,10 @@ fn a_vm_registered_in_consul_or_eureka_is_one_endpoint_with_provenance_and_ident
     );
     assert_eq!(ep["agent"], id2.as_str());
 
+    // A bound workload is not a second endpoint at the registration's address.
+    let conflicts = ctl.ctl_json(&["registry", "conflicts"]);
+    assert_eq!(conflicts, serde_json::json!([]), "{conflicts}");
+
     // Text output shows both sources and the identity.
     let text = ctl.ctl_ok(&["registry", "show", "web"]);
     assert!(
