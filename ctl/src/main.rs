@@ -93,6 +93,12 @@ enum GroupCmd {
         /// mTLS mode.
         #[arg(long, default_value = "permissive", value_parser = ["strict", "permissive"])]
         mtls: String,
+        /// Join from an existing registry: SOURCE/SERVICE names a configured registry
+        /// source (Consul, Eureka…) and the service as the mesh names it there. Each
+        /// agent is bound to that registration at its own address: one endpoint with
+        /// the source's provenance and the agent's identity. Sets --service if absent.
+        #[arg(long, value_name = "SOURCE/SERVICE")]
+        registry_service: Option<String>,
     },
     /// List groups.
     List,
@@ -319,7 +325,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             labels,
             cidrs,
             mtls,
+            registry_service,
         }) => {
+            let (registry_source, service) = match registry_service {
+                None => (None, service.clone()),
+                Some(rs) => {
+                    let Some((source, svc)) = rs
+                        .split_once('/')
+                        .filter(|(a, b)| !a.is_empty() && !b.is_empty() && !b.contains('/'))
+                    else {
+                        bail!(
+                            "--registry-service {rs:?} is not SOURCE/SERVICE; write e.g. --registry-service consul-dc1/web"
+                        );
+                    };
+                    if let Some(given) = service
+                        && given != svc
+                    {
+                        bail!(
+                            "--service {given:?} and --registry-service {rs:?} name different services; drop --service or make them equal"
+                        );
+                    }
+                    (Some(source.to_owned()), Some(svc.to_owned()))
+                }
+            };
             let mut label_map = serde_json::Map::new();
             for l in labels {
                 let (k, v) = l
@@ -330,6 +358,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let body = json!({
                 "name": name, "namespace": namespace, "service_account": service_account,
                 "service": service, "ports": ports, "labels": label_map, "allowed_cidrs": cidrs, "mtls": mtls,
+                "registry_source": registry_source,
             });
             let v = api.call(Method::POST, "/v1/groups", Some(body)).await?;
             print(out, &v, |v| {
@@ -566,11 +595,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                     .join(",")
                             })
                             .unwrap_or_default();
+                        let sources = e
+                            .get("sources")
+                            .and_then(Value::as_array)
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(Value::as_str)
+                                    .collect::<Vec<_>>()
+                                    .join("+")
+                            })
+                            .unwrap_or_else(|| s(e, "source"));
                         vec![
                             s(e, "address"),
                             ports,
                             s(e, "healthy"),
-                            s(e, "source"),
+                            sources,
                             s(e, "native_id"),
                             s(e, "stale"),
                             s(e, "identity"),
@@ -582,7 +621,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "ADDRESS",
                         "PORTS",
                         "HEALTHY",
-                        "SOURCE",
+                        "SOURCES",
                         "NATIVE ID",
                         "STALE",
                         "IDENTITY",
