@@ -49,6 +49,8 @@ pub struct AgentConfig {
     pub identity: IdentityConfig,
     /// Traffic capture, outbound proxy and tunnel.
     pub dataplane: DataplaneConfig,
+    /// Health, readiness and metrics endpoint (127.0.0.1:15020).
+    pub health: crate::health::HealthConfig,
 }
 
 /// Data-plane settings (ports from the design brief by default).
@@ -138,6 +140,7 @@ impl Default for AgentConfig {
             address: None,
             identity: IdentityConfig::default(),
             dataplane: DataplaneConfig::default(),
+            health: crate::health::HealthConfig::default(),
         }
     }
 }
