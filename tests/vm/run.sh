@@ -59,6 +59,14 @@ CAUSEWAY_DEB_OUT="$VM_WORK/debs2" CAUSEWAY_DEB_VERSION=0.1.0-2 CAUSEWAY_DEB_SKIP
   bash "$repo/packaging/deb/build" | sed 's/^/    /'
 log "packages built in $(( $(date +%s) - pstart ))s"
 
+if command -v ansible-lint >/dev/null; then
+  (cd "$repo" && ansible-lint -q --offline ansible/site.yml >"$VM_WORK/ansible-lint.log" 2>&1) \
+    || { cat "$VM_WORK/ansible-lint.log"; die "ansible-lint ansible/site.yml reports problems"; }
+  log "OK ansible-lint ansible/site.yml: clean"
+else
+  die "ansible-lint not found; run scripts/install-deps-vm.sh"
+fi
+
 # 2. VMs.
 vm_base
 log "base image ready: $VM_BASE"
@@ -132,6 +140,11 @@ done
 s=$(vm_exec ctl systemctl is-active causeway-controller || true)
 [ "$s" = active ] || die "causeway-controller is '$s', not active"
 log "OK rollout: controller and both agents active and ready"
+m=$(vm_exec a1 curl -fsS --max-time 5 http://127.0.0.1:15020/metrics) || die "no /metrics on a1"
+grep -qx 'causeway_agent_ready 1' <<<"$m" || die "a1 metrics do not say ready: $m"
+grep -qx 'causeway_agent_controller_connected 1' <<<"$m" || die "a1 metrics: not connected: $m"
+grep -Eq '^causeway_agent_config_version [1-9]' <<<"$m" || die "a1 metrics: no config version: $m"
+log "OK /metrics on a1: ready, connected, config version $(sed -n 's/^causeway_agent_config_version //p' <<<"$m")"
 
 log "ansible-playbook: second run (must change nothing)"
 playbook "$VM_WORK/debs1" "$VM_WORK/ansible-2.log"
@@ -205,6 +218,12 @@ log "agent runs as $(vm_exec a1 ps -o user= -p "$pid2") with $(echo $caps)"
 vm_exec a1 causeway-agent doctor --state-dir /var/lib/causeway >/dev/null || die "doctor reports drift on a1"
 vm_exec a1 iptables-save | grep -q CAUSEWAY || die "no CAUSEWAY rules on a1 while the agent runs"
 log "OK verify, security, capture installed by the non-root agent (doctor: no drift)"
+# Priorities reach the journal: "agent ready" is info, so -p warning must not show it.
+vm_exec a1 journalctl -u causeway-agent -p info --no-pager -o cat | grep -q "agent ready" \
+  || die "the agent's info messages are not in the journal"
+if vm_exec a1 journalctl -u causeway-agent -p warning --no-pager -o cat | grep -q "agent ready"; then
+  die "journalctl -p warning shows info messages: priorities are not set"
+fi
 echo "    journalctl -u causeway-agent -p warning on a1:"
 vm_exec a1 journalctl -u causeway-agent -p warning --no-pager -o short -n 10 | sed 's/^/      /' || true
 
