@@ -194,6 +194,11 @@ impl Api {
             .trim()
             .to_owned();
         let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if !cli.controller.starts_with("https://") {
+            // Plain http needs no roots; loading the system's fails on hosts without the
+            // ca-certificates package (minimal VMs), which broke every command there.
+            builder = builder.tls_certs_only([]);
+        }
         if let Some(ca) = &cli.ca_file {
             let pem = std::fs::read(ca)
                 .with_context(|| format!("cannot read --ca-file {}", ca.display()))?;

@@ -51,6 +51,8 @@ pub struct AgentConfig {
     pub dataplane: DataplaneConfig,
     /// The built-in DNS server.
     pub dns: DnsConfig,
+    /// Health, readiness and metrics endpoint (127.0.0.1:15020).
+    pub health: crate::health::HealthConfig,
 }
 
 /// How applications' DNS queries reach the agent.
@@ -220,6 +222,7 @@ impl Default for AgentConfig {
             identity: IdentityConfig::default(),
             dataplane: DataplaneConfig::default(),
             dns: DnsConfig::default(),
+            health: crate::health::HealthConfig::default(),
         }
     }
 }

@@ -65,6 +65,13 @@ enum Command {
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Remove every Causeway capture rule on this host (leftovers included) and exit 0,
+    /// also when there are none. The packaged unit runs it as ExecStopPost.
+    Cleanup {
+        /// State directory (its capture.rules file is removed too).
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
     /// Renew the certificate now (one-shot, over mutual TLS; no token needed).
     Renew {
         /// State directory.
@@ -226,6 +233,11 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 "fix: restart the agent (it removes leftovers and reinstalls its rules), or remove the unexpected rules"
             );
             Ok(ExitCode::from(2))
+        }
+        Command::Cleanup { state_dir } => {
+            let n = dataplane::cleanup(&state_dir)?;
+            println!("removed {n} Causeway rule line(s)");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Renew { state_dir } => {
             let state = StateDir::new(state_dir);

@@ -330,3 +330,20 @@ pub fn doctor(state_dir: &Path) -> Result<DoctorReport, CaptureError> {
         drift: Drift::between(&expected, &live.lines()),
     })
 }
+
+/// Removes every Causeway capture rule (leftovers of a killed agent included) and the
+/// state dir's record of them; `Ok(0)` when there are none. For `causeway-agent cleanup`
+/// (the packaged unit's ExecStopPost and the package's purge). A host without iptables
+/// has no rules: that is `Ok(0)` as well.
+pub fn cleanup(state_dir: &Path) -> Result<usize, CaptureError> {
+    let n = match capture::remove_all() {
+        Err(CaptureError::Spawn { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            0
+        }
+        other => other?,
+    };
+    let _ = std::fs::remove_file(state_dir.join(RULES_FILE));
+    Ok(n)
+}
