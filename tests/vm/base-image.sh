@@ -8,7 +8,7 @@ CACHE=${CAUSEWAY_VM_CACHE:-/var/cache/causeway-vm}
 SUITE=bookworm
 MIRROR=${CAUSEWAY_VM_MIRROR:-$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
-PKGS=systemd,systemd-sysv,dbus,iproute2,iptables,openssh-server,python3,python3-apt,iputils-ping,curl,libcap2-bin,procps
+PKGS=systemd,systemd-sysv,dbus,iproute2,iptables,nftables,openssh-server,python3,python3-apt,iputils-ping,curl,libcap2-bin,procps
 key=$(printf '%s\n' "$SUITE" "$MIRROR" "$PKGS" v1 | sha256sum | cut -c1-16)
 img="$CACHE/base-$key.tar.zst"
 if [ -s "$img" ]; then echo "$img"; exit 0; fi

@@ -7,8 +7,8 @@
 # Debian base image, overlay per VM) on a private bridge in its own network namespace;
 # ansible-playbook runs over ssh from that namespace. Asserts: rollout active and ready,
 # second run changed=0, a version bump restarts through the handler, VM 1 reaches VM 2's
-# STRICT service through the mTLS tunnel (by address and VIP; by mesh name once DNS is
-# merged, see ASSERT_MESH_NAME), stop leaves no rule, SIGKILL + start recovers,
+# STRICT service through the mTLS tunnel (by address, VIP and mesh name), stop leaves
+# no rule, SIGKILL + start recovers,
 # systemd-analyze verify/security, apt purge removes user, state and rules.
 #
 # Environment:
@@ -20,9 +20,6 @@ set -euo pipefail
 T0=$(date +%s)
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-# Flip to 1 once the agent's DNS (issue #6) is merged: VM 1 then also reaches VM 2's
-# service as web.default.causeway (resolved by the agent, captured, tunnelled).
-ASSERT_MESH_NAME=${CAUSEWAY_VM_MESH_NAME:-0}
 
 [ "$(id -u)" = 0 ] || { echo "error: the VM tier needs root (network namespaces, mounts, systemd-nspawn)" >&2; exit 1; }
 for t in systemd-nspawn debootstrap ansible-playbook zstd ssh-keygen nsenter dpkg-deb; do
@@ -180,13 +177,11 @@ if ip netns exec "$VM_BR_NS" curl -fsS --max-time 3 "http://${VM_IP[a2]}:8080/" 
   die "VM 2's STRICT service answered plaintext from off-host"
 fi
 log "OK VM 1 -> VM 2 (STRICT) by address and by VIP $vip through the tunnel; plaintext refused"
-if [ "$ASSERT_MESH_NAME" = 1 ]; then
-  out=$(vm_exec a1 curl -fsS --max-time 10 "http://web.default.causeway:8080/") || die "VM 1 cannot reach web.default.causeway"
-  [ "$out" = "hello from a2" ] || die "VM 1 got '$out' by mesh name"
-  log "OK VM 1 -> VM 2 by mesh name web.default.causeway"
-else
-  log "SKIP by mesh name (web.default.causeway): set ASSERT_MESH_NAME=1 once DNS (issue #6) is merged"
-fi
+# By mesh name: the application's ordinary lookup (resolv.conf untouched) is captured
+# by the agent's DNS, answered with the VIP, and the connection goes through the tunnel.
+out=$(vm_exec a1 curl -fsS --max-time 10 "http://web.default.causeway:8080/") || die "VM 1 cannot reach web.default.causeway"
+[ "$out" = "hello from a2" ] || die "VM 1 got '$out' by mesh name"
+log "OK VM 1 -> VM 2 by mesh name web.default.causeway (agent DNS, capture, tunnel)"
 
 # 6. Upgrade: a new package version restarts the agents through the handler.
 pid1=$(vm_exec a1 systemctl show -P MainPID causeway-agent)
@@ -216,12 +211,15 @@ done
 caps=$(vm_exec a1 bash -c 'grep -E "^Cap(Eff|Amb)" /proc/$(systemctl show -P MainPID causeway-agent)/status')
 log "agent runs as $(vm_exec a1 ps -o user= -p "$pid2") with $(echo $caps)"
 vm_exec a1 causeway-agent doctor --state-dir /var/lib/causeway >/dev/null || die "doctor reports drift on a1"
-vm_exec a1 iptables-save | grep -q CAUSEWAY || die "no CAUSEWAY rules on a1 while the agent runs"
+vm_exec a1 iptables-save | grep CAUSEWAY >/dev/null || die "no CAUSEWAY rules on a1 while the agent runs"
 log "OK verify, security, capture installed by the non-root agent (doctor: no drift)"
 # Priorities reach the journal: "agent ready" is info, so -p warning must not show it.
-vm_exec a1 journalctl -u causeway-agent -p info --no-pager -o cat | grep -q "agent ready" \
-  || die "the agent's info messages are not in the journal"
-if vm_exec a1 journalctl -u causeway-agent -p warning --no-pager -o cat | grep -q "agent ready"; then
+# (Whole output first: `grep -q` would stop reading early, and journalctl's SIGPIPE
+# fails the pipeline under pipefail.)
+journal_info=$(vm_exec a1 journalctl -u causeway-agent -p info --no-pager -o cat)
+journal_warn=$(vm_exec a1 journalctl -u causeway-agent -p warning --no-pager -o cat)
+grep -q "agent ready" <<<"$journal_info" || die "the agent's info messages are not in the journal"
+if grep -q "agent ready" <<<"$journal_warn"; then
   die "journalctl -p warning shows info messages: priorities are not set"
 fi
 echo "    journalctl -u causeway-agent -p warning on a1:"
@@ -229,7 +227,7 @@ vm_exec a1 journalctl -u causeway-agent -p warning --no-pager -o short -n 10 | s
 
 # 8. Stop leaves nothing; SIGKILL then start recovers.
 vm_exec a1 systemctl stop causeway-agent
-if vm_exec a1 iptables-save | grep -q CAUSEWAY; then die "rules left after systemctl stop"; fi
+if vm_exec a1 iptables-save | grep CAUSEWAY >/dev/null; then die "rules left after systemctl stop"; fi
 log "OK systemctl stop: no CAUSEWAY rule left"
 vm_exec a1 systemctl start causeway-agent
 vm_exec a1 systemctl kill -s KILL causeway-agent
@@ -254,6 +252,6 @@ vm_exec a1 env DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq causeway-agen
 vm_exec a1 getent passwd causeway >/dev/null && die "user causeway left after purge"
 vm_exec a1 test -e /var/lib/causeway && die "/var/lib/causeway left after purge"
 vm_exec a1 test -e /etc/causeway/agent.toml && die "/etc/causeway/agent.toml left after purge"
-if vm_exec a1 iptables-save | grep -q CAUSEWAY; then die "rules left after purge"; fi
+if vm_exec a1 iptables-save | grep CAUSEWAY >/dev/null; then die "rules left after purge"; fi
 log "OK apt purge: no user, no state, no config, no rules"
 log "PASS"
