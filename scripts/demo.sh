@@ -16,6 +16,7 @@ cleanup() {
   for n in "${netns[@]}"; do
     for p in $(ip netns pids "$n" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
     ip netns del "$n" 2>/dev/null || true
+    rm -rf "/etc/netns/$n"
   done
   rm -rf "$work"
 }
@@ -65,6 +66,12 @@ echo
 echo "==> two VMs: network namespaces ctl, vm1, vm2 on a private bridge (10.99.0.0/24)"
 id=cwdemo$$
 for n in hub ctl vm1 vm2; do ip netns add "$id-$n"; netns+=("$id-$n"); done
+# Each VM's own resolv.conf (ip netns exec bind-mounts /etc/netns/<ns>/resolv.conf): a
+# resolver address on the bridge; the agent's DNS capture answers mesh names for it.
+for n in vm1 vm2; do
+  mkdir -p "/etc/netns/$id-$n"
+  echo "nameserver 10.99.0.1" >"/etc/netns/$id-$n/resolv.conf"
+done
 ip netns exec "$id-hub" sh -c 'ip link set lo up; ip link add br0 type bridge; ip link set br0 up'
 i=10
 for n in ctl vm1 vm2; do
@@ -109,10 +116,13 @@ echo "==> from vm1: GET http://$vip:8080/ (the web service's VIP)"
 in_ns vm1 python3 -c "$fetch" "http://$vip:8080/"
 echo "==> from vm1: GET http://$addr_vm2:8080/ (its real address: captured too)"
 in_ns vm1 python3 -c "$fetch" "http://$addr_vm2:8080/"
+echo "==> from vm1: GET http://web.default.causeway:8080/ (an ordinary lookup, answered by vm1's agent)"
+in_ns vm1 getent hosts web.default.causeway
+in_ns vm1 python3 -c "$fetch" "http://web.default.causeway:8080/"
 echo "==> vm2's application saw its local agent, not vm1:"
-tail -n 2 "$work/vm2-app.log"
+tail -n 3 "$work/vm2-app.log"
 echo "==> vm2's agent knew the client's identity (mutual TLS over the QUIC tunnel):"
-grep -o 'inbound tunnel stream.*' "$work/vm2-agent.log" | head -n 2
+grep -o 'inbound tunnel stream.*' "$work/vm2-agent.log" | head -n 3
 echo "==> vm1's capture rules (removed when the agent stops):"
 in_ns vm1 iptables-save -t nat | grep CAUSEWAY
 echo "==> demo done; the namespaces and everything under $work are removed"
