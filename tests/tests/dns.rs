@@ -541,6 +541,18 @@ fn mesh_names_forwarding_fail_open_and_cache() {
         );
     }
 
+    // Only queries to the resolvers of resolv.conf are captured: a server named
+    // explicitly is asked itself (vm2 runs none: no reply, not the agent's answer).
+    let out = l.sh(&format!(
+        "dig +short +time=1 +tries=1 @{} web.service.consul",
+        vm2.addr
+    ));
+    assert!(
+        !out.status.success() && !out_text(&out).contains(&web_vip),
+        "an explicit server was captured: {}",
+        describe(&out)
+    );
+
     // 5. A new service resolves once the push that brings it is applied.
     std::fs::write(
         l.services.with_extension("tmp"),
