@@ -11,6 +11,7 @@
 #                    available, so "one core" holds for every thread of it, the fsync and
 #                    sled threads included; the other programs are never pinned)
 #   BENCH_OUT=DIR    keep the JSON results there
+# The dataplane program needs root (network namespaces), stunnel4 and prlimit.
 #   CARGO_TARGET_DIR as usual
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,7 +21,10 @@ out=${BENCH_OUT:-$(mktemp -d -t causeway-bench.XXXXXX)}
 mkdir -p "$out"
 
 echo "== building (release)"
-cargo build --release -p causeway-bench --bins
+# One invocation (one feature set): the data-plane benchmark runs the real controller,
+# agents and causewayctl next to the bench programs.
+cargo build --release -p causeway-bench -p causeway-controller -p causeway-agent -p causewayctl --bins
+export CAUSEWAY_BIN_DIR="$target_dir/release"
 
 programs=("$@")
 if [ ${#programs[@]} -eq 0 ]; then

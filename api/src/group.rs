@@ -25,6 +25,11 @@ pub enum GroupError {
     /// Ports were given without a service to carry them.
     #[error("ports were given but no service: add --service NAME")]
     PortsWithoutService,
+    /// A registry source was named without a service to bind.
+    #[error(
+        "registry source {0:?} was given but no service: add --service NAME (the service's name in the mesh, as the source registers it)"
+    )]
+    RegistryWithoutService(String),
     /// The mTLS mode is not one of the known modes.
     #[error("invalid mTLS mode {0:?}: expected \"strict\" or \"permissive\"")]
     Mode(String),
@@ -120,6 +125,13 @@ pub struct WorkloadGroup {
     /// mTLS mode of the group's agents.
     #[serde(default)]
     pub mtls: MtlsMode,
+    /// Joining from an existing registry: the name of a configured registry source
+    /// (Consul, Eureka…) in which `service` is already registered. An agent of this group
+    /// is then bound to the registration at its own address: the merged registry shows
+    /// that one endpoint, with the source's provenance and the agent's identity, instead
+    /// of a second endpoint registered by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_source: Option<String>,
 }
 
 impl WorkloadGroup {
@@ -141,6 +153,14 @@ impl WorkloadGroup {
             }
         } else if !self.ports.is_empty() {
             errors.push(GroupError::PortsWithoutService);
+        }
+        if let Some(source) = &self.registry_source {
+            if let Err(e) = validate_label("registry source", source) {
+                errors.push(e.into());
+            }
+            if self.service.is_none() {
+                errors.push(GroupError::RegistryWithoutService(source.clone()));
+            }
         }
         let mut seen = std::collections::BTreeSet::new();
         for p in &self.ports {
@@ -180,6 +200,7 @@ mod tests {
             labels: BTreeMap::new(),
             allowed_cidrs: vec![],
             mtls: MtlsMode::Permissive,
+            registry_source: None,
         }
     }
 
@@ -207,6 +228,26 @@ mod tests {
             g.validate().unwrap_err(),
             vec![GroupError::PortsWithoutService]
         );
+    }
+
+    #[test]
+    fn registry_source_needs_a_service_and_a_label() {
+        let mut g = group();
+        g.registry_source = Some("consul-dc1".into());
+        assert!(g.validate().is_ok());
+        g.service = None;
+        g.ports.clear();
+        assert_eq!(
+            g.validate().unwrap_err(),
+            vec![GroupError::RegistryWithoutService("consul-dc1".into())]
+        );
+        let mut g = group();
+        g.registry_source = Some("Consul DC1".into());
+        assert!(g.validate().is_err());
+        // stored groups from before the field still load
+        let old = r#"{"name":"a","namespace":"b","service_account":"c"}"#;
+        let g: WorkloadGroup = serde_json::from_str(old).unwrap();
+        assert_eq!(g.registry_source, None);
     }
 
     #[test]

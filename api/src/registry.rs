@@ -152,7 +152,7 @@ pub struct Endpoint {
     /// IP address or host name to connect to.
     pub address: String,
     /// Named ports (`http` → 8080).
-    pub ports: BTreeMap<String, u16>,
+    pub ports: SortedMap<String, u16>,
     /// Health as the source reports it.
     pub health: Health,
     /// Region, zone, node.
@@ -160,16 +160,16 @@ pub struct Endpoint {
     pub locality: Locality,
     /// Labels (Kubernetes labels; key/value tags elsewhere).
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: SortedMap<String, String>,
     /// Plain tags (Consul tags).
     #[serde(default)]
     pub tags: Vec<String>,
     /// Free-form metadata (Consul Meta, Eureka metadata).
     #[serde(default)]
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: SortedMap<String, String>,
     /// Extra DNS names that resolve to this service (Eureka vipAddress, file hosts).
     #[serde(default)]
-    pub hostnames: BTreeSet<String>,
+    pub hostnames: SortedSet<String>,
     /// SPIFFE identity, when the endpoint runs a Causeway agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
@@ -179,6 +179,10 @@ pub struct Endpoint {
     pub synced_from: Option<SourceKind>,
     /// Where it came from.
     pub provenance: Provenance,
+    /// In the merged view only: the agents' workloads folded into this registration
+    /// (an agent bound to it by [`BIND_SOURCE_METADATA`]). Empty in source data.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bound: Vec<Provenance>,
     /// True while its source is failing and this is the last known good copy.
     #[serde(default)]
     pub stale: bool,
@@ -189,16 +193,17 @@ impl Endpoint {
     pub fn new(address: impl Into<String>, provenance: Provenance) -> Self {
         Self {
             address: address.into(),
-            ports: BTreeMap::new(),
+            ports: SortedMap::new(),
             health: Health::Passing,
             locality: Locality::default(),
-            labels: BTreeMap::new(),
+            labels: SortedMap::new(),
             tags: Vec::new(),
-            metadata: BTreeMap::new(),
-            hostnames: BTreeSet::new(),
+            metadata: SortedMap::new(),
+            hostnames: SortedSet::new(),
             identity: None,
             synced_from: None,
             provenance,
+            bound: Vec::new(),
             stale: false,
         }
     }
@@ -573,35 +578,64 @@ impl Registry {
         change: SourceChange,
         state: SourceState,
     ) -> RegistryDelta {
+        let mut services = Vec::new();
+        let version =
+            self.apply_with_state_into(source, kind, change, state, &mut |d| services.push(d));
+        RegistryDelta { version, services }
+    }
+
+    /// [`Registry::apply_with_state`], handing each service's delta to `sink` as soon as
+    /// it is known instead of collecting them; returns the new version. The change is
+    /// applied service by service, so at no time is more than one service's old and new
+    /// merged view held: a full snapshot of 100k endpoints costs no second copy of it.
+    pub fn apply_with_state_into(
+        &mut self,
+        source: &str,
+        kind: SourceKind,
+        change: SourceChange,
+        state: SourceState,
+        sink: &mut dyn FnMut(ServiceDelta),
+    ) -> u64 {
         let entry = self.entry(source, kind);
+        let old_stale = entry.state.is_stale();
+        let new_stale = state.is_stale();
         let mut touched: BTreeSet<ServiceKey> = BTreeSet::new();
-        let flips = entry.state.is_stale() != state.is_stale();
-        if flips || matches!(change, SourceChange::Full(_)) {
+        let full = matches!(change, SourceChange::Full(_));
+        if old_stale != new_stale || full {
             // a full snapshot may drop any service; a stale flag flip touches every endpoint
             touched.extend(entry.snapshot.services.keys().cloned());
         }
-        match &change {
-            SourceChange::Full(s) => touched.extend(s.services.keys().cloned()),
-            SourceChange::Services(s) => touched.extend(s.keys().cloned()),
-        }
-        let old = self.merged_many(&touched);
-        let entry = self.entry(source, kind);
-        match change {
-            SourceChange::Full(mut snapshot) => {
-                snapshot.services.retain(|_, eps| !eps.is_empty());
-                entry.snapshot = snapshot;
-            }
-            SourceChange::Services(services) => {
-                for (key, eps) in services {
-                    if eps.is_empty() {
-                        entry.snapshot.services.remove(&key);
-                    } else {
-                        entry.snapshot.services.insert(key, eps);
-                    }
+        let mut incoming = match change {
+            SourceChange::Full(snapshot) => snapshot.services,
+            SourceChange::Services(services) => services,
+        };
+        touched.extend(incoming.keys().cloned());
+        let mut changed = false;
+        for key in touched {
+            let old = self.service_with(&key, Some((source, old_stale)));
+            let entry = self.entry(source, kind);
+            match incoming.remove(&key) {
+                Some(eps) if !eps.is_empty() => {
+                    entry.snapshot.services.insert(key.clone(), eps);
                 }
+                Some(_) => {
+                    entry.snapshot.services.remove(&key);
+                }
+                None if full => {
+                    entry.snapshot.services.remove(&key);
+                }
+                None => {}
+            }
+            self.update_holder(source, &key);
+            let new = self.service_with(&key, Some((source, new_stale)));
+            let delta = diff_endpoints(&key, &old, &new);
+            if !delta.is_empty() {
+                changed = true;
+                sink(delta);
             }
         }
-        entry.state = if state.is_stale() {
+        let entry = self.entry(source, kind);
+        entry.state = if new_stale {
             SourceState {
                 stale_since_ms: entry.state.stale_since_ms.or(state.stale_since_ms),
                 ..state
@@ -610,8 +644,10 @@ impl Registry {
             state
         };
         entry.kind = kind;
-        self.update_holders(source, &touched);
-        self.delta_from(old, touched)
+        if changed {
+            self.version += 1;
+        }
+        self.version
     }
 
     /// Marks a source failing: its endpoints stay, flagged stale. `now_ms` is kept as
@@ -623,37 +659,81 @@ impl Registry {
         error: &str,
         now_ms: u64,
     ) -> RegistryDelta {
-        let entry = self.entry(source, kind);
-        let was_stale = entry.state.is_stale();
-        let since = entry.state.stale_since_ms.unwrap_or(now_ms);
-        let touched: BTreeSet<ServiceKey> = if was_stale {
-            BTreeSet::new()
-        } else {
-            entry.snapshot.services.keys().cloned().collect()
-        };
-        let old = self.merged_many(&touched);
-        self.entry(source, kind).state = SourceState::stale(error, since);
-        self.delta_from(old, touched)
+        let mut services = Vec::new();
+        let version = self.mark_stale_into(source, kind, error, now_ms, &mut |d| services.push(d));
+        RegistryDelta { version, services }
+    }
+
+    /// [`Registry::mark_stale`] with each service's delta handed to `sink`.
+    pub fn mark_stale_into(
+        &mut self,
+        source: &str,
+        kind: SourceKind,
+        error: &str,
+        now_ms: u64,
+        sink: &mut dyn FnMut(ServiceDelta),
+    ) -> u64 {
+        let since = self
+            .entry(source, kind)
+            .state
+            .stale_since_ms
+            .unwrap_or(now_ms);
+        self.apply_with_state_into(
+            source,
+            kind,
+            SourceChange::Services(BTreeMap::new()),
+            SourceState::stale(error, since),
+            sink,
+        )
     }
 
     /// Removes a source and everything it contributed (the source was deleted from the
     /// configuration; a failing source is never removed this way).
     pub fn remove_source(&mut self, source: &str) -> RegistryDelta {
+        let mut services = Vec::new();
+        let version = self.remove_source_into(source, &mut |d| services.push(d));
+        RegistryDelta { version, services }
+    }
+
+    /// [`Registry::remove_source`] with each service's delta handed to `sink`.
+    pub fn remove_source_into(&mut self, source: &str, sink: &mut dyn FnMut(ServiceDelta)) -> u64 {
         let Some(entry) = self.sources.get(source) else {
-            return self.empty_delta();
+            return self.version;
         };
-        let touched: BTreeSet<ServiceKey> = entry.snapshot.services.keys().cloned().collect();
-        let old = self.merged_many(&touched);
-        self.sources.remove(source);
-        for key in &touched {
-            self.unhold(key, source);
+        let touched: Vec<ServiceKey> = entry.snapshot.services.keys().cloned().collect();
+        let mut changed = false;
+        for key in touched {
+            let old = self.service(&key);
+            self.unhold(&key, source);
+            let new = self.service(&key);
+            let delta = diff_endpoints(&key, &old, &new);
+            if !delta.is_empty() {
+                changed = true;
+                sink(delta);
+            }
         }
-        self.delta_from(old, touched)
+        self.sources.remove(source);
+        if changed {
+            self.version += 1;
+        }
+        self.version
     }
 
     /// The merged endpoints of one service, by id; synced copies whose original is
-    /// present are left out, and endpoints of stale sources carry `stale: true`.
+    /// present are left out, endpoints of stale sources carry `stale: true`, and an
+    /// agent's workload bound to a registry registration (see [`BIND_SOURCE_METADATA`])
+    /// is folded into that registration's endpoint instead of being listed twice.
     pub fn service(&self, key: &ServiceKey) -> BTreeMap<EndpointId, Endpoint> {
+        self.service_with(key, None)
+    }
+
+    /// [`Registry::service`], with `stale_of` overriding one source's stale flag (the
+    /// view just before or just after a state change).
+    fn service_with(
+        &self,
+        key: &ServiceKey,
+        stale_of: Option<(&str, bool)>,
+    ) -> BTreeMap<EndpointId, Endpoint> {
         let mut out = BTreeMap::new();
         let Some(holders) = self.holders.get(key) else {
             return out;
@@ -667,21 +747,49 @@ impl Registry {
                 all.extend(eps.values().map(|e| (name.as_str(), entry, e)));
             }
         }
+        let stale = |name: &str, entry: &SourceEntry| match stale_of {
+            Some((s, flag)) if s == name => flag,
+            _ => entry.state.is_stale(),
+        };
         let originals: BTreeSet<(SourceKind, &str)> = all
             .iter()
             .filter(|(_, _, e)| e.synced_from.is_none())
             .map(|(_, entry, e)| (entry.kind, e.address.as_str()))
             .collect();
-        for (_, entry, ep) in &all {
-            if let Some(origin) = ep.synced_from
-                && originals.contains(&(origin, ep.address.as_str()))
+        // Agents' workloads that name a registry source, by (source, address).
+        let binds: BTreeMap<(&str, &str), &Endpoint> = all
+            .iter()
+            .filter(|(_, entry, _)| entry.kind == SourceKind::Agents)
+            .filter_map(|(_, _, e)| {
+                let bind = e.metadata.get(BIND_SOURCE_METADATA)?;
+                Some(((bind.as_str(), e.address.as_str()), *e))
+            })
+            .collect();
+        let mut bound: BTreeSet<(&str, &str)> = BTreeSet::new();
+        for &(name, entry, orig) in &all {
+            if let Some(origin) = orig.synced_from
+                && originals.contains(&(origin, orig.address.as_str()))
             {
                 continue;
             }
-            let mut ep = (*ep).clone();
-            ep.stale = entry.state.is_stale();
+            let mut ep = orig.clone();
+            ep.stale = stale(name, entry);
+            if entry.kind != SourceKind::Agents
+                && let Some(agent) = binds.get(&(name, orig.address.as_str()))
+            {
+                bound.insert((name, agent.address.as_str()));
+                bind_agent(&mut ep, agent);
+            }
             out.insert(ep.id(), ep);
         }
+        // A bound workload is shown once, as its registration; unmatched ones stand alone.
+        out.retain(|_, ep| {
+            ep.provenance.kind != SourceKind::Agents
+                || !ep
+                    .metadata
+                    .get(BIND_SOURCE_METADATA)
+                    .is_some_and(|b| bound.contains(&(b.as_str(), ep.address.as_str())))
+        });
         out
     }
 
@@ -738,6 +846,14 @@ impl Registry {
                 all.extend(eps.values().map(|e| (name.as_str(), entry.kind, e)));
             }
         }
+        // An agent's workload bound to a registration is that registration, not a
+        // second endpoint at its address: no conflict with it.
+        all.retain(|(_, kind, ep)| {
+            *kind != SourceKind::Agents
+                || !ep.metadata.get(BIND_SOURCE_METADATA).is_some_and(|bind| {
+                    all_bound_to(holders, &self.sources, key, bind, &ep.address)
+                })
+        });
         let mut ports: BTreeMap<&str, BTreeMap<u16, BTreeSet<String>>> = BTreeMap::new();
         let mut addresses: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
         for (source, _, ep) in &all {
@@ -789,13 +905,6 @@ impl Registry {
         out
     }
 
-    fn empty_delta(&self) -> RegistryDelta {
-        RegistryDelta {
-            version: self.version,
-            services: Vec::new(),
-        }
-    }
-
     fn unhold(&mut self, key: &ServiceKey, source: &str) {
         if let Some(h) = self.holders.get_mut(key) {
             h.remove(source);
@@ -803,13 +912,6 @@ impl Registry {
                 self.holders.remove(key);
             }
         }
-    }
-
-    fn merged_many(
-        &self,
-        keys: &BTreeSet<ServiceKey>,
-    ) -> BTreeMap<ServiceKey, BTreeMap<EndpointId, Endpoint>> {
-        keys.iter().map(|k| (k.clone(), self.service(k))).collect()
     }
 
     fn entry(&mut self, source: &str, kind: SourceKind) -> &mut SourceEntry {
@@ -822,44 +924,374 @@ impl Registry {
             })
     }
 
-    fn update_holders(&mut self, source: &str, touched: &BTreeSet<ServiceKey>) {
-        for key in touched {
-            let held = self
-                .sources
-                .get(source)
-                .is_some_and(|e| e.snapshot.services.contains_key(key));
-            if held {
-                self.holders
-                    .entry(key.clone())
-                    .or_default()
-                    .insert(source.to_string());
-            } else {
-                self.unhold(key, source);
+    fn update_holder(&mut self, source: &str, key: &ServiceKey) {
+        let held = self
+            .sources
+            .get(source)
+            .is_some_and(|e| e.snapshot.services.contains_key(key));
+        if held {
+            let holders = self.holders.entry(key.clone()).or_default();
+            if !holders.contains(source) {
+                holders.insert(source.to_string());
+            }
+        } else {
+            self.unhold(key, source);
+        }
+    }
+}
+
+/// Metadata key on an agent's workload endpoint naming the registry source (Consul,
+/// Eureka…) whose registration of the same service at the same address is this
+/// workload: the merged registry then shows one endpoint, the registration's, carrying
+/// the agent's identity (see ARCHITECTURE.md, "Joining from existing registries").
+pub const BIND_SOURCE_METADATA: &str = "causeway.io/registry-source";
+
+/// Whether source `bind` (one of `holders`) has an endpoint of `key` at `address`.
+fn all_bound_to(
+    holders: &BTreeSet<String>,
+    sources: &BTreeMap<String, SourceEntry>,
+    key: &ServiceKey,
+    bind: &str,
+    address: &str,
+) -> bool {
+    holders.contains(bind)
+        && sources
+            .get(bind)
+            .and_then(|e| e.snapshot.services.get(key))
+            .is_some_and(|eps| eps.values().any(|e| e.address == address))
+}
+
+/// Folds an agent's workload into the registry endpoint it is bound to: the identity,
+/// the agent's `causeway.io/*` metadata (mTLS mode) and its provenance in `bound`.
+fn bind_agent(ep: &mut Endpoint, agent: &Endpoint) {
+    ep.identity.clone_from(&agent.identity);
+    for (k, v) in &agent.metadata {
+        if k.starts_with("causeway.io/") && k != BIND_SOURCE_METADATA {
+            ep.metadata.insert(k.clone(), v.clone());
+        }
+    }
+    ep.bound.push(agent.provenance.clone());
+}
+
+/// A small map kept as one sorted `Vec` of pairs.
+///
+/// Endpoints carry a handful of ports, labels and metadata entries each; a `BTreeMap`
+/// allocates a whole 11-slot node for even one entry, this allocates exactly what it
+/// holds (see BENCHMARKS.md, merged registry at scale). Lookups are binary searches; it
+/// iterates in key order and serializes as a map, like the `BTreeMap` it replaces.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SortedMap<K, V> {
+    entries: Vec<(K, V)>,
+}
+
+impl<K, V> Default for SortedMap<K, V> {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<K: fmt::Debug, V: fmt::Debug> fmt::Debug for SortedMap<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.entries.iter().map(|(k, v)| (k, v)))
+            .finish()
+    }
+}
+
+impl<K: Ord, V> SortedMap<K, V> {
+    /// An empty map (allocates nothing).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn find<Q>(&self, key: &Q) -> Result<usize, usize>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.entries.binary_search_by(|(k, _)| k.borrow().cmp(key))
+    }
+
+    /// Inserts or replaces; returns the previous value.
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+        match self.find(&key) {
+            Ok(i) => Some(std::mem::replace(&mut self.entries[i].1, value)),
+            Err(i) => {
+                self.entries.insert(i, (key, value));
+                None
             }
         }
     }
 
-    fn delta_from(
-        &mut self,
-        old: BTreeMap<ServiceKey, BTreeMap<EndpointId, Endpoint>>,
-        touched: BTreeSet<ServiceKey>,
-    ) -> RegistryDelta {
-        let mut services = Vec::new();
-        let empty = BTreeMap::new();
-        for key in touched {
-            let new = self.service(&key);
-            let delta = diff_endpoints(&key, old.get(&key).unwrap_or(&empty), &new);
-            if !delta.is_empty() {
-                services.push(delta);
+    /// The value of `key`.
+    pub fn get<Q>(&self, key: &Q) -> Option<&V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.find(key).ok().map(|i| &self.entries[i].1)
+    }
+
+    /// The value of `key`, mutable.
+    pub fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.find(key).ok().map(|i| &mut self.entries[i].1)
+    }
+
+    /// Whether `key` is present.
+    pub fn contains_key<Q>(&self, key: &Q) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.find(key).is_ok()
+    }
+
+    /// Removes `key`; returns its value.
+    pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.find(key).ok().map(|i| self.entries.remove(i).1)
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// No entries.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Entries in key order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&K, &V)> + ExactSizeIterator {
+        self.entries.iter().map(|(k, v)| (k, v))
+    }
+
+    /// Keys in order.
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &K> + ExactSizeIterator {
+        self.entries.iter().map(|(k, _)| k)
+    }
+
+    /// Values in key order.
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &V> + ExactSizeIterator {
+        self.entries.iter().map(|(_, v)| v)
+    }
+
+    /// Builds from pairs in any order; a later pair wins over an earlier one with the
+    /// same key (as collecting into a `BTreeMap` does).
+    fn from_pairs(mut entries: Vec<(K, V)>) -> Self {
+        // stable sort keeps input order among equal keys; keep the last of each run
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out: Vec<(K, V)> = Vec::with_capacity(entries.len());
+        for (k, v) in entries {
+            match out.last_mut() {
+                Some(last) if last.0 == k => last.1 = v,
+                _ => out.push((k, v)),
             }
         }
-        if !services.is_empty() {
-            self.version += 1;
+        out.shrink_to_fit();
+        Self { entries: out }
+    }
+}
+
+impl<K: Ord, V> FromIterator<(K, V)> for SortedMap<K, V> {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        Self::from_pairs(iter.into_iter().collect())
+    }
+}
+
+impl<K: Ord, V, const N: usize> From<[(K, V); N]> for SortedMap<K, V> {
+    fn from(pairs: [(K, V); N]) -> Self {
+        Self::from_pairs(pairs.into())
+    }
+}
+
+impl<K: Ord, V> From<BTreeMap<K, V>> for SortedMap<K, V> {
+    fn from(map: BTreeMap<K, V>) -> Self {
+        let mut entries: Vec<(K, V)> = map.into_iter().collect();
+        entries.shrink_to_fit();
+        Self { entries }
+    }
+}
+
+impl<K: Ord + Clone, V: Clone> From<&SortedMap<K, V>> for BTreeMap<K, V> {
+    fn from(map: &SortedMap<K, V>) -> Self {
+        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+impl<K: Ord, V> Extend<(K, V)> for SortedMap<K, V> {
+    fn extend<I: IntoIterator<Item = (K, V)>>(&mut self, iter: I) {
+        let mut all = std::mem::take(&mut self.entries);
+        all.extend(iter);
+        *self = Self::from_pairs(all);
+    }
+}
+
+impl<K, V> IntoIterator for SortedMap<K, V> {
+    type Item = (K, V);
+    type IntoIter = std::vec::IntoIter<(K, V)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.entries.into_iter()
+    }
+}
+
+impl<'a, K, V> IntoIterator for &'a SortedMap<K, V> {
+    type Item = (&'a K, &'a V);
+    type IntoIter = std::iter::Map<std::slice::Iter<'a, (K, V)>, fn(&'a (K, V)) -> (&'a K, &'a V)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.entries.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl<K, V, Q> std::ops::Index<&Q> for SortedMap<K, V>
+where
+    K: Ord + std::borrow::Borrow<Q>,
+    Q: Ord + ?Sized,
+{
+    type Output = V;
+    fn index(&self, key: &Q) -> &V {
+        self.get(key)
+            .expect("no entry for this key in the SortedMap")
+    }
+}
+
+impl<K: Serialize, V: Serialize> Serialize for SortedMap<K, V> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.entries.iter().map(|(k, v)| (k, v)))
+    }
+}
+
+impl<'de, K: Deserialize<'de> + Ord, V: Deserialize<'de>> Deserialize<'de> for SortedMap<K, V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = BTreeMap::<K, V>::deserialize(d)?;
+        Ok(map.into())
+    }
+}
+
+/// A small set kept as one sorted `Vec` (see [`SortedMap`]); serializes as a sequence.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SortedSet<T> {
+    items: Vec<T>,
+}
+
+impl<T> Default for SortedSet<T> {
+    fn default() -> Self {
+        Self { items: Vec::new() }
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for SortedSet<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.items.iter()).finish()
+    }
+}
+
+impl<T: Ord> SortedSet<T> {
+    /// An empty set (allocates nothing).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `item`; false when it was present.
+    pub fn insert(&mut self, item: T) -> bool {
+        match self.items.binary_search(&item) {
+            Ok(_) => false,
+            Err(i) => {
+                self.items.insert(i, item);
+                true
+            }
         }
-        RegistryDelta {
-            version: self.version,
-            services,
-        }
+    }
+
+    /// Whether `item` is present.
+    pub fn contains<Q>(&self, item: &Q) -> bool
+    where
+        T: std::borrow::Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.items
+            .binary_search_by(|x| x.borrow().cmp(item))
+            .is_ok()
+    }
+
+    /// Number of items.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// No items.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Items in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.items.iter()
+    }
+
+    fn from_items(mut items: Vec<T>) -> Self {
+        items.sort();
+        items.dedup();
+        items.shrink_to_fit();
+        Self { items }
+    }
+}
+
+impl<T: Ord> FromIterator<T> for SortedSet<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
+        Self::from_items(iter.into_iter().collect())
+    }
+}
+
+impl<T: Ord, const N: usize> From<[T; N]> for SortedSet<T> {
+    fn from(items: [T; N]) -> Self {
+        Self::from_items(items.into())
+    }
+}
+
+impl<T: Ord> Extend<T> for SortedSet<T> {
+    fn extend<I: IntoIterator<Item = T>>(&mut self, iter: I) {
+        let mut all = std::mem::take(&mut self.items);
+        all.extend(iter);
+        *self = Self::from_items(all);
+    }
+}
+
+impl<T> IntoIterator for SortedSet<T> {
+    type Item = T;
+    type IntoIter = std::vec::IntoIter<T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.items.into_iter()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a SortedSet<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.items.iter()
+    }
+}
+
+impl<T: Serialize> Serialize for SortedSet<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.items.iter())
+    }
+}
+
+impl<'de, T: Deserialize<'de> + Ord> Deserialize<'de> for SortedSet<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self::from_items(Vec::<T>::deserialize(d)?))
     }
 }
 
@@ -1294,6 +1726,105 @@ mod tests {
         assert_eq!(d.services[0].removed.len(), 1);
         assert_eq!(r.merged()[&web()].len(), 1);
         assert!(r.remove_source("nope").is_empty());
+    }
+
+    #[test]
+    fn agent_bound_to_a_registration_is_one_endpoint_with_both() {
+        let mut r = Registry::new();
+        let reg = ep("consul", SourceKind::Consul, "n1/web-1", "10.0.0.5", 8080);
+        let other = ep("consul", SourceKind::Consul, "n2/web-2", "10.0.0.6", 8080);
+        r.apply(
+            "consul",
+            SourceKind::Consul,
+            full(vec![(web(), vec![reg.clone(), other.clone()])]),
+        );
+        let mut agent = ep("agents", SourceKind::Agents, "agent-1", "10.0.0.5", 8080);
+        agent.identity = Some("spiffe://td/ns/default/sa/web".into());
+        agent
+            .metadata
+            .insert(BIND_SOURCE_METADATA.into(), "consul".into());
+        agent
+            .metadata
+            .insert("causeway.io/mtls".into(), "strict".into());
+        let d = r.apply(
+            "agents",
+            SourceKind::Agents,
+            SourceChange::Services([(web(), svc(vec![agent.clone()]))].into()),
+        );
+        // the registration gains the identity; no second endpoint appears
+        assert_eq!(d.services.len(), 1);
+        assert!(d.services[0].added.is_empty(), "{d:?}");
+        assert_eq!(d.services[0].updated.len(), 1);
+        let merged = &r.merged()[&web()];
+        assert_eq!(merged.len(), 2, "{merged:#?}");
+        let bound = merged.iter().find(|e| e.address == "10.0.0.5").unwrap();
+        assert_eq!(bound.provenance.source, "consul");
+        assert_eq!(bound.provenance.native_id, "n1/web-1");
+        assert_eq!(
+            bound.identity.as_deref(),
+            Some("spiffe://td/ns/default/sa/web")
+        );
+        assert_eq!(bound.metadata["causeway.io/mtls"], "strict");
+        assert!(!bound.metadata.contains_key(BIND_SOURCE_METADATA));
+        assert_eq!(bound.bound, vec![agent.provenance.clone()]);
+        let unbound = merged.iter().find(|e| e.address == "10.0.0.6").unwrap();
+        assert_eq!(unbound.identity, None);
+        assert!(
+            r.conflicts().is_empty(),
+            "a bound workload is no duplicate address: {:?}",
+            r.conflicts()
+        );
+
+        // the registration goes away: the agent's workload stands alone
+        r.apply(
+            "consul",
+            SourceKind::Consul,
+            full(vec![(web(), vec![other.clone()])]),
+        );
+        let merged = &r.merged()[&web()];
+        let alone = merged.iter().find(|e| e.address == "10.0.0.5").unwrap();
+        assert_eq!(alone.provenance.kind, SourceKind::Agents);
+        assert!(alone.bound.is_empty());
+
+        // an agent naming another source, or at another address, is not folded
+        let mut r2 = Registry::new();
+        r2.apply("consul", SourceKind::Consul, full(vec![(web(), vec![reg])]));
+        let mut wrong = agent.clone();
+        wrong
+            .metadata
+            .insert(BIND_SOURCE_METADATA.into(), "eureka".into());
+        r2.apply(
+            "agents",
+            SourceKind::Agents,
+            SourceChange::Services([(web(), svc(vec![wrong]))].into()),
+        );
+        assert_eq!(r2.merged()[&web()].len(), 2);
+    }
+
+    #[test]
+    fn sorted_map_behaves_like_a_btree_map() {
+        let m: SortedMap<String, u16> = [
+            ("b".to_owned(), 2),
+            ("a".to_owned(), 1),
+            ("b".to_owned(), 3),
+        ]
+        .into();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m["b"], 3, "the later pair wins, as in a BTreeMap");
+        assert_eq!(m.keys().cloned().collect::<Vec<_>>(), vec!["a", "b"]);
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(json, r#"{"a":1,"b":3}"#);
+        let back: SortedMap<String, u16> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m);
+        let mut m2 = SortedMap::new();
+        assert_eq!(m2.insert("z".to_owned(), 1), None);
+        assert_eq!(m2.insert("z".to_owned(), 2), Some(1));
+        m2.extend([("a".to_owned(), 0)]);
+        assert_eq!(m2.remove("z"), Some(2));
+        assert!(m2.contains_key("a") && !m2.contains_key("z"));
+        let s: SortedSet<&str> = ["x", "a", "x"].into();
+        assert_eq!(s.iter().copied().collect::<Vec<_>>(), vec!["a", "x"]);
+        assert_eq!(serde_json::to_string(&s).unwrap(), r#"["a","x"]"#);
     }
 
     #[test]

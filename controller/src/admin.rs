@@ -153,6 +153,8 @@ struct GroupCreate {
     allowed_cidrs: Vec<IpNet>,
     #[serde(default)]
     mtls: Option<String>,
+    #[serde(default)]
+    registry_source: Option<String>,
 }
 
 async fn group_create(
@@ -181,6 +183,7 @@ async fn group_create(
         labels: body.labels,
         allowed_cidrs: body.allowed_cidrs,
         mtls,
+        registry_source: body.registry_source,
     };
     if let Err(es) = group.validate() {
         errors.extend(es.iter().map(ToString::to_string));

@@ -186,8 +186,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mesh = mesh.clone();
         tokio::spawn(async move {
             while let Some(update) = src_rx.recv().await {
-                if let Err(e) = mesh.apply_source_update(&update) {
-                    tracing::error!(source = %update.source, error = %e, "cannot persist a registry update");
+                let source = update.source.clone();
+                if let Err(e) = mesh.apply_source_update(update) {
+                    tracing::error!(%source, error = %e, "cannot persist a registry update");
                 }
             }
         });

@@ -16,10 +16,10 @@ use std::time::Duration;
 use causeway_api::WorkloadGroup;
 use causeway_api::push::{ConfigUpdate, EndpointMsg, ServiceMsg, ServiceRef};
 use causeway_api::registry::{
-    Conflict, Endpoint, Provenance, Registry, RegistryDelta, ServiceKey, SourceChange, SourceKind,
-    SourceSnapshot, SourceState,
+    BIND_SOURCE_METADATA, Conflict, Endpoint, Provenance, Registry, RegistryDelta, ServiceKey,
+    SourceChange, SourceKind, SourceSnapshot, SourceState,
 };
-use causeway_registry::{SourceUpdate, apply_update};
+use causeway_registry::{SourceUpdate, apply_update_into};
 use ipnet::Ipv4Net;
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
@@ -157,6 +157,12 @@ pub struct EndpointView {
     pub identity: Option<String>,
     /// Zone.
     pub zone: Option<String>,
+    /// Every source that knows this endpoint: its own `source` first, then the agent
+    /// whose workload is bound to it (`agents`), when joined from an existing registry.
+    pub sources: Vec<String>,
+    /// The id of the Causeway agent running there, if one is (its own registration or
+    /// one bound to a registry's): traffic to it goes through the mTLS tunnel.
+    pub agent: Option<String>,
 }
 
 /// A source as the admin API shows it.
@@ -176,6 +182,14 @@ pub struct SourceView {
     pub endpoints: usize,
 }
 
+/// The services some deltas touched.
+fn touched_keys(deltas: impl IntoIterator<Item = RegistryDelta>) -> BTreeSet<ServiceKey> {
+    deltas
+        .into_iter()
+        .flat_map(|d| d.services.into_iter().map(|s| s.key))
+        .collect()
+}
+
 fn endpoint_msg(ep: &Endpoint) -> EndpointMsg {
     EndpointMsg {
         id: format!("{}/{}", ep.provenance.source, ep.provenance.native_id),
@@ -190,7 +204,7 @@ fn endpoint_msg(ep: &Endpoint) -> EndpointMsg {
         identity: ep.identity.clone().unwrap_or_default(),
         source: ep.provenance.source.clone(),
         stale: ep.stale,
-        labels: ep.labels.clone(),
+        labels: (&ep.labels).into(),
         mtls_strict: ep
             .metadata
             .get(MTLS_METADATA)
@@ -265,19 +279,22 @@ impl Mesh {
         configured_sources: &BTreeSet<String>,
         deny: BTreeSet<String>,
     ) -> Result<Arc<Self>, StoreError> {
-        let dump = store.load_mesh()?;
+        let mut dump = store.load_mesh()?;
         let mut registry = Registry::new();
         for (name, rec) in &dump.sources {
+            // Moved, not copied, into the registry; the restore's deltas are not needed.
             let snapshot = SourceSnapshot {
-                services: dump.data.get(name).cloned().unwrap_or_default(),
+                services: dump.data.remove(name).unwrap_or_default(),
             };
-            registry.apply_with_state(
+            registry.apply_with_state_into(
                 name,
                 rec.kind,
                 SourceChange::Full(snapshot),
                 rec.state.clone(),
+                &mut |_| {},
             );
         }
+        drop(dump.data);
         let used_vips = dump.vips.values().copied().collect();
         let inner = Inner {
             last_update: None,
@@ -341,7 +358,7 @@ impl Mesh {
             for name in stale {
                 tracing::info!(source = %name, "source no longer configured; dropping its endpoints");
                 let delta = inner.registry.remove_source(&name);
-                mesh.commit(&mut inner, vec![delta], &[name], false)?;
+                mesh.commit(&mut inner, touched_keys([delta]), &[name], false)?;
             }
             // Workloads restored from the store wait for their agents to reconnect.
             let restored: Vec<String> = inner
@@ -382,95 +399,110 @@ impl Mesh {
         self.version_tx.subscribe()
     }
 
-    /// Persists and publishes one change. Returns the new version (or the old one if
-    /// nothing changed).
+    /// Persists and publishes one change: `touched` are the services whose merged view
+    /// changed, `sources` the sources whose data or state may have changed. Returns the
+    /// new version (or the old one if nothing changed).
     fn commit(
         &self,
         inner: &mut Inner,
-        deltas: Vec<RegistryDelta>,
+        touched: BTreeSet<ServiceKey>,
         sources: &[String],
         deny_changed: bool,
     ) -> Result<u64, StoreError> {
-        let touched: BTreeSet<ServiceKey> = deltas
-            .iter()
-            .flat_map(|d| d.services.iter().map(|s| s.key.clone()))
-            .collect();
-        let mut write = MeshWrite {
-            version: inner.version + 1,
-            ..MeshWrite::default()
-        };
-        for name in sources {
-            if let Some(entry) = inner.registry.sources().get(name) {
-                write.sources.push((
-                    name.clone(),
-                    SourceRecord {
-                        kind: entry.kind,
-                        state: entry.state.clone(),
-                    },
-                ));
-            }
+        let nothing = touched.is_empty() && !deny_changed;
+        let mut new_vips = Vec::new();
+        if !nothing {
             for key in &touched {
-                let eps = inner
-                    .registry
-                    .sources()
-                    .get(name)
-                    .and_then(|e| e.snapshot.services.get(key))
-                    .cloned();
-                write.data.push((name.clone(), key.clone(), eps));
-            }
-        }
-        if touched.is_empty() && !deny_changed {
-            if !write.sources.is_empty() {
-                // Only a state change (e.g. an error message) with no endpoint change.
-                write.version = inner.version;
-                write.history = inner
-                    .history
-                    .get(&inner.version)
-                    .cloned()
-                    .unwrap_or_default();
-                write.history_keep_from = inner.version.saturating_sub(self.settings.history_len);
-                self.store.save_mesh(&write)?;
-            }
-            return Ok(inner.version);
-        }
-        for key in &touched {
-            if !inner.vips.contains_key(key) && !inner.registry.service(key).is_empty() {
-                match inner.allocate_vip(self.settings.vip_range) {
-                    Some(ip) => {
-                        inner.vips.insert(key.clone(), ip);
-                        write.vips.push((key.clone(), ip));
-                    }
-                    None => {
-                        tracing::error!(service = %key, range = %self.settings.vip_range, "VIP range exhausted; the service has no VIP (widen mesh.vip_range)")
+                if !inner.vips.contains_key(key) && !inner.registry.service(key).is_empty() {
+                    match inner.allocate_vip(self.settings.vip_range) {
+                        Some(ip) => {
+                            inner.vips.insert(key.clone(), ip);
+                            new_vips.push((key.clone(), ip));
+                        }
+                        None => {
+                            tracing::error!(service = %key, range = %self.settings.vip_range, "VIP range exhausted; the service has no VIP (widen mesh.vip_range)")
+                        }
                     }
                 }
             }
         }
-        write.history = HistoryRecord {
-            services: touched,
-            deny: deny_changed,
+        let version = if nothing {
+            inner.version
+        } else {
+            inner.version + 1
         };
-        write.history_keep_from = write.version.saturating_sub(self.settings.history_len) + 1;
-        self.store.save_mesh(&write)?;
-        inner.version = write.version;
-        inner.history.insert(write.version, write.history);
-        let keep = write.history_keep_from;
-        inner.history.retain(|v, _| *v >= keep);
+        let history_keep_from = if nothing {
+            inner.version.saturating_sub(self.settings.history_len)
+        } else {
+            version.saturating_sub(self.settings.history_len) + 1
+        };
+        let history = if nothing {
+            inner
+                .history
+                .get(&inner.version)
+                .cloned()
+                .unwrap_or_default()
+        } else {
+            HistoryRecord {
+                services: touched,
+                deny: deny_changed,
+            }
+        };
+        {
+            let registry = &inner.registry;
+            let mut write = MeshWrite {
+                version,
+                sources: Vec::new(),
+                data: Vec::new(),
+                vips: new_vips,
+                history: &history,
+                history_keep_from,
+            };
+            for name in sources {
+                let entry = registry.sources().get(name);
+                if let Some(entry) = entry {
+                    write.sources.push((
+                        name.clone(),
+                        SourceRecord {
+                            kind: entry.kind,
+                            state: entry.state.clone(),
+                        },
+                    ));
+                }
+                if !nothing {
+                    for key in &history.services {
+                        let eps = entry.and_then(|e| e.snapshot.services.get(key));
+                        write.data.push((name.as_str(), key, eps));
+                    }
+                }
+            }
+            if nothing {
+                if write.sources.is_empty() {
+                    return Ok(inner.version);
+                }
+                // Only a state change (e.g. an error message) with no endpoint change.
+                self.store.save_mesh(&write)?;
+                return Ok(inner.version);
+            }
+            self.store.save_mesh(&write)?;
+        }
+        inner.version = version;
+        inner.history.insert(version, history);
+        inner.history.retain(|v, _| *v >= history_keep_from);
         self.version_tx.send_replace(inner.version);
         self.flush.notify_one();
         Ok(inner.version)
     }
 
-    /// Applies a registry source's update.
-    pub fn apply_source_update(&self, update: &SourceUpdate) -> Result<u64, StoreError> {
+    /// Applies a registry source's update (consumed: its data moves into the registry).
+    pub fn apply_source_update(&self, update: SourceUpdate) -> Result<u64, StoreError> {
         let mut inner = self.lock();
-        let deltas = apply_update(&mut inner.registry, update, now_ms());
-        self.commit(
-            &mut inner,
-            deltas,
-            std::slice::from_ref(&update.source),
-            false,
-        )
+        let source = update.source.clone();
+        let mut touched = BTreeSet::new();
+        apply_update_into(&mut inner.registry, update, now_ms(), &mut |d| {
+            touched.insert(d.key);
+        });
+        self.commit(&mut inner, touched, std::slice::from_ref(&source), false)
     }
 
     /// [`Mesh::update_since`] as an encoded push frame with its version, built once per
@@ -592,9 +624,15 @@ impl Mesh {
             .iter()
             .map(|p| (p.name.clone(), p.port))
             .collect();
-        ep.labels = group.labels.clone();
+        ep.labels = group.labels.clone().into();
         ep.metadata
             .insert(MTLS_METADATA.into(), group.mtls.to_string());
+        if let Some(source) = &group.registry_source {
+            // Joining from an existing registry: the merge folds this workload into the
+            // source's registration at the same address (Registry::service).
+            ep.metadata
+                .insert(BIND_SOURCE_METADATA.into(), source.clone());
+        }
         ep.identity = Some(agent.spiffe_id.clone());
         let mut changes = BTreeMap::new();
         let all = Self::agents_services(inner);
@@ -667,7 +705,12 @@ impl Mesh {
         if let Some(group) = group
             && let Some(delta) = Self::register(&mut inner, agent, group, &address.to_string())
         {
-            self.commit(&mut inner, vec![delta], &[AGENTS_SOURCE.to_owned()], false)?;
+            self.commit(
+                &mut inner,
+                touched_keys([delta]),
+                &[AGENTS_SOURCE.to_owned()],
+                false,
+            )?;
         }
         Ok(SessionHandle {
             agent_id: agent.id.clone(),
@@ -693,7 +736,12 @@ impl Mesh {
         s.view.connected = false;
         if graceful {
             if let Some(delta) = Self::deregister(&mut inner, &h.agent_id) {
-                self.commit(&mut inner, vec![delta], &[AGENTS_SOURCE.to_owned()], false)?;
+                self.commit(
+                    &mut inner,
+                    touched_keys([delta]),
+                    &[AGENTS_SOURCE.to_owned()],
+                    false,
+                )?;
             }
             tracing::info!(agent = %h.agent_id, "agent left gracefully; workload deregistered");
         } else {
@@ -720,9 +768,12 @@ impl Mesh {
             };
             if expire && let Some(delta) = Self::deregister(&mut inner, &agent_id) {
                 tracing::info!(%agent_id, "agent connection gone longer than the grace period; workload deregistered");
-                if let Err(e) =
-                    mesh.commit(&mut inner, vec![delta], &[AGENTS_SOURCE.to_owned()], false)
-                {
+                if let Err(e) = mesh.commit(
+                    &mut inner,
+                    touched_keys([delta]),
+                    &[AGENTS_SOURCE.to_owned()],
+                    false,
+                ) {
                     tracing::error!(error = %e, "cannot persist a deregistration");
                 }
             }
@@ -762,7 +813,7 @@ impl Mesh {
         }
         self.commit(
             &mut inner,
-            delta.into_iter().collect(),
+            touched_keys(delta),
             &[AGENTS_SOURCE.to_owned()],
             true,
         )?;
@@ -793,12 +844,16 @@ impl Mesh {
                     namespace: key.namespace.clone(),
                     name: key.name.clone(),
                     vip: inner.vips.get(key).copied(),
-                    sources: eps.values().map(|e| e.provenance.source.clone()).collect(),
+                    sources: eps
+                        .values()
+                        .flat_map(|e| std::iter::once(&e.provenance).chain(&e.bound))
+                        .map(|p| p.source.clone())
+                        .collect(),
                     endpoints: eps
                         .values()
                         .map(|e| EndpointView {
                             address: e.address.clone(),
-                            ports: e.ports.clone(),
+                            ports: (&e.ports).into(),
                             healthy: e.healthy(),
                             source: e.provenance.source.clone(),
                             kind: e.provenance.kind,
@@ -807,6 +862,14 @@ impl Mesh {
                             stale: e.stale,
                             identity: e.identity.clone(),
                             zone: e.locality.zone.clone(),
+                            sources: std::iter::once(&e.provenance)
+                                .chain(&e.bound)
+                                .map(|p| p.source.clone())
+                                .collect(),
+                            agent: std::iter::once(&e.provenance)
+                                .chain(&e.bound)
+                                .find(|p| p.kind == SourceKind::Agents)
+                                .map(|p| p.native_id.clone()),
                         })
                         .collect(),
                 })

@@ -220,7 +220,7 @@ pub trait Store: Send + Sync + 'static {
     /// The persisted mesh: merged-registry inputs, VIPs, version and change history.
     fn load_mesh(&self) -> Result<MeshDump, StoreError>;
     /// Writes one mesh change atomically.
-    fn save_mesh(&self, change: &MeshWrite) -> Result<(), StoreError>;
+    fn save_mesh(&self, change: &MeshWrite<'_>) -> Result<(), StoreError>;
 
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
@@ -259,19 +259,20 @@ pub struct MeshDump {
     pub history: BTreeMap<u64, HistoryRecord>,
 }
 
-/// One mesh change to persist.
-#[derive(Debug, Clone, Default)]
-pub struct MeshWrite {
+/// One mesh change to persist. It borrows the endpoints from the registry instead of
+/// copying them: a full re-sync of a large source is encoded straight from memory.
+#[derive(Debug, Clone)]
+pub struct MeshWrite<'a> {
     /// The new mesh version.
     pub version: u64,
     /// Sources whose state changed.
     pub sources: Vec<(String, SourceRecord)>,
     /// Per source and service: the new endpoints, or `None` when the source no longer has it.
-    pub data: Vec<(String, ServiceKey, Option<ServiceEndpoints>)>,
+    pub data: Vec<(&'a str, &'a ServiceKey, Option<&'a ServiceEndpoints>)>,
     /// Newly allocated VIPs.
     pub vips: Vec<(ServiceKey, Ipv4Addr)>,
     /// The history entry of this version.
-    pub history: HistoryRecord,
+    pub history: &'a HistoryRecord,
     /// History entries below this version are dropped.
     pub history_keep_from: u64,
 }
@@ -279,6 +280,11 @@ pub struct MeshWrite {
 fn data_key(source: &str, key: &ServiceKey) -> Vec<u8> {
     format!("{source}\0{key}").into_bytes()
 }
+
+/// sled's page cache. sled's default is 1 GiB, which a controller would fill with the
+/// registry it already holds in memory; every value is decoded once at start and the
+/// hot paths (joins, renewals, registry writes) touch few pages, so a small cache does.
+const CACHE_BYTES: u64 = 64 << 20;
 
 /// The embedded store on sled.
 pub struct SledStore {
@@ -344,6 +350,7 @@ impl SledStore {
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             .flush_every_ms(None)
+            .cache_capacity(CACHE_BYTES)
             .open()?;
         let store = Self {
             meta: db.open_tree("meta")?,
@@ -633,7 +640,7 @@ impl Store for SledStore {
         Ok(dump)
     }
 
-    fn save_mesh(&self, w: &MeshWrite) -> Result<(), StoreError> {
+    fn save_mesh(&self, w: &MeshWrite<'_>) -> Result<(), StoreError> {
         let old: Vec<sled::IVec> = self
             .history
             .range(..w.history_keep_from.to_be_bytes())
@@ -660,7 +667,7 @@ impl Store for SledStore {
                 for (key, ip) in &w.vips {
                     vips.insert(key.to_string().as_bytes(), encode(ip))?;
                 }
-                history.insert(&w.version.to_be_bytes(), encode(&w.history))?;
+                history.insert(&w.version.to_be_bytes(), encode(w.history))?;
                 for k in &old {
                     history.remove(k)?;
                 }

@@ -93,6 +93,12 @@ enum GroupCmd {
         /// mTLS mode.
         #[arg(long, default_value = "permissive", value_parser = ["strict", "permissive"])]
         mtls: String,
+        /// Join from an existing registry: SOURCE/SERVICE names a configured registry
+        /// source (Consul, Eureka…) and the service as the mesh names it there. Each
+        /// agent is bound to that registration at its own address: one endpoint with
+        /// the source's provenance and the agent's identity. Sets --service if absent.
+        #[arg(long, value_name = "SOURCE/SERVICE")]
+        registry_service: Option<String>,
     },
     /// List groups.
     List,
@@ -188,6 +194,11 @@ impl Api {
             .trim()
             .to_owned();
         let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if !cli.controller.starts_with("https://") {
+            // Plain http needs no roots; loading the system's fails on hosts without the
+            // ca-certificates package (minimal VMs), which broke every command there.
+            builder = builder.tls_certs_only([]);
+        }
         if let Some(ca) = &cli.ca_file {
             let pem = std::fs::read(ca)
                 .with_context(|| format!("cannot read --ca-file {}", ca.display()))?;
@@ -319,7 +330,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             labels,
             cidrs,
             mtls,
+            registry_service,
         }) => {
+            let (registry_source, service) = match registry_service {
+                None => (None, service.clone()),
+                Some(rs) => {
+                    let Some((source, svc)) = rs
+                        .split_once('/')
+                        .filter(|(a, b)| !a.is_empty() && !b.is_empty() && !b.contains('/'))
+                    else {
+                        bail!(
+                            "--registry-service {rs:?} is not SOURCE/SERVICE; write e.g. --registry-service consul-dc1/web"
+                        );
+                    };
+                    if let Some(given) = service
+                        && given != svc
+                    {
+                        bail!(
+                            "--service {given:?} and --registry-service {rs:?} name different services; drop --service or make them equal"
+                        );
+                    }
+                    (Some(source.to_owned()), Some(svc.to_owned()))
+                }
+            };
             let mut label_map = serde_json::Map::new();
             for l in labels {
                 let (k, v) = l
@@ -330,6 +363,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let body = json!({
                 "name": name, "namespace": namespace, "service_account": service_account,
                 "service": service, "ports": ports, "labels": label_map, "allowed_cidrs": cidrs, "mtls": mtls,
+                "registry_source": registry_source,
             });
             let v = api.call(Method::POST, "/v1/groups", Some(body)).await?;
             print(out, &v, |v| {
@@ -566,11 +600,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                     .join(",")
                             })
                             .unwrap_or_default();
+                        let sources = e
+                            .get("sources")
+                            .and_then(Value::as_array)
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(Value::as_str)
+                                    .collect::<Vec<_>>()
+                                    .join("+")
+                            })
+                            .unwrap_or_else(|| s(e, "source"));
                         vec![
                             s(e, "address"),
                             ports,
                             s(e, "healthy"),
-                            s(e, "source"),
+                            sources,
                             s(e, "native_id"),
                             s(e, "stale"),
                             s(e, "identity"),
@@ -582,7 +626,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "ADDRESS",
                         "PORTS",
                         "HEALTHY",
-                        "SOURCE",
+                        "SOURCES",
                         "NATIVE ID",
                         "STALE",
                         "IDENTITY",

@@ -51,6 +51,8 @@ pub struct AgentConfig {
     pub dataplane: DataplaneConfig,
     /// The built-in DNS server.
     pub dns: DnsConfig,
+    /// Health, readiness and metrics endpoint (127.0.0.1:15020).
+    pub health: crate::health::HealthConfig,
 }
 
 /// How applications' DNS queries reach the agent.
@@ -147,6 +149,10 @@ pub struct DataplaneConfig {
     /// Timeout of a connect to an endpoint, a peer agent or a local application, e.g. "5s".
     #[serde(with = "causeway_api::duration")]
     pub connect_timeout: Duration,
+    /// A proxied connection with no byte in either direction for this long is closed
+    /// with a reset at both ends, e.g. "1h"; "0s" turns the timeout off.
+    #[serde(with = "causeway_api::duration")]
+    pub idle_timeout: Duration,
     /// First ejection of an endpoint whose connect failed; doubles per failure, e.g. "5s".
     #[serde(with = "causeway_api::duration")]
     pub eject_base: Duration,
@@ -182,6 +188,7 @@ impl Default for DataplaneConfig {
             mark: 0x4357,
             zone: None,
             connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(3600),
             eject_base: Duration::from_secs(5),
             eject_max: Duration::from_secs(60),
             plaintext_upstreams: true,
@@ -215,6 +222,7 @@ impl Default for AgentConfig {
             identity: IdentityConfig::default(),
             dataplane: DataplaneConfig::default(),
             dns: DnsConfig::default(),
+            health: crate::health::HealthConfig::default(),
         }
     }
 }

@@ -6,12 +6,16 @@
 //! proxies traffic through the mTLS tunnel ([`dataplane`]); reports identity, expiry,
 //! controller connection and config version ([`status`]).
 //!
-//! What it does not (yet): DNS, metrics, or the inbound capture port 15006.
+//! serves health, readiness and metrics on 15020 and tells systemd when it is ready
+//! ([`health`]).
+//!
+//! What it does not (yet): DNS, or the inbound capture port 15006.
 
 pub mod client;
 pub mod config;
 pub mod dataplane;
 pub mod dns;
+pub mod health;
 pub mod identity;
 pub mod logging;
 pub mod pinned;

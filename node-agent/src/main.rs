@@ -65,6 +65,14 @@ enum Command {
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Remove every Causeway capture rule on this host (leftovers included), a leftover
+    /// DNS capture table, and restore resolv.conf changed by DNS "resolv-conf" mode; exit
+    /// 0, also when there is nothing to do. The packaged unit runs it as ExecStopPost.
+    Cleanup {
+        /// State directory (its capture.rules file is removed too).
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
     /// Renew the certificate now (one-shot, over mutual TLS; no token needed).
     Renew {
         /// State directory.
@@ -226,6 +234,14 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 "fix: restart the agent (it removes leftovers and reinstalls its rules), or remove the unexpected rules"
             );
             Ok(ExitCode::from(2))
+        }
+        Command::Cleanup { state_dir } => {
+            let n = dataplane::cleanup(&state_dir)?;
+            println!("removed {n} Causeway rule line(s)");
+            for line in causeway_agent::dns::cleanup(&state_dir) {
+                println!("dns: {line}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Renew { state_dir } => {
             let state = StateDir::new(state_dir);

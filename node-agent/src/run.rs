@@ -113,11 +113,13 @@ impl Backoff {
 struct Reporter {
     state: StateDir,
     status: RunStatus,
+    health: Arc<crate::health::Health>,
 }
 
 impl Reporter {
     fn write(&mut self) {
         self.status.updated_at = now_unix();
+        self.health.update(&self.status);
         let json = serde_json::to_vec_pretty(&self.status).expect("serializable");
         if let Err(e) = write_atomic(&self.state.file(STATUS_FILE), &json, 0o644) {
             tracing::warn!(error = %e, "cannot write status file");
@@ -155,6 +157,15 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let mesh_state: SharedState = Arc::new(RwLock::new(cache.load()));
     let cached_version = mesh_state.read().unwrap_or_else(|p| p.into_inner()).version;
     tracing::info!(agent = %identity.info.agent_id, identity = %identity.spiffe_id, %controller, cached_config_version = cached_version, "agent starting");
+    let health = crate::health::Health::new();
+    health.set_identity(identity.not_after);
+    let health_server = match crate::health::serve(&cfg.health, health.clone()).await {
+        Ok(s) => s.map(|(_, task)| task),
+        Err(e) => {
+            tracing::warn!(error = %e, "health endpoint not available");
+            None
+        }
+    };
     let rep = Arc::new(Mutex::new(Reporter {
         state: state.clone(),
         status: RunStatus {
@@ -163,6 +174,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             config_version: cached_version,
             ..RunStatus::default()
         },
+        health: health.clone(),
     }));
     let report = |f: &dyn Fn(&mut RunStatus)| {
         let mut r = rep.lock().unwrap_or_else(|p| p.into_inner());
@@ -201,6 +213,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     } else {
         None
     };
+    health.set_dataplane_up(true);
     let id_cfg = cfg.identity.clone();
     let mut backoff = Backoff::new(id_cfg.retry_min, id_cfg.retry_max);
     let mut renew_at = renewal_time(
@@ -322,6 +335,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                 Ok(new) => {
                     tracing::info!(serial = %new.serial, expires_at = new.not_after, "certificate renewed");
                     identity = new;
+                    health.set_identity(identity.not_after);
                     dataplane.reload(&identity);
                     // Never renew again sooner than retry_min, whatever the certificate says.
                     let earliest = now_unix()
@@ -402,6 +416,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             _ = sub_done => {}
         }
     }
+    crate::health::notify("STOPPING=1");
+    health.set_dataplane_up(false);
     // Graceful stop: tell the controller to deregister this workload now.
     if let Some(mut s) = sub.take() {
         if let Some(g) = s.goodbye.take() {
@@ -422,6 +438,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         s.controller_connected = false;
         s.pid = 0;
     });
+    if let Some(t) = health_server {
+        t.abort();
+    }
     tracing::info!("agent stopped");
     Ok(())
 }

@@ -547,7 +547,7 @@ pub fn parse_health(
             ep.synced_from = Some(SourceKind::Kubernetes);
         }
         ep.tags = e.service.tags.unwrap_or_default();
-        ep.metadata = meta;
+        ep.metadata = meta.into();
         if let Some(ns) = e.service.namespace.filter(|n| !n.is_empty()) {
             ep.metadata.insert(NS_META.into(), ns);
         }
@@ -637,7 +637,7 @@ mod tests {
         assert_eq!(e.synced_from, Some(SourceKind::Kubernetes));
         assert_eq!(
             e.ports,
-            BTreeMap::from([("grpc".to_string(), 9090), ("http".to_string(), 8080)])
+            BTreeMap::from([("grpc".to_string(), 9090), ("http".to_string(), 8080)]).into()
         );
         assert_eq!(e.health, Health::Warning);
     }

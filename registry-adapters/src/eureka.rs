@@ -425,7 +425,7 @@ fn parse_instance(source: &str, app_name: &str, inst: &Value) -> Result<Instance
         .into_iter()
         .chain(dns_names(inst.get("secureVipAddress")))
         .collect();
-    ep.metadata = metadata;
+    ep.metadata = metadata.into();
     Ok(Instance {
         app,
         id,
@@ -454,7 +454,7 @@ mod tests {
         assert_eq!(i.endpoint.address, "192.168.56.1");
         assert_eq!(
             i.endpoint.ports,
-            BTreeMap::from([("http".to_string(), 8080)]),
+            BTreeMap::from([("http".to_string(), 8080)]).into(),
             "securePort is disabled"
         );
         assert!(
@@ -478,7 +478,7 @@ mod tests {
         assert_eq!(i.app, "TESTENG.METRICSD");
         assert_eq!(
             i.endpoint.ports,
-            BTreeMap::from([("http".to_string(), 7101), ("https".to_string(), 7101)])
+            BTreeMap::from([("http".to_string(), 7101), ("https".to_string(), 7101)]).into()
         );
         assert!(i.endpoint.hostnames.is_empty(), "\"[]\" is not a DNS name");
         assert_eq!(
@@ -516,7 +516,7 @@ mod tests {
         let dc = &local["DISCOVERABLECLIENT"]["localhost:discoverableclient:10012"];
         assert_eq!(
             dc.endpoint.ports,
-            BTreeMap::from([("https".to_string(), 10012)]),
+            BTreeMap::from([("https".to_string(), 10012)]).into(),
             "plain port disabled"
         );
     }

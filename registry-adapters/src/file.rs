@@ -154,14 +154,14 @@ pub fn parse_services_file(source: &str, text: &str) -> Result<SourceSnapshot, S
                     revision: String::new(),
                 },
             );
-            ep.ports = svc.ports.clone();
+            ep.ports = svc.ports.clone().into();
             ep.ports.extend(ports);
             if ep.ports.is_empty() {
                 problems.push(format!(
                     "services[{i}] ({key}): endpoint {j} has no ports; set ports = {{ http = 80 }}"
                 ));
             }
-            ep.labels = svc.labels.clone();
+            ep.labels = svc.labels.clone().into();
             ep.labels.extend(labels);
             ep.locality = Locality {
                 zone,

@@ -98,7 +98,7 @@ fn slice_endpoints(source: &str, slice: &EndpointSlice) -> Option<(NsName, Slice
                     revision: revision.clone(),
                 },
             );
-            e.ports = ports.clone();
+            e.ports = ports.clone().into();
             e.health = health;
             e.locality = Locality {
                 region: None,

@@ -27,11 +27,11 @@
 //! let mut registry = Registry::new();       // or restored from the store
 //! while let Some(update) = rx.recv().await {
 //!     let now_ms = 0; // the controller's clock
-//!     for delta in apply_update(&mut registry, &update, now_ms) {
+//!     for delta in apply_update(&mut registry, update, now_ms) {
 //!         // persist `registry`, push `delta` (version + per-service changes) to agents
 //!         let _ = delta;
 //!     }
-//!     // `update.state` is the source's state for the admin API
+//!     // each source's state for the admin API: `registry.sources()[name].state`
 //! }
 //! # drop(tasks); Ok(()) }
 //! ```
@@ -58,5 +58,6 @@ pub use eureka::EurekaSource;
 pub use file::FileSource;
 pub use kubernetes::KubernetesSource;
 pub use source::{
-    FetchError, SourceError, SourceOptions, SourceUpdate, apply_update, spawn_sources,
+    FetchError, SourceError, SourceOptions, SourceUpdate, apply_update, apply_update_into,
+    spawn_sources,
 };

@@ -2,7 +2,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use causeway_api::registry::{Registry, RegistryDelta, SourceChange, SourceKind, SourceState};
+use causeway_api::registry::{
+    Registry, RegistryDelta, ServiceDelta, SourceChange, SourceKind, SourceState,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -28,40 +30,59 @@ pub struct SourceUpdate {
 /// anything changed (at most one).
 pub fn apply_update(
     registry: &mut Registry,
-    update: &SourceUpdate,
+    update: SourceUpdate,
     now_ms: u64,
 ) -> Vec<RegistryDelta> {
-    let mut state = update.state.clone();
+    let mut services = Vec::new();
+    let version = apply_update_into(registry, update, now_ms, &mut |d| services.push(d));
+    if services.is_empty() {
+        Vec::new()
+    } else {
+        vec![RegistryDelta { version, services }]
+    }
+}
+
+/// [`apply_update`], consuming the update (its data moves into the registry, nothing is
+/// copied) and handing each changed service's delta to `sink` as it is computed, so a
+/// full re-sync of a large source never holds a second copy of it. Returns the
+/// registry's version afterwards.
+pub fn apply_update_into(
+    registry: &mut Registry,
+    update: SourceUpdate,
+    now_ms: u64,
+    sink: &mut dyn FnMut(ServiceDelta),
+) -> u64 {
+    let SourceUpdate {
+        source,
+        kind,
+        change,
+        mut state,
+    } = update;
     if state.is_stale() && state.stale_since_ms.is_none() {
         state.stale_since_ms = Some(now_ms);
     }
-    let delta = match &update.change {
-        Some(change) => {
-            registry.apply_with_state(&update.source, update.kind, change.clone(), state)
-        }
+    match change {
+        Some(change) => registry.apply_with_state_into(&source, kind, change, state, sink),
         None if state.is_stale() => {
             let error = state.last_error.as_deref().unwrap_or("source failing");
             let since = state.stale_since_ms.unwrap_or(now_ms);
-            registry.mark_stale(&update.source, update.kind, error, since)
+            registry.mark_stale_into(&source, kind, error, since, sink)
         }
         None if registry
             .sources()
-            .get(&update.source)
+            .get(&source)
             .is_some_and(|s| s.state.is_stale()) =>
         {
             // recovered without new data: flip its endpoints back
-            registry.apply(
-                &update.source,
-                update.kind,
+            registry.apply_with_state_into(
+                &source,
+                kind,
                 SourceChange::Services(Default::default()),
+                SourceState::synced(),
+                sink,
             )
         }
-        None => return Vec::new(),
-    };
-    if delta.is_empty() {
-        Vec::new()
-    } else {
-        vec![delta]
+        None => registry.version(),
     }
 }
 
@@ -490,17 +511,17 @@ mod tests {
         };
         let d = apply_update(
             &mut reg,
-            &up(Some(SourceChange::Full(snap)), SourceState::synced()),
+            up(Some(SourceChange::Full(snap)), SourceState::synced()),
             1,
         );
         assert_eq!(d.len(), 1);
-        let d = apply_update(&mut reg, &up(None, SourceState::stale("HTTP 500", 5)), 6);
+        let d = apply_update(&mut reg, up(None, SourceState::stale("HTTP 500", 5)), 6);
         assert_eq!(d.len(), 1);
         assert!(reg.merged()[&key][0].stale);
-        let d = apply_update(&mut reg, &up(None, SourceState::synced()), 7);
+        let d = apply_update(&mut reg, up(None, SourceState::synced()), 7);
         assert_eq!(d.len(), 1);
         assert!(!reg.merged()[&key][0].stale);
-        assert!(apply_update(&mut reg, &up(None, SourceState::synced()), 8).is_empty());
+        assert!(apply_update(&mut reg, up(None, SourceState::synced()), 8).is_empty());
     }
 
     #[test]

@@ -67,6 +67,43 @@ while True:
 sys.stdout.write(b.decode())
 "#;
 
+/// Server for resets: reads one line; "RST" → closes with a reset at once; "WAIT" →
+/// reads on and prints how the connection ended ("server saw reset" or "server saw eof").
+const RESET_SERVER_PY: &str = r#"
+import socket, struct, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(16)
+def h(c):
+    d = c.recv(100)
+    if d.startswith(b"RST"):
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); c.close(); return
+    try:
+        while c.recv(100): pass
+        print("server saw eof", flush=True)
+    except ConnectionResetError:
+        print("server saw reset", flush=True)
+while True:
+    c, a = s.accept(); threading.Thread(target=h, args=(c,), daemon=True).start()
+"#;
+
+/// Client for resets, mode argv[3]: "rst" asks the server to reset, "wait" waits to be
+/// closed by the proxy, "abort" resets its own side after a moment. Prints how it ended.
+const RESET_CLIENT_PY: &str = r#"
+import socket, struct, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
+mode = sys.argv[3]
+if mode == "abort":
+    c.sendall(b"WAIT\n"); time.sleep(1)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); c.close()
+    print("client reset"); sys.exit(0)
+c.sendall(b"RST\n" if mode == "rst" else b"WAIT\n")
+try:
+    d = c.recv(100)
+    print("client saw eof" if not d else "client saw data")
+except ConnectionResetError:
+    print("client saw reset")
+"#;
+
 /// A process started in a namespace; killed on drop.
 struct Proc {
     child: Option<Child>,
@@ -662,6 +699,121 @@ fn udp_blocked_between_the_vms_falls_back_to_tcp_tls() {
         "{}",
         m.procs[a2].log()
     );
+}
+
+/// Runs the reset client in `vm` against `host:port` in `mode`; returns what it printed.
+fn reset_client(m: &Mesh, vm: &str, host: &str, port: u16, mode: &str) -> String {
+    let out = m
+        .lab
+        .node(vm)
+        .cmd("python3")
+        .args(["-c", RESET_CLIENT_PY, host, &port.to_string(), mode])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "reset client: {}", describe(&out));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// A reset at either end arrives as a reset at the other end (not as a clean end of
+/// stream), over QUIC and over the TCP + TLS fallback; a silent connection is reset at
+/// both ends after the idle timeout.
+#[test]
+fn resets_and_idle_timeouts_travel_end_to_end() {
+    let mut m = Mesh::new();
+    let s1 = m.join("vm1", "client");
+    let s2 = m.join("vm2", "web");
+    let node2 = m.lab.node("vm2").clone();
+    let srv = Proc::spawn(
+        &node2,
+        &m.root.join("vm2.reset-server.log"),
+        "python3",
+        &["-c", RESET_SERVER_PY, "8080"],
+    );
+    m.procs.push(srv);
+    let srv = m.procs.len() - 1;
+    m.agent("vm2", &s2);
+    let cfg = m.root.join("vm1.toml");
+    std::fs::write(&cfg, "[dataplane]\nidle_timeout = \"3s\"\n").unwrap();
+    let mut a1 = m.agent_with("vm1", &s1, &["--config", cfg.to_str().unwrap()]);
+    let vm1 = m.lab.node("vm1").clone();
+    let vm2_addr = node2.addr.to_string();
+    let vip = wait_routed(&s1, "default/web", &vm2_addr);
+    let server_saw = |m: &Mesh, n: usize| {
+        let start = std::time::Instant::now();
+        loop {
+            let log = m.procs[srv].log();
+            let ends: Vec<&str> = log
+                .lines()
+                .filter(|l| l.starts_with("server saw"))
+                .collect();
+            if ends.len() >= n {
+                return ends[n - 1].to_owned();
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "the server did not report how connection {n} ended\n{}",
+                m.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    for (transport, round) in [("quic", 0usize), ("tcp+tls", 1)] {
+        let before = m.procs[a1].log().len();
+        if transport == "tcp+tls" {
+            // A fresh agent with the tunnel's UDP dropped (a pooled QUIC connection would
+            // otherwise live on until its idle timeout).
+            m.procs[a1].stop();
+            vm1.sh_ok("iptables -A OUTPUT -p udp --dport 15008 -j DROP");
+            a1 = m.agent_with("vm1", &s1, &["--config", cfg.to_str().unwrap()]);
+            wait_routed(&s1, "default/web", &vm2_addr);
+        }
+        assert_eq!(
+            reset_client(&m, "vm1", &vip, 8080, "rst"),
+            "client saw reset",
+            "{transport}: server reset\n{}",
+            m.logs()
+        );
+        assert_eq!(reset_client(&m, "vm1", &vip, 8080, "abort"), "client reset");
+        assert_eq!(
+            server_saw(&m, 2 * round + 1),
+            "server saw reset",
+            "{transport}: client reset\n{}",
+            m.logs()
+        );
+        // Idle: nothing moves for 3 s; both ends are reset by the agents.
+        assert_eq!(
+            reset_client(&m, "vm1", &vip, 8080, "wait"),
+            "client saw reset",
+            "{transport}: idle\n{}",
+            m.logs()
+        );
+        assert_eq!(
+            server_saw(&m, 2 * round + 2),
+            "server saw reset",
+            "{transport}: idle"
+        );
+        let log = m.procs[a1].log();
+        let used: Vec<&str> = log[before..]
+            .lines()
+            .filter(|l| l.contains("outbound via tunnel"))
+            .collect();
+        assert!(
+            used.len() == 3
+                && used
+                    .iter()
+                    .all(|l| l.contains(&format!("transport={transport} "))
+                        || l.ends_with(&format!("transport={transport}"))),
+            "every connection of this round used {transport}: {used:#?}"
+        );
+        // Each ended for its own reason (not all by the idle timeout): the server's reset,
+        // the client's reset, silence.
+        let ends: Vec<&str> = log[before..]
+            .lines()
+            .filter(|l| l.contains("outbound connection done"))
+            .filter_map(|l| l.split("end=").nth(1))
+            .collect();
+        assert_eq!(ends, ["ResetB", "ResetA", "Idle"], "{transport}");
+    }
 }
 
 #[test]

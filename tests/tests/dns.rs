@@ -717,6 +717,28 @@ fn resolv_conf_mode_points_libc_at_the_agent_and_restores_the_file() {
         "{}",
         l.logs()
     );
+    // Killed again: `causeway-agent cleanup` (the packaged unit's ExecStopPost) restores it.
+    l.procs[agent].kill();
+    let out = l
+        .vm1()
+        .cmd(bin("causeway-agent"))
+        .args(["cleanup", "--state-dir", state.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success()
+            && out_text(&out).contains("restored the original resolver configuration"),
+        "cleanup: {}",
+        describe(&out)
+    );
+    assert_eq!(out_text(&l.sh("cat /etc/resolv.conf")), original);
+    // Started once more and stopped gracefully: the original again.
+    let agent = l.agent(&state);
+    wait_for("the agent serving again", WAIT, || {
+        out_text(&l.sh("getent hosts web.service.consul"))
+            .starts_with(&web_vip)
+            .then_some(())
+    });
     l.procs[agent].stop();
     assert_eq!(out_text(&l.sh("cat /etc/resolv.conf")), original);
 }

@@ -64,9 +64,21 @@ impl Mesh {
         let tmp = self.services.with_extension("tmp");
         std::fs::write(&tmp, services_file(entries)).unwrap();
         std::fs::rename(&tmp, &self.services).unwrap();
+        // Other changes (agents registering) also move the version: wait for the
+        // file's own content, then take the version that includes it.
         wait_for("the file change to reach the registry", WAIT, || {
             let v = self.ctl.mesh_version();
-            (v > before).then_some(v)
+            let list = self.registry();
+            let all_there = entries.iter().all(|(name, addr)| {
+                list.iter().any(|s| {
+                    s["namespace"] == "ext"
+                        && s["name"] == *name
+                        && s["endpoints"]
+                            .as_array()
+                            .is_some_and(|e| e.iter().any(|e| e["address"] == *addr))
+                })
+            });
+            (v > before && all_there).then(|| self.ctl.mesh_version())
         })
     }
 

@@ -237,6 +237,7 @@ fn group() -> WorkloadGroup {
         labels: Default::default(),
         allowed_cidrs: vec!["10.0.0.0/8".parse().expect("valid network")],
         mtls: MtlsMode::Permissive,
+        registry_source: None,
     }
 }
 

@@ -13,6 +13,7 @@
 pub mod capture;
 pub mod lb;
 pub mod outbound;
+pub mod splice;
 pub mod tls;
 pub mod tunnel;
 #[cfg(test)]
@@ -131,12 +132,14 @@ impl Dataplane {
             tasks: Vec::new(),
             rules_file: rules_file.clone(),
         };
+        let idle = (!cfg.idle_timeout.is_zero()).then_some(cfg.idle_timeout);
         let tunnel = match tunnel::Tunnel::bind(
             cfg.tunnel_listen,
             identity.clone(),
             state.clone(),
             cfg.connect_timeout,
             mark,
+            idle,
         ) {
             Ok(t) => Some(t),
             Err(e) if strict => return Err(e.into()),
@@ -179,6 +182,7 @@ impl Dataplane {
                     mark,
                     tunnel_port: cfg.tunnel_port,
                     connect_timeout: cfg.connect_timeout,
+                    idle_timeout: idle,
                     zone: cfg.zone.clone(),
                     plaintext_upstreams: cfg.plaintext_upstreams,
                     own_address: own,
@@ -325,4 +329,21 @@ pub fn doctor(state_dir: &Path) -> Result<DoctorReport, CaptureError> {
         agent_running: running,
         drift: Drift::between(&expected, &live.lines()),
     })
+}
+
+/// Removes every Causeway capture rule (leftovers of a killed agent included) and the
+/// state dir's record of them; `Ok(0)` when there are none. For `causeway-agent cleanup`
+/// (the packaged unit's ExecStopPost and the package's purge). A host without iptables
+/// has no rules: that is `Ok(0)` as well.
+pub fn cleanup(state_dir: &Path) -> Result<usize, CaptureError> {
+    let n = match capture::remove_all() {
+        Err(CaptureError::Spawn { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            0
+        }
+        other => other?,
+    };
+    let _ = std::fs::remove_file(state_dir.join(RULES_FILE));
+    Ok(n)
 }

@@ -20,7 +20,8 @@ use std::time::Duration;
 use causeway_api::push::MeshState;
 
 use super::lb::{Balancer, Candidate};
-use super::tunnel::{Header, Tunnel, connect_tcp, splice};
+use super::splice::splice;
+use super::tunnel::{Header, Tunnel, TunnelStream, connect_tcp};
 use crate::push::SharedState;
 
 /// Endpoints tried per connection before giving up.
@@ -97,6 +98,8 @@ pub struct OutboundSettings {
     pub tunnel_port: u16,
     /// Connect timeout.
     pub connect_timeout: Duration,
+    /// A proxied connection with no byte either way for this long is closed (reset).
+    pub idle_timeout: Option<Duration>,
     /// This host's zone.
     pub zone: Option<String>,
     /// Whether endpoints without an agent may be reached in plaintext.
@@ -192,7 +195,7 @@ impl Outbound {
                 tracing::debug!(%client, %addr, "passthrough");
                 match connect_tcp(addr, self.settings.mark, self.settings.connect_timeout).await {
                     Ok(up) => {
-                        splice(stream.into_split(), up.into_split()).await;
+                        splice(stream, up, self.settings.idle_timeout).await;
                     }
                     Err(e) => {
                         tracing::info!(%client, %addr, error = %e, "passthrough connect failed")
@@ -236,7 +239,12 @@ impl Outbound {
                         Ok(opened) => {
                             self.lb.succeeded(&up.key);
                             tracing::info!(%client, %dst, upstream = %up.addr, peer_identity = %identity, transport = %opened.transport, "outbound via tunnel");
-                            splice(stream.into_split(), (opened.recv, opened.send)).await;
+                            let idle = self.settings.idle_timeout;
+                            let done = match opened.stream {
+                                TunnelStream::Quic(q) => splice(stream, q, idle).await,
+                                TunnelStream::Tls(t) => splice(stream, *t, idle).await,
+                            };
+                            tracing::info!(%client, upstream = %up.addr, bytes_out = done.a_to_b, bytes_in = done.b_to_a, end = ?done.end, "outbound connection done");
                             drop(guard);
                             return;
                         }
@@ -260,7 +268,7 @@ impl Outbound {
                         Ok(u) => {
                             self.lb.succeeded(&up.key);
                             tracing::info!(%client, %dst, upstream = %up.addr, "outbound in plaintext (endpoint has no agent)");
-                            splice(stream.into_split(), u.into_split()).await;
+                            splice(stream, u, self.settings.idle_timeout).await;
                             drop(guard);
                             return;
                         }

@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
+use super::splice::{QuicSide, Side, splice};
 use super::tls;
 use crate::identity::Identity;
 use crate::push::SharedState;
@@ -45,6 +46,8 @@ pub const MAX_HEADER: usize = 3 + 1 + 2 + 1 + 255;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a QUIC handshake may take before the TCP + TLS fallback is tried.
 const QUIC_TIMEOUT: Duration = Duration::from_secs(2);
+/// Requested size of the tunnel's UDP socket buffers.
+const UDP_BUFFER: usize = 4 * 1024 * 1024;
 /// How long a peer whose QUIC failed while TCP worked is reached over TCP directly.
 const QUIC_DOWN_FOR: Duration = Duration::from_secs(30);
 
@@ -71,14 +74,34 @@ impl std::fmt::Display for Transport {
     }
 }
 
+/// The stream of an opened tunnel.
+#[derive(Debug)]
+pub enum TunnelStream {
+    /// A stream of the pooled QUIC connection.
+    Quic(QuicSide),
+    /// A TLS-over-TCP connection of its own.
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+}
+
 /// An opened tunnel stream, header written.
 pub struct Opened {
     /// The transport in use.
     pub transport: Transport,
-    /// Bytes from the peer.
-    pub recv: BoxRead,
-    /// Bytes to the peer.
-    pub send: BoxWrite,
+    /// The stream.
+    pub stream: TunnelStream,
+}
+
+impl Opened {
+    /// The stream as boxed halves (for tools and tests; the proxy splices the stream).
+    pub fn into_io(self) -> (BoxRead, BoxWrite) {
+        match self.stream {
+            TunnelStream::Quic(q) => (Box::new(q.recv), Box::new(q.send)),
+            TunnelStream::Tls(t) => {
+                let (r, w) = tokio::io::split(*t);
+                (Box::new(r), Box::new(w))
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Opened {
@@ -190,27 +213,6 @@ pub fn authorize(_peer_spiffe_id: &str, _header: &Header) -> bool {
     true
 }
 
-/// Connects side `a` (its read and write halves) with side `b`: copies a → b and b → a.
-/// When one side's reading ends, the other side's write half is shut down (half-close),
-/// and the copy the other way goes on until it ends too. Returns bytes (a → b, b → a).
-pub async fn splice(
-    a: (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
-    b: (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
-) -> (u64, u64) {
-    let ((mut a_r, mut a_w), (mut b_r, mut b_w)) = (a, b);
-    let a_to_b = async {
-        let n = tokio::io::copy(&mut a_r, &mut b_w).await.unwrap_or(0);
-        let _ = b_w.shutdown().await;
-        n
-    };
-    let b_to_a = async {
-        let n = tokio::io::copy(&mut b_r, &mut a_w).await.unwrap_or(0);
-        let _ = a_w.shutdown().await;
-        n
-    };
-    tokio::join!(a_to_b, b_to_a)
-}
-
 /// Connects a TCP socket, with `mark` (SO_MARK) so capture rules skip it.
 pub async fn connect_tcp(
     addr: SocketAddr,
@@ -242,6 +244,7 @@ pub struct Tunnel {
     pool: tokio::sync::Mutex<HashMap<(SocketAddr, String), quinn::Connection>>,
     connect_timeout: Duration,
     mark: Option<u32>,
+    idle_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -272,13 +275,41 @@ impl Tunnel {
         state: SharedState,
         connect_timeout: Duration,
         mark: Option<u32>,
+        idle_timeout: Option<Duration>,
     ) -> Result<Arc<Self>, TunnelError> {
         let (server, tls_server) = Self::server_configs(&identity, &state)?;
-        let endpoint =
-            quinn::Endpoint::server(server, listen).map_err(|e| TunnelError::Connect {
-                peer: listen,
-                message: format!("cannot bind UDP {listen}: {e}"),
-            })?;
+        let bind_err = |e: std::io::Error| TunnelError::Connect {
+            peer: listen,
+            message: format!("cannot bind UDP {listen}: {e}"),
+        };
+        let socket = std::net::UdpSocket::bind(listen).map_err(bind_err)?;
+        // One bulk stream sends tens of thousands of datagrams per second: the kernel's
+        // default socket buffers (~200 KiB) drop bursts and the congestion controller
+        // backs off. Ask for more (capped by net.core.rmem_max / wmem_max).
+        let udp = quinn::udp::UdpSocketState::new((&socket).into()).map_err(bind_err)?;
+        for (what, r) in [
+            (
+                "receive",
+                udp.set_recv_buffer_size((&socket).into(), UDP_BUFFER),
+            ),
+            (
+                "send",
+                udp.set_send_buffer_size((&socket).into(), UDP_BUFFER),
+            ),
+        ] {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot enlarge the tunnel socket's {what} buffer; raise net.core.rmem_max / wmem_max");
+            }
+        }
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| bind_err(std::io::Error::other("no async runtime for the tunnel")))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )
+        .map_err(bind_err)?;
         // TCP + TLS fallback on the same port number.
         let tcp_addr = endpoint.local_addr().unwrap_or(listen);
         let tcp = std::net::TcpListener::bind(tcp_addr)
@@ -297,6 +328,7 @@ impl Tunnel {
             pool: tokio::sync::Mutex::new(HashMap::new()),
             connect_timeout,
             mark,
+            idle_timeout,
         });
         tokio::spawn(t.clone().serve());
         tokio::spawn(t.clone().serve_tcp(tcp));
@@ -418,8 +450,7 @@ impl Tunnel {
                 Ok((send, recv)) => {
                     return Ok(Opened {
                         transport: Transport::Quic,
-                        recv: Box::new(recv),
-                        send: Box::new(send),
+                        stream: TunnelStream::Quic(QuicSide { send, recv }),
                     });
                 }
                 Err(e @ TunnelError::Tls(_)) | Err(e @ TunnelError::Header(_)) => return Err(e),
@@ -480,11 +511,9 @@ impl Tunnel {
                 peer,
                 message: e.to_string(),
             })?;
-        let (recv, send) = tokio::io::split(stream);
         Ok(Opened {
             transport: Transport::TcpTls,
-            recv: Box::new(recv),
-            send: Box::new(send),
+            stream: TunnelStream::Tls(Box::new(stream)),
         })
     }
 
@@ -570,9 +599,9 @@ impl Tunnel {
                         return;
                     }
                 };
-                let (mut recv, send) = tokio::io::split(tls);
+                let mut tls = tls;
                 let header =
-                    match tokio::time::timeout(HEADER_TIMEOUT, Header::read(&mut recv)).await {
+                    match tokio::time::timeout(HEADER_TIMEOUT, Header::read(&mut tls)).await {
                         Ok(Ok(h)) => h,
                         Ok(Err(e)) => {
                             tracing::warn!(peer = %remote, error = %e, "tunnel stream refused");
@@ -580,50 +609,37 @@ impl Tunnel {
                         }
                         Err(_) => return,
                     };
-                me.serve_app(
-                    &peer,
-                    remote,
-                    Transport::TcpTls,
-                    header,
-                    recv,
-                    send,
-                    |_, _| {},
-                )
+                // A refused stream over TCP + TLS is closed with its connection.
+                me.serve_app(&peer, remote, Transport::TcpTls, header, tls, |t, _| {
+                    drop(t)
+                })
                 .await;
             });
         }
     }
 
-    /// Authorizes, connects to the local application and splices. `reset` refuses the
-    /// stream when that fails.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "one internal call site per transport"
-    )]
-    async fn serve_app<R, W>(
+    /// Authorizes, connects to the local application and splices. `refuse` closes the
+    /// stream with an error code when that fails.
+    async fn serve_app<S: Side>(
         &self,
         peer: &tls::PeerFacts,
         remote: SocketAddr,
         transport: Transport,
         header: Header,
-        recv: R,
-        mut send: W,
-        reset: impl FnOnce(&mut W, u32),
-    ) where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
+        side: S,
+        refuse: impl FnOnce(S, u32),
+    ) {
         // Only the ports this host's own workload registered are reachable through the
         // tunnel: never arbitrary loopback services (admin APIs, databases bound to lo).
         let served = self.served_ports();
         if !served.contains(&header.port) {
             tracing::warn!(peer_identity = %peer.spiffe_id, port = header.port, served = ?served, "tunnel stream refused: not a port of this host's workload");
-            reset(&mut send, 3);
+            refuse(side, 3);
             return;
         }
         if !authorize(&peer.spiffe_id, &header) {
             tracing::warn!(peer_identity = %peer.spiffe_id, service = %header.service, port = header.port, "tunnel stream denied by policy");
-            reset(&mut send, 3);
+            refuse(side, 3);
             return;
         }
         let app = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, header.port));
@@ -631,13 +647,13 @@ impl Tunnel {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(peer_identity = %peer.spiffe_id, %app, error = %e, "local application unreachable");
-                reset(&mut send, 2);
+                refuse(side, 2);
                 return;
             }
         };
         tracing::info!(peer = %remote, peer_identity = %peer.spiffe_id, service = %header.service, port = header.port, %transport, "inbound tunnel stream");
-        let (up, down) = splice((recv, send), tcp.into_split()).await;
-        tracing::debug!(peer_identity = %peer.spiffe_id, bytes_in = up, bytes_out = down, "inbound stream done");
+        let done = splice(side, tcp, self.idle_timeout).await;
+        tracing::debug!(peer_identity = %peer.spiffe_id, bytes_in = done.a_to_b, bytes_out = done.b_to_a, end = ?done.end, "inbound stream done");
     }
 
     /// Ports of this agent's own registered workload (endpoint `agents/<agent id>`).
@@ -730,14 +746,14 @@ impl Tunnel {
             }
         };
         self.serve_app(
-            &peer.clone(),
+            peer,
             remote,
             Transport::Quic,
             header,
-            recv,
-            send,
-            |s, code| {
-                let _ = s.reset(code.into());
+            QuicSide { send, recv },
+            |mut q, code| {
+                let _ = q.send.reset(code.into());
+                let _ = q.recv.stop(code.into());
             },
         )
         .await;
@@ -747,27 +763,6 @@ impl Tunnel {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn splice_copies_both_ways_and_propagates_half_close() {
-        let (mut client, proxy_a) = tokio::io::duplex(64);
-        let (proxy_b, mut server) = tokio::io::duplex(64);
-        let task = tokio::spawn(splice(tokio::io::split(proxy_a), tokio::io::split(proxy_b)));
-        client.write_all(b"ping").await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"ping", "client → server, then EOF (half-close)");
-        server.write_all(b"pong").await.unwrap();
-        server.shutdown().await.unwrap();
-        let mut back = Vec::new();
-        client.read_to_end(&mut back).await.unwrap();
-        assert_eq!(
-            back, b"pong",
-            "server → client after the client's half-close"
-        );
-        assert_eq!(task.await.unwrap(), (4, 4));
-    }
 
     #[tokio::test]
     async fn header_round_trip_and_limits() {

@@ -105,6 +105,7 @@ fn tunnel(id: Identity, st: SharedState) -> Arc<Tunnel> {
         st,
         Duration::from_secs(5),
         None,
+        None,
     )
     .unwrap()
 }
@@ -147,18 +148,19 @@ async fn round_trip_on(
         service: "default/web".into(),
         port,
     };
-    let mut o = a
+    let o = a
         .open(b, expected, &header)
         .await
         .map_err(|e| e.to_string())?;
-    o.send.write_all(msg).await.map_err(|e| e.to_string())?;
-    o.send.shutdown().await.map_err(|e| e.to_string())?;
+    let transport = o.transport;
+    let (mut recv, mut send) = o.into_io();
+    send.write_all(msg).await.map_err(|e| e.to_string())?;
+    send.shutdown().await.map_err(|e| e.to_string())?;
     let mut back = Vec::new();
-    o.recv
-        .read_to_end(&mut back)
+    recv.read_to_end(&mut back)
         .await
         .map_err(|e| e.to_string())?;
-    Ok((o.transport, back))
+    Ok((transport, back))
 }
 
 #[tokio::test]
@@ -260,19 +262,20 @@ async fn rotation_keeps_established_streams_and_new_connections_work() {
         service: "default/web".into(),
         port,
     };
-    let mut o = a.open(addr, WEB, &header).await.unwrap();
+    let o = a.open(addr, WEB, &header).await.unwrap();
     assert_eq!(o.transport, Transport::Quic);
-    o.send.write_all(b"before ").await.unwrap();
+    let (mut recv, mut send) = o.into_io();
+    send.write_all(b"before ").await.unwrap();
     let mut buf = [0u8; 7];
-    o.recv.read_exact(&mut buf).await.unwrap();
+    recv.read_exact(&mut buf).await.unwrap();
     // Both sides renew.
     a.reload(identity(&ca, CLIENT)).unwrap();
     b.reload(identity(&ca, WEB)).unwrap();
     // The established stream goes on.
-    o.send.write_all(b"after").await.unwrap();
-    o.send.shutdown().await.unwrap();
+    send.write_all(b"after").await.unwrap();
+    send.shutdown().await.unwrap();
     let mut rest = Vec::new();
-    o.recv.read_to_end(&mut rest).await.unwrap();
+    recv.read_to_end(&mut rest).await.unwrap();
     assert_eq!(rest, b"after");
     // A fresh tunnel (new connection, renewed certificates on both ends) works too.
     let c = tunnel(identity(&ca, CLIENT), state(&[]));
@@ -305,7 +308,7 @@ async fn udp_blocked_falls_back_to_tcp_tls() {
                 let Ok(up) = tokio::net::TcpStream::connect(target).await else {
                     return;
                 };
-                super::tunnel::splice(s.into_split(), up.into_split()).await;
+                super::splice::splice(s, up, None).await;
             });
         }
     });

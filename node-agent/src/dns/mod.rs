@@ -586,6 +586,35 @@ impl Dns {
     }
 }
 
+/// For `causeway-agent cleanup` (after the agent stopped, however it stopped): deletes a
+/// leftover DNS capture table that no live process owns (an owned one goes with its
+/// owner), restores the resolver configuration of "resolv-conf" mode, removes `dns.json`.
+/// Returns what was done, one line each.
+pub fn cleanup(state_dir: &Path) -> Vec<String> {
+    let mut done = Vec::new();
+    if nft::live().is_some() {
+        match std::process::Command::new("nft")
+            .args(["delete", "table", "ip", nft::TABLE])
+            .output()
+        {
+            Ok(o) if o.status.success() => {
+                done.push(format!("deleted nftables table ip {}", nft::TABLE))
+            }
+            _ => tracing::warn!(
+                table = nft::TABLE,
+                "DNS capture table is owned by a running process; left alone"
+            ),
+        }
+    }
+    match resolvconf::cleanup(state_dir) {
+        Ok(true) => done.push("restored the original resolver configuration".into()),
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %e, "cannot restore the original resolver configuration"),
+    }
+    let _ = std::fs::remove_file(state_dir.join(STATUS_FILE));
+    done
+}
+
 /// What `causeway-agent doctor` finds about DNS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsDoctor {

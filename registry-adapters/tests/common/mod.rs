@@ -67,7 +67,7 @@ impl Harness {
                     self.registry.merged()
                 ),
             };
-            let deltas = apply_update(&mut self.registry, &update, 0);
+            let deltas = apply_update(&mut self.registry, update.clone(), 0);
             self.updates.push(update);
             self.deltas.extend(deltas.iter().cloned());
             got.extend(deltas);

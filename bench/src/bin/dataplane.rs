@@ -1,0 +1,758 @@
+//! Data-plane benchmark: the same client and server, side by side in one run, over
+//!
+//! 1. direct TCP between two network namespaces ("VMs"),
+//! 2. two Causeway agents, QUIC tunnel (capture on, the client dials the service VIP),
+//! 3. two Causeway agents, TCP + TLS fallback (the tunnel's UDP dropped),
+//! 4. stunnel4 client → stunnel4 server with mutual TLS (the classic baseline).
+//!
+//! Measured per path: latency of 1 KiB request/response at a fixed 1,000 requests/s on one
+//! connection (p50/p99, from the moment each request is written), bulk throughput of one
+//! connection, and CPU seconds of each proxy process during the latency run. For the
+//! agents, resident memory idle and with 10,000 concurrent connections through them.
+//!
+//! Needs root (it creates and removes its namespaces), the release binaries of the
+//! controller, agent and causewayctl (`CAUSEWAY_BIN_DIR`, set by bench/run.sh), stunnel4
+//! and prlimit. Run: `bench/run.sh dataplane`.
+//!
+//! The same program is the client and the server: `dataplane serve PORT`,
+//! `dataplane latency ADDR RATE SECS`, `dataplane bulk ADDR SECS`, `dataplane hold ADDR N`.
+#![allow(clippy::disallowed_methods, reason = "a benchmark driver blocks")]
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use causeway_tests::netns::{Lab, Node};
+use causeway_tests::{bin, wait_for};
+use serde_json::{Value, json};
+
+const REQ: usize = 1024;
+const PORT: u16 = 8080;
+const RATE: u32 = 1000;
+const LATENCY_SECS: u64 = 10;
+const BULK_SECS: u64 = 5;
+const CONNS: usize = 10_000;
+const WAIT: Duration = Duration::from_secs(60);
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a = |i: usize| -> anyhow::Result<&str> {
+        args.get(i)
+            .map(String::as_str)
+            .with_context(|| format!("missing argument {i}"))
+    };
+    match args.first().map(String::as_str) {
+        Some("serve") => serve(a(1)?.parse()?),
+        Some("latency") => latency(a(1)?.parse()?, a(2)?.parse()?, a(3)?.parse()?),
+        Some("bulk") => bulk(a(1)?.parse()?, a(2)?.parse()?),
+        Some("hold") => hold(a(1)?.parse()?, a(2)?.parse()?),
+        _ => {
+            let json_out = args
+                .iter()
+                .position(|x| x == "--json")
+                .and_then(|i| args.get(i + 1))
+                .map(PathBuf::from);
+            orchestrate(json_out.as_deref())
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the server and clients
+
+/// Server: the first byte of a connection picks the mode. `E`: echo 1 KiB messages; `B`:
+/// count bytes until end of stream, answer the count; `H`: answer one byte, hold.
+fn serve(port: u16) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let l = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+        loop {
+            let (mut s, _) = l.accept().await?;
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let mut mode = [0u8; 1];
+                if s.read_exact(&mut mode).await.is_err() {
+                    return;
+                }
+                match mode[0] {
+                    b'E' => {
+                        let mut buf = [0u8; REQ];
+                        while s.read_exact(&mut buf).await.is_ok() {
+                            if s.write_all(&buf).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    b'B' => {
+                        let mut buf = vec![0u8; 256 * 1024];
+                        let mut n = 0u64;
+                        while let Ok(k) = s.read(&mut buf).await {
+                            if k == 0 {
+                                break;
+                            }
+                            n += k as u64;
+                        }
+                        let _ = s.write_all(&n.to_be_bytes()).await;
+                    }
+                    _ => {
+                        let _ = s.write_all(b"h").await;
+                        let mut b = [0u8; 1];
+                        let _ = s.read(&mut b).await;
+                    }
+                }
+            });
+        }
+    })
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Client: `rate` requests/s of 1 KiB on one connection for `secs`; prints JSON.
+fn latency(addr: SocketAddr, rate: u32, secs: u64) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_nodelay(true)?;
+    s.write_all(b"E")?;
+    let req = [0x5au8; REQ];
+    let mut resp = [0u8; REQ];
+    // Warm up (pooled tunnel connection, caches).
+    for _ in 0..200 {
+        s.write_all(&req)?;
+        s.read_exact(&mut resp)?;
+    }
+    let interval = Duration::from_secs(1) / rate;
+    let n = u64::from(rate) * secs;
+    let mut samples = Vec::with_capacity(n as usize);
+    let start = Instant::now();
+    for i in 0..n {
+        let at = start + interval * u32::try_from(i).unwrap_or(u32::MAX);
+        loop {
+            let now = Instant::now();
+            if now >= at {
+                break;
+            }
+            let left = at - now;
+            if left > Duration::from_micros(200) {
+                std::thread::sleep(left - Duration::from_micros(150));
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        let t0 = Instant::now();
+        s.write_all(&req)?;
+        s.read_exact(&mut resp)?;
+        samples.push(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    let wall = start.elapsed().as_secs_f64();
+    samples.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        json!({
+            "requests": n,
+            "wall_s": wall,
+            "p50_us": percentile(&samples, 0.50),
+            "p99_us": percentile(&samples, 0.99),
+            "max_us": samples.last().copied().unwrap_or(f64::NAN),
+        })
+    );
+    Ok(())
+}
+
+/// Client: one connection writes as fast as it can for `secs`; prints JSON.
+fn bulk(addr: SocketAddr, secs: u64) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.write_all(b"B")?;
+    let buf = vec![0xa5u8; 1 << 20];
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        s.write_all(&buf)?;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut n = [0u8; 8];
+    s.read_exact(&mut n)?;
+    let wall = start.elapsed().as_secs_f64();
+    let bytes = u64::from_be_bytes(n);
+    println!(
+        "{}",
+        json!({ "bytes": bytes, "wall_s": wall, "gbit_s": bytes as f64 * 8.0 / wall / 1e9 })
+    );
+    Ok(())
+}
+
+/// Client: opens `n` connections, each answered end to end, prints "ready", holds them
+/// until its stdin closes.
+fn hold(addr: SocketAddr, n: usize) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut conns = Vec::with_capacity(n);
+        let mut set = tokio::task::JoinSet::new();
+        let mut started = 0;
+        while conns.len() < n {
+            while started < n && set.len() < 256 {
+                started += 1;
+                set.spawn(async move {
+                    let mut s = tokio::net::TcpStream::connect(addr).await?;
+                    s.write_all(b"H").await?;
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).await?;
+                    anyhow::Ok(s)
+                });
+            }
+            match set.join_next().await {
+                Some(r) => conns.push(r??),
+                None => bail!("connections ended early"),
+            }
+        }
+        println!("ready {}", conns.len());
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)
+        })
+        .await;
+        drop(conns);
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------- the orchestration
+
+/// A process in a namespace, killed on drop.
+struct Proc(Child);
+
+impl Proc {
+    /// SIGTERM, then waits for the exit.
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(node: &Node, log: &Path, program: &Path, args: &[&str]) -> anyhow::Result<Proc> {
+    let f = std::fs::File::create(log)?;
+    let child = node
+        .cmd("prlimit")
+        .arg(nofile_arg())
+        .arg(program)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .spawn()
+        .with_context(|| format!("spawn {}", program.display()))?;
+    Ok(Proc(child))
+}
+
+fn run_json(node: &Node, me: &Path, args: &[&str]) -> anyhow::Result<Value> {
+    let out = node
+        .cmd("prlimit")
+        .arg(nofile_arg())
+        .arg(me)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// This process's hard limit of open files (raising it needs CAP_SYS_RESOURCE, which
+/// containers often lack): every process of the benchmark runs with soft = hard.
+fn nofile_hard() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|x| x.starts_with("Max open files"))
+                .and_then(|x| x.split_whitespace().nth(4)?.parse().ok())
+        })
+        .unwrap_or(1024)
+}
+
+fn nofile_arg() -> String {
+    let h = nofile_hard();
+    format!("--nofile={h}:{h}")
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| f.get(*i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
+}
+
+/// (VmRSS, VmHWM) in MiB.
+fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let get = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    };
+    (get("VmRSS:"), get("VmHWM:"))
+}
+
+struct Run {
+    lab: Lab,
+    root: PathBuf,
+    me: PathBuf,
+    admin: String,
+}
+
+impl Run {
+    fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self
+            .lab
+            .node("ctl")
+            .cmd(bin("causewayctl"))
+            .args(args)
+            .env("CAUSEWAY_CONTROLLER", &self.admin)
+            .env(
+                "CAUSEWAY_ADMIN_TOKEN_FILE",
+                self.root.join("controller").join("admin.token"),
+            )
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "causewayctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    fn agent(&self, vm: &str, state: &Path) -> anyhow::Result<Proc> {
+        let node = self.lab.node(vm);
+        let addr = node.addr.to_string();
+        spawn(
+            node,
+            &self.root.join(format!("{vm}.agent.log")),
+            &bin("causeway-agent"),
+            &[
+                "run",
+                "--state-dir",
+                state.to_str().context("path")?,
+                "--address",
+                &addr,
+            ],
+        )
+    }
+
+    /// Latency and bulk from vm1 to `addr`, with the CPU of `procs` during the latency run.
+    fn measure(&self, name: &str, addr: &str, procs: &[(&str, u32)]) -> anyhow::Result<Value> {
+        eprintln!("-- {name}: latency at {RATE}/s for {LATENCY_SECS}s");
+        let vm1 = self.lab.node("vm1");
+        let before: Vec<f64> = procs.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+        let lat = run_json(
+            vm1,
+            &self.me,
+            &[
+                "latency",
+                addr,
+                &RATE.to_string(),
+                &LATENCY_SECS.to_string(),
+            ],
+        )?;
+        let mut cpu = serde_json::Map::new();
+        let requests = lat["requests"].as_f64().unwrap_or(1.0);
+        let wall = lat["wall_s"].as_f64().unwrap_or(1.0);
+        for ((who, pid), b) in procs.iter().zip(before) {
+            let used = cpu_seconds(*pid) - b;
+            cpu.insert(
+                (*who).to_owned(),
+                json!({
+                    "cpu_s_per_1k_requests": used / requests * 1000.0,
+                    "vcpu_at_rate": used / wall,
+                    "rss_mib": rss_mib(*pid).0,
+                }),
+            );
+        }
+        eprintln!("-- {name}: bulk for {BULK_SECS}s");
+        let bulk = run_json(vm1, &self.me, &["bulk", addr, &BULK_SECS.to_string()])?;
+        let v = json!({ "path": name, "latency": lat, "bulk": bulk, "proxies": cpu });
+        eprintln!("{v}");
+        Ok(v)
+    }
+}
+
+fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
+    causeway_tests::netns::require_root("the data-plane benchmark");
+    let need = CONNS as u64 + 1000;
+    if nofile_hard() < need {
+        bail!(
+            "the hard limit of open files is {}, below the {need} that {CONNS} connections need; raise it (ulimit -Hn, LimitNOFILE) and run again",
+            nofile_hard()
+        );
+    }
+    let me = std::env::current_exe()?;
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().to_owned();
+    let lab = Lab::new(&["ctl", "vm1", "vm2"]);
+    let (vm1, vm2, ctl) = (
+        lab.node("vm1").clone(),
+        lab.node("vm2").clone(),
+        lab.node("ctl").clone(),
+    );
+    let data = root.join("controller");
+    let control = format!("{}:15012", ctl.addr);
+    let _controller = spawn(
+        &ctl,
+        &root.join("controller.log"),
+        &bin("causeway-controller"),
+        &[
+            "--data-dir",
+            data.to_str().context("path")?,
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--control-listen",
+            &control,
+        ],
+    )?;
+    let start = Instant::now();
+    let endpoints: Value = loop {
+        if let Some(v) = std::fs::read_to_string(data.join("endpoints.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+        {
+            break v;
+        }
+        if start.elapsed() > WAIT {
+            bail!(
+                "the controller did not start:\n{}",
+                std::fs::read_to_string(root.join("controller.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let run = Run {
+        admin: endpoints["admin"].as_str().context("admin")?.to_owned(),
+        lab,
+        root: root.clone(),
+        me: me.clone(),
+    };
+    for (group, port) in [("web", "http:8080"), ("client", "http:7070")] {
+        run.ctl(&[
+            "group",
+            "create",
+            group,
+            "--namespace",
+            "default",
+            "--service-account",
+            group,
+            "--service",
+            group,
+            "--port",
+            port,
+        ])?;
+    }
+    let mut states = Vec::new();
+    for (vm, group) in [("vm1", "client"), ("vm2", "web")] {
+        let token = run.ctl(&["token", "create", "--group", group])?;
+        let state = root.join(vm);
+        let out = run
+            .lab
+            .node(vm)
+            .cmd(bin("causeway-agent"))
+            .args([
+                "join",
+                token.trim(),
+                "--state-dir",
+                state.to_str().context("path")?,
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!("join {vm}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        states.push(state);
+    }
+    let _server = spawn(
+        &vm2,
+        &root.join("server.log"),
+        &me,
+        &["serve", &PORT.to_string()],
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let direct_addr = format!("{}:{PORT}", vm2.addr);
+    let mut results = Vec::new();
+
+    // 1. Direct.
+    results.push(run.measure("direct TCP", &direct_addr, &[])?);
+
+    // 2. Two agents, QUIC.
+    let a2 = run.agent("vm2", &states[1])?;
+    let a1 = run.agent("vm1", &states[0])?;
+    let vip: String = wait_for("vm1 to route the web service", WAIT, || {
+        let cfg: Value =
+            serde_json::from_slice(&std::fs::read(states[0].join("config.json")).ok()?).ok()?;
+        let rules = std::fs::read_to_string(states[0].join("capture.rules")).ok()?;
+        rules
+            .contains(&format!("-d {}/32 ", vm2.addr))
+            .then_some(())?;
+        cfg["services"]["default/web"]["vip"]
+            .as_str()
+            .map(str::to_owned)
+    });
+    let vip_addr = format!("{vip}:{PORT}");
+    let idle = (rss_mib(a1.0.id()).0, rss_mib(a2.0.id()).0);
+    let mut quic = run.measure(
+        "two agents, QUIC",
+        &vip_addr,
+        &[("client agent", a1.0.id()), ("server agent", a2.0.id())],
+    )?;
+    eprintln!("-- {CONNS} concurrent connections through both agents");
+    let mut holder = vm1
+        .cmd("prlimit")
+        .arg(nofile_arg())
+        .arg(&me)
+        .args(["hold", &vip_addr, &CONNS.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().context("stdout")?),
+        &mut line,
+    )?;
+    if !line.starts_with("ready") {
+        let _ = holder.kill();
+        bail!("holding {CONNS} connections failed: {line:?}");
+    }
+    let at_conns = (rss_mib(a1.0.id()), rss_mib(a2.0.id()));
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+    quic["memory_mib"] = json!({
+        "client_agent_idle_rss": idle.0, "server_agent_idle_rss": idle.1,
+        "client_agent_rss_at_conns": at_conns.0.0, "client_agent_peak": at_conns.0.1,
+        "server_agent_rss_at_conns": at_conns.1.0, "server_agent_peak": at_conns.1.1,
+        "connections": CONNS,
+    });
+    results.push(quic);
+
+    // 3. Two agents, TCP + TLS (a fresh client agent with the tunnel's UDP dropped).
+    a1.stop();
+    vm1.sh_ok("iptables -A OUTPUT -p udp --dport 15008 -j DROP");
+    let a1 = run.agent("vm1", &states[0])?;
+    wait_for("vm1 to route again", WAIT, || {
+        std::fs::read_to_string(states[0].join("capture.rules"))
+            .ok()?
+            .contains(&format!("-d {}/32 ", vm2.addr))
+            .then_some(())
+    });
+    results.push(run.measure(
+        "two agents, TCP + TLS",
+        &vip_addr,
+        &[("client agent", a1.0.id()), ("server agent", a2.0.id())],
+    )?);
+    // A clean stop removes the agents' capture rules.
+    a1.stop();
+    a2.stop();
+    vm1.sh_ok("iptables -D OUTPUT -p udp --dport 15008 -j DROP");
+    for vm in [&vm1, &vm2] {
+        if vm.sh_ok("iptables-save").contains("CAUSEWAY") {
+            bail!("capture rules left in {} after the agent stopped", vm.ns);
+        }
+    }
+
+    // 4. stunnel4, mutual TLS.
+    let (st_client, st_server) = stunnel(&root, &vm1, &vm2)?;
+    results.push(
+        run.measure(
+            "stunnel4 → stunnel4 (mTLS)",
+            "127.0.0.1:9000",
+            &[
+                ("client stunnel", st_client.0.id()),
+                ("server stunnel", st_server.0.id()),
+            ],
+        )
+        .with_context(|| {
+            let log = |f: &str| std::fs::read_to_string(root.join(f)).unwrap_or_default();
+            format!(
+                "stunnel4 logs:\n{}\n{}",
+                log("st-client.log"),
+                log("st-server.log")
+            )
+        })?,
+    );
+    let st_idle = (rss_mib(st_client.0.id()).0, rss_mib(st_server.0.id()).0);
+    drop((st_client, st_server));
+
+    let report = json!({
+        "date": time_now(),
+        "rate": RATE, "request_bytes": REQ, "latency_secs": LATENCY_SECS, "bulk_secs": BULK_SECS,
+        "results": results,
+        "stunnel_rss_mib": st_idle,
+    });
+    print_table(&report);
+    if let Some(p) = json_out {
+        std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;
+    }
+    Ok(())
+}
+
+fn time_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Starts stunnel4 server in vm2 (9443 → 127.0.0.1:8080) and client in vm1
+/// (127.0.0.1:9000 → vm2:9443), both verifying the peer against a test CA.
+fn stunnel(root: &Path, vm1: &Node, vm2: &Node) -> anyhow::Result<(Proc, Proc)> {
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Distinct subject names: OpenSSL takes a leaf whose subject equals its issuer's for
+    // self-issued and refuses the chain.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "causeway bench stunnel CA");
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    std::fs::write(root.join("st-ca.pem"), ca.pem())?;
+    for name in ["server", "client"] {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(vec![format!("{name}.bench")])?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name}.bench"));
+        let cert = params.signed_by(&key, &issuer)?;
+        std::fs::write(
+            root.join(format!("st-{name}.pem")),
+            format!("{}{}", cert.pem(), key.serialize_pem()),
+        )?;
+    }
+    let r = |f: &str| root.join(f).display().to_string();
+    let server_conf = format!(
+        "foreground = yes\npid =\n[s]\naccept = 0.0.0.0:9443\nconnect = 127.0.0.1:{PORT}\ncert = {}\nCAfile = {}\nverifyChain = yes\nrequireCert = yes\n",
+        r("st-server.pem"),
+        r("st-ca.pem")
+    );
+    let client_conf = format!(
+        "foreground = yes\npid =\n[c]\nclient = yes\naccept = 127.0.0.1:9000\nconnect = {}:9443\ncert = {}\nCAfile = {}\nverifyChain = yes\ncheckHost = server.bench\n",
+        vm2.addr,
+        r("st-client.pem"),
+        r("st-ca.pem")
+    );
+    std::fs::write(root.join("st-server.conf"), server_conf)?;
+    std::fs::write(root.join("st-client.conf"), client_conf)?;
+    let stunnel = which("stunnel4")
+        .or_else(|| which("stunnel"))
+        .context("stunnel4 is not installed: apt-get install stunnel4")?;
+    let s = spawn(
+        vm2,
+        &root.join("st-server.log"),
+        &stunnel,
+        &[&r("st-server.conf")],
+    )?;
+    let c = spawn(
+        vm1,
+        &root.join("st-client.log"),
+        &stunnel,
+        &[&r("st-client.conf")],
+    )?;
+    wait_for("stunnel4 to listen", WAIT, || {
+        vm1.sh("ss -ltn | grep -q '127.0.0.1:9000 '")
+            .status
+            .success()
+            .then_some(())
+    });
+    Ok((c, s))
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+fn print_table(report: &Value) {
+    let results = report["results"].as_array().cloned().unwrap_or_default();
+    let direct = &results[0];
+    let d50 = direct["latency"]["p50_us"].as_f64().unwrap_or(f64::NAN);
+    let d99 = direct["latency"]["p99_us"].as_f64().unwrap_or(f64::NAN);
+    let dbulk = direct["bulk"]["gbit_s"].as_f64().unwrap_or(f64::NAN);
+    let st_bulk = results
+        .last()
+        .and_then(|r| r["bulk"]["gbit_s"].as_f64())
+        .unwrap_or(f64::NAN);
+    println!(
+        "| path | p50 µs | p99 µs | added p50 / p99 µs | bulk Gbit/s | % of direct | × stunnel4 | CPU s per 1k req (each proxy) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &results {
+        let p50 = r["latency"]["p50_us"].as_f64().unwrap_or(f64::NAN);
+        let p99 = r["latency"]["p99_us"].as_f64().unwrap_or(f64::NAN);
+        let g = r["bulk"]["gbit_s"].as_f64().unwrap_or(f64::NAN);
+        let cpu: Vec<String> = r["proxies"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| {
+                        format!(
+                            "{k} {:.4}",
+                            v["cpu_s_per_1k_requests"].as_f64().unwrap_or(f64::NAN)
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "| {} | {p50:.0} | {p99:.0} | {:.0} / {:.0} | {g:.2} | {:.0} % | {:.2} | {} |",
+            r["path"].as_str().unwrap_or(""),
+            p50 - d50,
+            p99 - d99,
+            g / dbulk * 100.0,
+            g / st_bulk,
+            if cpu.is_empty() {
+                "–".to_owned()
+            } else {
+                cpu.join(", ")
+            }
+        );
+    }
+    if let Some(m) = results.get(1).map(|r| &r["memory_mib"]) {
+        println!("\nagent memory (MiB): {m}");
+    }
+    println!(
+        "stunnel4 RSS after its run (MiB): {}",
+        report["stunnel_rss_mib"]
+    );
+}

@@ -1,0 +1,409 @@
+//! Splicing two sides of a proxied connection: bytes both ways, half-close, resets and the
+//! idle timeout.
+//!
+//! A side is a plain TCP socket (the application, an agentless endpoint), a QUIC stream
+//! of the tunnel, or a TLS stream of the tunnel's TCP fallback. What each end sees:
+//!
+//! | event on side A | what B gets |
+//! |---|---|
+//! | end of stream (FIN, QUIC FIN, TLS close) | the same, in that direction only (half-close); the other direction goes on |
+//! | reset (TCP RST, QUIC RESET_STREAM/STOP_SENDING, a TLS error) | an abortive close: TCP RST, QUIC RESET_STREAM + STOP_SENDING, TCP RST under the TLS |
+//! | no byte either way for the idle timeout | both sides are closed abortively |
+//!
+//! Buffers: a TCP side reads only after the socket is readable, into a buffer taken for
+//! that read and released once written, and a QUIC side hands over quinn's own chunks, so
+//! an idle connection holds no copy buffer (agent memory at many idle connections stays
+//! small). Only the TLS fallback reads through a fixed buffer.
+
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+/// Application error code for a QUIC stream reset by the agent (the other side reset).
+pub const RESET_CODE: u32 = 0x52;
+/// Largest read from a TCP socket at once.
+const TCP_CHUNK: usize = 64 * 1024;
+/// Buffer of a TLS side.
+const TLS_CHUNK: usize = 16 * 1024;
+
+/// Reads the next chunk of a side; `Ok(None)` is the end of the stream.
+pub trait ChunkRead: Send {
+    /// The next bytes, as they arrive.
+    fn read_chunk(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
+}
+
+/// One side of a proxied connection.
+pub trait Side: Send {
+    /// Reading half.
+    type R: ChunkRead;
+    /// Writing half; its shutdown is the half-close.
+    type W: AsyncWrite + Unpin + Send;
+    /// Splits the side.
+    fn split(self) -> (Self::R, Self::W);
+    /// Closes the side abortively, given both halves back.
+    fn abort(r: Self::R, w: Self::W);
+}
+
+/// How a splice ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both directions reached end of stream.
+    Closed,
+    /// Side A failed or was reset; B was closed abortively.
+    ResetA,
+    /// Side B failed or was reset; A was closed abortively.
+    ResetB,
+    /// No byte moved for the idle timeout; both were closed abortively.
+    Idle,
+}
+
+/// What a splice did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spliced {
+    /// Bytes from A to B.
+    pub a_to_b: u64,
+    /// Bytes from B to A.
+    pub b_to_a: u64,
+    /// How it ended.
+    pub end: End,
+}
+
+enum Dir {
+    /// Source ended; destination shut down.
+    Done,
+    /// Reading the source failed.
+    SrcFailed,
+    /// Writing the destination failed.
+    DstFailed,
+}
+
+async fn copy<R: ChunkRead, W: AsyncWrite + Unpin + Send>(
+    src: &mut R,
+    dst: &mut W,
+    epoch: tokio::time::Instant,
+    last: &AtomicU64,
+    count: &AtomicU64,
+) -> Dir {
+    let mut n = 0u64;
+    loop {
+        match src.read_chunk().await {
+            Ok(Some(chunk)) => {
+                if dst.write_all(&chunk).await.is_err() {
+                    return Dir::DstFailed;
+                }
+                n += chunk.len() as u64;
+                count.store(n, Ordering::Relaxed);
+                last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
+            Ok(None) => {
+                return match dst.shutdown().await {
+                    Ok(()) => Dir::Done,
+                    // The destination is gone already; report it as its failure.
+                    Err(_) => Dir::DstFailed,
+                };
+            }
+            Err(_) => return Dir::SrcFailed,
+        }
+    }
+}
+
+/// Splices `a` and `b` until both directions end, one side fails, or nothing moves for
+/// `idle`. On a failure of one side, the other is closed abortively, so a reset travels
+/// end to end; on the idle timeout both are.
+pub async fn splice<A: Side, B: Side>(a: A, b: B, idle: Option<Duration>) -> Spliced {
+    let (mut ar, mut aw) = a.split();
+    let (mut br, mut bw) = b.split();
+    let epoch = tokio::time::Instant::now();
+    let last = AtomicU64::new(0);
+    let (ab, ba) = (AtomicU64::new(0), AtomicU64::new(0));
+    let end = {
+        let mut a_to_b = std::pin::pin!(copy(&mut ar, &mut bw, epoch, &last, &ab));
+        let mut b_to_a = std::pin::pin!(copy(&mut br, &mut aw, epoch, &last, &ba));
+        let idle_watch = async {
+            let Some(idle) = idle else {
+                return std::future::pending::<()>().await;
+            };
+            loop {
+                let at = epoch + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+                if tokio::time::Instant::now() >= at {
+                    return;
+                }
+                tokio::time::sleep_until(at).await;
+            }
+        };
+        let mut idle_watch = std::pin::pin!(idle_watch);
+        let mut first: Option<bool> = None; // which direction finished cleanly: true = a→b
+        loop {
+            tokio::select! {
+                d = &mut a_to_b, if first != Some(true) => match d {
+                    Dir::Done if first.is_some() => break End::Closed,
+                    Dir::Done => first = Some(true),
+                    Dir::SrcFailed => break End::ResetA,
+                    Dir::DstFailed => break End::ResetB,
+                },
+                d = &mut b_to_a, if first != Some(false) => match d {
+                    Dir::Done if first.is_some() => break End::Closed,
+                    Dir::Done => first = Some(false),
+                    Dir::SrcFailed => break End::ResetB,
+                    Dir::DstFailed => break End::ResetA,
+                },
+                () = &mut idle_watch => break End::Idle,
+            }
+        }
+    };
+    let spliced = Spliced {
+        a_to_b: ab.load(Ordering::Relaxed),
+        b_to_a: ba.load(Ordering::Relaxed),
+        end,
+    };
+    match end {
+        End::Closed => {}
+        End::ResetA => B::abort(br, bw),
+        End::ResetB => A::abort(ar, aw),
+        End::Idle => {
+            A::abort(ar, aw);
+            B::abort(br, bw);
+        }
+    }
+    spliced
+}
+
+/// Closes a TCP socket with a reset (SO_LINGER 0, then close).
+fn reset_tcp(s: tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    drop(s);
+}
+
+/// A TCP read half: waits for readability without a buffer, then reads into one.
+impl ChunkRead for tokio::net::tcp::OwnedReadHalf {
+    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            self.readable().await?;
+            let mut buf = Vec::with_capacity(TCP_CHUNK);
+            match self.try_read_buf(&mut buf) {
+                Ok(0) => return Ok(None),
+                Ok(_) => return Ok(Some(Bytes::from(buf))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Side for tokio::net::TcpStream {
+    type R = tokio::net::tcp::OwnedReadHalf;
+    type W = tokio::net::tcp::OwnedWriteHalf;
+    fn split(self) -> (Self::R, Self::W) {
+        self.into_split()
+    }
+    fn abort(r: Self::R, w: Self::W) {
+        if let Ok(s) = r.reunite(w) {
+            reset_tcp(s);
+        }
+    }
+}
+
+/// Most chunks taken from a QUIC stream at once.
+const QUIC_CHUNKS: usize = 32;
+
+/// A QUIC stream hands over its received chunks (about one datagram each). When several
+/// are waiting, they are joined into one buffer so the TCP side gets one write for them
+/// instead of one per datagram (a copy is far cheaper than the system calls it saves).
+impl ChunkRead for quinn::RecvStream {
+    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        let mut bufs: [Bytes; QUIC_CHUNKS] = std::array::from_fn(|_| Bytes::new());
+        match self.read_chunks(&mut bufs).await {
+            Ok(Some(0)) => Ok(Some(Bytes::new())),
+            Ok(Some(1)) => Ok(Some(std::mem::take(&mut bufs[0]))),
+            Ok(Some(n)) => {
+                let total = bufs[..n].iter().map(Bytes::len).sum();
+                let mut joined = bytes::BytesMut::with_capacity(total);
+                for b in &bufs[..n] {
+                    joined.extend_from_slice(b);
+                }
+                Ok(Some(joined.freeze()))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(io::Error::from(e)),
+        }
+    }
+}
+
+/// A tunnel stream over QUIC.
+#[derive(Debug)]
+pub struct QuicSide {
+    /// Sending half.
+    pub send: quinn::SendStream,
+    /// Receiving half.
+    pub recv: quinn::RecvStream,
+}
+
+impl Side for QuicSide {
+    type R = quinn::RecvStream;
+    type W = quinn::SendStream;
+    fn split(self) -> (Self::R, Self::W) {
+        (self.recv, self.send)
+    }
+    fn abort(mut r: Self::R, mut w: Self::W) {
+        let _ = w.reset(RESET_CODE.into());
+        let _ = r.stop(RESET_CODE.into());
+    }
+}
+
+/// Read half of a TLS side.
+#[derive(Debug)]
+pub struct TlsRead<S>(tokio::io::ReadHalf<S>);
+
+impl<S: tokio::io::AsyncRead + AsyncWrite + Send + Unpin> ChunkRead for TlsRead<S> {
+    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        let mut buf = vec![0u8; TLS_CHUNK];
+        let n = self.0.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.truncate(n);
+        Ok(Some(Bytes::from(buf)))
+    }
+}
+
+impl Side for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    type R = TlsRead<Self>;
+    type W = tokio::io::WriteHalf<Self>;
+    fn split(self) -> (Self::R, Self::W) {
+        let (r, w) = tokio::io::split(self);
+        (TlsRead(r), w)
+    }
+    fn abort(r: Self::R, w: Self::W) {
+        let (tcp, _) = r.0.unsplit(w).into_inner();
+        reset_tcp(tcp);
+    }
+}
+
+impl Side for tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    type R = TlsRead<Self>;
+    type W = tokio::io::WriteHalf<Self>;
+    fn split(self) -> (Self::R, Self::W) {
+        let (r, w) = tokio::io::split(self);
+        (TlsRead(r), w)
+    }
+    fn abort(r: Self::R, w: Self::W) {
+        let (tcp, _) = r.0.unsplit(w).into_inner();
+        reset_tcp(tcp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A connected loopback pair (client, server).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    /// client ⇄ [a | proxy | b] ⇄ server
+    async fn proxied(
+        idle: Option<Duration>,
+    ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Spliced>) {
+        let (client, a) = pair().await;
+        let (b, server) = pair().await;
+        let task = tokio::spawn(splice(a, b, idle));
+        (client, server, task)
+    }
+
+    fn rst(s: TcpStream) {
+        reset_tcp(s);
+    }
+
+    #[tokio::test]
+    async fn bytes_both_ways_and_half_close() {
+        let (mut client, mut server, task) = proxied(None).await;
+        client.write_all(b"ping").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"ping", "client → server, then EOF");
+        // The other direction still works after the half-close.
+        server.write_all(b"pong").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"pong");
+        let s = task.await.unwrap();
+        assert_eq!((s.a_to_b, s.b_to_a, s.end), (4, 4, End::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_reset_by_the_server_reaches_the_client_as_a_reset() {
+        let (mut client, server, task) = proxied(None).await;
+        client.write_all(b"x").await.unwrap();
+        rst(server);
+        let mut buf = [0u8; 8];
+        let r = client.read(&mut buf).await;
+        assert_eq!(
+            r.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset),
+            "the client must see a reset, not a clean end of stream"
+        );
+        assert_eq!(task.await.unwrap().end, End::ResetB);
+    }
+
+    #[tokio::test]
+    async fn a_reset_by_the_client_reaches_the_server_as_a_reset() {
+        let (client, mut server, task) = proxied(None).await;
+        rst(client);
+        let mut buf = [0u8; 8];
+        let r = server.read(&mut buf).await;
+        assert_eq!(r.map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionReset));
+        assert_eq!(task.await.unwrap().end, End::ResetA);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_and_busy_ones_are_not() {
+        let idle = Duration::from_millis(300);
+        let (mut client, mut server, task) = proxied(Some(idle)).await;
+        // Traffic every 100 ms for longer than the idle timeout keeps it open.
+        for _ in 0..6 {
+            client.write_all(b"k").await.unwrap();
+            let mut b = [0u8; 1];
+            server.read_exact(&mut b).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!task.is_finished(), "a busy connection is not idle");
+        // Then silence: both ends are reset.
+        let mut buf = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
+            .await
+            .expect("closed within the guard");
+        assert_eq!(r.map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionReset));
+        let r = server.read(&mut buf).await;
+        assert_eq!(r.map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionReset));
+        assert_eq!(task.await.unwrap().end, End::Idle);
+    }
+
+    #[tokio::test]
+    async fn large_transfer_is_exact() {
+        let (mut client, mut server, task) = proxied(None).await;
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let send = data.clone();
+        let w = tokio::spawn(async move {
+            client.write_all(&send).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, data);
+        drop(server);
+        drop(w.await.unwrap());
+        assert_eq!(task.await.unwrap().a_to_b, data.len() as u64);
+    }
+}
