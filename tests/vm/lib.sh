@@ -61,7 +61,9 @@ vm_create() {
   od -An -N16 -tx1 /dev/urandom | tr -d ' \n' >"$r/etc/machine-id"; echo >>"$r/etc/machine-id"
   printf '127.0.0.1 localhost\n%s %s\n' "$ip" "$name" >"$r/etc/hosts"
   for n in "${!VM_IP[@]}"; do echo "${VM_IP[$n]} $n" >>"$r/etc/hosts"; done
-  : >"$r/etc/resolv.conf"
+  # A resolver address on the private bridge (nothing answers there): queries fail fast
+  # instead of leaving the VM, and the agent's DNS capture (port 53) has a target.
+  echo "nameserver $VM_SUBNET.1" >"$r/etc/resolv.conf"
   install -d -m 0700 "$r/root/.ssh"
   install -m 0600 "$VM_WORK/id_ed25519.pub" "$r/root/.ssh/authorized_keys"
 }
