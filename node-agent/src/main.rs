@@ -65,8 +65,9 @@ enum Command {
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
-    /// Remove every Causeway capture rule on this host (leftovers included) and exit 0,
-    /// also when there are none. The packaged unit runs it as ExecStopPost.
+    /// Remove every Causeway capture rule on this host (leftovers included), a leftover
+    /// DNS capture table, and restore resolv.conf changed by DNS "resolv-conf" mode; exit
+    /// 0, also when there is nothing to do. The packaged unit runs it as ExecStopPost.
     Cleanup {
         /// State directory (its capture.rules file is removed too).
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
@@ -237,6 +238,9 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Cleanup { state_dir } => {
             let n = dataplane::cleanup(&state_dir)?;
             println!("removed {n} Causeway rule line(s)");
+            for line in causeway_agent::dns::cleanup(&state_dir) {
+                println!("dns: {line}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Renew { state_dir } => {

@@ -541,6 +541,18 @@ fn mesh_names_forwarding_fail_open_and_cache() {
         );
     }
 
+    // Only queries to the resolvers of resolv.conf are captured: a server named
+    // explicitly is asked itself (vm2 runs none: no reply, not the agent's answer).
+    let out = l.sh(&format!(
+        "dig +short +time=1 +tries=1 @{} web.service.consul",
+        vm2.addr
+    ));
+    assert!(
+        !out.status.success() && !out_text(&out).contains(&web_vip),
+        "an explicit server was captured: {}",
+        describe(&out)
+    );
+
     // 5. A new service resolves once the push that brings it is applied.
     std::fs::write(
         l.services.with_extension("tmp"),
@@ -705,6 +717,28 @@ fn resolv_conf_mode_points_libc_at_the_agent_and_restores_the_file() {
         "{}",
         l.logs()
     );
+    // Killed again: `causeway-agent cleanup` (the packaged unit's ExecStopPost) restores it.
+    l.procs[agent].kill();
+    let out = l
+        .vm1()
+        .cmd(bin("causeway-agent"))
+        .args(["cleanup", "--state-dir", state.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success()
+            && out_text(&out).contains("restored the original resolver configuration"),
+        "cleanup: {}",
+        describe(&out)
+    );
+    assert_eq!(out_text(&l.sh("cat /etc/resolv.conf")), original);
+    // Started once more and stopped gracefully: the original again.
+    let agent = l.agent(&state);
+    wait_for("the agent serving again", WAIT, || {
+        out_text(&l.sh("getent hosts web.service.consul"))
+            .starts_with(&web_vip)
+            .then_some(())
+    });
     l.procs[agent].stop();
     assert_eq!(out_text(&l.sh("cat /etc/resolv.conf")), original);
 }

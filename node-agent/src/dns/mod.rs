@@ -182,6 +182,28 @@ fn upstreams_of(cfg: &DnsConfig, own: &[IpAddr], resolv_text: Option<&str>) -> V
     rc.upstreams(own)
 }
 
+/// The IPv4 nameservers applications use (resolv.conf as written; none → libc's default
+/// 127.0.0.1).
+fn app_resolvers(path: &Path) -> Vec<std::net::Ipv4Addr> {
+    let rc = std::fs::read_to_string(path)
+        .map(|t| upstream::ResolvConf::parse(&t))
+        .unwrap_or_default();
+    let mut v: Vec<std::net::Ipv4Addr> = rc
+        .nameservers
+        .iter()
+        .filter_map(|n| match n {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    if rc.nameservers.is_empty() {
+        v.push(std::net::Ipv4Addr::LOCALHOST);
+    }
+    v.sort();
+    v.dedup();
+    v
+}
+
 fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, DnsError> {
     let err = |source| DnsError::Bind {
         addr,
@@ -345,7 +367,13 @@ impl Dns {
         let status_file = state_dir.join(STATUS_FILE);
         let _ = std::fs::remove_file(&status_file);
         let use_capture = capture && cfg.mode == DnsMode::Capture;
-        let own = [cfg.listen.ip(), cfg.resolver_listen.ip()];
+        // Only the agent's own port-53 address can be a resolv.conf nameserver of its own
+        // (listen is on 15053, which resolv.conf cannot name).
+        let own: Vec<IpAddr> = if cfg.mode == DnsMode::ResolvConf {
+            vec![cfg.resolver_listen.ip()]
+        } else {
+            Vec::new()
+        };
         let mut resolv_text = None;
         if cfg.mode == DnsMode::ResolvConf {
             // Upstreams from the original file, restored first if an earlier agent crashed.
@@ -453,6 +481,8 @@ impl Dns {
                 .ok()
         };
         let cfg3 = cfg.clone();
+        let own2 = own.clone();
+        let mut installed_for: Vec<std::net::Ipv4Addr> = Vec::new();
         dns.tasks.push(tokio::spawn(async move {
             let mut seen_mtime = resolv_mtime();
             loop {
@@ -465,7 +495,7 @@ impl Dns {
                     if m != seen_mtime {
                         seen_mtime = m;
                         let mut f = (*sh.forwarder()).clone();
-                        f.upstreams = upstreams_of(&cfg3, &own, None);
+                        f.upstreams = upstreams_of(&cfg3, &own2, None);
                         tracing::info!(upstreams = ?f.upstreams, "resolver configuration changed; new upstreams");
                         *sh.forwarder.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(f);
                     }
@@ -474,15 +504,23 @@ impl Dns {
                 let has_config = sh.index().version > 0;
                 let serving = loops_alive.iter().all(|a| a.load(Ordering::Relaxed));
                 let want = use_capture && serving && (has_config || f.has_upstreams());
+                // What applications query: the nameservers of resolv.conf as written.
+                let resolvers = app_resolvers(&cfg3.resolv_conf);
+                let changed = resolvers != installed_for;
+                installed_for = resolvers.clone();
                 let cap2 = cap.clone();
                 let installed = tokio::task::spawn_blocking(move || {
                     let mut guard = cap2.lock().unwrap_or_else(|p| p.into_inner());
+                    if changed && let Some(mut c) = guard.take() {
+                        c.remove();
+                        tracing::info!(?resolvers, "resolv.conf nameservers changed; DNS capture follows");
+                    }
                     let alive = guard.as_mut().is_some_and(|c| c.alive());
                     if want && !alive {
                         if guard.take().is_some() {
                             tracing::warn!("the DNS capture's nft process ended; installing it again");
                         }
-                        match nft::DnsCapture::install(mark, listen.port()) {
+                        match nft::DnsCapture::install(mark, listen.port(), &resolvers) {
                             Ok(c) => *guard = Some(c),
                             Err(e) => tracing::error!(error = %e, "DNS capture not installed; applications keep using their resolvers directly"),
                         }
@@ -548,6 +586,35 @@ impl Dns {
     }
 }
 
+/// For `causeway-agent cleanup` (after the agent stopped, however it stopped): deletes a
+/// leftover DNS capture table that no live process owns (an owned one goes with its
+/// owner), restores the resolver configuration of "resolv-conf" mode, removes `dns.json`.
+/// Returns what was done, one line each.
+pub fn cleanup(state_dir: &Path) -> Vec<String> {
+    let mut done = Vec::new();
+    if nft::live().is_some() {
+        match std::process::Command::new("nft")
+            .args(["delete", "table", "ip", nft::TABLE])
+            .output()
+        {
+            Ok(o) if o.status.success() => {
+                done.push(format!("deleted nftables table ip {}", nft::TABLE))
+            }
+            _ => tracing::warn!(
+                table = nft::TABLE,
+                "DNS capture table is owned by a running process; left alone"
+            ),
+        }
+    }
+    match resolvconf::cleanup(state_dir) {
+        Ok(true) => done.push("restored the original resolver configuration".into()),
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %e, "cannot restore the original resolver configuration"),
+    }
+    let _ = std::fs::remove_file(state_dir.join(STATUS_FILE));
+    done
+}
+
 /// What `causeway-agent doctor` finds about DNS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsDoctor {
@@ -611,7 +678,8 @@ pub fn doctor(state_dir: &Path, agent_running: bool) -> DnsDoctor {
     DnsDoctor { problems, summary }
 }
 
-/// Asks `addr` for a name in the mesh's own zone; any answer counts.
+/// Sends `addr` a query with a readable header and an unreadable question: a live server
+/// answers FORMERR at once, without forwarding anything.
 fn probe(addr: SocketAddr) -> bool {
     let Ok(sock) = std::net::UdpSocket::bind(if addr.is_ipv4() {
         "127.0.0.1:0"
@@ -621,13 +689,8 @@ fn probe(addr: SocketAddr) -> bool {
         return false;
     };
     let _ = sock.set_read_timeout(Some(Duration::from_secs(2)));
-    // id 0x4357, RD, one question: "doctor.causeway." A IN.
-    let mut q = vec![0x43, 0x57, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in ["doctor", "causeway"] {
-        q.push(u8::try_from(label.len()).unwrap_or(0));
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    // id 0x4357, RD, one question that is a dangling compression pointer.
+    let q = [0x43, 0x57, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 0xff];
     if sock.send_to(&q, addr).is_err() {
         return false;
     }

@@ -9,9 +9,14 @@
 //!
 //! The table (`ip causeway_dns`, chain `output`, nat hook at priority -100):
 //! packets with the agent's mark return (its own upstream queries), then UDP and TCP to
-//! port 53 are redirected to the DNS listener's port on 127.0.0.1.
+//! port 53 *of the nameservers in resolv.conf* are redirected to the DNS listener's port
+//! on 127.0.0.1. Only those destinations: a local resolver (dnsmasq, unbound on
+//! 127.0.0.1) forwarding to its own upstreams must not be captured, or its queries would
+//! come back to the agent, which forwards to that local resolver again (a loop); and a
+//! program that asks a named server explicitly (`dig @192.0.2.1`) gets that server.
 
 use std::io::Write as _;
+use std::net::Ipv4Addr;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -39,14 +44,16 @@ pub enum NftError {
     Busy,
 }
 
-/// The `nft` script that creates the table.
-pub fn script(mark: u32, port: u16) -> String {
+/// The `nft` script that creates the table, capturing queries to `resolvers`.
+pub fn script(mark: u32, port: u16, resolvers: &[Ipv4Addr]) -> String {
+    let set: Vec<String> = resolvers.iter().map(ToString::to_string).collect();
+    let daddr = format!("{{ {} }}", set.join(", "));
     format!(
         "add table ip {TABLE} {{ flags owner; }}\n\
          add chain ip {TABLE} output {{ type nat hook output priority -100; policy accept; }}\n\
          add rule ip {TABLE} output meta mark {mark:#x} return\n\
-         add rule ip {TABLE} output udp dport 53 redirect to :{port}\n\
-         add rule ip {TABLE} output tcp dport 53 redirect to :{port}\n"
+         add rule ip {TABLE} output ip daddr {daddr} udp dport 53 redirect to :{port}\n\
+         add rule ip {TABLE} output ip daddr {daddr} tcp dport 53 redirect to :{port}\n"
     )
 }
 
@@ -85,7 +92,7 @@ impl DnsCapture {
         clippy::disallowed_methods,
         reason = "blocking by design; the agent calls it from spawn_blocking"
     )]
-    pub fn install(mark: u32, port: u16) -> Result<Self, NftError> {
+    pub fn install(mark: u32, port: u16, resolvers: &[Ipv4Addr]) -> Result<Self, NftError> {
         if live().is_some() {
             // Not owned (someone ran nft by hand) or owned by a live process.
             let out = Command::new("nft")
@@ -110,7 +117,7 @@ impl DnsCapture {
         let mut stdin = child.stdin.take();
         if let Some(s) = stdin.as_mut()
             && let Err(e) = s
-                .write_all(script(mark, port).as_bytes())
+                .write_all(script(mark, port, resolvers).as_bytes())
                 .and_then(|()| s.flush())
         {
             let _ = child.kill();
@@ -189,11 +196,16 @@ mod tests {
 
     #[test]
     fn script_and_listing_match() {
-        let s = script(0x4357, 15053);
+        let s = script(
+            0x4357,
+            15053,
+            &["10.0.0.2".parse().unwrap(), "127.0.0.53".parse().unwrap()],
+        );
         assert!(s.contains("flags owner"));
         assert!(s.contains("meta mark 0x4357 return"));
+        assert!(s.contains("ip daddr { 10.0.0.2, 127.0.0.53 } udp dport 53 redirect to :15053"));
         // What `nft list table ip causeway_dns` prints for it (nftables 1.0.6).
-        let listing = "table ip causeway_dns { # progname nft\n\tflags owner\n\n\tchain output {\n\t\ttype nat hook output priority -100; policy accept;\n\t\tmeta mark 0x00004357 return\n\t\tudp dport 53 redirect to :15053\n\t\ttcp dport 53 redirect to :15053\n\t}\n}\n";
+        let listing = "table ip causeway_dns { # progname nft\n\tflags owner\n\n\tchain output {\n\t\ttype nat hook output priority -100; policy accept;\n\t\tmeta mark 0x00004357 return\n\t\tip daddr 10.0.0.2 udp dport 53 redirect to :15053\n\t\tip daddr 10.0.0.2 tcp dport 53 redirect to :15053\n\t}\n}\n";
         assert!(matches(listing, 0x4357, 15053));
         assert!(!matches(listing, 0x4357, 15054));
         assert!(!matches(listing, 0x1, 15053));

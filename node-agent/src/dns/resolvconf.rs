@@ -18,6 +18,8 @@ use super::upstream::{RESOLVED_STUB, ResolvConf};
 
 /// Backup of the original resolv.conf, in the state directory.
 pub const BACKUP: &str = "resolv.conf.orig";
+/// Which file the backup belongs to (for `causeway-agent cleanup`, which has no config).
+pub const BACKUP_TARGET: &str = "resolv.conf.orig.target";
 /// The systemd-resolved drop-in.
 pub const RESOLVED_DROPIN: &str = "/etc/systemd/resolved.conf.d/causeway.conf";
 
@@ -77,6 +79,26 @@ fn restart_resolved() {
     }
 }
 
+/// For `causeway-agent cleanup` (no config at hand): restores a backup to the file named
+/// in [`BACKUP_TARGET`] and removes a leftover systemd-resolved drop-in. Whether anything
+/// was restored.
+pub fn cleanup(state_dir: &Path) -> std::io::Result<bool> {
+    let mut did = false;
+    if let Ok(target) = std::fs::read_to_string(state_dir.join(BACKUP_TARGET)) {
+        recover(Path::new(target.trim()), state_dir)?;
+        std::fs::remove_file(state_dir.join(BACKUP_TARGET))?;
+        did = true;
+    }
+    if let Ok(text) = std::fs::read_to_string(RESOLVED_DROPIN)
+        && text.starts_with("# Written by causeway-agent")
+    {
+        std::fs::remove_file(RESOLVED_DROPIN)?;
+        restart_resolved();
+        did = true;
+    }
+    Ok(did)
+}
+
 /// Restores a backup left by an agent that did not stop cleanly.
 pub fn recover(path: &Path, state_dir: &Path) -> std::io::Result<()> {
     let backup = state_dir.join(BACKUP);
@@ -108,6 +130,13 @@ pub fn apply(
     }
     let backup = state_dir.join(BACKUP);
     crate::identity::write_atomic(&backup, original.as_bytes(), 0o644)
+        .and_then(|()| {
+            crate::identity::write_atomic(
+                &state_dir.join(BACKUP_TARGET),
+                path.to_string_lossy().as_bytes(),
+                0o644,
+            )
+        })
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     // In place: resolv.conf may be a bind mount (containers, `ip netns exec`).
     std::fs::write(path, rewrite(&original, agent))?;
@@ -124,6 +153,9 @@ impl ResolvGuard {
             ResolvGuard::File { path, backup } => {
                 let orig = std::fs::read(&backup)?;
                 std::fs::write(&path, orig)?;
+                if let Some(dir) = backup.parent() {
+                    let _ = std::fs::remove_file(dir.join(BACKUP_TARGET));
+                }
                 std::fs::remove_file(&backup)
             }
             ResolvGuard::Resolved => {
@@ -169,5 +201,11 @@ mod tests {
         recover(&conf, dir.path()).unwrap();
         assert_eq!(std::fs::read_to_string(&conf).unwrap(), orig);
         assert!(!dir.path().join(BACKUP).exists());
+        // The same crash, cleaned up by `causeway-agent cleanup` (no config: the target
+        // file is recorded beside the backup).
+        let _lost = apply(&conf, dir.path(), "127.0.0.153".parse().unwrap(), &[]).unwrap();
+        assert!(cleanup(dir.path()).unwrap());
+        assert_eq!(std::fs::read_to_string(&conf).unwrap(), orig);
+        assert!(!cleanup(dir.path()).unwrap(), "nothing left to do");
     }
 }
