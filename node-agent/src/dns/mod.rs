@@ -483,6 +483,9 @@ impl Dns {
         let cfg3 = cfg.clone();
         let own2 = own.clone();
         let mut installed_for: Vec<std::net::Ipv4Addr> = Vec::new();
+        // The last install error, so a persistent one (no `nft`, no privilege) is logged
+        // once, not every round.
+        let last_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
         dns.tasks.push(tokio::spawn(async move {
             let mut seen_mtime = resolv_mtime();
             loop {
@@ -509,6 +512,7 @@ impl Dns {
                 let changed = resolvers != installed_for;
                 installed_for = resolvers.clone();
                 let cap2 = cap.clone();
+                let last_error = last_error.clone();
                 let installed = tokio::task::spawn_blocking(move || {
                     let mut guard = cap2.lock().unwrap_or_else(|p| p.into_inner());
                     if changed && let Some(mut c) = guard.take() {
@@ -520,9 +524,23 @@ impl Dns {
                         if guard.take().is_some() {
                             tracing::warn!("the DNS capture's nft process ended; installing it again");
                         }
+                        let mut last = last_error.lock().unwrap_or_else(|p| p.into_inner());
                         match nft::DnsCapture::install(mark, listen.port(), &resolvers) {
-                            Ok(c) => *guard = Some(c),
-                            Err(e) => tracing::error!(error = %e, "DNS capture not installed; applications keep using their resolvers directly"),
+                            Ok(c) => {
+                                *guard = Some(c);
+                                if last.take().is_some() {
+                                    tracing::info!("DNS capture installed after all");
+                                }
+                            }
+                            Err(e) => {
+                                let msg = e.to_string();
+                                if last.as_deref() == Some(msg.as_str()) {
+                                    tracing::debug!(error = %msg, "DNS capture still not installed");
+                                } else {
+                                    tracing::error!(error = %msg, "DNS capture not installed; applications keep using their resolvers directly (retrying every 500 ms, logged again only if the error changes)");
+                                    *last = Some(msg);
+                                }
+                            }
                         }
                     } else if !want && let Some(mut c) = guard.take() {
                         c.remove();
