@@ -11,7 +11,8 @@
 //! otherwise, so such tests fail loudly instead of passing.
 
 use std::net::Ipv4Addr;
-use std::process::{Command, Output, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -166,5 +167,74 @@ impl Drop for Lab {
             }
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
+    }
+}
+
+/// A process started in a namespace (stdout and stderr appended to a log file, RUST_LOG=info);
+/// killed on drop.
+pub struct Proc {
+    child: Option<Child>,
+    /// Where its stdout and stderr go.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `program args` in `node`.
+    pub fn spawn(
+        node: &Node,
+        log: &Path,
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+    ) -> Self {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let child = node
+            .cmd(program)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("log"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn in namespace");
+        Self {
+            child: Some(child),
+            log: log.to_owned(),
+        }
+    }
+    /// Takes charge of a process started some other way, whose output goes to `log`.
+    pub fn adopt(child: Child, log: &Path) -> Self {
+        Self {
+            child: Some(child),
+            log: log.to_owned(),
+        }
+    }
+
+    /// Its output so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    /// SIGTERM, then waits for the exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            crate::terminate(&c);
+            let _ = c.wait();
+        }
+    }
+    /// SIGKILL, then waits for the exit.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -5,11 +5,11 @@
 
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use causeway_api::push::MeshState;
-use causeway_tests::netns::{Lab, Node, require_root};
+use causeway_tests::netns::{Lab, Node, Proc, require_root};
 use causeway_tests::{bin, describe, terminate, wait_for};
 use serde_json::Value;
 
@@ -103,56 +103,6 @@ try:
 except ConnectionResetError:
     print("client saw reset")
 "#;
-
-/// A process started in a namespace; killed on drop.
-struct Proc {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(node: &Node, log: &Path, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Self {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log file");
-        let child = node
-            .cmd(program)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().expect("log"))
-            .stderr(f)
-            .spawn()
-            .expect("spawn in namespace");
-        Self {
-            child: Some(child),
-            log: log.to_owned(),
-        }
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            terminate(&c);
-            let _ = c.wait();
-        }
-    }
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 struct Mesh {
     // Field order = drop order: processes before the namespaces they run in.
@@ -594,10 +544,7 @@ fn capture_without_privilege_fails_naming_the_fix_and_no_capture_runs() {
         .stderr(f)
         .spawn()
         .unwrap();
-    m.procs.push(Proc {
-        child: Some(child),
-        log: log.clone(),
-    });
+    m.procs.push(Proc::adopt(child, &log));
     wait_for("the unprivileged agent's data plane", WAIT, || {
         std::fs::read_to_string(&log)
             .ok()?

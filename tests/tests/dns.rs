@@ -7,12 +7,12 @@
 #![allow(clippy::disallowed_methods, reason = "tests may block")]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use causeway_api::push::MeshState;
-use causeway_tests::netns::{Lab, Node, require_root};
-use causeway_tests::{bin, describe, terminate, wait_for};
+use causeway_tests::netns::{Lab, Node, Proc, require_root};
+use causeway_tests::{bin, describe, wait_for};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -91,56 +91,6 @@ while len(got) < 3:
 assert got == {1: (0, 1), 2: (0, 1), 3: (3, 0)}, got
 print("OK tcp pipelining")
 "#;
-
-/// A process started in a namespace; killed on drop.
-struct Proc {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(node: &Node, log: &Path, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Self {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log file");
-        let child = node
-            .cmd(program)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().expect("log"))
-            .stderr(f)
-            .spawn()
-            .expect("spawn in namespace");
-        Self {
-            child: Some(child),
-            log: log.to_owned(),
-        }
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            terminate(&c);
-            let _ = c.wait();
-        }
-    }
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// `/etc/netns/<ns>/resolv.conf`: what `ip netns exec` bind-mounts over /etc/resolv.conf
 /// in that namespace. Removed on drop.
