@@ -81,6 +81,18 @@ impl Node {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs `causewayctl args` inside the namespace against the controller whose admin
+    /// API is `admin` and whose data directory (with `admin.token`) is `data_dir`;
+    /// asserts success; returns stdout.
+    pub fn causewayctl(&self, admin: &str, data_dir: &std::path::Path, args: &[&str]) -> String {
+        let out = ok(self
+            .cmd(crate::bin("causewayctl"))
+            .args(args)
+            .env("CAUSEWAY_CONTROLLER", admin)
+            .env("CAUSEWAY_ADMIN_TOKEN_FILE", data_dir.join("admin.token")));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// `iptables-save -t nat` inside the namespace.
     pub fn nat_rules(&self) -> String {
         self.sh_ok("iptables-save -t nat")

@@ -160,24 +160,9 @@ impl Lab1 {
     }
 
     fn ctl_ok(&self, args: &[&str]) -> String {
-        let out = self
-            .lab
+        self.lab
             .node("ctl")
-            .cmd(bin("causewayctl"))
-            .args(args)
-            .env("CAUSEWAY_CONTROLLER", &self.ctl_admin)
-            .env(
-                "CAUSEWAY_ADMIN_TOKEN_FILE",
-                self.root.join("controller").join("admin.token"),
-            )
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "causewayctl {args:?}: {}",
-            describe(&out)
-        );
-        String::from_utf8(out.stdout).unwrap()
+            .causewayctl(&self.ctl_admin, &self.root.join("controller"), args)
     }
 
     fn logs(&self) -> String {

@@ -488,15 +488,20 @@ impl Dns {
         let last_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
         dns.tasks.push(tokio::spawn(async move {
             let mut seen_mtime = resolv_mtime();
+            // What applications query: the nameservers of resolv.conf as written. Read
+            // again only when the file changes (one stat per round, not a parse).
+            let mut app_ns = app_resolvers(&cfg3.resolv_conf);
             loop {
                 if stop2.load(Ordering::Relaxed) {
                     return;
                 }
-                // resolv.conf edited (DHCP, an operator): new upstreams.
-                if cfg3.upstreams.is_empty() && cfg3.mode != DnsMode::ResolvConf {
-                    let m = resolv_mtime();
-                    if m != seen_mtime {
-                        seen_mtime = m;
+                // resolv.conf edited (DHCP, an operator): new nameservers to capture, and
+                // new upstreams unless they are configured.
+                let m = resolv_mtime();
+                if m != seen_mtime {
+                    seen_mtime = m;
+                    app_ns = app_resolvers(&cfg3.resolv_conf);
+                    if cfg3.upstreams.is_empty() && cfg3.mode != DnsMode::ResolvConf {
                         let mut f = (*sh.forwarder()).clone();
                         f.upstreams = upstreams_of(&cfg3, &own2, None);
                         tracing::info!(upstreams = ?f.upstreams, "resolver configuration changed; new upstreams");
@@ -507,8 +512,7 @@ impl Dns {
                 let has_config = sh.index().version > 0;
                 let serving = loops_alive.iter().all(|a| a.load(Ordering::Relaxed));
                 let want = use_capture && serving && (has_config || f.has_upstreams());
-                // What applications query: the nameservers of resolv.conf as written.
-                let resolvers = app_resolvers(&cfg3.resolv_conf);
+                let resolvers = app_ns.clone();
                 let changed = resolvers != installed_for;
                 installed_for = resolvers.clone();
                 let cap2 = cap.clone();
