@@ -1,14 +1,17 @@
 //! The data plane: traffic capture ([`capture`]), the outbound proxy ([`outbound`]) with
-//! its endpoint choice ([`lb`]), and the tunnel between agents ([`tunnel`], [`tls`]).
+//! its endpoint choice ([`lb`]), the tunnel between agents ([`tunnel`], [`tls`]), and the
+//! splice that joins two sides of a proxied connection ([`splice`]: half-close, resets,
+//! idle timeout).
 //!
 //! Start order: listeners first, then capture rules, so a redirected connection always
 //! finds a listener; stop order is the reverse. With capture on, every failure is fatal
 //! (the agent would otherwise swallow traffic); with capture off the listeners are best
 //! effort (nothing is redirected to them), so several agents can share one host in tests.
 //!
-//! Not here yet: DNS (15053), the inbound plaintext capture port 15006 (PERMISSIVE now
-//! lets plaintext reach the application directly; STRICT refuses it with a filter rule),
-//! metrics.
+//! DNS (15053) is in [`crate::dns`], health and metrics (15020) in [`crate::health`]. The
+//! inbound plaintext port 15006 is not used: PERMISSIVE lets plaintext reach the
+//! application directly (keeping the client's address), STRICT refuses it with a filter
+//! rule (ARCHITECTURE.md, "Inbound plaintext").
 
 pub mod capture;
 pub mod lb;

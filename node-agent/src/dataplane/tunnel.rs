@@ -15,7 +15,8 @@
 //! Inbound: the peer's certificate was verified against the trust bundle by TLS; its
 //! serial is checked against the deny list, its SPIFFE ID is logged and passed to the
 //! authorization hook ([`authorize`], allow-all for now), then the agent connects to
-//! `127.0.0.1:<port>` and splices both ways, propagating half-close.
+//! `127.0.0.1:<port>` and splices both ways ([`super::splice`]: half-close, resets and
+//! the idle timeout travel end to end).
 //!
 //! Certificates: [`Tunnel::reload`] swaps in a renewed identity. New connections (both
 //! directions) use it; established connections keep going with the old one.
