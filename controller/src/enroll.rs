@@ -2,8 +2,8 @@
 //!
 //! Join: token id + secret (hash compared) → not expired → uses left → source address
 //! inside the token's and the group's networks → CSR verified → certificate for the
-//! group's SPIFFE ID → token spent, agent and certificate recorded in one transaction →
-//! flushed (group commit) → answered. A reply is only ever sent for durable state.
+//! group's SPIFFE ID → token spent, agent and certificate recorded (one transaction per batch of
+//! concurrent joins) → flushed (group commit) → answered. A reply is only ever sent for durable state.
 //!
 //! Renewal: the caller's client certificate (verified by TLS against the trust bundle)
 //! must be one this controller issued, to an agent that was not removed.
@@ -20,8 +20,8 @@ use rustls::pki_types::CertificateDer;
 
 use crate::ca::{Ca, CaError};
 use crate::csr::{CsrError, parse_csr};
-use crate::durability::GroupCommit;
-use crate::store::{AgentRecord, CertRecord, Store, StoreError};
+use crate::durability::Committer;
+use crate::store::{AgentRecord, CertRecord, Enrollment, Store, StoreError};
 
 /// Longest time before "now" that a new certificate is already valid (clock skew).
 const MAX_BACKDATE_SECS: i64 = 300;
@@ -132,6 +132,12 @@ pub fn random_hex(len: usize) -> String {
     hex(&b)
 }
 
+/// A new agent id: `a-` then 16 hex digits that increase in join order (so the store
+/// appends) and 8 random ones (so ids stay unique across restarts and clock steps).
+pub fn new_agent_id() -> String {
+    format!("a-{:016x}{}", crate::ca::time_ordered(), random_hex(4))
+}
+
 fn join_nets(nets: &[IpNet]) -> String {
     nets.iter()
         .map(ToString::to_string)
@@ -143,7 +149,7 @@ fn join_nets(nets: &[IpNet]) -> String {
 pub struct Enroller {
     store: Arc<dyn Store>,
     ca: Arc<Ca>,
-    commit: GroupCommit,
+    commit: Committer,
     cert_ttl: Duration,
 }
 
@@ -151,7 +157,7 @@ impl Enroller {
     /// A new enroller; starts the group-commit task (needs a Tokio runtime).
     pub fn new(store: Arc<dyn Store>, ca: Arc<Ca>, cert_ttl: Duration) -> Self {
         Self {
-            commit: GroupCommit::start(store.clone()),
+            commit: Committer::start(store.clone()),
             store,
             ca,
             cert_ttl,
@@ -242,7 +248,7 @@ impl Enroller {
             .take(253)
             .collect();
         let agent = AgentRecord {
-            id: format!("a-{}", random_hex(8)),
+            id: new_agent_id(),
             group: group.name.clone(),
             spiffe_id: id.to_string(),
             hostname,
@@ -263,8 +269,14 @@ impl Enroller {
             not_after,
             reason: "join".into(),
         };
-        self.store.commit_join(&token.id, &agent, &cert)?;
-        self.commit.commit().await?;
+        let agent = self
+            .commit
+            .commit(Enrollment::Join {
+                token_id: token.id.clone(),
+                agent,
+                cert,
+            })
+            .await?;
         tracing::info!(agent = %agent.id, identity = %agent.spiffe_id, %source, token = %token.id, "agent joined");
         Ok(self.issued(&agent, der))
     }
@@ -310,8 +322,14 @@ impl Enroller {
             not_after,
             reason: "renew".into(),
         };
-        let agent = self.store.commit_renewal(&agent.id, &cert, now)?;
-        self.commit.commit().await?;
+        let agent = self
+            .commit
+            .commit(Enrollment::Renewal {
+                agent_id: agent.id.clone(),
+                cert,
+                now,
+            })
+            .await?;
         tracing::info!(agent = %agent.id, identity = %agent.spiffe_id, renewals = agent.renewals, "certificate renewed");
         Ok(self.issued(&agent, der))
     }
