@@ -841,6 +841,61 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_refuses_only_its_bad_records_and_sees_its_own_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.create_token(&token("t", 1)).unwrap();
+        s.commit_join("t", &agent("gone"), &cert("s0", "gone"))
+            .unwrap();
+        s.remove_agent("gone", 1).unwrap();
+        s.create_token(&token("t2", 1)).unwrap();
+        let join = |t: &str, a: &str, serial: &str| Enrollment::Join {
+            token_id: t.into(),
+            agent: agent(a),
+            cert: cert(serial, a),
+        };
+        let renew = |a: &str, serial: &str| Enrollment::Renewal {
+            agent_id: a.into(),
+            cert: cert(serial, a),
+            now: 9,
+        };
+        let out = s
+            .commit_enrollments(&[
+                join("t2", "a1", "s1"),
+                join("t2", "a2", "s2"), // the one use went to a1, just before
+                renew("gone", "s3"),
+                renew("a1", "s4"), // a1 exists only in this batch so far
+                join("nope", "a5", "s5"),
+            ])
+            .unwrap();
+        assert!(out[0].is_ok());
+        assert!(
+            matches!(out[1], Err(StoreError::TokenSpent(_))),
+            "{:?}",
+            out[1]
+        );
+        assert!(
+            matches!(out[2], Err(StoreError::AgentRemoved(_))),
+            "{:?}",
+            out[2]
+        );
+        assert_eq!(out[3].as_ref().unwrap().serial, "s4");
+        assert!(
+            matches!(out[4], Err(StoreError::NotFound { .. })),
+            "{:?}",
+            out[4]
+        );
+        s.flush().unwrap();
+        drop(s);
+        let s = SledStore::open(dir.path()).unwrap();
+        assert!(s.agent("a2").unwrap().is_none() && s.cert("s2").unwrap().is_none());
+        assert!(s.cert("s3").unwrap().is_none() && s.cert("s5").unwrap().is_none());
+        assert_eq!(s.agent("a1").unwrap().unwrap().renewals, 1);
+        assert!(s.cert("s1").unwrap().is_some() && s.cert("s4").unwrap().is_some());
+        assert_eq!(s.token("t2").unwrap().unwrap().uses_left, 0);
+    }
+
+    #[test]
     fn removed_agents_cannot_renew_and_block_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
