@@ -207,29 +207,42 @@ impl Side for tokio::net::TcpStream {
     }
 }
 
-/// Most chunks taken from a QUIC stream at once.
-const QUIC_CHUNKS: usize = 32;
+/// Most bytes gathered from a QUIC stream into one write to the other side.
+const QUIC_GATHER: usize = 256 * 1024;
 
-/// A QUIC stream hands over its received chunks (about one datagram each). When several
-/// are waiting, they are joined into one buffer so the TCP side gets one write for them
-/// instead of one per datagram (a copy is far cheaper than the system calls it saves).
+/// A QUIC stream hands over its received chunks (about one datagram each). The first is
+/// awaited; those already waiting behind it are taken without waiting and joined into one
+/// buffer, so the TCP side gets one write for them instead of one per datagram (a copy is
+/// far cheaper than the system calls it saves). Nothing but quinn's small read future is
+/// held while the stream is idle, which keeps an idle connection's task small.
 impl ChunkRead for quinn::RecvStream {
     async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
-        let mut bufs: [Bytes; QUIC_CHUNKS] = std::array::from_fn(|_| Bytes::new());
-        match self.read_chunks(&mut bufs).await {
-            Ok(Some(0)) => Ok(Some(Bytes::new())),
-            Ok(Some(1)) => Ok(Some(std::mem::take(&mut bufs[0]))),
-            Ok(Some(n)) => {
-                let total = bufs[..n].iter().map(Bytes::len).sum();
-                let mut joined = bytes::BytesMut::with_capacity(total);
-                for b in &bufs[..n] {
-                    joined.extend_from_slice(b);
-                }
-                Ok(Some(joined.freeze()))
+        let first = match quinn::RecvStream::read_chunk(self, usize::MAX, true).await {
+            Ok(Some(c)) => c.bytes,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(io::Error::from(e)),
+        };
+        let mut joined: Option<bytes::BytesMut> = None;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        while joined.as_ref().map_or(first.len(), bytes::BytesMut::len) < QUIC_GATHER {
+            // Polled once: ready only when a chunk is already buffered. A pending read
+            // is dropped (quinn's reads are cancel-safe); the next `read_chunk` awaits
+            // with the task's real waker before the task sleeps.
+            let next = std::pin::pin!(quinn::RecvStream::read_chunk(self, usize::MAX, true));
+            match next.poll(&mut cx) {
+                std::task::Poll::Ready(Ok(Some(c))) => joined
+                    .get_or_insert_with(|| {
+                        let mut b = bytes::BytesMut::with_capacity(4 * first.len());
+                        b.extend_from_slice(&first);
+                        b
+                    })
+                    .extend_from_slice(&c.bytes),
+                // End of stream or an error: hand over what was read; the next call
+                // reports it.
+                _ => break,
             }
-            Ok(None) => Ok(None),
-            Err(e) => Err(io::Error::from(e)),
         }
+        Ok(Some(joined.map_or(first, bytes::BytesMut::freeze)))
     }
 }
 
@@ -251,6 +264,19 @@ impl Side for QuicSide {
     fn abort(mut r: Self::R, mut w: Self::W) {
         let _ = w.reset(RESET_CODE.into());
         let _ = r.stop(RESET_CODE.into());
+    }
+}
+
+/// A boxed side: a TLS stream (over a kilobyte of rustls state) is passed boxed, so the
+/// splice's future, which lives as long as the connection, holds a pointer, not the state.
+impl<T: Side> Side for Box<T> {
+    type R = T::R;
+    type W = T::W;
+    fn split(self) -> (Self::R, Self::W) {
+        (*self).split()
+    }
+    fn abort(r: Self::R, w: Self::W) {
+        T::abort(r, w);
     }
 }
 

@@ -565,13 +565,15 @@ impl Tunnel {
                     .read()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone();
+                // Boxed: the handshake's and the stream's TLS state stay out of the task,
+                // which lives as long as the connection.
                 let tls = match tokio::time::timeout(
                     HEADER_TIMEOUT,
-                    tokio_rustls::TlsAcceptor::from(cfg).accept(tcp),
+                    Box::pin(tokio_rustls::TlsAcceptor::from(cfg).accept(tcp)),
                 )
                 .await
                 {
-                    Ok(Ok(t)) => t,
+                    Ok(Ok(t)) => Box::new(t),
                     Ok(Err(e)) => {
                         tracing::info!(peer = %remote, error = %e, "tunnel TLS handshake refused");
                         return;
@@ -602,7 +604,7 @@ impl Tunnel {
                 };
                 let mut tls = tls;
                 let header =
-                    match tokio::time::timeout(HEADER_TIMEOUT, Header::read(&mut tls)).await {
+                    match tokio::time::timeout(HEADER_TIMEOUT, Header::read(&mut *tls)).await {
                         Ok(Ok(h)) => h,
                         Ok(Err(e)) => {
                             tracing::warn!(peer = %remote, error = %e, "tunnel stream refused");
