@@ -58,6 +58,13 @@ enum Command {
         /// Do not install traffic capture rules (the data-plane listeners still run).
         #[arg(long)]
         no_capture: bool,
+        /// Threads that run the proxy, DNS and control tasks. 1 (the default) is a
+        /// single-threaded runtime: no hand-offs between threads per request, which
+        /// measured faster than two on two-CPU VMs (BENCHMARKS.md). Raise it for hosts
+        /// that proxy many busy connections at once.
+        #[arg(long, env = "CAUSEWAY_AGENT_WORKER_THREADS", default_value_t = 1,
+              value_parser = clap::value_parser!(u16).range(1..=256))]
+        worker_threads: u16,
     },
     /// Compare the live capture rules with the ones the agent expects; non-zero on drift.
     Doctor {
@@ -94,10 +101,21 @@ fn main() -> ExitCode {
     let args = Args::parse();
     logging::init("info");
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = match &args.command {
+        Command::Run { worker_threads, .. } => *worker_threads,
+        _ => 1,
+    };
+    let rt = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(threads))
+            .enable_all()
+            .build()
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -166,6 +184,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             state_dir,
             address,
             no_capture,
+            worker_threads: _,
         } => {
             let mut cfg = match &config {
                 Some(p) => AgentConfig::load(p)?,

@@ -16,6 +16,7 @@
 pub mod capture;
 pub mod lb;
 pub mod outbound;
+pub mod readahead;
 pub mod splice;
 pub mod tls;
 pub mod tunnel;

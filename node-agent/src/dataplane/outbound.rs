@@ -426,7 +426,7 @@ mod sizes {
         };
         let quic = |a: tokio::net::TcpStream, b: QuicSide, i: Option<Duration>| splice(a, b, i);
         let tls = |a: tokio::net::TcpStream,
-                   b: Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+                   b: Box<tokio_rustls::client::TlsStream<super::super::readahead::ReadAhead>>,
                    i: Option<Duration>| splice(a, b, i);
         let (handle, quic, tls) = (ret_size(&handle), ret_size(&quic), ret_size(&tls));
         eprintln!("future sizes: connection task {handle}, QUIC splice {quic}, TLS splice {tls}");

@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+
+use super::readahead::ReadAhead;
 use tokio::io::{AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 /// Application error code for a QUIC stream reset by the agent (the other side reset).
@@ -296,7 +298,7 @@ impl<S: tokio::io::AsyncRead + AsyncWrite + Send + Unpin> ChunkRead for TlsRead<
     }
 }
 
-impl Side for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+impl Side for tokio_rustls::server::TlsStream<ReadAhead> {
     type R = TlsRead<Self>;
     type W = tokio::io::WriteHalf<Self>;
     fn split(self) -> (Self::R, Self::W) {
@@ -305,11 +307,11 @@ impl Side for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
     }
     fn abort(r: Self::R, w: Self::W) {
         let (tcp, _) = r.0.unsplit(w).into_inner();
-        reset_tcp(tcp);
+        reset_tcp(tcp.into_inner());
     }
 }
 
-impl Side for tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+impl Side for tokio_rustls::client::TlsStream<ReadAhead> {
     type R = TlsRead<Self>;
     type W = tokio::io::WriteHalf<Self>;
     fn split(self) -> (Self::R, Self::W) {
@@ -318,7 +320,7 @@ impl Side for tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     }
     fn abort(r: Self::R, w: Self::W) {
         let (tcp, _) = r.0.unsplit(w).into_inner();
-        reset_tcp(tcp);
+        reset_tcp(tcp.into_inner());
     }
 }
 

@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
+use super::readahead::ReadAhead;
 use super::splice::{QuicSide, Side, splice};
 use super::tls;
 use crate::identity::Identity;
@@ -81,7 +82,7 @@ pub enum TunnelStream {
     /// A stream of the pooled QUIC connection.
     Quic(QuicSide),
     /// A TLS-over-TCP connection of its own.
-    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+    Tls(Box<tokio_rustls::client::TlsStream<ReadAhead>>),
 }
 
 /// An opened tunnel stream, header written.
@@ -500,7 +501,7 @@ impl Tunnel {
         let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).expect("literal");
         let mut stream = tokio::time::timeout(
             self.connect_timeout,
-            tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
+            tokio_rustls::TlsConnector::from(tls).connect(name, ReadAhead::new(tcp)),
         )
         .await
         .map_err(|_| err("TLS handshake timed out".into()))?
@@ -569,7 +570,7 @@ impl Tunnel {
                 // which lives as long as the connection.
                 let tls = match tokio::time::timeout(
                     HEADER_TIMEOUT,
-                    Box::pin(tokio_rustls::TlsAcceptor::from(cfg).accept(tcp)),
+                    Box::pin(tokio_rustls::TlsAcceptor::from(cfg).accept(ReadAhead::new(tcp))),
                 )
                 .await
                 {
