@@ -185,7 +185,10 @@ fn bulk(addr: SocketAddr, secs: u64) -> anyhow::Result<()> {
     let bytes = u64::from_be_bytes(n);
     println!(
         "{}",
-        json!({ "bytes": bytes, "wall_s": wall, "gbit_s": bytes as f64 * 8.0 / wall / 1e9 })
+        json!({
+            "bytes": bytes, "wall_s": wall, "gbit_s": bytes as f64 * 8.0 / wall / 1e9,
+            "client_cpu_s": cpu_seconds(std::process::id()),
+        })
     );
     Ok(())
 }
@@ -301,6 +304,33 @@ fn nofile_arg() -> String {
 }
 
 /// utime + stime of a process, in seconds.
+/// CPU seconds the whole machine spent busy (user, system, interrupts; not idle, I/O
+/// wait or steal), from `/proc/stat`.
+fn machine_busy_seconds() -> f64 {
+    machine_seconds(&[0, 1, 2, 5, 6])
+}
+
+/// CPU seconds the hypervisor gave to others while this VM wanted to run (steal).
+fn machine_steal_seconds() -> f64 {
+    machine_seconds(&[7])
+}
+
+/// The sum of the given columns of `/proc/stat`'s `cpu` line (user nice system idle
+/// iowait irq softirq steal), in seconds.
+fn machine_seconds(columns: &[usize]) -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let sum: f64 = columns.iter().filter_map(|i| f.get(*i)).sum();
+    sum / 100.0
+}
+
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
@@ -373,7 +403,15 @@ impl Run {
     }
 
     /// Latency and bulk from vm1 to `addr`, with the CPU of `procs` during the latency run.
-    fn measure(&self, name: &str, addr: &str, procs: &[(&str, u32)]) -> anyhow::Result<Value> {
+    /// Latency and CPU per request, then bulk throughput with the CPU every process on
+    /// the path spent on it (client, `server` and each proxy in `procs`).
+    fn measure(
+        &self,
+        name: &str,
+        addr: &str,
+        server: u32,
+        procs: &[(&str, u32)],
+    ) -> anyhow::Result<Value> {
         eprintln!("-- {name}: latency at {RATE}/s for {LATENCY_SECS}s");
         let vm1 = self.lab.node("vm1");
         let before: Vec<f64> = procs.iter().map(|(_, p)| cpu_seconds(*p)).collect();
@@ -402,7 +440,31 @@ impl Run {
             );
         }
         eprintln!("-- {name}: bulk for {BULK_SECS}s");
-        let bulk = run_json(vm1, &self.me, &["bulk", addr, &BULK_SECS.to_string()])?;
+        let before: Vec<f64> = procs.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+        let server_before = cpu_seconds(server);
+        let machine_before = machine_busy_seconds();
+        let steal_before = machine_steal_seconds();
+        let mut bulk = run_json(vm1, &self.me, &["bulk", addr, &BULK_SECS.to_string()])?;
+        let proxies: f64 = procs
+            .iter()
+            .zip(before)
+            .map(|((_, p), b)| cpu_seconds(*p) - b)
+            .sum();
+        let server_cpu = cpu_seconds(server) - server_before;
+        let machine = machine_busy_seconds() - machine_before;
+        let steal = machine_steal_seconds() - steal_before;
+        let client_cpu = bulk["client_cpu_s"].as_f64().unwrap_or(f64::NAN);
+        let gb = bulk["bytes"].as_f64().unwrap_or(f64::NAN) / 1e9;
+        let wall = bulk["wall_s"].as_f64().unwrap_or(f64::NAN);
+        bulk["cpu"] = json!({
+            "client_s": client_cpu, "server_s": server_cpu, "proxies_s": proxies,
+            "total_s_per_gb": (client_cpu + server_cpu + proxies) / gb,
+            "proxies_s_per_gb": proxies / gb,
+            "processes_cpus_busy": (client_cpu + server_cpu + proxies) / wall,
+            "machine_s_per_gb": machine / gb,
+            "machine_cpus_busy": machine / wall,
+            "machine_cpus_stolen": steal / wall,
+        });
         let v = json!({ "path": name, "latency": lat, "bulk": bulk, "proxies": cpu });
         eprintln!("{v}");
         Ok(v)
@@ -499,7 +561,7 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
         }
         states.push(state);
     }
-    let _server = spawn(
+    let server = spawn(
         &vm2,
         &root.join("server.log"),
         &me,
@@ -510,7 +572,8 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
     let mut results = Vec::new();
 
     // 1. Direct.
-    results.push(run.measure("direct TCP", &direct_addr, &[])?);
+    let server_pid = server.0.id();
+    results.push(run.measure("direct TCP", &direct_addr, server_pid, &[])?);
 
     // 2. Two agents, QUIC.
     let a2 = run.agent("vm2", &states[1])?;
@@ -531,6 +594,7 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
     let mut quic = run.measure(
         "two agents, QUIC",
         &vip_addr,
+        server_pid,
         &[("client agent", a1.0.id()), ("server agent", a2.0.id())],
     )?;
     eprintln!("-- {CONNS} concurrent connections through both agents");
@@ -575,6 +639,7 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
     results.push(run.measure(
         "two agents, TCP + TLS",
         &vip_addr,
+        server_pid,
         &[("client agent", a1.0.id()), ("server agent", a2.0.id())],
     )?);
     // A clean stop removes the agents' capture rules.
@@ -593,6 +658,7 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
         run.measure(
             "stunnel4 → stunnel4 (mTLS)",
             "127.0.0.1:9000",
+            server_pid,
             &[
                 ("client stunnel", st_client.0.id()),
                 ("server stunnel", st_server.0.id()),
@@ -746,6 +812,25 @@ fn print_table(report: &Value) {
             } else {
                 cpu.join(", ")
             }
+        );
+    }
+    println!(
+        "\n| path (bulk) | Gbit/s | machine CPUs busy (of {}) | stolen by the host | machine CPU s per GB | processes: client + server + proxies, CPU s per GB | of which proxies |",
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for r in &results {
+        let c = &r["bulk"]["cpu"];
+        let f = |k: &str| c[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            r["path"].as_str().unwrap_or(""),
+            r["bulk"]["gbit_s"].as_f64().unwrap_or(f64::NAN),
+            f("machine_cpus_busy"),
+            f("machine_cpus_stolen"),
+            f("machine_s_per_gb"),
+            f("total_s_per_gb"),
+            f("proxies_s_per_gb"),
         );
     }
     if let Some(m) = results.get(1).map(|r| &r["memory_mib"]) {
