@@ -35,6 +35,12 @@ const RATE: u32 = 1000;
 const LATENCY_SECS: u64 = 10;
 const BULK_SECS: u64 = 5;
 const CONNS: usize = 10_000;
+/// Connections held over the TCP + TLS fallback: each one takes two descriptors in each
+/// agent (the application's socket and its own TLS connection), so 10,000 would pass the
+/// 20,000 open files this benchmark machine allows a process.
+const TLS_CONNS: usize = 8_000;
+/// Longest wait for the held connections to be established.
+const HOLD_WAIT: Duration = Duration::from_secs(180);
 const WAIT: Duration = Duration::from_secs(60);
 
 fn main() -> anyhow::Result<()> {
@@ -403,6 +409,58 @@ impl Run {
     }
 
     /// Latency and bulk from vm1 to `addr`, with the CPU of `procs` during the latency run.
+    /// Holds `conns` connections through both agents and reads their memory.
+    fn hold(
+        &self,
+        addr: &str,
+        conns: usize,
+        client_agent: u32,
+        server_agent: u32,
+        idle: (f64, f64),
+    ) -> anyhow::Result<Value> {
+        eprintln!("-- {conns} concurrent connections through both agents");
+        let mut holder = self
+            .lab
+            .node("vm1")
+            .cmd("prlimit")
+            .arg(nofile_arg())
+            .arg(&self.me)
+            .args(["hold", addr, &conns.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdout = holder.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(HOLD_WAIT).unwrap_or_default();
+        if !line.starts_with("ready") {
+            let _ = holder.kill();
+            let _ = holder.wait();
+            bail!(
+                "holding {conns} connections failed within {HOLD_WAIT:?}: {line:?} (see the agents' logs; open-file limits?)"
+            );
+        }
+        let at_conns = (rss_mib(client_agent), rss_mib(server_agent));
+        if let Some(dir) = std::env::var_os("DATAPLANE_DEBUG_DIR") {
+            let _ = std::fs::copy(
+                format!("/proc/{client_agent}/smaps"),
+                Path::new(&dir).join(format!("smaps-client-{conns}")),
+            );
+        }
+        drop(holder.stdin.take());
+        let _ = holder.wait();
+        Ok(json!({
+            "client_agent_idle_rss": idle.0, "server_agent_idle_rss": idle.1,
+            "client_agent_rss_at_conns": at_conns.0.0, "client_agent_peak": at_conns.0.1,
+            "server_agent_rss_at_conns": at_conns.1.0, "server_agent_peak": at_conns.1.1,
+            "connections": conns,
+        }))
+    }
+
     /// Latency and CPU per request, then bulk throughput with the CPU every process on
     /// the path spent on it (client, `server` and each proxy in `procs`).
     fn measure(
@@ -597,33 +655,7 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
         server_pid,
         &[("client agent", a1.0.id()), ("server agent", a2.0.id())],
     )?;
-    eprintln!("-- {CONNS} concurrent connections through both agents");
-    let mut holder = vm1
-        .cmd("prlimit")
-        .arg(nofile_arg())
-        .arg(&me)
-        .args(["hold", &vip_addr, &CONNS.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.take().context("stdout")?),
-        &mut line,
-    )?;
-    if !line.starts_with("ready") {
-        let _ = holder.kill();
-        bail!("holding {CONNS} connections failed: {line:?}");
-    }
-    let at_conns = (rss_mib(a1.0.id()), rss_mib(a2.0.id()));
-    drop(holder.stdin.take());
-    let _ = holder.wait();
-    quic["memory_mib"] = json!({
-        "client_agent_idle_rss": idle.0, "server_agent_idle_rss": idle.1,
-        "client_agent_rss_at_conns": at_conns.0.0, "client_agent_peak": at_conns.0.1,
-        "server_agent_rss_at_conns": at_conns.1.0, "server_agent_peak": at_conns.1.1,
-        "connections": CONNS,
-    });
+    quic["memory_mib"] = run.hold(&vip_addr, CONNS, a1.0.id(), a2.0.id(), idle)?;
     results.push(quic);
 
     // 3. Two agents, TCP + TLS (a fresh client agent with the tunnel's UDP dropped).
@@ -636,12 +668,15 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
             .contains(&format!("-d {}/32 ", vm2.addr))
             .then_some(())
     });
-    results.push(run.measure(
+    let tls_idle = (rss_mib(a1.0.id()).0, rss_mib(a2.0.id()).0);
+    let mut tls = run.measure(
         "two agents, TCP + TLS",
         &vip_addr,
         server_pid,
         &[("client agent", a1.0.id()), ("server agent", a2.0.id())],
-    )?);
+    )?;
+    tls["memory_mib"] = run.hold(&vip_addr, TLS_CONNS, a1.0.id(), a2.0.id(), tls_idle)?;
+    results.push(tls);
     // A clean stop removes the agents' capture rules.
     a1.stop();
     a2.stop();
@@ -833,8 +868,14 @@ fn print_table(report: &Value) {
             f("proxies_s_per_gb"),
         );
     }
-    if let Some(m) = results.get(1).map(|r| &r["memory_mib"]) {
-        println!("\nagent memory (MiB): {m}");
+    for r in &results {
+        if !r["memory_mib"].is_null() {
+            println!(
+                "\nagent memory (MiB), {}: {}",
+                r["path"].as_str().unwrap_or(""),
+                r["memory_mib"]
+            );
+        }
     }
     println!(
         "stunnel4 RSS after its run (MiB): {}",

@@ -11,9 +11,9 @@
 //! | no byte either way for the idle timeout | both sides are closed abortively |
 //!
 //! Buffers: a TCP side reads only after the socket is readable, into a buffer taken for
-//! that read and released once written, and a QUIC side hands over quinn's own chunks, so
-//! an idle connection holds no copy buffer (agent memory at many idle connections stays
-//! small). Only the TLS fallback reads through a fixed buffer.
+//! that read and released once written; a QUIC side hands over quinn's own chunks; a TLS
+//! side waits on a one-byte read before it takes a buffer. So an idle connection holds
+//! no copy buffer (agent memory at many idle connections stays small).
 
 use std::future::Future;
 use std::io;
@@ -381,14 +381,28 @@ impl<T: Side> Side for Box<T> {
 #[derive(Debug)]
 pub struct TlsRead<S>(tokio::io::ReadHalf<S>);
 
+/// A TLS side is read through a one-byte probe first, so an idle connection waits
+/// without a buffer; once a byte has arrived, a buffer is taken and whatever else is
+/// already decrypted (the rest of the record, usually) is read into it without waiting.
 impl<S: tokio::io::AsyncRead + AsyncWrite + Send + Unpin> ChunkRead for TlsRead<S> {
     async fn read_chunks(&mut self, out: &mut Vec<Bytes>) -> io::Result<bool> {
-        let mut buf = vec![0u8; TLS_CHUNK];
-        let n = self.0.read(&mut buf).await?;
-        if n == 0 {
+        let mut probe = [0u8; 1];
+        if self.0.read(&mut probe).await? == 0 {
             return Ok(false);
         }
-        buf.truncate(n);
+        let mut buf = vec![0u8; TLS_CHUNK];
+        buf[0] = probe[0];
+        let mut filled = 1;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut rb = tokio::io::ReadBuf::new(&mut buf[1..]);
+        // Polled once, without waiting: a pending read leaves nothing behind, and an
+        // error here comes back on the next read, after these bytes are handed over.
+        if let std::task::Poll::Ready(Ok(())) =
+            tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut self.0), &mut cx, &mut rb)
+        {
+            filled += rb.filled().len();
+        }
+        buf.truncate(filled);
         out.push(fitted(buf));
         Ok(true)
     }

@@ -77,6 +77,9 @@ pub fn server_config(id: &Identity, bundle: &[Vec<u8>]) -> Result<rustls::Server
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Identity(e.to_string()))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    // Tunnel clients never resume (each connection verifies the full chain and the
+    // expected identity), so tickets would only cost a seal and a record per connection.
+    cfg.send_tls13_tickets = 0;
     Ok(cfg)
 }
 
@@ -102,6 +105,11 @@ pub fn client_config(
         .with_client_auth_cert(chain, key)
         .map_err(|e| TlsError::Identity(e.to_string()))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    // No session resumption: every tunnel connection is verified in full against the
+    // expected identity and the deny list. rustls's default resumption cache is sized
+    // for 256 servers up front, and a connection keeps its config alive: with it, each
+    // TLS-fallback connection held ~190 KiB (1.5 GiB at 8,000 connections, measured).
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
 }
 

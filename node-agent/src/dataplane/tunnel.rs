@@ -53,6 +53,10 @@ const UDP_BUFFER: usize = 4 * 1024 * 1024;
 /// How long a peer whose QUIC failed while TCP worked is reached over TCP directly.
 const QUIC_DOWN_FOR: Duration = Duration::from_secs(30);
 
+/// A pooled connection's dial lock, holding the time and error of its last failed dial.
+#[derive(Debug, Default)]
+struct DialState(tokio::sync::Mutex<Option<(tokio::time::Instant, String)>>);
+
 /// Read half of a tunnel stream (QUIC stream or TLS over TCP).
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 /// Write half of a tunnel stream; shutting it down is the half-close.
@@ -244,6 +248,11 @@ pub struct Tunnel {
     identity: RwLock<Arc<Identity>>,
     state: SharedState,
     pool: tokio::sync::Mutex<HashMap<(SocketAddr, String), quinn::Connection>>,
+    /// One QUIC dial at a time per pooled connection, with the last failure: opens that
+    /// waited on a dial that failed fail at once instead of dialling again each.
+    dialing: std::sync::Mutex<HashMap<(SocketAddr, String), Arc<DialState>>>,
+    /// QUIC dials made (for tests and diagnostics).
+    dials: std::sync::atomic::AtomicU64,
     connect_timeout: Duration,
     mark: Option<u32>,
     idle_timeout: Option<Duration>,
@@ -255,6 +264,27 @@ impl std::fmt::Debug for Tunnel {
             .field("local", &self.endpoint.local_addr().ok())
             .finish()
     }
+}
+
+/// Binds the tunnel's UDP socket and, on the same port number, the TCP + TLS fallback's
+/// listener. With port 0 the kernel picks the UDP port, which TCP may have in use (a
+/// client connection's port): then both are bound again on another, a few times.
+fn bind_pair(
+    listen: SocketAddr,
+) -> Result<(std::net::UdpSocket, std::net::TcpListener), (&'static str, SocketAddr, std::io::Error)>
+{
+    let attempts = if listen.port() == 0 { 16 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let udp = std::net::UdpSocket::bind(listen).map_err(|e| ("udp", listen, e))?;
+        let addr = udp.local_addr().unwrap_or(listen);
+        match std::net::TcpListener::bind(addr) {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) => last = Some((addr, e)),
+        }
+    }
+    let (addr, e) = last.expect("at least one attempt");
+    Err(("tcp", addr, e))
 }
 
 fn transport() -> Arc<quinn::TransportConfig> {
@@ -284,7 +314,13 @@ impl Tunnel {
             peer: listen,
             message: format!("cannot bind UDP {listen}: {e}"),
         };
-        let socket = std::net::UdpSocket::bind(listen).map_err(bind_err)?;
+        let (socket, tcp) = bind_pair(listen).map_err(|(proto, addr, e)| TunnelError::Connect {
+            peer: addr,
+            message: match proto {
+                "tcp" => format!("cannot bind TCP {addr} (TCP + TLS fallback): {e}"),
+                _ => format!("cannot bind UDP {addr}: {e}"),
+            },
+        })?;
         // One bulk stream sends tens of thousands of datagrams per second: the kernel's
         // default socket buffers (~200 KiB) drop bursts and the congestion controller
         // backs off. Ask for more (capped by net.core.rmem_max / wmem_max).
@@ -312,14 +348,13 @@ impl Tunnel {
             runtime,
         )
         .map_err(bind_err)?;
-        // TCP + TLS fallback on the same port number.
-        let tcp_addr = endpoint.local_addr().unwrap_or(listen);
-        let tcp = std::net::TcpListener::bind(tcp_addr)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .and_then(tokio::net::TcpListener::from_std)
+        let tcp_addr = tcp.local_addr().unwrap_or(listen);
+        let tcp = tcp
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(tcp))
             .map_err(|e| TunnelError::Connect {
                 peer: tcp_addr,
-                message: format!("cannot bind TCP {tcp_addr} (TCP + TLS fallback): {e}"),
+                message: format!("cannot listen on TCP {tcp_addr} (TCP + TLS fallback): {e}"),
             })?;
         let t = Arc::new(Self {
             endpoint,
@@ -328,6 +363,8 @@ impl Tunnel {
             identity: RwLock::new(Arc::new(identity)),
             state,
             pool: tokio::sync::Mutex::new(HashMap::new()),
+            dialing: std::sync::Mutex::new(HashMap::new()),
+            dials: std::sync::atomic::AtomicU64::new(0),
             connect_timeout,
             mark,
             idle_timeout,
@@ -405,11 +442,68 @@ impl Tunnel {
         expected: &str,
     ) -> Result<quinn::Connection, TunnelError> {
         let key = (peer, expected.to_owned());
-        if let Some(c) = self.pool.lock().await.get(&key)
-            && c.close_reason().is_none()
-        {
-            return Ok(c.clone());
+        if let Some(c) = self.pooled(&key).await {
+            return Ok(c);
         }
+        // Single flight: many connections opened at once towards a peer (a start, a burst)
+        // share one dial instead of each making a QUIC connection, which with UDP blocked
+        // would be hundreds of handshakes waiting out their timeout together.
+        let dial = self
+            .dialing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let waited_from = tokio::time::Instant::now();
+        let mut last_failure = dial.0.lock().await;
+        if let Some(c) = self.pooled(&key).await {
+            return Ok(c);
+        }
+        if let Some((at, message)) = &*last_failure
+            && *at >= waited_from
+        {
+            return Err(TunnelError::Connect {
+                peer,
+                message: message.clone(),
+            });
+        }
+        let result = self.dial(peer, expected).await;
+        match &result {
+            Ok(conn) => {
+                *last_failure = None;
+                self.pool.lock().await.insert(key, conn.clone());
+            }
+            Err(e) => {
+                *last_failure = Some((tokio::time::Instant::now(), e.to_string()));
+            }
+        }
+        result
+    }
+
+    /// How many QUIC connections this tunnel has dialled.
+    pub fn quic_dials(&self) -> u64 {
+        self.dials.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The pooled connection for `key`, if it is still open.
+    async fn pooled(&self, key: &(SocketAddr, String)) -> Option<quinn::Connection> {
+        self.pool
+            .lock()
+            .await
+            .get(key)
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+
+    /// Makes a new QUIC connection to `peer`, which must present `expected`.
+    async fn dial(
+        &self,
+        peer: SocketAddr,
+        expected: &str,
+    ) -> Result<quinn::Connection, TunnelError> {
+        self.dials
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tls = self.client_tls(expected)?;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| tls::TlsError::Identity(e.to_string()))?;
@@ -425,7 +519,6 @@ impl Tunnel {
             .map_err(|_| err("no QUIC answer in time (UDP blocked?)".into()))?
             .map_err(|e| err(e.to_string()))?;
         tracing::debug!(%peer, identity = expected, "tunnel connection up");
-        self.pool.lock().await.insert(key, conn.clone());
         Ok(conn)
     }
 

@@ -350,3 +350,64 @@ async fn only_the_hosts_workload_ports_are_reachable() {
         "a loopback port outside the workload was reachable"
     );
 }
+
+#[tokio::test]
+async fn concurrent_opens_share_one_dial_also_when_udp_is_blocked() {
+    let ca = ca();
+    let port = echo_app().await;
+    let b = tunnel(identity(&ca, WEB), serving(port, &[]));
+    let a = tunnel(identity(&ca, CLIENT), state(&[]));
+    let opens = |peer: SocketAddr| {
+        let a = a.clone();
+        async move {
+            let tasks: Vec<_> = (0..20)
+                .map(|i| {
+                    let a = a.clone();
+                    tokio::spawn(async move {
+                        let msg = format!("m{i}");
+                        round_trip_on(&a, peer, WEB, port, msg.as_bytes())
+                            .await
+                            .map(|(t, back)| (t, back == msg.as_bytes()))
+                    })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap().unwrap());
+            }
+            out
+        }
+    };
+    // A reachable peer: twenty streams at once ride one pooled connection.
+    let done = opens(b.local_addr().unwrap()).await;
+    assert!(
+        done.iter().all(|d| *d == (Transport::Quic, true)),
+        "{done:?}"
+    );
+    assert_eq!(a.quic_dials(), 1);
+    // UDP a black hole, TCP reaching b: the twenty wait on one dial, then all fall back.
+    let black_hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let blocked = black_hole.local_addr().unwrap();
+    let relay = tokio::net::TcpListener::bind(blocked).await.unwrap();
+    let target = b.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = relay.accept().await {
+            tokio::spawn(async move {
+                if let Ok(up) = tokio::net::TcpStream::connect(target).await {
+                    super::splice::splice(s, up, None).await;
+                }
+            });
+        }
+    });
+    let done = opens(blocked).await;
+    assert!(
+        done.iter().all(|d| *d == (Transport::TcpTls, true)),
+        "{done:?}"
+    );
+    assert_eq!(
+        a.quic_dials(),
+        2,
+        "one more dial for the blocked peer, not one per stream"
+    );
+    drop(black_hole);
+}
