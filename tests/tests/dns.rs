@@ -139,6 +139,14 @@ fn table_live(node: &Node) -> bool {
     node.sh("nft list table ip causeway_dns").status.success()
 }
 
+/// `causeway-agent doctor` in `node`.
+fn doctor(node: &Node, state: &Path) -> Output {
+    node.cmd(bin("causeway-agent"))
+        .args(["doctor", "--state-dir", state.to_str().unwrap()])
+        .output()
+        .unwrap()
+}
+
 fn out_text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -512,12 +520,7 @@ fn mesh_names_forwarding_fail_open_and_cache() {
     );
 
     // 6. doctor agrees.
-    let doc = l
-        .vm1()
-        .cmd(bin("causeway-agent"))
-        .args(["doctor", "--state-dir", state.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let doc = doctor(l.vm1(), &state);
     assert!(
         doc.status.success() && out_text(&doc).contains("dns capture: as expected"),
         "doctor: {}",
@@ -538,12 +541,7 @@ fn mesh_names_forwarding_fail_open_and_cache() {
         describe(&out)
     );
     // doctor: nothing expected, nothing live. A stray table is reported.
-    let doc = l
-        .vm1()
-        .cmd(bin("causeway-agent"))
-        .args(["doctor", "--state-dir", state.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let doc = doctor(l.vm1(), &state);
     // (The data plane's iptables rules of the killed agent are its own leftovers, which
     // the next start removes; DNS has none.)
     assert!(
@@ -552,12 +550,7 @@ fn mesh_names_forwarding_fail_open_and_cache() {
         describe(&doc)
     );
     l.sh("nft add table ip causeway_dns");
-    let doc = l
-        .vm1()
-        .cmd(bin("causeway-agent"))
-        .args(["doctor", "--state-dir", state.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let doc = doctor(l.vm1(), &state);
     assert!(
         !doc.status.success() && out_text(&doc).contains("nft delete table ip causeway_dns"),
         "doctor with a stray table: {}",

@@ -38,11 +38,6 @@ impl ReadAhead {
         self.tcp
     }
 
-    /// The socket.
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.tcp
-    }
-
     fn serve(&mut self, out: &mut ReadBuf<'_>) {
         let n = out.remaining().min(self.buf.len() - self.pos);
         out.put_slice(&self.buf[self.pos..self.pos + n]);
