@@ -53,6 +53,14 @@ const UDP_BUFFER: usize = 4 * 1024 * 1024;
 /// How long a peer whose QUIC failed while TCP worked is reached over TCP directly.
 const QUIC_DOWN_FOR: Duration = Duration::from_secs(30);
 
+/// A client TLS configuration and what it was built from.
+#[derive(Debug)]
+struct CachedClientTls {
+    identity: Arc<Identity>,
+    version: u64,
+    config: Arc<rustls::ClientConfig>,
+}
+
 /// A pooled connection's dial lock, holding the time and error of its last failed dial.
 #[derive(Debug, Default)]
 struct DialState(tokio::sync::Mutex<Option<(tokio::time::Instant, String)>>);
@@ -251,6 +259,8 @@ pub struct Tunnel {
     /// One QUIC dial at a time per pooled connection, with the last failure: opens that
     /// waited on a dial that failed fail at once instead of dialling again each.
     dialing: std::sync::Mutex<HashMap<(SocketAddr, String), Arc<DialState>>>,
+    /// Client TLS configurations by expected peer identity.
+    tls_clients: std::sync::Mutex<HashMap<String, CachedClientTls>>,
     /// QUIC dials made (for tests and diagnostics).
     dials: std::sync::atomic::AtomicU64,
     connect_timeout: Duration,
@@ -364,6 +374,7 @@ impl Tunnel {
             state,
             pool: tokio::sync::Mutex::new(HashMap::new()),
             dialing: std::sync::Mutex::new(HashMap::new()),
+            tls_clients: std::sync::Mutex::new(HashMap::new()),
             dials: std::sync::atomic::AtomicU64::new(0),
             connect_timeout,
             mark,
@@ -415,25 +426,47 @@ impl Tunnel {
         self.endpoint.close(0u32.into(), b"agent stopping");
     }
 
-    fn client_tls(&self, expected: &str) -> Result<rustls::ClientConfig, TunnelError> {
+    /// The client TLS configuration for peers that must present `expected`: built once
+    /// per identity and mesh state version (certificate, trust bundle, deny list), not
+    /// per connection, since the TCP + TLS fallback opens one TLS connection per proxied
+    /// connection.
+    fn client_tls(&self, expected: &str) -> Result<Arc<rustls::ClientConfig>, TunnelError> {
         let identity = self
             .identity
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let deny = Arc::new(
-            self.state
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .deny_serials
-                .clone(),
-        );
-        Ok(tls::client_config(
+        let version = self.state.read().unwrap_or_else(|p| p.into_inner()).version;
+        let mut cache = self.tls_clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(expected)
+            && c.version == version
+            && Arc::ptr_eq(&c.identity, &identity)
+        {
+            return Ok(c.config.clone());
+        }
+        // Read after `version`: a change in between makes the next call rebuild, never
+        // keeps an older deny list than the version says.
+        let deny = self
+            .state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .deny_serials
+            .clone();
+        let config = Arc::new(tls::client_config(
             &identity,
             &Self::bundle(&identity, &self.state),
             expected,
-            deny,
-        )?)
+            Arc::new(deny),
+        )?);
+        cache.insert(
+            expected.to_owned(),
+            CachedClientTls {
+                identity,
+                version,
+                config: config.clone(),
+            },
+        );
+        Ok(config)
     }
 
     async fn connection(
@@ -586,7 +619,7 @@ impl Tunnel {
         header: &Header,
     ) -> Result<Opened, TunnelError> {
         let bytes = header.encode()?;
-        let tls = Arc::new(self.client_tls(expected)?);
+        let tls = self.client_tls(expected)?;
         let err = |message: String| TunnelError::Connect { peer, message };
         let tcp = connect_tcp(peer, self.mark, self.connect_timeout)
             .await

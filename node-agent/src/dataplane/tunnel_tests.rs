@@ -285,6 +285,24 @@ async fn rotation_keeps_established_streams_and_new_connections_work() {
     );
 }
 
+/// An address where UDP is a black hole (the returned socket, which must be kept) and TCP
+/// reaches `target`'s TCP + TLS listener: a peer whose UDP is blocked.
+async fn udp_blocked_path_to(target: SocketAddr) -> (std::net::UdpSocket, SocketAddr) {
+    let black_hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let blocked = black_hole.local_addr().unwrap();
+    let relay = tokio::net::TcpListener::bind(blocked).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = relay.accept().await {
+            tokio::spawn(async move {
+                if let Ok(up) = tokio::net::TcpStream::connect(target).await {
+                    super::splice::splice(s, up, None).await;
+                }
+            });
+        }
+    });
+    (black_hole, blocked)
+}
+
 #[tokio::test]
 async fn udp_blocked_falls_back_to_tcp_tls() {
     let ca = ca();
@@ -297,21 +315,7 @@ async fn udp_blocked_falls_back_to_tcp_tls() {
             .unwrap(),
         (Transport::Quic, b"q".to_vec())
     );
-    // A port where UDP is a black hole and TCP reaches b's TCP + TLS listener.
-    let black_hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let blocked = black_hole.local_addr().unwrap();
-    let relay = tokio::net::TcpListener::bind(blocked).await.unwrap();
-    let target = b.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = relay.accept().await {
-            tokio::spawn(async move {
-                let Ok(up) = tokio::net::TcpStream::connect(target).await else {
-                    return;
-                };
-                super::splice::splice(s, up, None).await;
-            });
-        }
-    });
+    let (black_hole, blocked) = udp_blocked_path_to(b.local_addr().unwrap()).await;
     assert_eq!(
         round_trip_on(&a, blocked, WEB, port, b"fallback")
             .await
@@ -386,19 +390,7 @@ async fn concurrent_opens_share_one_dial_also_when_udp_is_blocked() {
     );
     assert_eq!(a.quic_dials(), 1);
     // UDP a black hole, TCP reaching b: the twenty wait on one dial, then all fall back.
-    let black_hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let blocked = black_hole.local_addr().unwrap();
-    let relay = tokio::net::TcpListener::bind(blocked).await.unwrap();
-    let target = b.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = relay.accept().await {
-            tokio::spawn(async move {
-                if let Ok(up) = tokio::net::TcpStream::connect(target).await {
-                    super::splice::splice(s, up, None).await;
-                }
-            });
-        }
-    });
+    let (black_hole, blocked) = udp_blocked_path_to(b.local_addr().unwrap()).await;
     let done = opens(blocked).await;
     assert!(
         done.iter().all(|d| *d == (Transport::TcpTls, true)),
@@ -410,4 +402,29 @@ async fn concurrent_opens_share_one_dial_also_when_udp_is_blocked() {
         "one more dial for the blocked peer, not one per stream"
     );
     drop(black_hole);
+}
+
+#[tokio::test]
+async fn a_pushed_deny_list_applies_to_the_next_tls_connection() {
+    let ca = ca();
+    let port = echo_app().await;
+    let web = identity(&ca, WEB);
+    let b = tunnel(web.clone(), serving(port, &[]));
+    let st = state(&[]);
+    let a = tunnel(identity(&ca, CLIENT), st.clone());
+    let (_black_hole, blocked) = udp_blocked_path_to(b.local_addr().unwrap()).await;
+    assert_eq!(
+        round_trip_on(&a, blocked, WEB, port, b"one").await.unwrap(),
+        (Transport::TcpTls, b"one".to_vec())
+    );
+    // A push denies the server's certificate: the client configuration is rebuilt.
+    {
+        let mut s = st.write().unwrap();
+        s.deny_serials.insert(web.serial.clone());
+        s.version += 1;
+    }
+    let err = round_trip(&a, blocked, WEB, port, b"two")
+        .await
+        .unwrap_err();
+    assert!(err.contains("deny list"), "{err}");
 }
