@@ -345,6 +345,28 @@ async fn tcp_accept(l: tokio::net::TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// Delay before the next DNS capture install after `failures` failed ones in a row:
+/// 0.5 s, doubling, at most 30 s.
+fn install_retry_delay(failures: u32) -> Duration {
+    Duration::from_millis(500)
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(6))
+        .min(Duration::from_secs(30))
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+
+    #[test]
+    fn failed_capture_installs_back_off_to_thirty_seconds() {
+        let d: Vec<u64> = (1..=9)
+            .map(|f| install_retry_delay(f).as_millis() as u64)
+            .collect();
+        assert_eq!(d, [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]);
+        assert_eq!(install_retry_delay(u32::MAX), Duration::from_secs(30));
+    }
+}
+
 fn write_status(path: &Path, st: &DnsStatus) {
     let json = serde_json::to_vec_pretty(st).unwrap_or_default();
     if let Err(e) = crate::identity::write_atomic(path, &json, 0o644) {
@@ -486,6 +508,11 @@ impl Dns {
         // The last install error, so a persistent one (no `nft`, no privilege) is logged
         // once, not every round.
         let last_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        // Failed installs are retried with a doubling delay (500 ms up to 30 s): a host
+        // without `nft`, or an agent without the privilege, must not fork a process every
+        // round for as long as it runs.
+        let mut failures: u32 = 0;
+        let mut next_install = tokio::time::Instant::now();
         dns.tasks.push(tokio::spawn(async move {
             let mut seen_mtime = resolv_mtime();
             // What applications query: the nameservers of resolv.conf as written. Read
@@ -515,16 +542,24 @@ impl Dns {
                 let resolvers = app_ns.clone();
                 let changed = resolvers != installed_for;
                 installed_for = resolvers.clone();
+                if changed {
+                    failures = 0;
+                    next_install = tokio::time::Instant::now();
+                }
+                let may_install = tokio::time::Instant::now() >= next_install;
                 let cap2 = cap.clone();
                 let last_error = last_error.clone();
-                let installed = tokio::task::spawn_blocking(move || {
+                let (installed, failed) = tokio::task::spawn_blocking(move || {
                     let mut guard = cap2.lock().unwrap_or_else(|p| p.into_inner());
                     if changed && let Some(mut c) = guard.take() {
                         c.remove();
                         tracing::info!(?resolvers, "resolv.conf nameservers changed; DNS capture follows");
                     }
                     let alive = guard.as_mut().is_some_and(|c| c.alive());
-                    if want && !alive {
+                    let mut failed = false;
+                    if want && !alive && !may_install {
+                        // Waiting out the delay after a failed install.
+                    } else if want && !alive {
                         if guard.take().is_some() {
                             tracing::warn!("the DNS capture's nft process ended; installing it again");
                         }
@@ -537,11 +572,12 @@ impl Dns {
                                 }
                             }
                             Err(e) => {
+                                failed = true;
                                 let msg = e.to_string();
                                 if last.as_deref() == Some(msg.as_str()) {
                                     tracing::debug!(error = %msg, "DNS capture still not installed");
                                 } else {
-                                    tracing::error!(error = %msg, "DNS capture not installed; applications keep using their resolvers directly (retrying every 500 ms, logged again only if the error changes)");
+                                    tracing::error!(error = %msg, "DNS capture not installed; applications keep using their resolvers directly (retrying after 0.5 s, doubling up to 30 s; logged again only if the error changes)");
                                     *last = Some(msg);
                                 }
                             }
@@ -550,10 +586,16 @@ impl Dns {
                         c.remove();
                         tracing::warn!(serving, "DNS capture removed: the server cannot answer (listener down, or no config and no upstream resolver)");
                     }
-                    guard.is_some()
+                    (guard.is_some(), failed)
                 })
                 .await
-                .unwrap_or(false);
+                .unwrap_or((false, false));
+                if failed {
+                    failures = failures.saturating_add(1);
+                    next_install = tokio::time::Instant::now() + install_retry_delay(failures);
+                } else if installed {
+                    failures = 0;
+                }
                 if use_capture && !want && !installed {
                     tracing::debug!("DNS capture waits for a config or an upstream resolver");
                 }
