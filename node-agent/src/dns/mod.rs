@@ -557,9 +557,8 @@ impl Dns {
                     }
                     let alive = guard.as_mut().is_some_and(|c| c.alive());
                     let mut failed = false;
-                    if want && !alive && !may_install {
-                        // Waiting out the delay after a failed install.
-                    } else if want && !alive {
+                    // After a failed install, nothing is tried until `next_install`.
+                    if want && !alive && may_install {
                         if guard.take().is_some() {
                             tracing::warn!("the DNS capture's nft process ended; installing it again");
                         }
