@@ -5,6 +5,7 @@
 //! [`READ_AHEAD`] bytes at once and hands them to rustls from memory. The buffer exists
 //! only while it holds unread bytes: an idle connection holds none.
 
+use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -65,18 +66,25 @@ impl AsyncRead for ReadAhead {
         }
         loop {
             ready!(me.tcp.poll_read_ready(cx))?;
+            // Through `poll_read` with the task's own waker, not `try_read`: a read
+            // shorter than the buffer drains the socket and Tokio then clears its
+            // readiness, so the next read sleeps at once instead of first failing with
+            // `EAGAIN` (one system call per record).
             let mut buf = Vec::with_capacity(READ_AHEAD);
-            match me.tcp.try_read_buf(&mut buf) {
+            let read = std::pin::pin!(tokio::io::AsyncReadExt::read_buf(&mut me.tcp, &mut buf));
+            match read.poll(cx) {
                 // End of stream: nothing put into `out`.
-                Ok(0) => return Poll::Ready(Ok(())),
-                Ok(_) => {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(_)) => {
                     me.buf = buf;
                     me.pos = 0;
                     me.serve(out);
                     return Poll::Ready(Ok(()));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // Stale readiness (cleared) or the cooperative budget spent: `cx` is
+                // registered or woken either way.
+                Poll::Pending => return Poll::Pending,
             }
         }
     }

@@ -273,21 +273,27 @@ fn reset_tcp(s: tokio::net::TcpStream) {
 }
 
 /// A TCP read half: waits for readability without a buffer, then reads into one.
+///
+/// The read goes through `AsyncRead` with the task's own waker: a read shorter than the
+/// buffer drains the socket and Tokio then clears its readiness, so the next call sleeps at
+/// once instead of first trying a read that can only fail with `EAGAIN` (one system call
+/// per request). A `Pending` from it (stale readiness, or Tokio's cooperative budget
+/// spent) has registered the task's waker, so the task sleeps and is woken correctly.
 impl ChunkRead for tokio::net::tcp::OwnedReadHalf {
     async fn read_chunks(&mut self, out: &mut Vec<Bytes>) -> io::Result<bool> {
-        loop {
-            self.readable().await?;
-            let mut buf = Vec::with_capacity(TCP_CHUNK);
-            match self.try_read_buf(&mut buf) {
-                Ok(0) => return Ok(false),
-                Ok(_) => {
-                    out.push(fitted(buf));
-                    return Ok(true);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
+        let buf = std::future::poll_fn(|cx| {
+            std::task::ready!(self.as_ref().poll_read_ready(cx))?;
+            let mut buf: Vec<u8> = Vec::with_capacity(TCP_CHUNK);
+            let read = std::pin::pin!(self.read_buf(&mut buf));
+            std::task::ready!(read.poll(cx))?;
+            std::task::Poll::Ready(Ok::<_, io::Error>(buf))
+        })
+        .await?;
+        if buf.is_empty() {
+            return Ok(false);
         }
+        out.push(fitted(buf));
+        Ok(true)
     }
 }
 
