@@ -22,6 +22,7 @@ pub mod tls;
 pub mod tunnel;
 #[cfg(test)]
 mod tunnel_tests;
+pub mod udp;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};

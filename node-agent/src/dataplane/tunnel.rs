@@ -351,7 +351,8 @@ impl Tunnel {
         }
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind_err(std::io::Error::other("no async runtime for the tunnel")))?;
-        let endpoint = quinn::Endpoint::new(
+        let socket = Arc::new(super::udp::TunnelSocket::new(socket, udp).map_err(bind_err)?);
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
             quinn::EndpointConfig::default(),
             Some(server),
             socket,

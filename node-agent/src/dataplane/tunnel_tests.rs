@@ -428,3 +428,46 @@ async fn a_pushed_deny_list_applies_to_the_next_tls_connection() {
         .unwrap_err();
     assert!(err.contains("deny list"), "{err}");
 }
+
+/// Both ends of the tunnel agree on TLS 1.3 with AES-128-GCM (the client's order decides).
+#[test]
+fn the_tunnel_negotiates_tls13_aes_128_gcm() {
+    let ca = ca();
+    let bundle = [ca.der().to_vec()];
+    let server = super::tls::server_config(&identity(&ca, WEB), &bundle).unwrap();
+    let client = super::tls::client_config(
+        &identity(&ca, CLIENT),
+        &bundle,
+        WEB,
+        Arc::new(BTreeSet::new()),
+    )
+    .unwrap();
+    let name = rustls::pki_types::ServerName::try_from(super::tls::SERVER_NAME).unwrap();
+    let mut c = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+    let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+    for _ in 0..10 {
+        let mut wire = Vec::new();
+        c.write_tls(&mut wire).unwrap();
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            s.read_tls(&mut rd).unwrap();
+            s.process_new_packets().unwrap();
+        }
+        let mut wire = Vec::new();
+        s.write_tls(&mut wire).unwrap();
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            c.read_tls(&mut rd).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        if !c.is_handshaking() && !s.is_handshaking() {
+            break;
+        }
+    }
+    assert!(!c.is_handshaking(), "the in-memory handshake finished");
+    assert_eq!(
+        c.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
+    assert_eq!(c.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+}
