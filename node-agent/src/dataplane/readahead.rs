@@ -64,28 +64,26 @@ impl AsyncRead for ReadAhead {
         if out.remaining() >= READ_AHEAD {
             return Pin::new(&mut me.tcp).poll_read(cx, out);
         }
-        loop {
-            ready!(me.tcp.poll_read_ready(cx))?;
-            // Through `poll_read` with the task's own waker, not `try_read`: a read
-            // shorter than the buffer drains the socket and Tokio then clears its
-            // readiness, so the next read sleeps at once instead of first failing with
-            // `EAGAIN` (one system call per record).
-            let mut buf = Vec::with_capacity(READ_AHEAD);
-            let read = std::pin::pin!(tokio::io::AsyncReadExt::read_buf(&mut me.tcp, &mut buf));
-            match read.poll(cx) {
-                // End of stream: nothing put into `out`.
-                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
-                Poll::Ready(Ok(_)) => {
-                    me.buf = buf;
-                    me.pos = 0;
-                    me.serve(out);
-                    return Poll::Ready(Ok(()));
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                // Stale readiness (cleared) or the cooperative budget spent: `cx` is
-                // registered or woken either way.
-                Poll::Pending => return Poll::Pending,
+        ready!(me.tcp.poll_read_ready(cx))?;
+        // Through `poll_read` with the task's own waker, not `try_read`: a read shorter
+        // than the buffer drains the socket and Tokio then clears its readiness, so the
+        // next read sleeps at once instead of first failing with `EAGAIN` (one system
+        // call per record).
+        let mut buf = Vec::with_capacity(READ_AHEAD);
+        let read = std::pin::pin!(tokio::io::AsyncReadExt::read_buf(&mut me.tcp, &mut buf));
+        match read.poll(cx) {
+            // End of stream: nothing put into `out`.
+            Poll::Ready(Ok(0)) => Poll::Ready(Ok(())),
+            Poll::Ready(Ok(_)) => {
+                me.buf = buf;
+                me.pos = 0;
+                me.serve(out);
+                Poll::Ready(Ok(()))
             }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            // Stale readiness (cleared) or the cooperative budget spent: `cx` is
+            // registered or woken either way.
+            Poll::Pending => Poll::Pending,
         }
     }
 }
