@@ -29,8 +29,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 pub const RESET_CODE: u32 = 0x52;
 /// Largest read from a TCP socket at once.
 const TCP_CHUNK: usize = 64 * 1024;
-/// Buffer of a TLS side.
-const TLS_CHUNK: usize = 16 * 1024;
+/// Most bytes read from a TLS side at once (four full records).
+const TLS_GATHER: usize = 64 * 1024;
 
 /// Reads the next chunks of a side.
 pub trait ChunkRead: Send {
@@ -389,26 +389,31 @@ pub struct TlsRead<S>(tokio::io::ReadHalf<S>);
 
 /// A TLS side is read through a one-byte probe first, so an idle connection waits
 /// without a buffer; once a byte has arrived, a buffer is taken and whatever else is
-/// already decrypted (the rest of the record, usually) is read into it without waiting.
+/// already decrypted or already received (up to [`TLS_GATHER`] bytes, several records in
+/// a bulk transfer) is read into it without waiting, so the other side gets one write for
+/// all of it.
 impl<S: tokio::io::AsyncRead + AsyncWrite + Send + Unpin> ChunkRead for TlsRead<S> {
     async fn read_chunks(&mut self, out: &mut Vec<Bytes>) -> io::Result<bool> {
+        use bytes::BufMut as _;
         let mut probe = [0u8; 1];
         if self.0.read(&mut probe).await? == 0 {
             return Ok(false);
         }
-        let mut buf = vec![0u8; TLS_CHUNK];
-        buf[0] = probe[0];
-        let mut filled = 1;
+        let mut buf = Vec::with_capacity(TLS_GATHER);
+        buf.push(probe[0]);
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let mut rb = tokio::io::ReadBuf::new(&mut buf[1..]);
-        // Polled once, without waiting: a pending read leaves nothing behind, and an
-        // error here comes back on the next read, after these bytes are handed over.
-        if let std::task::Poll::Ready(Ok(())) =
-            tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut self.0), &mut cx, &mut rb)
-        {
-            filled += rb.filled().len();
+        while buf.len() < TLS_GATHER {
+            let room = TLS_GATHER - buf.len();
+            // Polled once, without waiting: a pending read leaves nothing behind, and an
+            // error or the end of the stream comes back on the next read, after these
+            // bytes are handed over.
+            let mut limited = (&mut buf).limit(room);
+            let read = std::pin::pin!(self.0.read_buf(&mut limited));
+            match read.poll(&mut cx) {
+                std::task::Poll::Ready(Ok(n)) if n > 0 => {}
+                _ => break,
+            }
         }
-        buf.truncate(filled);
         out.push(fitted(buf));
         Ok(true)
     }
