@@ -11,7 +11,8 @@
 #                    available, so "one core" holds for every thread of it, the fsync and
 #                    sled threads included; the other programs are never pinned)
 #   BENCH_OUT=DIR    keep the JSON results there
-# The dataplane program needs root (network namespaces), stunnel4 and prlimit.
+# The dataplane program needs root (network namespaces), stunnel4 (installed here with
+# apt-get when missing) and prlimit.
 #   CARGO_TARGET_DIR as usual
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,6 +20,20 @@ cd "$repo"
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 out=${BENCH_OUT:-$(mktemp -d -t causeway-bench.XXXXXX)}
 mkdir -p "$out"
+
+# The data-plane benchmark's baseline is stunnel4: install it when it is missing and this
+# is a Debian/Ubuntu host run as root (the tests do not need it, so no test script does).
+wants_dataplane=1
+if [ $# -gt 0 ]; then
+    wants_dataplane=0
+    for p in "$@"; do [ "$p" = dataplane ] && wants_dataplane=1; done
+fi
+if [ "$wants_dataplane" = 1 ] && ! command -v stunnel4 >/dev/null && ! command -v stunnel >/dev/null \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing stunnel4 (the data-plane baseline)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q stunnel4 >/dev/null \
+        || echo "(could not install stunnel4; the dataplane program will say what is missing)"
+fi
 
 echo "== building (release)"
 # One invocation (one feature set): the data-plane benchmark runs the real controller,
