@@ -7,7 +7,9 @@
 //!
 //! Measured per path: latency of 1 KiB request/response at a fixed 1,000 requests/s on one
 //! connection (p50/p99, from the moment each request is written), bulk throughput of one
-//! connection, and CPU seconds of each proxy process during the latency run. For the
+//! connection, new connections per second (each one 1 KiB request/response, 10 clients at
+//! once: what a tunnel that pools and multiplexes saves), and CPU seconds of each proxy
+//! process during the latency and connection runs. For the
 //! agents, resident memory idle and with 10,000 concurrent connections through them over
 //! QUIC (8,000 over the TCP + TLS fallback, which takes two descriptors per connection),
 //! and, for bulk, the CPU every process and the whole machine spent per GB.
@@ -20,7 +22,8 @@
 //! quick iterations on latency, CPU and throughput.
 //!
 //! The same program is the client and the server: `dataplane serve PORT`,
-//! `dataplane latency ADDR RATE SECS`, `dataplane bulk ADDR SECS`, `dataplane hold ADDR N`.
+//! `dataplane latency ADDR RATE SECS`, `dataplane bulk ADDR SECS`, `dataplane hold ADDR N`,
+//! `dataplane connect ADDR SECS CLIENTS`.
 #![allow(clippy::disallowed_methods, reason = "a benchmark driver blocks")]
 
 use std::io::{Read as _, Write as _};
@@ -39,6 +42,9 @@ const PORT: u16 = 8080;
 const RATE: u32 = 1000;
 const LATENCY_SECS: u64 = 10;
 const BULK_SECS: u64 = 5;
+/// New connections, each carrying one 1 KiB request/response: seconds and clients at once.
+const CONNECT_SECS: u64 = 3;
+const CONNECT_CLIENTS: usize = 10;
 const CONNS: usize = 10_000;
 /// Connections held over the TCP + TLS fallback: each one takes two descriptors in each
 /// agent (the application's socket and its own TLS connection), so 10,000 would pass the
@@ -60,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         Some("latency") => latency(a(1)?.parse()?, a(2)?.parse()?, a(3)?.parse()?),
         Some("bulk") => bulk(a(1)?.parse()?, a(2)?.parse()?),
         Some("hold") => hold(a(1)?.parse()?, a(2)?.parse()?),
+        Some("connect") => connect_rate(a(1)?.parse()?, a(2)?.parse()?, a(3)?.parse()?),
         _ => {
             let json_out = args
                 .iter()
@@ -199,6 +206,55 @@ fn bulk(addr: SocketAddr, secs: u64) -> anyhow::Result<()> {
         json!({
             "bytes": bytes, "wall_s": wall, "gbit_s": bytes as f64 * 8.0 / wall / 1e9,
             "client_cpu_s": cpu_seconds(std::process::id()),
+        })
+    );
+    Ok(())
+}
+
+/// Client: `clients` threads each open a connection, send one 1 KiB request, read the
+/// answer and close, again and again for `secs`; prints JSON (connections per second and
+/// the time of one connection + request, p50/p99).
+fn connect_rate(addr: SocketAddr, secs: u64, clients: usize) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let stop = start + Duration::from_secs(secs);
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
+                let mut msg = vec![0x5au8; REQ + 1];
+                msg[0] = b'E';
+                let mut resp = [0u8; REQ];
+                let mut samples = Vec::new();
+                while Instant::now() < stop {
+                    let t0 = Instant::now();
+                    let mut s = TcpStream::connect(addr)
+                        .with_context(|| format!("connect {addr} (new connection)"))?;
+                    s.set_nodelay(true)?;
+                    s.write_all(&msg)?;
+                    s.read_exact(&mut resp)?;
+                    drop(s);
+                    samples.push(t0.elapsed().as_secs_f64() * 1e6);
+                }
+                Ok(samples)
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for t in threads {
+        samples.extend(
+            t.join()
+                .map_err(|_| anyhow::anyhow!("a client thread panicked"))??,
+        );
+    }
+    let wall = start.elapsed().as_secs_f64();
+    samples.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        json!({
+            "connections": samples.len(),
+            "wall_s": wall,
+            "per_s": samples.len() as f64 / wall,
+            "p50_us": percentile(&samples, 0.50),
+            "p99_us": percentile(&samples, 0.99),
         })
     );
     Ok(())
@@ -522,7 +578,31 @@ impl Run {
             "machine_cpus_busy": machine / wall,
             "machine_cpus_stolen": steal / wall,
         });
-        let v = json!({ "path": name, "latency": lat, "bulk": bulk, "proxies": cpu });
+        eprintln!("-- {name}: new connections for {CONNECT_SECS}s, {CONNECT_CLIENTS} clients");
+        let before: Vec<f64> = procs.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+        let mut connect = run_json(
+            vm1,
+            &self.me,
+            &[
+                "connect",
+                addr,
+                &CONNECT_SECS.to_string(),
+                &CONNECT_CLIENTS.to_string(),
+            ],
+        )?;
+        let conns = connect["connections"].as_f64().unwrap_or(f64::NAN);
+        let per_proxy: serde_json::Map<String, Value> = procs
+            .iter()
+            .zip(before)
+            .map(|((who, p), b)| {
+                (
+                    (*who).to_owned(),
+                    json!((cpu_seconds(*p) - b) / conns * 1000.0),
+                )
+            })
+            .collect();
+        connect["cpu_s_per_1k_connections"] = Value::Object(per_proxy);
+        let v = json!({ "path": name, "latency": lat, "bulk": bulk, "connect": connect, "proxies": cpu });
         eprintln!("{v}");
         Ok(v)
     }
@@ -618,6 +698,13 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
             bail!("join {vm}: {}", String::from_utf8_lossy(&out.stderr));
         }
         states.push(state);
+    }
+    // Many short connections (from the client in vm1, from the server-side proxy in vm2
+    // to the application): a wide ephemeral range and TIME_WAIT reuse (both per
+    // namespace), so the connection phases never run out of local ports. The range starts
+    // above the mesh's ports (15001–15053), which a client's ephemeral port must not take.
+    for vm in [&vm1, &vm2] {
+        vm.sh_ok("sysctl -qw net.ipv4.ip_local_port_range='20000 65000' net.ipv4.tcp_tw_reuse=1");
     }
     let server = spawn(
         &vm2,
@@ -764,12 +851,12 @@ fn stunnel(root: &Path, vm1: &Node, vm2: &Node) -> anyhow::Result<(Proc, Proc)> 
     }
     let r = |f: &str| root.join(f).display().to_string();
     let server_conf = format!(
-        "foreground = yes\npid =\n[s]\naccept = 0.0.0.0:9443\nconnect = 127.0.0.1:{PORT}\ncert = {}\nCAfile = {}\nverifyChain = yes\nrequireCert = yes\n",
+        "foreground = yes\npid =\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n[s]\naccept = 0.0.0.0:9443\nconnect = 127.0.0.1:{PORT}\ncert = {}\nCAfile = {}\nverifyChain = yes\nrequireCert = yes\n",
         r("st-server.pem"),
         r("st-ca.pem")
     );
     let client_conf = format!(
-        "foreground = yes\npid =\n[c]\nclient = yes\naccept = 127.0.0.1:9000\nconnect = {}:9443\ncert = {}\nCAfile = {}\nverifyChain = yes\ncheckHost = server.bench\n",
+        "foreground = yes\npid =\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n[c]\nclient = yes\naccept = 127.0.0.1:9000\nconnect = {}:9443\ncert = {}\nCAfile = {}\nverifyChain = yes\ncheckHost = server.bench\n",
         vm2.addr,
         r("st-client.pem"),
         r("st-ca.pem")
@@ -870,6 +957,38 @@ fn print_table(report: &Value) {
             f("machine_s_per_gb"),
             f("total_s_per_gb"),
             f("proxies_s_per_gb"),
+        );
+    }
+    println!(
+        "\n| path (new connection per request, {CONNECT_CLIENTS} clients) | connections/s | × stunnel4 | connect + request p50 / p99 µs | CPU s per 1k connections (each proxy) |"
+    );
+    println!("|---|---|---|---|---|");
+    let st_conns = results
+        .last()
+        .and_then(|r| r["connect"]["per_s"].as_f64())
+        .unwrap_or(f64::NAN);
+    for r in &results {
+        let c = &r["connect"];
+        let cpu: Vec<String> = c["cpu_s_per_1k_connections"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k} {:.3}", v.as_f64().unwrap_or(f64::NAN)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let per_s = c["per_s"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| {} | {per_s:.0} | {:.2} | {:.0} / {:.0} | {} |",
+            r["path"].as_str().unwrap_or(""),
+            per_s / st_conns,
+            c["p50_us"].as_f64().unwrap_or(f64::NAN),
+            c["p99_us"].as_f64().unwrap_or(f64::NAN),
+            if cpu.is_empty() {
+                "–".to_owned()
+            } else {
+                cpu.join(", ")
+            }
         );
     }
     for r in &results {
