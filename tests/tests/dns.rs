@@ -60,8 +60,16 @@ def head(b):
     return qid, flags & 0xf, an
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)
 def ask(pkt):
-    u.sendto(pkt, srv)
-    return head(u.recv(65535))
+    # One resend after 5 s of silence, as a DNS client would: UDP may lose a datagram;
+    # what is checked is the answer. A resend is reported on stderr.
+    for attempt in (1, 2):
+        u.sendto(pkt, srv)
+        try:
+            return head(u.recv(65535))
+        except socket.timeout:
+            if attempt == 2:
+                raise
+            print("RESENT after 5 s without an answer", file=sys.stderr)
 # Malformed: too short for a header (no answer), then a header promising a question
 # followed by garbage (FORMERR), then the server still answers.
 u.sendto(b"\x00", srv)
@@ -466,9 +474,17 @@ fn mesh_names_forwarding_fail_open_and_cache() {
     let out = l.sh(&format!("python3 -c '{PROBE_PY}' {dns_addr}"));
     assert!(
         out.status.success(),
-        "probe: {}\n{}",
+        "probe: {}\n{}\n== nft list ruleset (vm1)\n{}\n== doctor\n{}",
         describe(&out),
-        l.logs()
+        l.logs(),
+        out_text(&l.sh("nft list ruleset")),
+        describe(
+            &l.vm1()
+                .cmd(bin("causeway-agent"))
+                .args(["doctor", "--state-dir", state.to_str().unwrap()])
+                .output()
+                .unwrap()
+        ),
     );
     for line in [
         "malformed formerr",
