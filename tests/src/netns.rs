@@ -154,6 +154,25 @@ impl Lab {
         lab
     }
 
+    /// Sets the MTU of every link of the lab (each node's `eth0`, the bridge ports).
+    pub fn set_mtu(&self, mtu: u32) {
+        let mtu = mtu.to_string();
+        for (i, node) in self.nodes.iter().enumerate() {
+            node.sh_ok(&format!("ip link set eth0 mtu {mtu}"));
+            ok(Command::new("ip").args([
+                "netns",
+                "exec",
+                &self.hub,
+                "ip",
+                "link",
+                "set",
+                &format!("p{i}"),
+                "mtu",
+                &mtu,
+            ]));
+        }
+    }
+
     /// The node named `name`.
     pub fn node(&self, name: &str) -> &Node {
         self.nodes

@@ -297,8 +297,18 @@ fn bind_pair(
     Err(("tcp", addr, e))
 }
 
+/// Largest UDP payload the tunnel's path MTU discovery tries: a 9000-byte (jumbo) IP MTU
+/// less IPv6 and UDP headers. quinn's default stops at 1452 (a 1500 MTU); on networks with
+/// jumbo frames (cloud VPCs, 9001 on AWS) each datagram then carries ~6× the bytes, and a
+/// bulk stream's cost is mostly per datagram. Probes are separate packets and data grows
+/// only after a probe is acknowledged, so a 1500-byte path settles at 1452 as before.
+pub(crate) const MTU_UPPER_BOUND: u16 = 8952;
+
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MTU_UPPER_BOUND);
+    t.mtu_discovery_config(Some(mtu));
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     t.max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("in range")));
     t.max_concurrent_bidi_streams(100_000u32.into());
@@ -352,8 +362,14 @@ impl Tunnel {
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind_err(std::io::Error::other("no async runtime for the tunnel")))?;
         let socket = Arc::new(super::udp::TunnelSocket::new(socket, udp).map_err(bind_err)?);
+        // The largest datagram this endpoint accepts, told to peers (quinn's default is
+        // 1472, which caps the peer's path MTU discovery whatever its upper bound).
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .max_udp_payload_size(MTU_UPPER_BOUND)
+            .map_err(|e| bind_err(std::io::Error::other(e.to_string())))?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
-            quinn::EndpointConfig::default(),
+            endpoint_config,
             Some(server),
             socket,
             runtime,
@@ -518,6 +534,17 @@ impl Tunnel {
     /// How many QUIC connections this tunnel has dialled.
     pub fn quic_dials(&self) -> u64 {
         self.dials.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The current path MTU (largest UDP payload) of each pooled QUIC connection.
+    #[cfg(test)]
+    pub(crate) async fn path_mtus(&self) -> Vec<u16> {
+        self.pool
+            .lock()
+            .await
+            .values()
+            .map(|c| c.stats().path.current_mtu)
+            .collect()
     }
 
     /// The pooled connection for `key`, if it is still open.

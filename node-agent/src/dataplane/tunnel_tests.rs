@@ -471,3 +471,32 @@ fn the_tunnel_negotiates_tls13_aes_128_gcm() {
     );
     assert_eq!(c.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
 }
+
+/// Path MTU discovery goes past quinn's 1,452-byte default where the path allows it
+/// (loopback: 65,536), close to the jumbo-frame bound and never beyond it: both the upper
+/// bound and the largest datagram each endpoint says it accepts are raised.
+#[tokio::test]
+async fn path_mtu_discovery_uses_jumbo_datagrams_where_the_path_allows() {
+    let ca = ca();
+    let port = echo_app().await;
+    let a = tunnel(identity(&ca, CLIENT), state(&[]));
+    let b = tunnel(identity(&ca, WEB), serving(port, &[]));
+    let b_addr = b.local_addr().unwrap();
+    let msg = vec![7u8; 256 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mtu = loop {
+        let (transport, back) = round_trip_on(&a, b_addr, WEB, port, &msg).await.unwrap();
+        assert!(matches!(transport, Transport::Quic), "{transport:?}");
+        assert_eq!(back.len(), msg.len());
+        let mtus = a.path_mtus().await;
+        assert_eq!(mtus.len(), 1, "one pooled connection: {mtus:?}");
+        if mtus[0] > 8000 || tokio::time::Instant::now() > deadline {
+            break mtus[0];
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        mtu > 8000 && mtu <= super::tunnel::MTU_UPPER_BOUND,
+        "path MTU on loopback: {mtu}"
+    );
+}

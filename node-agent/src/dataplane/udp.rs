@@ -73,6 +73,20 @@ impl TunnelSocket {
     }
 }
 
+/// Most bytes one segmentation-offload send may carry: an IPv4 packet's 65,535 less the
+/// IPv4 and UDP headers (IPv6 allows 20 more).
+const MAX_GSO_BYTES: usize = 65_535 - 20 - 8;
+
+impl TunnelSocket {
+    fn send_one(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        let sent = self.state.send(self.io.get_ref().into(), transmit);
+        if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+            self.send_blocked.store(true, Ordering::Release);
+        }
+        sent
+    }
+}
+
 impl quinn::AsyncUdpSocket for TunnelSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn quinn::UdpPoller>> {
         Box::pin(WritablePoller {
@@ -82,11 +96,27 @@ impl quinn::AsyncUdpSocket for TunnelSocket {
     }
 
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
-        let sent = self.state.send(self.io.get_ref().into(), transmit);
-        if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-            self.send_blocked.store(true, Ordering::Release);
+        // quinn batches up to 10 datagrams per send. With jumbo datagrams that passes the
+        // 64 KiB a UDP segmentation-offload send can carry, the kernel refuses it with
+        // `EMSGSIZE`, and quinn-udp takes `EMSGSIZE` for a lost MTU probe: the whole batch
+        // would vanish. Such a batch goes out in parts that fit. (If a later part finds
+        // the buffer full, quinn resends the batch; QUIC drops the duplicate packets.)
+        match transmit.segment_size {
+            Some(seg) if seg > 0 && transmit.contents.len() > MAX_GSO_BYTES => {
+                let per = (MAX_GSO_BYTES / seg).max(1) * seg;
+                for part in transmit.contents.chunks(per) {
+                    self.send_one(&Transmit {
+                        destination: transmit.destination,
+                        ecn: transmit.ecn,
+                        contents: part,
+                        segment_size: (part.len() > seg).then_some(seg),
+                        src_ip: transmit.src_ip,
+                    })?;
+                }
+                Ok(())
+            }
+            _ => self.send_one(transmit),
         }
-        sent
     }
 
     fn poll_recv(
@@ -273,5 +303,35 @@ mod tests {
         let mut buf = [0u8; 16];
         let (n, _) = peer.recv_from(&mut buf).expect("recv");
         assert_eq!(&buf[..n], b"hello");
+    }
+
+    /// A batch of jumbo datagrams larger than one offloaded send can carry arrives whole
+    /// (split into sends that fit, instead of being refused by the kernel and dropped).
+    #[tokio::test]
+    async fn a_batch_past_64_kib_is_split_and_every_datagram_arrives() {
+        let s = socket();
+        if s.max_transmit_segments() < 10 {
+            eprintln!("no UDP segmentation offload here: nothing to split");
+            return;
+        }
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind peer");
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let seg = 8000;
+        let contents: Vec<u8> = (0..10 * seg).map(|i| (i / seg) as u8).collect();
+        s.try_send(&Transmit {
+            destination: peer.local_addr().expect("addr"),
+            ecn: None,
+            contents: &contents,
+            segment_size: Some(seg),
+            src_ip: None,
+        })
+        .expect("send");
+        let mut buf = vec![0u8; 65_536];
+        for i in 0..10u8 {
+            let (n, _) = peer.recv_from(&mut buf).expect("every datagram arrives");
+            assert_eq!(n, seg, "datagram {i}");
+            assert!(buf[..n].iter().all(|b| *b == i), "datagram {i} in order");
+        }
     }
 }
