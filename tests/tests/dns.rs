@@ -60,8 +60,11 @@ def head(b):
     return qid, flags & 0xf, an
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)
 def ask(pkt):
-    # One resend after 5 s of silence, as a DNS client would: UDP may lose a datagram;
-    # what is checked is the answer. A resend is reported on stderr.
+    # One resend after 5 s of silence, as a DNS client would, from a new socket (a new
+    # source port: a stale conntrack entry of an earlier flow on the same ports would
+    # carry the packet past the capture again). What is checked is the answer. A resend
+    # is reported on stderr.
+    global u
     for attempt in (1, 2):
         u.sendto(pkt, srv)
         try:
@@ -70,6 +73,7 @@ def ask(pkt):
             if attempt == 2:
                 raise
             print("RESENT after 5 s without an answer", file=sys.stderr)
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)
 # Malformed: too short for a header (no answer), then a header promising a question
 # followed by garbage (FORMERR), then the server still answers.
 u.sendto(b"\x00", srv)
