@@ -301,7 +301,8 @@ fn bind_pair(
 /// less IPv6 and UDP headers. quinn's default stops at 1452 (a 1500 MTU); on networks with
 /// jumbo frames (cloud VPCs, 9001 on AWS) each datagram then carries ~6× the bytes, and a
 /// bulk stream's cost is mostly per datagram. Probes are separate packets and data grows
-/// only after a probe is acknowledged, so a 1500-byte path settles at 1452 as before.
+/// only after a probe is acknowledged, so a 1500-byte path settles at its own limit
+/// (1452–1472 bytes) instead of growing past it.
 pub(crate) const MTU_UPPER_BOUND: u16 = 8952;
 
 fn transport() -> Arc<quinn::TransportConfig> {

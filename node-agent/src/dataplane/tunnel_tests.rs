@@ -445,21 +445,19 @@ fn the_tunnel_negotiates_tls13_aes_128_gcm() {
     let name = rustls::pki_types::ServerName::try_from(super::tls::SERVER_NAME).unwrap();
     let mut c = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
     let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+    // Moves everything `from` has to send into `to`.
+    fn pump<A, B>(from: &mut rustls::ConnectionCommon<A>, to: &mut rustls::ConnectionCommon<B>) {
+        let mut wire = Vec::new();
+        from.write_tls(&mut wire).unwrap();
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            to.read_tls(&mut rd).unwrap();
+            to.process_new_packets().unwrap();
+        }
+    }
     for _ in 0..10 {
-        let mut wire = Vec::new();
-        c.write_tls(&mut wire).unwrap();
-        let mut rd = &wire[..];
-        while !rd.is_empty() {
-            s.read_tls(&mut rd).unwrap();
-            s.process_new_packets().unwrap();
-        }
-        let mut wire = Vec::new();
-        s.write_tls(&mut wire).unwrap();
-        let mut rd = &wire[..];
-        while !rd.is_empty() {
-            c.read_tls(&mut rd).unwrap();
-            c.process_new_packets().unwrap();
-        }
+        pump(&mut c, &mut s);
+        pump(&mut s, &mut c);
         if !c.is_handshaking() && !s.is_handshaking() {
             break;
         }
