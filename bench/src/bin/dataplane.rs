@@ -810,6 +810,41 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
     let st_idle = (rss_mib(st_client.0.id()).0, rss_mib(st_server.0.id()).0);
     drop((st_client, st_server));
 
+    // 5. and 6. haproxy, plain TCP (the floor: what two proxies cost here before any
+    // encryption) and mutual TLS, one thread each like the agents and stunnel4.
+    match which("haproxy") {
+        None => {
+            eprintln!("-- haproxy is not installed (apt-get install haproxy): its rows are skipped")
+        }
+        Some(haproxy) => {
+            for tls in [false, true] {
+                let name = if tls {
+                    "haproxy → haproxy (mTLS)"
+                } else {
+                    "haproxy → haproxy (plain TCP, the floor)"
+                };
+                let (c, s) = haproxy_pair(&haproxy, &root, &vm1, &vm2, tls)?;
+                results.push(
+                    run.measure(
+                        name,
+                        "127.0.0.1:9100",
+                        server_pid,
+                        &[("client haproxy", c.0.id()), ("server haproxy", s.0.id())],
+                    )
+                    .with_context(|| {
+                        let log =
+                            |f: &str| std::fs::read_to_string(root.join(f)).unwrap_or_default();
+                        format!(
+                            "haproxy logs:\n{}\n{}",
+                            log("hap-client.log"),
+                            log("hap-server.log")
+                        )
+                    })?,
+                );
+            }
+        }
+    }
+
     let report = json!({
         "date": time_now(),
         "rate": RATE, "request_bytes": REQ, "latency_secs": LATENCY_SECS, "bulk_secs": BULK_SECS,
@@ -895,6 +930,64 @@ fn stunnel(root: &Path, vm1: &Node, vm2: &Node) -> anyhow::Result<(Proc, Proc)> 
     Ok((c, s))
 }
 
+/// Starts haproxy in TCP mode, one thread: server side in vm2 (9101 → 127.0.0.1:8080),
+/// client side in vm1 (127.0.0.1:9100 → vm2:9101). With `tls`, the hop between them is
+/// mutual TLS with stunnel4's certificates (written by [`stunnel`], run before).
+fn haproxy_pair(
+    haproxy: &Path,
+    root: &Path,
+    vm1: &Node,
+    vm2: &Node,
+    tls: bool,
+) -> anyhow::Result<(Proc, Proc)> {
+    let r = |f: &str| root.join(f).display().to_string();
+    let head = "global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n";
+    let (server_tls, client_tls) = if tls {
+        (
+            format!(
+                " ssl crt {} ca-file {} verify required",
+                r("st-server.pem"),
+                r("st-ca.pem")
+            ),
+            format!(
+                " ssl crt {} ca-file {} verify required verifyhost server.bench",
+                r("st-client.pem"),
+                r("st-ca.pem")
+            ),
+        )
+    } else {
+        (String::new(), String::new())
+    };
+    let server_conf =
+        format!("{head}listen s\n  bind 0.0.0.0:9101{server_tls}\n  server app 127.0.0.1:{PORT}\n");
+    let client_conf = format!(
+        "{head}listen c\n  bind 127.0.0.1:9100\n  server peer {}:9101{client_tls}\n",
+        vm2.addr
+    );
+    std::fs::write(root.join("hap-server.cfg"), server_conf)?;
+    std::fs::write(root.join("hap-client.cfg"), client_conf)?;
+    let s = spawn(
+        vm2,
+        &root.join("hap-server.log"),
+        haproxy,
+        &["-db", "-f", &r("hap-server.cfg")],
+    )?;
+    let c = spawn(
+        vm1,
+        &root.join("hap-client.log"),
+        haproxy,
+        &["-db", "-f", &r("hap-client.cfg")],
+    )?;
+    wait_for("haproxy to listen", WAIT, || {
+        (vm1.sh("ss -ltn | grep -q '127.0.0.1:9100 '")
+            .status
+            .success()
+            && vm2.sh("ss -ltn | grep -q ':9101 '").status.success())
+        .then_some(())
+    });
+    Ok((c, s))
+}
+
 fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
@@ -909,8 +1002,12 @@ fn print_table(report: &Value) {
     let d50 = direct["latency"]["p50_us"].as_f64().unwrap_or(f64::NAN);
     let d99 = direct["latency"]["p99_us"].as_f64().unwrap_or(f64::NAN);
     let dbulk = direct["bulk"]["gbit_s"].as_f64().unwrap_or(f64::NAN);
-    let st_bulk = results
-        .last()
+    let stunnel = results.iter().find(|r| {
+        r["path"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("stunnel4"))
+    });
+    let st_bulk = stunnel
         .and_then(|r| r["bulk"]["gbit_s"].as_f64())
         .unwrap_or(f64::NAN);
     println!(
@@ -971,8 +1068,7 @@ fn print_table(report: &Value) {
         "\n| path (new connection per request, {CONNECT_CLIENTS} clients) | connections/s | × stunnel4 | connect + request p50 / p99 µs | CPU s per 1k connections (each proxy) |"
     );
     println!("|---|---|---|---|---|");
-    let st_conns = results
-        .last()
+    let st_conns = stunnel
         .and_then(|r| r["connect"]["per_s"].as_f64())
         .unwrap_or(f64::NAN);
     for r in &results {

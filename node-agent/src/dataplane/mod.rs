@@ -15,6 +15,7 @@
 
 pub mod capture;
 pub mod lb;
+pub mod mux;
 pub mod outbound;
 pub mod readahead;
 pub mod splice;

@@ -183,6 +183,9 @@ impl Outbound {
             Connected::Tunnel(TunnelStream::Quic(q), upstream) => {
                 (splice(stream, q, idle).await, upstream)
             }
+            Connected::Tunnel(TunnelStream::Mux(m), upstream) => {
+                (splice(stream, m, idle).await, upstream)
+            }
             Connected::Tunnel(TunnelStream::Tls(t), upstream) => {
                 (splice(stream, t, idle).await, upstream)
             }

@@ -20,6 +20,9 @@ use crate::identity::{Identity, cert_facts};
 
 /// ALPN of the tunnel protocol.
 pub const ALPN: &[u8] = b"causeway-tunnel/1";
+/// ALPN offered and accepted on TCP: the multiplexed protocol first, then the
+/// one-connection-per-stream one (agents of older versions).
+pub const TCP_ALPN: [&[u8]; 2] = [super::mux::ALPN_MUX, ALPN];
 /// Name sent in SNI (not used for verification).
 pub const SERVER_NAME: &str = "causeway-agent";
 
@@ -132,6 +135,32 @@ pub struct PeerFacts {
     pub spiffe_id: String,
     /// Serial, hex.
     pub serial: String,
+    /// End of validity, Unix seconds.
+    pub not_after: i64,
+}
+
+impl PeerFacts {
+    /// Whether a connection authenticated with this certificate may still carry new
+    /// streams: not on the deny list pushed since, and not expired since. A pooled
+    /// connection outlives its handshake, so this is checked again on every reuse.
+    pub fn still_trusted(&self, deny: &BTreeSet<String>) -> Result<(), String> {
+        if deny.contains(&self.serial) {
+            return Err(format!(
+                "peer certificate serial {} ({}) is on the deny list",
+                self.serial, self.spiffe_id
+            ));
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if now >= self.not_after {
+            return Err(format!(
+                "peer certificate serial {} ({}) expired at {} (Unix seconds)",
+                self.serial, self.spiffe_id, self.not_after
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Reads the peer's SPIFFE ID and serial from its leaf certificate.
@@ -140,6 +169,7 @@ pub fn peer_facts(leaf: &[u8]) -> Result<PeerFacts, String> {
     Ok(PeerFacts {
         spiffe_id: f.spiffe_id.to_string(),
         serial: f.serial,
+        not_after: f.not_after,
     })
 }
 

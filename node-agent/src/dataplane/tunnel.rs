@@ -22,9 +22,17 @@
 //! directions) use it; established connections keep going with the old one.
 //!
 //! Fallback: the same port number on TCP carries TLS 1.3 (same certificates, same
-//! verification, same header), one TCP connection per proxied connection. [`Tunnel::open`]
-//! tries QUIC first (at most 2 s); when it gets no answer and TCP works, that peer is
-//! reached over TCP for 30 s before QUIC is tried again.
+//! verification, same header). Between agents of this version it is multiplexed like
+//! QUIC: one pooled TLS connection per peer agent, one HTTP/2 stream per proxied
+//! connection ([`super::mux`]); with an agent that only speaks the first version (ALPN
+//! decides), one TLS connection per proxied connection. [`Tunnel::open`] tries QUIC first
+//! (at most 2 s); when it gets no answer and TCP works, that peer is reached over TCP for
+//! 30 s before QUIC is tried again.
+//!
+//! Pooled connections outlive their handshake: before each reuse the peer certificate
+//! they were authenticated with is checked again against the deny list and its expiry
+//! (a connection that fails is closed and dialled again, which verifies in full), and an
+//! inbound stream is refused when its connection's peer certificate was denied since.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -33,6 +41,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
+use super::mux::{self, MuxRead, MuxSide, MuxWrite};
 use super::readahead::ReadAhead;
 use super::splice::{QuicSide, Side, splice};
 use super::tls;
@@ -59,7 +68,40 @@ struct CachedClientTls {
     identity: Arc<Identity>,
     version: u64,
     config: Arc<rustls::ClientConfig>,
+    /// The same with the TCP ALPN list (multiplexed first).
+    tcp: Arc<rustls::ClientConfig>,
 }
+
+/// A pooled connection and the peer certificate it was authenticated with.
+#[derive(Debug, Clone)]
+struct Pooled<C> {
+    conn: C,
+    peer: Arc<tls::PeerFacts>,
+}
+
+/// A multiplexed TCP + TLS connection's handle; `closed` is set when its task ends.
+#[derive(Clone)]
+struct MuxConn {
+    send: h2::client::SendRequest<bytes::Bytes>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::fmt::Debug for MuxConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MuxConn")
+            .field("closed", &self.closed)
+            .finish()
+    }
+}
+
+/// What a TCP + TLS dial gave: a multiplexed connection, or (a peer of an older
+/// version) a TLS connection for this one stream.
+enum TcpDial {
+    Mux(Pooled<MuxConn>),
+    Single(Box<tokio_rustls::client::TlsStream<ReadAhead>>),
+}
+
+type PoolKey = (SocketAddr, String);
 
 /// A pooled connection's dial lock, holding the time and error of its last failed dial.
 #[derive(Debug, Default)]
@@ -75,7 +117,8 @@ pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 pub enum Transport {
     /// A stream of the pooled QUIC connection (UDP).
     Quic,
-    /// One TLS-over-TCP connection per stream (fallback when UDP is blocked).
+    /// TLS over TCP (fallback when UDP is blocked): a stream of a pooled, multiplexed
+    /// connection, or a connection of its own with agents of an older version.
     TcpTls,
 }
 
@@ -93,7 +136,9 @@ impl std::fmt::Display for Transport {
 pub enum TunnelStream {
     /// A stream of the pooled QUIC connection.
     Quic(QuicSide),
-    /// A TLS-over-TCP connection of its own.
+    /// A stream of the pooled, multiplexed TCP + TLS connection.
+    Mux(MuxSide),
+    /// A TLS-over-TCP connection of its own (a peer agent of an older version).
     Tls(Box<tokio_rustls::client::TlsStream<ReadAhead>>),
 }
 
@@ -110,6 +155,7 @@ impl Opened {
     pub fn into_io(self) -> (BoxRead, BoxWrite) {
         match self.stream {
             TunnelStream::Quic(q) => (Box::new(q.recv), Box::new(q.send)),
+            TunnelStream::Mux(m) => (Box::new(m.recv), Box::new(m.send)),
             TunnelStream::Tls(t) => {
                 let (r, w) = tokio::io::split(*t);
                 (Box::new(r), Box::new(w))
@@ -255,10 +301,19 @@ pub struct Tunnel {
     quic_down: std::sync::Mutex<HashMap<SocketAddr, tokio::time::Instant>>,
     identity: RwLock<Arc<Identity>>,
     state: SharedState,
-    pool: tokio::sync::Mutex<HashMap<(SocketAddr, String), quinn::Connection>>,
+    pool: tokio::sync::Mutex<HashMap<PoolKey, Pooled<quinn::Connection>>>,
     /// One QUIC dial at a time per pooled connection, with the last failure: opens that
     /// waited on a dial that failed fail at once instead of dialling again each.
-    dialing: std::sync::Mutex<HashMap<(SocketAddr, String), Arc<DialState>>>,
+    dialing: std::sync::Mutex<HashMap<PoolKey, Arc<DialState>>>,
+    /// Pooled multiplexed TCP + TLS connections.
+    mux_pool: std::sync::Mutex<HashMap<PoolKey, Pooled<MuxConn>>>,
+    /// One TCP + TLS dial at a time per pooled connection (as `dialing`).
+    mux_dialing: std::sync::Mutex<HashMap<PoolKey, Arc<DialState>>>,
+    /// Peers that answered TCP + TLS without multiplexing (an older agent): each stream
+    /// dials its own connection, without waiting on the others.
+    single_peers: std::sync::Mutex<std::collections::HashSet<PoolKey>>,
+    /// TCP + TLS connections dialled (for tests and diagnostics).
+    tcp_dials: std::sync::atomic::AtomicU64,
     /// Client TLS configurations by expected peer identity.
     tls_clients: std::sync::Mutex<HashMap<String, CachedClientTls>>,
     /// QUIC dials made (for tests and diagnostics).
@@ -392,6 +447,10 @@ impl Tunnel {
             state,
             pool: tokio::sync::Mutex::new(HashMap::new()),
             dialing: std::sync::Mutex::new(HashMap::new()),
+            mux_pool: std::sync::Mutex::new(HashMap::new()),
+            mux_dialing: std::sync::Mutex::new(HashMap::new()),
+            single_peers: std::sync::Mutex::new(std::collections::HashSet::new()),
+            tcp_dials: std::sync::atomic::AtomicU64::new(0),
             tls_clients: std::sync::Mutex::new(HashMap::new()),
             dials: std::sync::atomic::AtomicU64::new(0),
             connect_timeout,
@@ -426,7 +485,9 @@ impl Tunnel {
             .map_err(|e| tls::TlsError::Identity(e.to_string()))?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         cfg.transport_config(transport());
-        Ok((cfg, Arc::new(tls)))
+        let mut tcp = tls;
+        tcp.alpn_protocols = tls::TCP_ALPN.iter().map(|p| p.to_vec()).collect();
+        Ok((cfg, Arc::new(tcp)))
     }
 
     /// Uses `identity` for new connections from now on; established ones keep going.
@@ -448,7 +509,11 @@ impl Tunnel {
     /// per identity and mesh state version (certificate, trust bundle, deny list), not
     /// per connection, since the TCP + TLS fallback opens one TLS connection per proxied
     /// connection.
-    fn client_tls(&self, expected: &str) -> Result<Arc<rustls::ClientConfig>, TunnelError> {
+    fn client_tls(
+        &self,
+        expected: &str,
+        tcp: bool,
+    ) -> Result<Arc<rustls::ClientConfig>, TunnelError> {
         let identity = self
             .identity
             .read()
@@ -460,7 +525,7 @@ impl Tunnel {
             && c.version == version
             && Arc::ptr_eq(&c.identity, &identity)
         {
-            return Ok(c.config.clone());
+            return Ok(if tcp { c.tcp.clone() } else { c.config.clone() });
         }
         // Read after `version`: a change in between makes the next call rebuild, never
         // keeps an older deny list than the version says.
@@ -470,21 +535,26 @@ impl Tunnel {
             .unwrap_or_else(|p| p.into_inner())
             .deny_serials
             .clone();
-        let config = Arc::new(tls::client_config(
+        let config = tls::client_config(
             &identity,
             &Self::bundle(&identity, &self.state),
             expected,
             Arc::new(deny),
-        )?);
+        )?;
+        let mut tcp_config = config.clone();
+        tcp_config.alpn_protocols = tls::TCP_ALPN.iter().map(|p| p.to_vec()).collect();
+        let (config, tcp_config) = (Arc::new(config), Arc::new(tcp_config));
+        let chosen = if tcp { &tcp_config } else { &config }.clone();
         cache.insert(
             expected.to_owned(),
             CachedClientTls {
                 identity,
                 version,
-                config: config.clone(),
+                config,
+                tcp: tcp_config,
             },
         );
-        Ok(config)
+        Ok(chosen)
     }
 
     async fn connection(
@@ -494,7 +564,7 @@ impl Tunnel {
     ) -> Result<quinn::Connection, TunnelError> {
         let key = (peer, expected.to_owned());
         if let Some(c) = self.pooled(&key).await {
-            return Ok(c);
+            return Ok(c.conn);
         }
         // Single flight: many connections opened at once towards a peer (a start, a burst)
         // share one dial instead of each making a QUIC connection, which with UDP blocked
@@ -509,7 +579,7 @@ impl Tunnel {
         let waited_from = tokio::time::Instant::now();
         let mut last_failure = dial.0.lock().await;
         if let Some(c) = self.pooled(&key).await {
-            return Ok(c);
+            return Ok(c.conn);
         }
         if let Some((at, message)) = &*last_failure
             && *at >= waited_from
@@ -529,7 +599,7 @@ impl Tunnel {
                 *last_failure = Some((tokio::time::Instant::now(), e.to_string()));
             }
         }
-        result
+        result.map(|c| c.conn)
     }
 
     /// How many QUIC connections this tunnel has dialled.
@@ -544,18 +614,37 @@ impl Tunnel {
             .lock()
             .await
             .values()
-            .map(|c| c.stats().path.current_mtu)
+            .map(|c| c.conn.stats().path.current_mtu)
             .collect()
     }
 
-    /// The pooled connection for `key`, if it is still open.
-    async fn pooled(&self, key: &(SocketAddr, String)) -> Option<quinn::Connection> {
-        self.pool
-            .lock()
-            .await
-            .get(key)
-            .filter(|c| c.close_reason().is_none())
-            .cloned()
+    /// How many TCP + TLS connections this tunnel has dialled.
+    pub fn tcp_dials(&self) -> u64 {
+        self.tcp_dials.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The pooled connection for `key`, if it is still open and its peer certificate is
+    /// still trusted; one that is not is closed and forgotten.
+    async fn pooled(&self, key: &PoolKey) -> Option<Pooled<quinn::Connection>> {
+        let mut pool = self.pool.lock().await;
+        let c = pool.get(key)?;
+        if c.conn.close_reason().is_some() {
+            pool.remove(key);
+            return None;
+        }
+        if let Err(why) = self.still_trusted(&c.peer) {
+            tracing::warn!(peer = %key.0, reason = %why, "closing the pooled tunnel connection");
+            c.conn.close(2u32.into(), b"certificate no longer trusted");
+            pool.remove(key);
+            return None;
+        }
+        Some(c.clone())
+    }
+
+    /// Whether the peer certificate a connection was authenticated with is still trusted.
+    fn still_trusted(&self, peer: &tls::PeerFacts) -> Result<(), String> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        peer.still_trusted(&state.deny_serials)
     }
 
     /// Makes a new QUIC connection to `peer`, which must present `expected`.
@@ -563,10 +652,10 @@ impl Tunnel {
         &self,
         peer: SocketAddr,
         expected: &str,
-    ) -> Result<quinn::Connection, TunnelError> {
+    ) -> Result<Pooled<quinn::Connection>, TunnelError> {
         self.dials
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tls = self.client_tls(expected)?;
+        let tls = self.client_tls(expected, false)?;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| tls::TlsError::Identity(e.to_string()))?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
@@ -580,8 +669,20 @@ impl Tunnel {
             .await
             .map_err(|_| err("no QUIC answer in time (UDP blocked?)".into()))?
             .map_err(|e| err(e.to_string()))?;
+        let facts = conn
+            .peer_identity()
+            .and_then(|a| {
+                a.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .and_then(|c| c.first().map(|d| tls::peer_facts(d)))
+            .ok_or_else(|| err("the peer presented no certificate".into()))?
+            .map_err(err)?;
         tracing::debug!(%peer, identity = expected, "tunnel connection up");
-        Ok(conn)
+        Ok(Pooled {
+            conn,
+            peer: Arc::new(facts),
+        })
     }
 
     /// Opens a stream to the agent at `peer`, which must present `expected`, and writes
@@ -647,31 +748,172 @@ impl Tunnel {
         expected: &str,
         header: &Header,
     ) -> Result<Opened, TunnelError> {
-        let bytes = header.encode()?;
-        let tls = self.client_tls(expected)?;
+        let bytes = bytes::Bytes::from(header.encode()?);
+        let key = (peer, expected.to_owned());
+        let stream_err = |message: String| TunnelError::Stream { peer, message };
+        let mut last = None;
+        // A pooled connection may have died since it was last used: one fresh attempt.
+        for _ in 0..2 {
+            let conn = match self.mux_connection(&key).await? {
+                TcpDial::Single(mut stream) => {
+                    stream
+                        .write_all(&bytes)
+                        .await
+                        .map_err(|e| stream_err(e.to_string()))?;
+                    return Ok(Opened {
+                        transport: Transport::TcpTls,
+                        stream: TunnelStream::Tls(stream),
+                    });
+                }
+                TcpDial::Mux(c) => c,
+            };
+            match open_mux_stream(&conn.conn, bytes.clone()).await {
+                Ok(side) => {
+                    return Ok(Opened {
+                        transport: Transport::TcpTls,
+                        stream: TunnelStream::Mux(side),
+                    });
+                }
+                Err(e) => {
+                    let mut pool = self.mux_pool.lock().unwrap_or_else(|p| p.into_inner());
+                    if pool
+                        .get(&key)
+                        .is_some_and(|c| Arc::ptr_eq(&c.conn.closed, &conn.conn.closed))
+                    {
+                        pool.remove(&key);
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(stream_err(last.unwrap_or_default()))
+    }
+
+    /// The pooled multiplexed connection for `key` if it is open and still trusted.
+    fn mux_pooled(&self, key: &PoolKey) -> Option<Pooled<MuxConn>> {
+        let mut pool = self.mux_pool.lock().unwrap_or_else(|p| p.into_inner());
+        let c = pool.get(key)?;
+        if c.conn.closed.load(std::sync::atomic::Ordering::Acquire) {
+            pool.remove(key);
+            return None;
+        }
+        if let Err(why) = self.still_trusted(&c.peer) {
+            tracing::warn!(peer = %key.0, reason = %why, "closing the pooled tunnel connection");
+            // Dropping the last handle ends the connection once its streams end; new
+            // streams dial again and verify in full.
+            pool.remove(key);
+            return None;
+        }
+        Some(c.clone())
+    }
+
+    /// A multiplexed TCP + TLS connection to the peer of `key` (pooled, or dialled once
+    /// for every open waiting on it), or a connection of its own for a peer of an older
+    /// version.
+    async fn mux_connection(&self, key: &PoolKey) -> Result<TcpDial, TunnelError> {
+        let (peer, expected) = (key.0, key.1.as_str());
+        if let Some(c) = self.mux_pooled(key) {
+            return Ok(TcpDial::Mux(c));
+        }
+        if self
+            .single_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(key)
+        {
+            return self.dial_tcp(peer, expected).await;
+        }
+        let dial = self
+            .mux_dialing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let waited_from = tokio::time::Instant::now();
+        let mut last_failure = dial.0.lock().await;
+        if let Some(c) = self.mux_pooled(key) {
+            return Ok(TcpDial::Mux(c));
+        }
+        if let Some((at, message)) = &*last_failure
+            && *at >= waited_from
+        {
+            return Err(TunnelError::Connect {
+                peer,
+                message: message.clone(),
+            });
+        }
+        let result = self.dial_tcp(peer, expected).await;
+        match &result {
+            Ok(TcpDial::Mux(c)) => {
+                *last_failure = None;
+                self.mux_pool
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key.clone(), c.clone());
+            }
+            Ok(TcpDial::Single(_)) => {
+                *last_failure = None;
+                tracing::info!(%peer, "the peer agent does not multiplex TCP + TLS (an older version): one connection per stream");
+                self.single_peers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key.clone());
+            }
+            Err(e) => *last_failure = Some((tokio::time::Instant::now(), e.to_string())),
+        }
+        result
+    }
+
+    /// Dials TCP, handshakes TLS (the peer must present `expected`) and, when the peer
+    /// chose the multiplexed protocol, HTTP/2.
+    async fn dial_tcp(&self, peer: SocketAddr, expected: &str) -> Result<TcpDial, TunnelError> {
+        self.tcp_dials
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tls = self.client_tls(expected, true)?;
         let err = |message: String| TunnelError::Connect { peer, message };
         let tcp = connect_tcp(peer, self.mark, self.connect_timeout)
             .await
             .map_err(|e| err(e.to_string()))?;
         let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).expect("literal");
-        let mut stream = tokio::time::timeout(
+        let stream = tokio::time::timeout(
             self.connect_timeout,
             tokio_rustls::TlsConnector::from(tls).connect(name, ReadAhead::new(tcp)),
         )
         .await
         .map_err(|_| err("TLS handshake timed out".into()))?
         .map_err(|e| err(e.to_string()))?;
-        stream
-            .write_all(&bytes)
-            .await
-            .map_err(|e| TunnelError::Stream {
-                peer,
-                message: e.to_string(),
-            })?;
-        Ok(Opened {
-            transport: Transport::TcpTls,
-            stream: TunnelStream::Tls(Box::new(stream)),
-        })
+        let stream = Box::new(stream);
+        if stream.get_ref().1.alpn_protocol() != Some(mux::ALPN_MUX) {
+            return Ok(TcpDial::Single(stream));
+        }
+        let facts = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| err("the peer presented no certificate".into()))
+            .and_then(|leaf| tls::peer_facts(leaf).map_err(err))?;
+        let (send, conn) = tokio::time::timeout(
+            self.connect_timeout,
+            mux::client_builder().handshake::<_, bytes::Bytes>(stream),
+        )
+        .await
+        .map_err(|_| err("HTTP/2 handshake timed out".into()))?
+        .map_err(|e| err(format!("HTTP/2 handshake: {e}")))?;
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = closed.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "multiplexed tunnel connection ended");
+            }
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        });
+        tracing::debug!(%peer, identity = expected, "multiplexed TCP + TLS tunnel connection up");
+        Ok(TcpDial::Mux(Pooled {
+            conn: MuxConn { send, closed },
+            peer: Arc::new(facts),
+        }))
     }
 
     async fn open_quic(
@@ -696,7 +938,14 @@ impl Tunnel {
                     return Ok((send, recv));
                 }
                 Err(e) => {
-                    self.pool.lock().await.remove(&(peer, expected.to_owned()));
+                    let mut pool = self.pool.lock().await;
+                    let key = (peer, expected.to_owned());
+                    if pool
+                        .get(&key)
+                        .is_some_and(|c| c.conn.stable_id() == conn.stable_id())
+                    {
+                        pool.remove(&key);
+                    }
                     last = Some(e.to_string());
                 }
             }
@@ -758,6 +1007,10 @@ impl Tunnel {
                         return;
                     }
                 };
+                if tls.get_ref().1.alpn_protocol() == Some(mux::ALPN_MUX) {
+                    me.serve_mux(peer, remote, tls).await;
+                    return;
+                }
                 let mut tls = tls;
                 let header =
                     match tokio::time::timeout(HEADER_TIMEOUT, Header::read(&mut *tls)).await {
@@ -777,6 +1030,82 @@ impl Tunnel {
         }
     }
 
+    /// Serves the streams of a multiplexed TCP + TLS connection.
+    async fn serve_mux(
+        self: Arc<Self>,
+        peer: tls::PeerFacts,
+        remote: SocketAddr,
+        tls: Box<tokio_rustls::server::TlsStream<ReadAhead>>,
+    ) {
+        let mut conn = match tokio::time::timeout(
+            HEADER_TIMEOUT,
+            mux::server_builder().handshake::<_, bytes::Bytes>(tls),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::info!(peer = %remote, error = %e, "tunnel HTTP/2 handshake refused");
+                return;
+            }
+            Err(_) => return,
+        };
+        tracing::info!(peer = %remote, peer_identity = %peer.spiffe_id, "tunnel connection accepted (TCP + TLS, multiplexed)");
+        let peer = Arc::new(peer);
+        // Accepting also drives the connection: its streams move only while this runs.
+        while let Some(next) = conn.accept().await {
+            let (request, respond) = match next {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(peer = %remote, error = %e, "multiplexed tunnel connection ended");
+                    break;
+                }
+            };
+            let (me, peer) = (self.clone(), peer.clone());
+            tokio::spawn(async move { me.serve_mux_stream(&peer, remote, request, respond).await });
+        }
+    }
+
+    async fn serve_mux_stream(
+        &self,
+        peer: &tls::PeerFacts,
+        remote: SocketAddr,
+        request: http::Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<bytes::Bytes>,
+    ) {
+        if !mux::is_tunnel_request(&request) {
+            tracing::warn!(peer = %remote, method = %request.method(), path = %request.uri().path(), "tunnel stream refused: not a tunnel request");
+            let mut not_found = http::Response::new(());
+            *not_found.status_mut() = http::StatusCode::NOT_FOUND;
+            let _ = respond.send_response(not_found, true);
+            return;
+        }
+        let Ok(send) = respond.send_response(http::Response::new(()), false) else {
+            return;
+        };
+        let mut side = MuxSide {
+            send: MuxWrite::new(send),
+            recv: MuxRead::body(request.into_body()),
+        };
+        let header = match tokio::time::timeout(HEADER_TIMEOUT, Header::read(&mut side.recv)).await
+        {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %remote, error = %e, "tunnel stream refused");
+                side.send.reset(h2::Reason::PROTOCOL_ERROR);
+                return;
+            }
+            Err(_) => {
+                side.send.reset(h2::Reason::CANCEL);
+                return;
+            }
+        };
+        self.serve_app(peer, remote, Transport::TcpTls, header, side, |mut m, _| {
+            m.send.reset(h2::Reason::REFUSED_STREAM);
+        })
+        .await;
+    }
+
     /// Authorizes, connects to the local application and splices. `refuse` closes the
     /// stream with an error code when that fails.
     async fn serve_app<S: Side>(
@@ -790,6 +1119,12 @@ impl Tunnel {
     ) {
         // Only the ports this host's own workload registered are reachable through the
         // tunnel: never arbitrary loopback services (admin APIs, databases bound to lo).
+        // The connection may be older than the deny list or the certificate's expiry.
+        if let Err(why) = self.still_trusted(peer) {
+            tracing::warn!(peer = %remote, reason = %why, "tunnel stream refused");
+            refuse(side, 1);
+            return;
+        }
         let served = self.served_ports();
         if !served.contains(&header.port) {
             tracing::warn!(peer_identity = %peer.spiffe_id, port = header.port, served = ?served, "tunnel stream refused: not a port of this host's workload");
@@ -917,6 +1252,25 @@ impl Tunnel {
         )
         .await;
     }
+}
+
+/// Opens a stream on a multiplexed connection and sends the header.
+async fn open_mux_stream(conn: &MuxConn, header: bytes::Bytes) -> Result<MuxSide, String> {
+    let mut send = conn
+        .send
+        .clone()
+        .ready()
+        .await
+        .map_err(|e| format!("multiplexed connection: {e}"))?;
+    let (response, mut body) = send
+        .send_request(mux::request(), false)
+        .map_err(|e| format!("opening a stream: {e}"))?;
+    body.send_data(header, false)
+        .map_err(|e| format!("sending the header: {e}"))?;
+    Ok(MuxSide {
+        send: MuxWrite::new(body),
+        recv: MuxRead::response(response),
+    })
 }
 
 #[cfg(test)]

@@ -498,3 +498,285 @@ async fn path_mtu_discovery_uses_jumbo_datagrams_where_the_path_allows() {
         "path MTU on loopback: {mtu}"
     );
 }
+
+/// TCP + TLS between agents of this version: every stream to a peer rides one pooled,
+/// multiplexed TLS connection (20 at once, then more one after another).
+#[tokio::test]
+async fn tcp_tls_streams_share_one_multiplexed_connection() {
+    let ca = ca();
+    let port = echo_app().await;
+    let b = tunnel(identity(&ca, WEB), serving(port, &[]));
+    let a = tunnel(identity(&ca, CLIENT), state(&[]));
+    let (black_hole, blocked) = udp_blocked_path_to(b.local_addr().unwrap()).await;
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let a = a.clone();
+            tokio::spawn(async move {
+                let msg = format!("stream {i} ").repeat(1000);
+                let got = round_trip_on(&a, blocked, WEB, port, msg.as_bytes()).await;
+                got.map(|(t, back)| (t, back == msg.as_bytes()))
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), (Transport::TcpTls, true));
+    }
+    for i in 0..5 {
+        let msg = format!("sequential {i}");
+        assert_eq!(
+            round_trip_on(&a, blocked, WEB, port, msg.as_bytes())
+                .await
+                .unwrap(),
+            (Transport::TcpTls, msg.into_bytes())
+        );
+    }
+    assert_eq!(a.tcp_dials(), 1, "one TLS connection for 25 streams");
+    drop(black_hole);
+}
+
+/// Over a multiplexed stream: a half-close leaves the other direction open, a reset by
+/// the application reaches the client as a reset, and the client's abort reaches the
+/// application as a reset.
+#[tokio::test]
+async fn half_close_and_resets_travel_over_a_multiplexed_stream() {
+    use super::splice::Side as _;
+    let ca = ca();
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = app.local_addr().unwrap().port();
+    let b = tunnel(identity(&ca, WEB), serving(port, &[]));
+    let a = tunnel(identity(&ca, CLIENT), state(&[]));
+    let (black_hole, blocked) = udp_blocked_path_to(b.local_addr().unwrap()).await;
+    let header = Header {
+        service: "default/web".into(),
+        port,
+    };
+
+    // Half-close: the client sends and ends its direction; the application reads to the
+    // end, then answers over the direction still open.
+    let o = a.open(blocked, WEB, &header).await.unwrap();
+    assert!(matches!(o.stream, super::tunnel::TunnelStream::Mux(_)));
+    let (mut recv, mut send) = o.into_io();
+    send.write_all(b"ping").await.unwrap();
+    send.shutdown().await.unwrap();
+    let (mut s, _) = app.accept().await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"ping");
+    s.write_all(b"pong").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    recv.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"pong");
+
+    // The application resets: the client's read fails with a reset, not an end of stream.
+    let o = a.open(blocked, WEB, &header).await.unwrap();
+    let (mut recv, mut send) = o.into_io();
+    send.write_all(b"x").await.unwrap();
+    let (s, _) = app.accept().await.unwrap();
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+    let mut buf = [0u8; 8];
+    let r = tokio::time::timeout(Duration::from_secs(10), recv.read(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+
+    // The client aborts: the application sees a reset.
+    let o = a.open(blocked, WEB, &header).await.unwrap();
+    let super::tunnel::TunnelStream::Mux(mut m) = o.stream else {
+        panic!("not multiplexed");
+    };
+    m.send.write_all(b"y").await.unwrap();
+    let (mut s, _) = app.accept().await.unwrap();
+    let mut one = [0u8; 1];
+    s.read_exact(&mut one).await.unwrap();
+    super::mux::MuxSide::abort(m.recv, m.send);
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+    assert_eq!(a.tcp_dials(), 1);
+    drop(black_hole);
+}
+
+/// Rolling upgrades: an agent of the previous version (TCP + TLS without multiplexing,
+/// its ALPN only) is still reached, one connection per stream, and still reaches us.
+#[tokio::test]
+async fn agents_of_the_previous_version_still_talk_over_tcp_tls() {
+    let ca = ca();
+    let port = echo_app().await;
+    // The previous version's server: TLS with its one ALPN, a header, then the bytes.
+    let web = identity(&ca, WEB);
+    let old_cfg = Arc::new(super::tls::server_config(&web, &web.bundle_der).unwrap());
+    assert_eq!(old_cfg.alpn_protocols, vec![super::tls::ALPN.to_vec()]);
+    let black_hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let old = black_hole.local_addr().unwrap();
+    let listener = tokio::net::TcpListener::bind(old).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let cfg = old_cfg.clone();
+            tokio::spawn(async move {
+                let mut tls = tokio_rustls::TlsAcceptor::from(cfg)
+                    .accept(tcp)
+                    .await
+                    .unwrap();
+                let h = Header::read(&mut tls).await.unwrap();
+                let mut app = tokio::net::TcpStream::connect(("127.0.0.1", h.port))
+                    .await
+                    .unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut app).await;
+            });
+        }
+    });
+    let a = tunnel(identity(&ca, CLIENT), state(&[]));
+    for msg in [&b"first"[..], b"second"] {
+        assert_eq!(
+            round_trip_on(&a, old, WEB, port, msg).await.unwrap(),
+            (Transport::TcpTls, msg.to_vec())
+        );
+    }
+    assert_eq!(
+        a.tcp_dials(),
+        2,
+        "one connection per stream with an old peer"
+    );
+
+    // The previous version's client reaches a current agent.
+    let b = tunnel(web, serving(port, &[]));
+    let client = identity(&ca, CLIENT);
+    let cfg =
+        super::tls::client_config(&client, &client.bundle_der, WEB, Arc::new(BTreeSet::new()))
+            .unwrap();
+    let tcp = tokio::net::TcpStream::connect(b.local_addr().unwrap())
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from(super::tls::SERVER_NAME).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(super::tls::ALPN));
+    let header = Header {
+        service: "default/web".into(),
+        port,
+    };
+    tls.write_all(&header.encode().unwrap()).await.unwrap();
+    tls.write_all(b"from an old agent").await.unwrap();
+    let mut back = [0u8; 17];
+    tls.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"from an old agent");
+    drop(black_hole);
+}
+
+/// Bad input on a multiplexed connection: a request that is not a tunnel stream gets a
+/// 404, a stream with a malformed header is reset; the connection keeps serving.
+#[tokio::test]
+async fn a_multiplexed_connection_refuses_bad_requests_and_headers_and_goes_on() {
+    let ca = ca();
+    let port = echo_app().await;
+    let b = tunnel(identity(&ca, WEB), serving(port, &[]));
+    let client = identity(&ca, CLIENT);
+    let mut cfg =
+        super::tls::client_config(&client, &client.bundle_der, WEB, Arc::new(BTreeSet::new()))
+            .unwrap();
+    cfg.alpn_protocols = vec![super::mux::ALPN_MUX.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(b.local_addr().unwrap())
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from(super::tls::SERVER_NAME).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (h2, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut h2 = h2.ready().await.unwrap();
+
+    let get = http::Request::get("https://causeway.tunnel/")
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.send_request(get, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), http::StatusCode::NOT_FOUND);
+
+    let (resp, mut body) = h2.send_request(super::mux::request(), false).unwrap();
+    body.send_data(bytes::Bytes::from_static(b"XYZ\x01\x00\x50\x01w"), false)
+        .unwrap();
+    // The reset may come before or after the response's headers are read.
+    let err = match resp.await {
+        Err(e) => e,
+        Ok(r) => r.into_body().data().await.unwrap().unwrap_err(),
+    };
+    assert_eq!(err.reason(), Some(h2::Reason::PROTOCOL_ERROR), "{err}");
+
+    // The same connection still carries a good stream.
+    let (resp, mut body) = h2.send_request(super::mux::request(), false).unwrap();
+    let header = Header {
+        service: "default/web".into(),
+        port,
+    };
+    body.send_data(header.encode().unwrap().into(), false)
+        .unwrap();
+    body.send_data(bytes::Bytes::from_static(b"still here"), true)
+        .unwrap();
+    let mut recv = resp.await.unwrap().into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(got, b"still here");
+}
+
+/// A pooled connection is not reused once the peer's certificate is denied (QUIC and
+/// TCP + TLS alike), and a peer's new stream is refused on a connection made before its
+/// certificate was denied.
+#[tokio::test]
+async fn pooled_connections_are_not_reused_after_a_deny() {
+    let ca = ca();
+    let port = echo_app().await;
+    let web = identity(&ca, WEB);
+    let client = identity(&ca, CLIENT);
+    let b_state = serving(port, &[]);
+    let b = tunnel(web.clone(), b_state.clone());
+    let a_state = state(&[]);
+    let a = tunnel(client.clone(), a_state.clone());
+    let addr = b.local_addr().unwrap();
+    let (black_hole, blocked) = udp_blocked_path_to(addr).await;
+    for peer in [addr, blocked] {
+        assert!(round_trip(&a, peer, WEB, port, b"ok").await.is_ok());
+    }
+    // The server denies the client: both pooled connections stay up on the client's
+    // side, yet the server refuses their new streams.
+    b_state
+        .write()
+        .unwrap()
+        .deny_serials
+        .insert(client.serial.clone());
+    for peer in [addr, blocked] {
+        let r = round_trip(&a, peer, WEB, port, b"after the deny").await;
+        assert!(
+            r.as_ref().map(|v| v.is_empty()).unwrap_or(true),
+            "a denied client's stream went through: {r:?}"
+        );
+    }
+    b_state.write().unwrap().deny_serials.clear();
+    // The client denies the server: the pooled connections are dropped, the new dials
+    // fail verification.
+    {
+        let mut s = a_state.write().unwrap();
+        s.deny_serials.insert(web.serial.clone());
+        s.version += 1;
+    }
+    for peer in [addr, blocked] {
+        let err = round_trip(&a, peer, WEB, port, b"x").await.unwrap_err();
+        assert!(err.contains("deny list"), "{peer}: {err}");
+    }
+    drop(black_hole);
+}
