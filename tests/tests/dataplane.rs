@@ -631,6 +631,20 @@ fn udp_blocked_between_the_vms_falls_back_to_tcp_tls() {
         "{}",
         m.procs[a2].log()
     );
+    // Further connections are streams of the same multiplexed TLS connection.
+    for marker in ["second", "third"] {
+        assert!(m.client("vm1", &vip, 8080, marker).ends_with(marker));
+    }
+    let log = m.procs[a2].log();
+    let accepted = log
+        .lines()
+        .filter(|l| l.contains("tunnel connection accepted (TCP + TLS, multiplexed)"))
+        .count();
+    let streams = log
+        .lines()
+        .filter(|l| l.contains("inbound tunnel stream") && l.contains("transport=tcp+tls"))
+        .count();
+    assert_eq!((accepted, streams), (1, 3), "{log}");
 }
 
 /// Runs the reset client in `vm` against `host:port` in `mode`; returns what it printed.
