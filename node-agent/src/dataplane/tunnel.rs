@@ -505,10 +505,10 @@ impl Tunnel {
         self.endpoint.close(0u32.into(), b"agent stopping");
     }
 
-    /// The client TLS configuration for peers that must present `expected`: built once
-    /// per identity and mesh state version (certificate, trust bundle, deny list), not
-    /// per connection, since the TCP + TLS fallback opens one TLS connection per proxied
-    /// connection.
+    /// The client TLS configuration for peers that must present `expected` (`tcp`: with
+    /// the TCP ALPN list): built once per identity and mesh state version (certificate,
+    /// trust bundle, deny list), not per connection, since with a peer of an older
+    /// version the TCP + TLS fallback opens one TLS connection per proxied connection.
     fn client_tls(
         &self,
         expected: &str,
