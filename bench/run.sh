@@ -11,8 +11,8 @@
 #                    available, so "one core" holds for every thread of it, the fsync and
 #                    sled threads included; the other programs are never pinned)
 #   BENCH_OUT=DIR    keep the JSON results there
-# The dataplane program needs root (network namespaces), stunnel4 (installed here with
-# apt-get when missing) and prlimit.
+# The dataplane program needs root (network namespaces), stunnel4 and haproxy (installed
+# here with apt-get when missing; without haproxy its two rows are skipped) and prlimit.
 #   CARGO_TARGET_DIR as usual
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,18 +21,27 @@ target_dir=${CARGO_TARGET_DIR:-$repo/target}
 out=${BENCH_OUT:-$(mktemp -d -t causeway-bench.XXXXXX)}
 mkdir -p "$out"
 
-# The data-plane benchmark's baseline is stunnel4: install it when it is missing and this
-# is a Debian/Ubuntu host run as root (the tests do not need it, so no test script does).
+# The data-plane benchmark's baselines are stunnel4 and haproxy: install them when missing
+# and this is a Debian/Ubuntu host run as root (the tests do not need them, so no test
+# script does).
 wants_dataplane=1
 if [ $# -gt 0 ]; then
     wants_dataplane=0
     for p in "$@"; do [ "$p" = dataplane ] && wants_dataplane=1; done
 fi
-if [ "$wants_dataplane" = 1 ] && ! command -v stunnel4 >/dev/null && ! command -v stunnel >/dev/null \
-    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "== installing stunnel4 (the data-plane baseline)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q stunnel4 >/dev/null \
-        || echo "(could not install stunnel4; the dataplane program will say what is missing)"
+if [ "$wants_dataplane" = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    missing=()
+    command -v stunnel4 >/dev/null || command -v stunnel >/dev/null || missing+=(stunnel4)
+    command -v haproxy >/dev/null || missing+=(haproxy)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "== installing ${missing[*]} (the data-plane baselines)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null \
+            || echo "(could not install ${missing[*]}; the dataplane program will say what is missing)"
+        # The package starts its own haproxy service; the bench runs its own processes.
+        if [[ " ${missing[*]} " == *" haproxy "* ]] && command -v systemctl >/dev/null; then
+            systemctl disable --now haproxy >/dev/null 2>&1 || true
+        fi
+    fi
 fi
 
 echo "== building (release)"
