@@ -165,6 +165,22 @@ pub struct DataplaneConfig {
     /// "strict" refuses it (only tunnel traffic gets in). Set here until the controller
     /// pushes the workload group's mode.
     pub inbound_mode: InboundMode,
+    /// Transport tried first towards peer agents: "quic" (UDP 15008, the TCP + TLS
+    /// fallback when UDP gets no answer) or "tcp" (TCP + TLS on 15008 only, multiplexed;
+    /// more bulk throughput on 1500-byte links, BENCHMARKS.md). Inbound, both are always
+    /// served.
+    pub tunnel_transport: TunnelTransport,
+}
+
+/// Which tunnel transport the agent tries first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelTransport {
+    /// QUIC, falling back to TCP + TLS per peer when UDP is blocked.
+    #[default]
+    Quic,
+    /// TCP + TLS (multiplexed) only.
+    Tcp,
 }
 
 /// Whether off-host plaintext may reach this host's application ports.
@@ -193,6 +209,7 @@ impl Default for DataplaneConfig {
             eject_max: Duration::from_secs(60),
             plaintext_upstreams: true,
             inbound_mode: InboundMode::Permissive,
+            tunnel_transport: TunnelTransport::Quic,
         }
     }
 }
@@ -446,6 +463,27 @@ mod tests {
         )
         .unwrap();
         AgentConfig::load(&p).unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn tunnel_transport_is_quic_or_tcp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.toml");
+        assert_eq!(
+            AgentConfig::default().dataplane.tunnel_transport,
+            TunnelTransport::Quic
+        );
+        std::fs::write(&p, "[dataplane]\ntunnel_transport = \"tcp\"\n").unwrap();
+        assert_eq!(
+            AgentConfig::load(&p).unwrap().dataplane.tunnel_transport,
+            TunnelTransport::Tcp
+        );
+        std::fs::write(&p, "[dataplane]\ntunnel_transport = \"sctp\"\n").unwrap();
+        let err = AgentConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("sctp") && err.contains("quic") && err.contains("tcp"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -154,6 +154,9 @@ impl Dataplane {
                 None
             }
         };
+        if let Some(t) = &tunnel {
+            t.set_tcp_only(cfg.tunnel_transport == crate::config::TunnelTransport::Tcp);
+        }
         dp.tunnel = tunnel.clone();
         if let Some(t) = &tunnel {
             // Follow the certificate on disk too (a renewal by `causeway-agent renew`, or

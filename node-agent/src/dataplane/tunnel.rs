@@ -314,6 +314,8 @@ pub struct Tunnel {
     single_peers: std::sync::Mutex<std::collections::HashSet<PoolKey>>,
     /// TCP + TLS connections dialled (for tests and diagnostics).
     tcp_dials: std::sync::atomic::AtomicU64,
+    /// Open streams over TCP + TLS only, never trying QUIC (`tunnel_transport = "tcp"`).
+    tcp_only: std::sync::atomic::AtomicBool,
     /// Client TLS configurations by expected peer identity.
     tls_clients: std::sync::Mutex<HashMap<String, CachedClientTls>>,
     /// QUIC dials made (for tests and diagnostics).
@@ -451,6 +453,7 @@ impl Tunnel {
             mux_dialing: std::sync::Mutex::new(HashMap::new()),
             single_peers: std::sync::Mutex::new(std::collections::HashSet::new()),
             tcp_dials: std::sync::atomic::AtomicU64::new(0),
+            tcp_only: std::sync::atomic::AtomicBool::new(false),
             tls_clients: std::sync::Mutex::new(HashMap::new()),
             dials: std::sync::atomic::AtomicU64::new(0),
             connect_timeout,
@@ -460,6 +463,13 @@ impl Tunnel {
         tokio::spawn(t.clone().serve());
         tokio::spawn(t.clone().serve_tcp(tcp));
         Ok(t)
+    }
+
+    /// Opens outbound streams over TCP + TLS only (`true`), or QUIC first (`false`, the
+    /// default). Inbound streams are served on both transports either way.
+    pub fn set_tcp_only(&self, tcp_only: bool) {
+        self.tcp_only
+            .store(tcp_only, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The bound address.
@@ -694,6 +704,9 @@ impl Tunnel {
         expected: &str,
         header: &Header,
     ) -> Result<Opened, TunnelError> {
+        if self.tcp_only.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.open_tcp(peer, expected, header).await;
+        }
         let now = tokio::time::Instant::now();
         let quic_down = self
             .quic_down

@@ -780,3 +780,26 @@ async fn pooled_connections_are_not_reused_after_a_deny() {
     }
     drop(black_hole);
 }
+
+/// `tunnel_transport = "tcp"`: streams go over TCP + TLS without trying QUIC first.
+#[tokio::test]
+async fn tcp_only_opens_streams_without_trying_quic() {
+    let ca = ca();
+    let port = echo_app().await;
+    let b = tunnel(identity(&ca, WEB), serving(port, &[]));
+    let a = tunnel(identity(&ca, CLIENT), state(&[]));
+    a.set_tcp_only(true);
+    let addr = b.local_addr().unwrap();
+    for msg in [&b"one"[..], b"two"] {
+        assert_eq!(
+            round_trip_on(&a, addr, WEB, port, msg).await.unwrap(),
+            (Transport::TcpTls, msg.to_vec())
+        );
+    }
+    assert_eq!((a.quic_dials(), a.tcp_dials()), (0, 1));
+    a.set_tcp_only(false);
+    assert_eq!(
+        round_trip_on(&a, addr, WEB, port, b"three").await.unwrap(),
+        (Transport::Quic, b"three".to_vec())
+    );
+}
