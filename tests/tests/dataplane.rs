@@ -647,6 +647,45 @@ fn udp_blocked_between_the_vms_falls_back_to_tcp_tls() {
     assert_eq!((accepted, streams), (1, 3), "{log}");
 }
 
+/// `tunnel_transport = "tcp"` on the client's agent: TCP + TLS from the first connection,
+/// with UDP open and without a QUIC attempt; the server's agent (default settings) serves it.
+#[test]
+fn tunnel_transport_tcp_goes_straight_to_tcp_tls() {
+    let mut m = Mesh::new();
+    let s1 = m.join("vm1", "client");
+    let s2 = m.join("vm2", "web");
+    m.server("vm2", 8080);
+    let a2 = m.agent("vm2", &s2);
+    let cfg = m.root.join("vm1.toml");
+    std::fs::write(&cfg, "[dataplane]\ntunnel_transport = \"tcp\"\n").unwrap();
+    let a1 = m.agent_with("vm1", &s1, &["--config", cfg.to_str().unwrap()]);
+    let vm2_addr = m.lab.node("vm2").addr.to_string();
+    let vip = wait_routed(&s1, "default/web", &vm2_addr);
+    for marker in ["tcp-first", "tcp-second"] {
+        let out = m.client("vm1", &vip, 8080, marker);
+        assert!(out.ends_with(marker), "{out:?}");
+    }
+    let log = m.procs[a1].log();
+    let used: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("outbound via tunnel"))
+        .collect();
+    assert!(
+        used.len() == 2 && used.iter().all(|l| l.contains("transport=tcp+tls")),
+        "{log}"
+    );
+    assert!(!log.contains("QUIC to the peer agent failed"), "{log}");
+    let server_log = m.procs[a2].log();
+    assert_eq!(
+        server_log
+            .lines()
+            .filter(|l| l.contains("tunnel connection accepted (TCP + TLS, multiplexed)"))
+            .count(),
+        1,
+        "{server_log}"
+    );
+}
+
 /// Runs the reset client in `vm` against `host:port` in `mode`; returns what it printed.
 fn reset_client(m: &Mesh, vm: &str, host: &str, port: u16, mode: &str) -> String {
     let out = m
