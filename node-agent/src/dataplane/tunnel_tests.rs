@@ -803,3 +803,21 @@ async fn tcp_only_opens_streams_without_trying_quic() {
         (Transport::Quic, b"three".to_vec())
     );
 }
+
+/// TCP + TLS tunnel connections carry keepalive and a user timeout, so a vanished peer
+/// fails pooled streams within about 30 s (like QUIC's idle timeout), not ~15 min.
+#[tokio::test]
+async fn tcp_tunnel_sockets_detect_a_dead_peer() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let s = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+        .await
+        .unwrap();
+    let r = socket2::SockRef::from(&s);
+    assert!(!r.keepalive().unwrap());
+    super::tunnel::tune_tunnel_socket(&s).unwrap();
+    assert!(r.keepalive().unwrap());
+    assert_eq!(r.tcp_keepalive_time().unwrap(), Duration::from_secs(5));
+    assert_eq!(r.tcp_keepalive_interval().unwrap(), Duration::from_secs(5));
+    assert_eq!(r.tcp_keepalive_retries().unwrap(), 5);
+    assert_eq!(r.tcp_user_timeout().unwrap(), Some(Duration::from_secs(30)));
+}
