@@ -26,8 +26,8 @@
 //! QUIC: one pooled TLS connection per peer agent, one HTTP/2 stream per proxied
 //! connection ([`super::mux`]); with an agent that only speaks the first version (ALPN
 //! decides), one TLS connection per proxied connection. [`Tunnel::open`] tries QUIC first
-//! (at most 2 s); when it gets no answer and TCP works, that peer is reached over TCP for
-//! 30 s before QUIC is tried again.
+//! (at most 2 s); when it gets no answer and TCP works, that peer is reached over TCP, and
+//! QUIC is probed in the background every 30 s until it works again.
 //!
 //! Pooled connections outlive their handshake: before each reuse the peer certificate
 //! they were authenticated with is checked again against the deny list and its expiry
@@ -59,7 +59,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const QUIC_TIMEOUT: Duration = Duration::from_secs(2);
 /// Requested size of the tunnel's UDP socket buffers.
 const UDP_BUFFER: usize = 4 * 1024 * 1024;
-/// How long a peer whose QUIC failed while TCP worked is reached over TCP directly.
+/// How long a peer whose QUIC failed while TCP worked is reached over TCP before QUIC is
+/// probed again (in the background: streams keep going over TCP meanwhile).
 const QUIC_DOWN_FOR: Duration = Duration::from_secs(30);
 /// TCP + TLS tunnel connections: keepalive probes after this much silence, then every
 /// interval, and the connection is dropped after `TCP_KEEPALIVE_PROBES` unanswered ones.
@@ -320,7 +321,11 @@ pub(crate) fn tune_tunnel_socket(s: &tokio::net::TcpStream) -> std::io::Result<(
 pub struct Tunnel {
     endpoint: quinn::Endpoint,
     tls_server: RwLock<Arc<rustls::ServerConfig>>,
+    /// Peers reached over TCP + TLS because QUIC got no answer, with when to probe QUIC
+    /// again.
     quic_down: std::sync::Mutex<HashMap<SocketAddr, tokio::time::Instant>>,
+    /// How long a peer stays in `quic_down` between probes ([`QUIC_DOWN_FOR`]).
+    quic_down_for: std::sync::Mutex<Duration>,
     identity: RwLock<Arc<Identity>>,
     state: SharedState,
     pool: tokio::sync::Mutex<HashMap<PoolKey, Pooled<quinn::Connection>>>,
@@ -467,6 +472,7 @@ impl Tunnel {
             endpoint,
             tls_server: RwLock::new(tls_server),
             quic_down: std::sync::Mutex::new(HashMap::new()),
+            quic_down_for: std::sync::Mutex::new(QUIC_DOWN_FOR),
             identity: RwLock::new(Arc::new(identity)),
             state,
             pool: tokio::sync::Mutex::new(HashMap::new()),
@@ -719,9 +725,11 @@ impl Tunnel {
 
     /// Opens a stream to the agent at `peer`, which must present `expected`, and writes
     /// the header: over QUIC, or over TCP + TLS when QUIC gets no answer (UDP blocked).
-    /// A peer whose QUIC failed while TCP worked is reached over TCP for a while.
+    /// A peer whose QUIC failed while TCP worked is reached over TCP from then on; every
+    /// [`QUIC_DOWN_FOR`] one QUIC dial is tried in the background, and once one succeeds
+    /// new streams go over QUIC again. No stream waits on those probes.
     pub async fn open(
-        &self,
+        self: &Arc<Self>,
         peer: SocketAddr,
         expected: &str,
         header: &Header,
@@ -730,12 +738,20 @@ impl Tunnel {
             return self.open_tcp(peer, expected, header).await;
         }
         let now = tokio::time::Instant::now();
-        let quic_down = self
-            .quic_down
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&peer)
-            .is_some_and(|until| *until > now);
+        let down_for = *self.quic_down_for.lock().unwrap_or_else(|p| p.into_inner());
+        let quic_down = {
+            let mut down = self.quic_down.lock().unwrap_or_else(|p| p.into_inner());
+            match down.get(&peer).copied() {
+                None => false,
+                Some(probe_at) => {
+                    if now >= probe_at {
+                        down.insert(peer, now + down_for);
+                        self.probe_quic(peer, expected.to_owned());
+                    }
+                    true
+                }
+            }
+        };
         let quic_err = if quic_down {
             None
         } else {
@@ -753,11 +769,11 @@ impl Tunnel {
         match self.open_tcp(peer, expected, header).await {
             Ok(o) => {
                 if let Some(e) = &quic_err {
-                    tracing::warn!(%peer, quic_error = %e, "QUIC to the peer agent failed; using TCP + TLS for a while");
+                    tracing::warn!(%peer, quic_error = %e, "QUIC to the peer agent failed; using TCP + TLS, and probing QUIC in the background");
                     self.quic_down
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(peer, now + QUIC_DOWN_FOR);
+                        .insert(peer, now + down_for);
                 }
                 Ok(o)
             }
@@ -775,6 +791,32 @@ impl Tunnel {
                 })
             }
         }
+    }
+
+    /// Dials QUIC to `peer` in the background; when it works, the peer leaves `quic_down`
+    /// and its next streams use the pooled QUIC connection the probe made.
+    fn probe_quic(self: &Arc<Self>, peer: SocketAddr, expected: String) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            match me.connection(peer, &expected).await {
+                Ok(_) => {
+                    me.quic_down
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&peer);
+                    tracing::info!(%peer, "QUIC to the peer agent works again; new streams use it");
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "QUIC probe failed; staying on TCP + TLS")
+                }
+            }
+        });
+    }
+
+    /// Sets how long a peer stays on TCP + TLS between QUIC probes (tests).
+    #[cfg(test)]
+    pub(crate) fn set_quic_down_for(&self, d: Duration) {
+        *self.quic_down_for.lock().unwrap_or_else(|p| p.into_inner()) = d;
     }
 
     async fn open_tcp(

@@ -128,7 +128,7 @@ async fn echo_app() -> u16 {
 
 /// Sends `msg` through the tunnel, half-closes, returns what came back (or the error).
 async fn round_trip(
-    a: &Tunnel,
+    a: &Arc<Tunnel>,
     b: SocketAddr,
     expected: &str,
     port: u16,
@@ -138,7 +138,7 @@ async fn round_trip(
 }
 
 async fn round_trip_on(
-    a: &Tunnel,
+    a: &Arc<Tunnel>,
     b: SocketAddr,
     expected: &str,
     port: u16,
@@ -820,4 +820,101 @@ async fn tcp_tunnel_sockets_detect_a_dead_peer() {
     assert_eq!(r.tcp_keepalive_interval().unwrap(), Duration::from_secs(5));
     assert_eq!(r.tcp_keepalive_retries().unwrap(), 5);
     assert_eq!(r.tcp_user_timeout().unwrap(), Some(Duration::from_secs(30)));
+}
+
+/// An address whose UDP is relayed to `target` only while the returned switch is on (a
+/// firewall that blocks, then allows, the tunnel's UDP); its TCP always reaches `target`.
+async fn switchable_udp_path_to(
+    target: SocketAddr,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = front.local_addr().unwrap();
+    let relay = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = relay.accept().await {
+            tokio::spawn(async move {
+                if let Ok(up) = tokio::net::TcpStream::connect(target).await {
+                    super::splice::splice(s, up, None).await;
+                }
+            });
+        }
+    });
+    let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    back.connect(target).await.unwrap();
+    let on = Arc::new(AtomicBool::new(false));
+    let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+    let (f, b, o, c) = (front.clone(), back.clone(), on.clone(), client.clone());
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = f.recv_from(&mut buf).await {
+            if o.load(Ordering::Relaxed) {
+                *c.lock().unwrap() = Some(from);
+                let _ = b.send(&buf[..n]).await;
+            }
+        }
+    });
+    let (f, o) = (front, on.clone());
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = back.recv(&mut buf).await {
+            let to = *client.lock().unwrap();
+            if let (true, Some(to)) = (o.load(Ordering::Relaxed), to) {
+                let _ = f.send_to(&buf[..n], to).await;
+            }
+        }
+    });
+    (addr, on)
+}
+
+/// Once a peer is on TCP + TLS because UDP was blocked, QUIC is probed in the background:
+/// streams opened meanwhile do not wait on the probe's dial, and when UDP works again new
+/// streams go over QUIC.
+#[tokio::test]
+async fn quic_is_probed_in_the_background_and_used_again_once_udp_works() {
+    let ca = ca();
+    let port = echo_app().await;
+    let b = tunnel(identity(&ca, WEB), serving(port, &[]));
+    let a = tunnel(identity(&ca, CLIENT), state(&[]));
+    a.set_quic_down_for(Duration::from_millis(300));
+    let (addr, udp_on) = switchable_udp_path_to(b.local_addr().unwrap()).await;
+    assert_eq!(
+        round_trip_on(&a, addr, WEB, port, b"blocked")
+            .await
+            .unwrap(),
+        (Transport::TcpTls, b"blocked".to_vec())
+    );
+    assert_eq!(a.quic_dials(), 1);
+
+    // Still blocked when the probe is due: the stream that starts the probe goes over TCP
+    // without waiting out the probe's 2 s QUIC dial.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let started = std::time::Instant::now();
+    assert_eq!(
+        round_trip_on(&a, addr, WEB, port, b"during the probe")
+            .await
+            .unwrap(),
+        (Transport::TcpTls, b"during the probe".to_vec())
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the stream waited for the QUIC probe"
+    );
+    assert_eq!(a.quic_dials(), 2, "the probe dialled");
+
+    // UDP allowed again: after the next probe, new streams use QUIC.
+    udp_on.store(true, std::sync::atomic::Ordering::Relaxed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (transport, back) = round_trip_on(&a, addr, WEB, port, b"again").await.unwrap();
+        assert_eq!(back, b"again");
+        if transport == Transport::Quic {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "QUIC was never used again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
