@@ -115,6 +115,31 @@ type PoolKey = (SocketAddr, String);
 #[derive(Debug, Default)]
 struct DialState(tokio::sync::Mutex<Option<(tokio::time::Instant, String)>>);
 
+impl DialState {
+    /// The dial lock of `key` in `map`.
+    fn of(map: &std::sync::Mutex<HashMap<PoolKey, Arc<Self>>>, key: &PoolKey) -> Arc<Self> {
+        map.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// The error of a dial that failed while this caller waited for the lock (since
+    /// `waited_from`): the caller fails with it instead of dialling again.
+    fn failed_meanwhile(
+        last: &Option<(tokio::time::Instant, String)>,
+        waited_from: tokio::time::Instant,
+        peer: SocketAddr,
+    ) -> Option<TunnelError> {
+        let (at, message) = last.as_ref()?;
+        (*at >= waited_from).then(|| TunnelError::Connect {
+            peer,
+            message: message.clone(),
+        })
+    }
+}
+
 /// Read half of a tunnel stream (QUIC stream or TLS over TCP).
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 /// Write half of a tunnel stream; shutting it down is the half-close.
@@ -607,25 +632,14 @@ impl Tunnel {
         // Single flight: many connections opened at once towards a peer (a start, a burst)
         // share one dial instead of each making a QUIC connection, which with UDP blocked
         // would be hundreds of handshakes waiting out their timeout together.
-        let dial = self
-            .dialing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key.clone())
-            .or_default()
-            .clone();
+        let dial = DialState::of(&self.dialing, &key);
         let waited_from = tokio::time::Instant::now();
         let mut last_failure = dial.0.lock().await;
         if let Some(c) = self.pooled(&key).await {
             return Ok(c.conn);
         }
-        if let Some((at, message)) = &*last_failure
-            && *at >= waited_from
-        {
-            return Err(TunnelError::Connect {
-                peer,
-                message: message.clone(),
-            });
+        if let Some(e) = DialState::failed_meanwhile(&last_failure, waited_from, peer) {
+            return Err(e);
         }
         let result = self.dial(peer, expected).await;
         match &result {
@@ -900,25 +914,14 @@ impl Tunnel {
         {
             return self.dial_tcp(peer, expected).await;
         }
-        let dial = self
-            .mux_dialing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key.clone())
-            .or_default()
-            .clone();
+        let dial = DialState::of(&self.mux_dialing, key);
         let waited_from = tokio::time::Instant::now();
         let mut last_failure = dial.0.lock().await;
         if let Some(c) = self.mux_pooled(key) {
             return Ok(TcpDial::Mux(c));
         }
-        if let Some((at, message)) = &*last_failure
-            && *at >= waited_from
-        {
-            return Err(TunnelError::Connect {
-                peer,
-                message: message.clone(),
-            });
+        if let Some(e) = DialState::failed_meanwhile(&last_failure, waited_from, peer) {
+            return Err(e);
         }
         let result = self.dial_tcp(peer, expected).await;
         match &result {

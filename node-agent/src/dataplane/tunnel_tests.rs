@@ -285,12 +285,9 @@ async fn rotation_keeps_established_streams_and_new_connections_work() {
     );
 }
 
-/// An address where UDP is a black hole (the returned socket, which must be kept) and TCP
-/// reaches `target`'s TCP + TLS listener: a peer whose UDP is blocked.
-async fn udp_blocked_path_to(target: SocketAddr) -> (std::net::UdpSocket, SocketAddr) {
-    let black_hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let blocked = black_hole.local_addr().unwrap();
-    let relay = tokio::net::TcpListener::bind(blocked).await.unwrap();
+/// Relays TCP connections to `addr` on to `target`.
+async fn tcp_relay(addr: SocketAddr, target: SocketAddr) {
+    let relay = tokio::net::TcpListener::bind(addr).await.unwrap();
     tokio::spawn(async move {
         while let Ok((s, _)) = relay.accept().await {
             tokio::spawn(async move {
@@ -300,6 +297,14 @@ async fn udp_blocked_path_to(target: SocketAddr) -> (std::net::UdpSocket, Socket
             });
         }
     });
+}
+
+/// An address where UDP is a black hole (the returned socket, which must be kept) and TCP
+/// reaches `target`'s TCP + TLS listener: a peer whose UDP is blocked.
+async fn udp_blocked_path_to(target: SocketAddr) -> (std::net::UdpSocket, SocketAddr) {
+    let black_hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let blocked = black_hole.local_addr().unwrap();
+    tcp_relay(blocked, target).await;
     (black_hole, blocked)
 }
 
@@ -830,16 +835,7 @@ async fn switchable_udp_path_to(
     use std::sync::atomic::{AtomicBool, Ordering};
     let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
     let addr = front.local_addr().unwrap();
-    let relay = tokio::net::TcpListener::bind(addr).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = relay.accept().await {
-            tokio::spawn(async move {
-                if let Ok(up) = tokio::net::TcpStream::connect(target).await {
-                    super::splice::splice(s, up, None).await;
-                }
-            });
-        }
-    });
+    tcp_relay(addr, target).await;
     let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
     back.connect(target).await.unwrap();
     let on = Arc::new(AtomicBool::new(false));
