@@ -63,6 +63,7 @@ pub struct Health {
     renewals: AtomicU64,
     notified_ready: AtomicBool,
     requests: AtomicU64,
+    tunnel: std::sync::OnceLock<Arc<crate::dataplane::tunnel::Tunnel>>,
 }
 
 fn now_unix() -> i64 {
@@ -89,6 +90,11 @@ impl Health {
     pub fn set_dataplane_up(&self, up: bool) {
         self.dataplane.store(up, Ordering::Relaxed);
         self.maybe_notify();
+    }
+
+    /// The data plane's tunnel, whose counters `/metrics` reports.
+    pub fn set_tunnel(&self, t: Arc<crate::dataplane::tunnel::Tunnel>) {
+        let _ = self.tunnel.set(t);
     }
 
     /// Takes the agent's status report (written on every change by the run loop).
@@ -191,6 +197,36 @@ impl Health {
             "Certificate renewals by this process.",
             &[(String::new(), u(&self.renewals))],
         );
+        if let Some(t) = self.tunnel.get() {
+            let c = t.counters();
+            let by = |what: &str, v: [u64; 2]| -> Vec<(String, String)> {
+                ["quic", "tcp"]
+                    .iter()
+                    .zip(v)
+                    .map(|(tr, n)| (format!("{{{what}transport=\"{tr}\"}}"), n.to_string()))
+                    .collect()
+            };
+            let mut streams = by("direction=\"outbound\",", c.opened);
+            streams.extend(by("direction=\"inbound\",", c.accepted));
+            gauge(
+                "causeway_agent_tunnel_streams_total",
+                "counter",
+                "Proxied connections carried by the tunnel, by direction and transport (tcp: TCP + TLS).",
+                &streams,
+            );
+            gauge(
+                "causeway_agent_tunnel_dials_total",
+                "counter",
+                "Tunnel connections dialled to peer agents, by transport.",
+                &by("", c.dials),
+            );
+            gauge(
+                "causeway_agent_tunnel_peers_on_tcp",
+                "gauge",
+                "Peer agents reached over TCP + TLS because QUIC got no answer (UDP blocked?).",
+                &[(String::new(), c.peers_on_tcp.to_string())],
+            );
+        }
         gauge(
             "causeway_agent_health_requests_total",
             "counter",

@@ -213,6 +213,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     } else {
         None
     };
+    if let Some(t) = dataplane.tunnel() {
+        health.set_tunnel(t.clone());
+    }
     health.set_dataplane_up(true);
     let id_cfg = cfg.identity.clone();
     let mut backoff = Backoff::new(id_cfg.retry_min, id_cfg.retry_max);

@@ -120,6 +120,11 @@ fn write_rules_file(path: &Path, rules: &RuleSet) {
 }
 
 impl Dataplane {
+    /// The tunnel, when it started.
+    pub fn tunnel(&self) -> Option<&Arc<tunnel::Tunnel>> {
+        self.tunnel.as_ref()
+    }
+
     /// Starts listeners, the tunnel and (when `cfg.capture`) the capture rules.
     pub async fn start(
         cfg: &DataplaneConfig,

@@ -145,11 +145,24 @@ pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 /// Write half of a tunnel stream; shutting it down is the half-close.
 pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
+/// What a tunnel has carried since it started (for the agent's metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TunnelCounters {
+    /// Outbound streams opened, over QUIC and over TCP + TLS.
+    pub opened: [u64; 2],
+    /// Inbound streams handed to the local application, over QUIC and over TCP + TLS.
+    pub accepted: [u64; 2],
+    /// QUIC and TCP + TLS connections dialled.
+    pub dials: [u64; 2],
+    /// Peers reached over TCP + TLS now because QUIC got no answer.
+    pub peers_on_tcp: u64,
+}
+
 /// Which transport carries a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     /// A stream of the pooled QUIC connection (UDP).
-    Quic,
+    Quic = 0,
     /// TLS over TCP (fallback when UDP is blocked): a stream of a pooled, multiplexed
     /// connection, or a connection of its own with agents of an older version.
     TcpTls,
@@ -368,6 +381,10 @@ pub struct Tunnel {
     tcp_dials: std::sync::atomic::AtomicU64,
     /// Open streams over TCP + TLS only, never trying QUIC (`tunnel_transport = "tcp"`).
     tcp_only: std::sync::atomic::AtomicBool,
+    /// Outbound streams opened, by transport (index: `Transport as usize`).
+    opened: [std::sync::atomic::AtomicU64; 2],
+    /// Inbound streams served, by transport.
+    accepted: [std::sync::atomic::AtomicU64; 2],
     /// Client TLS configurations by expected peer identity.
     tls_clients: std::sync::Mutex<HashMap<String, CachedClientTls>>,
     /// QUIC dials made (for tests and diagnostics).
@@ -507,6 +524,8 @@ impl Tunnel {
             single_peers: std::sync::Mutex::new(std::collections::HashSet::new()),
             tcp_dials: std::sync::atomic::AtomicU64::new(0),
             tcp_only: std::sync::atomic::AtomicBool::new(false),
+            opened: Default::default(),
+            accepted: Default::default(),
             tls_clients: std::sync::Mutex::new(HashMap::new()),
             dials: std::sync::atomic::AtomicU64::new(0),
             connect_timeout,
@@ -523,6 +542,24 @@ impl Tunnel {
     pub fn set_tcp_only(&self, tcp_only: bool) {
         self.tcp_only
             .store(tcp_only, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// What this tunnel has carried so far.
+    pub fn counters(&self) -> TunnelCounters {
+        let get = |a: &[std::sync::atomic::AtomicU64; 2]| {
+            a.each_ref()
+                .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        };
+        TunnelCounters {
+            opened: get(&self.opened),
+            accepted: get(&self.accepted),
+            dials: [self.quic_dials(), self.tcp_dials()],
+            peers_on_tcp: self
+                .quic_down
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len() as u64,
+        }
     }
 
     /// The bound address.
@@ -743,6 +780,17 @@ impl Tunnel {
     /// [`QUIC_DOWN_FOR`] one QUIC dial is tried in the background, and once one succeeds
     /// new streams go over QUIC again. No stream waits on those probes.
     pub async fn open(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        expected: &str,
+        header: &Header,
+    ) -> Result<Opened, TunnelError> {
+        let opened = self.open_stream(peer, expected, header).await?;
+        self.opened[opened.transport as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(opened)
+    }
+
+    async fn open_stream(
         self: &Arc<Self>,
         peer: SocketAddr,
         expected: &str,
@@ -1231,6 +1279,7 @@ impl Tunnel {
                 return;
             }
         };
+        self.accepted[transport as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(peer = %remote, peer_identity = %peer.spiffe_id, service = %header.service, port = header.port, %transport, "inbound tunnel stream");
         let done = splice(side, tcp, self.idle_timeout).await;
         tracing::debug!(peer_identity = %peer.spiffe_id, bytes_in = done.a_to_b, bytes_out = done.b_to_a, end = ?done.end, "inbound stream done");

@@ -914,3 +914,42 @@ async fn quic_is_probed_in_the_background_and_used_again_once_udp_works() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The tunnel's counters (and the agent's `/metrics` lines from them) follow what each
+/// transport carried, on both ends, and count the peers held on TCP + TLS.
+#[tokio::test]
+async fn counters_and_metrics_follow_each_transport() {
+    let ca = ca();
+    let port = echo_app().await;
+    let b = tunnel(identity(&ca, WEB), serving(port, &[]));
+    let a = tunnel(identity(&ca, CLIENT), state(&[]));
+    let addr = b.local_addr().unwrap();
+    let (black_hole, blocked) = udp_blocked_path_to(addr).await;
+    for _ in 0..2 {
+        round_trip(&a, addr, WEB, port, b"q").await.unwrap();
+    }
+    for _ in 0..3 {
+        round_trip(&a, blocked, WEB, port, b"t").await.unwrap();
+    }
+    let c = a.counters();
+    assert_eq!(
+        (c.opened, c.dials, c.peers_on_tcp),
+        ([2, 3], [2, 1], 1),
+        "{c:?}"
+    );
+    assert_eq!(b.counters().accepted, [2, 3]);
+    let health = crate::health::Health::new();
+    health.set_tunnel(a.clone());
+    let m = health.metrics();
+    for line in [
+        "causeway_agent_tunnel_streams_total{direction=\"outbound\",transport=\"quic\"} 2\n",
+        "causeway_agent_tunnel_streams_total{direction=\"outbound\",transport=\"tcp\"} 3\n",
+        "causeway_agent_tunnel_streams_total{direction=\"inbound\",transport=\"quic\"} 0\n",
+        "causeway_agent_tunnel_dials_total{transport=\"quic\"} 2\n",
+        "causeway_agent_tunnel_dials_total{transport=\"tcp\"} 1\n",
+        "causeway_agent_tunnel_peers_on_tcp 1\n",
+    ] {
+        assert!(m.contains(line), "missing {line:?} in\n{m}");
+    }
+    drop(black_hole);
+}
