@@ -29,10 +29,11 @@
 //! (at most 2 s); when it gets no answer and TCP works, that peer is reached over TCP, and
 //! QUIC is probed in the background every 30 s until it works again.
 //!
-//! Pooled connections outlive their handshake: before each reuse the peer certificate
-//! they were authenticated with is checked again against the deny list and its expiry
-//! (a connection that fails is closed and dialled again, which verifies in full), and an
-//! inbound stream is refused when its connection's peer certificate was denied since.
+//! Pooled connections outlive their handshake: before each reuse a connection must have
+//! been dialled with this agent's current certificate, and the peer certificate it was
+//! authenticated with must still pass the deny list and its expiry; one that fails takes
+//! no new streams (the next one dials again, which verifies in full; open streams go on).
+//! An inbound stream is refused when its connection's peer certificate was denied since.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -80,11 +81,13 @@ struct CachedClientTls {
     tcp: Arc<rustls::ClientConfig>,
 }
 
-/// A pooled connection and the peer certificate it was authenticated with.
+/// A pooled connection, the peer certificate it was authenticated with, and this agent's
+/// identity it was dialled with.
 #[derive(Debug, Clone)]
 struct Pooled<C> {
     conn: C,
     peer: Arc<tls::PeerFacts>,
+    identity: Arc<Identity>,
 }
 
 /// A multiplexed TCP + TLS connection's handle; `closed` is set when its task ends.
@@ -712,8 +715,9 @@ impl Tunnel {
         self.tcp_dials.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The pooled connection for `key`, if it is still open and its peer certificate is
-    /// still trusted; one that is not is closed and forgotten.
+    /// The pooled connection for `key`, if it is still open and may carry new streams
+    /// ([`Self::reusable`]); one that may not is forgotten, so the next stream dials a
+    /// new connection, while the streams it carries go on until they end.
     async fn pooled(&self, key: &PoolKey) -> Option<Pooled<quinn::Connection>> {
         let mut pool = self.pool.lock().await;
         let c = pool.get(key)?;
@@ -721,19 +725,33 @@ impl Tunnel {
             pool.remove(key);
             return None;
         }
-        if let Err(why) = self.still_trusted(&c.peer) {
-            tracing::warn!(peer = %key.0, reason = %why, "closing the pooled tunnel connection");
-            c.conn.close(2u32.into(), b"certificate no longer trusted");
+        if !self.reusable(key, &c.peer, &c.identity) {
             pool.remove(key);
             return None;
         }
         Some(c.clone())
     }
 
-    /// Whether the peer certificate a connection was authenticated with is still trusted.
-    fn still_trusted(&self, peer: &tls::PeerFacts) -> Result<(), String> {
+    /// Whether a pooled connection may carry new streams: it was dialled with this agent's
+    /// current certificate (after a renewal, new streams get new connections that present
+    /// the new one), and the peer's certificate it was authenticated with is still
+    /// trusted (not denied or expired since).
+    fn reusable(&self, key: &PoolKey, peer: &tls::PeerFacts, dialled_as: &Arc<Identity>) -> bool {
+        let current = self
+            .identity
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !Arc::ptr_eq(&current, dialled_as) {
+            tracing::info!(peer = %key.0, "renewed certificate: new streams to the peer get a new tunnel connection");
+            return false;
+        }
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        peer.still_trusted(&state.deny_serials)
+        if let Err(why) = peer.still_trusted(&state.deny_serials) {
+            tracing::warn!(peer = %key.0, reason = %why, "the pooled tunnel connection takes no new streams");
+            return false;
+        }
+        true
     }
 
     /// Makes a new QUIC connection to `peer`, which must present `expected`.
@@ -744,6 +762,13 @@ impl Tunnel {
     ) -> Result<Pooled<quinn::Connection>, TunnelError> {
         self.dials
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Read before the TLS configuration is: a renewal in between makes the
+        // connection look older than it is (it is replaced sooner), never newer.
+        let identity = self
+            .identity
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let tls = self.client_tls(expected, false)?;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| tls::TlsError::Identity(e.to_string()))?;
@@ -771,6 +796,7 @@ impl Tunnel {
         Ok(Pooled {
             conn,
             peer: Arc::new(facts),
+            identity,
         })
     }
 
@@ -936,8 +962,7 @@ impl Tunnel {
             pool.remove(key);
             return None;
         }
-        if let Err(why) = self.still_trusted(&c.peer) {
-            tracing::warn!(peer = %key.0, reason = %why, "closing the pooled tunnel connection");
+        if !self.reusable(key, &c.peer, &c.identity) {
             // Dropping the last handle ends the connection once its streams end; new
             // streams dial again and verify in full.
             pool.remove(key);
@@ -998,6 +1023,12 @@ impl Tunnel {
     async fn dial_tcp(&self, peer: SocketAddr, expected: &str) -> Result<TcpDial, TunnelError> {
         self.tcp_dials
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // As in `dial`: read before the TLS configuration.
+        let identity = self
+            .identity
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let tls = self.client_tls(expected, true)?;
         let err = |message: String| TunnelError::Connect { peer, message };
         let tcp = connect_tcp(peer, self.mark, self.connect_timeout)
@@ -1044,6 +1075,7 @@ impl Tunnel {
         Ok(TcpDial::Mux(Pooled {
             conn: MuxConn { send, closed },
             peer: Arc::new(facts),
+            identity,
         }))
     }
 
@@ -1253,9 +1285,18 @@ impl Tunnel {
     ) {
         // Only the ports this host's own workload registered are reachable through the
         // tunnel: never arbitrary loopback services (admin APIs, databases bound to lo).
-        // The connection may be older than the deny list or the certificate's expiry.
-        if let Err(why) = self.still_trusted(peer) {
-            tracing::warn!(peer = %remote, reason = %why, "tunnel stream refused");
+        // The connection may be older than the deny list: a peer denied since opens no
+        // new stream on it. (Expiry is the client's to act on: it redials after renewing;
+        // refusing here would break agents of older versions, which keep their pooled
+        // connection across a renewal.)
+        let denied = self
+            .state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .deny_serials
+            .contains(&peer.serial);
+        if denied {
+            tracing::warn!(peer = %remote, peer_identity = %peer.spiffe_id, serial = %peer.serial, "tunnel stream refused: the peer's certificate is on the deny list");
             refuse(side, 1);
             return;
         }

@@ -277,6 +277,17 @@ async fn rotation_keeps_established_streams_and_new_connections_work() {
     let mut rest = Vec::new();
     recv.read_to_end(&mut rest).await.unwrap();
     assert_eq!(rest, b"after");
+    // New streams get a new connection, which presents the renewed certificate.
+    assert_eq!(a.quic_dials(), 1);
+    assert_eq!(
+        round_trip(&a, addr, WEB, port, b"renewed").await.unwrap(),
+        b"renewed"
+    );
+    assert_eq!(
+        a.quic_dials(),
+        2,
+        "a stream after the renewal reused the old connection"
+    );
     // A fresh tunnel (new connection, renewed certificates on both ends) works too.
     let c = tunnel(identity(&ca, CLIENT), state(&[]));
     assert_eq!(
@@ -951,5 +962,47 @@ async fn counters_and_metrics_follow_each_transport() {
     ] {
         assert!(m.contains(line), "missing {line:?} in\n{m}");
     }
+    drop(black_hole);
+}
+
+/// The same over the multiplexed TCP + TLS tunnel: a renewal keeps the stream that is
+/// open and gives new streams a new connection.
+#[tokio::test]
+async fn rotation_over_tcp_tls_keeps_open_streams_and_redials_for_new_ones() {
+    let ca = ca();
+    let port = echo_app().await;
+    let b = tunnel(identity(&ca, WEB), serving(port, &[]));
+    let a = tunnel(identity(&ca, CLIENT), state(&[]));
+    let (black_hole, blocked) = udp_blocked_path_to(b.local_addr().unwrap()).await;
+    let header = Header {
+        service: "default/web".into(),
+        port,
+    };
+    let o = a.open(blocked, WEB, &header).await.unwrap();
+    assert_eq!(o.transport, Transport::TcpTls);
+    let (mut recv, mut send) = o.into_io();
+    send.write_all(b"before ").await.unwrap();
+    let mut buf = [0u8; 7];
+    recv.read_exact(&mut buf).await.unwrap();
+    a.reload(identity(&ca, CLIENT)).unwrap();
+    assert_eq!(
+        round_trip_on(&a, blocked, WEB, port, b"renewed")
+            .await
+            .unwrap(),
+        (Transport::TcpTls, b"renewed".to_vec())
+    );
+    assert_eq!(
+        a.tcp_dials(),
+        2,
+        "a new stream after the renewal used the old connection"
+    );
+    send.write_all(b"after").await.unwrap();
+    send.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    recv.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(
+        rest, b"after",
+        "the open stream did not survive the renewal"
+    );
     drop(black_hole);
 }
