@@ -147,6 +147,15 @@ impl MuxRead {
             });
             return Poll::Ready(end.map(|()| None));
         }
+        let next = self.poll_stream(cx);
+        if let Poll::Ready(Err(e)) = &next {
+            // Remembered: the finished response or stream is never polled again.
+            self.ended = Some(Err(io::Error::new(e.kind(), e.to_string())));
+        }
+        next
+    }
+
+    fn poll_stream(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         loop {
             match &mut self.state {
                 ReadState::Response(f) => {

@@ -601,6 +601,11 @@ async fn half_close_and_resets_travel_over_a_multiplexed_stream() {
         r.map_err(|e| e.kind()),
         Err(std::io::ErrorKind::ConnectionReset)
     );
+    // And stays reset: a later read does not turn it into an end of stream.
+    assert_eq!(
+        recv.read(&mut buf).await.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
 
     // The client aborts: the application sees a reset.
     let o = a.open(blocked, WEB, &header).await.unwrap();
