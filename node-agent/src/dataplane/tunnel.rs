@@ -434,6 +434,9 @@ fn bind_pair(
 /// (1452–1472 bytes) instead of growing past it.
 pub(crate) const MTU_UPPER_BOUND: u16 = 8952;
 
+/// Flow-control window of one QUIC stream (as the multiplexed TCP + TLS tunnel's).
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     let mut mtu = quinn::MtuDiscoveryConfig::default();
@@ -443,8 +446,14 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("in range")));
     t.max_concurrent_bidi_streams(100_000u32.into());
     t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window((4u32 * 1024 * 1024).into());
-    t.receive_window((16u32 * 1024 * 1024).into());
+    // A stream's window keeps a bulk stream busy; the connection's is 16 of them. Bytes a
+    // stalled application does not read hold their stream's window of the connection's,
+    // so with 16 MiB (until session 6) four stalled streams to one peer stopped every
+    // other stream to it (test `stalled_streams_do_not_block_the_other_streams_of_a_connection`);
+    // now it takes sixteen at once. The bound is per peer connection: at most 64 MiB
+    // buffered for stalled readers per peer.
+    t.stream_receive_window(STREAM_WINDOW.into());
+    t.receive_window((16 * STREAM_WINDOW).into());
     t.send_window(16 * 1024 * 1024);
     Arc::new(t)
 }

@@ -1011,3 +1011,78 @@ async fn rotation_over_tcp_tls_keeps_open_streams_and_redials_for_new_ones() {
     );
     drop(black_hole);
 }
+
+/// A local application that accepts connections and never reads them (a stalled
+/// consumer); returns its port.
+async fn stalled_app() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    port
+}
+
+/// Streams whose applications stop reading fill their own flow-control windows, not the
+/// whole connection's: five of them at once leave the connection free for the others
+/// (no head-of-line blocking across streams), on both transports.
+#[tokio::test]
+async fn stalled_streams_do_not_block_the_other_streams_of_a_connection() {
+    let ca = ca();
+    let echo = echo_app().await;
+    let stalled = stalled_app().await;
+    let mut st = serving(echo, &[]);
+    {
+        let mut s = st.write().unwrap();
+        let svc = s.services.get_mut("default/web").unwrap();
+        let ep = svc.endpoints.get_mut("agents/a-test").unwrap();
+        ep.ports.insert("stalled".into(), stalled);
+    }
+    let b = tunnel(identity(&ca, WEB), std::mem::take(&mut st));
+    let a = tunnel(identity(&ca, CLIENT), state(&[]));
+    let (black_hole, blocked) = udp_blocked_path_to(b.local_addr().unwrap()).await;
+    for (peer, transport) in [
+        (b.local_addr().unwrap(), Transport::Quic),
+        (blocked, Transport::TcpTls),
+    ] {
+        let header = Header {
+            service: "default/web".into(),
+            port: stalled,
+        };
+        let mut writers = Vec::new();
+        for i in 0..5 {
+            let o = tokio::time::timeout(Duration::from_secs(10), a.open(peer, WEB, &header))
+                .await
+                .unwrap_or_else(|_| panic!("{transport}: stream {i} could not even open"))
+                .unwrap();
+            assert_eq!(o.transport, transport);
+            let (recv, mut send) = o.into_io();
+            let chunk = vec![7u8; 256 * 1024];
+            // Writes until the stream stops taking bytes (its window and the kernel's
+            // buffers are full).
+            loop {
+                match tokio::time::timeout(Duration::from_millis(500), send.write_all(&chunk)).await
+                {
+                    Ok(r) => r.unwrap(),
+                    Err(_) => break,
+                }
+            }
+            writers.push((recv, send));
+        }
+        assert_eq!(
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                round_trip_on(&a, peer, WEB, echo, b"still moving")
+            )
+            .await
+            .expect("a stream behind five stalled ones did not get through")
+            .unwrap(),
+            (transport, b"still moving".to_vec())
+        );
+        drop(writers);
+    }
+    drop(black_hole);
+}
