@@ -1063,12 +1063,10 @@ async fn stalled_streams_do_not_block_the_other_streams_of_a_connection() {
             let chunk = vec![7u8; 256 * 1024];
             // Writes until the stream stops taking bytes (its window and the kernel's
             // buffers are full).
-            loop {
-                match tokio::time::timeout(Duration::from_millis(500), send.write_all(&chunk)).await
-                {
-                    Ok(r) => r.unwrap(),
-                    Err(_) => break,
-                }
+            while let Ok(r) =
+                tokio::time::timeout(Duration::from_millis(500), send.write_all(&chunk)).await
+            {
+                r.unwrap();
             }
             writers.push((recv, send));
         }
