@@ -226,6 +226,12 @@ impl Health {
                 "Peer agents reached over TCP + TLS because QUIC got no answer (UDP blocked?).",
                 &[(String::new(), c.peers_on_tcp.to_string())],
             );
+            gauge(
+                "causeway_agent_tunnel_connections",
+                "gauge",
+                "Tunnel connections open to and from peer agents, by transport (tcp: multiplexed TCP + TLS).",
+                &by("", c.connections),
+            );
         }
         gauge(
             "causeway_agent_health_requests_total",

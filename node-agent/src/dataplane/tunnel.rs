@@ -70,6 +70,11 @@ const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const TCP_KEEPALIVE_PROBES: u32 = 5;
 /// Sent data unacknowledged this long drops a TCP + TLS tunnel connection.
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A pooled connection that has not been given a new stream for this long is released:
+/// forgotten by the pool, so it closes once the streams it still carries end (a peer that
+/// stopped being an endpoint is not kept connected, with keepalives, for as long as both
+/// agents live). The next stream to that peer dials again.
+const POOL_IDLE: Duration = Duration::from_secs(300);
 
 /// A client TLS configuration and what it was built from.
 #[derive(Debug)]
@@ -88,6 +93,29 @@ struct Pooled<C> {
     conn: C,
     peer: Arc<tls::PeerFacts>,
     identity: Arc<Identity>,
+    /// When the pool last handed this connection out for a new stream (or dialled it).
+    used: Arc<std::sync::Mutex<tokio::time::Instant>>,
+}
+
+impl<C: Clone> Pooled<C> {
+    fn new(conn: C, peer: tls::PeerFacts, identity: Arc<Identity>) -> Self {
+        Self {
+            conn,
+            peer: Arc::new(peer),
+            identity,
+            used: Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())),
+        }
+    }
+
+    /// A handle for a new stream, marking the connection used now.
+    fn take(&self) -> Self {
+        *self.used.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+        self.clone()
+    }
+
+    fn idle_for(&self, now: tokio::time::Instant) -> Duration {
+        now.saturating_duration_since(*self.used.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 /// A multiplexed TCP + TLS connection's handle; `closed` is set when its task ends.
@@ -159,6 +187,8 @@ pub struct TunnelCounters {
     pub dials: [u64; 2],
     /// Peers reached over TCP + TLS now because QUIC got no answer.
     pub peers_on_tcp: u64,
+    /// Tunnel connections open now, dialled and accepted: QUIC, and multiplexed TCP + TLS.
+    pub connections: [u64; 2],
 }
 
 /// Which transport carries a stream.
@@ -395,6 +425,10 @@ pub struct Tunnel {
     connect_timeout: Duration,
     mark: Option<u32>,
     idle_timeout: Option<Duration>,
+    /// How long a pooled connection may go without a new stream ([`POOL_IDLE`]).
+    pool_idle: std::sync::Mutex<Duration>,
+    /// Multiplexed TCP + TLS connections open now (dialled and accepted).
+    mux_open: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -543,10 +577,55 @@ impl Tunnel {
             connect_timeout,
             mark,
             idle_timeout,
+            pool_idle: std::sync::Mutex::new(POOL_IDLE),
+            mux_open: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         });
         tokio::spawn(t.clone().serve());
         tokio::spawn(t.clone().serve_tcp(tcp));
+        tokio::spawn(release_idle_connections(Arc::downgrade(&t)));
         Ok(t)
+    }
+
+    /// Sets how long a pooled connection may go without a new stream before it is
+    /// released (tests; [`POOL_IDLE`] otherwise).
+    #[cfg(test)]
+    pub(crate) fn set_pool_idle(&self, idle: Duration) {
+        *self.pool_idle.lock().unwrap_or_else(|p| p.into_inner()) = idle;
+    }
+
+    fn pool_idle(&self) -> Duration {
+        *self.pool_idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets the pooled connections (both transports) that were given no new stream for
+    /// the pool's idle time; each closes once its last stream ends (quinn closes a
+    /// connection when its last handle and stream are gone; HTTP/2 sends GOAWAY when its
+    /// last sender and stream are). Returns how many were released.
+    async fn release_idle(&self) -> usize {
+        let idle = self.pool_idle();
+        let now = tokio::time::Instant::now();
+        let mut released = Vec::new();
+        self.pool.lock().await.retain(|key, c| {
+            let keep = c.idle_for(now) < idle;
+            if !keep {
+                released.push(key.0);
+            }
+            keep
+        });
+        self.mux_pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|key, c| {
+                let keep = c.idle_for(now) < idle;
+                if !keep {
+                    released.push(key.0);
+                }
+                keep
+            });
+        for peer in &released {
+            tracing::debug!(%peer, idle_secs = idle.as_secs(), "idle tunnel connection released");
+        }
+        released.len()
     }
 
     /// Opens outbound streams over TCP + TLS only (`true`), or QUIC first (`false`, the
@@ -571,6 +650,10 @@ impl Tunnel {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .len() as u64,
+            connections: [
+                self.endpoint.open_connections() as u64,
+                self.mux_open.load(std::sync::atomic::Ordering::Relaxed),
+            ],
         }
     }
 
@@ -738,7 +821,7 @@ impl Tunnel {
             pool.remove(key);
             return None;
         }
-        Some(c.clone())
+        Some(c.take())
     }
 
     /// Whether a pooled connection may carry new streams: it was dialled with this agent's
@@ -802,11 +885,7 @@ impl Tunnel {
             .ok_or_else(|| err("the peer presented no certificate".into()))?
             .map_err(err)?;
         tracing::debug!(%peer, identity = expected, "tunnel connection up");
-        Ok(Pooled {
-            conn,
-            peer: Arc::new(facts),
-            identity,
-        })
+        Ok(Pooled::new(conn, facts, identity))
     }
 
     /// Opens a stream to the agent at `peer`, which must present `expected`, and writes
@@ -977,7 +1056,7 @@ impl Tunnel {
             pool.remove(key);
             return None;
         }
-        Some(c.clone())
+        Some(c.take())
     }
 
     /// A multiplexed TCP + TLS connection to the peer of `key` (pooled, or dialled once
@@ -1074,18 +1153,20 @@ impl Tunnel {
         .map_err(|e| err(format!("HTTP/2 handshake: {e}")))?;
         let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = closed.clone();
+        let open = OpenGuard::new(&self.mux_open);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "multiplexed tunnel connection ended");
             }
             flag.store(true, std::sync::atomic::Ordering::Release);
+            drop(open);
         });
         tracing::debug!(%peer, identity = expected, "multiplexed TCP + TLS tunnel connection up");
-        Ok(TcpDial::Mux(Pooled {
-            conn: MuxConn { send, closed },
-            peer: Arc::new(facts),
+        Ok(TcpDial::Mux(Pooled::new(
+            MuxConn { send, closed },
+            facts,
             identity,
-        }))
+        )))
     }
 
     async fn open_quic(
@@ -1226,6 +1307,7 @@ impl Tunnel {
             Err(_) => return,
         };
         tracing::info!(peer = %remote, peer_identity = %peer.spiffe_id, "tunnel connection accepted (TCP + TLS, multiplexed)");
+        let _open = OpenGuard::new(&self.mux_open);
         let peer = Arc::new(peer);
         // Accepting also drives the connection: its streams move only while this runs.
         while let Some(next) = conn.accept().await {
@@ -1440,6 +1522,38 @@ impl Tunnel {
 }
 
 /// Opens a stream on a multiplexed connection and sends the header.
+/// Counts one open connection in a gauge for as long as it lives.
+struct OpenGuard(Arc<std::sync::atomic::AtomicU64>);
+
+impl OpenGuard {
+    fn new(gauge: &Arc<std::sync::atomic::AtomicU64>) -> Self {
+        gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Releases idle pooled connections of the tunnel behind `tunnel` every quarter of its
+/// pool idle time (at most every 30 s), until the tunnel is gone.
+async fn release_idle_connections(tunnel: std::sync::Weak<Tunnel>) {
+    loop {
+        let Some(every) = tunnel
+            .upgrade()
+            .map(|t| (t.pool_idle() / 4).clamp(Duration::from_millis(50), Duration::from_secs(30)))
+        else {
+            return;
+        };
+        tokio::time::sleep(every).await;
+        let Some(t) = tunnel.upgrade() else { return };
+        t.release_idle().await;
+    }
+}
+
 async fn open_mux_stream(conn: &MuxConn, header: bytes::Bytes) -> Result<MuxSide, String> {
     let mut send = conn
         .send

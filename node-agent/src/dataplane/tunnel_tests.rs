@@ -964,10 +964,86 @@ async fn counters_and_metrics_follow_each_transport() {
         "causeway_agent_tunnel_dials_total{transport=\"quic\"} 2\n",
         "causeway_agent_tunnel_dials_total{transport=\"tcp\"} 1\n",
         "causeway_agent_tunnel_peers_on_tcp 1\n",
+        "causeway_agent_tunnel_connections{transport=\"tcp\"} 1\n",
     ] {
         assert!(m.contains(line), "missing {line:?} in\n{m}");
     }
+    assert_eq!(b.counters().connections, [1, 1], "one of each accepted");
     drop(black_hole);
+}
+
+/// A pooled connection given no new stream for the pool's idle time is released: the
+/// next stream dials again, a stream it still carries goes on, and the connection closes
+/// once that stream ends (both transports; before, an idle connection stayed open, with
+/// keepalives, for as long as both agents lived).
+#[tokio::test]
+async fn idle_pooled_connections_are_released_and_close_after_their_last_stream() {
+    let ca = ca();
+    let port = echo_app().await;
+    let b = tunnel(identity(&ca, WEB), serving(port, &[]));
+    for tcp in [false, true] {
+        let a = tunnel(identity(&ca, CLIENT), state(&[]));
+        a.set_tcp_only(tcp);
+        let transport = usize::from(tcp);
+        let dials = |a: &Arc<Tunnel>| a.counters().dials[transport];
+        let open = |a: &Arc<Tunnel>| a.counters().connections[transport];
+        a.set_pool_idle(Duration::from_millis(300));
+        let addr = b.local_addr().unwrap();
+        let header = Header {
+            service: "default/web".into(),
+            port,
+        };
+        // A long-lived stream, then the connection goes idle (no new stream).
+        let (mut recv, mut send) = a.open(addr, WEB, &header).await.unwrap().into_io();
+        let mut buf = [0u8; 5];
+        send.write_all(b"hello").await.unwrap();
+        recv.read_exact(&mut buf).await.unwrap();
+        assert_eq!((dials(&a), open(&a)), (1, 1));
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        // Released: a new stream dials a second connection ...
+        assert_eq!(
+            round_trip(&a, addr, WEB, port, b"new").await.unwrap(),
+            b"new"
+        );
+        assert_eq!(
+            dials(&a),
+            2,
+            "tcp {tcp}: the idle connection was not released"
+        );
+        // ... while the long-lived stream on the released one still carries bytes.
+        send.write_all(b"still").await.unwrap();
+        recv.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"still");
+        assert_eq!(
+            open(&a),
+            2,
+            "tcp {tcp}: the released connection still has a stream"
+        );
+        send.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        recv.read_to_end(&mut rest).await.unwrap();
+        drop((send, recv));
+        // Both close now: the first lost its last stream, the second has been idle.
+        wait_until(Duration::from_secs(10), || open(&a) == 0).await;
+        wait_until(Duration::from_secs(10), || {
+            b.counters().connections[transport] == 0
+        })
+        .await;
+        assert_eq!(
+            round_trip(&a, addr, WEB, port, b"again").await.unwrap(),
+            b"again"
+        );
+        assert_eq!((dials(&a), open(&a)), (3, 1));
+        a.close();
+    }
+}
+
+async fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The same over the multiplexed TCP + TLS tunnel: a renewal keeps the stream that is
