@@ -20,7 +20,10 @@
 //!
 //! `DATAPLANE_HOLD=0` skips the held-connection phases (memory at 10,000 connections), for
 //! quick iterations on latency, CPU and throughput. `DATAPLANE_MTU=9000` runs every path
-//! over links with that MTU (jumbo frames) instead of 1500.
+//! over links with that MTU (jumbo frames) instead of 1500. `DATAPLANE_ROUNDS=N` runs only
+//! the latency phase, N rounds of every path (each started afresh in each round, the order
+//! rotated from round to round), and reports each path's spread of p50/p99 across rounds:
+//! one run's p99 on a shared host says little, its median over rounds says more.
 //!
 //! The same program is the client and the server: `dataplane serve PORT`,
 //! `dataplane latency ADDR RATE SECS`, `dataplane bulk ADDR SECS`, `dataplane hold ADDR N`,
@@ -180,7 +183,9 @@ fn latency(addr: SocketAddr, rate: u32, secs: u64) -> anyhow::Result<()> {
             "requests": n,
             "wall_s": wall,
             "p50_us": percentile(&samples, 0.50),
+            "p90_us": percentile(&samples, 0.90),
             "p99_us": percentile(&samples, 0.99),
+            "p999_us": percentile(&samples, 0.999),
             "max_us": samples.last().copied().unwrap_or(f64::NAN),
         })
     );
@@ -254,7 +259,9 @@ fn connect_rate(addr: SocketAddr, secs: u64, clients: usize) -> anyhow::Result<(
             "wall_s": wall,
             "per_s": samples.len() as f64 / wall,
             "p50_us": percentile(&samples, 0.50),
+            "p90_us": percentile(&samples, 0.90),
             "p99_us": percentile(&samples, 0.99),
+            "p999_us": percentile(&samples, 0.999),
         })
     );
     Ok(())
@@ -742,6 +749,18 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
             .map(str::to_owned)
     });
     let vip_addr = format!("{vip}:{PORT}");
+    if let Some(rounds) = std::env::var("DATAPLANE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        a1.stop();
+        a2.stop();
+        let report = latency_rounds(&run, &states, &vip_addr, rounds)?;
+        if let Some(p) = json_out {
+            std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;
+        }
+        return Ok(());
+    }
     let idle = (rss_mib(a1.0.id()).0, rss_mib(a2.0.id()).0);
     let mut quic = run.measure(
         "two agents, QUIC",
@@ -864,6 +883,169 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
         std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;
     }
     Ok(())
+}
+
+/// The paths of [`latency_rounds`], in the order of its first round.
+const ROUND_PATHS: [&str; 6] = [
+    "direct TCP",
+    "two agents, QUIC",
+    "two agents, TCP + TLS",
+    "stunnel4 → stunnel4 (mTLS)",
+    "haproxy → haproxy (plain TCP, the floor)",
+    "haproxy → haproxy (mTLS)",
+];
+
+/// `DATAPLANE_ROUNDS`: the latency phase only, `rounds` times for every path, each path
+/// started before and stopped after its run, the order rotated by one path per round so
+/// no path always follows the same one. Prints every run and, per path, the median and
+/// range of its p50, p99 and p99 added to the same round's direct p99.
+fn latency_rounds(
+    run: &Run,
+    states: &[PathBuf],
+    vip_addr: &str,
+    rounds: usize,
+) -> anyhow::Result<Value> {
+    let (vm1, vm2) = (run.lab.node("vm1").clone(), run.lab.node("vm2").clone());
+    let haproxy = which("haproxy");
+    let routed = |state: &Path| {
+        wait_for("vm1 to route the web service", WAIT, || {
+            std::fs::read_to_string(state.join("capture.rules"))
+                .ok()?
+                .contains(&format!("-d {}/32 ", vm2.addr))
+                .then_some(())
+        })
+    };
+    let mut runs: Vec<Value> = Vec::new();
+    for round in 0..rounds {
+        let mut direct_p99 = f64::NAN;
+        for k in 0..ROUND_PATHS.len() {
+            // Direct first in every round (the others are compared with it), the rest rotated.
+            let name = if k == 0 {
+                ROUND_PATHS[0]
+            } else {
+                ROUND_PATHS[1 + (k - 1 + round) % (ROUND_PATHS.len() - 1)]
+            };
+            let (procs, addr): (Vec<(&str, Proc)>, String) = match name {
+                "direct TCP" => (Vec::new(), format!("{}:{PORT}", vm2.addr)),
+                "two agents, QUIC" | "two agents, TCP + TLS" => {
+                    let tcp = name.ends_with("TLS");
+                    if tcp {
+                        vm1.sh_ok("iptables -A OUTPUT -p udp --dport 15008 -j DROP");
+                    }
+                    let a2 = run.agent("vm2", &states[1])?;
+                    let a1 = run.agent("vm1", &states[0])?;
+                    routed(&states[0]);
+                    (
+                        vec![("client agent", a1), ("server agent", a2)],
+                        vip_addr.to_owned(),
+                    )
+                }
+                "stunnel4 → stunnel4 (mTLS)" => {
+                    let (c, s) = stunnel(&run.root, &vm1, &vm2)?;
+                    (
+                        vec![("client stunnel", c), ("server stunnel", s)],
+                        "127.0.0.1:9000".to_owned(),
+                    )
+                }
+                _ => {
+                    let Some(haproxy) = &haproxy else { continue };
+                    let tls = name.ends_with("(mTLS)");
+                    // haproxy's mTLS uses stunnel4's certificates.
+                    if tls && !run.root.join("st-ca.pem").exists() {
+                        drop(stunnel(&run.root, &vm1, &vm2)?);
+                    }
+                    let (c, s) = haproxy_pair(haproxy, &run.root, &vm1, &vm2, tls)?;
+                    (
+                        vec![("client haproxy", c), ("server haproxy", s)],
+                        "127.0.0.1:9100".to_owned(),
+                    )
+                }
+            };
+            eprintln!("-- round {}/{rounds}: {name}", round + 1);
+            let before: Vec<f64> = procs.iter().map(|(_, p)| cpu_seconds(p.0.id())).collect();
+            let mut lat = run_json(
+                &vm1,
+                &run.me,
+                &[
+                    "latency",
+                    &addr,
+                    &RATE.to_string(),
+                    &LATENCY_SECS.to_string(),
+                ],
+            )?;
+            let requests = lat["requests"].as_f64().unwrap_or(f64::NAN);
+            let cpu: Vec<f64> = procs
+                .iter()
+                .zip(before)
+                .map(|((_, p), b)| (cpu_seconds(p.0.id()) - b) / requests * 1000.0)
+                .collect();
+            let p99 = lat["p99_us"].as_f64().unwrap_or(f64::NAN);
+            if k == 0 {
+                direct_p99 = p99;
+            }
+            lat["added_p99_us"] = json!(p99 - direct_p99);
+            lat["cpu_s_per_1k_requests"] = json!(cpu);
+            lat["path"] = json!(name);
+            lat["round"] = json!(round + 1);
+            eprintln!("{lat}");
+            runs.push(lat);
+            for (_, p) in procs {
+                p.stop();
+            }
+            if name == "two agents, TCP + TLS" {
+                vm1.sh_ok("iptables -D OUTPUT -p udp --dport 15008 -j DROP");
+            }
+        }
+    }
+    println!(
+        "| path | runs | p50 µs median (range) | p99 µs median (range) | added p99 µs median (range) | p99.9 µs median | CPU s / 1k req per proxy, median |"
+    );
+    println!("|---|---:|---|---|---|---:|---|");
+    let median = |mut v: Vec<f64>| -> (f64, f64, f64) {
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return (f64::NAN, f64::NAN, f64::NAN);
+        }
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let mut summary = Vec::new();
+    for name in ROUND_PATHS {
+        let of: Vec<&Value> = runs.iter().filter(|r| r["path"] == name).collect();
+        if of.is_empty() {
+            continue;
+        }
+        let col = |k: &str| -> Vec<f64> { of.iter().filter_map(|r| r[k].as_f64()).collect() };
+        let (p50, p50lo, p50hi) = median(col("p50_us"));
+        let (p99, p99lo, p99hi) = median(col("p99_us"));
+        let (add, addlo, addhi) = median(col("added_p99_us"));
+        let (p999, _, _) = median(col("p999_us"));
+        let cpu: Vec<String> = (0..2)
+            .map(|i| {
+                let (m, _, _) = median(
+                    of.iter()
+                        .filter_map(|r| r["cpu_s_per_1k_requests"][i].as_f64())
+                        .collect(),
+                );
+                format!("{m:.3}")
+            })
+            .collect();
+        let cpu = if name == "direct TCP" {
+            "–".to_owned()
+        } else {
+            cpu.join(" / ")
+        };
+        println!(
+            "| {name} | {} | {p50:.0} ({p50lo:.0}–{p50hi:.0}) | {p99:.0} ({p99lo:.0}–{p99hi:.0}) | {add:.0} ({addlo:.0}–{addhi:.0}) | {p999:.0} | {cpu} |",
+            of.len()
+        );
+        summary.push(json!({"path": name, "runs": of.len(), "p50_median_us": p50, "p99_median_us": p99, "added_p99_median_us": add, "p999_median_us": p999}));
+    }
+    Ok(json!({
+        "date": time_now(),
+        "rate": RATE, "request_bytes": REQ, "latency_secs": LATENCY_SECS, "rounds": rounds,
+        "runs": runs,
+        "summary": summary,
+    }))
 }
 
 fn time_now() -> String {
