@@ -99,6 +99,37 @@ impl Node {
     }
 }
 
+/// Removes the namespaces of labs whose process is gone (killed by a signal or a timeout,
+/// so its `Drop` never ran), with any process still inside them. A lab's namespaces are
+/// named `cw<pid>x<n>-<node>`; those of a live process are left alone.
+fn sweep_dead_labs() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(ns) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = ns
+            .strip_prefix("cw")
+            .and_then(|rest| rest.split_once('x'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !ns.contains('-') || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+        }
+        eprintln!("removing namespace {ns} left by process {pid}, which is gone");
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    }
+}
+
 /// A set of namespaces joined by a bridge; removed on drop.
 #[derive(Debug)]
 pub struct Lab {
@@ -114,6 +145,8 @@ impl Lab {
     /// Creates one namespace per name, with addresses 10.77.0.10, .11, ... in that order.
     pub fn new(names: &[&str]) -> Self {
         require_root("this network-namespace test");
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(sweep_dead_labs);
         let id = format!(
             "cw{}x{}",
             std::process::id(),
@@ -267,5 +300,40 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A namespace named like a lab of a process that is gone is removed by the sweep; one
+    /// of this (live) process is kept.
+    #[test]
+    fn the_sweep_removes_labs_of_dead_processes_only() {
+        require_root("this network-namespace test");
+        let mut child = Command::new("true").spawn().expect("spawn true");
+        let dead = child.id();
+        child.wait().expect("wait");
+        let gone = format!("cw{dead}x0-swept");
+        let live = format!("cw{}x9999-kept", std::process::id());
+        for ns in [&gone, &live] {
+            ok(Command::new("ip").args(["netns", "add", ns]));
+        }
+        sweep_dead_labs();
+        let list = String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["netns", "list"])
+                .output()
+                .expect("ip netns list")
+                .stdout,
+        )
+        .into_owned();
+        let _ = Command::new("ip").args(["netns", "del", &live]).status();
+        if list.contains(&gone) {
+            let _ = Command::new("ip").args(["netns", "del", &gone]).status();
+        }
+        assert!(!list.contains(&gone), "{gone} was not swept:\n{list}");
+        assert!(list.contains(&live), "{live} was swept:\n{list}");
     }
 }
