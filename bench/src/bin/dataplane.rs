@@ -625,6 +625,9 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
         );
     }
     let holds = std::env::var("DATAPLANE_HOLD").map_or(true, |v| v != "0");
+    let rounds = std::env::var("DATAPLANE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
     let me = std::env::current_exe()?;
     let dir = tempfile::tempdir()?;
     let root = dir.path().to_owned();
@@ -730,9 +733,11 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
     let direct_addr = format!("{}:{PORT}", vm2.addr);
     let mut results = Vec::new();
 
-    // 1. Direct.
+    // 1. Direct (in rounds mode, measured in each round instead).
     let server_pid = server.0.id();
-    results.push(run.measure("direct TCP", &direct_addr, server_pid, &[])?);
+    if rounds.is_none() {
+        results.push(run.measure("direct TCP", &direct_addr, server_pid, &[])?);
+    }
 
     // 2. Two agents, QUIC.
     let a2 = run.agent("vm2", &states[1])?;
@@ -749,10 +754,7 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
             .map(str::to_owned)
     });
     let vip_addr = format!("{vip}:{PORT}");
-    if let Some(rounds) = std::env::var("DATAPLANE_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
+    if let Some(rounds) = rounds {
         a1.stop();
         a2.stop();
         let report = latency_rounds(&run, &states, &vip_addr, rounds)?;
