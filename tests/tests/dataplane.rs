@@ -990,3 +990,93 @@ fn strict_group_refuses_plaintext_egress_to_an_agentless_endpoint() {
         describe(&out)
     );
 }
+
+/// Removing an agent (`causewayctl agent remove`: its certificate goes on the deny list
+/// pushed to the others) cuts the connections it has open through the mesh, both ways: a
+/// server agent resets the streams it accepted from the removed client agent, and a client
+/// agent resets its streams to a removed server agent. Other connections are not touched.
+#[test]
+fn removing_an_agent_cuts_its_open_connections_both_ways() {
+    let mut m = Mesh::new();
+    let s1 = m.join("vm1", "client");
+    let s2 = m.join("vm2", "web");
+    let s3 = m.join("plain", "client");
+    let node2 = m.lab.node("vm2").clone();
+    let srv = Proc::spawn(
+        &node2,
+        &m.root.join("vm2.reset-server.log"),
+        "python3",
+        &["-c", RESET_SERVER_PY, "8080"],
+    );
+    m.procs.push(srv);
+    let a2 = m.agent("vm2", &s2);
+    m.agent("vm1", &s1);
+    let a3 = m.agent("plain", &s3);
+    let vm2_addr = node2.addr.to_string();
+    let vip = wait_routed(&s1, "default/web", &vm2_addr);
+    wait_routed(&s3, "default/web", &vm2_addr);
+    // One waiting connection from each client VM.
+    let waiting = |vm: &str| {
+        m.lab
+            .node(vm)
+            .cmd("python3")
+            .args(["-c", RESET_CLIENT_PY, &vip, "8080", "wait"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut from_vm1 = waiting("vm1");
+    let mut from_plain = waiting("plain");
+    wait_for("both connections to reach vm2's agent", WAIT, || {
+        (m.procs[a2].log().matches("inbound tunnel stream").count() >= 2).then_some(())
+    });
+    let ended = |c: &mut std::process::Child, what: &str, m: &Mesh| -> String {
+        let start = std::time::Instant::now();
+        while c.try_wait().unwrap().is_none() {
+            assert!(start.elapsed() < WAIT, "{what} was not cut\n{}", m.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut out = String::new();
+        std::io::Read::read_to_string(c.stdout.as_mut().unwrap(), &mut out).unwrap();
+        out.trim().to_owned()
+    };
+    let agent_id = |state: &Path| -> String {
+        let info: Value =
+            serde_json::from_slice(&std::fs::read(state.join("agent.json")).unwrap()).unwrap();
+        info["agent_id"].as_str().unwrap().to_owned()
+    };
+    // The client agent in vm1 is removed: vm2's agent cuts the stream it accepted from it.
+    m.ctl_ok(&["agent", "remove", &agent_id(&s1)]);
+    assert_eq!(
+        ended(&mut from_vm1, "vm1's connection", &m),
+        "client saw reset"
+    );
+    wait_for(
+        "vm2's agent to cut the removed client's stream",
+        WAIT,
+        || {
+            m.procs[a2]
+                .log()
+                .contains("open tunnel stream cut")
+                .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        from_plain.try_wait().unwrap().is_none(),
+        "the other client's connection was cut too\n{}",
+        m.logs()
+    );
+    // The server agent in vm2 is removed: the client agent in "plain" cuts its stream.
+    m.ctl_ok(&["agent", "remove", &agent_id(&s2)]);
+    assert_eq!(
+        ended(&mut from_plain, "plain's connection", &m),
+        "client saw reset"
+    );
+    assert!(
+        m.procs[a3].log().contains("open tunnel stream cut"),
+        "plain's agent did not cut its outbound stream\n{}",
+        m.logs()
+    );
+}

@@ -20,7 +20,7 @@ use std::time::Duration;
 use causeway_api::push::MeshState;
 
 use super::lb::{Balancer, Candidate, Outstanding};
-use super::splice::splice;
+use super::splice::{splice, splice_until};
 use super::tunnel::{Header, Tunnel, TunnelStream, connect_tcp};
 use crate::push::SharedState;
 
@@ -180,14 +180,18 @@ impl Outbound {
         };
         let idle = self.settings.idle_timeout;
         let (done, upstream) = match conn {
-            Connected::Tunnel(TunnelStream::Quic(q), upstream) => {
-                (splice(stream, q, idle).await, upstream)
+            // A tunnel stream is cut if the peer agent's certificate is denied meanwhile.
+            Connected::Tunnel(TunnelStream::Quic(q), upstream, peer) => {
+                let cut = self.tunnel.cut_when_denied(peer);
+                (splice_until(stream, q, idle, cut).await, upstream)
             }
-            Connected::Tunnel(TunnelStream::Mux(m), upstream) => {
-                (splice(stream, m, idle).await, upstream)
+            Connected::Tunnel(TunnelStream::Mux(m), upstream, peer) => {
+                let cut = self.tunnel.cut_when_denied(peer);
+                (splice_until(stream, m, idle, cut).await, upstream)
             }
-            Connected::Tunnel(TunnelStream::Tls(t), upstream) => {
-                (splice(stream, t, idle).await, upstream)
+            Connected::Tunnel(TunnelStream::Tls(t), upstream, peer) => {
+                let cut = self.tunnel.cut_when_denied(peer);
+                (splice_until(stream, t, idle, cut).await, upstream)
             }
             Connected::Plain(u, upstream) => (splice(stream, u, idle).await, upstream),
         };
@@ -282,7 +286,10 @@ impl Outbound {
                         Ok(opened) => {
                             self.lb.succeeded(&up.key);
                             tracing::info!(%client, %dst, upstream = %up.addr, peer_identity = %identity, transport = %opened.transport, "outbound via tunnel");
-                            return Some((Connected::Tunnel(opened.stream, up.addr), guard));
+                            return Some((
+                                Connected::Tunnel(opened.stream, up.addr, opened.peer),
+                                guard,
+                            ));
                         }
                         Err(e) => {
                             tracing::warn!(%client, upstream = %up.addr, error = %e, "tunnel failed");
@@ -321,7 +328,7 @@ impl Outbound {
 
 /// A connected upstream, and its address for the log.
 enum Connected {
-    Tunnel(TunnelStream, SocketAddr),
+    Tunnel(TunnelStream, SocketAddr, Arc<super::tls::PeerFacts>),
     Plain(tokio::net::TcpStream, SocketAddr),
 }
 
@@ -432,7 +439,16 @@ mod sizes {
                    b: Box<tokio_rustls::client::TlsStream<super::super::readahead::ReadAhead>>,
                    i: Option<Duration>| splice(a, b, i);
         let (handle, quic, tls) = (ret_size(&handle), ret_size(&quic), ret_size(&tls));
-        eprintln!("future sizes: connection task {handle}, QUIC splice {quic}, TLS splice {tls}");
+        let cut = |t: Arc<Tunnel>, p: Arc<super::super::tls::PeerFacts>| t.cut_when_denied(p);
+        let cut = {
+            fn size<F: Fn(A, B) -> Fut, A, B, Fut>(_: &F) -> usize {
+                std::mem::size_of::<Fut>()
+            }
+            size(&cut)
+        };
+        eprintln!(
+            "future sizes: connection task {handle}, QUIC splice {quic}, TLS splice {tls}, cut {cut}"
+        );
         assert!(
             handle <= 2048,
             "a proxied connection's task is {handle} bytes; keep connect state boxed"

@@ -150,6 +150,9 @@ pub enum End {
     ResetB,
     /// No byte moved for the idle timeout; both were closed abortively.
     Idle,
+    /// Cut: the peer agent's certificate was denied (its agent removed) while the
+    /// connection was open; both were closed abortively.
+    Cut,
 }
 
 /// What a splice did.
@@ -208,7 +211,22 @@ async fn copy<R: ChunkRead, W: AsyncWrite + ChunkWrite + Unpin + Send>(
 /// Splices `a` and `b` until both directions end, one side fails, or nothing moves for
 /// `idle`. On a failure of one side, the other is closed abortively, so a reset travels
 /// end to end; on the idle timeout both are.
-pub async fn splice<A: Side, B: Side>(a: A, b: B, idle: Option<Duration>) -> Spliced {
+pub fn splice<A: Side, B: Side>(
+    a: A,
+    b: B,
+    idle: Option<Duration>,
+) -> impl Future<Output = Spliced> {
+    splice_until(a, b, idle, std::future::pending())
+}
+
+/// [`splice`], also ended when `cut` completes (the peer was denied): then both sides are
+/// closed abortively.
+pub async fn splice_until<A: Side, B: Side>(
+    a: A,
+    b: B,
+    idle: Option<Duration>,
+    cut: impl Future<Output = ()>,
+) -> Spliced {
     let (mut ar, mut aw) = a.split();
     let (mut br, mut bw) = b.split();
     let epoch = tokio::time::Instant::now();
@@ -230,6 +248,7 @@ pub async fn splice<A: Side, B: Side>(a: A, b: B, idle: Option<Duration>) -> Spl
             }
         };
         let mut idle_watch = std::pin::pin!(idle_watch);
+        let mut cut = std::pin::pin!(cut);
         let mut first: Option<bool> = None; // which direction finished cleanly: true = a→b
         loop {
             tokio::select! {
@@ -246,6 +265,7 @@ pub async fn splice<A: Side, B: Side>(a: A, b: B, idle: Option<Duration>) -> Spl
                     Dir::DstFailed => break End::ResetA,
                 },
                 () = &mut idle_watch => break End::Idle,
+                () = &mut cut => break End::Cut,
             }
         }
     };
@@ -258,7 +278,7 @@ pub async fn splice<A: Side, B: Side>(a: A, b: B, idle: Option<Duration>) -> Spl
         End::Closed => {}
         End::ResetA => B::abort(br, bw),
         End::ResetB => A::abort(ar, aw),
-        End::Idle => {
+        End::Idle | End::Cut => {
             A::abort(ar, aw);
             B::abort(br, bw);
         }
@@ -578,6 +598,27 @@ mod tests {
         let r = server.read(&mut buf).await;
         assert_eq!(r.map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionReset));
         assert_eq!(task.await.unwrap().end, End::ResetA);
+    }
+
+    #[tokio::test]
+    async fn a_cut_resets_both_ends_of_a_busy_connection() {
+        let (client, a) = pair().await;
+        let (b, server) = pair().await;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(splice_until(a, b, None, async {
+            let _ = rx.await;
+        }));
+        let (mut client, mut server) = (client, server);
+        client.write_all(b"before").await.unwrap();
+        let mut buf = [0u8; 6];
+        server.read_exact(&mut buf).await.unwrap();
+        tx.send(()).unwrap();
+        assert_eq!(task.await.unwrap().end, End::Cut);
+        let mut buf = [0u8; 1];
+        for end in [&mut client, &mut server] {
+            let r = end.read(&mut buf).await;
+            assert_eq!(r.map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionReset));
+        }
     }
 
     #[tokio::test]

@@ -44,7 +44,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::mux::{self, MuxRead, MuxSide, MuxWrite};
 use super::readahead::ReadAhead;
-use super::splice::{QuicSide, Side, splice};
+use super::splice::{QuicSide, Side, splice_until};
 use super::tls;
 use crate::identity::Identity;
 use crate::push::SharedState;
@@ -137,7 +137,10 @@ impl std::fmt::Debug for MuxConn {
 /// version) a TLS connection for this one stream.
 enum TcpDial {
     Mux(Pooled<MuxConn>),
-    Single(Box<tokio_rustls::client::TlsStream<ReadAhead>>),
+    Single(
+        Box<tokio_rustls::client::TlsStream<ReadAhead>>,
+        Arc<tls::PeerFacts>,
+    ),
 }
 
 type PoolKey = (SocketAddr, String);
@@ -227,6 +230,8 @@ pub struct Opened {
     pub transport: Transport,
     /// The stream.
     pub stream: TunnelStream,
+    /// The peer agent's certificate, as its connection authenticated it.
+    pub peer: Arc<tls::PeerFacts>,
 }
 
 impl Opened {
@@ -429,6 +434,9 @@ pub struct Tunnel {
     pool_idle: std::sync::Mutex<Duration>,
     /// Multiplexed TCP + TLS connections open now (dialled and accepted).
     mux_open: Arc<std::sync::atomic::AtomicU64>,
+    /// The deny list as last seen in the mesh state, for cutting the open streams of a
+    /// peer denied since ([`Self::cut_when_denied`]).
+    deny: tokio::sync::watch::Sender<Arc<std::collections::BTreeSet<String>>>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -556,7 +564,15 @@ impl Tunnel {
                 peer: tcp_addr,
                 message: format!("cannot listen on TCP {tcp_addr} (TCP + TLS fallback): {e}"),
             })?;
+        let deny = Arc::new(
+            state
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .deny_serials
+                .clone(),
+        );
         let t = Arc::new(Self {
+            deny: tokio::sync::watch::Sender::new(deny),
             endpoint,
             tls_server: RwLock::new(tls_server),
             quic_down: std::sync::Mutex::new(HashMap::new()),
@@ -583,7 +599,31 @@ impl Tunnel {
         tokio::spawn(t.clone().serve());
         tokio::spawn(t.clone().serve_tcp(tcp));
         tokio::spawn(release_idle_connections(Arc::downgrade(&t)));
+        tokio::spawn(follow_deny_list(Arc::downgrade(&t)));
         Ok(t)
+    }
+
+    /// Completes once `peer`'s certificate is on the deny list (at once if it is already):
+    /// a proxied connection through it is then cut ([`splice_until`]). Denying a serial is
+    /// what removing an agent does, so a removed agent's open connections end within
+    /// [`DENY_POLL`], both ways: this agent cuts the streams it accepted from the peer and
+    /// the ones it opened to it.
+    pub fn cut_when_denied(
+        &self,
+        peer: Arc<tls::PeerFacts>,
+    ) -> impl std::future::Future<Output = ()> + Send + use<> {
+        let mut deny = self.deny.subscribe();
+        async move {
+            loop {
+                if deny.borrow_and_update().contains(&peer.serial) {
+                    tracing::warn!(peer_identity = %peer.spiffe_id, serial = %peer.serial, "open tunnel stream cut: the peer's certificate is on the deny list");
+                    return;
+                }
+                if deny.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        }
     }
 
     /// Sets how long a pooled connection may go without a new stream before it is
@@ -756,10 +796,10 @@ impl Tunnel {
         &self,
         peer: SocketAddr,
         expected: &str,
-    ) -> Result<quinn::Connection, TunnelError> {
+    ) -> Result<Pooled<quinn::Connection>, TunnelError> {
         let key = (peer, expected.to_owned());
         if let Some(c) = self.pooled(&key).await {
-            return Ok(c.conn);
+            return Ok(c);
         }
         // Single flight: many connections opened at once towards a peer (a start, a burst)
         // share one dial instead of each making a QUIC connection, which with UDP blocked
@@ -768,7 +808,7 @@ impl Tunnel {
         let waited_from = tokio::time::Instant::now();
         let mut last_failure = dial.0.lock().await;
         if let Some(c) = self.pooled(&key).await {
-            return Ok(c.conn);
+            return Ok(c);
         }
         if let Some(e) = DialState::failed_meanwhile(&last_failure, waited_from, peer) {
             return Err(e);
@@ -783,7 +823,7 @@ impl Tunnel {
                 *last_failure = Some((tokio::time::Instant::now(), e.to_string()));
             }
         }
-        result.map(|c| c.conn)
+        result
     }
 
     /// How many QUIC connections this tunnel has dialled.
@@ -932,10 +972,11 @@ impl Tunnel {
             None
         } else {
             match self.open_quic(peer, expected, header).await {
-                Ok((send, recv)) => {
+                Ok((send, recv, peer)) => {
                     return Ok(Opened {
                         transport: Transport::Quic,
                         stream: TunnelStream::Quic(QuicSide { send, recv }),
+                        peer,
                     });
                 }
                 Err(e @ TunnelError::Tls(_)) | Err(e @ TunnelError::Header(_)) => return Err(e),
@@ -1008,7 +1049,7 @@ impl Tunnel {
         // A pooled connection may have died since it was last used: one fresh attempt.
         for _ in 0..2 {
             let conn = match self.mux_connection(&key).await? {
-                TcpDial::Single(mut stream) => {
+                TcpDial::Single(mut stream, peer) => {
                     stream
                         .write_all(&bytes)
                         .await
@@ -1016,6 +1057,7 @@ impl Tunnel {
                     return Ok(Opened {
                         transport: Transport::TcpTls,
                         stream: TunnelStream::Tls(stream),
+                        peer,
                     });
                 }
                 TcpDial::Mux(c) => c,
@@ -1025,6 +1067,7 @@ impl Tunnel {
                     return Ok(Opened {
                         transport: Transport::TcpTls,
                         stream: TunnelStream::Mux(side),
+                        peer: conn.peer.clone(),
                     });
                 }
                 Err(e) => {
@@ -1093,7 +1136,7 @@ impl Tunnel {
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(key.clone(), c.clone());
             }
-            Ok(TcpDial::Single(_)) => {
+            Ok(TcpDial::Single(..)) => {
                 *last_failure = None;
                 tracing::info!(%peer, "the peer agent does not multiplex TCP + TLS (an older version): one connection per stream");
                 self.single_peers
@@ -1134,9 +1177,6 @@ impl Tunnel {
         .map_err(|_| err("TLS handshake timed out".into()))?
         .map_err(|e| err(e.to_string()))?;
         let stream = Box::new(stream);
-        if stream.get_ref().1.alpn_protocol() != Some(mux::ALPN_MUX) {
-            return Ok(TcpDial::Single(stream));
-        }
         let facts = stream
             .get_ref()
             .1
@@ -1144,6 +1184,9 @@ impl Tunnel {
             .and_then(|c| c.first())
             .ok_or_else(|| err("the peer presented no certificate".into()))
             .and_then(|leaf| tls::peer_facts(leaf).map_err(err))?;
+        if stream.get_ref().1.alpn_protocol() != Some(mux::ALPN_MUX) {
+            return Ok(TcpDial::Single(stream, Arc::new(facts)));
+        }
         let (send, conn) = tokio::time::timeout(
             self.connect_timeout,
             mux::client_builder().handshake::<_, bytes::Bytes>(stream),
@@ -1174,12 +1217,14 @@ impl Tunnel {
         peer: SocketAddr,
         expected: &str,
         header: &Header,
-    ) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
+    ) -> Result<(quinn::SendStream, quinn::RecvStream, Arc<tls::PeerFacts>), TunnelError> {
         let bytes = header.encode()?;
         let mut last = None;
         // A pooled connection may have died since it was last used: one fresh attempt.
         for _ in 0..2 {
-            let conn = self.connection(peer, expected).await?;
+            let Pooled {
+                conn, peer: facts, ..
+            } = self.connection(peer, expected).await?;
             match conn.open_bi().await {
                 Ok((mut send, recv)) => {
                     send.write_all(&bytes)
@@ -1188,7 +1233,7 @@ impl Tunnel {
                             peer,
                             message: e.to_string(),
                         })?;
-                    return Ok((send, recv));
+                    return Ok((send, recv, facts));
                 }
                 Err(e) => {
                     let mut pool = self.pool.lock().await;
@@ -1278,9 +1323,14 @@ impl Tunnel {
                         Err(_) => return,
                     };
                 // A refused stream over TCP + TLS is closed with its connection.
-                me.serve_app(&peer, remote, Transport::TcpTls, header, tls, |t, _| {
-                    drop(t)
-                })
+                me.serve_app(
+                    &Arc::new(peer),
+                    remote,
+                    Transport::TcpTls,
+                    header,
+                    tls,
+                    |t, _| drop(t),
+                )
                 .await;
             });
         }
@@ -1325,7 +1375,7 @@ impl Tunnel {
 
     async fn serve_mux_stream(
         &self,
-        peer: &tls::PeerFacts,
+        peer: &Arc<tls::PeerFacts>,
         remote: SocketAddr,
         request: http::Request<h2::RecvStream>,
         mut respond: h2::server::SendResponse<bytes::Bytes>,
@@ -1367,7 +1417,7 @@ impl Tunnel {
     /// stream with an error code when that fails.
     async fn serve_app<S: Side>(
         &self,
-        peer: &tls::PeerFacts,
+        peer: &Arc<tls::PeerFacts>,
         remote: SocketAddr,
         transport: Transport,
         header: Header,
@@ -1413,7 +1463,8 @@ impl Tunnel {
         };
         self.accepted[transport as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(peer = %remote, peer_identity = %peer.spiffe_id, service = %header.service, port = header.port, %transport, "inbound tunnel stream");
-        let done = splice(side, tcp, self.idle_timeout).await;
+        let cut = self.cut_when_denied(peer.clone());
+        let done = splice_until(side, tcp, self.idle_timeout, cut).await;
         tracing::debug!(peer_identity = %peer.spiffe_id, bytes_in = done.a_to_b, bytes_out = done.b_to_a, end = ?done.end, "inbound stream done");
     }
 
@@ -1489,7 +1540,7 @@ impl Tunnel {
 
     async fn serve_stream(
         &self,
-        peer: &tls::PeerFacts,
+        peer: &Arc<tls::PeerFacts>,
         remote: SocketAddr,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
@@ -1535,6 +1586,25 @@ impl OpenGuard {
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How often the mesh state's deny list is compared with the one open streams watch.
+const DENY_POLL: Duration = Duration::from_millis(500);
+
+/// Publishes changes of the deny list to open streams ([`Tunnel::cut_when_denied`]),
+/// until the tunnel is gone.
+async fn follow_deny_list(tunnel: std::sync::Weak<Tunnel>) {
+    loop {
+        tokio::time::sleep(DENY_POLL).await;
+        let Some(t) = tunnel.upgrade() else { return };
+        let changed = {
+            let state = t.state.read().unwrap_or_else(|p| p.into_inner());
+            (**t.deny.borrow() != state.deny_serials).then(|| Arc::new(state.deny_serials.clone()))
+        };
+        if let Some(deny) = changed {
+            t.deny.send_replace(deny);
+        }
     }
 }
 

@@ -802,6 +802,69 @@ async fn pooled_connections_are_not_reused_after_a_deny() {
     drop(black_hole);
 }
 
+/// A stream that is open when the peer's certificate is denied is cut (both transports):
+/// the server agent resets the streams it accepted from a client denied since, and the
+/// client agent's [`Tunnel::cut_when_denied`] fires for a server denied since.
+#[tokio::test]
+async fn open_streams_are_cut_when_the_peer_is_denied() {
+    let ca = ca();
+    let port = echo_app().await;
+    let web = identity(&ca, WEB);
+    let client = identity(&ca, CLIENT);
+    let b_state = serving(port, &[]);
+    let b = tunnel(web.clone(), b_state.clone());
+    let a_state = state(&[]);
+    let a = tunnel(client.clone(), a_state.clone());
+    let addr = b.local_addr().unwrap();
+    let header = Header {
+        service: "default/web".into(),
+        port,
+    };
+    for tcp in [false, true] {
+        a.set_tcp_only(tcp);
+        // Inbound: the server denies the client while a stream is open.
+        let (mut recv, mut send) = a.open(addr, WEB, &header).await.unwrap().into_io();
+        let mut buf = [0u8; 4];
+        send.write_all(b"ping").await.unwrap();
+        recv.read_exact(&mut buf).await.unwrap();
+        b_state
+            .write()
+            .unwrap()
+            .deny_serials
+            .insert(client.serial.clone());
+        let r = tokio::time::timeout(Duration::from_secs(10), recv.read(&mut buf))
+            .await
+            .expect("cut within the guard");
+        assert!(
+            r.is_err(),
+            "tcp {tcp}: the stream of a denied client was not reset: {r:?}"
+        );
+        b_state.write().unwrap().deny_serials.clear();
+        // Outbound: the client denies the server while a stream is open.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let opened = a.open(addr, WEB, &header).await.unwrap();
+        assert_eq!(opened.peer.serial, web.serial);
+        let cut = a.cut_when_denied(opened.peer.clone());
+        let mut cut = std::pin::pin!(cut);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(700), &mut cut)
+                .await
+                .is_err(),
+            "tcp {tcp}: cut before any deny"
+        );
+        a_state
+            .write()
+            .unwrap()
+            .deny_serials
+            .insert(web.serial.clone());
+        tokio::time::timeout(Duration::from_secs(10), cut)
+            .await
+            .expect("the client cuts its stream to a denied server");
+        a_state.write().unwrap().deny_serials.clear();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+}
+
 /// `tunnel_transport = "tcp"`: streams go over TCP + TLS without trying QUIC first.
 #[tokio::test]
 async fn tcp_only_opens_streams_without_trying_quic() {
