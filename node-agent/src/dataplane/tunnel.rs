@@ -616,7 +616,7 @@ impl Tunnel {
         async move {
             loop {
                 if deny.borrow_and_update().contains(&peer.serial) {
-                    tracing::warn!(peer_identity = %peer.spiffe_id, serial = %peer.serial, "open tunnel stream cut: the peer's certificate is on the deny list");
+                    tracing::info!(peer_identity = %peer.spiffe_id, serial = %peer.serial, "open tunnel stream cut: the peer's certificate is on the deny list");
                     return;
                 }
                 if deny.changed().await.is_err() {
@@ -640,8 +640,8 @@ impl Tunnel {
     /// Forgets the pooled connections (both transports) that were given no new stream for
     /// the pool's idle time; each closes once its last stream ends (quinn closes a
     /// connection when its last handle and stream are gone; HTTP/2 sends GOAWAY when its
-    /// last sender and stream are). Returns how many were released.
-    async fn release_idle(&self) -> usize {
+    /// last sender and stream are).
+    async fn release_idle(&self) {
         let idle = self.pool_idle();
         let now = tokio::time::Instant::now();
         let mut released = Vec::new();
@@ -665,7 +665,6 @@ impl Tunnel {
         for peer in &released {
             tracing::debug!(%peer, idle_secs = idle.as_secs(), "idle tunnel connection released");
         }
-        released.len()
     }
 
     /// Opens outbound streams over TCP + TLS only (`true`), or QUIC first (`false`, the
