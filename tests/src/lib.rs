@@ -321,6 +321,14 @@ pub fn cert_of(state_dir: &Path) -> causeway_agent::identity::CertFacts {
     causeway_agent::identity::cert_facts(&der).expect("valid certificate")
 }
 
+/// The agent id a state dir was enrolled as (`agent.json`).
+pub fn agent_id(state_dir: &Path) -> String {
+    let info: Value =
+        serde_json::from_slice(&std::fs::read(state_dir.join("agent.json")).expect("agent.json"))
+            .expect("agent.json is JSON");
+    info["agent_id"].as_str().expect("agent_id").to_owned()
+}
+
 /// A running `causeway-agent run` process.
 pub struct AgentProcess {
     child: Option<Child>,

@@ -197,6 +197,19 @@ impl Mesh {
             .causewayctl(&self.ctl_admin, &self.root.join("controller"), args)
     }
 
+    /// Starts [`RESET_SERVER_PY`] on port 8080 in `vm`; returns its index in `procs`.
+    fn reset_server(&mut self, vm: &str) -> usize {
+        let node = self.lab.node(vm).clone();
+        let srv = Proc::spawn(
+            &node,
+            &self.root.join(format!("{vm}.reset-server.log")),
+            "python3",
+            &["-c", RESET_SERVER_PY, "8080"],
+        );
+        self.procs.push(srv);
+        self.procs.len() - 1
+    }
+
     /// Joins `vm` into `group`; returns its state dir.
     fn join(&self, vm: &str, group: &str) -> PathBuf {
         let token = self.ctl_ok(&["token", "create", "--group", group]);
@@ -708,14 +721,7 @@ fn resets_and_idle_timeouts_travel_end_to_end() {
     let s1 = m.join("vm1", "client");
     let s2 = m.join("vm2", "web");
     let node2 = m.lab.node("vm2").clone();
-    let srv = Proc::spawn(
-        &node2,
-        &m.root.join("vm2.reset-server.log"),
-        "python3",
-        &["-c", RESET_SERVER_PY, "8080"],
-    );
-    m.procs.push(srv);
-    let srv = m.procs.len() - 1;
+    let srv = m.reset_server("vm2");
     m.agent("vm2", &s2);
     let cfg = m.root.join("vm1.toml");
     std::fs::write(&cfg, "[dataplane]\nidle_timeout = \"3s\"\n").unwrap();
@@ -1002,13 +1008,7 @@ fn removing_an_agent_cuts_its_open_connections_both_ways() {
     let s2 = m.join("vm2", "web");
     let s3 = m.join("plain", "client");
     let node2 = m.lab.node("vm2").clone();
-    let srv = Proc::spawn(
-        &node2,
-        &m.root.join("vm2.reset-server.log"),
-        "python3",
-        &["-c", RESET_SERVER_PY, "8080"],
-    );
-    m.procs.push(srv);
+    m.reset_server("vm2");
     let a2 = m.agent("vm2", &s2);
     m.agent("vm1", &s1);
     let a3 = m.agent("plain", &s3);
@@ -1041,13 +1041,8 @@ fn removing_an_agent_cuts_its_open_connections_both_ways() {
         std::io::Read::read_to_string(c.stdout.as_mut().unwrap(), &mut out).unwrap();
         out.trim().to_owned()
     };
-    let agent_id = |state: &Path| -> String {
-        let info: Value =
-            serde_json::from_slice(&std::fs::read(state.join("agent.json")).unwrap()).unwrap();
-        info["agent_id"].as_str().unwrap().to_owned()
-    };
     // The client agent in vm1 is removed: vm2's agent cuts the stream it accepted from it.
-    m.ctl_ok(&["agent", "remove", &agent_id(&s1)]);
+    m.ctl_ok(&["agent", "remove", &causeway_tests::agent_id(&s1)]);
     assert_eq!(
         ended(&mut from_vm1, "vm1's connection", &m),
         "client saw reset"
@@ -1069,7 +1064,7 @@ fn removing_an_agent_cuts_its_open_connections_both_ways() {
         m.logs()
     );
     // The server agent in vm2 is removed: the client agent in "plain" cuts its stream.
-    m.ctl_ok(&["agent", "remove", &agent_id(&s2)]);
+    m.ctl_ok(&["agent", "remove", &causeway_tests::agent_id(&s2)]);
     assert_eq!(
         ended(&mut from_plain, "plain's connection", &m),
         "client saw reset"

@@ -100,12 +100,6 @@ impl Mesh {
     }
 }
 
-fn agent_id(state: &Path) -> String {
-    let info: Value =
-        serde_json::from_slice(&std::fs::read(state.join("agent.json")).unwrap()).unwrap();
-    info["agent_id"].as_str().unwrap().to_owned()
-}
-
 fn wait_version(a: &AgentProcess, v: u64) -> Value {
     wait_for(&format!("agent at config version {v}"), WAIT, || {
         let st = a.status();

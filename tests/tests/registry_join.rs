@@ -7,7 +7,6 @@
 //! tunnel).
 #![allow(clippy::disallowed_methods, reason = "tests may block")]
 
-use std::path::Path;
 use std::time::Duration;
 
 use causeway_fakes::{ConsulRegistration, EurekaInstance, FakeConsul, FakeEureka};
@@ -25,12 +24,6 @@ fn endpoints(ctl: &Controller, name: &str) -> Vec<Value> {
         .find(|s| s["namespace"] == "default" && s["name"] == name)
         .map(|s| s["endpoints"].as_array().cloned().unwrap())
         .unwrap_or_default()
-}
-
-fn agent_id(state: &Path) -> String {
-    let info: Value =
-        serde_json::from_slice(&std::fs::read(state.join("agent.json")).unwrap()).unwrap();
-    info["agent_id"].as_str().unwrap().to_owned()
 }
 
 /// The endpoint at `address`, once it carries an identity.
