@@ -144,7 +144,8 @@ enum AgentCmd {
         /// Agent id.
         id: String,
     },
-    /// Remove an agent: its renewals are refused from now on.
+    /// Remove an agent: its certificate goes on the deny list pushed to every agent (new
+    /// tunnel connections refused, open ones cut) and its renewals are refused.
     Remove {
         /// Agent id.
         id: String,
