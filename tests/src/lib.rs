@@ -53,6 +53,41 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// A loopback port, free for both UDP and TCP now, outside the kernel's ephemeral range.
+///
+/// For a server that a test restarts on the same port: a port the kernel hands out for
+/// `:0` binds can be taken by any socket in the meantime (an agent's QUIC endpoint took
+/// a stopped controller's control port once in CI), a port below the range only by
+/// another test choosing it explicitly, which this function avoids within a process and
+/// makes unlikely across processes (each starts at a different place).
+pub fn unshared_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000; // 20000..32000, below the default range 32768..60999
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    assert!(
+        ephemeral_low >= LOW + SPAN,
+        "net.ipv4.ip_local_port_range starts at {ephemeral_low}, inside the test port range {LOW}..{}",
+        LOW + SPAN
+    );
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let seed = (std::process::id().wrapping_mul(7_919)) % SPAN;
+    let _ = NEXT.compare_exchange(u32::MAX, seed, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(LOW + n % SPAN).expect("below 32000");
+        let free = std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN);
+}
+
 /// Text of a command's output, for assertion messages.
 pub fn describe(out: &Output) -> String {
     format!(
@@ -120,11 +155,18 @@ impl Controller {
             .append(true)
             .open(self.data_dir.with_extension("log"))
             .expect("log file");
-        let control = control_listen.unwrap_or("127.0.0.1:0");
+        let control = control_listen
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("127.0.0.1:{}", unshared_port()));
         let child = Command::new(bin("causeway-controller"))
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .args(["--admin-listen", "127.0.0.1:0", "--control-listen", control])
+            .args([
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--control-listen",
+                &control,
+            ])
             .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -409,5 +451,24 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unshared_port;
+
+    #[test]
+    fn unshared_ports_are_free_distinct_and_below_the_ephemeral_range() {
+        let a = unshared_port();
+        // Held: the next call must not hand out a port that is in use.
+        let held = std::net::UdpSocket::bind(("127.0.0.1", a)).expect("first port is free");
+        let b = unshared_port();
+        assert_ne!(a, b);
+        for p in [a, b] {
+            assert!((20_000..32_000).contains(&p), "{p} outside 20000..32000");
+        }
+        drop(held);
+        std::net::TcpListener::bind(("127.0.0.1", b)).expect("second port is free for TCP");
     }
 }

@@ -296,9 +296,23 @@ async fn rotation_keeps_established_streams_and_new_connections_work() {
     );
 }
 
-/// Relays TCP connections to `addr` on to `target`.
-async fn tcp_relay(addr: SocketAddr, target: SocketAddr) {
-    let relay = tokio::net::TcpListener::bind(addr).await.unwrap();
+/// A loopback UDP socket and a TCP listener on the same port number. The kernel picks
+/// the UDP port, which TCP may have in use (a client connection's local port): then both
+/// are bound again.
+fn udp_and_tcp_on_one_port() -> (std::net::UdpSocket, std::net::TcpListener) {
+    for _ in 0..16 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        if let Ok(tcp) = std::net::TcpListener::bind(udp.local_addr().unwrap()) {
+            tcp.set_nonblocking(true).unwrap();
+            return (udp, tcp);
+        }
+    }
+    panic!("no loopback port free for both UDP and TCP in 16 attempts");
+}
+
+/// Relays TCP connections accepted by `relay` on to `target`.
+async fn tcp_relay(relay: std::net::TcpListener, target: SocketAddr) {
+    let relay = tokio::net::TcpListener::from_std(relay).unwrap();
     tokio::spawn(async move {
         while let Ok((s, _)) = relay.accept().await {
             tokio::spawn(async move {
@@ -313,9 +327,9 @@ async fn tcp_relay(addr: SocketAddr, target: SocketAddr) {
 /// An address where UDP is a black hole (the returned socket, which must be kept) and TCP
 /// reaches `target`'s TCP + TLS listener: a peer whose UDP is blocked.
 async fn udp_blocked_path_to(target: SocketAddr) -> (std::net::UdpSocket, SocketAddr) {
-    let black_hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (black_hole, relay) = udp_and_tcp_on_one_port();
     let blocked = black_hole.local_addr().unwrap();
-    tcp_relay(blocked, target).await;
+    tcp_relay(relay, target).await;
     (black_hole, blocked)
 }
 
@@ -912,9 +926,11 @@ async fn switchable_udp_path_to(
     target: SocketAddr,
 ) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let (front, relay) = udp_and_tcp_on_one_port();
+    front.set_nonblocking(true).unwrap();
+    let front = Arc::new(tokio::net::UdpSocket::from_std(front).unwrap());
     let addr = front.local_addr().unwrap();
-    tcp_relay(addr, target).await;
+    tcp_relay(relay, target).await;
     let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
     back.connect(target).await.unwrap();
     let on = Arc::new(AtomicBool::new(false));

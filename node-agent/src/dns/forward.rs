@@ -138,9 +138,20 @@ mod tests {
     #[tokio::test]
     async fn forwards_udp_and_tcp_and_skips_dead_upstreams() {
         // A tiny upstream on loopback: echoes the query with QR set.
-        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        // UDP and TCP on one port number; the UDP port the kernel picks may be in use
+        // on TCP (a client connection's local port), then both are bound again.
+        let (udp, tcp) = (0..16)
+            .find_map(|_| {
+                let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                let tcp = std::net::TcpListener::bind(udp.local_addr().unwrap()).ok()?;
+                udp.set_nonblocking(true).unwrap();
+                tcp.set_nonblocking(true).unwrap();
+                Some((udp, tcp))
+            })
+            .expect("a loopback port free for both UDP and TCP");
+        let udp = tokio::net::UdpSocket::from_std(udp).unwrap();
+        let tcp = tokio::net::TcpListener::from_std(tcp).unwrap();
         let addr = udp.local_addr().unwrap();
-        let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
         tokio::spawn(async move {
             let mut buf = [0u8; 512];
             loop {
