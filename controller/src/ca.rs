@@ -390,12 +390,12 @@ mod tests {
     fn generated_root_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let fp1 = {
-            let store = SledStore::open(dir.path()).unwrap();
+            let store = SledStore::reopen(dir.path()).unwrap();
             Ca::load_or_create(&store, &CaConfig::default(), &td(), 1_000_000)
                 .unwrap()
                 .fingerprint()
         };
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = SledStore::reopen(dir.path()).unwrap();
         let ca = Ca::load_or_create(&store, &CaConfig::default(), &td(), 2_000_000).unwrap();
         assert_eq!(ca.fingerprint(), fp1);
         assert_eq!(ca.mode(), "generated");
@@ -404,7 +404,7 @@ mod tests {
     #[test]
     fn workload_cert_carries_only_the_spiffe_id() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = SledStore::reopen(dir.path()).unwrap();
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let ca = Ca::load_or_create(&store, &CaConfig::default(), &td(), now).unwrap();
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
@@ -449,7 +449,7 @@ mod tests {
             intermediate_key: Some(keyf.clone()),
             ..CaConfig::default()
         };
-        let store = SledStore::open(&dir.path().join("db")).unwrap();
+        let store = SledStore::reopen(&dir.path().join("db")).unwrap();
         let ca = Ca::load_or_create(&store, &cfg, &td(), now).unwrap();
         assert_eq!(ca.mode(), "intermediate");
         assert_eq!(ca.fingerprint(), fingerprint(int_cert.der()));

@@ -112,7 +112,7 @@ mod tests {
     async fn concurrent_joins_get_their_own_outcomes_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+            let store: Arc<dyn Store> = Arc::new(SledStore::reopen(dir.path()).unwrap());
             store
                 .create_token(&TokenRecord {
                     id: "t".into(),
@@ -149,7 +149,7 @@ mod tests {
                 tokio::task::yield_now().await;
             }
         }
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = SledStore::reopen(dir.path()).unwrap();
         assert_eq!(store.agents().unwrap().len(), 5);
         assert_eq!(store.certs().unwrap().len(), 5);
         assert_eq!(store.token("t").unwrap().unwrap().uses_left, 0);

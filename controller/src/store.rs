@@ -427,6 +427,30 @@ impl SledStore {
         Ok(store)
     }
 
+    /// Opens `dir` as [`SledStore::open`] does, waiting up to 10 s while the store is
+    /// still locked by a handle this process just dropped: sled releases its file lock
+    /// only when its background I/O tasks let go of the file, a moment after the last
+    /// handle is dropped (a reopen at once failed in CI with "could not acquire lock").
+    #[cfg(test)]
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "test support: a short blocking wait for sled to let go of its lock"
+    )]
+    pub(crate) fn reopen(dir: &Path) -> Result<Self, StoreError> {
+        let start = std::time::Instant::now();
+        loop {
+            match Self::open(dir) {
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && start.elapsed() < std::time::Duration::from_secs(10) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// The schema version recorded in the store.
     pub fn schema_version(&self) -> Result<u32, StoreError> {
         match self.meta.get(b"schema_version")? {
@@ -798,7 +822,7 @@ mod tests {
     fn single_use_token_is_spent_once_and_state_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = SledStore::open(dir.path()).unwrap();
+            let s = SledStore::reopen(dir.path()).unwrap();
             s.create_token(&token("t", 1)).unwrap();
             s.commit_join("t", &agent("a1"), &cert("s1", "a1")).unwrap();
             let err = s
@@ -815,7 +839,7 @@ mod tests {
             );
             s.flush().unwrap();
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = SledStore::reopen(dir.path()).unwrap();
         assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
         assert_eq!(s.token("t").unwrap().unwrap().uses_left, 0);
         assert_eq!(s.agents().unwrap().len(), 1);
@@ -825,7 +849,7 @@ mod tests {
     #[test]
     fn ca_is_never_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = SledStore::reopen(dir.path()).unwrap();
         let first = CaRecord {
             cert_pem: "A".into(),
             key_pem: "K".into(),
@@ -843,7 +867,7 @@ mod tests {
     #[test]
     fn a_batch_refuses_only_its_bad_records_and_sees_its_own_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = SledStore::reopen(dir.path()).unwrap();
         s.create_token(&token("t", 1)).unwrap();
         s.commit_join("t", &agent("gone"), &cert("s0", "gone"))
             .unwrap();
@@ -887,7 +911,7 @@ mod tests {
         );
         s.flush().unwrap();
         drop(s);
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = SledStore::reopen(dir.path()).unwrap();
         assert!(s.agent("a2").unwrap().is_none() && s.cert("s2").unwrap().is_none());
         assert!(s.cert("s3").unwrap().is_none() && s.cert("s5").unwrap().is_none());
         assert_eq!(s.agent("a1").unwrap().unwrap().renewals, 1);
@@ -898,7 +922,7 @@ mod tests {
     #[test]
     fn removed_agents_cannot_renew_and_block_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = SledStore::reopen(dir.path()).unwrap();
         s.create_token(&token("t", 5)).unwrap();
         s.commit_join("t", &agent("a1"), &cert("s1", "a1")).unwrap();
         let renewed = s.commit_renewal("a1", &cert("s2", "a1"), 5).unwrap();
@@ -915,20 +939,20 @@ mod tests {
     fn newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = SledStore::open(dir.path()).unwrap();
+            let s = SledStore::reopen(dir.path()).unwrap();
             s.meta
                 .insert(b"schema_version", encode(&(SCHEMA_VERSION + 1)))
                 .unwrap();
             s.flush().unwrap();
         }
-        let err = SledStore::open(dir.path()).err().unwrap();
+        let err = SledStore::reopen(dir.path()).err().unwrap();
         assert!(matches!(err, StoreError::SchemaTooNew { .. }), "{err}");
     }
 
     #[test]
     fn corrupt_values_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = SledStore::reopen(dir.path()).unwrap();
         s.groups.insert(b"web", b"{not json".to_vec()).unwrap();
         let err = s.group("web").unwrap_err();
         assert!(err.to_string().contains("groups/web"), "{err}");
