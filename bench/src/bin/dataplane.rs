@@ -24,6 +24,9 @@
 //! the latency phase, N rounds of every path (each started afresh in each round, the order
 //! rotated from round to round), and reports each path's spread of p50/p99 across rounds:
 //! one run's p99 on a shared host says little, its median over rounds says more.
+//! `DATAPLANE_PHASE=bulk` makes the rounds measure bulk throughput instead, with each
+//! path's ratio to the same round's stunnel4. `DATAPLANE_AGENT_B=PATH` adds to the rounds
+//! a path through two agents of another build (QUIC): an A/B comparison in one run.
 //!
 //! The same program is the client and the server: `dataplane serve PORT`,
 //! `dataplane latency ADDR RATE SECS`, `dataplane bulk ADDR SECS`, `dataplane hold ADDR N`,
@@ -460,12 +463,17 @@ impl Run {
     }
 
     fn agent(&self, vm: &str, state: &Path) -> anyhow::Result<Proc> {
+        self.agent_of(&bin("causeway-agent"), vm, state)
+    }
+
+    /// An agent of the binary `exe` in `vm`.
+    fn agent_of(&self, exe: &Path, vm: &str, state: &Path) -> anyhow::Result<Proc> {
         let node = self.lab.node(vm);
         let addr = node.addr.to_string();
         spawn(
             node,
             &self.root.join(format!("{vm}.agent.log")),
-            &bin("causeway-agent"),
+            exe,
             &[
                 "run",
                 "--state-dir",
@@ -757,7 +765,12 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
     if let Some(rounds) = rounds {
         a1.stop();
         a2.stop();
-        let report = latency_rounds(&run, &states, &vip_addr, rounds)?;
+        let phase = match std::env::var("DATAPLANE_PHASE").as_deref() {
+            Ok("bulk") => Phase::Bulk,
+            Ok("latency") | Err(_) => Phase::Latency,
+            Ok(other) => bail!("DATAPLANE_PHASE={other}: expected latency or bulk"),
+        };
+        let report = run_rounds(&run, &states, &vip_addr, rounds, phase)?;
         if let Some(p) = json_out {
             std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;
         }
@@ -887,28 +900,46 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The paths of [`latency_rounds`], in the order of its first round.
-const ROUND_PATHS: [&str; 6] = [
+/// The paths of [`run_rounds`], in the order of its first round.
+const ROUND_PATHS: [&str; 7] = [
     "direct TCP",
     "two agents, QUIC",
+    "two agents, QUIC (agent B)",
     "two agents, TCP + TLS",
     "stunnel4 → stunnel4 (mTLS)",
     "haproxy → haproxy (plain TCP, the floor)",
     "haproxy → haproxy (mTLS)",
 ];
 
-/// `DATAPLANE_ROUNDS`: the latency phase only, `rounds` times for every path, each path
-/// started before and stopped after its run, the order rotated by one path per round so
-/// no path always follows the same one. Prints every run and, per path, the median and
-/// range of its p50, p99 and p99 added to the same round's direct p99.
-fn latency_rounds(
+/// The phase [`run_rounds`] measures.
+#[derive(Clone, Copy, PartialEq)]
+enum Phase {
+    Latency,
+    Bulk,
+}
+
+/// `DATAPLANE_ROUNDS`: one phase only, `rounds` times for every path, each path started
+/// before and stopped after its run, the order rotated by one path per round so no path
+/// always follows the same one. Prints every run and, per path, the median and range of
+/// its p50, p99 and p99 added to the same round's direct p99 (latency), or of its
+/// throughput and its ratio to the same round's stunnel4 (bulk).
+fn run_rounds(
     run: &Run,
     states: &[PathBuf],
     vip_addr: &str,
     rounds: usize,
+    phase: Phase,
 ) -> anyhow::Result<Value> {
     let (vm1, vm2) = (run.lab.node("vm1").clone(), run.lab.node("vm2").clone());
     let haproxy = which("haproxy");
+    let agent_b = std::env::var_os("DATAPLANE_AGENT_B").map(PathBuf::from);
+    if let Some(b) = &agent_b {
+        anyhow::ensure!(
+            b.is_file(),
+            "DATAPLANE_AGENT_B={}: no such file",
+            b.display()
+        );
+    }
     let routed = |state: &Path| {
         wait_for("vm1 to route the web service", WAIT, || {
             std::fs::read_to_string(state.join("capture.rules"))
@@ -929,13 +960,19 @@ fn latency_rounds(
             };
             let (procs, addr): (Vec<(&str, Proc)>, String) = match name {
                 "direct TCP" => (Vec::new(), format!("{}:{PORT}", vm2.addr)),
-                "two agents, QUIC" | "two agents, TCP + TLS" => {
+                "two agents, QUIC" | "two agents, TCP + TLS" | "two agents, QUIC (agent B)" => {
+                    let exe = if name.ends_with("(agent B)") {
+                        let Some(b) = &agent_b else { continue };
+                        b.clone()
+                    } else {
+                        bin("causeway-agent")
+                    };
                     let tcp = name.ends_with("TLS");
                     if tcp {
                         vm1.sh_ok("iptables -A OUTPUT -p udp --dport 15008 -j DROP");
                     }
-                    let a2 = run.agent("vm2", &states[1])?;
-                    let a1 = run.agent("vm1", &states[0])?;
+                    let a2 = run.agent_of(&exe, "vm2", &states[1])?;
+                    let a1 = run.agent_of(&exe, "vm1", &states[0])?;
                     routed(&states[0]);
                     (
                         vec![("client agent", a1), ("server agent", a2)],
@@ -965,32 +1002,45 @@ fn latency_rounds(
             };
             eprintln!("-- round {}/{rounds}: {name}", round + 1);
             let before: Vec<f64> = procs.iter().map(|(_, p)| cpu_seconds(p.0.id())).collect();
-            let mut lat = run_json(
-                &vm1,
-                &run.me,
-                &[
-                    "latency",
-                    &addr,
-                    &RATE.to_string(),
-                    &LATENCY_SECS.to_string(),
-                ],
-            )?;
-            let requests = lat["requests"].as_f64().unwrap_or(f64::NAN);
-            let cpu: Vec<f64> = procs
+            let mut m = match phase {
+                Phase::Latency => run_json(
+                    &vm1,
+                    &run.me,
+                    &[
+                        "latency",
+                        &addr,
+                        &RATE.to_string(),
+                        &LATENCY_SECS.to_string(),
+                    ],
+                )?,
+                Phase::Bulk => run_json(&vm1, &run.me, &["bulk", &addr, &BULK_SECS.to_string()])?,
+            };
+            let used: Vec<f64> = procs
                 .iter()
                 .zip(before)
-                .map(|((_, p), b)| (cpu_seconds(p.0.id()) - b) / requests * 1000.0)
+                .map(|((_, p), b)| cpu_seconds(p.0.id()) - b)
                 .collect();
-            let p99 = lat["p99_us"].as_f64().unwrap_or(f64::NAN);
-            if k == 0 {
-                direct_p99 = p99;
+            match phase {
+                Phase::Latency => {
+                    let requests = m["requests"].as_f64().unwrap_or(f64::NAN);
+                    let cpu: Vec<f64> = used.iter().map(|u| u / requests * 1000.0).collect();
+                    let p99 = m["p99_us"].as_f64().unwrap_or(f64::NAN);
+                    if k == 0 {
+                        direct_p99 = p99;
+                    }
+                    m["added_p99_us"] = json!(p99 - direct_p99);
+                    m["cpu_s_per_1k_requests"] = json!(cpu);
+                }
+                Phase::Bulk => {
+                    let gb = m["bytes"].as_f64().unwrap_or(f64::NAN) / 1e9;
+                    let cpu: Vec<f64> = used.iter().map(|u| u / gb).collect();
+                    m["cpu_s_per_gb"] = json!(cpu);
+                }
             }
-            lat["added_p99_us"] = json!(p99 - direct_p99);
-            lat["cpu_s_per_1k_requests"] = json!(cpu);
-            lat["path"] = json!(name);
-            lat["round"] = json!(round + 1);
-            eprintln!("{lat}");
-            runs.push(lat);
+            m["path"] = json!(name);
+            m["round"] = json!(round + 1);
+            eprintln!("{m}");
+            runs.push(m);
             for (_, p) in procs {
                 p.stop();
             }
@@ -999,10 +1049,6 @@ fn latency_rounds(
             }
         }
     }
-    println!(
-        "| path | runs | p50 µs median (range) | p99 µs median (range) | added p99 µs median (range) | p99.9 µs median | CPU s / 1k req per proxy, median |"
-    );
-    println!("|---|---:|---|---|---|---:|---|");
     let median = |mut v: Vec<f64>| -> (f64, f64, f64) {
         v.sort_by(f64::total_cmp);
         if v.is_empty() {
@@ -1010,41 +1056,84 @@ fn latency_rounds(
         }
         (v[v.len() / 2], v[0], v[v.len() - 1])
     };
+    let cpu_median = |of: &[&Value], key: &str| -> String {
+        (0..2)
+            .map(|i| {
+                let (m, _, _) = median(of.iter().filter_map(|r| r[key][i].as_f64()).collect());
+                format!("{m:.3}")
+            })
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
     let mut summary = Vec::new();
+    match phase {
+        Phase::Latency => {
+            println!(
+                "| path | runs | p50 µs median (range) | p99 µs median (range) | added p99 µs median (range) | p99.9 µs median | CPU s / 1k req per proxy, median |"
+            );
+            println!("|---|---:|---|---|---|---:|---|");
+        }
+        Phase::Bulk => {
+            println!(
+                "| path | runs | Gbit/s median (range) | × stunnel4 of the same round, median (range) | CPU s / GB per proxy, median |"
+            );
+            println!("|---|---:|---|---|---|");
+        }
+    }
     for name in ROUND_PATHS {
         let of: Vec<&Value> = runs.iter().filter(|r| r["path"] == name).collect();
         if of.is_empty() {
             continue;
         }
         let col = |k: &str| -> Vec<f64> { of.iter().filter_map(|r| r[k].as_f64()).collect() };
-        let (p50, p50lo, p50hi) = median(col("p50_us"));
-        let (p99, p99lo, p99hi) = median(col("p99_us"));
-        let (add, addlo, addhi) = median(col("added_p99_us"));
-        let (p999, _, _) = median(col("p999_us"));
-        let cpu: Vec<String> = (0..2)
-            .map(|i| {
-                let (m, _, _) = median(
-                    of.iter()
-                        .filter_map(|r| r["cpu_s_per_1k_requests"][i].as_f64())
-                        .collect(),
+        match phase {
+            Phase::Latency => {
+                let (p50, p50lo, p50hi) = median(col("p50_us"));
+                let (p99, p99lo, p99hi) = median(col("p99_us"));
+                let (add, addlo, addhi) = median(col("added_p99_us"));
+                let (p999, _, _) = median(col("p999_us"));
+                let cpu = if name == "direct TCP" {
+                    "–".to_owned()
+                } else {
+                    cpu_median(&of, "cpu_s_per_1k_requests")
+                };
+                println!(
+                    "| {name} | {} | {p50:.0} ({p50lo:.0}–{p50hi:.0}) | {p99:.0} ({p99lo:.0}–{p99hi:.0}) | {add:.0} ({addlo:.0}–{addhi:.0}) | {p999:.0} | {cpu} |",
+                    of.len()
                 );
-                format!("{m:.3}")
-            })
-            .collect();
-        let cpu = if name == "direct TCP" {
-            "–".to_owned()
-        } else {
-            cpu.join(" / ")
-        };
-        println!(
-            "| {name} | {} | {p50:.0} ({p50lo:.0}–{p50hi:.0}) | {p99:.0} ({p99lo:.0}–{p99hi:.0}) | {add:.0} ({addlo:.0}–{addhi:.0}) | {p999:.0} | {cpu} |",
-            of.len()
-        );
-        summary.push(json!({"path": name, "runs": of.len(), "p50_median_us": p50, "p99_median_us": p99, "added_p99_median_us": add, "p999_median_us": p999}));
+                summary.push(json!({"path": name, "runs": of.len(), "p50_median_us": p50, "p99_median_us": p99, "added_p99_median_us": add, "p999_median_us": p999}));
+            }
+            Phase::Bulk => {
+                let (g, glo, ghi) = median(col("gbit_s"));
+                // Each run against stunnel4's run of the same round.
+                let ratios: Vec<f64> = of
+                    .iter()
+                    .filter_map(|r| {
+                        let st = runs.iter().find(|x| {
+                            x["round"] == r["round"] && x["path"] == "stunnel4 → stunnel4 (mTLS)"
+                        })?;
+                        Some(r["gbit_s"].as_f64()? / st["gbit_s"].as_f64()?)
+                    })
+                    .collect();
+                let (x, xlo, xhi) = median(ratios);
+                let cpu = if name == "direct TCP" {
+                    "–".to_owned()
+                } else {
+                    cpu_median(&of, "cpu_s_per_gb")
+                };
+                println!(
+                    "| {name} | {} | {g:.2} ({glo:.2}–{ghi:.2}) | {x:.2} ({xlo:.2}–{xhi:.2}) | {cpu} |",
+                    of.len()
+                );
+                summary.push(json!({"path": name, "runs": of.len(), "gbit_s_median": g, "x_stunnel4_median": x}));
+            }
+        }
     }
     Ok(json!({
         "date": time_now(),
-        "rate": RATE, "request_bytes": REQ, "latency_secs": LATENCY_SECS, "rounds": rounds,
+        "phase": if phase == Phase::Bulk { "bulk" } else { "latency" },
+        "rate": RATE, "request_bytes": REQ, "latency_secs": LATENCY_SECS, "bulk_secs": BULK_SECS,
+        "rounds": rounds,
         "runs": runs,
         "summary": summary,
     }))
