@@ -1057,6 +1057,17 @@ fn removing_an_agent_cuts_its_open_connections_both_ways() {
                 .then_some(())
         },
     );
+    // ... and closes the connection itself, not only its stream.
+    wait_for(
+        "vm2's agent to close the removed client's connection",
+        WAIT,
+        || {
+            m.procs[a2]
+                .log()
+                .contains("tunnel connection closed: the peer's certificate is on the deny list")
+                .then_some(())
+        },
+    );
     std::thread::sleep(Duration::from_secs(1));
     assert!(
         from_plain.try_wait().unwrap().is_none(),
@@ -1074,4 +1085,10 @@ fn removing_an_agent_cuts_its_open_connections_both_ways() {
         "plain's agent did not cut its outbound stream\n{}",
         m.logs()
     );
+    wait_for("plain's agent to close its connection to vm2", WAIT, || {
+        m.procs[a3]
+            .log()
+            .contains("tunnel connection closed: the peer's certificate is on the deny list")
+            .then_some(())
+    });
 }

@@ -98,10 +98,10 @@ struct Pooled<C> {
 }
 
 impl<C: Clone> Pooled<C> {
-    fn new(conn: C, peer: tls::PeerFacts, identity: Arc<Identity>) -> Self {
+    fn new(conn: C, peer: Arc<tls::PeerFacts>, identity: Arc<Identity>) -> Self {
         Self {
             conn,
-            peer: Arc::new(peer),
+            peer,
             identity,
             used: Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())),
         }
@@ -612,17 +612,34 @@ impl Tunnel {
         &self,
         peer: Arc<tls::PeerFacts>,
     ) -> impl std::future::Future<Output = ()> + Send + use<> {
-        let mut deny = self.deny.subscribe();
-        async move {
-            loop {
-                if deny.borrow_and_update().contains(&peer.serial) {
-                    tracing::info!(peer_identity = %peer.spiffe_id, serial = %peer.serial, "open tunnel stream cut: the peer's certificate is on the deny list");
-                    return;
-                }
-                if deny.changed().await.is_err() {
-                    return std::future::pending().await;
-                }
+        until_denied(self.deny.subscribe(), peer, false)
+    }
+
+    /// Completes, after logging that the connection is closed, once `peer`'s certificate
+    /// is on the deny list (at once if it is already).
+    fn connection_denied(
+        &self,
+        peer: Arc<tls::PeerFacts>,
+    ) -> impl std::future::Future<Output = ()> + Send + use<> {
+        until_denied(self.deny.subscribe(), peer, true)
+    }
+
+    /// Closes the pooled QUIC connections to peers whose certificate is denied now; their
+    /// streams end with them. (Multiplexed TCP + TLS connections close themselves: their
+    /// task waits on the deny list, see `dial_tcp`; accepted connections of both
+    /// transports too, see `serve_connection` and `serve_mux`.)
+    async fn close_denied(&self, deny: &std::collections::BTreeSet<String>) {
+        let mut closed = Vec::new();
+        self.pool.lock().await.retain(|key, c| {
+            let keep = !deny.contains(&c.peer.serial);
+            if !keep {
+                c.conn.close(DENIED_CODE.into(), b"certificate denied");
+                closed.push((key.0, c.peer.clone()));
             }
+            keep
+        });
+        for (peer, facts) in closed {
+            tracing::info!(%peer, peer_identity = %facts.spiffe_id, serial = %facts.serial, "tunnel connection closed: the peer's certificate is on the deny list");
         }
     }
 
@@ -924,7 +941,7 @@ impl Tunnel {
             .ok_or_else(|| err("the peer presented no certificate".into()))?
             .map_err(err)?;
         tracing::debug!(%peer, identity = expected, "tunnel connection up");
-        Ok(Pooled::new(conn, facts, identity))
+        Ok(Pooled::new(conn, Arc::new(facts), identity))
     }
 
     /// Opens a stream to the agent at `peer`, which must present `expected`, and writes
@@ -1196,9 +1213,16 @@ impl Tunnel {
         let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = closed.clone();
         let open = OpenGuard::new(&self.mux_open);
+        let facts = Arc::new(facts);
+        let denied = self.connection_denied(facts.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "multiplexed tunnel connection ended");
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "multiplexed tunnel connection ended");
+                },
+                // Dropping the connection closes its TCP connection; every stream on it
+                // fails.
+                () = denied => {}
             }
             flag.store(true, std::sync::atomic::Ordering::Release);
             drop(open);
@@ -1358,14 +1382,22 @@ impl Tunnel {
         tracing::info!(peer = %remote, peer_identity = %peer.spiffe_id, "tunnel connection accepted (TCP + TLS, multiplexed)");
         let _open = OpenGuard::new(&self.mux_open);
         let peer = Arc::new(peer);
+        let mut denied = std::pin::pin!(self.connection_denied(peer.clone()));
         // Accepting also drives the connection: its streams move only while this runs.
-        while let Some(next) = conn.accept().await {
+        loop {
+            let next = tokio::select! {
+                next = conn.accept() => next,
+                // Dropping the connection closes its TCP connection; every stream on
+                // it fails.
+                () = &mut denied => break,
+            };
             let (request, respond) = match next {
-                Ok(r) => r,
-                Err(e) => {
+                Some(Ok(r)) => r,
+                Some(Err(e)) => {
                     tracing::debug!(peer = %remote, error = %e, "multiplexed tunnel connection ended");
                     break;
                 }
+                None => break,
             };
             let (me, peer) = (self.clone(), peer.clone());
             tokio::spawn(async move { me.serve_mux_stream(&peer, remote, request, respond).await });
@@ -1531,9 +1563,19 @@ impl Tunnel {
         };
         tracing::info!(peer = %remote, peer_identity = %peer.spiffe_id, "tunnel connection accepted");
         let peer = Arc::new(peer);
-        while let Ok((send, recv)) = conn.accept_bi().await {
-            let (me, peer) = (self.clone(), peer.clone());
-            tokio::spawn(async move { me.serve_stream(&peer, remote, send, recv).await });
+        let mut denied = std::pin::pin!(self.connection_denied(peer.clone()));
+        loop {
+            tokio::select! {
+                next = conn.accept_bi() => {
+                    let Ok((send, recv)) = next else { break };
+                    let (me, peer) = (self.clone(), peer.clone());
+                    tokio::spawn(async move { me.serve_stream(&peer, remote, send, recv).await });
+                }
+                () = &mut denied => {
+                    conn.close(DENIED_CODE.into(), b"certificate denied");
+                    break;
+                }
+            }
         }
     }
 
@@ -1593,6 +1635,34 @@ const DENY_POLL: Duration = Duration::from_millis(500);
 
 /// Publishes changes of the deny list to open streams ([`Tunnel::cut_when_denied`]),
 /// until the tunnel is gone.
+/// Completes once `peer`'s serial is in the deny set `deny` follows, logging that the
+/// stream is cut (or, with `connection`, that the connection is closed). One
+/// future, no nesting: every proxied connection's task holds one (see the size test in
+/// `outbound.rs`).
+async fn until_denied(
+    mut deny: tokio::sync::watch::Receiver<Arc<std::collections::BTreeSet<String>>>,
+    peer: Arc<tls::PeerFacts>,
+    connection: bool,
+) {
+    loop {
+        if deny.borrow_and_update().contains(&peer.serial) {
+            if connection {
+                tracing::info!(peer_identity = %peer.spiffe_id, serial = %peer.serial, "tunnel connection closed: the peer's certificate is on the deny list");
+            } else {
+                tracing::info!(peer_identity = %peer.spiffe_id, serial = %peer.serial, "open tunnel stream cut: the peer's certificate is on the deny list");
+            }
+            return;
+        }
+        if deny.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// QUIC application close code of a connection closed because the peer's certificate
+/// was denied (1: no client certificate, 2: certificate refused at the handshake).
+const DENIED_CODE: u32 = 3;
+
 async fn follow_deny_list(tunnel: std::sync::Weak<Tunnel>) {
     loop {
         tokio::time::sleep(DENY_POLL).await;
@@ -1602,6 +1672,7 @@ async fn follow_deny_list(tunnel: std::sync::Weak<Tunnel>) {
             (**t.deny.borrow() != state.deny_serials).then(|| Arc::new(state.deny_serials.clone()))
         };
         if let Some(deny) = changed {
+            t.close_denied(&deny).await;
             t.deny.send_replace(deny);
         }
     }

@@ -879,6 +879,51 @@ async fn open_streams_are_cut_when_the_peer_is_denied() {
     }
 }
 
+/// Denying a peer closes the tunnel connections to and from it, not only their streams:
+/// the server agent closes the connection it accepted from a denied client, the client
+/// agent the one it dialled to a denied server (both transports). Before, the idle
+/// connection stayed open, with keepalives, until the pool released it (5 minutes).
+#[tokio::test]
+async fn connections_of_a_denied_peer_are_closed_both_ways() {
+    let ca = ca();
+    let port = echo_app().await;
+    let (web, client) = (identity(&ca, WEB), identity(&ca, CLIENT));
+    for tcp in [false, true] {
+        let transport = usize::from(tcp);
+        let open = |t: &Arc<Tunnel>| t.counters().connections[transport];
+        for server_denies in [true, false] {
+            let b_state = serving(port, &[]);
+            let b = tunnel(web.clone(), b_state.clone());
+            let a_state = state(&[]);
+            let a = tunnel(client.clone(), a_state.clone());
+            a.set_tcp_only(tcp);
+            let addr = b.local_addr().unwrap();
+            assert_eq!(round_trip(&a, addr, WEB, port, b"x").await.unwrap(), b"x");
+            assert_eq!((open(&a), open(&b)), (1, 1), "tcp {tcp}");
+            if server_denies {
+                b_state
+                    .write()
+                    .unwrap()
+                    .deny_serials
+                    .insert(client.serial.clone());
+            } else {
+                // As a push does: a new version with the serial on the deny list.
+                let mut st = a_state.write().unwrap();
+                st.deny_serials.insert(web.serial.clone());
+                st.version += 1;
+            }
+            wait_until(Duration::from_secs(10), || open(&a) == 0 && open(&b) == 0).await;
+            if !server_denies {
+                // A new stream to the denied server is refused, not sent on a pooled
+                // connection.
+                assert!(round_trip(&a, addr, WEB, port, b"y").await.is_err());
+            }
+            a.close();
+            b.close();
+        }
+    }
+}
+
 /// `tunnel_transport = "tcp"`: streams go over TCP + TLS without trying QUIC first.
 #[tokio::test]
 async fn tcp_only_opens_streams_without_trying_quic() {
