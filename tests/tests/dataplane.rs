@@ -1047,17 +1047,8 @@ fn removing_an_agent_cuts_its_open_connections_both_ways() {
         ended(&mut from_vm1, "vm1's connection", &m),
         "client saw reset"
     );
-    wait_for(
-        "vm2's agent to cut the removed client's stream",
-        WAIT,
-        || {
-            m.procs[a2]
-                .log()
-                .contains("open tunnel stream cut")
-                .then_some(())
-        },
-    );
-    // ... and closes the connection itself, not only its stream.
+    // vm2's agent closed the connection (its stream was cut, or ended with it: the two
+    // happen at once, either may be first).
     wait_for(
         "vm2's agent to close the removed client's connection",
         WAIT,
@@ -1079,11 +1070,6 @@ fn removing_an_agent_cuts_its_open_connections_both_ways() {
     assert_eq!(
         ended(&mut from_plain, "plain's connection", &m),
         "client saw reset"
-    );
-    assert!(
-        m.procs[a3].log().contains("open tunnel stream cut"),
-        "plain's agent did not cut its outbound stream\n{}",
-        m.logs()
     );
     wait_for("plain's agent to close its connection to vm2", WAIT, || {
         m.procs[a3]
