@@ -1672,8 +1672,10 @@ async fn follow_deny_list(tunnel: std::sync::Weak<Tunnel>) {
             (**t.deny.borrow() != state.deny_serials).then(|| Arc::new(state.deny_serials.clone()))
         };
         if let Some(deny) = changed {
+            // Streams and accepted connections first (they wait on the channel), then
+            // the pooled QUIC connections, which need the pool's lock.
+            t.deny.send_replace(deny.clone());
             t.close_denied(&deny).await;
-            t.deny.send_replace(deny);
         }
     }
 }
