@@ -1633,8 +1633,6 @@ impl Drop for OpenGuard {
 /// How often the mesh state's deny list is compared with the one open streams watch.
 const DENY_POLL: Duration = Duration::from_millis(500);
 
-/// Publishes changes of the deny list to open streams ([`Tunnel::cut_when_denied`]),
-/// until the tunnel is gone.
 /// Completes once `peer`'s serial is in the deny set `deny` follows, logging that the
 /// stream is cut (or, with `connection`, that the connection is closed). One
 /// future, no nesting: every proxied connection's task holds one (see the size test in
@@ -1663,6 +1661,8 @@ async fn until_denied(
 /// was denied (1: no client certificate, 2: certificate refused at the handshake).
 const DENIED_CODE: u32 = 3;
 
+/// Publishes changes of the deny list to open streams ([`Tunnel::cut_when_denied`]) and
+/// connections, and closes pooled connections to denied peers, until the tunnel is gone.
 async fn follow_deny_list(tunnel: std::sync::Weak<Tunnel>) {
     loop {
         tokio::time::sleep(DENY_POLL).await;
