@@ -769,6 +769,28 @@ async fn a_multiplexed_connection_refuses_bad_requests_and_headers_and_goes_on()
     assert_eq!(got, b"still here");
 }
 
+/// A tunnel `b` serving `port` as `web` and a tunnel `a` of `client`, with the mesh state
+/// of each (the deny tests put the other's serial in it).
+struct Pair {
+    b_state: SharedState,
+    b: Arc<Tunnel>,
+    a_state: SharedState,
+    a: Arc<Tunnel>,
+}
+
+fn pair(web: &Identity, client: &Identity, port: u16) -> Pair {
+    let b_state = serving(port, &[]);
+    let b = tunnel(web.clone(), b_state.clone());
+    let a_state = state(&[]);
+    let a = tunnel(client.clone(), a_state.clone());
+    Pair {
+        b_state,
+        b,
+        a_state,
+        a,
+    }
+}
+
 /// A pooled connection is not reused once the peer's certificate is denied (QUIC and
 /// TCP + TLS alike), and a peer's new stream is refused on a connection made before its
 /// certificate was denied.
@@ -778,10 +800,12 @@ async fn pooled_connections_are_not_reused_after_a_deny() {
     let port = echo_app().await;
     let web = identity(&ca, WEB);
     let client = identity(&ca, CLIENT);
-    let b_state = serving(port, &[]);
-    let b = tunnel(web.clone(), b_state.clone());
-    let a_state = state(&[]);
-    let a = tunnel(client.clone(), a_state.clone());
+    let Pair {
+        b_state,
+        b,
+        a_state,
+        a,
+    } = pair(&web, &client, port);
     let addr = b.local_addr().unwrap();
     let (black_hole, blocked) = udp_blocked_path_to(addr).await;
     for peer in [addr, blocked] {
@@ -825,10 +849,12 @@ async fn open_streams_are_cut_when_the_peer_is_denied() {
     let port = echo_app().await;
     let web = identity(&ca, WEB);
     let client = identity(&ca, CLIENT);
-    let b_state = serving(port, &[]);
-    let b = tunnel(web.clone(), b_state.clone());
-    let a_state = state(&[]);
-    let a = tunnel(client.clone(), a_state.clone());
+    let Pair {
+        b_state,
+        b,
+        a_state,
+        a,
+    } = pair(&web, &client, port);
     let addr = b.local_addr().unwrap();
     let header = Header {
         service: "default/web".into(),
@@ -892,10 +918,12 @@ async fn connections_of_a_denied_peer_are_closed_both_ways() {
         let transport = usize::from(tcp);
         let open = |t: &Arc<Tunnel>| t.counters().connections[transport];
         for server_denies in [true, false] {
-            let b_state = serving(port, &[]);
-            let b = tunnel(web.clone(), b_state.clone());
-            let a_state = state(&[]);
-            let a = tunnel(client.clone(), a_state.clone());
+            let Pair {
+                b_state,
+                b,
+                a_state,
+                a,
+            } = pair(&web, &client, port);
             a.set_tcp_only(tcp);
             let addr = b.local_addr().unwrap();
             assert_eq!(round_trip(&a, addr, WEB, port, b"x").await.unwrap(), b"x");
