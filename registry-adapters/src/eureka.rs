@@ -440,7 +440,7 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Vec<u8> {
-        std::fs::read(causeway_fakes::fixtures_dir().join("eureka").join(name)).unwrap()
+        causeway_fakes::read_fixture_bytes(&format!("eureka/{name}"))
     }
 
     #[test]

@@ -2,12 +2,13 @@
 
 use std::path::PathBuf;
 
-/// The fixtures folder: `$CAUSEWAY_FIXTURES` if set, else `<repo>/../shared/fixtures`.
+/// The fixtures folder: `$CAUSEWAY_FIXTURES` if set, else `<repo>/tests/fixtures` (recorded
+/// real registry responses, kept in the repository; see its README for provenance).
 pub fn fixtures_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("CAUSEWAY_FIXTURES") {
         return PathBuf::from(dir);
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
 }
 
 /// One recorded `curl -i` response.
@@ -56,12 +57,23 @@ pub fn read_http_fixture(rel: &str) -> HttpFixture {
     }
 }
 
-/// Reads a fixture file as text.
+/// Reads a fixture file as text; panics naming the path and the fix when it is missing.
 pub(crate) fn read_fixture(rel: &str) -> String {
     let path = fixtures_dir().join(rel);
     std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
-            "cannot read fixture {}: {e}; the fixtures live in <repo>/../shared/fixtures, or set CAUSEWAY_FIXTURES to their folder",
+            "cannot read fixture {}: {e}; the fixtures live in <repo>/tests/fixtures (restore them with `git checkout -- tests/fixtures`), or set CAUSEWAY_FIXTURES to their folder",
+            path.display()
+        )
+    })
+}
+
+/// Reads a fixture file as bytes; panics naming the path and the fix when it is missing.
+pub fn read_fixture_bytes(rel: &str) -> Vec<u8> {
+    let path = fixtures_dir().join(rel);
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read fixture {}: {e}; the fixtures live in <repo>/tests/fixtures (restore them with `git checkout -- tests/fixtures`), or set CAUSEWAY_FIXTURES to their folder",
             path.display()
         )
     })
