@@ -1,8 +1,9 @@
 //! `causeway-api`: the domain model and wire messages of Causeway.
 //!
 //! What it does: defines identities (trust domains, SPIFFE IDs), workload groups, join
-//! tokens and their text encoding, and the control-protocol messages with their framing,
-//! with validation for each.
+//! tokens and their text encoding, the control-protocol messages with their framing, and
+//! the policy resources (Istio's AuthorizationPolicy and PeerAuthentication) with their
+//! evaluator, with validation for each.
 //!
 //! What it does not: open sockets, read clocks, spawn tasks or touch files. Everything
 //! here is pure and unit-tested; callers pass in the current time where it matters.
@@ -11,6 +12,7 @@ pub mod duration;
 pub mod group;
 pub mod identity;
 pub mod pem;
+pub mod policy;
 pub mod push;
 pub mod registry;
 pub mod token;

@@ -1,0 +1,872 @@
+//! The authorization evaluator: Istio's AuthorizationPolicy semantics, compiled.
+//!
+//! A [`PolicySet`] holds every policy compiled once (CIDRs parsed, ports numbers, strings
+//! turned into exact/prefix/suffix matchers). [`PolicySet::for_workload`] picks the policies
+//! that select one workload (done when the set or the workload changes, not per connection);
+//! [`WorkloadPolicies::decide`] then decides one connection or request without allocating,
+//! and [`WorkloadPolicies::explain`] gives the same decision with every step, for `why`.
+//!
+//! Semantics (Istio's documentation): DENY policies first, any match denies; then, if no
+//! ALLOW policy selects the workload, allow; else allow only if one matches. AUDIT never
+//! changes the decision. A policy matches if any rule matches; a rule matches if its `from`
+//! (any entry), `to` (any entry) and `when` (every condition) match; inside an entry every
+//! given field must match. Without HTTP attributes (a TCP port), a rule of an ALLOW policy
+//! that uses HTTP-only fields never matches, and in a DENY or AUDIT policy those fields are
+//! dropped, so the rule matches more (stricter).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use super::ROOT_NAMESPACE;
+use super::resource::{Action, AuthorizationPolicy, Condition, Rule, Selector};
+use super::validate::{ValueKind, condition_key, parse_cidr, parse_port};
+
+/// A destination workload as policies see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload<'a> {
+    /// Its namespace.
+    pub namespace: &'a str,
+    /// Its labels, including `causeway.io/group`.
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+/// HTTP attributes of a request (absent on TCP ports).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HttpAttributes<'a> {
+    /// The Host header or `:authority`.
+    pub host: &'a str,
+    /// The method.
+    pub method: &'a str,
+    /// The path, without the query.
+    pub path: &'a str,
+    /// Request headers (names lower-case).
+    pub headers: &'a [(String, String)],
+    /// `iss/sub` of a validated JWT.
+    pub request_principal: Option<&'a str>,
+    /// The validated JWT's claims.
+    pub claims: Option<&'a serde_json::Value>,
+}
+
+/// What is known of one connection or request at the destination.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The peer's principal `<trust-domain>/ns/<ns>/sa/<sa>`; `None` for plaintext.
+    pub principal: Option<&'a str>,
+    /// The connection's source address.
+    pub source_ip: IpAddr,
+    /// The original client address, when a proxy header gave one (else `source_ip`).
+    pub remote_ip: Option<IpAddr>,
+    /// The destination address.
+    pub destination_ip: IpAddr,
+    /// The destination port.
+    pub destination_port: u16,
+    /// The TLS SNI, if any.
+    pub sni: Option<&'a str>,
+    /// HTTP attributes, on ports parsed as HTTP.
+    pub http: Option<HttpAttributes<'a>>,
+}
+
+impl Request<'_> {
+    fn namespace(&self) -> Option<&str> {
+        let p = self.principal?;
+        let rest = &p[p.find("/ns/")? + 4..];
+        Some(rest.split('/').next().unwrap_or(rest))
+    }
+
+    fn service_account(&self) -> Option<(&str, &str)> {
+        let p = self.principal?;
+        let ns = self.namespace()?;
+        let sa = &p[p.find("/sa/")? + 4..];
+        Some((ns, sa))
+    }
+}
+
+/// A string matcher: Istio's exact, `prefix*`, `*suffix` or `*` (any non-empty value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pattern {
+    Any,
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    /// A path template (`{*}` one segment, `{**}` the rest).
+    Template(Vec<String>),
+}
+
+impl Pattern {
+    fn new(text: &str) -> Pattern {
+        if text == "*" {
+            Pattern::Any
+        } else if let Some(p) = text.strip_suffix('*') {
+            Pattern::Prefix(p.to_owned())
+        } else if let Some(s) = text.strip_prefix('*') {
+            Pattern::Suffix(s.to_owned())
+        } else {
+            Pattern::Exact(text.to_owned())
+        }
+    }
+
+    fn path(text: &str) -> Pattern {
+        if text.contains('{') {
+            Pattern::Template(text.split('/').map(str::to_owned).collect())
+        } else {
+            Pattern::new(text)
+        }
+    }
+
+    fn principal(text: &str) -> Pattern {
+        Pattern::new(text.strip_prefix("spiffe://").unwrap_or(text))
+    }
+
+    fn host(text: &str) -> Pattern {
+        Pattern::new(&text.to_ascii_lowercase())
+    }
+
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            Pattern::Any => !v.is_empty(),
+            Pattern::Exact(e) => v == e,
+            Pattern::Prefix(p) => v.starts_with(p.as_str()),
+            Pattern::Suffix(s) => v.ends_with(s.as_str()),
+            Pattern::Template(segs) => {
+                let mut have = v.split('/');
+                for (i, want) in segs.iter().enumerate() {
+                    if want == "{**}" && i + 1 == segs.len() {
+                        return have.next().is_some_and(|s| !s.is_empty());
+                    }
+                    match have.next() {
+                        Some(s) if want == "{*}" && !s.is_empty() => {}
+                        Some(s) if s == want => {}
+                        _ => return false,
+                    }
+                }
+                have.next().is_none()
+            }
+        }
+    }
+
+    fn matches_host(&self, host: &str) -> bool {
+        let lower = host.to_ascii_lowercase();
+        if self.matches(&lower) {
+            return true;
+        }
+        // `Host: web:8080` also matches a pattern written without the port.
+        strip_port(&lower).is_some_and(|h| self.matches(h))
+    }
+}
+
+/// `host:port` → `host` (also `[v6]:port`); `None` when there is no port.
+fn strip_port(h: &str) -> Option<&str> {
+    let (host, port) = h.rsplit_once(':')?;
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return None;
+    }
+    Some(host)
+}
+
+fn any(patterns: &[Pattern], v: &str) -> bool {
+    patterns.iter().any(|p| p.matches(v))
+}
+
+/// Why a rule did not match (the first field that failed), for explanations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    /// The policy has no rules.
+    NoRules,
+    /// A source field did not match (field name).
+    Source(&'static str),
+    /// An operation field did not match (field name).
+    Operation(&'static str),
+    /// A `when` condition did not match (its index).
+    When(usize),
+    /// An ALLOW rule with HTTP-only fields, on a port not parsed as HTTP.
+    HttpOnTcp,
+}
+
+impl std::fmt::Display for Miss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Miss::NoRules => f.write_str("the policy has no rules, so it matches nothing"),
+            Miss::Source(field) => write!(f, "source {field} did not match"),
+            Miss::Operation(field) => write!(f, "operation {field} did not match"),
+            Miss::When(i) => write!(f, "condition when[{i}] did not match"),
+            Miss::HttpOnTcp => f.write_str(
+                "the rule uses HTTP fields and the port is not HTTP: an ALLOW rule with them never matches on TCP",
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct CSource {
+    principals: Vec<Pattern>,
+    not_principals: Vec<Pattern>,
+    request_principals: Vec<Pattern>,
+    not_request_principals: Vec<Pattern>,
+    namespaces: Vec<Pattern>,
+    not_namespaces: Vec<Pattern>,
+    service_accounts: Vec<(String, String)>,
+    not_service_accounts: Vec<(String, String)>,
+    ip_blocks: Vec<IpNet>,
+    not_ip_blocks: Vec<IpNet>,
+    remote_ip_blocks: Vec<IpNet>,
+    not_remote_ip_blocks: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct COperation {
+    hosts: Vec<Pattern>,
+    not_hosts: Vec<Pattern>,
+    ports: Vec<u16>,
+    not_ports: Vec<u16>,
+    methods: Vec<Pattern>,
+    not_methods: Vec<Pattern>,
+    paths: Vec<Pattern>,
+    not_paths: Vec<Pattern>,
+}
+
+#[derive(Debug, Clone)]
+enum Attr {
+    SourceIp,
+    RemoteIp,
+    SourceNamespace,
+    SourcePrincipal,
+    SourceServiceAccount,
+    DestinationIp,
+    DestinationPort,
+    Sni,
+    Header(String),
+    AuthPrincipal,
+    AuthAudiences,
+    AuthPresenter,
+    Claim(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+enum Values {
+    Cidrs(Vec<IpNet>),
+    Ports(Vec<u16>),
+    Text(Vec<Pattern>),
+}
+
+#[derive(Debug, Clone)]
+struct CCondition {
+    attr: Attr,
+    http: bool,
+    values: Values,
+    not_values: Values,
+}
+
+#[derive(Debug, Clone, Default)]
+struct CRule {
+    from: Option<Vec<CSource>>,
+    to: Option<Vec<COperation>>,
+    when: Vec<CCondition>,
+    /// Whether any field or condition needs HTTP attributes.
+    uses_http: bool,
+}
+
+/// One policy, compiled.
+#[derive(Debug, Clone)]
+pub struct CompiledPolicy {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Action.
+    pub action: Action,
+    selector: Option<Selector>,
+    rules: Vec<CRule>,
+}
+
+fn patterns(list: &[String], f: fn(&str) -> Pattern) -> Vec<Pattern> {
+    list.iter().map(|s| f(s)).collect()
+}
+
+fn cidrs(list: &[String]) -> Vec<IpNet> {
+    list.iter().filter_map(|s| parse_cidr(s)).collect()
+}
+
+fn ports(list: &[String]) -> Vec<u16> {
+    list.iter().filter_map(|s| parse_port(s)).collect()
+}
+
+fn service_accounts(list: &[String], policy_ns: &str) -> Vec<(String, String)> {
+    list.iter()
+        .map(|s| match s.split_once('/') {
+            Some((ns, sa)) => (ns.to_owned(), sa.to_owned()),
+            None => (policy_ns.to_owned(), s.clone()),
+        })
+        .collect()
+}
+
+fn compile_condition(c: &Condition) -> Option<CCondition> {
+    let (kind, http) = condition_key(&c.key)?;
+    let attr = match c.key.as_str() {
+        "source.ip" => Attr::SourceIp,
+        "remote.ip" => Attr::RemoteIp,
+        "source.namespace" => Attr::SourceNamespace,
+        "source.principal" => Attr::SourcePrincipal,
+        "source.serviceAccount" => Attr::SourceServiceAccount,
+        "destination.ip" => Attr::DestinationIp,
+        "destination.port" => Attr::DestinationPort,
+        "connection.sni" => Attr::Sni,
+        "request.auth.principal" => Attr::AuthPrincipal,
+        "request.auth.audiences" => Attr::AuthAudiences,
+        "request.auth.presenter" => Attr::AuthPresenter,
+        k if k.starts_with("request.headers[") => {
+            Attr::Header(k["request.headers[".len()..k.len() - 1].to_ascii_lowercase())
+        }
+        k => Attr::Claim(
+            k["request.auth.claims[".len()..k.len() - 1]
+                .split("][")
+                .map(str::to_owned)
+                .collect(),
+        ),
+    };
+    let values = |list: &[String]| match kind {
+        ValueKind::Cidr => Values::Cidrs(cidrs(list)),
+        ValueKind::Port => Values::Ports(ports(list)),
+        ValueKind::Text => Values::Text(patterns(list, Pattern::new)),
+    };
+    Some(CCondition {
+        attr,
+        http,
+        values: values(&c.values),
+        not_values: values(&c.not_values),
+    })
+}
+
+fn compile_rule(rule: &Rule, policy_ns: &str) -> CRule {
+    let from = rule.from.as_ref().map(|from| {
+        from.iter()
+            .map(|f| {
+                let s = f.source.clone().unwrap_or_default();
+                CSource {
+                    principals: patterns(&s.principals, Pattern::principal),
+                    not_principals: patterns(&s.not_principals, Pattern::principal),
+                    request_principals: patterns(&s.request_principals, Pattern::new),
+                    not_request_principals: patterns(&s.not_request_principals, Pattern::new),
+                    namespaces: patterns(&s.namespaces, Pattern::new),
+                    not_namespaces: patterns(&s.not_namespaces, Pattern::new),
+                    service_accounts: service_accounts(&s.service_accounts, policy_ns),
+                    not_service_accounts: service_accounts(&s.not_service_accounts, policy_ns),
+                    ip_blocks: cidrs(&s.ip_blocks),
+                    not_ip_blocks: cidrs(&s.not_ip_blocks),
+                    remote_ip_blocks: cidrs(&s.remote_ip_blocks),
+                    not_remote_ip_blocks: cidrs(&s.not_remote_ip_blocks),
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    let to = rule.to.as_ref().map(|to| {
+        to.iter()
+            .map(|t| {
+                let o = t.operation.clone().unwrap_or_default();
+                COperation {
+                    hosts: patterns(&o.hosts, Pattern::host),
+                    not_hosts: patterns(&o.not_hosts, Pattern::host),
+                    ports: ports(&o.ports),
+                    not_ports: ports(&o.not_ports),
+                    methods: patterns(&o.methods, Pattern::new),
+                    not_methods: patterns(&o.not_methods, Pattern::new),
+                    paths: patterns(&o.paths, Pattern::path),
+                    not_paths: patterns(&o.not_paths, Pattern::path),
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    let when: Vec<CCondition> = rule
+        .when
+        .iter()
+        .flatten()
+        .filter_map(compile_condition)
+        .collect();
+    let uses_http = from
+        .iter()
+        .flatten()
+        .any(|s| !s.request_principals.is_empty() || !s.not_request_principals.is_empty())
+        || to.iter().flatten().any(|o| {
+            !(o.hosts.is_empty()
+                && o.not_hosts.is_empty()
+                && o.methods.is_empty()
+                && o.not_methods.is_empty()
+                && o.paths.is_empty()
+                && o.not_paths.is_empty())
+        })
+        || when.iter().any(|c| c.http);
+    CRule {
+        from,
+        to,
+        when,
+        uses_http,
+    }
+}
+
+impl CompiledPolicy {
+    /// Compiles a policy; call [`super::validate::validate`] first (invalid values are dropped
+    /// here, which would widen nothing but could narrow a rule silently).
+    pub fn compile(p: &AuthorizationPolicy) -> CompiledPolicy {
+        let ns = p.metadata.namespace();
+        CompiledPolicy {
+            namespace: ns.to_owned(),
+            name: p.metadata.name.clone(),
+            action: p.spec.action,
+            selector: p.spec.selector.clone(),
+            rules: p
+                .spec
+                .rules
+                .iter()
+                .flatten()
+                .map(|r| compile_rule(r, ns))
+                .collect(),
+        }
+    }
+
+    /// `namespace/name`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether this policy applies to the workload: same namespace (or the root namespace)
+    /// and the selector matches (no selector: every workload of the namespace / mesh).
+    pub fn selects(&self, w: Workload<'_>) -> bool {
+        if self.namespace != w.namespace && self.namespace != ROOT_NAMESPACE {
+            return false;
+        }
+        self.selector.as_ref().is_none_or(|s| s.matches(w.labels))
+    }
+
+    /// Whether the policy matches the request; on a miss, why (the last rule's first miss).
+    pub fn matches(&self, req: &Request<'_>) -> Result<usize, Miss> {
+        let mut miss = Miss::NoRules;
+        for (i, rule) in self.rules.iter().enumerate() {
+            match match_rule(rule, req, self.action) {
+                Ok(()) => return Ok(i),
+                Err(m) => miss = m,
+            }
+        }
+        Err(miss)
+    }
+}
+
+fn match_rule(rule: &CRule, req: &Request<'_>, action: Action) -> Result<(), Miss> {
+    let tcp = req.http.is_none();
+    if tcp && rule.uses_http && action == Action::Allow {
+        return Err(Miss::HttpOnTcp);
+    }
+    if let Some(from) = &rule.from {
+        let mut miss = Miss::Source("(none)");
+        if !from.iter().any(|s| match match_source(s, req) {
+            Ok(()) => true,
+            Err(m) => {
+                miss = m;
+                false
+            }
+        }) {
+            return Err(miss);
+        }
+    }
+    if let Some(to) = &rule.to {
+        let mut miss = Miss::Operation("(none)");
+        if !to.iter().any(|o| match match_operation(o, req) {
+            Ok(()) => true,
+            Err(m) => {
+                miss = m;
+                false
+            }
+        }) {
+            return Err(miss);
+        }
+    }
+    for (i, c) in rule.when.iter().enumerate() {
+        if c.http && tcp {
+            // DENY/AUDIT on TCP: the HTTP condition is dropped (ALLOW returned above).
+            continue;
+        }
+        if !match_condition(c, req) {
+            return Err(Miss::When(i));
+        }
+    }
+    Ok(())
+}
+
+fn check(ok: bool, miss: Miss) -> Result<(), Miss> {
+    if ok { Ok(()) } else { Err(miss) }
+}
+
+/// A positive list matches when empty or when a value is present and matches one entry; a
+/// negative list matches when empty or when the value is absent or matches none.
+fn pos(list: &[Pattern], v: Option<&str>) -> bool {
+    list.is_empty() || v.is_some_and(|v| any(list, v))
+}
+
+fn neg(list: &[Pattern], v: Option<&str>) -> bool {
+    list.is_empty() || !v.is_some_and(|v| any(list, v))
+}
+
+fn in_nets(list: &[IpNet], ip: IpAddr) -> bool {
+    list.iter().any(|n| n.contains(&ip))
+}
+
+fn match_source(s: &CSource, req: &Request<'_>) -> Result<(), Miss> {
+    let principal = req
+        .principal
+        .map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
+    check(pos(&s.principals, principal), Miss::Source("principals"))?;
+    check(
+        neg(&s.not_principals, principal),
+        Miss::Source("notPrincipals"),
+    )?;
+    let ns = req.namespace();
+    check(pos(&s.namespaces, ns), Miss::Source("namespaces"))?;
+    check(neg(&s.not_namespaces, ns), Miss::Source("notNamespaces"))?;
+    let sa = req.service_account();
+    let sa_in = |list: &[(String, String)]| {
+        sa.is_some_and(|(ns, sa)| list.iter().any(|(n, s)| n == ns && s == sa))
+    };
+    check(
+        s.service_accounts.is_empty() || sa_in(&s.service_accounts),
+        Miss::Source("serviceAccounts"),
+    )?;
+    check(
+        s.not_service_accounts.is_empty() || !sa_in(&s.not_service_accounts),
+        Miss::Source("notServiceAccounts"),
+    )?;
+    check(
+        s.ip_blocks.is_empty() || in_nets(&s.ip_blocks, req.source_ip),
+        Miss::Source("ipBlocks"),
+    )?;
+    check(
+        s.not_ip_blocks.is_empty() || !in_nets(&s.not_ip_blocks, req.source_ip),
+        Miss::Source("notIpBlocks"),
+    )?;
+    let remote = req.remote_ip.unwrap_or(req.source_ip);
+    check(
+        s.remote_ip_blocks.is_empty() || in_nets(&s.remote_ip_blocks, remote),
+        Miss::Source("remoteIpBlocks"),
+    )?;
+    check(
+        s.not_remote_ip_blocks.is_empty() || !in_nets(&s.not_remote_ip_blocks, remote),
+        Miss::Source("notRemoteIpBlocks"),
+    )?;
+    if let Some(http) = &req.http {
+        check(
+            pos(&s.request_principals, http.request_principal),
+            Miss::Source("requestPrincipals"),
+        )?;
+        check(
+            neg(&s.not_request_principals, http.request_principal),
+            Miss::Source("notRequestPrincipals"),
+        )?;
+    }
+    Ok(())
+}
+
+fn match_operation(o: &COperation, req: &Request<'_>) -> Result<(), Miss> {
+    check(
+        o.ports.is_empty() || o.ports.contains(&req.destination_port),
+        Miss::Operation("ports"),
+    )?;
+    check(
+        !o.not_ports.contains(&req.destination_port),
+        Miss::Operation("notPorts"),
+    )?;
+    if let Some(http) = &req.http {
+        check(
+            o.hosts.is_empty() || o.hosts.iter().any(|p| p.matches_host(http.host)),
+            Miss::Operation("hosts"),
+        )?;
+        check(
+            !o.not_hosts.iter().any(|p| p.matches_host(http.host)),
+            Miss::Operation("notHosts"),
+        )?;
+        check(
+            pos(&o.methods, Some(http.method)),
+            Miss::Operation("methods"),
+        )?;
+        check(
+            neg(&o.not_methods, Some(http.method)),
+            Miss::Operation("notMethods"),
+        )?;
+        check(pos(&o.paths, Some(http.path)), Miss::Operation("paths"))?;
+        check(
+            neg(&o.not_paths, Some(http.path)),
+            Miss::Operation("notPaths"),
+        )?;
+    }
+    Ok(())
+}
+
+fn claim<'a>(claims: Option<&'a serde_json::Value>, path: &[String]) -> Vec<&'a str> {
+    let mut v = match claims {
+        Some(v) => v,
+        None => return Vec::new(),
+    };
+    for key in path {
+        match v.get(key) {
+            Some(next) => v = next,
+            None => return Vec::new(),
+        }
+    }
+    match v {
+        serde_json::Value::String(s) => vec![s.as_str()],
+        serde_json::Value::Array(items) => items.iter().filter_map(|i| i.as_str()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn match_condition(c: &CCondition, req: &Request<'_>) -> bool {
+    let ip = match c.attr {
+        Attr::SourceIp => Some(req.source_ip),
+        Attr::RemoteIp => Some(req.remote_ip.unwrap_or(req.source_ip)),
+        Attr::DestinationIp => Some(req.destination_ip),
+        _ => None,
+    };
+    if let (Some(ip), Values::Cidrs(vals), Values::Cidrs(nots)) = (ip, &c.values, &c.not_values) {
+        return (vals.is_empty() || in_nets(vals, ip)) && !in_nets(nots, ip);
+    }
+    if let (Attr::DestinationPort, Values::Ports(vals), Values::Ports(nots)) =
+        (&c.attr, &c.values, &c.not_values)
+    {
+        let p = req.destination_port;
+        return (vals.is_empty() || vals.contains(&p)) && !nots.contains(&p);
+    }
+    let (Values::Text(vals), Values::Text(nots)) = (&c.values, &c.not_values) else {
+        return false;
+    };
+    let http = req.http.unwrap_or_default();
+    let sa;
+    let single: Option<&str> = match &c.attr {
+        Attr::SourceNamespace => req.namespace(),
+        Attr::SourcePrincipal => req
+            .principal
+            .map(|p| p.strip_prefix("spiffe://").unwrap_or(p)),
+        Attr::SourceServiceAccount => {
+            sa = req.service_account().map(|(ns, sa)| format!("{ns}/{sa}"));
+            sa.as_deref()
+        }
+        Attr::Sni => req.sni,
+        Attr::Header(name) => http
+            .headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str()),
+        Attr::AuthPrincipal => http.request_principal,
+        Attr::AuthPresenter => claim(http.claims, &["azp".to_owned()]).first().copied(),
+        Attr::AuthAudiences | Attr::Claim(_) => {
+            let path = match &c.attr {
+                Attr::Claim(p) => p.clone(),
+                _ => vec!["aud".to_owned()],
+            };
+            let got = claim(http.claims, &path);
+            return (vals.is_empty() || got.iter().any(|g| any(vals, g)))
+                && !got.iter().any(|g| any(nots, g));
+        }
+        _ => None,
+    };
+    pos(vals, single) && neg(nots, single)
+}
+
+/// A decision, without explanation.
+#[derive(Debug, Clone, Copy)]
+pub struct Verdict<'p> {
+    /// Allowed or denied.
+    pub allow: bool,
+    /// The policy that decided: the matching DENY or ALLOW policy (`None`: no ALLOW policy
+    /// selects the workload, or none matched).
+    pub policy: Option<&'p CompiledPolicy>,
+    /// The AUDIT policy that matched, if any.
+    pub audit: Option<&'p CompiledPolicy>,
+}
+
+/// The policies that select one workload, in evaluation order.
+#[derive(Debug, Clone, Default)]
+pub struct WorkloadPolicies {
+    deny: Vec<Arc<CompiledPolicy>>,
+    allow: Vec<Arc<CompiledPolicy>>,
+    audit: Vec<Arc<CompiledPolicy>>,
+}
+
+/// One step of an explanation.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Step {
+    /// `namespace/name` of the policy.
+    pub policy: String,
+    /// Its action.
+    pub action: String,
+    /// Whether it matched.
+    pub matched: bool,
+    /// The matching rule, or the first reason it did not match.
+    pub reason: String,
+}
+
+/// A decision with every step, for `why`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Decision {
+    /// `allow` or `deny`.
+    pub decision: String,
+    /// The deciding policy, `namespace/name`.
+    pub policy: Option<String>,
+    /// One line saying why.
+    pub reason: String,
+    /// Each policy that selects the destination, in evaluation order.
+    pub steps: Vec<Step>,
+}
+
+impl WorkloadPolicies {
+    /// Whether any policy selects the workload.
+    pub fn is_empty(&self) -> bool {
+        self.deny.is_empty() && self.allow.is_empty() && self.audit.is_empty()
+    }
+
+    /// How many policies select the workload.
+    pub fn len(&self) -> usize {
+        self.deny.len() + self.allow.len() + self.audit.len()
+    }
+
+    /// Decides one connection or request.
+    pub fn decide(&self, req: &Request<'_>) -> Verdict<'_> {
+        let audit = self
+            .audit
+            .iter()
+            .find(|p| p.matches(req).is_ok())
+            .map(|p| &**p);
+        if let Some(p) = self.deny.iter().find(|p| p.matches(req).is_ok()) {
+            return Verdict {
+                allow: false,
+                policy: Some(p),
+                audit,
+            };
+        }
+        if self.allow.is_empty() {
+            return Verdict {
+                allow: true,
+                policy: None,
+                audit,
+            };
+        }
+        match self.allow.iter().find(|p| p.matches(req).is_ok()) {
+            Some(p) => Verdict {
+                allow: true,
+                policy: Some(p),
+                audit,
+            },
+            None => Verdict {
+                allow: false,
+                policy: None,
+                audit,
+            },
+        }
+    }
+
+    /// Decides with every step explained (same result as [`Self::decide`]).
+    pub fn explain(&self, req: &Request<'_>) -> Decision {
+        let mut steps = Vec::new();
+        let mut step = |p: &CompiledPolicy| {
+            let r = p.matches(req);
+            steps.push(Step {
+                policy: p.id(),
+                action: p.action.to_string(),
+                matched: r.is_ok(),
+                reason: match r {
+                    Ok(i) => format!("rule {i} matched"),
+                    Err(m) => m.to_string(),
+                },
+            });
+            r.is_ok()
+        };
+        for p in &self.audit {
+            step(p);
+        }
+        let mut deny = None;
+        for p in &self.deny {
+            if step(p) && deny.is_none() {
+                deny = Some(p.id());
+            }
+        }
+        let mut allow = None;
+        for p in &self.allow {
+            if step(p) && allow.is_none() {
+                allow = Some(p.id());
+            }
+        }
+        let (decision, policy, reason) = if let Some(d) = deny {
+            ("deny", Some(d.clone()), format!("DENY policy {d} matched"))
+        } else if self.allow.is_empty() {
+            (
+                "allow",
+                None,
+                "no ALLOW policy selects the destination, so everything not denied is allowed"
+                    .to_owned(),
+            )
+        } else if let Some(a) = allow {
+            (
+                "allow",
+                Some(a.clone()),
+                format!("ALLOW policy {a} matched"),
+            )
+        } else {
+            (
+                "deny",
+                None,
+                "ALLOW policies select the destination and none matched".to_owned(),
+            )
+        };
+        Decision {
+            decision: decision.to_owned(),
+            policy,
+            reason,
+            steps,
+        }
+    }
+}
+
+/// Every authorization policy of the mesh, compiled.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    policies: Vec<Arc<CompiledPolicy>>,
+}
+
+impl PolicySet {
+    /// Compiles policies (sorted by namespace/name so that evaluation order is stable).
+    pub fn new<'a>(policies: impl IntoIterator<Item = &'a AuthorizationPolicy>) -> PolicySet {
+        let mut policies: Vec<Arc<CompiledPolicy>> = policies
+            .into_iter()
+            .map(|p| Arc::new(CompiledPolicy::compile(p)))
+            .collect();
+        policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        PolicySet { policies }
+    }
+
+    /// How many policies.
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// The policies that select `w`.
+    pub fn for_workload(&self, w: Workload<'_>) -> WorkloadPolicies {
+        let mut out = WorkloadPolicies::default();
+        for p in self.policies.iter().filter(|p| p.selects(w)) {
+            match p.action {
+                Action::Deny => out.deny.push(p.clone()),
+                Action::Allow => out.allow.push(p.clone()),
+                Action::Audit => out.audit.push(p.clone()),
+                // CUSTOM is refused by validation; if one slipped through, deny what it
+                // matches rather than ignore it.
+                Action::Custom => out.deny.push(p.clone()),
+            }
+        }
+        out
+    }
+}
