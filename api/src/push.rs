@@ -23,8 +23,11 @@ use serde::{Deserialize, Serialize};
 pub const MAX_PUSH_FRAME: usize = 16 * 1024 * 1024;
 /// Protocol revision spoken by this build.
 pub const PROTOCOL: u32 = 1;
+/// The feature an update requires when it carries policy resources: an agent that cannot
+/// enforce policies must refuse the update rather than silently allow everything.
+pub const FEATURE_POLICY: &str = "policy/v1";
 /// Features this build understands when an update marks them required.
-pub const KNOWN_FEATURES: &[&str] = &[];
+pub const KNOWN_FEATURES: &[&str] = &[FEATURE_POLICY];
 
 /// First message of a subscription: who the agent is and where it stands.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -163,6 +166,26 @@ pub struct ConfigUpdate {
     /// Features the agent must understand to apply this update.
     #[prost(string, repeated, tag = "11")]
     pub required_features: Vec<String>,
+    /// Policy resources to add or replace (in a full snapshot: all of them).
+    #[prost(message, repeated, tag = "12")]
+    pub policies: Vec<PolicyMsg>,
+    /// Keys (`Kind/namespace/name`) of policy resources that are gone.
+    #[prost(string, repeated, tag = "13")]
+    pub removed_policies: Vec<String>,
+}
+
+/// One policy resource (AuthorizationPolicy or PeerAuthentication).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PolicyMsg {
+    /// `Kind/namespace/name`.
+    #[prost(string, tag = "1")]
+    pub key: String,
+    /// Creation order (lower is older).
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+    /// The resource in Istio's shape, as JSON.
+    #[prost(bytes = "vec", tag = "3")]
+    pub json: Vec<u8>,
 }
 
 /// Names a service.
@@ -339,6 +362,42 @@ pub struct MeshState {
     pub deny_serials: BTreeSet<String>,
     /// The VIP range.
     pub vip_cidr: Option<Ipv4Net>,
+    /// Policy resources by `Kind/namespace/name`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub policies: BTreeMap<String, PolicyState>,
+}
+
+/// One policy resource as the agent holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyState {
+    /// Creation order (lower is older).
+    pub seq: u64,
+    /// The resource.
+    pub resource: crate::policy::Resource,
+}
+
+/// Decodes and validates one pushed policy resource.
+fn decode_policy(p: &PolicyMsg) -> Result<PolicyState, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(&p.json).map_err(|e| format!("policy {}: not JSON: {e}", p.key))?;
+    let resource = crate::policy::resource::decode_value(value)
+        .map_err(|(path, msg)| format!("policy {}: {path}: {msg}", p.key))?;
+    let m = resource.metadata();
+    let key = format!("{}/{}/{}", resource.kind(), m.namespace(), m.name);
+    if key != p.key {
+        return Err(format!("policy {}: the resource inside is {key}", p.key));
+    }
+    let problems = crate::policy::validate::validate(&resource);
+    if let Some(first) = problems.first() {
+        return Err(format!(
+            "policy {}: {}: {}",
+            p.key, first.path, first.message
+        ));
+    }
+    Ok(PolicyState {
+        seq: p.seq,
+        resource,
+    })
 }
 
 fn service_key(namespace: &str, name: &str) -> String {
@@ -469,6 +528,13 @@ impl MeshState {
                     eureka_vips: s.eureka_vips.clone(),
                 },
             );
+        }
+        for key in &u.removed_policies {
+            next.policies.remove(key);
+        }
+        for p in &u.policies {
+            let state = decode_policy(p).map_err(invalid)?;
+            next.policies.insert(p.key.clone(), state);
         }
         let mut seen: BTreeMap<Ipv4Addr, &str> = BTreeMap::new();
         for (key, s) in &next.services {

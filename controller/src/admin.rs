@@ -41,6 +41,13 @@ pub struct AdminState {
 #[derive(Debug)]
 pub struct ApiError(StatusCode, String);
 
+impl ApiError {
+    /// An answer with this status and message.
+    pub fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+        Self(status, msg.into())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
@@ -77,6 +84,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/registry/sources", get(registry_sources))
         .route("/v1/registry/conflicts", get(registry_conflicts))
         .route("/v1/registry/{namespace}/{name}", get(registry_show))
+        .route("/v1/policies", get(crate::policy_admin::list))
+        .route("/v1/policies/apply", post(crate::policy_admin::apply))
+        .route("/v1/policies/delete", post(crate::policy_admin::delete))
+        .route("/v1/why", post(crate::policy_admin::why))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

@@ -5,9 +5,9 @@
 //! certificates ([`enroll`]) over the QUIC control endpoint ([`control`]), merges the
 //! registry sources into one registry with VIPs and agent leases ([`mesh`]), pushes
 //! config to subscribed agents ([`push`]), and serves the admin HTTP API for
-//! `causewayctl` ([`admin`]).
+//! `causewayctl` ([`admin`]), with policy resources and `why` ([`policy_admin`]).
 //!
-//! What it does not (yet): run with several controllers (etcd), serve metrics or policy.
+//! What it does not (yet): run with several controllers (etcd) or serve metrics.
 
 pub mod admin;
 pub mod ca;
@@ -18,6 +18,7 @@ pub mod durability;
 pub mod enroll;
 pub mod logging;
 pub mod mesh;
+pub mod policy_admin;
 pub mod push;
 pub mod store;
 pub mod tls_listener;

@@ -14,7 +14,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use causeway_api::WorkloadGroup;
-use causeway_api::push::{ConfigUpdate, EndpointMsg, ServiceMsg, ServiceRef};
+use causeway_api::policy::{GROUP_LABEL, Resource};
+use causeway_api::push::{
+    ConfigUpdate, EndpointMsg, FEATURE_POLICY, PolicyMsg, ServiceMsg, ServiceRef,
+};
 use causeway_api::registry::{
     BIND_SOURCE_METADATA, Conflict, Endpoint, Provenance, Registry, RegistryDelta, ServiceKey,
     SourceChange, SourceKind, SourceSnapshot, SourceState,
@@ -24,7 +27,9 @@ use ipnet::Ipv4Net;
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
-use crate::store::{AgentRecord, HistoryRecord, MeshWrite, SourceRecord, Store, StoreError};
+use crate::store::{
+    AgentRecord, HistoryRecord, MeshWrite, PolicyRecord, SourceRecord, Store, StoreError,
+};
 
 /// Metadata key carrying an agent workload's group mTLS mode.
 pub const MTLS_METADATA: &str = "causeway.io/mtls";
@@ -74,6 +79,36 @@ struct Session {
     kick: Arc<Notify>,
 }
 
+/// What applying one policy resource did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyOutcome {
+    /// It did not exist.
+    Created,
+    /// It existed with another content.
+    Configured,
+    /// It existed with this content.
+    Unchanged,
+}
+
+/// The result of [`Mesh::apply_policies`].
+#[derive(Debug, Clone)]
+pub struct PolicyApplied {
+    /// The mesh version that carries the change (the current one if nothing changed).
+    pub version: u64,
+    /// Each resource's key and outcome, in input order.
+    pub results: Vec<(String, PolicyOutcome)>,
+}
+
+/// A stored policy as pushed to agents.
+fn policy_msg((key, rec): (&String, &PolicyRecord)) -> PolicyMsg {
+    PolicyMsg {
+        key: key.clone(),
+        seq: rec.seq,
+        json: serde_json::to_vec(&rec.resource).expect("a policy resource serialises"),
+    }
+}
+
 /// What a session task holds.
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
@@ -97,6 +132,8 @@ struct Inner {
     deny: BTreeSet<String>,
     sessions: BTreeMap<String, Session>,
     next_generation: u64,
+    /// Policy resources by `Kind/namespace/name`.
+    policies: BTreeMap<String, PolicyRecord>,
 }
 
 /// The hub.
@@ -163,6 +200,8 @@ pub struct EndpointView {
     /// The id of the Causeway agent running there, if one is (its own registration or
     /// one bound to a registry's): traffic to it goes through the mTLS tunnel.
     pub agent: Option<String>,
+    /// Labels (agent workloads carry `causeway.io/group`).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A source as the admin API shows it.
@@ -307,6 +346,7 @@ impl Mesh {
             deny,
             sessions: BTreeMap::new(),
             next_generation: 0,
+            policies: dump.policies,
         };
         let (version_tx, _) = watch::channel(inner.version);
         let durable = Arc::new(std::sync::atomic::AtomicU64::new(inner.version));
@@ -409,7 +449,20 @@ impl Mesh {
         sources: &[String],
         deny_changed: bool,
     ) -> Result<u64, StoreError> {
-        let nothing = touched.is_empty() && !deny_changed;
+        self.commit_with(inner, touched, sources, deny_changed, Vec::new())
+    }
+
+    /// [`Mesh::commit`] with policy resources to write (`Some`) or delete (`None`) in the
+    /// same transaction and version.
+    fn commit_with(
+        &self,
+        inner: &mut Inner,
+        touched: BTreeSet<ServiceKey>,
+        sources: &[String],
+        deny_changed: bool,
+        policies: Vec<(String, Option<PolicyRecord>)>,
+    ) -> Result<u64, StoreError> {
+        let nothing = touched.is_empty() && !deny_changed && policies.is_empty();
         let mut new_vips = Vec::new();
         if !nothing {
             for key in &touched {
@@ -446,6 +499,7 @@ impl Mesh {
             HistoryRecord {
                 services: touched,
                 deny: deny_changed,
+                policies: policies.iter().map(|(k, _)| k.clone()).collect(),
             }
         };
         {
@@ -457,6 +511,7 @@ impl Mesh {
                 vips: new_vips,
                 history: &history,
                 history_keep_from,
+                policies: policies.clone(),
             };
             for name in sources {
                 let entry = registry.sources().get(name);
@@ -487,6 +542,12 @@ impl Mesh {
             self.store.save_mesh(&write)?;
         }
         inner.version = version;
+        for (key, rec) in policies {
+            match rec {
+                Some(rec) => inner.policies.insert(key, rec),
+                None => inner.policies.remove(&key),
+            };
+        }
         inner.history.insert(version, history);
         inner.history.retain(|v, _| *v >= history_keep_from);
         self.version_tx.send_replace(inner.version);
@@ -560,14 +621,22 @@ impl Mesh {
                 deny_serials: inner.deny.iter().cloned().collect(),
                 deny_set: true,
                 vip_cidr: self.settings.vip_range.to_string(),
+                policies: inner.policies.iter().map(policy_msg).collect(),
+                required_features: if inner.policies.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![FEATURE_POLICY.to_owned()]
+                },
                 ..ConfigUpdate::default()
             };
         }
         let mut keys = BTreeSet::new();
         let mut deny = false;
+        let mut policy_keys = BTreeSet::new();
         for (_, rec) in inner.history.range(since + 1..) {
             keys.extend(rec.services.iter().cloned());
             deny |= rec.deny;
+            policy_keys.extend(rec.policies.iter().cloned());
         }
         let mut update = ConfigUpdate {
             version: inner.version,
@@ -587,7 +656,87 @@ impl Mesh {
             update.deny_set = true;
             update.deny_serials = inner.deny.iter().cloned().collect();
         }
+        for key in policy_keys {
+            match inner.policies.get_key_value(&key) {
+                Some(entry) => update.policies.push(policy_msg(entry)),
+                None => update.removed_policies.push(key),
+            }
+        }
+        if !update.policies.is_empty() || !update.removed_policies.is_empty() {
+            // An agent that does not know policies must refuse the update, not apply the
+            // registry part and silently allow everything.
+            update.required_features.push(FEATURE_POLICY.to_owned());
+        }
         update
+    }
+
+    /// Applies policy resources all-or-nothing in one version (create or replace each);
+    /// with `dry_run`, reports what would change and writes nothing. Resources must be
+    /// validated by the caller.
+    pub fn apply_policies(
+        &self,
+        resources: Vec<Resource>,
+        dry_run: bool,
+    ) -> Result<PolicyApplied, StoreError> {
+        let mut inner = self.lock();
+        let mut next_seq = inner
+            .policies
+            .values()
+            .map(|r| r.seq + 1)
+            .max()
+            .unwrap_or(1);
+        let mut writes = Vec::new();
+        let mut results = Vec::new();
+        let version = inner.version + 1;
+        for resource in resources {
+            let key = PolicyRecord::key_of(&resource);
+            let (outcome, seq) = match inner.policies.get(&key) {
+                Some(old) if old.resource == resource => (PolicyOutcome::Unchanged, old.seq),
+                Some(old) => (PolicyOutcome::Configured, old.seq),
+                None => {
+                    next_seq += 1;
+                    (PolicyOutcome::Created, next_seq - 1)
+                }
+            };
+            results.push((key.clone(), outcome));
+            if outcome != PolicyOutcome::Unchanged {
+                // A later document of the same batch for the same resource wins.
+                writes.retain(|(k, _): &(String, Option<PolicyRecord>)| *k != key);
+                writes.push((
+                    key,
+                    Some(PolicyRecord {
+                        seq,
+                        version,
+                        resource,
+                    }),
+                ));
+            }
+        }
+        let version = if dry_run || writes.is_empty() {
+            inner.version
+        } else {
+            self.commit_with(&mut inner, BTreeSet::new(), &[], false, writes)?
+        };
+        Ok(PolicyApplied { version, results })
+    }
+
+    /// Deletes policy resources by `Kind/namespace/name`, all or none: a key that does not
+    /// exist fails the whole call.
+    pub fn delete_policies(&self, keys: &[String]) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        if let Some(missing) = keys.iter().find(|k| !inner.policies.contains_key(*k)) {
+            return Err(StoreError::NotFound {
+                kind: "policy",
+                name: missing.clone(),
+            });
+        }
+        let writes = keys.iter().map(|k| (k.clone(), None)).collect();
+        self.commit_with(&mut inner, BTreeSet::new(), &[], false, writes)
+    }
+
+    /// Every policy resource, by `Kind/namespace/name`.
+    pub fn policies(&self) -> BTreeMap<String, PolicyRecord> {
+        self.lock().policies.clone()
     }
 
     fn agents_services(
@@ -624,7 +773,11 @@ impl Mesh {
             .iter()
             .map(|p| (p.name.clone(), p.port))
             .collect();
-        ep.labels = group.labels.clone().into();
+        // Every workload carries its group's name as a label, so that policies can select
+        // a group without the operator labelling it (`causeway.io/group: <name>`).
+        let mut labels = group.labels.clone();
+        labels.insert(GROUP_LABEL.to_owned(), group.name.clone());
+        ep.labels = labels.into();
         ep.metadata
             .insert(MTLS_METADATA.into(), group.mtls.to_string());
         if let Some(source) = &group.registry_source {
@@ -862,6 +1015,7 @@ impl Mesh {
                             stale: e.stale,
                             identity: e.identity.clone(),
                             zone: e.locality.zone.clone(),
+                            labels: (&e.labels).into(),
                             sources: std::iter::once(&e.provenance)
                                 .chain(&e.bound)
                                 .map(|p| p.source.clone())

@@ -300,6 +300,29 @@ pub struct HistoryRecord {
     pub services: BTreeSet<ServiceKey>,
     /// Whether the deny list changed.
     pub deny: bool,
+    /// Policy resources (`Kind/namespace/name`) created, changed or deleted.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub policies: BTreeSet<String>,
+}
+
+/// One stored policy resource (AuthorizationPolicy, PeerAuthentication).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PolicyRecord {
+    /// Creation order: lower is older (Istio's "oldest wins" among PeerAuthentications of
+    /// one scope). Kept when the resource is re-applied.
+    pub seq: u64,
+    /// The mesh version that last changed it.
+    pub version: u64,
+    /// The resource as applied (validated).
+    pub resource: causeway_api::policy::Resource,
+}
+
+impl PolicyRecord {
+    /// The store and wire key of a resource: `Kind/namespace/name`.
+    pub fn key_of(resource: &causeway_api::policy::Resource) -> String {
+        let m = resource.metadata();
+        format!("{}/{}/{}", resource.kind(), m.namespace(), m.name)
+    }
 }
 
 /// Everything persisted about the mesh.
@@ -315,6 +338,8 @@ pub struct MeshDump {
     pub vips: BTreeMap<ServiceKey, Ipv4Addr>,
     /// Recent versions and what they changed.
     pub history: BTreeMap<u64, HistoryRecord>,
+    /// Policy resources by `Kind/namespace/name`.
+    pub policies: BTreeMap<String, PolicyRecord>,
 }
 
 /// One mesh change to persist. It borrows the endpoints from the registry instead of
@@ -333,6 +358,8 @@ pub struct MeshWrite<'a> {
     pub history: &'a HistoryRecord,
     /// History entries below this version are dropped.
     pub history_keep_from: u64,
+    /// Policy resources to write (`Some`) or delete (`None`), by `Kind/namespace/name`.
+    pub policies: Vec<(String, Option<PolicyRecord>)>,
 }
 
 fn data_key(source: &str, key: &ServiceKey) -> Vec<u8> {
@@ -357,6 +384,7 @@ pub struct SledStore {
     reg_data: sled::Tree,
     vips: sled::Tree,
     history: sled::Tree,
+    policies: sled::Tree,
 }
 
 const CA_KEY: &[u8] = b"ca";
@@ -421,6 +449,7 @@ impl SledStore {
             reg_data: db.open_tree("reg_data")?,
             vips: db.open_tree("vips")?,
             history: db.open_tree("history")?,
+            policies: db.open_tree("policies")?,
             db,
         };
         store.migrate()?;
@@ -729,6 +758,13 @@ impl Store for SledStore {
                 })?);
             dump.history.insert(version, decode("history", &k, &v)?);
         }
+        for kv in self.policies.iter() {
+            let (k, v) = kv?;
+            dump.policies.insert(
+                String::from_utf8_lossy(&k).into_owned(),
+                decode("policies", &k, &v)?,
+            );
+        }
         Ok(dump)
     }
 
@@ -744,8 +780,9 @@ impl Store for SledStore {
             &self.reg_data,
             &self.vips,
             &self.history,
+            &self.policies,
         )
-            .transaction(|(meta, sources, data, vips, history)| {
+            .transaction(|(meta, sources, data, vips, history, policies)| {
                 meta.insert(b"mesh_version".as_ref(), encode(&w.version))?;
                 for (name, rec) in &w.sources {
                     sources.insert(name.as_bytes(), encode(rec))?;
@@ -762,6 +799,12 @@ impl Store for SledStore {
                 history.insert(&w.version.to_be_bytes(), encode(w.history))?;
                 for k in &old {
                     history.remove(k)?;
+                }
+                for (key, rec) in &w.policies {
+                    match rec {
+                        Some(rec) => policies.insert(key.as_bytes(), encode(rec))?,
+                        None => policies.remove(key.as_bytes())?,
+                    };
                 }
                 Ok(())
             }))

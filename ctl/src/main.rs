@@ -9,6 +9,8 @@ use anyhow::{Context as _, bail};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
+mod policy;
+
 const DEFAULT_TOKEN_FILE: &str = "/var/lib/causeway/controller/admin.token";
 
 /// Operate a Causeway mesh.
@@ -40,6 +42,7 @@ struct Cli {
 enum Output {
     Text,
     Json,
+    Yaml,
 }
 
 #[derive(Subcommand, Debug)]
@@ -59,6 +62,64 @@ enum Command {
     /// The merged registry.
     #[command(subcommand)]
     Registry(RegistryCmd),
+    /// Create or update policy resources (AuthorizationPolicy, PeerAuthentication) from
+    /// Istio YAML or JSON; all or nothing.
+    Apply {
+        /// A file, a directory, or - for standard input (repeatable).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Namespace for resources that name none.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Validate and show what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List or show policy resources: KIND is authorizationpolicies (ap) or
+    /// peerauthentications (pa).
+    Get {
+        /// The kind.
+        kind: String,
+        /// One resource's name.
+        name: Option<String>,
+        /// The namespace (default: default).
+        #[arg(short = 'n', long, conflicts_with = "all_namespaces")]
+        namespace: Option<String>,
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
+    /// Delete policy resources named in files, or one by KIND NAME.
+    Delete {
+        /// The kind (with NAME).
+        kind: Option<String>,
+        /// The name (with KIND).
+        name: Option<String>,
+        /// Files naming the resources to delete (repeatable).
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+        /// The namespace (default: default).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
+    /// Explain whether a connection would be allowed, and by which policy.
+    Why {
+        /// The source: a group name, an agent id or an IP address.
+        #[arg(long)]
+        from: String,
+        /// The destination: NAME[:PORT], NAME.NAMESPACE[:PORT], a mesh DNS name or an address.
+        #[arg(long)]
+        to: String,
+        /// HTTP method (evaluates HTTP rules).
+        #[arg(long)]
+        method: Option<String>,
+        /// HTTP path.
+        #[arg(long)]
+        path: Option<String>,
+        /// HTTP header K=V (repeatable).
+        #[arg(long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+    },
     /// Print shell completions.
     Completions {
         /// The shell.
@@ -297,8 +358,16 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("header {s:?}: expected NAME=VALUE"))
+}
+
 fn print(output: Output, value: &Value, text: impl FnOnce(&Value) -> String) {
     match output {
+        Output::Yaml => print!("{}", serde_yaml_ng::to_string(value).unwrap_or_default()),
         Output::Json => println!(
             "{}",
             serde_json::to_string_pretty(value).unwrap_or_default()
@@ -322,6 +391,59 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
     match &cli.command {
         Command::Completions { .. } => unreachable!("handled above"),
+        Command::Apply {
+            files,
+            namespace,
+            dry_run,
+        } => policy::apply(&api, out, files, namespace.as_deref(), *dry_run).await?,
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            all_namespaces,
+        } => {
+            policy::get(
+                &api,
+                out,
+                kind,
+                name.as_deref(),
+                namespace.as_deref(),
+                *all_namespaces,
+            )
+            .await?
+        }
+        Command::Delete {
+            kind,
+            name,
+            files,
+            namespace,
+        } => {
+            policy::delete(
+                &api,
+                out,
+                files,
+                kind.as_deref(),
+                name.as_deref(),
+                namespace.as_deref(),
+            )
+            .await?
+        }
+        Command::Why {
+            from,
+            to,
+            method,
+            path,
+            headers,
+        } => {
+            let req = causeway_api::policy::api::WhyRequest {
+                from: from.clone(),
+                to: to.clone(),
+                method: method.clone(),
+                path: path.clone(),
+                headers: headers.clone(),
+            };
+            policy::why(&api, out, req).await?
+        }
         Command::Group(GroupCmd::Create {
             name,
             namespace,

@@ -13,6 +13,7 @@
 //! resources, the destination agent enforces the decision, `causewayctl why` prints the
 //! explanation; all of them use this one evaluator.
 
+pub mod api;
 pub mod authz;
 pub mod peer;
 pub mod resource;
@@ -22,7 +23,7 @@ pub use authz::{CompiledPolicy, Decision, HttpAttributes, PolicySet, Request, Ve
 pub use peer::{PeerMode, effective_mode};
 pub use resource::{
     Action, AuthorizationPolicy, DecodeError, Kind, Metadata, PeerAuthentication, Resource,
-    decode_documents,
+    decode_documents, decode_documents_indexed,
 };
 
 /// Istio's root namespace, here: policies in it apply to the whole mesh.

@@ -346,14 +346,28 @@ pub struct PeerAuthentication {
     pub spec: PeerAuthenticationSpec,
 }
 
-/// One decoded resource.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One decoded resource. Serialises in Istio's shape; deserialises by its `kind` (through
+/// [`decode_value`]), never by guessing from the fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Resource {
     /// An AuthorizationPolicy.
     AuthorizationPolicy(AuthorizationPolicy),
     /// A PeerAuthentication.
     PeerAuthentication(PeerAuthentication),
+}
+
+impl<'de> Deserialize<'de> for Resource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(d)?;
+        decode_value(value).map_err(|(path, msg)| {
+            serde::de::Error::custom(if path.is_empty() {
+                msg
+            } else {
+                format!("{path}: {msg}")
+            })
+        })
+    }
 }
 
 impl Resource {
@@ -405,6 +419,14 @@ pub struct DecodeError {
 /// Decodes every document of a YAML (or JSON) text. Empty documents are skipped. Returns
 /// every decoding error of every document; a caller applies nothing when there is any.
 pub fn decode_documents(origin: &str, text: &str) -> Result<Vec<Resource>, Vec<DecodeError>> {
+    decode_documents_indexed(origin, text).map(|docs| docs.into_iter().map(|(_, r)| r).collect())
+}
+
+/// [`decode_documents`], with each resource's document number (from 1) in the file.
+pub fn decode_documents_indexed(
+    origin: &str,
+    text: &str,
+) -> Result<Vec<(usize, Resource)>, Vec<DecodeError>> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
@@ -425,7 +447,7 @@ pub fn decode_documents(origin: &str, text: &str) -> Result<Vec<Resource>, Vec<D
             }
         };
         match decode_value(value) {
-            Ok(r) => out.push(r),
+            Ok(r) => out.push((n, r)),
             Err((path, message)) => errors.push(err(path, message)),
         }
     }
@@ -547,6 +569,23 @@ spec:
         assert_eq!(
             pa.spec.port_level_mtls["8080"].mode,
             MtlsModeSpec::Permissive
+        );
+    }
+
+    #[test]
+    fn resources_deserialise_by_kind_not_by_shape() {
+        // A PeerAuthentication whose spec would also fit an AuthorizationPolicy.
+        let json = r#"{"apiVersion":"security.istio.io/v1","kind":"PeerAuthentication","metadata":{"name":"p"},"spec":{"selector":{"matchLabels":{"a":"b"}}}}"#;
+        let r: Resource = serde_json::from_str(json).unwrap();
+        assert_eq!(r.kind(), Kind::PeerAuthentication);
+        let back: Resource = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        let bad = r#"{"apiVersion":"security.istio.io/v1","kind":"Nope","metadata":{"name":"p"}}"#;
+        assert!(
+            serde_json::from_str::<Resource>(bad)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown kind")
         );
     }
 

@@ -1,0 +1,483 @@
+//! Admin API for policy resources (`/v1/policies`) and `why` (`/v1/why`).
+//!
+//! Apply validates every resource of a request and applies nothing when one is invalid;
+//! the change is one mesh version, pushed to agents like a registry change. `why` evaluates
+//! with the controller's current view (registry, agents, policies) and the same evaluator
+//! the agents enforce with.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use causeway_api::policy::api::{
+    ApplyRequest, ApplyResponse, ApplyResult, DeleteRequest, DeleteResponse, PolicyItem,
+    WhyRequest, WhyResponse, WhyStep,
+};
+use causeway_api::policy::validate::validate;
+use causeway_api::policy::{
+    HttpAttributes, Kind, PolicySet, Request, Resource, Workload, effective_mode,
+};
+use serde::Deserialize;
+
+use crate::admin::{AdminState, ApiError};
+use crate::mesh::{EndpointView, PolicyOutcome, ServiceView};
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, msg)
+}
+
+/// `POST /v1/policies/apply`.
+pub(crate) async fn apply(
+    State(s): State<AdminState>,
+    Json(body): Json<ApplyRequest>,
+) -> Result<Json<ApplyResponse>, ApiError> {
+    let mut problems = Vec::new();
+    for (i, r) in body.resources.iter().enumerate() {
+        for p in validate(r) {
+            problems.push(format!(
+                "resource {} ({}): {}: {}",
+                i + 1,
+                r.display_name(),
+                p.path,
+                p.message
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(bad(format!("nothing applied: {}", problems.join("; "))));
+    }
+    let names: Vec<String> = body.resources.iter().map(Resource::display_name).collect();
+    let mesh = s.mesh.clone();
+    let dry_run = body.dry_run;
+    let applied = tokio::task::spawn_blocking(move || mesh.apply_policies(body.resources, dry_run))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    if !dry_run {
+        s.store.flush()?;
+    }
+    Ok(Json(ApplyResponse {
+        version: applied.version,
+        dry_run,
+        results: names
+            .into_iter()
+            .zip(applied.results)
+            .map(|(resource, (_, outcome))| ApplyResult {
+                resource,
+                outcome: match outcome {
+                    PolicyOutcome::Created => "created",
+                    PolicyOutcome::Configured => "configured",
+                    PolicyOutcome::Unchanged => "unchanged",
+                }
+                .to_owned(),
+            })
+            .collect(),
+    }))
+}
+
+/// Query of `GET /v1/policies`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListQuery {
+    /// A kind as the CLI accepts it (`ap`, `AuthorizationPolicy`, …).
+    kind: Option<String>,
+    /// Only this namespace.
+    namespace: Option<String>,
+    /// Only this name.
+    name: Option<String>,
+}
+
+/// `GET /v1/policies`.
+pub(crate) async fn list(
+    State(s): State<AdminState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<PolicyItem>>, ApiError> {
+    let kind = match q.kind.as_deref() {
+        None => None,
+        Some(k) => Some(Kind::from_cli(k).ok_or_else(|| {
+            bad(format!(
+                "unknown kind {k:?}: expected authorizationpolicies (ap) or peerauthentications (pa)"
+            ))
+        })?),
+    };
+    let items = s
+        .mesh
+        .policies()
+        .into_iter()
+        .filter(|(_, r)| kind.is_none_or(|k| r.resource.kind() == k))
+        .filter(|(_, r)| {
+            q.namespace
+                .as_deref()
+                .is_none_or(|ns| r.resource.metadata().namespace() == ns)
+        })
+        .filter(|(_, r)| {
+            q.name
+                .as_deref()
+                .is_none_or(|n| r.resource.metadata().name == n)
+        })
+        .map(|(key, r)| PolicyItem {
+            key,
+            seq: r.seq,
+            version: r.version,
+            resource: r.resource,
+        })
+        .collect();
+    Ok(Json(items))
+}
+
+/// `POST /v1/policies/delete`.
+pub(crate) async fn delete(
+    State(s): State<AdminState>,
+    Json(body): Json<DeleteRequest>,
+) -> Result<Json<DeleteResponse>, ApiError> {
+    if body.keys.is_empty() {
+        return Err(bad("no resources named: give keys Kind/namespace/name"));
+    }
+    let mesh = s.mesh.clone();
+    let keys = body.keys.clone();
+    let version = tokio::task::spawn_blocking(move || mesh.delete_policies(&keys))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    s.store.flush()?;
+    Ok(Json(DeleteResponse {
+        version,
+        deleted: body.keys,
+    }))
+}
+
+/// The source of a `why` question.
+struct Source {
+    principal: Option<String>,
+    ip: Option<IpAddr>,
+    detail: String,
+}
+
+fn resolve_source(s: &AdminState, from: &str) -> Result<Source, ApiError> {
+    let td = s.ca.trust_domain().to_string();
+    let agents = s.store.agents()?;
+    let live = |a: &&crate::store::AgentRecord| a.removed_at.is_none();
+    let principal_of = |spiffe: &str| {
+        spiffe
+            .strip_prefix("spiffe://")
+            .unwrap_or(spiffe)
+            .to_owned()
+    };
+    if let Ok(ip) = from.parse::<IpAddr>() {
+        return Ok(match agents.iter().filter(live).find(|a| a.address == ip) {
+            Some(a) => Source {
+                principal: Some(principal_of(&a.spiffe_id)),
+                ip: Some(ip),
+                detail: format!(
+                    "{ip} is agent {} ({}): mutual TLS as {}",
+                    a.id, a.group, a.spiffe_id
+                ),
+            },
+            None => Source {
+                principal: None,
+                ip: Some(ip),
+                detail: format!("{ip} runs no agent: plaintext, no principal"),
+            },
+        });
+    }
+    if let Some(g) = s.store.group(from)? {
+        let principal = format!(
+            "{td}/ns/{}/sa/{}",
+            g.group.namespace, g.group.service_account
+        );
+        let agent = agents.iter().filter(live).find(|a| a.group == from);
+        return Ok(Source {
+            detail: format!(
+                "group {from}: mutual TLS as spiffe://{principal}{}",
+                agent.map_or_else(
+                    || " (no agent joined yet; ip rules are evaluated without an address)"
+                        .to_owned(),
+                    |a| format!(", from {} (agent {})", a.address, a.id)
+                )
+            ),
+            principal: Some(principal),
+            ip: agent.map(|a| a.address),
+        });
+    }
+    if let Some(a) = agents.iter().find(|a| a.id == from) {
+        if a.removed_at.is_some() {
+            return Err(bad(format!(
+                "agent {from} was removed: its certificates are denied, so it cannot connect at all"
+            )));
+        }
+        return Ok(Source {
+            principal: Some(principal_of(&a.spiffe_id)),
+            ip: Some(a.address),
+            detail: format!(
+                "agent {from} ({}): mutual TLS as {}, from {}",
+                a.group, a.spiffe_id, a.address
+            ),
+        });
+    }
+    Err(bad(format!(
+        "--from {from:?} is not a group, an agent id or an IP address (see `causewayctl group list` and `agent list`)"
+    )))
+}
+
+/// Splits `host[:port]` (also `[v6]:port` and a bare IPv6 address).
+fn split_port(to: &str) -> Result<(&str, Option<u16>), ApiError> {
+    if to.parse::<IpAddr>().is_ok() {
+        return Ok((to, None));
+    }
+    if let Some(rest) = to.strip_prefix('[') {
+        let (host, port) = rest
+            .split_once("]:")
+            .ok_or_else(|| bad(format!("--to {to:?}: expected [IPv6]:PORT")))?;
+        let port = port
+            .parse()
+            .map_err(|_| bad(format!("--to {to:?}: port {port:?} is not 1-65535")))?;
+        return Ok((host, Some(port)));
+    }
+    match to.rsplit_once(':') {
+        Some((host, port)) => {
+            let port: u16 = port
+                .parse()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad(format!("--to {to:?}: port {port:?} is not 1-65535")))?;
+            Ok((host, Some(port)))
+        }
+        None => Ok((to, None)),
+    }
+}
+
+fn resolve_service<'a>(
+    services: &'a [ServiceView],
+    host: &str,
+) -> Result<&'a ServiceView, ApiError> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return services
+            .iter()
+            .find(|s| s.vip.map(IpAddr::V4) == Some(ip))
+            .or_else(|| {
+                services
+                    .iter()
+                    .find(|s| s.endpoints.iter().any(|e| e.address.parse::<IpAddr>().ok() == Some(ip)))
+            })
+            .ok_or_else(|| bad(format!("--to {host}: no service has this VIP or endpoint address (see `causewayctl registry list`)")));
+    }
+    let host = host.trim_end_matches('.');
+    let mut labels = host.split('.');
+    let name = labels.next().unwrap_or_default();
+    let namespace = labels.next();
+    let found: Vec<&ServiceView> = services
+        .iter()
+        .filter(|s| s.name == name && namespace.is_none_or(|ns| s.namespace == ns))
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one),
+        [] => Err(bad(format!(
+            "--to {host}: no service {name}{} in the registry (see `causewayctl registry list`)",
+            namespace
+                .map(|n| format!(" in namespace {n}"))
+                .unwrap_or_default()
+        ))),
+        many => Err(bad(format!(
+            "--to {host}: {} services are named {name} ({}); write NAME.NAMESPACE",
+            many.len(),
+            many.iter()
+                .map(|s| format!("{}.{}", s.name, s.namespace))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+fn workload_namespace(e: &EndpointView) -> Option<String> {
+    let id = e.identity.as_deref()?;
+    let rest = &id[id.find("/ns/")? + 4..];
+    Some(rest.split('/').next()?.to_owned())
+}
+
+/// `POST /v1/why`.
+pub(crate) async fn why(
+    State(s): State<AdminState>,
+    Json(q): Json<WhyRequest>,
+) -> Result<Json<WhyResponse>, ApiError> {
+    let source = resolve_source(&s, &q.from)?;
+    let (host, port) = split_port(&q.to)?;
+    let services = s.mesh.services();
+    let svc = resolve_service(&services, host)?;
+    let mut steps = vec![WhyStep {
+        step: "source".into(),
+        policy: None,
+        matched: None,
+        detail: source.detail.clone(),
+    }];
+    let workloads: Vec<&EndpointView> = svc
+        .endpoints
+        .iter()
+        .filter(|e| e.identity.is_some())
+        .collect();
+    let Some(dest) = workloads.first() else {
+        steps.push(WhyStep {
+            step: "destination".into(),
+            policy: None,
+            matched: None,
+            detail: format!(
+                "service {}.{} has no endpoint run by an agent: no agent enforces policy for it, so the connection is not checked",
+                svc.name, svc.namespace
+            ),
+        });
+        return Ok(Json(WhyResponse {
+            decision: "allow".into(),
+            policy: None,
+            steps,
+        }));
+    };
+    let port = match port {
+        Some(p) => p,
+        None => match dest.ports.values().next() {
+            Some(p) if dest.ports.len() == 1 => *p,
+            _ => {
+                return Err(bad(format!(
+                    "--to {}: the service has ports {:?}; give one as NAME:PORT",
+                    q.to, dest.ports
+                )));
+            }
+        },
+    };
+    let ns = workload_namespace(dest).unwrap_or_else(|| svc.namespace.clone());
+    steps.push(WhyStep {
+        step: "destination".into(),
+        policy: None,
+        matched: None,
+        detail: format!(
+            "service {}.{} port {port}: workload {} in namespace {ns} (agent {}), labels {:?}{}",
+            svc.name,
+            svc.namespace,
+            dest.address,
+            dest.agent.as_deref().unwrap_or("-"),
+            dest.labels,
+            if workloads.len() > 1 {
+                format!("; {} more workloads of this service are evaluated the same way when their labels match", workloads.len() - 1)
+            } else {
+                String::new()
+            }
+        ),
+    });
+    let stored = s.mesh.policies();
+    let aps: Vec<_> = stored
+        .values()
+        .filter_map(|r| match &r.resource {
+            Resource::AuthorizationPolicy(p) => Some(p),
+            Resource::PeerAuthentication(_) => None,
+        })
+        .collect();
+    let pas = stored.values().filter_map(|r| match &r.resource {
+        Resource::PeerAuthentication(p) => Some((r.seq, p)),
+        Resource::AuthorizationPolicy(_) => None,
+    });
+    let labels: BTreeMap<String, String> = dest.labels.clone();
+    let workload = Workload {
+        namespace: &ns,
+        labels: &labels,
+    };
+    let (mode, mode_policy) = effective_mode(pas, workload, port);
+    steps.push(WhyStep {
+        step: "peer-authentication".into(),
+        policy: mode_policy.clone(),
+        matched: None,
+        detail: format!(
+            "mTLS mode {mode} on port {port} ({})",
+            mode_policy.as_deref().map_or(
+                "default: no PeerAuthentication applies".to_owned(),
+                |p| format!("from PeerAuthentication {p}")
+            )
+        ),
+    });
+    if source.principal.is_none() && !mode.allows_plaintext() {
+        steps.push(WhyStep {
+            step: "decision".into(),
+            policy: mode_policy.clone(),
+            matched: None,
+            detail: "deny: plaintext is refused in STRICT mode".into(),
+        });
+        return Ok(Json(WhyResponse {
+            decision: "deny".into(),
+            policy: mode_policy,
+            steps,
+        }));
+    }
+    let set = PolicySet::new(aps.iter().copied());
+    let selected = set.for_workload(workload);
+    let dest_ip = dest
+        .address
+        .parse::<IpAddr>()
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let headers: Vec<(String, String)> = q
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect();
+    let http =
+        (q.method.is_some() || q.path.is_some() || !q.headers.is_empty()).then(|| HttpAttributes {
+            host,
+            method: q.method.as_deref().unwrap_or("GET"),
+            path: q.path.as_deref().unwrap_or("/"),
+            headers: &headers,
+            request_principal: None,
+            claims: None,
+        });
+    let req = Request {
+        principal: source.principal.as_deref(),
+        source_ip: source.ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        remote_ip: None,
+        destination_ip: dest_ip,
+        destination_port: port,
+        sni: None,
+        http,
+    };
+    let d = selected.explain(&req);
+    if d.steps.is_empty() {
+        steps.push(WhyStep {
+            step: "policy".into(),
+            policy: None,
+            matched: None,
+            detail: "no AuthorizationPolicy selects the destination".into(),
+        });
+    }
+    for st in &d.steps {
+        steps.push(WhyStep {
+            step: "policy".into(),
+            policy: Some(st.policy.clone()),
+            matched: Some(st.matched),
+            detail: format!("{} {}: {}", st.action, st.policy, st.reason),
+        });
+    }
+    steps.push(WhyStep {
+        step: "decision".into(),
+        policy: d.policy.clone(),
+        matched: None,
+        detail: format!("{}: {}", d.decision, d.reason),
+    });
+    Ok(Json(WhyResponse {
+        decision: d.decision,
+        policy: d.policy,
+        steps,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_port_forms() {
+        assert_eq!(split_port("web").unwrap(), ("web", None));
+        assert_eq!(
+            split_port("web.shop:8080").unwrap(),
+            ("web.shop", Some(8080))
+        );
+        assert_eq!(split_port("10.0.0.1:80").unwrap(), ("10.0.0.1", Some(80)));
+        assert_eq!(split_port("::1").unwrap(), ("::1", None));
+        assert_eq!(split_port("[::1]:80").unwrap(), ("::1", Some(80)));
+        assert!(split_port("web:http").is_err());
+        assert!(split_port("web:0").is_err());
+    }
+}

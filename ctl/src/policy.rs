@@ -1,0 +1,411 @@
+//! `apply`, `get`, `delete` and `why`: policy resources in Istio's YAML, as `kubectl` and
+//! `istioctl` users know them.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use causeway_api::policy::api::{
+    ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, PolicyItem, WhyRequest, WhyResponse,
+};
+use causeway_api::policy::validate::validate;
+use causeway_api::policy::{Kind, Resource, decode_documents_indexed};
+use reqwest::Method;
+
+use super::{Api, Output, table};
+
+/// Files named by `-f`: a file, a directory (its `*.yaml`, `*.yml` and `*.json`, sorted), or
+/// `-` for standard input.
+fn expand(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.as_os_str() == "-" {
+            out.push(p.clone());
+        } else if p.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("cannot read directory {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| {
+                    f.is_file()
+                        && matches!(
+                            f.extension().and_then(|e| e.to_str()),
+                            Some("yaml" | "yml" | "json")
+                        )
+                })
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                bail!("directory {} has no .yaml, .yml or .json file", p.display());
+            }
+            out.extend(files);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    if path.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read standard input")?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read {}: give a YAML or JSON file, a directory, or - for standard input",
+            path.display()
+        )
+    })
+}
+
+/// Reads, decodes and validates every document of every file; any problem anywhere is an
+/// error listing all of them, so nothing is applied from a file with an error.
+/// `namespace` fills resources without one and must agree with those that have one.
+pub(crate) fn load(paths: &[PathBuf], namespace: Option<&str>) -> anyhow::Result<Vec<Resource>> {
+    let mut resources = Vec::new();
+    let mut errors = Vec::new();
+    for path in expand(paths)? {
+        let origin = path.display().to_string();
+        let text = read(&path)?;
+        match decode_documents_indexed(&origin, &text) {
+            Err(es) => errors.extend(es.iter().map(ToString::to_string)),
+            Ok(docs) => {
+                for (doc, mut r) in docs {
+                    if let Some(ns) = namespace {
+                        let m = r.metadata_mut();
+                        match &m.namespace {
+                            None => m.namespace = Some(ns.to_owned()),
+                            Some(have) if have != ns => errors.push(format!(
+                                "{origin} doc {doc}: metadata.namespace: {have:?} differs from -n {ns}; remove one of them"
+                            )),
+                            Some(_) => {}
+                        }
+                    }
+                    for p in validate(&r) {
+                        errors.push(format!("{origin} doc {doc}: {}: {}", p.path, p.message));
+                    }
+                    resources.push(r);
+                }
+            }
+        }
+    }
+    if !errors.is_empty() {
+        bail!(
+            "nothing applied; {} problem{}:\n  {}",
+            errors.len(),
+            if errors.len() == 1 { "" } else { "s" },
+            errors.join("\n  ")
+        );
+    }
+    if resources.is_empty() {
+        bail!("no resource found in the files given");
+    }
+    Ok(resources)
+}
+
+/// `causewayctl apply -f …`.
+pub(crate) async fn apply(
+    api: &Api,
+    out: Output,
+    files: &[PathBuf],
+    namespace: Option<&str>,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let resources = load(files, namespace)?;
+    let body = serde_json::to_value(ApplyRequest { resources, dry_run })?;
+    let v = api
+        .call(Method::POST, "/v1/policies/apply", Some(body))
+        .await?;
+    let resp: ApplyResponse = serde_json::from_value(v.clone())
+        .context("the controller's answer to apply is not what this causewayctl expects")?;
+    super::print(out, &v, |_| {
+        let suffix = if resp.dry_run { " (dry run)" } else { "" };
+        let mut text: String = resp
+            .results
+            .iter()
+            .map(|r| format!("{} {}{suffix}\n", r.resource, r.outcome))
+            .collect();
+        if !resp.dry_run {
+            text.push_str(&format!("mesh version {}\n", resp.version));
+        }
+        text
+    });
+    Ok(())
+}
+
+fn kind_arg(kind: &str) -> anyhow::Result<Kind> {
+    Kind::from_cli(kind).with_context(|| {
+        format!(
+            "unknown kind {kind:?}: expected authorizationpolicies (ap) or peerauthentications (pa)"
+        )
+    })
+}
+
+fn list_path(kind: Kind, namespace: Option<&str>, name: Option<&str>) -> String {
+    let mut path = format!("/v1/policies?kind={}", kind.as_str());
+    if let Some(ns) = namespace {
+        path.push_str(&format!("&namespace={ns}"));
+    }
+    if let Some(n) = name {
+        path.push_str(&format!("&name={n}"));
+    }
+    path
+}
+
+/// `causewayctl get KIND [NAME] [-n NS | -A]`.
+pub(crate) async fn get(
+    api: &Api,
+    out: Output,
+    kind: &str,
+    name: Option<&str>,
+    namespace: Option<&str>,
+    all_namespaces: bool,
+) -> anyhow::Result<()> {
+    let kind = kind_arg(kind)?;
+    let ns = if all_namespaces {
+        None
+    } else {
+        Some(namespace.unwrap_or("default"))
+    };
+    let v = api
+        .call(Method::GET, &list_path(kind, ns, name), None)
+        .await?;
+    let items: Vec<PolicyItem> = serde_json::from_value(v)
+        .context("the controller's policy list is not what this causewayctl expects")?;
+    if let (Some(n), true) = (name, items.is_empty()) {
+        bail!(
+            "{kind} {n:?} not found in namespace {}",
+            ns.unwrap_or("any")
+        );
+    }
+    let resources: Vec<&Resource> = items.iter().map(|i| &i.resource).collect();
+    match out {
+        Output::Json => {
+            // A single named resource prints as itself, a list as kubectl's List.
+            let value = if name.is_some() && resources.len() == 1 {
+                serde_json::to_value(resources[0])?
+            } else {
+                serde_json::json!({"apiVersion": "v1", "kind": "List", "items": resources})
+            };
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        }
+        Output::Yaml => {
+            for r in &resources {
+                print!("---\n{}", serde_yaml_ng::to_string(r)?);
+            }
+        }
+        Output::Text => {
+            let rows = items
+                .iter()
+                .map(|i| {
+                    let m = i.resource.metadata();
+                    let detail = match &i.resource {
+                        Resource::AuthorizationPolicy(p) => format!(
+                            "{} {} rule{}",
+                            p.spec.action,
+                            p.spec.rules.as_ref().map_or(0, Vec::len),
+                            if p.spec.rules.as_ref().map_or(0, Vec::len) == 1 {
+                                ""
+                            } else {
+                                "s"
+                            }
+                        ),
+                        Resource::PeerAuthentication(p) => format!(
+                            "{:?}{}",
+                            p.spec.mtls.clone().unwrap_or_default().mode,
+                            if p.spec.port_level_mtls.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" ({} port-level)", p.spec.port_level_mtls.len())
+                            }
+                        )
+                        .to_ascii_uppercase(),
+                    };
+                    let selector = match &i.resource {
+                        Resource::AuthorizationPolicy(p) => p.spec.selector.clone(),
+                        Resource::PeerAuthentication(p) => p.spec.selector.clone(),
+                    }
+                    .map(|s| {
+                        s.match_labels
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "<all>".into());
+                    vec![
+                        m.namespace().to_owned(),
+                        m.name.clone(),
+                        detail,
+                        selector,
+                        i.version.to_string(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["NAMESPACE", "NAME", "MODE/ACTION", "SELECTOR", "VERSION"],
+                    rows
+                )
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `causewayctl delete -f FILE` or `causewayctl delete KIND NAME -n NS`.
+pub(crate) async fn delete(
+    api: &Api,
+    out: Output,
+    files: &[PathBuf],
+    kind: Option<&str>,
+    name: Option<&str>,
+    namespace: Option<&str>,
+) -> anyhow::Result<()> {
+    let keys: Vec<String> = match (files.is_empty(), kind, name) {
+        (false, None, None) => load(files, namespace)?
+            .iter()
+            .map(|r| {
+                let m = r.metadata();
+                format!("{}/{}/{}", r.kind(), m.namespace(), m.name)
+            })
+            .collect(),
+        (true, Some(kind), Some(name)) => {
+            vec![format!(
+                "{}/{}/{name}",
+                kind_arg(kind)?,
+                namespace.unwrap_or("default")
+            )]
+        }
+        _ => bail!(
+            "give either -f FILE or KIND NAME (e.g. `causewayctl delete ap allow-web -n shop`)"
+        ),
+    };
+    let body = serde_json::to_value(DeleteRequest { keys })?;
+    let v = api
+        .call(Method::POST, "/v1/policies/delete", Some(body))
+        .await?;
+    let resp: DeleteResponse = serde_json::from_value(v.clone())
+        .context("the controller's answer to delete is not what this causewayctl expects")?;
+    super::print(out, &v, |_| {
+        let mut text: String = resp
+            .deleted
+            .iter()
+            .map(|k| format!("{k} deleted\n"))
+            .collect();
+        text.push_str(&format!("mesh version {}\n", resp.version));
+        text
+    });
+    Ok(())
+}
+
+/// `causewayctl why --from SRC --to DST[:PORT]`.
+pub(crate) async fn why(api: &Api, out: Output, req: WhyRequest) -> anyhow::Result<()> {
+    let v = api
+        .call(Method::POST, "/v1/why", Some(serde_json::to_value(req)?))
+        .await?;
+    let resp: WhyResponse = serde_json::from_value(v.clone())
+        .context("the controller's answer to why is not what this causewayctl expects")?;
+    super::print(out, &v, |_| {
+        let mut text = String::new();
+        for (i, s) in resp.steps.iter().enumerate() {
+            let mark = match s.matched {
+                Some(true) => " [matched]",
+                Some(false) => " [no match]",
+                None => "",
+            };
+            text.push_str(&format!(
+                "{:>2}. {:<20}{} {}\n",
+                i + 1,
+                s.step,
+                mark,
+                s.detail
+            ));
+        }
+        text.push_str(&format!(
+            "=> {}{}\n",
+            resp.decision.to_ascii_uppercase(),
+            resp.policy
+                .as_deref()
+                .map(|p| format!(" by {p}"))
+                .unwrap_or_default()
+        ));
+        text
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const GOOD: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: DENY, rules: [{}]}\n";
+
+    #[test]
+    fn load_fills_namespace_and_reads_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", GOOD);
+        write(
+            dir.path(),
+            "b.json",
+            r#"{"apiVersion":"security.istio.io/v1","kind":"PeerAuthentication","metadata":{"name":"b","namespace":"shop"},"spec":{"mtls":{"mode":"STRICT"}}}"#,
+        );
+        write(dir.path(), "notes.txt", "ignored");
+        let rs = load(&[dir.path().to_path_buf()], Some("shop")).unwrap();
+        assert_eq!(rs.len(), 2);
+        assert_eq!(rs[0].display_name(), "AuthorizationPolicy shop/a");
+        assert_eq!(rs[1].display_name(), "PeerAuthentication shop/b");
+    }
+
+    #[test]
+    fn any_error_in_any_file_loads_nothing_and_names_file_doc_and_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = write(dir.path(), "good.yaml", GOOD);
+        let bad = write(
+            dir.path(),
+            "policy.yaml",
+            &format!(
+                "{GOOD}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: b}}\nspec:\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"10.0.0.0/8\", \"10.0.0/8\"]\n"
+            ),
+        );
+        let err = load(&[good, bad.clone()], None).unwrap_err().to_string();
+        let want = format!(
+            "{} doc 2: spec.rules[0].from[0].source.ipBlocks[1]: \"10.0.0/8\" is not a CIDR",
+            bad.display()
+        );
+        assert!(err.contains(&want), "{err}");
+        assert!(err.starts_with("nothing applied"), "{err}");
+        let unknown = write(
+            dir.path(),
+            "u.yaml",
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n",
+        );
+        let err = load(&[unknown], None).unwrap_err().to_string();
+        assert!(err.contains("unknown kind \"Secret\""), "{err}");
+        let conflict = write(
+            dir.path(),
+            "c.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: x}\n",
+        );
+        let err = load(&[conflict], Some("y")).unwrap_err().to_string();
+        assert!(err.contains("differs from -n y"), "{err}");
+        let err = load(&[dir.path().join("missing.yaml")], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot read") && err.contains("missing.yaml"),
+            "{err}"
+        );
+    }
+}
