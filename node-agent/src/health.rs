@@ -233,6 +233,23 @@ impl Health {
                 &by("", c.connections),
             );
         }
+        let decisions: Vec<(String, String)> = crate::dataplane::authz::decisions()
+            .snapshot()
+            .into_iter()
+            .map(|(d, policy, n)| {
+                let policy = policy.replace('\\', "\\\\").replace('"', "\\\"");
+                (
+                    format!("{{decision=\"{d}\",policy=\"{policy}\"}}"),
+                    n.to_string(),
+                )
+            })
+            .collect();
+        gauge(
+            "causeway_agent_authz_decisions_total",
+            "counter",
+            "Authorization decisions on inbound connections, by decision and deciding policy (namespace/name; none: no ALLOW policy selects the workload; no-allow-match: denied because no ALLOW policy matched).",
+            &decisions,
+        );
         gauge(
             "causeway_agent_health_requests_total",
             "counter",

@@ -13,6 +13,7 @@
 //! application directly (keeping the client's address), STRICT refuses it with a filter
 //! rule (ARCHITECTURE.md, "Inbound plaintext").
 
+pub mod authz;
 pub mod capture;
 pub mod lb;
 pub mod mux;

@@ -14,7 +14,7 @@
 //!
 //! Inbound: the peer's certificate was verified against the trust bundle by TLS; its
 //! serial is checked against the deny list, its SPIFFE ID is logged and passed to the
-//! authorization hook ([`authorize`], allow-all for now), then the agent connects to
+//! AuthorizationPolicies that select this host's workload ([`super::authz`]), then the agent connects to
 //! `127.0.0.1:<port>` and splices both ways ([`super::splice`]: half-close, resets and
 //! the idle timeout travel end to end).
 //!
@@ -352,11 +352,6 @@ impl Header {
     }
 }
 
-/// The authorization hook for inbound streams: allow-all until AuthorizationPolicy lands.
-pub fn authorize(_peer_spiffe_id: &str, _header: &Header) -> bool {
-    true
-}
-
 /// Connects a TCP socket, with `mark` (SO_MARK) so capture rules skip it.
 pub async fn connect_tcp(
     addr: SocketAddr,
@@ -437,6 +432,9 @@ pub struct Tunnel {
     /// The deny list as last seen in the mesh state, for cutting the open streams of a
     /// peer denied since ([`Self::cut_when_denied`]).
     deny: tokio::sync::watch::Sender<Arc<std::collections::BTreeSet<String>>>,
+    /// The authorization view of this host's workload, rebuilt when the policies or its
+    /// labels change; open inbound streams are decided again on each change.
+    authz: tokio::sync::watch::Sender<Arc<super::authz::LocalAuthz>>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -571,8 +569,14 @@ impl Tunnel {
                 .deny_serials
                 .clone(),
         );
+        let authz = Arc::new(super::authz::LocalAuthz::build(
+            &state.read().unwrap_or_else(|p| p.into_inner()),
+            &identity.spiffe_id.to_string(),
+            &identity.info.group,
+        ));
         let t = Arc::new(Self {
             deny: tokio::sync::watch::Sender::new(deny),
+            authz: tokio::sync::watch::Sender::new(authz),
             endpoint,
             tls_server: RwLock::new(tls_server),
             quic_down: std::sync::Mutex::new(HashMap::new()),
@@ -1491,8 +1495,13 @@ impl Tunnel {
             refuse(side, 3);
             return;
         }
-        if !authorize(&peer.spiffe_id, &header) {
-            tracing::warn!(peer_identity = %peer.spiffe_id, service = %header.service, port = header.port, "tunnel stream denied by policy");
+        let own = self.own_address();
+        let decision =
+            self.authz
+                .borrow()
+                .decide(Some(&peer.spiffe_id), remote.ip(), own, header.port);
+        if !decision.allow {
+            tracing::warn!(peer = %remote, peer_identity = %peer.spiffe_id, service = %header.service, port = header.port, policy = decision.policy_label(), "tunnel stream denied by policy");
             refuse(side, 3);
             return;
         }
@@ -1506,10 +1515,71 @@ impl Tunnel {
             }
         };
         self.accepted[transport as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(peer = %remote, peer_identity = %peer.spiffe_id, service = %header.service, port = header.port, %transport, "inbound tunnel stream");
-        let cut = self.cut_when_denied(peer.clone());
+        tracing::info!(peer = %remote, peer_identity = %peer.spiffe_id, service = %header.service, port = header.port, %transport, policy = decision.policy_label(), "inbound tunnel stream");
+        let cut = self.cut_when_refused(peer.clone(), remote.ip(), own, header.port);
         let done = splice_until(side, tcp, self.idle_timeout, cut).await;
         tracing::debug!(peer_identity = %peer.spiffe_id, bytes_in = done.a_to_b, bytes_out = done.b_to_a, end = ?done.end, "inbound stream done");
+    }
+
+    /// The address of this agent's own registered workload (unspecified when it has none).
+    fn own_address(&self) -> std::net::IpAddr {
+        let me = format!(
+            "agents/{}",
+            self.identity
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .info
+                .agent_id
+        );
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .services
+            .values()
+            .find_map(|s| s.endpoints.get(&me))
+            .and_then(|e| e.address.parse().ok())
+            .unwrap_or(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    }
+
+    /// Completes when an accepted stream must be cut: its peer's certificate was denied,
+    /// or a policy change denies it now (decided again on every change of the policies
+    /// or of this workload's labels; connections still allowed are untouched).
+    fn cut_when_refused(
+        &self,
+        peer: Arc<tls::PeerFacts>,
+        source: std::net::IpAddr,
+        destination: std::net::IpAddr,
+        port: u16,
+    ) -> impl std::future::Future<Output = ()> + Send + use<> {
+        let mut deny = self.deny.subscribe();
+        let mut authz = self.authz.subscribe();
+        authz.mark_unchanged();
+        async move {
+            loop {
+                if deny.borrow_and_update().contains(&peer.serial) {
+                    tracing::info!(peer_identity = %peer.spiffe_id, serial = %peer.serial, "open tunnel stream cut: the peer's certificate is on the deny list");
+                    return;
+                }
+                tokio::select! {
+                    r = deny.changed() => {
+                        if r.is_err() {
+                            return std::future::pending().await;
+                        }
+                    }
+                    r = authz.changed() => {
+                        if r.is_err() {
+                            return std::future::pending().await;
+                        }
+                        let view = authz.borrow_and_update().clone();
+                        let d = view.decide(Some(&peer.spiffe_id), source, destination, port);
+                        if !d.allow {
+                            tracing::warn!(peer = %source, peer_identity = %peer.spiffe_id, port, policy = d.policy_label(), "open tunnel stream cut: a policy change denies it");
+                            return;
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Ports of this agent's own registered workload (endpoint `agents/<agent id>`).
@@ -1677,6 +1747,22 @@ async fn follow_deny_list(tunnel: std::sync::Weak<Tunnel>) {
             let state = t.state.read().unwrap_or_else(|p| p.into_inner());
             (**t.deny.borrow() != state.deny_serials).then(|| Arc::new(state.deny_serials.clone()))
         };
+        let authz = {
+            let (spiffe, group) = {
+                let id = t.identity.read().unwrap_or_else(|p| p.into_inner());
+                (id.spiffe_id.to_string(), id.info.group.clone())
+            };
+            let state = t.state.read().unwrap_or_else(|p| p.into_inner());
+            (!t.authz.borrow().is_current(&state, &spiffe, &group))
+                .then(|| Arc::new(super::authz::LocalAuthz::build(&state, &spiffe, &group)))
+        };
+        if let Some(authz) = authz {
+            tracing::info!(
+                policies = authz.selected(),
+                "authorization policies for this workload changed"
+            );
+            t.authz.send_replace(authz);
+        }
         if let Some(deny) = changed {
             // Streams and accepted connections first (they wait on the channel), then
             // the pooled QUIC connections, which need the pool's lock.

@@ -1312,3 +1312,118 @@ async fn stalled_streams_do_not_block_the_other_streams_of_a_connection() {
     }
     drop(black_hole);
 }
+
+/// Puts the policy resources of `yaml` into `st` (replacing any there).
+fn set_policies(st: &SharedState, yaml: &str) {
+    let mut s = st.write().unwrap();
+    s.policies.clear();
+    for (i, r) in causeway_api::policy::decode_documents("test", yaml)
+        .unwrap()
+        .into_iter()
+        .enumerate()
+    {
+        let m = r.metadata();
+        let key = format!("{}/{}/{}", r.kind(), m.namespace(), m.name);
+        s.policies.insert(
+            key,
+            causeway_api::push::PolicyState {
+                seq: i as u64,
+                resource: r,
+            },
+        );
+    }
+    s.version += 1;
+}
+
+const OTHER: &str = "spiffe://causeway.local/ns/default/sa/other";
+
+const ALLOW_BOTH: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-clients, namespace: default}\nspec:\n  rules:\n  - from:\n    - source: {principals: [\"causeway.local/ns/default/sa/client\", \"causeway.local/ns/default/sa/other\"]}\n";
+
+/// AuthorizationPolicy at the destination (both transports): an ALLOW policy admits the
+/// principals it names and refuses the rest; a DENY policy pushed while streams are open
+/// cuts the streams it now denies and leaves the others echoing; removing it restores
+/// access.
+#[tokio::test]
+async fn policies_refuse_new_streams_and_cut_open_ones_they_deny() {
+    let ca = ca();
+    let port = echo_app().await;
+    let web = identity(&ca, WEB);
+    let client = identity(&ca, CLIENT);
+    let Pair { b_state, b, a, .. } = pair(&web, &client, port);
+    let other = tunnel(identity(&ca, OTHER), state(&[]));
+    let stranger = tunnel(
+        identity(&ca, "spiffe://causeway.local/ns/default/sa/stranger"),
+        state(&[]),
+    );
+    let addr = b.local_addr().unwrap();
+    let header = Header {
+        service: "default/web".into(),
+        port,
+    };
+    set_policies(&b_state, ALLOW_BOTH);
+    // The tunnel follows the state within its poll interval.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for tcp in [false, true] {
+        for t in [&a, &other, &stranger] {
+            t.set_tcp_only(tcp);
+        }
+        assert_eq!(
+            round_trip(&a, addr, WEB, port, b"hi").await.unwrap(),
+            b"hi",
+            "tcp {tcp}: the allowed client"
+        );
+        let r = round_trip(&stranger, addr, WEB, port, b"hi").await;
+        assert!(
+            r.as_ref().map(|v| v.is_empty()).unwrap_or(true),
+            "tcp {tcp}: a principal no ALLOW rule names went through: {r:?}"
+        );
+        // Two open streams, then a DENY for the client only.
+        let (mut c_recv, mut c_send) = a.open(addr, WEB, &header).await.unwrap().into_io();
+        let (mut o_recv, mut o_send) = other.open(addr, WEB, &header).await.unwrap().into_io();
+        let mut buf = [0u8; 4];
+        for (r, w) in [(&mut c_recv, &mut c_send), (&mut o_recv, &mut o_send)] {
+            w.write_all(b"ping").await.unwrap();
+            r.read_exact(&mut buf).await.unwrap();
+        }
+        set_policies(
+            &b_state,
+            &format!(
+                "{ALLOW_BOTH}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-client, namespace: default}}\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source: {{principals: [\"causeway.local/ns/default/sa/client\"]}}\n"
+            ),
+        );
+        let r = tokio::time::timeout(Duration::from_secs(10), c_recv.read(&mut buf))
+            .await
+            .expect("cut within the guard");
+        assert!(
+            r.is_err() || r.as_ref().is_ok_and(|n| *n == 0),
+            "tcp {tcp}: the denied client's open stream was not cut: {r:?}"
+        );
+        o_send.write_all(b"pong").await.unwrap();
+        o_recv.read_exact(&mut buf).await.unwrap();
+        assert_eq!(
+            &buf, b"pong",
+            "tcp {tcp}: the other client's stream is untouched"
+        );
+        let r = round_trip(&a, addr, WEB, port, b"again").await;
+        assert!(
+            r.as_ref().map(|v| v.is_empty()).unwrap_or(true),
+            "tcp {tcp}: a new stream of the denied client went through: {r:?}"
+        );
+        // Deleting the DENY policy restores access.
+        set_policies(&b_state, ALLOW_BOTH);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(
+            round_trip(&a, addr, WEB, port, b"back").await.unwrap(),
+            b"back",
+            "tcp {tcp}"
+        );
+        drop((o_send, o_recv));
+    }
+    let counted = super::authz::decisions().snapshot();
+    assert!(
+        counted
+            .iter()
+            .any(|(d, p, n)| *d == "deny" && p == "default/deny-client" && *n > 0),
+        "{counted:?}"
+    );
+}

@@ -1,0 +1,306 @@
+//! Authorization at the destination agent.
+//!
+//! [`LocalAuthz`] is built from the applied mesh state whenever it changes (not per
+//! connection): the AuthorizationPolicies that select this agent's workload (its namespace,
+//! its group's labels and the implicit `causeway.io/group` label), compiled, and the
+//! PeerAuthentications. [`LocalAuthz::decide`] then decides one accepted stream or
+//! connection with the shared evaluator ([`causeway_api::policy`]), without allocating.
+//! Decisions are counted per decision and policy for `causeway_agent_authz_decisions_total`
+//! ([`decisions`]).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use causeway_api::policy::authz::WorkloadPolicies;
+use causeway_api::policy::{
+    GROUP_LABEL, PeerAuthentication, PeerMode, PolicySet, Request, Resource, Workload,
+    effective_mode,
+};
+use causeway_api::push::MeshState;
+
+/// The policies that apply to this agent's workload.
+#[derive(Debug, Default)]
+pub struct LocalAuthz {
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    selected: WorkloadPolicies,
+    peer: Vec<(u64, PeerAuthentication)>,
+    /// The policy resources it was built from (to rebuild only when they change).
+    source: BTreeMap<String, causeway_api::push::PolicyState>,
+}
+
+/// One decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthzDecision {
+    /// Allowed or denied.
+    pub allow: bool,
+    /// `namespace/name` of the deciding policy (`None`: no policy decided: allowed for
+    /// lack of ALLOW policies, or denied because none matched).
+    pub policy: Option<String>,
+}
+
+impl AuthzDecision {
+    /// The `policy` label value.
+    pub fn policy_label(&self) -> &str {
+        self.policy
+            .as_deref()
+            .unwrap_or(if self.allow { "none" } else { "no-allow-match" })
+    }
+}
+
+impl LocalAuthz {
+    /// Builds the view of the workload `spiffe_id` (`spiffe://td/ns/NS/sa/SA`) of `group`:
+    /// its labels are those of its endpoints in the registry plus the group label.
+    pub fn build(state: &MeshState, spiffe_id: &str, group: &str) -> LocalAuthz {
+        let namespace = spiffe_id
+            .find("/ns/")
+            .map(|i| &spiffe_id[i + 4..])
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or("default")
+            .to_owned();
+        let mut labels = BTreeMap::new();
+        for svc in state.services.values() {
+            for ep in svc.endpoints.values() {
+                if ep.identity.as_deref() == Some(spiffe_id) {
+                    labels.extend(ep.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+                }
+            }
+        }
+        labels.insert(GROUP_LABEL.to_owned(), group.to_owned());
+        let aps: Vec<_> = state
+            .policies
+            .values()
+            .filter_map(|p| match &p.resource {
+                Resource::AuthorizationPolicy(ap) => Some(ap),
+                Resource::PeerAuthentication(_) => None,
+            })
+            .collect();
+        let selected = PolicySet::new(aps.iter().copied()).for_workload(Workload {
+            namespace: &namespace,
+            labels: &labels,
+        });
+        let peer = state
+            .policies
+            .values()
+            .filter_map(|p| match &p.resource {
+                Resource::PeerAuthentication(pa) => Some((p.seq, pa.clone())),
+                Resource::AuthorizationPolicy(_) => None,
+            })
+            .collect();
+        LocalAuthz {
+            namespace,
+            labels,
+            selected,
+            peer,
+            source: state.policies.clone(),
+        }
+    }
+
+    /// Whether `state` carries other policies or labels than this view was built from.
+    pub fn is_current(&self, state: &MeshState, spiffe_id: &str, group: &str) -> bool {
+        if self.source != state.policies {
+            return false;
+        }
+        // Labels come from the registry: compare cheaply by rebuilding only the labels.
+        let fresh = LocalAuthz::build(&MeshState::default(), spiffe_id, group);
+        let mut labels = fresh.labels;
+        for svc in state.services.values() {
+            for ep in svc.endpoints.values() {
+                if ep.identity.as_deref() == Some(spiffe_id) {
+                    labels.extend(ep.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+                }
+            }
+        }
+        labels == self.labels
+    }
+
+    /// How many AuthorizationPolicies select this workload.
+    pub fn selected(&self) -> usize {
+        self.selected.len()
+    }
+
+    /// Decides a connection from `principal` (`None`: plaintext) at `source` to
+    /// `destination:port`, and counts it.
+    pub fn decide(
+        &self,
+        principal: Option<&str>,
+        source: IpAddr,
+        destination: IpAddr,
+        port: u16,
+    ) -> AuthzDecision {
+        let principal = principal.map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
+        let v = self.selected.decide(&Request {
+            principal,
+            source_ip: source,
+            remote_ip: None,
+            destination_ip: destination,
+            destination_port: port,
+            sni: None,
+            http: None,
+        });
+        let d = AuthzDecision {
+            allow: v.allow,
+            policy: v.policy.map(|p| p.id()),
+        };
+        decisions().count(&d);
+        d
+    }
+
+    /// The effective PeerAuthentication mode of `port`.
+    pub fn peer_mode(&self, port: u16) -> PeerMode {
+        effective_mode(
+            self.peer.iter().map(|(s, p)| (*s, p)),
+            Workload {
+                namespace: &self.namespace,
+                labels: &self.labels,
+            },
+            port,
+        )
+        .0
+    }
+}
+
+/// Counts of decisions by (decision, policy label).
+#[derive(Debug, Default)]
+pub struct Decisions {
+    counts: Mutex<BTreeMap<(bool, String), u64>>,
+}
+
+impl Decisions {
+    fn count(&self, d: &AuthzDecision) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        match c.get_mut(&(d.allow, d.policy_label().to_owned())) {
+            Some(n) => *n += 1,
+            None => {
+                c.insert((d.allow, d.policy_label().to_owned()), 1);
+            }
+        }
+    }
+
+    /// `(decision, policy, count)` rows, `decision` being `allow` or `deny`.
+    pub fn snapshot(&self) -> Vec<(&'static str, String, u64)> {
+        self.counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|((allow, policy), n)| (if *allow { "allow" } else { "deny" }, policy.clone(), *n))
+            .collect()
+    }
+}
+
+/// The process's decision counters.
+pub fn decisions() -> &'static Decisions {
+    static D: OnceLock<Decisions> = OnceLock::new();
+    D.get_or_init(Decisions::default)
+}
+
+/// The current authorization view, replaced whenever the policies or the workload's labels
+/// change.
+pub type SharedAuthz = Arc<std::sync::RwLock<Arc<LocalAuthz>>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use causeway_api::policy::decode_documents;
+    use causeway_api::push::{EndpointState, PolicyState, ServiceState};
+
+    fn state(yaml: &str) -> MeshState {
+        let mut s = MeshState::default();
+        for (i, r) in decode_documents("t", yaml).unwrap().into_iter().enumerate() {
+            let m = r.metadata();
+            let key = format!("{}/{}/{}", r.kind(), m.namespace(), m.name);
+            s.policies.insert(
+                key,
+                PolicyState {
+                    seq: i as u64,
+                    resource: r,
+                },
+            );
+        }
+        let ep = EndpointState {
+            address: "10.0.0.2".into(),
+            ports: [("http".to_owned(), 8080)].into(),
+            healthy: true,
+            zone: None,
+            identity: Some("spiffe://causeway.local/ns/shop/sa/web".into()),
+            source: "agents".into(),
+            stale: false,
+            labels: [("app".to_owned(), "web".to_owned())].into(),
+            mtls_strict: false,
+        };
+        s.services.insert(
+            "shop/web".into(),
+            ServiceState {
+                vip: None,
+                endpoints: [("agents/a1".to_owned(), ep)].into(),
+                hostnames: vec![],
+                source_kinds: vec![],
+                consul_tags: vec![],
+                consul_datacenters: vec![],
+                eureka_vips: vec![],
+            },
+        );
+        s
+    }
+
+    const ME: &str = "spiffe://causeway.local/ns/shop/sa/web";
+
+    #[test]
+    fn selects_by_registry_labels_and_group_label_and_counts() {
+        let s = state(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: by-app, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  rules:\n  - from:\n    - source: {principals: [\"causeway.local/ns/shop/sa/client\"]}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: by-group, namespace: shop}\nspec:\n  selector: {matchLabels: {causeway.io/group: webgroup}}\n  action: DENY\n  rules:\n  - to:\n    - operation: {ports: [\"22\"]}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: elsewhere, namespace: other}\nspec: {}\n",
+        );
+        let a = LocalAuthz::build(&s, ME, "webgroup");
+        assert_eq!(a.selected(), 2);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let before = decisions().snapshot();
+        let d = a.decide(
+            Some("spiffe://causeway.local/ns/shop/sa/client"),
+            ip("10.0.0.1"),
+            ip("10.0.0.2"),
+            8080,
+        );
+        assert_eq!(
+            d,
+            AuthzDecision {
+                allow: true,
+                policy: Some("shop/by-app".into())
+            }
+        );
+        let d = a.decide(
+            Some("spiffe://causeway.local/ns/shop/sa/client"),
+            ip("10.0.0.1"),
+            ip("10.0.0.2"),
+            22,
+        );
+        assert_eq!(
+            d,
+            AuthzDecision {
+                allow: false,
+                policy: Some("shop/by-group".into())
+            }
+        );
+        let d = a.decide(None, ip("10.0.0.1"), ip("10.0.0.2"), 8080);
+        assert_eq!(d.policy_label(), "no-allow-match");
+        let after = decisions().snapshot();
+        let count = |rows: &[(&str, String, u64)], dec: &str, pol: &str| {
+            rows.iter()
+                .find(|r| r.0 == dec && r.1 == pol)
+                .map_or(0, |r| r.2)
+        };
+        assert!(count(&after, "deny", "shop/by-group") > count(&before, "deny", "shop/by-group"));
+        assert!(a.is_current(&s, ME, "webgroup"));
+        assert!(!a.is_current(&MeshState::default(), ME, "webgroup"));
+    }
+
+    #[test]
+    fn peer_mode_resolves_port_level_exceptions() {
+        let s = state(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ns, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: w, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  portLevelMtls:\n    8080: {mode: PERMISSIVE}\n",
+        );
+        let a = LocalAuthz::build(&s, ME, "g");
+        assert_eq!(a.peer_mode(8080), PeerMode::Permissive);
+        assert_eq!(a.peer_mode(9090), PeerMode::Strict);
+    }
+}
