@@ -1078,3 +1078,224 @@ fn removing_an_agent_cuts_its_open_connections_both_ways() {
             .then_some(())
     });
 }
+
+/// Writes `yaml` to a file under the mesh's root and applies it with `causewayctl apply`.
+fn apply(m: &Mesh, name: &str, yaml: &str) -> String {
+    let f = m.root.join(format!("{name}.yaml"));
+    std::fs::write(&f, yaml).unwrap();
+    m.ctl_ok(&["apply", "-f", f.to_str().unwrap()])
+}
+
+/// Waits until the agent of `state` holds exactly the policy resources `keys`.
+fn wait_policies(state: &Path, keys: &[&str]) {
+    wait_for(&format!("policies {keys:?} at the agent"), WAIT, || {
+        let held: Vec<String> = config(state).policies.keys().cloned().collect();
+        (held == keys).then_some(())
+    });
+    // The tunnel follows the applied state within its half-second poll.
+    std::thread::sleep(Duration::from_millis(1200));
+}
+
+fn allow_policy(principals: &[&str]) -> String {
+    let list = principals
+        .iter()
+        .map(|p| format!("\"causeway.local/ns/default/sa/{p}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: allow-clients, namespace: default}}\nspec:\n  selector:\n    matchLabels: {{causeway.io/group: web}}\n  rules:\n  - from:\n    - source:\n        principals: [{list}]\n"
+    )
+}
+
+const DENY_CLIENT: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-client, namespace: default}\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"causeway.local/ns/default/sa/client\"]\n";
+
+/// Three agent VMs: web (vm2), client (vm1) and other (plain, in group `other`).
+/// AuthorizationPolicy admits the principals it names, by VIP and by address; a DENY
+/// applied while connections are open cuts the denied client's and leaves the other's;
+/// deleting it restores access; the decisions are counted on vm2's metrics endpoint.
+#[test]
+fn authorization_policy_admits_named_clients_and_cuts_on_deny() {
+    let mut m = Mesh::new();
+    m.ctl_ok(&[
+        "group",
+        "create",
+        "other",
+        "--namespace",
+        "default",
+        "--service-account",
+        "other",
+    ]);
+    let s1 = m.join("vm1", "client");
+    let s2 = m.join("vm2", "web");
+    let s3 = m.join("plain", "other");
+    m.server("vm2", 8080);
+    let a2 = m.agent("vm2", &s2);
+    m.agent("vm1", &s1);
+    m.agent("plain", &s3);
+    let vm2_addr = m.lab.node("vm2").addr.to_string();
+    let vip = wait_routed(&s1, "default/web", &vm2_addr);
+    wait_routed(&s3, "default/web", &vm2_addr);
+    let refused = |m: &Mesh, vm: &str, host: &str, marker: &str| {
+        let out = m.client_output(vm, host, 8080, marker);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            !text.contains(marker),
+            "{vm} → {host}: a denied connection reached the application: {text:?}\n{}",
+            m.logs()
+        );
+    };
+
+    apply(&m, "allow-client", &allow_policy(&["client"]));
+    wait_policies(&s2, &["AuthorizationPolicy/default/allow-clients"]);
+    for host in [vip.as_str(), vm2_addr.as_str()] {
+        let out = m.client("vm1", host, 8080, "allowed");
+        assert!(out.ends_with("allowed"), "{out:?}");
+        refused(&m, "plain", host, "not-named");
+    }
+    wait_for(
+        "the denial in vm2's log, naming the policy's absence",
+        WAIT,
+        || {
+            m.procs[a2]
+                .log()
+                .contains("tunnel stream denied by policy")
+                .then_some(())
+        },
+    );
+
+    // Both clients allowed, each with an open connection; then the client is denied.
+    apply(&m, "allow-both", &allow_policy(&["client", "other"]));
+    wait_policies(&s2, &["AuthorizationPolicy/default/allow-clients"]);
+    let long = |vm: &str, go: &Path| {
+        m.lab
+            .node(vm)
+            .cmd("python3")
+            .args([
+                "-c",
+                LONG_CLIENT_PY,
+                &vip,
+                "8080",
+                "first;",
+                go.to_str().unwrap(),
+                "second",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (go1, go3) = (m.root.join("go1"), m.root.join("go3"));
+    let from_vm1 = long("vm1", &go1);
+    let from_plain = long("plain", &go3);
+    wait_for("both long-lived connections to carry bytes", WAIT, || {
+        (go1.with_extension("open").exists() && go3.with_extension("open").exists()).then_some(())
+    });
+    let t0 = std::time::Instant::now();
+    apply(&m, "deny-client", DENY_CLIENT);
+    wait_for(
+        "vm2's agent to cut the denied client's stream",
+        WAIT,
+        || {
+            m.procs[a2]
+                .log()
+                .contains("open tunnel stream cut: a policy change denies it")
+                .then_some(())
+        },
+    );
+    eprintln!(
+        "open connection cut {:?} after `causewayctl apply` of the DENY policy returned",
+        t0.elapsed()
+    );
+    std::fs::write(&go1, "").unwrap();
+    std::fs::write(&go3, "").unwrap();
+    let out1 = from_vm1.wait_with_output().unwrap();
+    let out3 = from_plain.wait_with_output().unwrap();
+    let text1 = String::from_utf8_lossy(&out1.stdout);
+    let text3 = String::from_utf8_lossy(&out3.stdout);
+    assert!(
+        !text1.contains("second"),
+        "the denied client's connection went on: {text1:?}\n{}",
+        m.logs()
+    );
+    assert!(
+        text3.ends_with("first;second"),
+        "the other client's connection was disturbed: {text3:?} {}\n{}",
+        describe(&out3),
+        m.logs()
+    );
+    refused(&m, "vm1", &vip, "after-deny");
+    let metrics = m
+        .lab
+        .node("vm2")
+        .cmd("python3")
+        .args([
+            "-c",
+            "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:15020/metrics').read().decode())",
+        ])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains(
+            "causeway_agent_authz_decisions_total{decision=\"deny\",policy=\"default/deny-client\"}"
+        ),
+        "{metrics}"
+    );
+    // Deleting the DENY restores access.
+    m.ctl_ok(&["delete", "ap", "deny-client", "-n", "default"]);
+    wait_policies(&s2, &["AuthorizationPolicy/default/allow-clients"]);
+    let out = m.client("vm1", &vip, 8080, "restored");
+    assert!(out.ends_with("restored"), "{out:?}");
+}
+
+/// PeerAuthentication STRICT for the namespace with a workload-level PERMISSIVE exception
+/// on one port: plaintext from a host without an agent reaches only that port; the mesh
+/// reaches both.
+#[test]
+fn peer_authentication_strict_namespace_with_a_permissive_port() {
+    let mut m = Mesh::new();
+    m.ctl_ok(&[
+        "group",
+        "create",
+        "multi",
+        "--namespace",
+        "default",
+        "--service-account",
+        "multi",
+        "--service",
+        "multi",
+        "--port",
+        "http:8080",
+        "--port",
+        "tcp-admin:9090",
+    ]);
+    let s1 = m.join("vm1", "client");
+    let s2 = m.join("vm2", "multi");
+    m.server("vm2", 8080);
+    m.server_named("vm2", 9090, "admin", "0.0.0.0");
+    m.agent("vm2", &s2);
+    m.agent("vm1", &s1);
+    let vm2_addr = m.lab.node("vm2").addr.to_string();
+    let vip = wait_routed(&s1, "default/multi", &vm2_addr);
+    apply(
+        &m,
+        "peer",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: default}\nspec:\n  mtls: {mode: STRICT}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: multi-http, namespace: default}\nspec:\n  selector:\n    matchLabels: {causeway.io/group: multi}\n  portLevelMtls:\n    8080: {mode: PERMISSIVE}\n",
+    );
+    wait_for("vm2's STRICT rule for 9090 only", WAIT, || {
+        let rules = std::fs::read_to_string(s2.join("capture.rules")).ok()?;
+        (rules.contains("--dport 9090 -j REJECT") && !rules.contains("--dport 8080")).then_some(())
+    });
+    let out = m.client("plain", &vm2_addr, 8080, "plaintext-ok");
+    assert!(out.ends_with("plaintext-ok"), "{out:?}");
+    let out = m.client_output("plain", &vm2_addr, 9090, "plaintext-refused");
+    assert!(
+        !out.status.success(),
+        "STRICT port 9090 let plaintext in: {}",
+        describe(&out)
+    );
+    for port in [8080, 9090] {
+        let out = m.client("vm1", &vip, port, "via-tunnel");
+        assert!(out.ends_with("via-tunnel"), "{port}: {out:?}");
+    }
+}

@@ -147,6 +147,20 @@ impl LocalAuthz {
         d
     }
 
+    /// The mode of `port` when a PeerAuthentication applies to this workload (`None`: none
+    /// does, and the group's `--mtls` / the agent's `inbound_mode` decide).
+    pub fn peer_mode_from_policy(&self, port: u16) -> Option<PeerMode> {
+        let (mode, from) = effective_mode(
+            self.peer.iter().map(|(s, p)| (*s, p)),
+            Workload {
+                namespace: &self.namespace,
+                labels: &self.labels,
+            },
+            port,
+        );
+        from.map(|_| mode)
+    }
+
     /// The effective PeerAuthentication mode of `port`.
     pub fn peer_mode(&self, port: u16) -> PeerMode {
         effective_mode(

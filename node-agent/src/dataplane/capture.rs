@@ -82,6 +82,20 @@ impl RuleSet {
         own: &[Ipv4Addr],
         strict: bool,
     ) -> Self {
+        Self::for_state_by_port(state, mark, outbound_port, own, strict, &|_| strict)
+    }
+
+    /// [`RuleSet::for_state`] with the mode decided per port (PeerAuthentication's
+    /// `portLevelMtls`): `strict_port` says which of this host's ports refuse off-host
+    /// plaintext; `chain` keeps the filter chain even when no port does.
+    pub fn for_state_by_port(
+        state: &MeshState,
+        mark: u32,
+        outbound_port: u16,
+        own: &[Ipv4Addr],
+        chain: bool,
+        strict_port: &dyn Fn(u16) -> bool,
+    ) -> Self {
         let vip = state
             .vip_cidr
             .unwrap_or_else(|| DEFAULT_VIP_CIDR.parse().expect("literal"));
@@ -105,12 +119,8 @@ impl RuleSet {
             mark,
             outbound_port,
             destinations,
-            strict_ports: if strict {
-                ports.into_iter().collect()
-            } else {
-                Vec::new()
-            },
-            strict,
+            strict: chain || ports.iter().any(|p| strict_port(*p)),
+            strict_ports: ports.into_iter().filter(|p| strict_port(*p)).collect(),
         }
     }
 

@@ -77,7 +77,12 @@ fn is_local(ip: Ipv4Addr) -> bool {
     std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
-fn rules_for(state: &SharedState, cfg: &DataplaneConfig, own: Option<IpAddr>) -> RuleSet {
+fn rules_for(
+    state: &SharedState,
+    cfg: &DataplaneConfig,
+    own: Option<IpAddr>,
+    who: &(String, String),
+) -> RuleSet {
     let s = state.read().unwrap_or_else(|p| p.into_inner()).clone();
     let mut local: Vec<Ipv4Addr> = Vec::new();
     if let Some(IpAddr::V4(a)) = own {
@@ -104,12 +109,20 @@ fn rules_for(state: &SharedState, cfg: &DataplaneConfig, own: Option<IpAddr>) ->
                     .is_ok_and(|ip| local.contains(&ip))
         })
     });
-    RuleSet::for_state(
+    let legacy = cfg.inbound_mode == crate::config::InboundMode::Strict || group_strict;
+    // A PeerAuthentication that applies to this workload decides each port's mode; the
+    // group's `--mtls` and `[dataplane] inbound_mode` decide where none applies.
+    let authz = authz::LocalAuthz::build(&s, &who.0, &who.1);
+    RuleSet::for_state_by_port(
         &s,
         cfg.mark,
         cfg.outbound_listen.port(),
         &local,
-        cfg.inbound_mode == crate::config::InboundMode::Strict || group_strict,
+        legacy,
+        &|port| match authz.peer_mode_from_policy(port) {
+            Some(mode) => mode == causeway_api::policy::PeerMode::Strict,
+            None => legacy,
+        },
     )
 }
 
@@ -224,7 +237,8 @@ impl Dataplane {
             }
         }
         if cfg.capture {
-            let rules = rules_for(&state, cfg, own);
+            let who = (identity.spiffe_id.to_string(), identity.info.group.clone());
+            let rules = rules_for(&state, cfg, own, &who);
             let cap = tokio::task::spawn_blocking(move || Capture::install(rules))
                 .await
                 .map_err(|e| CaptureError::Failed {
@@ -246,10 +260,15 @@ impl Dataplane {
                         continue;
                     }
                     seen = v;
-                    let (cap, cfg, state, file) =
-                        (cap.clone(), cfg.clone(), state.clone(), rules_file.clone());
+                    let (cap, cfg, state, file, who) = (
+                        cap.clone(),
+                        cfg.clone(),
+                        state.clone(),
+                        rules_file.clone(),
+                        who.clone(),
+                    );
                     let _ = tokio::task::spawn_blocking(move || {
-                        let rules = rules_for(&state, &cfg, own);
+                        let rules = rules_for(&state, &cfg, own, &who);
                         let mut guard = cap.lock().unwrap_or_else(|p| p.into_inner());
                         if let Some(c) = guard.as_mut() {
                             match c.update(rules) {
@@ -361,4 +380,92 @@ pub fn cleanup(state_dir: &Path) -> Result<usize, CaptureError> {
     };
     let _ = std::fs::remove_file(state_dir.join(RULES_FILE));
     Ok(n)
+}
+
+#[cfg(test)]
+mod peer_authentication_tests {
+    use std::sync::RwLock;
+
+    use causeway_api::push::{EndpointState, MeshState, PolicyState, ServiceState};
+
+    use super::*;
+
+    const ME: &str = "spiffe://causeway.local/ns/shop/sa/web";
+
+    fn state(policies: &str, group_strict: bool) -> SharedState {
+        let mut s = MeshState::default();
+        let ep = EndpointState {
+            address: "127.0.0.1".into(),
+            ports: [("http".to_owned(), 8080), ("admin".to_owned(), 9090)].into(),
+            healthy: true,
+            zone: None,
+            identity: Some(ME.into()),
+            source: "agents".into(),
+            stale: false,
+            labels: [("app".to_owned(), "web".to_owned())].into(),
+            mtls_strict: group_strict,
+        };
+        s.services.insert(
+            "shop/web".into(),
+            ServiceState {
+                vip: None,
+                endpoints: [("agents/a1".to_owned(), ep)].into(),
+                hostnames: vec![],
+                source_kinds: vec![],
+                consul_tags: vec![],
+                consul_datacenters: vec![],
+                eureka_vips: vec![],
+            },
+        );
+        for (i, r) in causeway_api::policy::decode_documents("t", policies)
+            .unwrap()
+            .into_iter()
+            .enumerate()
+        {
+            let m = r.metadata();
+            let key = format!("{}/{}/{}", r.kind(), m.namespace(), m.name);
+            s.policies.insert(
+                key,
+                PolicyState {
+                    seq: i as u64,
+                    resource: r,
+                },
+            );
+        }
+        Arc::new(RwLock::new(s))
+    }
+
+    fn strict_ports(policies: &str, group_strict: bool) -> Vec<u16> {
+        let who = (ME.to_owned(), "web".to_owned());
+        rules_for(
+            &state(policies, group_strict),
+            &DataplaneConfig::default(),
+            Some("127.0.0.1".parse().unwrap()),
+            &who,
+        )
+        .strict_ports
+    }
+
+    const NS_STRICT: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ns, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n";
+
+    #[test]
+    fn peer_authentication_decides_each_port_and_supersedes_the_group_flag() {
+        assert_eq!(strict_ports("", false), Vec::<u16>::new());
+        assert_eq!(
+            strict_ports("", true),
+            vec![8080, 9090],
+            "the group's --mtls strict"
+        );
+        assert_eq!(strict_ports(NS_STRICT, false), vec![8080, 9090]);
+        let exception = format!(
+            "{NS_STRICT}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: web, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{causeway.io/group: web}}}}\n  portLevelMtls:\n    8080: {{mode: PERMISSIVE}}\n"
+        );
+        assert_eq!(strict_ports(&exception, false), vec![9090]);
+        let mesh_permissive = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: mesh, namespace: causeway-system}\nspec: {mtls: {mode: PERMISSIVE}}\n";
+        assert_eq!(
+            strict_ports(mesh_permissive, true),
+            Vec::<u16>::new(),
+            "a PeerAuthentication supersedes the group flag"
+        );
+    }
 }
