@@ -69,18 +69,40 @@ pub struct Request<'a> {
     pub http: Option<HttpAttributes<'a>>,
 }
 
-impl Request<'_> {
-    fn namespace(&self) -> Option<&str> {
+impl<'a> Request<'a> {
+    fn namespace(&self) -> Option<&'a str> {
         let p = self.principal?;
         let rest = &p[p.find("/ns/")? + 4..];
         Some(rest.split('/').next().unwrap_or(rest))
     }
 
-    fn service_account(&self) -> Option<(&str, &str)> {
+    fn service_account(&self) -> Option<(&'a str, &'a str)> {
         let p = self.principal?;
         let ns = self.namespace()?;
         let sa = &p[p.find("/sa/")? + 4..];
         Some((ns, sa))
+    }
+}
+
+/// What the matchers read of a request, derived once per decision (the principal without
+/// `spiffe://`, its namespace and service account).
+struct Ctx<'r, 'a> {
+    req: &'r Request<'a>,
+    principal: Option<&'a str>,
+    namespace: Option<&'a str>,
+    service_account: Option<(&'a str, &'a str)>,
+}
+
+impl<'r, 'a> Ctx<'r, 'a> {
+    fn new(req: &'r Request<'a>) -> Self {
+        Ctx {
+            req,
+            principal: req
+                .principal
+                .map(|p| p.strip_prefix("spiffe://").unwrap_or(p)),
+            namespace: req.namespace(),
+            service_account: req.service_account(),
+        }
     }
 }
 
@@ -444,9 +466,13 @@ impl CompiledPolicy {
 
     /// Whether the policy matches the request; on a miss, why (the last rule's first miss).
     pub fn matches(&self, req: &Request<'_>) -> Result<usize, Miss> {
+        self.matches_ctx(&Ctx::new(req))
+    }
+
+    fn matches_ctx(&self, ctx: &Ctx<'_, '_>) -> Result<usize, Miss> {
         let mut miss = Miss::NoRules;
         for (i, rule) in self.rules.iter().enumerate() {
-            match match_rule(rule, req, self.action) {
+            match match_rule(rule, ctx, self.action) {
                 Ok(()) => return Ok(i),
                 Err(m) => miss = m,
             }
@@ -455,14 +481,15 @@ impl CompiledPolicy {
     }
 }
 
-fn match_rule(rule: &CRule, req: &Request<'_>, action: Action) -> Result<(), Miss> {
+fn match_rule(rule: &CRule, ctx: &Ctx<'_, '_>, action: Action) -> Result<(), Miss> {
+    let req = ctx.req;
     let tcp = req.http.is_none();
     if tcp && rule.uses_http && action == Action::Allow {
         return Err(Miss::HttpOnTcp);
     }
     if let Some(from) = &rule.from {
         let mut miss = Miss::Source("(none)");
-        if !from.iter().any(|s| match match_source(s, req) {
+        if !from.iter().any(|s| match match_source(s, ctx) {
             Ok(()) => true,
             Err(m) => {
                 miss = m;
@@ -489,7 +516,7 @@ fn match_rule(rule: &CRule, req: &Request<'_>, action: Action) -> Result<(), Mis
             // DENY/AUDIT on TCP: the HTTP condition is dropped (ALLOW returned above).
             continue;
         }
-        if !match_condition(c, req) {
+        if !match_condition(c, ctx) {
             return Err(Miss::When(i));
         }
     }
@@ -514,19 +541,18 @@ fn in_nets(list: &[IpNet], ip: IpAddr) -> bool {
     list.iter().any(|n| n.contains(&ip))
 }
 
-fn match_source(s: &CSource, req: &Request<'_>) -> Result<(), Miss> {
-    let principal = req
-        .principal
-        .map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
+fn match_source(s: &CSource, ctx: &Ctx<'_, '_>) -> Result<(), Miss> {
+    let req = ctx.req;
+    let principal = ctx.principal;
     check(pos(&s.principals, principal), Miss::Source("principals"))?;
     check(
         neg(&s.not_principals, principal),
         Miss::Source("notPrincipals"),
     )?;
-    let ns = req.namespace();
+    let ns = ctx.namespace;
     check(pos(&s.namespaces, ns), Miss::Source("namespaces"))?;
     check(neg(&s.not_namespaces, ns), Miss::Source("notNamespaces"))?;
-    let sa = req.service_account();
+    let sa = ctx.service_account;
     let sa_in = |list: &[(String, String)]| {
         sa.is_some_and(|(ns, sa)| list.iter().any(|(n, s)| n == ns && s == sa))
     };
@@ -621,7 +647,8 @@ fn claim<'a>(claims: Option<&'a serde_json::Value>, path: &[String]) -> Vec<&'a 
     }
 }
 
-fn match_condition(c: &CCondition, req: &Request<'_>) -> bool {
+fn match_condition(c: &CCondition, ctx: &Ctx<'_, '_>) -> bool {
+    let req = ctx.req;
     let ip = match c.attr {
         Attr::SourceIp => Some(req.source_ip),
         Attr::RemoteIp => Some(req.remote_ip.unwrap_or(req.source_ip)),
@@ -643,12 +670,10 @@ fn match_condition(c: &CCondition, req: &Request<'_>) -> bool {
     let http = req.http.unwrap_or_default();
     let sa;
     let single: Option<&str> = match &c.attr {
-        Attr::SourceNamespace => req.namespace(),
-        Attr::SourcePrincipal => req
-            .principal
-            .map(|p| p.strip_prefix("spiffe://").unwrap_or(p)),
+        Attr::SourceNamespace => ctx.namespace,
+        Attr::SourcePrincipal => ctx.principal,
         Attr::SourceServiceAccount => {
-            sa = req.service_account().map(|(ns, sa)| format!("{ns}/{sa}"));
+            sa = ctx.service_account.map(|(ns, sa)| format!("{ns}/{sa}"));
             sa.as_deref()
         }
         Attr::Sni => req.sni,
@@ -732,12 +757,13 @@ impl WorkloadPolicies {
 
     /// Decides one connection or request.
     pub fn decide(&self, req: &Request<'_>) -> Verdict<'_> {
+        let ctx = Ctx::new(req);
         let audit = self
             .audit
             .iter()
-            .find(|p| p.matches(req).is_ok())
+            .find(|p| p.matches_ctx(&ctx).is_ok())
             .map(|p| &**p);
-        if let Some(p) = self.deny.iter().find(|p| p.matches(req).is_ok()) {
+        if let Some(p) = self.deny.iter().find(|p| p.matches_ctx(&ctx).is_ok()) {
             return Verdict {
                 allow: false,
                 policy: Some(p),
@@ -751,7 +777,7 @@ impl WorkloadPolicies {
                 audit,
             };
         }
-        match self.allow.iter().find(|p| p.matches(req).is_ok()) {
+        match self.allow.iter().find(|p| p.matches_ctx(&ctx).is_ok()) {
             Some(p) => Verdict {
                 allow: true,
                 policy: Some(p),
@@ -767,9 +793,10 @@ impl WorkloadPolicies {
 
     /// Decides with every step explained (same result as [`Self::decide`]).
     pub fn explain(&self, req: &Request<'_>) -> Decision {
+        let ctx = Ctx::new(req);
         let mut steps = Vec::new();
         let mut step = |p: &CompiledPolicy| {
-            let r = p.matches(req);
+            let r = p.matches_ctx(&ctx);
             steps.push(Step {
                 policy: p.id(),
                 action: p.action.to_string(),

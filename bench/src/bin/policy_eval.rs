@@ -58,14 +58,14 @@ fn policy_yaml(i: usize, selecting: bool, n_selecting: usize) -> String {
         ns.to_owned()
     };
     // A third of the selecting policies deny (ports, addresses), the rest allow.
-    let body = if selecting && i % 3 == 1 {
+    let body = if selecting && i + 1 == n_selecting {
+        "  rules:\n  - from:\n    - source: {principals: [\"causeway.local/ns/shop/sa/frontend\"]}\n    to:\n    - operation: {ports: [\"8080\"]}\n".to_owned()
+    } else if selecting && i % 3 == 1 {
         format!(
             "  action: DENY\n  rules:\n  - to:\n    - operation: {{ports: [\"{}\"]}}\n  - from:\n    - source: {{ipBlocks: [\"203.0.{}.0/24\"]}}\n",
             20000 + i,
             i % 250
         )
-    } else if selecting && i + 1 == n_selecting {
-        "  rules:\n  - from:\n    - source: {principals: [\"causeway.local/ns/shop/sa/frontend\"]}\n    to:\n    - operation: {ports: [\"8080\"]}\n".to_owned()
     } else {
         format!(
             "  rules:\n  - from:\n    - source: {{principals: [\"causeway.local/ns/team-{i}/sa/client-{i}\", \"causeway.local/ns/team-{i}/sa/batch*\"]}}\n    - source: {{namespaces: [\"ns-{i}\"]}}\n    to:\n    - operation: {{ports: [\"8080\", \"9090\"]}}\n  - from:\n    - source: {{ipBlocks: [\"172.{}.0.0/16\"]}}\n",
