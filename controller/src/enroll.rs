@@ -63,6 +63,29 @@ pub enum EnrollError {
     /// The group is gone.
     #[error("workload group {0:?} does not exist (deleted after the token was created?)")]
     GroupMissing(String),
+    /// An operator revoked the token.
+    #[error(
+        "join token {id} was revoked by an operator at {revoked_at} (Unix time); ask for a new one (`causewayctl token create`)"
+    )]
+    TokenRevoked {
+        /// Token id.
+        id: String,
+        /// Unix seconds.
+        revoked_at: i64,
+    },
+    /// The token's group was deleted; a group of the same name now is another group.
+    #[error(
+        "join token {id} was made for an earlier group named {group:?}, which was deleted; the group of that name now is a different group and this token cannot join it: create a new token with `causewayctl token create --group {group}`"
+    )]
+    TokenOrphaned {
+        /// Token id.
+        id: String,
+        /// The group name.
+        group: String,
+    },
+    /// The agent holds too many unexpired certificates.
+    #[error("{0}")]
+    TooManyCerts(StoreError),
     /// The CSR was refused.
     #[error("CSR refused: {0}")]
     Csr(#[from] CsrError),
@@ -88,6 +111,8 @@ impl From<StoreError> for EnrollError {
         match e {
             StoreError::TokenSpent(id) => Self::TokenSpent(id),
             StoreError::AgentRemoved(id) => Self::AgentRemoved(id),
+            StoreError::TokenRevoked { id, revoked_at } => Self::TokenRevoked { id, revoked_at },
+            e @ StoreError::TooManyCerts { .. } => Self::TooManyCerts(e),
             other => Self::Store(other),
         }
     }
@@ -97,7 +122,11 @@ impl EnrollError {
     /// The wire code for this error.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::TokenInvalid => ErrorCode::TokenInvalid,
+            // Revoked and orphaned tokens are told only after the secret matched.
+            Self::TokenInvalid | Self::TokenRevoked { .. } | Self::TokenOrphaned { .. } => {
+                ErrorCode::TokenInvalid
+            }
+            Self::TooManyCerts(_) => ErrorCode::Internal,
             Self::TokenExpired { .. } => ErrorCode::TokenExpired,
             Self::TokenSpent(_) => ErrorCode::TokenSpent,
             Self::SourceNotAllowed { .. } => ErrorCode::SourceNotAllowed,
@@ -143,6 +172,12 @@ fn join_nets(nets: &[IpNet]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// A new group id: `g-` then 16 hex digits from the clock and 8 random ones, never
+/// reused (a group deleted and created again gets another).
+pub fn new_group_id() -> String {
+    format!("g-{:016x}{}", crate::ca::time_ordered(), random_hex(4))
 }
 
 /// Issues certificates for joins and renewals.
@@ -208,6 +243,12 @@ impl Enroller {
                 expired_at: token.expires_at,
             });
         }
+        if let Some(revoked_at) = token.revoked_at {
+            return Err(EnrollError::TokenRevoked {
+                id: token.id,
+                revoked_at,
+            });
+        }
         if token.uses_left == 0 {
             return Err(EnrollError::TokenSpent(token.id));
         }
@@ -218,11 +259,18 @@ impl Enroller {
                 allowed: join_nets(&token.cidrs),
             });
         }
+        let orphaned = || EnrollError::TokenOrphaned {
+            id: token.id.clone(),
+            group: token.group.clone(),
+        };
         let group = self
             .store
             .group(&token.group)?
-            .ok_or_else(|| EnrollError::GroupMissing(token.group.clone()))?
-            .group;
+            .ok_or_else(|| EnrollError::GroupMissing(token.group.clone()))?;
+        if token.group_id.is_empty() || group.id != token.group_id {
+            return Err(orphaned());
+        }
+        let group = group.group;
         if !group.allows_source(source) {
             return Err(EnrollError::SourceNotAllowed {
                 address: source,
@@ -260,6 +308,10 @@ impl Enroller {
             renewed_at: None,
             renewals: 0,
             removed_at: None,
+            live_certs: vec![crate::store::LiveCert {
+                serial: serial.clone(),
+                not_after,
+            }],
         };
         let cert = CertRecord {
             serial,

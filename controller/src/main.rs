@@ -157,11 +157,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .chain(cfg.sources.file.iter().map(|c| c.name.clone()))
         .collect();
     let now = now_unix();
+    // Every unexpired certificate of every removed agent (see `Mesh::agent_removed`).
     let deny = store
         .agents()?
         .into_iter()
-        .filter(|a| a.removed_at.is_some() && a.not_after > now)
-        .map(|a| a.serial)
+        .filter(|a| a.removed_at.is_some())
+        .flat_map(|a| a.live_certs)
+        .filter(|c| c.not_after > now)
+        .map(|c| (c.serial, c.not_after))
         .collect();
     let mesh = Mesh::open(
         store.clone(),
