@@ -985,3 +985,64 @@ impl Mesh {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+
+    /// Removal denies every unexpired certificate it is given (an expired one is left
+    /// out), pushes them to every agent, and each entry leaves the list when its
+    /// certificate expires, with a new version so agents get the shorter list.
+    #[tokio::test(flavor = "current_thread")]
+    async fn removal_denies_every_unexpired_certificate_until_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::reopen(dir.path()).unwrap());
+        let mesh = Mesh::open(
+            store,
+            MeshSettings {
+                vip_range: "240.240.0.0/16".parse().unwrap(),
+                agent_grace: Duration::from_secs(60),
+                history_len: 16,
+            },
+            Vec::new(),
+            &BTreeSet::new(),
+            BTreeMap::new(),
+        )
+        .unwrap();
+        let now = crate::enroll::now_unix();
+        let cert = |serial: &str, not_after: i64| LiveCert {
+            serial: serial.into(),
+            not_after,
+        };
+        let v0 = mesh.version();
+        mesh.agent_removed(
+            "a1",
+            &[
+                cert("expired", now - 1),
+                cert("joined", now + 100),
+                cert("renewed", now + 200),
+            ],
+        )
+        .unwrap();
+        let v1 = mesh.version();
+        assert!(v1 > v0);
+        let delta = mesh.update_since(v0);
+        assert!(delta.deny_set);
+        assert_eq!(delta.deny_serials, ["joined", "renewed"]);
+        let full = mesh.update_since(0);
+        assert_eq!(full.deny_serials, ["joined", "renewed"]);
+
+        // Nothing expired yet: no new version.
+        assert_eq!(mesh.prune_deny(now).unwrap(), Some(now + 100));
+        assert_eq!(mesh.version(), v1);
+        // The first certificate expired: dropped and pushed.
+        assert_eq!(mesh.prune_deny(now + 150).unwrap(), Some(now + 200));
+        assert!(mesh.version() > v1);
+        let delta = mesh.update_since(v1);
+        assert!(delta.deny_set);
+        assert_eq!(delta.deny_serials, ["renewed"]);
+        assert_eq!(mesh.prune_deny(now + 250).unwrap(), None);
+        assert!(mesh.deny_list().is_empty());
+    }
+}
