@@ -426,6 +426,8 @@ struct AgentView {
     renewals: u64,
     removed: bool,
     removed_at: Option<i64>,
+    /// Its unexpired certificates (oldest first): what removal denies.
+    certificates: Vec<crate::store::LiveCert>,
     connected: bool,
     acked_version: Option<u64>,
     session: Option<SessionView>,
@@ -447,6 +449,7 @@ impl From<crate::store::AgentRecord> for AgentView {
             renewed_at: a.renewed_at,
             renewals: a.renewals,
             removed_at: a.removed_at,
+            certificates: a.live_certs,
             connected: false,
             acked_version: None,
             session: None,

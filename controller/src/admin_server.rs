@@ -159,7 +159,11 @@ pub async fn serve(
             _ = stop.wait_for(|s| *s) => break,
         };
         let (stream, peer) = match accepted {
-            Ok(a) => a,
+            Ok(a) => {
+                // Small request/response exchanges: no Nagle delay on the answer.
+                let _ = a.0.set_nodelay(true);
+                a
+            }
             Err(e) => {
                 // Out of descriptors despite the cap (other parts of the process):
                 // free one, and do not spin.

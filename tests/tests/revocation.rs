@@ -218,6 +218,17 @@ fn a_removed_agents_earlier_certificate_is_refused_by_peer_tunnels_and_by_renewa
     assert!(err.contains("was removed"), "{err}");
     let removed = ctl.ctl_json(&["agent", "show", &agent_id(&e)]);
     assert_eq!(removed["renewals"], 1, "{removed}");
+    let denied: Vec<&str> = removed["certificates"]
+        .as_array()
+        .expect("agent show lists the agent's certificates")
+        .iter()
+        .filter_map(|c| c["serial"].as_str())
+        .collect();
+    assert_eq!(
+        denied,
+        [old_serial.as_str(), new_serial.as_str()],
+        "{removed}"
+    );
 }
 
 fn create_group(ctl: &Controller, name: &str, namespace: &str, sa: &str) {
