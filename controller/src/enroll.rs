@@ -386,3 +386,92 @@ impl Enroller {
         Ok(self.issued(&agent, der))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CaConfig;
+    use crate::store::{GroupRecord, SledStore, TokenRecord};
+    use causeway_api::WorkloadGroup;
+
+    fn csr() -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.serialize_request(&key).unwrap().der().to_vec()
+    }
+
+    /// A token is refused, with what to do, when the group now carrying its group's name
+    /// is another group (ids differ), when it has no group id (an orphan left by the
+    /// schema 2 migration), and once revoked; a token bound to the group joins.
+    #[tokio::test(flavor = "current_thread")]
+    async fn tokens_join_only_the_group_they_were_made_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::reopen(dir.path()).unwrap());
+        let td = "causeway.local".parse().unwrap();
+        let now = now_unix();
+        let ca =
+            Arc::new(Ca::load_or_create(store.as_ref(), &CaConfig::default(), &td, now).unwrap());
+        store
+            .create_group(&GroupRecord {
+                group: WorkloadGroup {
+                    name: "g2".into(),
+                    namespace: "payments".into(),
+                    service_account: "admin".into(),
+                    service: None,
+                    ports: vec![],
+                    labels: Default::default(),
+                    allowed_cidrs: vec![],
+                    mtls: Default::default(),
+                    registry_source: None,
+                },
+                id: "g-new".into(),
+                created_at: now,
+            })
+            .unwrap();
+        let secret = b"0123456789abcdef0123456789abcdef".to_vec();
+        let token = |id: &str, group_id: &str| TokenRecord {
+            id: id.into(),
+            secret_sha256: sha256_hex(&secret),
+            group: "g2".into(),
+            group_id: group_id.into(),
+            revoked_at: None,
+            created_at: now,
+            expires_at: now + 3600,
+            uses_total: 5,
+            uses_left: 5,
+            cidrs: vec![],
+        };
+        for (id, gid) in [("earlier", "g-old"), ("orphan", ""), ("bound", "g-new")] {
+            store.create_token(&token(id, gid)).unwrap();
+        }
+        let enroller = Enroller::new(store.clone(), ca, Duration::from_secs(3600));
+        let join = |id: &str| JoinRequest {
+            token_id: id.into(),
+            secret: secret.clone(),
+            csr_der: csr(),
+            hostname: "vm".into(),
+        };
+        let source: IpAddr = "127.0.0.1".parse().unwrap();
+        for id in ["earlier", "orphan"] {
+            let err = enroller.join(&join(id), source).await.unwrap_err();
+            assert!(
+                matches!(err, EnrollError::TokenOrphaned { .. })
+                    && err.to_string().contains("earlier group named \"g2\"")
+                    && err.to_string().contains("token create --group g2"),
+                "{id}: {err}"
+            );
+        }
+        let issued = enroller.join(&join("bound"), source).await.unwrap();
+        assert_eq!(
+            issued.spiffe_id,
+            "spiffe://causeway.local/ns/payments/sa/admin"
+        );
+        store.revoke_token("bound", now).unwrap();
+        let err = enroller.join(&join("bound"), source).await.unwrap_err();
+        assert!(
+            matches!(err, EnrollError::TokenRevoked { .. }) && err.to_string().contains("revoked"),
+            "{err}"
+        );
+        assert_eq!(store.agents().unwrap().len(), 1);
+    }
+}
