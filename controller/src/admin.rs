@@ -76,6 +76,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/groups", get(group_list).post(group_create))
         .route("/v1/groups/{name}", get(group_show).delete(group_delete))
         .route("/v1/tokens", post(token_create).get(token_list))
+        .route("/v1/tokens/{id}", delete(token_revoke))
         .route("/v1/agents", get(agent_list))
         .route("/v1/agents/{id}", delete(agent_remove).get(agent_show))
         .route("/v1/certificates", get(cert_list))
@@ -204,6 +205,7 @@ async fn group_create(
     }
     let record = GroupRecord {
         group,
+        id: crate::enroll::new_group_id(),
         created_at: now_unix(),
     };
     s.store.create_group(&record)?;
@@ -231,8 +233,9 @@ async fn group_delete(
     State(s): State<AdminState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    s.store.delete_group(&name)?;
+    let tokens = s.store.delete_group(&name)?;
     s.store.flush()?;
+    tracing::info!(group = %name, tokens, "group deleted with its join tokens");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -264,7 +267,7 @@ async fn token_create(
     State(s): State<AdminState>,
     Json(body): Json<TokenCreate>,
 ) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
-    if s.store.group(&body.group)?.is_none() {
+    let Some(group) = s.store.group(&body.group)? else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
             format!(
@@ -272,7 +275,7 @@ async fn token_create(
                 body.group, body.group
             ),
         ));
-    }
+    };
     let ttl = body
         .ttl_secs
         .map(Duration::from_secs)
@@ -304,6 +307,8 @@ async fn token_create(
         id: random_hex(8),
         secret_sha256: sha256_hex(&secret),
         group: body.group.clone(),
+        group_id: group.id,
+        revoked_at: None,
         created_at: now,
         expires_at: now + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 4),
         uses_total: uses,
@@ -332,33 +337,88 @@ async fn token_create(
     ))
 }
 
+/// A token as the API shows it (never its secret).
 #[derive(Serialize)]
 struct TokenView {
     id: String,
     group: String,
+    group_id: String,
+    /// "active", "spent", "expired", "revoked" or "orphaned" (its group was deleted).
+    state: &'static str,
     created_at: i64,
     expires_at: i64,
+    revoked_at: Option<i64>,
     uses_total: u32,
     uses_left: u32,
     cidrs: Vec<IpNet>,
 }
 
+impl TokenView {
+    /// `group_id` is the id of the group now named as the token's group, if any.
+    fn new(t: TokenRecord, group_id: Option<&str>, now: i64) -> Self {
+        let state = if t.revoked_at.is_some() {
+            "revoked"
+        } else if t.group_id.is_empty() || group_id != Some(t.group_id.as_str()) {
+            "orphaned"
+        } else if now >= t.expires_at {
+            "expired"
+        } else if t.uses_left == 0 {
+            "spent"
+        } else {
+            "active"
+        };
+        Self {
+            id: t.id,
+            group: t.group,
+            group_id: t.group_id,
+            state,
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+            revoked_at: t.revoked_at,
+            uses_total: t.uses_total,
+            uses_left: t.uses_left,
+            cidrs: t.cidrs,
+        }
+    }
+}
+
 async fn token_list(State(s): State<AdminState>) -> Result<Json<Vec<TokenView>>, ApiError> {
+    let groups: std::collections::BTreeMap<String, String> = s
+        .store
+        .groups()?
+        .into_iter()
+        .map(|g| (g.group.name, g.id))
+        .collect();
+    let now = now_unix();
     Ok(Json(
         s.store
             .tokens()?
             .into_iter()
-            .map(|t| TokenView {
-                id: t.id,
-                group: t.group,
-                created_at: t.created_at,
-                expires_at: t.expires_at,
-                uses_total: t.uses_total,
-                uses_left: t.uses_left,
-                cidrs: t.cidrs,
+            .map(|t| {
+                let gid = groups.get(&t.group).map(String::as_str);
+                TokenView::new(t, gid, now)
             })
             .collect(),
     ))
+}
+
+/// `DELETE /v1/tokens/{id}`: revokes the token at once (the record stays, listed as
+/// revoked). Agents that joined with it keep their identity; remove them on their own.
+async fn token_revoke(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<TokenView>, ApiError> {
+    let token = s.store.revoke_token(&id, now_unix()).map_err(|e| match e {
+        StoreError::NotFound { .. } => ApiError(
+            StatusCode::NOT_FOUND,
+            format!("join token {id:?} does not exist; see `causewayctl token list`"),
+        ),
+        other => other.into(),
+    })?;
+    s.store.flush()?;
+    tracing::info!(token = %id, group = %token.group, "join token revoked");
+    let gid = s.store.group(&token.group)?.map(|g| g.id);
+    Ok(Json(TokenView::new(token, gid.as_deref(), now_unix())))
 }
 
 /// An agent as the API shows it.
@@ -377,6 +437,8 @@ struct AgentView {
     renewals: u64,
     removed: bool,
     removed_at: Option<i64>,
+    /// Its unexpired certificates (oldest first): what removal denies.
+    certificates: Vec<crate::store::LiveCert>,
     connected: bool,
     acked_version: Option<u64>,
     session: Option<SessionView>,
@@ -398,6 +460,7 @@ impl From<crate::store::AgentRecord> for AgentView {
             renewed_at: a.renewed_at,
             renewals: a.renewals,
             removed_at: a.removed_at,
+            certificates: a.live_certs,
             connected: false,
             acked_version: None,
             session: None,
@@ -449,8 +512,8 @@ async fn agent_remove(
 ) -> Result<Json<AgentView>, ApiError> {
     let agent = s.store.remove_agent(&id, now_unix())?;
     s.store.flush()?;
-    s.mesh.agent_removed(&agent.id, &agent.serial)?;
-    tracing::info!(agent = %id, "agent removed; its renewals will be refused");
+    s.mesh.agent_removed(&agent.id, &agent.live_certs)?;
+    tracing::info!(agent = %id, denied = agent.live_certs.len(), "agent removed: every unexpired certificate it holds is denied, its renewals are refused");
     Ok(Json(agent.into()))
 }
 

@@ -69,6 +69,20 @@ pub struct AdminConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for HTTPS on the admin API.
     pub tls_key: Option<PathBuf>,
+    /// How long a connection may take to send a complete request head, counted from
+    /// the accept (TLS handshake included) and again after each response on a kept-alive
+    /// connection, e.g. "3s". Idle and slowly-sent connections are closed after it.
+    #[serde(with = "causeway_api::duration")]
+    pub header_read_timeout: Duration,
+    /// How long a connection may go without completing a request (since its accept or
+    /// its previous response), whatever it is doing, e.g. "30s": bounds a body that
+    /// trickles in or a response the client does not read.
+    #[serde(with = "causeway_api::duration")]
+    pub idle_timeout: Duration,
+    /// Most admin connections open at once. At the cap a new connection closes the
+    /// oldest one with no request in progress. Lowered at start to the soft open-files
+    /// limit less 128 (descriptors kept for the store, the control port and sources).
+    pub max_connections: usize,
 }
 
 /// Control endpoint settings.
@@ -164,6 +178,9 @@ impl Default for AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 15080)),
             tls_cert: None,
             tls_key: None,
+            header_read_timeout: Duration::from_secs(3),
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 1024,
         }
     }
 }
@@ -233,6 +250,26 @@ impl Config {
                 self.admin.listen
             )),
             _ => {}
+        }
+        let (head, idle) = (self.admin.header_read_timeout, self.admin.idle_timeout);
+        if head.is_zero() || head > Duration::from_secs(60) {
+            errors.push(format!(
+                "admin.header_read_timeout = {}: must be above zero and at most 1m (default 3s)",
+                humantime::format_duration(head)
+            ));
+        }
+        if idle < head || idle > Duration::from_secs(3600) {
+            errors.push(format!(
+                "admin.idle_timeout = {}: must be at least admin.header_read_timeout ({}) and at most 1h (default 30s)",
+                humantime::format_duration(idle),
+                humantime::format_duration(head)
+            ));
+        }
+        if !(16..=1_000_000).contains(&self.admin.max_connections) {
+            errors.push(format!(
+                "admin.max_connections = {}: must be between 16 and 1000000 (default 1024)",
+                self.admin.max_connections
+            ));
         }
         match (&self.ca.intermediate_cert_chain, &self.ca.intermediate_key) {
             (Some(_), None) | (None, Some(_)) => errors.push(
@@ -327,6 +364,9 @@ mod tests {
             trust_domain = "Not Valid"
             [admin]
             listen = "0.0.0.0:15080"
+            header_read_timeout = "2m"
+            idle_timeout = "1s"
+            max_connections = 2
             [ca]
             workload_cert_ttl = "10s"
             intermediate_key = "/x.pem"
@@ -338,7 +378,18 @@ mod tests {
         let ConfigError::Invalid(errors) = c.validate().unwrap_err() else {
             panic!("expected Invalid")
         };
-        assert_eq!(errors.len(), 5, "{errors:#?}");
+        assert_eq!(errors.len(), 8, "{errors:#?}");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("admin.header_read_timeout = 2m"))
+        );
+        assert!(errors.iter().any(|e| e.contains("admin.idle_timeout = 1s")));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("admin.max_connections = 2"))
+        );
         assert!(errors.iter().any(|e| e.contains("trust_domain")));
         assert!(errors.iter().any(|e| e.contains("off-host only with TLS")));
         assert!(errors.iter().any(|e| e.contains("intermediate_cert_chain")));

@@ -92,6 +92,7 @@ mod tests {
             renewed_at: None,
             renewals: 0,
             removed_at: None,
+            live_certs: Vec::new(),
         };
         let cert = CertRecord {
             serial: agent.serial.clone(),
@@ -118,6 +119,8 @@ mod tests {
                     id: "t".into(),
                     secret_sha256: String::new(),
                     group: "g".into(),
+                    group_id: "g-1".into(),
+                    revoked_at: None,
                     created_at: 0,
                     expires_at: i64::MAX,
                     uses_left: 5,

@@ -63,6 +63,29 @@ pub enum EnrollError {
     /// The group is gone.
     #[error("workload group {0:?} does not exist (deleted after the token was created?)")]
     GroupMissing(String),
+    /// An operator revoked the token.
+    #[error(
+        "join token {id} was revoked by an operator at {revoked_at} (Unix time); ask for a new one (`causewayctl token create`)"
+    )]
+    TokenRevoked {
+        /// Token id.
+        id: String,
+        /// Unix seconds.
+        revoked_at: i64,
+    },
+    /// The token's group was deleted; a group of the same name now is another group.
+    #[error(
+        "join token {id} was made for an earlier group named {group:?}, which was deleted; the group of that name now is a different group and this token cannot join it: create a new token with `causewayctl token create --group {group}`"
+    )]
+    TokenOrphaned {
+        /// Token id.
+        id: String,
+        /// The group name.
+        group: String,
+    },
+    /// The agent holds too many unexpired certificates.
+    #[error("{0}")]
+    TooManyCerts(StoreError),
     /// The CSR was refused.
     #[error("CSR refused: {0}")]
     Csr(#[from] CsrError),
@@ -88,6 +111,8 @@ impl From<StoreError> for EnrollError {
         match e {
             StoreError::TokenSpent(id) => Self::TokenSpent(id),
             StoreError::AgentRemoved(id) => Self::AgentRemoved(id),
+            StoreError::TokenRevoked { id, revoked_at } => Self::TokenRevoked { id, revoked_at },
+            e @ StoreError::TooManyCerts { .. } => Self::TooManyCerts(e),
             other => Self::Store(other),
         }
     }
@@ -97,7 +122,11 @@ impl EnrollError {
     /// The wire code for this error.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::TokenInvalid => ErrorCode::TokenInvalid,
+            // Revoked and orphaned tokens are told only after the secret matched.
+            Self::TokenInvalid | Self::TokenRevoked { .. } | Self::TokenOrphaned { .. } => {
+                ErrorCode::TokenInvalid
+            }
+            Self::TooManyCerts(_) => ErrorCode::Internal,
             Self::TokenExpired { .. } => ErrorCode::TokenExpired,
             Self::TokenSpent(_) => ErrorCode::TokenSpent,
             Self::SourceNotAllowed { .. } => ErrorCode::SourceNotAllowed,
@@ -143,6 +172,12 @@ fn join_nets(nets: &[IpNet]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// A new group id: `g-` then 16 hex digits from the clock and 8 random ones, never
+/// reused (a group deleted and created again gets another).
+pub fn new_group_id() -> String {
+    format!("g-{:016x}{}", crate::ca::time_ordered(), random_hex(4))
 }
 
 /// Issues certificates for joins and renewals.
@@ -208,6 +243,12 @@ impl Enroller {
                 expired_at: token.expires_at,
             });
         }
+        if let Some(revoked_at) = token.revoked_at {
+            return Err(EnrollError::TokenRevoked {
+                id: token.id,
+                revoked_at,
+            });
+        }
         if token.uses_left == 0 {
             return Err(EnrollError::TokenSpent(token.id));
         }
@@ -218,11 +259,18 @@ impl Enroller {
                 allowed: join_nets(&token.cidrs),
             });
         }
+        let orphaned = || EnrollError::TokenOrphaned {
+            id: token.id.clone(),
+            group: token.group.clone(),
+        };
         let group = self
             .store
             .group(&token.group)?
-            .ok_or_else(|| EnrollError::GroupMissing(token.group.clone()))?
-            .group;
+            .ok_or_else(|| EnrollError::GroupMissing(token.group.clone()))?;
+        if token.group_id.is_empty() || group.id != token.group_id {
+            return Err(orphaned());
+        }
+        let group = group.group;
         if !group.allows_source(source) {
             return Err(EnrollError::SourceNotAllowed {
                 address: source,
@@ -260,6 +308,10 @@ impl Enroller {
             renewed_at: None,
             renewals: 0,
             removed_at: None,
+            live_certs: vec![crate::store::LiveCert {
+                serial: serial.clone(),
+                not_after,
+            }],
         };
         let cert = CertRecord {
             serial,
@@ -332,5 +384,94 @@ impl Enroller {
             .await?;
         tracing::info!(agent = %agent.id, identity = %agent.spiffe_id, renewals = agent.renewals, "certificate renewed");
         Ok(self.issued(&agent, der))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CaConfig;
+    use crate::store::{GroupRecord, SledStore, TokenRecord};
+    use causeway_api::WorkloadGroup;
+
+    fn csr() -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.serialize_request(&key).unwrap().der().to_vec()
+    }
+
+    /// A token is refused, with what to do, when the group now carrying its group's name
+    /// is another group (ids differ), when it has no group id (an orphan left by the
+    /// schema 2 migration), and once revoked; a token bound to the group joins.
+    #[tokio::test(flavor = "current_thread")]
+    async fn tokens_join_only_the_group_they_were_made_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::reopen(dir.path()).unwrap());
+        let td = "causeway.local".parse().unwrap();
+        let now = now_unix();
+        let ca =
+            Arc::new(Ca::load_or_create(store.as_ref(), &CaConfig::default(), &td, now).unwrap());
+        store
+            .create_group(&GroupRecord {
+                group: WorkloadGroup {
+                    name: "g2".into(),
+                    namespace: "payments".into(),
+                    service_account: "admin".into(),
+                    service: None,
+                    ports: vec![],
+                    labels: Default::default(),
+                    allowed_cidrs: vec![],
+                    mtls: Default::default(),
+                    registry_source: None,
+                },
+                id: "g-new".into(),
+                created_at: now,
+            })
+            .unwrap();
+        let secret = b"0123456789abcdef0123456789abcdef".to_vec();
+        let token = |id: &str, group_id: &str| TokenRecord {
+            id: id.into(),
+            secret_sha256: sha256_hex(&secret),
+            group: "g2".into(),
+            group_id: group_id.into(),
+            revoked_at: None,
+            created_at: now,
+            expires_at: now + 3600,
+            uses_total: 5,
+            uses_left: 5,
+            cidrs: vec![],
+        };
+        for (id, gid) in [("earlier", "g-old"), ("orphan", ""), ("bound", "g-new")] {
+            store.create_token(&token(id, gid)).unwrap();
+        }
+        let enroller = Enroller::new(store.clone(), ca, Duration::from_secs(3600));
+        let join = |id: &str| JoinRequest {
+            token_id: id.into(),
+            secret: secret.clone(),
+            csr_der: csr(),
+            hostname: "vm".into(),
+        };
+        let source: IpAddr = "127.0.0.1".parse().unwrap();
+        for id in ["earlier", "orphan"] {
+            let err = enroller.join(&join(id), source).await.unwrap_err();
+            assert!(
+                matches!(err, EnrollError::TokenOrphaned { .. })
+                    && err.to_string().contains("earlier group named \"g2\"")
+                    && err.to_string().contains("token create --group g2"),
+                "{id}: {err}"
+            );
+        }
+        let issued = enroller.join(&join("bound"), source).await.unwrap();
+        assert_eq!(
+            issued.spiffe_id,
+            "spiffe://causeway.local/ns/payments/sa/admin"
+        );
+        store.revoke_token("bound", now).unwrap();
+        let err = enroller.join(&join("bound"), source).await.unwrap_err();
+        assert!(
+            matches!(err, EnrollError::TokenRevoked { .. }) && err.to_string().contains("revoked"),
+            "{err}"
+        );
+        assert_eq!(store.agents().unwrap().len(), 1);
     }
 }

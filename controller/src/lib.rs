@@ -10,6 +10,7 @@
 //! What it does not (yet): run with several controllers (etcd) or serve metrics.
 
 pub mod admin;
+pub mod admin_server;
 pub mod ca;
 pub mod config;
 pub mod control;

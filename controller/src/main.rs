@@ -15,7 +15,7 @@ use causeway_controller::control::ControlServer;
 use causeway_controller::enroll::{Enroller, now_unix, random_hex, sha256_hex};
 use causeway_controller::mesh::{Mesh, MeshSettings};
 use causeway_controller::store::{SledStore, Store};
-use causeway_controller::{logging, tls_listener::TlsListener};
+use causeway_controller::{admin_server, logging, tls_listener};
 use causeway_registry::{SourceOptions, spawn_sources};
 use clap::Parser;
 
@@ -157,11 +157,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .chain(cfg.sources.file.iter().map(|c| c.name.clone()))
         .collect();
     let now = now_unix();
+    // Every unexpired certificate of every removed agent (see `Mesh::agent_removed`).
     let deny = store
         .agents()?
         .into_iter()
-        .filter(|a| a.removed_at.is_some() && a.not_after > now)
-        .map(|a| a.serial)
+        .filter(|a| a.removed_at.is_some())
+        .flat_map(|a| a.live_certs)
+        .filter(|c| c.not_after > now)
+        .map(|c| (c.serial, c.not_after))
         .collect();
     let mesh = Mesh::open(
         store.clone(),
@@ -221,34 +224,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let app = router(state);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let admin_task = {
-        let mut stop = stop_rx.clone();
-        let shutdown = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        match (&cfg.admin.tls_cert, &cfg.admin.tls_key) {
-            (Some(cert), Some(key)) => {
-                let listener = TlsListener::new(
-                    tcp,
-                    &std::fs::read_to_string(cert).with_context(|| {
-                        format!("cannot read admin.tls_cert {}", cert.display())
-                    })?,
-                    &std::fs::read_to_string(key)
-                        .with_context(|| format!("cannot read admin.tls_key {}", key.display()))?,
-                )?;
-                tokio::spawn(async move {
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(shutdown)
-                        .await
-                })
-            }
-            _ => {
-                tokio::spawn(
-                    async move { axum::serve(tcp, app).with_graceful_shutdown(shutdown).await },
-                )
-            }
-        }
+    let tls = match (&cfg.admin.tls_cert, &cfg.admin.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_listener::acceptor(
+            &std::fs::read_to_string(cert)
+                .with_context(|| format!("cannot read admin.tls_cert {}", cert.display()))?,
+            &std::fs::read_to_string(key)
+                .with_context(|| format!("cannot read admin.tls_key {}", key.display()))?,
+        )?),
+        _ => None,
     };
+    let soft = admin_server::soft_fd_limit();
+    let max_connections = admin_server::effective_max_connections(cfg.admin.max_connections, soft);
+    if max_connections < cfg.admin.max_connections {
+        tracing::warn!(
+            configured = cfg.admin.max_connections,
+            max_connections,
+            soft_fd_limit = ?soft,
+            "admin.max_connections lowered to fit the open-files limit (raise LimitNOFILE / ulimit -n)"
+        );
+    }
+    let limits = admin_server::Limits {
+        header_read_timeout: cfg.admin.header_read_timeout,
+        idle_timeout: cfg.admin.idle_timeout,
+        max_connections,
+    };
+    let admin_task = tokio::spawn(admin_server::serve(tcp, tls, app, limits, stop_rx));
     let scheme = if cfg.admin.tls_cert.is_some() {
         "https"
     } else {

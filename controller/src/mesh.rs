@@ -28,7 +28,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
 use crate::store::{
-    AgentRecord, HistoryRecord, MeshWrite, PolicyRecord, SourceRecord, Store, StoreError,
+    AgentRecord, HistoryRecord, LiveCert, MeshWrite, PolicyRecord, SourceRecord, Store, StoreError,
 };
 
 /// Metadata key carrying an agent workload's group mTLS mode.
@@ -129,7 +129,10 @@ struct Inner {
     used_vips: BTreeSet<Ipv4Addr>,
     vip_cursor: u32,
     history: BTreeMap<u64, HistoryRecord>,
-    deny: BTreeSet<String>,
+    /// Denied certificate serials with their expiry (Unix seconds): every unexpired
+    /// certificate of every removed agent. An entry is dropped once its certificate has
+    /// expired (TLS refuses it then anyway), so the list stays bounded.
+    deny: BTreeMap<String, i64>,
     sessions: BTreeMap<String, Session>,
     next_generation: u64,
     /// Policy resources by `Kind/namespace/name`.
@@ -147,6 +150,8 @@ pub struct Mesh {
     flush: Arc<Notify>,
     /// The newest version known to be on disk.
     durable: Arc<std::sync::atomic::AtomicU64>,
+    /// Wakes the deny-list pruner when entries were added.
+    deny_added: Arc<Notify>,
 }
 
 fn now_ms() -> u64 {
@@ -316,7 +321,7 @@ impl Mesh {
         settings: MeshSettings,
         bundle: Vec<Vec<u8>>,
         configured_sources: &BTreeSet<String>,
-        deny: BTreeSet<String>,
+        deny: BTreeMap<String, i64>,
     ) -> Result<Arc<Self>, StoreError> {
         let mut dump = store.load_mesh()?;
         let mut registry = Registry::new();
@@ -359,7 +364,38 @@ impl Mesh {
             version_tx,
             flush,
             durable,
+            deny_added: Arc::new(Notify::new()),
         });
+        // Deny entries leave the list when their certificates expire.
+        {
+            let weak = Arc::downgrade(&mesh);
+            let wake = mesh.deny_added.clone();
+            tokio::spawn(async move {
+                loop {
+                    let next = {
+                        let Some(mesh) = weak.upgrade() else { return };
+                        let now = crate::enroll::now_unix();
+                        match mesh.prune_deny(now) {
+                            Ok(next) => next,
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot persist the pruned deny list");
+                                Some(now + 60)
+                            }
+                        }
+                    };
+                    // Until the next expiry (a second after it), or an hour at most.
+                    let secs = next
+                        .map(|t| t - crate::enroll::now_unix() + 1)
+                        .unwrap_or(3600)
+                        .clamp(1, 3600);
+                    let secs = u64::try_from(secs).unwrap_or(3600);
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(secs)) => {}
+                        () = wake.notified() => {}
+                    }
+                }
+            });
+        }
         // Registry changes are written in a transaction and flushed right after, off the
         // commit path: a burst of changes shares one fsync, and the window a crash can
         // lose is one fsync long (the sources re-sync anything lost).
@@ -618,7 +654,7 @@ impl Mesh {
                 services: keys.iter().filter_map(|k| inner.service_msg(k)).collect(),
                 trust_bundle_der: self.bundle.clone(),
                 bundle_set: true,
-                deny_serials: inner.deny.iter().cloned().collect(),
+                deny_serials: inner.deny.keys().cloned().collect(),
                 deny_set: true,
                 vip_cidr: self.settings.vip_range.to_string(),
                 policies: inner.policies.iter().map(policy_msg).collect(),
@@ -654,7 +690,7 @@ impl Mesh {
         }
         if deny {
             update.deny_set = true;
-            update.deny_serials = inner.deny.iter().cloned().collect();
+            update.deny_serials = inner.deny.keys().cloned().collect();
         }
         for key in policy_keys {
             match inner.policies.get_key_value(&key) {
@@ -956,10 +992,15 @@ impl Mesh {
         }
     }
 
-    /// An operator removed an agent: deny its certificate, deregister, end its session.
-    pub fn agent_removed(&self, agent_id: &str, serial: &str) -> Result<(), StoreError> {
+    /// An operator removed an agent: deny every unexpired certificate it holds (not only
+    /// the newest: a copy of one from before a renewal is as good to an attacker),
+    /// deregister, end its session.
+    pub fn agent_removed(&self, agent_id: &str, certs: &[LiveCert]) -> Result<(), StoreError> {
+        let now = crate::enroll::now_unix();
         let mut inner = self.lock();
-        inner.deny.insert(serial.to_owned());
+        for c in certs.iter().filter(|c| c.not_after > now) {
+            inner.deny.insert(c.serial.clone(), c.not_after);
+        }
         let delta = Self::deregister(&mut inner, agent_id);
         if let Some(s) = inner.sessions.get(agent_id) {
             s.kick.notify_one();
@@ -970,7 +1011,31 @@ impl Mesh {
             &[AGENTS_SOURCE.to_owned()],
             true,
         )?;
+        drop(inner);
+        self.deny_added.notify_one();
         Ok(())
+    }
+
+    /// Drops deny entries whose certificates expired by `now` (pushing the shorter list
+    /// when any did); returns when the next one expires.
+    pub fn prune_deny(&self, now: i64) -> Result<Option<i64>, StoreError> {
+        let mut inner = self.lock();
+        let before = inner.deny.len();
+        inner.deny.retain(|_, not_after| *not_after > now);
+        if inner.deny.len() != before {
+            tracing::info!(
+                expired = before - inner.deny.len(),
+                left = inner.deny.len(),
+                "expired certificates dropped from the deny list"
+            );
+            self.commit(&mut inner, BTreeSet::new(), &[], true)?;
+        }
+        Ok(inner.deny.values().min().copied())
+    }
+
+    /// The denied serials with their expiry (Unix seconds).
+    pub fn deny_list(&self) -> BTreeMap<String, i64> {
+        self.lock().deny.clone()
     }
 
     /// Sessions by agent id.
@@ -1070,5 +1135,66 @@ impl Mesh {
                 SourceState::syncing(),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+
+    /// Removal denies every unexpired certificate it is given (an expired one is left
+    /// out), pushes them to every agent, and each entry leaves the list when its
+    /// certificate expires, with a new version so agents get the shorter list.
+    #[tokio::test(flavor = "current_thread")]
+    async fn removal_denies_every_unexpired_certificate_until_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::reopen(dir.path()).unwrap());
+        let mesh = Mesh::open(
+            store,
+            MeshSettings {
+                vip_range: "240.240.0.0/16".parse().unwrap(),
+                agent_grace: Duration::from_secs(60),
+                history_len: 16,
+            },
+            Vec::new(),
+            &BTreeSet::new(),
+            BTreeMap::new(),
+        )
+        .unwrap();
+        let now = crate::enroll::now_unix();
+        let cert = |serial: &str, not_after: i64| LiveCert {
+            serial: serial.into(),
+            not_after,
+        };
+        let v0 = mesh.version();
+        mesh.agent_removed(
+            "a1",
+            &[
+                cert("expired", now - 1),
+                cert("joined", now + 100),
+                cert("renewed", now + 200),
+            ],
+        )
+        .unwrap();
+        let v1 = mesh.version();
+        assert!(v1 > v0);
+        let delta = mesh.update_since(v0);
+        assert!(delta.deny_set);
+        assert_eq!(delta.deny_serials, ["joined", "renewed"]);
+        let full = mesh.update_since(0);
+        assert_eq!(full.deny_serials, ["joined", "renewed"]);
+
+        // Nothing expired yet: no new version.
+        assert_eq!(mesh.prune_deny(now).unwrap(), Some(now + 100));
+        assert_eq!(mesh.version(), v1);
+        // The first certificate expired: dropped and pushed.
+        assert_eq!(mesh.prune_deny(now + 150).unwrap(), Some(now + 200));
+        assert!(mesh.version() > v1);
+        let delta = mesh.update_since(v1);
+        assert!(delta.deny_set);
+        assert_eq!(delta.deny_serials, ["renewed"]);
+        assert_eq!(mesh.prune_deny(now + 250).unwrap(), None);
+        assert!(mesh.deny_list().is_empty());
     }
 }

@@ -19,8 +19,14 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-/// The schema this build writes. Older schemas are migrated at open.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema this build writes. Older schemas are migrated at open (version 2: group
+/// ids, tokens bound to them, agents' unexpired certificates; see `SledStore::migrate`).
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// Most unexpired certificates one agent may hold: a renewal beyond it is refused until
+/// the oldest expires. Renewing at half the lifetime, an agent holds two or three; the
+/// cap bounds what its removal puts on the deny list (ARCHITECTURE.md, "Removal").
+pub const MAX_LIVE_CERTS: usize = 32;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +75,24 @@ pub enum StoreError {
     /// The agent was removed.
     #[error("agent {0} was removed")]
     AgentRemoved(String),
+    /// The token was revoked by an operator.
+    #[error("join token {id} was revoked at {revoked_at} (Unix time)")]
+    TokenRevoked {
+        /// Token id.
+        id: String,
+        /// Unix seconds.
+        revoked_at: i64,
+    },
+    /// The agent holds [`MAX_LIVE_CERTS`] unexpired certificates already.
+    #[error(
+        "agent {agent} already holds {MAX_LIVE_CERTS} unexpired certificates; renewals resume when the oldest expires (Unix time {oldest_expires})"
+    )]
+    TooManyCerts {
+        /// The agent.
+        agent: String,
+        /// When its oldest unexpired certificate expires, Unix seconds.
+        oldest_expires: i64,
+    },
     /// The operation conflicts with existing state.
     #[error("{0}")]
     Conflict(String),
@@ -97,6 +121,11 @@ pub struct GroupRecord {
     /// The group.
     #[serde(flatten)]
     pub group: WorkloadGroup,
+    /// Immutable id, new for every group created (a group deleted and created again
+    /// under the same name gets another one): what join tokens are bound to. Empty only
+    /// in records written before schema version 2, which the migration fills in.
+    #[serde(default)]
+    pub id: String,
     /// Unix seconds.
     pub created_at: i64,
 }
@@ -108,8 +137,17 @@ pub struct TokenRecord {
     pub id: String,
     /// SHA-256 of the secret, hex.
     pub secret_sha256: String,
-    /// The group it joins into.
+    /// The name of the group it joins into.
     pub group: String,
+    /// The id of that group ([`GroupRecord::id`]): a token joins only the group it was
+    /// created for, never a later group that took the same name. Empty for an orphaned
+    /// token (migrated from schema 1 while its group's name belonged to a newer group).
+    #[serde(default)]
+    pub group_id: String,
+    /// Unix seconds when an operator revoked it (`causewayctl token revoke`); a revoked
+    /// token joins nothing.
+    #[serde(default)]
+    pub revoked_at: Option<i64>,
     /// Unix seconds.
     pub created_at: i64,
     /// Unix seconds.
@@ -149,6 +187,20 @@ pub struct AgentRecord {
     pub renewals: u64,
     /// Unix seconds when an operator removed it; a removed agent cannot renew.
     pub removed_at: Option<i64>,
+    /// Every certificate issued to it that had not expired when the newest was issued
+    /// (oldest first, the newest last): what its removal puts on the deny list. At most
+    /// [`MAX_LIVE_CERTS`].
+    #[serde(default)]
+    pub live_certs: Vec<LiveCert>,
+}
+
+/// A certificate that may still be valid: its serial and expiry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LiveCert {
+    /// Serial, hex.
+    pub serial: String,
+    /// Expiry, Unix seconds.
+    pub not_after: i64,
 }
 
 /// A certificate the CA issued.
@@ -218,8 +270,10 @@ pub trait Store: Send + Sync + 'static {
     fn group(&self, name: &str) -> Result<Option<GroupRecord>, StoreError>;
     /// All groups, by name.
     fn groups(&self) -> Result<Vec<GroupRecord>, StoreError>;
-    /// Deletes a group; refused while agents that were not removed belong to it.
-    fn delete_group(&self, name: &str) -> Result<(), StoreError>;
+    /// Deletes a group and every join token made for it (so none can join a later
+    /// group of the same name); refused while agents that were not removed belong to it.
+    /// Returns how many tokens were deleted.
+    fn delete_group(&self, name: &str) -> Result<usize, StoreError>;
 
     /// Stores a new token.
     fn create_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
@@ -227,6 +281,9 @@ pub trait Store: Send + Sync + 'static {
     fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// All tokens.
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    /// Marks a token revoked at `now`: from then on it joins nothing (an in-flight join
+    /// is refused when it commits). Revoking twice keeps the first time.
+    fn revoke_token(&self, id: &str, now: i64) -> Result<TokenRecord, StoreError>;
 
     /// Records a batch of joins and renewals, in order, in one transaction. Each one is
     /// checked against the state left by those before it and gets its own outcome: a
@@ -493,12 +550,108 @@ impl SledStore {
         if found > SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew { found });
         }
-        // Version 0 is an empty store; migrations from older versions go here, one
-        // step per version, each in its own transaction.
+        // Version 0 is an empty store. Each step migrates from the version before it,
+        // in its own transaction.
+        if found < 2 {
+            self.migrate_to_2(crate::enroll::now_unix())?;
+        }
         if found < SCHEMA_VERSION {
             self.meta
                 .insert(b"schema_version", encode(&SCHEMA_VERSION))?;
             self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Schema 1 → 2, in one transaction:
+    /// - every group gets an immutable id;
+    /// - every token is bound to its group's id when that group can be the one it was
+    ///   made for (created no later than the token). A token whose group name now
+    ///   belongs to a newer group stays unbound ("orphaned": listed, refused at join);
+    ///   one whose group is gone is deleted, as deleting a group now does;
+    /// - every agent lists its unexpired certificates (from the `certs` tree), so that
+    ///   removing it denies all of them.
+    fn migrate_to_2(&self, now: i64) -> Result<(), StoreError> {
+        let mut groups: Vec<GroupRecord> = all(&self.groups, "groups")?;
+        groups.retain(|g| g.id.is_empty());
+        for g in &mut groups {
+            g.id = crate::enroll::new_group_id();
+        }
+        let ids: BTreeMap<String, (String, i64)> = all::<GroupRecord>(&self.groups, "groups")?
+            .into_iter()
+            .map(|g| (g.group.name.clone(), (g.id, g.created_at)))
+            .chain(
+                groups
+                    .iter()
+                    .map(|g| (g.group.name.clone(), (g.id.clone(), g.created_at))),
+            )
+            .collect();
+        let mut bind = Vec::new();
+        let mut drop_tokens = Vec::new();
+        for mut t in all::<TokenRecord>(&self.tokens, "tokens")? {
+            if !t.group_id.is_empty() {
+                continue;
+            }
+            match ids.get(&t.group) {
+                None => drop_tokens.push(t.id),
+                Some((id, created_at)) if *created_at <= t.created_at => {
+                    t.group_id = id.clone();
+                    bind.push(t);
+                }
+                Some(_) => {
+                    tracing::warn!(token = %t.id, group = %t.group, "join token left unbound: it predates the group now of that name, so it was made for an earlier, deleted group; joins with it are refused")
+                }
+            }
+        }
+        let mut agents: Vec<AgentRecord> = all(&self.agents, "agents")?;
+        agents.retain(|a| a.live_certs.is_empty());
+        if !agents.is_empty() {
+            let mut live: BTreeMap<String, Vec<LiveCert>> = BTreeMap::new();
+            for c in all::<CertRecord>(&self.certs, "certs")? {
+                if c.not_after > now {
+                    live.entry(c.agent_id).or_default().push(LiveCert {
+                        serial: c.serial,
+                        not_after: c.not_after,
+                    });
+                }
+            }
+            for a in &mut agents {
+                let mut certs = live.remove(&a.id).unwrap_or_default();
+                if certs.is_empty() {
+                    certs.push(LiveCert {
+                        serial: a.serial.clone(),
+                        not_after: a.not_after,
+                    });
+                }
+                certs.sort_by_key(|c| c.not_after);
+                a.live_certs = certs;
+            }
+        }
+        txn(
+            (&self.groups, &self.tokens, &self.agents).transaction(|(g_tree, t_tree, a_tree)| {
+                for g in &groups {
+                    g_tree.insert(g.group.name.as_bytes(), encode(g))?;
+                }
+                for t in &bind {
+                    t_tree.insert(t.id.as_bytes(), encode(t))?;
+                }
+                for id in &drop_tokens {
+                    t_tree.remove(id.as_bytes())?;
+                }
+                for a in &agents {
+                    a_tree.insert(a.id.as_bytes(), encode(a))?;
+                }
+                Ok(())
+            }),
+        )?;
+        if !groups.is_empty() || !bind.is_empty() || !drop_tokens.is_empty() || !agents.is_empty() {
+            tracing::info!(
+                groups = groups.len(),
+                tokens_bound = bind.len(),
+                tokens_deleted = drop_tokens.len(),
+                agents = agents.len(),
+                "store migrated to schema 2: group ids, tokens bound to them, agents' unexpired certificates"
+            );
         }
         Ok(())
     }
@@ -554,7 +707,7 @@ impl Store for SledStore {
         all(&self.groups, "groups")
     }
 
-    fn delete_group(&self, name: &str) -> Result<(), StoreError> {
+    fn delete_group(&self, name: &str) -> Result<usize, StoreError> {
         let active: Vec<String> = self
             .agents()?
             .into_iter()
@@ -568,13 +721,29 @@ impl Store for SledStore {
                 active.join(", ")
             )));
         }
-        match self.groups.remove(name.as_bytes())? {
-            Some(_) => Ok(()),
-            None => Err(StoreError::NotFound {
-                kind: "group",
-                name: name.to_owned(),
+        // Every token naming the group goes with it (also orphans of an earlier group of
+        // that name). A token created for this group while this runs is bound to this
+        // group's id, which no later group gets, so it can never join anything.
+        let tokens: Vec<String> = self
+            .tokens()?
+            .into_iter()
+            .filter(|t| t.group == name)
+            .map(|t| t.id)
+            .collect();
+        txn(
+            (&self.groups, &self.tokens).transaction(|(groups, tokens_tree)| {
+                if groups.remove(name.as_bytes())?.is_none() {
+                    return abort(StoreError::NotFound {
+                        kind: "group",
+                        name: name.to_owned(),
+                    });
+                }
+                for id in &tokens {
+                    tokens_tree.remove(id.as_bytes())?;
+                }
+                Ok(tokens.len())
             }),
-        }
+        )
     }
 
     fn create_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
@@ -591,6 +760,26 @@ impl Store for SledStore {
 
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         all(&self.tokens, "tokens")
+    }
+
+    fn revoke_token(&self, id: &str, now: i64) -> Result<TokenRecord, StoreError> {
+        txn(self.tokens.transaction(|tokens| {
+            let Some(raw) = tokens.get(id.as_bytes())? else {
+                return abort(StoreError::NotFound {
+                    kind: "join token",
+                    name: id.to_owned(),
+                });
+            };
+            let mut token: TokenRecord = match decode("tokens", id.as_bytes(), &raw) {
+                Ok(t) => t,
+                Err(e) => return abort(e),
+            };
+            if token.revoked_at.is_none() {
+                token.revoked_at = Some(now);
+                tokens.insert(id.as_bytes(), encode(&token))?;
+            }
+            Ok(token)
+        }))
     }
 
     fn commit_enrollments(&self, batch: &[Enrollment]) -> Result<Vec<EnrollOutcome>, StoreError> {
@@ -616,6 +805,13 @@ impl Store for SledStore {
                                 }),
                                 Some(raw) => match decode::<TokenRecord>("tokens", key, &raw) {
                                     Err(e) => Err(e),
+                                    Ok(TokenRecord {
+                                        revoked_at: Some(revoked_at),
+                                        ..
+                                    }) => Err(StoreError::TokenRevoked {
+                                        id: token_id.clone(),
+                                        revoked_at,
+                                    }),
                                     Ok(t) if t.uses_left == 0 => {
                                         Err(StoreError::TokenSpent(token_id.clone()))
                                     }
@@ -645,7 +841,30 @@ impl Store for SledStore {
                                     Ok(a) if a.removed_at.is_some() => {
                                         Err(StoreError::AgentRemoved(agent_id.clone()))
                                     }
-                                    Ok(mut a) => {
+                                    Ok(mut a) => 'renew: {
+                                        if a.live_certs.is_empty() {
+                                            // Written before schema 2 and not migrated.
+                                            a.live_certs.push(LiveCert {
+                                                serial: a.serial.clone(),
+                                                not_after: a.not_after,
+                                            });
+                                        }
+                                        a.live_certs.retain(|c| c.not_after > *now);
+                                        if a.live_certs.len() >= MAX_LIVE_CERTS {
+                                            break 'renew Err(StoreError::TooManyCerts {
+                                                agent: a.id.clone(),
+                                                oldest_expires: a
+                                                    .live_certs
+                                                    .iter()
+                                                    .map(|c| c.not_after)
+                                                    .min()
+                                                    .unwrap_or(*now),
+                                            });
+                                        }
+                                        a.live_certs.push(LiveCert {
+                                            serial: cert.serial.clone(),
+                                            not_after: cert.not_after,
+                                        });
                                         a.serial = cert.serial.clone();
                                         a.not_after = cert.not_after;
                                         a.renewed_at = Some(*now);
@@ -825,6 +1044,8 @@ mod tests {
             id: id.into(),
             secret_sha256: "00".into(),
             group: "g".into(),
+            group_id: "g-1".into(),
+            revoked_at: None,
             created_at: 0,
             expires_at: 100,
             uses_total: uses,
@@ -847,6 +1068,10 @@ mod tests {
             renewed_at: None,
             renewals: 0,
             removed_at: None,
+            live_certs: vec![LiveCert {
+                serial: format!("s-{id}"),
+                not_after: 10,
+            }],
         }
     }
 
@@ -976,6 +1201,140 @@ mod tests {
         let err = s.commit_renewal("a1", &cert("s3", "a1"), 7).unwrap_err();
         assert!(matches!(err, StoreError::AgentRemoved(_)));
         assert!(s.cert("s3").unwrap().is_none());
+    }
+
+    /// A store written by schema 1 (records without group ids, token bindings or
+    /// certificate lists) opens: groups get ids, tokens are bound to their group (or left
+    /// orphaned when the group of that name is newer, or deleted when it is gone), and
+    /// agents list their unexpired certificates, the earlier ones included.
+    #[test]
+    fn a_schema_1_store_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = crate::enroll::now_unix();
+        {
+            let s = SledStore::reopen(dir.path()).unwrap();
+            let put = |tree: &sled::Tree, key: &str, v: serde_json::Value| {
+                tree.insert(key.as_bytes(), serde_json::to_vec(&v).unwrap())
+                    .unwrap();
+            };
+            let group = |name: &str, created_at: i64| {
+                serde_json::json!({"name": name, "namespace": "ns", "service_account": "sa",
+                    "service": null, "ports": [], "labels": {}, "allowed_cidrs": [],
+                    "created_at": created_at})
+            };
+            put(&s.groups, "g", group("g", 100));
+            put(&s.groups, "g2", group("g2", 500));
+            let token = |id: &str, group: &str, created_at: i64| {
+                serde_json::json!({"id": id, "secret_sha256": "00", "group": group,
+                    "created_at": created_at, "expires_at": now + 100, "uses_total": 1,
+                    "uses_left": 1, "cidrs": []})
+            };
+            put(&s.tokens, "bound", token("bound", "g", 200));
+            put(&s.tokens, "orphan", token("orphan", "g2", 300));
+            put(&s.tokens, "gone", token("gone", "deleted", 300));
+            put(
+                &s.agents,
+                "a1",
+                serde_json::json!({"id": "a1", "group": "g", "spiffe_id": "spiffe://td/ns/ns/sa/sa",
+                    "hostname": "h", "address": "127.0.0.1", "token_id": "bound", "joined_at": 1,
+                    "serial": "s3", "not_after": now + 30, "renewed_at": 2, "renewals": 2,
+                    "removed_at": null}),
+            );
+            for (serial, not_after) in [("s1", now - 5), ("s2", now + 20), ("s3", now + 30)] {
+                put(
+                    &s.certs,
+                    serial,
+                    serde_json::to_value(cert(serial, "a1"))
+                        .map(|mut c| {
+                            c["not_after"] = not_after.into();
+                            c
+                        })
+                        .unwrap(),
+                );
+            }
+            s.meta.insert(b"schema_version", encode(&1u32)).unwrap();
+            s.flush().unwrap();
+        }
+        let s = SledStore::reopen(dir.path()).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        let g = s.group("g").unwrap().unwrap();
+        assert!(g.id.starts_with("g-"), "{g:?}");
+        assert_ne!(g.id, s.group("g2").unwrap().unwrap().id);
+        assert_eq!(s.token("bound").unwrap().unwrap().group_id, g.id);
+        assert_eq!(s.token("orphan").unwrap().unwrap().group_id, "");
+        assert!(s.token("gone").unwrap().is_none());
+        let serials: Vec<String> = s
+            .agent("a1")
+            .unwrap()
+            .unwrap()
+            .live_certs
+            .into_iter()
+            .map(|c| c.serial)
+            .collect();
+        assert_eq!(serials, ["s2", "s3"]);
+    }
+
+    /// Renewals add to the agent's unexpired certificates (expired ones leave the list);
+    /// at [`MAX_LIVE_CERTS`] a renewal is refused, naming when the oldest expires.
+    #[test]
+    fn renewals_keep_the_unexpired_certificates_up_to_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::reopen(dir.path()).unwrap();
+        s.create_token(&token("t", 1)).unwrap();
+        s.commit_join("t", &agent("a1"), &cert("s-a1", "a1"))
+            .unwrap();
+        let renew = |serial: &str, now: i64| {
+            let mut c = cert(serial, "a1");
+            c.not_after = now + 100;
+            s.commit_renewal("a1", &c, now)
+        };
+        // s-a1 expires at 10: gone from the list after a renewal at 20.
+        let a = renew("r0", 20).unwrap();
+        assert_eq!(a.live_certs.len(), 1);
+        for i in 1..MAX_LIVE_CERTS {
+            renew(&format!("r{i}"), 20).unwrap();
+        }
+        let err = renew("too-many", 20).unwrap_err();
+        assert!(err.to_string().contains("renewals resume"), "{err}");
+        let a = s.agent("a1").unwrap().unwrap();
+        assert_eq!(a.live_certs.len(), MAX_LIVE_CERTS);
+        assert_eq!(a.live_certs.first().unwrap().serial, "r0");
+        assert!(s.cert("too-many").unwrap().is_none());
+    }
+
+    /// Deleting a group deletes its tokens; revoking a token refuses its next join.
+    #[test]
+    fn group_deletion_takes_its_tokens_and_revoked_tokens_join_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::reopen(dir.path()).unwrap();
+        let group = GroupRecord {
+            group: WorkloadGroup {
+                name: "g".into(),
+                namespace: "ns".into(),
+                service_account: "sa".into(),
+                service: None,
+                ports: vec![],
+                labels: Default::default(),
+                allowed_cidrs: vec![],
+                mtls: Default::default(),
+                registry_source: None,
+            },
+            id: "g-1".into(),
+            created_at: 0,
+        };
+        s.create_group(&group).unwrap();
+        s.create_token(&token("t1", 2)).unwrap();
+        s.create_token(&token("t2", 2)).unwrap();
+        let revoked = s.revoke_token("t1", 7).unwrap();
+        assert_eq!(revoked.revoked_at, Some(7));
+        assert_eq!(s.revoke_token("t1", 9).unwrap().revoked_at, Some(7));
+        let err = s
+            .commit_join("t1", &agent("a1"), &cert("s1", "a1"))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::TokenRevoked { .. }), "{err}");
+        assert!(s.agent("a1").unwrap().is_none());
+        assert_eq!(s.delete_group("g").unwrap(), 2);
+        assert!(s.tokens().unwrap().is_empty());
     }
 
     #[test]

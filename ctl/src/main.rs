@@ -168,7 +168,7 @@ enum GroupCmd {
         /// Group name.
         name: String,
     },
-    /// Delete a group (refused while it has active agents).
+    /// Delete a group and its join tokens (refused while it has active agents).
     Delete {
         /// Group name.
         name: String,
@@ -192,8 +192,15 @@ enum TokenCmd {
         #[arg(long = "cidr")]
         cidrs: Vec<ipnet::IpNet>,
     },
-    /// List tokens (never their secrets).
+    /// List tokens (never their secrets) with their state: active, spent, expired,
+    /// revoked, or orphaned (made for a group that was deleted).
     List,
+    /// Revoke a token at once: it joins nothing from now on (agents that joined with it
+    /// stay; remove them with `agent remove`).
+    Revoke {
+        /// Token id (see `token list`).
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -205,8 +212,9 @@ enum AgentCmd {
         /// Agent id.
         id: String,
     },
-    /// Remove an agent: its certificate goes on the deny list pushed to every agent (new
-    /// tunnel connections refused, open ones cut) and its renewals are refused.
+    /// Remove an agent: every unexpired certificate it was issued goes on the deny list
+    /// pushed to every agent (new tunnel connections refused, open ones cut) and its
+    /// renewals are refused.
     Remove {
         /// Agent id.
         id: String,
@@ -588,12 +596,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         vec![
                             s(t, "id"),
                             s(t, "group"),
+                            s(t, "state"),
                             format!("{}/{}", s(t, "uses_left"), s(t, "uses_total")),
                             time(t, "expires_at"),
                         ]
                     })
                     .collect();
-                table(&["ID", "GROUP", "USES LEFT", "EXPIRES"], rows)
+                table(&["ID", "GROUP", "STATE", "USES LEFT", "EXPIRES"], rows)
+            });
+        }
+        Command::Token(TokenCmd::Revoke { id }) => {
+            let v = api
+                .call(Method::DELETE, &format!("/v1/tokens/{id}"), None)
+                .await?;
+            print(out, &v, |v| {
+                format!(
+                    "join token {} (group {}) revoked; joins with it are refused\n",
+                    s(v, "id"),
+                    s(v, "group")
+                )
             });
         }
         Command::Agent(AgentCmd::List) => {
@@ -638,7 +659,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?;
             print(out, &v, |v| {
                 format!(
-                    "agent {} removed; its certificate ({}) will not be renewed\n",
+                    "agent {} removed; its certificates are denied (newest {}) and will not be renewed\n",
                     s(v, "id"),
                     s(v, "serial")
                 )

@@ -121,6 +121,8 @@ pub struct Controller {
     /// CA fingerprint (hex).
     pub fingerprint: String,
     extra: Vec<String>,
+    /// A command the controller is started through (e.g. `prlimit --nofile=1024 --`).
+    prefix: Vec<String>,
 }
 
 impl Controller {
@@ -133,9 +135,38 @@ impl Controller {
             control: String::new(),
             fingerprint: String::new(),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            prefix: Vec::new(),
         };
         c.spawn(None);
         c
+    }
+
+    /// Starts with a config file written from `toml`, with the open-files limit (soft
+    /// and hard) at `nofile` from its first instruction on (through `prlimit`).
+    pub fn start_with_fd_limit(data_dir: &Path, toml: &str, nofile: u32) -> Self {
+        std::fs::create_dir_all(data_dir).expect("data dir");
+        let cfg = data_dir.with_extension("toml");
+        std::fs::write(&cfg, toml).expect("write config");
+        let mut c = Self {
+            data_dir: data_dir.to_owned(),
+            child: None,
+            admin: String::new(),
+            control: String::new(),
+            fingerprint: String::new(),
+            extra: vec!["--config".into(), cfg.to_str().expect("utf-8 path").into()],
+            prefix: vec![
+                "prlimit".into(),
+                format!("--nofile={nofile}:{nofile}"),
+                "--".into(),
+            ],
+        };
+        c.spawn(None);
+        c
+    }
+
+    /// The controller's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Starts with a config file written from `toml` (data dir and ports from the harness).
@@ -158,7 +189,15 @@ impl Controller {
         let control = control_listen
             .map(str::to_owned)
             .unwrap_or_else(|| format!("127.0.0.1:{}", unshared_port()));
-        let child = Command::new(bin("causeway-controller"))
+        let mut cmd = match self.prefix.split_first() {
+            None => Command::new(bin("causeway-controller")),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("causeway-controller"));
+                c
+            }
+        };
+        let child = cmd
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args([

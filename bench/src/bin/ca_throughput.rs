@@ -48,7 +48,7 @@ use causeway_controller::config::CaConfig;
 use causeway_controller::csr::{CsrKey, parse_csr};
 use causeway_controller::enroll::{Enroller, new_agent_id, now_unix, sha256_hex};
 use causeway_controller::store::{
-    AgentRecord, CertRecord, Enrollment, GroupRecord, SledStore, Store, TokenRecord,
+    AgentRecord, CertRecord, Enrollment, GroupRecord, LiveCert, SledStore, Store, TokenRecord,
 };
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
 
@@ -250,6 +250,8 @@ fn token(id: &str, secret: &[u8], uses: u32, now: i64) -> TokenRecord {
         id: id.into(),
         secret_sha256: sha256_hex(secret),
         group: "bench".into(),
+        group_id: "g-bench".into(),
+        revoked_at: None,
         created_at: now,
         expires_at: now + 24 * 3600,
         uses_total: uses,
@@ -292,6 +294,10 @@ fn fake_records(
                 renewed_at: None,
                 renewals: 0,
                 removed_at: None,
+                live_certs: vec![LiveCert {
+                    serial: format!("{tag}-{i:032x}"),
+                    not_after: now + 86400,
+                }],
             };
             let cert = CertRecord {
                 serial: agent.serial.clone(),
@@ -399,6 +405,7 @@ async fn run(args: &Args) -> Result<Vec<Row>> {
     let ca = Arc::new(Ca::load_or_create(&*store, &CaConfig::default(), &td, now)?);
     store.create_group(&GroupRecord {
         group: group(),
+        id: "g-bench".into(),
         created_at: now,
     })?;
     let secret = b"benchmark-secret-0123456789abcde".to_vec();
@@ -560,6 +567,10 @@ async fn run(args: &Args) -> Result<Vec<Row>> {
             renewed_at: None,
             renewals: 0,
             removed_at: None,
+            live_certs: vec![LiveCert {
+                serial: serial.clone(),
+                not_after: now + 86400,
+            }],
         };
         let cert = CertRecord {
             serial,

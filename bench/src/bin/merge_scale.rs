@@ -384,7 +384,7 @@ fn open_mesh(dir: &std::path::Path) -> Result<(Arc<Mesh>, Arc<dyn Store>)> {
         settings(),
         Vec::new(),
         &configured(),
-        BTreeSet::new(),
+        BTreeMap::new(),
     )?;
     Ok((mesh, store))
 }
