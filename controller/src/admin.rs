@@ -179,6 +179,7 @@ async fn group_create(
         .iter()
         .filter_map(|p| p.parse().map_err(|e| errors.push(format!("{e}"))).ok())
         .collect();
+    let body_mtls_given = body.mtls.is_some();
     let mtls: MtlsMode = match body.mtls.as_deref() {
         None => MtlsMode::default(),
         Some(m) => m.parse().unwrap_or_else(|e| {
@@ -208,8 +209,19 @@ async fn group_create(
         id: crate::enroll::new_group_id(),
         created_at: now_unix(),
     };
+    let explicit_mtls = body_mtls_given;
     s.store.create_group(&record)?;
     s.store.flush()?;
+    if explicit_mtls {
+        // `--mtls` is a shorthand: it writes the equivalent workload-level
+        // PeerAuthentication, which `get pa` shows and a later `apply` may replace.
+        let pa = crate::policy_admin::group_peer_authentication(&record.group);
+        let mesh = s.mesh.clone();
+        tokio::task::spawn_blocking(move || mesh.apply_policies(vec![pa], false))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+        s.store.flush()?;
+    }
     Ok((StatusCode::CREATED, Json(record)))
 }
 
@@ -233,8 +245,22 @@ async fn group_delete(
     State(s): State<AdminState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    let group = s.store.group(&name)?;
     let tokens = s.store.delete_group(&name)?;
     s.store.flush()?;
+    // The PeerAuthentication its `--mtls` wrote goes with it.
+    if let Some(g) = group {
+        let key = crate::store::PolicyRecord::key_of(
+            &crate::policy_admin::group_peer_authentication(&g.group),
+        );
+        if s.mesh.policies().contains_key(&key) {
+            let mesh = s.mesh.clone();
+            tokio::task::spawn_blocking(move || mesh.delete_policies(&[key]))
+                .await
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+            s.store.flush()?;
+        }
+    }
     tracing::info!(group = %name, tokens, "group deleted with its join tokens");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -24,6 +24,30 @@ use serde::Deserialize;
 use crate::admin::{AdminState, ApiError};
 use crate::mesh::{EndpointView, PolicyOutcome, ServiceView};
 
+/// The workload-level PeerAuthentication that `group create --mtls MODE` stands for:
+/// `group-<name>` in the group's namespace, selecting `causeway.io/group: <name>`.
+pub fn group_peer_authentication(group: &causeway_api::WorkloadGroup) -> Resource {
+    let mode = match group.mtls {
+        causeway_api::MtlsMode::Strict => "STRICT",
+        causeway_api::MtlsMode::Permissive => "PERMISSIVE",
+    };
+    let value = serde_json::json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "PeerAuthentication",
+        "metadata": {
+            "name": format!("group-{}", group.name),
+            "namespace": group.namespace,
+            "annotations": {"causeway.io/written-by": "causewayctl group create --mtls"},
+        },
+        "spec": {
+            "selector": {"matchLabels": {causeway_api::policy::GROUP_LABEL: group.name}},
+            "mtls": {"mode": mode},
+        },
+    });
+    causeway_api::policy::resource::decode_value(value)
+        .expect("the group's PeerAuthentication is well formed")
+}
+
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, msg)
 }

@@ -151,9 +151,11 @@ enum GroupCmd {
         /// Networks allowed to join (repeatable).
         #[arg(long = "cidr")]
         cidrs: Vec<ipnet::IpNet>,
-        /// mTLS mode.
-        #[arg(long, default_value = "permissive", value_parser = ["strict", "permissive"])]
-        mtls: String,
+        /// mTLS mode of the group's workloads: writes the equivalent workload-level
+        /// PeerAuthentication `group-<name>`. Without it, namespace and mesh
+        /// PeerAuthentications apply (PERMISSIVE when there is none).
+        #[arg(long, value_parser = ["strict", "permissive"])]
+        mtls: Option<String>,
         /// Join from an existing registry: SOURCE/SERVICE names a configured registry
         /// source (Consul, Eureka…) and the service as the mesh names it there. Each
         /// agent is bound to that registration at its own address: one endpoint with

@@ -375,3 +375,35 @@ fn why_names_the_deciding_policy() {
         describe(&out)
     );
 }
+
+#[test]
+fn group_mtls_flag_writes_the_equivalent_peer_authentication() {
+    let t = tempfile::tempdir().unwrap();
+    let ctl = Controller::start(&t.path().join("c"), &[]);
+    // Without --mtls nothing is written: namespace and mesh policies apply.
+    ctl.create_web_group();
+    assert_eq!(all_policies(&ctl), Vec::<String>::new());
+    ctl.ctl_ok(&[
+        "group",
+        "create",
+        "secure",
+        "--namespace",
+        "shop",
+        "--service-account",
+        "secure",
+        "--mtls",
+        "strict",
+    ]);
+    assert_eq!(
+        all_policies(&ctl),
+        vec!["PeerAuthentication/shop/group-secure".to_owned()]
+    );
+    let pa = ctl.ctl_json(&["get", "pa", "group-secure", "-n", "shop"]);
+    assert_eq!(pa["spec"]["mtls"]["mode"], "STRICT");
+    assert_eq!(
+        pa["spec"]["selector"]["matchLabels"]["causeway.io/group"],
+        "secure"
+    );
+    ctl.ctl_ok(&["group", "delete", "secure"]);
+    assert_eq!(all_policies(&ctl), Vec::<String>::new());
+}
