@@ -224,20 +224,27 @@ impl std::fmt::Display for Miss {
     }
 }
 
+/// One field of a `source`, compiled; a source keeps only the fields it sets, so matching
+/// walks only those.
+#[derive(Debug, Clone)]
+enum SourceCheck {
+    Principals(Vec<Pattern>),
+    NotPrincipals(Vec<Pattern>),
+    RequestPrincipals(Vec<Pattern>),
+    NotRequestPrincipals(Vec<Pattern>),
+    Namespaces(Vec<Pattern>),
+    NotNamespaces(Vec<Pattern>),
+    ServiceAccounts(Vec<(String, String)>),
+    NotServiceAccounts(Vec<(String, String)>),
+    IpBlocks(Vec<IpNet>),
+    NotIpBlocks(Vec<IpNet>),
+    RemoteIpBlocks(Vec<IpNet>),
+    NotRemoteIpBlocks(Vec<IpNet>),
+}
+
 #[derive(Debug, Clone, Default)]
 struct CSource {
-    principals: Vec<Pattern>,
-    not_principals: Vec<Pattern>,
-    request_principals: Vec<Pattern>,
-    not_request_principals: Vec<Pattern>,
-    namespaces: Vec<Pattern>,
-    not_namespaces: Vec<Pattern>,
-    service_accounts: Vec<(String, String)>,
-    not_service_accounts: Vec<(String, String)>,
-    ip_blocks: Vec<IpNet>,
-    not_ip_blocks: Vec<IpNet>,
-    remote_ip_blocks: Vec<IpNet>,
-    not_remote_ip_blocks: Vec<IpNet>,
+    checks: Vec<SourceCheck>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -369,20 +376,67 @@ fn compile_rule(rule: &Rule, policy_ns: &str) -> CRule {
         from.iter()
             .map(|f| {
                 let s = f.source.clone().unwrap_or_default();
-                CSource {
-                    principals: patterns(&s.principals, Pattern::principal),
-                    not_principals: patterns(&s.not_principals, Pattern::principal),
-                    request_principals: patterns(&s.request_principals, Pattern::new),
-                    not_request_principals: patterns(&s.not_request_principals, Pattern::new),
-                    namespaces: patterns(&s.namespaces, Pattern::new),
-                    not_namespaces: patterns(&s.not_namespaces, Pattern::new),
-                    service_accounts: service_accounts(&s.service_accounts, policy_ns),
-                    not_service_accounts: service_accounts(&s.not_service_accounts, policy_ns),
-                    ip_blocks: cidrs(&s.ip_blocks),
-                    not_ip_blocks: cidrs(&s.not_ip_blocks),
-                    remote_ip_blocks: cidrs(&s.remote_ip_blocks),
-                    not_remote_ip_blocks: cidrs(&s.not_remote_ip_blocks),
-                }
+                let mut checks = Vec::new();
+                let mut add = |present: bool, c: SourceCheck| {
+                    if present {
+                        checks.push(c);
+                    }
+                };
+                add(
+                    !s.principals.is_empty(),
+                    SourceCheck::Principals(patterns(&s.principals, Pattern::principal)),
+                );
+                add(
+                    !s.not_principals.is_empty(),
+                    SourceCheck::NotPrincipals(patterns(&s.not_principals, Pattern::principal)),
+                );
+                add(
+                    !s.request_principals.is_empty(),
+                    SourceCheck::RequestPrincipals(patterns(&s.request_principals, Pattern::new)),
+                );
+                add(
+                    !s.not_request_principals.is_empty(),
+                    SourceCheck::NotRequestPrincipals(patterns(
+                        &s.not_request_principals,
+                        Pattern::new,
+                    )),
+                );
+                add(
+                    !s.namespaces.is_empty(),
+                    SourceCheck::Namespaces(patterns(&s.namespaces, Pattern::new)),
+                );
+                add(
+                    !s.not_namespaces.is_empty(),
+                    SourceCheck::NotNamespaces(patterns(&s.not_namespaces, Pattern::new)),
+                );
+                add(
+                    !s.service_accounts.is_empty(),
+                    SourceCheck::ServiceAccounts(service_accounts(&s.service_accounts, policy_ns)),
+                );
+                add(
+                    !s.not_service_accounts.is_empty(),
+                    SourceCheck::NotServiceAccounts(service_accounts(
+                        &s.not_service_accounts,
+                        policy_ns,
+                    )),
+                );
+                add(
+                    !s.ip_blocks.is_empty(),
+                    SourceCheck::IpBlocks(cidrs(&s.ip_blocks)),
+                );
+                add(
+                    !s.not_ip_blocks.is_empty(),
+                    SourceCheck::NotIpBlocks(cidrs(&s.not_ip_blocks)),
+                );
+                add(
+                    !s.remote_ip_blocks.is_empty(),
+                    SourceCheck::RemoteIpBlocks(cidrs(&s.remote_ip_blocks)),
+                );
+                add(
+                    !s.not_remote_ip_blocks.is_empty(),
+                    SourceCheck::NotRemoteIpBlocks(cidrs(&s.not_remote_ip_blocks)),
+                );
+                CSource { checks }
             })
             .collect::<Vec<_>>()
     });
@@ -409,19 +463,19 @@ fn compile_rule(rule: &Rule, policy_ns: &str) -> CRule {
         .flatten()
         .filter_map(compile_condition)
         .collect();
-    let uses_http = from
-        .iter()
-        .flatten()
-        .any(|s| !s.request_principals.is_empty() || !s.not_request_principals.is_empty())
-        || to.iter().flatten().any(|o| {
-            !(o.hosts.is_empty()
-                && o.not_hosts.is_empty()
-                && o.methods.is_empty()
-                && o.not_methods.is_empty()
-                && o.paths.is_empty()
-                && o.not_paths.is_empty())
-        })
-        || when.iter().any(|c| c.http);
+    let uses_http = from.iter().flatten().flat_map(|s| &s.checks).any(|c| {
+        matches!(
+            c,
+            SourceCheck::RequestPrincipals(_) | SourceCheck::NotRequestPrincipals(_)
+        )
+    }) || to.iter().flatten().any(|o| {
+        !(o.hosts.is_empty()
+            && o.not_hosts.is_empty()
+            && o.methods.is_empty()
+            && o.not_methods.is_empty()
+            && o.paths.is_empty()
+            && o.not_paths.is_empty())
+    }) || when.iter().any(|c| c.http);
     CRule {
         from,
         to,
@@ -543,53 +597,39 @@ fn in_nets(list: &[IpNet], ip: IpAddr) -> bool {
 
 fn match_source(s: &CSource, ctx: &Ctx<'_, '_>) -> Result<(), Miss> {
     let req = ctx.req;
-    let principal = ctx.principal;
-    check(pos(&s.principals, principal), Miss::Source("principals"))?;
-    check(
-        neg(&s.not_principals, principal),
-        Miss::Source("notPrincipals"),
-    )?;
-    let ns = ctx.namespace;
-    check(pos(&s.namespaces, ns), Miss::Source("namespaces"))?;
-    check(neg(&s.not_namespaces, ns), Miss::Source("notNamespaces"))?;
-    let sa = ctx.service_account;
     let sa_in = |list: &[(String, String)]| {
-        sa.is_some_and(|(ns, sa)| list.iter().any(|(n, s)| n == ns && s == sa))
+        ctx.service_account
+            .is_some_and(|(ns, sa)| list.iter().any(|(n, s)| n == ns && s == sa))
     };
-    check(
-        s.service_accounts.is_empty() || sa_in(&s.service_accounts),
-        Miss::Source("serviceAccounts"),
-    )?;
-    check(
-        s.not_service_accounts.is_empty() || !sa_in(&s.not_service_accounts),
-        Miss::Source("notServiceAccounts"),
-    )?;
-    check(
-        s.ip_blocks.is_empty() || in_nets(&s.ip_blocks, req.source_ip),
-        Miss::Source("ipBlocks"),
-    )?;
-    check(
-        s.not_ip_blocks.is_empty() || !in_nets(&s.not_ip_blocks, req.source_ip),
-        Miss::Source("notIpBlocks"),
-    )?;
-    let remote = req.remote_ip.unwrap_or(req.source_ip);
-    check(
-        s.remote_ip_blocks.is_empty() || in_nets(&s.remote_ip_blocks, remote),
-        Miss::Source("remoteIpBlocks"),
-    )?;
-    check(
-        s.not_remote_ip_blocks.is_empty() || !in_nets(&s.not_remote_ip_blocks, remote),
-        Miss::Source("notRemoteIpBlocks"),
-    )?;
-    if let Some(http) = &req.http {
-        check(
-            pos(&s.request_principals, http.request_principal),
-            Miss::Source("requestPrincipals"),
-        )?;
-        check(
-            neg(&s.not_request_principals, http.request_principal),
-            Miss::Source("notRequestPrincipals"),
-        )?;
+    let remote = || req.remote_ip.unwrap_or(req.source_ip);
+    let request_principal = req.http.as_ref().and_then(|h| h.request_principal);
+    for c in &s.checks {
+        let (ok, field) = match c {
+            SourceCheck::Principals(l) => (pos(l, ctx.principal), "principals"),
+            SourceCheck::NotPrincipals(l) => (neg(l, ctx.principal), "notPrincipals"),
+            SourceCheck::Namespaces(l) => (pos(l, ctx.namespace), "namespaces"),
+            SourceCheck::NotNamespaces(l) => (neg(l, ctx.namespace), "notNamespaces"),
+            SourceCheck::ServiceAccounts(l) => (sa_in(l), "serviceAccounts"),
+            SourceCheck::NotServiceAccounts(l) => (!sa_in(l), "notServiceAccounts"),
+            SourceCheck::IpBlocks(l) => (in_nets(l, req.source_ip), "ipBlocks"),
+            SourceCheck::NotIpBlocks(l) => (!in_nets(l, req.source_ip), "notIpBlocks"),
+            SourceCheck::RemoteIpBlocks(l) => (in_nets(l, remote()), "remoteIpBlocks"),
+            SourceCheck::NotRemoteIpBlocks(l) => (!in_nets(l, remote()), "notRemoteIpBlocks"),
+            // On TCP these are dropped (a DENY rule applies without them; an ALLOW rule
+            // with them never got here).
+            SourceCheck::RequestPrincipals(_) | SourceCheck::NotRequestPrincipals(_)
+                if req.http.is_none() =>
+            {
+                (true, "")
+            }
+            SourceCheck::RequestPrincipals(l) => (pos(l, request_principal), "requestPrincipals"),
+            SourceCheck::NotRequestPrincipals(l) => {
+                (neg(l, request_principal), "notRequestPrincipals")
+            }
+        };
+        if !ok {
+            return Err(Miss::Source(field));
+        }
     }
     Ok(())
 }
