@@ -26,7 +26,8 @@ struct Args {
     /// Data directory (store, admin.token). Overrides `data_dir` in the config file.
     #[arg(long, env = "CAUSEWAY_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// TOML config file; without it the controller runs on defaults.
+    /// TOML config file [default: /etc/causeway/controller.toml when it exists, else
+    /// built-in defaults; the folder is $CAUSEWAY_CONFIG_DIR if set].
     #[arg(long, env = "CAUSEWAY_CONFIG")]
     config: Option<PathBuf>,
     /// Admin API listen address (default 127.0.0.1:15080).
@@ -59,8 +60,7 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            logging::fatal(&e);
             std::process::ExitCode::FAILURE
         }
     }
@@ -104,9 +104,24 @@ fn default_advertise(listen: SocketAddr) -> String {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut cfg = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
+    let default_path = std::env::var_os("CAUSEWAY_CONFIG_DIR")
+        .map_or_else(|| PathBuf::from("/etc/causeway"), PathBuf::from)
+        .join("controller.toml");
+    let mut cfg = match args
+        .config
+        .or_else(|| Some(default_path.clone()).filter(|p| p.exists()))
+    {
+        Some(path) => {
+            tracing::info!(path = %path.display(), "reading the configuration");
+            Config::load(&path)?
+        }
+        None => {
+            tracing::info!(
+                "no {} and no --config: running on the built-in defaults",
+                default_path.display()
+            );
+            Config::default()
+        }
     };
     if let Some(d) = args.data_dir {
         cfg.data_dir = d;

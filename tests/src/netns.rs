@@ -311,9 +311,10 @@ impl Proc {
         })
     }
     fn name(&self) -> String {
-        self.log
-            .file_stem()
-            .map_or_else(|| "the process".to_owned(), |s| s.to_string_lossy().into_owned())
+        self.log.file_stem().map_or_else(
+            || "the process".to_owned(),
+            |s| s.to_string_lossy().into_owned(),
+        )
     }
     /// SIGTERM, then waits for the exit.
     pub fn stop(&mut self) {
@@ -355,15 +356,14 @@ mod tests {
             .expect("spawn sh");
         let mut proc = Proc::adopt(child, &log);
         let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            proc.wait_for("a file that never appears", std::time::Duration::from_secs(600), || {
-                None::<()>
-            })
+            proc.wait_for(
+                "a file that never appears",
+                std::time::Duration::from_secs(600),
+                || None::<()>,
+            )
         }))
         .expect_err("the wait must fail");
-        let msg = err
-            .downcast_ref::<String>()
-            .cloned()
-            .unwrap_or_default();
+        let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
         assert!(msg.contains("fake-registries exited"), "{msg}");
         assert!(msg.contains("fixture missing: /x/consul.http"), "{msg}");
         assert!(msg.contains("a file that never appears"), "{msg}");

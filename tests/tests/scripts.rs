@@ -152,7 +152,9 @@ fn the_test_summary_counts_every_binary_and_names_the_failures() {
 
 #[test]
 fn the_test_summary_of_a_clean_run_passes() {
-    let start = FAILING.find("     Running tests/ok.rs").expect("ok.rs part");
+    let start = FAILING
+        .find("     Running tests/ok.rs")
+        .expect("ok.rs part");
     let end = FAILING.find("error: 2 targets").expect("end");
     let clean = &FAILING[start..end];
     let out = summary(clean);
