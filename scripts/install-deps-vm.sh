@@ -5,7 +5,7 @@
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 export DEBIAN_FRONTEND=noninteractive
-pkgs=(debootstrap systemd-container ansible lintian dpkg-dev fakeroot help2man binutils zstd openssh-client iproute2 iptables util-linux python3 curl ca-certificates)
+pkgs=(debootstrap systemd-container ansible lintian dpkg-dev fakeroot binutils zstd openssh-client iproute2 iptables util-linux python3 curl ca-certificates)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

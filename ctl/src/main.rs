@@ -20,17 +20,34 @@ struct Cli {
         long,
         global = true,
         env = "CAUSEWAY_CONTROLLER",
+        help_heading = "Global options",
         default_value = "http://127.0.0.1:15080"
     )]
     controller: String,
     /// File holding the admin credential (default: the controller's data dir).
-    #[arg(long, global = true, env = "CAUSEWAY_ADMIN_TOKEN_FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "CAUSEWAY_ADMIN_TOKEN_FILE",
+        help_heading = "Global options"
+    )]
     admin_token_file: Option<PathBuf>,
     /// PEM CA certificate to trust for an https admin API.
-    #[arg(long, global = true, env = "CAUSEWAY_CA_FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "CAUSEWAY_CA_FILE",
+        help_heading = "Global options"
+    )]
     ca_file: Option<PathBuf>,
     /// Output format of list and show commands.
-    #[arg(long, global = true, value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        help_heading = "Global options"
+    )]
     output: Output,
     #[command(subcommand)]
     command: Command,
@@ -59,11 +76,15 @@ enum Command {
     /// The merged registry.
     #[command(subcommand)]
     Registry(RegistryCmd),
-    /// Print shell completions.
+    /// Print shell completions, e.g. `causewayctl completions bash >
+    /// /etc/bash_completion.d/causewayctl`.
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Print the man page (roff), e.g. `causewayctl man | man -l -`.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Subcommand, Debug)]
@@ -383,19 +404,23 @@ fn print(output: Output, value: &Value, text: impl FnOnce(&Value) -> String) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     use reqwest::Method;
-    if let Command::Completions { shell } = &cli.command {
-        clap_complete::generate(
-            *shell,
-            &mut Cli::command(),
-            "causewayctl",
-            &mut std::io::stdout(),
-        );
-        return Ok(());
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "causewayctl", &mut buf);
+            return write_stdout(&buf);
+        }
+        Command::Man => {
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut buf)?;
+            return write_stdout(&buf);
+        }
+        _ => {}
     }
     let api = Api::new(&cli)?;
     let out = cli.output;
     match &cli.command {
-        Command::Completions { .. } => unreachable!("handled above"),
+        Command::Completions { .. } | Command::Man => unreachable!("handled above"),
         Command::Group(GroupCmd::Create {
             name,
             namespace,
@@ -771,6 +796,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes to stdout; a reader that stopped early (`| head -3`) is not an error.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("cannot write to stdout"))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn main() -> ExitCode {

@@ -9,7 +9,7 @@ use causeway_agent::config::{AgentConfig, DEFAULT_STATE_DIR};
 use causeway_agent::identity::{IdentityError, StateDir};
 use causeway_agent::{client, dataplane, logging, run, status};
 use causeway_api::JoinToken;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 
 /// The Causeway node agent.
 #[derive(Parser, Debug)]
@@ -87,6 +87,15 @@ enum Command {
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Print shell completions, e.g. `causeway-agent completions bash >
+    /// /etc/bash_completion.d/causeway-agent`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `causeway-agent man | man -l -`.
+    #[command(hide = true)]
+    Man,
     /// Show identity, expiry, controller connection and config version.
     Status {
         /// State directory.
@@ -158,8 +167,34 @@ fn fmt_time(unix: i64) -> String {
     .to_string()
 }
 
+/// Writes to stdout; a reader that stopped early (`| head -3`) is not an error.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("cannot write to stdout"))
+        }
+        _ => Ok(()),
+    }
+}
+
 async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
+        Command::Completions { shell } => {
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Args::command(), "causeway-agent", &mut buf);
+            write_stdout(&buf)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(Args::command())
+                .section("8")
+                .render(&mut buf)?;
+            write_stdout(&buf)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Join {
             token,
             token_file,

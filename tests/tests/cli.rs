@@ -202,3 +202,77 @@ fn the_default_config_files_are_read_and_config_overrides_them() {
     assert!(err.contains("from_the_given_file"), "{err}");
     assert!(!err.contains("from_the_default_file"), "{err}");
 }
+
+/// Completions for all three binaries, and no panic when the reader closes the pipe early
+/// (`causewayctl completions bash | head -3` panicked on the broken pipe).
+#[test]
+fn completions_for_every_binary_survive_a_closed_pipe() {
+    for b in ["causewayctl", "causeway-agent", "causeway-controller"] {
+        let out = run(b, &["completions", "bash"], &[]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{b}: {}", describe(&out));
+        assert!(text.contains("complete -F"), "{b}: {text}");
+        let out = run(b, &["completions", "zsh"], &[]);
+        assert!(out.status.success(), "{b} zsh: {}", describe(&out));
+
+        // The reader is gone before the first write (as after `| head -3` once head has
+        // its lines): every write fails with EPIPE; the binary must exit quietly.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(bin(b))
+            .args(["completions", "bash"])
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert!(out.status.success(), "{b}: {}", describe(&out));
+        assert!(!err.contains("panicked"), "{b}: {err}");
+    }
+}
+
+/// A man page from each binary's own CLI definition (clap_mangen), with its options.
+#[test]
+fn every_binary_renders_its_man_page() {
+    for (b, section, option) in [
+        ("causewayctl", "1", "controller"),
+        ("causeway-agent", "8", "doctor"),
+        ("causeway-controller", "8", "data\\-dir"),
+    ] {
+        let out = run(b, &["man"], &[]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{b}: {}", describe(&out));
+        assert!(text.contains(&format!(".TH {b} {section}")), "{b}: {text}");
+        assert!(text.contains(option), "{b}: {text}");
+    }
+}
+
+/// `group create --help` listed its required options among the global ones; the global
+/// ones now come after, under their own heading.
+#[test]
+fn group_create_help_shows_its_required_options_first() {
+    let out = run("causewayctl", &["group", "create", "--help"], &[]);
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", describe(&out));
+    let at = |s: &str| {
+        help.find(s)
+            .unwrap_or_else(|| panic!("{s} not in:\n{help}"))
+    };
+    let global = at("Global options:");
+    assert!(at("--namespace <NAMESPACE>") < global, "{help}");
+    assert!(at("--service-account <SERVICE_ACCOUNT>") < global, "{help}");
+    assert!(
+        at("--namespace <NAMESPACE>") < at("--service <SERVICE>"),
+        "{help}"
+    );
+    for g in [
+        "--controller",
+        "--admin-token-file",
+        "--ca-file",
+        "--output",
+    ] {
+        assert!(
+            at(g) > global,
+            "{g} should be under Global options:\n{help}"
+        );
+    }
+}
