@@ -1,16 +1,63 @@
 #!/usr/bin/env bash
 # Local mesh demo on the embedded store: a controller on a temporary sled directory,
-# a workload group, a join token, and an agent that joins, renews and reports status.
+# a workload group, a join token, and an agent that joins, renews and reports status;
+# as root, then two "VMs" (network namespaces) talking through their agents.
+#
+# Usage: scripts/demo.sh [--preflight]
+#   --preflight  only check (and install, as root) what the demo needs, then exit.
+# CAUSEWAY_NO_INSTALL=1 installs nothing: a missing tool stops the demo with its name.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-echo "==> building (cargo build --workspace --bins)"
-cargo build --workspace --bins --quiet
+
+# What each part needs, as command:Debian package (the same install function as
+# scripts/install-deps-*.sh, which the tests use).
+BASE_TOOLS=(python3:python3)
+VM_TOOLS=(ip:iproute2 iptables:iptables iptables-save:iptables nft:nftables getent:libc-bin python3:python3)
+two_vms() { [ "$(id -u)" = 0 ]; }
+preflight() {
+  command -v cargo >/dev/null 2>&1 || {
+    echo "error: cargo not found on PATH; install the Rust toolchain (https://rustup.rs)" >&2
+    return 1
+  }
+  ensure_tools "${BASE_TOOLS[@]}" || { echo "error: the demo cannot run without the tools above" >&2; return 1; }
+  if [ "${1:-}" = all ] || two_vms; then
+    ensure_tools "${VM_TOOLS[@]}" || {
+      echo "error: the demo's two-VM part (network namespaces, capture rules, DNS capture) cannot run without the tools above" >&2
+      return 1
+    }
+  fi
+}
+if [ "${1:-}" = --preflight ]; then
+  preflight all
+  echo "==> preflight: everything the demo needs is present"
+  exit 0
+fi
+preflight
+two_vms || echo "==> not root: the demo will skip its two-VM part (network namespaces need root)"
+
+echo "==> building (cargo build --workspace --bins; a cold build takes about 13 minutes on 2 cores)"
+cargo build --workspace --bins
 B="$CARGO_TARGET_DIR/debug"
 work=$(mktemp -d -t causeway-demo.XXXXXX)
 pids=()
 netns=()
+# On failure, the last lines of every log before cleanup removes them.
+show_logs() {
+  local f
+  for f in "$work"/*.log; do
+    [ -s "$f" ] || continue
+    echo "---- last lines of $(basename "$f") ----" >&2
+    tail -n 25 "$f" >&2
+  done
+}
 cleanup() {
+  local rc=$?
+  if [ "$rc" != 0 ]; then
+    echo "==> the demo failed (exit $rc); the logs:" >&2
+    show_logs
+  fi
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   for n in "${netns[@]}"; do
@@ -19,6 +66,7 @@ cleanup() {
     rm -rf "/etc/netns/$n"
   done
   rm -rf "$work"
+  exit "$rc"
 }
 trap cleanup EXIT
 
@@ -27,7 +75,7 @@ echo "==> starting causeway-controller (data dir $work/controller)"
   --control-listen 127.0.0.1:0 2>"$work/controller.log" &
 pids+=($!)
 for _ in $(seq 100); do [ -f "$work/controller/endpoints.json" ] && break; sleep 0.1; done
-[ -f "$work/controller/endpoints.json" ] || { cat "$work/controller.log"; exit 1; }
+[ -f "$work/controller/endpoints.json" ] || { echo "error: the controller did not start" >&2; exit 1; }
 admin=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin"])' "$work/controller/endpoints.json")
 export CAUSEWAY_CONTROLLER="$admin" CAUSEWAY_ADMIN_TOKEN_FILE="$work/controller/admin.token"
 "$B/causewayctl" ca show
@@ -56,8 +104,8 @@ echo "==> causewayctl agent list"
 echo "==> causewayctl registry list (the agent registered its workload, with a VIP)"
 "$B/causewayctl" registry list
 
-if [ "$(id -u)" != 0 ] || ! command -v ip >/dev/null || ! command -v iptables >/dev/null; then
-  echo "==> skipping the two-VM part: it needs root, ip and iptables (network namespaces, capture)"
+if ! two_vms; then
+  echo "==> skipping the two-VM part: it needs root (network namespaces, capture rules)"
   echo "==> demo done; everything under $work is removed"
   exit 0
 fi
@@ -87,7 +135,7 @@ in_ns ctl "$B/causeway-controller" --data-dir "$work/mesh" --admin-listen 127.0.
   --control-listen "$addr_ctl:15012" 2>"$work/mesh-controller.log" &
 pids+=($!)
 for _ in $(seq 100); do [ -f "$work/mesh/endpoints.json" ] && break; sleep 0.1; done
-[ -f "$work/mesh/endpoints.json" ] || { cat "$work/mesh-controller.log"; exit 1; }
+[ -f "$work/mesh/endpoints.json" ] || { echo "error: the controller in ctl did not start" >&2; exit 1; }
 ctl() { in_ns ctl env CAUSEWAY_CONTROLLER=http://127.0.0.1:15080 CAUSEWAY_ADMIN_TOKEN_FILE="$work/mesh/admin.token" "$B/causewayctl" "$@"; }
 ctl group create web --namespace default --service-account web --service web --port http:8080 >/dev/null
 ctl group create client --namespace default --service-account client --service client --port http:7070 >/dev/null
@@ -110,7 +158,7 @@ except Exception: pass' "$work/vm1-mesh/config.json" 2>/dev/null)
   [ -n "$vip" ] && grep -q -- "-d $addr_vm2/32 " "$work/vm1-mesh/capture.rules" 2>/dev/null && break
   sleep 0.1
 done
-[ -n "$vip" ] || { cat "$work/vm1-agent.log"; exit 1; }
+[ -n "$vip" ] || { echo "error: vm1's agent did not get the web service's VIP and capture rules" >&2; exit 1; }
 fetch='import sys, urllib.request; r = urllib.request.urlopen(sys.argv[1], timeout=10); print(r.status, r.reason, len(r.read()), "bytes")'
 echo "==> from vm1: GET http://$vip:8080/ (the web service's VIP)"
 in_ns vm1 python3 -c "$fetch" "http://$vip:8080/"

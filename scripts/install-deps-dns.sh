@@ -4,17 +4,8 @@
 # fail-open DNS capture), taskset (util-linux). dnsmasq-base, not dnsmasq: the latter
 # ships a service that would start on the host and take port 53.
 set -euo pipefail
-need=()
-for pair in dig:dnsutils dnsmasq:dnsmasq-base dnsperf:dnsperf nft:nftables taskset:util-linux python3:python3-minimal; do
-    cmd=${pair%%:*}
-    pkg=${pair#*:}
-    command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+. "$(dirname "$0")/lib.sh"
+ensure_tools dig:dnsutils dnsmasq:dnsmasq-base dnsperf:dnsperf nft:nftables taskset:util-linux python3:python3-minimal
 # If a full dnsmasq package is installed anyway, its service must not hold port 53.
 if systemctl list-unit-files dnsmasq.service >/dev/null 2>&1 \
     && systemctl is-enabled dnsmasq.service >/dev/null 2>&1; then

@@ -7,6 +7,7 @@
 # Idempotent and non-interactive: a package already at the pinned version is left alone.
 # Usage: scripts/install-deps-registry.sh   (uses $PYTHON, default python3)
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 
 PYTHON="${PYTHON:-python3}"
 PY_CONSUL_VERSION="1.8.0"
@@ -15,17 +16,13 @@ KUBECTL_VERSION="1.37.1"
 
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
     echo "install-deps-registry: $PYTHON not found; installing python3 and pip with apt-get" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq python3 python3-pip >/dev/null
+    apt_install python3 python3-pip
     PYTHON=python3
 fi
 
 if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
     echo "install-deps-registry: pip missing for $PYTHON; installing python3-pip with apt-get" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq python3-pip >/dev/null
+    apt_install python3-pip
 fi
 
 have() {

@@ -11,6 +11,7 @@
 pub mod duration;
 pub mod group;
 pub mod identity;
+pub mod netvalue;
 pub mod pem;
 pub mod policy;
 pub mod push;
@@ -49,9 +50,54 @@ pub fn unhex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// An error and its causes on one line, `outer: cause: root cause`, each cause once: a
+/// cause whose text the message already contains (an error that prints its source in its
+/// own message, like `cannot read x: No such file`) is not repeated.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = e.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug)]
+    struct Wrap(String, Option<Box<dyn std::error::Error + 'static>>);
+    impl std::fmt::Display for Wrap {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+    impl std::error::Error for Wrap {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref()
+        }
+    }
+
+    /// `cannot read x: No such file (os error 2): No such file (os error 2)` was printed
+    /// when an error carried its source both in its text and as its source.
+    #[test]
+    fn error_chain_names_each_cause_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let io_text = io.to_string();
+        let inner = Wrap(format!("cannot read /x: {io_text}"), Some(Box::new(io)));
+        let outer = Wrap("cannot start".into(), Some(Box::new(inner)));
+        let text = error_chain(&outer);
+        assert_eq!(text, format!("cannot start: cannot read /x: {io_text}"));
+        assert_eq!(text.matches(&io_text).count(), 1, "{text}");
+        let plain = Wrap("a".into(), Some(Box::new(Wrap("b".into(), None))));
+        assert_eq!(error_chain(&plain), "a: b");
+    }
 
     #[test]
     fn hex_round_trip() {

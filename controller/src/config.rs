@@ -64,6 +64,7 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Address to listen on. Anything but loopback requires `tls_cert` and `tls_key`.
+    #[serde(deserialize_with = "causeway_api::netvalue::deserialize")]
     pub listen: SocketAddr,
     /// PEM certificate chain for HTTPS on the admin API.
     pub tls_cert: Option<PathBuf>,
@@ -90,6 +91,7 @@ pub struct AdminConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
     /// UDP address of the QUIC control endpoint.
+    #[serde(deserialize_with = "causeway_api::netvalue::deserialize")]
     pub listen: SocketAddr,
     /// `host:port` agents use to reach the controller; written into join tokens.
     /// Default: the listen address, or this host's outbound address when listening on all.
@@ -129,6 +131,7 @@ pub struct TokenConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MeshConfig {
     /// IPv4 range that service VIPs are allocated from.
+    #[serde(deserialize_with = "causeway_api::netvalue::deserialize")]
     pub vip_range: ipnet::Ipv4Net,
     /// How long an agent's workload stays registered after its connection is lost.
     #[serde(with = "causeway_api::duration")]

@@ -17,7 +17,7 @@ use causeway_controller::mesh::{Mesh, MeshSettings};
 use causeway_controller::store::{SledStore, Store};
 use causeway_controller::{admin_server, logging, tls_listener};
 use causeway_registry::{SourceOptions, spawn_sources};
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
 
 /// The Causeway controller: CA, join tokens, store and control endpoint.
 #[derive(Parser, Debug)]
@@ -26,7 +26,8 @@ struct Args {
     /// Data directory (store, admin.token). Overrides `data_dir` in the config file.
     #[arg(long, env = "CAUSEWAY_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// TOML config file; without it the controller runs on defaults.
+    /// TOML config file [default: /etc/causeway/controller.toml when it exists, else
+    /// built-in defaults; the folder is $CAUSEWAY_CONFIG_DIR if set].
     #[arg(long, env = "CAUSEWAY_CONFIG")]
     config: Option<PathBuf>,
     /// Admin API listen address (default 127.0.0.1:15080).
@@ -41,10 +42,64 @@ struct Args {
     /// SPIFFE trust domain (default causeway.local).
     #[arg(long)]
     trust_domain: Option<String>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+/// Without a subcommand the controller runs.
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Print shell completions, e.g. `causeway-controller completions bash >
+    /// /etc/bash_completion.d/causeway-controller`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `causeway-controller man | man -l -`.
+    #[command(hide = true)]
+    Man,
+}
+
+/// Writes to stdout; a reader that stopped early (`| head -3`) is not an error.
+fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
+    }
+}
+
+/// Prints completions or the man page.
+fn print_cli_doc(cmd: &Cmd) -> std::process::ExitCode {
+    let mut buf = Vec::new();
+    let rendered = match cmd {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Args::command(),
+                "causeway-controller",
+                &mut buf,
+            );
+            Ok(())
+        }
+        Cmd::Man => clap_mangen::Man::new(Args::command())
+            .section("8")
+            .render(&mut buf),
+    };
+    match rendered.and_then(|()| write_stdout(&buf)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write to stdout: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(cmd) = &args.command {
+        return print_cli_doc(cmd);
+    }
     logging::init("info");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -59,8 +114,7 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            logging::fatal(&e);
             std::process::ExitCode::FAILURE
         }
     }
@@ -104,9 +158,24 @@ fn default_advertise(listen: SocketAddr) -> String {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut cfg = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
+    let default_path = std::env::var_os("CAUSEWAY_CONFIG_DIR")
+        .map_or_else(|| PathBuf::from("/etc/causeway"), PathBuf::from)
+        .join("controller.toml");
+    let mut cfg = match args
+        .config
+        .or_else(|| Some(default_path.clone()).filter(|p| p.exists()))
+    {
+        Some(path) => {
+            tracing::info!(path = %path.display(), "reading the configuration");
+            Config::load(&path)?
+        }
+        None => {
+            tracing::info!(
+                "no {} and no --config: running on the built-in defaults",
+                default_path.display()
+            );
+            Config::default()
+        }
     };
     if let Some(d) = args.data_dir {
         cfg.data_dir = d;

@@ -22,17 +22,34 @@ struct Cli {
         long,
         global = true,
         env = "CAUSEWAY_CONTROLLER",
+        help_heading = "Global options",
         default_value = "http://127.0.0.1:15080"
     )]
     controller: String,
     /// File holding the admin credential (default: the controller's data dir).
-    #[arg(long, global = true, env = "CAUSEWAY_ADMIN_TOKEN_FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "CAUSEWAY_ADMIN_TOKEN_FILE",
+        help_heading = "Global options"
+    )]
     admin_token_file: Option<PathBuf>,
     /// PEM CA certificate to trust for an https admin API.
-    #[arg(long, global = true, env = "CAUSEWAY_CA_FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "CAUSEWAY_CA_FILE",
+        help_heading = "Global options"
+    )]
     ca_file: Option<PathBuf>,
     /// Output format of list and show commands.
-    #[arg(long, global = true, value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        help_heading = "Global options"
+    )]
     output: Output,
     #[command(subcommand)]
     command: Command,
@@ -120,11 +137,15 @@ enum Command {
         #[arg(long = "header", value_parser = parse_header)]
         headers: Vec<(String, String)>,
     },
-    /// Print shell completions.
+    /// Print shell completions, e.g. `causewayctl completions bash >
+    /// /etc/bash_completion.d/causewayctl`.
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Print the man page (roff), e.g. `causewayctl man | man -l -`.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Subcommand, Debug)]
@@ -300,9 +321,10 @@ impl Api {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.map_err(|e| {
-            anyhow::anyhow!("cannot reach the controller at {}: {e}; is causeway-controller running? (set --controller or CAUSEWAY_CONTROLLER)", self.base)
-        })?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!(send_error(&self.base, &e)))?;
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
         let value: Value = if text.trim().is_empty() {
@@ -320,6 +342,79 @@ impl Api {
         }
         Ok(value)
     }
+}
+
+/// Why a request got no HTTP answer: nothing listening (or no route) is told apart from a
+/// server that answered in another protocol (https:// to a plain HTTP admin API, or the
+/// reverse), and a TLS certificate that is not trusted.
+fn send_error(base: &str, e: &reqwest::Error) -> String {
+    use std::io::ErrorKind as K;
+    let chain = causeway_api::error_chain(e);
+    let mut tls = None;
+    let mut io_kind = None;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        // An io::Error hides the error it wraps from source(): look inside it too.
+        let mut inner = Some(c);
+        while let Some(i) = inner {
+            inner = None;
+            if let Some(t) = i.downcast_ref::<rustls::Error>() {
+                tls = Some(t.clone());
+            } else if let Some(io) = i.downcast_ref::<std::io::Error>() {
+                io_kind = io_kind.or(Some(io.kind()));
+                inner = io
+                    .get_ref()
+                    .map(|w| w as &(dyn std::error::Error + 'static));
+            }
+        }
+        cause = c.source();
+    }
+    let https = base.starts_with("https:");
+    if e.is_timeout() {
+        return format!(
+            "the controller at {base} did not answer within 30 s ({chain}); is the address right? (set --controller or CAUSEWAY_CONTROLLER)"
+        );
+    }
+    match tls {
+        Some(rustls::Error::InvalidCertificate(_))
+        | Some(rustls::Error::NoCertificatesPresented) => {
+            return format!(
+                "the controller at {base} answered, but its TLS certificate is not trusted ({chain}); pass the CA that signed the admin API's certificate with --ca-file (or CAUSEWAY_CA_FILE)"
+            );
+        }
+        Some(_) => {
+            return format!(
+                "the controller at {base} is reachable, but the TLS handshake failed ({chain}); if its admin API serves plain HTTP (no admin.tls_cert in controller.toml), use {}",
+                base.replacen("https:", "http:", 1)
+            );
+        }
+        None => {}
+    }
+    let unreachable = matches!(
+        io_kind,
+        Some(
+            K::ConnectionRefused
+                | K::HostUnreachable
+                | K::NetworkUnreachable
+                | K::AddrNotAvailable
+                | K::TimedOut
+                | K::NotFound
+        )
+    );
+    if e.is_connect() && (unreachable || !https) {
+        return format!(
+            "cannot reach the controller at {base} ({chain}); is causeway-controller running and listening there? (set --controller or CAUSEWAY_CONTROLLER; the admin API listens on http://127.0.0.1:15080 by default)"
+        );
+    }
+    if !https {
+        return format!(
+            "the controller at {base} is reachable, but did not answer in HTTP ({chain}); if its admin API serves HTTPS (admin.tls_cert in controller.toml), use {} with --ca-file",
+            base.replacen("http:", "https:", 1)
+        );
+    }
+    format!(
+        "the request to the controller at {base} failed ({chain}); is causeway-controller running there? (set --controller or CAUSEWAY_CONTROLLER)"
+    )
 }
 
 fn s(v: &Value, k: &str) -> String {
@@ -388,19 +483,23 @@ fn print(output: Output, value: &Value, text: impl FnOnce(&Value) -> String) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     use reqwest::Method;
-    if let Command::Completions { shell } = &cli.command {
-        clap_complete::generate(
-            *shell,
-            &mut Cli::command(),
-            "causewayctl",
-            &mut std::io::stdout(),
-        );
-        return Ok(());
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "causewayctl", &mut buf);
+            return write_stdout(&buf);
+        }
+        Command::Man => {
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut buf)?;
+            return write_stdout(&buf);
+        }
+        _ => {}
     }
     let api = Api::new(&cli)?;
     let out = cli.output;
     match &cli.command {
-        Command::Completions { .. } => unreachable!("handled above"),
+        Command::Completions { .. } | Command::Man => unreachable!("handled above"),
         Command::Apply {
             files,
             namespace,
@@ -844,6 +943,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes to stdout; a reader that stopped early (`| head -3`) is not an error.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("cannot write to stdout"))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -860,7 +971,7 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", causeway_api::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -33,3 +33,14 @@ pub fn init(default: &str) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
+
+/// Reports the error that ends the process, once: an `error` priority entry when logging
+/// goes to the journal (`journalctl -p err` shows it), else one `error: ...` line on stderr.
+pub fn fatal(error: &anyhow::Error) {
+    let text = causeway_api::error_chain(error.as_ref());
+    if systemd_journal_logger::connected_to_journal() {
+        tracing::error!("{text}");
+    } else {
+        eprintln!("error: {text}");
+    }
+}

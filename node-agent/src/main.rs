@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use causeway_agent::config::{AgentConfig, DEFAULT_STATE_DIR};
-use causeway_agent::identity::StateDir;
+use causeway_agent::identity::{IdentityError, StateDir};
 use causeway_agent::{client, dataplane, logging, run, status};
 use causeway_api::JoinToken;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 
 /// The Causeway node agent.
 #[derive(Parser, Debug)]
@@ -46,7 +46,8 @@ enum Command {
     },
     /// Run the agent service.
     Run {
-        /// TOML config file.
+        /// TOML config file [default: /etc/causeway/agent.toml when it exists, else
+        /// built-in defaults; the folder is $CAUSEWAY_CONFIG_DIR if set].
         #[arg(long, env = "CAUSEWAY_AGENT_CONFIG")]
         config: Option<PathBuf>,
         /// State directory (overrides the config file).
@@ -86,6 +87,15 @@ enum Command {
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Print shell completions, e.g. `causeway-agent completions bash >
+    /// /etc/bash_completion.d/causeway-agent`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `causeway-agent man | man -l -`.
+    #[command(hide = true)]
+    Man,
     /// Show identity, expiry, controller connection and config version.
     Status {
         /// State directory.
@@ -125,10 +135,23 @@ fn main() -> ExitCode {
     match rt.block_on(dispatch(args.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            logging::fatal(&e);
             ExitCode::FAILURE
         }
     }
+}
+
+/// The folder of the default config files: `$CAUSEWAY_CONFIG_DIR`, else /etc/causeway.
+fn default_config_path(file: &str) -> PathBuf {
+    std::env::var_os("CAUSEWAY_CONFIG_DIR")
+        .map_or_else(|| PathBuf::from("/etc/causeway"), PathBuf::from)
+        .join(file)
+}
+
+/// The config file to read: the one given (which must then exist), else the default one
+/// when it exists, else none (built-in defaults).
+fn config_file(given: Option<PathBuf>, file: &str) -> Option<PathBuf> {
+    given.or_else(|| Some(default_config_path(file)).filter(|p| p.exists()))
 }
 
 fn host_name() -> String {
@@ -144,8 +167,34 @@ fn fmt_time(unix: i64) -> String {
     .to_string()
 }
 
+/// Writes to stdout; a reader that stopped early (`| head -3`) is not an error.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("cannot write to stdout"))
+        }
+        _ => Ok(()),
+    }
+}
+
 async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
+        Command::Completions { shell } => {
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Args::command(), "causeway-agent", &mut buf);
+            write_stdout(&buf)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(Args::command())
+                .section("8")
+                .render(&mut buf)?;
+            write_stdout(&buf)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Join {
             token,
             token_file,
@@ -186,9 +235,18 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             no_capture,
             worker_threads: _,
         } => {
-            let mut cfg = match &config {
-                Some(p) => AgentConfig::load(p)?,
-                None => AgentConfig::default(),
+            let mut cfg = match config_file(config, "agent.toml") {
+                Some(p) => {
+                    tracing::info!(path = %p.display(), "reading the configuration");
+                    AgentConfig::load(&p)?
+                }
+                None => {
+                    tracing::info!(
+                        "no {} and no --config: running on the built-in defaults",
+                        default_config_path("agent.toml").display()
+                    );
+                    AgentConfig::default()
+                }
             };
             if let Some(d) = state_dir {
                 cfg.state_dir = d;
@@ -215,6 +273,11 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Doctor { state_dir } => {
+            // Without an identity there is no agent whose rules could be checked: saying
+            // "as expected" would hide a wrong --state-dir.
+            if !StateDir::new(&state_dir).is_joined() {
+                return Err(IdentityError::NotJoined(state_dir).into());
+            }
             let report = dataplane::doctor(&state_dir)?;
             println!(
                 "agent: {}",

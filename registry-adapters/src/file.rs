@@ -1,5 +1,6 @@
 //! File source: external services (like an Istio ServiceEntry) from a TOML file,
-//! re-read when its content changes.
+//! re-read when its content changes. Its format is documented for users in
+//! docs/configuration.md (checked against these structs by a test).
 //!
 //! ```toml
 //! [[services]]
@@ -33,17 +34,18 @@ use tokio::sync::mpsc;
 use crate::config::FileSourceConfig;
 use crate::source::{SourceOptions, SourceUpdate, StateTracker};
 
-/// The file's top level.
+/// The file's top level (public so the configuration reference can be checked against it).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileDoc {
+pub struct FileDoc {
     #[serde(default)]
     services: Vec<FileService>,
 }
 
+/// One `[[services]]` table.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileService {
+pub struct FileService {
     name: String,
     #[serde(default)]
     namespace: Option<String>,
@@ -57,9 +59,10 @@ struct FileService {
     endpoints: Vec<FileEndpoint>,
 }
 
+/// One `[[services.endpoints]]` table.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileEndpoint {
+pub struct FileEndpoint {
     address: String,
     #[serde(default)]
     ports: BTreeMap<String, u16>,

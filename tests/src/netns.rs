@@ -281,6 +281,41 @@ impl Proc {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+    /// Its exit status if it has ended (it is then no longer killed on drop).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+    /// Polls `f` like [`crate::wait_for`], but panics at once with this process's output
+    /// when it exits first: the cause shows instead of a timeout.
+    pub fn wait_for<T>(
+        &mut self,
+        what: &str,
+        timeout: std::time::Duration,
+        mut f: impl FnMut() -> Option<T>,
+    ) -> T {
+        crate::wait_for(what, timeout, || {
+            if let Some(v) = f() {
+                return Some(v);
+            }
+            if let Some(status) = self.exited() {
+                panic!(
+                    "{} exited ({status}) while waiting for {what}; its output ({}):\n{}",
+                    self.name(),
+                    self.log.display(),
+                    self.log()
+                );
+            }
+            None
+        })
+    }
+    fn name(&self) -> String {
+        self.log.file_stem().map_or_else(
+            || "the process".to_owned(),
+            |s| s.to_string_lossy().into_owned(),
+        )
+    }
     /// SIGTERM, then waits for the exit.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -306,6 +341,33 @@ impl Drop for Proc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process that dies while a test waits for it fails the wait at once with its
+    /// output (the DNS tests waited 60 s for fake registries that had panicked).
+    #[test]
+    fn a_wait_on_a_dead_process_reports_its_output() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("fake-registries.log");
+        let f = std::fs::File::create(&log).expect("log");
+        let child = Command::new("sh")
+            .args(["-c", "echo 'fixture missing: /x/consul.http' >&2; exit 3"])
+            .stderr(f)
+            .spawn()
+            .expect("spawn sh");
+        let mut proc = Proc::adopt(child, &log);
+        let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            proc.wait_for(
+                "a file that never appears",
+                std::time::Duration::from_secs(600),
+                || None::<()>,
+            )
+        }))
+        .expect_err("the wait must fail");
+        let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("fake-registries exited"), "{msg}");
+        assert!(msg.contains("fixture missing: /x/consul.http"), "{msg}");
+        assert!(msg.contains("a file that never appears"), "{msg}");
+    }
 
     /// A namespace named like a lab of a process that is gone is removed by the sweep; one
     /// of this (live) process is kept.

@@ -297,19 +297,21 @@ fn setup(agent_toml: &str) -> Setup {
     // Services: web (Consul, tag v1) and inventory (Eureka VIP inventory-service) on vm2.
     let ctl = lab.node("ctl").clone();
     let regs = root.join("registries.json");
-    procs.push(Proc::spawn(
+    let mut fakes = Proc::spawn(
         &ctl,
-        &root.join("registries.log"),
+        &root.join("fake-registries.log"),
         bin("fake-registries"),
         &[
             regs.to_str().unwrap(),
             &format!("consul:web-1,web,{},8080,v1", vm2.addr),
             &format!("eureka:INVENTORY,inv-1,{},9090,inventory-service", vm2.addr),
         ],
-    ));
-    let urls: Value = wait_for("fake registries", WAIT, || {
+    );
+    // Fails at once with the fakes' output if they exit (e.g. a missing fixture).
+    let urls: Value = fakes.wait_for("fake registries", WAIT, || {
         serde_json::from_str(&std::fs::read_to_string(&regs).ok()?).ok()
     });
+    procs.push(fakes);
     let services = root.join("services.toml");
     std::fs::write(&services, "").unwrap();
     let cfg = root.join("controller.toml");

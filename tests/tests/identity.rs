@@ -703,7 +703,28 @@ fn admin_api_over_https_with_the_operator_certificate() {
     let out = run(&[]);
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("cannot reach the controller"),
+        String::from_utf8_lossy(&out.stderr)
+            .contains("answered, but its TLS certificate is not trusted"),
+        "{}",
+        describe(&out)
+    );
+    // Plain HTTP to the HTTPS admin API: reachable, the wrong protocol, and the fix.
+    let out = std::process::Command::new(bin("causewayctl"))
+        .args(["ca", "show"])
+        .env(
+            "CAUSEWAY_CONTROLLER",
+            ctl.admin.replacen("https:", "http:", 1),
+        )
+        .env(
+            "CAUSEWAY_ADMIN_TOKEN_FILE",
+            ctl.data_dir.join("admin.token"),
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("is reachable, but did not answer in HTTP") && err.contains("use https://"),
         "{}",
         describe(&out)
     );

@@ -11,8 +11,10 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 PKGS=systemd,systemd-sysv,dbus,iproute2,iptables,nftables,openssh-server,python3,python3-apt,iputils-ping,curl,libcap2-bin,procps
 key=$(printf '%s\n' "$SUITE" "$MIRROR" "$PKGS" v1 | sha256sum | cut -c1-16)
 img="$CACHE/base-$key.tar.zst"
+# Earlier versions kept an unpacked copy and the downloaded .debs here (~270 MB more).
+rm -rf "$CACHE"/base-*.root "$CACHE"/base-*.unpack.lock "$CACHE/debs" 2>/dev/null || true
 if [ -s "$img" ]; then echo "$img"; exit 0; fi
-mkdir -p "$CACHE/debs"
+mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
 flock 9
 if [ -s "$img" ]; then echo "$img"; exit 0; fi
@@ -20,7 +22,7 @@ start=$(date +%s)
 root=$(mktemp -d "$CACHE/build.XXXXXX")
 trap 'rm -rf "$root"' EXIT
 echo "building VM base image $img (first run only, ~2 min)" >&2
-debootstrap --variant=minbase --include="$PKGS" --cache-dir="$CACHE/debs" \
+debootstrap --variant=minbase --include="$PKGS" \
   "$SUITE" "$root/rootfs" "$MIRROR" >"$root/debootstrap.log" 2>&1 || {
   tail -30 "$root/debootstrap.log" >&2; echo "error: debootstrap failed (log above)" >&2; exit 1; }
 r="$root/rootfs"

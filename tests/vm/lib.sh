@@ -1,7 +1,7 @@
 # Booted systemd "VMs" for tests: a network namespace + systemd-nspawn running real
 # systemd as PID 1 over an overlay of one cached Debian base image. Sourced by run.sh.
-# Facts and workarounds: ../shared/notes/vm-simulation.md (nspawn needs --register=no
-# --keep-unit, CAP_NET_ADMIN, its own cgroup; /tmp is fresh inside; nsenter, not machinectl).
+# Facts and workarounds: tests/vm/README.md (nspawn needs --register=no --keep-unit,
+# CAP_NET_ADMIN, its own cgroup; /tmp is fresh inside; nsenter, not machinectl).
 #
 # Everything created is recorded and removed by vm_teardown (run it from a trap).
 
@@ -15,22 +15,15 @@ declare -A VM_IP VM_NSPAWN_PID
 log() { printf '[%s +%3ss] %s\n' "$(date +%T)" "$(( $(date +%s) - ${T0:-$(date +%s)} ))" "$*"; }
 die() { log "FAIL: $*"; exit 1; }
 
-# The unpacked base image (shared, read-only lower layer), unpacked once per cache key.
+# The unpacked base image (read-only lower layer of every VM's overlay), unpacked into
+# this run's work dir: the cache keeps only the compressed image, and vm_teardown removes
+# the unpacked copy with the rest of the work dir.
 vm_base() {
-  local img base
+  local img
   img=$(bash "$(dirname "${BASH_SOURCE[0]}")/base-image.sh") || die "base image"
-  base="${img%.tar.zst}.root"
-  if [ ! -e "$base/.complete" ]; then
-    (
-      flock 8
-      if [ ! -e "$base/.complete" ]; then
-        rm -rf "$base" && mkdir -p "$base"
-        zstd -dc "$img" | tar -C "$base" --numeric-owner -xf -
-        touch "$base/.complete"
-      fi
-    ) 8>"$img.unpack.lock"
-  fi
-  VM_BASE=$base
+  VM_BASE="$VM_WORK/base"
+  rm -rf "$VM_BASE" && mkdir -p "$VM_BASE"
+  zstd -dc "$img" | tar -C "$VM_BASE" --numeric-owner -xf - || die "cannot unpack $img"
 }
 
 vm_net_up() {
