@@ -9,6 +9,7 @@
 //!
 //! What it does not (yet): run with several controllers (etcd), serve metrics or policy.
 
+pub mod address;
 pub mod admin;
 pub mod ca;
 pub mod config;

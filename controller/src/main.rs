@@ -169,6 +169,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             vip_range: cfg.mesh.vip_range,
             agent_grace: cfg.mesh.agent_grace,
             history_len: cfg.mesh.history,
+            control_on_loopback: cfg.control.listen.ip().is_loopback(),
         },
         ca.bundle_der().to_vec(),
         &configured,
