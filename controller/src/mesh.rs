@@ -229,7 +229,7 @@ pub struct SourceView {
     pub name: String,
     /// Kind.
     pub kind: SourceKind,
-    /// "syncing", "synced" or "stale".
+    /// "pending" (configured, no complete answer yet in this run), "synced" or "stale".
     pub state: String,
     /// The last error.
     pub last_error: Option<String>,
@@ -1026,7 +1026,7 @@ impl Mesh {
                 state: match e.state.status {
                     causeway_api::registry::SourceStatus::Synced => "synced",
                     causeway_api::registry::SourceStatus::Stale => "stale",
-                    _ => "syncing",
+                    _ => "pending",
                 }
                 .into(),
                 last_error: e.state.last_error.clone(),
@@ -1044,16 +1044,27 @@ impl Mesh {
         out
     }
 
-    /// Marks configured sources that have not reported yet (for the admin API).
-    pub fn declare_source(&self, name: &str, kind: SourceKind) {
+    /// Lists every configured source from the start: one that has not answered in this
+    /// run is `pending` (with the data restored from the store, if any), so a source
+    /// that hangs is visible at once. A source restored as stale stays stale (its
+    /// endpoints keep their flag) until it answers.
+    pub fn declare_sources(&self, sources: impl IntoIterator<Item = (String, SourceKind)>) {
         let mut inner = self.lock();
-        if !inner.registry.sources().contains_key(name) {
-            let _ = inner.registry.apply_with_state(
-                name,
-                kind,
-                SourceChange::Services(BTreeMap::new()),
-                SourceState::syncing(),
-            );
+        for (name, kind) in sources {
+            let restored_stale = inner
+                .registry
+                .sources()
+                .get(&name)
+                .is_some_and(|e| e.state.is_stale());
+            if !restored_stale {
+                // No data change: no delta, no new version.
+                let _ = inner.registry.apply_with_state(
+                    &name,
+                    kind,
+                    SourceChange::Services(BTreeMap::new()),
+                    SourceState::syncing(),
+                );
+            }
         }
     }
 }
