@@ -594,6 +594,27 @@ impl MeshState {
         for (key, state) in &incoming {
             next.services.insert(key.clone(), state.clone());
         }
+        // A delta that moves the VIP range: copies held from before must still hold.
+        if !u.full && range != self.vip_cidr {
+            let broken: Vec<(String, String)> = next
+                .services
+                .iter()
+                .filter(|(k, _)| !incoming.contains_key(*k))
+                .filter_map(|(k, s)| service_problem(s, range).map(|p| (k.clone(), p)))
+                .collect();
+            for (key, problem) in broken {
+                next.services.remove(&key);
+                let (ns, name) = key.split_once('/').unwrap_or(("", key.as_str()));
+                rejected.insert(
+                    key.clone(),
+                    (
+                        ns.to_owned(),
+                        name.to_owned(),
+                        format!("dropped, no longer valid in the new VIP range: {problem}"),
+                    ),
+                );
+            }
+        }
         // One VIP, one service: a new service taking a VIP held by another is refused.
         loop {
             let mut holders: BTreeMap<Ipv4Addr, Vec<&String>> = BTreeMap::new();
