@@ -15,6 +15,27 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
     })
 }
 
+/// `Option<Duration>` as text, for
+/// `#[serde(default, with = "causeway_api::duration::opt", skip_serializing_if = "Option::is_none")]`.
+pub mod opt {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    /// Deserializes a present duration (absent fields take the `default`).
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::deserialize(d).map(Some)
+    }
+
+    /// Serializes as text ("5m").
+    pub fn serialize<S: Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[derive(serde::Deserialize)]

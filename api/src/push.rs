@@ -50,7 +50,7 @@ pub struct Hello {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PushFrame {
     /// The frame's content.
-    #[prost(oneof = "push_frame::Kind", tags = "1, 2, 3")]
+    #[prost(oneof = "push_frame::Kind", tags = "1, 2, 3, 4")]
     pub kind: Option<push_frame::Kind>,
 }
 
@@ -68,6 +68,10 @@ pub mod push_frame {
         /// The subscription is refused or ends.
         #[prost(message, tag = "3")]
         Error(crate::wire::ErrorReply),
+        /// Whether the agent's workload address was accepted (sent once per session;
+        /// older agents ignore it).
+        #[prost(message, tag = "4")]
+        Registration(super::Registration),
     }
 }
 
@@ -113,9 +117,42 @@ pub struct Nack {
     /// Why, for operators.
     #[prost(string, tag = "2")]
     pub error: String,
-    /// The version the agent stays on (its last good state).
+    /// The version the agent stays on (its last good state). Equal to `version` when the
+    /// update was applied except for the services in `rejected`.
     #[prost(uint64, tag = "3")]
     pub current_version: u64,
+    /// Services of the update the agent refused while applying the rest (it keeps its
+    /// last good copy of each). Empty when the whole update was refused.
+    #[prost(message, repeated, tag = "4")]
+    pub rejected: Vec<ServiceRejection>,
+}
+
+/// One service an agent refused from an update it otherwise applied.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, prost::Message, Serialize, Deserialize)]
+pub struct ServiceRejection {
+    /// Namespace.
+    #[prost(string, tag = "1")]
+    pub namespace: String,
+    /// Name.
+    #[prost(string, tag = "2")]
+    pub name: String,
+    /// Why, for operators.
+    #[prost(string, tag = "3")]
+    pub error: String,
+}
+
+/// The controller's answer to the workload address in an agent's [`Hello`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Registration {
+    /// The address the agent asked to be registered at (or its connection's address).
+    #[prost(string, tag = "1")]
+    pub address: String,
+    /// Whether its workload is registered at that address.
+    #[prost(bool, tag = "2")]
+    pub accepted: bool,
+    /// Why not: names the address, the rule and the fix.
+    #[prost(string, tag = "3")]
+    pub error: String,
 }
 
 /// Graceful shutdown.
@@ -404,9 +441,127 @@ fn service_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
+/// The outcome of [`MeshState::apply`]: the new state, and the services of the update
+/// that were refused (the state keeps its last good copy of each, if it had one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The new state, at the update's version.
+    pub state: MeshState,
+    /// Services refused, with the reason; empty when everything applied.
+    pub rejected: Vec<ServiceRejection>,
+}
+
+impl Applied {
+    /// One line naming every refused service and why, for logs, status and the NACK.
+    pub fn rejection_summary(&self) -> Option<String> {
+        if self.rejected.is_empty() {
+            return None;
+        }
+        let parts: Vec<String> = self
+            .rejected
+            .iter()
+            .map(|r| format!("{}/{}: {}", r.namespace, r.name, r.error))
+            .collect();
+        Some(format!(
+            "update {} applied except {} refused service(s), which keep their last good config: {}",
+            self.state.version,
+            self.rejected.len(),
+            parts.join("; ")
+        ))
+    }
+}
+
+/// Converts one pushed service, checking it against the VIP range.
+fn service_state(s: &ServiceMsg, range: Option<Ipv4Net>) -> Result<ServiceState, String> {
+    let vip = if s.vip.is_empty() {
+        None
+    } else {
+        let ip: Ipv4Addr = s
+            .vip
+            .parse()
+            .map_err(|_| format!("VIP {:?} is not an IPv4 address", s.vip))?;
+        if let Some(range) = range
+            && !range.contains(&ip)
+        {
+            return Err(format!("VIP {ip} is outside the VIP range {range}"));
+        }
+        Some(ip)
+    };
+    let mut endpoints = BTreeMap::new();
+    for e in &s.endpoints {
+        if let Some(reason) = endpoint_problem(&e.address, range) {
+            return Err(format!("endpoint {}: {reason}", e.id));
+        }
+        let mut ports = BTreeMap::new();
+        for (name, p) in &e.ports {
+            let port = u16::try_from(*p)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("endpoint {} port {name} = {p} is not 1..65535", e.id))?;
+            ports.insert(name.clone(), port);
+        }
+        endpoints.insert(
+            e.id.clone(),
+            EndpointState {
+                address: e.address.clone(),
+                ports,
+                healthy: e.healthy,
+                zone: (!e.zone.is_empty()).then(|| e.zone.clone()),
+                identity: (!e.identity.is_empty()).then(|| e.identity.clone()),
+                source: e.source.clone(),
+                stale: e.stale,
+                labels: e.labels.clone(),
+                mtls_strict: e.mtls_strict,
+            },
+        );
+    }
+    Ok(ServiceState {
+        vip,
+        endpoints,
+        hostnames: s.hostnames.clone(),
+        source_kinds: s.source_kinds.clone(),
+        consul_tags: s.consul_tags.clone(),
+        consul_datacenters: s.consul_datacenters.clone(),
+        eureka_vips: s.eureka_vips.clone(),
+    })
+}
+
+/// Why an endpoint address cannot be used in a mesh with VIP range `range`, if it cannot:
+/// inside the VIP range (traffic to it would loop through the mesh).
+pub fn endpoint_problem(address: &str, range: Option<Ipv4Net>) -> Option<String> {
+    if let (Ok(IpAddr::V4(ip)), Some(range)) = (address.parse::<IpAddr>(), range)
+        && range.contains(&ip)
+    {
+        return Some(format!(
+            "address {ip} is inside the VIP range {range}; traffic to it would loop through the mesh"
+        ));
+    }
+    None
+}
+
+/// Whether a held service still holds in VIP range `range`.
+fn service_problem(s: &ServiceState, range: Option<Ipv4Net>) -> Option<String> {
+    if let (Some(vip), Some(range)) = (s.vip, range)
+        && !range.contains(&vip)
+    {
+        return Some(format!("VIP {vip} is outside the VIP range {range}"));
+    }
+    s.endpoints.iter().find_map(|(id, e)| {
+        endpoint_problem(&e.address, range).map(|r| format!("endpoint {id}: {r}"))
+    })
+}
+
 impl MeshState {
-    /// Applies an update all-or-nothing, returning the new state; `self` is untouched on error.
-    pub fn apply(&self, u: &ConfigUpdate) -> Result<MeshState, ApplyError> {
+    /// Applies an update, returning the new state; `self` is untouched.
+    ///
+    /// The whole update is refused (an error) when it cannot be placed: a delta on another
+    /// version, a required feature this build does not know, an unreadable VIP range, or
+    /// a version that does not advance. Otherwise it is applied service by service: a
+    /// service with an invalid VIP, an endpoint inside the VIP range, a bad port, or a VIP
+    /// another service holds is refused on its own and keeps its last good copy (if the
+    /// state had one), and everything else — other services, removals, the trust bundle
+    /// and the deny list — is applied. So one bad record never stops the rest.
+    pub fn apply(&self, u: &ConfigUpdate) -> Result<Applied, ApplyError> {
         let invalid = |reason: String| ApplyError::Invalid {
             version: u.version,
             reason,
@@ -460,93 +615,170 @@ impl MeshState {
         for r in &u.removed {
             next.services.remove(&service_key(&r.namespace, &r.name));
         }
+        let range = next.vip_cidr;
+        // Each service listed, converted and checked on its own (the last listing of a
+        // name wins).
+        let mut incoming: BTreeMap<String, ServiceState> = BTreeMap::new();
+        let mut rejected: BTreeMap<String, (String, String, String)> = BTreeMap::new();
         for s in &u.services {
             let key = service_key(&s.namespace, &s.name);
-            let vip = if s.vip.is_empty() {
-                None
-            } else {
-                let ip: Ipv4Addr = s.vip.parse().map_err(|_| {
-                    invalid(format!(
-                        "service {key}: VIP {:?} is not an IPv4 address",
-                        s.vip
-                    ))
-                })?;
-                if let Some(range) = next.vip_cidr
-                    && !range.contains(&ip)
-                {
-                    return Err(invalid(format!(
-                        "service {key}: VIP {ip} is outside the VIP range {range}"
-                    )));
+            match service_state(s, range) {
+                Ok(state) => {
+                    rejected.remove(&key);
+                    incoming.insert(key, state);
                 }
-                Some(ip)
-            };
-            let mut endpoints = BTreeMap::new();
-            for e in &s.endpoints {
-                if let (Ok(IpAddr::V4(ip)), Some(range)) =
-                    (e.address.parse::<IpAddr>(), next.vip_cidr)
-                    && range.contains(&ip)
-                {
-                    return Err(invalid(format!(
-                        "service {key}: endpoint {} has address {ip} inside the VIP range {range}; traffic to it would loop through the mesh",
-                        e.id
-                    )));
+                Err(reason) => {
+                    incoming.remove(&key);
+                    rejected.insert(key, (s.namespace.clone(), s.name.clone(), reason));
                 }
-                let mut ports = BTreeMap::new();
-                for (name, p) in &e.ports {
-                    let port = u16::try_from(*p).ok().filter(|p| *p != 0).ok_or_else(|| {
-                        invalid(format!(
-                            "service {key}: endpoint {} port {name} = {p} is not 1..65535",
-                            e.id
-                        ))
-                    })?;
-                    ports.insert(name.clone(), port);
-                }
-                endpoints.insert(
-                    e.id.clone(),
-                    EndpointState {
-                        address: e.address.clone(),
-                        ports,
-                        healthy: e.healthy,
-                        zone: (!e.zone.is_empty()).then(|| e.zone.clone()),
-                        identity: (!e.identity.is_empty()).then(|| e.identity.clone()),
-                        source: e.source.clone(),
-                        stale: e.stale,
-                        labels: e.labels.clone(),
-                        mtls_strict: e.mtls_strict,
-                    },
+            }
+        }
+        // A refused service keeps its last good copy, if that still holds.
+        let restore = |next: &mut MeshState, key: &str| {
+            next.services.remove(key);
+            if let Some(old) = self.services.get(key)
+                && service_problem(old, range).is_none()
+                && (u.full
+                    || !u
+                        .removed
+                        .iter()
+                        .any(|r| service_key(&r.namespace, &r.name) == key))
+            {
+                next.services.insert(key.to_owned(), old.clone());
+            }
+        };
+        for key in rejected.keys() {
+            restore(&mut next, key);
+        }
+        for (key, state) in &incoming {
+            next.services.insert(key.clone(), state.clone());
+        }
+        // A delta that moves the VIP range: copies held from before must still hold.
+        if !u.full && range != self.vip_cidr {
+            let broken: Vec<(String, String)> = next
+                .services
+                .iter()
+                .filter(|(k, _)| !incoming.contains_key(*k))
+                .filter_map(|(k, s)| service_problem(s, range).map(|p| (k.clone(), p)))
+                .collect();
+            for (key, problem) in broken {
+                next.services.remove(&key);
+                let (ns, name) = key.split_once('/').unwrap_or(("", key.as_str()));
+                rejected.insert(
+                    key.clone(),
+                    (
+                        ns.to_owned(),
+                        name.to_owned(),
+                        format!("dropped, no longer valid in the new VIP range: {problem}"),
+                    ),
                 );
             }
-            next.services.insert(
-                key,
-                ServiceState {
-                    vip,
-                    endpoints,
-                    hostnames: s.hostnames.clone(),
-                    source_kinds: s.source_kinds.clone(),
-                    consul_tags: s.consul_tags.clone(),
-                    consul_datacenters: s.consul_datacenters.clone(),
-                    eureka_vips: s.eureka_vips.clone(),
-                },
-            );
         }
         for key in &u.removed_policies {
             next.policies.remove(key);
         }
+        // Policies are all or nothing: a policy that does not decode refuses the whole
+        // update (the agent keeps enforcing its last good set) rather than enforce a
+        // partial one. The controller validates them, so this only meets version skew.
         for p in &u.policies {
             let state = decode_policy(p).map_err(invalid)?;
             next.policies.insert(p.key.clone(), state);
         }
+        // One VIP, one service: a new service taking a VIP held by another is refused.
+        loop {
+            let mut holders: BTreeMap<Ipv4Addr, Vec<&String>> = BTreeMap::new();
+            for (key, s) in &next.services {
+                if let Some(vip) = s.vip {
+                    holders.entry(vip).or_default().push(key);
+                }
+            }
+            let Some((vip, keys)) = holders.into_iter().find(|(_, k)| k.len() > 1) else {
+                break;
+            };
+            let keys: Vec<String> = keys.into_iter().cloned().collect();
+            let mut refuse: Vec<String> = keys
+                .iter()
+                .filter(|k| incoming.contains_key(*k))
+                .cloned()
+                .collect();
+            let kept_only = refuse.is_empty();
+            if kept_only {
+                // Only copies kept from before (a state that was already inconsistent):
+                // keep the first, drop the others.
+                refuse = keys[1..].to_vec();
+            }
+            for key in refuse {
+                let others: Vec<&str> = keys
+                    .iter()
+                    .filter(|k| **k != key)
+                    .map(String::as_str)
+                    .collect();
+                let (ns, name) = key.split_once('/').unwrap_or(("", key.as_str()));
+                rejected.insert(
+                    key.clone(),
+                    (
+                        ns.to_owned(),
+                        name.to_owned(),
+                        format!("VIP {vip} is also given to {}", others.join(", ")),
+                    ),
+                );
+                incoming.remove(&key);
+                if kept_only {
+                    next.services.remove(&key);
+                } else {
+                    restore(&mut next, &key);
+                }
+            }
+        }
+        Ok(Applied {
+            state: next,
+            rejected: rejected
+                .into_values()
+                .map(|(namespace, name, error)| ServiceRejection {
+                    namespace,
+                    name,
+                    error,
+                })
+                .collect(),
+        })
+    }
+
+    /// The deny list of an update that was refused as a whole, applied on its own: a
+    /// removed agent must be refused at once even when the rest of the update cannot be
+    /// placed. Only a newer version's list replaces the held one. `None`: nothing to do.
+    pub fn apply_deny_only(&self, u: &ConfigUpdate) -> Option<MeshState> {
+        if !(u.full || u.deny_set) || u.version <= self.version {
+            return None;
+        }
+        let deny: BTreeSet<String> = u.deny_serials.iter().cloned().collect();
+        if deny == self.deny_serials {
+            return None;
+        }
+        let mut next = self.clone();
+        next.deny_serials = deny;
+        Some(next)
+    }
+
+    /// Checks what every applied state must satisfy: each VIP inside the VIP range and
+    /// given to one service, no endpoint inside the VIP range, every port non-zero.
+    pub fn check(&self) -> Result<(), String> {
         let mut seen: BTreeMap<Ipv4Addr, &str> = BTreeMap::new();
-        for (key, s) in &next.services {
+        for (key, s) in &self.services {
+            if let Some(problem) = service_problem(s, self.vip_cidr) {
+                return Err(format!("service {key}: {problem}"));
+            }
             if let Some(vip) = s.vip
                 && let Some(other) = seen.insert(vip, key)
             {
-                return Err(invalid(format!(
-                    "VIP {vip} is given to both {other} and {key}"
-                )));
+                return Err(format!("VIP {vip} is given to both {other} and {key}"));
+            }
+            for (id, e) in &s.endpoints {
+                if e.ports.values().any(|p| *p == 0) {
+                    return Err(format!("service {key}: endpoint {id} has port 0"));
+                }
             }
         }
-        Ok(next)
+        Ok(())
     }
 }
 
@@ -590,7 +822,8 @@ mod tests {
         let s0 = MeshState::default();
         let s1 = s0
             .apply(&full(3, vec![svc("web", "240.240.0.1", &["10.0.0.1"])]))
-            .unwrap();
+            .unwrap()
+            .state;
         assert_eq!(s1.version, 3);
         assert_eq!(
             s1.services["default/web"].vip,
@@ -606,7 +839,7 @@ mod tests {
             }],
             ..ConfigUpdate::default()
         };
-        let s2 = s1.apply(&delta).unwrap();
+        let s2 = s1.apply(&delta).unwrap().state;
         assert_eq!(s2.version, 5);
         assert!(!s2.services.contains_key("default/web"));
         assert_eq!(s2.services["default/api"].endpoints.len(), 2);
@@ -614,10 +847,11 @@ mod tests {
     }
 
     #[test]
-    fn refusals_keep_the_old_state() {
+    fn whole_refusals_keep_the_old_state() {
         let s1 = MeshState::default()
             .apply(&full(1, vec![svc("web", "240.240.0.1", &["10.0.0.1"])]))
-            .unwrap();
+            .unwrap()
+            .state;
         let wrong_base = ConfigUpdate {
             version: 3,
             base_version: 2,
@@ -627,21 +861,6 @@ mod tests {
             s1.apply(&wrong_base),
             Err(ApplyError::BaseMismatch { .. })
         ));
-        let looped = ConfigUpdate {
-            version: 2,
-            base_version: 1,
-            services: vec![svc("bad", "240.240.0.9", &["240.240.0.77"])],
-            ..ConfigUpdate::default()
-        };
-        let err = s1.apply(&looped).unwrap_err();
-        assert!(err.to_string().contains("inside the VIP range"), "{err}");
-        let dup = ConfigUpdate {
-            version: 2,
-            base_version: 1,
-            services: vec![svc("api", "240.240.0.1", &["10.0.0.2"])],
-            ..ConfigUpdate::default()
-        };
-        assert!(s1.apply(&dup).unwrap_err().to_string().contains("both"));
         let future = ConfigUpdate {
             version: 2,
             base_version: 1,
@@ -649,16 +868,251 @@ mod tests {
             ..ConfigUpdate::default()
         };
         assert!(matches!(s1.apply(&future), Err(ApplyError::Feature { .. })));
+        assert_eq!(s1.version, 1);
+    }
+
+    fn delta(version: u64, base: u64, services: Vec<ServiceMsg>) -> ConfigUpdate {
+        ConfigUpdate {
+            version,
+            base_version: base,
+            services,
+            ..ConfigUpdate::default()
+        }
+    }
+
+    #[test]
+    fn one_bad_service_is_refused_alone_and_keeps_its_last_good_copy() {
+        let s1 = MeshState::default()
+            .apply(&full(
+                1,
+                vec![
+                    svc("web", "240.240.0.1", &["10.0.0.1"]),
+                    svc("api", "240.240.0.2", &["10.0.0.2"]),
+                ],
+            ))
+            .unwrap()
+            .state;
+        // web gets an endpoint inside the VIP range; api and a new service are fine.
+        let mut u = delta(
+            2,
+            1,
+            vec![
+                svc("web", "240.240.0.1", &["10.0.0.1", "240.240.0.77"]),
+                svc("api", "240.240.0.2", &["10.0.0.3"]),
+                svc("new", "240.240.0.3", &["10.0.0.4"]),
+            ],
+        );
+        u.deny_set = true;
+        u.deny_serials = vec!["abcd".into()];
+        let applied = s1.apply(&u).unwrap();
+        let s2 = &applied.state;
+        assert_eq!(s2.version, 2);
+        assert_eq!(applied.rejected.len(), 1, "{:?}", applied.rejected);
+        assert_eq!(applied.rejected[0].name, "web");
+        assert!(
+            applied.rejected[0].error.contains("inside the VIP range"),
+            "{:?}",
+            applied.rejected
+        );
+        assert_eq!(
+            s2.services["default/web"], s1.services["default/web"],
+            "the refused service keeps its last good copy"
+        );
+        assert_eq!(
+            s2.services["default/api"].endpoints["file/0"].address,
+            "10.0.0.3"
+        );
+        assert!(s2.services.contains_key("default/new"));
+        assert!(s2.deny_serials.contains("abcd"), "the deny list is applied");
+        let summary = applied.rejection_summary().unwrap();
+        assert!(
+            summary.contains("default/web") && summary.contains("240.240.0.77"),
+            "{summary}"
+        );
+        s2.check().unwrap();
+
+        // A bad port and a VIP taken by another service: each refused on its own; a
+        // brand-new bad service is simply absent.
         let mut bad_port = svc("p", "", &["10.0.0.9"]);
         bad_port.endpoints[0].ports.insert("x".into(), 70000);
+        let applied = s2
+            .apply(&delta(
+                3,
+                2,
+                vec![bad_port, svc("thief", "240.240.0.2", &["10.0.0.8"])],
+            ))
+            .unwrap();
+        let names: Vec<&str> = applied.rejected.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["p", "thief"]);
+        assert!(
+            applied.rejected[1]
+                .error
+                .contains("also given to default/api")
+        );
+        assert!(!applied.state.services.contains_key("default/p"));
+        assert!(!applied.state.services.contains_key("default/thief"));
+        assert_eq!(
+            applied.state.services["default/api"],
+            s2.services["default/api"]
+        );
+        applied.state.check().unwrap();
+
+        // Two services swapping VIPs in one update is not a conflict.
+        let swapped = s2
+            .apply(&delta(
+                3,
+                2,
+                vec![
+                    svc("api", "240.240.0.3", &["10.0.0.3"]),
+                    svc("new", "240.240.0.2", &["10.0.0.4"]),
+                ],
+            ))
+            .unwrap();
+        assert!(swapped.rejected.is_empty(), "{:?}", swapped.rejected);
+        swapped.state.check().unwrap();
+
+        // In a full snapshot too, the refused service keeps its last good copy.
+        let applied = s2
+            .apply(&full(
+                4,
+                vec![
+                    svc("web", "240.240.0.1", &["240.240.9.9"]),
+                    svc("api", "240.240.0.2", &["10.0.0.3"]),
+                ],
+            ))
+            .unwrap();
+        assert_eq!(
+            applied.state.services["default/web"],
+            s2.services["default/web"]
+        );
+        assert!(!applied.state.services.contains_key("default/new"));
+        applied.state.check().unwrap();
+    }
+
+    /// The fuzz target's property over many generated updates (deterministic): whatever
+    /// an update holds, the result is valid and no refused or unnamed service loses its
+    /// previous good copy.
+    #[test]
+    fn generated_updates_never_lose_the_last_good_config() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let vips = [
+            "",
+            "240.240.0.1",
+            "240.240.0.2",
+            "240.240.0.3",
+            "10.9.9.9",
+            "bad",
+        ];
+        let addrs = ["10.0.0.1", "10.0.0.2", "240.240.7.7", "db.example.com"];
+        let names = ["web", "api", "db", "new"];
+        let good = MeshState::default()
+            .apply(&full(
+                5,
+                vec![
+                    svc("web", "240.240.0.1", &["10.0.0.1"]),
+                    svc("api", "240.240.0.2", &["10.0.0.2"]),
+                ],
+            ))
+            .unwrap()
+            .state;
+        for _ in 0..5000 {
+            let mut u = ConfigUpdate {
+                version: 6,
+                base_version: 5,
+                full: next(5) == 0,
+                vip_cidr: if next(2) == 0 {
+                    "240.240.0.0/16".into()
+                } else {
+                    String::new()
+                },
+                deny_set: next(2) == 0,
+                deny_serials: vec![format!("{:x}", next(3))],
+                ..ConfigUpdate::default()
+            };
+            for _ in 0..next(4) {
+                let n = names[next(4) as usize];
+                let mut s = svc(n, vips[next(6) as usize], &[addrs[next(4) as usize]]);
+                if next(6) == 0 {
+                    s.endpoints[0]
+                        .ports
+                        .insert("x".into(), [0, 70000][next(2) as usize]);
+                }
+                u.services.push(s);
+            }
+            if next(3) == 0 {
+                u.removed.push(ServiceRef {
+                    namespace: "default".into(),
+                    name: names[next(4) as usize].into(),
+                });
+            }
+            let Ok(applied) = good.apply(&u) else {
+                continue;
+            };
+            let st = &applied.state;
+            st.check().unwrap_or_else(|e| panic!("{e}: {u:?}"));
+            let named: BTreeSet<String> = u
+                .services
+                .iter()
+                .map(|s| service_key(&s.namespace, &s.name))
+                .chain(u.removed.iter().map(|r| service_key(&r.namespace, &r.name)))
+                .collect();
+            for r in &applied.rejected {
+                let k = service_key(&r.namespace, &r.name);
+                let held = st.services.get(&k);
+                assert!(
+                    held.is_none() || held == good.services.get(&k),
+                    "{k}: {u:?}"
+                );
+                let removed = u
+                    .removed
+                    .iter()
+                    .any(|x| service_key(&x.namespace, &x.name) == k);
+                if !u.full && !removed {
+                    assert_eq!(held, good.services.get(&k), "{k} lost its copy: {u:?}");
+                }
+            }
+            if !u.full {
+                for (k, s) in &good.services {
+                    if !named.contains(k) {
+                        assert_eq!(st.services.get(k), Some(s), "{k} changed: {u:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_update_still_brings_a_newer_deny_list() {
+        let s1 = MeshState::default()
+            .apply(&full(1, vec![svc("web", "240.240.0.1", &["10.0.0.1"])]))
+            .unwrap()
+            .state;
         let u = ConfigUpdate {
-            version: 2,
-            base_version: 1,
-            services: vec![bad_port],
+            version: 5,
+            base_version: 3,
+            deny_set: true,
+            deny_serials: vec!["beef".into()],
             ..ConfigUpdate::default()
         };
         assert!(s1.apply(&u).is_err());
-        assert_eq!(s1.version, 1);
+        let s2 = s1.apply_deny_only(&u).unwrap();
+        assert_eq!(s2.version, 1);
+        assert!(s2.deny_serials.contains("beef"));
+        assert_eq!(s2.services, s1.services);
+        let older = ConfigUpdate {
+            version: 1,
+            ..u.clone()
+        };
+        assert!(
+            s1.apply_deny_only(&older).is_none(),
+            "an older list never replaces"
+        );
     }
 
     #[test]
@@ -687,14 +1141,14 @@ mod tests {
         let Some(push_frame::Kind::Update(full)) = full.kind else {
             panic!("update seed")
         };
-        let s1 = MeshState::default().apply(&full).unwrap();
+        let s1 = MeshState::default().apply(&full).unwrap().state;
         assert_eq!(s1.services["ext/web"].endpoints["f/1"].ports["http"], 80);
         let delta: PushFrame =
             crate::wire::decode_frame(&read("update-delta.bin"), MAX_PUSH_FRAME).unwrap();
         let Some(push_frame::Kind::Update(delta)) = delta.kind else {
             panic!("delta seed")
         };
-        let s2 = s1.apply(&delta).unwrap();
+        let s2 = s1.apply(&delta).unwrap().state;
         assert_eq!(s2.version, 3);
         let ack: AgentFrame = crate::wire::decode_frame(&read("ack.bin"), MAX_PUSH_FRAME).unwrap();
         assert!(matches!(

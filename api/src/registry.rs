@@ -508,6 +508,21 @@ pub enum Conflict {
         /// The sources that list it.
         sources: BTreeSet<String>,
     },
+    /// An endpoint was refused before it entered the merged registry (an address inside
+    /// the VIP range, no address, a port 0): it is not pushed to agents, and the rest of
+    /// its source's data is used as usual.
+    InvalidEndpoint {
+        /// The service.
+        service: ServiceKey,
+        /// The source that reported it.
+        source: String,
+        /// The source's own id of the endpoint.
+        native_id: String,
+        /// Its address.
+        address: String,
+        /// What is wrong, and what to fix at the source.
+        reason: String,
+    },
     /// A copy synced from another registry (consul-k8s) was dropped in favour of the original.
     SyncedCopy {
         /// The service.

@@ -9,6 +9,7 @@
 //!
 //! What it does not (yet): run with several controllers (etcd) or serve metrics.
 
+pub mod address;
 pub mod admin;
 pub mod admin_server;
 pub mod ca;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use causeway_api::registry::SourceKind;
 use causeway_api::{TrustDomain, hex};
 use causeway_controller::admin::{AdminState, router};
 use causeway_controller::ca::Ca;
@@ -241,6 +242,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             vip_range: cfg.mesh.vip_range,
             agent_grace: cfg.mesh.agent_grace,
             history_len: cfg.mesh.history,
+            control_on_loopback: cfg.control.listen.ip().is_loopback(),
         },
         ca.bundle_der().to_vec(),
         &configured,
@@ -250,6 +252,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
         version = mesh.version(),
         services = mesh.services().len(),
         "mesh restored from the store"
+    );
+    mesh.declare_sources(
+        cfg.sources
+            .consul
+            .iter()
+            .map(|c| (c.name.clone(), SourceKind::Consul))
+            .chain(
+                cfg.sources
+                    .eureka
+                    .iter()
+                    .map(|c| (c.name.clone(), SourceKind::Eureka)),
+            )
+            .chain(
+                cfg.sources
+                    .kubernetes
+                    .iter()
+                    .map(|c| (c.name.clone(), SourceKind::Kubernetes)),
+            )
+            .chain(
+                cfg.sources
+                    .file
+                    .iter()
+                    .map(|c| (c.name.clone(), SourceKind::File)),
+            ),
     );
     let (src_tx, mut src_rx) = tokio::sync::mpsc::channel(64);
     let _source_tasks = spawn_sources(&cfg.sources, &SourceOptions::default(), src_tx)

@@ -23,10 +23,11 @@ use causeway_api::registry::{
     SourceChange, SourceKind, SourceSnapshot, SourceState,
 };
 use causeway_registry::{SourceUpdate, apply_update_into};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
+use crate::address::{AddressPolicy, AddressRefused};
 use crate::store::{
     AgentRecord, HistoryRecord, LiveCert, MeshWrite, PolicyRecord, SourceRecord, Store, StoreError,
 };
@@ -46,6 +47,9 @@ pub struct MeshSettings {
     pub agent_grace: Duration,
     /// How many versions of history are kept for resuming agents.
     pub history_len: u64,
+    /// The control endpoint listens on loopback, so every agent runs on this host and
+    /// may register a loopback address (demos, tests, benchmarks).
+    pub control_on_loopback: bool,
 }
 
 /// An agent's session as operators see it.
@@ -59,8 +63,11 @@ pub struct SessionView {
     pub sent_version: u64,
     /// The last refusal, if the agent refused an update.
     pub last_nack: Option<NackView>,
-    /// The registered workload address.
+    /// The workload address the agent asked for (registered unless
+    /// `registration_error` says why not).
     pub address: String,
+    /// Why the controller refused to register the workload at `address`.
+    pub registration_error: Option<String>,
     /// Session generation (grows with every new session).
     pub generation: u64,
 }
@@ -72,6 +79,9 @@ pub struct NackView {
     pub version: u64,
     /// The agent's reason.
     pub error: String,
+    /// The services the agent refused while applying the rest of the update.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<causeway_api::push::ServiceRejection>,
 }
 
 struct Session {
@@ -137,6 +147,53 @@ struct Inner {
     next_generation: u64,
     /// Policy resources by `Kind/namespace/name`.
     policies: BTreeMap<String, PolicyRecord>,
+    /// Endpoints refused at the door, by (source, service), shown as conflicts.
+    invalid: BTreeMap<(String, ServiceKey), Vec<Conflict>>,
+}
+
+/// Drops the endpoints of a source's change that cannot enter the registry (see
+/// [`crate::address::endpoint_problem`]), recording each as a conflict in place of what
+/// was recorded for the services the change covers. One bad record then never reaches
+/// the agents, and the source's other endpoints go on as usual.
+fn screen(
+    invalid: &mut BTreeMap<(String, ServiceKey), Vec<Conflict>>,
+    source: &str,
+    change: &mut SourceChange,
+    range: Ipv4Net,
+) {
+    let services = match change {
+        SourceChange::Full(snapshot) => {
+            invalid.retain(|(s, _), _| s != source);
+            &mut snapshot.services
+        }
+        SourceChange::Services(services) => {
+            for key in services.keys() {
+                invalid.remove(&(source.to_owned(), key.clone()));
+            }
+            services
+        }
+        _ => return,
+    };
+    for (key, eps) in services.iter_mut() {
+        let mut found = Vec::new();
+        eps.retain(|native_id, ep| {
+            let Some(reason) = crate::address::endpoint_problem(ep, range) else {
+                return true;
+            };
+            tracing::warn!(%source, service = %key, %native_id, address = %ep.address, %reason, "endpoint refused; fix it in its source");
+            found.push(Conflict::InvalidEndpoint {
+                service: key.clone(),
+                source: source.to_owned(),
+                native_id: native_id.clone(),
+                address: ep.address.clone(),
+                reason: format!("{reason}; it is left out of the mesh until fixed in source {source}"),
+            });
+            false
+        });
+        if !found.is_empty() {
+            invalid.insert((source.to_owned(), key.clone()), found);
+        }
+    }
 }
 
 /// The hub.
@@ -216,7 +273,7 @@ pub struct SourceView {
     pub name: String,
     /// Kind.
     pub kind: SourceKind,
-    /// "syncing", "synced" or "stale".
+    /// "pending" (configured, no complete answer yet in this run), "synced" or "stale".
     pub state: String,
     /// The last error.
     pub last_error: Option<String>,
@@ -325,18 +382,15 @@ impl Mesh {
     ) -> Result<Arc<Self>, StoreError> {
         let mut dump = store.load_mesh()?;
         let mut registry = Registry::new();
+        let mut invalid = BTreeMap::new();
         for (name, rec) in &dump.sources {
             // Moved, not copied, into the registry; the restore's deltas are not needed.
-            let snapshot = SourceSnapshot {
+            let mut change = SourceChange::Full(SourceSnapshot {
                 services: dump.data.remove(name).unwrap_or_default(),
-            };
-            registry.apply_with_state_into(
-                name,
-                rec.kind,
-                SourceChange::Full(snapshot),
-                rec.state.clone(),
-                &mut |_| {},
-            );
+            });
+            // Stored by an older controller, or the VIP range changed since.
+            screen(&mut invalid, name, &mut change, settings.vip_range);
+            registry.apply_with_state_into(name, rec.kind, change, rec.state.clone(), &mut |_| {});
         }
         drop(dump.data);
         let used_vips = dump.vips.values().copied().collect();
@@ -352,6 +406,7 @@ impl Mesh {
             sessions: BTreeMap::new(),
             next_generation: 0,
             policies: dump.policies,
+            invalid,
         };
         let (version_tx, _) = watch::channel(inner.version);
         let durable = Arc::new(std::sync::atomic::AtomicU64::new(inner.version));
@@ -433,6 +488,7 @@ impl Mesh {
                 .collect();
             for name in stale {
                 tracing::info!(source = %name, "source no longer configured; dropping its endpoints");
+                inner.invalid.retain(|(s, _), _| *s != name);
                 let delta = inner.registry.remove_source(&name);
                 mesh.commit(&mut inner, touched_keys([delta]), &[name], false)?;
             }
@@ -592,9 +648,12 @@ impl Mesh {
     }
 
     /// Applies a registry source's update (consumed: its data moves into the registry).
-    pub fn apply_source_update(&self, update: SourceUpdate) -> Result<u64, StoreError> {
+    pub fn apply_source_update(&self, mut update: SourceUpdate) -> Result<u64, StoreError> {
         let mut inner = self.lock();
         let source = update.source.clone();
+        if let Some(change) = update.change.as_mut() {
+            screen(&mut inner.invalid, &source, change, self.settings.vip_range);
+        }
         let mut touched = BTreeSet::new();
         apply_update_into(&mut inner.registry, update, now_ms(), &mut |d| {
             touched.insert(d.key);
@@ -862,20 +921,103 @@ impl Mesh {
         ))
     }
 
-    /// Starts a session for `agent`: ends any older one, registers the workload.
+    /// Another agent's endpoint at `address` sharing a port with `group`'s, if any.
+    fn taken(
+        inner: &Inner,
+        agent: &AgentRecord,
+        group: &WorkloadGroup,
+        address: IpAddr,
+    ) -> Result<(), AddressRefused> {
+        let Some(entry) = inner.registry.sources().get(AGENTS_SOURCE) else {
+            return Ok(());
+        };
+        for (key, eps) in &entry.snapshot.services {
+            for (id, ep) in eps {
+                if *id == agent.id
+                    || ep.address.parse::<IpAddr>().map(|a| a.to_canonical()) != Ok(address)
+                {
+                    continue;
+                }
+                if let Some(port) = group
+                    .ports
+                    .iter()
+                    .map(|p| p.port)
+                    .find(|p| ep.ports.values().any(|q| q == p))
+                {
+                    return Err(AddressRefused::Taken {
+                        address,
+                        port,
+                        other: id.clone(),
+                        service: key.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a session for `agent`: ends any older one, and registers the workload at
+    /// `address` (what its hello asked for; `Err` holds unparseable text) if the
+    /// controller can vouch for it: the connection comes from it (`remote`) or it lies in
+    /// `cidrs` (the group's and the token's), it is not in the VIP range, not loopback
+    /// unless the control endpoint is, and not another agent's endpoint. Returns the
+    /// handle and, when the address was refused, why (the workload is then not
+    /// registered, and any registration of an earlier session is withdrawn).
     pub fn session_start(
         &self,
         agent: &AgentRecord,
         group: Option<&WorkloadGroup>,
-        address: IpAddr,
+        address: Result<IpAddr, String>,
+        remote: IpAddr,
+        cidrs: &[IpNet],
         acked_version: u64,
-    ) -> Result<SessionHandle, StoreError> {
+    ) -> Result<(SessionHandle, Option<String>), StoreError> {
         let mut inner = self.lock();
         inner.next_generation += 1;
         let generation = inner.next_generation;
         let kick = Arc::new(Notify::new());
         if let Some(old) = inner.sessions.get(&agent.id) {
             old.kick.notify_one();
+        }
+        let policy = AddressPolicy {
+            vip_range: self.settings.vip_range,
+            control_on_loopback: self.settings.control_on_loopback,
+        };
+        let shown = match &address {
+            Ok(a) => a.to_canonical().to_string(),
+            Err(text) => text.clone(),
+        };
+        let mut refusal = None;
+        if let Some(group) = group.filter(|g| g.service.is_some()) {
+            let verdict = match address {
+                Ok(a) => {
+                    let a = a.to_canonical();
+                    policy
+                        .check(a, remote, cidrs)
+                        .and_then(|()| Self::taken(&inner, agent, group, a))
+                        .map(|()| a)
+                        .map_err(|e| e.to_string())
+                }
+                Err(text) => Err(format!(
+                    "workload address {text:?} is not an IP address; start the agent with --address set to this host's own IP address"
+                )),
+            };
+            let delta = match verdict {
+                Ok(a) => Self::register(&mut inner, agent, group, &a.to_string()),
+                Err(e) => {
+                    tracing::warn!(agent = %agent.id, address = %shown, %remote, error = %e, "workload address refused; the agent is not registered");
+                    refusal = Some(e);
+                    Self::deregister(&mut inner, &agent.id)
+                }
+            };
+            if let Some(delta) = delta {
+                self.commit(
+                    &mut inner,
+                    touched_keys([delta]),
+                    &[AGENTS_SOURCE.to_owned()],
+                    false,
+                )?;
+            }
         }
         inner.sessions.insert(
             agent.id.clone(),
@@ -885,27 +1027,21 @@ impl Mesh {
                     acked_version,
                     sent_version: 0,
                     last_nack: None,
-                    address: address.to_string(),
+                    address: shown,
+                    registration_error: refusal.clone(),
                     generation,
                 },
                 kick: kick.clone(),
             },
         );
-        if let Some(group) = group
-            && let Some(delta) = Self::register(&mut inner, agent, group, &address.to_string())
-        {
-            self.commit(
-                &mut inner,
-                touched_keys([delta]),
-                &[AGENTS_SOURCE.to_owned()],
-                false,
-            )?;
-        }
-        Ok(SessionHandle {
-            agent_id: agent.id.clone(),
-            generation,
-            kick,
-        })
+        Ok((
+            SessionHandle {
+                agent_id: agent.id.clone(),
+                generation,
+                kick,
+            },
+            refusal,
+        ))
     }
 
     /// Ends a session. A graceful end deregisters at once; otherwise the workload stays
@@ -1109,7 +1245,7 @@ impl Mesh {
                 state: match e.state.status {
                     causeway_api::registry::SourceStatus::Synced => "synced",
                     causeway_api::registry::SourceStatus::Stale => "stale",
-                    _ => "syncing",
+                    _ => "pending",
                 }
                 .into(),
                 last_error: e.state.last_error.clone(),
@@ -1119,21 +1255,35 @@ impl Mesh {
             .collect()
     }
 
-    /// Disagreements between sources.
+    /// Disagreements between sources, and endpoints refused at the door.
     pub fn conflicts(&self) -> Vec<Conflict> {
-        self.lock().registry.conflicts()
+        let inner = self.lock();
+        let mut out = inner.registry.conflicts();
+        out.extend(inner.invalid.values().flatten().cloned());
+        out
     }
 
-    /// Marks configured sources that have not reported yet (for the admin API).
-    pub fn declare_source(&self, name: &str, kind: SourceKind) {
+    /// Lists every configured source from the start: one that has not answered in this
+    /// run is `pending` (with the data restored from the store, if any), so a source
+    /// that hangs is visible at once. A source restored as stale stays stale (its
+    /// endpoints keep their flag) until it answers.
+    pub fn declare_sources(&self, sources: impl IntoIterator<Item = (String, SourceKind)>) {
         let mut inner = self.lock();
-        if !inner.registry.sources().contains_key(name) {
-            let _ = inner.registry.apply_with_state(
-                name,
-                kind,
-                SourceChange::Services(BTreeMap::new()),
-                SourceState::syncing(),
-            );
+        for (name, kind) in sources {
+            let restored_stale = inner
+                .registry
+                .sources()
+                .get(&name)
+                .is_some_and(|e| e.state.is_stale());
+            if !restored_stale {
+                // No data change: no delta, no new version.
+                let _ = inner.registry.apply_with_state(
+                    &name,
+                    kind,
+                    SourceChange::Services(BTreeMap::new()),
+                    SourceState::syncing(),
+                );
+            }
         }
     }
 }
@@ -1156,6 +1306,7 @@ mod tests {
                 vip_range: "240.240.0.0/16".parse().unwrap(),
                 agent_grace: Duration::from_secs(60),
                 history_len: 16,
+                control_on_loopback: true,
             },
             Vec::new(),
             &BTreeSet::new(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use causeway_api::TrustDomain;
 use causeway_api::push::{
-    AgentFrame, Heartbeat, Hello, MAX_PUSH_FRAME, PushFrame, agent_frame, push_frame,
+    AgentFrame, Heartbeat, Hello, MAX_PUSH_FRAME, PushFrame, Registration, agent_frame, push_frame,
 };
 use causeway_api::wire::{self, ErrorCode, ErrorReply, FrameError};
 use causeway_api::{SpiffeId, hex};
@@ -155,11 +155,29 @@ pub(crate) async fn run_session(
         }
     };
     let group = store.group(&agent.group).ok().flatten().map(|g| g.group);
-    let address: IpAddr = hello
-        .address
-        .parse()
-        .unwrap_or_else(|_| remote.ip().to_canonical());
-    let handle = match mesh.session_start(&agent, group.as_ref(), address, hello.last_version) {
+    // The address to register: the one the agent names, else its connection's.
+    let address: Result<IpAddr, String> = if hello.address.is_empty() {
+        Ok(remote.ip().to_canonical())
+    } else {
+        hello.address.parse().map_err(|_| hello.address.clone())
+    };
+    // Networks the controller vouches for (hosts behind NAT): the group's and the token's.
+    let mut cidrs = group
+        .as_ref()
+        .map(|g| g.allowed_cidrs.clone())
+        .unwrap_or_default();
+    if let Ok(Some(token)) = store.token(&agent.token_id) {
+        cidrs.extend(token.cidrs);
+    }
+    let started = mesh.session_start(
+        &agent,
+        group.as_ref(),
+        address,
+        remote.ip().to_canonical(),
+        &cidrs,
+        hello.last_version,
+    );
+    let (handle, refusal) = match started {
         Ok(h) => h,
         Err(e) => {
             tracing::error!(agent = %agent.id, error = %e, "cannot start a session");
@@ -167,7 +185,26 @@ pub(crate) async fn run_session(
             return;
         }
     };
-    tracing::info!(agent = %agent.id, %address, last_version = hello.last_version, generation = handle.generation, "agent subscribed");
+    tracing::info!(agent = %agent.id, address = %hello.address, %remote, registered = refusal.is_none(), last_version = hello.last_version, generation = handle.generation, "agent subscribed");
+    // Tell the agent whether its workload is registered (older agents ignore the frame).
+    if group.as_ref().is_some_and(|g| g.service.is_some()) {
+        let frame = PushFrame {
+            kind: Some(push_frame::Kind::Registration(Registration {
+                address: if hello.address.is_empty() {
+                    remote.ip().to_canonical().to_string()
+                } else {
+                    hello.address.clone()
+                },
+                accepted: refusal.is_none(),
+                error: refusal.unwrap_or_default(),
+            })),
+        };
+        if let Err(e) = send_frame(&mut send, &frame).await {
+            tracing::info!(agent = %agent.id, error = %e, "subscription write failed");
+            let _ = mesh.session_end(&handle, false);
+            return;
+        }
+    }
 
     let (tx, mut rx) = mpsc::channel::<Result<AgentFrame, String>>(8);
     let reader = tokio::spawn(async move {
@@ -218,7 +255,7 @@ pub(crate) async fn run_session(
                     in_flight = None;
                     acked = n.current_version;
                     nacked = Some(n.version);
-                    mesh.record_answer(&handle, acked, Some(NackView { version: n.version, error: n.error }));
+                    mesh.record_answer(&handle, acked, Some(NackView { version: n.version, error: n.error, rejected: n.rejected }));
                 }
                 Some(Ok(AgentFrame { kind: Some(agent_frame::Kind::Goodbye(_)) })) => break true,
                 Some(Ok(AgentFrame { kind: None })) => {} // a newer agent's frame kind: ignored

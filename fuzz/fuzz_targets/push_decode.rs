@@ -1,7 +1,7 @@
 //! The config-push frames on arbitrary bytes: `PushFrame` (what an agent reads) and
 //! `AgentFrame` (what the controller reads) never panic to decode, and a decoded update
 //! applied to an empty and to a populated agent state never panics either (the agent's
-//! all-or-nothing apply is the second parser of network input).
+//! apply is the second parser of network input).
 #![no_main]
 
 use causeway_api::push::{
@@ -24,8 +24,8 @@ fuzz_target!(|data: &[u8]| {
             vip_cidr: "240.240.0.0/16".into(),
             ..ConfigUpdate::default()
         };
-        if let Ok(populated) = empty.apply(&base)
-            && let Ok(next) = populated.apply(&update)
+        if let Ok(populated) = empty.apply(&base).map(|a| a.state)
+            && let Ok(next) = populated.apply(&update).map(|a| a.state)
         {
             // An applied state never goes backwards for a delta.
             assert!(update.full || next.version > populated.version);

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use causeway_api::push::{
     Ack, AgentFrame, ApplyError, ConfigUpdate, Goodbye, Hello, MAX_PUSH_FRAME, MeshState, Nack,
-    PROTOCOL, PushFrame, agent_frame, push_frame,
+    PROTOCOL, PushFrame, ServiceRejection, agent_frame, push_frame,
 };
 use causeway_api::wire::{self, ClientRequest, ErrorCode, client_request};
 use tokio::sync::oneshot;
@@ -64,6 +64,9 @@ pub enum Event {
     Refused(u64, String),
     /// The controller's current version (heartbeat).
     ControllerVersion(u64),
+    /// The controller's answer to the workload address: `None` registered, `Some(why)`
+    /// refused.
+    Registration(Option<String>),
 }
 
 async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>, String> {
@@ -87,23 +90,95 @@ async fn write(send: &mut quinn::SendStream, frame: &AgentFrame) -> Result<(), S
         .map_err(|e| e.to_string())
 }
 
-/// Applies one update to the shared state and the cache; the answer to send.
-pub fn apply(
-    state: &SharedState,
-    cache: &ConfigCache,
-    update: &ConfigUpdate,
-) -> Result<u64, (u64, ApplyError)> {
+/// How an update went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied in full at this version.
+    Applied(u64),
+    /// Applied at this version except the services in `rejected` (they keep their last
+    /// good copy); `summary` names each and why.
+    Partial {
+        /// The version now applied.
+        version: u64,
+        /// One line for logs, status and the NACK.
+        summary: String,
+        /// The refused services.
+        rejected: Vec<ServiceRejection>,
+    },
+    /// Refused as a whole; the agent stays at `current` (a newer deny list in the
+    /// update is applied all the same).
+    Refused {
+        /// The version the agent stays on.
+        current: u64,
+        /// Why.
+        error: ApplyError,
+    },
+}
+
+impl Outcome {
+    /// The frame answering the update.
+    pub fn answer(&self, update: &ConfigUpdate) -> agent_frame::Kind {
+        match self {
+            Outcome::Applied(v) => agent_frame::Kind::Ack(Ack { version: *v }),
+            Outcome::Partial {
+                version,
+                summary,
+                rejected,
+            } => agent_frame::Kind::Nack(Nack {
+                version: *version,
+                error: summary.clone(),
+                current_version: *version,
+                rejected: rejected.clone(),
+            }),
+            Outcome::Refused { current, error } => agent_frame::Kind::Nack(Nack {
+                version: update.version,
+                error: error.to_string(),
+                current_version: *current,
+                rejected: Vec::new(),
+            }),
+        }
+    }
+}
+
+fn commit(state: &SharedState, cache: &ConfigCache, next: MeshState) {
+    if let Err(e) = cache.save(&next) {
+        tracing::warn!(error = %e, "cannot write the config cache; continuing from memory");
+    }
+    *state.write().unwrap_or_else(|p| p.into_inner()) = next;
+}
+
+/// Applies one update to the shared state and the cache. The state never loses its last
+/// good config: a refused service keeps its previous copy, a refused update changes
+/// nothing but a newer deny list.
+pub fn apply(state: &SharedState, cache: &ConfigCache, update: &ConfigUpdate) -> Outcome {
     let current = state.read().unwrap_or_else(|p| p.into_inner()).clone();
     match current.apply(update) {
-        Ok(next) => {
-            if let Err(e) = cache.save(&next) {
-                tracing::warn!(error = %e, "cannot write the config cache; continuing from memory");
+        Ok(applied) => {
+            let summary = applied.rejection_summary();
+            let v = applied.state.version;
+            commit(state, cache, applied.state);
+            match summary {
+                None => Outcome::Applied(v),
+                Some(summary) => Outcome::Partial {
+                    version: v,
+                    summary,
+                    rejected: applied.rejected,
+                },
             }
-            let v = next.version;
-            *state.write().unwrap_or_else(|p| p.into_inner()) = next;
-            Ok(v)
         }
-        Err(e) => Err((current.version, e)),
+        Err(error) => {
+            if let Some(next) = current.apply_deny_only(update) {
+                tracing::info!(
+                    version = update.version,
+                    "update refused, but its deny list is applied"
+                );
+                commit(state, cache, next);
+            }
+            Outcome::Refused {
+                current: current.version,
+                error,
+            }
+        }
     }
 }
 
@@ -155,8 +230,9 @@ pub async fn subscribe(
         let frame: PushFrame = wire::decode_body(&body).map_err(|e| proto(e.to_string()))?;
         match frame.kind {
             Some(push_frame::Kind::Update(update)) => {
-                let answer = match apply(&state, &cache, &update) {
-                    Ok(v) => {
+                let outcome = apply(&state, &cache, &update);
+                match &outcome {
+                    Outcome::Applied(v) => {
                         tracing::info!(
                             version = v,
                             full = update.full,
@@ -164,22 +240,37 @@ pub async fn subscribe(
                             removed = update.removed.len(),
                             "config applied"
                         );
-                        events(Event::Applied(v, update.full));
-                        agent_frame::Kind::Ack(Ack { version: v })
+                        events(Event::Applied(*v, update.full));
                     }
-                    Err((current, e)) => {
-                        tracing::warn!(version = update.version, stays_on = current, error = %e, "config update refused; keeping the last good config");
-                        events(Event::Refused(update.version, e.to_string()));
-                        agent_frame::Kind::Nack(Nack {
-                            version: update.version,
-                            error: e.to_string(),
-                            current_version: current,
-                        })
+                    Outcome::Partial {
+                        version, summary, ..
+                    } => {
+                        tracing::warn!(version, error = %summary, "config applied except refused services; they keep their last good config");
+                        events(Event::Applied(*version, update.full));
+                        events(Event::Refused(*version, summary.clone()));
                     }
-                };
-                write(&mut send, &AgentFrame { kind: Some(answer) })
-                    .await
-                    .map_err(proto)?;
+                    Outcome::Refused { current, error } => {
+                        tracing::warn!(version = update.version, stays_on = current, %error, "config update refused; keeping the last good config");
+                        events(Event::Refused(update.version, error.to_string()));
+                    }
+                }
+                write(
+                    &mut send,
+                    &AgentFrame {
+                        kind: Some(outcome.answer(&update)),
+                    },
+                )
+                .await
+                .map_err(proto)?;
+            }
+            Some(push_frame::Kind::Registration(r)) => {
+                if r.accepted {
+                    tracing::info!(address = %r.address, "workload registered");
+                    events(Event::Registration(None));
+                } else {
+                    tracing::error!(address = %r.address, error = %r.error, "the controller refused this workload's address; it is not registered in the mesh (this agent still receives config)");
+                    events(Event::Registration(Some(r.error)));
+                }
             }
             Some(push_frame::Kind::Heartbeat(h)) => events(Event::ControllerVersion(h.version)),
             Some(push_frame::Kind::Error(e)) => {
@@ -190,5 +281,94 @@ pub async fn subscribe(
             }
             None => {} // a newer controller's frame kind: ignored
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use causeway_api::push::{EndpointMsg, ServiceMsg};
+
+    fn svc(name: &str, vip: &str, addr: &str) -> ServiceMsg {
+        ServiceMsg {
+            namespace: "ext".into(),
+            name: name.into(),
+            vip: vip.into(),
+            endpoints: vec![EndpointMsg {
+                id: format!("f/{name}"),
+                address: addr.into(),
+                ports: [("http".to_owned(), 80u32)].into(),
+                healthy: true,
+                ..EndpointMsg::default()
+            }],
+            ..ServiceMsg::default()
+        }
+    }
+
+    #[test]
+    fn one_bad_service_is_reported_and_the_rest_applied_and_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ConfigCache::new(dir.path());
+        let state: SharedState = Arc::default();
+        let first = ConfigUpdate {
+            version: 1,
+            full: true,
+            vip_cidr: "240.240.0.0/16".into(),
+            services: vec![svc("web", "240.240.0.1", "10.0.0.1")],
+            ..ConfigUpdate::default()
+        };
+        assert_eq!(apply(&state, &cache, &first), Outcome::Applied(1));
+        let update = ConfigUpdate {
+            version: 2,
+            base_version: 1,
+            services: vec![
+                svc("web", "240.240.0.1", "240.240.0.77"),
+                svc("ledger", "240.240.0.2", "10.0.0.2"),
+            ],
+            ..ConfigUpdate::default()
+        };
+        let outcome = apply(&state, &cache, &update);
+        let Outcome::Partial {
+            version, summary, ..
+        } = &outcome
+        else {
+            panic!("expected a partial apply, got {outcome:?}")
+        };
+        assert_eq!(*version, 2);
+        assert!(
+            summary.contains("ext/web") && summary.contains("240.240.0.77"),
+            "{summary}"
+        );
+        let agent_frame::Kind::Nack(nack) = outcome.answer(&update) else {
+            panic!("a partial apply is answered with a NACK naming the services")
+        };
+        assert_eq!((nack.version, nack.current_version), (2, 2));
+        assert_eq!(nack.rejected.len(), 1);
+        assert_eq!(nack.rejected[0].name, "web");
+        let held = state.read().unwrap().clone();
+        assert_eq!(
+            held.services["ext/web"].endpoints["f/web"].address,
+            "10.0.0.1"
+        );
+        assert!(held.services.contains_key("ext/ledger"));
+        assert_eq!(cache.load(), held, "the cache holds what is applied");
+
+        // Refused as a whole (wrong base), yet its newer deny list is applied.
+        let refused = ConfigUpdate {
+            version: 9,
+            base_version: 7,
+            deny_set: true,
+            deny_serials: vec!["0a0b".into()],
+            ..ConfigUpdate::default()
+        };
+        let outcome = apply(&state, &cache, &refused);
+        assert!(
+            matches!(outcome, Outcome::Refused { current: 2, .. }),
+            "{outcome:?}"
+        );
+        let held = state.read().unwrap().clone();
+        assert_eq!(held.version, 2);
+        assert!(held.deny_serials.contains("0a0b"));
+        assert_eq!(cache.load(), held);
     }
 }

@@ -53,6 +53,9 @@ pub struct RunStatus {
     /// Unix seconds of the last applied update.
     #[serde(default)]
     pub config_applied_at: Option<i64>,
+    /// Why the controller refused this workload's address (it is then not registered).
+    #[serde(default)]
+    pub registration_error: Option<String>,
     /// Full snapshots applied by this process.
     #[serde(default)]
     pub full_updates: u64,
@@ -297,6 +300,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                                 Event::ControllerVersion(v) => {
                                     r.status.controller_version = Some(v)
                                 }
+                                Event::Registration(e) => r.status.registration_error = e,
                             }
                             r.write();
                         })

@@ -35,6 +35,8 @@ pub struct Status {
     pub config_lag: Option<u64>,
     /// Why the last refused update was refused.
     pub config_error: Option<String>,
+    /// Why the controller refused this workload's address (not registered in the mesh).
+    pub registration_error: Option<String>,
     /// Services in the applied config.
     pub services: usize,
     /// Full snapshots applied by the running process.
@@ -96,6 +98,11 @@ pub fn status(state: &StateDir) -> anyhow::Result<Status> {
             None
         },
         config_error: if running { run.config_error } else { None },
+        registration_error: if running {
+            run.registration_error
+        } else {
+            None
+        },
         services: cached.services.len(),
         full_updates: running.then_some(run.full_updates),
         delta_updates: running.then_some(run.delta_updates),
@@ -151,6 +158,9 @@ pub fn render(s: &Status) -> String {
     ));
     if let Some(e) = &s.config_error {
         out.push_str(&format!("config refused: {e}\n"));
+    }
+    if let Some(e) = &s.registration_error {
+        out.push_str(&format!("NOT registered: {e}\n"));
     }
     if let Some(e) = &s.last_error {
         out.push_str(&format!("last error:  {e}\n"));

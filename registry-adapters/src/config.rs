@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -42,7 +43,7 @@ pub struct SourcesConfig {
 }
 
 /// One Consul source (`[[sources.consul]]`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsulSourceConfig {
     /// Unique name of this source across all sources (shown as each endpoint's `source`).
@@ -68,6 +69,44 @@ pub struct ConsulSourceConfig {
     /// PEM file of the CA that signed Consul's HTTPS certificate (added to the system roots).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// How long Consul may hold a blocking query (`?wait=`, at most 10m); default "5m".
+    /// A Consul that does not answer is reported stale after `wait + wait/16 + request_timeout`.
+    #[serde(
+        default,
+        with = "causeway_api::duration::opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub wait: Option<Duration>,
+    /// Time allowed for a request beyond the blocking wait; default "10s".
+    #[serde(
+        default,
+        with = "causeway_api::duration::opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub request_timeout: Option<Duration>,
+    /// Least time between two requests of one watch; default "200ms".
+    #[serde(
+        default,
+        with = "causeway_api::duration::opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub min_interval: Option<Duration>,
+    /// Retry delay after the first failure (HTTP error, bad body, timeout); it doubles
+    /// with every further failure up to `retry_max`, each delay drawn at random below
+    /// it (full jitter); default "500ms".
+    #[serde(
+        default,
+        with = "causeway_api::duration::opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retry_initial: Option<Duration>,
+    /// Longest retry delay; default "30s".
+    #[serde(
+        default,
+        with = "causeway_api::duration::opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retry_max: Option<Duration>,
 }
 
 /// One Eureka source (`[[sources.eureka]]`).
@@ -142,6 +181,32 @@ impl SourcesConfig {
                 c.namespace.as_deref(),
                 &mut problems,
             );
+            if c.wait
+                .is_some_and(|w| w.is_zero() || w > Duration::from_secs(600))
+            {
+                problems.push(format!(
+                    "sources.consul[{i}].wait = {:?} is outside 1s..10m (Consul caps blocking queries at 10 minutes); use e.g. \"5m\"",
+                    c.wait.unwrap_or_default()
+                ));
+            }
+            for (field, value) in [
+                ("request_timeout", c.request_timeout),
+                ("retry_initial", c.retry_initial),
+                ("retry_max", c.retry_max),
+            ] {
+                if value.is_some_and(|v| v.is_zero()) {
+                    problems.push(format!(
+                        "sources.consul[{i}].{field} is 0; give a positive duration such as \"1s\", or remove it for the default"
+                    ));
+                }
+            }
+            if let (Some(first), Some(max)) = (c.retry_initial, c.retry_max)
+                && first > max
+            {
+                problems.push(format!(
+                    "sources.consul[{i}].retry_initial ({first:?}) is longer than retry_max ({max:?}); make retry_max the larger"
+                ));
+            }
             if c.datacenter.as_deref().is_some_and(|d| d.trim().is_empty()) {
                 problems.push(format!("sources.consul[{i}].datacenter is empty; remove it or name a datacenter such as \"dc1\""));
             }
@@ -264,6 +329,7 @@ mod tests {
                 consul_namespace: None,
                 partition: None,
                 ca_file: None,
+                ..Default::default()
             }],
             eureka: vec![EurekaSourceConfig {
                 name: "a".into(),

@@ -102,7 +102,7 @@ impl ConsulSource {
             token,
             mapping,
             client: http_client_with_ca(&cfg.name, cfg.ca_file.as_deref())?,
-            opts: opts.clone(),
+            opts: opts.for_consul(cfg),
         })
     }
 
@@ -167,25 +167,8 @@ impl ConsulSource {
         while let Some(ev) = ev_rx.recv().await {
             let mut state_changed = false;
             match ev {
-                Event::Ok { watch: None, body } => {
+                Event::Catalog(names) => {
                     failing.remove(CATALOG);
-                    let names: BTreeMap<String, serde_json::Value> =
-                        match serde_json::from_slice(&body) {
-                            Ok(n) => n,
-                            Err(e) => {
-                                failing.insert(
-                                    CATALOG.into(),
-                                    format!("catalog/services: not the expected JSON object: {e}"),
-                                );
-                                state_changed |= self.update_state(&mut tracker, &failing);
-                                if state_changed && !send(&tx, &self.name, None, &tracker).await {
-                                    break;
-                                }
-                                continue;
-                            }
-                        };
-                    let names: BTreeSet<String> =
-                        names.into_keys().filter(|n| n != "consul").collect();
                     for gone in watchers
                         .keys()
                         .filter(|n| !names.contains(*n))
@@ -219,46 +202,34 @@ impl ConsulSource {
                     }
                     catalog_names = Some(names);
                 }
-                Event::Ok {
-                    watch: Some(name),
-                    body,
-                } => {
+                Event::Health { name, eps } => {
                     if !watchers.contains_key(&name) {
                         continue; // a late answer for a service that left the catalog
                     }
-                    match parse_health(&self.name, self.datacenter.as_deref(), &body) {
-                        Ok(eps) => {
-                            failing.remove(&name);
-                            let key = match self.mapping.key(
-                                &name,
-                                eps.values()
-                                    .next()
-                                    .and_then(|e| e.metadata.get(NS_META))
-                                    .map(String::as_str),
-                                None,
-                            ) {
-                                Ok(k) => k,
-                                Err(e) => {
-                                    failing.insert(name.clone(), e.to_string());
-                                    state_changed |= self.update_state(&mut tracker, &failing);
-                                    if state_changed && !send(&tx, &self.name, None, &tracker).await
-                                    {
-                                        break;
-                                    }
-                                    continue;
-                                }
-                            };
-                            let prev = data.insert(name.clone(), (key.clone(), eps));
-                            if prev.as_ref().map(|p| &p.1) != data.get(&name).map(|d| &d.1) {
-                                pending.insert(key.clone());
-                                if let Some((old_key, _)) = prev.filter(|p| p.0 != key) {
-                                    pending.insert(old_key);
-                                }
+                    failing.remove(&name);
+                    let key = match self.mapping.key(
+                        &name,
+                        eps.values()
+                            .next()
+                            .and_then(|e| e.metadata.get(NS_META))
+                            .map(String::as_str),
+                        None,
+                    ) {
+                        Ok(k) => k,
+                        Err(e) => {
+                            failing.insert(name.clone(), e.to_string());
+                            state_changed |= self.update_state(&mut tracker, &failing);
+                            if state_changed && !send(&tx, &self.name, None, &tracker).await {
+                                break;
                             }
+                            continue;
                         }
-                        Err(detail) => {
-                            failing
-                                .insert(name.clone(), format!("health/service/{name}: {detail}"));
+                    };
+                    let prev = data.insert(name.clone(), (key.clone(), eps));
+                    if prev.as_ref().map(|p| &p.1) != data.get(&name).map(|d| &d.1) {
+                        pending.insert(key.clone());
+                        if let Some((old_key, _)) = prev.filter(|p| p.0 != key) {
+                            pending.insert(old_key);
                         }
                     }
                 }
@@ -347,11 +318,13 @@ impl ConsulSource {
 const CATALOG: &str = "\u{0}catalog";
 const NS_META: &str = "consul-namespace";
 
+/// What a watch reports to the coordinator: a parsed answer, or a failure.
 enum Event {
-    Ok {
-        watch: Option<String>,
-        body: Vec<u8>,
-    },
+    /// The catalog's service names (without `consul` itself).
+    Catalog(BTreeSet<String>),
+    /// One service's endpoints.
+    Health { name: String, eps: ServiceEndpoints },
+    /// A failed request or an answer that does not parse.
     Err {
         watch: Option<String>,
         error: FetchError,
@@ -391,22 +364,42 @@ async fn watch(
         last_call = Some(tokio::time::Instant::now());
         match src.blocking_get(&path, index).await {
             Ok((returned, body)) => {
-                backoff.reset();
-                let (next, reset) = next_index(index, returned);
-                if reset {
-                    tracing::info!(source = %src.name, path, index, returned, "consul index went backwards; resetting to 0");
+                // Every answer is parsed here, even one with an unchanged index (its body
+                // may be broken): an answer that does not parse is a failure like any
+                // other and backs off, instead of being asked again at once.
+                let event = match &name {
+                    None => parse_catalog(&body).map(Event::Catalog),
+                    Some(n) => parse_health(&src.name, src.datacenter.as_deref(), &body)
+                        .map(|eps| Event::Health {
+                            name: n.clone(),
+                            eps,
+                        })
+                        .map_err(|e| format!("health/service/{n}: {e}")),
+                };
+                let failed = event.is_err();
+                let event = event.unwrap_or_else(|detail| Event::Err {
+                    watch: name.clone(),
+                    error: FetchError::Body {
+                        url: format!("{}{path}", src.base),
+                        detail,
+                    },
+                });
+                if failed {
+                    // The index stays: the retry reads the same data again.
+                    tracing::warn!(source = %src.name, path, "consul answer unreadable; backing off");
+                } else {
+                    backoff.reset();
+                    let (next, reset) = next_index(index, returned);
+                    if reset {
+                        tracing::info!(source = %src.name, path, index, returned, "consul index went backwards; resetting to 0");
+                    }
+                    index = next;
                 }
-                index = next;
-                // even an answer with an unchanged index is checked: its body may be
-                // broken (the coordinator parses it and ignores it if nothing changed)
-                if tx
-                    .send(Event::Ok {
-                        watch: name.clone(),
-                        body,
-                    })
-                    .is_err()
-                {
+                if tx.send(event).is_err() {
                     return;
+                }
+                if failed {
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
             Err(error) => {
@@ -424,6 +417,13 @@ async fn watch(
             }
         }
     }
+}
+
+/// Parses a `/v1/catalog/services` body into service names (without `consul` itself).
+fn parse_catalog(body: &[u8]) -> Result<BTreeSet<String>, String> {
+    let names: BTreeMap<String, serde_json::Value> = serde_json::from_slice(body)
+        .map_err(|e| format!("catalog/services: not the expected JSON object: {e}"))?;
+    Ok(names.into_keys().filter(|n| n != "consul").collect())
 }
 
 #[derive(Deserialize)]

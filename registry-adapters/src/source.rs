@@ -96,7 +96,8 @@ pub struct SourceOptions {
     pub request_timeout: Duration,
     /// At least this long between two calls of one watch (rate limit).
     pub min_interval: Duration,
-    /// First retry delay after an error; doubles up to `max_backoff`.
+    /// Retry delay bound after the first error; doubles with each further error up to
+    /// `max_backoff`, each delay drawn at random below the bound ([`Backoff`]).
     pub error_backoff: Duration,
     /// Longest retry delay.
     pub max_backoff: Duration,
@@ -119,6 +120,21 @@ impl Default for SourceOptions {
             max_body_bytes: 64 << 20,
             eureka_interval: Duration::from_secs(30),
             file_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+impl SourceOptions {
+    /// These options with a Consul source's own settings (`wait`, `request_timeout`,
+    /// `min_interval`, `retry_initial`, `retry_max`) in place of the defaults.
+    pub fn for_consul(&self, cfg: &crate::config::ConsulSourceConfig) -> SourceOptions {
+        SourceOptions {
+            consul_wait: cfg.wait.unwrap_or(self.consul_wait),
+            request_timeout: cfg.request_timeout.unwrap_or(self.request_timeout),
+            min_interval: cfg.min_interval.unwrap_or(self.min_interval),
+            error_backoff: cfg.retry_initial.unwrap_or(self.error_backoff),
+            max_backoff: cfg.retry_max.unwrap_or(self.max_backoff),
+            ..self.clone()
         }
     }
 }
@@ -410,12 +426,17 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Exponential backoff with a cap.
+/// Retry delays after failures: exponential with a cap, and "full jitter" (AWS
+/// architecture blog, "Exponential Backoff and Jitter"): the n-th delay in a row is drawn
+/// uniformly from `[0, min(max, first * 2^(n-1))]`, so sources failing together do not
+/// retry in step. Every failure of a source (HTTP error, unreadable body, timeout) goes
+/// through one of these; a success resets it.
 #[derive(Debug)]
 pub(crate) struct Backoff {
     first: Duration,
     max: Duration,
     next: Duration,
+    draws: u64,
 }
 
 impl Backoff {
@@ -423,19 +444,36 @@ impl Backoff {
         Self {
             first: opts.error_backoff,
             max: opts.max_backoff,
-            next: opts.error_backoff,
+            next: opts.error_backoff.min(opts.max_backoff),
+            draws: 0,
         }
     }
 
     pub(crate) fn reset(&mut self) {
-        self.next = self.first;
+        self.next = self.first.min(self.max);
+    }
+
+    /// The bound the next delay is drawn below.
+    #[cfg(test)]
+    pub(crate) fn bound(&self) -> Duration {
+        self.next
     }
 
     pub(crate) fn next_delay(&mut self) -> Duration {
-        let d = self.next;
+        let bound = self.next;
         self.next = (self.next * 2).min(self.max);
-        d
+        self.draws += 1;
+        bound.mul_f64(unit_random(self.draws))
     }
+}
+
+/// A number in `[0, 1]` that differs between calls and processes (jitter needs no more:
+/// std's randomly keyed SipHash over a counter, no random-number crate needed).
+fn unit_random(counter: u64) -> f64 {
+    use std::hash::BuildHasher as _;
+    let bits = std::collections::hash_map::RandomState::new().hash_one(counter);
+    // 53 random bits → [0, 1]
+    (bits >> 11) as f64 / ((1u64 << 53) - 1) as f64
 }
 
 /// Tracks a source's state and tells when it changed.
@@ -474,17 +512,50 @@ mod tests {
     use causeway_api::registry::{Endpoint, Provenance, ServiceKey, SourceSnapshot};
 
     #[test]
-    fn backoff_doubles_and_caps() {
+    fn backoff_bound_doubles_and_caps_and_each_delay_is_drawn_below_it() {
         let opts = SourceOptions {
             error_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(350),
             ..SourceOptions::default()
         };
         let mut b = Backoff::new(&opts);
-        let got: Vec<u128> = (0..4).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(got, vec![100, 200, 350, 350]);
+        let mut bounds = Vec::new();
+        for _ in 0..4 {
+            let bound = b.bound();
+            let d = b.next_delay();
+            assert!(d <= bound, "{d:?} above its bound {bound:?}");
+            bounds.push(bound.as_millis());
+        }
+        assert_eq!(bounds, vec![100, 200, 350, 350]);
         b.reset();
-        assert_eq!(b.next_delay().as_millis(), 100);
+        assert_eq!(b.bound().as_millis(), 100);
+        // Jitter: many draws below one bound spread out over it (not all equal, not all
+        // at the bound), and their mean is near half the bound.
+        let opts = SourceOptions {
+            error_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(1),
+            ..SourceOptions::default()
+        };
+        let mut b = Backoff::new(&opts);
+        let draws: Vec<f64> = (0..400).map(|_| b.next_delay().as_secs_f64()).collect();
+        let mean = draws.iter().sum::<f64>() / 400.0;
+        assert!((0.35..0.65).contains(&mean), "mean {mean}");
+        assert!(draws.iter().any(|d| *d < 0.25) && draws.iter().any(|d| *d > 0.75));
+    }
+
+    #[test]
+    fn a_consul_source_takes_its_own_timings() {
+        let cfg = crate::config::ConsulSourceConfig {
+            wait: Some(Duration::from_secs(2)),
+            request_timeout: Some(Duration::from_secs(3)),
+            retry_max: Some(Duration::from_secs(4)),
+            ..Default::default()
+        };
+        let o = SourceOptions::default().for_consul(&cfg);
+        assert_eq!(o.consul_wait, Duration::from_secs(2));
+        assert_eq!(o.request_timeout, Duration::from_secs(3));
+        assert_eq!(o.max_backoff, Duration::from_secs(4));
+        assert_eq!(o.error_backoff, SourceOptions::default().error_backoff);
     }
 
     #[test]

@@ -20,6 +20,7 @@ fn config(fake: &FakeConsul) -> ConsulSourceConfig {
         consul_namespace: None,
         partition: None,
         ca_file: None,
+        ..Default::default()
     }
 }
 
@@ -244,6 +245,7 @@ async fn unreachable_consul_is_stale_with_a_clear_error() {
         consul_namespace: None,
         partition: None,
         ca_file: None,
+        ..Default::default()
     };
     cfg.namespace = None;
     let task = tokio::spawn(ConsulSource::new(&cfg, &fast_options()).unwrap().run(tx));
@@ -320,4 +322,93 @@ async fn enterprise_namespace_and_partition_are_sent_and_a_missing_ca_file_is_na
         text.contains("ca_file") && text.contains("/nonexistent/consul-ca.pem"),
         "{text}"
     );
+}
+
+/// A "Consul" that answers every request at once with 200, an index and a body that is
+/// not JSON (a proxy's error page); returns its URL and the arrival time of each request.
+async fn garbage_consul() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                log.lock().unwrap().push(tokio::time::Instant::now());
+                let body = "<html><body>502 Bad Gateway</body></html>";
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nX-Consul-Index: 7\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn an_answer_that_does_not_parse_is_retried_with_growing_intervals() {
+    let (url, seen) = garbage_consul().await;
+    let cfg = ConsulSourceConfig {
+        name: "consul-dc1".into(),
+        address: url,
+        // Short on purpose: without backoff this watch would ask every 5 ms.
+        min_interval: Some(Duration::from_millis(5)),
+        retry_initial: Some(Duration::from_millis(10)),
+        retry_max: Some(Duration::from_secs(2)),
+        ..Default::default()
+    };
+    let (mut h, tx) = Harness::new();
+    let task = tokio::spawn(ConsulSource::new(&cfg, &fast_options()).unwrap().run(tx));
+    h.until("source stale", |r| stale_of(r, "consul-dc1")).await;
+    assert!(
+        h.last_error("consul-dc1").contains("JSON"),
+        "{}",
+        h.last_error("consul-dc1")
+    );
+    // Count requests: in the first second after the first one, and in the six seconds
+    // from the second to the eighth. Backoff makes the later rate far lower (expected
+    // ~8 vs ~1 per second; the bound only needs half); asking again at once would be
+    // ~200 per second throughout.
+    let start = wait_first(&seen).await;
+    tokio::time::sleep_until(start + Duration::from_secs(8)).await;
+    let times = seen.lock().unwrap().clone();
+    let count = |from: u64, to: u64| {
+        times
+            .iter()
+            .filter(|t| {
+                **t >= start + Duration::from_secs(from) && **t < start + Duration::from_secs(to)
+            })
+            .count()
+    };
+    let (early, late) = (count(0, 1), count(2, 8));
+    assert!(early >= 3, "requests in the first second: {early}");
+    assert!(
+        late * 2 < early * 6,
+        "the retry rate must fall: {early} requests in the first second, {late} in the six from the second on"
+    );
+    task.abort();
+}
+
+async fn wait_first(seen: &std::sync::Mutex<Vec<tokio::time::Instant>>) -> tokio::time::Instant {
+    loop {
+        if let Some(t) = seen.lock().unwrap().first().copied() {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

@@ -32,6 +32,7 @@ async fn same_service_from_consul_eureka_and_file_merges_with_provenance_and_con
             consul_namespace: None,
             partition: None,
             ca_file: None,
+            ..Default::default()
         }],
         eureka: vec![EurekaSourceConfig {
             name: "eureka".into(),
@@ -152,6 +153,7 @@ async fn consul_and_kubernetes_merge_without_double_counting_consul_k8s_copies()
             consul_namespace: None,
             partition: None,
             ca_file: None,
+            ..Default::default()
         }],
         kubernetes: vec![KubernetesSourceConfig {
             name: "cluster-a".into(),

@@ -80,6 +80,7 @@ async fn py_consul_registers_into_the_fake_and_the_adapter_sees_it() {
         consul_namespace: None,
         partition: None,
         ca_file: None,
+        ..Default::default()
     };
     let task = tokio::spawn(ConsulSource::new(&cfg, &fast_options()).unwrap().run(tx));
     h.until("initial sync", |r| eps(r, "default", "web").len() == 2)

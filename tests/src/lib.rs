@@ -177,6 +177,35 @@ impl Controller {
         Self::start(data_dir, &["--config", cfg.to_str().expect("utf-8 path")])
     }
 
+    /// Starts with a config file written from `toml`, the control endpoint on
+    /// `control_listen` (e.g. all interfaces) and tokens pointing at `advertise`.
+    pub fn start_listening(
+        data_dir: &Path,
+        toml: &str,
+        control_listen: &str,
+        advertise: &str,
+    ) -> Self {
+        std::fs::create_dir_all(data_dir).expect("data dir");
+        let cfg = data_dir.with_extension("toml");
+        std::fs::write(&cfg, toml).expect("write config");
+        let mut c = Self {
+            data_dir: data_dir.to_owned(),
+            child: None,
+            admin: String::new(),
+            control: String::new(),
+            fingerprint: String::new(),
+            extra: vec![
+                "--config".into(),
+                cfg.to_str().expect("utf-8 path").into(),
+                "--advertise".into(),
+                advertise.into(),
+            ],
+            prefix: Vec::new(),
+        };
+        c.spawn(Some(control_listen));
+        c
+    }
+
     fn spawn(&mut self, control_listen: Option<&str>) {
         let endpoints = self.data_dir.join("endpoints.json");
         let _ = std::fs::remove_file(&endpoints);

@@ -65,19 +65,23 @@ impl Mesh {
         std::fs::write(&tmp, services_file(entries)).unwrap();
         std::fs::rename(&tmp, &self.services).unwrap();
         // Other changes (agents registering) also move the version: wait for the
-        // file's own content, then take the version that includes it.
+        // file's own content, then take the version that includes it. Endpoints inside
+        // the VIP range are refused by the controller and never appear.
         wait_for("the file change to reach the registry", WAIT, || {
             let v = self.ctl.mesh_version();
             let list = self.registry();
-            let all_there = entries.iter().all(|(name, addr)| {
-                list.iter().any(|s| {
-                    s["namespace"] == "ext"
-                        && s["name"] == *name
-                        && s["endpoints"]
-                            .as_array()
-                            .is_some_and(|e| e.iter().any(|e| e["address"] == *addr))
-                })
-            });
+            let all_there = entries
+                .iter()
+                .filter(|(_, addr)| !addr.starts_with("240.240."))
+                .all(|(name, addr)| {
+                    list.iter().any(|s| {
+                        s["namespace"] == "ext"
+                            && s["name"] == *name
+                            && s["endpoints"]
+                                .as_array()
+                                .is_some_and(|e| e.iter().any(|e| e["address"] == *addr))
+                    })
+                });
             (v > before && all_there).then(|| self.ctl.mesh_version())
         })
     }
@@ -119,7 +123,7 @@ fn cached_services(state: &Path) -> Vec<String> {
 }
 
 #[test]
-fn a_change_reaches_both_agents_and_a_nack_keeps_the_last_good_state() {
+fn a_change_reaches_both_agents_and_an_endpoint_in_the_vip_range_stops_no_one() {
     let m = mesh("30s", &[("payments", "203.0.113.10")]);
     let (s1, s2) = (m.join("vm1"), m.join("vm2"));
     let a1 = AgentProcess::start_with(&s1, AGENT_CFG, &["--address", "127.0.0.11"]);
@@ -155,52 +159,223 @@ fn a_change_reaches_both_agents_and_a_nack_keeps_the_last_good_state() {
         );
     }
 
-    // An endpoint inside the VIP range would loop: the agents refuse the update.
-    let bad = m.set_services(&[
+    // One endpoint inside the VIP range (traffic to it would loop) is refused by the
+    // controller and listed as a conflict; the rest of the change reaches both agents.
+    let v = m.set_services(&[
         ("payments", "203.0.113.10"),
         ("ledger", "203.0.113.20"),
         ("loop", "240.240.0.77"),
+        ("audit", "203.0.113.30"),
     ]);
     for (s, a) in [(&s1, &a1), (&s2, &a2)] {
-        let row = wait_for("the NACK in the agent list", WAIT, || {
-            let r = m.agent_row(s);
-            r["session"]["last_nack"].is_object().then_some(r)
-        });
-        assert_eq!(row["session"]["last_nack"]["version"].as_u64(), Some(bad));
-        assert!(
-            row["session"]["last_nack"]["error"]
-                .as_str()
-                .unwrap()
-                .contains("inside the VIP range")
-        );
-        assert_eq!(
-            row["acked_version"].as_u64(),
-            Some(v),
-            "the agent stays on its last good version"
-        );
-        let st = a.status();
-        assert_eq!(st["config_version"].as_u64(), Some(v));
-        assert!(
-            st["config_error"]
-                .as_str()
-                .unwrap()
-                .contains("240.240.0.77")
-        );
-        assert!(!cached_services(s).contains(&"ext/loop".to_owned()));
+        let st = wait_version(a, v);
+        assert!(st["config_error"].is_null(), "{st}");
+        let cached = cached_services(s);
+        assert!(cached.contains(&"ext/audit".to_owned()), "{cached:?}");
+        assert!(!cached.contains(&"ext/loop".to_owned()), "{cached:?}");
     }
-    // Fixed at the source: both apply the next version and the NACK clears.
+    let conflicts = m.ctl.ctl_json(&["registry", "conflicts"]);
+    let bad = conflicts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "invalid_endpoint")
+        .unwrap_or_else(|| panic!("the refused endpoint is a conflict: {conflicts}"));
+    assert_eq!(bad["service"], "ext/loop");
+    assert_eq!(bad["source"], "ext");
+    assert_eq!(bad["address"], "240.240.0.77");
+    assert!(
+        bad["reason"]
+            .as_str()
+            .unwrap()
+            .contains("inside the VIP range"),
+        "{bad}"
+    );
+    // Later changes keep reaching everyone while the bad record stays in its source.
+    let later = m.set_services(&[
+        ("payments", "203.0.113.11"),
+        ("ledger", "203.0.113.20"),
+        ("loop", "240.240.0.77"),
+        ("audit", "203.0.113.30"),
+    ]);
+    wait_version(&a1, later);
+    wait_version(&a2, later);
+    for s in [&s1, &s2] {
+        let row = m.agent_row(s);
+        assert!(row["session"]["last_nack"].is_null(), "{row}");
+    }
+    // Fixed at the source: the service arrives and the conflict clears.
     let fixed = m.set_services(&[
-        ("payments", "203.0.113.10"),
+        ("payments", "203.0.113.11"),
         ("ledger", "203.0.113.20"),
         ("loop", "203.0.113.77"),
+        ("audit", "203.0.113.30"),
     ]);
     wait_version(&a1, fixed);
     wait_version(&a2, fixed);
-    wait_for("NACK cleared", WAIT, || {
-        let r = m.agent_row(&s1);
-        (r["acked_version"].as_u64() == Some(fixed) && r["session"]["last_nack"].is_null())
-            .then_some(())
+    assert!(cached_services(&s1).contains(&"ext/loop".to_owned()));
+    let conflicts = m.ctl.ctl_json(&["registry", "conflicts"]);
+    assert!(
+        !conflicts
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["kind"] == "invalid_endpoint"),
+        "{conflicts}"
+    );
+}
+
+/// Waits until the agent at `state` reports the controller's refusal of its address, and
+/// checks `causewayctl agent show` says the same; returns the message.
+fn refused_address(m: &Mesh, a: &AgentProcess, state: &Path, expect: &str) -> String {
+    let st = wait_for(
+        &format!("the address refusal ({expect}) in the agent's status"),
+        WAIT,
+        || {
+            let st = a.status();
+            st["registration_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(expect))
+                .then_some(st)
+        },
+    );
+    assert_eq!(
+        st["controller_connected"], true,
+        "it still has its subscription: {st}"
+    );
+    let shown = m.ctl.ctl_json(&["agent", "show", &agent_id(state)]);
+    let error = shown["session"]["registration_error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("agent show names the refusal: {shown}"))
+        .to_owned();
+    assert!(error.contains(expect), "{error}");
+    assert!(a.log().contains(expect), "the agent logs it:\n{}", a.log());
+    error
+}
+
+#[test]
+fn addresses_the_controller_cannot_vouch_for_are_refused_and_the_mesh_keeps_flowing() {
+    let m = mesh("30s", &[("payments", "203.0.113.10")]);
+    let (s1, s2) = (m.join("vm1"), m.join("vm2"));
+    let a1 = AgentProcess::start_with(&s1, AGENT_CFG, &["--address", "127.0.0.11"]);
+    let a2 = AgentProcess::start_with(&s2, AGENT_CFG, &["--address", "127.0.0.12"]);
+    wait_for("both agents registered", WAIT, || {
+        (web_endpoints(&m).len() == 2).then_some(())
     });
+    let mut entries = vec![("payments".to_owned(), "203.0.113.10".to_owned())];
+    for (name, address, expect) in [
+        ("vip", "240.240.0.77", "inside the VIP range 240.240.0.0/16"),
+        ("dup", "127.0.0.11", "is already the endpoint of agent"),
+    ] {
+        let state = m.join(name);
+        let bad = AgentProcess::start_with(&state, AGENT_CFG, &["--address", address]);
+        let error = refused_address(&m, &bad, &state, expect);
+        assert!(error.contains(address), "{error}");
+        // Not registered: the group's service still has exactly the two good agents.
+        let eps = web_endpoints(&m);
+        let ids: Vec<&str> = eps
+            .iter()
+            .map(|e| e["native_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(eps.len(), 2, "{eps:?}");
+        assert!(!ids.contains(&agent_id(&state).as_str()), "{ids:?}");
+        assert_eq!(
+            eps.iter()
+                .find(|e| e["address"] == "127.0.0.11")
+                .map(|e| e["native_id"].clone()),
+            Some(agent_id(&s1).into()),
+            "the first agent keeps its endpoint"
+        );
+        // Everyone, the refused agent included, keeps receiving updates.
+        entries.push((format!("after-{name}"), "203.0.113.40".to_owned()));
+        let list: Vec<(&str, &str)> = entries
+            .iter()
+            .map(|(n, a)| (n.as_str(), a.as_str()))
+            .collect();
+        let v = m.set_services(&list);
+        for a in [&a1, &a2, &bad] {
+            let st = wait_version(a, v);
+            assert!(st["config_error"].is_null(), "{st}");
+        }
+    }
+}
+
+#[test]
+fn a_loopback_address_is_refused_when_the_control_endpoint_is_not_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    let services = root.join("services.toml");
+    std::fs::write(&services, services_file(&[("payments", "203.0.113.10")])).unwrap();
+    // All interfaces: agents may be on other hosts, so loopback names no one. Tokens
+    // still point at loopback, so no traffic leaves this host.
+    let port = unshared_port();
+    let ctl = Controller::start_listening(
+        &root.join("c"),
+        &format!(
+            "[[sources.file]]\nname = \"ext\"\npath = {:?}\n",
+            services.to_str().unwrap()
+        ),
+        &format!("0.0.0.0:{port}"),
+        &format!("127.0.0.1:{port}"),
+    );
+    // Joins come from loopback here; 10.99.0.0/24 stands for the hosts' NAT network.
+    ctl.ctl_ok(&[
+        "group",
+        "create",
+        "web",
+        "--namespace",
+        "default",
+        "--service-account",
+        "web",
+        "--service",
+        "web",
+        "--port",
+        "http:8080",
+        "--cidr",
+        "127.0.0.0/8",
+        "--cidr",
+        "10.99.0.0/24",
+    ]);
+    let m = Mesh {
+        _dir: dir,
+        root,
+        services,
+        ctl,
+    };
+    let good = m.join("vm1");
+    let a1 = AgentProcess::start_with(&good, AGENT_CFG, &["--address", "10.99.0.11"]);
+    wait_for(
+        "the agent inside the group's CIDRs registered",
+        WAIT,
+        || {
+            web_endpoints(&m)
+                .iter()
+                .any(|e| e["address"] == "10.99.0.11")
+                .then_some(())
+        },
+    );
+    for (name, extra) in [
+        ("lo", &["--address", "127.0.0.5"][..]),
+        // Without --address the connection's own (loopback) address is refused too.
+        ("lo-default", &[][..]),
+    ] {
+        let state = m.join(name);
+        let bad = AgentProcess::start_with(&state, AGENT_CFG, extra);
+        refused_address(&m, &bad, &state, "is a loopback address");
+        let v = m.set_services(&[("payments", "203.0.113.10"), (name, "203.0.113.50")]);
+        wait_version(&a1, v);
+        wait_version(&bad, v);
+    }
+    // Outside both the connection's address and the CIDRs: not vouched for.
+    let state = m.join("far");
+    let bad = AgentProcess::start_with(&state, AGENT_CFG, &["--address", "192.0.2.80"]);
+    refused_address(
+        &m,
+        &bad,
+        &state,
+        "neither the address this agent connects from",
+    );
+    assert_eq!(web_endpoints(&m).len(), 1);
 }
 
 #[test]
@@ -317,7 +492,7 @@ impl RawSubscriber {
         self.send_raw(&wire::encode_frame(&frame));
     }
 
-    /// The next frame that is not a heartbeat.
+    /// The next frame that is not a heartbeat or the registration answer.
     fn next(&mut self) -> PushFrame {
         loop {
             let frame = self.rt.block_on(async {
@@ -331,7 +506,10 @@ impl RawSubscriber {
                 self.recv.read_exact(&mut body).await.unwrap();
                 wire::decode_body::<PushFrame>(&body).unwrap()
             });
-            if !matches!(frame.kind, Some(push_frame::Kind::Heartbeat(_))) {
+            if !matches!(
+                frame.kind,
+                Some(push_frame::Kind::Heartbeat(_) | push_frame::Kind::Registration(_))
+            ) {
                 return frame;
             }
         }

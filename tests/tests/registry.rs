@@ -163,3 +163,57 @@ fn a_bad_sources_config_is_refused_with_every_problem() {
         "every problem is listed: {err}"
     );
 }
+
+#[test]
+fn a_consul_that_never_answers_is_listed_pending_then_stale_within_its_timeout() {
+    // Accepts connections and never answers (a hung Consul).
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = hung.local_addr().unwrap();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for c in hung.incoming() {
+            match c {
+                Ok(c) => conns.push(c),
+                Err(_) => return,
+            }
+            if conns.len() > 64 {
+                return;
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Controller::start_with_config(
+        &dir.path().join("c"),
+        &format!(
+            "[[sources.consul]]\nname = \"consul-hung\"\naddress = \"http://{addr}\"\nwait = \"1s\"\nrequest_timeout = \"1s\"\nretry_initial = \"100ms\"\nretry_max = \"1s\"\n"
+        ),
+    );
+    // Listed from the start, before any answer.
+    let srcs = ctl.ctl_json(&["registry", "sources"]);
+    let row = srcs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "consul-hung")
+        .cloned()
+        .unwrap_or_else(|| panic!("a configured source is listed at once: {srcs}"));
+    assert_eq!(row["kind"], "consul");
+    assert!(
+        row["state"] == "pending" || row["state"] == "stale",
+        "{row}"
+    );
+    // Stale with the reason once its configured timeout (1s + 1s/16 + 1s) has passed;
+    // with the default wait it would take over five minutes.
+    let row = wait_for("the hung source reported stale", WAIT, || {
+        let srcs = ctl.ctl_json(&["registry", "sources"]);
+        srcs.as_array()?
+            .iter()
+            .find(|s| s["name"] == "consul-hung" && s["state"] == "stale")
+            .cloned()
+    });
+    let err = row["last_error"].as_str().unwrap_or_default();
+    assert!(err.contains("no answer within"), "{row}");
+    assert!(err.contains(&addr.to_string()), "{row}");
+    drop(ctl);
+    drop(held); // the thread ends with the process
+}

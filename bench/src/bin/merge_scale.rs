@@ -370,6 +370,7 @@ fn settings() -> MeshSettings {
         vip_range: "240.240.0.0/16".parse().expect("literal"),
         agent_grace: Duration::from_secs(60),
         history_len: 1024,
+        control_on_loopback: true,
     }
 }
 

@@ -509,7 +509,7 @@ async fn run_agent(
                     acked: Instant::now(),
                 });
             }
-            Some(push_frame::Kind::Heartbeat(_)) | None => {}
+            Some(push_frame::Kind::Heartbeat(_) | push_frame::Kind::Registration(_)) | None => {}
             Some(push_frame::Kind::Error(e)) => bail!("controller error: {}", e.message),
         }
     }
