@@ -213,25 +213,32 @@ pub fn decisions() -> &'static Decisions {
 /// change.
 pub type SharedAuthz = Arc<std::sync::RwLock<Arc<LocalAuthz>>>;
 
+/// The policy resources of `yaml`, keyed as the mesh state keys them (tests).
+#[cfg(test)]
+pub(crate) fn policies_from_yaml(yaml: &str) -> BTreeMap<String, causeway_api::push::PolicyState> {
+    causeway_api::policy::decode_documents("test", yaml)
+        .expect("test policies decode")
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let m = r.metadata();
+            let key = format!("{}/{}/{}", r.kind(), m.namespace(), m.name);
+            let seq = u64::try_from(i).expect("few policies");
+            (key, causeway_api::push::PolicyState { seq, resource: r })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use causeway_api::policy::decode_documents;
-    use causeway_api::push::{EndpointState, PolicyState, ServiceState};
+    use causeway_api::push::{EndpointState, ServiceState};
 
     fn state(yaml: &str) -> MeshState {
-        let mut s = MeshState::default();
-        for (i, r) in decode_documents("t", yaml).unwrap().into_iter().enumerate() {
-            let m = r.metadata();
-            let key = format!("{}/{}/{}", r.kind(), m.namespace(), m.name);
-            s.policies.insert(
-                key,
-                PolicyState {
-                    seq: i as u64,
-                    resource: r,
-                },
-            );
-        }
+        let mut s = MeshState {
+            policies: policies_from_yaml(yaml),
+            ..MeshState::default()
+        };
         let ep = EndpointState {
             address: "10.0.0.2".into(),
             ports: [("http".to_owned(), 8080)].into(),

@@ -386,7 +386,7 @@ pub fn cleanup(state_dir: &Path) -> Result<usize, CaptureError> {
 mod peer_authentication_tests {
     use std::sync::RwLock;
 
-    use causeway_api::push::{EndpointState, MeshState, PolicyState, ServiceState};
+    use causeway_api::push::{EndpointState, MeshState, ServiceState};
 
     use super::*;
 
@@ -417,21 +417,7 @@ mod peer_authentication_tests {
                 eureka_vips: vec![],
             },
         );
-        for (i, r) in causeway_api::policy::decode_documents("t", policies)
-            .unwrap()
-            .into_iter()
-            .enumerate()
-        {
-            let m = r.metadata();
-            let key = format!("{}/{}/{}", r.kind(), m.namespace(), m.name);
-            s.policies.insert(
-                key,
-                PolicyState {
-                    seq: i as u64,
-                    resource: r,
-                },
-            );
-        }
+        s.policies = authz::policies_from_yaml(policies);
         Arc::new(RwLock::new(s))
     }
 

@@ -1523,6 +1523,16 @@ impl Tunnel {
 
     /// The address of this agent's own registered workload (unspecified when it has none).
     fn own_address(&self) -> std::net::IpAddr {
+        let mut addr = None;
+        self.for_own_endpoints(|e| {
+            addr = addr.or_else(|| e.address.parse().ok());
+        });
+        addr.unwrap_or(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    }
+
+    /// Calls `f` with each of this agent's own registered endpoints (`agents/<agent id>`,
+    /// one per service it registered under).
+    fn for_own_endpoints(&self, mut f: impl FnMut(&causeway_api::push::EndpointState)) {
         let me = format!(
             "agents/{}",
             self.identity
@@ -1531,14 +1541,10 @@ impl Tunnel {
                 .info
                 .agent_id
         );
-        self.state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .services
-            .values()
-            .find_map(|s| s.endpoints.get(&me))
-            .and_then(|e| e.address.parse().ok())
-            .unwrap_or(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        for e in state.services.values().filter_map(|s| s.endpoints.get(&me)) {
+            f(e);
+        }
     }
 
     /// Completes when an accepted stream must be cut: its peer's certificate was denied,
@@ -1584,22 +1590,9 @@ impl Tunnel {
 
     /// Ports of this agent's own registered workload (endpoint `agents/<agent id>`).
     fn served_ports(&self) -> std::collections::BTreeSet<u16> {
-        let me = format!(
-            "agents/{}",
-            self.identity
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .info
-                .agent_id
-        );
-        self.state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .services
-            .values()
-            .filter_map(|s| s.endpoints.get(&me))
-            .flat_map(|e| e.ports.values().copied())
-            .collect()
+        let mut ports = std::collections::BTreeSet::new();
+        self.for_own_endpoints(|e| ports.extend(e.ports.values().copied()));
+        ports
     }
 
     async fn serve(self: Arc<Self>) {

@@ -1316,22 +1316,7 @@ async fn stalled_streams_do_not_block_the_other_streams_of_a_connection() {
 /// Puts the policy resources of `yaml` into `st` (replacing any there).
 fn set_policies(st: &SharedState, yaml: &str) {
     let mut s = st.write().unwrap();
-    s.policies.clear();
-    for (i, r) in causeway_api::policy::decode_documents("test", yaml)
-        .unwrap()
-        .into_iter()
-        .enumerate()
-    {
-        let m = r.metadata();
-        let key = format!("{}/{}/{}", r.kind(), m.namespace(), m.name);
-        s.policies.insert(
-            key,
-            causeway_api::push::PolicyState {
-                seq: i as u64,
-                resource: r,
-            },
-        );
-    }
+    s.policies = super::authz::policies_from_yaml(yaml);
     s.version += 1;
 }
 
