@@ -7,7 +7,8 @@
 //!   truncated answer, another RCODE or a TSIG record: not kept. Positive lifetimes are
 //!   capped by `cache_max_ttl`, negative ones by `cache_max_negative_ttl`.
 //! - **Key**: the question's name (lower case), type and class, and the bits that change
-//!   the answer: EDNS present, DO (DNSSEC records wanted) and CD (checking disabled).
+//!   the answer: EDNS present, DO (DNSSEC records wanted), CD (checking disabled) and AD
+//!   (whether the client wants to hear that the answer was validated).
 //! - **Never served past its TTL**: an entry is dropped once its lifetime has passed,
 //!   and every TTL of a served answer says what is left of it (whole seconds, rounded
 //!   down), so the client does not keep it longer either.
@@ -43,6 +44,9 @@ const F_EDNS: u8 = 1;
 const F_DO: u8 = 2;
 /// Key flag: checking disabled.
 const F_CD: u8 = 4;
+/// Key flag: AD asked for (dig sets it; a validating upstream then says whether the
+/// answer is authentic, RFC 6840 §5.7).
+const F_AD: u8 = 8;
 
 /// What a cacheable query asks.
 #[derive(Clone)]
@@ -113,6 +117,9 @@ impl QueryInfo {
         i += 4;
         let question_len = i - HEADER;
         let mut flags = if packet[3] & 0x10 != 0 { F_CD } else { 0 };
+        if packet[3] & 0x20 != 0 {
+            flags |= F_AD;
+        }
         let mut udp_limit = 512;
         if arcount == 1 {
             // Root name, type OPT, payload size, extended RCODE, version 0, flags, options.
@@ -754,8 +761,9 @@ mod tests {
             m.set_edns(e);
         });
         let cd = with(&|m| m.metadata.checking_disabled = true);
+        let ad = with(&|m| m.metadata.authentic_data = true);
         let other_type = query("www.example.", RecordType::AAAA, 1);
-        for q in [&edns, &dnssec, &cd, &other_type] {
+        for q in [&edns, &dnssec, &cd, &ad, &other_type] {
             assert!(ask(&c, q, t0).is_none());
         }
         assert!(ask(&c, &plain, t0).is_some());

@@ -185,6 +185,8 @@ impl UdpInner {
     fn receive(&self, s: usize) {
         let sock = &self.socks[s];
         let mut buf = vec![0u8; 65535];
+        // The buffer of the last answered query, recycled under the next lock.
+        let mut done: Option<Vec<u8>> = None;
         loop {
             let n = match sock.recv(&mut buf) {
                 Ok(n) => n,
@@ -229,6 +231,9 @@ impl UdpInner {
             let key = ((s as u32) << 16) | u32::from(u16::from_be_bytes([resp[0], resp[1]]));
             let p = {
                 let mut t = self.lock();
+                if let Some(b) = done.take() {
+                    t.free.push(b);
+                }
                 let Some(p) = t.map.get(&key) else {
                     continue; // late (timed out) or not ours
                 };
@@ -252,7 +257,7 @@ impl UdpInner {
                 c.insert(p.generation, info, &p.query, resp, now);
             }
             let _ = p.reply.send_to(resp, p.client);
-            self.lock().free.push(p.query);
+            done = Some(p.query);
         }
     }
 
@@ -416,9 +421,12 @@ impl Forwarder {
     /// is sent from `reply` by another thread. `info`: the query's cache key, when the
     /// answer may be kept (at cache `generation`). False when it cannot be forwarded now
     /// (no upstream, too many waiting): the caller answers SERVFAIL.
+    ///
+    /// `query` is sent as it is but for the ID (put back before returning), outside the
+    /// pending table's lock.
     pub fn udp_query(
         &self,
-        query: &[u8],
+        query: &mut [u8],
         client: SocketAddr,
         reply: &Arc<UdpSocket>,
         info: Option<QueryInfo>,
@@ -430,26 +438,45 @@ impl Forwarder {
         if query.len() < 12 {
             return false;
         }
-        let mut t = u.lock();
-        if t.map.len() >= MAX_PENDING {
-            return false;
-        }
-        let mut buf = t.free.pop().unwrap_or_default();
-        buf.clear();
-        buf.extend_from_slice(query);
-        let p = Pending {
-            client,
-            reply: reply.clone(),
-            client_id: [query[0], query[1]],
-            qend: question_end(query),
-            query: buf,
-            info,
-            generation,
-            upstream: 0,
-            sent: Instant::now(),
+        let client_id = [query[0], query[1]];
+        let qend = question_end(query);
+        let key = {
+            let mut t = u.lock();
+            if t.map.len() >= MAX_PENDING {
+                return false;
+            }
+            let key = t.key(0);
+            query[..2].copy_from_slice(&key.to_be_bytes()[2..]);
+            let mut buf = t.free.pop().unwrap_or_default();
+            buf.clear();
+            buf.extend_from_slice(query);
+            t.map.insert(
+                key,
+                Pending {
+                    client,
+                    reply: reply.clone(),
+                    client_id,
+                    qend,
+                    query: buf,
+                    info,
+                    generation,
+                    upstream: 0,
+                    sent: Instant::now(),
+                },
+            );
+            key
         };
         self.metrics.forwarded[0].fetch_add(1, Ordering::Relaxed);
-        u.dispatch(&mut t, p);
+        if let Err(e) = u.socks[(key >> 16) as usize].send(query) {
+            self.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(upstream = %u.upstreams[0], error = %e, "cannot send to the upstream (UDP)");
+            let mut t = u.lock();
+            if let Some(mut p) = t.map.remove(&key) {
+                p.upstream += 1;
+                u.dispatch(&mut t, p);
+            }
+        }
+        query[..2].copy_from_slice(&client_id);
         true
     }
 
@@ -622,7 +649,8 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let listener = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
-        assert!(f.udp_query(q, client.local_addr().unwrap(), &listener, None, 0));
+        let mut q = q.to_vec();
+        assert!(f.udp_query(&mut q, client.local_addr().unwrap(), &listener, None, 0));
         let mut buf = [0u8; 512];
         let (n, from) = client.recv_from(&mut buf).unwrap();
         assert_eq!(

@@ -149,7 +149,7 @@ impl Shared {
     /// upstream (the answer goes back to `src` from `sock` on the forwarder's thread).
     fn forward_udp(
         &self,
-        packet: &[u8],
+        packet: &mut [u8],
         src: SocketAddr,
         sock: &Arc<std::net::UdpSocket>,
         out: &mut Vec<u8>,
@@ -332,7 +332,7 @@ fn udp_loop(sock: Arc<std::net::UdpSocket>, shared: Arc<Shared>, stop: Arc<Atomi
             Outcome::Answer(b) => {
                 let _ = sock.send_to(&b, src);
             }
-            Outcome::Forward => shared.forward_udp(packet, src, &sock, &mut out),
+            Outcome::Forward => shared.forward_udp(&mut buf[..n], src, &sock, &mut out),
             Outcome::Drop => {}
         }
     }
