@@ -169,9 +169,14 @@ enum Resolver {
     V6Only,
 }
 
-/// dnsmasq in `dns` as vm1's upstream: knows `outside.test` (at `outside_ip`) and
-/// `host1.lab.test`.
-fn dnsmasq(dnsn: &Node, log: &Path, resolver: Resolver, outside_ip: &str) -> Proc {
+/// dnsmasq in `dns` as vm1's upstream: knows `outside.test` (192.0.2.7; `changed`:
+/// 192.0.2.9), `host1.lab.test` and `ttl3.lab.test` (192.0.2.30; `changed`: .31; TTL 3 s).
+fn dnsmasq(dnsn: &Node, log: &Path, resolver: Resolver, changed: bool) -> Proc {
+    let (outside_ip, ttl3_ip) = if changed {
+        ("192.0.2.9", "192.0.2.31")
+    } else {
+        ("192.0.2.7", "192.0.2.30")
+    };
     let listen = match resolver {
         Resolver::V4 => dnsn.addr.to_string(),
         Resolver::V6Only => addr6(dnsn),
@@ -184,6 +189,7 @@ fn dnsmasq(dnsn: &Node, log: &Path, resolver: Resolver, outside_ip: &str) -> Pro
         format!("--listen-address={listen}"),
         format!("--address=/outside.test/{outside_ip}"),
         "--host-record=host1.lab.test,192.0.2.8".into(),
+        format!("--host-record=ttl3.lab.test,{ttl3_ip},3"),
         "--log-queries".into(),
         "--log-facility=-".into(),
         "--pid-file".into(),
@@ -334,12 +340,7 @@ fn setup_with(agent_toml: &str, resolver: Resolver) -> Setup {
     let mut procs = Vec::new();
 
     // The upstream: a real dnsmasq that knows two names outside the mesh.
-    procs.push(dnsmasq(
-        &dnsn,
-        &root.join("dnsmasq.log"),
-        resolver,
-        "192.0.2.7",
-    ));
+    procs.push(dnsmasq(&dnsn, &root.join("dnsmasq.log"), resolver, false));
     // Services: web (Consul, tag v1) and inventory (Eureka VIP inventory-service) on vm2.
     let ctl = lab.node("ctl").clone();
     let regs = root.join("registries.json");
@@ -782,15 +783,14 @@ fn ipv6_only_resolver_is_captured_cached_and_fails_open() {
             && dnsmasq_log.contains(&format!("from {}", addr6(l.vm1()))),
         "dnsmasq saw the forwarded query from vm1's IPv6 address:\n{dnsmasq_log}"
     );
+    // A name with TTL 3 s, asked once: cached for those 3 s.
+    let ttl3_asked = std::time::Instant::now();
+    let out = l.sh("dig +short +time=3 +tries=1 ttl3.lab.test A");
+    assert_eq!(out_text(&out).trim(), "192.0.2.30", "{}", describe(&out));
     // The answer is cached (TTL 300): dnsmasq restarted with a new address for the name
     // does not change it ...
     l.procs[0].kill();
-    l.procs[0] = dnsmasq(
-        &dnsn,
-        &root.join("dnsmasq2.log"),
-        Resolver::V6Only,
-        "192.0.2.9",
-    );
+    l.procs[0] = dnsmasq(&dnsn, &root.join("dnsmasq2.log"), Resolver::V6Only, true);
     wait_for("the new dnsmasq answering", WAIT, || {
         out_text(&dnsn.sh(&format!(
             "dig +short +time=1 +tries=1 @{} outside.test",
@@ -816,6 +816,17 @@ fn ipv6_only_resolver_is_captured_cached_and_fails_open() {
         .unwrap_or_else(|| panic!("no cache hit counter:\n{metrics}"));
     assert!(hits >= 1, "{metrics}");
     assert!(metrics.contains("causeway_agent_dns_upstream_duration_seconds_count"));
+    // The TTL-3 name changed too: its new address comes once the 3 s have passed, not
+    // before (the entry was stored after `ttl3_asked`, so it cannot expire sooner).
+    wait_for("ttl3.lab.test's new address", WAIT, || {
+        (out_text(&l.sh("dig +short +time=3 +tries=1 ttl3.lab.test A")).trim() == "192.0.2.31")
+            .then_some(())
+    });
+    let waited = ttl3_asked.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3),
+        "the new answer came after {waited:?}, before the old one's TTL of 3 s had passed"
+    );
     // ... until resolv.conf changes (rewritten with the same resolver): then the new one.
     let conf = Path::new("/etc/netns")
         .join(&l.vm1().ns)
