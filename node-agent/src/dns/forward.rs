@@ -355,7 +355,7 @@ impl Forwarder {
                     upstreams: upstreams.clone(),
                     timeout,
                     table: Mutex::new(Table {
-                        map: HashMap::with_capacity(MAX_PENDING),
+                        map: HashMap::with_capacity(256),
                         free: Vec::new(),
                         rng: seed(),
                     }),
