@@ -234,6 +234,9 @@ impl UdpInner {
                 if let Some(b) = done.take() {
                     t.free.push(b);
                 }
+                if self.stop.load(Ordering::Relaxed) && t.map.is_empty() {
+                    return;
+                }
                 let Some(p) = t.map.get(&key) else {
                     continue; // late (timed out) or not ours
                 };
