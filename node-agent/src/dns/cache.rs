@@ -909,4 +909,43 @@ mod tests {
         assert_eq!(c.len(), 10);
         assert_eq!(c.counters.evictions.load(Ordering::Relaxed), 90);
     }
+
+    /// Damaged queries and answers (bytes flipped, cut short) are refused or kept, never
+    /// a panic, and what is served carries the client's ID.
+    #[test]
+    fn damaged_messages_do_not_panic() {
+        let c = Cache::new(limits());
+        let t0 = Instant::now();
+        let mut q = Message::from_vec(&query("www.example.", RecordType::A, 1)).unwrap();
+        q.set_edns(Edns::new());
+        let q = q.to_vec().unwrap();
+        let good = answer(&q, Some(("192.0.2.1", 60)), Some((60, 60)));
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut out = Vec::new();
+        for _ in 0..50_000 {
+            let (mut mq, mut mr) = (q.clone(), good.clone());
+            for _ in 0..next() % 4 {
+                let m = if next() % 2 == 0 { &mut mq } else { &mut mr };
+                let i = next() as usize % m.len();
+                m[i] = next() as u8;
+            }
+            if next() % 8 == 0 {
+                let n = next() as usize % mr.len();
+                mr.truncate(n);
+            }
+            let Some(info) = QueryInfo::parse(&mq) else {
+                continue;
+            };
+            c.insert(c.generation(), &info, &mq, &mr, t0);
+            if c.lookup(&info, &mq, t0, 65535, &mut out) {
+                assert_eq!(out[..2], mq[..2]);
+            }
+        }
+    }
 }
