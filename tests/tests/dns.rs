@@ -858,4 +858,12 @@ fn ipv6_only_resolver_is_captured_cached_and_fails_open() {
         "",
         "without the agent, mesh names are not answered"
     );
+    // A stray ip6 table alone is reported by doctor.
+    l.sh("nft add table ip6 causeway_dns");
+    let doc = doctor(l.vm1(), &state);
+    assert!(
+        !doc.status.success() && out_text(&doc).contains("nft delete table ip6 causeway_dns"),
+        "doctor with a stray ip6 table: {}",
+        describe(&doc)
+    );
 }

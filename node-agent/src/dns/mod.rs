@@ -776,6 +776,14 @@ pub fn doctor(state_dir: &Path, agent_running: bool) -> DnsDoctor {
     let live = nft::live();
     let mut problems = Vec::new();
     let expected = agent_running && status.as_ref().is_some_and(|s| s.capture);
+    // An ip6 table alone (the ip one is always created with it): left by someone else.
+    if live.is_none() && !expected && nft::live_family("ip6").is_some() {
+        problems.push(format!(
+            "nftables table ip6 {} redirects port 53 but no serving agent expects it: DNS of this host goes to a server that is not there; remove it with `nft delete table ip6 {}`",
+            nft::TABLE,
+            nft::TABLE
+        ));
+    }
     match (&live, expected) {
         (Some(_), false) => problems.push(format!(
             "nftables table ip {} redirects port 53 but no serving agent expects it: DNS of this host goes to a server that is not there; remove it with `nft delete table ip {}`",
