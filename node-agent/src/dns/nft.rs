@@ -52,7 +52,7 @@ pub enum NftError {
 /// The `nft` script that creates the tables, capturing queries to `resolvers`.
 pub fn script(mark: u32, port: u16, resolvers: &[IpAddr]) -> String {
     let mut out = String::new();
-    for (family, addr, v6) in [("ip", "ip", false), ("ip6", "ip6", true)] {
+    for (family, v6) in [("ip", false), ("ip6", true)] {
         let set: Vec<String> = resolvers
             .iter()
             .filter(|r| r.is_ipv6() == v6)
@@ -72,7 +72,7 @@ pub fn script(mark: u32, port: u16, resolvers: &[IpAddr]) -> String {
         let daddr = format!("{{ {} }}", set.join(", "));
         for proto in ["udp", "tcp"] {
             out.push_str(&format!(
-                "add rule {family} {TABLE} output {addr} daddr {daddr} {proto} dport 53 redirect to :{port}\n"
+                "add rule {family} {TABLE} output {family} daddr {daddr} {proto} dport 53 redirect to :{port}\n"
             ));
         }
     }
