@@ -107,6 +107,21 @@ pub struct DnsConfig {
     /// How long to wait for one upstream before trying the next, e.g. "2s".
     #[serde(with = "causeway_api::duration")]
     pub forward_timeout: Duration,
+    /// Also listen on `[::1]` at the port of `listen` (the target of the IPv6 capture of
+    /// IPv6 nameservers). A host without IPv6 on loopback runs on without it.
+    pub listen_ipv6: bool,
+    /// Cache forwarded answers (positive for their TTL, negative per RFC 2308).
+    pub cache: bool,
+    /// Most answers the cache holds (least recently used go first).
+    pub cache_max_entries: usize,
+    /// Most bytes the cache's entries take (names, answers and bookkeeping).
+    pub cache_max_bytes: usize,
+    /// Longest time a positive answer is kept (and its TTLs are capped to), e.g. "1d".
+    #[serde(with = "causeway_api::duration")]
+    pub cache_max_ttl: Duration,
+    /// Longest time a negative answer (NXDOMAIN, no data) is kept, e.g. "1h".
+    #[serde(with = "causeway_api::duration")]
+    pub cache_max_negative_ttl: Duration,
 }
 
 impl Default for DnsConfig {
@@ -125,6 +140,12 @@ impl Default for DnsConfig {
             upstreams: Vec::new(),
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
             forward_timeout: Duration::from_secs(2),
+            listen_ipv6: true,
+            cache: true,
+            cache_max_entries: 10_000,
+            cache_max_bytes: 4 << 20,
+            cache_max_ttl: Duration::from_secs(86_400),
+            cache_max_negative_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -357,6 +378,30 @@ impl AgentConfig {
             if dns.forward_timeout.is_zero() {
                 errors.push("dns.forward_timeout: must be above zero, e.g. \"2s\"".into());
             }
+            if dns.cache {
+                if dns.cache_max_entries == 0 {
+                    errors.push(
+                        "dns.cache_max_entries = 0: must be at least 1, e.g. 10000 (or set dns.cache = false)".into(),
+                    );
+                }
+                if dns.cache_max_bytes < 64 << 10 {
+                    errors.push(format!(
+                        "dns.cache_max_bytes = {}: must be at least 65536 (64 KiB), e.g. 4194304 (or set dns.cache = false)",
+                        dns.cache_max_bytes
+                    ));
+                }
+                for (field, d) in [
+                    ("dns.cache_max_ttl", dns.cache_max_ttl),
+                    ("dns.cache_max_negative_ttl", dns.cache_max_negative_ttl),
+                ] {
+                    if d < Duration::from_secs(1) {
+                        errors.push(format!(
+                            "{field} = {}: must be at least 1s, e.g. \"1h\" (or set dns.cache = false)",
+                            humantime::format_duration(d)
+                        ));
+                    }
+                }
+            }
             let domains = dns
                 .cluster_domains
                 .iter()
@@ -463,6 +508,26 @@ mod tests {
         )
         .unwrap();
         AgentConfig::load(&p).unwrap().validate().unwrap();
+        // The cache's bounds.
+        std::fs::write(
+            &p,
+            "[dns]\ncache_max_entries = 0\ncache_max_bytes = 1000\ncache_max_ttl = \"0s\"\ncache_max_negative_ttl = \"0s\"\n",
+        )
+        .unwrap();
+        let ConfigError::Invalid(errors) = AgentConfig::load(&p).unwrap().validate().unwrap_err()
+        else {
+            panic!()
+        };
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+        assert!(
+            errors[1].contains("dns.cache_max_bytes = 1000") && errors[1].contains("65536"),
+            "{errors:#?}"
+        );
+        // Off: the bounds do not matter.
+        std::fs::write(&p, "[dns]\ncache = false\ncache_max_entries = 0\n").unwrap();
+        let c = AgentConfig::load(&p).unwrap();
+        c.validate().unwrap();
+        assert!(!c.dns.cache && AgentConfig::default().dns.cache);
     }
 
     #[test]

@@ -64,6 +64,7 @@ pub struct Health {
     notified_ready: AtomicBool,
     requests: AtomicU64,
     tunnel: std::sync::OnceLock<Arc<crate::dataplane::tunnel::Tunnel>>,
+    dns: std::sync::OnceLock<Arc<crate::dns::metrics::DnsMetrics>>,
 }
 
 fn now_unix() -> i64 {
@@ -95,6 +96,11 @@ impl Health {
     /// The data plane's tunnel, whose counters `/metrics` reports.
     pub fn set_tunnel(&self, t: Arc<crate::dataplane::tunnel::Tunnel>) {
         let _ = self.tunnel.set(t);
+    }
+
+    /// The DNS server's counters, which `/metrics` reports.
+    pub fn set_dns(&self, m: Arc<crate::dns::metrics::DnsMetrics>) {
+        let _ = self.dns.set(m);
     }
 
     /// Takes the agent's status report (written on every change by the run loop).
@@ -256,6 +262,9 @@ impl Health {
             "Requests served by this endpoint.",
             &[(String::new(), u(&self.requests))],
         );
+        if let Some(d) = self.dns.get() {
+            out.push_str(&d.render());
+        }
         out
     }
 }

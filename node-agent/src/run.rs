@@ -219,6 +219,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     if let Some(t) = dataplane.tunnel() {
         health.set_tunnel(t.clone());
     }
+    if let Some(d) = &dns {
+        health.set_dns(d.metrics());
+    }
     health.set_dataplane_up(true);
     let id_cfg = cfg.identity.clone();
     let mut backoff = Backoff::new(id_cfg.retry_min, id_cfg.retry_max);

@@ -151,6 +151,57 @@ fn table_live(node: &Node) -> bool {
     node.sh("nft list table ip causeway_dns").status.success()
 }
 
+fn table6_live(node: &Node) -> bool {
+    node.sh("nft list table ip6 causeway_dns").status.success()
+}
+
+/// The node's IPv6 address on the lab network (added by [`Resolver::V6Only`] set-ups).
+fn addr6(node: &Node) -> String {
+    format!("fd77::{}", node.addr.octets()[3])
+}
+
+/// Which address vm1's resolver (dnsmasq in `dns`) has in vm1's resolv.conf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resolver {
+    /// Its IPv4 address.
+    V4,
+    /// Only an IPv6 address (dnsmasq listens on nothing else); its answers have TTL 300.
+    V6Only,
+}
+
+/// dnsmasq in `dns` as vm1's upstream: knows `outside.test` (192.0.2.7; `changed`:
+/// 192.0.2.9), `host1.lab.test` and `ttl3.lab.test` (192.0.2.30; `changed`: .31; TTL 3 s).
+fn dnsmasq(dnsn: &Node, log: &Path, resolver: Resolver, changed: bool) -> Proc {
+    let (outside_ip, ttl3_ip) = if changed {
+        ("192.0.2.9", "192.0.2.31")
+    } else {
+        ("192.0.2.7", "192.0.2.30")
+    };
+    let listen = match resolver {
+        Resolver::V4 => dnsn.addr.to_string(),
+        Resolver::V6Only => addr6(dnsn),
+    };
+    let mut args = vec![
+        "--keep-in-foreground".to_owned(),
+        "--no-resolv".into(),
+        "--no-hosts".into(),
+        "--bind-interfaces".into(),
+        format!("--listen-address={listen}"),
+        format!("--address=/outside.test/{outside_ip}"),
+        "--host-record=host1.lab.test,192.0.2.8".into(),
+        format!("--host-record=ttl3.lab.test,{ttl3_ip},3"),
+        "--log-queries".into(),
+        "--log-facility=-".into(),
+        "--pid-file".into(),
+    ];
+    if resolver == Resolver::V6Only {
+        // Answers worth caching.
+        args.push("--local-ttl=300".into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::spawn(dnsn, log, "dnsmasq", &args)
+}
+
 /// `causeway-agent doctor` in `node`.
 fn doctor(node: &Node, state: &Path) -> Output {
     node.cmd(bin("causeway-agent"))
@@ -262,38 +313,34 @@ struct Setup {
 /// The lab, registries, controller and a joined agent in vm1 running with `agent_toml`,
 /// up to the moment web and inventory (with VIPs) reached it.
 fn setup(agent_toml: &str) -> Setup {
+    setup_with(agent_toml, Resolver::V4)
+}
+
+fn setup_with(agent_toml: &str, resolver: Resolver) -> Setup {
     require_root("the DNS tests");
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_owned();
     let lab = Lab::new(&["ctl", "vm1", "vm2", "dns"]);
     let (vm2, dnsn) = (lab.node("vm2").clone(), lab.node("dns").clone());
+    let nameserver = match resolver {
+        Resolver::V4 => dnsn.addr.to_string(),
+        Resolver::V6Only => {
+            // IPv6 on the lab network for vm1 and the resolver (no duplicate address
+            // detection: usable at once).
+            for n in [lab.node("vm1"), &dnsn] {
+                n.sh_ok(&format!("ip -6 addr add {}/64 dev eth0 nodad", addr6(n)));
+            }
+            addr6(&dnsn)
+        }
+    };
     let resolv = NetnsResolvConf::new(
         lab.node("vm1"),
-        &format!(
-            "nameserver {}\nsearch lab.test\noptions ndots:1\n",
-            dnsn.addr
-        ),
+        &format!("nameserver {nameserver}\nsearch lab.test\noptions ndots:1\n"),
     );
     let mut procs = Vec::new();
 
     // The upstream: a real dnsmasq that knows two names outside the mesh.
-    procs.push(Proc::spawn(
-        &dnsn,
-        &root.join("dnsmasq.log"),
-        "dnsmasq",
-        &[
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            &format!("--listen-address={}", dnsn.addr),
-            "--address=/outside.test/192.0.2.7",
-            "--host-record=host1.lab.test,192.0.2.8",
-            "--log-queries",
-            "--log-facility=-",
-            "--pid-file",
-        ],
-    ));
+    procs.push(dnsmasq(&dnsn, &root.join("dnsmasq.log"), resolver, false));
     // Services: web (Consul, tag v1) and inventory (Eureka VIP inventory-service) on vm2.
     let ctl = lab.node("ctl").clone();
     let regs = root.join("registries.json");
@@ -691,4 +738,134 @@ fn resolv_conf_mode_points_libc_at_the_agent_and_restores_the_file() {
     });
     l.procs[agent].stop();
     assert_eq!(out_text(&l.sh("cat /etc/resolv.conf")), original);
+}
+
+/// vm1's resolv.conf names only an IPv6 resolver (dnsmasq on an IPv6 address in another
+/// namespace): the ip6 capture table sends its queries to the agent on [::1], which
+/// answers mesh names and forwards the rest to that resolver over IPv6, caching the
+/// answers until resolv.conf changes; killed, the agent's tables go with it and the
+/// resolver answers directly.
+#[test]
+fn ipv6_only_resolver_is_captured_cached_and_fails_open() {
+    let Setup {
+        mut l,
+        state,
+        root,
+        agent,
+        web_vip,
+        inv_vip,
+        ..
+    } = setup_with("[dns]\neureka_bare_names = true\n", Resolver::V6Only);
+    wait_for("DNS capture installed (ip and ip6)", WAIT, || {
+        (dns_capture_reported(&state) && table_live(l.vm1()) && table6_live(l.vm1())).then_some(())
+    });
+    let dnsn = l.lab.node("dns").clone();
+    let listing = out_text(&l.sh("nft list table ip6 causeway_dns"));
+    assert!(
+        listing.contains(&format!(
+            "ip6 daddr {} udp dport 53 redirect to :15053",
+            addr6(&dnsn)
+        )),
+        "{listing}"
+    );
+    // Mesh names: answered by the agent (over IPv6 transport: UDP and TCP to [::1]).
+    resolves_everywhere(&l, "web.service.consul", &web_vip);
+    resolves_everywhere(&l, "inventory-service", &inv_vip);
+    // Outside names: forwarded to dnsmasq over IPv6.
+    resolves_everywhere(&l, "outside.test", "192.0.2.7");
+    let out = l.sh("getent hosts host1");
+    assert!(
+        out_text(&out).starts_with("192.0.2.8"),
+        "search domain: {}",
+        describe(&out)
+    );
+    let dnsmasq_log = std::fs::read_to_string(root.join("dnsmasq.log")).unwrap_or_default();
+    assert!(
+        dnsmasq_log.contains("outside.test")
+            && dnsmasq_log.contains(&format!("from {}", addr6(l.vm1()))),
+        "dnsmasq saw the forwarded query from vm1's IPv6 address:\n{dnsmasq_log}"
+    );
+    // A name with TTL 3 s, asked once: cached for those 3 s.
+    let ttl3_asked = std::time::Instant::now();
+    let out = l.sh("dig +short +time=3 +tries=1 ttl3.lab.test A");
+    assert_eq!(out_text(&out).trim(), "192.0.2.30", "{}", describe(&out));
+    // The answer is cached (TTL 300): dnsmasq restarted with a new address for the name
+    // does not change it ...
+    l.procs[0].kill();
+    l.procs[0] = dnsmasq(&dnsn, &root.join("dnsmasq2.log"), Resolver::V6Only, true);
+    wait_for("the new dnsmasq answering", WAIT, || {
+        out_text(&dnsn.sh(&format!(
+            "dig +short +time=1 +tries=1 @{} outside.test",
+            addr6(&dnsn)
+        )))
+        .contains("192.0.2.9")
+        .then_some(())
+    });
+    let out = l.sh("dig +short +time=3 +tries=1 outside.test A");
+    assert_eq!(
+        out_text(&out).trim(),
+        "192.0.2.7",
+        "served from the agent's cache: {}",
+        describe(&out)
+    );
+    let metrics = out_text(&l.sh(
+        "python3 -c 'import urllib.request; print(urllib.request.urlopen(\"http://127.0.0.1:15020/metrics\").read().decode())'",
+    ));
+    let hits: u64 = metrics
+        .lines()
+        .find_map(|m| m.strip_prefix("causeway_agent_dns_cache_hits_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no cache hit counter:\n{metrics}"));
+    assert!(hits >= 1, "{metrics}");
+    assert!(metrics.contains("causeway_agent_dns_upstream_duration_seconds_count"));
+    // The TTL-3 name changed too: its new address comes once the 3 s have passed, not
+    // before (the entry was stored after `ttl3_asked`, so it cannot expire sooner).
+    wait_for("ttl3.lab.test's new address", WAIT, || {
+        (out_text(&l.sh("dig +short +time=3 +tries=1 ttl3.lab.test A")).trim() == "192.0.2.31")
+            .then_some(())
+    });
+    let waited = ttl3_asked.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3),
+        "the new answer came after {waited:?}, before the old one's TTL of 3 s had passed"
+    );
+    // ... until resolv.conf changes (rewritten with the same resolver): then the new one.
+    let conf = Path::new("/etc/netns")
+        .join(&l.vm1().ns)
+        .join("resolv.conf");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, format!("# rewritten\n{text}")).unwrap();
+    wait_for("the new answer after the resolv.conf change", WAIT, || {
+        (out_text(&l.sh("dig +short +time=3 +tries=1 outside.test A")).trim() == "192.0.2.9")
+            .then_some(())
+    });
+    resolves_everywhere(&l, "web.service.consul", &web_vip);
+
+    // kill -9: both tables go with the agent; the resolver answers directly.
+    l.procs[agent].kill();
+    wait_for(
+        "the DNS capture tables gone with the agent",
+        Duration::from_secs(10),
+        || (!table_live(l.vm1()) && !table6_live(l.vm1())).then_some(()),
+    );
+    let out = l.sh("getent hosts outside.test && dig +short +time=3 +tries=1 outside.test");
+    assert!(
+        out.status.success() && out_text(&out).contains("192.0.2.9"),
+        "fail open after SIGKILL: {}",
+        describe(&out)
+    );
+    let out = l.sh("dig +short +time=2 +tries=1 web.service.consul");
+    assert_eq!(
+        out_text(&out).trim(),
+        "",
+        "without the agent, mesh names are not answered"
+    );
+    // A stray ip6 table alone is reported by doctor.
+    l.sh("nft add table ip6 causeway_dns");
+    let doc = doctor(l.vm1(), &state);
+    assert!(
+        !doc.status.success() && out_text(&doc).contains("nft delete table ip6 causeway_dns"),
+        "doctor with a stray ip6 table: {}",
+        describe(&doc)
+    );
 }

@@ -7,6 +7,20 @@
 //!   the rest to the same upstream.
 //! - Forwarded names (`host<i>.outside.test`) go to an upstream dnsmasq (hosts file).
 //!
+//! Rows:
+//! - `mesh`: mesh names, agent against dnsmasq (hosts file).
+//! - `forwarded`: the forwarding paths alone — the upstream answers with TTL 0, the agent
+//!   runs with `cache = false`, dnsmasq with `--cache-size=0`.
+//! - `forwarded-cached`: the caches, warm — a second upstream answers with TTL 300; the
+//!   agent with its cache on (defaults), against dnsmasq with its default cache (150
+//!   names, so the 1,000 names do not fit) and with `--cache-size=10000` (they fit).
+//! - cold: `--cold` names (default 20,000) asked once each of the cached servers at the
+//!   latency runs' rate (every query a miss: cache look-up, forward, store), reported
+//!   (p50/p99/max; a q/s of a run that ends waiting for its few lost queries says little).
+//!
+//! The verdict covers every row: mesh ≥ 1.5× dnsmasq q/s, forwarded and forwarded-cached
+//! ≥ 1.0× q/s with p99 ≤ dnsmasq's.
+//!
 //! Both servers under test run pinned to CPU 0 (`taskset -c 0`, one core); dnsperf and the
 //! upstream run on CPU 1. Per server and name set: one throughput run (dnsperf as fast as
 //! it can, `-c 4 -q 200`) for queries/s, and one latency run at a fixed rate (`--rate`,
@@ -71,8 +85,9 @@ fn mesh(n: usize) -> MeshState {
     s
 }
 
-/// `--serve LISTEN UPSTREAM SERVICES`: run the agent's DNS server until stdin closes.
-fn serve(listen: &str, upstream: &str, n: usize) -> anyhow::Result<()> {
+/// `--serve LISTEN UPSTREAM SERVICES CACHE`: run the agent's DNS server (cache "on" or
+/// "off") until stdin closes.
+fn serve(listen: &str, upstream: &str, n: usize, cache: bool) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -82,6 +97,7 @@ fn serve(listen: &str, upstream: &str, n: usize) -> anyhow::Result<()> {
             mode: DnsMode::Off,
             listen: listen.parse()?,
             upstreams: vec![upstream.to_owned()],
+            cache,
             ..DnsConfig::default()
         };
         let state = Arc::new(RwLock::new(mesh(n)));
@@ -138,7 +154,26 @@ fn wait_answers(port: u16, name: &str) -> anyhow::Result<()> {
     bail!("the server on port {port} does not answer {name}")
 }
 
-fn dnsmasq(port: u16, hosts: &Path, upstream: Option<u16>, pin: &str) -> anyhow::Result<Killed> {
+/// How a dnsmasq runs: its cache (None: dnsmasq's default, 150 names) and the TTL of
+/// the names it answers from its hosts file (None: its default, 0).
+#[derive(Debug, Clone, Copy)]
+struct Dnsmasq {
+    cache: Option<u32>,
+    local_ttl: Option<u32>,
+}
+
+const NO_CACHE: Dnsmasq = Dnsmasq {
+    cache: Some(0),
+    local_ttl: None,
+};
+
+fn dnsmasq(
+    port: u16,
+    hosts: &Path,
+    upstream: Option<u16>,
+    pin: &str,
+    how: Dnsmasq,
+) -> anyhow::Result<Killed> {
     let mut c = Command::new("taskset");
     c.args(["-c", pin, "dnsmasq"]).args([
         "--keep-in-foreground",
@@ -148,9 +183,14 @@ fn dnsmasq(port: u16, hosts: &Path, upstream: Option<u16>, pin: &str) -> anyhow:
         "--listen-address=127.0.0.1",
         "--pid-file",
         "--user=root",
-        "--cache-size=0",
         "--dns-forward-max=1000",
     ]);
+    if let Some(n) = how.cache {
+        c.arg(format!("--cache-size={n}"));
+    }
+    if let Some(t) = how.local_ttl {
+        c.arg(format!("--local-ttl={t}"));
+    }
     c.arg(format!("--port={port}"))
         .arg(format!("--addn-hosts={}", hosts.display()));
     if let Some(u) = upstream {
@@ -199,7 +239,19 @@ fn dnsperf(port: u16, data: &Path, seconds: u64, rate: u64) -> anyhow::Result<Ru
         .arg(data)
         .args(["-l", "5", "-Q", &rate.to_string(), "-t", "2", "-v"])
         .output()?;
-    let mut lat: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+    let pct = percentiles(&String::from_utf8_lossy(&out.stdout))?;
+    Ok(Run {
+        qps,
+        lost,
+        p50_ms: pct[0],
+        p99_ms: pct[1],
+        max_ms: pct[2],
+    })
+}
+
+/// p50, p99 and max (ms) of the per-query latencies `dnsperf -v` printed.
+fn percentiles(text: &str) -> anyhow::Result<[f64; 3]> {
+    let mut lat: Vec<f64> = text
         .lines()
         .filter(|l| l.starts_with("> ") && !l.starts_with("> T "))
         .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
@@ -212,27 +264,89 @@ fn dnsperf(port: u16, data: &Path, seconds: u64, rate: u64) -> anyhow::Result<Ru
         let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
         lat[i.min(lat.len() - 1)] * 1000.0
     };
-    Ok(Run {
-        qps,
-        lost,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        max_ms: pct(1.0),
-    })
+    Ok([pct(0.50), pct(0.99), pct(1.0)])
+}
+
+/// Every name of `data` once (dnsperf -n 1): as fast as it goes (the warm-up), or at
+/// `rate` q/s with every query's latency (the cold pass); lost, and p50/p99/max (ms)
+/// when at a rate.
+fn dnsperf_once(
+    port: u16,
+    data: &Path,
+    rate: Option<u64>,
+) -> anyhow::Result<(String, Option<[f64; 3]>)> {
+    let rate_args: Vec<String> = match rate {
+        Some(r) => vec!["-Q".into(), r.to_string(), "-v".into()],
+        None => vec!["-c".into(), "4".into(), "-q".into(), "200".into()],
+    };
+    let out = Command::new("taskset")
+        .args([
+            "-c",
+            "1",
+            "dnsperf",
+            "-s",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-d",
+        ])
+        .arg(data)
+        .args(["-n", "1", "-t", "2"])
+        .args(&rate_args)
+        .output()
+        .context("run dnsperf (install: scripts/install-deps-dns.sh)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lost = field(&text, "Queries lost:")
+        .with_context(|| format!("dnsperf output without a result:\n{text}"))?
+        .to_owned();
+    let pct = match rate {
+        Some(_) => Some(percentiles(&text)?),
+        None => None,
+    };
+    Ok((lost, pct))
+}
+
+/// A row set: names, query file, servers (the agent first) with their ports.
+type NameSet<'a> = (&'a str, &'a Path, Vec<(&'a str, u16)>);
+
+/// Starts the agent's DNS server (this program with `--serve`) pinned to CPU 0.
+fn agent(port: u16, upstream: u16, services: usize, cache: bool) -> anyhow::Result<(Killed, u32)> {
+    let exe = std::env::current_exe()?;
+    let mut agent = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(&exe)
+        .args([
+            "--serve",
+            &format!("127.0.0.1:{port}"),
+            &format!("127.0.0.1:{upstream}"),
+            &services.to_string(),
+            if cache { "on" } else { "off" },
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufReader::new(agent.stdout.take().context("stdout")?).read_line(&mut line)?;
+    if line.trim() != "ready" {
+        bail!("the agent's DNS server did not start: {line:?}");
+    }
+    let pid = agent.id();
+    Ok((Killed(agent), pid))
 }
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--serve") {
-        let [_, listen, upstream, n] = args.as_slice() else {
-            bail!("usage: dns_perf --serve LISTEN UPSTREAM SERVICES");
+        let [_, listen, upstream, n, cache] = args.as_slice() else {
+            bail!("usage: dns_perf --serve LISTEN UPSTREAM SERVICES on|off");
         };
-        return serve(listen, upstream, n.parse()?);
+        return serve(listen, upstream, n.parse()?, cache == "on");
     }
     let mut json_out = None;
     let mut services = 1000usize;
     let mut seconds = 10u64;
     let mut rate = 10_000u64;
+    let mut cold = 20_000usize;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = || it.next().context("missing value");
@@ -241,8 +355,9 @@ fn main() -> anyhow::Result<()> {
             "--services" => services = val()?.parse()?,
             "--seconds" => seconds = val()?.parse()?,
             "--rate" => rate = val()?.parse()?,
+            "--cold" => cold = val()?.parse()?,
             other => bail!(
-                "unknown argument {other}; usage: dns_perf [--json FILE] [--services N] [--seconds S] [--rate QPS]"
+                "unknown argument {other}; usage: dns_perf [--json FILE] [--services N] [--seconds S] [--rate QPS] [--cold NAMES]"
             ),
         }
     }
@@ -251,8 +366,14 @@ fn main() -> anyhow::Result<()> {
     let outside_hosts = dir.path().join("outside.hosts");
     let mesh_q = dir.path().join("mesh.queries");
     let outside_q = dir.path().join("outside.queries");
-    let (mut mh, mut oh, mut mq, mut oq) =
-        (String::new(), String::new(), String::new(), String::new());
+    let cold_q = dir.path().join("cold.queries");
+    let (mut mh, mut oh, mut mq, mut oq, mut cq) = (
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+    );
     for i in 0..services {
         mh.push_str(&format!(
             "{} svc{i}.default.causeway svc{i}.default.svc.cluster.local\n",
@@ -267,86 +388,205 @@ fn main() -> anyhow::Result<()> {
         ));
         oq.push_str(&format!("host{i}.outside.test A\n"));
     }
+    for i in 0..cold {
+        oh.push_str(&format!(
+            "198.18.{}.{} cold{i}.outside.test\n",
+            i / 250 % 256,
+            1 + i % 250
+        ));
+        cq.push_str(&format!("cold{i}.outside.test A\n"));
+    }
     std::fs::write(&mesh_hosts, mh)?;
     std::fs::write(&outside_hosts, oh)?;
     std::fs::write(&mesh_q, mq)?;
     std::fs::write(&outside_q, oq)?;
+    std::fs::write(&cold_q, cq)?;
 
-    let (up_port, agent_port, base_port) = (free_port()?, free_port()?, free_port()?);
-    let _upstream = dnsmasq(up_port, &outside_hosts, None, "1")?;
+    // Upstreams: TTL 0 (the forwarding paths alone) and TTL 300 (for the caches).
+    let (up_port, up_ttl_port) = (free_port()?, free_port()?);
+    let _upstream = dnsmasq(up_port, &outside_hosts, None, "1", NO_CACHE)?;
+    let _upstream_ttl = dnsmasq(
+        up_ttl_port,
+        &outside_hosts,
+        None,
+        "1",
+        Dnsmasq {
+            cache: Some(0),
+            local_ttl: Some(300),
+        },
+    )?;
     wait_answers(up_port, "host0.outside.test")?;
-    let exe = std::env::current_exe()?;
-    let mut agent = Command::new("taskset")
-        .args(["-c", "0"])
-        .arg(&exe)
-        .args([
-            "--serve",
-            &format!("127.0.0.1:{agent_port}"),
-            &format!("127.0.0.1:{up_port}"),
-            &services.to_string(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufReader::new(agent.stdout.take().context("stdout")?).read_line(&mut line)?;
-    if line.trim() != "ready" {
-        bail!("the agent's DNS server did not start: {line:?}");
+    wait_answers(up_ttl_port, "host0.outside.test")?;
+    let (agent_port, cagent_port) = (free_port()?, free_port()?);
+    let (base_port, dflt_port, big_port) = (free_port()?, free_port()?, free_port()?);
+    let (agent_proc, agent_pid) = agent(agent_port, up_port, services, false)?;
+    let (cagent_proc, cagent_pid) = agent(cagent_port, up_ttl_port, services, true)?;
+    let baseline = dnsmasq(base_port, &mesh_hosts, Some(up_port), "0", NO_CACHE)?;
+    let dflt = dnsmasq(
+        dflt_port,
+        &mesh_hosts,
+        Some(up_ttl_port),
+        "0",
+        Dnsmasq {
+            cache: None,
+            local_ttl: None,
+        },
+    )?;
+    let big = dnsmasq(
+        big_port,
+        &mesh_hosts,
+        Some(up_ttl_port),
+        "0",
+        Dnsmasq {
+            cache: Some(10_000),
+            local_ttl: None,
+        },
+    )?;
+    for p in [agent_port, cagent_port, base_port, dflt_port, big_port] {
+        wait_answers(p, "svc0.default.causeway")?;
     }
-    let agent_pid = agent.id();
-    let agent = Killed(agent);
-    let baseline = dnsmasq(base_port, &mesh_hosts, Some(up_port), "0")?;
-    wait_answers(agent_port, "svc0.default.causeway")?;
-    wait_answers(base_port, "svc0.default.causeway")?;
-    wait_answers(agent_port, "host0.outside.test")?;
-    wait_answers(base_port, "host0.outside.test")?;
+    for p in [agent_port, base_port] {
+        wait_answers(p, "host0.outside.test")?;
+    }
 
     println!(
-        "{services} services ({} mesh names), {seconds}s throughput runs (dnsperf -c 4 -q 200), latency at {rate} q/s; servers pinned to CPU 0, dnsperf and the upstream to CPU 1",
+        "{services} services ({} mesh names), {seconds}s throughput runs (dnsperf -c 4 -q 200), latency at {rate} q/s; servers pinned to CPU 0, dnsperf and the upstreams to CPU 1",
         services * 2
     );
     println!(
-        "{:<10} {:<14} {:>10} {:>12} {:>9} {:>9} {:>9}",
+        "forwarded: upstream TTL 0, agent cache off, dnsmasq --cache-size=0; forwarded-cached: upstream TTL 300, warm, agent cache on, dnsmasq default cache (150) and --cache-size=10000"
+    );
+    // The cold pass first: no cached server has seen these names.
+    println!();
+    println!(
+        "{:<17} {:<20} {:>10} {:>12} {:>9} {:>9} {:>9}",
+        "cold (once each)", "server", "q/s", "lost", "p50 ms", "p99 ms", "max ms"
+    );
+    let mut cold_results = Vec::new();
+    for (server, port) in [
+        ("agent", cagent_port),
+        ("dnsmasq", dflt_port),
+        ("dnsmasq-c10000", big_port),
+    ] {
+        let (lost, pct) = dnsperf_once(port, &cold_q, Some(rate))?;
+        let [p50, p99, max] = pct.unwrap_or([f64::NAN; 3]);
+        println!(
+            "{:<17} {server:<20} {:>10} {lost:>12} {p50:>9.3} {p99:>9.3} {max:>9.3}",
+            format!("{cold} names"),
+            format!("(at {rate})"),
+        );
+        cold_results.push(
+            json!({"names": "cold", "count": cold, "server": server, "rate": rate,
+            "lost": lost, "p50_ms": p50, "p99_ms": p99, "max_ms": max}),
+        );
+    }
+    // Warm the caches with the names of the cached rows.
+    for port in [cagent_port, dflt_port, big_port] {
+        dnsperf_once(port, &outside_q, None)?;
+    }
+    println!();
+    println!(
+        "{:<17} {:<20} {:>10} {:>12} {:>9} {:>9} {:>9}",
         "names", "server", "q/s", "lost", "p50 ms", "p99 ms", "max ms"
     );
     let mut results = Vec::new();
-    for (set, file) in [("mesh", &mesh_q), ("forwarded", &outside_q)] {
-        let mut pair = Vec::new();
-        for (server, port) in [("agent", agent_port), ("dnsmasq", base_port)] {
-            let r = dnsperf(port, file, seconds, rate)?;
+    let mut verdicts = Vec::new();
+    let sets: [NameSet<'_>; 3] = [
+        (
+            "mesh",
+            &mesh_q,
+            vec![("agent", agent_port), ("dnsmasq", base_port)],
+        ),
+        (
+            "forwarded",
+            &outside_q,
+            vec![("agent", agent_port), ("dnsmasq", base_port)],
+        ),
+        (
+            "forwarded-cached",
+            &outside_q,
+            vec![
+                ("agent", cagent_port),
+                ("dnsmasq", dflt_port),
+                ("dnsmasq-c10000", big_port),
+            ],
+        ),
+    ];
+    for (set, file, servers) in &sets {
+        let mut runs = Vec::new();
+        for (server, port) in servers {
+            let r = dnsperf(*port, file, seconds, rate)?;
             println!(
-                "{set:<10} {server:<14} {:>10.0} {:>12} {:>9.3} {:>9.3} {:>9.3}",
+                "{set:<17} {server:<20} {:>10.0} {:>12} {:>9.3} {:>9.3} {:>9.3}",
                 r.qps, r.lost, r.p50_ms, r.p99_ms, r.max_ms
             );
             results.push(
                 json!({"names": set, "server": server, "qps": r.qps, "lost": r.lost,
                 "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "max_ms": r.max_ms}),
             );
-            pair.push(r);
+            runs.push(r);
         }
+        for (i, (server, _)) in servers.iter().enumerate().skip(1) {
+            let (q, p99) = (runs[0].qps / runs[i].qps, runs[0].p99_ms / runs[i].p99_ms);
+            println!(
+                "{set:<17} {:<20} {q:>10.2} {:>12} {:>9} {p99:>9.2}",
+                format!("agent/{server}"),
+                "",
+                "",
+            );
+            // Targets: mesh ≥ 1.5× q/s; forwarded rows ≥ 1.0× q/s and p99 ≤ dnsmasq's.
+            let (min_q, check_p99) = if *set == "mesh" {
+                (1.5, false)
+            } else {
+                (1.0, true)
+            };
+            let pass = q >= min_q && (!check_p99 || p99 <= 1.0);
+            verdicts.push((
+                format!("{set} agent/{server}"),
+                format!(
+                    "q/s {q:.2}× (target ≥ {min_q:.1}×){}",
+                    if check_p99 {
+                        format!(", p99 {p99:.2}× (target ≤ 1.0×)")
+                    } else {
+                        String::new()
+                    }
+                ),
+                pass,
+            ));
+        }
+    }
+    println!();
+    println!("verdict:");
+    for (row, what, pass) in &verdicts {
         println!(
-            "{set:<10} {:<14} {:>10.2} {:>12} {:>9} {:>9.2}",
-            "agent/dnsmasq",
-            pair[0].qps / pair[1].qps,
-            "",
-            "",
-            pair[0].p99_ms / pair[1].p99_ms
+            "  {row:<40} {what:<50} {}",
+            if *pass { "PASS" } else { "FAIL" }
         );
     }
-    let agent_rss = vm_hwm_kib(agent_pid);
-    let base_rss = vm_hwm_kib(baseline.0.id());
+    println!("  {:<40} reported only (no target)", "cold");
+    let rss = |pid: u32| vm_hwm_kib(pid);
+    let (a_rss, ca_rss) = (rss(agent_pid), rss(cagent_pid));
+    let (b_rss, d_rss, g_rss) = (rss(baseline.0.id()), rss(dflt.0.id()), rss(big.0.id()));
+    let show = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or("?".into());
     println!(
-        "peak RSS: agent DNS process {} KiB, dnsmasq {} KiB",
-        agent_rss.map(|v| v.to_string()).unwrap_or("?".into()),
-        base_rss.map(|v| v.to_string()).unwrap_or("?".into())
+        "peak RSS KiB: agent (cache off) {}, agent (cache on) {}, dnsmasq (no cache) {}, dnsmasq (default cache) {}, dnsmasq (cache 10000) {}",
+        show(a_rss),
+        show(ca_rss),
+        show(b_rss),
+        show(d_rss),
+        show(g_rss)
     );
-    drop(agent);
+    drop((agent_proc, cagent_proc));
     if let Some(p) = json_out {
         std::fs::write(
             &p,
             serde_json::to_vec_pretty(&json!({
                 "services": services, "seconds": seconds, "latency_rate": rate,
-                "results": results, "agent_rss_kib": agent_rss, "dnsmasq_rss_kib": base_rss,
+                "results": results, "cold": cold_results,
+                "verdict": verdicts.iter().map(|(r, w, p)| json!({"row": r, "measured": w, "pass": p})).collect::<Vec<_>>(),
+                "agent_rss_kib": a_rss, "agent_cache_rss_kib": ca_rss,
+                "dnsmasq_rss_kib": b_rss, "dnsmasq_default_cache_rss_kib": d_rss,
+                "dnsmasq_cache_10000_rss_kib": g_rss,
             }))?,
         )?;
     }

@@ -1,43 +1,78 @@
 //! Forwarding to the host's original resolvers.
 //!
-//! The query's bytes go out unchanged and the upstream's answer comes back unchanged
-//! (after checking it answers this query), so whatever the application asked for (EDNS
-//! options, DNSSEC bits, its ID) is what the upstream sees. Every socket carries the
-//! agent's mark, so the port-53 capture rule lets it through instead of redirecting it
-//! back to the agent; a resolver library (hickory-resolver) would re-encode queries and
-//! open its own sockets, which cannot carry that mark.
+//! The query's bytes go out unchanged but for the ID (UDP), and the upstream's answer
+//! comes back unchanged but for the ID (after checking it answers this query: ID, QR and
+//! the question), so whatever the application asked for (EDNS options, DNSSEC bits) is
+//! what the upstream sees. Every socket carries the agent's mark, so the port-53 capture
+//! rule lets it through instead of redirecting it back to the agent; a resolver library
+//! (hickory-resolver) would re-encode queries and open its own sockets, which cannot
+//! carry that mark.
 //!
-//! UDP uses a fresh socket per query (a random source port per query, as a stub
-//! resolver does); upstreams are tried in resolv.conf order, each for `timeout`.
+//! **UDP** (the hot path, no Tokio): each upstream has a few long-lived connected
+//! sockets ([`SOCKETS_PER_UPSTREAM`], each on its own kernel-chosen port), each with one
+//! plain thread that receives the answers. A query gets a random ID on a randomly chosen
+//! socket and waits in the pending table (ID and socket → the client, its own ID, the
+//! query); the UDP loop thread that received it sends it and goes on. The answer's
+//! thread restores the client's ID, stores it in the [cache](super::cache) and sends it
+//! from the listening socket the query came to. A pending query after `timeout` (or at
+//! once when the upstream's port refuses it) goes to the next upstream in resolv.conf
+//! order; after the last one the client gets SERVFAIL. Query buffers are recycled: no
+//! allocation per query once warm. Off-path spoofing needs the socket's port, the random
+//! ID and the question, as against dnsmasq (which also rotates ports per query).
+//!
+//! **TCP**: upstream connections are kept (a few idle ones per upstream) and reused by
+//! the next TCP query — the client's own TCP queries and its retries after a truncated
+//! UDP answer; one that the upstream closed in the meantime is replaced once.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-/// Where and how to forward.
-#[derive(Debug, Clone)]
-pub struct Forwarder {
-    /// Upstream servers in order.
-    pub upstreams: Vec<SocketAddr>,
-    /// Wait per upstream.
-    pub timeout: Duration,
-    /// Mark on the sockets (None when capture is off).
-    pub mark: Option<u32>,
-}
+use super::cache::{Cache, QueryInfo};
+use super::metrics::DnsMetrics;
+
+/// Connected UDP sockets per upstream.
+pub const SOCKETS_PER_UPSTREAM: usize = 4;
+/// Most UDP queries waiting for an upstream at once (more: SERVFAIL at once).
+pub const MAX_PENDING: usize = 4096;
+/// Idle TCP connections kept per upstream.
+pub const MAX_IDLE_TCP: usize = 8;
+/// How often pending queries are checked for their timeout.
+const SWEEP: Duration = Duration::from_millis(50);
+/// How long an answer thread waits before looking at the stop flag.
+const RECV_WAIT: Duration = Duration::from_millis(500);
 
 /// Whether `resp` answers `query` (same ID, QR set).
 fn answers(query: &[u8], resp: &[u8]) -> bool {
     resp.len() >= 12 && query.len() >= 2 && resp[..2] == query[..2] && resp[2] & 0x80 != 0
 }
 
-fn udp_socket(upstream: SocketAddr, mark: Option<u32>) -> std::io::Result<tokio::net::UdpSocket> {
+/// The end of the question section of a one-question message.
+fn question_end(m: &[u8]) -> Option<usize> {
+    if m.len() < 12 || m[4..6] != [0, 1] {
+        return None;
+    }
+    let mut i = 12;
+    loop {
+        let len = *m.get(i)?;
+        match len {
+            0 => return (i + 5 <= m.len()).then_some(i + 5),
+            l if l & 0xc0 == 0 => i += 1 + usize::from(l),
+            _ => return None,
+        }
+    }
+}
+
+fn udp_socket(upstream: SocketAddr, mark: Option<u32>) -> std::io::Result<UdpSocket> {
     let domain = socket2::Domain::for_address(upstream);
     let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     if let Some(m) = mark {
         s.set_mark(m)?;
     }
-    s.set_nonblocking(true)?;
     let any: SocketAddr = if upstream.is_ipv4() {
         SocketAddr::from(([0, 0, 0, 0], 0))
     } else {
@@ -45,83 +80,487 @@ fn udp_socket(upstream: SocketAddr, mark: Option<u32>) -> std::io::Result<tokio:
     };
     s.bind(&any.into())?;
     s.connect(&upstream.into())?;
-    tokio::net::UdpSocket::from_std(s.into())
+    s.set_read_timeout(Some(RECV_WAIT))?;
+    Ok(s.into())
+}
+
+/// A UDP query waiting for its answer.
+struct Pending {
+    client: SocketAddr,
+    reply: Arc<UdpSocket>,
+    client_id: [u8; 2],
+    /// The query as sent (with the agent's ID).
+    query: Vec<u8>,
+    /// The end of its question section, when it has exactly one.
+    qend: Option<usize>,
+    info: Option<QueryInfo>,
+    generation: u64,
+    upstream: usize,
+    sent: Instant,
+}
+
+/// Pending queries by (socket, ID), and recycled query buffers.
+struct Table {
+    map: HashMap<u32, Pending>,
+    free: Vec<Vec<u8>>,
+    rng: u64,
+}
+
+impl Table {
+    fn next(&mut self) -> u64 {
+        // xorshift64*: seeded from the system's random source; the IDs and sockets it
+        // picks only have to be unpredictable off the host.
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A free (socket of `upstream`, ID) key.
+    fn key(&mut self, upstream: usize) -> u32 {
+        loop {
+            let r = self.next();
+            let sock = upstream * SOCKETS_PER_UPSTREAM + (r >> 32) as usize % SOCKETS_PER_UPSTREAM;
+            let key = ((sock as u32) << 16) | (r & 0xffff) as u32;
+            if !self.map.contains_key(&key) {
+                return key;
+            }
+        }
+    }
+}
+
+struct UdpInner {
+    /// Every upstream's sockets, in order: upstream i has sockets
+    /// i*SOCKETS_PER_UPSTREAM ..
+    socks: Vec<UdpSocket>,
+    upstreams: Vec<SocketAddr>,
+    timeout: Duration,
+    table: Mutex<Table>,
+    cache: Option<Arc<Cache>>,
+    metrics: Arc<DnsMetrics>,
+    stop: AtomicBool,
+}
+
+impl UdpInner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends `p` to upstream `p.upstream` (on a fresh key), or answers SERVFAIL when
+    /// there is none left. Called with the table locked.
+    fn dispatch(&self, t: &mut Table, mut p: Pending) {
+        while p.upstream < self.upstreams.len() {
+            let key = t.key(p.upstream);
+            p.query[..2].copy_from_slice(&key.to_be_bytes()[2..]);
+            p.sent = Instant::now();
+            let sock = (key >> 16) as usize;
+            match self.socks[sock].send(&p.query) {
+                Ok(_) => {
+                    t.map.insert(key, p);
+                    return;
+                }
+                Err(e) => {
+                    self.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(upstream = %self.upstreams[p.upstream], error = %e, "cannot send to the upstream (UDP)");
+                    p.upstream += 1;
+                }
+            }
+        }
+        self.fail(t, p);
+    }
+
+    /// SERVFAIL to the client of `p`; its buffer is recycled.
+    fn fail(&self, t: &mut Table, mut p: Pending) {
+        tracing::warn!(upstreams = ?self.upstreams, "no upstream resolver answered; answering SERVFAIL");
+        p.query[..2].copy_from_slice(&p.client_id);
+        if let super::answer::Outcome::Answer(b) = super::answer::servfail(&p.query) {
+            let _ = p.reply.send_to(&b, p.client);
+        }
+        t.free.push(p.query);
+    }
+
+    /// The answer thread of socket `s`.
+    fn receive(&self, s: usize) {
+        let sock = &self.socks[s];
+        let mut buf = vec![0u8; 65535];
+        // The buffer of the last answered query, recycled under the next lock.
+        let mut done: Option<Vec<u8>> = None;
+        loop {
+            let n = match sock.recv(&mut buf) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    if self.stop.load(Ordering::Relaxed) && self.lock().map.is_empty() {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    // An ICMP error of an earlier send (port unreachable): the upstream
+                    // does not serve; its queries on this socket go to the next one now.
+                    self.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(upstream = %self.upstreams[s / SOCKETS_PER_UPSTREAM], error = %e, "upstream unreachable (UDP)");
+                    let mut t = self.lock();
+                    let keys: Vec<u32> = t
+                        .map
+                        .keys()
+                        .copied()
+                        .filter(|k| (k >> 16) as usize == s)
+                        .collect();
+                    for k in keys {
+                        if let Some(mut p) = t.map.remove(&k) {
+                            p.upstream += 1;
+                            self.dispatch(&mut t, p);
+                        }
+                    }
+                    continue;
+                }
+            };
+            let resp = &mut buf[..n];
+            if n < 12 || resp[2] & 0x80 == 0 {
+                continue;
+            }
+            let key = ((s as u32) << 16) | u32::from(u16::from_be_bytes([resp[0], resp[1]]));
+            let p = {
+                let mut t = self.lock();
+                if let Some(b) = done.take() {
+                    t.free.push(b);
+                }
+                if self.stop.load(Ordering::Relaxed) && t.map.is_empty() {
+                    return;
+                }
+                let Some(p) = t.map.get(&key) else {
+                    continue; // late (timed out) or not ours
+                };
+                // The question must be the one asked (a spoofer has to know it too).
+                if let Some(qend) = p.qend
+                    && !resp
+                        .get(12..qend)
+                        .is_some_and(|r| r.eq_ignore_ascii_case(&p.query[12..qend]))
+                {
+                    continue;
+                }
+                match t.map.remove(&key) {
+                    Some(p) => p,
+                    None => continue,
+                }
+            };
+            let now = Instant::now();
+            self.metrics.observe(now.saturating_duration_since(p.sent));
+            resp[..2].copy_from_slice(&p.client_id);
+            if let (Some(c), Some(info)) = (&self.cache, &p.info) {
+                c.insert(p.generation, info, &p.query, resp, now);
+            }
+            let _ = p.reply.send_to(resp, p.client);
+            done = Some(p.query);
+        }
+    }
+
+    /// The timeout thread: pending queries past `timeout` go to the next upstream.
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "a plain thread of its own, not a Tokio worker"
+    )]
+    fn sweep(&self) {
+        loop {
+            std::thread::sleep(SWEEP);
+            let mut t = self.lock();
+            if self.stop.load(Ordering::Relaxed) && t.map.is_empty() {
+                return;
+            }
+            let now = Instant::now();
+            let late: Vec<u32> = t
+                .map
+                .iter()
+                .filter(|(_, p)| now.saturating_duration_since(p.sent) >= self.timeout)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in late {
+                if let Some(mut p) = t.map.remove(&k) {
+                    self.metrics
+                        .upstream_timeouts
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(upstream = %self.upstreams[p.upstream], "upstream did not answer in time (UDP)");
+                    p.upstream += 1;
+                    self.dispatch(&mut t, p);
+                }
+            }
+        }
+    }
+}
+
+/// Where and how to forward.
+pub struct Forwarder {
+    /// Upstream servers in order.
+    pub upstreams: Vec<SocketAddr>,
+    /// Wait per upstream.
+    pub timeout: Duration,
+    /// Mark on the sockets (None when capture is off).
+    pub mark: Option<u32>,
+    udp: Option<Arc<UdpInner>>,
+    tcp_idle: Vec<Mutex<Vec<tokio::net::TcpStream>>>,
+    cache: Option<Arc<Cache>>,
+    metrics: Arc<DnsMetrics>,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder")
+            .field("upstreams", &self.upstreams)
+            .field("timeout", &self.timeout)
+            .field("mark", &self.mark)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Forwarder {
+    /// The answer and timeout threads end once the queries still waiting are done.
+    fn drop(&mut self) {
+        if let Some(u) = &self.udp {
+            u.stop.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    u64::from_le_bytes(b) | 1
 }
 
 impl Forwarder {
+    /// Opens the UDP sockets (and starts their threads) for `upstreams`. A socket that
+    /// cannot be opened is logged; without any, UDP queries get SERVFAIL.
+    pub fn new(
+        upstreams: Vec<SocketAddr>,
+        timeout: Duration,
+        mark: Option<u32>,
+        cache: Option<Arc<Cache>>,
+        metrics: Arc<DnsMetrics>,
+    ) -> Self {
+        let socks: std::io::Result<Vec<UdpSocket>> = upstreams
+            .iter()
+            .flat_map(|u| std::iter::repeat_n(*u, SOCKETS_PER_UPSTREAM))
+            .map(|u| udp_socket(u, mark))
+            .collect();
+        let udp = match socks {
+            Ok(socks) if !socks.is_empty() => {
+                let inner = Arc::new(UdpInner {
+                    socks,
+                    upstreams: upstreams.clone(),
+                    timeout,
+                    table: Mutex::new(Table {
+                        map: HashMap::with_capacity(256),
+                        free: Vec::new(),
+                        rng: seed(),
+                    }),
+                    cache: cache.clone(),
+                    metrics: metrics.clone(),
+                    stop: AtomicBool::new(false),
+                });
+                let mut ok = true;
+                for s in 0..inner.socks.len() {
+                    let i = inner.clone();
+                    ok &= std::thread::Builder::new()
+                        .name("dns-upstream".into())
+                        .spawn(move || i.receive(s))
+                        .is_ok();
+                }
+                let i = inner.clone();
+                ok &= std::thread::Builder::new()
+                    .name("dns-timeouts".into())
+                    .spawn(move || i.sweep())
+                    .is_ok();
+                if !ok {
+                    inner.stop.store(true, Ordering::Relaxed);
+                    tracing::error!(
+                        "cannot start the DNS forwarding threads; forwarded names get SERVFAIL"
+                    );
+                }
+                ok.then_some(inner)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::error!(upstreams = ?upstreams, error = %e, "cannot open sockets to the upstream resolvers; forwarded names get SERVFAIL");
+                None
+            }
+        };
+        Self {
+            tcp_idle: upstreams.iter().map(|_| Mutex::default()).collect(),
+            upstreams,
+            timeout,
+            mark,
+            udp,
+            cache,
+            metrics,
+        }
+    }
+
     /// Whether there is anywhere to forward to.
     pub fn has_upstreams(&self) -> bool {
         !self.upstreams.is_empty()
     }
 
-    async fn udp_one(&self, upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
-        let sock = udp_socket(upstream, self.mark)?;
-        sock.send(query).await?;
-        let mut buf = vec![0u8; 65535];
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        loop {
-            let n = tokio::time::timeout_at(deadline, sock.recv(&mut buf))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time")
-                })??;
-            if answers(query, &buf[..n]) {
-                buf.truncate(n);
-                return Ok(buf);
-            }
-            // Anything else on this connected socket (a late or spoofed reply) is ignored.
-        }
+    /// A forwarder like this one (timeout, mark, cache) for `upstreams`, on new sockets.
+    pub fn with_upstreams(&self, upstreams: Vec<SocketAddr>) -> Self {
+        Self::new(
+            upstreams,
+            self.timeout,
+            self.mark,
+            self.cache.clone(),
+            self.metrics.clone(),
+        )
     }
 
-    async fn tcp_one(&self, upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
+    /// Forwards a UDP query that came to `reply` from `client`; the answer (or SERVFAIL)
+    /// is sent from `reply` by another thread. `info`: the query's cache key, when the
+    /// answer may be kept (at cache `generation`). False when it cannot be forwarded now
+    /// (no upstream, too many waiting): the caller answers SERVFAIL.
+    ///
+    /// `query` is sent as it is but for the ID (put back before returning), outside the
+    /// pending table's lock.
+    pub fn udp_query(
+        &self,
+        query: &mut [u8],
+        client: SocketAddr,
+        reply: &Arc<UdpSocket>,
+        info: Option<QueryInfo>,
+        generation: u64,
+    ) -> bool {
+        let Some(u) = &self.udp else {
+            return false;
+        };
+        if query.len() < 12 {
+            return false;
+        }
+        let client_id = [query[0], query[1]];
+        let qend = question_end(query);
+        let key = {
+            let mut t = u.lock();
+            if t.map.len() >= MAX_PENDING {
+                return false;
+            }
+            let key = t.key(0);
+            query[..2].copy_from_slice(&key.to_be_bytes()[2..]);
+            let mut buf = t.free.pop().unwrap_or_default();
+            buf.clear();
+            buf.extend_from_slice(query);
+            t.map.insert(
+                key,
+                Pending {
+                    client,
+                    reply: reply.clone(),
+                    client_id,
+                    qend,
+                    query: buf,
+                    info,
+                    generation,
+                    upstream: 0,
+                    sent: Instant::now(),
+                },
+            );
+            key
+        };
+        self.metrics.forwarded[0].fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = u.socks[(key >> 16) as usize].send(query) {
+            self.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(upstream = %u.upstreams[0], error = %e, "cannot send to the upstream (UDP)");
+            let mut t = u.lock();
+            if let Some(mut p) = t.map.remove(&key) {
+                p.upstream += 1;
+                u.dispatch(&mut t, p);
+            }
+        }
+        query[..2].copy_from_slice(&client_id);
+        true
+    }
+
+    /// One query on one TCP connection.
+    async fn exchange(
+        s: &mut tokio::net::TcpStream,
+        query: &[u8],
+        len: u16,
+    ) -> std::io::Result<Vec<u8>> {
+        let mut out = [0u8; 2 + super::answer::MAX_QUERY];
+        let framed = out.get_mut(..2 + query.len()).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "query too large")
+        })?;
+        framed[..2].copy_from_slice(&len.to_be_bytes());
+        framed[2..].copy_from_slice(query);
+        s.write_all(framed).await?;
+        let mut prefix = [0u8; 2];
+        s.read_exact(&mut prefix).await?;
+        let mut resp = vec![0u8; usize::from(u16::from_be_bytes(prefix))];
+        s.read_exact(&mut resp).await?;
+        if !answers(query, &resp) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the upstream's answer does not match the query",
+            ));
+        }
+        Ok(resp)
+    }
+
+    async fn tcp_one(&self, i: usize, query: &[u8]) -> std::io::Result<Vec<u8>> {
+        let upstream = self.upstreams[i];
         let len = u16::try_from(query.len()).map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "query above 65535 bytes")
         })?;
+        let idle = || {
+            self.tcp_idle[i]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+        };
         let work = async {
+            // A kept connection first; one the upstream closed meanwhile is replaced once.
+            if let Some(mut s) = idle()
+                && let Ok(r) = Self::exchange(&mut s, query, len).await
+            {
+                return Ok((s, r));
+            }
             let mut s =
                 crate::dataplane::tunnel::connect_tcp(upstream, self.mark, self.timeout).await?;
-            let mut out = Vec::with_capacity(query.len() + 2);
-            out.extend_from_slice(&len.to_be_bytes());
-            out.extend_from_slice(query);
-            s.write_all(&out).await?;
-            let mut prefix = [0u8; 2];
-            s.read_exact(&mut prefix).await?;
-            let mut resp = vec![0u8; usize::from(u16::from_be_bytes(prefix))];
-            s.read_exact(&mut resp).await?;
-            if !answers(query, &resp) {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "the upstream's answer does not match the query",
-                ));
-            }
-            Ok(resp)
+            let r = Self::exchange(&mut s, query, len).await?;
+            Ok::<_, std::io::Error>((s, r))
         };
-        tokio::time::timeout(self.timeout, work)
+        let (s, r) = tokio::time::timeout(self.timeout, work)
             .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"))?
-    }
-
-    /// Forwards over UDP (the answer may be truncated; the client then retries over TCP,
-    /// which is captured and forwarded over TCP).
-    pub async fn udp(&self, query: &[u8]) -> Option<Vec<u8>> {
-        for u in &self.upstreams {
-            match self.udp_one(*u, query).await {
-                Ok(r) => return Some(r),
-                Err(e) => {
-                    tracing::debug!(upstream = %u, error = %e, "upstream did not answer (UDP)")
-                }
-            }
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time")
+            })??;
+        let mut pool = self.tcp_idle[i].lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < MAX_IDLE_TCP {
+            pool.push(s);
         }
-        tracing::warn!(upstreams = ?self.upstreams, "no upstream resolver answered; answering SERVFAIL");
-        None
+        Ok(r)
     }
 
-    /// Forwards over TCP.
+    /// Forwards over TCP (a kept connection when there is one).
     pub async fn tcp(&self, query: &[u8]) -> Option<Vec<u8>> {
-        for u in &self.upstreams {
-            match self.tcp_one(*u, query).await {
-                Ok(r) => return Some(r),
+        self.metrics.forwarded[1].fetch_add(1, Ordering::Relaxed);
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let sent = Instant::now();
+            match self.tcp_one(i, query).await {
+                Ok(r) => {
+                    self.metrics.observe(sent.elapsed());
+                    return Some(r);
+                }
                 Err(e) => {
+                    let c = if e.kind() == std::io::ErrorKind::TimedOut {
+                        &self.metrics.upstream_timeouts
+                    } else {
+                        &self.metrics.upstream_errors
+                    };
+                    c.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(upstream = %u, error = %e, "upstream did not answer (TCP)")
                 }
             }
@@ -129,17 +568,24 @@ impl Forwarder {
         tracing::warn!(upstreams = ?self.upstreams, "no upstream resolver answered over TCP; answering SERVFAIL");
         None
     }
+
+    /// The cache answers are kept in (None: off).
+    pub fn cache(&self) -> Option<&Arc<Cache>> {
+        self.cache.as_ref()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
 
-    #[tokio::test]
-    async fn forwards_udp_and_tcp_and_skips_dead_upstreams() {
-        // A tiny upstream on loopback: echoes the query with QR set.
-        // UDP and TCP on one port number; the UDP port the kernel picks may be in use
-        // on TCP (a client connection's local port), then both are bound again.
+    /// A tiny upstream on loopback: UDP and TCP on one port number, echoing the query
+    /// with QR set (UDP: a reply with the wrong ID first, which is ignored). Counts TCP
+    /// connections.
+    async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        // The UDP port the kernel picks may be in use on TCP (a client connection's local
+        // port), then both are bound again.
         let (udp, tcp) = (0..16)
             .find_map(|_| {
                 let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -156,7 +602,6 @@ mod tests {
             let mut buf = [0u8; 512];
             loop {
                 let (n, from) = udp.recv_from(&mut buf).await.unwrap();
-                // First a reply with the wrong ID (ignored), then the right one.
                 let mut wrong = buf[..n].to_vec();
                 wrong[0] ^= 0xff;
                 wrong[2] |= 0x80;
@@ -165,42 +610,106 @@ mod tests {
                 udp.send_to(&buf[..n], from).await.unwrap();
             }
         });
+        let conns = Arc::new(AtomicUsize::new(0));
+        let c2 = conns.clone();
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = tcp.accept().await.unwrap();
-                let mut p = [0u8; 2];
-                s.read_exact(&mut p).await.unwrap();
-                let mut q = vec![0u8; usize::from(u16::from_be_bytes(p))];
-                s.read_exact(&mut q).await.unwrap();
-                q[2] |= 0x80;
-                s.write_all(&p).await.unwrap();
-                s.write_all(&q).await.unwrap();
+                c2.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    loop {
+                        let mut p = [0u8; 2];
+                        if s.read_exact(&mut p).await.is_err() {
+                            return;
+                        }
+                        let mut q = vec![0u8; usize::from(u16::from_be_bytes(p))];
+                        s.read_exact(&mut q).await.unwrap();
+                        q[2] |= 0x80;
+                        s.write_all(&p).await.unwrap();
+                        s.write_all(&q).await.unwrap();
+                    }
+                });
             }
         });
-        // A dead upstream first: a closed port on loopback.
-        let dead = std::net::UdpSocket::bind("127.0.0.1:0")
+        (addr, conns)
+    }
+
+    fn forwarder(upstreams: Vec<SocketAddr>, timeout: Duration) -> Forwarder {
+        Forwarder::new(
+            upstreams,
+            timeout,
+            None,
+            None,
+            Arc::new(DnsMetrics::default()),
+        )
+    }
+
+    /// A client, the "listening" socket of the agent, and a query through `f`; the
+    /// answer the client gets.
+    fn ask_udp(f: &Forwarder, q: &[u8]) -> Vec<u8> {
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let listener = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        let mut q = q.to_vec();
+        assert!(f.udp_query(&mut q, client.local_addr().unwrap(), &listener, None, 0));
+        let mut buf = [0u8; 512];
+        let (n, from) = client.recv_from(&mut buf).unwrap();
+        assert_eq!(
+            from,
+            listener.local_addr().unwrap(),
+            "answered from the listener"
+        );
+        buf[..n].to_vec()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forwards_udp_and_tcp_and_skips_dead_upstreams() {
+        let (addr, conns) = upstream().await;
+        // A dead upstream first: a closed port on loopback (refused at once).
+        let dead = UdpSocket::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap();
-        let f = Forwarder {
-            upstreams: vec![dead, addr],
-            timeout: Duration::from_millis(500),
-            mark: None,
-        };
+        let f = forwarder(vec![dead, addr], Duration::from_secs(5));
         let q = [0x12, 0x34, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        let r = f.udp(&q).await.unwrap();
-        assert_eq!(&r[..2], &[0x12, 0x34]);
-        let f = Forwarder {
-            upstreams: vec![addr],
-            ..f
-        };
-        let r = f.tcp(&q).await.unwrap();
+        let r = tokio::task::spawn_blocking(move || {
+            let r = ask_udp(&f, &q);
+            // The sockets are kept: a second query goes out on them too.
+            let r2 = ask_udp(&f, &[0x56, 0x78, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            assert_eq!(&r2[..2], &[0x56, 0x78]);
+            r
+        })
+        .await
+        .unwrap();
+        assert_eq!(&r[..2], &[0x12, 0x34], "the client's own ID");
         assert_eq!(r[2] & 0x80, 0x80);
-        let none = Forwarder {
-            upstreams: vec![dead],
-            timeout: Duration::from_millis(200),
-            mark: None,
-        };
-        assert!(none.udp(&q).await.is_none());
+        // TCP: three queries, one upstream connection.
+        let f = forwarder(vec![addr], Duration::from_secs(5));
+        for id in 0..3u8 {
+            let q = [id, 0x34, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            let r = f.tcp(&q).await.unwrap();
+            assert_eq!(r[0], id);
+            assert_eq!(r[2] & 0x80, 0x80);
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1, "the connection is reused");
+        // No upstream answers: SERVFAIL after the timeout.
+        let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let f = forwarder(
+            vec![silent.local_addr().unwrap()],
+            Duration::from_millis(200),
+        );
+        let r = tokio::task::spawn_blocking(move || {
+            ask_udp(
+                &f,
+                &[0x43, 0x21, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1],
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!(&r[..2], &[0x43, 0x21]);
+        assert_eq!(r[3] & 0x0f, 2, "SERVFAIL");
+        drop(silent);
     }
 }

@@ -8,19 +8,27 @@
 //! resolvers ([`forward`]). Messages are parsed and built with hickory-proto
 //! ([`answer`]).
 //!
-//! Threads: UDP is served by one blocking thread per listening socket (receive, look up,
-//! send: no task switch on the hot path); forwarded UDP queries and TCP connections are
-//! tokio tasks.
+//! Answers to forwarded names are kept in a [`cache`] (positive for their TTL, negative
+//! per RFC 2308; `[dns] cache = false` turns it off), emptied whenever the resolver
+//! configuration changes.
 //!
-//! Reaching the server: with `[dns] mode = "capture"` (and data-plane capture on) an
-//! nftables owner table redirects port 53 to it ([`nft`]) — removed by the kernel when
-//! the agent dies, and by the agent whenever it cannot serve (listener down, or neither a
-//! config nor an upstream to answer from). `mode = "resolv-conf"` rewrites the resolver
-//! configuration instead ([`resolvconf`]).
+//! Threads: UDP is served by one blocking thread per listening socket (receive, look up
+//! the mesh name or the cache, send: no task switch on the hot path); forwarded UDP
+//! queries leave from that thread too and their answers come back on the forwarder's
+//! own threads ([`forward`]). TCP connections are tokio tasks.
+//!
+//! Reaching the server: with `[dns] mode = "capture"` (and data-plane capture on)
+//! nftables owner tables (`ip`, and `ip6` for IPv6 nameservers) redirect port 53 to it
+//! ([`nft`]) — removed by the kernel when the agent dies, and by the agent whenever it
+//! cannot serve (listener down, or neither a config nor an upstream to answer from).
+//! The server listens on `listen` (127.0.0.1:15053) and on `[::1]` at the same port.
+//! `mode = "resolv-conf"` rewrites the resolver configuration instead ([`resolvconf`]).
 
 pub mod answer;
+pub mod cache;
 pub mod forward;
 pub mod index;
+pub mod metrics;
 pub mod nft;
 pub mod resolvconf;
 pub mod upstream;
@@ -29,7 +37,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -37,8 +45,10 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use crate::config::{DnsConfig, DnsMode};
 use crate::push::SharedState;
 use answer::{Outcome, Transport};
+use cache::{Cache, QueryInfo};
 use forward::Forwarder;
 use index::{Index, Zones};
+use metrics::DnsMetrics;
 
 /// What the running agent reports about its DNS server (`dns.json` in the state dir).
 pub const STATUS_FILE: &str = "dns.json";
@@ -102,6 +112,7 @@ struct Shared {
     zones: Zones,
     index: RwLock<Arc<Index>>,
     forwarder: RwLock<Arc<Forwarder>>,
+    cache: Option<Arc<Cache>>,
 }
 
 impl Shared {
@@ -133,6 +144,82 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+
+    /// A forwarded name over UDP: from the cache when it holds the answer, else sent
+    /// upstream (the answer goes back to `src` from `sock` on the forwarder's thread).
+    fn forward_udp(
+        &self,
+        packet: &mut [u8],
+        src: SocketAddr,
+        sock: &Arc<std::net::UdpSocket>,
+        out: &mut Vec<u8>,
+    ) {
+        let info = self.cache.as_ref().and_then(|_| QueryInfo::parse(packet));
+        let generation = match (&self.cache, &info) {
+            (Some(c), Some(i)) => {
+                if c.lookup(i, packet, Instant::now(), i.udp_limit, out) {
+                    let _ = sock.send_to(out, src);
+                    return;
+                }
+                c.generation()
+            }
+            _ => 0,
+        };
+        if !self
+            .forwarder()
+            .udp_query(packet, src, sock, info, generation)
+            && let Outcome::Answer(b) = answer::servfail(packet)
+        {
+            tracing::warn!(
+                "DNS query not forwarded (no upstream, or too many waiting); answering SERVFAIL"
+            );
+            let _ = sock.send_to(&b, src);
+        }
+    }
+
+    /// A forwarded name over TCP: from the cache, else upstream over a kept connection.
+    async fn forward_tcp(&self, q: &[u8]) -> Option<Vec<u8>> {
+        let info = self.cache.as_ref().and_then(|_| QueryInfo::parse(q));
+        let mut generation = 0;
+        if let (Some(c), Some(i)) = (&self.cache, &info) {
+            let mut out = Vec::new();
+            if c.lookup(i, q, Instant::now(), usize::from(u16::MAX), &mut out) {
+                return Some(out);
+            }
+            generation = c.generation();
+        }
+        let resp = self.forwarder().tcp(q).await?;
+        if let (Some(c), Some(i)) = (&self.cache, &info) {
+            c.insert(generation, i, q, &resp, Instant::now());
+        }
+        Some(resp)
+    }
+
+    /// The resolver configuration changed: new upstreams (unless configured) and an
+    /// empty cache.
+    fn resolv_changed(&self, cfg: &DnsConfig, own: &[IpAddr]) {
+        if cfg.upstreams.is_empty() && cfg.mode != DnsMode::ResolvConf {
+            let f = self
+                .forwarder()
+                .with_upstreams(upstreams_of(cfg, own, None));
+            tracing::info!(upstreams = ?f.upstreams, "resolver configuration changed; new upstreams");
+            *self.forwarder.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(f);
+        }
+        if let Some(c) = &self.cache {
+            c.clear();
+            tracing::info!("resolver configuration changed; DNS cache emptied");
+        }
+    }
+}
+
+/// Modification times of the resolver configuration (resolv.conf, and the file
+/// systemd-resolved lists its upstreams in).
+fn resolv_mtimes(cfg: &DnsConfig) -> [Option<SystemTime>; 2] {
+    let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    [
+        m(&cfg.resolv_conf),
+        m(Path::new(upstream::RESOLVED_UPSTREAMS)),
+    ]
 }
 
 /// The running DNS server.
@@ -144,6 +231,7 @@ pub struct Dns {
     capture: Arc<Mutex<Option<nft::DnsCapture>>>,
     resolv: Option<resolvconf::ResolvGuard>,
     status_file: PathBuf,
+    metrics: Arc<DnsMetrics>,
 }
 
 impl std::fmt::Debug for Dns {
@@ -182,22 +270,20 @@ fn upstreams_of(cfg: &DnsConfig, own: &[IpAddr], resolv_text: Option<&str>) -> V
     rc.upstreams(own)
 }
 
-/// The IPv4 nameservers applications use (resolv.conf as written; none → libc's default
-/// 127.0.0.1).
-fn app_resolvers(path: &Path) -> Vec<std::net::Ipv4Addr> {
+/// The nameservers applications use (resolv.conf as written; none → libc's default
+/// 127.0.0.1); IPv6 ones only with `ipv6` (the server listens on [::1]).
+fn app_resolvers(path: &Path, ipv6: bool) -> Vec<IpAddr> {
     let rc = std::fs::read_to_string(path)
         .map(|t| upstream::ResolvConf::parse(&t))
         .unwrap_or_default();
-    let mut v: Vec<std::net::Ipv4Addr> = rc
+    let mut v: Vec<IpAddr> = rc
         .nameservers
         .iter()
-        .filter_map(|n| match n {
-            IpAddr::V4(a) => Some(*a),
-            IpAddr::V6(_) => None,
-        })
+        .filter(|n| n.is_ipv4() || ipv6)
+        .copied()
         .collect();
     if rc.nameservers.is_empty() {
-        v.push(std::net::Ipv4Addr::LOCALHOST);
+        v.push(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
     }
     v.sort();
     v.dedup();
@@ -216,14 +302,11 @@ fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, DnsError> {
     Ok(s)
 }
 
-/// The UDP loop of one socket: answers mesh names inline, hands the rest to `fwd`.
-fn udp_loop(
-    sock: Arc<std::net::UdpSocket>,
-    shared: Arc<Shared>,
-    stop: Arc<AtomicBool>,
-    fwd: tokio::sync::mpsc::Sender<(Vec<u8>, SocketAddr)>,
-) {
+/// The UDP loop of one socket: answers mesh names and cached names inline, sends the
+/// rest upstream.
+fn udp_loop(sock: Arc<std::net::UdpSocket>, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
     let mut buf = vec![0u8; 65536];
+    let mut out = Vec::with_capacity(4096);
     while !stop.load(Ordering::Relaxed) {
         let (n, src) = match sock.recv_from(&mut buf) {
             Ok(x) => x,
@@ -249,42 +332,9 @@ fn udp_loop(
             Outcome::Answer(b) => {
                 let _ = sock.send_to(&b, src);
             }
-            Outcome::Forward => {
-                if fwd.try_send((packet.to_vec(), src)).is_err()
-                    && let Outcome::Answer(b) = answer::servfail(packet)
-                {
-                    tracing::warn!("too many DNS queries being forwarded; answering SERVFAIL");
-                    let _ = sock.send_to(&b, src);
-                }
-            }
+            Outcome::Forward => shared.forward_udp(&mut buf[..n], src, &sock, &mut out),
             Outcome::Drop => {}
         }
-    }
-}
-
-/// Forwards UDP queries handed over by the UDP loops, each in its own task.
-async fn udp_forwarder(
-    sock: Arc<std::net::UdpSocket>,
-    shared: Arc<Shared>,
-    mut rx: tokio::sync::mpsc::Receiver<(Vec<u8>, SocketAddr)>,
-) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(1024));
-    while let Some((q, src)) = rx.recv().await {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
-        };
-        let (sock, f) = (sock.clone(), shared.forwarder());
-        tokio::spawn(async move {
-            let resp = match f.udp(&q).await {
-                Some(r) => r,
-                None => match answer::servfail(&q) {
-                    Outcome::Answer(b) => b,
-                    _ => return,
-                },
-            };
-            let _ = sock.send_to(&resp, src);
-            drop(permit);
-        });
     }
 }
 
@@ -306,7 +356,7 @@ async fn tcp_conn(mut s: tokio::net::TcpStream, shared: Arc<Shared>) {
         let idx = shared.index();
         let resp = match answer::handle(&idx, &q, Transport::Tcp) {
             Outcome::Answer(b) => b,
-            Outcome::Forward => match shared.forwarder().tcp(&q).await {
+            Outcome::Forward => match shared.forward_tcp(&q).await {
                 Some(b) => b,
                 None => match answer::servfail(&q) {
                     Outcome::Answer(b) => b,
@@ -407,27 +457,35 @@ impl Dns {
             })?;
             resolv_text = std::fs::read_to_string(&cfg.resolv_conf).ok();
         }
-        let forwarder = Forwarder {
-            upstreams: upstreams_of(cfg, &own, resolv_text.as_deref()),
-            timeout: cfg.forward_timeout,
-            mark: capture.then_some(mark),
-        };
+        let cache = cfg.cache.then(|| {
+            Arc::new(Cache::new(cache::Limits {
+                max_entries: cfg.cache_max_entries,
+                max_bytes: cfg.cache_max_bytes,
+                max_ttl: cfg.cache_max_ttl,
+                max_negative_ttl: cfg.cache_max_negative_ttl,
+            }))
+        });
+        let metrics = Arc::new(DnsMetrics::new(cache.clone()));
+        let forwarder = Forwarder::new(
+            upstreams_of(cfg, &own, resolv_text.as_deref()),
+            cfg.forward_timeout,
+            capture.then_some(mark),
+            cache.clone(),
+            metrics.clone(),
+        );
         let zones = zones_of(cfg);
         let first = {
             let st = state.read().unwrap_or_else(|p| p.into_inner());
             Index::build(&st, &zones)
         };
-        tracing::info!(listen = %cfg.listen, names = first.len(), config_version = first.version, upstreams = ?forwarder.upstreams, "DNS server starting");
+        tracing::info!(listen = %cfg.listen, names = first.len(), config_version = first.version, upstreams = ?forwarder.upstreams, cache = cfg.cache, "DNS server starting");
         let shared = Arc::new(Shared {
             state: state.clone(),
             zones,
             index: RwLock::new(Arc::new(first)),
             forwarder: RwLock::new(Arc::new(forwarder)),
+            cache,
         });
-        let mut addrs = vec![cfg.listen];
-        if cfg.mode == DnsMode::ResolvConf {
-            addrs.push(cfg.resolver_listen);
-        }
         let stop = Arc::new(AtomicBool::new(false));
         let mut dns = Dns {
             stop: stop.clone(),
@@ -437,44 +495,23 @@ impl Dns {
             capture: Arc::new(Mutex::new(None)),
             resolv: None,
             status_file: status_file.clone(),
+            metrics,
         };
-        for addr in &addrs {
-            let udp = Arc::new(bind_udp(*addr)?);
-            let tcp = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| DnsError::Bind {
-                    addr: *addr,
-                    proto: "TCP",
-                    source,
-                })?;
-            let (tx, rx) = tokio::sync::mpsc::channel(4096);
-            let (u, sh, st) = (udp.clone(), shared.clone(), stop.clone());
-            let alive = Arc::new(AtomicBool::new(true));
-            dns.alive.push(alive.clone());
-            let th = std::thread::Builder::new()
-                .name("dns-udp".into())
-                .spawn(move || {
-                    // Cleared however the loop ends (a panic included): capture then goes.
-                    struct Alive(Arc<AtomicBool>);
-                    impl Drop for Alive {
-                        fn drop(&mut self) {
-                            self.0.store(false, Ordering::Relaxed);
-                        }
-                    }
-                    let _alive = Alive(alive);
-                    udp_loop(u, sh, st, tx)
-                })
-                .map_err(|source| DnsError::Bind {
-                    addr: *addr,
-                    proto: "UDP",
-                    source,
-                })?;
-            dns.threads.push(th);
-            dns.tasks
-                .push(tokio::spawn(udp_forwarder(udp, shared.clone(), rx)));
-            dns.tasks
-                .push(tokio::spawn(tcp_accept(tcp, shared.clone())));
+        dns.serve_on(cfg.listen, &shared).await?;
+        if cfg.mode == DnsMode::ResolvConf {
+            dns.serve_on(cfg.resolver_listen, &shared).await?;
         }
+        // IPv6: [::1] at the same port, the target of the ip6 capture. Without it (no IPv6
+        // on loopback), IPv6 nameservers are not captured: their queries go to them.
+        let listen6 = SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), cfg.listen.port());
+        let ipv6 = cfg.listen_ipv6
+            && match dns.serve_on(listen6, &shared).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no DNS server on IPv6 loopback; IPv6 nameservers are not captured");
+                    false
+                }
+            };
         if cfg.mode == DnsMode::ResolvConf {
             let idx = shared.index();
             let zones: Vec<String> = idx.zones().to_vec();
@@ -492,19 +529,14 @@ impl Dns {
             dns.resolv = Some(g);
         }
         // Supervisor: capture only while the server can serve; upstreams follow resolv.conf.
-        let (cap, cfg2, sh) = (dns.capture.clone(), cfg.clone(), shared.clone());
+        let (cap, sh) = (dns.capture.clone(), shared.clone());
         let listen = cfg.listen;
         let loops_alive = dns.alive.clone();
         let stop2 = stop.clone();
         let mut last_status: Option<DnsStatus> = None;
-        let resolv_mtime = move || {
-            std::fs::metadata(&cfg2.resolv_conf)
-                .and_then(|m| m.modified())
-                .ok()
-        };
         let cfg3 = cfg.clone();
         let own2 = own.clone();
-        let mut installed_for: Vec<std::net::Ipv4Addr> = Vec::new();
+        let mut installed_for: Vec<IpAddr> = Vec::new();
         // The last install error, so a persistent one (no `nft`, no privilege) is logged
         // once, not every round.
         let last_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
@@ -514,31 +546,30 @@ impl Dns {
         let mut failures: u32 = 0;
         let mut next_install = tokio::time::Instant::now();
         dns.tasks.push(tokio::spawn(async move {
-            let mut seen_mtime = resolv_mtime();
+            let mut seen_mtime = resolv_mtimes(&cfg3);
             // What applications query: the nameservers of resolv.conf as written. Read
             // again only when the file changes (one stat per round, not a parse).
-            let mut app_ns = app_resolvers(&cfg3.resolv_conf);
+            let mut app_ns = app_resolvers(&cfg3.resolv_conf, ipv6);
             loop {
                 if stop2.load(Ordering::Relaxed) {
                     return;
                 }
-                // resolv.conf edited (DHCP, an operator): new nameservers to capture, and
-                // new upstreams unless they are configured.
-                let m = resolv_mtime();
+                // resolv.conf edited (DHCP, an operator), or systemd-resolved's upstreams:
+                // new nameservers to capture, new upstreams unless they are configured,
+                // and no cached answer of the old ones.
+                let m = resolv_mtimes(&cfg3);
                 if m != seen_mtime {
                     seen_mtime = m;
-                    app_ns = app_resolvers(&cfg3.resolv_conf);
-                    if cfg3.upstreams.is_empty() && cfg3.mode != DnsMode::ResolvConf {
-                        let mut f = (*sh.forwarder()).clone();
-                        f.upstreams = upstreams_of(&cfg3, &own2, None);
-                        tracing::info!(upstreams = ?f.upstreams, "resolver configuration changed; new upstreams");
-                        *sh.forwarder.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(f);
-                    }
+                    app_ns = app_resolvers(&cfg3.resolv_conf, ipv6);
+                    sh.resolv_changed(&cfg3, &own2);
                 }
                 let f = sh.forwarder();
                 let has_config = sh.index().version > 0;
                 let serving = loops_alive.iter().all(|a| a.load(Ordering::Relaxed));
-                let want = use_capture && serving && (has_config || f.has_upstreams());
+                let want = use_capture
+                    && serving
+                    && (has_config || f.has_upstreams())
+                    && !app_ns.is_empty();
                 let resolvers = app_ns.clone();
                 let changed = resolvers != installed_for;
                 installed_for = resolvers.clone();
@@ -615,6 +646,51 @@ impl Dns {
         Ok(dns)
     }
 
+    /// Serves UDP (a plain thread) and TCP (a task) on `addr`.
+    async fn serve_on(&mut self, addr: SocketAddr, shared: &Arc<Shared>) -> Result<(), DnsError> {
+        let udp = Arc::new(bind_udp(addr)?);
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| DnsError::Bind {
+                addr,
+                proto: "TCP",
+                source,
+            })?;
+        let (u, sh, st) = (udp, shared.clone(), self.stop.clone());
+        let alive = Arc::new(AtomicBool::new(true));
+        let th = std::thread::Builder::new()
+            .name("dns-udp".into())
+            .spawn({
+                let alive = alive.clone();
+                move || {
+                    // Cleared however the loop ends (a panic included): capture then goes.
+                    struct Alive(Arc<AtomicBool>);
+                    impl Drop for Alive {
+                        fn drop(&mut self) {
+                            self.0.store(false, Ordering::Relaxed);
+                        }
+                    }
+                    let _alive = Alive(alive);
+                    udp_loop(u, sh, st)
+                }
+            })
+            .map_err(|source| DnsError::Bind {
+                addr,
+                proto: "UDP",
+                source,
+            })?;
+        self.alive.push(alive);
+        self.threads.push(th);
+        self.tasks
+            .push(tokio::spawn(tcp_accept(tcp, shared.clone())));
+        Ok(())
+    }
+
+    /// The DNS counters (for `/metrics`).
+    pub fn metrics(&self) -> Arc<DnsMetrics> {
+        self.metrics.clone()
+    }
+
     /// Whether the capture table is installed now.
     pub fn capturing(&self) -> bool {
         self.capture
@@ -655,16 +731,20 @@ impl Dns {
 /// Returns what was done, one line each.
 pub fn cleanup(state_dir: &Path) -> Vec<String> {
     let mut done = Vec::new();
-    if nft::live().is_some() {
+    for family in nft::FAMILIES {
+        if nft::live_family(family).is_none() {
+            continue;
+        }
         match std::process::Command::new("nft")
-            .args(["delete", "table", "ip", nft::TABLE])
+            .args(["delete", "table", family, nft::TABLE])
             .output()
         {
             Ok(o) if o.status.success() => {
-                done.push(format!("deleted nftables table ip {}", nft::TABLE))
+                done.push(format!("deleted nftables table {family} {}", nft::TABLE))
             }
             _ => tracing::warn!(
                 table = nft::TABLE,
+                family,
                 "DNS capture table is owned by a running process; left alone"
             ),
         }
@@ -696,6 +776,14 @@ pub fn doctor(state_dir: &Path, agent_running: bool) -> DnsDoctor {
     let live = nft::live();
     let mut problems = Vec::new();
     let expected = agent_running && status.as_ref().is_some_and(|s| s.capture);
+    // An ip6 table alone (the ip one is always created with it): left by someone else.
+    if live.is_none() && !expected && nft::live_family("ip6").is_some() {
+        problems.push(format!(
+            "nftables table ip6 {} redirects port 53 but no serving agent expects it: DNS of this host goes to a server that is not there; remove it with `nft delete table ip6 {}`",
+            nft::TABLE,
+            nft::TABLE
+        ));
+    }
     match (&live, expected) {
         (Some(_), false) => problems.push(format!(
             "nftables table ip {} redirects port 53 but no serving agent expects it: DNS of this host goes to a server that is not there; remove it with `nft delete table ip {}`",
@@ -759,4 +847,141 @@ fn probe(addr: SocketAddr) -> bool {
     }
     let mut buf = [0u8; 512];
     matches!(sock.recv_from(&mut buf), Ok((n, _)) if n >= 12 && buf[..2] == q[..2])
+}
+
+#[cfg(test)]
+mod server_tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    /// An upstream on loopback answering every A query with 192.0.2.<n> (n: queries so
+    /// far), TTL 300; returns its address and the query count.
+    fn upstream() -> (SocketAddr, Arc<AtomicU32>) {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = s.local_addr().unwrap();
+        let n = Arc::new(AtomicU32::new(0));
+        let n2 = n.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((len, from)) = s.recv_from(&mut buf) {
+                let k = n2.fetch_add(1, Ordering::SeqCst) + 1;
+                let mut r = buf[..len].to_vec();
+                r[2] |= 0x80;
+                r[3] = 0x80;
+                r[7] = 1;
+                r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 1, 44, 0, 4, 192, 0, 2]);
+                r.push(k as u8);
+                let _ = s.send_to(&r, from);
+            }
+        });
+        (addr, n)
+    }
+
+    fn free_port() -> u16 {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// Asks `server` for `name` A over UDP; the address in the answer and its TTL.
+    fn ask(server: SocketAddr, name: &str) -> (String, u32) {
+        let mut q = vec![0x55, 0x66, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for l in name.split('.') {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.send_to(&q, server).unwrap();
+        let mut buf = [0u8; 512];
+        let n = c.recv(&mut buf).unwrap();
+        let r = &buf[..n];
+        assert_eq!(&r[..2], &[0x55, 0x66], "the client's ID");
+        let ttl = u32::from_be_bytes(r[n - 10..n - 6].try_into().unwrap());
+        (
+            format!("{}.{}.{}.{}", r[n - 4], r[n - 3], r[n - 2], r[n - 1]),
+            ttl,
+        )
+    }
+
+    async fn start(cfg: &DnsConfig, dir: &Path) -> Dns {
+        let state: SharedState = Arc::default();
+        Dns::start(cfg, false, 0x4357, state, dir).await.unwrap()
+    }
+
+    /// Through the real server: a forwarded name is asked upstream once and then served
+    /// from the cache; rewriting resolv.conf empties the cache, so the next query goes
+    /// upstream again and gets the new answer. With `cache = false` every query goes up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forwarded_answers_are_cached_until_resolv_conf_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let resolv = dir.path().join("resolv.conf");
+        std::fs::write(&resolv, "nameserver 192.0.2.53\n").unwrap();
+        let (up, asked) = upstream();
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let cfg = DnsConfig {
+            mode: DnsMode::Off,
+            listen,
+            listen_ipv6: false,
+            upstreams: vec![up.to_string()],
+            resolv_conf: resolv.clone(),
+            ..DnsConfig::default()
+        };
+        let dns = start(&cfg, dir.path()).await;
+        let m = dns.metrics();
+        let (a, ttl) = tokio::task::spawn_blocking(move || ask(listen, "www.example"))
+            .await
+            .unwrap();
+        assert_eq!((a.as_str(), ttl), ("192.0.2.1", 300));
+        let (a, ttl) = tokio::task::spawn_blocking(move || ask(listen, "WWW.example"))
+            .await
+            .unwrap();
+        assert_eq!(a, "192.0.2.1", "from the cache");
+        assert!(ttl <= 300);
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "asked upstream once");
+        let cache = m.cache.clone().unwrap();
+        assert_eq!(cache.counters.hits.load(Ordering::Relaxed), 1);
+        assert_eq!(cache.len(), 1);
+        // resolv.conf rewritten: the cache is emptied (the supervisor looks every 0.5 s).
+        std::fs::write(&resolv, "nameserver 192.0.2.54\n").unwrap();
+        let t0 = Instant::now();
+        while !cache.is_empty() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "the cache was not emptied after the resolv.conf change"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (a, _) = tokio::task::spawn_blocking(move || ask(listen, "www.example"))
+            .await
+            .unwrap();
+        assert_eq!(a, "192.0.2.2", "asked again after the change");
+        assert_eq!(asked.load(Ordering::SeqCst), 2);
+        assert!(
+            m.render()
+                .contains("causeway_agent_dns_cache_hits_total 1\n")
+        );
+        dns.stop().await;
+
+        // Off: every query goes upstream.
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let cfg = DnsConfig {
+            listen,
+            cache: false,
+            ..cfg
+        };
+        let dns = start(&cfg, dir.path()).await;
+        for k in 3..5 {
+            let (a, _) = tokio::task::spawn_blocking(move || ask(listen, "www.example"))
+                .await
+                .unwrap();
+            assert_eq!(a, format!("192.0.2.{k}"));
+        }
+        assert!(dns.metrics().cache.is_none());
+        assert!(!dns.metrics().render().contains("cache"));
+        dns.stop().await;
+    }
 }

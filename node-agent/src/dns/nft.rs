@@ -10,18 +10,23 @@
 //! The table (`ip causeway_dns`, chain `output`, nat hook at priority -100):
 //! packets with the agent's mark return (its own upstream queries), then UDP and TCP to
 //! port 53 *of the nameservers in resolv.conf* are redirected to the DNS listener's port
-//! on 127.0.0.1. Only those destinations: a local resolver (dnsmasq, unbound on
+//! on 127.0.0.1. IPv6 nameservers get the same in a table `ip6 causeway_dns` (created by
+//! the same `nft` process, so it goes with it), redirected to the port on [::1]; the
+//! `ip` table is always there (with only the mark rule when every nameserver is IPv6).
+//! Only those destinations: a local resolver (dnsmasq, unbound on
 //! 127.0.0.1) forwarding to its own upstreams must not be captured, or its queries would
 //! come back to the agent, which forwards to that local resolver again (a loop); and a
 //! program that asks a named server explicitly (`dig @192.0.2.1`) gets that server.
 
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The table's name (family `ip`).
+/// The tables' name (families `ip` and `ip6`).
 pub const TABLE: &str = "causeway_dns";
+/// The families of the capture tables.
+pub const FAMILIES: [&str; 2] = ["ip", "ip6"];
 
 /// Why the DNS capture could not be installed.
 #[derive(Debug, thiserror::Error)]
@@ -44,23 +49,40 @@ pub enum NftError {
     Busy,
 }
 
-/// The `nft` script that creates the table, capturing queries to `resolvers`.
-pub fn script(mark: u32, port: u16, resolvers: &[Ipv4Addr]) -> String {
-    let set: Vec<String> = resolvers.iter().map(ToString::to_string).collect();
-    let daddr = format!("{{ {} }}", set.join(", "));
-    format!(
-        "add table ip {TABLE} {{ flags owner; }}\n\
-         add chain ip {TABLE} output {{ type nat hook output priority -100; policy accept; }}\n\
-         add rule ip {TABLE} output meta mark {mark:#x} return\n\
-         add rule ip {TABLE} output ip daddr {daddr} udp dport 53 redirect to :{port}\n\
-         add rule ip {TABLE} output ip daddr {daddr} tcp dport 53 redirect to :{port}\n"
-    )
+/// The `nft` script that creates the tables, capturing queries to `resolvers`.
+pub fn script(mark: u32, port: u16, resolvers: &[IpAddr]) -> String {
+    let mut out = String::new();
+    for (family, v6) in [("ip", false), ("ip6", true)] {
+        let set: Vec<String> = resolvers
+            .iter()
+            .filter(|r| r.is_ipv6() == v6)
+            .map(ToString::to_string)
+            .collect();
+        if set.is_empty() && v6 {
+            continue;
+        }
+        out.push_str(&format!(
+            "add table {family} {TABLE} {{ flags owner; }}\n\
+             add chain {family} {TABLE} output {{ type nat hook output priority -100; policy accept; }}\n\
+             add rule {family} {TABLE} output meta mark {mark:#x} return\n"
+        ));
+        if set.is_empty() {
+            continue;
+        }
+        let daddr = format!("{{ {} }}", set.join(", "));
+        for proto in ["udp", "tcp"] {
+            out.push_str(&format!(
+                "add rule {family} {TABLE} output {family} daddr {daddr} {proto} dport 53 redirect to :{port}\n"
+            ));
+        }
+    }
+    out
 }
 
-/// The live table as `nft list table` prints it, if it exists.
-pub fn live() -> Option<String> {
+/// The live table of `family` as `nft list table` prints it, if it exists.
+pub fn live_family(family: &str) -> Option<String> {
     let out = Command::new("nft")
-        .args(["list", "table", "ip", TABLE])
+        .args(["list", "table", family, TABLE])
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()
@@ -68,6 +90,16 @@ pub fn live() -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The live tables (`ip`, then `ip6` when there is one) as `nft list table` prints
+/// them, if the `ip` one exists.
+pub fn live() -> Option<String> {
+    let mut t = live_family("ip")?;
+    if let Some(t6) = live_family("ip6") {
+        t.push_str(&t6);
+    }
+    Some(t)
 }
 
 /// Whether a live table's text redirects port 53 to `port` and exempts `mark`.
@@ -92,11 +124,14 @@ impl DnsCapture {
         clippy::disallowed_methods,
         reason = "blocking by design; the agent calls it from spawn_blocking"
     )]
-    pub fn install(mark: u32, port: u16, resolvers: &[Ipv4Addr]) -> Result<Self, NftError> {
-        if live().is_some() {
+    pub fn install(mark: u32, port: u16, resolvers: &[IpAddr]) -> Result<Self, NftError> {
+        for family in FAMILIES {
+            if live_family(family).is_none() {
+                continue;
+            }
             // Not owned (someone ran nft by hand) or owned by a live process.
             let out = Command::new("nft")
-                .args(["delete", "table", "ip", TABLE])
+                .args(["delete", "table", family, TABLE])
                 .output()
                 .map_err(NftError::Spawn)?;
             if !out.status.success() {
@@ -104,9 +139,11 @@ impl DnsCapture {
             }
             tracing::warn!(
                 table = TABLE,
+                family,
                 "removed a DNS capture table left by someone else"
             );
         }
+        let want_v6 = resolvers.iter().any(IpAddr::is_ipv6);
         let mut child = Command::new("nft")
             .arg("-i")
             .stdin(Stdio::piped())
@@ -129,6 +166,7 @@ impl DnsCapture {
         loop {
             if let Some(t) = live()
                 && matches(&t, mark, port)
+                && (!want_v6 || live_family("ip6").is_some())
             {
                 tracing::info!(
                     table = TABLE,
@@ -204,6 +242,25 @@ mod tests {
         assert!(s.contains("flags owner"));
         assert!(s.contains("meta mark 0x4357 return"));
         assert!(s.contains("ip daddr { 10.0.0.2, 127.0.0.53 } udp dport 53 redirect to :15053"));
+        assert!(!s.contains("ip6"), "no IPv6 nameserver, no ip6 table:\n{s}");
+        // IPv6 nameservers: an ip6 table beside the ip one; IPv6 only: the ip table keeps
+        // just its mark rule.
+        let s = script(
+            0x4357,
+            15053,
+            &["10.0.0.2".parse().unwrap(), "fd77::11".parse().unwrap()],
+        );
+        assert!(
+            s.contains("add table ip6 causeway_dns { flags owner; }"),
+            "{s}"
+        );
+        assert!(s.contains("add rule ip6 causeway_dns output meta mark 0x4357 return"));
+        assert!(s.contains("ip6 daddr { fd77::11 } tcp dport 53 redirect to :15053"));
+        assert!(s.contains("ip daddr { 10.0.0.2 } udp dport 53"));
+        let s = script(0x4357, 15053, &["fd77::11".parse().unwrap()]);
+        assert!(s.contains("add table ip causeway_dns"));
+        assert!(!s.contains("ip daddr"), "{s}");
+        assert!(s.contains("ip6 daddr { fd77::11 } udp dport 53 redirect to :15053"));
         // What `nft list table ip causeway_dns` prints for it (nftables 1.0.6).
         let listing = "table ip causeway_dns { # progname nft\n\tflags owner\n\n\tchain output {\n\t\ttype nat hook output priority -100; policy accept;\n\t\tmeta mark 0x00004357 return\n\t\tip daddr 10.0.0.2 udp dport 53 redirect to :15053\n\t\tip daddr 10.0.0.2 tcp dport 53 redirect to :15053\n\t}\n}\n";
         assert!(matches(listing, 0x4357, 15053));
