@@ -79,7 +79,7 @@ pub mod push_frame {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct AgentFrame {
     /// The frame's content.
-    #[prost(oneof = "agent_frame::Kind", tags = "1, 2, 3")]
+    #[prost(oneof = "agent_frame::Kind", tags = "1, 2, 3, 4")]
     pub kind: Option<agent_frame::Kind>,
 }
 
@@ -97,7 +97,43 @@ pub mod agent_frame {
         /// The agent is shutting down on purpose: deregister its workload now.
         #[prost(message, tag = "3")]
         Goodbye(super::Goodbye),
+        /// Connections the agent refused by policy since its last report (for `why`).
+        #[prost(message, tag = "4")]
+        Denials(super::DenialReport),
     }
+}
+
+/// Connections an agent refused by policy, newest last; sent at most every few seconds
+/// and with a bounded number of entries, so a flood of refusals costs the controller
+/// little.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DenialReport {
+    /// The refusals.
+    #[prost(message, repeated, tag = "1")]
+    pub denials: Vec<Denial>,
+}
+
+/// Most denials one [`DenialReport`] carries.
+pub const MAX_DENIALS_PER_REPORT: usize = 32;
+
+/// One connection refused by policy at the destination agent.
+#[derive(Clone, PartialEq, Eq, prost::Message, Serialize, Deserialize)]
+pub struct Denial {
+    /// When, Unix milliseconds.
+    #[prost(uint64, tag = "1")]
+    pub unix_ms: u64,
+    /// The peer's SPIFFE ID ("" for plaintext).
+    #[prost(string, tag = "2")]
+    pub source_principal: String,
+    /// The peer's address.
+    #[prost(string, tag = "3")]
+    pub source_address: String,
+    /// The destination port.
+    #[prost(uint32, tag = "4")]
+    pub port: u32,
+    /// The deciding policy `namespace/name`, or `no-allow-match`.
+    #[prost(string, tag = "5")]
+    pub policy: String,
 }
 
 /// An applied version.
@@ -785,6 +821,24 @@ impl MeshState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_denial_report_round_trips_as_an_agent_frame() {
+        let frame = AgentFrame {
+            kind: Some(agent_frame::Kind::Denials(DenialReport {
+                denials: vec![Denial {
+                    unix_ms: 1,
+                    source_principal: "spiffe://causeway.local/ns/a/sa/b".into(),
+                    source_address: "10.0.0.1".into(),
+                    port: 8080,
+                    policy: "a/deny".into(),
+                }],
+            })),
+        };
+        let bytes = crate::wire::encode_frame(&frame);
+        let back: AgentFrame = crate::wire::decode_body(&bytes[4..]).unwrap();
+        assert_eq!(back, frame);
+    }
 
     fn svc(name: &str, vip: &str, addrs: &[&str]) -> ServiceMsg {
         ServiceMsg {

@@ -70,7 +70,14 @@ pub struct SessionView {
     pub registration_error: Option<String>,
     /// Session generation (grows with every new session).
     pub generation: u64,
+    /// The latest connections the agent refused by policy, newest last (at most
+    /// [`RECENT_DENIALS`]).
+    #[serde(skip_serializing_if = "std::collections::VecDeque::is_empty")]
+    pub recent_denials: std::collections::VecDeque<causeway_api::push::Denial>,
 }
+
+/// How many refusals the controller keeps per agent.
+pub const RECENT_DENIALS: usize = 64;
 
 /// A refused update.
 #[derive(Debug, Clone, Serialize)]
@@ -1019,6 +1026,12 @@ impl Mesh {
                 )?;
             }
         }
+        // Refusals reported in an earlier session stay visible to `why`.
+        let recent_denials = inner
+            .sessions
+            .get(&agent.id)
+            .map(|s| s.view.recent_denials.clone())
+            .unwrap_or_default();
         inner.sessions.insert(
             agent.id.clone(),
             Session {
@@ -1030,6 +1043,7 @@ impl Mesh {
                     address: shown,
                     registration_error: refusal.clone(),
                     generation,
+                    recent_denials,
                 },
                 kick: kick.clone(),
             },
@@ -1124,6 +1138,23 @@ impl Mesh {
                 s.view.last_nack = nack;
             } else {
                 s.view.last_nack = None;
+            }
+        }
+    }
+
+    /// Records refusals an agent reported (bounded per agent; a report carries at most
+    /// [`causeway_api::push::MAX_DENIALS_PER_REPORT`]).
+    pub fn record_denials(&self, h: &SessionHandle, denials: Vec<causeway_api::push::Denial>) {
+        if let Some(s) = self.lock().sessions.get_mut(&h.agent_id)
+            && s.view.generation == h.generation
+        {
+            let keep = causeway_api::push::MAX_DENIALS_PER_REPORT;
+            let skip = denials.len().saturating_sub(keep);
+            for d in denials.into_iter().skip(skip) {
+                if s.view.recent_denials.len() >= RECENT_DENIALS {
+                    s.view.recent_denials.pop_front();
+                }
+                s.view.recent_denials.push_back(d);
             }
         }
     }

@@ -352,6 +352,7 @@ pub(crate) async fn why(
             decision: "allow".into(),
             policy: None,
             steps,
+            recent_denials: Vec::new(),
         }));
     };
     let port = match port {
@@ -367,6 +368,26 @@ pub(crate) async fn why(
         },
     };
     let ns = workload_namespace(dest).unwrap_or_else(|| svc.namespace.clone());
+    // What the destination agents really refused from this source lately.
+    let sessions = s.mesh.sessions();
+    let source_spiffe = source.principal.as_ref().map(|p| format!("spiffe://{p}"));
+    let source_ip = source.ip.map(|ip| ip.to_string());
+    let recent_denials: Vec<causeway_api::push::Denial> = workloads
+        .iter()
+        .filter_map(|w| w.agent.as_ref().and_then(|a| sessions.get(a)))
+        .flat_map(|v| v.recent_denials.iter())
+        .filter(|d| {
+            source_spiffe.as_deref() == Some(d.source_principal.as_str())
+                || (d.source_principal.is_empty()
+                    && source_ip.as_deref() == Some(d.source_address.as_str()))
+        })
+        .rev()
+        .take(10)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     steps.push(WhyStep {
         step: "destination".into(),
         policy: None,
@@ -426,6 +447,7 @@ pub(crate) async fn why(
             decision: "deny".into(),
             policy: mode_policy,
             steps,
+            recent_denials,
         }));
     }
     let set = PolicySet::new(aps.iter().copied());
@@ -484,6 +506,7 @@ pub(crate) async fn why(
         decision: d.decision,
         policy: d.policy,
         steps,
+        recent_denials,
     }))
 }
 

@@ -258,6 +258,9 @@ pub(crate) async fn run_session(
                     mesh.record_answer(&handle, acked, Some(NackView { version: n.version, error: n.error, rejected: n.rejected }));
                 }
                 Some(Ok(AgentFrame { kind: Some(agent_frame::Kind::Goodbye(_)) })) => break true,
+                Some(Ok(AgentFrame { kind: Some(agent_frame::Kind::Denials(d)) })) => {
+                    mesh.record_denials(&handle, d.denials);
+                }
                 Some(Ok(AgentFrame { kind: None })) => {} // a newer agent's frame kind: ignored
                 Some(Err(e)) => {
                     tracing::info!(agent = %agent.id, error = %e, "subscription ended");

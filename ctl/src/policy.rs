@@ -327,6 +327,25 @@ pub(crate) async fn why(api: &Api, out: Output, req: WhyRequest) -> anyhow::Resu
                 s.detail
             ));
         }
+        if !resp.recent_denials.is_empty() {
+            text.push_str("recent refusals of this source reported by the destination's agent:\n");
+            for d in &resp.recent_denials {
+                let when = humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(d.unix_ms),
+                );
+                text.push_str(&format!(
+                    "    {when}  {} {} → port {}  by {}\n",
+                    if d.source_principal.is_empty() {
+                        "(plaintext)"
+                    } else {
+                        &d.source_principal
+                    },
+                    d.source_address,
+                    d.port,
+                    d.policy
+                ));
+            }
+        }
         text.push_str(&format!(
             "=> {}{}\n",
             resp.decision.to_ascii_uppercase(),

@@ -84,6 +84,14 @@ async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>, Str
     Ok(Some(body))
 }
 
+/// [`read_frame`] owning the stream, which it hands back with the frame.
+async fn read_frame_owned(
+    mut recv: quinn::RecvStream,
+) -> (quinn::RecvStream, Result<Option<Vec<u8>>, String>) {
+    let r = read_frame(&mut recv).await;
+    (recv, r)
+}
+
 async fn write(send: &mut quinn::SendStream, frame: &AgentFrame) -> Result<(), String> {
     send.write_all(&wire::encode_frame(frame))
         .await
@@ -197,7 +205,7 @@ pub async fn subscribe(
         addr: addr.clone(),
         message,
     };
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| proto(e.to_string()))?;
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| proto(e.to_string()))?;
     let last_version = state.read().unwrap_or_else(|p| p.into_inner()).version;
     let hello = ClientRequest {
         kind: Some(client_request::Kind::Subscribe(Hello {
@@ -211,18 +219,60 @@ pub async fn subscribe(
         .await
         .map_err(|e| proto(e.to_string()))?;
     tokio::pin!(goodbye);
+    // Refusals by policy go to the controller (for `causewayctl why`) at most every 2 s.
+    let mut report = tokio::time::interval(std::time::Duration::from_secs(2));
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The read in progress survives the other branches (a read cut in the middle of a
+    // frame would lose its bytes): it owns the stream and hands it back with the frame.
+    let mut reading = Box::pin(read_frame_owned(recv));
+    enum Woke {
+        Read(Result<Option<Vec<u8>>, String>),
+        Report,
+        Goodbye,
+    }
     loop {
-        let body = tokio::select! {
-            r = read_frame(&mut recv) => r.map_err(|e| match conn.close_reason() {
+        let woke = tokio::select! {
+            (stream, r) = &mut reading => {
+                reading.set(read_frame_owned(stream));
+                Woke::Read(r)
+            }
+            _ = report.tick() => Woke::Report,
+            _ = &mut goodbye => Woke::Goodbye,
+        };
+        let body = match woke {
+            Woke::Report => {
+                let denials = crate::dataplane::authz::decisions().take_unreported();
+                if !denials.is_empty() {
+                    tracing::info!(
+                        refusals = denials.len(),
+                        "reporting policy refusals to the controller"
+                    );
+                    let frame = AgentFrame {
+                        kind: Some(agent_frame::Kind::Denials(
+                            causeway_api::push::DenialReport { denials },
+                        )),
+                    };
+                    write(&mut send, &frame).await.map_err(proto)?;
+                }
+                continue;
+            }
+            Woke::Goodbye => {
+                let _ = write(
+                    &mut send,
+                    &AgentFrame {
+                        kind: Some(agent_frame::Kind::Goodbye(Goodbye {})),
+                    },
+                )
+                .await;
+                let _ = send.finish();
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(2), send.stopped()).await;
+                return Ok(());
+            }
+            Woke::Read(r) => r.map_err(|e| match conn.close_reason() {
                 Some(reason) => proto(crate::client::explain(&reason)),
                 None => proto(e),
             })?,
-            _ = &mut goodbye => {
-                let _ = write(&mut send, &AgentFrame { kind: Some(agent_frame::Kind::Goodbye(Goodbye {})) }).await;
-                let _ = send.finish();
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), send.stopped()).await;
-                return Ok(());
-            }
         };
         let Some(body) = body else {
             return Err(proto("the controller ended the subscription".into()));

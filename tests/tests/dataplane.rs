@@ -1162,6 +1162,34 @@ fn authorization_policy_admits_named_clients_and_cuts_on_deny() {
                 .then_some(())
         },
     );
+    // `why` shows what vm2's agent really refused from that source (reported over the
+    // push channel within a few seconds).
+    let plain_addr = m.lab.node("plain").addr.to_string();
+    let start = std::time::Instant::now();
+    let why = loop {
+        let v: Value = serde_json::from_str(&m.ctl_ok(&[
+            "why", "--from", "other", "--to", "web:8080", "--output", "json",
+        ]))
+        .unwrap();
+        if v["recent_denials"].as_array().is_some_and(|d| d.len() >= 2) {
+            break v;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "vm2's refusals never reached `why`: {v}\nagents: {}\n{}",
+            m.ctl_ok(&["agent", "list", "--output", "json"]),
+            m.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(why["decision"], "deny", "{why}");
+    let d = &why["recent_denials"][0];
+    assert_eq!(
+        d["source_principal"], "spiffe://causeway.local/ns/default/sa/other",
+        "{why}"
+    );
+    assert_eq!(d["source_address"], plain_addr.as_str(), "{why}");
+    assert_eq!(d["policy"], "no-allow-match", "{why}");
 
     // Both clients allowed, each with an open connection; then the client is denied.
     apply(&m, "allow-both", &allow_policy(&["client", "other"]));

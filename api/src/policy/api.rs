@@ -110,4 +110,8 @@ pub struct WhyResponse {
     pub policy: Option<String>,
     /// Every step, in evaluation order.
     pub steps: Vec<WhyStep>,
+    /// The destination agent's latest real refusals of this source (by principal or
+    /// address), newest last, as the agent reported them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_denials: Vec<crate::push::Denial>,
 }

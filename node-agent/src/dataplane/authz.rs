@@ -129,9 +129,8 @@ impl LocalAuthz {
         destination: IpAddr,
         port: u16,
     ) -> AuthzDecision {
-        let principal = principal.map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
         let v = self.selected.decide(&Request {
-            principal,
+            principal: principal.map(|p| p.strip_prefix("spiffe://").unwrap_or(p)),
             source_ip: source,
             remote_ip: None,
             destination_ip: destination,
@@ -144,6 +143,9 @@ impl LocalAuthz {
             policy: v.policy.map(|p| p.id()),
         };
         decisions().count(&d);
+        if !d.allow {
+            decisions().remember(principal, source, port, d.policy_label());
+        }
         d
     }
 
@@ -175,13 +177,43 @@ impl LocalAuthz {
     }
 }
 
-/// Counts of decisions by (decision, policy label).
+/// Counts of decisions by (decision, policy label), and the recent denials not yet
+/// reported to the controller.
 #[derive(Debug, Default)]
 pub struct Decisions {
     counts: Mutex<BTreeMap<(bool, String), u64>>,
+    unreported: Mutex<std::collections::VecDeque<causeway_api::push::Denial>>,
 }
 
 impl Decisions {
+    /// Remembers a refusal for the next report (the oldest go first past the bound).
+    fn remember(&self, principal: Option<&str>, source: IpAddr, port: u16, policy: &str) {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let mut q = self.unreported.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= causeway_api::push::MAX_DENIALS_PER_REPORT {
+            q.pop_front();
+        }
+        q.push_back(causeway_api::push::Denial {
+            unix_ms,
+            source_principal: principal.unwrap_or_default().to_owned(),
+            source_address: source.to_string(),
+            port: u32::from(port),
+            policy: policy.to_owned(),
+        });
+    }
+
+    /// The refusals since the last call (at most [`causeway_api::push::MAX_DENIALS_PER_REPORT`],
+    /// the newest).
+    pub fn take_unreported(&self) -> Vec<causeway_api::push::Denial> {
+        self.unreported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect()
+    }
+
     fn count(&self, d: &AuthzDecision) {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         match c.get_mut(&(d.allow, d.policy_label().to_owned())) {
