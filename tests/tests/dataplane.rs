@@ -1327,3 +1327,64 @@ fn peer_authentication_strict_namespace_with_a_permissive_port() {
         assert!(out.ends_with("via-tunnel"), "{port}: {out:?}");
     }
 }
+
+/// Policies in the agent's disk cache are enforced from the start: vm2's agent is
+/// restarted while the controller is down, and the client vm1 (whom the cached ALLOW
+/// policy does not name) is still refused, while a named client would pass.
+#[test]
+fn cached_policies_are_enforced_after_an_agent_restart_with_the_controller_down() {
+    let mut m = Mesh::new();
+    let s1 = m.join("vm1", "client");
+    let s2 = m.join("vm2", "web");
+    m.server("vm2", 8080);
+    let a2 = m.agent("vm2", &s2);
+    let a1 = m.agent("vm1", &s1);
+    let vm2_addr = m.lab.node("vm2").addr.to_string();
+    let vip = wait_routed(&s1, "default/web", &vm2_addr);
+    let out = m.client("vm1", &vip, 8080, "before-policy");
+    assert!(out.ends_with("before-policy"), "{out:?}");
+    apply(&m, "allow-other", &allow_policy(&["other"]));
+    wait_policies(&s2, &["AuthorizationPolicy/default/allow-clients"]);
+    let refused = |m: &Mesh, marker: &str| {
+        let out = m.client_output("vm1", &vip, 8080, marker);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            !text.contains(marker),
+            "a connection the cached policy denies reached the application: {text:?}\n{}",
+            m.logs()
+        );
+    };
+    refused(&m, "with-controller");
+    // The controller goes away (procs[0]), then both agents restart from their caches
+    // (vm1 too, so that it dials the new vm2 agent instead of reusing its pooled
+    // connection to the old one).
+    m.procs[0].kill();
+    m.procs[a1].stop();
+    m.procs[a2].stop();
+    // The agent's log file is appended to: look only at what the restarted one writes.
+    let before = m.procs[a2].log().len();
+    let a2 = m.agent("vm2", &s2);
+    let log2 = m.procs[a2].log.clone();
+    let since_restart =
+        move || std::fs::read_to_string(&log2).unwrap_or_default()[before..].to_owned();
+    let since = since_restart.clone();
+    m.procs[a2].wait_for("vm2's agent serving from its cache", WAIT, || {
+        (since().contains("data plane listening")
+            && std::fs::read_to_string(s2.join("capture.rules")).is_ok())
+        .then_some(())
+    });
+    m.agent("vm1", &s1);
+    wait_routed(&s1, "default/web", &vm2_addr);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !since_restart().contains("connected to the controller"),
+        "the controller was supposed to be down\n{}",
+        m.logs()
+    );
+    refused(&m, "controller-down");
+    assert!(
+        since_restart().contains("tunnel stream denied by policy"),
+        "vm2's restarted agent did not refuse by policy\n{}",
+        m.logs()
+    );
+}
