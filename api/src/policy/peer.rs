@@ -52,13 +52,6 @@ fn concrete(m: MtlsModeSpec) -> Option<PeerMode> {
     }
 }
 
-fn has_selector(p: &PeerAuthentication) -> bool {
-    p.spec
-        .selector
-        .as_ref()
-        .is_some_and(|s| !s.match_labels.is_empty())
-}
-
 /// The effective mode of `port` of workload `w`, and the `namespace/name` of the policy that
 /// set it (`None`: the default, PERMISSIVE). `policies` pairs each policy with its sequence
 /// number (lower = older).
@@ -78,8 +71,12 @@ pub fn effective_mode<'a>(
     };
     for (seq, p) in policies {
         let ns = p.metadata.namespace();
-        if has_selector(p) {
-            let sel = p.spec.selector.as_ref().expect("has_selector");
+        let selector = p
+            .spec
+            .selector
+            .as_ref()
+            .filter(|s| !s.match_labels.is_empty());
+        if let Some(sel) = selector {
             if ns == w.namespace && sel.matches(w.labels) {
                 older(&mut workload, (seq, p));
             }

@@ -19,15 +19,75 @@ use causeway_api::policy::{
 };
 use causeway_api::push::MeshState;
 
-/// The policies that apply to this agent's workload.
+/// The AuthorizationPolicies that apply to this agent's workload.
 #[derive(Debug, Default)]
 pub struct LocalAuthz {
-    namespace: String,
     labels: BTreeMap<String, String>,
     selected: WorkloadPolicies,
-    peer: Vec<(u64, PeerAuthentication)>,
     /// The policy resources it was built from (to rebuild only when they change).
     source: BTreeMap<String, causeway_api::push::PolicyState>,
+}
+
+/// The namespace of a SPIFFE ID (`spiffe://td/ns/NS/sa/SA`), `default` if it has none.
+fn workload_namespace(spiffe_id: &str) -> &str {
+    spiffe_id
+        .find("/ns/")
+        .map(|i| &spiffe_id[i + 4..])
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("default")
+}
+
+/// The labels of the workload `spiffe_id` of `group`: those of its endpoints in the
+/// registry, plus the group label.
+fn workload_labels(state: &MeshState, spiffe_id: &str, group: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    for ep in state.services.values().flat_map(|s| s.endpoints.values()) {
+        if ep.identity.as_deref() == Some(spiffe_id) {
+            labels.extend(ep.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+    }
+    labels.insert(GROUP_LABEL.to_owned(), group.to_owned());
+    labels
+}
+
+/// The PeerAuthentications as they apply to this agent's workload (capture rules).
+#[derive(Debug)]
+pub struct PeerView {
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    peer: Vec<(u64, PeerAuthentication)>,
+}
+
+impl PeerView {
+    /// Builds the view of the workload `spiffe_id` of `group`.
+    pub fn build(state: &MeshState, spiffe_id: &str, group: &str) -> PeerView {
+        PeerView {
+            namespace: workload_namespace(spiffe_id).to_owned(),
+            labels: workload_labels(state, spiffe_id, group),
+            peer: state
+                .policies
+                .values()
+                .filter_map(|p| match &p.resource {
+                    Resource::PeerAuthentication(pa) => Some((p.seq, pa.clone())),
+                    Resource::AuthorizationPolicy(_) => None,
+                })
+                .collect(),
+        }
+    }
+
+    /// The mode of `port` when a PeerAuthentication applies to this workload (`None`: none
+    /// does, and the group's `--mtls` / the agent's `inbound_mode` decide).
+    pub fn mode_from_policy(&self, port: u16) -> Option<PeerMode> {
+        let (mode, from) = effective_mode(
+            self.peer.iter().map(|(s, p)| (*s, p)),
+            Workload {
+                namespace: &self.namespace,
+                labels: &self.labels,
+            },
+            port,
+        );
+        from.map(|_| mode)
+    }
 }
 
 /// One decision.
@@ -53,21 +113,7 @@ impl LocalAuthz {
     /// Builds the view of the workload `spiffe_id` (`spiffe://td/ns/NS/sa/SA`) of `group`:
     /// its labels are those of its endpoints in the registry plus the group label.
     pub fn build(state: &MeshState, spiffe_id: &str, group: &str) -> LocalAuthz {
-        let namespace = spiffe_id
-            .find("/ns/")
-            .map(|i| &spiffe_id[i + 4..])
-            .and_then(|rest| rest.split('/').next())
-            .unwrap_or("default")
-            .to_owned();
-        let mut labels = BTreeMap::new();
-        for svc in state.services.values() {
-            for ep in svc.endpoints.values() {
-                if ep.identity.as_deref() == Some(spiffe_id) {
-                    labels.extend(ep.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
-                }
-            }
-        }
-        labels.insert(GROUP_LABEL.to_owned(), group.to_owned());
+        let labels = workload_labels(state, spiffe_id, group);
         let aps: Vec<_> = state
             .policies
             .values()
@@ -77,42 +123,19 @@ impl LocalAuthz {
             })
             .collect();
         let selected = PolicySet::new(aps.iter().copied()).for_workload(Workload {
-            namespace: &namespace,
+            namespace: workload_namespace(spiffe_id),
             labels: &labels,
         });
-        let peer = state
-            .policies
-            .values()
-            .filter_map(|p| match &p.resource {
-                Resource::PeerAuthentication(pa) => Some((p.seq, pa.clone())),
-                Resource::AuthorizationPolicy(_) => None,
-            })
-            .collect();
         LocalAuthz {
-            namespace,
             labels,
             selected,
-            peer,
             source: state.policies.clone(),
         }
     }
 
     /// Whether `state` carries other policies or labels than this view was built from.
     pub fn is_current(&self, state: &MeshState, spiffe_id: &str, group: &str) -> bool {
-        if self.source != state.policies {
-            return false;
-        }
-        // Labels come from the registry: compare cheaply by rebuilding only the labels.
-        let fresh = LocalAuthz::build(&MeshState::default(), spiffe_id, group);
-        let mut labels = fresh.labels;
-        for svc in state.services.values() {
-            for ep in svc.endpoints.values() {
-                if ep.identity.as_deref() == Some(spiffe_id) {
-                    labels.extend(ep.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
-                }
-            }
-        }
-        labels == self.labels
+        self.source == state.policies && workload_labels(state, spiffe_id, group) == self.labels
     }
 
     /// How many AuthorizationPolicies select this workload.
@@ -147,33 +170,6 @@ impl LocalAuthz {
             decisions().remember(principal, source, port, d.policy_label());
         }
         d
-    }
-
-    /// The mode of `port` when a PeerAuthentication applies to this workload (`None`: none
-    /// does, and the group's `--mtls` / the agent's `inbound_mode` decide).
-    pub fn peer_mode_from_policy(&self, port: u16) -> Option<PeerMode> {
-        let (mode, from) = effective_mode(
-            self.peer.iter().map(|(s, p)| (*s, p)),
-            Workload {
-                namespace: &self.namespace,
-                labels: &self.labels,
-            },
-            port,
-        );
-        from.map(|_| mode)
-    }
-
-    /// The effective PeerAuthentication mode of `port`.
-    pub fn peer_mode(&self, port: u16) -> PeerMode {
-        effective_mode(
-            self.peer.iter().map(|(s, p)| (*s, p)),
-            Workload {
-                namespace: &self.namespace,
-                labels: &self.labels,
-            },
-            port,
-        )
-        .0
     }
 }
 
@@ -352,8 +348,10 @@ mod tests {
         let s = state(
             "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ns, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: w, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  portLevelMtls:\n    8080: {mode: PERMISSIVE}\n",
         );
-        let a = LocalAuthz::build(&s, ME, "g");
-        assert_eq!(a.peer_mode(8080), PeerMode::Permissive);
-        assert_eq!(a.peer_mode(9090), PeerMode::Strict);
+        let v = PeerView::build(&s, ME, "g");
+        assert_eq!(v.mode_from_policy(8080), Some(PeerMode::Permissive));
+        assert_eq!(v.mode_from_policy(9090), Some(PeerMode::Strict));
+        let none = PeerView::build(&state(""), ME, "g");
+        assert_eq!(none.mode_from_policy(8080), None);
     }
 }

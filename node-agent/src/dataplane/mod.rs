@@ -112,14 +112,14 @@ fn rules_for(
     let legacy = cfg.inbound_mode == crate::config::InboundMode::Strict || group_strict;
     // A PeerAuthentication that applies to this workload decides each port's mode; the
     // group's `--mtls` and `[dataplane] inbound_mode` decide where none applies.
-    let authz = authz::LocalAuthz::build(&s, &who.0, &who.1);
+    let peer = authz::PeerView::build(&s, &who.0, &who.1);
     RuleSet::for_state_by_port(
         &s,
         cfg.mark,
         cfg.outbound_listen.port(),
         &local,
         legacy,
-        &|port| match authz.peer_mode_from_policy(port) {
+        &|port| match peer.mode_from_policy(port) {
             Some(mode) => mode == causeway_api::policy::PeerMode::Strict,
             None => legacy,
         },

@@ -1489,13 +1489,12 @@ impl Tunnel {
             refuse(side, 1);
             return;
         }
-        let served = self.served_ports();
+        let (served, own) = self.own_workload();
         if !served.contains(&header.port) {
             tracing::warn!(peer_identity = %peer.spiffe_id, port = header.port, served = ?served, "tunnel stream refused: not a port of this host's workload");
             refuse(side, 3);
             return;
         }
-        let own = self.own_address();
         let decision =
             self.authz
                 .borrow()
@@ -1519,15 +1518,6 @@ impl Tunnel {
         let cut = self.cut_when_refused(peer.clone(), remote.ip(), own, header.port);
         let done = splice_until(side, tcp, self.idle_timeout, cut).await;
         tracing::debug!(peer_identity = %peer.spiffe_id, bytes_in = done.a_to_b, bytes_out = done.b_to_a, end = ?done.end, "inbound stream done");
-    }
-
-    /// The address of this agent's own registered workload (unspecified when it has none).
-    fn own_address(&self) -> std::net::IpAddr {
-        let mut addr = None;
-        self.for_own_endpoints(|e| {
-            addr = addr.or_else(|| e.address.parse().ok());
-        });
-        addr.unwrap_or(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED))
     }
 
     /// Calls `f` with each of this agent's own registered endpoints (`agents/<agent id>`,
@@ -1588,11 +1578,19 @@ impl Tunnel {
         }
     }
 
-    /// Ports of this agent's own registered workload (endpoint `agents/<agent id>`).
-    fn served_ports(&self) -> std::collections::BTreeSet<u16> {
+    /// Ports and address of this agent's own registered workload (endpoint
+    /// `agents/<agent id>`; the address is unspecified when it has none), in one pass.
+    fn own_workload(&self) -> (std::collections::BTreeSet<u16>, std::net::IpAddr) {
         let mut ports = std::collections::BTreeSet::new();
-        self.for_own_endpoints(|e| ports.extend(e.ports.values().copied()));
-        ports
+        let mut addr = None;
+        self.for_own_endpoints(|e| {
+            ports.extend(e.ports.values().copied());
+            addr = addr.or_else(|| e.address.parse().ok());
+        });
+        (
+            ports,
+            addr.unwrap_or(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        )
     }
 
     async fn serve(self: Arc<Self>) {
