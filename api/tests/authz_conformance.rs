@@ -405,6 +405,27 @@ fn ip_blocks_admit_plaintext() {
 }
 
 #[test]
+fn ip_blocks_match_ipv4_mapped_ipv6_sources_and_host_bits_are_ignored() {
+    // A dual-stack socket reports an IPv4 peer as ::ffff:a.b.c.d; the block still applies.
+    // A block written with host bits set (192.168.1.9/24) means its network.
+    let set = policies(&ap(
+        "ip",
+        "foo",
+        "  rules:\n  - from:\n    - source: {ipBlocks: [\"192.168.1.9/24\", \"fd00::/64\"]}",
+    ));
+    for (ip, allow, case) in [
+        ("::ffff:192.168.1.7", true, "mapped inside"),
+        ("::ffff:192.168.2.7", false, "mapped outside"),
+        ("192.168.1.200", true, "host bits"),
+        ("fd00::1234", true, "v6 inside"),
+        ("fd00:0:0:1::1", false, "v6 outside"),
+    ] {
+        let got = decide(&set, &tcp(None, ip, 80));
+        expect(got, allow, allow.then_some("foo/ip"), case);
+    }
+}
+
+#[test]
 fn not_ip_blocks() {
     let set = policies(&ap(
         "ip",
