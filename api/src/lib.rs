@@ -14,6 +14,7 @@ pub mod identity;
 pub mod netvalue;
 pub mod pem;
 pub mod policy;
+pub mod protocol;
 pub mod push;
 pub mod registry;
 pub mod token;
