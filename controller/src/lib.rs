@@ -18,6 +18,7 @@ pub mod control;
 pub mod csr;
 pub mod durability;
 pub mod enroll;
+pub mod etcd;
 pub mod logging;
 pub mod mesh;
 pub mod policy_admin;
