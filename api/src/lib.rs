@@ -17,6 +17,7 @@ pub mod policy;
 pub mod protocol;
 pub mod push;
 pub mod registry;
+pub mod route;
 pub mod token;
 pub mod wire;
 
