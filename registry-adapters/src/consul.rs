@@ -9,6 +9,9 @@
 //! - locality: datacenter as region, `zone` from service or node Meta, node name;
 //! - tags and Meta kept; `Meta["external-source"] = "kubernetes"` (consul-k8s sync)
 //!   marks the endpoint `synced_from = Kubernetes`, so the merge does not count it twice;
+//! - labels (for DestinationRule subsets and policy selectors): node Meta, then tags
+//!   (`key=value` → `key: value`, other tags → `tag: ""`), then service Meta, the later
+//!   winning on the same key;
 //! - provenance: native id `<node>/<service id>`, revision `ModifyIndex`.
 //!
 //! Blocking queries follow Consul's guidance: the index is reset to 0 when it goes
@@ -547,6 +550,7 @@ pub fn parse_health(
             ep.synced_from = Some(SourceKind::Kubernetes);
         }
         ep.tags = e.service.tags.unwrap_or_default();
+        ep.labels = consul_labels(&node_meta, &meta, &ep.tags);
         ep.metadata = meta.into();
         if let Some(ns) = e.service.namespace.filter(|n| !n.is_empty()) {
             ep.metadata.insert(NS_META.into(), ns);
@@ -559,9 +563,59 @@ pub fn parse_health(
     Ok(out)
 }
 
+/// Labels of a Consul endpoint, for subsets and policy selectors: node meta, then tags
+/// (`key=value` → `key: value`, any other tag → `tag: ""`), then service meta; a later
+/// one wins on the same key (the service's own meta is the most specific).
+fn consul_labels(
+    node_meta: &BTreeMap<String, String>,
+    meta: &BTreeMap<String, String>,
+    tags: &[String],
+) -> causeway_api::registry::SortedMap<String, String> {
+    let mut labels: BTreeMap<String, String> = node_meta.clone();
+    for tag in tags {
+        match tag.split_once('=') {
+            Some((k, v)) if !k.is_empty() => labels.insert(k.to_owned(), v.to_owned()),
+            _ => labels.insert(tag.clone(), String::new()),
+        };
+    }
+    labels.extend(meta.iter().map(|(k, v)| (k.clone(), v.clone())));
+    labels.into_iter().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_from_node_meta_tags_and_service_meta() {
+        let node: BTreeMap<String, String> = [
+            ("rack".into(), "r1".into()),
+            ("version".into(), "node".into()),
+        ]
+        .into();
+        let meta: BTreeMap<String, String> = [("team".into(), "shop".into())].into();
+        let tags = vec!["v1".to_owned(), "version=v2".to_owned(), "=odd".to_owned()];
+        let l = consul_labels(&node, &meta, &tags);
+        let got: Vec<(&str, &str)> = l.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                ("=odd", ""),
+                ("rack", "r1"),
+                ("team", "shop"),
+                ("v1", ""),
+                ("version", "v2")
+            ]
+        );
+        // Service meta beats a tag with the same key.
+        let meta: BTreeMap<String, String> = [("version".into(), "v3".into())].into();
+        assert_eq!(
+            consul_labels(&node, &meta, &tags)
+                .get("version")
+                .map(String::as_str),
+            Some("v3")
+        );
+    }
 
     #[test]
     fn index_resets_when_it_goes_backwards_and_never_uses_zero() {
@@ -598,6 +652,12 @@ mod tests {
         assert_eq!(w1.ports["tcp"], 8080);
         assert_eq!(w1.health, Health::Passing);
         assert_eq!(w1.tags, vec!["v1", "primary"]);
+        assert_eq!(
+            w1.labels.get("v1").map(String::as_str),
+            Some(""),
+            "a plain tag is a label"
+        );
+        assert!(w1.labels.contains_key("primary"));
         assert_eq!(w1.metadata["version"], "1.0");
         assert_eq!(w1.locality.region.as_deref(), Some("dc1"));
         assert_eq!(w1.provenance.revision, "8");

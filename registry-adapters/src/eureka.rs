@@ -13,7 +13,8 @@
 //! (`securePort`, when enabled); health UP → passing, DOWN/OUT_OF_SERVICE → critical,
 //! STARTING/UNKNOWN → unknown (only UP routes); `vipAddress` and `secureVipAddress` kept
 //! as hostnames; zone from metadata `zone`, else dataCenterInfo's `availability-zone`;
-//! native id `instanceId`, revision `lastDirtyTimestamp`.
+//! metadata kept and also used as labels (subsets, selectors); native id `instanceId`,
+//! revision `lastDirtyTimestamp`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -425,6 +426,12 @@ fn parse_instance(source: &str, app_name: &str, inst: &Value) -> Result<Instance
         .into_iter()
         .chain(dns_names(inst.get("secureVipAddress")))
         .collect();
+    // Labels for subsets and selectors: the instance's metadata (Spring Cloud puts
+    // `version`, `zone`, … there).
+    ep.labels = metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     ep.metadata = metadata.into();
     Ok(Instance {
         app,
@@ -484,6 +491,11 @@ mod tests {
         assert_eq!(
             i.endpoint.metadata["base-uri"],
             "https://192.168.40.94:7101"
+        );
+        assert_eq!(
+            i.endpoint.labels.get("base-uri").map(String::as_str),
+            Some("https://192.168.40.94:7101"),
+            "metadata are labels too"
         );
         // no instanceId: host:app:port
         assert_eq!(i.id, "192.168.40.94:7101:testeng.metricsd:7101");
