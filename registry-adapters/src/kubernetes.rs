@@ -12,6 +12,15 @@
 //! (terminating) → warning, else critical; zone and nodeName kept; hostname
 //! `<name>.<ns>.svc.cluster.local`; native id `<ns>/<slice>/<address>`, revision the
 //! slice's resourceVersion. Several clusters: one source per cluster.
+//!
+//! Labels and locality (issue 21): EndpointSlices carry no pod labels, so the source also
+//! watches Pods and Nodes as metadata only (`PartialObjectMetadata`: names, labels,
+//! resourceVersion; no specs or statuses, so a large cluster costs little). An endpoint
+//! whose `targetRef` is a Pod gets that Pod's labels; its region comes from its Node's
+//! `topology.kubernetes.io/region` label and its zone from the slice's `zone`, else the
+//! Node's `topology.kubernetes.io/zone`. A label or zone change is pushed like any other
+//! endpoint change. The service account needs list/watch on pods and nodes; without it
+//! the endpoints still sync, without labels, and the denial is logged.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -21,8 +30,9 @@ use causeway_api::registry::{
     SourceChange, SourceKind, SourceSnapshot,
 };
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Config};
@@ -41,6 +51,10 @@ pub struct KubernetesSource {
 }
 
 const SERVICE_LABEL: &str = "kubernetes.io/service-name";
+const REGION_LABEL: &str = "topology.kubernetes.io/region";
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Endpoint metadata naming the Pod behind it (its `targetRef`), in `k8s-namespace`.
+const POD_META: &str = "k8s-pod";
 
 type NsName = (String, String);
 
@@ -113,6 +127,12 @@ fn slice_endpoints(source: &str, slice: &EndpointSlice) -> Option<(NsName, Slice
             if terminating {
                 e.metadata.insert("k8s-terminating".into(), "true".into());
             }
+            if let Some(r) = &ep.target_ref
+                && r.kind.as_deref() == Some("Pod")
+                && let Some(pod) = &r.name
+            {
+                e.metadata.insert(POD_META.into(), pod.clone());
+            }
             endpoints.insert(native_id, e);
         }
     }
@@ -132,6 +152,29 @@ fn service_id(svc: &Service) -> NsName {
 enum Msg {
     Svc(Box<Result<Event<Service>, watcher::Error>>),
     Slice(Box<Result<Event<EndpointSlice>, watcher::Error>>),
+    Pod(Box<Result<Event<PartialObjectMeta<Pod>>, watcher::Error>>),
+    Node(Box<Result<Event<PartialObjectMeta<Node>>, watcher::Error>>),
+}
+
+type Labels = BTreeMap<String, String>;
+
+fn labels_of(m: &kube::core::ObjectMeta) -> Labels {
+    m.labels.clone().unwrap_or_default().into_iter().collect()
+}
+
+fn pod_id(m: &kube::core::ObjectMeta) -> NsName {
+    (
+        m.namespace.clone().unwrap_or_else(|| "default".into()),
+        m.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The topology labels of a node (the only ones used).
+fn node_topology(m: &kube::core::ObjectMeta) -> Labels {
+    labels_of(m)
+        .into_iter()
+        .filter(|(k, _)| k == REGION_LABEL || k == ZONE_LABEL)
+        .collect()
 }
 
 #[derive(Default)]
@@ -142,6 +185,12 @@ struct State {
     slice_init: Option<BTreeMap<NsName, Slice>>,
     svc_ready: bool,
     slice_ready: bool,
+    /// Pod labels by (namespace, name).
+    pods: BTreeMap<NsName, Labels>,
+    pod_init: Option<BTreeMap<NsName, Labels>>,
+    /// Node topology labels by name.
+    nodes: BTreeMap<String, Labels>,
+    node_init: Option<BTreeMap<String, Labels>>,
 }
 
 impl State {
@@ -152,10 +201,137 @@ impl State {
         let mut out = ServiceEndpoints::new();
         for ((ns, _), s) in &self.slices {
             if *ns == id.0 && s.service == id.1 {
-                out.extend(s.endpoints.iter().map(|(k, v)| (k.clone(), v.clone())));
+                out.extend(s.endpoints.iter().map(|(k, v)| {
+                    let mut e = v.clone();
+                    self.enrich(&mut e);
+                    (k.clone(), e)
+                }));
             }
         }
         out
+    }
+
+    /// Labels from the endpoint's Pod, region (and zone, when the slice has none) from its
+    /// Node.
+    fn enrich(&self, e: &mut Endpoint) {
+        if let (Some(pod), Some(ns)) = (e.metadata.get(POD_META), e.metadata.get("k8s-namespace"))
+            && let Some(labels) = self.pods.get(&(ns.clone(), pod.clone()))
+        {
+            e.labels = labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        }
+        if let Some(node) = &e.locality.node
+            && let Some(topo) = self.nodes.get(node)
+        {
+            e.locality.region = topo.get(REGION_LABEL).cloned();
+            if e.locality.zone.is_none() {
+                e.locality.zone = topo.get(ZONE_LABEL).cloned();
+            }
+        }
+    }
+
+    /// Services with an endpoint for which `f` holds.
+    fn services_where(&self, f: impl Fn(&Endpoint) -> bool) -> BTreeSet<NsName> {
+        self.slices
+            .iter()
+            .filter(|(_, s)| s.endpoints.values().any(&f))
+            .map(|((ns, _), s)| (ns.clone(), s.service.clone()))
+            .collect()
+    }
+
+    fn services_of_pod(&self, pod: &NsName) -> BTreeSet<NsName> {
+        self.services_where(|e| {
+            e.metadata.get(POD_META) == Some(&pod.1)
+                && e.metadata.get("k8s-namespace") == Some(&pod.0)
+        })
+    }
+
+    fn services_on_node(&self, node: &str) -> BTreeSet<NsName> {
+        self.services_where(|e| e.locality.node.as_deref() == Some(node))
+    }
+
+    /// Applies a Pod event; true when a full snapshot is due (the list was replaced).
+    fn apply_pod(
+        &mut self,
+        ev: Event<PartialObjectMeta<Pod>>,
+        affected: &mut BTreeSet<NsName>,
+    ) -> bool {
+        match ev {
+            Event::Init => self.pod_init = Some(BTreeMap::new()),
+            Event::InitApply(p) => {
+                self.pod_init
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(pod_id(&p.metadata), labels_of(&p.metadata));
+            }
+            Event::InitDone => {
+                self.pods = self.pod_init.take().unwrap_or_default();
+                return true;
+            }
+            Event::Apply(p) => {
+                let id = pod_id(&p.metadata);
+                let labels = labels_of(&p.metadata);
+                if self.pods.get(&id) != Some(&labels) {
+                    affected.extend(self.services_of_pod(&id));
+                    self.pods.insert(id, labels);
+                }
+            }
+            Event::Delete(p) => {
+                let id = pod_id(&p.metadata);
+                if self.pods.remove(&id).is_some() {
+                    affected.extend(self.services_of_pod(&id));
+                }
+            }
+        }
+        false
+    }
+
+    /// Applies a Node event; true when a full snapshot is due.
+    fn apply_node(
+        &mut self,
+        ev: Event<PartialObjectMeta<Node>>,
+        affected: &mut BTreeSet<NsName>,
+    ) -> bool {
+        let name = |n: &PartialObjectMeta<Node>| n.metadata.name.clone().unwrap_or_default();
+        match ev {
+            Event::Init => self.node_init = Some(BTreeMap::new()),
+            Event::InitApply(n) => {
+                self.node_init
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(name(&n), node_topology(&n.metadata));
+            }
+            Event::InitDone => {
+                self.nodes = self.node_init.take().unwrap_or_default();
+                return true;
+            }
+            Event::Apply(n) => {
+                let topo = node_topology(&n.metadata);
+                let name = name(&n);
+                if self.nodes.get(&name) != Some(&topo) {
+                    affected.extend(self.services_on_node(&name));
+                    self.nodes.insert(name, topo);
+                }
+            }
+            Event::Delete(n) => {
+                let name = name(&n);
+                if self.nodes.remove(&name).is_some() {
+                    affected.extend(self.services_on_node(&name));
+                }
+            }
+        }
+        false
+    }
+}
+
+/// Logs a Pod or Node watch error once until it changes (the watcher retries with
+/// backoff; endpoints keep syncing without the labels).
+fn log_label_error(source: &str, what: &str, e: &watcher::Error, last: &mut Option<String>) {
+    let text = e.to_string();
+    if last.as_deref() != Some(text.as_str()) {
+        tracing::warn!(
+            source = %source,
+            error = %text,
+            "kubernetes: watching {what} (metadata only) failed; endpoints sync without Pod labels or Node topology until it works (the service account needs list and watch on pods and nodes)"
+        );
+        *last = Some(text);
     }
 }
 
@@ -234,20 +410,62 @@ impl KubernetesSource {
         let svc = watcher::watcher(Api::<Service>::all(client.clone()), wc.clone())
             .default_backoff()
             .map(|e| Msg::Svc(Box::new(e)));
-        let slices = watcher::watcher(Api::<EndpointSlice>::all(client), wc)
+        let slices = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone())
             .default_backoff()
             .map(|e| Msg::Slice(Box::new(e)));
-        let mut stream = futures_util::stream::select(Box::pin(svc), Box::pin(slices));
+        let pods = watcher::watcher(
+            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+            wc.clone(),
+        )
+        .default_backoff()
+        .map(|e| Msg::Pod(Box::new(e)));
+        let nodes = watcher::watcher(Api::<PartialObjectMeta<Node>>::all(client), wc)
+            .default_backoff()
+            .map(|e| Msg::Node(Box::new(e)));
+        let mut stream = futures_util::stream::select_all([
+            Box::pin(svc) as std::pin::Pin<Box<dyn futures_util::Stream<Item = Msg> + Send>>,
+            Box::pin(slices),
+            Box::pin(pods),
+            Box::pin(nodes),
+        ]);
+        // The last error of the label watchers, logged once until it changes.
+        let mut label_error: Option<String> = None;
         let mut st = State::default();
         let mut synced_once = false;
         while let Some(msg) = stream.next().await {
             let mut affected: BTreeSet<NsName> = BTreeSet::new();
             let mut full = false;
+            // A Pod or Node event: labels and locality only; the source's health is not
+            // judged by it (an RBAC denial on pods still lets endpoints sync).
+            let mut label_only = false;
             let msg = match msg {
                 Msg::Svc(e) => Ok(*e),
                 Msg::Slice(e) => Err(*e),
+                Msg::Pod(e) => {
+                    match *e {
+                        Ok(ev) => {
+                            label_error = None;
+                            full |= st.apply_pod(ev, &mut affected);
+                        }
+                        Err(e) => log_label_error(&self.name, "Pods", &e, &mut label_error),
+                    }
+                    label_only = true;
+                    Ok(Ok(Event::InitApply(Service::default())))
+                }
+                Msg::Node(e) => {
+                    match *e {
+                        Ok(ev) => {
+                            label_error = None;
+                            full |= st.apply_node(ev, &mut affected);
+                        }
+                        Err(e) => log_label_error(&self.name, "Nodes", &e, &mut label_error),
+                    }
+                    label_only = true;
+                    Ok(Ok(Event::InitApply(Service::default())))
+                }
             };
             let result: Result<(), String> = match msg {
+                _ if label_only => Ok(()),
                 Ok(Ok(ev)) => {
                     match ev {
                         Event::Init => st.svc_init = Some(BTreeSet::new()),
@@ -322,6 +540,7 @@ impl KubernetesSource {
                 Err(Err(e)) => Err(format!("watching EndpointSlices: {e}")),
             };
             let state_changed = match &result {
+                Ok(()) if label_only => false,
                 Ok(()) => tracker.ok(),
                 Err(e) => {
                     tracing::warn!(source = %self.name, error = %e, "kubernetes watch failed");

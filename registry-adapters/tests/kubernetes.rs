@@ -246,3 +246,133 @@ async fn two_clusters_at_once_merge_by_namespace_and_name() {
     assert_eq!(from_b.len(), 1);
     assert_eq!(from_b[0].address, "192.0.2.13");
 }
+
+/// The recorded EndpointSlice whose endpoints carry `targetRef` (pods web-v1-abcde on
+/// node-a, web-v2-fghij on node-b); the second endpoint's `zone` is dropped so that its
+/// zone comes from its Node.
+fn targetref_slice() -> serde_json::Value {
+    let f =
+        causeway_fakes::read_http_fixture("kubernetes/12-create-endpointslice-web-targetref.http");
+    let mut slice: serde_json::Value = serde_json::from_str(&f.body).unwrap();
+    slice["endpoints"][1]
+        .as_object_mut()
+        .unwrap()
+        .remove("zone");
+    slice
+}
+
+fn by_address(h: &Harness, address: &str) -> causeway_api::registry::Endpoint {
+    h.endpoints("demo", "web")
+        .into_iter()
+        .find(|e| e.address == address)
+        .unwrap_or_else(|| panic!("no endpoint {address}"))
+}
+
+#[tokio::test]
+async fn pod_labels_and_node_topology_reach_the_endpoints_and_follow_changes() {
+    let fake = FakeKubernetes::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut h, task) = started(&fake, &dir).await;
+    fake.apply(KubeKind::EndpointSlice, targetref_slice());
+    h.until("labelled endpoints", |r| {
+        eps(r, "demo", "web")
+            .iter()
+            .any(|e| e.address == "10.244.2.12" && e.labels.get("version").is_some())
+    })
+    .await;
+    let v1 = by_address(&h, "10.244.1.11");
+    assert_eq!(v1.labels.get("app").map(String::as_str), Some("web"));
+    assert_eq!(v1.labels.get("version").map(String::as_str), Some("v1"));
+    assert_eq!(
+        v1.locality.region.as_deref(),
+        Some("eu-west"),
+        "from node-a"
+    );
+    assert_eq!(
+        v1.locality.zone.as_deref(),
+        Some("eu-west-1a"),
+        "the slice's zone"
+    );
+    assert_eq!(
+        v1.metadata.get("k8s-pod").map(String::as_str),
+        Some("web-v1-abcde")
+    );
+    let v2 = by_address(&h, "10.244.2.12");
+    assert_eq!(v2.labels.get("version").map(String::as_str), Some("v2"));
+    assert_eq!(
+        v2.locality.zone.as_deref(),
+        Some("eu-west-1b"),
+        "node-b's zone label"
+    );
+    // Endpoints without a targetRef keep no labels.
+    assert!(by_address(&h, "192.0.2.11").labels.is_empty());
+
+    // A pod's labels change (as the recorded patch: version v1 → v1-canary).
+    let mut pod = fake.get(KubeKind::Pod, "demo", "web-v1-abcde").unwrap();
+    pod["metadata"]["labels"]["version"] = json!("v1-canary");
+    fake.apply(KubeKind::Pod, pod);
+    h.until("canary label", |r| {
+        eps(r, "demo", "web").iter().any(|e| {
+            e.address == "10.244.1.11"
+                && e.labels.get("version").map(String::as_str) == Some("v1-canary")
+        })
+    })
+    .await;
+
+    // node-b moves to another zone (the recorded patch): the endpoint without a slice zone
+    // follows it.
+    let mut node = fake.get(KubeKind::Node, "", "node-b").unwrap();
+    node["metadata"]["labels"]["topology.kubernetes.io/zone"] = json!("eu-west-1c");
+    fake.apply(KubeKind::Node, node);
+    h.until("new zone", |r| {
+        eps(r, "demo", "web")
+            .iter()
+            .any(|e| e.address == "10.244.2.12" && e.locality.zone.as_deref() == Some("eu-west-1c"))
+    })
+    .await;
+
+    // The pod is deleted: its endpoint (still listed by the slice) loses the labels.
+    assert!(fake.delete(KubeKind::Pod, "demo", "web-v2-fghij"));
+    h.until("labels gone", |r| {
+        eps(r, "demo", "web")
+            .iter()
+            .any(|e| e.address == "10.244.2.12" && e.labels.is_empty())
+    })
+    .await;
+    // Pods and nodes were listed and watched as metadata only.
+    let requests = fake.requests();
+    let label_requests: Vec<_> = requests
+        .iter()
+        .filter(|r| r.path.ends_with("/pods") || r.path.ends_with("/nodes"))
+        .collect();
+    assert!(label_requests.len() >= 2, "pods and nodes were requested");
+    for r in label_requests {
+        let accept = r
+            .headers
+            .iter()
+            .find(|(k, _)| k == "accept")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("");
+        assert!(
+            accept.contains("as=PartialObjectMetadata"),
+            "{} asked for {accept:?}",
+            r.path
+        );
+    }
+    task.abort();
+}
+
+#[tokio::test]
+async fn endpoints_sync_without_labels_when_pods_and_nodes_are_forbidden() {
+    let fake = FakeKubernetes::start().await.unwrap();
+    fake.set_path_status("/api/v1/pods", 403);
+    fake.set_path_status("/api/v1/nodes", 403);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut h, task) = started(&fake, &dir).await;
+    fake.apply(KubeKind::EndpointSlice, targetref_slice());
+    h.until("targetref slice", |r| eps(r, "demo", "web").len() == 4)
+        .await;
+    assert!(synced(&h.registry, NAME), "the source is healthy");
+    assert!(by_address(&h, "10.244.1.11").labels.is_empty());
+    task.abort();
+}

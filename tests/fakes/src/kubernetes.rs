@@ -1,7 +1,10 @@
-//! A fake Kubernetes API server for Services and `discovery.k8s.io/v1` EndpointSlices,
-//! seeded from `fixtures/kubernetes` (namespace `demo`: services `web` and `api`, slices
-//! `web-abcde` with two ready endpoints and `api-fghij` with one ready and one
-//! terminating).
+//! A fake Kubernetes API server for Services, `discovery.k8s.io/v1` EndpointSlices, Pods
+//! and Nodes, seeded from `fixtures/kubernetes` (namespace `demo`: services `web` and `api`,
+//! slices `web-abcde` with two ready endpoints and `api-fghij` with one ready and one
+//! terminating; pods `web-v1-abcde` (version v1, node-a) and `web-v2-fghij` (v2, node-b);
+//! nodes `node-a` and `node-b` with region/zone topology labels). Pods and Nodes are also
+//! served as metadata only (`PartialObjectMetadata`, when the client asks for it in
+//! `Accept`, as kube-rs's metadata watcher does), as recorded.
 //!
 //! Lists, gets, watches (replay from a resourceVersion, BOOKMARK events when asked, a
 //! 410 `Expired` ERROR event for a resourceVersion older than the compaction point, as
@@ -25,13 +28,17 @@ use tokio::sync::{mpsc, watch};
 use crate::fixtures::read_http_fixture;
 use crate::http::{Common, Fault, RecordedRequest, lock, serve};
 
-/// The two resource kinds the fake serves.
+/// The resource kinds the fake serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum KubeKind {
     /// core/v1 Service.
     Service,
     /// discovery.k8s.io/v1 EndpointSlice.
     EndpointSlice,
+    /// core/v1 Pod.
+    Pod,
+    /// core/v1 Node (cluster-scoped: its namespace is "").
+    Node,
 }
 
 impl KubeKind {
@@ -39,15 +46,43 @@ impl KubeKind {
         match self {
             KubeKind::Service => "Service",
             KubeKind::EndpointSlice => "EndpointSlice",
+            KubeKind::Pod => "Pod",
+            KubeKind::Node => "Node",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
-            KubeKind::Service => "v1",
+            KubeKind::Service | KubeKind::Pod | KubeKind::Node => "v1",
             KubeKind::EndpointSlice => "discovery.k8s.io/v1",
         }
     }
+
+    fn plural(self) -> &'static str {
+        match self {
+            KubeKind::Service => "services",
+            KubeKind::EndpointSlice => "endpointslices",
+            KubeKind::Pod => "pods",
+            KubeKind::Node => "nodes",
+        }
+    }
+
+    fn namespaced(self) -> bool {
+        self != KubeKind::Node
+    }
+}
+
+/// The object as metadata only (`PartialObjectMetadata`), as the apiserver answers a client
+/// that asks for `as=PartialObjectMetadata` in `Accept`.
+fn metadata_only(obj: &Value) -> Value {
+    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]})
+}
+
+fn wants_metadata(headers: &HeaderMap) -> bool {
+    headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=PartialObjectMetadata"))
 }
 
 struct Event {
@@ -63,22 +98,32 @@ struct Data {
     events: Vec<Event>,
     compacted: u64,
     token: Option<String>,
+    /// Paths answered with this status instead (e.g. 403 for an RBAC denial).
+    path_status: BTreeMap<String, u16>,
 }
 
 impl Data {
     fn put(&mut self, kind: KubeKind, mut obj: Value, ty: &'static str) -> Value {
         self.rv += 1;
-        let ns = obj["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("default")
-            .to_string();
+        let ns = if kind.namespaced() {
+            obj["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string()
+        } else {
+            String::new()
+        };
         let name = obj["metadata"]["name"]
             .as_str()
             .unwrap_or_default()
             .to_string();
         obj["kind"] = json!(kind.kind());
         obj["apiVersion"] = json!(kind.api_version());
-        obj["metadata"]["namespace"] = json!(ns);
+        if kind.namespaced() {
+            obj["metadata"]["namespace"] = json!(ns);
+        } else if let Some(m) = obj["metadata"].as_object_mut() {
+            m.remove("namespace");
+        }
         obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         if obj["metadata"]["uid"].is_null() {
             obj["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{:012}", self.rv));
@@ -149,12 +194,19 @@ impl FakeKubernetes {
             events: Vec::new(),
             compacted: 0,
             token: None,
+            path_status: BTreeMap::new(),
         };
         for item in list_items("kubernetes/02-services-all-namespaces.http") {
             data.put(KubeKind::Service, item, "ADDED");
         }
         for item in list_items("kubernetes/03-endpointslices-all-namespaces.http") {
             data.put(KubeKind::EndpointSlice, item, "ADDED");
+        }
+        for item in list_items("kubernetes/13-pods-all-namespaces.http") {
+            data.put(KubeKind::Pod, item, "ADDED");
+        }
+        for item in list_items("kubernetes/13-nodes.http") {
+            data.put(KubeKind::Node, item, "ADDED");
         }
         let (changed, _) = watch::channel(data.rv);
         let (generation, _) = watch::channel(0);
@@ -187,10 +239,12 @@ impl FakeKubernetes {
     pub fn apply(&self, kind: KubeKind, obj: Value) {
         let exists = {
             let d = lock(&self.inner.data);
-            let ns = obj["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or("default")
-                .to_string();
+            let ns = if kind.namespaced() {
+                obj["metadata"]["namespace"].as_str().unwrap_or("default")
+            } else {
+                ""
+            }
+            .to_string();
             let name = obj["metadata"]["name"]
                 .as_str()
                 .unwrap_or_default()
@@ -247,6 +301,14 @@ impl FakeKubernetes {
         self.inner.generation.send_modify(|g| *g += 1);
     }
 
+    /// Answers every request for `path` with `code` (403: the RBAC denial the apiserver
+    /// gives a service account without list/watch on that resource).
+    pub fn set_path_status(&self, path: &str, code: u16) {
+        lock(&self.inner.data)
+            .path_status
+            .insert(path.to_owned(), code);
+    }
+
     /// Removes the fault.
     pub fn clear_fault(&self) {
         *lock(&self.inner.common.fault) = None;
@@ -259,13 +321,12 @@ impl FakeKubernetes {
 
     /// How many list (non-watch GET collection) requests were served for `kind`.
     pub fn lists(&self, kind: KubeKind) -> usize {
-        let suffix = match kind {
-            KubeKind::Service => "/services",
-            KubeKind::EndpointSlice => "/endpointslices",
-        };
+        let suffix = format!("/{}", kind.plural());
         self.requests()
             .iter()
-            .filter(|r| r.method == "GET" && r.path.ends_with(suffix) && r.param("watch").is_none())
+            .filter(|r| {
+                r.method == "GET" && r.path.ends_with(&suffix) && r.param("watch").is_none()
+            })
             .count()
     }
 
@@ -364,7 +425,9 @@ fn discovery(port: u16, segs: &[&str]) -> Option<Value> {
             "preferredVersion": {"groupVersion": "discovery.k8s.io/v1", "version": "v1"}}]}),
         ),
         ["api", "v1"] => Some(json!({"kind": "APIResourceList", "groupVersion": "v1",
-            "resources": [res("services", "Service", &["svc"])]})),
+            "resources": [res("services", "Service", &["svc"]), res("pods", "Pod", &["po"]),
+                          {"name": "nodes", "singularName": "node", "namespaced": false, "kind": "Node",
+                           "verbs": ["create","delete","get","list","patch","update","watch"], "shortNames": ["no"]}]})),
         ["apis", "discovery.k8s.io", "v1"] => {
             Some(json!({"kind": "APIResourceList", "apiVersion": "v1",
             "groupVersion": "discovery.k8s.io/v1", "resources": [res("endpointslices", "EndpointSlice", &[])]}))
@@ -375,19 +438,31 @@ fn discovery(port: u16, segs: &[&str]) -> Option<Value> {
 
 /// `(kind, namespace, name)` of a resource path.
 fn route(segs: &[&str]) -> Option<(KubeKind, Option<String>, Option<String>)> {
-    let (kind, rest) = match segs {
-        ["api", "v1", rest @ ..] => (KubeKind::Service, rest),
-        ["apis", "discovery.k8s.io", "v1", rest @ ..] => (KubeKind::EndpointSlice, rest),
+    let (core, rest) = match segs {
+        ["api", "v1", rest @ ..] => (true, rest),
+        ["apis", "discovery.k8s.io", "v1", rest @ ..] => (false, rest),
         _ => return None,
     };
-    let plural = match kind {
-        KubeKind::Service => "services",
-        KubeKind::EndpointSlice => "endpointslices",
+    let kind_of = |plural: &str| {
+        let kinds: &[KubeKind] = if core {
+            &[KubeKind::Service, KubeKind::Pod, KubeKind::Node]
+        } else {
+            &[KubeKind::EndpointSlice]
+        };
+        kinds.iter().copied().find(|k| k.plural() == plural)
     };
     match rest {
-        [p] if *p == plural => Some((kind, None, None)),
-        ["namespaces", ns, p] if *p == plural => Some((kind, Some(ns.to_string()), None)),
-        ["namespaces", ns, p, name] if *p == plural => {
+        [p] => Some((kind_of(p)?, None, None)),
+        [p, name] => {
+            let kind = kind_of(p).filter(|k| !k.namespaced())?;
+            Some((kind, None, Some(name.to_string())))
+        }
+        ["namespaces", ns, p] => {
+            let kind = kind_of(p).filter(|k| k.namespaced())?;
+            Some((kind, Some(ns.to_string()), None))
+        }
+        ["namespaces", ns, p, name] => {
+            let kind = kind_of(p).filter(|k| k.namespaced())?;
             Some((kind, Some(ns.to_string()), Some(name.to_string())))
         }
         _ => None,
@@ -418,6 +493,17 @@ async fn handle(
         if given != Some(format!("Bearer {token}").as_str()) {
             return status(401, "Unauthorized", "Unauthorized");
         }
+    }
+    let denied = lock(&inner.data).path_status.get(&path).copied();
+    if let Some(code) = denied {
+        let plural = path.rsplit('/').next().unwrap_or("");
+        return status(
+            code,
+            if code == 403 { "Forbidden" } else { "Error" },
+            &format!(
+                "{plural} is forbidden: User \"system:serviceaccount:causeway:controller\" cannot list resource \"{plural}\" in API group \"\" at the cluster scope"
+            ),
+        );
     }
     let segs: Vec<&str> = path
         .trim_start_matches('/')
@@ -453,6 +539,16 @@ async fn handle(
             "the server could not find the requested resource",
         );
     };
+    let meta = wants_metadata(&headers);
+    let shape = move |o: Value| if meta { metadata_only(&o) } else { o };
+    // The key's namespace: the path's (or `default`) for namespaced kinds, "" otherwise.
+    let ns_key = |ns: Option<String>| {
+        if kind.namespaced() {
+            ns.unwrap_or_else(|| "default".into())
+        } else {
+            String::new()
+        }
+    };
     match (method, name) {
         (Method::GET, None) => {
             let selector = param("labelSelector");
@@ -464,8 +560,11 @@ async fn handle(
                     ns,
                     selector,
                     param("resourceVersion"),
-                    param("allowWatchBookmarks").as_deref() == Some("true"),
-                    param("timeoutSeconds"),
+                    WatchOpts {
+                        bookmarks: param("allowWatchBookmarks").as_deref() == Some("true"),
+                        timeout: param("timeoutSeconds"),
+                        meta,
+                    },
                 )
                 .await;
             }
@@ -479,11 +578,16 @@ async fn handle(
                             && ns.as_ref().is_none_or(|ns| ns == n)
                             && selector_matches(o, selector.as_deref())
                     })
-                    .map(|(_, o)| o.clone())
+                    .map(|(_, o)| shape(o.clone()))
                     .collect();
                 (d.rv, items)
             };
-            let list = json!({"kind": format!("{}List", kind.kind()), "apiVersion": kind.api_version(),
+            let (list_kind, list_version) = if meta {
+                ("PartialObjectMetadataList".to_owned(), "meta.k8s.io/v1")
+            } else {
+                (format!("{}List", kind.kind()), kind.api_version())
+            };
+            let list = json!({"kind": list_kind, "apiVersion": list_version,
                               "metadata": {"resourceVersion": rv.to_string()}, "items": items});
             inner
                 .common
@@ -497,7 +601,7 @@ async fn handle(
         (Method::GET, Some(name)) => {
             let obj = lock(&inner.data)
                 .objects
-                .get(&(kind, ns.unwrap_or_default(), name.clone()))
+                .get(&(kind, ns_key(ns), name.clone()))
                 .cloned();
             match obj {
                 Some(o) => {
@@ -506,7 +610,7 @@ async fn handle(
                         .respond(
                             StatusCode::OK,
                             vec![("content-type", "application/json".into())],
-                            o.to_string(),
+                            shape(o).to_string(),
                         )
                         .await
                 }
@@ -526,10 +630,7 @@ async fn handle(
             }
             let key = (
                 kind,
-                obj["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or("default")
-                    .to_string(),
+                ns_key(obj["metadata"]["namespace"].as_str().map(str::to_owned)),
                 obj["metadata"]["name"]
                     .as_str()
                     .unwrap_or_default()
@@ -556,7 +657,7 @@ async fn handle(
             let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
                 return status(400, "BadRequest", "the body is not JSON");
             };
-            let key = (kind, ns.unwrap_or_else(|| "default".into()), name.clone());
+            let key = (kind, ns_key(ns), name.clone());
             let updated = {
                 let mut d = lock(&inner.data);
                 let Some(mut obj) = d.objects.get(&key).cloned() else {
@@ -568,7 +669,9 @@ async fn handle(
                 };
                 if m == Method::PUT {
                     obj = patch;
-                    obj["metadata"]["namespace"] = json!(key.1);
+                    if kind.namespaced() {
+                        obj["metadata"]["namespace"] = json!(key.1);
+                    }
                 } else {
                     merge_patch(&mut obj, &patch);
                 }
@@ -578,8 +681,7 @@ async fn handle(
             json_response(StatusCode::OK, &updated)
         }
         (Method::DELETE, Some(name)) => {
-            let deleted =
-                lock(&inner.data).delete(kind, &ns.unwrap_or_else(|| "default".into()), &name);
+            let deleted = lock(&inner.data).delete(kind, &ns_key(ns), &name);
             notify(&inner);
             match deleted {
                 Some(o) => json_response(StatusCode::OK, &o),
@@ -605,16 +707,37 @@ fn event_json(ty: &str, obj: &Value) -> Bytes {
     Bytes::from(line)
 }
 
+/// A watch's query options.
+struct WatchOpts {
+    /// `allowWatchBookmarks=true`.
+    bookmarks: bool,
+    /// `timeoutSeconds`.
+    timeout: Option<String>,
+    /// Metadata only (`PartialObjectMetadata`).
+    meta: bool,
+}
+
 async fn start_watch(
     inner: &Arc<Inner>,
     kind: KubeKind,
     ns: Option<String>,
     selector: Option<String>,
     rv: Option<String>,
-    bookmarks: bool,
-    timeout: Option<String>,
+    opts: WatchOpts,
 ) -> Response {
+    let WatchOpts {
+        bookmarks,
+        timeout,
+        meta,
+    } = opts;
     let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let event_json = move |ty: &str, obj: &Value| {
+        if meta && ty != "ERROR" {
+            event_json(ty, &metadata_only(obj))
+        } else {
+            event_json(ty, obj)
+        }
+    };
     let start: Option<u64> = rv
         .as_deref()
         .filter(|r| !r.is_empty() && *r != "0")
