@@ -501,6 +501,12 @@ fn a_browser_logs_in_once_and_reads_every_page() {
         "web.default:8080",
         "--why-expect",
         "ALLOW",
+        "--live-file",
+        services.to_str().unwrap(),
+        "--live-append",
+        "[[services]]\nname = \"reports\"\nnamespace = \"finance\"\nports = { http = 80 }\n[[services.endpoints]]\naddress = \"198.51.100.8\"",
+        "--live-service",
+        "finance/reports",
     ]);
     assert_eq!(
         report["errors"],

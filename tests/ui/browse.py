@@ -109,6 +109,21 @@ def full(args, d):
     shot(d, args.out, "services")
     take_console(d, "services")
 
+    # Live: a service added to the file source appears without a reload.
+    if args.live_file:
+        d.execute_script("window.causewayNoReload = true")
+        with open(args.live_file) as f:
+            text = f.read()
+        tmp = args.live_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text + "\n" + args.live_append + "\n")
+        os.replace(tmp, args.live_file)
+        WebDriverWait(d, WAIT).until(lambda d: args.live_service in [
+            e.text for e in d.find_elements(By.CSS_SELECTOR, "th.service-name")])
+        check(d.execute_script("return window.causewayNoReload === true"),
+              "%s appeared on the services page without a reload" % args.live_service)
+        take_console(d, "live update")
+
     # Search, with the result in the page's URL.
     box = d.find_element(By.ID, "q")
     box.clear()
@@ -225,6 +240,9 @@ def main():
     ap.add_argument("--why-to", default="")
     ap.add_argument("--why-expect", default="ALLOW")
     ap.add_argument("--expect-total", type=int, default=0)
+    ap.add_argument("--live-file", default="", help="file source to add --live-append to")
+    ap.add_argument("--live-append", default="")
+    ap.add_argument("--live-service", default="")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     result = {}
