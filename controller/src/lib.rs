@@ -25,3 +25,4 @@ pub mod policy_admin;
 pub mod push;
 pub mod store;
 pub mod tls_listener;
+pub mod ui;

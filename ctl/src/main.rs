@@ -10,6 +10,7 @@ use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
 mod policy;
+mod ui;
 
 const DEFAULT_TOKEN_FILE: &str = "/var/lib/causeway/controller/admin.token";
 
@@ -137,6 +138,8 @@ enum Command {
         #[arg(long = "header", value_parser = parse_header)]
         headers: Vec<(String, String)>,
     },
+    /// Open the controller's web UI: prints a one-time login URL (valid 60 s).
+    Ui(ui::UiArgs),
     /// Print shell completions, e.g. `causewayctl completions bash >
     /// /etc/bash_completion.d/causewayctl`.
     Completions {
@@ -537,6 +540,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?
         }
+        Command::Ui(args) => ui::run(&api, args).await?,
         Command::Why {
             from,
             to,
