@@ -21,31 +21,21 @@
 //! `Type=notify`, so `systemctl start` returns only once the agent can serve), and
 //! `STOPPING=1` when it begins to shut down. Not here: the watchdog.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode, header};
+use causeway_telemetry::http::reply;
+use causeway_telemetry::metrics::{Labels, const_counter, const_gauge};
+use http::{Method, Request, Response, StatusCode};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
-use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
-/// Largest request head accepted (request line and headers); hyper's smallest buffer.
-pub const MAX_HEAD: usize = 8 * 1024;
-/// Time a client has to send its request head.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub use causeway_telemetry::http::{MAX_HEAD, READ_TIMEOUT};
 
-/// `Content-Type` of the Prometheus text format.
-const PROMETHEUS_TEXT: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
-/// `Content-Type` of OpenMetrics text.
-const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const PLAIN: &str = "text/plain; charset=utf-8";
 
 /// `[health]` in the agent config.
@@ -171,66 +161,14 @@ impl Health {
 
     /// The Prometheus text exposition (0.0.4) of the metrics.
     pub fn metrics(self: &Arc<Self>) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry())
-            .expect("writing to a String");
-        out
-    }
-
-    /// The OpenMetrics text exposition of the metrics (ends with `# EOF`).
-    pub fn openmetrics(self: &Arc<Self>) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry())
-            .expect("writing to a String");
-        out
+        causeway_telemetry::metrics::encode(
+            &self.registry(),
+            causeway_telemetry::metrics::PROMETHEUS_TEXT,
+        )
     }
 }
 
-/// Labels of one sample.
-pub(crate) type Labels = Vec<(&'static str, String)>;
-
-/// One counter family of constant samples (read at scrape time); `name` without the
-/// `_total` the encoder appends.
-pub(crate) fn const_counter(
-    enc: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    samples: &[(Labels, u64)],
-) -> Result<(), std::fmt::Error> {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-    if let [(labels, v)] = samples
-        && labels.is_empty()
-    {
-        return ConstCounter::new(*v).encode(m);
-    }
-    for (labels, v) in samples {
-        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
-}
-
-/// One gauge family of constant samples (read at scrape time).
-pub(crate) fn const_gauge(
-    enc: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    samples: &[(Labels, i64)],
-) -> Result<(), std::fmt::Error> {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    if let [(labels, v)] = samples
-        && labels.is_empty()
-    {
-        return ConstGauge::new(*v).encode(m);
-    }
-    for (labels, v) in samples {
-        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
-}
-
-fn sat(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
+use causeway_telemetry::metrics::gauge_value as sat;
 
 /// The agent's state and the data plane's counters, read at each scrape.
 #[derive(Debug)]
@@ -377,41 +315,9 @@ pub async fn serve(
     })?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "health endpoint listening");
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let h = health.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let h = h.clone();
-                    async move { Ok::<_, Infallible>(handle(&req, peer, &h)) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(READ_TIMEOUT)
-                    .max_buf_size(MAX_HEAD)
-                    .keep_alive(false)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-                if let Err(e) = conn.await {
-                    tracing::debug!(%peer, error = %e, "health endpoint connection");
-                }
-            });
-        }
-    });
+    let task =
+        causeway_telemetry::http::serve(listener, move |req, peer| handle(req, peer, &health));
     Ok(Some((addr, task)))
-}
-
-fn reply(code: StatusCode, ctype: &'static str, body: String) -> Response<String> {
-    let mut r = Response::new(body);
-    *r.status_mut() = code;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(ctype),
-    );
-    r
 }
 
 /// The value of `key` in a URL query, percent-decoded (`+` is a space).
@@ -492,17 +398,10 @@ pub(crate) fn handle<B>(
             ),
         },
         _ => {
-            let openmetrics = req
-                .headers()
-                .get_all(header::ACCEPT)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .any(|v| v.contains("application/openmetrics-text"));
-            if openmetrics {
-                reply(StatusCode::OK, OPENMETRICS_TEXT, health.openmetrics())
-            } else {
-                reply(StatusCode::OK, PROMETHEUS_TEXT, health.metrics())
-            }
+            let ctype =
+                causeway_telemetry::metrics::negotiate(causeway_telemetry::http::accept(req));
+            let body = causeway_telemetry::metrics::encode(&health.registry(), ctype);
+            reply(StatusCode::OK, ctype, body)
         }
     }
 }

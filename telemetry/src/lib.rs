@@ -8,8 +8,13 @@
 //! `journalctl -u causeway-agent -p warning` shows warnings and errors only; else to
 //! stderr as text. Records of the `log` crate (rustls, quinn) go through the same filter.
 //!
+//! Also the plumbing both binaries' metrics endpoints share ([`metrics`], [`http`]).
+//!
 //! A crate of its own, not a module of `causeway-api`: that crate is pure (no files, no
 //! sockets), and the journal needs a socket.
+
+pub mod http;
+pub mod metrics;
 
 use std::sync::OnceLock;
 

@@ -12,7 +12,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Unit;
 
 use super::cache::Cache;
-use crate::health::{Labels, const_counter, const_gauge};
+use causeway_telemetry::metrics::{Labels, const_counter, const_gauge, gauge_value};
 
 /// Upper bounds (seconds) of the upstream latency histogram's buckets.
 pub const BUCKETS: [f64; 14] = [
@@ -61,10 +61,7 @@ impl DnsMetrics {
     pub fn render(self: &Arc<Self>) -> String {
         let mut reg = prometheus_client::registry::Registry::default();
         reg.register_collector(Box::new(self.clone()));
-        let mut out = String::new();
-        prometheus_client::encoding::prometheus_text::encode(&mut out, &reg)
-            .expect("writing to a String");
-        out
+        causeway_telemetry::metrics::encode(&reg, causeway_telemetry::metrics::PROMETHEUS_TEXT)
     }
 }
 
@@ -92,18 +89,17 @@ impl Collector for DnsMetrics {
                 "DNS cache entries pushed out by its entry or byte bound.",
                 &[(none(), u(&n.evictions))],
             )?;
-            let sat = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
             const_gauge(
                 &mut enc,
                 "causeway_agent_dns_cache_entries",
                 "Answers in the DNS cache.",
-                &[(none(), sat(c.len()))],
+                &[(none(), gauge_value(c.len()))],
             )?;
             const_gauge(
                 &mut enc,
                 "causeway_agent_dns_cache_bytes",
                 "Bytes the DNS cache's entries take (as bounded by dns.cache_max_bytes).",
-                &[(none(), sat(c.bytes()))],
+                &[(none(), gauge_value(c.bytes()))],
             )?;
         }
         const_counter(
