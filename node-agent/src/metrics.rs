@@ -32,8 +32,16 @@ fn connect_histogram() -> Histogram {
 /// The process's agent metrics.
 pub fn agent() -> &'static AgentMetrics {
     static M: OnceLock<AgentMetrics> = OnceLock::new();
-    M.get_or_init(|| AgentMetrics {
-        tunnel_connect: Family::new_with_constructor(connect_histogram),
+    M.get_or_init(|| {
+        let m = AgentMetrics {
+            tunnel_connect: Family::new_with_constructor(connect_histogram),
+        };
+        // Both series from the start (zero until the first dial), so dashboards and
+        // rate() see them.
+        for t in ["quic", "tcp"] {
+            m.tunnel_connect.get_or_create(&[("transport", t)]);
+        }
+        m
     })
 }
 
