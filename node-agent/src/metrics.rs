@@ -39,7 +39,7 @@ pub fn agent() -> &'static AgentMetrics {
         // Both series from the start (zero until the first dial), so dashboards and
         // rate() see them.
         for t in ["quic", "tcp"] {
-            m.tunnel_connect.get_or_create(&[("transport", t)]);
+            drop(m.tunnel_connect.get_or_create(&[("transport", t)]));
         }
         m
     })
