@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use causeway_telemetry::http::reply;
-use causeway_telemetry::metrics::{Labels, const_counter, const_gauge};
+use causeway_telemetry::metrics::{Labels, const_counter, const_gauge, gauge_value as sat};
 use http::{Method, Request, Response, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
@@ -167,8 +167,6 @@ impl Health {
         )
     }
 }
-
-use causeway_telemetry::metrics::gauge_value as sat;
 
 /// The agent's state and the data plane's counters, read at each scrape.
 #[derive(Debug)]
