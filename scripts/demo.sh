@@ -73,7 +73,7 @@ trap cleanup EXIT
 
 echo "==> starting causeway-controller (data dir $work/controller)"
 "$B/causeway-controller" --data-dir "$work/controller" --admin-listen 127.0.0.1:0 \
-  --control-listen 127.0.0.1:0 2>"$work/controller.log" &
+  --control-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 2>"$work/controller.log" &
 pids+=($!)
 for _ in $(seq 100); do [ -f "$work/controller/endpoints.json" ] && break; sleep 0.1; done
 [ -f "$work/controller/endpoints.json" ] || { echo "error: the controller did not start" >&2; exit 1; }

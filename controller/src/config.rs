@@ -57,6 +57,26 @@ pub struct Config {
     pub sources: causeway_registry::SourcesConfig,
     /// Diagnostics; not for production.
     pub debug: DebugConfig,
+    /// Prometheus metrics endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the Prometheus endpoint (`GET /metrics`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the metrics endpoint; loopback by default (the design's port 15014,
+    /// as istiod's). Use "0.0.0.0:15014" to let a remote Prometheus scrape it.
+    #[serde(deserialize_with = "causeway_api::netvalue::deserialize")]
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 15014)),
+        }
+    }
 }
 
 /// Admin HTTP API settings.
@@ -171,6 +191,7 @@ impl Default for Config {
             mesh: MeshConfig::default(),
             sources: causeway_registry::SourcesConfig::default(),
             debug: DebugConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -268,6 +289,13 @@ impl Config {
                 humantime::format_duration(head)
             ));
         }
+        let (m, a) = (self.metrics.listen, self.admin.listen);
+        let overlap = m.ip() == a.ip() || m.ip().is_unspecified() || a.ip().is_unspecified();
+        if m.port() != 0 && m.port() == a.port() && overlap {
+            errors.push(format!(
+                "metrics.listen = {m}: the admin API listens there (admin.listen = {a}); use another port (default 127.0.0.1:15014)"
+            ));
+        }
         if !(16..=1_000_000).contains(&self.admin.max_connections) {
             errors.push(format!(
                 "admin.max_connections = {}: must be between 16 and 1000000 (default 1024)",
@@ -340,6 +368,30 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.admin.listen.port(), 15080);
         assert_eq!(c.control.listen.port(), 15012);
+    }
+
+    #[test]
+    fn metrics_listen_defaults_to_15014_and_may_not_take_the_admin_port() {
+        assert_eq!(
+            Config::default().metrics.listen,
+            "127.0.0.1:15014".parse().unwrap()
+        );
+        let c = Config::parse("[metrics]\nlisten = \"0.0.0.0:9464\"", Path::new("c.toml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.metrics.listen.port(), 9464);
+        let c = Config::parse(
+            "[admin]\nlisten = \"127.0.0.1:15080\"\n[metrics]\nlisten = \"0.0.0.0:15080\"",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("metrics.listen = 0.0.0.0:15080") && err.contains("admin.listen"),
+            "{err}"
+        );
+        let err =
+            Config::parse("[metrics]\nlisten = \"localhost:1\"", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("localhost:1"), "{err}");
     }
 
     #[test]

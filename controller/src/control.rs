@@ -295,10 +295,14 @@ impl Ctx {
     ) -> ServerResponse {
         let result = match req.kind {
             Some(client_request::Kind::Join(j)) => {
-                self.enroller.join(&j, remote.ip().to_canonical()).await
+                let r = self.enroller.join(&j, remote.ip().to_canonical()).await;
+                crate::metrics::joined(&r);
+                r
             }
             Some(client_request::Kind::Renew(r)) => {
-                self.enroller.renew(peer.map(|v| v.as_slice()), &r).await
+                let r = self.enroller.renew(peer.map(|v| v.as_slice()), &r).await;
+                crate::metrics::renewed(&r);
+                r
             }
             Some(client_request::Kind::Subscribe(_)) | None => {
                 return error_response(

@@ -5,9 +5,10 @@
 //! certificates ([`enroll`]) over the QUIC control endpoint ([`control`]), merges the
 //! registry sources into one registry with VIPs and agent leases ([`mesh`]), pushes
 //! config to subscribed agents ([`push`]), and serves the admin HTTP API for
-//! `causewayctl` ([`admin`]), with policy resources and `why` ([`policy_admin`]).
+//! `causewayctl` ([`admin`]), with policy resources and `why` ([`policy_admin`]), and
+//! Prometheus metrics on a listener of their own ([`metrics`]).
 //!
-//! What it does not (yet): run with several controllers (etcd) or serve metrics.
+//! What it does not (yet): run with several controllers (etcd).
 
 pub mod address;
 pub mod admin;
@@ -21,6 +22,7 @@ pub mod enroll;
 pub mod etcd;
 pub mod logging;
 pub mod mesh;
+pub mod metrics;
 pub mod policy_admin;
 pub mod push;
 pub mod store;

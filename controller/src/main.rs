@@ -37,6 +37,9 @@ struct Args {
     /// Control endpoint UDP listen address (default 0.0.0.0:15012).
     #[arg(long)]
     control_listen: Option<SocketAddr>,
+    /// Metrics (Prometheus) listen address (default 127.0.0.1:15014).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// `host:port` written into join tokens.
     #[arg(long)]
     advertise: Option<String>,
@@ -187,6 +190,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(a) = args.control_listen {
         cfg.control.listen = a;
     }
+    if let Some(a) = args.metrics_listen {
+        cfg.metrics.listen = a;
+    }
     if let Some(a) = args.advertise {
         cfg.control.advertise = Some(a);
     }
@@ -292,6 +298,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
 
+    // Metrics on a listener of their own (`[metrics] listen`).
+    let (metrics_addr, _metrics_task) =
+        causeway_controller::metrics::spawn(cfg.metrics.listen, mesh.clone()).await?;
+
     let control = ControlServer::bind(cfg.control.listen, &ca)?;
     let control_addr = control.local_addr()?;
     let advertise = cfg
@@ -368,6 +378,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let endpoints = serde_json::json!({
         "admin": format!("{scheme}://{admin_addr}"),
         "control": control_addr.to_string(),
+        "metrics": format!("http://{metrics_addr}"),
         "advertise": advertise,
         "ca_fingerprint": hex(&ca.fingerprint()),
         "pid": std::process::id(),

@@ -1214,6 +1214,23 @@ impl Mesh {
             .collect()
     }
 
+    /// The lowest version a connected agent has acknowledged; None when no agent is
+    /// connected (for the push lag metric).
+    pub fn min_acked_version(&self) -> Option<u64> {
+        let inner = self.lock();
+        let connected = inner.sessions.values().filter(|s| s.view.connected);
+        connected.map(|s| s.view.acked_version).min()
+    }
+
+    /// Since when (ms since the Unix epoch) each registry source has been stale.
+    pub fn source_stale_since_ms(&self) -> BTreeMap<String, Option<u64>> {
+        let inner = self.lock();
+        let sources = inner.registry.sources().iter();
+        sources
+            .map(|(n, e)| (n.clone(), e.state.stale_since_ms))
+            .collect()
+    }
+
     /// The merged registry for the admin API.
     pub fn services(&self) -> Vec<ServiceView> {
         let inner = self.lock();

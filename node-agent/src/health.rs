@@ -1,15 +1,21 @@
-//! Health, readiness and Prometheus metrics on `127.0.0.1:15020`, and systemd readiness
-//! (`sd_notify`).
+//! Health, readiness, Prometheus metrics and the log level on `127.0.0.1:15020`, and
+//! systemd readiness (`sd_notify`).
 //!
 //! - `GET /healthz/live`: 200 while the process serves requests.
 //! - `GET /healthz/ready`: 200 only when the agent has an identity, a config (from the
 //!   controller or the disk cache) and its data plane is up; otherwise 503 with the
 //!   reason in the body. Ansible and load balancers wait on it.
-//! - `GET /metrics`: a few honest gauges and counters in the Prometheus text format.
+//! - `GET /metrics`: the agent's metrics from a `prometheus-client` registry, in the
+//!   Prometheus text format (0.0.4), or OpenMetrics when the scraper asks for it
+//!   (`Accept: application/openmetrics-text`).
+//! - `GET /logging`: the log filter in force; `PUT` or `POST /logging?level=DIRECTIVES`
+//!   (RUST_LOG syntax, e.g. `info,causeway_agent::dataplane=debug`) replaces it until the
+//!   agent restarts. Only loopback clients may use it (403 otherwise), also when the
+//!   endpoint listens on all addresses for a remote Prometheus.
 //!
-//! The responder is a small hand-written HTTP/1.1 server (one request per connection,
-//! `Connection: close`): the agent needs three fixed GET routes, not an HTTP framework.
-//! Malformed requests get 400, oversized heads 431, other methods 405, other paths 404.
+//! Served by hyper (HTTP/1.1, one request per connection): a client has
+//! [`READ_TIMEOUT`] to send its request head and at most [`MAX_HEAD`] bytes of it
+//! (431 beyond); malformed requests get 400, other methods 405, other paths 404.
 //!
 //! When the agent becomes ready it sends `READY=1` to `$NOTIFY_SOCKET` (the unit is
 //! `Type=notify`, so `systemctl start` returns only once the agent can serve), and
@@ -18,16 +24,19 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
 
+use causeway_telemetry::http::reply;
+use causeway_telemetry::metrics::{Labels, const_counter, const_gauge, gauge_value as sat};
+use http::{Method, Request, Response, StatusCode};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Registry;
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
-/// Largest request head accepted (request line and headers).
-const MAX_HEAD: usize = 8 * 1024;
-/// Time a client has to send its request head.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub use causeway_telemetry::http::{MAX_HEAD, READ_TIMEOUT};
+
+const PLAIN: &str = "text/plain; charset=utf-8";
 
 /// `[health]` in the agent config.
 #[derive(Debug, Clone, Deserialize)]
@@ -138,134 +147,149 @@ impl Health {
         }
     }
 
-    /// The Prometheus text exposition of the metrics.
-    pub fn metrics(&self) -> String {
-        let mut out = String::new();
-        let mut gauge = |name: &str, kind: &str, help: &str, lines: &[(String, String)]| {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-            for (labels, v) in lines {
-                out.push_str(&format!("{name}{labels} {v}\n"));
-            }
-        };
-        let b = |x: &AtomicBool| u8::from(x.load(Ordering::Relaxed)).to_string();
-        let u = |x: &AtomicU64| x.load(Ordering::Relaxed).to_string();
-        gauge(
-            "causeway_agent_build_info",
-            "gauge",
-            "Version of the running agent.",
-            &[(
-                format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")),
-                "1".into(),
-            )],
-        );
-        gauge(
-            "causeway_agent_ready",
-            "gauge",
-            "1 when identity, config and data plane are all up (as /healthz/ready).",
-            &[(
-                String::new(),
-                u8::from(self.not_ready_reason().is_none()).to_string(),
-            )],
-        );
-        gauge(
-            "causeway_agent_controller_connected",
-            "gauge",
-            "1 while the control connection to the controller is up.",
-            &[(String::new(), b(&self.controller_connected))],
-        );
-        gauge(
-            "causeway_agent_config_version",
-            "gauge",
-            "Version of the applied mesh config (0: none).",
-            &[(String::new(), u(&self.config_version))],
-        );
-        let exp = self.cert_not_after.load(Ordering::Relaxed);
-        if self.identity.load(Ordering::Relaxed) {
-            gauge(
-                "causeway_agent_certificate_expiry_seconds",
-                "gauge",
-                "Seconds until the workload certificate expires (negative: expired).",
-                &[(String::new(), (exp - now_unix()).to_string())],
-            );
+    /// The registry `/metrics` encodes: this health's and the data plane's values (read
+    /// at scrape time), the DNS server's and the agent's histograms.
+    pub fn registry(self: &Arc<Self>) -> Registry {
+        let mut reg = Registry::default();
+        reg.register_collector(Box::new(HealthCollector(self.clone())));
+        if let Some(d) = self.dns.get() {
+            reg.register_collector(Box::new(d.clone()));
         }
-        gauge(
-            "causeway_agent_config_updates_total",
-            "counter",
+        crate::metrics::agent().register(&mut reg);
+        reg
+    }
+
+    /// The Prometheus text exposition (0.0.4) of the metrics.
+    pub fn metrics(self: &Arc<Self>) -> String {
+        causeway_telemetry::metrics::encode(
+            &self.registry(),
+            causeway_telemetry::metrics::PROMETHEUS_TEXT,
+        )
+    }
+}
+
+/// The agent's state and the data plane's counters, read at each scrape.
+#[derive(Debug)]
+struct HealthCollector(Arc<Health>);
+
+impl Collector for HealthCollector {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let h = &self.0;
+        let b = |x: &AtomicBool| i64::from(x.load(Ordering::Relaxed));
+        let u = |x: &AtomicU64| x.load(Ordering::Relaxed);
+        let none = Labels::new;
+        const_gauge(
+            &mut enc,
+            "causeway_agent_build_info",
+            "Version of the running agent.",
+            &[(vec![("version", env!("CARGO_PKG_VERSION").to_owned())], 1)],
+        )?;
+        const_gauge(
+            &mut enc,
+            "causeway_agent_ready",
+            "1 when identity, config and data plane are all up (as /healthz/ready).",
+            &[(none(), i64::from(h.not_ready_reason().is_none()))],
+        )?;
+        const_gauge(
+            &mut enc,
+            "causeway_agent_controller_connected",
+            "1 while the control connection to the controller is up.",
+            &[(none(), b(&h.controller_connected))],
+        )?;
+        const_gauge(
+            &mut enc,
+            "causeway_agent_config_version",
+            "Version of the applied mesh config (0: none).",
+            &[(none(), sat(u(&h.config_version)))],
+        )?;
+        if h.identity.load(Ordering::Relaxed) {
+            let exp = h.cert_not_after.load(Ordering::Relaxed);
+            const_gauge(
+                &mut enc,
+                "causeway_agent_certificate_expiry_seconds",
+                "Seconds until the workload certificate expires (negative: expired).",
+                &[(none(), exp - now_unix())],
+            )?;
+        }
+        const_counter(
+            &mut enc,
+            "causeway_agent_config_updates",
             "Config updates applied by this process.",
             &[
-                ("{kind=\"full\"}".into(), u(&self.full_updates)),
-                ("{kind=\"delta\"}".into(), u(&self.delta_updates)),
+                (vec![("kind", "full".into())], u(&h.full_updates)),
+                (vec![("kind", "delta".into())], u(&h.delta_updates)),
             ],
-        );
-        gauge(
-            "causeway_agent_certificate_renewals_total",
-            "counter",
+        )?;
+        const_counter(
+            &mut enc,
+            "causeway_agent_certificate_renewals",
             "Certificate renewals by this process.",
-            &[(String::new(), u(&self.renewals))],
-        );
-        if let Some(t) = self.tunnel.get() {
+            &[(none(), u(&h.renewals))],
+        )?;
+        if let Some(t) = h.tunnel.get() {
             let c = t.counters();
-            let by = |what: &str, v: [u64; 2]| -> Vec<(String, String)> {
+            let by = |extra: Option<&'static str>, v: [u64; 2]| -> Vec<(Labels, u64)> {
                 ["quic", "tcp"]
                     .iter()
                     .zip(v)
-                    .map(|(tr, n)| (format!("{{{what}transport=\"{tr}\"}}"), n.to_string()))
+                    .map(|(tr, n)| {
+                        let mut l: Labels = extra
+                            .map(|d| vec![("direction", d.to_owned())])
+                            .unwrap_or_default();
+                        l.push(("transport", (*tr).to_owned()));
+                        (l, n)
+                    })
                     .collect()
             };
-            let mut streams = by("direction=\"outbound\",", c.opened);
-            streams.extend(by("direction=\"inbound\",", c.accepted));
-            gauge(
-                "causeway_agent_tunnel_streams_total",
-                "counter",
+            let mut streams = by(Some("outbound"), c.opened);
+            streams.extend(by(Some("inbound"), c.accepted));
+            const_counter(
+                &mut enc,
+                "causeway_agent_tunnel_streams",
                 "Proxied connections carried by the tunnel, by direction and transport (tcp: TCP + TLS).",
                 &streams,
-            );
-            gauge(
-                "causeway_agent_tunnel_dials_total",
-                "counter",
+            )?;
+            const_counter(
+                &mut enc,
+                "causeway_agent_tunnel_dials",
                 "Tunnel connections dialled to peer agents, by transport.",
-                &by("", c.dials),
-            );
-            gauge(
+                &by(None, c.dials),
+            )?;
+            const_gauge(
+                &mut enc,
                 "causeway_agent_tunnel_peers_on_tcp",
-                "gauge",
                 "Peer agents reached over TCP + TLS because QUIC got no answer (UDP blocked?).",
-                &[(String::new(), c.peers_on_tcp.to_string())],
-            );
-            gauge(
+                &[(none(), sat(c.peers_on_tcp))],
+            )?;
+            let conns: Vec<(Labels, i64)> = by(None, c.connections)
+                .into_iter()
+                .map(|(l, n)| (l, sat(n)))
+                .collect();
+            const_gauge(
+                &mut enc,
                 "causeway_agent_tunnel_connections",
-                "gauge",
                 "Tunnel connections open to and from peer agents, by transport (tcp: multiplexed TCP + TLS).",
-                &by("", c.connections),
-            );
+                &conns,
+            )?;
         }
-        let decisions: Vec<(String, String)> = crate::dataplane::authz::decisions()
+        let decisions: Vec<(Labels, u64)> = crate::dataplane::authz::decisions()
             .snapshot()
             .into_iter()
-            .map(|(d, policy, n)| {
-                let policy = policy.replace('\\', "\\\\").replace('"', "\\\"");
-                (
-                    format!("{{decision=\"{d}\",policy=\"{policy}\"}}"),
-                    n.to_string(),
-                )
-            })
+            .map(|(d, policy, n)| (vec![("decision", d.to_owned()), ("policy", policy)], n))
             .collect();
-        gauge(
-            "causeway_agent_authz_decisions_total",
-            "counter",
+        const_counter(
+            &mut enc,
+            "causeway_agent_authz_decisions",
             "Authorization decisions on inbound connections, by decision and deciding policy (namespace/name; none: no ALLOW policy selects the workload; no-allow-match: denied because no ALLOW policy matched).",
             &decisions,
-        );
-        gauge(
-            "causeway_agent_health_requests_total",
-            "counter",
+        )?;
+        const_counter(
+            &mut enc,
+            "causeway_agent_health_requests",
             "Requests served by this endpoint.",
-            &[(String::new(), u(&self.requests))],
-        );
-        if let Some(d) = self.dns.get() {
-            out.push_str(&d.render());
-        }
-        out
+            &[(none(), u(&h.requests))],
+        )?;
+        Ok(())
     }
 }
 
@@ -289,122 +313,141 @@ pub async fn serve(
     })?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "health endpoint listening");
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let h = health.clone();
-            tokio::spawn(async move {
-                let _ = handle(stream, &h).await;
-            });
-        }
-    });
+    let task =
+        causeway_telemetry::http::serve(listener, move |req, peer| handle(req, peer, &health));
     Ok(Some((addr, task)))
 }
 
-/// The response to one request head: status code, reason, body.
-pub(crate) fn respond(head: &[u8], health: &Health) -> (u16, &'static str, String) {
-    let Ok(text) = std::str::from_utf8(head) else {
-        return (400, "Bad Request", "request is not UTF-8\n".into());
-    };
-    let line = text.split("\r\n").next().unwrap_or("");
-    let parts: Vec<&str> = line.split(' ').collect();
-    let [method, target, version] = parts[..] else {
-        return (
-            400,
-            "Bad Request",
-            "malformed request line; expected \"GET /healthz/ready HTTP/1.1\"\n".into(),
-        );
-    };
-    if !matches!(version, "HTTP/1.1" | "HTTP/1.0") {
-        return (
-            400,
-            "Bad Request",
-            format!("unsupported protocol {version:?}; use HTTP/1.1\n"),
+/// The value of `key` in a URL query, percent-decoded (`+` is a space).
+fn query_value(query: &str, key: &str) -> Option<Result<String, String>> {
+    let raw = query.split('&').find_map(|kv| {
+        kv.split_once('=')
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    })?;
+    let mut out = Vec::with_capacity(raw.len());
+    let mut bytes = raw.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let hex: Vec<u8> = bytes.by_ref().take(2).collect();
+                let v = std::str::from_utf8(&hex)
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .filter(|_| hex.len() == 2);
+                match v {
+                    Some(v) => out.push(v),
+                    None => return Some(Err(format!("bad percent-encoding in {key}={raw:?}"))),
+                }
+            }
+            b'+' => out.push(b' '),
+            _ => out.push(b),
+        }
+    }
+    Some(String::from_utf8(out).map_err(|_| format!("{key}={raw:?} is not UTF-8")))
+}
+
+/// The response to one request from `peer`.
+pub(crate) fn handle<B>(
+    req: &Request<B>,
+    peer: SocketAddr,
+    health: &Arc<Health>,
+) -> Response<String> {
+    health.requests.fetch_add(1, Ordering::Relaxed);
+    let path = req.uri().path();
+    let method = req.method();
+    if req.uri().authority().is_some() || !path.starts_with('/') {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            PLAIN,
+            format!(
+                "bad request target {:?}; use a path such as /healthz/ready\n",
+                req.uri().to_string()
+            ),
         );
     }
-    if !target.starts_with('/') {
-        return (
-            400,
-            "Bad Request",
-            format!("bad request target {target:?}\n"),
-        );
+    if path == "/logging" {
+        return logging(req, peer);
     }
-    let path = target.split('?').next().unwrap_or(target);
     if !matches!(path, "/healthz/ready" | "/healthz/live" | "/metrics") {
-        return (
-            404,
-            "Not Found",
-            format!("no such path {path:?}; try /healthz/ready, /healthz/live or /metrics\n"),
+        return reply(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            format!(
+                "no such path {path:?}; try /healthz/ready, /healthz/live, /metrics or /logging\n"
+            ),
         );
     }
-    if method != "GET" && method != "HEAD" {
-        return (
-            405,
-            "Method Not Allowed",
-            format!("method {method:?} not allowed; use GET\n"),
+    if method != Method::GET && method != Method::HEAD {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            PLAIN,
+            format!("method {method} not allowed; use GET\n"),
         );
     }
     match path {
-        "/healthz/live" => (200, "OK", "live\n".into()),
+        "/healthz/live" => reply(StatusCode::OK, PLAIN, "live\n".into()),
         "/healthz/ready" => match health.not_ready_reason() {
-            None => (200, "OK", "ready\n".into()),
-            Some(why) => (503, "Service Unavailable", format!("not ready: {why}\n")),
+            None => reply(StatusCode::OK, PLAIN, "ready\n".into()),
+            Some(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                PLAIN,
+                format!("not ready: {why}\n"),
+            ),
         },
-        _ => (200, "OK", health.metrics()),
+        _ => {
+            let ctype =
+                causeway_telemetry::metrics::negotiate(causeway_telemetry::http::accept(req));
+            let body = causeway_telemetry::metrics::encode(&health.registry(), ctype);
+            reply(StatusCode::OK, ctype, body)
+        }
     }
 }
 
-async fn handle(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
-    health.requests.fetch_add(1, Ordering::Relaxed);
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    let read = async {
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                return Ok::<_, std::io::Error>(Some(end));
-            }
-            if buf.len() > MAX_HEAD {
-                return Ok(None);
-            }
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    };
-    let (code, reason, body) = match tokio::time::timeout(READ_TIMEOUT, read).await {
-        Err(_) => (
-            408,
-            "Request Timeout",
-            "request head not received in time\n".into(),
-        ),
-        Ok(Err(e)) => return Err(e),
-        Ok(Ok(None)) => (
-            431,
-            "Request Header Fields Too Large",
-            format!("request head larger than {MAX_HEAD} bytes\n"),
-        ),
-        Ok(Ok(Some(end))) => respond(&buf[..end], health),
-    };
-    let head_only = buf.starts_with(b"HEAD ");
-    let ctype = if body.starts_with("# HELP") {
-        "text/plain; version=0.0.4; charset=utf-8"
-    } else {
-        "text/plain; charset=utf-8"
-    };
-    let mut resp = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if !head_only {
-        resp.push_str(&body);
+/// `/logging`: read (GET) or replace (PUT, POST `?level=`) the log filter; loopback only.
+fn logging<B>(req: &Request<B>, peer: SocketAddr) -> Response<String> {
+    if !peer.ip().to_canonical().is_loopback() {
+        return reply(
+            StatusCode::FORBIDDEN,
+            PLAIN,
+            format!(
+                "/logging answers only to clients on this host (loopback), not {}\n",
+                peer.ip()
+            ),
+        );
     }
-    stream.write_all(resp.as_bytes()).await?;
-    stream.shutdown().await
+    let method = req.method();
+    if method == Method::GET || method == Method::HEAD {
+        let now = causeway_telemetry::current_filter().unwrap_or_else(|| "(not set up)".into());
+        return reply(StatusCode::OK, PLAIN, format!("{now}\n"));
+    }
+    if method != Method::PUT && method != Method::POST {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            PLAIN,
+            format!(
+                "method {method} not allowed on /logging; use GET, or PUT /logging?level=info\n"
+            ),
+        );
+    }
+    let level = match query_value(req.uri().query().unwrap_or(""), "level") {
+        None => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                PLAIN,
+                "no level given; use PUT /logging?level=DIRECTIVES, e.g. level=info or level=info,causeway_agent::dataplane=debug\n".into(),
+            );
+        }
+        Some(Err(e)) => return reply(StatusCode::BAD_REQUEST, PLAIN, format!("{e}\n")),
+        Some(Ok(l)) => l,
+    };
+    match causeway_telemetry::set_filter(&level) {
+        Ok(now) => {
+            tracing::warn!(filter = %now, client = %peer, "log filter changed at run time");
+            reply(StatusCode::OK, PLAIN, format!("{now}\n"))
+        }
+        Err(e) => reply(StatusCode::BAD_REQUEST, PLAIN, format!("{e}\n")),
+    }
 }
 
 /// Sends `state` to systemd's `$NOTIFY_SOCKET` (a path, or an abstract socket named with
@@ -443,6 +486,24 @@ pub fn notify_to(path: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
+
+    const LOCAL: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000);
+
+    fn request(method: &str, target: &str) -> Request<()> {
+        Request::builder()
+            .method(method)
+            .uri(target)
+            .body(())
+            .unwrap()
+    }
+
+    fn code(h: &Arc<Health>, method: &str, target: &str, peer: SocketAddr) -> (u16, String) {
+        let r = handle(&request(method, target), peer, h);
+        (r.status().as_u16(), r.into_body())
+    }
 
     fn ready() -> Arc<Health> {
         let h = Health::new();
@@ -464,19 +525,20 @@ mod tests {
         assert!(h.not_ready_reason().unwrap().contains("data plane"));
         h.set_dataplane_up(true);
         assert!(h.not_ready_reason().unwrap().contains("no config"));
-        let (code, _, body) = respond(b"GET /healthz/ready HTTP/1.1", &h);
-        assert_eq!(code, 503);
+        let (c, body) = code(&h, "GET", "/healthz/ready", LOCAL);
+        assert_eq!(c, 503);
         assert!(body.contains("no config"), "{body}");
         h.update(&crate::run::RunStatus {
             full_updates: 1,
             ..Default::default()
         });
-        assert_eq!(respond(b"GET /healthz/ready HTTP/1.1", &h).0, 200);
+        assert_eq!(code(&h, "GET", "/healthz/ready", LOCAL).0, 200);
     }
 
-    #[test]
-    fn malformed_requests_get_clear_errors() {
+    #[tokio::test]
+    async fn malformed_requests_get_clear_errors() {
         let h = ready();
+        let (addr, task) = serve(&local_cfg(), h.clone()).await.unwrap().unwrap();
         for (req, code) in [
             (&b"GET /healthz/live HTTP/1.1\r\nHost: x"[..], 200),
             (b"GET /metrics?x=1 HTTP/1.0", 200),
@@ -488,11 +550,21 @@ mod tests {
             (b"\xff\xfe /x HTTP/1.1", 400),
             (b"POST /healthz/ready HTTP/1.1", 405),
             (b"GET /admin HTTP/1.1", 404),
-            (b"", 400),
         ] {
-            let (c, _, body) = respond(req, &h);
-            assert_eq!(c, code, "{:?}: {body}", String::from_utf8_lossy(req));
+            let mut raw = req.to_vec();
+            raw.extend_from_slice(b"\r\n\r\n");
+            let r = get(addr, &raw).await;
+            // An HTTP/1.0 request gets an HTTP/1.0 response.
+            assert!(
+                r.starts_with("HTTP/1.") && r.get(9..13) == Some(&format!("{code} ")),
+                "{:?}: want {code}, got {r:?}",
+                String::from_utf8_lossy(req)
+            );
         }
+        // Blank lines are no request (RFC 9112 lets a server skip them): the connection
+        // is closed, without a response, once the read timeout has passed.
+        assert_eq!(get(addr, b"\r\n\r\n").await, "");
+        task.abort();
     }
 
     #[test]
@@ -513,6 +585,13 @@ mod tests {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(name.starts_with("causeway_agent_"), "{line}");
             value.parse::<f64>().unwrap_or_else(|_| panic!("{line}"));
+        }
+    }
+
+    fn local_cfg() -> HealthConfig {
+        HealthConfig {
+            enabled: true,
+            listen: "127.0.0.1:0".parse().unwrap(),
         }
     }
 
@@ -555,6 +634,89 @@ mod tests {
         drop(TcpStream::connect(addr).await.unwrap());
         let r = get(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
         assert!(r.contains("causeway_agent_health_requests_total"), "{r}");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn metrics_content_type_follows_the_accept_header() {
+        let h = ready();
+        let (addr, task) = serve(&local_cfg(), h.clone()).await.unwrap().unwrap();
+        let r = get(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(
+            r.contains("content-type: text/plain; version=0.0.4; charset=utf-8\r\n"),
+            "{r}"
+        );
+        assert!(
+            r.contains("\ncauseway_agent_ready 1\n") && !r.contains("# EOF"),
+            "{r}"
+        );
+        let r = get(
+            addr,
+            b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n\r\n",
+        )
+        .await;
+        assert!(
+            r.contains(
+                "content-type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n"
+            ),
+            "{r}"
+        );
+        assert!(r.ends_with("# EOF\n"), "{r}");
+        let r = get(addr, b"GET /healthz/live HTTP/1.1\r\n\r\n").await;
+        assert!(
+            r.contains("content-type: text/plain; charset=utf-8\r\n"),
+            "{r}"
+        );
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn logging_endpoint_changes_the_filter_for_loopback_clients_only() {
+        causeway_telemetry::init("info");
+        let h = ready();
+        // Another host: refused whatever the method.
+        let remote: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        for m in ["GET", "PUT", "POST"] {
+            let (c, body) = code(&h, m, "/logging?level=debug", remote);
+            assert_eq!(c, 403, "{m}: {body}");
+            assert!(
+                body.contains("loopback") && body.contains("192.0.2.7"),
+                "{body}"
+            );
+        }
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:40000".parse().unwrap();
+        assert_eq!(code(&h, "GET", "/logging", mapped).0, 200);
+        assert_eq!(code(&h, "DELETE", "/logging", LOCAL).0, 405);
+        let (c, body) = code(&h, "PUT", "/logging", LOCAL);
+        assert_eq!(c, 400);
+        assert!(body.contains("level="), "{body}");
+        let (c, body) = code(
+            &h,
+            "PUT",
+            "/logging?level=info,causeway_agent%3Dloud",
+            LOCAL,
+        );
+        assert_eq!(c, 400);
+        assert!(body.contains("causeway_agent=loud"), "{body}");
+
+        // Over TCP from loopback: every directive (percent-encoded) is taken.
+        let (addr, task) = serve(&local_cfg(), h.clone()).await.unwrap().unwrap();
+        let r = get(
+            addr,
+            b"PUT /logging?level=warn%2Ccauseway_agent%3A%3Adns%3Ddebug HTTP/1.1\r\n\r\n",
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+        assert!(
+            r.contains("causeway_agent::dns=debug") && r.contains("warn"),
+            "{r}"
+        );
+        let r = get(addr, b"GET /logging HTTP/1.1\r\n\r\n").await;
+        assert!(r.contains("causeway_agent::dns=debug"), "{r}");
+        assert_eq!(
+            causeway_telemetry::current_filter().as_deref(),
+            r.rsplit("\r\n\r\n").next().map(str::trim)
+        );
         task.abort();
     }
 

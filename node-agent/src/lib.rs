@@ -18,6 +18,7 @@ pub mod dns;
 pub mod health;
 pub mod identity;
 pub mod logging;
+pub mod metrics;
 pub mod pinned;
 pub mod push;
 pub mod run;

@@ -87,31 +87,8 @@ pub fn renewal_time(not_before: i64, not_after: i64, renew_at: f64, jitter: f64,
     not_before + (life * fraction) as i64
 }
 
-/// Exponential backoff with full jitter between `min` and `max`.
-#[derive(Debug)]
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max,
-            current: min,
-        }
-    }
-    fn reset(&mut self) {
-        self.current = self.min;
-    }
-    fn next(&mut self) -> Duration {
-        let d = self.current;
-        self.current = (self.current * 2).min(self.max);
-        d.mul_f64(0.5 + 0.5 * unit_random())
-    }
-}
+/// Control-connection and renewal retries: the shared backoff (full jitter).
+use causeway_api::backoff::Backoff;
 
 struct Reporter {
     state: StateDir,
@@ -262,7 +239,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             let wait = if refused {
                 id_cfg.retry_max
             } else {
-                backoff.next()
+                backoff.next_delay()
             };
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -328,7 +305,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                         s.controller_connected = false;
                         s.last_error = Some(msg.clone());
                     });
-                    let wait = backoff.next();
+                    let wait = backoff.next_delay();
                     tokio::select! {
                         _ = &mut shutdown => break,
                         _ = tokio::time::sleep(wait) => continue,
@@ -391,7 +368,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                     let msg = e.to_string();
                     report(&move |s| s.last_error = Some(msg.clone()));
                     let wait = if e.is_retryable() {
-                        backoff.next()
+                        backoff.next_delay()
                     } else {
                         id_cfg.retry_max
                     };
@@ -474,11 +451,16 @@ mod tests {
     #[test]
     fn backoff_grows_to_its_cap() {
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
-        let waits: Vec<Duration> = (0..6).map(|_| b.next()).collect();
-        assert!(waits[0] <= Duration::from_secs(1));
-        assert!(waits[3] >= Duration::from_secs(4), "{waits:?}");
-        assert!(waits.iter().all(|w| *w <= Duration::from_secs(8)));
+        // Full jitter: each wait is drawn from [0, bound]; the bound doubles to the cap.
+        let mut bounds = Vec::new();
+        for _ in 0..6 {
+            let bound = b.current_bound();
+            let w = b.next_delay();
+            assert!(w <= bound, "{w:?} above {bound:?}");
+            bounds.push(bound.as_secs());
+        }
+        assert_eq!(bounds, [1, 2, 4, 8, 8, 8]);
         b.reset();
-        assert!(b.next() <= Duration::from_secs(1));
+        assert!(b.next_delay() <= Duration::from_secs(1));
     }
 }

@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::ConsulSourceConfig;
 use crate::source::{
-    Backoff, FetchError, SourceError, SourceOptions, SourceUpdate, StateTracker, get_limited,
+    FetchError, SourceError, SourceOptions, SourceUpdate, StateTracker, get_limited,
     http_client_with_ca,
 };
 
@@ -358,7 +358,7 @@ async fn watch(
     tx: mpsc::UnboundedSender<Event>,
 ) {
     let mut index = 0u64;
-    let mut backoff = Backoff::new(&src.opts);
+    let mut backoff = src.opts.backoff();
     let mut last_call: Option<tokio::time::Instant> = None;
     loop {
         if let Some(t) = last_call {

@@ -27,8 +27,7 @@ use tokio::sync::mpsc;
 
 use crate::config::EurekaSourceConfig;
 use crate::source::{
-    Backoff, FetchError, SourceError, SourceOptions, SourceUpdate, StateTracker, get_limited,
-    http_client,
+    FetchError, SourceError, SourceOptions, SourceUpdate, StateTracker, get_limited, http_client,
 };
 
 /// A Eureka server as a source.
@@ -150,7 +149,7 @@ impl EurekaSource {
         let mut local: Local = BTreeMap::new();
         let mut need_full = true;
         let mut tracker = StateTracker::new();
-        let mut backoff = Backoff::new(&self.opts);
+        let mut backoff = self.opts.backoff();
         let send = |change: Option<SourceChange>, tracker: &StateTracker| {
             let update = SourceUpdate {
                 source: self.name.clone(),

@@ -39,7 +39,7 @@ use kube::{Api, Client, Config};
 use tokio::sync::mpsc;
 
 use crate::config::KubernetesSourceConfig;
-use crate::source::{Backoff, SourceOptions, SourceUpdate, StateTracker};
+use crate::source::{SourceOptions, SourceUpdate, StateTracker};
 
 /// A Kubernetes cluster as a source.
 #[derive(Clone, Debug)]
@@ -384,7 +384,7 @@ impl KubernetesSource {
     /// Runs until `tx` is closed.
     pub async fn run(self, tx: mpsc::Sender<SourceUpdate>) {
         let mut tracker = StateTracker::new();
-        let mut backoff = Backoff::new(&self.opts);
+        let mut backoff = self.opts.backoff();
         let send = |change: Option<SourceChange>, tracker: &StateTracker| {
             let update = SourceUpdate {
                 source: self.name.clone(),

@@ -426,54 +426,16 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Retry delays after failures: exponential with a cap, and "full jitter" (AWS
-/// architecture blog, "Exponential Backoff and Jitter"): the n-th delay in a row is drawn
-/// uniformly from `[0, min(max, first * 2^(n-1))]`, so sources failing together do not
-/// retry in step. Every failure of a source (HTTP error, unreadable body, timeout) goes
-/// through one of these; a success resets it.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    first: Duration,
-    max: Duration,
-    next: Duration,
-    draws: u64,
-}
+/// Retry delays after failures: the shared exponential backoff with full jitter
+/// ([`causeway_api::backoff`]). Every failure of a source (HTTP error, unreadable body,
+/// timeout) goes through one of these; a success resets it.
+pub(crate) use causeway_api::backoff::Backoff;
 
-impl Backoff {
-    pub(crate) fn new(opts: &SourceOptions) -> Self {
-        Self {
-            first: opts.error_backoff,
-            max: opts.max_backoff,
-            next: opts.error_backoff.min(opts.max_backoff),
-            draws: 0,
-        }
+impl SourceOptions {
+    /// The backoff for this source's retries: from `error_backoff` up to `max_backoff`.
+    pub(crate) fn backoff(&self) -> Backoff {
+        Backoff::new(self.error_backoff, self.max_backoff)
     }
-
-    pub(crate) fn reset(&mut self) {
-        self.next = self.first.min(self.max);
-    }
-
-    /// The bound the next delay is drawn below.
-    #[cfg(test)]
-    pub(crate) fn bound(&self) -> Duration {
-        self.next
-    }
-
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let bound = self.next;
-        self.next = (self.next * 2).min(self.max);
-        self.draws += 1;
-        bound.mul_f64(unit_random(self.draws))
-    }
-}
-
-/// A number in `[0, 1]` that differs between calls and processes (jitter needs no more:
-/// std's randomly keyed SipHash over a counter, no random-number crate needed).
-fn unit_random(counter: u64) -> f64 {
-    use std::hash::BuildHasher as _;
-    let bits = std::collections::hash_map::RandomState::new().hash_one(counter);
-    // 53 random bits → [0, 1]
-    (bits >> 11) as f64 / ((1u64 << 53) - 1) as f64
 }
 
 /// Tracks a source's state and tells when it changed.
@@ -518,17 +480,17 @@ mod tests {
             max_backoff: Duration::from_millis(350),
             ..SourceOptions::default()
         };
-        let mut b = Backoff::new(&opts);
+        let mut b = opts.backoff();
         let mut bounds = Vec::new();
         for _ in 0..4 {
-            let bound = b.bound();
+            let bound = b.current_bound();
             let d = b.next_delay();
             assert!(d <= bound, "{d:?} above its bound {bound:?}");
             bounds.push(bound.as_millis());
         }
         assert_eq!(bounds, vec![100, 200, 350, 350]);
         b.reset();
-        assert_eq!(b.bound().as_millis(), 100);
+        assert_eq!(b.current_bound().as_millis(), 100);
         // Jitter: many draws below one bound spread out over it (not all equal, not all
         // at the bound), and their mean is near half the bound.
         let opts = SourceOptions {
@@ -536,7 +498,7 @@ mod tests {
             max_backoff: Duration::from_secs(1),
             ..SourceOptions::default()
         };
-        let mut b = Backoff::new(&opts);
+        let mut b = opts.backoff();
         let draws: Vec<f64> = (0..400).map(|_| b.next_delay().as_secs_f64()).collect();
         let mean = draws.iter().sum::<f64>() / 400.0;
         assert!((0.35..0.65).contains(&mean), "mean {mean}");

@@ -118,6 +118,8 @@ pub struct Controller {
     pub admin: String,
     /// Control endpoint address.
     pub control: String,
+    /// Metrics endpoint base URL (`http://127.0.0.1:PORT`, a free port per controller).
+    pub metrics: String,
     /// CA fingerprint (hex).
     pub fingerprint: String,
     extra: Vec<String>,
@@ -133,6 +135,7 @@ impl Controller {
             child: None,
             admin: String::new(),
             control: String::new(),
+            metrics: String::new(),
             fingerprint: String::new(),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             prefix: Vec::new(),
@@ -152,6 +155,7 @@ impl Controller {
             child: None,
             admin: String::new(),
             control: String::new(),
+            metrics: String::new(),
             fingerprint: String::new(),
             extra: vec!["--config".into(), cfg.to_str().expect("utf-8 path").into()],
             prefix: vec![
@@ -193,6 +197,7 @@ impl Controller {
             child: None,
             admin: String::new(),
             control: String::new(),
+            metrics: String::new(),
             fingerprint: String::new(),
             extra: vec![
                 "--config".into(),
@@ -236,6 +241,13 @@ impl Controller {
                 &control,
             ])
             .args(&self.extra)
+            // A free port per controller, unless the test chose one.
+            .args(
+                (!self.extra.iter().any(|a| a == "--metrics-listen"))
+                    .then_some(["--metrics-listen", "127.0.0.1:0"])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -255,6 +267,7 @@ impl Controller {
         });
         self.admin = v["admin"].as_str().expect("admin").to_owned();
         self.control = v["control"].as_str().expect("control").to_owned();
+        self.metrics = v["metrics"].as_str().expect("metrics").to_owned();
         self.fingerprint = v["ca_fingerprint"]
             .as_str()
             .expect("fingerprint")

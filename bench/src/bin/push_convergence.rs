@@ -290,6 +290,8 @@ impl Controller {
                 "127.0.0.1:0",
                 "--control-listen",
                 "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
             ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())

@@ -139,8 +139,9 @@ impl Balancer {
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let st = s.entry(key.to_owned()).or_default();
         st.failures = st.failures.saturating_add(1);
-        let factor = 1u32 << st.failures.saturating_sub(1).min(16);
-        let d = self.eject_base.saturating_mul(factor).min(self.eject_max);
+        // The shared exponential schedule, without jitter: an ejection is a penalty, not a
+        // retry that must be spread out (as Envoy's outlier detection).
+        let d = causeway_api::backoff::bound(self.eject_base, self.eject_max, st.failures - 1);
         st.ejected_until = Some(now + d);
         tracing::info!(endpoint = key, ejected_for = ?d, "endpoint ejected after a failed connect");
     }

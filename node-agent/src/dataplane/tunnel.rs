@@ -925,6 +925,7 @@ impl Tunnel {
         peer: SocketAddr,
         expected: &str,
     ) -> Result<Pooled<quinn::Connection>, TunnelError> {
+        let started = std::time::Instant::now();
         self.dials
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Read before the TLS configuration is: a renewal in between makes the
@@ -958,6 +959,7 @@ impl Tunnel {
             .ok_or_else(|| err("the peer presented no certificate".into()))?
             .map_err(err)?;
         tracing::debug!(%peer, identity = expected, "tunnel connection up");
+        crate::metrics::tunnel_connected("quic", started);
         Ok(Pooled::new(conn, Arc::new(facts), identity))
     }
 
@@ -1185,6 +1187,7 @@ impl Tunnel {
     /// Dials TCP, handshakes TLS (the peer must present `expected`) and, when the peer
     /// chose the multiplexed protocol, HTTP/2.
     async fn dial_tcp(&self, peer: SocketAddr, expected: &str) -> Result<TcpDial, TunnelError> {
+        let started = std::time::Instant::now();
         self.tcp_dials
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // As in `dial`: read before the TLS configuration.
@@ -1218,6 +1221,7 @@ impl Tunnel {
             .ok_or_else(|| err("the peer presented no certificate".into()))
             .and_then(|leaf| tls::peer_facts(leaf).map_err(err))?;
         if stream.get_ref().1.alpn_protocol() != Some(mux::ALPN_MUX) {
+            crate::metrics::tunnel_connected("tcp", started);
             return Ok(TcpDial::Single(stream, Arc::new(facts)));
         }
         let (send, conn) = tokio::time::timeout(
@@ -1245,6 +1249,7 @@ impl Tunnel {
             drop(open);
         });
         tracing::debug!(%peer, identity = expected, "multiplexed TCP + TLS tunnel connection up");
+        crate::metrics::tunnel_connected("tcp", started);
         Ok(TcpDial::Mux(Pooled::new(
             MuxConn { send, closed },
             facts,

@@ -162,7 +162,7 @@ impl UdpInner {
                     return;
                 }
                 Err(e) => {
-                    self.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.upstream_errors.inc();
                     tracing::debug!(upstream = %self.upstreams[p.upstream], error = %e, "cannot send to the upstream (UDP)");
                     p.upstream += 1;
                 }
@@ -206,7 +206,7 @@ impl UdpInner {
                 Err(e) => {
                     // An ICMP error of an earlier send (port unreachable): the upstream
                     // does not serve; its queries on this socket go to the next one now.
-                    self.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.upstream_errors.inc();
                     tracing::debug!(upstream = %self.upstreams[s / SOCKETS_PER_UPSTREAM], error = %e, "upstream unreachable (UDP)");
                     let mut t = self.lock();
                     let keys: Vec<u32> = t
@@ -285,9 +285,7 @@ impl UdpInner {
                 .collect();
             for k in late {
                 if let Some(mut p) = t.map.remove(&k) {
-                    self.metrics
-                        .upstream_timeouts
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.metrics.upstream_timeouts.inc();
                     tracing::debug!(upstream = %self.upstreams[p.upstream], "upstream did not answer in time (UDP)");
                     p.upstream += 1;
                     self.dispatch(&mut t, p);
@@ -469,9 +467,9 @@ impl Forwarder {
             );
             key
         };
-        self.metrics.forwarded[0].fetch_add(1, Ordering::Relaxed);
+        self.metrics.forwarded[0].inc();
         if let Err(e) = u.socks[(key >> 16) as usize].send(query) {
-            self.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            self.metrics.upstream_errors.inc();
             tracing::debug!(upstream = %u.upstreams[0], error = %e, "cannot send to the upstream (UDP)");
             let mut t = u.lock();
             if let Some(mut p) = t.map.remove(&key) {
@@ -546,7 +544,7 @@ impl Forwarder {
 
     /// Forwards over TCP (a kept connection when there is one).
     pub async fn tcp(&self, query: &[u8]) -> Option<Vec<u8>> {
-        self.metrics.forwarded[1].fetch_add(1, Ordering::Relaxed);
+        self.metrics.forwarded[1].inc();
         for (i, u) in self.upstreams.iter().enumerate() {
             let sent = Instant::now();
             match self.tcp_one(i, query).await {
@@ -560,7 +558,7 @@ impl Forwarder {
                     } else {
                         &self.metrics.upstream_errors
                     };
-                    c.fetch_add(1, Ordering::Relaxed);
+                    c.inc();
                     tracing::debug!(upstream = %u, error = %e, "upstream did not answer (TCP)")
                 }
             }

@@ -1,11 +1,18 @@
-//! DNS counters for `/metrics` (Prometheus text format, the style of `health.rs`).
+//! DNS counters for `/metrics` (prometheus-client types, collected by `health.rs`).
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Unit;
+
 use super::cache::Cache;
+use causeway_telemetry::metrics::{Labels, const_counter, const_gauge, gauge_value};
 
 /// Upper bounds (seconds) of the upstream latency histogram's buckets.
 pub const BUCKETS: [f64; 14] = [
@@ -13,20 +20,24 @@ pub const BUCKETS: [f64; 14] = [
 ];
 
 /// What the DNS server counts.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DnsMetrics {
     /// The cache, when it is on.
     pub cache: Option<Arc<Cache>>,
     /// Upstream queries that got no answer in time.
-    pub upstream_timeouts: AtomicU64,
+    pub upstream_timeouts: Counter,
     /// Upstream queries that failed otherwise (refused, socket errors, no connection).
-    pub upstream_errors: AtomicU64,
+    pub upstream_errors: Counter,
     /// Queries forwarded (UDP, TCP).
-    pub forwarded: [AtomicU64; 2],
-    /// Histogram of upstream answer times: one counter per bucket (not cumulative), then
-    /// +Inf.
-    buckets: [AtomicU64; BUCKETS.len() + 1],
-    sum_micros: AtomicU64,
+    pub forwarded: [Counter; 2],
+    /// Upstream answer times.
+    upstream_duration: Histogram,
+}
+
+impl Default for DnsMetrics {
+    fn default() -> Self {
+        Self::new(None)
+    }
 }
 
 impl DnsMetrics {
@@ -34,103 +45,90 @@ impl DnsMetrics {
     pub fn new(cache: Option<Arc<Cache>>) -> Self {
         Self {
             cache,
-            ..Self::default()
+            upstream_timeouts: Counter::default(),
+            upstream_errors: Counter::default(),
+            forwarded: Default::default(),
+            upstream_duration: Histogram::new(BUCKETS),
         }
     }
 
     /// One upstream answer after `d`.
     pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        let i = BUCKETS
-            .iter()
-            .position(|b| s <= *b)
-            .unwrap_or(BUCKETS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(
-            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        self.upstream_duration.observe(d.as_secs_f64());
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, lines: &[(String, String)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in lines {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
-        };
-        let u = |x: &AtomicU64| x.load(Ordering::Relaxed).to_string();
+    /// These metrics alone, in the Prometheus text format.
+    pub fn render(self: &Arc<Self>) -> String {
+        let mut reg = prometheus_client::registry::Registry::default();
+        reg.register_collector(Box::new(self.clone()));
+        causeway_telemetry::metrics::encode(&reg, causeway_telemetry::metrics::PROMETHEUS_TEXT)
+    }
+}
+
+impl Collector for DnsMetrics {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let u = |x: &AtomicU64| x.load(Ordering::Relaxed);
+        let none = Labels::new;
         if let Some(c) = &self.cache {
             let n = &c.counters;
-            metric(
-                "causeway_agent_dns_cache_hits_total",
-                "counter",
+            const_counter(
+                &mut enc,
+                "causeway_agent_dns_cache_hits",
                 "Forwarded-name queries answered from the DNS cache.",
-                &[(String::new(), u(&n.hits))],
-            );
-            metric(
-                "causeway_agent_dns_cache_misses_total",
-                "counter",
+                &[(none(), u(&n.hits))],
+            )?;
+            const_counter(
+                &mut enc,
+                "causeway_agent_dns_cache_misses",
                 "Cacheable forwarded-name queries not in the DNS cache (sent upstream).",
-                &[(String::new(), u(&n.misses))],
-            );
-            metric(
-                "causeway_agent_dns_cache_evictions_total",
-                "counter",
+                &[(none(), u(&n.misses))],
+            )?;
+            const_counter(
+                &mut enc,
+                "causeway_agent_dns_cache_evictions",
                 "DNS cache entries pushed out by its entry or byte bound.",
-                &[(String::new(), u(&n.evictions))],
-            );
-            metric(
+                &[(none(), u(&n.evictions))],
+            )?;
+            const_gauge(
+                &mut enc,
                 "causeway_agent_dns_cache_entries",
-                "gauge",
                 "Answers in the DNS cache.",
-                &[(String::new(), c.len().to_string())],
-            );
-            metric(
+                &[(none(), gauge_value(c.len()))],
+            )?;
+            const_gauge(
+                &mut enc,
                 "causeway_agent_dns_cache_bytes",
-                "gauge",
                 "Bytes the DNS cache's entries take (as bounded by dns.cache_max_bytes).",
-                &[(String::new(), c.bytes().to_string())],
-            );
+                &[(none(), gauge_value(c.bytes()))],
+            )?;
         }
-        metric(
-            "causeway_agent_dns_forwarded_total",
-            "counter",
+        const_counter(
+            &mut enc,
+            "causeway_agent_dns_forwarded",
             "Queries forwarded to the upstream resolvers, by transport.",
             &[
-                ("{transport=\"udp\"}".into(), u(&self.forwarded[0])),
-                ("{transport=\"tcp\"}".into(), u(&self.forwarded[1])),
+                (vec![("transport", "udp".into())], self.forwarded[0].get()),
+                (vec![("transport", "tcp".into())], self.forwarded[1].get()),
             ],
-        );
-        metric(
-            "causeway_agent_dns_upstream_errors_total",
-            "counter",
+        )?;
+        const_counter(
+            &mut enc,
+            "causeway_agent_dns_upstream_errors",
             "Upstream resolver queries that failed, by kind (timeout: no answer within dns.forward_timeout).",
             &[
-                ("{kind=\"timeout\"}".into(), u(&self.upstream_timeouts)),
-                ("{kind=\"error\"}".into(), u(&self.upstream_errors)),
+                (
+                    vec![("kind", "timeout".into())],
+                    self.upstream_timeouts.get(),
+                ),
+                (vec![("kind", "error".into())], self.upstream_errors.get()),
             ],
-        );
-        let mut lines = Vec::with_capacity(BUCKETS.len() + 3);
-        let mut acc = 0u64;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            acc += self.buckets[i].load(Ordering::Relaxed);
-            lines.push((format!("_bucket{{le=\"{b}\"}}"), acc.to_string()));
-        }
-        acc += self.buckets[BUCKETS.len()].load(Ordering::Relaxed);
-        lines.push(("_bucket{le=\"+Inf\"}".into(), acc.to_string()));
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        lines.push(("_sum".into(), sum.to_string()));
-        lines.push(("_count".into(), acc.to_string()));
-        metric(
-            "causeway_agent_dns_upstream_duration_seconds",
-            "histogram",
+        )?;
+        self.upstream_duration.encode(enc.encode_descriptor(
+            "causeway_agent_dns_upstream_duration",
             "Time from sending a query to an upstream resolver to its answer.",
-            &lines,
-        );
-        out
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?)
     }
 }
 
@@ -144,8 +142,8 @@ mod tests {
         m.observe(Duration::from_micros(100));
         m.observe(Duration::from_millis(3));
         m.observe(Duration::from_secs(10));
-        m.upstream_timeouts.fetch_add(2, Ordering::Relaxed);
-        let t = m.render();
+        m.upstream_timeouts.inc_by(2);
+        let t = Arc::new(m).render();
         assert!(
             t.contains("causeway_agent_dns_upstream_duration_seconds_bucket{le=\"0.00025\"} 1\n"),
             "{t}"
