@@ -207,6 +207,9 @@ grep -o 'tunnel stream denied by policy.*' "$work/vm2-agent.log" | tail -n 1 | s
 echo "==> vm2's agent counted the decisions (curl 127.0.0.1:15020/metrics):"
 in_ns vm2 python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:15020/metrics").read().decode())' |
   grep '^causeway_agent_authz_decisions_total'
+echo "==> the controller's own metrics (127.0.0.1:15014/metrics in ctl): agents connected, joins, push lag"
+in_ns ctl python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:15014/metrics").read().decode())' |
+  grep -E '^causeway_controller_(connected_agents|joins_total|push_lag_seconds_count)'
 echo "==> causewayctl delete ap web-allow-frontend: access is back"
 ctl delete ap web-allow-frontend -n default
 for _ in $(seq 100); do
