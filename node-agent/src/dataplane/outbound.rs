@@ -126,16 +126,11 @@ impl Outbound {
             return false;
         };
         let own = own.to_string();
-        self.state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .services
-            .values()
-            .any(|s| {
-                s.endpoints
-                    .values()
-                    .any(|e| e.mtls_strict && e.address == own)
-            })
+        self.state.get().services.values().any(|s| {
+            s.endpoints
+                .values()
+                .any(|e| e.mtls_strict && e.address == own)
+        })
     }
 
     /// Serves connections from `listener` until the task is dropped.
@@ -171,6 +166,7 @@ impl Outbound {
     }
 
     async fn handle(&self, stream: tokio::net::TcpStream, client: SocketAddr) {
+        let _inflight = self.tunnel.inflight().track();
         // Routing and connecting is its own future, boxed and finished (its candidate
         // lists freed) before the splice starts: the task of a long-lived connection then
         // holds only the splice's state (~1 KiB instead of ~2.9 KiB), which is what an
@@ -222,7 +218,7 @@ impl Outbound {
             }
         };
         let route = {
-            let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+            let s = self.state.get();
             route(&s, dst)
         };
         let cands = match route {

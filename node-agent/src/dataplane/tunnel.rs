@@ -48,6 +48,7 @@ use super::splice::{QuicSide, Side, splice_until};
 use super::tls;
 use crate::identity::Identity;
 use crate::push::SharedState;
+use causeway_api::push::MeshState;
 
 /// Header magic.
 pub const MAGIC: &[u8; 3] = b"CWT";
@@ -435,6 +436,10 @@ pub struct Tunnel {
     /// The authorization view of this host's workload, rebuilt when the policies or its
     /// labels change; open inbound streams are decided again on each change.
     authz: tokio::sync::watch::Sender<Arc<super::authz::LocalAuthz>>,
+    /// Proxied connections in flight (outbound ones count here too), for the drain.
+    inflight: super::drain::Inflight,
+    /// Whether new connections are accepted (false once draining).
+    accepting: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -508,7 +513,10 @@ impl Tunnel {
         mark: Option<u32>,
         idle_timeout: Option<Duration>,
     ) -> Result<Arc<Self>, TunnelError> {
-        let (server, tls_server) = Self::server_configs(&identity, &state)?;
+        // Subscribed before anything is built from the state: no change is missed.
+        let mut changes = state.subscribe();
+        let first = changes.borrow_and_update().clone();
+        let (server, tls_server) = Self::server_configs(&identity, &first)?;
         let bind_err = |e: std::io::Error| TunnelError::Connect {
             peer: listen,
             message: format!("cannot bind UDP {listen}: {e}"),
@@ -562,15 +570,9 @@ impl Tunnel {
                 peer: tcp_addr,
                 message: format!("cannot listen on TCP {tcp_addr} (TCP + TLS fallback): {e}"),
             })?;
-        let deny = Arc::new(
-            state
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .deny_serials
-                .clone(),
-        );
+        let deny = Arc::new(first.deny_serials.clone());
         let authz = Arc::new(super::authz::LocalAuthz::build(
-            &state.read().unwrap_or_else(|p| p.into_inner()),
+            &first,
             &identity.spiffe_id.to_string(),
             &identity.info.group,
         ));
@@ -599,18 +601,36 @@ impl Tunnel {
             idle_timeout,
             pool_idle: std::sync::Mutex::new(POOL_IDLE),
             mux_open: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            inflight: super::drain::Inflight::default(),
+            accepting: tokio::sync::watch::Sender::new(true),
         });
         tokio::spawn(t.clone().serve());
         tokio::spawn(t.clone().serve_tcp(tcp));
         tokio::spawn(release_idle_connections(Arc::downgrade(&t)));
-        tokio::spawn(follow_deny_list(Arc::downgrade(&t)));
+        tokio::spawn(follow_state(Arc::downgrade(&t), changes));
         Ok(t)
+    }
+
+    /// Follows the authorization view of this host's workload as the tunnel rebuilds it.
+    #[cfg(test)]
+    pub(crate) fn policy_changes(
+        &self,
+    ) -> tokio::sync::watch::Receiver<Arc<super::authz::LocalAuthz>> {
+        self.authz.subscribe()
+    }
+
+    /// Follows the deny list open streams and connections are cut by.
+    #[cfg(test)]
+    pub(crate) fn deny_changes(
+        &self,
+    ) -> tokio::sync::watch::Receiver<Arc<std::collections::BTreeSet<String>>> {
+        self.deny.subscribe()
     }
 
     /// Completes once `peer`'s certificate is on the deny list (at once if it is already):
     /// a proxied connection through it is then cut ([`splice_until`]). Denying a serial is
-    /// what removing an agent does, so a removed agent's open connections end within
-    /// [`DENY_POLL`], both ways: this agent cuts the streams it accepted from the peer and
+    /// what removing an agent does, so a removed agent's open connections end as soon as
+    /// the deny list is published, both ways: this agent cuts the streams it accepted from the peer and
     /// the ones it opened to it.
     pub fn cut_when_denied(
         &self,
@@ -735,8 +755,7 @@ impl Tunnel {
         self.endpoint.local_addr()
     }
 
-    fn bundle(identity: &Identity, state: &SharedState) -> Vec<Vec<u8>> {
-        let s = state.read().unwrap_or_else(|p| p.into_inner());
+    fn bundle(identity: &Identity, s: &MeshState) -> Vec<Vec<u8>> {
         if s.trust_bundle_der.is_empty() {
             identity.bundle_der.clone()
         } else {
@@ -746,7 +765,7 @@ impl Tunnel {
 
     fn server_configs(
         identity: &Identity,
-        state: &SharedState,
+        state: &MeshState,
     ) -> Result<(quinn::ServerConfig, Arc<rustls::ServerConfig>), TunnelError> {
         let tls = tls::server_config(identity, &Self::bundle(identity, state))?;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls.clone())
@@ -760,7 +779,7 @@ impl Tunnel {
 
     /// Uses `identity` for new connections from now on; established ones keep going.
     pub fn reload(&self, identity: Identity) -> Result<(), TunnelError> {
-        let (server, tls_server) = Self::server_configs(&identity, &self.state)?;
+        let (server, tls_server) = Self::server_configs(&identity, &self.state.get())?;
         self.endpoint.set_server_config(Some(server));
         *self.tls_server.write().unwrap_or_else(|p| p.into_inner()) = tls_server;
         *self.identity.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(identity);
@@ -770,7 +789,37 @@ impl Tunnel {
 
     /// Stops accepting and closes every connection.
     pub fn close(&self) {
-        self.endpoint.close(0u32.into(), b"agent stopping");
+        self.endpoint.close(STOPPING_CODE.into(), b"agent stopping");
+    }
+
+    /// The proxied connections in flight through this agent (outbound and inbound).
+    pub fn inflight(&self) -> &super::drain::Inflight {
+        &self.inflight
+    }
+
+    /// Accepts no new connection from peers (QUIC or TCP + TLS) from now on; streams on
+    /// connections already accepted are still served, and open ones go on (the drain).
+    pub fn stop_accepting(&self) {
+        self.endpoint.set_server_config(None);
+        self.accepting.send_replace(false);
+    }
+
+    /// [`Self::close`], then waits (briefly) until peers were told: each connection ends
+    /// with an application close, so a peer's pooled connection to this process is closed
+    /// at once and its next stream dials again (the new process, after a restart),
+    /// instead of hanging on a connection nobody answers until its idle timeout.
+    pub async fn shutdown(&self) {
+        self.close();
+        self.mux_pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        if tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::debug!("tunnel connections still closing at exit");
+        }
     }
 
     /// The client TLS configuration for peers that must present `expected` (`tcp`: with
@@ -787,7 +836,8 @@ impl Tunnel {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let version = self.state.read().unwrap_or_else(|p| p.into_inner()).version;
+        let snapshot = self.state.get();
+        let version = snapshot.version;
         let mut cache = self.tls_clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = cache.get(expected)
             && c.version == version
@@ -795,17 +845,11 @@ impl Tunnel {
         {
             return Ok(if tcp { c.tcp.clone() } else { c.config.clone() });
         }
-        // Read after `version`: a change in between makes the next call rebuild, never
-        // keeps an older deny list than the version says.
-        let deny = self
-            .state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .deny_serials
-            .clone();
+        // One snapshot: the deny list and bundle are the version's.
+        let deny = snapshot.deny_serials.clone();
         let config = tls::client_config(
             &identity,
-            &Self::bundle(&identity, &self.state),
+            &Self::bundle(&identity, &snapshot),
             expected,
             Arc::new(deny),
         )?;
@@ -886,7 +930,8 @@ impl Tunnel {
     async fn pooled(&self, key: &PoolKey) -> Option<Pooled<quinn::Connection>> {
         let mut pool = self.pool.lock().await;
         let c = pool.get(key)?;
-        if c.conn.close_reason().is_some() {
+        if let Some(reason) = c.conn.close_reason() {
+            tracing::info!(peer = %key.0, %reason, "pooled tunnel connection closed; dialling again");
             pool.remove(key);
             return None;
         }
@@ -911,7 +956,7 @@ impl Tunnel {
             tracing::info!(peer = %key.0, "renewed certificate: new streams to the peer get a new tunnel connection");
             return false;
         }
-        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let state = self.state.get();
         if let Err(why) = peer.still_trusted(&state.deny_serials) {
             tracing::warn!(peer = %key.0, reason = %why, "the pooled tunnel connection takes no new streams");
             return false;
@@ -1295,8 +1340,13 @@ impl Tunnel {
     }
 
     async fn serve_tcp(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        let mut accepting = self.accepting.subscribe();
         loop {
-            let Ok((tcp, remote)) = listener.accept().await else {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = accepting.wait_for(|a| !*a) => return,
+            };
+            let Ok((tcp, remote)) = accepted else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
@@ -1332,12 +1382,7 @@ impl Tunnel {
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .map(|d| d.to_vec());
-                let deny = me
-                    .state
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .deny_serials
-                    .clone();
+                let deny = me.state.get().deny_serials.clone();
                 let peer = match leaf
                     .ok_or_else(|| "no client certificate".to_owned())
                     .and_then(|l| tls::check_peer(&l, None, &deny))
@@ -1478,12 +1523,7 @@ impl Tunnel {
         // new stream on it. (Expiry is the client's to act on: it redials after renewing;
         // refusing here would break agents of older versions, which keep their pooled
         // connection across a renewal.)
-        let denied = self
-            .state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .deny_serials
-            .contains(&peer.serial);
+        let denied = self.state.get().deny_serials.contains(&peer.serial);
         if denied {
             tracing::warn!(peer = %remote, peer_identity = %peer.spiffe_id, serial = %peer.serial, "tunnel stream refused: the peer's certificate is on the deny list");
             refuse(side, 1);
@@ -1513,6 +1553,7 @@ impl Tunnel {
                 return;
             }
         };
+        let _inflight = self.inflight.track();
         self.accepted[transport as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(peer = %remote, peer_identity = %peer.spiffe_id, service = %header.service, port = header.port, %transport, policy = decision.policy_label(), "inbound tunnel stream");
         let cut = self.cut_when_refused(peer.clone(), remote.ip(), own, header.port);
@@ -1531,7 +1572,7 @@ impl Tunnel {
                 .info
                 .agent_id
         );
-        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let state = self.state.get();
         for e in state.services.values().filter_map(|s| s.endpoints.get(&me)) {
             f(e);
         }
@@ -1621,12 +1662,7 @@ impl Tunnel {
             conn.close(1u32.into(), b"no client certificate");
             return;
         };
-        let deny = self
-            .state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .deny_serials
-            .clone();
+        let deny = self.state.get().deny_serials.clone();
         let peer = match tls::check_peer(&leaf, None, &deny) {
             Ok(p) => p,
             Err(e) => {
@@ -1704,9 +1740,6 @@ impl Drop for OpenGuard {
     }
 }
 
-/// How often the mesh state's deny list is compared with the one open streams watch.
-const DENY_POLL: Duration = Duration::from_millis(500);
-
 /// Completes once `peer`'s serial is in the deny set `deny` follows, logging that the
 /// connection is closed.
 async fn until_denied(
@@ -1727,23 +1760,28 @@ async fn until_denied(
 /// QUIC application close code of a connection closed because the peer's certificate
 /// was denied (1: no client certificate, 2: certificate refused at the handshake).
 const DENIED_CODE: u32 = 3;
+/// QUIC application close code of the connections of an agent that stops.
+const STOPPING_CODE: u32 = 0;
 
 /// Publishes changes of the deny list to open streams ([`Tunnel::cut_when_denied`]) and
-/// connections, and closes pooled connections to denied peers, until the tunnel is gone.
-async fn follow_deny_list(tunnel: std::sync::Weak<Tunnel>) {
-    loop {
-        tokio::time::sleep(DENY_POLL).await;
+/// connections, and closes pooled connections to denied peers; rebuilds the
+/// authorization view when the policies or this workload's labels change (open inbound
+/// streams are decided again, [`Tunnel::cut_when_refused`]). Woken by each published
+/// snapshot (no timer), until the tunnel or the state is gone.
+async fn follow_state(
+    tunnel: std::sync::Weak<Tunnel>,
+    mut changes: tokio::sync::watch::Receiver<Arc<MeshState>>,
+) {
+    while changes.changed().await.is_ok() {
+        let state = changes.borrow_and_update().clone();
         let Some(t) = tunnel.upgrade() else { return };
-        let changed = {
-            let state = t.state.read().unwrap_or_else(|p| p.into_inner());
-            (**t.deny.borrow() != state.deny_serials).then(|| Arc::new(state.deny_serials.clone()))
-        };
+        let changed =
+            (**t.deny.borrow() != state.deny_serials).then(|| Arc::new(state.deny_serials.clone()));
         let authz = {
             let (spiffe, group) = {
                 let id = t.identity.read().unwrap_or_else(|p| p.into_inner());
                 (id.spiffe_id.to_string(), id.info.group.clone())
             };
-            let state = t.state.read().unwrap_or_else(|p| p.into_inner());
             (!t.authz.borrow().is_current(&state, &spiffe, &group))
                 .then(|| Arc::new(super::authz::LocalAuthz::build(&state, &spiffe, &group)))
         };
