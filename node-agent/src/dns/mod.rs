@@ -549,6 +549,11 @@ impl Dns {
         // round for as long as it runs.
         let mut failures: u32 = 0;
         let mut next_install = tokio::time::Instant::now();
+        // `start` returns after the first round has installed capture (or not) and
+        // written the status file: `doctor` never sees the table before the status that
+        // expects it (a push right after the start used to get there first).
+        let (first_round, first_round_done) = tokio::sync::oneshot::channel::<()>();
+        let mut first_round = Some(first_round);
         dns.tasks.push(tokio::spawn(async move {
             let mut seen_mtime = resolv_mtimes(&cfg3);
             // What applications query: the nameservers of resolv.conf as written. Read
@@ -644,9 +649,13 @@ impl Dns {
                     write_status(&status_file, &st);
                     last_status = Some(st);
                 }
+                if let Some(done) = first_round.take() {
+                    let _ = done.send(());
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }));
+        let _ = first_round_done.await;
         Ok(dns)
     }
 
