@@ -64,9 +64,7 @@ fn round_trip(
             "127.0.0.1:0".parse().expect("address"),
             identity,
             state,
-            Duration::from_secs(5),
-            None,
-            None,
+            causeway_agent::dataplane::tunnel::TunnelSettings::default(),
         )
         .map_err(|e| e.to_string())?;
         t.set_tcp_only(tcp);

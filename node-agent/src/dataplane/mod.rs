@@ -158,13 +158,18 @@ impl Dataplane {
             rules_file: rules_file.clone(),
         };
         let idle = (!cfg.idle_timeout.is_zero()).then_some(cfg.idle_timeout);
+        let settings = tunnel::TunnelSettings {
+            connect_timeout: cfg.connect_timeout,
+            mark,
+            idle_timeout: idle,
+            tcp_only: cfg.tunnel_transport == crate::config::TunnelTransport::Tcp,
+            ..tunnel::TunnelSettings::default()
+        };
         let tunnel = match tunnel::Tunnel::bind(
             cfg.tunnel_listen,
             identity.clone(),
             state.clone(),
-            cfg.connect_timeout,
-            mark,
-            idle,
+            settings,
         ) {
             Ok(t) => Some(t),
             Err(e) if strict => return Err(e.into()),
@@ -173,9 +178,6 @@ impl Dataplane {
                 None
             }
         };
-        if let Some(t) = &tunnel {
-            t.set_tcp_only(cfg.tunnel_transport == crate::config::TunnelTransport::Tcp);
-        }
         dp.tunnel = tunnel.clone();
         if let Some(t) = &tunnel {
             // Follow the certificate on disk too (a renewal by `causeway-agent renew`, or

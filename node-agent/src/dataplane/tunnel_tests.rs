@@ -9,7 +9,7 @@ use std::time::Duration;
 use causeway_api::push::MeshState;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::tunnel::{Header, Transport, Tunnel};
+use super::tunnel::{Header, Transport, Tunnel, TunnelSettings};
 use crate::identity::{AgentInfo, Identity, cert_facts};
 use crate::push::SharedState;
 
@@ -101,15 +101,11 @@ fn serving(port: u16, deny: &[&str]) -> SharedState {
 }
 
 fn tunnel(id: Identity, st: SharedState) -> Arc<Tunnel> {
-    Tunnel::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        id,
-        st,
-        Duration::from_secs(5),
-        None,
-        None,
-    )
-    .unwrap()
+    tunnel_with(id, st, TunnelSettings::default())
+}
+
+fn tunnel_with(id: Identity, st: SharedState, settings: TunnelSettings) -> Arc<Tunnel> {
+    Tunnel::bind("127.0.0.1:0".parse().unwrap(), id, st, settings).unwrap()
 }
 
 /// An echo application on loopback; returns its port.
@@ -1032,8 +1028,14 @@ async fn quic_is_probed_in_the_background_and_used_again_once_udp_works() {
     let ca = ca();
     let port = echo_app().await;
     let b = tunnel(identity(&ca, WEB), serving(port, &[]));
-    let a = tunnel(identity(&ca, CLIENT), state(&[]));
-    a.set_quic_down_for(Duration::from_millis(300));
+    let a = tunnel_with(
+        identity(&ca, CLIENT),
+        state(&[]),
+        TunnelSettings {
+            quic_down_for: Duration::from_millis(300),
+            ..TunnelSettings::default()
+        },
+    );
     let (addr, udp_on) = switchable_udp_path_to(b.local_addr().unwrap()).await;
     assert_eq!(
         round_trip_on(&a, addr, WEB, port, b"blocked")
@@ -1127,12 +1129,18 @@ async fn idle_pooled_connections_are_released_and_close_after_their_last_stream(
     let port = echo_app().await;
     let b = tunnel(identity(&ca, WEB), serving(port, &[]));
     for tcp in [false, true] {
-        let a = tunnel(identity(&ca, CLIENT), state(&[]));
-        a.set_tcp_only(tcp);
+        let a = tunnel_with(
+            identity(&ca, CLIENT),
+            state(&[]),
+            TunnelSettings {
+                tcp_only: tcp,
+                pool_idle: Duration::from_millis(300),
+                ..TunnelSettings::default()
+            },
+        );
         let transport = usize::from(tcp);
         let dials = |a: &Arc<Tunnel>| a.counters().dials[transport];
         let open = |a: &Arc<Tunnel>| a.counters().connections[transport];
-        a.set_pool_idle(Duration::from_millis(300));
         let addr = b.local_addr().unwrap();
         let header = Header {
             service: "default/web".into(),
@@ -1339,7 +1347,7 @@ async fn policies_refuse_new_streams_and_cut_open_ones_they_deny() {
         port,
     };
     set_policies(&b_state, ALLOW_BOTH);
-    // The tunnel follows the state within its poll interval.
+    // The tunnel follows the published state (a margin for its task to run).
     tokio::time::sleep(Duration::from_millis(700)).await;
     for tcp in [false, true] {
         for t in [&a, &other, &stranger] {
