@@ -174,6 +174,10 @@ pub struct DataplaneConfig {
     /// with a reset at both ends, e.g. "1h"; "0s" turns the timeout off.
     #[serde(with = "causeway_api::duration")]
     pub idle_timeout: Duration,
+    /// On stop (SIGTERM), how long the proxied connections still open may take to finish
+    /// before they are closed, e.g. "5s"; "0s" closes them at once.
+    #[serde(with = "causeway_api::duration")]
+    pub drain_timeout: Duration,
     /// First ejection of an endpoint whose connect failed; doubles per failure, e.g. "5s".
     #[serde(with = "causeway_api::duration")]
     pub eject_base: Duration,
@@ -226,6 +230,7 @@ impl Default for DataplaneConfig {
             zone: None,
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(3600),
+            drain_timeout: Duration::from_secs(5),
             eject_base: Duration::from_secs(5),
             eject_max: Duration::from_secs(60),
             plaintext_upstreams: true,

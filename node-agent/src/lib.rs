@@ -3,13 +3,13 @@
 //! What it does now: enrolls the host with a join token ([`client::join`]), keeping the
 //! private key on the host; renews the workload certificate over mutual TLS before it
 //! expires ([`run`]); subscribes to config and keeps it on disk ([`push`]); captures and
-//! proxies traffic through the mTLS tunnel ([`dataplane`]); reports identity, expiry,
-//! controller connection and config version ([`status`]).
+//! proxies traffic through the mTLS tunnel ([`dataplane`]); answers the mesh's names and
+//! forwards the rest ([`dns`]); reports identity, expiry, controller connection and
+//! config version ([`status`]); serves health, readiness and metrics on 15020 and tells
+//! systemd when it is ready ([`health`]). State files are written off the data-plane
+//! thread ([`writer`]).
 //!
-//! serves health, readiness and metrics on 15020 and tells systemd when it is ready
-//! ([`health`]).
-//!
-//! What it does not (yet): DNS, or the inbound capture port 15006.
+//! What it does not: the inbound capture port 15006 (see [`dataplane`]).
 
 pub mod client;
 pub mod config;
@@ -23,3 +23,4 @@ pub mod pinned;
 pub mod push;
 pub mod run;
 pub mod status;
+pub mod writer;

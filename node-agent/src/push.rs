@@ -4,14 +4,14 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use causeway_api::push::{
     Ack, AgentFrame, ApplyError, ConfigUpdate, Goodbye, Hello, MAX_PUSH_FRAME, MeshState, Nack,
     PROTOCOL, PushFrame, ServiceRejection, agent_frame, push_frame,
 };
 use causeway_api::wire::{self, ClientRequest, ErrorCode, client_request};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::client::ClientError;
 use crate::identity::write_atomic;
@@ -23,6 +23,51 @@ pub const CONFIG_FILE: &str = "config.json";
 #[derive(Debug, Clone)]
 pub struct ConfigCache {
     path: PathBuf,
+    /// Tests: holds each write until released ([`WriteGate`]).
+    #[cfg(test)]
+    gate: Option<Arc<WriteGate>>,
+}
+
+/// Tests: makes the config cache's writes block until released, and counts them.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct WriteGate {
+    state: std::sync::Mutex<(bool, u64, bool)>,
+    changed: std::sync::Condvar,
+}
+
+#[cfg(test)]
+impl WriteGate {
+    /// A closed gate: writes wait for [`Self::open`] (at most 20 s, then they go on and
+    /// [`Self::timed_out`] tells).
+    pub(crate) fn closed() -> Arc<Self> {
+        let g = Self::default();
+        g.state.lock().unwrap().0 = true;
+        Arc::new(g)
+    }
+    pub(crate) fn open(&self) {
+        self.state.lock().unwrap().0 = false;
+        self.changed.notify_all();
+    }
+    /// Writes that passed (or began waiting at) the gate.
+    pub(crate) fn writes(&self) -> u64 {
+        self.state.lock().unwrap().1
+    }
+    /// Whether a write gave up waiting: the gate was not opened by the test in time.
+    pub(crate) fn timed_out(&self) -> bool {
+        self.state.lock().unwrap().2
+    }
+    fn pass(&self) {
+        let mut g = self.state.lock().unwrap();
+        g.1 += 1;
+        let (mut g, t) = self
+            .changed
+            .wait_timeout_while(g, std::time::Duration::from_secs(20), |s| s.0)
+            .unwrap();
+        if t.timed_out() {
+            g.2 = true;
+        }
+    }
 }
 
 impl ConfigCache {
@@ -30,7 +75,16 @@ impl ConfigCache {
     pub fn new(state_dir: &Path) -> Self {
         Self {
             path: state_dir.join(CONFIG_FILE),
+            #[cfg(test)]
+            gate: None,
         }
+    }
+
+    /// Tests: the same cache with its writes held at `gate`.
+    #[cfg(test)]
+    pub(crate) fn gated(mut self, gate: Arc<WriteGate>) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// Loads the last applied state; a missing file is an empty state, a corrupt one is
@@ -45,15 +99,70 @@ impl ConfigCache {
         }
     }
 
+    /// Starts the writer that keeps this cache at the latest state of `state`, off the
+    /// data-plane thread ([`crate::writer`]): bursts of pushes are coalesced into one
+    /// write (with its fsync) of the newest.
+    pub fn spawn_writer(self, state: &SharedState) -> crate::writer::LatestWriter {
+        crate::writer::LatestWriter::spawn(state.subscribe(), move |s: Arc<MeshState>| {
+            if let Err(e) = self.save(&s) {
+                tracing::warn!(error = %e, "cannot write the config cache; continuing from memory");
+            }
+        })
+    }
+
     /// Writes the state atomically.
     pub fn save(&self, state: &MeshState) -> Result<(), crate::identity::IdentityError> {
+        #[cfg(test)]
+        if let Some(g) = &self.gate {
+            g.pass();
+        }
         let json = serde_json::to_vec(state).expect("serializable");
         write_atomic(&self.path, &json, 0o644)
     }
 }
 
-/// Shared view of the applied config (for DNS and the proxy).
-pub type SharedState = Arc<RwLock<MeshState>>;
+/// The applied config, published as one immutable snapshot per change (for the data
+/// plane, DNS and the cache writer). Readers take the current snapshot
+/// ([`Self::get`]) or follow the changes ([`Self::subscribe`]: `changed()` wakes them
+/// at once; nothing polls). Publishing is a pointer swap: it never waits for a reader or
+/// the disk.
+#[derive(Debug, Clone)]
+pub struct SharedState(Arc<watch::Sender<Arc<MeshState>>>);
+
+impl Default for SharedState {
+    fn default() -> Self {
+        Self::new(MeshState::default())
+    }
+}
+
+impl SharedState {
+    /// A state starting at `state`.
+    pub fn new(state: MeshState) -> Self {
+        Self(Arc::new(watch::Sender::new(Arc::new(state))))
+    }
+
+    /// The current snapshot.
+    pub fn get(&self) -> Arc<MeshState> {
+        self.0.borrow().clone()
+    }
+
+    /// Follows the snapshots (the current one counts as seen).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<MeshState>> {
+        self.0.subscribe()
+    }
+
+    /// Publishes `state` as the current snapshot.
+    pub fn publish(&self, state: MeshState) {
+        self.0.send_replace(Arc::new(state));
+    }
+
+    /// Publishes a copy of the current snapshot changed by `f`.
+    pub fn modify(&self, f: impl FnOnce(&mut MeshState)) {
+        let mut next = (*self.get()).clone();
+        f(&mut next);
+        self.publish(next);
+    }
+}
 
 /// What the subscription reports to the service loop.
 #[derive(Debug, Clone)]
@@ -148,23 +257,17 @@ impl Outcome {
     }
 }
 
-fn commit(state: &SharedState, cache: &ConfigCache, next: MeshState) {
-    if let Err(e) = cache.save(&next) {
-        tracing::warn!(error = %e, "cannot write the config cache; continuing from memory");
-    }
-    *state.write().unwrap_or_else(|p| p.into_inner()) = next;
-}
-
-/// Applies one update to the shared state and the cache. The state never loses its last
-/// good config: a refused service keeps its previous copy, a refused update changes
-/// nothing but a newer deny list.
-pub fn apply(state: &SharedState, cache: &ConfigCache, update: &ConfigUpdate) -> Outcome {
-    let current = state.read().unwrap_or_else(|p| p.into_inner()).clone();
+/// Applies one update to the shared state, which publishes it (the cache writer
+/// persists it, see [`ConfigCache::spawn_writer`]). The state never loses its last good
+/// config: a refused service keeps its previous copy, a refused update changes nothing
+/// but a newer deny list.
+pub fn apply(state: &SharedState, update: &ConfigUpdate) -> Outcome {
+    let current = state.get();
     match current.apply(update) {
         Ok(applied) => {
             let summary = applied.rejection_summary();
             let v = applied.state.version;
-            commit(state, cache, applied.state);
+            state.publish(applied.state);
             match summary {
                 None => Outcome::Applied(v),
                 Some(summary) => Outcome::Partial {
@@ -180,7 +283,7 @@ pub fn apply(state: &SharedState, cache: &ConfigCache, update: &ConfigUpdate) ->
                     version = update.version,
                     "update refused, but its deny list is applied"
                 );
-                commit(state, cache, next);
+                state.publish(next);
             }
             Outcome::Refused {
                 current: current.version,
@@ -195,7 +298,6 @@ pub fn apply(state: &SharedState, cache: &ConfigCache, update: &ConfigUpdate) ->
 pub async fn subscribe(
     conn: &quinn::Connection,
     state: SharedState,
-    cache: ConfigCache,
     address: Option<IpAddr>,
     goodbye: oneshot::Receiver<()>,
     mut events: impl FnMut(Event),
@@ -206,7 +308,7 @@ pub async fn subscribe(
         message,
     };
     let (mut send, recv) = conn.open_bi().await.map_err(|e| proto(e.to_string()))?;
-    let last_version = state.read().unwrap_or_else(|p| p.into_inner()).version;
+    let last_version = state.get().version;
     let hello = ClientRequest {
         kind: Some(client_request::Kind::Subscribe(Hello {
             last_version,
@@ -280,7 +382,7 @@ pub async fn subscribe(
         let frame: PushFrame = wire::decode_body(&body).map_err(|e| proto(e.to_string()))?;
         match frame.kind {
             Some(push_frame::Kind::Update(update)) => {
-                let outcome = apply(&state, &cache, &update);
+                let outcome = apply(&state, &update);
                 match &outcome {
                     Outcome::Applied(v) => {
                         tracing::info!(
@@ -355,11 +457,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn one_bad_service_is_reported_and_the_rest_applied_and_cached() {
+    #[tokio::test]
+    async fn one_bad_service_is_reported_and_the_rest_applied_and_cached() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ConfigCache::new(dir.path());
-        let state: SharedState = Arc::default();
+        let state = SharedState::default();
+        let writer = cache.clone().spawn_writer(&state);
         let first = ConfigUpdate {
             version: 1,
             full: true,
@@ -367,7 +470,7 @@ mod tests {
             services: vec![svc("web", "240.240.0.1", "10.0.0.1")],
             ..ConfigUpdate::default()
         };
-        assert_eq!(apply(&state, &cache, &first), Outcome::Applied(1));
+        assert_eq!(apply(&state, &first), Outcome::Applied(1));
         let update = ConfigUpdate {
             version: 2,
             base_version: 1,
@@ -377,7 +480,7 @@ mod tests {
             ],
             ..ConfigUpdate::default()
         };
-        let outcome = apply(&state, &cache, &update);
+        let outcome = apply(&state, &update);
         let Outcome::Partial {
             version, summary, ..
         } = &outcome
@@ -395,7 +498,8 @@ mod tests {
         assert_eq!((nack.version, nack.current_version), (2, 2));
         assert_eq!(nack.rejected.len(), 1);
         assert_eq!(nack.rejected[0].name, "web");
-        let held = state.read().unwrap().clone();
+        let held = (*state.get()).clone();
+        writer.flush().await;
         assert_eq!(
             held.services["ext/web"].endpoints["f/web"].address,
             "10.0.0.1"
@@ -411,12 +515,13 @@ mod tests {
             deny_serials: vec!["0a0b".into()],
             ..ConfigUpdate::default()
         };
-        let outcome = apply(&state, &cache, &refused);
+        let outcome = apply(&state, &refused);
         assert!(
             matches!(outcome, Outcome::Refused { current: 2, .. }),
             "{outcome:?}"
         );
-        let held = state.read().unwrap().clone();
+        let held = (*state.get()).clone();
+        writer.flush().await;
         assert_eq!(held.version, 2);
         assert!(held.deny_serials.contains("0a0b"));
         assert_eq!(cache.load(), held);

@@ -6,12 +6,12 @@
 
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ring::rand::SecureRandom as _;
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use crate::client::{self, ClientError};
@@ -91,20 +91,32 @@ pub fn renewal_time(not_before: i64, not_after: i64, renew_at: f64, jitter: f64,
 use causeway_api::backoff::Backoff;
 
 struct Reporter {
-    state: StateDir,
     status: RunStatus,
     health: Arc<crate::health::Health>,
+    /// To the status file's writer ([`status_writer`]).
+    file: watch::Sender<RunStatus>,
 }
 
 impl Reporter {
     fn write(&mut self) {
         self.status.updated_at = now_unix();
         self.health.update(&self.status);
-        let json = serde_json::to_vec_pretty(&self.status).expect("serializable");
-        if let Err(e) = write_atomic(&self.state.file(STATUS_FILE), &json, 0o644) {
+        self.file.send_replace(self.status.clone());
+    }
+}
+
+/// Writes `status.json` with the latest status published on the returned sender, off the
+/// data-plane thread; a burst of reports is one write.
+fn status_writer(state: &StateDir) -> (watch::Sender<RunStatus>, crate::writer::LatestWriter) {
+    let (tx, rx) = watch::channel(RunStatus::default());
+    let path = state.file(STATUS_FILE);
+    let writer = crate::writer::LatestWriter::spawn(rx, move |status: RunStatus| {
+        let json = serde_json::to_vec_pretty(&status).expect("serializable");
+        if let Err(e) = write_atomic(&path, &json, 0o644) {
             tracing::warn!(error = %e, "cannot write status file");
         }
-    }
+    });
+    (tx, writer)
 }
 
 /// The workload address to register: configured, or the local address of the route to
@@ -134,8 +146,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         .clone()
         .unwrap_or_else(|| identity.info.controller.clone());
     let cache = ConfigCache::new(state.path());
-    let mesh_state: SharedState = Arc::new(RwLock::new(cache.load()));
-    let cached_version = mesh_state.read().unwrap_or_else(|p| p.into_inner()).version;
+    let mesh_state = SharedState::new(cache.load());
+    let cached_version = mesh_state.get().version;
+    // Pushes are published in memory at once; this task persists the latest (with its
+    // fsync) on the blocking pool, never on the data-plane thread.
+    let cache_writer = cache.clone().spawn_writer(&mesh_state);
     tracing::info!(agent = %identity.info.agent_id, identity = %identity.spiffe_id, %controller, cached_config_version = cached_version, "agent starting");
     let health = crate::health::Health::new();
     health.set_identity(identity.not_after);
@@ -146,8 +161,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             None
         }
     };
+    let (status_file, status_writer) = status_writer(&state);
     let rep = Arc::new(Mutex::new(Reporter {
-        state: state.clone(),
+        file: status_file,
         status: RunStatus {
             pid: std::process::id(),
             controller: controller.clone(),
@@ -212,16 +228,21 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     report(&|s| s.next_renewal_at = Some(renew_at));
     let mut conn: Option<quinn::Connection> = None;
     let mut sub: Option<Subscription> = None;
+    // The subscription task's result, once it ended (taken in step 1).
+    let mut sub_result: Option<Result<Result<(), ClientError>, tokio::task::JoinError>> = None;
     tokio::pin!(shutdown);
 
     loop {
         // 1. A control connection with a config subscription.
-        let sub_ended = sub.as_ref().is_some_and(|s| s.task.is_finished());
+        let sub_ended = sub_result.is_some();
         if conn.as_ref().is_some_and(|c| c.close_reason().is_some()) || sub_ended {
             let mut refused = false;
-            if let Some(s) = sub.take()
-                && let Ok(Err(e)) = s.task.await
-            {
+            let ended = match (sub.take(), sub_result.take()) {
+                (_, Some(r)) => Some(r),
+                (Some(s), None) => Some(s.task.await),
+                (None, None) => None,
+            };
+            if let Some(Ok(Err(e))) = ended {
                 refused = !e.is_retryable();
                 tracing::warn!(error = %e, "config subscription ended");
                 let msg = e.to_string();
@@ -254,10 +275,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                         .or_else(|| local_address_towards(c.remote_address()));
                     tracing::info!(%controller, address = ?address, "connected to the controller");
                     let (tx, rx) = oneshot::channel();
-                    let (c2, st, ca, rep2) =
-                        (c.clone(), mesh_state.clone(), cache.clone(), rep.clone());
+                    let (c2, st, rep2) = (c.clone(), mesh_state.clone(), rep.clone());
                     let task = tokio::spawn(async move {
-                        push::subscribe(&c2, st, ca, address, rx, move |ev| {
+                        push::subscribe(&c2, st, address, rx, move |ev| {
                             let mut r = rep2.lock().unwrap_or_else(|p| p.into_inner());
                             match ev {
                                 Event::Applied(v, full) => {
@@ -388,25 +408,23 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         let until = Duration::from_secs(u64::try_from(renew_at - now).unwrap_or(0));
         let sub_done = async {
             match sub.as_mut() {
-                Some(s) => {
-                    while !s.task.is_finished() {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-                None => std::future::pending::<()>().await,
+                Some(s) => (&mut s.task).await,
+                None => std::future::pending().await,
             }
         };
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tokio::time::sleep_until(Instant::now() + until) => {}
             _ = c.closed() => {}
-            _ = sub_done => {}
+            r = sub_done => sub_result = Some(r),
         }
     }
     crate::health::notify("STOPPING=1");
     health.set_dataplane_up(false);
     // Graceful stop: tell the controller to deregister this workload now.
-    if let Some(mut s) = sub.take() {
+    if let Some(mut s) = sub.take()
+        && sub_result.is_none()
+    {
         if let Some(g) = s.goodbye.take() {
             let _ = g.send(());
         }
@@ -418,13 +436,19 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     if let Some(d) = dns {
         d.stop().await;
     }
-    if let Err(e) = dataplane.stop().await {
+    if let Err(e) = dataplane.stop(cfg.dataplane.drain_timeout).await {
         tracing::error!(error = %e, "cannot remove capture rules; `causeway-agent doctor` shows what is left");
     }
     report(&|s| {
         s.controller_connected = false;
         s.pid = 0;
     });
+    // The last config and status reach the disk before the process ends.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        cache_writer.flush().await;
+        status_writer.flush().await;
+    })
+    .await;
     if let Some(t) = health_server {
         t.abort();
     }

@@ -316,6 +316,12 @@ impl Proc {
             |s| s.to_string_lossy().into_owned(),
         )
     }
+    /// SIGTERM, without waiting for the exit (see [`Proc::exited`]).
+    pub fn terminate(&self) {
+        if let Some(c) = &self.child {
+            crate::terminate(c);
+        }
+    }
     /// SIGTERM, then waits for the exit.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

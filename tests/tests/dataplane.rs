@@ -1388,3 +1388,92 @@ fn cached_policies_are_enforced_after_an_agent_restart_with_the_controller_down(
         m.logs()
     );
 }
+
+/// Drain on stop: SIGTERM to the server's agent while a proxied connection is open. The
+/// agent stops accepting, the open connection finishes its exchange (the agent logs that
+/// every connection finished, not that the drain timed out), and the agent exits. Its
+/// peers are told the tunnel connection is closed: after the server's agent starts again,
+/// the client's agent dials a new connection at once (before this fix its pooled QUIC
+/// connection to the old process took new streams that nobody answered until it timed
+/// out) and a new connection goes through.
+#[test]
+fn sigterm_drains_open_connections_and_peers_redial_the_restarted_agent() {
+    let mut m = Mesh::new();
+    let s1 = m.join("vm1", "client");
+    let s2 = m.join("vm2", "web");
+    m.server("vm2", 8080);
+    // A long drain: the test sees the connection finish, not the timeout.
+    let cfg = m.root.join("drain.toml");
+    std::fs::write(&cfg, "[dataplane]\ndrain_timeout = \"60s\"\n").unwrap();
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let a2 = m.agent_with("vm2", &s2, &["--config", &cfg]);
+    let a1 = m.agent("vm1", &s1);
+    let vm2_addr = m.lab.node("vm2").addr.to_string();
+    let vip = wait_routed(&s1, "default/web", &vm2_addr);
+    // A first connection: vm1's agent now holds a pooled tunnel connection to vm2's.
+    let out = m.client("vm1", &vip, 8080, "warm-up");
+    assert!(out.ends_with("warm-up"), "{out:?}");
+    let go = m.root.join("go");
+    let client = m
+        .lab
+        .node("vm1")
+        .cmd("python3")
+        .args([
+            "-c",
+            LONG_CLIENT_PY,
+            &vip,
+            "8080",
+            "before-stop;",
+            go.to_str().unwrap(),
+            "during-drain",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let opened = go.with_extension("open");
+    wait_for("the long-lived connection to carry bytes", WAIT, || {
+        opened.exists().then_some(())
+    });
+    m.procs[a2].terminate();
+    wait_for("vm2's agent to drain", WAIT, || {
+        m.procs[a2].log().contains("draining").then_some(())
+    });
+    std::fs::write(&go, "").unwrap();
+    let out = client.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{}", describe(&out), m.logs());
+    assert!(
+        text.starts_with("peer=127.0.0.1 name=vm2\n") && text.ends_with("before-stop;during-drain"),
+        "the open connection did not complete during the drain: {text:?}\n{}",
+        m.logs()
+    );
+    let status = wait_for("vm2's agent to exit", WAIT, || m.procs[a2].exited());
+    assert!(status.success(), "{status}\n{}", m.procs[a2].log());
+    let log = m.procs[a2].log();
+    assert!(
+        log.contains("drained: every proxied connection finished")
+            && !log.contains("drain timeout"),
+        "{log}"
+    );
+    // The stop deregistered vm2's workload; it comes back with the restarted agent.
+    wait_for("vm1 to drop vm2's stopped endpoint", WAIT, || {
+        let s = config(&s1);
+        let gone = s
+            .services
+            .get("default/web")
+            .is_none_or(|svc| svc.endpoints.values().all(|e| e.address != vm2_addr));
+        gone.then_some(())
+    });
+    m.agent_with("vm2", &s2, &["--config", &cfg]);
+    wait_routed(&s1, "default/web", &vm2_addr);
+    let out = m.client("vm1", &vip, 8080, "after-restart");
+    assert!(out.ends_with("after-restart"), "{out:?}\n{}", m.logs());
+    assert!(
+        m.procs[a1]
+            .log()
+            .contains("pooled tunnel connection closed; dialling again"),
+        "vm1's agent did not see its pooled connection to the stopped agent closed:\n{}",
+        m.procs[a1].log()
+    );
+}

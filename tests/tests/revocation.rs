@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use causeway_agent::dataplane::tunnel::{Header, Tunnel};
@@ -60,14 +59,12 @@ fn round_trip(
 ) -> Result<Vec<u8>, String> {
     let identity = StateDir::new(state_dir).load().expect("identity files");
     rt.block_on(async {
-        let state = Arc::new(RwLock::new(MeshState::default()));
+        let state = causeway_agent::push::SharedState::new(MeshState::default());
         let t = Tunnel::bind(
             "127.0.0.1:0".parse().expect("address"),
             identity,
             state,
-            Duration::from_secs(5),
-            None,
-            None,
+            causeway_agent::dataplane::tunnel::TunnelSettings::default(),
         )
         .map_err(|e| e.to_string())?;
         t.set_tcp_only(tcp);

@@ -35,7 +35,6 @@ use std::io::{BufRead as _, Write as _};
 use std::net::UdpSocket;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -100,7 +99,7 @@ fn serve(listen: &str, upstream: &str, n: usize, cache: bool) -> anyhow::Result<
             cache,
             ..DnsConfig::default()
         };
-        let state = Arc::new(RwLock::new(mesh(n)));
+        let state = causeway_agent::push::SharedState::new(mesh(n));
         let dns = causeway_agent::dns::Dns::start(&cfg, false, 0x4357, state, dir.path()).await?;
         println!("ready");
         std::io::stdout().flush()?;

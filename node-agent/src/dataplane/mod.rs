@@ -15,6 +15,7 @@
 
 pub mod authz;
 pub mod capture;
+pub mod drain;
 pub mod lb;
 pub mod mux;
 pub mod outbound;
@@ -78,12 +79,11 @@ fn is_local(ip: Ipv4Addr) -> bool {
 }
 
 fn rules_for(
-    state: &SharedState,
+    s: &causeway_api::push::MeshState,
     cfg: &DataplaneConfig,
     own: Option<IpAddr>,
     who: &(String, String),
 ) -> RuleSet {
-    let s = state.read().unwrap_or_else(|p| p.into_inner()).clone();
     let mut local: Vec<Ipv4Addr> = Vec::new();
     if let Some(IpAddr::V4(a)) = own {
         local.push(a);
@@ -112,9 +112,9 @@ fn rules_for(
     let legacy = cfg.inbound_mode == crate::config::InboundMode::Strict || group_strict;
     // A PeerAuthentication that applies to this workload decides each port's mode; the
     // group's `--mtls` and `[dataplane] inbound_mode` decide where none applies.
-    let peer = authz::PeerView::build(&s, &who.0, &who.1);
+    let peer = authz::PeerView::build(s, &who.0, &who.1);
     RuleSet::for_state_by_port(
-        &s,
+        s,
         cfg.mark,
         cfg.outbound_listen.port(),
         &local,
@@ -158,13 +158,18 @@ impl Dataplane {
             rules_file: rules_file.clone(),
         };
         let idle = (!cfg.idle_timeout.is_zero()).then_some(cfg.idle_timeout);
+        let settings = tunnel::TunnelSettings {
+            connect_timeout: cfg.connect_timeout,
+            mark,
+            idle_timeout: idle,
+            tcp_only: cfg.tunnel_transport == crate::config::TunnelTransport::Tcp,
+            ..tunnel::TunnelSettings::default()
+        };
         let tunnel = match tunnel::Tunnel::bind(
             cfg.tunnel_listen,
             identity.clone(),
             state.clone(),
-            cfg.connect_timeout,
-            mark,
-            idle,
+            settings,
         ) {
             Ok(t) => Some(t),
             Err(e) if strict => return Err(e.into()),
@@ -173,9 +178,6 @@ impl Dataplane {
                 None
             }
         };
-        if let Some(t) = &tunnel {
-            t.set_tcp_only(cfg.tunnel_transport == crate::config::TunnelTransport::Tcp);
-        }
         dp.tunnel = tunnel.clone();
         if let Some(t) = &tunnel {
             // Follow the certificate on disk too (a renewal by `causeway-agent renew`, or
@@ -238,7 +240,10 @@ impl Dataplane {
         }
         if cfg.capture {
             let who = (identity.spiffe_id.to_string(), identity.info.group.clone());
-            let rules = rules_for(&state, cfg, own, &who);
+            // Subscribed before the first rules are built: no change is missed between.
+            let mut changes = state.subscribe();
+            let first = changes.borrow_and_update().clone();
+            let rules = rules_for(&first, cfg, own, &who);
             let cap = tokio::task::spawn_blocking(move || Capture::install(rules))
                 .await
                 .map_err(|e| CaptureError::Failed {
@@ -249,26 +254,17 @@ impl Dataplane {
             write_rules_file(&rules_file, cap.current());
             let cap = Arc::new(std::sync::Mutex::new(Some(cap)));
             dp.capture = Some(cap.clone());
-            let (cfg, state) = (cfg.clone(), state.clone());
-            // Follow the mesh: endpoints come and go with config pushes.
+            let cfg = cfg.clone();
+            // Follow the mesh: endpoints come and go with config pushes. Woken by each
+            // published snapshot; a burst while the rules are being applied ends in one
+            // more update from the newest.
             dp.tasks.push(tokio::spawn(async move {
-                let mut seen = state.read().unwrap_or_else(|p| p.into_inner()).version;
-                loop {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    let v = state.read().unwrap_or_else(|p| p.into_inner()).version;
-                    if v == seen {
-                        continue;
-                    }
-                    seen = v;
-                    let (cap, cfg, state, file, who) = (
-                        cap.clone(),
-                        cfg.clone(),
-                        state.clone(),
-                        rules_file.clone(),
-                        who.clone(),
-                    );
+                while changes.changed().await.is_ok() {
+                    let snapshot = changes.borrow_and_update().clone();
+                    let (cap, cfg, file, who) =
+                        (cap.clone(), cfg.clone(), rules_file.clone(), who.clone());
                     let _ = tokio::task::spawn_blocking(move || {
-                        let rules = rules_for(&state, &cfg, own, &who);
+                        let rules = rules_for(&snapshot, &cfg, own, &who);
                         let mut guard = cap.lock().unwrap_or_else(|p| p.into_inner());
                         if let Some(c) = guard.as_mut() {
                             match c.update(rules) {
@@ -298,8 +294,12 @@ impl Dataplane {
         }
     }
 
-    /// Removes the capture rules, then stops the listeners.
-    pub async fn stop(self) -> Result<(), DataplaneError> {
+    /// Stops with a drain: removes the capture rules (new connections are no longer
+    /// redirected to the agent), stops accepting (the outbound listener and the tunnel's
+    /// new connections), lets the proxied connections in flight finish for up to `drain`,
+    /// then closes the rest, telling peer agents (an application close, so their pooled
+    /// connections to this process redial at once).
+    pub async fn stop(self, drain: Duration) -> Result<(), DataplaneError> {
         let mut result = Ok(());
         if let Some(cap) = self.capture {
             let taken = cap.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -315,7 +315,23 @@ impl Dataplane {
             t.abort();
         }
         if let Some(t) = self.tunnel {
-            t.close();
+            t.stop_accepting();
+            let open = t.inflight().count();
+            if open > 0 {
+                tracing::info!(
+                    connections = open,
+                    drain_timeout_secs = drain.as_secs_f64(),
+                    "draining: waiting for the open proxied connections to finish"
+                );
+                match tokio::time::timeout(drain, t.inflight().idle()).await {
+                    Ok(()) => tracing::info!("drained: every proxied connection finished"),
+                    Err(_) => tracing::warn!(
+                        connections = t.inflight().count(),
+                        "drain timeout: closing the proxied connections still open"
+                    ),
+                }
+            }
+            t.shutdown().await;
         }
         result
     }
@@ -384,8 +400,6 @@ pub fn cleanup(state_dir: &Path) -> Result<usize, CaptureError> {
 
 #[cfg(test)]
 mod peer_authentication_tests {
-    use std::sync::RwLock;
-
     use causeway_api::push::{EndpointState, MeshState, ServiceState};
 
     use super::*;
@@ -418,13 +432,13 @@ mod peer_authentication_tests {
             },
         );
         s.policies = authz::policies_from_yaml(policies);
-        Arc::new(RwLock::new(s))
+        SharedState::new(s)
     }
 
     fn strict_ports(policies: &str, group_strict: bool) -> Vec<u16> {
         let who = (ME.to_owned(), "web".to_owned());
         rules_for(
-            &state(policies, group_strict),
+            &state(policies, group_strict).get(),
             &DataplaneConfig::default(),
             Some("127.0.0.1".parse().unwrap()),
             &who,

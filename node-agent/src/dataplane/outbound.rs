@@ -23,6 +23,7 @@ use super::lb::{Balancer, Candidate, Outstanding};
 use super::splice::{splice, splice_until};
 use super::tunnel::{Header, Tunnel, TunnelStream, connect_tcp};
 use crate::push::SharedState;
+use tracing::Instrument as _;
 
 /// Endpoints tried per connection before giving up.
 pub const ATTEMPTS: usize = 3;
@@ -126,16 +127,11 @@ impl Outbound {
             return false;
         };
         let own = own.to_string();
-        self.state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .services
-            .values()
-            .any(|s| {
-                s.endpoints
-                    .values()
-                    .any(|e| e.mtls_strict && e.address == own)
-            })
+        self.state.get().services.values().any(|s| {
+            s.endpoints
+                .values()
+                .any(|e| e.mtls_strict && e.address == own)
+        })
     }
 
     /// Serves connections from `listener` until the task is dropped.
@@ -160,7 +156,14 @@ impl Outbound {
             match listener.accept().await {
                 Ok((stream, client)) => {
                     let me = me.clone();
-                    tokio::spawn(async move { me.handle(stream, client).await });
+                    // One span per proxied connection: its events carry the
+                    // connection's context (the destination is recorded once known).
+                    let span = tracing::info_span!(
+                        "outbound",
+                        src = %client,
+                        dst = tracing::field::Empty
+                    );
+                    tokio::spawn(async move { me.handle(stream).await }.instrument(span));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "outbound accept failed");
@@ -170,12 +173,13 @@ impl Outbound {
         }
     }
 
-    async fn handle(&self, stream: tokio::net::TcpStream, client: SocketAddr) {
+    async fn handle(&self, stream: tokio::net::TcpStream) {
+        let _inflight = self.tunnel.inflight().track();
         // Routing and connecting is its own future, boxed and finished (its candidate
         // lists freed) before the splice starts: the task of a long-lived connection then
         // holds only the splice's state (~1 KiB instead of ~2.9 KiB), which is what an
         // agent's memory at tens of thousands of connections is made of.
-        let Some((conn, guard)) = Box::pin(self.prepare(&stream, client)).await else {
+        let Some((conn, guard)) = Box::pin(self.prepare(&stream)).await else {
             return;
         };
         let idle = self.settings.idle_timeout;
@@ -195,7 +199,7 @@ impl Outbound {
             }
             Connected::Plain(u, upstream) => (splice(stream, u, idle).await, upstream),
         };
-        tracing::info!(%client, %upstream, bytes_out = done.a_to_b, bytes_in = done.b_to_a, end = ?done.end, "outbound connection done");
+        tracing::info!(%upstream, bytes_out = done.a_to_b, bytes_in = done.b_to_a, end = ?done.end, "outbound connection done");
         drop(guard);
     }
 
@@ -204,7 +208,6 @@ impl Outbound {
     async fn prepare(
         &self,
         stream: &tokio::net::TcpStream,
-        client: SocketAddr,
     ) -> Option<(Connected, Option<Outstanding>)> {
         let _ = stream.set_nodelay(true);
         let dst = match socket2::SockRef::from(stream)
@@ -213,27 +216,28 @@ impl Outbound {
         {
             Ok(Some(d)) if d != self.local => d,
             Ok(_) => {
-                tracing::debug!(%client, "connection to the outbound port without capture; closed");
+                tracing::debug!("connection to the outbound port without capture; closed");
                 return None;
             }
             Err(e) => {
-                tracing::debug!(%client, error = %e, "no original destination; closed");
+                tracing::debug!(error = %e, "no original destination; closed");
                 return None;
             }
         };
+        tracing::Span::current().record("dst", tracing::field::display(dst));
         let route = {
-            let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+            let s = self.state.get();
             route(&s, dst)
         };
         let cands = match route {
             Route::Passthrough(addr) => {
-                tracing::debug!(%client, %addr, "passthrough");
+                tracing::debug!(%addr, "passthrough");
                 return match connect_tcp(addr, self.settings.mark, self.settings.connect_timeout)
                     .await
                 {
                     Ok(up) => Some((Connected::Plain(up, addr), None)),
                     Err(e) => {
-                        tracing::info!(%client, %addr, error = %e, "passthrough connect failed");
+                        tracing::info!(%addr, error = %e, "passthrough connect failed");
                         None
                     }
                 };
@@ -242,21 +246,16 @@ impl Outbound {
             Route::Balanced(v) => v,
         };
         if cands.is_empty() {
-            tracing::warn!(%client, %dst, "no healthy endpoint with this port; connection closed");
+            tracing::warn!("no healthy endpoint with this port; connection closed");
             return None;
         }
-        let (conn, guard) = self.connect(client, dst, cands).await?;
+        let (conn, guard) = self.connect(cands).await?;
         Some((conn, Some(guard)))
     }
 
     /// Picks an endpoint and connects to it (tunnel or plain TCP), trying up to
     /// [`ATTEMPTS`] endpoints; `None` when none could be reached (already logged).
-    async fn connect(
-        &self,
-        client: SocketAddr,
-        dst: SocketAddr,
-        cands: Vec<Upstream>,
-    ) -> Option<(Connected, Outstanding)> {
+    async fn connect(&self, cands: Vec<Upstream>) -> Option<(Connected, Outstanding)> {
         let lb_cands: Vec<Candidate> = cands
             .iter()
             .map(|u| Candidate {
@@ -285,14 +284,14 @@ impl Outbound {
                     match self.tunnel.open(peer, identity, &header).await {
                         Ok(opened) => {
                             self.lb.succeeded(&up.key);
-                            tracing::info!(%client, %dst, upstream = %up.addr, peer_identity = %identity, transport = %opened.transport, "outbound via tunnel");
+                            tracing::info!(upstream = %up.addr, peer_identity = %identity, transport = %opened.transport, "outbound via tunnel");
                             return Some((
                                 Connected::Tunnel(opened.stream, up.addr, opened.peer),
                                 guard,
                             ));
                         }
                         Err(e) => {
-                            tracing::warn!(%client, upstream = %up.addr, error = %e, "tunnel failed");
+                            tracing::warn!(upstream = %up.addr, error = %e, "tunnel failed");
                             if !e.retry_elsewhere() {
                                 return None;
                             }
@@ -301,7 +300,7 @@ impl Outbound {
                     }
                 }
                 None if !self.settings.plaintext_upstreams || self.group_strict() => {
-                    tracing::warn!(%client, upstream = %up.addr, "endpoint has no agent and plaintext upstreams are disabled; refused");
+                    tracing::warn!(upstream = %up.addr, "endpoint has no agent and plaintext upstreams are disabled; refused");
                     continue;
                 }
                 None => {
@@ -310,18 +309,18 @@ impl Outbound {
                     {
                         Ok(u) => {
                             self.lb.succeeded(&up.key);
-                            tracing::info!(%client, %dst, upstream = %up.addr, "outbound in plaintext (endpoint has no agent)");
+                            tracing::info!(upstream = %up.addr, "outbound in plaintext (endpoint has no agent)");
                             return Some((Connected::Plain(u, up.addr), guard));
                         }
                         Err(e) => {
-                            tracing::warn!(%client, upstream = %up.addr, error = %e, "connect failed");
+                            tracing::warn!(upstream = %up.addr, error = %e, "connect failed");
                             self.lb.failed(&up.key);
                         }
                     }
                 }
             }
         }
-        tracing::warn!(%client, %dst, tried = ?tried, "no endpoint reachable; connection closed");
+        tracing::warn!(tried = ?tried, "no endpoint reachable; connection closed");
         None
     }
 }
@@ -431,9 +430,8 @@ mod sizes {
     /// splice; a TLS stream is spliced boxed. Was 2,880 bytes before that.
     #[test]
     fn a_connections_task_stays_small() {
-        let handle = |o: Arc<Outbound>, s: tokio::net::TcpStream, c: SocketAddr| async move {
-            o.handle(s, c).await
-        };
+        let handle =
+            |o: Arc<Outbound>, s: tokio::net::TcpStream, (): ()| async move { o.handle(s).await };
         let quic = |a: tokio::net::TcpStream, b: QuicSide, i: Option<Duration>| splice(a, b, i);
         let tls = |a: tokio::net::TcpStream,
                    b: Box<tokio_rustls::client::TlsStream<super::super::readahead::ReadAhead>>,

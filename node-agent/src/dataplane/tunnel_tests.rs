@@ -3,13 +3,13 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use causeway_api::push::MeshState;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::tunnel::{Header, Transport, Tunnel};
+use super::tunnel::{Header, Transport, Tunnel, TunnelSettings};
 use crate::identity::{AgentInfo, Identity, cert_facts};
 use crate::push::SharedState;
 
@@ -57,57 +57,55 @@ fn identity(ca: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>, id: &str) -> I
 }
 
 fn state(deny: &[&str]) -> SharedState {
-    Arc::new(RwLock::new(MeshState {
+    SharedState::new(MeshState {
         deny_serials: deny
             .iter()
             .map(|s| (*s).to_owned())
             .collect::<BTreeSet<_>>(),
         ..MeshState::default()
-    }))
+    })
 }
 
 /// A state in which this host ("a-test") serves `port` (the tunnel only reaches such ports).
 fn serving(port: u16, deny: &[&str]) -> SharedState {
     let st = state(deny);
-    st.write().unwrap().services.insert(
-        "default/web".into(),
-        causeway_api::push::ServiceState {
-            vip: None,
-            endpoints: [(
-                "agents/a-test".to_owned(),
-                causeway_api::push::EndpointState {
-                    address: "127.0.0.1".into(),
-                    ports: [("http".to_owned(), port)].into(),
-                    healthy: true,
-                    zone: None,
-                    identity: None,
-                    source: "agents".into(),
-                    stale: false,
-                    labels: Default::default(),
-                    mtls_strict: false,
-                },
-            )]
-            .into(),
-            hostnames: vec![],
-            source_kinds: vec![],
-            consul_tags: vec![],
-            consul_datacenters: vec![],
-            eureka_vips: vec![],
-        },
-    );
+    st.modify(|s| {
+        s.services.insert(
+            "default/web".into(),
+            causeway_api::push::ServiceState {
+                vip: None,
+                endpoints: [(
+                    "agents/a-test".to_owned(),
+                    causeway_api::push::EndpointState {
+                        address: "127.0.0.1".into(),
+                        ports: [("http".to_owned(), port)].into(),
+                        healthy: true,
+                        zone: None,
+                        identity: None,
+                        source: "agents".into(),
+                        stale: false,
+                        labels: Default::default(),
+                        mtls_strict: false,
+                    },
+                )]
+                .into(),
+                hostnames: vec![],
+                source_kinds: vec![],
+                consul_tags: vec![],
+                consul_datacenters: vec![],
+                eureka_vips: vec![],
+            },
+        );
+    });
     st
 }
 
 fn tunnel(id: Identity, st: SharedState) -> Arc<Tunnel> {
-    Tunnel::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        id,
-        st,
-        Duration::from_secs(5),
-        None,
-        None,
-    )
-    .unwrap()
+    tunnel_with(id, st, TunnelSettings::default())
+}
+
+fn tunnel_with(id: Identity, st: SharedState, settings: TunnelSettings) -> Arc<Tunnel> {
+    Tunnel::bind("127.0.0.1:0".parse().unwrap(), id, st, settings).unwrap()
 }
 
 /// An echo application on loopback; returns its port.
@@ -448,11 +446,10 @@ async fn a_pushed_deny_list_applies_to_the_next_tls_connection() {
         (Transport::TcpTls, b"one".to_vec())
     );
     // A push denies the server's certificate: the client configuration is rebuilt.
-    {
-        let mut s = st.write().unwrap();
+    st.modify(|s| {
         s.deny_serials.insert(web.serial.clone());
         s.version += 1;
-    }
+    });
     let err = round_trip(&a, blocked, WEB, port, b"two")
         .await
         .unwrap_err();
@@ -813,11 +810,9 @@ async fn pooled_connections_are_not_reused_after_a_deny() {
     }
     // The server denies the client: both pooled connections stay up on the client's
     // side, yet the server refuses their new streams.
-    b_state
-        .write()
-        .unwrap()
-        .deny_serials
-        .insert(client.serial.clone());
+    b_state.modify(|s| {
+        s.deny_serials.insert(client.serial.clone());
+    });
     for peer in [addr, blocked] {
         let r = round_trip(&a, peer, WEB, port, b"after the deny").await;
         assert!(
@@ -825,14 +820,13 @@ async fn pooled_connections_are_not_reused_after_a_deny() {
             "a denied client's stream went through: {r:?}"
         );
     }
-    b_state.write().unwrap().deny_serials.clear();
+    b_state.modify(|s| s.deny_serials.clear());
     // The client denies the server: the pooled connections are dropped, the new dials
     // fail verification.
-    {
-        let mut s = a_state.write().unwrap();
+    a_state.modify(|s| {
         s.deny_serials.insert(web.serial.clone());
         s.version += 1;
-    }
+    });
     for peer in [addr, blocked] {
         let err = round_trip(&a, peer, WEB, port, b"x").await.unwrap_err();
         assert!(err.contains("deny list"), "{peer}: {err}");
@@ -867,11 +861,9 @@ async fn open_streams_are_cut_when_the_peer_is_denied() {
         let mut buf = [0u8; 4];
         send.write_all(b"ping").await.unwrap();
         recv.read_exact(&mut buf).await.unwrap();
-        b_state
-            .write()
-            .unwrap()
-            .deny_serials
-            .insert(client.serial.clone());
+        b_state.modify(|s| {
+            s.deny_serials.insert(client.serial.clone());
+        });
         let r = tokio::time::timeout(Duration::from_secs(10), recv.read(&mut buf))
             .await
             .expect("cut within the guard");
@@ -879,7 +871,7 @@ async fn open_streams_are_cut_when_the_peer_is_denied() {
             r.is_err(),
             "tcp {tcp}: the stream of a denied client was not reset: {r:?}"
         );
-        b_state.write().unwrap().deny_serials.clear();
+        b_state.modify(|s| s.deny_serials.clear());
         // Outbound: the client denies the server while a stream is open.
         tokio::time::sleep(Duration::from_millis(700)).await;
         let opened = a.open(addr, WEB, &header).await.unwrap();
@@ -892,15 +884,13 @@ async fn open_streams_are_cut_when_the_peer_is_denied() {
                 .is_err(),
             "tcp {tcp}: cut before any deny"
         );
-        a_state
-            .write()
-            .unwrap()
-            .deny_serials
-            .insert(web.serial.clone());
+        a_state.modify(|s| {
+            s.deny_serials.insert(web.serial.clone());
+        });
         tokio::time::timeout(Duration::from_secs(10), cut)
             .await
             .expect("the client cuts its stream to a denied server");
-        a_state.write().unwrap().deny_serials.clear();
+        a_state.modify(|s| s.deny_serials.clear());
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
 }
@@ -929,16 +919,15 @@ async fn connections_of_a_denied_peer_are_closed_both_ways() {
             assert_eq!(round_trip(&a, addr, WEB, port, b"x").await.unwrap(), b"x");
             assert_eq!((open(&a), open(&b)), (1, 1), "tcp {tcp}");
             if server_denies {
-                b_state
-                    .write()
-                    .unwrap()
-                    .deny_serials
-                    .insert(client.serial.clone());
+                b_state.modify(|s| {
+                    s.deny_serials.insert(client.serial.clone());
+                });
             } else {
                 // As a push does: a new version with the serial on the deny list.
-                let mut st = a_state.write().unwrap();
-                st.deny_serials.insert(web.serial.clone());
-                st.version += 1;
+                a_state.modify(|st| {
+                    st.deny_serials.insert(web.serial.clone());
+                    st.version += 1;
+                });
             }
             wait_until(Duration::from_secs(10), || open(&a) == 0 && open(&b) == 0).await;
             if !server_denies {
@@ -1039,8 +1028,14 @@ async fn quic_is_probed_in_the_background_and_used_again_once_udp_works() {
     let ca = ca();
     let port = echo_app().await;
     let b = tunnel(identity(&ca, WEB), serving(port, &[]));
-    let a = tunnel(identity(&ca, CLIENT), state(&[]));
-    a.set_quic_down_for(Duration::from_millis(300));
+    let a = tunnel_with(
+        identity(&ca, CLIENT),
+        state(&[]),
+        TunnelSettings {
+            quic_down_for: Duration::from_millis(300),
+            ..TunnelSettings::default()
+        },
+    );
     let (addr, udp_on) = switchable_udp_path_to(b.local_addr().unwrap()).await;
     assert_eq!(
         round_trip_on(&a, addr, WEB, port, b"blocked")
@@ -1134,12 +1129,18 @@ async fn idle_pooled_connections_are_released_and_close_after_their_last_stream(
     let port = echo_app().await;
     let b = tunnel(identity(&ca, WEB), serving(port, &[]));
     for tcp in [false, true] {
-        let a = tunnel(identity(&ca, CLIENT), state(&[]));
-        a.set_tcp_only(tcp);
+        let a = tunnel_with(
+            identity(&ca, CLIENT),
+            state(&[]),
+            TunnelSettings {
+                tcp_only: tcp,
+                pool_idle: Duration::from_millis(300),
+                ..TunnelSettings::default()
+            },
+        );
         let transport = usize::from(tcp);
         let dials = |a: &Arc<Tunnel>| a.counters().dials[transport];
         let open = |a: &Arc<Tunnel>| a.counters().connections[transport];
-        a.set_pool_idle(Duration::from_millis(300));
         let addr = b.local_addr().unwrap();
         let header = Header {
             service: "default/web".into(),
@@ -1262,14 +1263,13 @@ async fn stalled_streams_do_not_block_the_other_streams_of_a_connection() {
     let ca = ca();
     let echo = echo_app().await;
     let stalled = stalled_app().await;
-    let mut st = serving(echo, &[]);
-    {
-        let mut s = st.write().unwrap();
+    let st = serving(echo, &[]);
+    st.modify(|s| {
         let svc = s.services.get_mut("default/web").unwrap();
         let ep = svc.endpoints.get_mut("agents/a-test").unwrap();
         ep.ports.insert("stalled".into(), stalled);
-    }
-    let b = tunnel(identity(&ca, WEB), std::mem::take(&mut st));
+    });
+    let b = tunnel(identity(&ca, WEB), st.clone());
     let a = tunnel(identity(&ca, CLIENT), state(&[]));
     let (black_hole, blocked) = udp_blocked_path_to(b.local_addr().unwrap()).await;
     for (peer, transport) in [
@@ -1315,9 +1315,10 @@ async fn stalled_streams_do_not_block_the_other_streams_of_a_connection() {
 
 /// Puts the policy resources of `yaml` into `st` (replacing any there).
 fn set_policies(st: &SharedState, yaml: &str) {
-    let mut s = st.write().unwrap();
-    s.policies = super::authz::policies_from_yaml(yaml);
-    s.version += 1;
+    st.modify(|s| {
+        s.policies = super::authz::policies_from_yaml(yaml);
+        s.version += 1;
+    });
 }
 
 const OTHER: &str = "spiffe://causeway.local/ns/default/sa/other";
@@ -1346,7 +1347,7 @@ async fn policies_refuse_new_streams_and_cut_open_ones_they_deny() {
         port,
     };
     set_policies(&b_state, ALLOW_BOTH);
-    // The tunnel follows the state within its poll interval.
+    // The tunnel follows the published state (a margin for its task to run).
     tokio::time::sleep(Duration::from_millis(700)).await;
     for tcp in [false, true] {
         for t in [&a, &other, &stranger] {
@@ -1411,4 +1412,114 @@ async fn policies_refuse_new_streams_and_cut_open_ones_they_deny() {
             .any(|(d, p, n)| *d == "deny" && p == "default/deny-client" && *n > 0),
         "{counted:?}"
     );
+}
+
+/// A policy or deny-list change reaches the tunnel when it is published, not at a poll
+/// interval: under paused time the tunnel's authorization view and deny list (what open
+/// streams are cut by) follow a published snapshot while the clock stands still. A
+/// follower that polls on a timer only sees it after the clock advances to its next tick.
+#[tokio::test(start_paused = true)]
+async fn a_published_policy_or_deny_reaches_the_tunnel_without_a_timer() {
+    let ca = ca();
+    let st = serving(8080, &[]);
+    let b = tunnel(identity(&ca, WEB), st.clone());
+    let mut policies = b.policy_changes();
+    let mut deny = b.deny_changes();
+    let start = tokio::time::Instant::now();
+    set_policies(&st, ALLOW_BOTH);
+    policies.changed().await.unwrap();
+    assert_eq!(policies.borrow_and_update().selected(), 1);
+    st.modify(|s| {
+        s.deny_serials.insert("0a0b".into());
+    });
+    deny.changed().await.unwrap();
+    assert!(deny.borrow_and_update().contains("0a0b"));
+    assert_eq!(
+        tokio::time::Instant::now(),
+        start,
+        "the tunnel saw the change only after a timer fired"
+    );
+}
+
+/// The config cache's write (with its fsync) does not hold up the data plane: while the
+/// write of a push hangs, the agent's open proxied connection keeps echoing and a new
+/// connection (a fresh dial from another agent) is accepted; pushes made meanwhile are
+/// one more write, of the newest. On the agent's single-threaded runtime a write on the
+/// data-plane thread would stop all of it until the write ends.
+#[tokio::test]
+async fn a_slow_config_cache_write_does_not_hold_up_proxied_connections() {
+    use causeway_api::push::{ConfigUpdate, EndpointMsg, ServiceMsg};
+
+    use crate::push::{ConfigCache, Outcome, WriteGate, apply};
+
+    let ca = ca();
+    let port = echo_app().await;
+    let web = identity(&ca, WEB);
+    let client = identity(&ca, CLIENT);
+    let Pair { b_state, b, a, .. } = pair(&web, &client, port);
+    let addr = b.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gate = WriteGate::closed();
+    let writer = ConfigCache::new(dir.path())
+        .gated(gate.clone())
+        .spawn_writer(&b_state);
+    // A push as the controller sends it: this host's workload serving `port`.
+    let update = |version: u64| ConfigUpdate {
+        version,
+        full: true,
+        vip_cidr: "240.240.0.0/16".into(),
+        services: vec![ServiceMsg {
+            namespace: "default".into(),
+            name: "web".into(),
+            vip: "240.240.0.1".into(),
+            endpoints: vec![EndpointMsg {
+                id: "agents/a-test".into(),
+                address: "127.0.0.1".into(),
+                ports: [("http".to_owned(), u32::from(port))].into(),
+                healthy: true,
+                ..EndpointMsg::default()
+            }],
+            ..ServiceMsg::default()
+        }],
+        ..ConfigUpdate::default()
+    };
+    let header = Header {
+        service: "default/web".into(),
+        port,
+    };
+    let (mut recv, mut send) = a.open(addr, WEB, &header).await.unwrap().into_io();
+    let mut buf = [0u8; 4];
+    send.write_all(b"ping").await.unwrap();
+    recv.read_exact(&mut buf).await.unwrap();
+
+    assert_eq!(apply(&b_state, &update(1)), Outcome::Applied(1));
+    wait_until(Duration::from_secs(10), || gate.writes() == 1).await;
+    // The write of version 1 hangs; two more pushes arrive.
+    for v in [2, 3] {
+        assert_eq!(apply(&b_state, &update(v)), Outcome::Applied(v));
+    }
+    send.write_all(b"pong").await.unwrap();
+    recv.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"pong", "the open connection echoes");
+    let other = tunnel(identity(&ca, OTHER), state(&[]));
+    assert_eq!(
+        round_trip(&other, addr, WEB, port, b"new").await.unwrap(),
+        b"new",
+        "a new connection is accepted"
+    );
+    assert_eq!(other.quic_dials() + other.tcp_dials(), 1);
+    gate.open();
+    writer.flush().await;
+    assert!(
+        !gate.timed_out(),
+        "the data plane waited for the config cache write"
+    );
+    assert_eq!(ConfigCache::new(dir.path()).load(), *b_state.get());
+    assert_eq!(b_state.get().version, 3);
+    assert_eq!(
+        gate.writes(),
+        2,
+        "the pushes made during a write are one write"
+    );
+    drop((send, recv));
 }

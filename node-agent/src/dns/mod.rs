@@ -118,17 +118,14 @@ struct Shared {
 impl Shared {
     /// The index for the current config version (rebuilt here when a push changed it).
     fn index(&self) -> Arc<Index> {
-        let v = self.state.read().unwrap_or_else(|p| p.into_inner()).version;
+        let st = self.state.get();
         {
             let cur = self.index.read().unwrap_or_else(|p| p.into_inner());
-            if cur.version == v {
+            if cur.version == st.version {
                 return cur.clone();
             }
         }
-        let built = {
-            let st = self.state.read().unwrap_or_else(|p| p.into_inner());
-            Arc::new(Index::build(&st, &self.zones))
-        };
+        let built = Arc::new(Index::build(&st, &self.zones));
         tracing::debug!(
             version = built.version,
             names = built.len(),
@@ -474,10 +471,7 @@ impl Dns {
             metrics.clone(),
         );
         let zones = zones_of(cfg);
-        let first = {
-            let st = state.read().unwrap_or_else(|p| p.into_inner());
-            Index::build(&st, &zones)
-        };
+        let first = Index::build(&state.get(), &zones);
         tracing::info!(listen = %cfg.listen, names = first.len(), config_version = first.version, upstreams = ?forwarder.upstreams, cache = cfg.cache, "DNS server starting");
         let shared = Arc::new(Shared {
             state: state.clone(),
@@ -497,6 +491,16 @@ impl Dns {
             status_file: status_file.clone(),
             metrics,
         };
+        // The name index follows the published config: rebuilt off the query path when
+        // a snapshot arrives (a query that comes first rebuilds it itself).
+        let (mut changes, sh) = (state.subscribe(), shared.clone());
+        dns.tasks.push(tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                changes.mark_unchanged();
+                let sh = sh.clone();
+                let _ = tokio::task::spawn_blocking(move || sh.index()).await;
+            }
+        }));
         dns.serve_on(cfg.listen, &shared).await?;
         if cfg.mode == DnsMode::ResolvConf {
             dns.serve_on(cfg.resolver_listen, &shared).await?;
@@ -545,6 +549,11 @@ impl Dns {
         // round for as long as it runs.
         let mut failures: u32 = 0;
         let mut next_install = tokio::time::Instant::now();
+        // `start` returns after the first round has installed capture (or not) and
+        // written the status file: `doctor` never sees the table before the status that
+        // expects it (a push right after the start used to get there first).
+        let (first_round, first_round_done) = tokio::sync::oneshot::channel::<()>();
+        let mut first_round = Some(first_round);
         dns.tasks.push(tokio::spawn(async move {
             let mut seen_mtime = resolv_mtimes(&cfg3);
             // What applications query: the nameservers of resolv.conf as written. Read
@@ -640,9 +649,13 @@ impl Dns {
                     write_status(&status_file, &st);
                     last_status = Some(st);
                 }
+                if let Some(done) = first_round.take() {
+                    let _ = done.send(());
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }));
+        let _ = first_round_done.await;
         Ok(dns)
     }
 
@@ -689,14 +702,6 @@ impl Dns {
     /// The DNS counters (for `/metrics`).
     pub fn metrics(&self) -> Arc<DnsMetrics> {
         self.metrics.clone()
-    }
-
-    /// Whether the capture table is installed now.
-    pub fn capturing(&self) -> bool {
-        self.capture
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
     }
 
     /// Removes capture (or restores the resolver configuration) first, then stops serving.
@@ -908,7 +913,7 @@ mod server_tests {
     }
 
     async fn start(cfg: &DnsConfig, dir: &Path) -> Dns {
-        let state: SharedState = Arc::default();
+        let state = SharedState::default();
         Dns::start(cfg, false, 0x4357, state, dir).await.unwrap()
     }
 

@@ -1,0 +1,354 @@
+//! Inbound: accepting connections and streams of both transports, and handing each
+//! authorized stream to the local application.
+
+use super::*;
+use tracing::Instrument as _;
+
+pub(super) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Tunnel {
+    pub(super) async fn serve_tcp(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        let mut accepting = self.accepting.subscribe();
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = accepting.wait_for(|a| !*a) => return,
+            };
+            let Ok((tcp, remote)) = accepted else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                if let Err(e) = tune_tunnel_socket(&tcp) {
+                    tracing::warn!(peer = %remote, error = %e, "cannot set keepalive on the tunnel connection");
+                }
+                let cfg = me
+                    .tls_server
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                // Boxed: the handshake's and the stream's TLS state stay out of the task,
+                // which lives as long as the connection.
+                let tls = match tokio::time::timeout(
+                    HEADER_TIMEOUT,
+                    Box::pin(tokio_rustls::TlsAcceptor::from(cfg).accept(ReadAhead::new(tcp))),
+                )
+                .await
+                {
+                    Ok(Ok(t)) => Box::new(t),
+                    Ok(Err(e)) => {
+                        tracing::info!(peer = %remote, error = %e, "tunnel TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let leaf = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|d| d.to_vec());
+                let deny = me.state.get().deny_serials.clone();
+                let peer = match leaf
+                    .ok_or_else(|| "no client certificate".to_owned())
+                    .and_then(|l| tls::check_peer(&l, None, &deny))
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(peer = %remote, error = %e, "tunnel connection refused");
+                        return;
+                    }
+                };
+                if tls.get_ref().1.alpn_protocol() == Some(mux::ALPN_MUX) {
+                    me.serve_mux(peer, remote, tls).await;
+                    return;
+                }
+                let mut tls = tls;
+                let header =
+                    match tokio::time::timeout(HEADER_TIMEOUT, Header::read(&mut *tls)).await {
+                        Ok(Ok(h)) => h,
+                        Ok(Err(e)) => {
+                            tracing::warn!(peer = %remote, error = %e, "tunnel stream refused");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                // A refused stream over TCP + TLS is closed with its connection.
+                me.serve_app(
+                    &Arc::new(peer),
+                    remote,
+                    Transport::TcpTls,
+                    header,
+                    tls,
+                    |t, _| drop(t),
+                )
+                .await;
+            });
+        }
+    }
+
+    /// Serves the streams of a multiplexed TCP + TLS connection.
+    pub(super) async fn serve_mux(
+        self: Arc<Self>,
+        peer: tls::PeerFacts,
+        remote: SocketAddr,
+        tls: Box<tokio_rustls::server::TlsStream<ReadAhead>>,
+    ) {
+        let mut conn = match tokio::time::timeout(
+            HEADER_TIMEOUT,
+            mux::server_builder().handshake::<_, bytes::Bytes>(tls),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::info!(peer = %remote, error = %e, "tunnel HTTP/2 handshake refused");
+                return;
+            }
+            Err(_) => return,
+        };
+        tracing::info!(peer = %remote, peer_identity = %peer.spiffe_id, "tunnel connection accepted (TCP + TLS, multiplexed)");
+        let _open = OpenGuard::new(&self.mux_open);
+        let peer = Arc::new(peer);
+        let mut denied = std::pin::pin!(self.connection_denied(peer.clone()));
+        // Accepting also drives the connection: its streams move only while this runs.
+        loop {
+            let next = tokio::select! {
+                next = conn.accept() => next,
+                // Dropping the connection closes its TCP connection; every stream on
+                // it fails.
+                () = &mut denied => break,
+            };
+            let (request, respond) = match next {
+                Some(Ok(r)) => r,
+                Some(Err(e)) => {
+                    tracing::debug!(peer = %remote, error = %e, "multiplexed tunnel connection ended");
+                    break;
+                }
+                None => break,
+            };
+            let (me, peer) = (self.clone(), peer.clone());
+            tokio::spawn(async move { me.serve_mux_stream(&peer, remote, request, respond).await });
+        }
+    }
+
+    pub(super) async fn serve_mux_stream(
+        &self,
+        peer: &Arc<tls::PeerFacts>,
+        remote: SocketAddr,
+        request: http::Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<bytes::Bytes>,
+    ) {
+        if !mux::is_tunnel_request(&request) {
+            tracing::warn!(peer = %remote, method = %request.method(), path = %request.uri().path(), "tunnel stream refused: not a tunnel request");
+            let mut not_found = http::Response::new(());
+            *not_found.status_mut() = http::StatusCode::NOT_FOUND;
+            let _ = respond.send_response(not_found, true);
+            return;
+        }
+        let Ok(send) = respond.send_response(http::Response::new(()), false) else {
+            return;
+        };
+        let mut side = MuxSide {
+            send: MuxWrite::new(send),
+            recv: MuxRead::body(request.into_body()),
+        };
+        let header = match tokio::time::timeout(HEADER_TIMEOUT, Header::read(&mut side.recv)).await
+        {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %remote, error = %e, "tunnel stream refused");
+                side.send.reset(h2::Reason::PROTOCOL_ERROR);
+                return;
+            }
+            Err(_) => {
+                side.send.reset(h2::Reason::CANCEL);
+                return;
+            }
+        };
+        self.serve_app(peer, remote, Transport::TcpTls, header, side, |mut m, _| {
+            m.send.reset(h2::Reason::REFUSED_STREAM);
+        })
+        .await;
+    }
+
+    /// Authorizes, connects to the local application and splices. `refuse` closes the
+    /// stream with an error code when that fails.
+    pub(super) async fn serve_app<S: Side>(
+        &self,
+        peer: &Arc<tls::PeerFacts>,
+        remote: SocketAddr,
+        transport: Transport,
+        header: Header,
+        side: S,
+        refuse: impl FnOnce(S, u32),
+    ) {
+        // One span per proxied stream: its events carry the connection's context.
+        let span = tracing::info_span!(
+            "inbound",
+            src = %remote,
+            peer_identity = %peer.spiffe_id,
+            service = %header.service,
+            port = header.port,
+            %transport,
+        );
+        self.serve_authorized(peer, remote, transport, header, side, refuse)
+            .instrument(span)
+            .await;
+    }
+
+    async fn serve_authorized<S: Side>(
+        &self,
+        peer: &Arc<tls::PeerFacts>,
+        remote: SocketAddr,
+        transport: Transport,
+        header: Header,
+        side: S,
+        refuse: impl FnOnce(S, u32),
+    ) {
+        let (own, decision) = match self.authorize(peer, remote, &header) {
+            Ok(a) => a,
+            Err(code) => {
+                refuse(side, code);
+                return;
+            }
+        };
+        let app = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, header.port));
+        let tcp = match connect_tcp(app, self.settings.mark, self.settings.connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%app, error = %e, "local application unreachable");
+                refuse(side, 2);
+                return;
+            }
+        };
+        let _inflight = self.inflight.track();
+        self.accepted[transport as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(policy = decision.policy_label(), "inbound tunnel stream");
+        let cut = self.cut_when_refused(peer.clone(), remote.ip(), own, header.port);
+        let done = splice_until(side, tcp, self.settings.idle_timeout, cut).await;
+        tracing::debug!(bytes_in = done.a_to_b, bytes_out = done.b_to_a, end = ?done.end, "inbound stream done");
+    }
+
+    /// Calls `f` with each of this agent's own registered endpoints (`agents/<agent id>`,
+    /// one per service it registered under).
+    pub(super) fn for_own_endpoints(&self, mut f: impl FnMut(&causeway_api::push::EndpointState)) {
+        let me = format!(
+            "agents/{}",
+            self.identity
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .info
+                .agent_id
+        );
+        let state = self.state.get();
+        for e in state.services.values().filter_map(|s| s.endpoints.get(&me)) {
+            f(e);
+        }
+    }
+
+    /// Ports and address of this agent's own registered workload (endpoint
+    /// `agents/<agent id>`; the address is unspecified when it has none), in one pass.
+    pub(super) fn own_workload(&self) -> (std::collections::BTreeSet<u16>, std::net::IpAddr) {
+        let mut ports = std::collections::BTreeSet::new();
+        let mut addr = None;
+        self.for_own_endpoints(|e| {
+            ports.extend(e.ports.values().copied());
+            addr = addr.or_else(|| e.address.parse().ok());
+        });
+        (
+            ports,
+            addr.unwrap_or(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        )
+    }
+
+    pub(super) async fn serve(self: Arc<Self>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => me.serve_connection(conn).await,
+                    Err(e) => {
+                        tracing::info!(peer = %remote, error = %e, "tunnel handshake refused")
+                    }
+                }
+            });
+        }
+    }
+
+    pub(super) async fn serve_connection(self: Arc<Self>, conn: quinn::Connection) {
+        let remote = conn.remote_address();
+        let leaf = conn
+            .peer_identity()
+            .and_then(|a| {
+                a.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .and_then(|c| c.first().map(|d| d.to_vec()));
+        let Some(leaf) = leaf else {
+            conn.close(1u32.into(), b"no client certificate");
+            return;
+        };
+        let deny = self.state.get().deny_serials.clone();
+        let peer = match tls::check_peer(&leaf, None, &deny) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(peer = %remote, error = %e, "tunnel connection refused");
+                conn.close(2u32.into(), b"certificate refused");
+                return;
+            }
+        };
+        tracing::info!(peer = %remote, peer_identity = %peer.spiffe_id, "tunnel connection accepted");
+        let peer = Arc::new(peer);
+        let mut denied = std::pin::pin!(self.connection_denied(peer.clone()));
+        loop {
+            tokio::select! {
+                next = conn.accept_bi() => {
+                    let Ok((send, recv)) = next else { break };
+                    let (me, peer) = (self.clone(), peer.clone());
+                    tokio::spawn(async move { me.serve_stream(&peer, remote, send, recv).await });
+                }
+                () = &mut denied => {
+                    conn.close(DENIED_CODE.into(), b"certificate denied");
+                    break;
+                }
+            }
+        }
+    }
+
+    pub(super) async fn serve_stream(
+        &self,
+        peer: &Arc<tls::PeerFacts>,
+        remote: SocketAddr,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let header = match tokio::time::timeout(HEADER_TIMEOUT, Header::read(&mut recv)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %remote, error = %e, "tunnel stream refused");
+                let _ = send.reset(1u32.into());
+                return;
+            }
+            Err(_) => {
+                let _ = send.reset(1u32.into());
+                return;
+            }
+        };
+        self.serve_app(
+            peer,
+            remote,
+            Transport::Quic,
+            header,
+            QuicSide { send, recv },
+            |mut q, code| {
+                let _ = q.send.reset(code.into());
+                let _ = q.recv.stop(code.into());
+            },
+        )
+        .await;
+    }
+}
