@@ -196,7 +196,8 @@ for _ in $(seq 100); do
   grep -q web-allow-frontend "$work/vm2-mesh/config.json" 2>/dev/null && break
   sleep 0.1
 done
-sleep 1 # the tunnel follows the applied state within half a second
+# The agent publishes a new state to its tunnel before it writes config.json, so the
+# policy is in force once the file shows it.
 echo "==> from vm1 (principal .../sa/client): GET http://$vip:8080/ is refused by vm2's agent"
 if in_ns vm1 python3 -c "$fetch" "http://$vip:8080/" 2>"$work/refused.txt"; then
   echo "error: the policy did not refuse vm1's request" >&2
@@ -216,7 +217,6 @@ for _ in $(seq 100); do
   grep -q web-allow-frontend "$work/vm2-mesh/config.json" 2>/dev/null || break
   sleep 0.1
 done
-sleep 1
 in_ns vm1 python3 -c "$fetch" "http://$vip:8080/"
 echo "==> vm1's capture rules (removed when the agent stops):"
 in_ns vm1 iptables-save -t nat | grep CAUSEWAY
