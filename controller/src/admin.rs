@@ -216,10 +216,7 @@ async fn group_create(
         // `--mtls` is a shorthand: it writes the equivalent workload-level
         // PeerAuthentication, which `get pa` shows and a later `apply` may replace.
         let pa = crate::policy_admin::group_peer_authentication(&record.group);
-        let mesh = s.mesh.clone();
-        tokio::task::spawn_blocking(move || mesh.apply_policies(vec![pa], false))
-            .await
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+        s.mesh.apply_policies(vec![pa], false).await?;
         s.store.flush()?;
     }
     Ok((StatusCode::CREATED, Json(record)))
@@ -254,10 +251,7 @@ async fn group_delete(
             &crate::policy_admin::group_peer_authentication(&g.group),
         );
         if s.mesh.policies().contains_key(&key) {
-            let mesh = s.mesh.clone();
-            tokio::task::spawn_blocking(move || mesh.delete_policies(&[key]))
-                .await
-                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+            s.mesh.delete_policies(&[key]).await?;
             s.store.flush()?;
         }
     }
@@ -538,7 +532,7 @@ async fn agent_remove(
 ) -> Result<Json<AgentView>, ApiError> {
     let agent = s.store.remove_agent(&id, now_unix())?;
     s.store.flush()?;
-    s.mesh.agent_removed(&agent.id, &agent.live_certs)?;
+    s.mesh.agent_removed(&agent.id, &agent.live_certs).await?;
     tracing::info!(agent = %id, denied = agent.live_certs.len(), "agent removed: every unexpired certificate it holds is denied, its renewals are refused");
     Ok(Json(agent.into()))
 }

@@ -7,11 +7,14 @@
 //! config to subscribed agents ([`push`]), and serves the admin HTTP API for
 //! `causewayctl` ([`admin`]), with policy resources and `why` ([`policy_admin`]).
 //!
+//! [`app::start`] wires these together; the binary and in-process tests call it.
+//!
 //! What it does not (yet): run with several controllers (etcd) or serve metrics.
 
 pub mod address;
 pub mod admin;
 pub mod admin_server;
+pub mod app;
 pub mod ca;
 pub mod config;
 pub mod control;

@@ -169,14 +169,16 @@ pub(crate) async fn run_session(
     if let Ok(Some(token)) = store.token(&agent.token_id) {
         cidrs.extend(token.cidrs);
     }
-    let started = mesh.session_start(
-        &agent,
-        group.as_ref(),
-        address,
-        remote.ip().to_canonical(),
-        &cidrs,
-        hello.last_version,
-    );
+    let started = mesh
+        .session_start(
+            &agent,
+            group.as_ref(),
+            address,
+            remote.ip().to_canonical(),
+            &cidrs,
+            hello.last_version,
+        )
+        .await;
     let (handle, refusal) = match started {
         Ok(h) => h,
         Err(e) => {
@@ -201,7 +203,7 @@ pub(crate) async fn run_session(
         };
         if let Err(e) = send_frame(&mut send, &frame).await {
             tracing::info!(agent = %agent.id, error = %e, "subscription write failed");
-            let _ = mesh.session_end(&handle, false);
+            let _ = mesh.session_end(&handle, false).await;
             return;
         }
     }
@@ -293,7 +295,7 @@ pub(crate) async fn run_session(
         }
     };
     reader.abort();
-    if let Err(e) = mesh.session_end(&handle, graceful) {
+    if let Err(e) = mesh.session_end(&handle, graceful).await {
         tracing::error!(agent = %agent.id, error = %e, "cannot record the end of a session");
     }
 }
