@@ -1749,6 +1749,139 @@ mod tests {
         assert_eq!(web_agents(&mesh), ["a1"]);
     }
 
+    /// A store whose mesh writes wait at a gate the test opens.
+    struct GatedStore {
+        inner: SledStore,
+        entered: std::sync::mpsc::SyncSender<()>,
+        open: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+        gated: std::sync::atomic::AtomicBool,
+    }
+
+    impl Store for GatedStore {
+        fn ca(&self) -> Result<Option<crate::store::CaRecord>, StoreError> {
+            self.inner.ca()
+        }
+        fn init_ca(
+            &self,
+            ca: &crate::store::CaRecord,
+        ) -> Result<crate::store::CaRecord, StoreError> {
+            self.inner.init_ca(ca)
+        }
+        fn create_group(&self, group: &crate::store::GroupRecord) -> Result<(), StoreError> {
+            self.inner.create_group(group)
+        }
+        fn group(&self, name: &str) -> Result<Option<crate::store::GroupRecord>, StoreError> {
+            self.inner.group(name)
+        }
+        fn groups(&self) -> Result<Vec<crate::store::GroupRecord>, StoreError> {
+            self.inner.groups()
+        }
+        fn delete_group(&self, name: &str) -> Result<usize, StoreError> {
+            self.inner.delete_group(name)
+        }
+        fn create_token(&self, token: &crate::store::TokenRecord) -> Result<(), StoreError> {
+            self.inner.create_token(token)
+        }
+        fn token(&self, id: &str) -> Result<Option<crate::store::TokenRecord>, StoreError> {
+            self.inner.token(id)
+        }
+        fn tokens(&self) -> Result<Vec<crate::store::TokenRecord>, StoreError> {
+            self.inner.tokens()
+        }
+        fn revoke_token(
+            &self,
+            id: &str,
+            now: i64,
+        ) -> Result<crate::store::TokenRecord, StoreError> {
+            self.inner.revoke_token(id, now)
+        }
+        fn commit_enrollments(
+            &self,
+            batch: &[crate::store::Enrollment],
+        ) -> Result<Vec<crate::store::EnrollOutcome>, StoreError> {
+            self.inner.commit_enrollments(batch)
+        }
+        fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+            self.inner.agent(id)
+        }
+        fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+            self.inner.agents()
+        }
+        fn remove_agent(&self, id: &str, now: i64) -> Result<AgentRecord, StoreError> {
+            self.inner.remove_agent(id, now)
+        }
+        fn cert(&self, serial: &str) -> Result<Option<crate::store::CertRecord>, StoreError> {
+            self.inner.cert(serial)
+        }
+        fn certs(&self) -> Result<Vec<crate::store::CertRecord>, StoreError> {
+            self.inner.certs()
+        }
+        fn load_mesh(&self) -> Result<crate::store::MeshDump, StoreError> {
+            self.inner.load_mesh()
+        }
+        fn save_mesh(&self, change: &crate::store::EncodedMeshWrite) -> Result<(), StoreError> {
+            if self.gated.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = self.entered.send(());
+                let _ = self.open.lock().unwrap().recv();
+            }
+            self.inner.save_mesh(change)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush()
+        }
+    }
+
+    /// While a change's store transaction is in progress, the mesh still answers readers
+    /// (sessions, the admin API): its lock is not held across the transaction.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_do_not_wait_for_a_store_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let (entered_tx, entered_rx) = std::sync::mpsc::sync_channel(1);
+        let (open_tx, open_rx) = std::sync::mpsc::channel();
+        let store = Arc::new(GatedStore {
+            inner: SledStore::reopen(dir.path()).unwrap(),
+            entered: entered_tx,
+            open: std::sync::Mutex::new(open_rx),
+            gated: std::sync::atomic::AtomicBool::new(false),
+        });
+        let mesh = Mesh::open(
+            store.clone(),
+            settings("240.240.0.0/16", Duration::from_secs(60)),
+            Vec::new(),
+            &BTreeSet::from(["file".to_owned()]),
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+        store.gated.store(true, std::sync::atomic::Ordering::SeqCst);
+        let writer = {
+            let mesh = mesh.clone();
+            tokio::spawn(async move { mesh.apply_source_update(file_update(&["web"])).await })
+        };
+        // The transaction has started and waits at the gate.
+        tokio::task::spawn_blocking(move || entered_rx.recv().unwrap())
+            .await
+            .unwrap();
+        // A reader on another thread gets its answer meanwhile.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let reader = mesh.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send((reader.version(), reader.sessions().len()));
+        });
+        let answered =
+            tokio::task::spawn_blocking(move || done_rx.recv_timeout(Duration::from_secs(30)))
+                .await
+                .unwrap();
+        open_tx.send(()).unwrap();
+        assert_eq!(
+            answered.expect("the reader was blocked by the store transaction"),
+            (0, 0),
+            "the version is published only once written"
+        );
+        assert_eq!(writer.await.unwrap().unwrap(), 1);
+        assert_eq!(mesh.version(), 1);
+    }
+
     /// Removal denies every unexpired certificate it is given (an expired one is left
     /// out), pushes them to every agent, and each entry leaves the list when its
     /// certificate expires, with a new version so agents get the shorter list.
