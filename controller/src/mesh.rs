@@ -52,44 +52,12 @@ pub struct MeshSettings {
     pub control_on_loopback: bool,
 }
 
-/// An agent's session as operators see it.
-#[derive(Debug, Clone, Serialize)]
-pub struct SessionView {
-    /// Whether a subscription is open.
-    pub connected: bool,
-    /// The last version the agent acknowledged.
-    pub acked_version: u64,
-    /// The last version sent.
-    pub sent_version: u64,
-    /// The last refusal, if the agent refused an update.
-    pub last_nack: Option<NackView>,
-    /// The workload address the agent asked for (registered unless
-    /// `registration_error` says why not).
-    pub address: String,
-    /// Why the controller refused to register the workload at `address`.
-    pub registration_error: Option<String>,
-    /// Session generation (grows with every new session).
-    pub generation: u64,
-    /// The latest connections the agent refused by policy, newest last (at most
-    /// [`RECENT_DENIALS`]).
-    #[serde(skip_serializing_if = "std::collections::VecDeque::is_empty")]
-    pub recent_denials: std::collections::VecDeque<causeway_api::push::Denial>,
-}
+pub use causeway_api::admin::{
+    EndpointView, NackView, ServiceView, SessionView, SourceStateView, SourceView,
+};
 
 /// How many refusals the controller keeps per agent.
 pub const RECENT_DENIALS: usize = 64;
-
-/// A refused update.
-#[derive(Debug, Clone, Serialize)]
-pub struct NackView {
-    /// The refused version.
-    pub version: u64,
-    /// The agent's reason.
-    pub error: String,
-    /// The services the agent refused while applying the rest of the update.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub rejected: Vec<causeway_api::push::ServiceRejection>,
-}
 
 struct Session {
     view: SessionView,
@@ -244,71 +212,6 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
-}
-
-/// A service as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct ServiceView {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-    /// VIP, when allocated.
-    pub vip: Option<Ipv4Addr>,
-    /// Merged endpoints.
-    pub endpoints: Vec<EndpointView>,
-    /// Names of the sources that contribute.
-    pub sources: BTreeSet<String>,
-}
-
-/// An endpoint as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct EndpointView {
-    /// Address.
-    pub address: String,
-    /// Named ports.
-    pub ports: BTreeMap<String, u16>,
-    /// Whether it routes.
-    pub healthy: bool,
-    /// Source name.
-    pub source: String,
-    /// Source kind.
-    pub kind: SourceKind,
-    /// The source's own id.
-    pub native_id: String,
-    /// The source's revision.
-    pub revision: String,
-    /// Whether its source is failing.
-    pub stale: bool,
-    /// SPIFFE ID, when it runs an agent.
-    pub identity: Option<String>,
-    /// Zone.
-    pub zone: Option<String>,
-    /// Every source that knows this endpoint: its own `source` first, then the agent
-    /// whose workload is bound to it (`agents`), when joined from an existing registry.
-    pub sources: Vec<String>,
-    /// The id of the Causeway agent running there, if one is (its own registration or
-    /// one bound to a registry's): traffic to it goes through the mTLS tunnel.
-    pub agent: Option<String>,
-    /// Labels (agent workloads carry `causeway.io/group`).
-    pub labels: BTreeMap<String, String>,
-}
-
-/// A source as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct SourceView {
-    /// Name.
-    pub name: String,
-    /// Kind.
-    pub kind: SourceKind,
-    /// "pending" (configured, no complete answer yet in this run), "synced" or "stale".
-    pub state: String,
-    /// The last error.
-    pub last_error: Option<String>,
-    /// Services it holds.
-    pub services: usize,
-    /// Endpoints it holds.
-    pub endpoints: usize,
 }
 
 /// The services some deltas touched.
@@ -1385,11 +1288,10 @@ impl Mesh {
                 name: name.clone(),
                 kind: e.kind,
                 state: match e.state.status {
-                    causeway_api::registry::SourceStatus::Synced => "synced",
-                    causeway_api::registry::SourceStatus::Stale => "stale",
-                    _ => "pending",
-                }
-                .into(),
+                    causeway_api::registry::SourceStatus::Synced => SourceStateView::Synced,
+                    causeway_api::registry::SourceStatus::Stale => SourceStateView::Stale,
+                    _ => SourceStateView::Pending,
+                },
                 last_error: e.state.last_error.clone(),
                 services: e.snapshot.services.len(),
                 endpoints: e.snapshot.endpoint_count(),
