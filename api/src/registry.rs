@@ -485,6 +485,22 @@ pub fn diff_endpoints(
     delta
 }
 
+/// A map keyed by port number, read from JSON (whose keys are strings). serde reads
+/// number keys from strings itself, but not inside an internally tagged enum like
+/// [`Conflict`], which buffers the keys as strings first.
+fn port_keyed<'de, D: serde::Deserializer<'de>, V: Deserialize<'de>>(
+    d: D,
+) -> Result<BTreeMap<u16, V>, D::Error> {
+    BTreeMap::<String, V>::deserialize(d)?
+        .into_iter()
+        .map(|(k, v)| {
+            k.parse::<u16>().map(|k| (k, v)).map_err(|_| {
+                serde::de::Error::custom(format!("port {k:?} is not a number 0..=65535"))
+            })
+        })
+        .collect()
+}
+
 /// A disagreement between sources, reported rather than hidden.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -497,6 +513,7 @@ pub enum Conflict {
         /// The port name.
         port: String,
         /// Each number with the sources that use it.
+        #[serde(deserialize_with = "port_keyed")]
         numbers: BTreeMap<u16, BTreeSet<String>>,
     },
     /// One address is an endpoint of the service in several sources.
@@ -1313,6 +1330,26 @@ impl<'de, T: Deserialize<'de> + Ord> Deserialize<'de> for SortedSet<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The admin API sends conflicts as JSON and causewayctl reads them back: a port
+    /// mismatch (keyed by port number) could not be read.
+    #[test]
+    fn conflicts_round_trip_through_json() {
+        let c = Conflict::PortMismatch {
+            service: ServiceKey::new("default", "web"),
+            port: "http".into(),
+            numbers: BTreeMap::from([
+                (8080, BTreeSet::from(["consul".to_owned()])),
+                (9090, BTreeSet::from(["file".to_owned()])),
+            ]),
+        };
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(json.contains(r#""9090":["file"]"#), "{json}");
+        assert_eq!(serde_json::from_str::<Conflict>(&json).unwrap(), c);
+        let bad = json.replace("9090", "99999");
+        let err = serde_json::from_str::<Conflict>(&bad).unwrap_err();
+        assert!(err.to_string().contains("99999"), "{err}");
+    }
 
     fn ep(source: &str, kind: SourceKind, id: &str, addr: &str, port: u16) -> Endpoint {
         let mut e = Endpoint::new(

@@ -10,15 +10,17 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use causeway_api::admin::{
+    AgentView, CaView, CertView, ErrorBody, GroupCreate, GroupView, LiveCertView, MeshStatus,
+    ServiceView, SessionView, SourceView, TokenCreate, TokenCreated, TokenState, TokenView,
+};
 use causeway_api::{JoinToken, MtlsMode, PortSpec, WorkloadGroup, hex};
-use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
 
 use crate::ca::{Ca, to_pem};
 use crate::config::TokenConfig;
 use crate::enroll::{now_unix, random_hex, sha256_hex};
-use crate::mesh::{Mesh, SessionView};
-use crate::store::{GroupRecord, Store, StoreError, TokenRecord};
+use crate::mesh::Mesh;
+use crate::store::{AgentRecord, CertRecord, GroupRecord, Store, StoreError, TokenRecord};
 
 /// What the admin handlers share.
 #[derive(Clone)]
@@ -50,7 +52,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
 }
 
@@ -120,19 +122,10 @@ async fn auth(State(state): State<AdminState>, req: Request, next: Next) -> Resp
     }
 }
 
-#[derive(Serialize)]
-struct CaView {
-    fingerprint: String,
-    mode: &'static str,
-    trust_domain: String,
-    certificate_chain_pem: Vec<String>,
-    trust_bundle_pem: Vec<String>,
-}
-
 async fn ca_show(State(s): State<AdminState>) -> Json<CaView> {
     Json(CaView {
         fingerprint: hex(&s.ca.fingerprint()),
-        mode: s.ca.mode(),
+        mode: s.ca.mode().to_owned(),
         trust_domain: s.ca.trust_domain().to_string(),
         certificate_chain_pem: s
             .ca
@@ -149,31 +142,18 @@ async fn ca_show(State(s): State<AdminState>) -> Json<CaView> {
     })
 }
 
-/// Body of `POST /v1/groups`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GroupCreate {
-    name: String,
-    namespace: String,
-    service_account: String,
-    #[serde(default)]
-    service: Option<String>,
-    #[serde(default)]
-    ports: Vec<String>,
-    #[serde(default)]
-    labels: std::collections::BTreeMap<String, String>,
-    #[serde(default)]
-    allowed_cidrs: Vec<IpNet>,
-    #[serde(default)]
-    mtls: Option<String>,
-    #[serde(default)]
-    registry_source: Option<String>,
+fn group_view(g: GroupRecord) -> GroupView {
+    GroupView {
+        group: g.group,
+        id: g.id,
+        created_at: g.created_at,
+    }
 }
 
 async fn group_create(
     State(s): State<AdminState>,
     Json(body): Json<GroupCreate>,
-) -> Result<(StatusCode, Json<GroupRecord>), ApiError> {
+) -> Result<(StatusCode, Json<GroupView>), ApiError> {
     let mut errors = Vec::new();
     let ports: Vec<PortSpec> = body
         .ports
@@ -217,29 +197,31 @@ async fn group_create(
         // `--mtls` is a shorthand: it writes the equivalent workload-level
         // PeerAuthentication, which `get pa` shows and a later `apply` may replace.
         let pa = crate::policy_admin::group_peer_authentication(&record.group);
-        let mesh = s.mesh.clone();
-        tokio::task::spawn_blocking(move || mesh.apply_policies(vec![pa], false))
-            .await
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+        s.mesh.apply_policies(vec![pa], false).await?;
         s.store.flush()?;
     }
-    Ok((StatusCode::CREATED, Json(record)))
+    Ok((StatusCode::CREATED, Json(group_view(record))))
 }
 
-async fn group_list(State(s): State<AdminState>) -> Result<Json<Vec<GroupRecord>>, ApiError> {
-    Ok(Json(s.store.groups()?))
+async fn group_list(State(s): State<AdminState>) -> Result<Json<Vec<GroupView>>, ApiError> {
+    Ok(Json(
+        s.store.groups()?.into_iter().map(group_view).collect(),
+    ))
 }
 
 async fn group_show(
     State(s): State<AdminState>,
     Path(name): Path<String>,
-) -> Result<Json<GroupRecord>, ApiError> {
-    s.store.group(&name)?.map(Json).ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("group {name:?} does not exist; see `causewayctl group list`"),
-        )
-    })
+) -> Result<Json<GroupView>, ApiError> {
+    s.store
+        .group(&name)?
+        .map(|g| Json(group_view(g)))
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("group {name:?} does not exist; see `causewayctl group list`"),
+            )
+        })
 }
 
 async fn group_delete(
@@ -255,39 +237,12 @@ async fn group_delete(
             &crate::policy_admin::group_peer_authentication(&g.group),
         );
         if s.mesh.policies().contains_key(&key) {
-            let mesh = s.mesh.clone();
-            tokio::task::spawn_blocking(move || mesh.delete_policies(&[key]))
-                .await
-                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+            s.mesh.delete_policies(&[key]).await?;
             s.store.flush()?;
         }
     }
     tracing::info!(group = %name, tokens, "group deleted with its join tokens");
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// Body of `POST /v1/tokens`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TokenCreate {
-    group: String,
-    #[serde(default)]
-    ttl_secs: Option<u64>,
-    #[serde(default)]
-    uses: Option<u32>,
-    #[serde(default)]
-    cidrs: Vec<IpNet>,
-}
-
-#[derive(Serialize)]
-struct TokenCreated {
-    token: String,
-    id: String,
-    group: String,
-    expires_at: i64,
-    uses: u32,
-    cidrs: Vec<IpNet>,
-    controller: String,
 }
 
 async fn token_create(
@@ -364,48 +319,31 @@ async fn token_create(
     ))
 }
 
-/// A token as the API shows it (never its secret).
-#[derive(Serialize)]
-struct TokenView {
-    id: String,
-    group: String,
-    group_id: String,
-    /// "active", "spent", "expired", "revoked" or "orphaned" (its group was deleted).
-    state: &'static str,
-    created_at: i64,
-    expires_at: i64,
-    revoked_at: Option<i64>,
-    uses_total: u32,
-    uses_left: u32,
-    cidrs: Vec<IpNet>,
-}
-
-impl TokenView {
-    /// `group_id` is the id of the group now named as the token's group, if any.
-    fn new(t: TokenRecord, group_id: Option<&str>, now: i64) -> Self {
-        let state = if t.revoked_at.is_some() {
-            "revoked"
-        } else if t.group_id.is_empty() || group_id != Some(t.group_id.as_str()) {
-            "orphaned"
-        } else if now >= t.expires_at {
-            "expired"
-        } else if t.uses_left == 0 {
-            "spent"
-        } else {
-            "active"
-        };
-        Self {
-            id: t.id,
-            group: t.group,
-            group_id: t.group_id,
-            state,
-            created_at: t.created_at,
-            expires_at: t.expires_at,
-            revoked_at: t.revoked_at,
-            uses_total: t.uses_total,
-            uses_left: t.uses_left,
-            cidrs: t.cidrs,
-        }
+/// A token as the API shows it. `group_id` is the id of the group now named as the
+/// token's group, if any.
+fn token_view(t: TokenRecord, group_id: Option<&str>, now: i64) -> TokenView {
+    let state = if t.revoked_at.is_some() {
+        TokenState::Revoked
+    } else if t.group_id.is_empty() || group_id != Some(t.group_id.as_str()) {
+        TokenState::Orphaned
+    } else if now >= t.expires_at {
+        TokenState::Expired
+    } else if t.uses_left == 0 {
+        TokenState::Spent
+    } else {
+        TokenState::Active
+    };
+    TokenView {
+        id: t.id,
+        group: t.group,
+        group_id: t.group_id,
+        state,
+        created_at: t.created_at,
+        expires_at: t.expires_at,
+        revoked_at: t.revoked_at,
+        uses_total: t.uses_total,
+        uses_left: t.uses_left,
+        cidrs: t.cidrs,
     }
 }
 
@@ -423,7 +361,7 @@ async fn token_list(State(s): State<AdminState>) -> Result<Json<Vec<TokenView>>,
             .into_iter()
             .map(|t| {
                 let gid = groups.get(&t.group).map(String::as_str);
-                TokenView::new(t, gid, now)
+                token_view(t, gid, now)
             })
             .collect(),
     ))
@@ -445,64 +383,51 @@ async fn token_revoke(
     s.store.flush()?;
     tracing::info!(token = %id, group = %token.group, "join token revoked");
     let gid = s.store.group(&token.group)?.map(|g| g.id);
-    Ok(Json(TokenView::new(token, gid.as_deref(), now_unix())))
+    Ok(Json(token_view(token, gid.as_deref(), now_unix())))
 }
 
-/// An agent as the API shows it.
-#[derive(Serialize)]
-struct AgentView {
-    id: String,
-    identity: String,
-    group: String,
-    hostname: String,
-    address: std::net::IpAddr,
-    token_id: String,
-    joined_at: i64,
-    serial: String,
-    not_after: i64,
-    renewed_at: Option<i64>,
-    renewals: u64,
-    removed: bool,
-    removed_at: Option<i64>,
-    /// Its unexpired certificates (oldest first): what removal denies.
-    certificates: Vec<crate::store::LiveCert>,
-    connected: bool,
-    acked_version: Option<u64>,
-    session: Option<SessionView>,
-}
-
-impl From<crate::store::AgentRecord> for AgentView {
-    fn from(a: crate::store::AgentRecord) -> Self {
-        Self {
-            removed: a.removed_at.is_some(),
-            id: a.id,
-            identity: a.spiffe_id,
-            group: a.group,
-            hostname: a.hostname,
-            address: a.address,
-            token_id: a.token_id,
-            joined_at: a.joined_at,
-            serial: a.serial,
-            not_after: a.not_after,
-            renewed_at: a.renewed_at,
-            renewals: a.renewals,
-            removed_at: a.removed_at,
-            certificates: a.live_certs,
-            connected: false,
-            acked_version: None,
-            session: None,
-        }
+/// An agent as the API shows it, with its session if it has one.
+fn agent_view(
+    a: AgentRecord,
+    sessions: &std::collections::BTreeMap<String, SessionView>,
+) -> AgentView {
+    let session = sessions.get(&a.id).cloned();
+    AgentView {
+        removed: a.removed_at.is_some(),
+        id: a.id,
+        identity: a.spiffe_id,
+        group: a.group,
+        hostname: a.hostname,
+        address: a.address,
+        token_id: a.token_id,
+        joined_at: a.joined_at,
+        serial: a.serial,
+        not_after: a.not_after,
+        renewed_at: a.renewed_at,
+        renewals: a.renewals,
+        removed_at: a.removed_at,
+        certificates: a
+            .live_certs
+            .into_iter()
+            .map(|c| LiveCertView {
+                serial: c.serial,
+                not_after: c.not_after,
+            })
+            .collect(),
+        connected: session.as_ref().is_some_and(|s| s.connected),
+        acked_version: session.as_ref().map(|s| s.acked_version),
+        session,
     }
 }
 
-impl AgentView {
-    fn with_session(mut self, sessions: &std::collections::BTreeMap<String, SessionView>) -> Self {
-        if let Some(s) = sessions.get(&self.id) {
-            self.connected = s.connected;
-            self.acked_version = Some(s.acked_version);
-            self.session = Some(s.clone());
-        }
-        self
+fn cert_view(c: CertRecord) -> CertView {
+    CertView {
+        serial: c.serial,
+        agent_id: c.agent_id,
+        spiffe_id: c.spiffe_id,
+        not_before: c.not_before,
+        not_after: c.not_after,
+        reason: c.reason,
     }
 }
 
@@ -512,7 +437,7 @@ async fn agent_list(State(s): State<AdminState>) -> Result<Json<Vec<AgentView>>,
         s.store
             .agents()?
             .into_iter()
-            .map(|a| AgentView::from(a).with_session(&sessions))
+            .map(|a| agent_view(a, &sessions))
             .collect(),
     ))
 }
@@ -524,7 +449,7 @@ async fn agent_show(
     let sessions = s.mesh.sessions();
     s.store
         .agent(&id)?
-        .map(|a| Json(AgentView::from(a).with_session(&sessions)))
+        .map(|a| Json(agent_view(a, &sessions)))
         .ok_or_else(|| {
             ApiError(
                 StatusCode::NOT_FOUND,
@@ -539,25 +464,24 @@ async fn agent_remove(
 ) -> Result<Json<AgentView>, ApiError> {
     let agent = s.store.remove_agent(&id, now_unix())?;
     s.store.flush()?;
-    s.mesh.agent_removed(&agent.id, &agent.live_certs)?;
+    s.mesh.agent_removed(&agent.id, &agent.live_certs).await?;
     tracing::info!(agent = %id, denied = agent.live_certs.len(), "agent removed: every unexpired certificate it holds is denied, its renewals are refused");
-    Ok(Json(agent.into()))
+    // A removed agent is shown without its session (which the removal ends).
+    Ok(Json(agent_view(agent, &Default::default())))
 }
 
-async fn cert_list(
-    State(s): State<AdminState>,
-) -> Result<Json<Vec<crate::store::CertRecord>>, ApiError> {
-    Ok(Json(s.store.certs()?))
+async fn cert_list(State(s): State<AdminState>) -> Result<Json<Vec<CertView>>, ApiError> {
+    Ok(Json(s.store.certs()?.into_iter().map(cert_view).collect()))
 }
 
-async fn registry_list(State(s): State<AdminState>) -> Json<Vec<crate::mesh::ServiceView>> {
+async fn registry_list(State(s): State<AdminState>) -> Json<Vec<ServiceView>> {
     Json(s.mesh.services())
 }
 
 async fn registry_show(
     State(s): State<AdminState>,
     Path((namespace, name)): Path<(String, String)>,
-) -> Result<Json<crate::mesh::ServiceView>, ApiError> {
+) -> Result<Json<ServiceView>, ApiError> {
     s.mesh
         .services()
         .into_iter()
@@ -571,7 +495,7 @@ async fn registry_show(
         })
 }
 
-async fn registry_sources(State(s): State<AdminState>) -> Json<Vec<crate::mesh::SourceView>> {
+async fn registry_sources(State(s): State<AdminState>) -> Json<Vec<SourceView>> {
     Json(s.mesh.sources())
 }
 
@@ -581,12 +505,12 @@ async fn registry_conflicts(
     Json(s.mesh.conflicts())
 }
 
-async fn mesh_status(State(s): State<AdminState>) -> Json<serde_json::Value> {
+async fn mesh_status(State(s): State<AdminState>) -> Json<MeshStatus> {
     let sessions = s.mesh.sessions();
-    Json(serde_json::json!({
-        "version": s.mesh.version(),
-        "durable_version": s.mesh.durable_version(),
-        "services": s.mesh.service_count(),
-        "agents_connected": sessions.values().filter(|v| v.connected).count(),
-    }))
+    Json(MeshStatus {
+        version: s.mesh.version(),
+        durable_version: s.mesh.durable_version(),
+        services: s.mesh.service_count(),
+        agents_connected: sessions.values().filter(|v| v.connected).count(),
+    })
 }

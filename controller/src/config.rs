@@ -55,8 +55,6 @@ pub struct Config {
     /// Registries merged into the mesh (`[[sources.consul]]`, `[[sources.eureka]]`,
     /// `[[sources.kubernetes]]`, `[[sources.file]]`).
     pub sources: causeway_registry::SourcesConfig,
-    /// Diagnostics; not for production.
-    pub debug: DebugConfig,
     /// Prometheus metrics endpoint.
     pub metrics: MetricsConfig,
 }
@@ -78,6 +76,14 @@ impl Default for MetricsConfig {
         }
     }
 }
+
+/// Keys that earlier versions accepted and this one refuses by name, with why and what
+/// to do: an operator who kept one learns that it has no effect any more.
+const REMOVED_KEYS: &[(&str, &str, &str)] = &[(
+    "debug",
+    "record_requests_dir",
+    "it wrote every raw control request, join-token secrets included, to disk; delete the [debug] section (tests observe requests in-process instead)",
+)];
 
 /// Admin HTTP API settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -170,15 +176,6 @@ impl Default for MeshConfig {
     }
 }
 
-/// Diagnostics.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DebugConfig {
-    /// If set, every raw control request is written to a file in this directory
-    /// (used by tests to prove what agents send). Never enable in production.
-    pub record_requests_dir: Option<PathBuf>,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -190,7 +187,6 @@ impl Default for Config {
             tokens: TokenConfig::default(),
             mesh: MeshConfig::default(),
             sources: causeway_registry::SourcesConfig::default(),
-            debug: DebugConfig::default(),
             metrics: MetricsConfig::default(),
         }
     }
@@ -252,7 +248,7 @@ impl Config {
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_owned(),
-            message: e.to_string(),
+            message: removed_key(text).unwrap_or_else(|| e.to_string()),
         })
     }
 
@@ -357,9 +353,40 @@ impl Config {
     }
 }
 
+/// Names a removed key that `text` sets, if any (see [`REMOVED_KEYS`]).
+fn removed_key(text: &str) -> Option<String> {
+    let table: toml::Table = toml::from_str(text).ok()?;
+    REMOVED_KEYS.iter().find_map(|(section, key, why)| {
+        let set = table
+            .get(*section)
+            .and_then(toml::Value::as_table)
+            .is_some_and(|t| t.contains_key(*key));
+        set.then(|| format!("{section}.{key} was removed: {why}"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_removed_request_recording_key_is_refused_by_name() {
+        let err = Config::parse(
+            "[debug]\nrecord_requests_dir = \"/tmp/requests\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("c.toml"), "{text}");
+        assert!(
+            text.contains("debug.record_requests_dir was removed"),
+            "{text}"
+        );
+        assert!(text.contains("delete the [debug] section"), "{text}");
+        // Any other key of the old section is an unknown field as usual.
+        let err = Config::parse("[debug]\nverbose = true\n", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("debug"), "{err}");
+    }
 
     #[test]
     fn defaults_are_valid() {

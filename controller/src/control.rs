@@ -5,9 +5,7 @@
 //! stream carrying one frame each way (see `causeway_api::wire`).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use causeway_api::wire::{
@@ -32,6 +30,11 @@ const SERVER_CERT_ROTATE: Duration = Duration::from_secs(24 * 3600);
 const UDP_BUFFER: usize = 8 << 20;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sees the body of every control request as received (after TLS), before it is
+/// decoded. Only tests set one (through [`crate::app::Hooks`]), to prove what agents
+/// send; the binary never does, and nothing is written anywhere.
+pub type RequestObserver = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
 /// Builds the QUIC server configuration with a fresh serving certificate.
 pub fn server_config(ca: &Ca) -> anyhow::Result<quinn::ServerConfig> {
@@ -122,7 +125,7 @@ impl ControlServer {
         mesh: Arc<Mesh>,
         store: Arc<dyn Store>,
         max_request: usize,
-        record_dir: Option<PathBuf>,
+        observer: Option<RequestObserver>,
     ) {
         let endpoint = self.endpoint.clone();
         let rotate = enroller.clone();
@@ -147,8 +150,7 @@ impl ControlServer {
             mesh,
             store,
             max_request,
-            record_dir,
-            seq: AtomicU64::new(0),
+            observer,
         });
         while let Some(incoming) = self.endpoint.accept().await {
             let ctx = ctx.clone();
@@ -168,8 +170,7 @@ struct Ctx {
     mesh: Arc<Mesh>,
     store: Arc<dyn Store>,
     max_request: usize,
-    record_dir: Option<PathBuf>,
-    seq: AtomicU64,
+    observer: Option<RequestObserver>,
 }
 
 fn error_response(code: ErrorCode, message: String) -> ServerResponse {
@@ -238,7 +239,9 @@ impl Ctx {
             Ok(Err(e)) => return Err(anyhow::anyhow!("{e}")),
             Ok(Ok(None)) => return Ok(()),
             Ok(Ok(Some(body))) => {
-                self.record(&body);
+                if let Some(observe) = &self.observer {
+                    observe(&body);
+                }
                 match wire::decode_body::<ClientRequest>(&body) {
                     Ok(ClientRequest {
                         kind: Some(client_request::Kind::Subscribe(hello)),
@@ -269,22 +272,6 @@ impl Ctx {
         // Let the peer read the answer before the stream is dropped.
         let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
         Ok(())
-    }
-
-    fn record(&self, body: &[u8]) {
-        if let Some(dir) = &self.record_dir {
-            let n = self.seq.fetch_add(1, Ordering::SeqCst);
-            let path = dir.join(format!("request-{n:06}.bin"));
-            let frame = [
-                &u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes()[..],
-                body,
-            ]
-            .concat();
-            if let Err(e) = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, frame))
-            {
-                tracing::warn!(path = %path.display(), error = %e, "cannot record request");
-            }
-        }
     }
 
     async fn handle(

@@ -8,11 +8,14 @@
 //! `causewayctl` ([`admin`]), with policy resources and `why` ([`policy_admin`]), and
 //! Prometheus metrics on a listener of their own ([`metrics`]).
 //!
+//! [`app::start`] wires these together; the binary and in-process tests call it.
+//!
 //! What it does not (yet): run with several controllers (etcd).
 
 pub mod address;
 pub mod admin;
 pub mod admin_server;
+pub mod app;
 pub mod ca;
 pub mod config;
 pub mod control;

@@ -52,44 +52,12 @@ pub struct MeshSettings {
     pub control_on_loopback: bool,
 }
 
-/// An agent's session as operators see it.
-#[derive(Debug, Clone, Serialize)]
-pub struct SessionView {
-    /// Whether a subscription is open.
-    pub connected: bool,
-    /// The last version the agent acknowledged.
-    pub acked_version: u64,
-    /// The last version sent.
-    pub sent_version: u64,
-    /// The last refusal, if the agent refused an update.
-    pub last_nack: Option<NackView>,
-    /// The workload address the agent asked for (registered unless
-    /// `registration_error` says why not).
-    pub address: String,
-    /// Why the controller refused to register the workload at `address`.
-    pub registration_error: Option<String>,
-    /// Session generation (grows with every new session).
-    pub generation: u64,
-    /// The latest connections the agent refused by policy, newest last (at most
-    /// [`RECENT_DENIALS`]).
-    #[serde(skip_serializing_if = "std::collections::VecDeque::is_empty")]
-    pub recent_denials: std::collections::VecDeque<causeway_api::push::Denial>,
-}
+pub use causeway_api::admin::{
+    EndpointView, NackView, ServiceView, SessionView, SourceStateView, SourceView,
+};
 
 /// How many refusals the controller keeps per agent.
 pub const RECENT_DENIALS: usize = 64;
-
-/// A refused update.
-#[derive(Debug, Clone, Serialize)]
-pub struct NackView {
-    /// The refused version.
-    pub version: u64,
-    /// The agent's reason.
-    pub error: String,
-    /// The services the agent refused while applying the rest of the update.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub rejected: Vec<causeway_api::push::ServiceRejection>,
-}
 
 struct Session {
     view: SessionView,
@@ -158,6 +126,23 @@ struct Inner {
     invalid: BTreeMap<(String, ServiceKey), Vec<Conflict>>,
 }
 
+/// A change prepared under the lock, to be written and published by [`Mesh::finish`].
+struct Pending {
+    /// The encoded transaction, if anything is to be written.
+    write: Option<crate::store::EncodedMeshWrite>,
+    /// The new version and what it records, if the change makes one.
+    publish: Option<Publish>,
+    /// The version when the change was prepared.
+    current: u64,
+}
+
+struct Publish {
+    version: u64,
+    history: HistoryRecord,
+    history_keep_from: u64,
+    policies: Vec<(String, Option<PolicyRecord>)>,
+}
+
 /// Drops the endpoints of a source's change that cannot enter the registry (see
 /// [`crate::address::endpoint_problem`]), recording each as a conflict in place of what
 /// was recorded for the services the change covers. One bad record then never reaches
@@ -209,6 +194,10 @@ pub struct Mesh {
     settings: MeshSettings,
     bundle: Vec<Vec<u8>>,
     inner: Mutex<Inner>,
+    /// Held by each change from its first edit of `inner` until its version is written
+    /// and published: the store transaction runs without `inner`'s lock (and off the
+    /// async workers), and changes still reach the store in version order.
+    writer: tokio::sync::Mutex<()>,
     version_tx: watch::Sender<u64>,
     /// Wakes the flusher after a commit.
     flush: Arc<Notify>,
@@ -223,71 +212,6 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
-}
-
-/// A service as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct ServiceView {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-    /// VIP, when allocated.
-    pub vip: Option<Ipv4Addr>,
-    /// Merged endpoints.
-    pub endpoints: Vec<EndpointView>,
-    /// Names of the sources that contribute.
-    pub sources: BTreeSet<String>,
-}
-
-/// An endpoint as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct EndpointView {
-    /// Address.
-    pub address: String,
-    /// Named ports.
-    pub ports: BTreeMap<String, u16>,
-    /// Whether it routes.
-    pub healthy: bool,
-    /// Source name.
-    pub source: String,
-    /// Source kind.
-    pub kind: SourceKind,
-    /// The source's own id.
-    pub native_id: String,
-    /// The source's revision.
-    pub revision: String,
-    /// Whether its source is failing.
-    pub stale: bool,
-    /// SPIFFE ID, when it runs an agent.
-    pub identity: Option<String>,
-    /// Zone.
-    pub zone: Option<String>,
-    /// Every source that knows this endpoint: its own `source` first, then the agent
-    /// whose workload is bound to it (`agents`), when joined from an existing registry.
-    pub sources: Vec<String>,
-    /// The id of the Causeway agent running there, if one is (its own registration or
-    /// one bound to a registry's): traffic to it goes through the mTLS tunnel.
-    pub agent: Option<String>,
-    /// Labels (agent workloads carry `causeway.io/group`).
-    pub labels: BTreeMap<String, String>,
-}
-
-/// A source as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct SourceView {
-    /// Name.
-    pub name: String,
-    /// Kind.
-    pub kind: SourceKind,
-    /// "pending" (configured, no complete answer yet in this run), "synced" or "stale".
-    pub state: String,
-    /// The last error.
-    pub last_error: Option<String>,
-    /// Services it holds.
-    pub services: usize,
-    /// Endpoints it holds.
-    pub endpoints: usize,
 }
 
 /// The services some deltas touched.
@@ -380,7 +304,7 @@ impl Inner {
 impl Mesh {
     /// Restores the mesh from the store (before any source answers). Sources that are
     /// no longer configured are dropped; restored agent workloads get a grace period.
-    pub fn open(
+    pub async fn open(
         store: Arc<dyn Store>,
         settings: MeshSettings,
         bundle: Vec<Vec<u8>>,
@@ -423,6 +347,7 @@ impl Mesh {
             settings,
             bundle,
             inner: Mutex::new(inner),
+            writer: tokio::sync::Mutex::new(()),
             version_tx,
             flush,
             durable,
@@ -437,7 +362,7 @@ impl Mesh {
                     let next = {
                         let Some(mesh) = weak.upgrade() else { return };
                         let now = crate::enroll::now_unix();
-                        match mesh.prune_deny(now) {
+                        match mesh.prune_deny(now).await {
                             Ok(next) => next,
                             Err(e) => {
                                 tracing::error!(error = %e, "cannot persist the pruned deny list");
@@ -485,8 +410,9 @@ impl Mesh {
             });
         }
         {
-            let mut inner = mesh.lock();
-            let stale: Vec<String> = inner
+            let _writer = mesh.writer.lock().await;
+            let stale: Vec<String> = mesh
+                .lock()
                 .registry
                 .sources()
                 .keys()
@@ -495,11 +421,22 @@ impl Mesh {
                 .collect();
             for name in stale {
                 tracing::info!(source = %name, "source no longer configured; dropping its endpoints");
-                inner.invalid.retain(|(s, _), _| *s != name);
-                let delta = inner.registry.remove_source(&name);
-                mesh.commit(&mut inner, touched_keys([delta]), &[name], false)?;
+                let pending = {
+                    let mut inner = mesh.lock();
+                    inner.invalid.retain(|(s, _), _| *s != name);
+                    let delta = inner.registry.remove_source(&name);
+                    mesh.prepare(
+                        &mut inner,
+                        touched_keys([delta]),
+                        &[name],
+                        false,
+                        Vec::new(),
+                    )
+                };
+                mesh.finish(pending).await?;
             }
             // Workloads restored from the store wait for their agents to reconnect.
+            let inner = mesh.lock();
             let restored: Vec<String> = inner
                 .registry
                 .sources()
@@ -512,6 +449,7 @@ impl Mesh {
                         .collect()
                 })
                 .unwrap_or_default();
+            drop(inner);
             for agent_id in restored {
                 mesh.schedule_expiry(agent_id, 0);
             }
@@ -538,29 +476,19 @@ impl Mesh {
         self.version_tx.subscribe()
     }
 
-    /// Persists and publishes one change: `touched` are the services whose merged view
-    /// changed, `sources` the sources whose data or state may have changed. Returns the
-    /// new version (or the old one if nothing changed).
-    fn commit(
-        &self,
-        inner: &mut Inner,
-        touched: BTreeSet<ServiceKey>,
-        sources: &[String],
-        deny_changed: bool,
-    ) -> Result<u64, StoreError> {
-        self.commit_with(inner, touched, sources, deny_changed, Vec::new())
-    }
-
-    /// [`Mesh::commit`] with policy resources to write (`Some`) or delete (`None`) in the
-    /// same transaction and version.
-    fn commit_with(
+    /// Prepares one change, under the lock: `touched` are the services whose merged view
+    /// changed, `sources` the sources whose data or state may have changed. Allocates the
+    /// new services' VIPs and encodes the write; [`Mesh::finish`] persists and publishes
+    /// it. The caller holds `writer` from before the change until `finish` returns, so
+    /// versions are written and published in order and none is lost.
+    fn prepare(
         &self,
         inner: &mut Inner,
         touched: BTreeSet<ServiceKey>,
         sources: &[String],
         deny_changed: bool,
         policies: Vec<(String, Option<PolicyRecord>)>,
-    ) -> Result<u64, StoreError> {
+    ) -> Pending {
         let nothing = touched.is_empty() && !deny_changed && policies.is_empty();
         let mut new_vips = Vec::new();
         if !nothing {
@@ -601,71 +529,105 @@ impl Mesh {
                 policies: policies.iter().map(|(k, _)| k.clone()).collect(),
             }
         };
-        {
-            let registry = &inner.registry;
-            let mut write = MeshWrite {
-                version,
-                sources: Vec::new(),
-                data: Vec::new(),
-                vips: new_vips,
-                history: &history,
-                history_keep_from,
-                policies: policies.clone(),
-            };
-            for name in sources {
-                let entry = registry.sources().get(name);
-                if let Some(entry) = entry {
-                    write.sources.push((
-                        name.clone(),
-                        SourceRecord {
-                            kind: entry.kind,
-                            state: entry.state.clone(),
-                        },
-                    ));
-                }
-                if !nothing {
-                    for key in &history.services {
-                        let eps = entry.and_then(|e| e.snapshot.services.get(key));
-                        write.data.push((name.as_str(), key, eps));
-                    }
+        let registry = &inner.registry;
+        let mut write = MeshWrite {
+            version,
+            sources: Vec::new(),
+            data: Vec::new(),
+            vips: new_vips,
+            history: &history,
+            history_keep_from,
+            policies: policies.clone(),
+        };
+        for name in sources {
+            let entry = registry.sources().get(name);
+            if let Some(entry) = entry {
+                write.sources.push((
+                    name.clone(),
+                    SourceRecord {
+                        kind: entry.kind,
+                        state: entry.state.clone(),
+                    },
+                ));
+            }
+            if !nothing {
+                for key in &history.services {
+                    let eps = entry.and_then(|e| e.snapshot.services.get(key));
+                    write.data.push((name.as_str(), key, eps));
                 }
             }
-            if nothing {
-                if write.sources.is_empty() {
-                    return Ok(inner.version);
-                }
-                // Only a state change (e.g. an error message) with no endpoint change.
-                self.store.save_mesh(&write)?;
-                return Ok(inner.version);
-            }
-            self.store.save_mesh(&write)?;
         }
-        inner.version = version;
-        for (key, rec) in policies {
+        // Only a state change (e.g. an error message) with no endpoint change is written
+        // without a new version; no change at all writes nothing.
+        let write = (!nothing || !write.sources.is_empty()).then(|| write.encode());
+        Pending {
+            publish: (!nothing).then_some(Publish {
+                version,
+                history,
+                history_keep_from,
+                policies,
+            }),
+            write,
+            current: inner.version,
+        }
+    }
+
+    /// Writes a prepared change in one store transaction (off the async workers, without
+    /// the lock), then publishes its version. Returns the new version (or the old one if
+    /// nothing changed).
+    async fn finish(&self, pending: Pending) -> Result<u64, StoreError> {
+        if let Some(write) = pending.write {
+            let store = self.store.clone();
+            match tokio::task::spawn_blocking(move || store.save_mesh(&write)).await {
+                Ok(r) => r?,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => {
+                    return Err(StoreError::Db(sled::Error::Io(std::io::Error::other(
+                        "the controller is shutting down",
+                    ))));
+                }
+            }
+        }
+        let Some(p) = pending.publish else {
+            return Ok(pending.current);
+        };
+        let mut inner = self.lock();
+        inner.version = p.version;
+        for (key, rec) in p.policies {
             match rec {
                 Some(rec) => inner.policies.insert(key, rec),
                 None => inner.policies.remove(&key),
             };
         }
-        inner.history.insert(version, history);
-        inner.history.retain(|v, _| *v >= history_keep_from);
+        inner.history.insert(p.version, p.history);
+        inner.history.retain(|v, _| *v >= p.history_keep_from);
         self.version_tx.send_replace(inner.version);
         self.flush.notify_one();
         Ok(inner.version)
     }
 
     /// Applies a registry source's update (consumed: its data moves into the registry).
-    pub fn apply_source_update(&self, mut update: SourceUpdate) -> Result<u64, StoreError> {
-        let mut inner = self.lock();
-        let source = update.source.clone();
-        if let Some(change) = update.change.as_mut() {
-            screen(&mut inner.invalid, &source, change, self.settings.vip_range);
-        }
-        let mut touched = BTreeSet::new();
-        apply_update_into(&mut inner.registry, update, now_ms(), &mut |d| {
-            touched.insert(d.key);
-        });
-        self.commit(&mut inner, touched, std::slice::from_ref(&source), false)
+    pub async fn apply_source_update(&self, mut update: SourceUpdate) -> Result<u64, StoreError> {
+        let _writer = self.writer.lock().await;
+        let pending = {
+            let mut inner = self.lock();
+            let source = update.source.clone();
+            if let Some(change) = update.change.as_mut() {
+                screen(&mut inner.invalid, &source, change, self.settings.vip_range);
+            }
+            let mut touched = BTreeSet::new();
+            apply_update_into(&mut inner.registry, update, now_ms(), &mut |d| {
+                touched.insert(d.key);
+            });
+            self.prepare(
+                &mut inner,
+                touched,
+                std::slice::from_ref(&source),
+                false,
+                Vec::new(),
+            )
+        };
+        self.finish(pending).await
     }
 
     /// [`Mesh::update_since`] as an encoded push frame with its version, built once per
@@ -775,65 +737,74 @@ impl Mesh {
     /// Applies policy resources all-or-nothing in one version (create or replace each);
     /// with `dry_run`, reports what would change and writes nothing. Resources must be
     /// validated by the caller.
-    pub fn apply_policies(
+    pub async fn apply_policies(
         &self,
         resources: Vec<Resource>,
         dry_run: bool,
     ) -> Result<PolicyApplied, StoreError> {
-        let mut inner = self.lock();
-        let mut next_seq = inner
-            .policies
-            .values()
-            .map(|r| r.seq + 1)
-            .max()
-            .unwrap_or(1);
-        let mut writes = Vec::new();
-        let mut results = Vec::new();
-        let version = inner.version + 1;
-        for resource in resources {
-            let key = PolicyRecord::key_of(&resource);
-            let (outcome, seq) = match inner.policies.get(&key) {
-                Some(old) if old.resource == resource => (PolicyOutcome::Unchanged, old.seq),
-                Some(old) => (PolicyOutcome::Configured, old.seq),
-                None => {
-                    next_seq += 1;
-                    (PolicyOutcome::Created, next_seq - 1)
+        let _writer = self.writer.lock().await;
+        let (current, pending, results) = {
+            let mut inner = self.lock();
+            let mut next_seq = inner
+                .policies
+                .values()
+                .map(|r| r.seq + 1)
+                .max()
+                .unwrap_or(1);
+            let mut writes = Vec::new();
+            let mut results = Vec::new();
+            let version = inner.version + 1;
+            for resource in resources {
+                let key = PolicyRecord::key_of(&resource);
+                let (outcome, seq) = match inner.policies.get(&key) {
+                    Some(old) if old.resource == resource => (PolicyOutcome::Unchanged, old.seq),
+                    Some(old) => (PolicyOutcome::Configured, old.seq),
+                    None => {
+                        next_seq += 1;
+                        (PolicyOutcome::Created, next_seq - 1)
+                    }
+                };
+                results.push((key.clone(), outcome));
+                if outcome != PolicyOutcome::Unchanged {
+                    // A later document of the same batch for the same resource wins.
+                    writes.retain(|(k, _): &(String, Option<PolicyRecord>)| *k != key);
+                    writes.push((
+                        key,
+                        Some(PolicyRecord {
+                            seq,
+                            version,
+                            resource,
+                        }),
+                    ));
                 }
-            };
-            results.push((key.clone(), outcome));
-            if outcome != PolicyOutcome::Unchanged {
-                // A later document of the same batch for the same resource wins.
-                writes.retain(|(k, _): &(String, Option<PolicyRecord>)| *k != key);
-                writes.push((
-                    key,
-                    Some(PolicyRecord {
-                        seq,
-                        version,
-                        resource,
-                    }),
-                ));
             }
-        }
-        let version = if dry_run || writes.is_empty() {
-            inner.version
-        } else {
-            self.commit_with(&mut inner, BTreeSet::new(), &[], false, writes)?
+            let pending = (!dry_run && !writes.is_empty())
+                .then(|| self.prepare(&mut inner, BTreeSet::new(), &[], false, writes));
+            (inner.version, pending, results)
+        };
+        let version = match pending {
+            Some(pending) => self.finish(pending).await?,
+            None => current,
         };
         Ok(PolicyApplied { version, results })
     }
 
     /// Deletes policy resources by `Kind/namespace/name`, all or none: a key that does not
     /// exist fails the whole call.
-    pub fn delete_policies(&self, keys: &[String]) -> Result<u64, StoreError> {
-        let mut inner = self.lock();
-        if let Some(missing) = keys.iter().find(|k| !inner.policies.contains_key(*k)) {
-            return Err(StoreError::NotFound {
-                kind: "policy",
-                name: missing.clone(),
-            });
-        }
-        let writes = keys.iter().map(|k| (k.clone(), None)).collect();
-        self.commit_with(&mut inner, BTreeSet::new(), &[], false, writes)
+    pub async fn delete_policies(&self, keys: &[String]) -> Result<u64, StoreError> {
+        let _writer = self.writer.lock().await;
+        let pending = {
+            let mut inner = self.lock();
+            if let Some(missing) = keys.iter().find(|k| !inner.policies.contains_key(*k)) {
+                return Err(StoreError::NotFound {
+                    kind: "policy",
+                    name: missing.clone(),
+                });
+            }
+            let writes = keys.iter().map(|k| (k.clone(), None)).collect();
+            self.prepare(&mut inner, BTreeSet::new(), &[], false, writes)
+        };
+        self.finish(pending).await
     }
 
     /// Every policy resource, by `Kind/namespace/name`.
@@ -970,7 +941,7 @@ impl Mesh {
     /// unless the control endpoint is, and not another agent's endpoint. Returns the
     /// handle and, when the address was refused, why (the workload is then not
     /// registered, and any registration of an earlier session is withdrawn).
-    pub fn session_start(
+    pub async fn session_start(
         &self,
         agent: &AgentRecord,
         group: Option<&WorkloadGroup>,
@@ -979,53 +950,63 @@ impl Mesh {
         cidrs: &[IpNet],
         acked_version: u64,
     ) -> Result<(SessionHandle, Option<String>), StoreError> {
-        let mut inner = self.lock();
-        inner.next_generation += 1;
-        let generation = inner.next_generation;
-        let kick = Arc::new(Notify::new());
-        if let Some(old) = inner.sessions.get(&agent.id) {
-            old.kick.notify_one();
-        }
-        let policy = AddressPolicy {
-            vip_range: self.settings.vip_range,
-            control_on_loopback: self.settings.control_on_loopback,
-        };
-        let shown = match &address {
-            Ok(a) => a.to_canonical().to_string(),
-            Err(text) => text.clone(),
-        };
-        let mut refusal = None;
-        if let Some(group) = group.filter(|g| g.service.is_some()) {
-            let verdict = match address {
-                Ok(a) => {
-                    let a = a.to_canonical();
-                    policy
-                        .check(a, remote, cidrs)
-                        .and_then(|()| Self::taken(&inner, agent, group, a))
-                        .map(|()| a)
-                        .map_err(|e| e.to_string())
-                }
-                Err(text) => Err(format!(
-                    "workload address {text:?} is not an IP address; start the agent with --address set to this host's own IP address"
-                )),
-            };
-            let delta = match verdict {
-                Ok(a) => Self::register(&mut inner, agent, group, &a.to_string()),
-                Err(e) => {
-                    tracing::warn!(agent = %agent.id, address = %shown, %remote, error = %e, "workload address refused; the agent is not registered");
-                    refusal = Some(e);
-                    Self::deregister(&mut inner, &agent.id)
-                }
-            };
-            if let Some(delta) = delta {
-                self.commit(
-                    &mut inner,
-                    touched_keys([delta]),
-                    &[AGENTS_SOURCE.to_owned()],
-                    false,
-                )?;
+        let _writer = self.writer.lock().await;
+        let (generation, kick, shown, refusal, pending) = {
+            let mut inner = self.lock();
+            inner.next_generation += 1;
+            let generation = inner.next_generation;
+            let kick = Arc::new(Notify::new());
+            if let Some(old) = inner.sessions.get(&agent.id) {
+                old.kick.notify_one();
             }
+            let policy = AddressPolicy {
+                vip_range: self.settings.vip_range,
+                control_on_loopback: self.settings.control_on_loopback,
+            };
+            let shown = match &address {
+                Ok(a) => a.to_canonical().to_string(),
+                Err(text) => text.clone(),
+            };
+            let mut refusal = None;
+            let mut pending = None;
+            if let Some(group) = group.filter(|g| g.service.is_some()) {
+                let verdict = match address {
+                    Ok(a) => {
+                        let a = a.to_canonical();
+                        policy
+                            .check(a, remote, cidrs)
+                            .and_then(|()| Self::taken(&inner, agent, group, a))
+                            .map(|()| a)
+                            .map_err(|e| e.to_string())
+                    }
+                    Err(text) => Err(format!(
+                        "workload address {text:?} is not an IP address; start the agent with --address set to this host's own IP address"
+                    )),
+                };
+                let delta = match verdict {
+                    Ok(a) => Self::register(&mut inner, agent, group, &a.to_string()),
+                    Err(e) => {
+                        tracing::warn!(agent = %agent.id, address = %shown, %remote, error = %e, "workload address refused; the agent is not registered");
+                        refusal = Some(e);
+                        Self::deregister(&mut inner, &agent.id)
+                    }
+                };
+                pending = delta.map(|delta| {
+                    self.prepare(
+                        &mut inner,
+                        touched_keys([delta]),
+                        &[AGENTS_SOURCE.to_owned()],
+                        false,
+                        Vec::new(),
+                    )
+                });
+            }
+            (generation, kick, shown, refusal, pending)
+        };
+        if let Some(pending) = pending {
+            self.finish(pending).await?;
         }
+        let mut inner = self.lock();
         // Refusals reported in an earlier session stay visible to `why`.
         let recent_denials = inner
             .sessions
@@ -1060,33 +1041,40 @@ impl Mesh {
 
     /// Ends a session. A graceful end deregisters at once; otherwise the workload stays
     /// for the grace period, unless a newer session of the same agent exists.
-    pub fn session_end(
+    pub async fn session_end(
         self: &Arc<Self>,
         h: &SessionHandle,
         graceful: bool,
     ) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        let Some(s) = inner.sessions.get_mut(&h.agent_id) else {
-            return Ok(());
-        };
-        if s.view.generation != h.generation {
-            return Ok(()); // a newer session owns the lease
-        }
-        s.view.connected = false;
-        if graceful {
-            if let Some(delta) = Self::deregister(&mut inner, &h.agent_id) {
-                self.commit(
+        let _writer = self.writer.lock().await;
+        let pending = {
+            let mut inner = self.lock();
+            let Some(s) = inner.sessions.get_mut(&h.agent_id) else {
+                return Ok(());
+            };
+            if s.view.generation != h.generation {
+                return Ok(()); // a newer session owns the lease
+            }
+            s.view.connected = false;
+            if !graceful {
+                drop(inner);
+                self.schedule_expiry(h.agent_id.clone(), h.generation);
+                return Ok(());
+            }
+            Self::deregister(&mut inner, &h.agent_id).map(|delta| {
+                self.prepare(
                     &mut inner,
                     touched_keys([delta]),
                     &[AGENTS_SOURCE.to_owned()],
                     false,
-                )?;
-            }
-            tracing::info!(agent = %h.agent_id, "agent left gracefully; workload deregistered");
-        } else {
-            drop(inner);
-            self.schedule_expiry(h.agent_id.clone(), h.generation);
+                    Vec::new(),
+                )
+            })
+        };
+        if let Some(pending) = pending {
+            self.finish(pending).await?;
         }
+        tracing::info!(agent = %h.agent_id, "agent left gracefully; workload deregistered");
         Ok(())
     }
 
@@ -1096,25 +1084,34 @@ impl Mesh {
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
             let Some(mesh) = mesh.upgrade() else { return };
-            let mut inner = mesh.lock();
-            let current = inner
-                .sessions
-                .get(&agent_id)
-                .map(|s| (s.view.generation, s.view.connected));
-            let expire = match current {
-                None => generation == 0,
-                Some((g, connected)) => g == generation && !connected,
-            };
-            if expire && let Some(delta) = Self::deregister(&mut inner, &agent_id) {
+            let _writer = mesh.writer.lock().await;
+            let pending = {
+                let mut inner = mesh.lock();
+                let current = inner
+                    .sessions
+                    .get(&agent_id)
+                    .map(|s| (s.view.generation, s.view.connected));
+                let expire = match current {
+                    None => generation == 0,
+                    Some((g, connected)) => g == generation && !connected,
+                };
+                if !expire {
+                    return;
+                }
+                let Some(delta) = Self::deregister(&mut inner, &agent_id) else {
+                    return;
+                };
                 tracing::info!(%agent_id, "agent connection gone longer than the grace period; workload deregistered");
-                if let Err(e) = mesh.commit(
+                mesh.prepare(
                     &mut inner,
                     touched_keys([delta]),
                     &[AGENTS_SOURCE.to_owned()],
                     false,
-                ) {
-                    tracing::error!(error = %e, "cannot persist a deregistration");
-                }
+                    Vec::new(),
+                )
+            };
+            if let Err(e) = mesh.finish(pending).await {
+                tracing::error!(error = %e, "cannot persist a deregistration");
             }
         });
     }
@@ -1162,42 +1159,59 @@ impl Mesh {
     /// An operator removed an agent: deny every unexpired certificate it holds (not only
     /// the newest: a copy of one from before a renewal is as good to an attacker),
     /// deregister, end its session.
-    pub fn agent_removed(&self, agent_id: &str, certs: &[LiveCert]) -> Result<(), StoreError> {
+    pub async fn agent_removed(
+        &self,
+        agent_id: &str,
+        certs: &[LiveCert],
+    ) -> Result<(), StoreError> {
         let now = crate::enroll::now_unix();
-        let mut inner = self.lock();
-        for c in certs.iter().filter(|c| c.not_after > now) {
-            inner.deny.insert(c.serial.clone(), c.not_after);
-        }
-        let delta = Self::deregister(&mut inner, agent_id);
-        if let Some(s) = inner.sessions.get(agent_id) {
-            s.kick.notify_one();
-        }
-        self.commit(
-            &mut inner,
-            touched_keys(delta),
-            &[AGENTS_SOURCE.to_owned()],
-            true,
-        )?;
-        drop(inner);
+        let _writer = self.writer.lock().await;
+        let pending = {
+            let mut inner = self.lock();
+            for c in certs.iter().filter(|c| c.not_after > now) {
+                inner.deny.insert(c.serial.clone(), c.not_after);
+            }
+            let delta = Self::deregister(&mut inner, agent_id);
+            if let Some(s) = inner.sessions.get(agent_id) {
+                s.kick.notify_one();
+            }
+            self.prepare(
+                &mut inner,
+                touched_keys(delta),
+                &[AGENTS_SOURCE.to_owned()],
+                true,
+                Vec::new(),
+            )
+        };
+        self.finish(pending).await?;
         self.deny_added.notify_one();
         Ok(())
     }
 
     /// Drops deny entries whose certificates expired by `now` (pushing the shorter list
     /// when any did); returns when the next one expires.
-    pub fn prune_deny(&self, now: i64) -> Result<Option<i64>, StoreError> {
-        let mut inner = self.lock();
-        let before = inner.deny.len();
-        inner.deny.retain(|_, not_after| *not_after > now);
-        if inner.deny.len() != before {
+    pub async fn prune_deny(&self, now: i64) -> Result<Option<i64>, StoreError> {
+        let _writer = self.writer.lock().await;
+        let (pending, next) = {
+            let mut inner = self.lock();
+            let before = inner.deny.len();
+            inner.deny.retain(|_, not_after| *not_after > now);
+            let next = inner.deny.values().min().copied();
+            if inner.deny.len() == before {
+                return Ok(next);
+            }
             tracing::info!(
                 expired = before - inner.deny.len(),
                 left = inner.deny.len(),
                 "expired certificates dropped from the deny list"
             );
-            self.commit(&mut inner, BTreeSet::new(), &[], true)?;
-        }
-        Ok(inner.deny.values().min().copied())
+            (
+                self.prepare(&mut inner, BTreeSet::new(), &[], true, Vec::new()),
+                next,
+            )
+        };
+        self.finish(pending).await?;
+        Ok(next)
     }
 
     /// The denied serials with their expiry (Unix seconds).
@@ -1291,11 +1305,10 @@ impl Mesh {
                 name: name.clone(),
                 kind: e.kind,
                 state: match e.state.status {
-                    causeway_api::registry::SourceStatus::Synced => "synced",
-                    causeway_api::registry::SourceStatus::Stale => "stale",
-                    _ => "pending",
-                }
-                .into(),
+                    causeway_api::registry::SourceStatus::Synced => SourceStateView::Synced,
+                    causeway_api::registry::SourceStatus::Stale => SourceStateView::Stale,
+                    _ => SourceStateView::Pending,
+                },
                 last_error: e.state.last_error.clone(),
                 services: e.snapshot.services.len(),
                 endpoints: e.snapshot.endpoint_count(),
@@ -1341,6 +1354,453 @@ mod tests {
     use super::*;
     use crate::store::SledStore;
 
+    fn settings(vip_range: &str, grace: Duration) -> MeshSettings {
+        MeshSettings {
+            vip_range: vip_range.parse().unwrap(),
+            agent_grace: grace,
+            history_len: 16,
+            control_on_loopback: false,
+        }
+    }
+
+    async fn open(dir: &std::path::Path, settings: MeshSettings) -> Arc<Mesh> {
+        let store: Arc<dyn Store> = Arc::new(SledStore::reopen(dir).unwrap());
+        let configured = BTreeSet::from(["file".to_owned()]);
+        Mesh::open(store, settings, Vec::new(), &configured, BTreeMap::new())
+            .await
+            .unwrap()
+    }
+
+    /// A source update that sets `services` (one endpoint each) of source `file`.
+    fn file_update(services: &[&str]) -> SourceUpdate {
+        let mut changes = BTreeMap::new();
+        for (i, name) in services.iter().enumerate() {
+            let ep = Endpoint::new(
+                format!("10.0.0.{}", i + 1),
+                Provenance {
+                    source: "file".into(),
+                    kind: SourceKind::File,
+                    native_id: (*name).to_owned(),
+                    revision: "1".into(),
+                },
+            );
+            changes.insert(
+                ServiceKey::new("default", *name),
+                BTreeMap::from([((*name).to_owned(), ep)]),
+            );
+        }
+        SourceUpdate {
+            source: "file".into(),
+            kind: SourceKind::File,
+            change: Some(SourceChange::Services(changes)),
+            state: SourceState::synced(),
+        }
+    }
+
+    fn vips(mesh: &Mesh) -> BTreeMap<String, Option<Ipv4Addr>> {
+        mesh.services()
+            .into_iter()
+            .map(|s| (s.name, s.vip))
+            .collect()
+    }
+
+    fn agent(id: &str) -> AgentRecord {
+        AgentRecord {
+            id: id.into(),
+            group: "web".into(),
+            spiffe_id: "spiffe://causeway.local/ns/default/sa/web".into(),
+            hostname: "h".into(),
+            address: "10.1.0.1".parse().unwrap(),
+            token_id: "t".into(),
+            joined_at: 1,
+            serial: format!("s-{id}"),
+            not_after: i64::MAX,
+            renewed_at: None,
+            renewals: 0,
+            removed_at: None,
+            live_certs: Vec::new(),
+        }
+    }
+
+    fn group() -> WorkloadGroup {
+        WorkloadGroup {
+            name: "web".into(),
+            namespace: "default".into(),
+            service_account: "web".into(),
+            service: Some("web".into()),
+            ports: vec![causeway_api::group::PortSpec {
+                name: "http".into(),
+                port: 8080,
+            }],
+            labels: BTreeMap::new(),
+            allowed_cidrs: Vec::new(),
+            mtls: Default::default(),
+            registry_source: None,
+        }
+    }
+
+    /// The agents registered as endpoints of `default/web`.
+    fn web_agents(mesh: &Mesh) -> Vec<String> {
+        mesh.services()
+            .into_iter()
+            .filter(|s| s.name == "web")
+            .flat_map(|s| s.endpoints)
+            .filter_map(|e| e.agent)
+            .collect()
+    }
+
+    async fn start(mesh: &Arc<Mesh>, id: &str, address: &str) -> (SessionHandle, Option<String>) {
+        let remote: IpAddr = address.parse().unwrap_or("10.1.0.1".parse().unwrap());
+        mesh.session_start(
+            &agent(id),
+            Some(&group()),
+            address.parse().map_err(|_| address.to_owned()),
+            remote,
+            &[],
+            0,
+        )
+        .await
+        .unwrap()
+    }
+
+    /// VIPs come from the range, never its network or broadcast address, each service
+    /// keeps its own across changes and restarts, and an exhausted range leaves a new
+    /// service without one (and the others untouched).
+    #[tokio::test(flavor = "current_thread")]
+    async fn vips_are_unique_stable_and_bounded_by_the_range() {
+        let dir = tempfile::tempdir().unwrap();
+        // A /28: 16 addresses, 14 usable.
+        let range = "240.240.0.0/28";
+        let mesh = open(dir.path(), settings(range, Duration::from_secs(60))).await;
+        let names: Vec<String> = (0..14).map(|i| format!("svc{i:02}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let v1 = mesh.apply_source_update(file_update(&refs)).await.unwrap();
+        assert_eq!(v1, 1, "one update, one version");
+        let first = vips(&mesh);
+        let net: Ipv4Net = range.parse().unwrap();
+        let allocated: BTreeSet<Ipv4Addr> = first.values().map(|v| v.unwrap()).collect();
+        assert_eq!(
+            allocated.len(),
+            14,
+            "every service has its own VIP: {first:?}"
+        );
+        for ip in &allocated {
+            assert!(net.contains(ip), "{ip} outside {net}");
+            assert_ne!(*ip, net.network());
+            assert_ne!(*ip, net.broadcast());
+        }
+        // The range is full: the 15th service has none; the others keep theirs.
+        mesh.apply_source_update(file_update(&["late"]))
+            .await
+            .unwrap();
+        let now = vips(&mesh);
+        assert_eq!(now["late"], None);
+        for (name, vip) in &first {
+            assert_eq!(now[name], *vip, "{name} kept its VIP");
+        }
+        // A change to a service with a VIP keeps it.
+        let update = file_update(&["svc03"]);
+        mesh.apply_source_update(update).await.unwrap();
+        assert_eq!(vips(&mesh)["svc03"], first["svc03"]);
+        let version = mesh.version();
+        drop(mesh);
+
+        // After a restart on the same store: the same VIPs and version.
+        let mesh = open(dir.path(), settings(range, Duration::from_secs(60))).await;
+        assert_eq!(mesh.version(), version);
+        let restored = vips(&mesh);
+        for (name, vip) in &first {
+            assert_eq!(restored[name], *vip, "{name} kept its VIP across a restart");
+        }
+    }
+
+    /// Each change is written in version order with its history: a subscriber behind by
+    /// one version gets only what changed since.
+    #[tokio::test(flavor = "current_thread")]
+    async fn concurrent_changes_each_get_their_own_version_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mesh = open(
+            dir.path(),
+            settings("240.240.0.0/16", Duration::from_secs(60)),
+        )
+        .await;
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let mesh = mesh.clone();
+                tokio::spawn(async move {
+                    let name = format!("svc{i}");
+                    mesh.apply_source_update(file_update(&[name.as_str()]))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut versions = Vec::new();
+        for t in tasks {
+            versions.push(t.await.unwrap());
+        }
+        versions.sort_unstable();
+        assert_eq!(
+            versions,
+            (1..=8).collect::<Vec<u64>>(),
+            "no version lost or shared"
+        );
+        assert_eq!(mesh.version(), 8);
+        for v in 1..8 {
+            let delta = mesh.update_since(v);
+            assert!(!delta.full);
+            assert_eq!(delta.services.len(), usize::try_from(8 - v).unwrap());
+        }
+        drop(mesh);
+        // Everything reached the store.
+        let mesh = open(
+            dir.path(),
+            settings("240.240.0.0/16", Duration::from_secs(60)),
+        )
+        .await;
+        assert_eq!(mesh.version(), 8);
+        assert_eq!(mesh.services().len(), 8);
+    }
+
+    /// A lost connection keeps the workload for the grace period, then withdraws it; a
+    /// graceful end withdraws it at once.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_lost_session_keeps_its_lease_for_the_grace_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let grace = Duration::from_secs(60);
+        let mesh = open(dir.path(), settings("240.240.0.0/16", grace)).await;
+        let (h, refusal) = start(&mesh, "a1", "10.1.0.1").await;
+        assert_eq!(refusal, None);
+        assert_eq!(web_agents(&mesh), ["a1"]);
+        assert!(mesh.sessions()["a1"].connected);
+
+        mesh.session_end(&h, false).await.unwrap();
+        assert!(!mesh.sessions()["a1"].connected);
+        tokio::time::sleep(grace - Duration::from_secs(1)).await;
+        assert_eq!(
+            web_agents(&mesh),
+            ["a1"],
+            "still registered within the grace"
+        );
+        let version = mesh.version();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(web_agents(&mesh).is_empty(), "withdrawn after the grace");
+        assert_eq!(mesh.version(), version + 1);
+
+        // A graceful end withdraws at once.
+        let (h, _) = start(&mesh, "a2", "10.1.0.2").await;
+        assert_eq!(web_agents(&mesh), ["a2"]);
+        mesh.session_end(&h, true).await.unwrap();
+        assert!(web_agents(&mesh).is_empty());
+    }
+
+    /// A reconnection within the grace period keeps the lease: the older session's end
+    /// (and its expiry) do not withdraw the newer session's workload, and the older
+    /// session is told to stop.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_newer_session_owns_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let grace = Duration::from_secs(60);
+        let mesh = open(dir.path(), settings("240.240.0.0/16", grace)).await;
+        let (old, _) = start(&mesh, "a1", "10.1.0.1").await;
+        mesh.session_end(&old, false).await.unwrap();
+        tokio::time::sleep(grace / 2).await;
+        let (new, _) = start(&mesh, "a1", "10.1.0.1").await;
+        assert!(new.generation > old.generation);
+        tokio::time::sleep(grace * 2).await;
+        assert_eq!(
+            web_agents(&mesh),
+            ["a1"],
+            "the newer session holds the lease"
+        );
+        // The older one ending again (its task noticing late) changes nothing.
+        mesh.session_end(&old, true).await.unwrap();
+        assert_eq!(web_agents(&mesh), ["a1"]);
+        assert!(mesh.sessions()["a1"].connected);
+
+        // A third session kicks the second.
+        let kicked = new.kick.clone();
+        let notified = kicked.notified();
+        let (_third, _) = start(&mesh, "a1", "10.1.0.1").await;
+        tokio::time::timeout(Duration::from_secs(1), notified)
+            .await
+            .expect("the replaced session is told to end");
+    }
+
+    /// An address the controller cannot vouch for is not registered, and withdraws what
+    /// an earlier session of the agent registered.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_refused_address_withdraws_the_registration() {
+        let dir = tempfile::tempdir().unwrap();
+        let mesh = open(
+            dir.path(),
+            settings("240.240.0.0/16", Duration::from_secs(60)),
+        )
+        .await;
+        start(&mesh, "a1", "10.1.0.1").await;
+        assert_eq!(web_agents(&mesh), ["a1"]);
+        // In the VIP range.
+        let (_, refusal) = start(&mesh, "a1", "240.240.0.9").await;
+        let refusal = refusal.expect("refused");
+        assert!(refusal.contains("240.240.0.9"), "{refusal}");
+        assert!(web_agents(&mesh).is_empty());
+        assert_eq!(
+            mesh.sessions()["a1"].registration_error.as_deref(),
+            Some(refusal.as_str())
+        );
+        // Not an address at all.
+        let (_, refusal) = start(&mesh, "a1", "web-1.example").await;
+        assert!(refusal.unwrap().contains("not an IP address"));
+        // Another agent cannot take a1's address and port.
+        start(&mesh, "a1", "10.1.0.1").await;
+        let (_, refusal) = mesh
+            .session_start(
+                &agent("a2"),
+                Some(&group()),
+                Ok("10.1.0.1".parse().unwrap()),
+                "10.1.0.1".parse().unwrap(),
+                &[],
+                0,
+            )
+            .await
+            .unwrap();
+        assert!(refusal.unwrap().contains("a1"));
+        assert_eq!(web_agents(&mesh), ["a1"]);
+    }
+
+    /// A store whose mesh writes wait at a gate the test opens.
+    struct GatedStore {
+        inner: SledStore,
+        entered: std::sync::mpsc::SyncSender<()>,
+        open: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+        gated: std::sync::atomic::AtomicBool,
+    }
+
+    impl Store for GatedStore {
+        fn ca(&self) -> Result<Option<crate::store::CaRecord>, StoreError> {
+            self.inner.ca()
+        }
+        fn init_ca(
+            &self,
+            ca: &crate::store::CaRecord,
+        ) -> Result<crate::store::CaRecord, StoreError> {
+            self.inner.init_ca(ca)
+        }
+        fn create_group(&self, group: &crate::store::GroupRecord) -> Result<(), StoreError> {
+            self.inner.create_group(group)
+        }
+        fn group(&self, name: &str) -> Result<Option<crate::store::GroupRecord>, StoreError> {
+            self.inner.group(name)
+        }
+        fn groups(&self) -> Result<Vec<crate::store::GroupRecord>, StoreError> {
+            self.inner.groups()
+        }
+        fn delete_group(&self, name: &str) -> Result<usize, StoreError> {
+            self.inner.delete_group(name)
+        }
+        fn create_token(&self, token: &crate::store::TokenRecord) -> Result<(), StoreError> {
+            self.inner.create_token(token)
+        }
+        fn token(&self, id: &str) -> Result<Option<crate::store::TokenRecord>, StoreError> {
+            self.inner.token(id)
+        }
+        fn tokens(&self) -> Result<Vec<crate::store::TokenRecord>, StoreError> {
+            self.inner.tokens()
+        }
+        fn revoke_token(
+            &self,
+            id: &str,
+            now: i64,
+        ) -> Result<crate::store::TokenRecord, StoreError> {
+            self.inner.revoke_token(id, now)
+        }
+        fn commit_enrollments(
+            &self,
+            batch: &[crate::store::Enrollment],
+        ) -> Result<Vec<crate::store::EnrollOutcome>, StoreError> {
+            self.inner.commit_enrollments(batch)
+        }
+        fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+            self.inner.agent(id)
+        }
+        fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+            self.inner.agents()
+        }
+        fn remove_agent(&self, id: &str, now: i64) -> Result<AgentRecord, StoreError> {
+            self.inner.remove_agent(id, now)
+        }
+        fn cert(&self, serial: &str) -> Result<Option<crate::store::CertRecord>, StoreError> {
+            self.inner.cert(serial)
+        }
+        fn certs(&self) -> Result<Vec<crate::store::CertRecord>, StoreError> {
+            self.inner.certs()
+        }
+        fn load_mesh(&self) -> Result<crate::store::MeshDump, StoreError> {
+            self.inner.load_mesh()
+        }
+        fn save_mesh(&self, change: &crate::store::EncodedMeshWrite) -> Result<(), StoreError> {
+            if self.gated.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = self.entered.send(());
+                let _ = self.open.lock().unwrap().recv();
+            }
+            self.inner.save_mesh(change)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush()
+        }
+    }
+
+    /// While a change's store transaction is in progress, the mesh still answers readers
+    /// (sessions, the admin API): its lock is not held across the transaction.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_do_not_wait_for_a_store_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let (entered_tx, entered_rx) = std::sync::mpsc::sync_channel(1);
+        let (open_tx, open_rx) = std::sync::mpsc::channel();
+        let store = Arc::new(GatedStore {
+            inner: SledStore::reopen(dir.path()).unwrap(),
+            entered: entered_tx,
+            open: std::sync::Mutex::new(open_rx),
+            gated: std::sync::atomic::AtomicBool::new(false),
+        });
+        let mesh = Mesh::open(
+            store.clone(),
+            settings("240.240.0.0/16", Duration::from_secs(60)),
+            Vec::new(),
+            &BTreeSet::from(["file".to_owned()]),
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+        store.gated.store(true, std::sync::atomic::Ordering::SeqCst);
+        let writer = {
+            let mesh = mesh.clone();
+            tokio::spawn(async move { mesh.apply_source_update(file_update(&["web"])).await })
+        };
+        // The transaction has started and waits at the gate.
+        tokio::task::spawn_blocking(move || entered_rx.recv().unwrap())
+            .await
+            .unwrap();
+        // A reader on another thread gets its answer meanwhile.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let reader = mesh.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send((reader.version(), reader.sessions().len()));
+        });
+        let answered =
+            tokio::task::spawn_blocking(move || done_rx.recv_timeout(Duration::from_secs(30)))
+                .await
+                .unwrap();
+        open_tx.send(()).unwrap();
+        assert_eq!(
+            answered.expect("the reader was blocked by the store transaction"),
+            (0, 0),
+            "the version is published only once written"
+        );
+        assert_eq!(writer.await.unwrap().unwrap(), 1);
+        assert_eq!(mesh.version(), 1);
+    }
+
     /// Removal denies every unexpired certificate it is given (an expired one is left
     /// out), pushes them to every agent, and each entry leaves the list when its
     /// certificate expires, with a new version so agents get the shorter list.
@@ -1360,6 +1820,7 @@ mod tests {
             &BTreeSet::new(),
             BTreeMap::new(),
         )
+        .await
         .unwrap();
         let now = crate::enroll::now_unix();
         let cert = |serial: &str, not_after: i64| LiveCert {
@@ -1375,6 +1836,7 @@ mod tests {
                 cert("renewed", now + 200),
             ],
         )
+        .await
         .unwrap();
         let v1 = mesh.version();
         assert!(v1 > v0);
@@ -1385,15 +1847,15 @@ mod tests {
         assert_eq!(full.deny_serials, ["joined", "renewed"]);
 
         // Nothing expired yet: no new version.
-        assert_eq!(mesh.prune_deny(now).unwrap(), Some(now + 100));
+        assert_eq!(mesh.prune_deny(now).await.unwrap(), Some(now + 100));
         assert_eq!(mesh.version(), v1);
         // The first certificate expired: dropped and pushed.
-        assert_eq!(mesh.prune_deny(now + 150).unwrap(), Some(now + 200));
+        assert_eq!(mesh.prune_deny(now + 150).await.unwrap(), Some(now + 200));
         assert!(mesh.version() > v1);
         let delta = mesh.update_since(v1);
         assert!(delta.deny_set);
         assert_eq!(delta.deny_serials, ["renewed"]);
-        assert_eq!(mesh.prune_deny(now + 250).unwrap(), None);
+        assert_eq!(mesh.prune_deny(now + 250).await.unwrap(), None);
         assert!(mesh.deny_list().is_empty());
     }
 }

@@ -204,7 +204,7 @@ impl Collector for MeshCollector {
                         ("kind", kind.clone()),
                         ("state", state.to_owned()),
                     ],
-                    i64::from(s.state == state),
+                    i64::from(s.state.to_string() == state),
                 ));
             }
             let since = stale_since.get(&s.name).copied().flatten();

@@ -73,11 +73,8 @@ pub(crate) async fn apply(
         return Err(bad(format!("nothing applied: {}", problems.join("; "))));
     }
     let names: Vec<String> = body.resources.iter().map(Resource::display_name).collect();
-    let mesh = s.mesh.clone();
     let dry_run = body.dry_run;
-    let applied = tokio::task::spawn_blocking(move || mesh.apply_policies(body.resources, dry_run))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let applied = s.mesh.apply_policies(body.resources, dry_run).await?;
     if !dry_run {
         s.store.flush()?;
     }
@@ -158,11 +155,7 @@ pub(crate) async fn delete(
     if body.keys.is_empty() {
         return Err(bad("no resources named: give keys Kind/namespace/name"));
     }
-    let mesh = s.mesh.clone();
-    let keys = body.keys.clone();
-    let version = tokio::task::spawn_blocking(move || mesh.delete_policies(&keys))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let version = s.mesh.delete_policies(&body.keys).await?;
     s.store.flush()?;
     Ok(Json(DeleteResponse {
         version,

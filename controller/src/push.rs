@@ -12,7 +12,7 @@ use causeway_api::TrustDomain;
 use causeway_api::push::{
     AgentFrame, Heartbeat, Hello, MAX_PUSH_FRAME, PushFrame, Registration, agent_frame, push_frame,
 };
-use causeway_api::wire::{self, ErrorCode, ErrorReply, FrameError};
+use causeway_api::wire::{self, ErrorCode, ErrorReply};
 use causeway_api::{SpiffeId, hex};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
@@ -23,45 +23,7 @@ use crate::store::{AgentRecord, Store};
 /// How often an idle subscription gets a heartbeat.
 const HEARTBEAT: Duration = Duration::from_secs(15);
 
-/// Why reading a frame failed.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ReadFrameError {
-    /// The frame itself is bad.
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-    /// The stream failed.
-    #[error("stream error: {0}")]
-    Stream(String),
-}
-
-/// Reads one length-prefixed frame body; `None` at a clean end of stream.
-pub(crate) async fn read_frame(
-    recv: &mut quinn::RecvStream,
-    limit: usize,
-) -> Result<Option<Vec<u8>>, ReadFrameError> {
-    let mut prefix = [0u8; 4];
-    match recv.read_exact(&mut prefix).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(quinn::ReadExactError::FinishedEarly(n)) => {
-            return Err(FrameError::Truncated { have: n, need: 4 }.into());
-        }
-        Err(quinn::ReadExactError::ReadError(e)) => {
-            return Err(ReadFrameError::Stream(e.to_string()));
-        }
-    }
-    let len = wire::frame_len(prefix, limit)?;
-    let mut body = vec![0u8; len];
-    match recv.read_exact(&mut body).await {
-        Ok(()) => Ok(Some(body)),
-        Err(quinn::ReadExactError::FinishedEarly(n)) => Err(FrameError::Truncated {
-            have: 4 + n,
-            need: 4 + len,
-        }
-        .into()),
-        Err(quinn::ReadExactError::ReadError(e)) => Err(ReadFrameError::Stream(e.to_string())),
-    }
-}
+pub(crate) use causeway_api::wire::{ReadFrameError, read_frame};
 
 async fn send_frame(send: &mut quinn::SendStream, frame: &PushFrame) -> Result<(), String> {
     send.write_all(&wire::encode_frame(frame))
@@ -169,14 +131,16 @@ pub(crate) async fn run_session(
     if let Ok(Some(token)) = store.token(&agent.token_id) {
         cidrs.extend(token.cidrs);
     }
-    let started = mesh.session_start(
-        &agent,
-        group.as_ref(),
-        address,
-        remote.ip().to_canonical(),
-        &cidrs,
-        hello.last_version,
-    );
+    let started = mesh
+        .session_start(
+            &agent,
+            group.as_ref(),
+            address,
+            remote.ip().to_canonical(),
+            &cidrs,
+            hello.last_version,
+        )
+        .await;
     let (handle, refusal) = match started {
         Ok(h) => h,
         Err(e) => {
@@ -201,7 +165,7 @@ pub(crate) async fn run_session(
         };
         if let Err(e) = send_frame(&mut send, &frame).await {
             tracing::info!(agent = %agent.id, error = %e, "subscription write failed");
-            let _ = mesh.session_end(&handle, false);
+            let _ = mesh.session_end(&handle, false).await;
             return;
         }
     }
@@ -294,7 +258,7 @@ pub(crate) async fn run_session(
         }
     };
     reader.abort();
-    if let Err(e) = mesh.session_end(&handle, graceful) {
+    if let Err(e) = mesh.session_end(&handle, graceful).await {
         tracing::error!(agent = %agent.id, error = %e, "cannot record the end of a session");
     }
     crate::metrics::push_acked(&mesh);

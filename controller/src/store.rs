@@ -335,7 +335,7 @@ pub trait Store: Send + Sync + 'static {
     /// The persisted mesh: merged-registry inputs, VIPs, version and change history.
     fn load_mesh(&self) -> Result<MeshDump, StoreError>;
     /// Writes one mesh change atomically.
-    fn save_mesh(&self, change: &MeshWrite<'_>) -> Result<(), StoreError>;
+    fn save_mesh(&self, change: &EncodedMeshWrite) -> Result<(), StoreError>;
 
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
@@ -400,7 +400,9 @@ pub struct MeshDump {
 }
 
 /// One mesh change to persist. It borrows the endpoints from the registry instead of
-/// copying them: a full re-sync of a large source is encoded straight from memory.
+/// copying them: a full re-sync of a large source is encoded straight from memory
+/// ([`MeshWrite::encode`], under the mesh's lock), and the transaction then writes the
+/// bytes without holding it.
 #[derive(Debug, Clone)]
 pub struct MeshWrite<'a> {
     /// The new mesh version.
@@ -417,6 +419,50 @@ pub struct MeshWrite<'a> {
     pub history_keep_from: u64,
     /// Policy resources to write (`Some`) or delete (`None`), by `Kind/namespace/name`.
     pub policies: Vec<(String, Option<PolicyRecord>)>,
+}
+
+/// A [`MeshWrite`] encoded: what the store writes in one transaction, owned, so that the
+/// transaction runs without borrowing the mesh.
+#[derive(Debug, Clone, Default)]
+pub struct EncodedMeshWrite {
+    version: u64,
+    sources: Vec<(Vec<u8>, Vec<u8>)>,
+    data: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    vips: Vec<(Vec<u8>, Vec<u8>)>,
+    history: Vec<u8>,
+    history_keep_from: u64,
+    policies: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl MeshWrite<'_> {
+    /// Encodes the change for [`Store::save_mesh`].
+    pub fn encode(&self) -> EncodedMeshWrite {
+        EncodedMeshWrite {
+            version: self.version,
+            sources: self
+                .sources
+                .iter()
+                .map(|(name, rec)| (name.as_bytes().to_vec(), encode(rec)))
+                .collect(),
+            data: self
+                .data
+                .iter()
+                .map(|(source, key, eps)| (data_key(source, key), eps.map(encode)))
+                .collect(),
+            vips: self
+                .vips
+                .iter()
+                .map(|(key, ip)| (key.to_string().into_bytes(), encode(ip)))
+                .collect(),
+            history: encode(self.history),
+            history_keep_from: self.history_keep_from,
+            policies: self
+                .policies
+                .iter()
+                .map(|(key, rec)| (key.as_bytes().to_vec(), rec.as_ref().map(encode)))
+                .collect(),
+        }
+    }
 }
 
 fn data_key(source: &str, key: &ServiceKey) -> Vec<u8> {
@@ -987,7 +1033,7 @@ impl Store for SledStore {
         Ok(dump)
     }
 
-    fn save_mesh(&self, w: &MeshWrite<'_>) -> Result<(), StoreError> {
+    fn save_mesh(&self, w: &EncodedMeshWrite) -> Result<(), StoreError> {
         let old: Vec<sled::IVec> = self
             .history
             .range(..w.history_keep_from.to_be_bytes())
@@ -1004,25 +1050,25 @@ impl Store for SledStore {
             .transaction(|(meta, sources, data, vips, history, policies)| {
                 meta.insert(b"mesh_version".as_ref(), encode(&w.version))?;
                 for (name, rec) in &w.sources {
-                    sources.insert(name.as_bytes(), encode(rec))?;
+                    sources.insert(name.as_slice(), rec.as_slice())?;
                 }
-                for (source, key, eps) in &w.data {
+                for (key, eps) in &w.data {
                     match eps {
-                        Some(eps) => data.insert(data_key(source, key), encode(eps))?,
-                        None => data.remove(data_key(source, key))?,
+                        Some(eps) => data.insert(key.as_slice(), eps.as_slice())?,
+                        None => data.remove(key.as_slice())?,
                     };
                 }
                 for (key, ip) in &w.vips {
-                    vips.insert(key.to_string().as_bytes(), encode(ip))?;
+                    vips.insert(key.as_slice(), ip.as_slice())?;
                 }
-                history.insert(&w.version.to_be_bytes(), encode(w.history))?;
+                history.insert(&w.version.to_be_bytes(), w.history.as_slice())?;
                 for k in &old {
                     history.remove(k)?;
                 }
                 for (key, rec) in &w.policies {
                     match rec {
-                        Some(rec) => policies.insert(key.as_bytes(), encode(rec))?,
-                        None => policies.remove(key.as_bytes())?,
+                        Some(rec) => policies.insert(key.as_slice(), rec.as_slice())?,
+                        None => policies.remove(key.as_slice())?,
                     };
                 }
                 Ok(())

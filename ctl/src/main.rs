@@ -7,7 +7,15 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
-use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+use causeway_api::admin::{
+    AgentView, CaView, ErrorBody, GroupCreate, GroupView, ServiceView, SourceView, TokenCreate,
+    TokenCreated, TokenView,
+};
+use causeway_api::registry::Conflict;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 mod policy;
 mod ui;
@@ -310,7 +318,8 @@ impl Api {
         })
     }
 
-    async fn call(
+    /// Sends a request; returns the JSON answer as received (`null` when empty).
+    async fn send(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -336,15 +345,47 @@ impl Api {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
         if !status.is_success() {
-            let msg = value
-                .get("error")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .unwrap_or_else(|| value.to_string());
+            let msg = serde_json::from_value::<ErrorBody>(value.clone())
+                .map(|e| e.error)
+                .unwrap_or_else(|_| value.to_string());
             bail!("{msg} (HTTP {})", status.as_u16());
         }
         Ok(value)
     }
+
+    /// Sends a request and decodes the answer into the API type shared with the
+    /// controller (`causeway_api::admin`). A field this causewayctl expects and the answer
+    /// lacks is an error naming it, never a silent "-".
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Answer<T>> {
+        let what = format!("{method} {path}");
+        let raw = self.send(method, path, body).await?;
+        let typed = decode(&what, &raw)?;
+        Ok(Answer { typed, raw })
+    }
+}
+
+/// An answer in the shared API type, with the JSON as received: `--output json|yaml`
+/// print the JSON as the controller sent it.
+struct Answer<T> {
+    typed: T,
+    raw: Value,
+}
+
+/// Decodes an answer; the error names the request and the field.
+fn decode<T: DeserializeOwned>(what: &str, raw: &Value) -> anyhow::Result<T> {
+    serde_path_to_error::deserialize(raw.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        anyhow::anyhow!(
+            "the controller's answer to {what} does not match this causewayctl ({}{}); run a causewayctl of the controller's version",
+            if path == "." { String::new() } else { format!("at {path}: ") },
+            e.into_inner()
+        )
+    })
 }
 
 /// Why a request got no HTTP answer: nothing listening (or no route) is told apart from a
@@ -420,24 +461,17 @@ fn send_error(base: &str, e: &reqwest::Error) -> String {
     )
 }
 
-fn s(v: &Value, k: &str) -> String {
-    match v.get(k) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => "-".into(),
-        Some(other) => other.to_string(),
-    }
+/// A value, or "-" when there is none.
+fn opt(v: Option<impl std::fmt::Display>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
-fn time(v: &Value, k: &str) -> String {
-    v.get(k)
-        .and_then(Value::as_i64)
-        .map(|t| {
-            humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + Duration::from_secs(t.max(0).unsigned_abs()),
-            )
-            .to_string()
-        })
-        .unwrap_or_else(|| "-".into())
+/// Unix seconds as RFC 3339.
+fn time(t: i64) -> String {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + Duration::from_secs(t.max(0).unsigned_abs()),
+    )
+    .to_string()
 }
 
 fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
@@ -589,53 +623,60 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     (Some(source.to_owned()), Some(svc.to_owned()))
                 }
             };
-            let mut label_map = serde_json::Map::new();
+            let mut label_map = BTreeMap::new();
             for l in labels {
                 let (k, v) = l
                     .split_once('=')
                     .with_context(|| format!("label {l:?} must be KEY=VALUE"))?;
-                label_map.insert(k.to_owned(), Value::String(v.to_owned()));
+                label_map.insert(k.to_owned(), v.to_owned());
             }
-            let body = json!({
-                "name": name, "namespace": namespace, "service_account": service_account,
-                "service": service, "ports": ports, "labels": label_map, "allowed_cidrs": cidrs, "mtls": mtls,
-                "registry_source": registry_source,
-            });
-            let v = api.call(Method::POST, "/v1/groups", Some(body)).await?;
-            print(out, &v, |v| {
+            let body = GroupCreate {
+                name: name.clone(),
+                namespace: namespace.clone(),
+                service_account: service_account.clone(),
+                service,
+                ports: ports.clone(),
+                labels: label_map,
+                allowed_cidrs: cidrs.clone(),
+                mtls: mtls.clone(),
+                registry_source,
+            };
+            let a: Answer<GroupView> = api
+                .call(
+                    Method::POST,
+                    "/v1/groups",
+                    Some(serde_json::to_value(body)?),
+                )
+                .await?;
+            let g = &a.typed.group;
+            print(out, &a.raw, |_| {
                 format!(
                     "group {} created (namespace {}, service account {})\n",
-                    s(v, "name"),
-                    s(v, "namespace"),
-                    s(v, "service_account")
+                    g.name, g.namespace, g.service_account
                 )
             });
         }
         Command::Group(GroupCmd::List) => {
-            let v = api.call(Method::GET, "/v1/groups", None).await?;
-            print(out, &v, |v| {
-                let rows = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
+            let a: Answer<Vec<GroupView>> = api.call(Method::GET, "/v1/groups", None).await?;
+            print(out, &a.raw, |_| {
+                let rows = a
+                    .typed
+                    .iter()
                     .map(|g| {
+                        let g = &g.group;
                         let ports = g
-                            .get("ports")
-                            .and_then(Value::as_array)
-                            .map(|ps| {
-                                ps.iter()
-                                    .map(|p| format!("{}:{}", s(p, "name"), s(p, "port")))
-                                    .collect::<Vec<_>>()
-                                    .join(",")
-                            })
-                            .unwrap_or_default();
+                            .ports
+                            .iter()
+                            .map(|p| format!("{}:{}", p.name, p.port))
+                            .collect::<Vec<_>>()
+                            .join(",");
                         vec![
-                            s(g, "name"),
-                            s(g, "namespace"),
-                            s(g, "service_account"),
-                            s(g, "service"),
+                            g.name.clone(),
+                            g.namespace.clone(),
+                            g.service_account.clone(),
+                            opt(g.service.as_ref()),
                             ports,
-                            s(g, "mtls"),
+                            g.mtls.to_string(),
                         ]
                     })
                     .collect();
@@ -653,15 +694,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Command::Group(GroupCmd::Show { name }) => {
-            let v = api
+            let a: Answer<GroupView> = api
                 .call(Method::GET, &format!("/v1/groups/{name}"), None)
                 .await?;
-            print(out, &v, |v| {
+            print(out, &a.raw, |v| {
                 format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default())
             });
         }
         Command::Group(GroupCmd::Delete { name }) => {
-            api.call(Method::DELETE, &format!("/v1/groups/{name}"), None)
+            api.send(Method::DELETE, &format!("/v1/groups/{name}"), None)
                 .await?;
             eprintln!("group {name} deleted");
         }
@@ -671,39 +712,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             uses,
             cidrs,
         }) => {
-            let body = json!({
-                "group": group, "ttl_secs": ttl.map(|d| Duration::from(d).as_secs()), "uses": uses, "cidrs": cidrs,
-            });
-            let v = api.call(Method::POST, "/v1/tokens", Some(body)).await?;
+            let body = TokenCreate {
+                group: group.clone(),
+                ttl_secs: ttl.map(|d| Duration::from(d).as_secs()),
+                uses: Some(*uses),
+                cidrs: cidrs.clone(),
+            };
+            let a: Answer<TokenCreated> = api
+                .call(
+                    Method::POST,
+                    "/v1/tokens",
+                    Some(serde_json::to_value(body)?),
+                )
+                .await?;
             if out == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&a.raw)?);
             } else {
-                println!("{}", s(&v, "token"));
+                let t = &a.typed;
+                println!("{}", t.token);
                 if std::io::stderr().is_terminal() {
                     eprintln!(
                         "token {} for group {}: {} use(s), expires {}",
-                        s(&v, "id"),
-                        s(&v, "group"),
-                        s(&v, "uses"),
-                        time(&v, "expires_at")
+                        t.id,
+                        t.group,
+                        t.uses,
+                        time(t.expires_at)
                     );
                 }
             }
         }
         Command::Token(TokenCmd::List) => {
-            let v = api.call(Method::GET, "/v1/tokens", None).await?;
-            print(out, &v, |v| {
-                let rows = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
+            let a: Answer<Vec<TokenView>> = api.call(Method::GET, "/v1/tokens", None).await?;
+            print(out, &a.raw, |_| {
+                let rows = a
+                    .typed
+                    .iter()
                     .map(|t| {
                         vec![
-                            s(t, "id"),
-                            s(t, "group"),
-                            s(t, "state"),
-                            format!("{}/{}", s(t, "uses_left"), s(t, "uses_total")),
-                            time(t, "expires_at"),
+                            t.id.clone(),
+                            t.group.clone(),
+                            t.state.to_string(),
+                            format!("{}/{}", t.uses_left, t.uses_total),
+                            time(t.expires_at),
                         ]
                     })
                     .collect();
@@ -711,36 +761,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Command::Token(TokenCmd::Revoke { id }) => {
-            let v = api
+            let a: Answer<TokenView> = api
                 .call(Method::DELETE, &format!("/v1/tokens/{id}"), None)
                 .await?;
-            print(out, &v, |v| {
+            print(out, &a.raw, |_| {
                 format!(
                     "join token {} (group {}) revoked; joins with it are refused\n",
-                    s(v, "id"),
-                    s(v, "group")
+                    a.typed.id, a.typed.group
                 )
             });
         }
         Command::Agent(AgentCmd::List) => {
-            let v = api.call(Method::GET, "/v1/agents", None).await?;
-            print(out, &v, |v| {
-                let rows = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
+            let a: Answer<Vec<AgentView>> = api.call(Method::GET, "/v1/agents", None).await?;
+            print(out, &a.raw, |_| {
+                let rows = a
+                    .typed
+                    .iter()
                     .map(|a| {
                         vec![
-                            s(a, "id"),
-                            s(a, "identity"),
-                            s(a, "hostname"),
-                            s(a, "address"),
-                            time(a, "not_after"),
-                            if a.get("removed").and_then(Value::as_bool) == Some(true) {
-                                "removed".into()
-                            } else {
-                                "active".into()
-                            },
+                            a.id.clone(),
+                            a.identity.clone(),
+                            a.hostname.clone(),
+                            a.address.to_string(),
+                            time(a.not_after),
+                            if a.removed { "removed" } else { "active" }.to_owned(),
                         ]
                     })
                     .collect();
@@ -751,60 +795,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Command::Agent(AgentCmd::Show { id }) => {
-            let v = api
+            let a: Answer<AgentView> = api
                 .call(Method::GET, &format!("/v1/agents/{id}"), None)
                 .await?;
-            print(out, &v, |v| {
+            print(out, &a.raw, |v| {
                 format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default())
             });
         }
         Command::Agent(AgentCmd::Remove { id }) => {
-            let v = api
+            let a: Answer<AgentView> = api
                 .call(Method::DELETE, &format!("/v1/agents/{id}"), None)
                 .await?;
-            print(out, &v, |v| {
+            print(out, &a.raw, |_| {
                 format!(
                     "agent {} removed; its certificates are denied (newest {}) and will not be renewed\n",
-                    s(v, "id"),
-                    s(v, "serial")
+                    a.typed.id, a.typed.serial
                 )
             });
         }
         Command::Registry(RegistryCmd::List) => {
-            let v = api.call(Method::GET, "/v1/registry", None).await?;
-            print(out, &v, |v| {
-                let rows = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
+            let a: Answer<Vec<ServiceView>> = api.call(Method::GET, "/v1/registry", None).await?;
+            print(out, &a.raw, |_| {
+                let rows = a
+                    .typed
+                    .iter()
                     .map(|svc| {
-                        let eps = svc
-                            .get("endpoints")
-                            .and_then(Value::as_array)
-                            .cloned()
-                            .unwrap_or_default();
-                        let healthy = eps
-                            .iter()
-                            .filter(|e| e.get("healthy").and_then(Value::as_bool) == Some(true))
-                            .count();
-                        let stale = eps
-                            .iter()
-                            .filter(|e| e.get("stale").and_then(Value::as_bool) == Some(true))
-                            .count();
+                        let healthy = svc.endpoints.iter().filter(|e| e.healthy).count();
+                        let stale = svc.endpoints.iter().filter(|e| e.stale).count();
                         let sources = svc
-                            .get("sources")
-                            .and_then(Value::as_array)
-                            .map(|a| {
-                                a.iter()
-                                    .filter_map(Value::as_str)
-                                    .collect::<Vec<_>>()
-                                    .join(",")
-                            })
-                            .unwrap_or_default();
+                            .sources
+                            .iter()
+                            .map(String::as_str)
+                            .collect::<Vec<_>>()
+                            .join(",");
                         vec![
-                            format!("{}/{}", s(svc, "namespace"), s(svc, "name")),
-                            s(svc, "vip"),
-                            format!("{healthy}/{}", eps.len()),
+                            format!("{}/{}", svc.namespace, svc.name),
+                            opt(svc.vip),
+                            format!("{healthy}/{}", svc.endpoints.len()),
                             if stale > 0 {
                                 format!("{stale} stale")
                             } else {
@@ -823,50 +850,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 format!("default/{name}")
             };
-            let v = api
+            let a: Answer<ServiceView> = api
                 .call(Method::GET, &format!("/v1/registry/{path}"), None)
                 .await?;
-            print(out, &v, |v| {
+            print(out, &a.raw, |_| {
+                let v = &a.typed;
                 let mut text = format!(
                     "service: {}/{}\nvip:     {}\n",
-                    s(v, "namespace"),
-                    s(v, "name"),
-                    s(v, "vip")
+                    v.namespace,
+                    v.name,
+                    opt(v.vip)
                 );
                 let rows = v
-                    .get("endpoints")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
+                    .endpoints
+                    .iter()
                     .map(|e| {
                         let ports = e
-                            .get("ports")
-                            .and_then(Value::as_object)
-                            .map(|p| {
-                                p.iter()
-                                    .map(|(k, n)| format!("{k}:{n}"))
-                                    .collect::<Vec<_>>()
-                                    .join(",")
-                            })
-                            .unwrap_or_default();
-                        let sources = e
-                            .get("sources")
-                            .and_then(Value::as_array)
-                            .map(|a| {
-                                a.iter()
-                                    .filter_map(Value::as_str)
-                                    .collect::<Vec<_>>()
-                                    .join("+")
-                            })
-                            .unwrap_or_else(|| s(e, "source"));
+                            .ports
+                            .iter()
+                            .map(|(k, n)| format!("{k}:{n}"))
+                            .collect::<Vec<_>>()
+                            .join(",");
                         vec![
-                            s(e, "address"),
+                            e.address.clone(),
                             ports,
-                            s(e, "healthy"),
-                            sources,
-                            s(e, "native_id"),
-                            s(e, "stale"),
-                            s(e, "identity"),
+                            e.healthy.to_string(),
+                            e.sources.join("+"),
+                            e.native_id.clone(),
+                            e.stale.to_string(),
+                            opt(e.identity.as_ref()),
                         ]
                     })
                     .collect();
@@ -886,20 +898,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Command::Registry(RegistryCmd::Sources) => {
-            let v = api.call(Method::GET, "/v1/registry/sources", None).await?;
-            print(out, &v, |v| {
-                let rows = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
+            let a: Answer<Vec<SourceView>> =
+                api.call(Method::GET, "/v1/registry/sources", None).await?;
+            print(out, &a.raw, |_| {
+                let rows = a
+                    .typed
+                    .iter()
                     .map(|x| {
                         vec![
-                            s(x, "name"),
-                            s(x, "kind"),
-                            s(x, "state"),
-                            s(x, "services"),
-                            s(x, "endpoints"),
-                            s(x, "last_error"),
+                            x.name.clone(),
+                            x.kind.to_string(),
+                            x.state.to_string(),
+                            x.services.to_string(),
+                            x.endpoints.to_string(),
+                            opt(x.last_error.as_ref()),
                         ]
                     })
                     .collect();
@@ -917,29 +929,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Command::Registry(RegistryCmd::Conflicts) => {
-            let v = api
+            let a: Answer<Vec<Conflict>> = api
                 .call(Method::GET, "/v1/registry/conflicts", None)
                 .await?;
-            print(out, &v, |v| {
-                let list = v.as_array().cloned().unwrap_or_default();
-                if list.is_empty() {
+            print(out, &a.raw, |_| {
+                if a.typed.is_empty() {
                     "no conflicts\n".to_owned()
                 } else {
-                    list.iter().map(|c| format!("{}\n", c)).collect()
+                    a.typed
+                        .iter()
+                        .map(|c| format!("{}\n", serde_json::to_string(c).unwrap_or_default()))
+                        .collect()
                 }
             });
         }
         Command::Ca(CaCmd::Show) => {
-            let v = api.call(Method::GET, "/v1/ca", None).await?;
-            print(out, &v, |v| {
+            let a: Answer<CaView> = api.call(Method::GET, "/v1/ca", None).await?;
+            print(out, &a.raw, |_| {
+                let v = &a.typed;
                 format!(
                     "fingerprint:  {}\nmode:         {}\ntrust domain: {}\nroots:        {}\n",
-                    s(v, "fingerprint"),
-                    s(v, "mode"),
-                    s(v, "trust_domain"),
-                    v.get("trust_bundle_pem")
-                        .and_then(Value::as_array)
-                        .map_or(0, Vec::len)
+                    v.fingerprint,
+                    v.mode,
+                    v.trust_domain,
+                    v.trust_bundle_pem.len()
                 )
             });
         }
@@ -978,5 +991,27 @@ fn main() -> ExitCode {
             eprintln!("error: {}", causeway_api::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_missing_a_field_is_an_error_naming_it() {
+        let raw = serde_json::json!([{
+            "namespace": "default", "name": "web", "sources": [], "endpoints": []
+        }]);
+        let err = decode::<Vec<ServiceView>>("GET /v1/registry", &raw)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("GET /v1/registry"), "{err}");
+        assert!(err.contains("at [0]: missing field `vip`"), "{err}");
+        let raw = serde_json::json!({"version": 3, "durable_version": 3, "services": 1});
+        let err = decode::<causeway_api::admin::MeshStatus>("GET /v1/mesh", &raw)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agents_connected"), "{err}");
     }
 }

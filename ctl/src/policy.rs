@@ -12,7 +12,7 @@ use causeway_api::policy::validate::validate;
 use causeway_api::policy::{Kind, Resource, decode_documents_indexed};
 use reqwest::Method;
 
-use super::{Api, Output, table};
+use super::{Answer, Api, Output, table};
 
 /// Files named by `-f`: a file, a directory (its `*.yaml`, `*.yml` and `*.json`, sorted), or
 /// `-` for standard input.
@@ -116,12 +116,11 @@ pub(crate) async fn apply(
 ) -> anyhow::Result<()> {
     let resources = load(files, namespace)?;
     let body = serde_json::to_value(ApplyRequest { resources, dry_run })?;
-    let v = api
+    let answer: Answer<ApplyResponse> = api
         .call(Method::POST, "/v1/policies/apply", Some(body))
         .await?;
-    let resp: ApplyResponse = serde_json::from_value(v.clone())
-        .context("the controller's answer to apply is not what this causewayctl expects")?;
-    super::print(out, &v, |_| {
+    let resp = &answer.typed;
+    super::print(out, &answer.raw, |_| {
         let suffix = if resp.dry_run { " (dry run)" } else { "" };
         let mut text: String = resp
             .results
@@ -170,11 +169,10 @@ pub(crate) async fn get(
     } else {
         Some(namespace.unwrap_or("default"))
     };
-    let v = api
+    let items: Vec<PolicyItem> = api
         .call(Method::GET, &list_path(kind, ns, name), None)
-        .await?;
-    let items: Vec<PolicyItem> = serde_json::from_value(v)
-        .context("the controller's policy list is not what this causewayctl expects")?;
+        .await?
+        .typed;
     if let (Some(n), true) = (name, items.is_empty()) {
         bail!(
             "{kind} {n:?} not found in namespace {}",
@@ -287,12 +285,11 @@ pub(crate) async fn delete(
         ),
     };
     let body = serde_json::to_value(DeleteRequest { keys })?;
-    let v = api
+    let answer: Answer<DeleteResponse> = api
         .call(Method::POST, "/v1/policies/delete", Some(body))
         .await?;
-    let resp: DeleteResponse = serde_json::from_value(v.clone())
-        .context("the controller's answer to delete is not what this causewayctl expects")?;
-    super::print(out, &v, |_| {
+    let resp = &answer.typed;
+    super::print(out, &answer.raw, |_| {
         let mut text: String = resp
             .deleted
             .iter()
@@ -306,12 +303,11 @@ pub(crate) async fn delete(
 
 /// `causewayctl why --from SRC --to DST[:PORT]`.
 pub(crate) async fn why(api: &Api, out: Output, req: WhyRequest) -> anyhow::Result<()> {
-    let v = api
+    let answer: Answer<WhyResponse> = api
         .call(Method::POST, "/v1/why", Some(serde_json::to_value(req)?))
         .await?;
-    let resp: WhyResponse = serde_json::from_value(v.clone())
-        .context("the controller's answer to why is not what this causewayctl expects")?;
-    super::print(out, &v, |_| {
+    let resp = &answer.typed;
+    super::print(out, &answer.raw, |_| {
         let mut text = String::new();
         for (i, s) in resp.steps.iter().enumerate() {
             let mark = match s.matched {

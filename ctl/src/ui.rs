@@ -3,7 +3,6 @@
 use anyhow::{Context as _, bail};
 use clap::Args;
 use reqwest::Method;
-use serde_json::Value;
 
 use super::Api;
 
@@ -21,18 +20,16 @@ pub(crate) struct UiArgs {
 /// Asks the controller for a one-time login code and prints (or opens) the URL.
 pub(crate) async fn run(api: &Api, args: &UiArgs) -> anyhow::Result<()> {
     let answer = api
-        .call(Method::POST, "/v1/ui/login-codes", None)
+        .call::<causeway_api::admin::LoginCode>(Method::POST, "/v1/ui/login-codes", None)
         .await
         .context("cannot get a web UI login code from the controller")?;
-    let Some(code) = answer.get("code").and_then(Value::as_str) else {
+    let code = &answer.typed.code;
+    if code.is_empty() {
         bail!(
-            "the controller's answer has no login code: {answer}; is it the same version as causewayctl?"
+            "the controller answered an empty login code; is it the same version as causewayctl?"
         );
-    };
-    let ttl = answer
-        .get("expires_in_secs")
-        .and_then(Value::as_u64)
-        .unwrap_or(60);
+    }
+    let ttl = answer.typed.expires_in_secs;
     // The code goes in the fragment: browsers never send it, so no server or proxy logs it.
     let url = format!("{}/ui/login#code={code}", api.base);
     if args.print_url {

@@ -179,18 +179,9 @@ pub enum Event {
 }
 
 async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>, String> {
-    let mut prefix = [0u8; 4];
-    match recv.read_exact(&mut prefix).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    }
-    let len = wire::frame_len(prefix, MAX_PUSH_FRAME).map_err(|e| e.to_string())?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
+    wire::read_frame(recv, MAX_PUSH_FRAME)
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(Some(body))
+        .map_err(|e| e.to_string())
 }
 
 /// [`read_frame`] owning the stream, which it hands back with the frame.

@@ -181,6 +181,27 @@ impl Controller {
         Self::start(data_dir, &["--config", cfg.to_str().expect("utf-8 path")])
     }
 
+    /// A controller the test runs itself (`causeway_controller::app::start`), reached at
+    /// these addresses; there is no process to kill or restart.
+    pub fn attached(
+        data_dir: &Path,
+        admin: &str,
+        control: &str,
+        metrics: &str,
+        fingerprint: &str,
+    ) -> Self {
+        Self {
+            data_dir: data_dir.to_owned(),
+            child: None,
+            admin: admin.to_owned(),
+            control: control.to_owned(),
+            metrics: metrics.to_owned(),
+            fingerprint: fingerprint.to_owned(),
+            extra: Vec::new(),
+            prefix: Vec::new(),
+        }
+    }
+
     /// Starts with a config file written from `toml`, the control endpoint on
     /// `control_listen` (e.g. all interfaces) and tokens pointing at `advertise`.
     pub fn start_listening(

@@ -276,3 +276,73 @@ fn group_create_help_shows_its_required_options_first() {
         );
     }
 }
+
+/// Answers every HTTP request on a loopback port with `body` (JSON, status 200), as a
+/// controller of another version would; returns the base URL.
+fn answering(body: &'static str) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        use std::io::{BufRead as _, BufReader, Write as _};
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            // The request head; the commands used here send no body.
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+/// `causewayctl` read answers by string keys, so a field the controller renamed printed
+/// "-" and exited 0. Now an answer without a field it needs is an error naming the field.
+#[test]
+fn a_renamed_field_in_an_answer_is_an_error_naming_it() {
+    let t = tempfile::tempdir().unwrap();
+    let token = t.path().join("admin.token");
+    std::fs::write(&token, "x\n").unwrap();
+    // `vip` renamed to `virtual_ip` (an Option: a missing one must not read as "none").
+    let url = answering(
+        r#"[{"namespace":"default","name":"web","virtual_ip":"240.240.0.1","sources":["file"],"endpoints":[]}]"#,
+    );
+    for output in ["text", "json"] {
+        let out = Command::new(bin("causewayctl"))
+            .args(["registry", "list", "--output", output])
+            .env("CAUSEWAY_CONTROLLER", &url)
+            .env("CAUSEWAY_ADMIN_TOKEN_FILE", &token)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{}", describe(&out));
+        assert!(
+            err.contains("GET /v1/registry does not match this causewayctl"),
+            "{err}"
+        );
+        assert!(err.contains("[0]") && err.contains("`vip`"), "{err}");
+        assert!(out.stdout.is_empty(), "nothing printed: {}", describe(&out));
+    }
+    // The same answer with the field under its name is printed.
+    let url = answering(
+        r#"[{"namespace":"default","name":"web","vip":"240.240.0.1","sources":["file"],"endpoints":[]}]"#,
+    );
+    let out = Command::new(bin("causewayctl"))
+        .args(["registry", "list"])
+        .env("CAUSEWAY_CONTROLLER", &url)
+        .env("CAUSEWAY_ADMIN_TOKEN_FILE", &token)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("240.240.0.1"),
+        "{}",
+        describe(&out)
+    );
+}

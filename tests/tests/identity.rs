@@ -4,6 +4,7 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use causeway_agent::client::{self, ClientError};
@@ -24,32 +25,82 @@ fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn recorded_requests(dir: &Path) -> Vec<ClientRequest> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .expect("record dir")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .map(|f| {
-            let raw = std::fs::read(f).expect("recorded request");
-            wire::decode_frame(&raw, wire::MAX_REQUEST_FRAME).expect("recorded request decodes")
-        })
-        .collect()
+/// A controller running in this process, with every control request body it receives
+/// (after TLS, before decoding) kept in memory: what agents send, seen from the inside.
+struct Observed {
+    ctl: Controller,
+    requests: Arc<Mutex<Vec<Vec<u8>>>>,
+    handle: Option<causeway_controller::app::Handle>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Observed {
+    fn start(data_dir: &Path) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        let hooks = causeway_controller::app::Hooks {
+            control_requests: Some(Arc::new(move |body: &[u8]| {
+                seen.lock().unwrap().push(body.to_vec());
+            })),
+        };
+        let mut cfg = causeway_controller::config::Config {
+            data_dir: data_dir.to_owned(),
+            ..Default::default()
+        };
+        cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
+        cfg.control.listen = "127.0.0.1:0".parse().unwrap();
+        cfg.metrics.listen = "127.0.0.1:0".parse().unwrap();
+        let handle = rt
+            .block_on(causeway_controller::app::start_with(cfg, hooks))
+            .expect("controller starts");
+        let ctl = Controller::attached(
+            data_dir,
+            &handle.admin_url,
+            &handle.control_addr.to_string(),
+            &format!("http://{}", handle.metrics_addr),
+            &handle.ca_fingerprint,
+        );
+        Self {
+            ctl,
+            requests,
+            handle: Some(handle),
+            rt,
+        }
+    }
+
+    /// The raw request bodies so far, in arrival order.
+    fn raw(&self) -> Vec<Vec<u8>> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// The requests so far, decoded.
+    fn requests(&self) -> Vec<ClientRequest> {
+        self.raw()
+            .iter()
+            .map(|body| wire::decode_body(body).expect("a recorded request decodes"))
+            .collect()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = self.rt.block_on(h.shutdown());
+        }
+    }
 }
 
 #[test]
 fn join_issues_group_identity_and_the_key_never_leaves_the_host() {
     let t = tmp();
-    let record = t.path().join("requests");
-    let ctl = Controller::start_with_config(
-        &t.path().join("c"),
-        &format!(
-            "[debug]\nrecord_requests_dir = {:?}\n",
-            record.to_str().unwrap()
-        ),
-    );
+    let observed = Observed::start(&t.path().join("c"));
+    let ctl = &observed.ctl;
     ctl.create_web_group();
     let token = ctl.token("web", &[]);
     let state = t.path().join("agent");
@@ -88,14 +139,13 @@ fn join_issues_group_identity_and_the_key_never_leaves_the_host() {
     // What the controller received: one join with a CSR, and no trace of the private key.
     let key_pem = std::fs::read_to_string(state.join("key.pem")).unwrap();
     let key_der = pem::decode_all(&key_pem, "PRIVATE KEY").remove(0);
-    let requests = recorded_requests(&record);
+    let requests = observed.requests();
     assert_eq!(requests.len(), 1);
     let Some(client_request::Kind::Join(join)) = &requests[0].kind else {
         panic!("expected a join request, got {:?}", requests[0]);
     };
     assert!(!join.csr_der.is_empty());
-    for entry in std::fs::read_dir(&record).unwrap() {
-        let raw = std::fs::read(entry.unwrap().path()).unwrap();
+    for raw in observed.raw() {
         // The PKCS#8 body holds the private scalar: neither the whole DER nor its
         // trailing 32+ bytes (the public part is allowed) nor its PEM text appear.
         assert!(!raw.windows(key_der.len()).any(|w| w == key_der.as_slice()));
@@ -122,14 +172,8 @@ fn join_issues_group_identity_and_the_key_never_leaves_the_host() {
 #[test]
 fn renewal_uses_mutual_tls_and_no_token() {
     let t = tmp();
-    let record = t.path().join("requests");
-    let ctl = Controller::start_with_config(
-        &t.path().join("c"),
-        &format!(
-            "[debug]\nrecord_requests_dir = {:?}\n",
-            record.to_str().unwrap()
-        ),
-    );
+    let observed = Observed::start(&t.path().join("c"));
+    let ctl = &observed.ctl;
     ctl.create_web_group();
     let state = t.path().join("agent");
     join_ok(&ctl.token("web", &[]), &state);
@@ -147,7 +191,7 @@ fn renewal_uses_mutual_tls_and_no_token() {
         "a fresh key each renewal"
     );
 
-    let requests = recorded_requests(&record);
+    let requests = observed.requests();
     assert_eq!(requests.len(), 2);
     let Some(client_request::Kind::Renew(renew)) = &requests[1].kind else {
         panic!("expected a renewal, got {:?}", requests[1]);

@@ -14,7 +14,6 @@
 # Environment:
 #   CAUSEWAY_DEB_PROFILE / CAUSEWAY_DEB_BIN_DIR / CAUSEWAY_DEB_SKIP_CARGO: passed to
 #     packaging/deb/build (the Rust test packages the binaries it was built with).
-#   CAUSEWAY_VM_MESH_NAME=1: also assert the by-name path (<svc>.<ns>.causeway).
 #   VM_KEEP_WORK=1: keep the work directory (logs) after the run.
 set -euo pipefail
 T0=$(date +%s)

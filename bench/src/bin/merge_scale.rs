@@ -378,7 +378,7 @@ fn configured() -> BTreeSet<String> {
     SOURCES.iter().map(|(n, _)| (*n).to_owned()).collect()
 }
 
-fn open_mesh(dir: &std::path::Path) -> Result<(Arc<Mesh>, Arc<dyn Store>)> {
+async fn open_mesh(dir: &std::path::Path) -> Result<(Arc<Mesh>, Arc<dyn Store>)> {
     let store: Arc<dyn Store> = Arc::new(SledStore::open(dir)?);
     let mesh = Mesh::open(
         store.clone(),
@@ -386,22 +386,23 @@ fn open_mesh(dir: &std::path::Path) -> Result<(Arc<Mesh>, Arc<dyn Store>)> {
         Vec::new(),
         &configured(),
         BTreeMap::new(),
-    )?;
+    )
+    .await?;
     Ok((mesh, store))
 }
 
 /// Builds a mesh of `services` services, measures the initial merge, one-endpoint
 /// changes through the mesh and through a bare registry.
-fn run_size(root: &std::path::Path, services: usize, changes: usize) -> Result<SizeResult> {
+async fn run_size(root: &std::path::Path, services: usize, changes: usize) -> Result<SizeResult> {
     let dir = root.join(format!("store-{services}"));
-    let (mesh, store) = open_mesh(&dir)?;
+    let (mesh, store) = open_mesh(&dir).await?;
     let rss_after_open_mb = mb(proc_status_kb("VmRSS:"));
     let mut per_source = Vec::new();
     let mut initial_merge = Duration::ZERO;
     for (s, (name, _)) in SOURCES.iter().enumerate() {
         let update = full_update(s, services);
         let start = Instant::now();
-        mesh.apply_source_update(update)?;
+        mesh.apply_source_update(update).await?;
         let took = start.elapsed();
         initial_merge += took;
         per_source.push((
@@ -444,7 +445,7 @@ fn run_size(root: &std::path::Path, services: usize, changes: usize) -> Result<S
         let before = mesh.version();
         let cpu = thread_cpu();
         let start = Instant::now();
-        let v = mesh.apply_source_update(update)?;
+        let v = mesh.apply_source_update(update).await?;
         mesh_samples.push(start.elapsed());
         mesh_cpu.push(thread_cpu().saturating_sub(cpu));
         if v != before + 1 {
@@ -566,7 +567,7 @@ fn main() -> Result<()> {
             .build()?;
         let (ms, services) = runtime.block_on(async {
             let start = Instant::now();
-            let (mesh, _store) = open_mesh(dir)?;
+            let (mesh, _store) = open_mesh(dir).await?;
             let ms = start.elapsed().as_secs_f64() * 1000.0;
             anyhow::Ok((ms, mesh.service_count()))
         })?;
@@ -597,7 +598,7 @@ fn main() -> Result<()> {
             services * EPS_PER_SERVICE
         );
         let root = root.path().to_owned();
-        let r = runtime.block_on(async move { run_size(&root, services, args.changes) })?;
+        let r = runtime.block_on(async move { run_size(&root, services, args.changes).await })?;
         results.push(r);
     }
     let peak_end = mb(proc_status_kb("VmHWM:"));

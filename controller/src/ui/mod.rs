@@ -392,7 +392,7 @@ fn authed(ui: &Ui, headers: &HeaderMap) -> Result<(), ApiError> {
 async fn login_code_create(
     State(ui): State<Ui>,
     headers: HeaderMap,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<causeway_api::admin::LoginCode>), ApiError> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -413,11 +413,11 @@ async fn login_code_create(
     tracing::info!("web UI login code issued");
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "code": code,
-            "expires_in_secs": LOGIN_CODE_TTL.as_secs(),
-            "path": format!("/ui/login#code={code}"),
-        })),
+        Json(causeway_api::admin::LoginCode {
+            path: format!("/ui/login#code={code}"),
+            code,
+            expires_in_secs: LOGIN_CODE_TTL.as_secs(),
+        }),
     ))
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use causeway_api::push::MeshState;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::tunnel::{Header, Transport, Tunnel, TunnelSettings};
+use super::tunnel::{Header, ReadHeader as _, Transport, Tunnel, TunnelSettings};
 use crate::identity::{AgentInfo, Identity, cert_facts};
 use crate::push::SharedState;
 

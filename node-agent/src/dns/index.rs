@@ -206,11 +206,6 @@ impl Index {
         Lookup::Outside
     }
 
-    /// Whether `name` is one of the zones the mesh owns.
-    pub fn is_zone(&self, name: &str) -> bool {
-        self.zones.iter().any(|z| z == name)
-    }
-
     /// The zones the mesh owns.
     pub fn zones(&self) -> &[String] {
         &self.zones

@@ -1,77 +1,41 @@
-//! The tunnel stream header (its byte encoding is the wire contract between agents):
-//! `"CWT" | version (u8, 1) | port (u16, big-endian) | name length (u8, 1..=255) | name`.
+//! The tunnel stream header. Its layout, encoding and checks (the wire contract between
+//! agents: `"CWT" | version (u8, 1) | port (u16, big-endian) | name length (u8, 1..=255) |
+//! name`) live in the wire module, [`causeway_api::wire::tunnel`]; this file reads it from
+//! an async stream.
 
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 
 use super::TunnelError;
 
-/// Header magic.
-pub const MAGIC: &[u8; 3] = b"CWT";
+pub use causeway_api::wire::tunnel::{Header, MAGIC, MAX_HEADER, VERSION};
 
-/// Header version written by this build.
-pub const VERSION: u8 = 1;
-
-/// Largest header.
-pub const MAX_HEADER: usize = 3 + 1 + 2 + 1 + 255;
-
-/// What a stream is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Header {
-    /// Destination service (`namespace/name`).
-    pub service: String,
-    /// Application port on the peer.
-    pub port: u16,
+impl From<causeway_api::wire::tunnel::HeaderError> for TunnelError {
+    fn from(e: causeway_api::wire::tunnel::HeaderError) -> Self {
+        Self::Header(e.to_string())
+    }
 }
 
-impl Header {
-    /// Encodes; names longer than 255 bytes are refused.
-    pub fn encode(&self) -> Result<Vec<u8>, TunnelError> {
-        let name = self.service.as_bytes();
-        let len = u8::try_from(name.len())
-            .ok()
-            .filter(|l| *l > 0)
-            .ok_or_else(|| {
-                TunnelError::Header(format!("service name length {} not in 1..=255", name.len()))
-            })?;
-        let mut v = Vec::with_capacity(7 + name.len());
-        v.extend_from_slice(MAGIC);
-        v.push(VERSION);
-        v.extend_from_slice(&self.port.to_be_bytes());
-        v.push(len);
-        v.extend_from_slice(name);
-        Ok(v)
-    }
-
+/// Reads a [`Header`] from a stream.
+pub trait ReadHeader {
     /// Reads one header from `r`, never more than [`MAX_HEADER`] bytes.
-    pub async fn read(r: &mut (impl AsyncRead + Unpin)) -> Result<Self, TunnelError> {
-        let mut fixed = [0u8; 7];
+    fn read(
+        r: &mut (impl AsyncRead + Unpin),
+    ) -> impl std::future::Future<Output = Result<Header, TunnelError>>;
+}
+
+impl ReadHeader for Header {
+    async fn read(r: &mut (impl AsyncRead + Unpin)) -> Result<Header, TunnelError> {
+        use causeway_api::wire::tunnel::{PREFIX_LEN, Prefix};
+        let mut fixed = [0u8; PREFIX_LEN];
         r.read_exact(&mut fixed)
             .await
             .map_err(|e| TunnelError::Header(format!("short header: {e}")))?;
-        if &fixed[..3] != MAGIC {
-            return Err(TunnelError::Header("wrong magic".into()));
-        }
-        if fixed[3] != VERSION {
-            return Err(TunnelError::Header(format!(
-                "header version {} is not supported (this agent speaks {VERSION})",
-                fixed[3]
-            )));
-        }
-        let port = u16::from_be_bytes([fixed[4], fixed[5]]);
-        if port == 0 {
-            return Err(TunnelError::Header("port 0".into()));
-        }
-        let len = usize::from(fixed[6]);
-        if len == 0 {
-            return Err(TunnelError::Header("empty service name".into()));
-        }
-        let mut name = vec![0u8; len];
+        let prefix = Prefix::parse(fixed)?;
+        let mut name = vec![0u8; prefix.name_len()];
         r.read_exact(&mut name)
             .await
             .map_err(|e| TunnelError::Header(format!("short header: {e}")))?;
-        let service = String::from_utf8(name)
-            .map_err(|_| TunnelError::Header("service name is not UTF-8".into()))?;
-        Ok(Self { service, port })
+        Ok(prefix.finish(&name)?)
     }
 }
 

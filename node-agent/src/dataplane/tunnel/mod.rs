@@ -63,7 +63,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 
 use authorize::*;
-pub use header::{Header, MAGIC, MAX_HEADER, VERSION};
+pub use header::{Header, MAGIC, MAX_HEADER, ReadHeader, VERSION};
 use pool::*;
 pub(crate) use quic::MTU_UPPER_BOUND;
 use quic::*;

@@ -95,6 +95,7 @@ impl Tunnel {
         peer: SocketAddr,
         expected: &str,
     ) -> Result<Pooled<quinn::Connection>, TunnelError> {
+        let started = std::time::Instant::now();
         self.dials
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Read before the TLS configuration is: a renewal in between makes the
@@ -129,6 +130,7 @@ impl Tunnel {
             .ok_or_else(|| err("the peer presented no certificate".into()))?
             .map_err(err)?;
         tracing::debug!(%peer, identity = expected, "tunnel connection up");
+        crate::metrics::tunnel_connected("quic", started);
         Ok(Pooled::new(conn, Arc::new(facts), identity))
     }
 

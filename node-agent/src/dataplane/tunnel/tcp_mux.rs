@@ -187,6 +187,7 @@ impl Tunnel {
         peer: SocketAddr,
         expected: &str,
     ) -> Result<TcpDial, TunnelError> {
+        let started = std::time::Instant::now();
         self.tcp_dials
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // As in `dial`: read before the TLS configuration.
@@ -220,6 +221,7 @@ impl Tunnel {
             .ok_or_else(|| err("the peer presented no certificate".into()))
             .and_then(|leaf| tls::peer_facts(leaf).map_err(err))?;
         if stream.get_ref().1.alpn_protocol() != Some(mux::ALPN_MUX) {
+            crate::metrics::tunnel_connected("tcp", started);
             return Ok(Dialled::Once((stream, Arc::new(facts))));
         }
         let (send, conn) = tokio::time::timeout(
@@ -247,6 +249,7 @@ impl Tunnel {
             drop(open);
         });
         tracing::debug!(%peer, identity = expected, "multiplexed TCP + TLS tunnel connection up");
+        crate::metrics::tunnel_connected("tcp", started);
         Ok(Dialled::Pooled(Pooled::new(
             MuxConn { send, closed },
             facts,
