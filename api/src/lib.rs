@@ -8,6 +8,7 @@
 //! What it does not: open sockets, read clocks, spawn tasks or touch files. Everything
 //! here is pure and unit-tested; callers pass in the current time where it matters.
 
+pub mod analyze;
 pub mod duration;
 pub mod group;
 pub mod identity;

@@ -12,6 +12,7 @@
 pub mod address;
 pub mod admin;
 pub mod admin_server;
+pub mod analyze;
 pub mod ca;
 pub mod config;
 pub mod control;

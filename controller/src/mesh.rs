@@ -74,6 +74,14 @@ pub struct SessionView {
     /// [`RECENT_DENIALS`]).
     #[serde(skip_serializing_if = "std::collections::VecDeque::is_empty")]
     pub recent_denials: std::collections::VecDeque<causeway_api::push::Denial>,
+    /// The agent's software version (from its hello).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub agent_version: String,
+    /// When `connected` last changed, Unix milliseconds.
+    pub since_ms: u64,
+    /// What the agent last reported of its data plane (for `causewayctl analyze`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub facts: Option<causeway_api::push::AgentFacts>,
 }
 
 /// How many refusals the controller keeps per agent.
@@ -1044,6 +1052,9 @@ impl Mesh {
                     registration_error: refusal.clone(),
                     generation,
                     recent_denials,
+                    agent_version: String::new(),
+                    since_ms: now_ms(),
+                    facts: None,
                 },
                 kick: kick.clone(),
             },
@@ -1073,6 +1084,7 @@ impl Mesh {
             return Ok(()); // a newer session owns the lease
         }
         s.view.connected = false;
+        s.view.since_ms = now_ms();
         if graceful {
             if let Some(delta) = Self::deregister(&mut inner, &h.agent_id) {
                 self.commit(
@@ -1157,6 +1169,42 @@ impl Mesh {
                 s.view.recent_denials.push_back(d);
             }
         }
+    }
+
+    /// Records the agent's software version (from its hello).
+    pub fn record_agent_version(&self, h: &SessionHandle, version: String) {
+        if let Some(s) = self.lock().sessions.get_mut(&h.agent_id)
+            && s.view.generation == h.generation
+        {
+            s.view.agent_version = version;
+        }
+    }
+
+    /// Records the data-plane facts an agent reported.
+    pub fn record_facts(&self, h: &SessionHandle, facts: causeway_api::push::AgentFacts) {
+        if let Some(s) = self.lock().sessions.get_mut(&h.agent_id)
+            && s.view.generation == h.generation
+        {
+            if s.view.agent_version.is_empty() {
+                s.view.agent_version.clone_from(&facts.agent_version);
+            }
+            s.view.facts = Some(facts);
+        }
+    }
+
+    /// Each source's state (with since when it is stale), for `analyze`.
+    pub fn source_states(&self) -> BTreeMap<String, SourceState> {
+        self.lock()
+            .registry
+            .sources()
+            .iter()
+            .map(|(k, e)| (k.clone(), e.state.clone()))
+            .collect()
+    }
+
+    /// The VIP range and how many of its addresses are allocated.
+    pub fn vip_usage(&self) -> (Ipv4Net, usize) {
+        (self.settings.vip_range, self.lock().used_vips.len())
     }
 
     /// An operator removed an agent: deny every unexpired certificate it holds (not only

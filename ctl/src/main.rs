@@ -9,6 +9,7 @@ use anyhow::{Context as _, bail};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
+mod analyze;
 mod policy;
 
 const DEFAULT_TOKEN_FILE: &str = "/var/lib/causeway/controller/admin.token";
@@ -137,6 +138,9 @@ enum Command {
         #[arg(long = "header", value_parser = parse_header)]
         headers: Vec<(String, String)>,
     },
+    /// Report what is wrong or about to go wrong: registries, agents, config push,
+    /// policies, data plane; and policy files before applying them (docs/analyze.md).
+    Analyze(analyze::AnalyzeArgs),
     /// Print shell completions, e.g. `causewayctl completions bash >
     /// /etc/bash_completion.d/causewayctl`.
     Completions {
@@ -496,10 +500,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         _ => {}
     }
+    if let Command::Analyze(args) = &cli.command {
+        let api = if args.offline {
+            None
+        } else {
+            Some(Api::new(&cli)?)
+        };
+        return analyze::run(api.as_ref(), cli.output, args).await;
+    }
     let api = Api::new(&cli)?;
     let out = cli.output;
     match &cli.command {
-        Command::Completions { .. } | Command::Man => unreachable!("handled above"),
+        Command::Completions { .. } | Command::Man | Command::Analyze(_) => {
+            unreachable!("handled above")
+        }
         Command::Apply {
             files,
             namespace,
@@ -972,6 +986,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", causeway_api::error_chain(e.as_ref()));
+            if e.downcast_ref::<analyze::Findings>().is_some() {
+                return ExitCode::from(analyze::EXIT_FINDINGS);
+            }
             ExitCode::FAILURE
         }
     }
