@@ -222,9 +222,16 @@ pub fn collect_facts(state_dir: &Path) -> AgentFacts {
         std::fs::read_to_string(state_dir.join(crate::dns::STATUS_FILE))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
-    if dns.is_some_and(|d| d.capture) {
+    if let Some(d) = dns.filter(|d| d.capture_wanted || d.capture) {
         f.dns_enabled = true;
-        f.dns_problems = crate::dns::doctor(state_dir, true).problems;
+        if d.capture {
+            f.dns_problems = crate::dns::doctor(state_dir, true).problems;
+        } else {
+            f.dns_problems.push(format!(
+                "DNS capture is configured but not installed: {}",
+                d.capture_error.as_deref().unwrap_or("unknown reason")
+            ));
+        }
     }
     f
 }
