@@ -58,6 +58,50 @@ async fn run(s: AdminState, req: AnalyzeRequest) -> Result<Json<Report>, ApiErro
     .map(Json)
 }
 
+/// Copies the merged registry and the sources' states (each copy holds the mesh lock as
+/// long as the admin API's registry views do).
+pub fn registry_facts(mesh: &crate::mesh::Mesh) -> (Vec<ServiceFacts>, Vec<SourceFacts>) {
+    let states = mesh.source_states();
+    let sources = mesh
+        .sources()
+        .into_iter()
+        .map(|v| SourceFacts {
+            stale_since: states
+                .get(&v.name)
+                .and_then(|st| st.stale_since_ms)
+                .map(|ms| i64::try_from(ms / 1000).unwrap_or(i64::MAX)),
+            kind: serde_json::to_value(v.kind)
+                .ok()
+                .and_then(|k| k.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            name: v.name,
+            state: v.state,
+            last_error: v.last_error,
+            endpoints: v.endpoints,
+        })
+        .collect();
+    let services = mesh
+        .services()
+        .into_iter()
+        .map(|v| ServiceFacts {
+            namespace: v.namespace,
+            name: v.name,
+            endpoints: v
+                .endpoints
+                .into_iter()
+                .map(|e| EndpointFacts {
+                    address: e.address,
+                    source: e.source,
+                    ports: e.ports,
+                    stale: e.stale,
+                    agent: e.agent,
+                })
+                .collect(),
+        })
+        .collect();
+    (services, sources)
+}
+
 /// Copies the live state the checks read.
 pub fn snapshot(s: &AdminState) -> Result<Snapshot, StoreError> {
     let now = now_unix();
@@ -114,46 +158,7 @@ pub fn snapshot(s: &AdminState) -> Result<Snapshot, StoreError> {
             }
         })
         .collect();
-    let states = s.mesh.source_states();
-    let sources = s
-        .mesh
-        .sources()
-        .into_iter()
-        .map(|v| SourceFacts {
-            stale_since: states
-                .get(&v.name)
-                .and_then(|st| st.stale_since_ms)
-                .map(|ms| i64::try_from(ms / 1000).unwrap_or(i64::MAX)),
-            kind: serde_json::to_value(v.kind)
-                .ok()
-                .and_then(|k| k.as_str().map(str::to_owned))
-                .unwrap_or_default(),
-            name: v.name,
-            state: v.state,
-            last_error: v.last_error,
-            endpoints: v.endpoints,
-        })
-        .collect();
-    let services = s
-        .mesh
-        .services()
-        .into_iter()
-        .map(|v| ServiceFacts {
-            namespace: v.namespace,
-            name: v.name,
-            endpoints: v
-                .endpoints
-                .into_iter()
-                .map(|e| EndpointFacts {
-                    address: e.address,
-                    source: e.source,
-                    ports: e.ports,
-                    stale: e.stale,
-                    agent: e.agent,
-                })
-                .collect(),
-        })
-        .collect();
+    let (services, sources) = registry_facts(&s.mesh);
     let policies = s
         .mesh
         .policies()
