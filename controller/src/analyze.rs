@@ -16,6 +16,7 @@ use causeway_api::analyze::{
     AgentFacts, AnalyzeRequest, EndpointFacts, NackFacts, PolicyFacts, Report, ServiceFacts,
     Snapshot, SourceFacts, TokenFacts, analyze,
 };
+use causeway_api::registry::ServiceKey;
 
 use crate::admin::{AdminState, ApiError};
 use crate::enroll::now_unix;
@@ -58,8 +59,12 @@ async fn run(s: AdminState, req: AnalyzeRequest) -> Result<Json<Report>, ApiErro
     .map(Json)
 }
 
-/// Copies the merged registry and the sources' states (each copy holds the mesh lock as
-/// long as the admin API's registry views do).
+/// Services copied per turn of the mesh lock: a page of a large registry takes a few
+/// milliseconds, so a push waits at most that long behind an analysis.
+const PAGE: usize = 256;
+
+/// Copies the merged registry (a page of [`PAGE`] services per turn of the mesh lock) and
+/// the sources' states.
 pub fn registry_facts(mesh: &crate::mesh::Mesh) -> (Vec<ServiceFacts>, Vec<SourceFacts>) {
     let states = mesh.source_states();
     let sources = mesh
@@ -80,25 +85,30 @@ pub fn registry_facts(mesh: &crate::mesh::Mesh) -> (Vec<ServiceFacts>, Vec<Sourc
             endpoints: v.endpoints,
         })
         .collect();
-    let services = mesh
-        .services()
-        .into_iter()
-        .map(|v| ServiceFacts {
-            namespace: v.namespace,
-            name: v.name,
-            endpoints: v
-                .endpoints
-                .into_iter()
-                .map(|e| EndpointFacts {
-                    address: e.address,
-                    source: e.source,
-                    ports: e.ports,
-                    stale: e.stale,
-                    agent: e.agent,
-                })
-                .collect(),
-        })
-        .collect();
+    let mut services = Vec::new();
+    let mut after: Option<ServiceKey> = None;
+    loop {
+        let page = mesh.services_page(after.as_ref(), PAGE);
+        let Some(last) = page.last() else { break };
+        after = Some(ServiceKey::new(last.namespace.clone(), last.name.clone()));
+        services.extend(page.into_iter().map(|v| {
+            ServiceFacts {
+                namespace: v.namespace,
+                name: v.name,
+                endpoints: v
+                    .endpoints
+                    .into_iter()
+                    .map(|e| EndpointFacts {
+                        address: e.address,
+                        source: e.source,
+                        ports: e.ports,
+                        stale: e.stale,
+                        agent: e.agent,
+                    })
+                    .collect(),
+            }
+        }));
+    }
     (services, sources)
 }
 

@@ -1268,47 +1268,63 @@ impl Mesh {
         inner
             .registry
             .service_keys()
-            .filter_map(|key| {
-                let eps = inner.registry.service(key);
-                if eps.is_empty() {
-                    return None;
-                }
-                Some(ServiceView {
-                    namespace: key.namespace.clone(),
-                    name: key.name.clone(),
-                    vip: inner.vips.get(key).copied(),
-                    sources: eps
-                        .values()
-                        .flat_map(|e| std::iter::once(&e.provenance).chain(&e.bound))
+            .filter_map(|key| Self::service_view(&inner, key))
+            .collect()
+    }
+
+    /// Up to `limit` services of the merged registry after `after` (in key order), each
+    /// call holding the lock only for its own page: a reader of the whole registry that
+    /// must not hold up pushes (`analyze`) pages through it.
+    pub fn services_page(&self, after: Option<&ServiceKey>, limit: usize) -> Vec<ServiceView> {
+        let inner = self.lock();
+        inner
+            .registry
+            .service_keys()
+            .skip_while(|k| after.is_some_and(|a| *k <= a))
+            .filter_map(|key| Self::service_view(&inner, key))
+            .take(limit)
+            .collect()
+    }
+
+    fn service_view(inner: &Inner, key: &ServiceKey) -> Option<ServiceView> {
+        let eps = inner.registry.service(key);
+        if eps.is_empty() {
+            return None;
+        }
+        Some(ServiceView {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            vip: inner.vips.get(key).copied(),
+            sources: eps
+                .values()
+                .flat_map(|e| std::iter::once(&e.provenance).chain(&e.bound))
+                .map(|p| p.source.clone())
+                .collect(),
+            endpoints: eps
+                .values()
+                .map(|e| EndpointView {
+                    address: e.address.clone(),
+                    ports: (&e.ports).into(),
+                    healthy: e.healthy(),
+                    source: e.provenance.source.clone(),
+                    kind: e.provenance.kind,
+                    native_id: e.provenance.native_id.clone(),
+                    revision: e.provenance.revision.clone(),
+                    stale: e.stale,
+                    identity: e.identity.clone(),
+                    zone: e.locality.zone.clone(),
+                    labels: (&e.labels).into(),
+                    sources: std::iter::once(&e.provenance)
+                        .chain(&e.bound)
                         .map(|p| p.source.clone())
                         .collect(),
-                    endpoints: eps
-                        .values()
-                        .map(|e| EndpointView {
-                            address: e.address.clone(),
-                            ports: (&e.ports).into(),
-                            healthy: e.healthy(),
-                            source: e.provenance.source.clone(),
-                            kind: e.provenance.kind,
-                            native_id: e.provenance.native_id.clone(),
-                            revision: e.provenance.revision.clone(),
-                            stale: e.stale,
-                            identity: e.identity.clone(),
-                            zone: e.locality.zone.clone(),
-                            labels: (&e.labels).into(),
-                            sources: std::iter::once(&e.provenance)
-                                .chain(&e.bound)
-                                .map(|p| p.source.clone())
-                                .collect(),
-                            agent: std::iter::once(&e.provenance)
-                                .chain(&e.bound)
-                                .find(|p| p.kind == SourceKind::Agents)
-                                .map(|p| p.native_id.clone()),
-                        })
-                        .collect(),
+                    agent: std::iter::once(&e.provenance)
+                        .chain(&e.bound)
+                        .find(|p| p.kind == SourceKind::Agents)
+                        .map(|p| p.native_id.clone()),
                 })
-            })
-            .collect()
+                .collect(),
+        })
     }
 
     /// The registry's sources for the admin API.
