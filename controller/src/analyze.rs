@@ -200,3 +200,71 @@ pub fn snapshot(s: &AdminState) -> Result<Snapshot, StoreError> {
         policies,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use causeway_api::registry::{
+        Endpoint, Provenance, SourceChange, SourceKind, SourceSnapshot, SourceState,
+    };
+    use causeway_registry::SourceUpdate;
+
+    use super::*;
+    use crate::mesh::{Mesh, MeshSettings};
+    use crate::store::{SledStore, Store};
+
+    /// The paged copy holds every service once, in order, across page boundaries.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_paged_copy_holds_every_service_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let mesh = Mesh::open(
+            store,
+            MeshSettings {
+                vip_range: "240.240.0.0/16".parse().unwrap(),
+                agent_grace: Duration::from_secs(60),
+                history_len: 16,
+                control_on_loopback: true,
+            },
+            Vec::new(),
+            &BTreeSet::new(),
+            BTreeMap::new(),
+        )
+        .unwrap();
+        let n = 2 * PAGE + 7;
+        let mut snap = SourceSnapshot::default();
+        for i in 0..n {
+            let mut ep = Endpoint::new(
+                format!("10.0.{}.{}", i / 250, i % 250 + 1),
+                Provenance {
+                    source: "ext".into(),
+                    kind: SourceKind::File,
+                    native_id: format!("e{i}"),
+                    revision: "1".into(),
+                },
+            );
+            ep.ports.insert("http".into(), 80);
+            snap.services.insert(
+                ServiceKey::new("ext", format!("s{i:04}")),
+                [(format!("e{i}"), ep)].into_iter().collect(),
+            );
+        }
+        mesh.apply_source_update(SourceUpdate {
+            source: "ext".into(),
+            kind: SourceKind::File,
+            change: Some(SourceChange::Full(snap)),
+            state: SourceState::synced(),
+        })
+        .unwrap();
+        let (services, sources) = registry_facts(&mesh);
+        let names: Vec<String> = services.iter().map(|s| s.name.clone()).collect();
+        let expected: Vec<String> = (0..n).map(|i| format!("s{i:04}")).collect();
+        assert_eq!(names, expected);
+        assert!(services.iter().all(|s| s.endpoints.len() == 1));
+        let ext = sources.iter().find(|s| s.name == "ext").unwrap();
+        assert_eq!((ext.kind.as_str(), ext.state.as_str()), ("file", "synced"));
+    }
+}
