@@ -221,6 +221,15 @@ pub struct SessionView {
     /// The latest connections the agent refused by policy, newest last.
     #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
     pub recent_denials: VecDeque<Denial>,
+    /// The agent's software version (from its hello).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent_version: String,
+    /// When `connected` last changed, Unix milliseconds.
+    #[serde(default)]
+    pub since_ms: u64,
+    /// What the agent last reported of its data plane (for `causewayctl analyze`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<crate::push::AgentFacts>,
 }
 
 /// An agent as the API shows it (`/v1/agents`).

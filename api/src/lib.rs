@@ -9,6 +9,7 @@
 //! here is pure and unit-tested; callers pass in the current time where it matters.
 
 pub mod admin;
+pub mod analyze;
 pub mod backoff;
 pub mod duration;
 pub mod group;

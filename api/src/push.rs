@@ -32,9 +32,9 @@ pub const FEATURE_POLICY: &str = "policy/v1";
 pub const KNOWN_FEATURES: &[&str] = &[FEATURE_POLICY];
 
 pub use crate::wire::proto::{
-    Ack, AgentFrame, ConfigUpdate, Denial, DenialReport, EndpointMsg, Goodbye, Heartbeat, Hello,
-    Nack, PolicyMsg, PushFrame, Registration, ServiceMsg, ServiceRef, ServiceRejection,
-    agent_frame, push_frame,
+    Ack, AgentFacts, AgentFrame, ConfigUpdate, Denial, DenialReport, EndpointMsg, Goodbye,
+    Heartbeat, Hello, Nack, PolicyMsg, PushFrame, Registration, ServiceMsg, ServiceRef,
+    ServiceRejection, agent_frame, push_frame,
 };
 
 /// Most denials one [`DenialReport`] carries.

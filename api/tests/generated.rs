@@ -18,6 +18,10 @@ const TYPE_ATTRIBUTES: &[(&str, &str)] = &[
         "#[derive(PartialOrd, Ord, ::serde::Serialize, ::serde::Deserialize)]",
     ),
     (".causeway.v1.ServiceRef", "#[derive(PartialOrd, Ord)]"),
+    (
+        ".causeway.v1.AgentFacts",
+        "#[derive(::serde::Serialize, ::serde::Deserialize)]",
+    ),
 ];
 
 fn generate(out: &Path) {

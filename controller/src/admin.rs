@@ -91,6 +91,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/policies/apply", post(crate::policy_admin::apply))
         .route("/v1/policies/delete", post(crate::policy_admin::delete))
         .route("/v1/why", post(crate::policy_admin::why))
+        .route("/v1/analyze", crate::analyze::route())
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

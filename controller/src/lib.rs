@@ -15,6 +15,7 @@
 pub mod address;
 pub mod admin;
 pub mod admin_server;
+pub mod analyze;
 pub mod app;
 pub mod ca;
 pub mod config;

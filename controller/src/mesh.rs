@@ -1025,6 +1025,9 @@ impl Mesh {
                     registration_error: refusal.clone(),
                     generation,
                     recent_denials,
+                    agent_version: String::new(),
+                    since_ms: now_ms(),
+                    facts: None,
                 },
                 kick: kick.clone(),
             },
@@ -1056,6 +1059,7 @@ impl Mesh {
                 return Ok(()); // a newer session owns the lease
             }
             s.view.connected = false;
+            s.view.since_ms = now_ms();
             if !graceful {
                 drop(inner);
                 self.schedule_expiry(h.agent_id.clone(), h.generation);
@@ -1156,6 +1160,42 @@ impl Mesh {
         }
     }
 
+    /// Records the agent's software version (from its hello).
+    pub fn record_agent_version(&self, h: &SessionHandle, version: String) {
+        if let Some(s) = self.lock().sessions.get_mut(&h.agent_id)
+            && s.view.generation == h.generation
+        {
+            s.view.agent_version = version;
+        }
+    }
+
+    /// Records the data-plane facts an agent reported.
+    pub fn record_facts(&self, h: &SessionHandle, facts: causeway_api::push::AgentFacts) {
+        if let Some(s) = self.lock().sessions.get_mut(&h.agent_id)
+            && s.view.generation == h.generation
+        {
+            if s.view.agent_version.is_empty() {
+                s.view.agent_version.clone_from(&facts.agent_version);
+            }
+            s.view.facts = Some(facts);
+        }
+    }
+
+    /// Each source's state (with since when it is stale), for `analyze`.
+    pub fn source_states(&self) -> BTreeMap<String, SourceState> {
+        self.lock()
+            .registry
+            .sources()
+            .iter()
+            .map(|(k, e)| (k.clone(), e.state.clone()))
+            .collect()
+    }
+
+    /// The VIP range and how many of its addresses are allocated.
+    pub fn vip_usage(&self) -> (Ipv4Net, usize) {
+        (self.settings.vip_range, self.lock().used_vips.len())
+    }
+
     /// An operator removed an agent: deny every unexpired certificate it holds (not only
     /// the newest: a copy of one from before a renewal is as good to an attacker),
     /// deregister, end its session.
@@ -1251,47 +1291,63 @@ impl Mesh {
         inner
             .registry
             .service_keys()
-            .filter_map(|key| {
-                let eps = inner.registry.service(key);
-                if eps.is_empty() {
-                    return None;
-                }
-                Some(ServiceView {
-                    namespace: key.namespace.clone(),
-                    name: key.name.clone(),
-                    vip: inner.vips.get(key).copied(),
-                    sources: eps
-                        .values()
-                        .flat_map(|e| std::iter::once(&e.provenance).chain(&e.bound))
+            .filter_map(|key| Self::service_view(&inner, key))
+            .collect()
+    }
+
+    /// Up to `limit` services of the merged registry after `after` (in key order), each
+    /// call holding the lock only for its own page: a reader of the whole registry that
+    /// must not hold up pushes (`analyze`) pages through it.
+    pub fn services_page(&self, after: Option<&ServiceKey>, limit: usize) -> Vec<ServiceView> {
+        let inner = self.lock();
+        inner
+            .registry
+            .service_keys()
+            .skip_while(|k| after.is_some_and(|a| *k <= a))
+            .filter_map(|key| Self::service_view(&inner, key))
+            .take(limit)
+            .collect()
+    }
+
+    fn service_view(inner: &Inner, key: &ServiceKey) -> Option<ServiceView> {
+        let eps = inner.registry.service(key);
+        if eps.is_empty() {
+            return None;
+        }
+        Some(ServiceView {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            vip: inner.vips.get(key).copied(),
+            sources: eps
+                .values()
+                .flat_map(|e| std::iter::once(&e.provenance).chain(&e.bound))
+                .map(|p| p.source.clone())
+                .collect(),
+            endpoints: eps
+                .values()
+                .map(|e| EndpointView {
+                    address: e.address.clone(),
+                    ports: (&e.ports).into(),
+                    healthy: e.healthy(),
+                    source: e.provenance.source.clone(),
+                    kind: e.provenance.kind,
+                    native_id: e.provenance.native_id.clone(),
+                    revision: e.provenance.revision.clone(),
+                    stale: e.stale,
+                    identity: e.identity.clone(),
+                    zone: e.locality.zone.clone(),
+                    labels: (&e.labels).into(),
+                    sources: std::iter::once(&e.provenance)
+                        .chain(&e.bound)
                         .map(|p| p.source.clone())
                         .collect(),
-                    endpoints: eps
-                        .values()
-                        .map(|e| EndpointView {
-                            address: e.address.clone(),
-                            ports: (&e.ports).into(),
-                            healthy: e.healthy(),
-                            source: e.provenance.source.clone(),
-                            kind: e.provenance.kind,
-                            native_id: e.provenance.native_id.clone(),
-                            revision: e.provenance.revision.clone(),
-                            stale: e.stale,
-                            identity: e.identity.clone(),
-                            zone: e.locality.zone.clone(),
-                            labels: (&e.labels).into(),
-                            sources: std::iter::once(&e.provenance)
-                                .chain(&e.bound)
-                                .map(|p| p.source.clone())
-                                .collect(),
-                            agent: std::iter::once(&e.provenance)
-                                .chain(&e.bound)
-                                .find(|p| p.kind == SourceKind::Agents)
-                                .map(|p| p.native_id.clone()),
-                        })
-                        .collect(),
+                    agent: std::iter::once(&e.provenance)
+                        .chain(&e.bound)
+                        .find(|p| p.kind == SourceKind::Agents)
+                        .map(|p| p.native_id.clone()),
                 })
-            })
-            .collect()
+                .collect(),
+        })
     }
 
     /// The registry's sources for the admin API.

@@ -149,6 +149,7 @@ pub(crate) async fn run_session(
             return;
         }
     };
+    mesh.record_agent_version(&handle, hello.agent_version.clone());
     tracing::info!(agent = %agent.id, address = %hello.address, %remote, registered = refusal.is_none(), last_version = hello.last_version, generation = handle.generation, "agent subscribed");
     // Tell the agent whether its workload is registered (older agents ignore the frame).
     if group.as_ref().is_some_and(|g| g.service.is_some()) {
@@ -225,6 +226,9 @@ pub(crate) async fn run_session(
                 Some(Ok(AgentFrame { kind: Some(agent_frame::Kind::Goodbye(_)) })) => break true,
                 Some(Ok(AgentFrame { kind: Some(agent_frame::Kind::Denials(d)) })) => {
                     mesh.record_denials(&handle, d.denials);
+                }
+                Some(Ok(AgentFrame { kind: Some(agent_frame::Kind::Facts(f)) })) => {
+                    mesh.record_facts(&handle, f);
                 }
                 Some(Ok(AgentFrame { kind: None })) => {} // a newer agent's frame kind: ignored
                 Some(Err(e)) => {

@@ -17,6 +17,7 @@ use causeway_api::registry::Conflict;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+mod analyze;
 mod policy;
 mod ui;
 
@@ -148,6 +149,9 @@ enum Command {
     },
     /// Open the controller's web UI: prints a one-time login URL (valid 60 s).
     Ui(ui::UiArgs),
+    /// Report what is wrong or about to go wrong: registries, agents, config push,
+    /// policies, data plane; and policy files before applying them (docs/analyze.md).
+    Analyze(analyze::AnalyzeArgs),
     /// Print shell completions, e.g. `causewayctl completions bash >
     /// /etc/bash_completion.d/causewayctl`.
     Completions {
@@ -533,10 +537,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         _ => {}
     }
+    if let Command::Analyze(args) = &cli.command {
+        let api = if args.offline {
+            None
+        } else {
+            Some(Api::new(&cli)?)
+        };
+        return analyze::run(api.as_ref(), cli.output, args).await;
+    }
     let api = Api::new(&cli)?;
     let out = cli.output;
     match &cli.command {
-        Command::Completions { .. } | Command::Man => unreachable!("handled above"),
+        Command::Completions { .. } | Command::Man | Command::Analyze(_) => {
+            unreachable!("handled above")
+        }
         Command::Apply {
             files,
             namespace,
@@ -989,6 +1003,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", causeway_api::error_chain(e.as_ref()));
+            if e.downcast_ref::<analyze::Findings>().is_some() {
+                return ExitCode::from(analyze::EXIT_FINDINGS);
+            }
             ExitCode::FAILURE
         }
     }

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use causeway_api::push::{
-    Ack, AgentFrame, ApplyError, ConfigUpdate, Goodbye, Hello, MAX_PUSH_FRAME, MeshState, Nack,
-    PROTOCOL, PushFrame, ServiceRejection, agent_frame, push_frame,
+    Ack, AgentFacts, AgentFrame, ApplyError, ConfigUpdate, Goodbye, Hello, MAX_PUSH_FRAME,
+    MeshState, Nack, PROTOCOL, PushFrame, ServiceRejection, agent_frame, push_frame,
 };
 use causeway_api::wire::{self, ClientRequest, ErrorCode, client_request};
 use tokio::sync::{oneshot, watch};
@@ -284,12 +284,60 @@ pub fn apply(state: &SharedState, update: &ConfigUpdate) -> Outcome {
     }
 }
 
+/// What this agent reports of its data plane: the `causeway-agent doctor` checks of its
+/// capture rules (when it installed any) and of its DNS capture (when it captures DNS).
+pub fn collect_facts(state_dir: &Path) -> AgentFacts {
+    let mut f = AgentFacts {
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        ..AgentFacts::default()
+    };
+    if let Ok(text) = std::fs::read_to_string(state_dir.join(crate::dataplane::RULES_FILE)) {
+        f.capture_enabled = true;
+        let expected: Vec<String> = text
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+        match crate::dataplane::capture::save() {
+            Ok(save) => {
+                let live = crate::dataplane::capture::LiveRules::parse(&save).lines();
+                let drift = crate::dataplane::capture::Drift::between(&expected, &live);
+                f.capture_problems
+                    .extend(drift.missing.iter().map(|l| format!("missing: {l}")));
+                f.capture_problems
+                    .extend(drift.unexpected.iter().map(|l| format!("unexpected: {l}")));
+            }
+            Err(e) => f
+                .capture_problems
+                .push(format!("cannot read the live rules: {e}")),
+        }
+    }
+    let dns: Option<crate::dns::DnsStatus> =
+        std::fs::read_to_string(state_dir.join(crate::dns::STATUS_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+    if let Some(d) = dns.filter(|d| d.capture_wanted || d.capture) {
+        f.dns_enabled = true;
+        if d.capture {
+            f.dns_problems = crate::dns::doctor(state_dir, true).problems;
+        } else {
+            f.dns_problems.push(format!(
+                "DNS capture is configured but not installed: {}",
+                d.capture_error.as_deref().unwrap_or("unknown reason")
+            ));
+        }
+    }
+    f
+}
+
 /// Runs a subscription on `conn` until it ends. `goodbye` asks for a graceful end
-/// (the controller deregisters the workload at once).
+/// (the controller deregisters the workload at once). `state_dir`, when given, is where
+/// the agent's data-plane facts are checked for `causewayctl analyze`.
 pub async fn subscribe(
     conn: &quinn::Connection,
     state: SharedState,
     address: Option<IpAddr>,
+    state_dir: Option<PathBuf>,
     goodbye: oneshot::Receiver<()>,
     mut events: impl FnMut(Event),
 ) -> Result<(), ClientError> {
@@ -312,6 +360,8 @@ pub async fn subscribe(
         .await
         .map_err(|e| proto(e.to_string()))?;
     tokio::pin!(goodbye);
+    let mut facts_sent: Option<AgentFacts> = None;
+    let mut ticks: u64 = 0;
     // Refusals by policy go to the controller (for `causewayctl why`) at most every 2 s.
     let mut report = tokio::time::interval(std::time::Duration::from_secs(2));
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -346,6 +396,21 @@ pub async fn subscribe(
                         )),
                     };
                     write(&mut send, &frame).await.map_err(proto)?;
+                }
+                // Data-plane facts (for `causewayctl analyze`): checked every 10 s, sent
+                // once per session and then when they change.
+                ticks += 1;
+                if let Some(dir) = state_dir.clone().filter(|_| ticks % 5 == 1) {
+                    let facts = tokio::task::spawn_blocking(move || collect_facts(&dir))
+                        .await
+                        .ok();
+                    if let Some(facts) = facts.filter(|f| facts_sent.as_ref() != Some(f)) {
+                        let frame = AgentFrame {
+                            kind: Some(agent_frame::Kind::Facts(facts.clone())),
+                        };
+                        write(&mut send, &frame).await.map_err(proto)?;
+                        facts_sent = Some(facts);
+                    }
                 }
                 continue;
             }

@@ -276,8 +276,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                     tracing::info!(%controller, address = ?address, "connected to the controller");
                     let (tx, rx) = oneshot::channel();
                     let (c2, st, rep2) = (c.clone(), mesh_state.clone(), rep.clone());
+                    let facts_dir = Some(state.path().to_path_buf());
                     let task = tokio::spawn(async move {
-                        push::subscribe(&c2, st, address, rx, move |ev| {
+                        push::subscribe(&c2, st, address, facts_dir, rx, move |ev| {
                             let mut r = rep2.lock().unwrap_or_else(|p| p.into_inner());
                             match ev {
                                 Event::Applied(v, full) => {

@@ -129,7 +129,7 @@ pub mod push_frame {
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AgentFrame {
     /// The frame's content.
-    #[prost(oneof = "agent_frame::Kind", tags = "1, 2, 3, 4")]
+    #[prost(oneof = "agent_frame::Kind", tags = "1, 2, 3, 4, 5")]
     pub kind: ::core::option::Option<agent_frame::Kind>,
 }
 /// Nested message and enum types in `AgentFrame`.
@@ -149,7 +149,33 @@ pub mod agent_frame {
         /// Connections the agent refused by policy since its last report (for `why`).
         #[prost(message, tag = "4")]
         Denials(super::DenialReport),
+        /// What the agent finds of its own data plane (for `causewayctl analyze`).
+        #[prost(message, tag = "5")]
+        Facts(super::AgentFacts),
     }
+}
+/// The small facts `causewayctl analyze` needs from an agent: its version and the
+/// results of its `causeway-agent doctor` checks. Sent once per session and then when
+/// they change (checked every few seconds); never polled.
+#[derive(::serde::Serialize, ::serde::Deserialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AgentFacts {
+    /// The agent's software version.
+    #[prost(string, tag = "1")]
+    pub agent_version: ::prost::alloc::string::String,
+    /// Whether the agent installed capture rules (the capture checks apply).
+    #[prost(bool, tag = "2")]
+    pub capture_enabled: bool,
+    /// Differences between the live capture rules and the installed ones, one line each
+    /// (empty: as installed).
+    #[prost(string, repeated, tag = "3")]
+    pub capture_problems: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Whether the agent captures DNS (the DNS checks apply).
+    #[prost(bool, tag = "4")]
+    pub dns_enabled: bool,
+    /// Problems of the DNS capture, one line each (empty: as expected).
+    #[prost(string, repeated, tag = "5")]
+    pub dns_problems: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// Connections an agent refused by policy, newest last; sent at most every few seconds
 /// and with a bounded number of entries, so a flood of refusals costs the controller

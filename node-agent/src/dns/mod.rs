@@ -76,6 +76,13 @@ pub struct DnsStatus {
     pub mark: u32,
     /// The upstream resolvers.
     pub upstreams: Vec<SocketAddr>,
+    /// Whether DNS capture is configured (`[dns] mode = "capture"`, capture not turned
+    /// off), installed or not.
+    #[serde(default)]
+    pub capture_wanted: bool,
+    /// Why the capture is configured but not installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture_error: Option<String>,
 }
 
 /// Why the DNS server could not start.
@@ -588,6 +595,7 @@ impl Dns {
                 }
                 let may_install = tokio::time::Instant::now() >= next_install;
                 let cap2 = cap.clone();
+                let errors = last_error.clone();
                 let last_error = last_error.clone();
                 let (installed, failed) = tokio::task::spawn_blocking(move || {
                     let mut guard = cap2.lock().unwrap_or_else(|p| p.into_inner());
@@ -644,6 +652,16 @@ impl Dns {
                     capture: installed,
                     mark,
                     upstreams: f.upstreams.clone(),
+                    capture_wanted: use_capture,
+                    capture_error: (use_capture && !installed).then(|| {
+                        errors
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone()
+                            .unwrap_or_else(|| {
+                                "waiting for a config or an upstream resolver".into()
+                            })
+                    }),
                 };
                 if last_status.as_ref() != Some(&st) {
                     write_status(&status_file, &st);

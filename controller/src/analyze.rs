@@ -1,0 +1,272 @@
+//! `GET/POST /v1/analyze`: the controller's side of `causewayctl analyze`.
+//!
+//! It copies what the checks read (store records, sessions, the merged registry, the
+//! policies) into a [`Snapshot`], each copy taking the mesh lock only as long as the
+//! existing admin views do, then runs [`causeway_api::analyze::analyze`] on a blocking
+//! thread without any lock held: pushes to agents go on meanwhile. The request may carry
+//! resources from files (`-f`), analyzed as if applied.
+
+use std::sync::OnceLock;
+
+use axum::Json;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::routing::{MethodRouter, get};
+use causeway_api::analyze::{
+    AgentFacts, AnalyzeRequest, EndpointFacts, NackFacts, PolicyFacts, Report, ServiceFacts,
+    Snapshot, SourceFacts, TokenFacts, analyze,
+};
+use causeway_api::registry::ServiceKey;
+
+use crate::admin::{AdminState, ApiError};
+use crate::enroll::now_unix;
+use crate::store::StoreError;
+
+/// When this process started serving the admin API (agents without a session since are
+/// disconnected at least since then).
+static STARTED: OnceLock<i64> = OnceLock::new();
+
+/// Largest analyze request (it may carry many policy files).
+const BODY_LIMIT: usize = 4 * 1024 * 1024;
+
+/// The route's handlers (registered at `/v1/analyze`).
+pub fn route() -> MethodRouter<AdminState> {
+    STARTED.get_or_init(now_unix);
+    get(analyze_get)
+        .post(analyze_post)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+}
+
+async fn analyze_get(State(s): State<AdminState>) -> Result<Json<Report>, ApiError> {
+    run(s, AnalyzeRequest::default()).await
+}
+
+async fn analyze_post(
+    State(s): State<AdminState>,
+    Json(req): Json<AnalyzeRequest>,
+) -> Result<Json<Report>, ApiError> {
+    run(s, req).await
+}
+
+async fn run(s: AdminState, req: AnalyzeRequest) -> Result<Json<Report>, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let mut snap = snapshot(&s)?;
+        snap.overlay(req.resources);
+        Ok::<_, ApiError>(analyze(&snap, &req.thresholds))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map(Json)
+}
+
+/// Services copied per turn of the mesh lock: a page of a large registry takes a few
+/// milliseconds, so a push waits at most that long behind an analysis.
+const PAGE: usize = 256;
+
+/// Copies the merged registry (a page of [`PAGE`] services per turn of the mesh lock) and
+/// the sources' states.
+pub fn registry_facts(mesh: &crate::mesh::Mesh) -> (Vec<ServiceFacts>, Vec<SourceFacts>) {
+    let states = mesh.source_states();
+    let sources = mesh
+        .sources()
+        .into_iter()
+        .map(|v| SourceFacts {
+            stale_since: states
+                .get(&v.name)
+                .and_then(|st| st.stale_since_ms)
+                .map(|ms| i64::try_from(ms / 1000).unwrap_or(i64::MAX)),
+            kind: serde_json::to_value(v.kind)
+                .ok()
+                .and_then(|k| k.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            name: v.name,
+            state: v.state.to_string(),
+            last_error: v.last_error,
+            endpoints: v.endpoints,
+        })
+        .collect();
+    let mut services = Vec::new();
+    let mut after: Option<ServiceKey> = None;
+    loop {
+        let page = mesh.services_page(after.as_ref(), PAGE);
+        let Some(last) = page.last() else { break };
+        after = Some(ServiceKey::new(last.namespace.clone(), last.name.clone()));
+        services.extend(page.into_iter().map(|v| {
+            ServiceFacts {
+                namespace: v.namespace,
+                name: v.name,
+                endpoints: v
+                    .endpoints
+                    .into_iter()
+                    .map(|e| EndpointFacts {
+                        address: e.address,
+                        source: e.source,
+                        ports: e.ports,
+                        stale: e.stale,
+                        agent: e.agent,
+                    })
+                    .collect(),
+            }
+        }));
+    }
+    (services, sources)
+}
+
+/// Copies the live state the checks read.
+pub fn snapshot(s: &AdminState) -> Result<Snapshot, StoreError> {
+    let now = now_unix();
+    let groups = s.store.groups()?;
+    let group_ids: std::collections::BTreeMap<&str, &str> = groups
+        .iter()
+        .map(|g| (g.group.name.as_str(), g.id.as_str()))
+        .collect();
+    let tokens = s
+        .store
+        .tokens()?
+        .into_iter()
+        // A token whose group is gone cannot be used; it is not worth a message.
+        .filter(|t| group_ids.get(t.group.as_str()) == Some(&t.group_id.as_str()))
+        .map(|t| TokenFacts {
+            id: t.id,
+            group: t.group,
+            expires_at: t.expires_at,
+            uses_total: t.uses_total,
+            uses_left: t.uses_left,
+            revoked: t.revoked_at.is_some(),
+        })
+        .collect();
+    let sessions = s.mesh.sessions();
+    let agents = s
+        .store
+        .agents()?
+        .into_iter()
+        .map(|a| {
+            let session = sessions.get(&a.id);
+            AgentFacts {
+                address: session
+                    .and_then(|v| v.address.parse().ok())
+                    .or(Some(a.address)),
+                removed: a.removed_at.is_some(),
+                joined_at: a.joined_at,
+                not_after: a.not_after,
+                connected: session.is_some_and(|v| v.connected),
+                session_since: session
+                    .map(|v| i64::try_from(v.since_ms / 1000).unwrap_or(i64::MAX)),
+                acked_version: session.map(|v| v.acked_version),
+                last_nack: session.and_then(|v| {
+                    v.last_nack.as_ref().map(|n| NackFacts {
+                        version: n.version,
+                        error: n.error.clone(),
+                    })
+                }),
+                agent_version: session
+                    .map(|v| v.agent_version.clone())
+                    .filter(|v| !v.is_empty()),
+                dataplane: session.and_then(|v| v.facts.clone()),
+                id: a.id,
+                group: a.group,
+            }
+        })
+        .collect();
+    let (services, sources) = registry_facts(&s.mesh);
+    let policies = s
+        .mesh
+        .policies()
+        .into_values()
+        .map(|r| PolicyFacts {
+            seq: r.seq,
+            resource: r.resource,
+            origin: None,
+        })
+        .collect();
+    let (range, used) = s.mesh.vip_usage();
+    let bits = 32 - u32::from(range.prefix_len());
+    Ok(Snapshot {
+        live: true,
+        now,
+        controller_started: *STARTED.get_or_init(now_unix),
+        controller_version: env!("CARGO_PKG_VERSION").into(),
+        trust_domain: s.ca.trust_domain().to_string(),
+        mesh_version: s.mesh.version(),
+        vip_range: range.to_string(),
+        // The network and broadcast addresses are never given out.
+        vips_total: (1u64 << bits).saturating_sub(2),
+        vips_used: u64::try_from(used).unwrap_or(u64::MAX),
+        sources,
+        services,
+        agents,
+        groups: groups.into_iter().map(|g| g.group).collect(),
+        tokens,
+        policies,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use causeway_api::registry::{
+        Endpoint, Provenance, SourceChange, SourceKind, SourceSnapshot, SourceState,
+    };
+    use causeway_registry::SourceUpdate;
+
+    use super::*;
+    use crate::mesh::{Mesh, MeshSettings};
+    use crate::store::{SledStore, Store};
+
+    /// The paged copy holds every service once, in order, across page boundaries.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_paged_copy_holds_every_service_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let mesh = Mesh::open(
+            store,
+            MeshSettings {
+                vip_range: "240.240.0.0/16".parse().unwrap(),
+                agent_grace: Duration::from_secs(60),
+                history_len: 16,
+                control_on_loopback: true,
+            },
+            Vec::new(),
+            &BTreeSet::new(),
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+        let n = 2 * PAGE + 7;
+        let mut snap = SourceSnapshot::default();
+        for i in 0..n {
+            let mut ep = Endpoint::new(
+                format!("10.0.{}.{}", i / 250, i % 250 + 1),
+                Provenance {
+                    source: "ext".into(),
+                    kind: SourceKind::File,
+                    native_id: format!("e{i}"),
+                    revision: "1".into(),
+                },
+            );
+            ep.ports.insert("http".into(), 80);
+            snap.services.insert(
+                ServiceKey::new("ext", format!("s{i:04}")),
+                [(format!("e{i}"), ep)].into_iter().collect(),
+            );
+        }
+        mesh.apply_source_update(SourceUpdate {
+            source: "ext".into(),
+            kind: SourceKind::File,
+            change: Some(SourceChange::Full(snap)),
+            state: SourceState::synced(),
+        })
+        .await
+        .unwrap();
+        let (services, sources) = registry_facts(&mesh);
+        let names: Vec<String> = services.iter().map(|s| s.name.clone()).collect();
+        let expected: Vec<String> = (0..n).map(|i| format!("s{i:04}")).collect();
+        assert_eq!(names, expected);
+        assert!(services.iter().all(|s| s.endpoints.len() == 1));
+        let ext = sources.iter().find(|s| s.name == "ext").unwrap();
+        assert_eq!((ext.kind.as_str(), ext.state.as_str()), ("file", "synced"));
+    }
+}
