@@ -15,6 +15,7 @@
 
 pub mod authz;
 pub mod capture;
+pub mod http;
 pub mod lb;
 pub mod mux;
 pub mod outbound;
