@@ -478,6 +478,74 @@ async fn an_upstream_closing_mid_response_gives_the_client_an_error_not_a_hang()
     .await;
 }
 
+/// An HTTP/2 server that sends a response head and "abc", then, once `reset` is
+/// notified, resets the stream.
+async fn h2_resets_mid_response(reset: Arc<tokio::sync::Notify>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let reset = reset.clone();
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(s).await.unwrap();
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let mut send = respond.send_response(Response::new(()), false).unwrap();
+                    send.send_data(Bytes::from_static(b"abc"), false).unwrap();
+                    let reset = reset.clone();
+                    tokio::spawn(async move {
+                        reset.notified().await;
+                        send.send_reset(h2::Reason::INTERNAL_ERROR);
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_http2_upstream_reset_mid_response_resets_the_client_stream() {
+    bounded(async {
+        let reset = Arc::new(tokio::sync::Notify::new());
+        let (addr, mut records) = proxy(
+            Counting::new(h2_resets_mid_response(reset.clone()).await),
+            HttpSettings::default(),
+        )
+        .await;
+        let mut client = h2(addr).await;
+        let req = Request::get("http://web.shop:8080/stream")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.data_ref().unwrap(), &Bytes::from_static(b"abc"));
+        reset.notify_one();
+        assert!(
+            body.collect().await.is_err(),
+            "the client's stream must be reset"
+        );
+        let r = records.recv().await.unwrap();
+        assert_eq!(r.response_code, 200);
+        assert!(
+            r.response_flags
+                .contains(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION),
+            "{}",
+            r.response_flags
+        );
+        // The client connection still works for a new stream (the upstream resets it too,
+        // after its head).
+        let req = Request::get("http://web.shop:8080/again")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn malformed_request_gets_400_and_other_connections_keep_working() {
     bounded(async {
