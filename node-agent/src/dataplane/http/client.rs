@@ -1,11 +1,12 @@
 //! [`Proxy`]: serves one downstream connection with hyper and forwards each request through
 //! an [`Upstream`], with pooled upstream connections.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
@@ -64,13 +65,25 @@ impl std::fmt::Debug for UpstreamConn {
     }
 }
 
-/// Where a [`Proxy`] sends requests: opens a new connection when the pool has no idle one.
-/// On the client side a tunnel stream to an endpoint the balancer chose; on the server side
-/// a TCP connection to the local application ([`super::server::LocalApp`]).
+/// Where a [`Proxy`] sends requests. On the client side: the balancer's choice of endpoint
+/// per request, and a tunnel stream to it; on the server side a TCP connection to the local
+/// application ([`super::server::LocalApp`]).
 pub trait Upstream: Send + Sync + 'static {
-    /// Opens a connection. Bound it by a connect timeout of its own if it can hang (the
-    /// proxy's request timeout bounds it too, as `UT`).
-    fn connect(&self) -> impl Future<Output = Result<UpstreamConn, UpstreamError>> + Send;
+    /// Chooses the endpoint of one request (per-request load balancing, also for HTTP/2).
+    /// Requests to the same endpoint key share that endpoint's pooled connections. The
+    /// default is a single endpoint, `""`. An error answers the request with 503
+    /// ([`UpstreamError::NoHealthyUpstream`]: `UH`).
+    fn pick(&self) -> Result<String, UpstreamError> {
+        Ok(String::new())
+    }
+
+    /// Opens a connection to `endpoint` (a key from [`Upstream::pick`]) when its pool has
+    /// no idle one. Bound it by a connect timeout of its own if it can hang (the proxy's
+    /// request timeout bounds it too, as `UT`).
+    fn connect(
+        &self,
+        endpoint: &str,
+    ) -> impl Future<Output = Result<UpstreamConn, UpstreamError>> + Send;
 }
 
 /// The upstream host, carried from the connector to the response.
@@ -117,12 +130,12 @@ impl hyper::rt::Write for PooledConn {
     }
 }
 
-/// hyper's connector over an [`Upstream`].
-struct Connector<U>(Arc<U>);
+/// hyper's connector over an [`Upstream`], for one endpoint.
+struct Connector<U>(Arc<U>, Arc<str>);
 
 impl<U> Clone for Connector<U> {
     fn clone(&self) -> Self {
-        Self(self.0.clone())
+        Self(self.0.clone(), self.1.clone())
     }
 }
 
@@ -136,9 +149,9 @@ impl<U: Upstream> tower_service::Service<Uri> for Connector<U> {
     }
 
     fn call(&mut self, _uri: Uri) -> Self::Future {
-        let upstream = self.0.clone();
+        let (upstream, endpoint) = (self.0.clone(), self.1.clone());
         Box::pin(async move {
-            let c = upstream.connect().await?;
+            let c = upstream.connect(&endpoint).await?;
             Ok(PooledConn {
                 io: TokioIo::new(c.io),
                 peer: c.peer,
@@ -149,13 +162,46 @@ impl<U: Upstream> tower_service::Service<Uri> for Connector<U> {
 
 type UpBody = CountingBody<Incoming>;
 
-struct Inner<U> {
-    settings: HttpSettings,
-    observer: Arc<dyn Observer>,
+/// The connection pools of one endpoint.
+struct Pools<U> {
     /// HTTP/1.1 upstream connections (keep-alive pool).
     h1: Client<Connector<U>, UpBody>,
     /// HTTP/2 upstream connections (prior knowledge; one multiplexed connection).
     h2: Client<Connector<U>, UpBody>,
+}
+
+struct Inner<U> {
+    settings: HttpSettings,
+    observer: Arc<dyn Observer>,
+    upstream: Arc<U>,
+    /// Per endpoint key.
+    pools: Mutex<HashMap<String, Arc<Pools<U>>>>,
+}
+
+impl<U: Upstream> Inner<U> {
+    fn pools(&self, endpoint: &str) -> Arc<Pools<U>> {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = pools.get(endpoint) {
+            return p.clone();
+        }
+        let connector = Connector(self.upstream.clone(), Arc::from(endpoint));
+        let client = |h2: bool| {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .pool_idle_timeout(self.settings.pool_idle_timeout)
+                .http1_max_buf_size(self.settings.max_header_bytes.max(8192) + 8192)
+                .set_host(false)
+                .http2_only(h2);
+            b.build(connector.clone())
+        };
+        let p = Arc::new(Pools {
+            h1: client(false),
+            h2: client(true),
+        });
+        pools.insert(endpoint.to_owned(), p.clone());
+        p
+    }
 }
 
 /// The HTTP proxy for one destination: serves downstream connections ([`Proxy::serve`])
@@ -180,26 +226,24 @@ const POOL_AUTHORITY: &str = "upstream.causeway.invalid";
 impl<U: Upstream> Proxy<U> {
     /// A proxy forwarding to `upstream`, reporting to `observer`.
     pub fn new(upstream: U, settings: HttpSettings, observer: Arc<dyn Observer>) -> Self {
-        let connector = Connector(Arc::new(upstream));
-        let client = |h2: bool| {
-            let mut b = Client::builder(TokioExecutor::new());
-            b.pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .pool_idle_timeout(settings.pool_idle_timeout)
-                .http1_max_buf_size(settings.max_header_bytes.max(8192) + 8192)
-                .set_host(false)
-                .http2_only(h2);
-            b.build(connector.clone())
-        };
-        let (h1, h2) = (client(false), client(true));
         Self {
             inner: Arc::new(Inner {
                 settings,
                 observer,
-                h1,
-                h2,
+                upstream: Arc::new(upstream),
+                pools: Mutex::default(),
             }),
         }
+    }
+
+    /// Drops the pools of endpoints for which `keep` is false (endpoints gone from the
+    /// mesh); their idle connections close, requests in flight finish.
+    pub fn retain_endpoints(&self, keep: impl Fn(&str) -> bool) {
+        self.inner
+            .pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| keep(k));
     }
 
     /// Serves one downstream connection until it closes: HTTP/1.1 (keep-alive, pipelined
@@ -296,7 +340,16 @@ impl<U: Upstream> Proxy<U> {
                 bytes: request_bytes,
             },
         );
-        let client = if h2 { &inner.h2 } else { &inner.h1 };
+        let endpoint = match inner.upstream.pick() {
+            Ok(e) => e,
+            Err(e) => {
+                let (flags, text, host) = classify_upstream(&e);
+                pending.record.upstream_host = host;
+                return local_reply(pending, StatusCode::SERVICE_UNAVAILABLE, flags, &text);
+            }
+        };
+        let pools = inner.pools(&endpoint);
+        let client = if h2 { &pools.h2 } else { &pools.h1 };
         let result =
             tokio::time::timeout(inner.settings.request_timeout, client.request(up_req)).await;
         let mut resp = match result {
@@ -426,23 +479,14 @@ fn classify(e: &hyper_util::client::legacy::Error) -> (ResponseFlags, String, Op
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if let Some(up) = err.downcast_ref::<UpstreamError>() {
-            return match up {
-                UpstreamError::NoHealthyUpstream(_) => {
-                    (ResponseFlags::NO_HEALTHY_UPSTREAM, "no healthy upstream".into(), None)
-                }
-                UpstreamError::Connect { peer, .. } => (
-                    ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure".into(),
-                    Some(peer.clone()),
-                ),
-            };
+            return classify_upstream(up);
         }
         source = err.source();
     }
     if e.is_connect() {
         return (
             ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
-            "upstream connect error or disconnect/reset before headers. reset reason: connection failure".into(),
+            CONNECT_FAILURE.into(),
             None,
         );
     }
@@ -451,6 +495,24 @@ fn classify(e: &hyper_util::client::legacy::Error) -> (ResponseFlags, String, Op
         "upstream connect error or disconnect/reset before headers. reset reason: connection termination".into(),
         e.connect_info().and_then(upstream_host_of),
     )
+}
+
+const CONNECT_FAILURE: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+
+fn classify_upstream(up: &UpstreamError) -> (ResponseFlags, String, Option<String>) {
+    match up {
+        UpstreamError::NoHealthyUpstream(_) => (
+            ResponseFlags::NO_HEALTHY_UPSTREAM,
+            "no healthy upstream".into(),
+            None,
+        ),
+        UpstreamError::Connect { peer, .. } => (
+            ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+            CONNECT_FAILURE.into(),
+            Some(peer.clone()),
+        ),
+    }
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -6,9 +6,10 @@
 //!   so the connection goes to the HTTP proxy or to the splice untouched.
 //! - [`Proxy`] ([`client`]) serves one downstream connection with hyper (HTTP/1.1 with
 //!   keep-alive and pipelining, HTTP/2 prior knowledge with trailers, Upgrade/CONNECT as a
-//!   byte stream) and forwards each request through an [`Upstream`] (on the client side a
-//!   tunnel stream to the chosen endpoint), pooling upstream connections: keep-alive for
-//!   HTTP/1.1, one multiplexed connection for HTTP/2. A request keeps its version upstream.
+//!   byte stream) and forwards each request through an [`Upstream`], which picks an
+//!   endpoint per request and opens connections to it (on the client side tunnel streams).
+//!   Connections are pooled per endpoint: keep-alive for HTTP/1.1, one multiplexed
+//!   connection for HTTP/2. A request keeps its HTTP version upstream.
 //! - [`server::LocalApp`] is the [`Upstream`] of the destination agent: the local
 //!   application over TCP; [`server::serve_inbound`] serves a tunnel stream with it.
 //! - Failures become the responses an operator expects, with Envoy's response flags

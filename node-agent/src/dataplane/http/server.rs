@@ -22,7 +22,7 @@ pub struct LocalApp {
 }
 
 impl Upstream for LocalApp {
-    async fn connect(&self) -> Result<UpstreamConn, UpstreamError> {
+    async fn connect(&self, _endpoint: &str) -> Result<UpstreamConn, UpstreamError> {
         let fail = |source| UpstreamError::Connect {
             peer: self.addr.to_string(),
             source,

@@ -152,9 +152,9 @@ impl Counting {
 }
 
 impl Upstream for Counting {
-    async fn connect(&self) -> Result<UpstreamConn, UpstreamError> {
+    async fn connect(&self, endpoint: &str) -> Result<UpstreamConn, UpstreamError> {
         self.connects.fetch_add(1, Ordering::SeqCst);
-        self.app.connect().await
+        self.app.connect(endpoint).await
     }
 }
 
@@ -162,8 +162,36 @@ impl Upstream for Counting {
 struct NoEndpoint;
 
 impl Upstream for NoEndpoint {
-    async fn connect(&self) -> Result<UpstreamConn, UpstreamError> {
+    fn pick(&self) -> Result<String, UpstreamError> {
         Err(UpstreamError::NoHealthyUpstream("shop/web:8080".into()))
+    }
+
+    async fn connect(&self, _endpoint: &str) -> Result<UpstreamConn, UpstreamError> {
+        unreachable!("no endpoint is picked")
+    }
+}
+
+/// Two endpoints (two applications) picked in turn, counting connects per endpoint.
+struct RoundRobin {
+    apps: [SocketAddr; 2],
+    next: AtomicUsize,
+    connects: [AtomicUsize; 2],
+}
+
+impl Upstream for RoundRobin {
+    fn pick(&self) -> Result<String, UpstreamError> {
+        Ok((self.next.fetch_add(1, Ordering::SeqCst) % 2).to_string())
+    }
+
+    async fn connect(&self, endpoint: &str) -> Result<UpstreamConn, UpstreamError> {
+        let i: usize = endpoint.parse().unwrap();
+        self.connects[i].fetch_add(1, Ordering::SeqCst);
+        LocalApp {
+            addr: self.apps[i],
+            connect_timeout: Duration::from_secs(5),
+        }
+        .connect(endpoint)
+        .await
     }
 }
 
@@ -370,6 +398,46 @@ async fn http2_prior_knowledge_multiplexes_on_one_upstream_connection() {
             assert_eq!(r.response_code, 200);
         }
         assert_eq!(connects.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn requests_on_one_http2_connection_are_balanced_per_request_with_a_pool_per_endpoint() {
+    bounded(async {
+        let up = Arc::new(RoundRobin {
+            apps: [app().await, app().await],
+            next: AtomicUsize::new(0),
+            connects: [AtomicUsize::new(0), AtomicUsize::new(0)],
+        });
+        struct Shared(Arc<RoundRobin>);
+        impl Upstream for Shared {
+            fn pick(&self) -> Result<String, UpstreamError> {
+                self.0.pick()
+            }
+            async fn connect(&self, endpoint: &str) -> Result<UpstreamConn, UpstreamError> {
+                self.0.connect(endpoint).await
+            }
+        }
+        let (addr, mut records) = proxy(Shared(up.clone()), HttpSettings::default()).await;
+        let mut client = h2(addr).await;
+        let mut hosts = Vec::new();
+        for i in 0..6 {
+            let req = Request::get(format!("http://web.shop:8080/rr?i={i}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = client.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            body_text(resp).await;
+            hosts.push(up_addr(&records.recv().await.unwrap()));
+        }
+        let a = up.apps.map(|a| a.to_string());
+        assert_eq!(
+            hosts,
+            [&a[0], &a[1], &a[0], &a[1], &a[0], &a[1]].map(String::clone)
+        );
+        assert_eq!(up.connects[0].load(Ordering::SeqCst), 1);
+        assert_eq!(up.connects[1].load(Ordering::SeqCst), 1);
     })
     .await;
 }
