@@ -318,6 +318,11 @@ impl<U: Upstream> Proxy<U> {
             started,
             request_bytes: request_bytes.clone(),
             observer: inner.observer.clone(),
+            grpc: req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/grpc")),
         };
 
         let upgrade = is_upgrade(&req);
@@ -526,25 +531,59 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-/// A response made by the agent (Envoy's wording), recorded with `flags`.
+/// A response made by the agent (Envoy's wording), recorded with `flags`, which are also
+/// sent in `x-causeway-response-flags`. A gRPC request gets what Envoy sends a gRPC client:
+/// a trailers-only response, HTTP 200 with `grpc-status` mapped from the HTTP status
+/// (503 and 504 are `UNAVAILABLE`, 14) and the text in `grpc-message`.
 fn local_reply(
     mut pending: Pending,
     status: StatusCode,
     flags: ResponseFlags,
     text: &str,
 ) -> Response<ObservedBody> {
-    pending.record.response_code = status.as_u16();
     pending.record.response_flags.insert(flags);
-    let mut resp = Response::new(ObservedBody::new(
-        Full::new(Bytes::from(text.to_owned())),
-        pending,
-    ));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    let mut resp = if pending.grpc {
+        let code = grpc_status_for(status);
+        pending.record.response_code = 200;
+        pending.record.grpc_status = Some(code);
+        let mut resp = Response::new(ObservedBody::new(Full::new(Bytes::new()), pending));
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(HeaderName::from_static("grpc-status"), code.into());
+        if let Ok(v) = HeaderValue::from_str(text) {
+            h.insert(HeaderName::from_static("grpc-message"), v);
+        }
+        resp
+    } else {
+        pending.record.response_code = status.as_u16();
+        let mut resp = Response::new(ObservedBody::new(
+            Full::new(Bytes::from(text.to_owned())),
+            pending,
+        ));
+        *resp.status_mut() = status;
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        resp
+    };
     resp.headers_mut().insert(
         HeaderName::from_static("x-causeway-response-flags"),
         HeaderValue::from_str(&flags.to_string()).unwrap_or(HeaderValue::from_static("-")),
     );
     resp
+}
+
+/// Envoy's HTTP to gRPC status mapping (`Grpc::Utility::httpToGrpcStatus`, after the
+/// gRPC spec's http-grpc-status-mapping).
+fn grpc_status_for(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    }
 }

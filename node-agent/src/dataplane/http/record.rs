@@ -181,6 +181,8 @@ pub(crate) struct Pending {
     pub(crate) started: Instant,
     pub(crate) request_bytes: Arc<AtomicU64>,
     pub(crate) observer: Arc<dyn Observer>,
+    /// The request is gRPC (`content-type: application/grpc*`): local replies are gRPC.
+    pub(crate) grpc: bool,
 }
 
 impl Pending {
@@ -276,8 +278,11 @@ impl Body for ObservedBody {
 
 impl Drop for ObservedBody {
     fn drop(&mut self) {
-        if self.pending.is_some() {
-            let flags = if self.inner.is_end_stream() {
+        if let Some(p) = &self.pending {
+            // A response to HEAD, a 1xx, 204 or 304 has no body: hyper drops it unread.
+            let bodiless = p.record.method == "HEAD"
+                || matches!(p.record.response_code, 100..=199 | 204 | 304);
+            let flags = if bodiless || self.inner.is_end_stream() {
                 ResponseFlags::NONE
             } else {
                 ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION

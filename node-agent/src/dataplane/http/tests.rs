@@ -663,6 +663,27 @@ async fn header_block_over_the_limit_gets_431() {
 }
 
 #[tokio::test]
+async fn a_client_that_does_not_finish_its_request_head_is_disconnected() {
+    bounded(async {
+        let settings = HttpSettings {
+            header_read_timeout: Duration::from_millis(300),
+            ..HttpSettings::default()
+        };
+        let (addr, _records) = proxy(Counting::new(app().await), settings).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n")
+            .await
+            .unwrap();
+        // Ends when the proxy closes the connection (`bounded` fails the test otherwise).
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(!rest.contains("200 OK"), "{rest}");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn connect_refused_is_503_uf_and_no_endpoint_is_503_uh() {
     bounded(async {
         let closed = {
@@ -681,6 +702,21 @@ async fn connect_refused_is_503_uf_and_no_endpoint_is_503_uh() {
         // The client connection stays usable.
         let resp = client.send_request(get("/y")).await.unwrap();
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // A gRPC client gets a gRPC answer: trailers-only, UNAVAILABLE.
+        let mut grpc = h2(addr).await;
+        let req = Request::post("http://web.shop:9090/pkg.Svc/Call")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap();
+        let resp = grpc.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["grpc-status"], "14");
+        assert_eq!(resp.headers()["content-type"], "application/grpc");
+        let _ = records.recv().await.unwrap();
+        let r = records.recv().await.unwrap();
+        assert_eq!((r.response_code, r.grpc_status), (200, Some(14)));
+        assert_eq!(r.response_flags.to_string(), "UF");
 
         let (addr, mut records) = proxy(NoEndpoint, HttpSettings::default()).await;
         let mut client = h1(addr).await;
