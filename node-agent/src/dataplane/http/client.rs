@@ -269,9 +269,35 @@ impl<U: Upstream> Proxy<U> {
             let this = this.clone();
             async move { Ok::<_, std::convert::Infallible>(this.handle(req).await) }
         });
-        builder
+        let started = (Instant::now(), SystemTime::now());
+        let result = builder
             .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .await
+            .await;
+        if let Err(e) = &result
+            && let Some(status) = e
+                .downcast_ref::<hyper::Error>()
+                .and_then(parse_error_status)
+        {
+            // hyper answered a malformed or oversized request head itself: record it as
+            // Envoy does (the status and `DPE`).
+            self.inner.observer.on_request(RequestRecord {
+                side: s.side,
+                start: started.1,
+                method: String::new(),
+                authority: String::new(),
+                path: String::new(),
+                protocol: "HTTP/1.1",
+                response_code: status,
+                grpc_status: None,
+                response_flags: ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR,
+                request_bytes: 0,
+                response_bytes: 0,
+                duration: started.0.elapsed(),
+                upstream_host: None,
+                trace_headers: Vec::new(),
+            });
+        }
+        result
     }
 
     async fn handle(&self, mut req: Request<Incoming>) -> Response<ObservedBody> {
@@ -398,6 +424,21 @@ impl<U: Upstream> Proxy<U> {
         }
         resp.map(|body| ObservedBody::new(body, pending))
     }
+}
+
+/// The status hyper's HTTP/1 server sends for a request head it cannot parse (400, 431 or
+/// 414; `hyper::proto::h1::role::Server::on_error`), `None` for other connection errors.
+fn parse_error_status(e: &hyper::Error) -> Option<u16> {
+    if !e.is_parse() || e.is_parse_version_h2() || e.is_parse_status() {
+        return None;
+    }
+    Some(if !e.is_parse_too_large() {
+        400
+    } else if e.to_string().to_ascii_lowercase().contains("uri") {
+        414
+    } else {
+        431
+    })
 }
 
 /// The request's URI as hyper's client needs it (absolute, with the pool's key); the client

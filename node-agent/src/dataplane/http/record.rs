@@ -51,14 +51,18 @@ impl ResponseFlags {
     pub const UPSTREAM_RETRY_LIMIT_EXCEEDED: Self = Self(1 << 4);
     /// `DC`: downstream connection termination (the client went away mid-response).
     pub const DOWNSTREAM_CONNECTION_TERMINATION: Self = Self(1 << 5);
+    /// `DPE`: the downstream request had an HTTP protocol error (answered 400, 414 or 431
+    /// by the agent; the record has no method or path).
+    pub const DOWNSTREAM_PROTOCOL_ERROR: Self = Self(1 << 6);
 
-    const NAMES: [(Self, &'static str); 6] = [
+    const NAMES: [(Self, &'static str); 7] = [
         (Self::NO_HEALTHY_UPSTREAM, "UH"),
         (Self::UPSTREAM_CONNECTION_FAILURE, "UF"),
         (Self::UPSTREAM_REQUEST_TIMEOUT, "UT"),
         (Self::UPSTREAM_CONNECTION_TERMINATION, "UC"),
         (Self::UPSTREAM_RETRY_LIMIT_EXCEEDED, "URX"),
         (Self::DOWNSTREAM_CONNECTION_TERMINATION, "DC"),
+        (Self::DOWNSTREAM_PROTOCOL_ERROR, "DPE"),
     ];
 
     /// Whether every flag of `other` is set.

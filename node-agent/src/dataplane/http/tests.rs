@@ -617,7 +617,7 @@ async fn an_http2_upstream_reset_mid_response_resets_the_client_stream() {
 #[tokio::test]
 async fn malformed_request_gets_400_and_other_connections_keep_working() {
     bounded(async {
-        let (addr, _records) = proxy(Counting::new(app().await), HttpSettings::default()).await;
+        let (addr, mut records) = proxy(Counting::new(app().await), HttpSettings::default()).await;
         let mut other = h1(addr).await;
         let mut bad = TcpStream::connect(addr).await.unwrap();
         bad.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nBad Header\x01: x\r\n\r\n")
@@ -625,6 +625,11 @@ async fn malformed_request_gets_400_and_other_connections_keep_working() {
             .unwrap();
         let got = read_until(&mut bad, "\r\n", 1).await;
         assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+        let r = records.recv().await.unwrap();
+        assert_eq!(
+            (r.response_code, r.response_flags.to_string().as_str()),
+            (400, "DPE")
+        );
         let resp = other.send_request(get("/still")).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert!(body_text(resp).await.starts_with("GET /still"));
@@ -639,7 +644,7 @@ async fn header_block_over_the_limit_gets_431() {
             max_header_bytes: 16 * 1024,
             ..HttpSettings::default()
         };
-        let (addr, _records) = proxy(Counting::new(app().await), settings).await;
+        let (addr, mut records) = proxy(Counting::new(app().await), settings).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
         let big = "a".repeat(64 * 1024);
         let req = format!("GET / HTTP/1.1\r\nHost: web\r\nX-Big: {big}\r\n\r\n");
@@ -647,6 +652,11 @@ async fn header_block_over_the_limit_gets_431() {
         let _ = s.write_all(req.as_bytes()).await;
         let got = read_until(&mut s, "\r\n", 1).await;
         assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+        let r = records.recv().await.unwrap();
+        assert_eq!(
+            (r.response_code, r.response_flags.to_string().as_str()),
+            (431, "DPE")
+        );
 
         // So does a request with too many header fields.
         let mut s = TcpStream::connect(addr).await.unwrap();
@@ -658,6 +668,11 @@ async fn header_block_over_the_limit_gets_431() {
         let _ = s.write_all(req.as_bytes()).await;
         let got = read_until(&mut s, "\r\n", 1).await;
         assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+        let r = records.recv().await.unwrap();
+        assert_eq!(
+            (r.response_code, r.response_flags.to_string().as_str()),
+            (431, "DPE")
+        );
     })
     .await;
 }
