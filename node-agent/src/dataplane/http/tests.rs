@@ -68,6 +68,31 @@ async fn app_handler(mut req: Request<Incoming>) -> Result<Response<AppBody>, In
             }
             r
         }
+        "/hop" => {
+            let seen: Vec<String> = [
+                "connection",
+                "x-hop",
+                "keep-alive",
+                "te",
+                "proxy-authorization",
+                "x-end-to-end",
+            ]
+            .iter()
+            .filter_map(|n| {
+                req.headers()
+                    .get(*n)
+                    .map(|v| format!("{n}={}", v.to_str().unwrap()))
+            })
+            .collect();
+            let mut r = text(StatusCode::OK, seen.join(" "));
+            r.headers_mut()
+                .insert("connection", HeaderValue::from_static("x-resp-hop"));
+            r.headers_mut()
+                .insert("x-resp-hop", HeaderValue::from_static("1"));
+            r.headers_mut()
+                .insert("keep-alive", HeaderValue::from_static("timeout=5"));
+            r
+        }
         "/ws" => {
             let on = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
@@ -338,6 +363,35 @@ async fn http1_keep_alive_reuses_one_upstream_connection_and_records_each_reques
 
 fn up_addr(r: &RequestRecord) -> String {
     r.upstream_host.clone().expect("an upstream host")
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_not_forwarded_in_either_direction() {
+    bounded(async {
+        let (addr, _records) = proxy(Counting::new(app().await), HttpSettings::default()).await;
+        let mut client = h1(addr).await;
+        let req = Request::get("/hop")
+            .header("host", "web")
+            .header("connection", "x-hop")
+            .header("x-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("te", "trailers, deflate")
+            .header("proxy-authorization", "Basic eDp5")
+            .header("x-end-to-end", "kept")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        for h in ["connection", "x-resp-hop", "keep-alive"] {
+            assert!(!resp.headers().contains_key(h), "{h} reached the client");
+        }
+        assert_eq!(body_text(resp).await, "te=trailers x-end-to-end=kept");
+        // The client connection is still open (the upstream's Connection header did not
+        // close it).
+        let resp = client.send_request(get("/after")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    })
+    .await;
 }
 
 #[tokio::test]
