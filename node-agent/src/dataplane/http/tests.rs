@@ -1005,3 +1005,27 @@ fn response_flags_display_like_envoy() {
     f.insert(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
     assert_eq!(f.to_string(), "UF,URX");
 }
+
+#[tokio::test]
+async fn an_http2_header_list_over_the_limit_gets_431_and_the_connection_goes_on() {
+    bounded(async {
+        let settings = HttpSettings {
+            max_header_bytes: 16 * 1024,
+            ..HttpSettings::default()
+        };
+        let (addr, _records) = proxy(Counting::new(app().await), settings).await;
+        let mut client = h2(addr).await;
+        let req = Request::get("http://web/big")
+            .header("x-big", "a".repeat(32 * 1024))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        let req = Request::get("http://web/after")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    })
+    .await;
+}
