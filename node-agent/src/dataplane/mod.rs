@@ -16,6 +16,7 @@
 pub mod authz;
 pub mod capture;
 pub mod drain;
+pub mod http;
 pub mod lb;
 pub mod mux;
 pub mod outbound;

@@ -1,0 +1,630 @@
+//! [`Proxy`]: serves one downstream connection with hyper and forwards each request through
+//! an [`Upstream`], with pooled upstream connections.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use ::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ::http::uri::{Authority, PathAndQuery, Scheme};
+use ::http::{Method, Request, Response, StatusCode, Uri, Version};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::HttpSettings;
+use super::record::{
+    BoxError, CountingBody, ObservedBody, Observer, Pending, RequestRecord, ResponseFlags,
+    grpc_status, trace_headers,
+};
+
+/// A byte stream to an upstream (a tunnel stream, a TCP connection).
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// Why an [`Upstream`] could not give a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// There is no healthy endpoint to send the request to (503 `UH`).
+    #[error("no healthy upstream endpoint for {0}")]
+    NoHealthyUpstream(String),
+    /// Connecting failed (503 `UF`).
+    #[error("cannot connect to upstream {peer}: {source}")]
+    Connect {
+        /// The endpoint tried.
+        peer: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A new upstream connection and where it goes.
+pub struct UpstreamConn {
+    /// The stream.
+    pub io: Box<dyn Io>,
+    /// The upstream host as recorded in [`RequestRecord::upstream_host`] (`ip:port`).
+    pub peer: String,
+}
+
+impl std::fmt::Debug for UpstreamConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConn")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a [`Proxy`] sends requests. On the client side: the balancer's choice of endpoint
+/// per request, and a tunnel stream to it; on the server side a TCP connection to the local
+/// application ([`super::server::LocalApp`]).
+pub trait Upstream: Send + Sync + 'static {
+    /// Chooses the endpoint of one request (per-request load balancing, also for HTTP/2).
+    /// Requests to the same endpoint key share that endpoint's pooled connections. The
+    /// default is a single endpoint, `""`. An error answers the request with 503
+    /// ([`UpstreamError::NoHealthyUpstream`]: `UH`).
+    fn pick(&self) -> Result<String, UpstreamError> {
+        Ok(String::new())
+    }
+
+    /// Opens a connection to `endpoint` (a key from [`Upstream::pick`]) when its pool has
+    /// no idle one. Bound it by a connect timeout of its own if it can hang (the proxy's
+    /// request timeout bounds it too, as `UT`).
+    fn connect(
+        &self,
+        endpoint: &str,
+    ) -> impl Future<Output = Result<UpstreamConn, UpstreamError>> + Send;
+}
+
+/// The upstream host, carried from the connector to the response.
+#[derive(Clone, Debug)]
+struct UpstreamHost(String);
+
+/// A pooled upstream connection as hyper's client sees it.
+struct PooledConn {
+    io: TokioIo<Box<dyn Io>>,
+    peer: String,
+}
+
+impl Connection for PooledConn {
+    fn connected(&self) -> Connected {
+        Connected::new().extra(UpstreamHost(self.peer.clone()))
+    }
+}
+
+impl hyper::rt::Read for PooledConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for PooledConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// hyper's connector over an [`Upstream`], for one endpoint.
+struct Connector<U>(Arc<U>, Arc<str>);
+
+impl<U> Clone for Connector<U> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone(), self.1.clone())
+    }
+}
+
+impl<U: Upstream> tower_service::Service<Uri> for Connector<U> {
+    type Response = PooledConn;
+    type Error = UpstreamError;
+    type Future = Pin<Box<dyn Future<Output = Result<PooledConn, UpstreamError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let (upstream, endpoint) = (self.0.clone(), self.1.clone());
+        Box::pin(async move {
+            let c = upstream.connect(&endpoint).await?;
+            Ok(PooledConn {
+                io: TokioIo::new(c.io),
+                peer: c.peer,
+            })
+        })
+    }
+}
+
+type UpBody = CountingBody<Incoming>;
+
+/// The connection pools of one endpoint.
+struct Pools<U> {
+    /// HTTP/1.1 upstream connections (keep-alive pool).
+    h1: Client<Connector<U>, UpBody>,
+    /// HTTP/2 upstream connections (prior knowledge; one multiplexed connection).
+    h2: Client<Connector<U>, UpBody>,
+}
+
+struct Inner<U> {
+    settings: HttpSettings,
+    observer: Arc<dyn Observer>,
+    upstream: Arc<U>,
+    /// Per endpoint key.
+    pools: Mutex<HashMap<String, Arc<Pools<U>>>>,
+}
+
+impl<U: Upstream> Inner<U> {
+    fn pools(&self, endpoint: &str) -> Arc<Pools<U>> {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = pools.get(endpoint) {
+            return p.clone();
+        }
+        let connector = Connector(self.upstream.clone(), Arc::from(endpoint));
+        let client = |h2: bool| {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .pool_idle_timeout(self.settings.pool_idle_timeout)
+                .http1_max_buf_size(self.settings.max_header_bytes.max(8192) + 8192)
+                .set_host(false)
+                .http2_only(h2);
+            b.build(connector.clone())
+        };
+        let p = Arc::new(Pools {
+            h1: client(false),
+            h2: client(true),
+        });
+        pools.insert(endpoint.to_owned(), p.clone());
+        p
+    }
+}
+
+/// The HTTP proxy for one destination: serves downstream connections ([`Proxy::serve`])
+/// and forwards their requests to its [`Upstream`] through a shared connection pool. Cheap
+/// to clone; build one per upstream target (e.g. per service port) and keep it, so that
+/// connections are reused across downstream connections.
+pub struct Proxy<U> {
+    inner: Arc<Inner<U>>,
+}
+
+impl<U> Clone for Proxy<U> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// The pool key: every request of a [`Proxy`] goes to the same [`Upstream`], so one key.
+const POOL_AUTHORITY: &str = "upstream.causeway.invalid";
+
+impl<U: Upstream> Proxy<U> {
+    /// A proxy forwarding to `upstream`, reporting to `observer`.
+    pub fn new(upstream: U, settings: HttpSettings, observer: Arc<dyn Observer>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                observer,
+                upstream: Arc::new(upstream),
+                pools: Mutex::default(),
+            }),
+        }
+    }
+
+    /// Drops the pools of endpoints for which `keep` is false (endpoints gone from the
+    /// mesh); their idle connections close, requests in flight finish.
+    pub fn retain_endpoints(&self, keep: impl Fn(&str) -> bool) {
+        self.inner
+            .pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| keep(k));
+    }
+
+    /// Serves one downstream connection until it closes: HTTP/1.1 (keep-alive, pipelined
+    /// requests answered in order) or HTTP/2 prior knowledge, decided by its first bytes.
+    /// Returns when the connection is done; an error is the connection's (a protocol error,
+    /// a reset, the header timeout), never another connection's.
+    pub async fn serve<IO: Io>(&self, io: IO) -> Result<(), BoxError> {
+        let s = &self.inner.settings;
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(s.header_read_timeout)
+            .max_buf_size(s.max_header_bytes.max(8192))
+            .max_headers(s.max_headers);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
+        let this = self.clone();
+        let service = service_fn(move |req| {
+            let this = this.clone();
+            async move { Ok::<_, std::convert::Infallible>(this.handle(req).await) }
+        });
+        let started = (Instant::now(), SystemTime::now());
+        let result = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .await;
+        if let Err(e) = &result
+            && let Some(status) = e
+                .downcast_ref::<hyper::Error>()
+                .and_then(parse_error_status)
+        {
+            // hyper answered a malformed or oversized request head itself: record it as
+            // Envoy does (the status and `DPE`).
+            self.inner.observer.on_request(RequestRecord {
+                side: s.side,
+                start: started.1,
+                method: String::new(),
+                authority: String::new(),
+                path: String::new(),
+                protocol: "HTTP/1.1",
+                response_code: status,
+                grpc_status: None,
+                response_flags: ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR,
+                request_bytes: 0,
+                response_bytes: 0,
+                duration: started.0.elapsed(),
+                upstream_host: None,
+                trace_headers: Vec::new(),
+            });
+        }
+        result
+    }
+
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<ObservedBody> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let version = req.version();
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let mut pending = Pending {
+            record: RequestRecord {
+                side: inner.settings.side,
+                start: SystemTime::now(),
+                method: req.method().as_str().to_owned(),
+                authority,
+                path: req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_owned())
+                    .unwrap_or_else(|| "/".into()),
+                protocol: match version {
+                    Version::HTTP_2 => "HTTP/2",
+                    Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                },
+                response_code: 0,
+                grpc_status: None,
+                response_flags: ResponseFlags::NONE,
+                request_bytes: 0,
+                response_bytes: 0,
+                duration: Default::default(),
+                upstream_host: None,
+                trace_headers: trace_headers(req.headers()),
+            },
+            started,
+            request_bytes: request_bytes.clone(),
+            observer: inner.observer.clone(),
+            grpc: req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/grpc")),
+        };
+
+        let upgrade = is_upgrade(&req);
+        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        if !upgrade {
+            strip_hop_by_hop(req.headers_mut());
+        }
+        let h2 = version == Version::HTTP_2;
+        let (mut parts, body) = req.into_parts();
+        parts.uri = upstream_uri(&parts.uri, &parts.method);
+        if !h2 {
+            // hyper's HTTP/1 client refuses other versions; HTTP/1.0 clients get HTTP/1.1
+            // framing upstream, their own framing downstream.
+            parts.version = Version::HTTP_11;
+        }
+        let up_req = Request::from_parts(
+            parts,
+            CountingBody {
+                inner: body,
+                bytes: request_bytes,
+            },
+        );
+        let endpoint = match inner.upstream.pick() {
+            Ok(e) => e,
+            Err(e) => {
+                let (flags, text, host) = classify_upstream(&e);
+                pending.record.upstream_host = host;
+                return local_reply(pending, StatusCode::SERVICE_UNAVAILABLE, flags, &text);
+            }
+        };
+        let pools = inner.pools(&endpoint);
+        let client = if h2 { &pools.h2 } else { &pools.h1 };
+        let result =
+            tokio::time::timeout(inner.settings.request_timeout, client.request(up_req)).await;
+        let mut resp = match result {
+            Err(_) => {
+                return local_reply(
+                    pending,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
+                    "upstream request timeout",
+                );
+            }
+            Ok(Err(e)) => {
+                let (flags, text, host) = classify(&e);
+                pending.record.upstream_host = host;
+                tracing::debug!(error = %error_chain(&e), flags = %flags, "upstream request failed");
+                return local_reply(pending, StatusCode::SERVICE_UNAVAILABLE, flags, &text);
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        pending.record.upstream_host = resp.extensions().get::<UpstreamHost>().map(|h| h.0.clone());
+        pending.record.response_code = resp.status().as_u16();
+        pending.record.grpc_status = grpc_status(resp.headers());
+
+        let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            || (pending.record.method == "CONNECT" && resp.status().is_success());
+        match downstream_upgrade {
+            Some(down) if switched => {
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    match tokio::try_join!(down, up) {
+                        Ok((down, up)) => {
+                            let mut down = TokioIo::new(down);
+                            let mut up = TokioIo::new(up);
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                    }
+                });
+            }
+            _ => strip_hop_by_hop(resp.headers_mut()),
+        }
+        resp.map(|body| ObservedBody::new(body, pending))
+    }
+}
+
+/// The status hyper's HTTP/1 server sends for a request head it cannot parse (400, 431 or
+/// 414; `hyper::proto::h1::role::Server::on_error`), `None` for other connection errors.
+fn parse_error_status(e: &hyper::Error) -> Option<u16> {
+    if !e.is_parse() || e.is_parse_version_h2() || e.is_parse_status() {
+        return None;
+    }
+    Some(if !e.is_parse_too_large() {
+        400
+    } else if e.to_string().to_ascii_lowercase().contains("uri") {
+        414
+    } else {
+        431
+    })
+}
+
+/// The request's URI as hyper's client needs it (absolute, with the pool's key); the client
+/// sends origin form (authority form for CONNECT) on HTTP/1.1 and the original authority
+/// in the `Host` header, which it leaves alone. HTTP/2 keeps the original `:authority`.
+fn upstream_uri(uri: &Uri, method: &Method) -> Uri {
+    if uri.authority().is_some() || *method == Method::CONNECT {
+        return uri.clone();
+    }
+    let mut parts = ::http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(Authority::from_static(POOL_AUTHORITY));
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+/// An HTTP/1.1 Upgrade (WebSocket, h2c upgrade is not offered) or a CONNECT.
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    if req.method() == Method::CONNECT {
+        return true;
+    }
+    req.version() != Version::HTTP_2
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes the hop-by-hop headers (RFC 9110 §7.6.1), including those the `Connection`
+/// header names; `TE: trailers` stays (gRPC needs it).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if name != header::TE {
+            headers.remove(name);
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+fn upstream_host_of(c: &Connected) -> Option<String> {
+    let mut ext = ::http::Extensions::new();
+    c.get_extras(&mut ext);
+    ext.get::<UpstreamHost>().map(|h| h.0.clone())
+}
+
+/// The response flags and reply text for a failed upstream request.
+fn classify(e: &hyper_util::client::legacy::Error) -> (ResponseFlags, String, Option<String>) {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(up) = err.downcast_ref::<UpstreamError>() {
+            return classify_upstream(up);
+        }
+        source = err.source();
+    }
+    if e.is_connect() {
+        return (
+            ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+            CONNECT_FAILURE.into(),
+            None,
+        );
+    }
+    (
+        ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+        "upstream connect error or disconnect/reset before headers. reset reason: connection termination".into(),
+        e.connect_info().and_then(upstream_host_of),
+    )
+}
+
+const CONNECT_FAILURE: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+
+fn classify_upstream(up: &UpstreamError) -> (ResponseFlags, String, Option<String>) {
+    match up {
+        UpstreamError::NoHealthyUpstream(_) => (
+            ResponseFlags::NO_HEALTHY_UPSTREAM,
+            "no healthy upstream".into(),
+            None,
+        ),
+        UpstreamError::Connect { peer, .. } => (
+            ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+            CONNECT_FAILURE.into(),
+            Some(peer.clone()),
+        ),
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(err) = source {
+        s.push_str(": ");
+        s.push_str(&err.to_string());
+        source = err.source();
+    }
+    s
+}
+
+/// A response made by the agent (Envoy's wording), recorded with `flags`, which are also
+/// sent in `x-causeway-response-flags`. A gRPC request gets what Envoy sends a gRPC client:
+/// a trailers-only response, HTTP 200 with `grpc-status` mapped from the HTTP status
+/// (503 and 504 are `UNAVAILABLE`, 14) and the text in `grpc-message`.
+fn local_reply(
+    mut pending: Pending,
+    status: StatusCode,
+    flags: ResponseFlags,
+    text: &str,
+) -> Response<ObservedBody> {
+    pending.record.response_flags.insert(flags);
+    let mut resp = if pending.grpc {
+        let code = grpc_status_for(status);
+        pending.record.response_code = 200;
+        pending.record.grpc_status = Some(code);
+        let mut resp = Response::new(ObservedBody::new(Full::new(Bytes::new()), pending));
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(HeaderName::from_static("grpc-status"), code.into());
+        if let Ok(v) = HeaderValue::from_str(text) {
+            h.insert(HeaderName::from_static("grpc-message"), v);
+        }
+        resp
+    } else {
+        pending.record.response_code = status.as_u16();
+        let mut resp = Response::new(ObservedBody::new(
+            Full::new(Bytes::from(text.to_owned())),
+            pending,
+        ));
+        *resp.status_mut() = status;
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        resp
+    };
+    resp.headers_mut().insert(
+        HeaderName::from_static("x-causeway-response-flags"),
+        HeaderValue::from_str(&flags.to_string()).unwrap_or(HeaderValue::from_static("-")),
+    );
+    resp
+}
+
+/// Envoy's HTTP to gRPC status mapping (`Grpc::Utility::httpToGrpcStatus`, after the
+/// gRPC spec's http-grpc-status-mapping).
+fn grpc_status_for(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    }
+}
