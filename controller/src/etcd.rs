@@ -258,6 +258,13 @@ pub enum Op {
         /// Key.
         key: Vec<u8>,
     },
+    /// Delete every key in `[key, range_end)`.
+    DeleteRange {
+        /// First key.
+        key: Vec<u8>,
+        /// The first key after the range.
+        range_end: Vec<u8>,
+    },
     /// Delete every key under a prefix.
     DeletePrefix {
         /// Prefix.
@@ -290,6 +297,10 @@ impl Op {
                 json!({ "request_put": p })
             }
             Op::Delete { key } => json!({"request_delete_range": {"key": B64.encode(key)}}),
+            Op::DeleteRange { key, range_end } => json!({"request_delete_range": {
+                "key": B64.encode(key),
+                "range_end": B64.encode(range_end),
+            }}),
             Op::DeletePrefix { prefix } => json!({"request_delete_range": {
                 "key": B64.encode(prefix),
                 "range_end": B64.encode(prefix_end(prefix)),
@@ -508,9 +519,23 @@ impl Etcd {
         revision: i64,
         limit: i64,
     ) -> Result<RangeResponse, EtcdError> {
+        self.range(prefix, &prefix_end(prefix), revision, limit)
+            .await
+    }
+
+    /// Reads the keys in `[key, range_end)`, sorted by key, at one revision (`revision`
+    /// 0: the latest), `limit` 0 for all: pages of a large prefix resume from the last
+    /// key read (plus a zero byte) at the first page's revision.
+    pub async fn range(
+        &self,
+        key: &[u8],
+        range_end: &[u8],
+        revision: i64,
+        limit: i64,
+    ) -> Result<RangeResponse, EtcdError> {
         let mut body = json!({
-            "key": B64.encode(prefix),
-            "range_end": B64.encode(prefix_end(prefix)),
+            "key": B64.encode(key),
+            "range_end": B64.encode(range_end),
         });
         if revision > 0 {
             body["revision"] = revision.to_string().into();

@@ -24,5 +24,6 @@ pub mod mesh;
 pub mod policy_admin;
 pub mod push;
 pub mod store;
+pub mod store_etcd;
 pub mod tls_listener;
 pub mod ui;

@@ -15,7 +15,7 @@ use causeway_controller::config::Config;
 use causeway_controller::control::ControlServer;
 use causeway_controller::enroll::{Enroller, now_unix, random_hex, sha256_hex};
 use causeway_controller::mesh::{Mesh, MeshSettings};
-use causeway_controller::store::{SledStore, Store};
+use causeway_controller::store::Store;
 use causeway_controller::{admin_server, logging, tls_listener};
 use causeway_registry::{SourceOptions, spawn_sources};
 use clap::{CommandFactory as _, Parser};
@@ -200,13 +200,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot set permissions on {}", cfg.data_dir.display()))?;
-    let store_dir = cfg.data_dir.join("store");
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&store_dir).with_context(|| {
-        format!(
-            "cannot open the store at {} (is another controller using this data dir?)",
-            store_dir.display()
-        )
-    })?);
+    // [store]: sled in <data_dir>/store (default) or etcd.
+    let store: Arc<dyn Store> =
+        causeway_controller::store_etcd::open_configured(&cfg.store, &cfg.data_dir)?;
     let ca = Arc::new(Ca::load_or_create(
         store.as_ref(),
         &cfg.ca,

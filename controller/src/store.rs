@@ -35,6 +35,13 @@ pub enum StoreError {
     /// The database itself failed (I/O, corruption detected by sled).
     #[error("store I/O error: {0}")]
     Db(#[from] sled::Error),
+    /// etcd failed or could not be reached ([`crate::store_etcd::EtcdStore`]).
+    #[error("store (etcd): {0}")]
+    Etcd(#[from] crate::etcd::EtcdError),
+    /// The key-encryption key is missing, too short, or not the one the CA key in the
+    /// store was sealed with.
+    #[error("{0}")]
+    Kek(String),
     /// A value could not be decoded.
     #[error("store value {tree}/{key} is corrupt: {message}")]
     Corrupt {
