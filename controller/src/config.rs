@@ -107,7 +107,8 @@ impl Default for StoreConfig {
 }
 
 impl StoreConfig {
-    fn problems(&self, errors: &mut Vec<String>) {
+    /// Appends what is wrong with these settings to `errors`.
+    pub fn problems(&self, errors: &mut Vec<String>) {
         if self.backend != StoreBackend::Etcd {
             return;
         }

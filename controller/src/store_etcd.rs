@@ -991,3 +991,294 @@ pub fn open_configured(
         }
     }
 }
+
+/// What [`EtcdStore::import_from`] copied (records that were absent in etcd), by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    /// Kind (`ca`, `groups`, `tokens`, `agents`, `certs`, `mesh`) → records copied.
+    pub copied: BTreeMap<&'static str, usize>,
+    /// Kind → records already in etcd (left as they are).
+    pub present: BTreeMap<&'static str, usize>,
+}
+
+impl EtcdStore {
+    /// Writes `value` at `key` unless the key exists; whether it wrote.
+    fn put_if_absent(&self, key: Vec<u8>, value: Vec<u8>) -> Result<bool, StoreError> {
+        Ok(self
+            .txn(
+                vec![Compare::absent(key.clone())],
+                vec![Op::put(key, value)],
+                Vec::new(),
+            )?
+            .succeeded)
+    }
+
+    /// Copies a single controller's state (`from`, its sled store) into etcd,
+    /// idempotently: every record is created only if absent, so running it again (or
+    /// after the etcd controllers have started) changes nothing already there. The mesh
+    /// state (registry cache, VIPs, history, policies) is copied only while etcd holds
+    /// none, its version key last, so an interrupted copy is completed by running again.
+    /// A CA in etcd other than `from`'s is an error: the agents' certificates would not
+    /// chain to it.
+    pub fn import_from(&self, from: &dyn Store) -> Result<ImportReport, StoreError> {
+        let mut report = ImportReport::default();
+        let mut count = |kind: &'static str, wrote: bool| {
+            *if wrote {
+                report.copied.entry(kind)
+            } else {
+                report.present.entry(kind)
+            }
+            .or_default() += 1;
+        };
+        if let Some(ca) = from.ca()? {
+            let existed = self.get(self.key("ca", "current"))?.is_some();
+            let in_force = self.init_ca(&ca)?;
+            if in_force.fingerprint != ca.fingerprint {
+                return Err(StoreError::Conflict(format!(
+                    "etcd already holds another CA (fingerprint {}) than the sled store (fingerprint {}): the agents' certificates would not chain to it; use another [store] prefix, or remove {}ca/ from etcd if that CA is unused",
+                    in_force.fingerprint, ca.fingerprint, self.prefix
+                )));
+            }
+            count("ca", !existed);
+        }
+        for g in from.groups()? {
+            count(
+                "groups",
+                self.put_if_absent(self.key("groups", &g.group.name), encode(&g))?,
+            );
+        }
+        for t in from.tokens()? {
+            count(
+                "tokens",
+                self.put_if_absent(self.key("tokens", &t.id), encode(&t))?,
+            );
+        }
+        for a in from.agents()? {
+            count(
+                "agents",
+                self.put_if_absent(self.key("agents", &a.id), encode(&a))?,
+            );
+        }
+        for c in from.certs()? {
+            count(
+                "certs",
+                self.put_if_absent(self.key("certs", &c.serial), encode(&c))?,
+            );
+        }
+        let vkey = self.key("mesh", "version");
+        if self.get(vkey.clone())?.is_some() {
+            count("mesh", false);
+        } else {
+            let dump = from.load_mesh()?;
+            let mut ops = Vec::new();
+            for (name, rec) in &dump.sources {
+                ops.push(Op::put(self.key("mesh/sources", name), encode(rec)));
+            }
+            for (source, services) in &dump.data {
+                for (key, eps) in services {
+                    ops.push(Op::put(
+                        self.key("mesh/data", &format!("{source}\0{key}")),
+                        encode(eps),
+                    ));
+                }
+            }
+            for (key, ip) in &dump.vips {
+                ops.push(Op::put(self.key("mesh/vips", &key.to_string()), encode(ip)));
+            }
+            for (version, h) in &dump.history {
+                for (i, part) in history_parts(h).into_iter().enumerate() {
+                    ops.push(Op::put(
+                        self.key("mesh", &format!("history/{version:020}/{i:04}")),
+                        part,
+                    ));
+                }
+            }
+            for (key, rec) in &dump.policies {
+                ops.push(Op::put(self.key("mesh/policies", key), encode(rec)));
+            }
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            for op in ops {
+                let size = op_bytes(&op);
+                if !batch.is_empty() && (batch.len() >= MAX_TXN_OPS || bytes + size > MAX_TXN_BYTES)
+                {
+                    // The version key is still absent: nobody else writes the mesh yet.
+                    self.txn(
+                        vec![Compare::absent(vkey.clone())],
+                        std::mem::take(&mut batch),
+                        Vec::new(),
+                    )?;
+                    bytes = 0;
+                }
+                bytes += size;
+                batch.push(op);
+            }
+            batch.push(Op::put(vkey.clone(), encode(&dump.version)));
+            let wrote = self
+                .txn(vec![Compare::absent(vkey.clone())], batch, Vec::new())?
+                .succeeded;
+            *self.mesh_rev.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            count("mesh", wrote);
+        }
+        Ok(report)
+    }
+
+    /// Compares etcd's state with `from`'s: one line per difference (empty: the same).
+    pub fn differences_from(&self, from: &dyn Store) -> Result<Vec<String>, StoreError> {
+        fn diff<T: PartialEq + Serialize>(
+            out: &mut Vec<String>,
+            kind: &str,
+            sled: Vec<(String, T)>,
+            etcd: Vec<(String, T)>,
+        ) {
+            let etcd: BTreeMap<String, T> = etcd.into_iter().collect();
+            let mut seen = BTreeSet::new();
+            for (id, rec) in sled {
+                match etcd.get(&id) {
+                    None => out.push(format!("{kind} {id:?}: in sled, not in etcd")),
+                    Some(e) if *e != rec => out.push(format!(
+                        "{kind} {id:?} differs: sled {} / etcd {}",
+                        String::from_utf8_lossy(&encode(&rec)),
+                        String::from_utf8_lossy(&encode(e))
+                    )),
+                    Some(_) => {}
+                }
+                seen.insert(id);
+            }
+            for id in etcd.keys().filter(|id| !seen.contains(*id)) {
+                out.push(format!("{kind} {id:?}: in etcd, not in sled"));
+            }
+        }
+        let mut out = Vec::new();
+        match (from.ca()?, self.ca()?) {
+            (a, b) if a == b => {}
+            (a, b) => out.push(format!(
+                "ca differs: sled {:?} / etcd {:?}",
+                a.map(|c| c.fingerprint),
+                b.map(|c| c.fingerprint)
+            )),
+        }
+        let by = |v: Vec<GroupRecord>| v.into_iter().map(|g| (g.group.name.clone(), g)).collect();
+        diff(&mut out, "group", by(from.groups()?), by(self.groups()?));
+        let by = |v: Vec<TokenRecord>| v.into_iter().map(|t| (t.id.clone(), t)).collect();
+        diff(&mut out, "token", by(from.tokens()?), by(self.tokens()?));
+        let by = |v: Vec<AgentRecord>| v.into_iter().map(|a| (a.id.clone(), a)).collect();
+        diff(&mut out, "agent", by(from.agents()?), by(self.agents()?));
+        let by = |v: Vec<CertRecord>| v.into_iter().map(|c| (c.serial.clone(), c)).collect();
+        diff(&mut out, "cert", by(from.certs()?), by(self.certs()?));
+        let (a, b) = (from.load_mesh()?, self.load_mesh()?);
+        if a.version != b.version {
+            out.push(format!(
+                "mesh version differs: sled {} / etcd {}",
+                a.version, b.version
+            ));
+        }
+        let pairs = |m: BTreeMap<String, SourceRecord>| m.into_iter().collect();
+        diff(
+            &mut out,
+            "registry source",
+            pairs(a.sources),
+            pairs(b.sources),
+        );
+        let flat = |m: BTreeMap<String, BTreeMap<ServiceKey, ServiceEndpoints>>| {
+            m.into_iter()
+                .flat_map(|(s, svcs)| {
+                    svcs.into_iter()
+                        .map(move |(k, eps)| (format!("{s}/{k}"), eps))
+                })
+                .collect()
+        };
+        diff(&mut out, "registry data", flat(a.data), flat(b.data));
+        let vips = |m: BTreeMap<ServiceKey, Ipv4Addr>| {
+            m.into_iter().map(|(k, ip)| (k.to_string(), ip)).collect()
+        };
+        diff(&mut out, "vip", vips(a.vips), vips(b.vips));
+        let hist = |m: BTreeMap<u64, HistoryRecord>| {
+            m.into_iter().map(|(v, h)| (v.to_string(), h)).collect()
+        };
+        diff(&mut out, "history", hist(a.history), hist(b.history));
+        let pol = |m: BTreeMap<String, PolicyRecord>| m.into_iter().collect();
+        diff(&mut out, "policy", pol(a.policies), pol(b.policies));
+        Ok(out)
+    }
+}
+
+/// `causeway-controller migrate --from-sled DIR --to-etcd [--check]`: copies (or with
+/// `check`, compares) a sled store into the etcd that `cfg` names. Returns the text to
+/// print; with `check`, an error when the two differ.
+pub fn migrate_command(
+    from_sled: &Path,
+    cfg: &crate::config::StoreConfig,
+    check: bool,
+) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    let mut errors = Vec::new();
+    let mut etcd_cfg = cfg.clone();
+    etcd_cfg.backend = crate::config::StoreBackend::Etcd;
+    etcd_cfg.problems(&mut errors);
+    if !errors.is_empty() {
+        anyhow::bail!(
+            "migrate --to-etcd needs the etcd settings ([store] in --config, or --endpoints and --kek-file):\n  - {}",
+            errors.join("\n  - ")
+        );
+    }
+    let store_dir = if from_sled.join("store").join("db").exists() {
+        from_sled.join("store")
+    } else {
+        from_sled.to_owned()
+    };
+    if !store_dir.join("db").exists() {
+        anyhow::bail!(
+            "--from-sled {}: no sled store there (expected {}/db or {}/store/db); give the controller's data dir",
+            from_sled.display(),
+            store_dir.display(),
+            from_sled.display()
+        );
+    }
+    let sled = crate::store::SledStore::open(&store_dir).with_context(|| {
+        format!(
+            "cannot open the sled store at {} (stop the controller that uses it first)",
+            store_dir.display()
+        )
+    })?;
+    let kek = Kek::from_file(etcd_cfg.kek_file.as_deref().expect("validated"))?;
+    let options = EtcdOptions {
+        endpoints: etcd_cfg.endpoints.clone(),
+        request_timeout: etcd_cfg.request_timeout,
+        dial_timeout: etcd_cfg.dial_timeout,
+    };
+    let etcd = EtcdStore::open(&options, &etcd_cfg.prefix, kek)?;
+    if check {
+        let diffs = etcd.differences_from(&sled)?;
+        if diffs.is_empty() {
+            return Ok(format!(
+                "sled store {} and etcd ({}, prefix {}) hold the same state\n",
+                store_dir.display(),
+                etcd_cfg.endpoints.join(", "),
+                etcd.prefix()
+            ));
+        }
+        anyhow::bail!(
+            "sled store {} and etcd (prefix {}) differ in {} record(s):\n  - {}",
+            store_dir.display(),
+            etcd.prefix(),
+            diffs.len(),
+            diffs.join("\n  - ")
+        );
+    }
+    let report = etcd.import_from(&sled)?;
+    let mut text = format!(
+        "migrated {} into etcd ({}, prefix {}):\n",
+        store_dir.display(),
+        etcd_cfg.endpoints.join(", "),
+        etcd.prefix()
+    );
+    for kind in ["ca", "groups", "tokens", "agents", "certs", "mesh"] {
+        text.push_str(&format!(
+            "  {kind}: {} copied, {} already there\n",
+            report.copied.get(kind).unwrap_or(&0),
+            report.present.get(kind).unwrap_or(&0)
+        ));
+    }
+    Ok(text)
+}

@@ -625,3 +625,94 @@ fn an_unreachable_etcd_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// `migrate`: a populated sled store is copied into etcd; the check then finds nothing
+/// different, a second run copies nothing, a change in etcd is reported by the check, and
+/// etcd holding another CA is refused.
+#[test]
+fn a_sled_store_migrates_into_etcd_idempotently() {
+    let dir = tempfile::tempdir().unwrap();
+    let sled = SledStore::open(dir.path()).unwrap();
+    sled.init_ca(&ca("f1")).unwrap();
+    sled.create_group(&group("g", "g-1")).unwrap();
+    sled.create_token(&token("t", 3)).unwrap();
+    sled.commit_join("t", &agent("a1"), &cert("s1", "a1"))
+        .unwrap();
+    sled.commit_renewal("a1", &cert("s2", "a1"), 5).unwrap();
+    let key = ServiceKey::new("shop", "web");
+    let eps: ServiceEndpoints = [("e1".to_owned(), endpoint("files", "e1", "10.0.0.1"))]
+        .into_iter()
+        .collect();
+    let history = HistoryRecord {
+        services: [key.clone()].into_iter().collect(),
+        deny: false,
+        policies: ["AuthorizationPolicy/a/x".to_owned()].into_iter().collect(),
+    };
+    sled.save_mesh(&MeshWrite {
+        version: 7,
+        sources: vec![(
+            "files".into(),
+            SourceRecord {
+                kind: SourceKind::File,
+                state: SourceState::syncing(),
+            },
+        )],
+        data: vec![("files", &key, Some(&eps))],
+        vips: vec![(key.clone(), Ipv4Addr::new(240, 240, 0, 1))],
+        history: &history,
+        history_keep_from: 0,
+        policies: vec![("AuthorizationPolicy/a/x".into(), Some(policy(1)))],
+    })
+    .unwrap();
+
+    let m = start_etcd();
+    let etcd = etcd_store(&m, "/causeway/");
+    let first = etcd.import_from(&sled).unwrap();
+    for (kind, n) in [
+        ("ca", 1),
+        ("groups", 1),
+        ("tokens", 1),
+        ("agents", 1),
+        ("certs", 2),
+        ("mesh", 1),
+    ] {
+        assert_eq!(first.copied.get(kind), Some(&n), "{kind}: {first:?}");
+    }
+    assert!(first.present.is_empty(), "{first:?}");
+    assert_eq!(etcd.differences_from(&sled).unwrap(), Vec::<String>::new());
+    let d = etcd.load_mesh().unwrap();
+    assert_eq!(
+        (d.version, d.data["files"][&key]["e1"].address.as_str()),
+        (7, "10.0.0.1")
+    );
+    assert_eq!(
+        etcd.ca().unwrap(),
+        Some(ca("f1")),
+        "the CA key comes back unsealed"
+    );
+
+    // Again: nothing copied, nothing changed.
+    let second = etcd.import_from(&sled).unwrap();
+    assert!(second.copied.is_empty(), "{second:?}");
+    assert_eq!(second.present.get("certs"), Some(&2));
+    // The etcd side moves on (a join spends a use): the check names the token; a new
+    // import does not roll it back.
+    etcd.commit_join("t", &agent("a2"), &cert("s3", "a2"))
+        .unwrap();
+    let diffs = etcd.differences_from(&sled).unwrap();
+    assert!(
+        diffs.iter().any(|d| d.starts_with("token \"t\" differs"))
+            && diffs
+                .iter()
+                .any(|d| d == "agent \"a2\": in etcd, not in sled"),
+        "{diffs:#?}"
+    );
+    etcd.import_from(&sled).unwrap();
+    assert_eq!(etcd.token("t").unwrap().unwrap().uses_left, 1);
+
+    // etcd holding another CA: refused, naming both fingerprints.
+    let other = etcd_store(&m, "/other/");
+    other.init_ca(&ca("f9")).unwrap();
+    let err = other.import_from(&sled).unwrap_err().to_string();
+    assert!(err.contains("f9") && err.contains("f1"), "{err}");
+}

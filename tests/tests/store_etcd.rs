@@ -164,3 +164,100 @@ fn a_controller_on_etcd_serves_a_join_and_shares_its_state() {
         "the refusal names etcd and the setting: {err}"
     );
 }
+
+/// A controller on sled is migrated: `migrate --from-sled --to-etcd` copies its state,
+/// `--check` agrees, and restarted on etcd (same data dir and port) it renews the agent
+/// that joined before, without a new join; the CA stays the same.
+#[test]
+fn a_sled_controller_migrated_to_etcd_keeps_its_agents() {
+    let t = tempfile::tempdir().unwrap();
+    let etcd = Member::start(t.path());
+    let kek = t.path().join("ca-kek");
+    std::fs::write(&kek, "cd".repeat(32)).unwrap();
+    let data = t.path().join("c");
+    let mut ctl = Controller::start_with_config(&data, "");
+    ctl.create_web_group();
+    let state = t.path().join("a1");
+    join_ok(&ctl.token("web", &[]), &state);
+    let before = cert_of(&state);
+    let fingerprint = ctl.fingerprint.clone();
+    ctl.stop();
+
+    let migrate = |extra: &[&str]| {
+        let mut args = vec![
+            "migrate",
+            "--from-sled",
+            data.to_str().unwrap(),
+            "--to-etcd",
+            "--endpoints",
+            &etcd.url,
+            "--kek-file",
+            kek.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        Command::new(bin("causeway-controller"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = migrate(&[]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("agents: 1 copied"), "{text}");
+    let out = migrate(&["--check"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hold the same state"));
+    // Idempotent: a second copy finds everything there.
+    let again = migrate(&[]);
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("agents: 0 copied, 1 already there"),
+        "{}",
+        describe(&again)
+    );
+    // Without the etcd settings: a clear error naming them.
+    let out = Command::new(bin("causeway-controller"))
+        .args([
+            "migrate",
+            "--from-sled",
+            data.to_str().unwrap(),
+            "--to-etcd",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("store.endpoints is empty")
+            && err.contains("store.kek_file"),
+        "{err}"
+    );
+
+    // The same controller, now on etcd.
+    std::fs::write(
+        data.with_extension("toml"),
+        format!(
+            "[store]\nbackend = \"etcd\"\nendpoints = [\"{}\"]\nkek_file = \"{}\"\n",
+            etcd.url,
+            kek.display()
+        ),
+    )
+    .unwrap();
+    ctl.restart();
+    assert!(ctl.log().contains("state kept in etcd"), "{}", ctl.log());
+    assert_eq!(ctl.fingerprint, fingerprint, "the same CA");
+    let out = agent(&["renew", "--state-dir", state.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let after = cert_of(&state);
+    assert_ne!(after.serial, before.serial, "a new certificate");
+    let agents = ctl.agents();
+    assert_eq!(agents.len(), 1, "{agents:#?}");
+    assert_eq!(agents[0]["renewals"], 1);
+    // Now the two differ: the check says so and fails.
+    let out = migrate(&["--check"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("differ in"),
+        "{}",
+        describe(&out)
+    );
+}
