@@ -713,15 +713,11 @@ impl Store for EtcdStore {
                 )));
             }
             let (_, tokens) = self.get_all(self.tree("tokens"), rev)?;
-            let mut compares = Vec::new();
-            let mut ops = vec![Op::Delete { key: gkey.clone() }];
-            for kv in &tokens {
+            let mut mine = Vec::new();
+            for kv in tokens {
                 let t: TokenRecord = decode("tokens", &kv.key, &kv.value)?;
                 if t.group == name {
-                    compares.push(Compare::unchanged_since(kv.key.clone(), kv.mod_revision));
-                    ops.push(Op::Delete {
-                        key: kv.key.clone(),
-                    });
+                    mine.push(kv);
                 }
             }
             let (_, group) = self.get_all(gkey.clone(), rev)?;
@@ -731,10 +727,39 @@ impl Store for EtcdStore {
                     name: name.to_owned(),
                 });
             };
-            compares.push(Compare::unchanged_since(gkey.clone(), g.mod_revision));
-            let deleted = ops.len() - 1;
-            if self.txn(compares, ops, Vec::new())?.succeeded {
-                return Ok(deleted);
+            // More tokens than one transaction takes: the surplus goes first, each
+            // chunk compared as read (a token of a group being deleted joins nothing
+            // useful anyway), then the group with the last tokens in one transaction.
+            let last = mine.len().saturating_sub(MAX_TXN_OPS / 2 - 1);
+            let mut lost = false;
+            for chunk in mine[..last].chunks(MAX_TXN_OPS / 2) {
+                let compares = chunk
+                    .iter()
+                    .map(|kv| Compare::unchanged_since(kv.key.clone(), kv.mod_revision))
+                    .collect();
+                let ops = chunk
+                    .iter()
+                    .map(|kv| Op::Delete {
+                        key: kv.key.clone(),
+                    })
+                    .collect();
+                if !self.txn(compares, ops, Vec::new())?.succeeded {
+                    lost = true;
+                    break;
+                }
+            }
+            if !lost {
+                let mut compares = vec![Compare::unchanged_since(gkey.clone(), g.mod_revision)];
+                let mut ops = vec![Op::Delete { key: gkey.clone() }];
+                for kv in &mine[last..] {
+                    compares.push(Compare::unchanged_since(kv.key.clone(), kv.mod_revision));
+                    ops.push(Op::Delete {
+                        key: kv.key.clone(),
+                    });
+                }
+                if self.txn(compares, ops, Vec::new())?.succeeded {
+                    return Ok(mine.len());
+                }
             }
             self.pause(attempt);
         }
@@ -931,7 +956,8 @@ impl Store for EtcdStore {
                 Vec::new(),
             )?;
             if !r.succeeded {
-                *self.mesh_rev.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                // The revision stays the stale one: every later write fails the same way
+                // instead of overwriting the other writer's state with this stale view.
                 return Err(StoreError::Conflict(format!(
                     "the mesh state in etcd ({}) was changed by another writer since this controller read it; its registry view is stale: restart this controller",
                     String::from_utf8_lossy(&vkey)

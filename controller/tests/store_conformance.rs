@@ -365,6 +365,17 @@ fn conformance(s: &dyn Store) {
     let err = s.delete_group("g").unwrap_err();
     assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
 
+    // A group with more tokens than one etcd transaction takes goes with all of them.
+    s.create_group(&group("big", "b-1")).unwrap();
+    for i in 0..130 {
+        let mut t = token(&format!("big-{i:03}"), 1);
+        t.group = "big".into();
+        t.group_id = "b-1".into();
+        s.create_token(&t).unwrap();
+    }
+    assert_eq!(s.delete_group("big").unwrap(), 130);
+    assert!(s.tokens().unwrap().is_empty() && s.group("big").unwrap().is_none());
+
     // The mesh: an empty store loads as version 0.
     let empty = s.load_mesh().unwrap();
     assert_eq!(empty.version, 0);
@@ -715,4 +726,44 @@ fn a_sled_store_migrates_into_etcd_idempotently() {
     other.init_ca(&ca("f9")).unwrap();
     let err = other.import_from(&sled).unwrap_err().to_string();
     assert!(err.contains("f9") && err.contains("f1"), "{err}");
+}
+
+/// Two controllers writing the mesh: the one whose view is stale is refused, and stays
+/// refused (it does not overwrite the other's versions and VIPs with its stale view).
+#[test]
+fn a_stale_mesh_writer_is_refused() {
+    let m = start_etcd();
+    let a = etcd_store(&m, "/causeway/");
+    let b = etcd_store(&m, "/causeway/");
+    assert_eq!(a.load_mesh().unwrap().version, 0);
+    assert_eq!(b.load_mesh().unwrap().version, 0);
+    let key = ServiceKey::new("shop", "web");
+    let h = HistoryRecord {
+        services: [key.clone()].into_iter().collect(),
+        ..HistoryRecord::default()
+    };
+    let write = |version: u64, ip: u8| MeshWrite {
+        version,
+        sources: vec![],
+        data: vec![],
+        vips: vec![(key.clone(), Ipv4Addr::new(240, 240, 0, ip))],
+        history: &h,
+        history_keep_from: 0,
+        policies: vec![],
+    };
+    a.save_mesh(&write(1, 1)).unwrap();
+    a.save_mesh(&write(2, 1)).unwrap();
+    for _ in 0..2 {
+        let err = b.save_mesh(&write(1, 2)).unwrap_err().to_string();
+        assert!(err.contains("changed by another writer"), "{err}");
+    }
+    let d = a.load_mesh().unwrap();
+    assert_eq!(
+        (d.version, d.vips[&key]),
+        (2, Ipv4Addr::new(240, 240, 0, 1))
+    );
+    // Reloaded, b writes on top.
+    assert_eq!(b.load_mesh().unwrap().version, 2);
+    b.save_mesh(&write(3, 1)).unwrap();
+    assert_eq!(a.load_mesh().unwrap().version, 3);
 }
