@@ -261,3 +261,57 @@ fn a_sled_controller_migrated_to_etcd_keeps_its_agents() {
         describe(&out)
     );
 }
+
+/// The mesh on etcd: a file source's service gets a VIP, both are written to etcd by the
+/// registry task, and a controller restarted on the same etcd restores the same version
+/// and VIP before the source answers again.
+#[test]
+fn the_mesh_state_on_etcd_survives_a_restart() {
+    let t = tempfile::tempdir().unwrap();
+    let etcd = Member::start(t.path());
+    let kek = t.path().join("ca-kek");
+    std::fs::write(&kek, "ef".repeat(32)).unwrap();
+    let file = t.path().join("services.toml");
+    std::fs::write(
+        &file,
+        "[[services]]\nname = \"pay\"\nports = { https = 443 }\n[[services.endpoints]]\naddress = \"203.0.113.10\"\n",
+    )
+    .unwrap();
+    let toml = format!(
+        "[store]\nbackend = \"etcd\"\nendpoints = [\"{}\"]\nkek_file = \"{}\"\n\n[[sources.file]]\nname = \"ext\"\npath = {:?}\n",
+        etcd.url,
+        kek.display(),
+        file.to_str().unwrap()
+    );
+    let mut ctl = Controller::start_with_config(&t.path().join("c"), &toml);
+    let find = |ctl: &Controller| {
+        ctl.ctl_json(&["registry", "list"])
+            .as_array()
+            .and_then(|l| l.iter().find(|s| s["name"] == "pay").cloned())
+    };
+    let pay = wait_for("pay in the registry", Duration::from_secs(20), || {
+        find(&ctl)
+    });
+    let vip = pay["vip"].as_str().unwrap().to_owned();
+    let version = ctl.mesh_version();
+    assert!(version > 0);
+    let keys = etcd.keys("/causeway/mesh/");
+    for want in [
+        "/causeway/mesh/version",
+        "/causeway/mesh/vips/default/pay",
+        "/causeway/mesh/data/ext\0default/pay",
+        "/causeway/mesh/sources/ext",
+    ] {
+        assert!(
+            keys.iter().any(|k| k == want),
+            "{want:?} missing from {keys:#?}"
+        );
+    }
+
+    // Restarted without the file: the service and its VIP come back from etcd.
+    std::fs::remove_file(&file).unwrap();
+    ctl.restart();
+    assert!(ctl.mesh_version() >= version);
+    let pay = find(&ctl).expect("pay restored from etcd");
+    assert_eq!(pay["vip"].as_str(), Some(vip.as_str()));
+}
