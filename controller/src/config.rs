@@ -91,6 +91,13 @@ pub struct StoreConfig {
     /// Time limit for one etcd request.
     #[serde(with = "causeway_api::duration")]
     pub request_timeout: Duration,
+    /// PEM CA bundle that etcd's server certificates chain to (https endpoints);
+    /// default: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain for etcd's `--client-cert-auth`, with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -102,11 +109,26 @@ impl Default for StoreConfig {
             prefix: "/causeway/".into(),
             dial_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
 
 impl StoreConfig {
+    /// The etcd client settings.
+    pub fn etcd_options(&self) -> crate::etcd::EtcdOptions {
+        crate::etcd::EtcdOptions {
+            endpoints: self.endpoints.clone(),
+            request_timeout: self.request_timeout,
+            dial_timeout: self.dial_timeout,
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+        }
+    }
+
     /// Appends what is wrong with these settings to `errors`.
     pub fn problems(&self, errors: &mut Vec<String>) {
         if self.backend != StoreBackend::Etcd {
@@ -126,6 +148,18 @@ impl StoreConfig {
             if !ok {
                 errors.push(format!(
                     "store.endpoints: {e:?} is not an etcd client URL; write it as \"http://HOST:2379\""
+                ));
+            }
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            errors.push(
+                "store: cert_file and key_file go together (etcd's client certificate and its key); set both or neither".into(),
+            );
+        }
+        if self.ca_file.is_some() || self.cert_file.is_some() {
+            for e in self.endpoints.iter().filter(|e| e.starts_with("http://")) {
+                errors.push(format!(
+                    "store.endpoints: {e:?} is plain http but store.ca_file/cert_file are set for TLS; write it as https://"
                 ));
             }
         }
@@ -536,6 +570,17 @@ mod tests {
         .unwrap();
         c.validate().unwrap();
         assert_eq!(Config::default().store.backend, StoreBackend::Sled);
+        let c = Config::parse(
+            "[store]\nbackend = \"etcd\"\nendpoints = [\"http://10.0.0.9:2379\"]\nkek_file = \"/k\"\ncert_file = \"/c.pem\"",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        let ConfigError::Invalid(errors) = c.validate().unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(errors[0].contains("cert_file and key_file go together"));
+        assert!(errors[1].contains("is plain http") && errors[1].contains("https://"));
     }
 
     #[test]

@@ -32,6 +32,14 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
     /// Time limit for connecting to one endpoint.
     pub dial_timeout: Duration,
+    /// PEM CA bundle that etcd's server certificates chain to (`https://` endpoints);
+    /// `None`: the system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate chain presented to etcd (`--client-cert-auth`), with
+    /// `key_file`.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for EtcdOptions {
@@ -40,8 +48,20 @@ impl Default for EtcdOptions {
             endpoints: vec!["http://127.0.0.1:2379".to_owned()],
             request_timeout: Duration::from_secs(5),
             dial_timeout: Duration::from_secs(2),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
+}
+
+fn read_pem(key: &str, path: &std::path::Path) -> Result<Vec<u8>, EtcdError> {
+    std::fs::read(path).map_err(|e| {
+        EtcdError::Config(format!(
+            "[store] {key} = {:?}: cannot read it ({e})",
+            path.display()
+        ))
+    })
 }
 
 /// Why an etcd request failed.
@@ -404,9 +424,43 @@ impl Etcd {
         }
         // reqwest is built without a default crypto provider; ring is the tree's one.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(options.dial_timeout)
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(30));
+        if let Some(path) = &options.ca_file {
+            let certs = reqwest::Certificate::from_pem_bundle(&read_pem("ca_file", path)?)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| {
+                    EtcdError::Config(format!(
+                        "[store] ca_file = {:?}: no PEM certificate in it; give the CA that signed etcd's server certificates",
+                        path.display()
+                    ))
+                })?;
+            builder = builder.tls_certs_only(certs);
+        }
+        match (&options.cert_file, &options.key_file) {
+            (Some(cert), Some(key)) => {
+                let mut pem = read_pem("cert_file", cert)?;
+                pem.push(b'\n');
+                pem.extend(read_pem("key_file", key)?);
+                let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                    EtcdError::Config(format!(
+                        "[store] cert_file = {:?} and key_file = {:?} are not a PEM certificate chain and its private key ({e})",
+                        cert.display(),
+                        key.display()
+                    ))
+                })?;
+                builder = builder.identity(identity);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(EtcdError::Config(
+                    "[store] cert_file and key_file go together; set both or neither".to_owned(),
+                ));
+            }
+        }
+        let http = builder
             .build()
             .map_err(|e| EtcdError::Config(format!("etcd client: {e}")))?;
         Ok(Etcd {

@@ -1000,11 +1000,7 @@ pub fn open_configured(
                 .as_deref()
                 .context("[store] kek_file is required with backend = \"etcd\"")?;
             let kek = Kek::from_file(kek_file)?;
-            let options = EtcdOptions {
-                endpoints: cfg.endpoints.clone(),
-                request_timeout: cfg.request_timeout,
-                dial_timeout: cfg.dial_timeout,
-            };
+            let options = cfg.etcd_options();
             let store = EtcdStore::open(&options, &cfg.prefix, kek).with_context(|| {
                 format!(
                     "cannot open the etcd store at {} (prefix {})",
@@ -1268,11 +1264,7 @@ pub fn migrate_command(
         )
     })?;
     let kek = Kek::from_file(etcd_cfg.kek_file.as_deref().expect("validated"))?;
-    let options = EtcdOptions {
-        endpoints: etcd_cfg.endpoints.clone(),
-        request_timeout: etcd_cfg.request_timeout,
-        dial_timeout: etcd_cfg.dial_timeout,
-    };
+    let options = etcd_cfg.etcd_options();
     let etcd = EtcdStore::open(&options, &etcd_cfg.prefix, kek)?;
     if check {
         let diffs = etcd.differences_from(&sled)?;

@@ -42,17 +42,90 @@ impl Drop for Member {
     }
 }
 
+fn start_etcd() -> Member {
+    start_etcd_with(None)
+}
+
+/// Certificates for an etcd that requires client certificates.
+struct Tls {
+    ca: std::path::PathBuf,
+    client_cert: std::path::PathBuf,
+    client_key: std::path::PathBuf,
+    server_cert: std::path::PathBuf,
+    server_key: std::path::PathBuf,
+}
+
+fn make_tls(dir: &std::path::Path) -> Tls {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+        KeyPair,
+    };
+    let mut ca_params = CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |name: &str, san: Vec<String>, usage: Vec<ExtendedKeyUsagePurpose>| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(san).unwrap();
+        params.extended_key_usages = usage;
+        let cert = params.signed_by(&key, &ca).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}-key.pem")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    };
+    let (server_cert, server_key) = leaf(
+        "server",
+        vec!["127.0.0.1".into(), "localhost".into()],
+        // etcd's own gateway dials its gRPC server with this certificate as a client.
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    );
+    let (client_cert, client_key) = leaf(
+        "client",
+        vec!["controller".into()],
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+    );
+    let ca_path = dir.join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    Tls {
+        ca: ca_path,
+        client_cert,
+        client_key,
+        server_cert,
+        server_key,
+    }
+}
+
 #[allow(
     clippy::disallowed_methods,
     reason = "test support: a synchronous wait for etcd to answer"
 )]
-fn start_etcd() -> Member {
+fn start_etcd_with(tls: Option<&Tls>) -> Member {
     let dir = tempfile::tempdir().unwrap();
     let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
     let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+    let mut tls_args = Vec::new();
+    if let Some(t) = tls {
+        tls_args = vec![
+            "--cert-file".to_owned(),
+            t.server_cert.to_str().unwrap().to_owned(),
+            "--key-file".to_owned(),
+            t.server_key.to_str().unwrap().to_owned(),
+            "--client-cert-auth".to_owned(),
+            "--trusted-ca-file".to_owned(),
+            t.ca.to_str().unwrap().to_owned(),
+        ];
+    }
     let child = Command::new("etcd")
+        .args(tls_args)
         .args([
             "--name",
             "m1",
@@ -79,11 +152,24 @@ fn start_etcd() -> Member {
     let deadline = Instant::now() + Duration::from_secs(30);
     let health = format!("{}/health", member.url);
     loop {
-        if let Ok(out) = Command::new("curl")
-            .args(["-fsS", "-m", "1", &health])
-            .output()
-            && String::from_utf8_lossy(&out.stdout).contains("true")
-        {
+        let ready = match tls {
+            // Through the client under test (curl and this etcd disagree on TLS records).
+            Some(t) => {
+                let etcd = Etcd::new(&EtcdOptions {
+                    ca_file: Some(t.ca.clone()),
+                    cert_file: Some(t.client_cert.clone()),
+                    key_file: Some(t.client_key.clone()),
+                    ..options(&member.url)
+                })
+                .unwrap();
+                block(etcd.get(b"/ready")).is_ok()
+            }
+            None => Command::new("curl")
+                .args(["-fsS", "-m", "1", &health])
+                .output()
+                .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("true")),
+        };
+        if ready {
             return member;
         }
         assert!(
@@ -101,6 +187,7 @@ fn options(url: &str) -> EtcdOptions {
         endpoints: vec![url.to_owned()],
         request_timeout: Duration::from_secs(10),
         dial_timeout: Duration::from_secs(1),
+        ..EtcdOptions::default()
     }
 }
 
@@ -766,4 +853,54 @@ fn a_stale_mesh_writer_is_refused() {
     assert_eq!(b.load_mesh().unwrap().version, 2);
     b.save_mesh(&write(3, 1)).unwrap();
     assert_eq!(a.load_mesh().unwrap().version, 3);
+}
+
+/// An etcd that requires client certificates: the store with `ca_file`, `cert_file` and
+/// `key_file` works; without a client certificate, or trusting another CA, it fails with
+/// an error; a missing certificate file is named.
+#[test]
+fn etcd_with_client_certificates() {
+    let certs = tempfile::tempdir().unwrap();
+    let tls = make_tls(certs.path());
+    let m = start_etcd_with(Some(&tls));
+    let with = |ca: bool, client: bool| EtcdOptions {
+        ca_file: ca.then(|| tls.ca.clone()),
+        cert_file: client.then(|| tls.client_cert.clone()),
+        key_file: client.then(|| tls.client_key.clone()),
+        ..options(&m.url)
+    };
+    let kek = || Kek::from_bytes(KEK, "test").unwrap();
+    let s = EtcdStore::open(&with(true, true), "/causeway/", kek()).unwrap();
+    s.create_group(&group("g", "g-1")).unwrap();
+    assert_eq!(s.group("g").unwrap().unwrap().id, "g-1");
+
+    let err = EtcdStore::open(&with(true, false), "/causeway/", kek())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("etcd is unreachable") && err.contains("BadCertificate"),
+        "no client certificate: {err}"
+    );
+    let err = EtcdStore::open(&with(false, true), "/causeway/", kek())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("etcd is unreachable") && err.contains("UnknownIssuer"),
+        "server not trusted: {err}"
+    );
+    let mut missing = with(true, true);
+    missing.key_file = Some(certs.path().join("nope.pem"));
+    let err = EtcdStore::open(&missing, "/causeway/", kek())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("[store] key_file") && err.contains("nope.pem"),
+        "{err}"
+    );
+    let mut half = with(true, true);
+    half.key_file = None;
+    let err = EtcdStore::open(&half, "/causeway/", kek())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("go together"), "{err}");
 }
