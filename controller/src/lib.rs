@@ -7,7 +7,9 @@
 //! config to subscribed agents ([`push`]), and serves the admin HTTP API for
 //! `causewayctl` ([`admin`]), with policy resources and `why` ([`policy_admin`]).
 //!
-//! What it does not (yet): run with several controllers (etcd) or serve metrics.
+//! The state can also live in etcd ([`store_etcd`], `[store] backend = "etcd"`), shared
+//! by several controllers. What it does not (yet): elect a leader for the registry
+//! watchers, push changes made through another controller, or serve metrics.
 
 pub mod address;
 pub mod admin;
