@@ -63,8 +63,8 @@ const PAGE: i64 = 1000;
 
 /// The key-encryption key: seals the CA's private key before it goes to etcd.
 ///
-/// Derived with HKDF-SHA256 from the bytes of `kek_file` (surrounding whitespace ignored,
-/// so 32+ random bytes or 64+ hex digits both do); AES-256-GCM with a random nonce, the
+/// Derived with HKDF-SHA256 from the bytes of `kek_file` (32+ random bytes, or text such
+/// as 64 hex digits, whose surrounding whitespace is ignored); AES-256-GCM with a random nonce, the
 /// CA certificate's fingerprint as associated data.
 pub struct Kek {
     key: LessSafeKey,
@@ -94,7 +94,11 @@ impl Kek {
 
     /// Derives the key from `bytes` (`origin` names them in errors).
     pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Kek, StoreError> {
-        let material = bytes.trim_ascii();
+        // Text (hex, base64) is taken without its surrounding whitespace, so a trailing
+        // newline does not change the key; random bytes are taken as they are.
+        let text = std::str::from_utf8(bytes)
+            .is_ok_and(|t| t.chars().all(|c| !c.is_control() || c.is_whitespace()));
+        let material = if text { bytes.trim_ascii() } else { bytes };
         if material.len() < KEK_MIN_BYTES {
             return Err(StoreError::Kek(format!(
                 "[store] kek_file = {origin:?} holds {} bytes: a key-encryption key needs at least {KEK_MIN_BYTES} random bytes; write a new one with `head -c 32 /dev/urandom > {origin}` before the first controller starts (the same file on every controller)",

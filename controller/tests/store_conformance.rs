@@ -692,6 +692,10 @@ fn the_ca_key_is_sealed_under_the_kek() {
         err.contains("cannot read it") && err.contains("absent"),
         "{err}"
     );
+    // 32 random bytes are taken whole, even when the last one is a newline.
+    let mut raw = vec![0x9c_u8; 31];
+    raw.push(b'\n');
+    Kek::from_bytes(&raw, "raw").unwrap();
     // Hex with or without a trailing newline is the same key.
     let hex = dir.path().join("hex");
     std::fs::write(&hex, format!("{}\n", "ab".repeat(32))).unwrap();
