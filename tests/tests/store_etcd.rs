@@ -163,6 +163,16 @@ fn a_controller_on_etcd_serves_a_join_and_shares_its_state() {
         err.contains("etcd is unreachable") && err.contains("[store] endpoints"),
         "the refusal names etcd and the setting: {err}"
     );
+    // So is a renewal, and the agent keeps the certificate it has.
+    let before = cert_of(&state);
+    let out = agent(&["renew", "--state-dir", state.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("etcd is unreachable"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(cert_of(&state).serial, before.serial);
 }
 
 /// A controller on sled is migrated: `migrate --from-sled --to-etcd` copies its state,
