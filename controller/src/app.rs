@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::control::{ControlServer, RequestObserver};
 use crate::enroll::{Enroller, now_unix, random_hex, sha256_hex};
 use crate::mesh::{Mesh, MeshSettings};
-use crate::store::{SledStore, Store};
+use crate::store::Store;
 use crate::{admin_server, tls_listener};
 
 /// What a caller may plug into a controller beyond its configuration. The binary uses
@@ -146,13 +146,8 @@ pub async fn start_with(cfg: Config, hooks: Hooks) -> anyhow::Result<Handle> {
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot set permissions on {}", cfg.data_dir.display()))?;
-    let store_dir = cfg.data_dir.join("store");
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&store_dir).with_context(|| {
-        format!(
-            "cannot open the store at {} (is another controller using this data dir?)",
-            store_dir.display()
-        )
-    })?);
+    // [store]: sled in <data_dir>/store (default) or etcd.
+    let store: Arc<dyn Store> = crate::store_etcd::open_configured(&cfg.store, &cfg.data_dir)?;
     let ca = Arc::new(Ca::load_or_create(
         store.as_ref(),
         &cfg.ca,

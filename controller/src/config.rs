@@ -57,6 +57,136 @@ pub struct Config {
     pub sources: causeway_registry::SourcesConfig,
     /// Prometheus metrics endpoint.
     pub metrics: MetricsConfig,
+    /// Where state is kept: the embedded sled store (default) or etcd.
+    pub store: StoreConfig,
+}
+
+/// Which store backend keeps the controller's state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// sled in `<data_dir>/store`: one controller.
+    #[default]
+    Sled,
+    /// etcd: several controllers share the state.
+    Etcd,
+}
+
+/// `[store]`: the state backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// "sled" (default) or "etcd".
+    pub backend: StoreBackend,
+    /// etcd client URLs (`http://10.0.0.9:2379`), tried in turn.
+    pub endpoints: Vec<String>,
+    /// File whose bytes (32 or more) derive the key that encrypts the CA key in etcd;
+    /// the same file on every controller.
+    pub kek_file: Option<PathBuf>,
+    /// Prefix of every key the controller writes in etcd.
+    pub prefix: String,
+    /// Time limit for connecting to one etcd endpoint.
+    #[serde(with = "causeway_api::duration")]
+    pub dial_timeout: Duration,
+    /// Time limit for one etcd request.
+    #[serde(with = "causeway_api::duration")]
+    pub request_timeout: Duration,
+    /// PEM CA bundle that etcd's server certificates chain to (https endpoints);
+    /// default: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain for etcd's `--client-cert-auth`, with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Sled,
+            endpoints: Vec::new(),
+            kek_file: None,
+            prefix: "/causeway/".into(),
+            dial_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The etcd client settings.
+    pub fn etcd_options(&self) -> crate::etcd::EtcdOptions {
+        crate::etcd::EtcdOptions {
+            endpoints: self.endpoints.clone(),
+            request_timeout: self.request_timeout,
+            dial_timeout: self.dial_timeout,
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+        }
+    }
+
+    /// Appends what is wrong with these settings to `errors`.
+    pub fn problems(&self, errors: &mut Vec<String>) {
+        if self.backend != StoreBackend::Etcd {
+            return;
+        }
+        if self.endpoints.is_empty() {
+            errors.push(
+                "store.endpoints is empty: backend = \"etcd\" needs etcd's client URLs, e.g. endpoints = [\"http://10.0.0.9:2379\"]"
+                    .into(),
+            );
+        }
+        for e in &self.endpoints {
+            let ok = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"))
+                .is_some_and(|rest| !rest.is_empty());
+            if !ok {
+                errors.push(format!(
+                    "store.endpoints: {e:?} is not an etcd client URL; write it as \"http://HOST:2379\""
+                ));
+            }
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            errors.push(
+                "store: cert_file and key_file go together (etcd's client certificate and its key); set both or neither".into(),
+            );
+        }
+        if self.ca_file.is_some() || self.cert_file.is_some() {
+            for e in self.endpoints.iter().filter(|e| e.starts_with("http://")) {
+                errors.push(format!(
+                    "store.endpoints: {e:?} is plain http but store.ca_file/cert_file are set for TLS; write it as https://"
+                ));
+            }
+        }
+        if self.kek_file.is_none() {
+            errors.push(
+                "store.kek_file is not set: backend = \"etcd\" keeps the CA key in etcd encrypted under a key-encryption key; create a file with 32 random bytes (`head -c 32 /dev/urandom > /etc/causeway/ca-kek`), copy it to every controller and set kek_file = \"/etc/causeway/ca-kek\""
+                    .into(),
+            );
+        }
+        if !self.prefix.starts_with('/') || self.prefix.len() < 2 {
+            errors.push(format!(
+                "store.prefix = {:?}: must start with / and name a directory, e.g. \"/causeway/\"",
+                self.prefix
+            ));
+        }
+        for (name, d) in [
+            ("dial_timeout", self.dial_timeout),
+            ("request_timeout", self.request_timeout),
+        ] {
+            if d.is_zero() || d > Duration::from_secs(300) {
+                errors.push(format!(
+                    "store.{name} = {}: must be above zero and at most 5m",
+                    humantime::format_duration(d)
+                ));
+            }
+        }
+    }
 }
 
 /// `[metrics]`: the Prometheus endpoint (`GET /metrics`).
@@ -188,6 +318,7 @@ impl Default for Config {
             mesh: MeshConfig::default(),
             sources: causeway_registry::SourcesConfig::default(),
             metrics: MetricsConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -342,6 +473,7 @@ impl Config {
         if self.mesh.history == 0 {
             errors.push("mesh.history = 0: must be at least 1".into());
         }
+        self.store.problems(&mut errors);
         if let Err(e) = self.sources.validate() {
             errors.extend(e.problems.into_iter().map(|p| format!("sources: {p}")));
         }
@@ -477,6 +609,57 @@ mod tests {
         assert!(errors.iter().any(|e| e.contains("intermediate_cert_chain")));
         assert!(errors.iter().any(|e| e.contains("workload_cert_ttl")));
         assert!(errors.iter().any(|e| e.contains("default_ttl")));
+    }
+
+    #[test]
+    fn etcd_store_needs_endpoints_and_a_kek_file() {
+        let c = Config::parse("[store]\nbackend = \"etcd\"", Path::new("c.toml")).unwrap();
+        let ConfigError::Invalid(errors) = c.validate().unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(
+            errors[0].contains("store.endpoints is empty"),
+            "{errors:#?}"
+        );
+        assert!(
+            errors[1].contains("store.kek_file is not set"),
+            "{errors:#?}"
+        );
+        assert!(errors[1].contains("head -c 32 /dev/urandom"), "{errors:#?}");
+        let c = Config::parse(
+            "[store]\nbackend = \"etcd\"\nendpoints = [\"10.0.0.9:2379\"]\nkek_file = \"/k\"\nprefix = \"x\"\nrequest_timeout = \"0s\"",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        let ConfigError::Invalid(errors) = c.validate().unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(errors[0].contains("\"10.0.0.9:2379\" is not an etcd client URL"));
+        assert!(errors[1].contains("store.prefix = \"x\""));
+        assert!(errors[2].contains("store.request_timeout = 0s"));
+        let err =
+            Config::parse("[store]\nbackend = \"postgres\"", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("postgres"), "{err}");
+        let c = Config::parse(
+            "[store]\nbackend = \"etcd\"\nendpoints = [\"http://10.0.0.9:2379\"]\nkek_file = \"/etc/causeway/ca-kek\"",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(Config::default().store.backend, StoreBackend::Sled);
+        let c = Config::parse(
+            "[store]\nbackend = \"etcd\"\nendpoints = [\"http://10.0.0.9:2379\"]\nkek_file = \"/k\"\ncert_file = \"/c.pem\"",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        let ConfigError::Invalid(errors) = c.validate().unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(errors[0].contains("cert_file and key_file go together"));
+        assert!(errors[1].contains("is plain http") && errors[1].contains("https://"));
     }
 
     #[test]

@@ -32,6 +32,14 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
     /// Time limit for connecting to one endpoint.
     pub dial_timeout: Duration,
+    /// PEM CA bundle that etcd's server certificates chain to (`https://` endpoints);
+    /// `None`: the system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate chain presented to etcd (`--client-cert-auth`), with
+    /// `key_file`.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for EtcdOptions {
@@ -40,8 +48,20 @@ impl Default for EtcdOptions {
             endpoints: vec!["http://127.0.0.1:2379".to_owned()],
             request_timeout: Duration::from_secs(5),
             dial_timeout: Duration::from_secs(2),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
+}
+
+fn read_pem(key: &str, path: &std::path::Path) -> Result<Vec<u8>, EtcdError> {
+    std::fs::read(path).map_err(|e| {
+        EtcdError::Config(format!(
+            "[store] {key} = {:?}: cannot read it ({e})",
+            path.display()
+        ))
+    })
 }
 
 /// Why an etcd request failed.
@@ -258,6 +278,13 @@ pub enum Op {
         /// Key.
         key: Vec<u8>,
     },
+    /// Delete every key in `[key, range_end)`.
+    DeleteRange {
+        /// First key.
+        key: Vec<u8>,
+        /// The first key after the range.
+        range_end: Vec<u8>,
+    },
     /// Delete every key under a prefix.
     DeletePrefix {
         /// Prefix.
@@ -290,6 +317,10 @@ impl Op {
                 json!({ "request_put": p })
             }
             Op::Delete { key } => json!({"request_delete_range": {"key": B64.encode(key)}}),
+            Op::DeleteRange { key, range_end } => json!({"request_delete_range": {
+                "key": B64.encode(key),
+                "range_end": B64.encode(range_end),
+            }}),
             Op::DeletePrefix { prefix } => json!({"request_delete_range": {
                 "key": B64.encode(prefix),
                 "range_end": B64.encode(prefix_end(prefix)),
@@ -393,9 +424,43 @@ impl Etcd {
         }
         // reqwest is built without a default crypto provider; ring is the tree's one.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(options.dial_timeout)
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(30));
+        if let Some(path) = &options.ca_file {
+            let certs = reqwest::Certificate::from_pem_bundle(&read_pem("ca_file", path)?)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| {
+                    EtcdError::Config(format!(
+                        "[store] ca_file = {:?}: no PEM certificate in it; give the CA that signed etcd's server certificates",
+                        path.display()
+                    ))
+                })?;
+            builder = builder.tls_certs_only(certs);
+        }
+        match (&options.cert_file, &options.key_file) {
+            (Some(cert), Some(key)) => {
+                let mut pem = read_pem("cert_file", cert)?;
+                pem.push(b'\n');
+                pem.extend(read_pem("key_file", key)?);
+                let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                    EtcdError::Config(format!(
+                        "[store] cert_file = {:?} and key_file = {:?} are not a PEM certificate chain and its private key ({e})",
+                        cert.display(),
+                        key.display()
+                    ))
+                })?;
+                builder = builder.identity(identity);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(EtcdError::Config(
+                    "[store] cert_file and key_file go together; set both or neither".to_owned(),
+                ));
+            }
+        }
+        let http = builder
             .build()
             .map_err(|e| EtcdError::Config(format!("etcd client: {e}")))?;
         Ok(Etcd {
@@ -508,9 +573,23 @@ impl Etcd {
         revision: i64,
         limit: i64,
     ) -> Result<RangeResponse, EtcdError> {
+        self.range(prefix, &prefix_end(prefix), revision, limit)
+            .await
+    }
+
+    /// Reads the keys in `[key, range_end)`, sorted by key, at one revision (`revision`
+    /// 0: the latest), `limit` 0 for all: pages of a large prefix resume from the last
+    /// key read (plus a zero byte) at the first page's revision.
+    pub async fn range(
+        &self,
+        key: &[u8],
+        range_end: &[u8],
+        revision: i64,
+        limit: i64,
+    ) -> Result<RangeResponse, EtcdError> {
         let mut body = json!({
-            "key": B64.encode(prefix),
-            "range_end": B64.encode(prefix_end(prefix)),
+            "key": B64.encode(key),
+            "range_end": B64.encode(range_end),
         });
         if revision > 0 {
             body["revision"] = revision.to_string().into();

@@ -10,7 +10,9 @@
 //!
 //! [`app::start`] wires these together; the binary and in-process tests call it.
 //!
-//! What it does not (yet): run with several controllers (etcd).
+//! The state can also live in etcd ([`store_etcd`], `[store] backend = "etcd"`), shared
+//! by several controllers. What it does not (yet): elect a leader for the registry
+//! watchers, or push changes made through another controller.
 
 pub mod address;
 pub mod admin;
@@ -30,5 +32,6 @@ pub mod metrics;
 pub mod policy_admin;
 pub mod push;
 pub mod store;
+pub mod store_etcd;
 pub mod tls_listener;
 pub mod ui;

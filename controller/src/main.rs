@@ -2,7 +2,7 @@
 
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use causeway_controller::config::Config;
 use causeway_controller::{app, logging};
@@ -50,6 +50,58 @@ enum Cmd {
     /// Print the man page (roff), e.g. `causeway-controller man | man -l -`.
     #[command(hide = true)]
     Man,
+    /// Copy a single controller's sled store into etcd (CA, groups, tokens, agents,
+    /// certificates, policies, registry cache), idempotently; with --check, compare them.
+    /// etcd settings come from [store] in --config, or the flags below.
+    Migrate {
+        /// The controller's data dir (or its `store` directory). Stop that controller first.
+        #[arg(long, value_name = "DIR")]
+        from_sled: PathBuf,
+        /// Write into etcd (the only target).
+        #[arg(long, required = true)]
+        to_etcd: bool,
+        /// Compare instead of copying; exits non-zero when the two differ.
+        #[arg(long)]
+        check: bool,
+        /// etcd client URLs (overrides [store] endpoints), e.g. http://10.0.0.9:2379.
+        #[arg(long, value_delimiter = ',')]
+        endpoints: Vec<String>,
+        /// Key-encryption key file (overrides [store] kek_file).
+        #[arg(long)]
+        kek_file: Option<PathBuf>,
+        /// Key prefix (overrides [store] prefix).
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+}
+
+/// `causeway-controller migrate`.
+fn migrate(config: Option<&Path>, cmd: &Cmd) -> anyhow::Result<String> {
+    let Cmd::Migrate {
+        from_sled,
+        check,
+        endpoints,
+        kek_file,
+        prefix,
+        ..
+    } = cmd
+    else {
+        anyhow::bail!("not a migrate command");
+    };
+    let mut store = match config {
+        Some(path) => Config::load(path)?.store,
+        None => Default::default(),
+    };
+    if !endpoints.is_empty() {
+        store.endpoints = endpoints.clone();
+    }
+    if let Some(k) = kek_file {
+        store.kek_file = Some(k.clone());
+    }
+    if let Some(p) = prefix {
+        store.prefix = p.clone();
+    }
+    causeway_controller::store_etcd::migrate_command(from_sled, &store, *check)
 }
 
 /// Writes to stdout; a reader that stopped early (`| head -3`) is not an error.
@@ -77,6 +129,8 @@ fn print_cli_doc(cmd: &Cmd) -> std::process::ExitCode {
         Cmd::Man => clap_mangen::Man::new(Args::command())
             .section("8")
             .render(&mut buf),
+        // Handled in main.
+        Cmd::Migrate { .. } => Ok(()),
     };
     match rendered.and_then(|()| write_stdout(&buf)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -89,6 +143,28 @@ fn print_cli_doc(cmd: &Cmd) -> std::process::ExitCode {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(cmd @ Cmd::Migrate { .. }) = &args.command {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // The config as `run` finds it: --config, else the default file when it exists.
+        let config = args.config.clone().or_else(|| {
+            Some(
+                std::env::var_os("CAUSEWAY_CONFIG_DIR")
+                    .map_or_else(|| PathBuf::from("/etc/causeway"), PathBuf::from)
+                    .join("controller.toml"),
+            )
+            .filter(|p| p.exists())
+        });
+        return match migrate(config.as_deref(), cmd) {
+            Ok(text) => match write_stdout(text.as_bytes()) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(_) => std::process::ExitCode::FAILURE,
+            },
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(cmd) = &args.command {
         return print_cli_doc(cmd);
     }

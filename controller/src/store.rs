@@ -35,6 +35,13 @@ pub enum StoreError {
     /// The database itself failed (I/O, corruption detected by sled).
     #[error("store I/O error: {0}")]
     Db(#[from] sled::Error),
+    /// etcd failed or could not be reached ([`crate::store_etcd::EtcdStore`]).
+    #[error("store (etcd): {0}")]
+    Etcd(#[from] crate::etcd::EtcdError),
+    /// The key-encryption key is missing, too short, or not the one the CA key in the
+    /// store was sealed with.
+    #[error("{0}")]
+    Kek(String),
     /// A value could not be decoded.
     #[error("store value {tree}/{key} is corrupt: {message}")]
     Corrupt {
@@ -425,13 +432,18 @@ pub struct MeshWrite<'a> {
 /// transaction runs without borrowing the mesh.
 #[derive(Debug, Clone, Default)]
 pub struct EncodedMeshWrite {
-    version: u64,
-    sources: Vec<(Vec<u8>, Vec<u8>)>,
-    data: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    vips: Vec<(Vec<u8>, Vec<u8>)>,
-    history: Vec<u8>,
-    history_keep_from: u64,
-    policies: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    pub(crate) version: u64,
+    /// Source name → encoded [`SourceRecord`].
+    pub(crate) sources: Vec<(Vec<u8>, Vec<u8>)>,
+    /// `<source>\0<namespace>/<name>` → encoded endpoints, or `None` to delete.
+    pub(crate) data: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Service key → encoded VIP.
+    pub(crate) vips: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The encoded [`HistoryRecord`] of `version`.
+    pub(crate) history: Vec<u8>,
+    pub(crate) history_keep_from: u64,
+    /// `Kind/namespace/name` → encoded [`PolicyRecord`], or `None` to delete.
+    pub(crate) policies: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl MeshWrite<'_> {

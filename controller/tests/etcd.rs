@@ -93,6 +93,7 @@ fn client(endpoints: &[&str]) -> Etcd {
         endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
         request_timeout: Duration::from_secs(5),
         dial_timeout: Duration::from_millis(500),
+        ..EtcdOptions::default()
     })
     .unwrap()
 }
