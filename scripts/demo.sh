@@ -104,6 +104,8 @@ echo "==> causewayctl agent list"
 "$B/causewayctl" agent list
 echo "==> causewayctl registry list (the agent registered its workload, with a VIP)"
 "$B/causewayctl" registry list
+echo "==> causewayctl ui --print-url (the controller's web UI: a one-time login link, valid 60 s)"
+"$B/causewayctl" ui --print-url
 
 if ! two_vms; then
   echo "==> skipping the two-VM part: it needs root (network namespaces, capture rules)"
@@ -218,6 +220,10 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 in_ns vm1 python3 -c "$fetch" "http://$vip:8080/"
+echo "==> causewayctl analyze (registries, agents, config push, policies, each agent's capture and DNS)"
+ctl analyze
+echo "==> causewayctl analyze -f policy.yaml (the same policy, checked before it is applied again)"
+ctl analyze -f "$work/policy.yaml" || echo "    (analyze exit status $?)"
 echo "==> vm1's capture rules (removed when the agent stops):"
 in_ns vm1 iptables-save -t nat | grep CAUSEWAY
 echo "==> demo done; the namespaces and everything under $work are removed"
