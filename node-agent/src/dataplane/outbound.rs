@@ -235,17 +235,87 @@ impl http::Upstream for MeshUpstream {
                 peer: peer.clone(),
                 source: std::io::Error::other(message),
             })?;
+        // A pooled tunnel stream is cut, like a spliced one, once the peer agent's
+        // certificate is denied (its agent removed).
+        let cut = |p| Box::pin(out.tunnel.cut_when_denied(p));
         let io: Box<dyn http::Io> = match conn {
-            Connected::Tunnel(TunnelStream::Quic(q), ..) => {
-                Box::new(tokio::io::join(q.recv, q.send))
+            Connected::Tunnel(TunnelStream::Quic(q), _, p) => {
+                Box::new(CutIo::new(tokio::io::join(q.recv, q.send), cut(p)))
             }
-            Connected::Tunnel(TunnelStream::Mux(m), ..) => {
-                Box::new(tokio::io::join(m.recv, m.send))
+            Connected::Tunnel(TunnelStream::Mux(m), _, p) => {
+                Box::new(CutIo::new(tokio::io::join(m.recv, m.send), cut(p)))
             }
-            Connected::Tunnel(TunnelStream::Tls(t), ..) => t,
+            Connected::Tunnel(TunnelStream::Tls(t), _, p) => Box::new(CutIo::new(t, cut(p))),
             Connected::Plain(u, _) => Box::new(u),
         };
         Ok(UpstreamConn { io, peer })
+    }
+}
+
+/// A byte stream that fails (connection aborted) once `cut` completes: reads and writes
+/// poll `cut` first, so an idle pooled connection, whose reads hyper keeps polling, closes
+/// at once too.
+struct CutIo<IO> {
+    io: IO,
+    cut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    done: bool,
+}
+
+impl<IO> CutIo<IO> {
+    fn new(io: IO, cut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Self {
+        Self {
+            io,
+            cut,
+            done: false,
+        }
+    }
+
+    fn poll_cut(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        if !self.done && self.cut.as_mut().poll(cx).is_pending() {
+            return Ok(());
+        }
+        self.done = true;
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "tunnel stream cut: the peer agent's certificate is denied",
+        ))
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CutIo<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.poll_cut(cx)?;
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CutIo<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.poll_cut(cx)?;
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.poll_cut(cx)?;
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -616,6 +686,39 @@ mod tests {
             route(&state(), "240.240.0.1:22".parse().unwrap()),
             Route::Balanced(vec![])
         );
+    }
+
+    /// A pooled HTTP tunnel stream fails once its cut completes (the peer denied), even
+    /// while a read is waiting.
+    #[tokio::test]
+    async fn a_cut_stream_fails_reads_and_writes() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (a, mut b) = tokio::io::duplex(64);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut io = CutIo::new(
+            a,
+            Box::pin(async move {
+                let _ = rx.await;
+            }),
+        );
+        io.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 4];
+            let r = io.read(&mut buf).await;
+            (r.map_err(|e| e.kind()), io)
+        });
+        tx.send(()).unwrap();
+        // Bounded so that a stream that is not cut fails the test instead of hanging it.
+        let (r, mut io) = tokio::time::timeout(Duration::from_secs(30), reader)
+            .await
+            .expect("the read was not cut")
+            .unwrap();
+        assert_eq!(r, Err(std::io::ErrorKind::ConnectionAborted));
+        let w = io.write_all(b"more").await.map_err(|e| e.kind());
+        assert_eq!(w, Err(std::io::ErrorKind::ConnectionAborted));
     }
 
     #[test]
