@@ -195,6 +195,10 @@ pub struct DataplaneConfig {
     /// more bulk throughput on 1500-byte links, BENCHMARKS.md). Inbound, both are always
     /// served.
     pub tunnel_transport: TunnelTransport,
+    /// How long the client side waits for the first bytes of a connection to a port whose
+    /// protocol is undeclared, to tell HTTP from opaque TCP (then spliced), e.g. "300ms".
+    #[serde(with = "causeway_api::duration")]
+    pub protocol_sniff_timeout: Duration,
 }
 
 /// Which tunnel transport the agent tries first.
@@ -236,6 +240,7 @@ impl Default for DataplaneConfig {
             plaintext_upstreams: true,
             inbound_mode: InboundMode::Permissive,
             tunnel_transport: TunnelTransport::Quic,
+            protocol_sniff_timeout: Duration::from_millis(300),
         }
     }
 }
@@ -350,6 +355,14 @@ impl AgentConfig {
         }
         if dp.connect_timeout.is_zero() {
             errors.push("dataplane.connect_timeout: must be above zero, e.g. \"5s\"".into());
+        }
+        if dp.protocol_sniff_timeout.is_zero()
+            || dp.protocol_sniff_timeout > Duration::from_secs(10)
+        {
+            errors.push(format!(
+                "dataplane.protocol_sniff_timeout = {}: must be above zero and at most 10s, e.g. \"300ms\"",
+                humantime::format_duration(dp.protocol_sniff_timeout)
+            ));
         }
         if dp.eject_base.is_zero() || dp.eject_base > dp.eject_max {
             errors.push(format!(
@@ -554,6 +567,37 @@ mod tests {
             err.contains("sctp") && err.contains("quic") && err.contains("tcp"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn protocol_sniff_timeout_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.toml");
+        std::fs::write(&p, "[dataplane]\nprotocol_sniff_timeout = \"150ms\"\n").unwrap();
+        let c = AgentConfig::load(&p).unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.dataplane.protocol_sniff_timeout,
+            Duration::from_millis(150)
+        );
+        for bad in ["0s", "1m"] {
+            std::fs::write(
+                &p,
+                format!("[dataplane]\nprotocol_sniff_timeout = \"{bad}\"\n"),
+            )
+            .unwrap();
+            let ConfigError::Invalid(errors) =
+                AgentConfig::load(&p).unwrap().validate().unwrap_err()
+            else {
+                panic!()
+            };
+            assert!(
+                errors.len() == 1
+                    && errors[0].contains("dataplane.protocol_sniff_timeout")
+                    && errors[0].contains("300ms"),
+                "{errors:#?}"
+            );
+        }
     }
 
     #[test]

@@ -173,7 +173,7 @@ impl Mesh {
             lab,
             _dir: dir,
         };
-        for (group, port) in [("web", "http:8080"), ("client", "http:7070")] {
+        for (group, port) in [("web", "tcp:8080"), ("client", "tcp:7070")] {
             m.ctl_ok(&[
                 "group",
                 "create",
@@ -926,7 +926,7 @@ fn strict_group_mode_is_pushed_to_the_agent() {
         "--service",
         "secure",
         "--port",
-        "http:8080",
+        "tcp:8080",
         "--mtls",
         "strict",
     ]);
@@ -968,7 +968,7 @@ fn strict_group_refuses_plaintext_egress_to_an_agentless_endpoint() {
         "--service",
         "secure",
         "--port",
-        "http:8080",
+        "tcp:8080",
         "--mtls",
         "strict",
     ]);
@@ -1293,7 +1293,7 @@ fn peer_authentication_strict_namespace_with_a_permissive_port() {
         "--service",
         "multi",
         "--port",
-        "http:8080",
+        "tcp:8080",
         "--port",
         "tcp-admin:9090",
     ]);
@@ -1476,4 +1476,185 @@ fn sigterm_drains_open_connections_and_peers_redial_the_restarted_agent() {
         "vm1's agent did not see its pooled connection to the stopped agent closed:\n{}",
         m.procs[a1].log()
     );
+}
+
+/// HTTP/1.1 server on every port in argv: answers `port=<p> path=<path> hop=<X-Causeway-Hop
+/// or ->` with keep-alive, and prints `served <port> <path>` per request.
+const HTTP_SERVER_PY: &str = r#"
+import sys, threading
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        port = self.server.server_address[1]
+        body = ("port=%d path=%s hop=%s\n" % (port, self.path, self.headers.get("X-Causeway-Hop", "-"))).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+        print("served %d %s" % (port, self.path), flush=True)
+    def log_message(self, *a): pass
+for p in sys.argv[1:]:
+    srv = ThreadingHTTPServer(("0.0.0.0", int(p)), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+threading.Event().wait()
+"#;
+
+/// HTTP/1.1 client: argv[3] GET requests `/r<i>` on one keep-alive connection to
+/// argv[1]:argv[2], each with a hop-by-hop header `X-Causeway-Hop` (named in `Connection`,
+/// so an HTTP proxy drops it and a splice does not). Prints `<status> <body>` per request,
+/// then how many distinct client sockets were used.
+const HTTP_CLIENT_PY: &str = r#"
+import http.client, sys
+c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=20)
+socks = set()
+for i in range(int(sys.argv[3])):
+    c.request("GET", "/r%d" % i, headers={"Connection": "keep-alive, X-Causeway-Hop", "X-Causeway-Hop": "1"})
+    r = c.getresponse()
+    body = r.read().decode().strip()
+    socks.add(c.sock.getsockname())
+    print("%d %s" % (r.status, body))
+print("connections=%d" % len(socks))
+"#;
+
+/// Server-speaks-first client: reads the server's first line before sending anything,
+/// then sends argv[3], half-closes and prints everything received.
+const BANNER_CLIENT_PY: &str = r#"
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+b = b""
+while b"\n" not in b:
+    d = c.recv(65536)
+    if not d: break
+    b += d
+c.sendall(sys.argv[3].encode()); c.shutdown(socket.SHUT_WR)
+while True:
+    d = c.recv(65536)
+    if not d: break
+    b += d
+sys.stdout.write(b.decode())
+"#;
+
+/// Ports by name through two agents (issue 20): `http:8080` is proxied as HTTP at both
+/// ends (keep-alive: several requests on one client connection, each reaching the app);
+/// `tcp-web:8081` is spliced untouched (a server-speaks-first banner works, and HTTP on a
+/// `tcp-http:8084` port keeps its hop-by-hop header: no proxy parsed it); the undeclared
+/// `web:8082` carrying HTTP is detected and proxied (its hop-by-hop header is dropped); an
+/// HTTP port whose application is down (`http-down:8083`) gets 503 from the agent.
+#[test]
+fn http_ports_are_proxied_tcp_ports_spliced_and_undeclared_http_detected() {
+    let mut m = Mesh::new();
+    m.ctl_ok(&[
+        "group",
+        "create",
+        "shop",
+        "--namespace",
+        "default",
+        "--service-account",
+        "shop",
+        "--service",
+        "shop",
+        "--port",
+        "http:8080",
+        "--port",
+        "tcp-web:8081",
+        "--port",
+        "web:8082",
+        "--port",
+        "http-down:8083",
+        "--port",
+        "tcp-http:8084",
+    ]);
+    let s1 = m.join("vm1", "client");
+    let s2 = m.join("vm2", "shop");
+    let vm2 = m.lab.node("vm2").clone();
+    let http = Proc::spawn(
+        &vm2,
+        &m.root.join("vm2.http-server.log"),
+        "python3",
+        &["-c", HTTP_SERVER_PY, "8080", "8082", "8084"],
+    );
+    m.procs.push(http);
+    let http_log = m.procs.len() - 1;
+    m.server("vm2", 8081);
+    wait_for("the HTTP test server to listen", WAIT, || {
+        vm2.sh("ss -ltn | grep -q ':8084 '")
+            .status
+            .success()
+            .then_some(())
+    });
+    m.agent("vm2", &s2);
+    m.agent("vm1", &s1);
+    let vm2_addr = vm2.addr.to_string();
+    let vip = wait_routed(&s1, "default/shop", &vm2_addr);
+    let http_get = |port: u16, n: usize| -> String {
+        let out = m
+            .lab
+            .node("vm1")
+            .cmd("python3")
+            .args([
+                "-c",
+                HTTP_CLIENT_PY,
+                &vip,
+                &port.to_string(),
+                &n.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "HTTP client → {vip}:{port}: {}\n{}",
+            describe(&out),
+            m.logs()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    // (a) Keep-alive through both HTTP proxies: 5 requests, one client connection.
+    let out = http_get(8080, 5);
+    let want: String = (0..5)
+        .map(|i| format!("200 port=8080 path=/r{i} hop=-\n"))
+        .collect::<String>()
+        + "connections=1\n";
+    assert_eq!(out, want, "{}", m.logs());
+    let served = m.procs[http_log].log();
+    for i in 0..5 {
+        assert!(served.contains(&format!("served 8080 /r{i}\n")), "{served}");
+    }
+
+    // (b) A declared TCP port is spliced unread: the server speaks first.
+    let out = m
+        .lab
+        .node("vm1")
+        .cmd("python3")
+        .args(["-c", BANNER_CLIENT_PY, &vip, "8081", "after-banner"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", describe(&out), m.logs());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        text,
+        "peer=127.0.0.1 name=vm2\nafter-banner",
+        "{}",
+        m.logs()
+    );
+    // ... and HTTP on a declared TCP port is not parsed: the hop-by-hop header arrives.
+    let out = http_get(8084, 2);
+    assert_eq!(
+        out,
+        "200 port=8084 path=/r0 hop=1\n200 port=8084 path=/r1 hop=1\nconnections=1\n",
+        "{}",
+        m.logs()
+    );
+
+    // (c) An undeclared port carrying HTTP is detected and proxied.
+    let out = http_get(8082, 3);
+    assert_eq!(
+        out,
+        "200 port=8082 path=/r0 hop=-\n200 port=8082 path=/r1 hop=-\n200 port=8082 path=/r2 hop=-\nconnections=1\n",
+        "{}",
+        m.logs()
+    );
+
+    // (d) The application of an HTTP port is down: 503 from the agent, not a reset.
+    let out = http_get(8083, 1);
+    assert!(out.starts_with("503 "), "{out:?}\n{}", m.logs());
 }

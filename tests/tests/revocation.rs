@@ -120,7 +120,7 @@ fn a_removed_agents_earlier_certificate_is_refused_by_peer_tunnels_and_by_renewa
     let rt = runtime();
     let ctl = Controller::start(&t.path().join("c"), &[]);
     let app_port = echo_app(&rt);
-    let port = format!("http:{app_port}");
+    let port = format!("tcp:{app_port}");
     ctl.ctl_ok(&[
         "group",
         "create",

@@ -689,7 +689,7 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
         root: root.clone(),
         me: me.clone(),
     };
-    for (group, port) in [("web", "http:8080"), ("client", "http:7070")] {
+    for (group, port) in [("web", "tcp:8080"), ("client", "tcp:7070")] {
         run.ctl(&[
             "group",
             "create",

@@ -217,6 +217,7 @@ impl Dataplane {
                     zone: cfg.zone.clone(),
                     plaintext_upstreams: cfg.plaintext_upstreams,
                     own_address: own,
+                    protocol_sniff_timeout: cfg.protocol_sniff_timeout,
                 };
                 tracing::info!(outbound = %cfg.outbound_listen, tunnel = %cfg.tunnel_listen, "data plane listening");
                 dp.tasks.push(tokio::spawn(outbound::Outbound::serve(

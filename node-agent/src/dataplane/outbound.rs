@@ -12,12 +12,25 @@
 //! Then auto mTLS: an endpoint with an identity (it runs an agent) is reached through the
 //! tunnel; one without gets a plain TCP connection, unless plaintext upstreams are
 //! disabled.
+//!
+//! HTTP (issue 20): a mesh destination's port protocol comes from its port name
+//! ([`port_protocol`]). An HTTP port (`http`, `http-*`, `http2*`, `grpc*`) is served by the
+//! HTTP proxy of that service port ([`MeshUpstream`]: an endpoint chosen per request,
+//! upstream connections = tunnel streams, pooled across the app's connections); an
+//! undeclared one is sniffed first ([`super::http::detect`], `protocol_sniff_timeout`);
+//! declared non-HTTP ports (`tcp`, `tcp-*`, ...) and passthrough are spliced unread.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use bytes::Bytes;
+use causeway_api::protocol::Protocol;
 use causeway_api::push::MeshState;
+use tokio::io::AsyncWriteExt as _;
+
+use super::http::{self, HttpSettings, Proxy, UpstreamConn, UpstreamError};
 
 use super::lb::{Balancer, Candidate, Outstanding};
 use super::splice::{splice, splice_until};
@@ -60,22 +73,7 @@ pub fn route(state: &MeshState, dst: SocketAddr) -> Route {
     let IpAddr::V4(ip) = dst.ip() else {
         return Route::Passthrough(dst);
     };
-    let upstreams = |key: &str, svc: &causeway_api::push::ServiceState| -> Vec<Upstream> {
-        svc.endpoints
-            .iter()
-            .filter(|(_, e)| e.healthy && e.ports.values().any(|p| *p == port))
-            .filter_map(|(id, e)| {
-                let addr: IpAddr = e.address.parse().ok()?;
-                Some(Upstream {
-                    key: format!("{key}/{id}"),
-                    service: key.to_owned(),
-                    addr: SocketAddr::new(addr, port),
-                    identity: e.identity.clone(),
-                    zone: e.zone.clone(),
-                })
-            })
-            .collect()
-    };
+    let upstreams = |key: &str, svc| service_upstreams(key, svc, port);
     if let Some((key, svc)) = state.services.iter().find(|(_, s)| s.vip == Some(ip)) {
         return Route::Balanced(upstreams(key, svc));
     }
@@ -88,6 +86,43 @@ pub fn route(state: &MeshState, dst: SocketAddr) -> Route {
         }
     }
     Route::Passthrough(dst)
+}
+
+/// The healthy endpoints of service `key` that expose `port`.
+fn service_upstreams(
+    key: &str,
+    svc: &causeway_api::push::ServiceState,
+    port: u16,
+) -> Vec<Upstream> {
+    svc.endpoints
+        .iter()
+        .filter(|(_, e)| e.healthy && e.ports.values().any(|p| *p == port))
+        .filter_map(|(id, e)| {
+            let addr: IpAddr = e.address.parse().ok()?;
+            Some(Upstream {
+                key: format!("{key}/{id}"),
+                service: key.to_owned(),
+                addr: SocketAddr::new(addr, port),
+                identity: e.identity.clone(),
+                zone: e.zone.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The protocol that port number `port` of service `service` declares: the name its
+/// endpoints give that port, by Istio's port-name rules ([`Protocol::from_port_name`]);
+/// [`Protocol::Auto`] (sniffed) when no endpoint names it.
+pub fn port_protocol(state: &MeshState, service: &str, port: u16) -> Protocol {
+    state
+        .services
+        .get(service)
+        .and_then(|s| {
+            s.endpoints
+                .values()
+                .find_map(|e| e.ports.iter().find(|(_, p)| **p == port))
+        })
+        .map_or(Protocol::Auto, |(name, _)| Protocol::from_port_name(name))
 }
 
 /// Settings of the outbound side.
@@ -108,7 +143,13 @@ pub struct OutboundSettings {
     /// This host's workload address: when the controller pushes this host's workload
     /// with its group in STRICT mode, plaintext upstreams are refused as well.
     pub own_address: Option<std::net::IpAddr>,
+    /// How long an undeclared port's first bytes are waited for to detect HTTP.
+    pub protocol_sniff_timeout: Duration,
 }
+
+/// Which HTTP proxy serves a connection: service key, port, and the endpoint key when the
+/// application dialled one endpoint's own address.
+type ProxyKey = (String, u16, Option<String>);
 
 /// The outbound proxy.
 #[derive(Debug)]
@@ -118,6 +159,183 @@ pub struct Outbound {
     lb: Arc<Balancer>,
     settings: OutboundSettings,
     local: SocketAddr,
+    /// One HTTP proxy per service port, so upstream connections (tunnel streams) are
+    /// reused across the application's connections.
+    http: Mutex<HashMap<ProxyKey, Proxy<MeshUpstream>>>,
+}
+
+/// What [`Outbound::prepare`] decided for a connection.
+enum Prepared {
+    /// Spliced to this connected upstream.
+    Splice(Connected, Option<Outstanding>),
+    /// Served by this HTTP proxy; `prefix` is what sniffing read.
+    Http(Proxy<MeshUpstream>, Bytes),
+}
+
+/// The [`http::Upstream`] of a service port on the client side: picks an endpoint per
+/// request with the balancer (health and ejection included) and connects to it as the
+/// splice does (a tunnel stream with the same header and identity check, or plain TCP to an
+/// endpoint without an agent).
+#[derive(Debug)]
+pub struct MeshUpstream {
+    out: Weak<Outbound>,
+    service: String,
+    port: u16,
+    /// Only this endpoint (the application dialled its address).
+    only: Option<String>,
+}
+
+impl MeshUpstream {
+    fn candidates(&self, out: &Outbound) -> Vec<Upstream> {
+        let state = out.state.get();
+        let Some(svc) = state.services.get(&self.service) else {
+            return Vec::new();
+        };
+        let mut v = service_upstreams(&self.service, svc, self.port);
+        if let Some(only) = &self.only {
+            v.retain(|u| &u.key == only);
+        }
+        v
+    }
+
+    fn no_endpoint(&self) -> UpstreamError {
+        UpstreamError::NoHealthyUpstream(format!("{}:{}", self.service, self.port))
+    }
+}
+
+impl http::Upstream for MeshUpstream {
+    fn pick(&self) -> Result<String, UpstreamError> {
+        let out = self.out.upgrade().ok_or_else(|| self.no_endpoint())?;
+        let cands = self.candidates(&out);
+        let lb_cands: Vec<Candidate> = cands
+            .iter()
+            .map(|u| Candidate {
+                key: u.key.clone(),
+                zone: u.zone.clone(),
+            })
+            .collect();
+        out.lb
+            .pick(&lb_cands, out.settings.zone.as_deref(), &[])
+            .map(|i| cands[i].key.clone())
+            .ok_or_else(|| self.no_endpoint())
+    }
+
+    async fn connect(&self, endpoint: &str) -> Result<UpstreamConn, UpstreamError> {
+        let out = self.out.upgrade().ok_or_else(|| self.no_endpoint())?;
+        let up = self
+            .candidates(&out)
+            .into_iter()
+            .find(|u| u.key == endpoint)
+            .ok_or_else(|| self.no_endpoint())?;
+        let peer = up.addr.to_string();
+        let conn = out
+            .connect_one(&up)
+            .await
+            .map_err(|(_, message)| UpstreamError::Connect {
+                peer: peer.clone(),
+                source: std::io::Error::other(message),
+            })?;
+        // A pooled tunnel stream is cut, like a spliced one, once the peer agent's
+        // certificate is denied (its agent removed).
+        let cut = |p| Box::pin(out.tunnel.cut_when_denied(p));
+        let io: Box<dyn http::Io> = match conn {
+            Connected::Tunnel(TunnelStream::Quic(q), _, p) => {
+                Box::new(CutIo::new(tokio::io::join(q.recv, q.send), cut(p)))
+            }
+            Connected::Tunnel(TunnelStream::Mux(m), _, p) => {
+                Box::new(CutIo::new(tokio::io::join(m.recv, m.send), cut(p)))
+            }
+            Connected::Tunnel(TunnelStream::Tls(t), _, p) => Box::new(CutIo::new(t, cut(p))),
+            Connected::Plain(u, _) => Box::new(u),
+        };
+        Ok(UpstreamConn { io, peer })
+    }
+}
+
+/// A byte stream that fails (connection aborted) once `cut` completes: reads and writes
+/// poll `cut` first, so an idle pooled connection, whose reads hyper keeps polling, closes
+/// at once too.
+struct CutIo<IO> {
+    io: IO,
+    cut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    done: bool,
+}
+
+impl<IO> CutIo<IO> {
+    fn new(io: IO, cut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Self {
+        Self {
+            io,
+            cut,
+            done: false,
+        }
+    }
+
+    fn poll_cut(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        if !self.done && self.cut.as_mut().poll(cx).is_pending() {
+            return Ok(());
+        }
+        self.done = true;
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "tunnel stream cut: the peer agent's certificate is denied",
+        ))
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CutIo<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.poll_cut(cx)?;
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CutIo<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.poll_cut(cx)?;
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.poll_cut(cx)?;
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Logs one debug line per HTTP request (metrics and access logs come later).
+#[derive(Debug)]
+pub struct LogObserver;
+
+impl http::Observer for LogObserver {
+    fn on_request(&self, r: http::RequestRecord) {
+        tracing::debug!(
+            side = r.side.as_str(),
+            method = %r.method,
+            path = %r.path,
+            status = r.response_code,
+            flags = %r.response_flags,
+            duration_ms = r.duration.as_millis() as u64,
+            upstream = r.upstream_host.as_deref().unwrap_or("-"),
+            "http request"
+        );
+    }
 }
 
 impl Outbound {
@@ -151,6 +369,7 @@ impl Outbound {
             lb,
             settings,
             local,
+            http: Mutex::default(),
         });
         loop {
             match listener.accept().await {
@@ -173,14 +392,22 @@ impl Outbound {
         }
     }
 
-    async fn handle(&self, stream: tokio::net::TcpStream) {
+    async fn handle(self: &Arc<Self>, mut stream: tokio::net::TcpStream) {
         let _inflight = self.tunnel.inflight().track();
         // Routing and connecting is its own future, boxed and finished (its candidate
         // lists freed) before the splice starts: the task of a long-lived connection then
         // holds only the splice's state (~1 KiB instead of ~2.9 KiB), which is what an
         // agent's memory at tens of thousands of connections is made of.
-        let Some((conn, guard)) = Box::pin(self.prepare(&stream)).await else {
-            return;
+        let (conn, guard) = match Box::pin(self.prepare(&mut stream)).await {
+            None => return,
+            Some(Prepared::Splice(conn, guard)) => (conn, guard),
+            Some(Prepared::Http(proxy, prefix)) => {
+                let io = http::Rewind::with_prefix(prefix, stream);
+                if let Err(e) = Box::pin(proxy.serve(io)).await {
+                    tracing::debug!(error = %e, "outbound HTTP connection ended");
+                }
+                return;
+            }
         };
         let idle = self.settings.idle_timeout;
         let (done, upstream) = match conn {
@@ -203,14 +430,31 @@ impl Outbound {
         drop(guard);
     }
 
-    /// Finds where a captured connection goes and connects there; `None` when it is
-    /// closed instead (the reason is logged).
-    async fn prepare(
-        &self,
-        stream: &tokio::net::TcpStream,
-    ) -> Option<(Connected, Option<Outstanding>)> {
+    /// The HTTP proxy of a service port (made on first use); drops the proxies of services
+    /// gone from the mesh and the pools of this one's endpoints no longer in `cands`.
+    fn http_proxy(self: &Arc<Self>, key: ProxyKey, cands: &[Upstream]) -> Proxy<MeshUpstream> {
+        let state = self.state.get();
+        let mut map = self.http.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|k, _| state.services.contains_key(&k.0));
+        let proxy = map.entry(key.clone()).or_insert_with(|| {
+            let upstream = MeshUpstream {
+                out: Arc::downgrade(self),
+                service: key.0,
+                port: key.1,
+                only: key.2,
+            };
+            Proxy::new(upstream, HttpSettings::default(), Arc::new(LogObserver))
+        });
+        proxy.retain_endpoints(|e| cands.iter().any(|u| u.key == e));
+        proxy.clone()
+    }
+
+    /// Finds where a captured connection goes and connects there (or hands it to the
+    /// HTTP proxy of its service port); `None` when it is closed instead (the reason is
+    /// logged).
+    async fn prepare(self: &Arc<Self>, stream: &mut tokio::net::TcpStream) -> Option<Prepared> {
         let _ = stream.set_nodelay(true);
-        let dst = match socket2::SockRef::from(stream)
+        let dst = match socket2::SockRef::from(&*stream)
             .original_dst_v4()
             .map(|a| a.as_socket())
         {
@@ -229,28 +473,55 @@ impl Outbound {
             let s = self.state.get();
             route(&s, dst)
         };
-        let cands = match route {
+        let (cands, only) = match route {
             Route::Passthrough(addr) => {
                 tracing::debug!(%addr, "passthrough");
                 return match connect_tcp(addr, self.settings.mark, self.settings.connect_timeout)
                     .await
                 {
-                    Ok(up) => Some((Connected::Plain(up, addr), None)),
+                    Ok(up) => Some(Prepared::Splice(Connected::Plain(up, addr), None)),
                     Err(e) => {
                         tracing::info!(%addr, error = %e, "passthrough connect failed");
                         None
                     }
                 };
             }
-            Route::Direct(u) => vec![u],
-            Route::Balanced(v) => v,
+            Route::Direct(u) => {
+                let only = Some(u.key.clone());
+                (vec![u], only)
+            }
+            Route::Balanced(v) => (v, None),
         };
-        if cands.is_empty() {
+        let Some(first) = cands.first() else {
             tracing::warn!("no healthy endpoint with this port; connection closed");
             return None;
+        };
+        let declared = port_protocol(&self.state.get(), &first.service, dst.port());
+        let mut prefix = Bytes::new();
+        if declared.is_http() || declared.sniffs() {
+            let timeout = self.settings.protocol_sniff_timeout;
+            let (detected, rewind) = match http::detect(&mut *stream, declared, timeout).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::debug!(error = %e, "connection failed while detecting its protocol");
+                    return None;
+                }
+            };
+            prefix = rewind.into_parts().0;
+            if detected.is_http() {
+                tracing::debug!(protocol = %declared, ?detected, "served as HTTP");
+                let key = (first.service.clone(), dst.port(), only);
+                return Some(Prepared::Http(self.http_proxy(key, &cands), prefix));
+            }
         }
-        let (conn, guard) = self.connect(cands).await?;
-        Some((conn, Some(guard)))
+        let (mut conn, guard) = self.connect(cands).await?;
+        if !prefix.is_empty()
+            && let Err(e) = write_prefix(&mut conn, &prefix).await
+        {
+            tracing::info!(error = %e, "upstream failed before the splice");
+            return None;
+        }
+        Some(Prepared::Splice(conn, Some(guard)))
     }
 
     /// Picks an endpoint and connects to it (tunnel or plain TCP), trying up to
@@ -274,54 +545,77 @@ impl Outbound {
             let up = &cands[i];
             tried.push(up.key.clone());
             let guard = self.lb.start(&up.key);
-            match &up.identity {
-                Some(identity) => {
-                    let peer = SocketAddr::new(up.addr.ip(), self.settings.tunnel_port);
-                    let header = Header {
-                        service: up.service.clone(),
-                        port: up.addr.port(),
-                    };
-                    match self.tunnel.open(peer, identity, &header).await {
-                        Ok(opened) => {
-                            self.lb.succeeded(&up.key);
-                            tracing::info!(upstream = %up.addr, peer_identity = %identity, transport = %opened.transport, "outbound via tunnel");
-                            return Some((
-                                Connected::Tunnel(opened.stream, up.addr, opened.peer),
-                                guard,
-                            ));
-                        }
-                        Err(e) => {
-                            tracing::warn!(upstream = %up.addr, error = %e, "tunnel failed");
-                            if !e.retry_elsewhere() {
-                                return None;
-                            }
-                            self.lb.failed(&up.key);
-                        }
-                    }
-                }
-                None if !self.settings.plaintext_upstreams || self.group_strict() => {
-                    tracing::warn!(upstream = %up.addr, "endpoint has no agent and plaintext upstreams are disabled; refused");
-                    continue;
-                }
-                None => {
-                    match connect_tcp(up.addr, self.settings.mark, self.settings.connect_timeout)
-                        .await
-                    {
-                        Ok(u) => {
-                            self.lb.succeeded(&up.key);
-                            tracing::info!(upstream = %up.addr, "outbound in plaintext (endpoint has no agent)");
-                            return Some((Connected::Plain(u, up.addr), guard));
-                        }
-                        Err(e) => {
-                            tracing::warn!(upstream = %up.addr, error = %e, "connect failed");
-                            self.lb.failed(&up.key);
-                        }
-                    }
-                }
+            match self.connect_one(up).await {
+                Ok(conn) => return Some((conn, guard)),
+                Err((false, _)) => return None,
+                Err((true, _)) => {}
             }
         }
         tracing::warn!(tried = ?tried, "no endpoint reachable; connection closed");
         None
+    }
+
+    /// Connects to one endpoint (tunnel or plain TCP) and tells the balancer how it went.
+    /// An error says whether another endpoint may be tried, and why (already logged).
+    async fn connect_one(&self, up: &Upstream) -> Result<Connected, (bool, String)> {
+        match &up.identity {
+            Some(identity) => {
+                let peer = SocketAddr::new(up.addr.ip(), self.settings.tunnel_port);
+                let header = Header {
+                    service: up.service.clone(),
+                    port: up.addr.port(),
+                };
+                match self.tunnel.open(peer, identity, &header).await {
+                    Ok(opened) => {
+                        self.lb.succeeded(&up.key);
+                        tracing::info!(upstream = %up.addr, peer_identity = %identity, transport = %opened.transport, "outbound via tunnel");
+                        Ok(Connected::Tunnel(opened.stream, up.addr, opened.peer))
+                    }
+                    Err(e) => {
+                        tracing::warn!(upstream = %up.addr, error = %e, "tunnel failed");
+                        if !e.retry_elsewhere() {
+                            return Err((false, e.to_string()));
+                        }
+                        self.lb.failed(&up.key);
+                        Err((true, e.to_string()))
+                    }
+                }
+            }
+            None if !self.settings.plaintext_upstreams || self.group_strict() => {
+                tracing::warn!(upstream = %up.addr, "endpoint has no agent and plaintext upstreams are disabled; refused");
+                Err((
+                    true,
+                    "endpoint has no agent and plaintext upstreams are disabled".into(),
+                ))
+            }
+            None => {
+                match connect_tcp(up.addr, self.settings.mark, self.settings.connect_timeout).await
+                {
+                    Ok(u) => {
+                        self.lb.succeeded(&up.key);
+                        tracing::info!(upstream = %up.addr, "outbound in plaintext (endpoint has no agent)");
+                        Ok(Connected::Plain(u, up.addr))
+                    }
+                    Err(e) => {
+                        tracing::warn!(upstream = %up.addr, error = %e, "connect failed");
+                        self.lb.failed(&up.key);
+                        Err((true, e.to_string()))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes the bytes read while sniffing to the upstream, before the splice.
+async fn write_prefix(conn: &mut Connected, prefix: &[u8]) -> std::io::Result<()> {
+    match conn {
+        Connected::Tunnel(TunnelStream::Quic(q), ..) => {
+            q.send.write_all(prefix).await.map_err(std::io::Error::from)
+        }
+        Connected::Tunnel(TunnelStream::Mux(m), ..) => m.send.write_all(prefix).await,
+        Connected::Tunnel(TunnelStream::Tls(t), ..) => t.write_all(prefix).await,
+        Connected::Plain(u, _) => u.write_all(prefix).await,
     }
 }
 
@@ -392,6 +686,54 @@ mod tests {
             route(&state(), "240.240.0.1:22".parse().unwrap()),
             Route::Balanced(vec![])
         );
+    }
+
+    /// A pooled HTTP tunnel stream fails once its cut completes (the peer denied), even
+    /// while a read is waiting.
+    #[tokio::test]
+    async fn a_cut_stream_fails_reads_and_writes() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (a, mut b) = tokio::io::duplex(64);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut io = CutIo::new(
+            a,
+            Box::pin(async move {
+                let _ = rx.await;
+            }),
+        );
+        io.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 4];
+            let r = io.read(&mut buf).await;
+            (r.map_err(|e| e.kind()), io)
+        });
+        tx.send(()).unwrap();
+        // Bounded so that a stream that is not cut fails the test instead of hanging it.
+        let (r, mut io) = tokio::time::timeout(Duration::from_secs(30), reader)
+            .await
+            .expect("the read was not cut")
+            .unwrap();
+        assert_eq!(r, Err(std::io::ErrorKind::ConnectionAborted));
+        let w = io.write_all(b"more").await.map_err(|e| e.kind());
+        assert_eq!(w, Err(std::io::ErrorKind::ConnectionAborted));
+    }
+
+    #[test]
+    fn port_protocol_follows_the_port_name() {
+        let mut s = state();
+        let svc = s.services.get_mut("default/web").unwrap();
+        for (id, name) in [("b", "tcp-web"), ("d", "web")] {
+            let e = svc.endpoints.get_mut(id).unwrap();
+            e.ports = [(name.to_owned(), if id == "b" { 8081 } else { 9090 })].into();
+        }
+        assert_eq!(port_protocol(&s, "default/web", 8080), Protocol::Http);
+        assert_eq!(port_protocol(&s, "default/web", 8081), Protocol::Tcp);
+        assert_eq!(port_protocol(&s, "default/web", 9090), Protocol::Auto);
+        assert_eq!(port_protocol(&s, "default/web", 22), Protocol::Auto);
+        assert_eq!(port_protocol(&s, "default/other", 8080), Protocol::Auto);
     }
 
     #[test]

@@ -78,7 +78,7 @@ fn serving(port: u16, deny: &[&str]) -> SharedState {
                     "agents/a-test".to_owned(),
                     causeway_api::push::EndpointState {
                         address: "127.0.0.1".into(),
-                        ports: [("http".to_owned(), port)].into(),
+                        ports: [("tcp".to_owned(), port)].into(),
                         healthy: true,
                         zone: None,
                         identity: None,
@@ -1475,7 +1475,7 @@ async fn a_slow_config_cache_write_does_not_hold_up_proxied_connections() {
             endpoints: vec![EndpointMsg {
                 id: "agents/a-test".into(),
                 address: "127.0.0.1".into(),
-                ports: [("http".to_owned(), u32::from(port))].into(),
+                ports: [("tcp".to_owned(), u32::from(port))].into(),
                 healthy: true,
                 ..EndpointMsg::default()
             }],

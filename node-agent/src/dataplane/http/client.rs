@@ -212,6 +212,12 @@ pub struct Proxy<U> {
     inner: Arc<Inner<U>>,
 }
 
+impl<U> std::fmt::Debug for Proxy<U> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").finish_non_exhaustive()
+    }
+}
+
 impl<U> Clone for Proxy<U> {
     fn clone(&self) -> Self {
         Self {

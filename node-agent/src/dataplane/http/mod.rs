@@ -1,5 +1,6 @@
 //! The HTTP proxy core (issue 20): what the agents do with a connection on an HTTP port
-//! instead of splicing bytes. Not yet wired into the accept paths.
+//! instead of splicing bytes. Wired in `outbound.rs` (client side) and `tunnel/inbound.rs`
+//! (destination side).
 //!
 //! - [`sniff::detect`] classifies an accepted client connection (declared protocol, else
 //!   the first bytes within a timeout) and returns a [`Rewind`] that replays what it read,

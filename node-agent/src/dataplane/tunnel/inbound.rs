@@ -2,9 +2,61 @@
 //! authorized stream to the local application.
 
 use super::*;
+use crate::dataplane::http::{self as h, HttpSettings, Proxy, UpstreamConn, UpstreamError};
 use tracing::Instrument as _;
 
 pub(super) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The local application as the inbound HTTP proxy's upstream: a TCP connection to
+/// `127.0.0.1:port` with the agent's mark (like the splice's). A failed connect answers
+/// the request with 503 `UF`.
+#[derive(Debug)]
+pub(crate) struct AppUpstream {
+    addr: SocketAddr,
+    mark: Option<u32>,
+    connect_timeout: Duration,
+}
+
+impl h::Upstream for AppUpstream {
+    async fn connect(&self, _endpoint: &str) -> Result<UpstreamConn, UpstreamError> {
+        match connect_tcp(self.addr, self.mark, self.connect_timeout).await {
+            Ok(s) => Ok(UpstreamConn {
+                io: Box::new(s),
+                peer: self.addr.to_string(),
+            }),
+            Err(e) => {
+                tracing::warn!(app = %self.addr, error = %e, "local application unreachable");
+                Err(UpstreamError::Connect {
+                    peer: self.addr.to_string(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            }
+        }
+    }
+}
+
+/// A tunnel stream as one byte stream, for the HTTP proxy.
+pub(super) trait IntoIo {
+    fn into_io(self) -> Box<dyn h::Io>;
+}
+
+impl IntoIo for QuicSide {
+    fn into_io(self) -> Box<dyn h::Io> {
+        Box::new(tokio::io::join(self.recv, self.send))
+    }
+}
+
+impl IntoIo for MuxSide {
+    fn into_io(self) -> Box<dyn h::Io> {
+        Box::new(tokio::io::join(self.recv, self.send))
+    }
+}
+
+impl IntoIo for Box<tokio_rustls::server::TlsStream<ReadAhead>> {
+    fn into_io(self) -> Box<dyn h::Io> {
+        self
+    }
+}
 
 impl Tunnel {
     pub(super) async fn serve_tcp(self: Arc<Self>, listener: tokio::net::TcpListener) {
@@ -176,7 +228,7 @@ impl Tunnel {
 
     /// Authorizes, connects to the local application and splices. `refuse` closes the
     /// stream with an error code when that fails.
-    pub(super) async fn serve_app<S: Side>(
+    pub(super) async fn serve_app<S: Side + IntoIo>(
         &self,
         peer: &Arc<tls::PeerFacts>,
         remote: SocketAddr,
@@ -199,7 +251,7 @@ impl Tunnel {
             .await;
     }
 
-    async fn serve_authorized<S: Side>(
+    async fn serve_authorized<S: Side + IntoIo>(
         &self,
         peer: &Arc<tls::PeerFacts>,
         remote: SocketAddr,
@@ -216,6 +268,22 @@ impl Tunnel {
             }
         };
         let app = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, header.port));
+        if let Some(proxy) = self.http_proxy(app) {
+            let _inflight = self.inflight.track();
+            self.accepted[transport as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                policy = decision.policy_label(),
+                "inbound tunnel stream (HTTP)"
+            );
+            let cut = self.cut_when_refused(peer.clone(), remote.ip(), own, header.port);
+            tokio::select! {
+                r = Box::pin(proxy.serve(side.into_io())) => if let Err(e) = r {
+                    tracing::debug!(error = %e, "inbound HTTP stream ended");
+                },
+                () = cut => tracing::info!("inbound HTTP stream cut"),
+            }
+            return;
+        }
         let tcp = match connect_tcp(app, self.settings.mark, self.settings.connect_timeout).await {
             Ok(s) => s,
             Err(e) => {
@@ -230,6 +298,41 @@ impl Tunnel {
         let cut = self.cut_when_refused(peer.clone(), remote.ip(), own, header.port);
         let done = splice_until(side, tcp, self.settings.idle_timeout, cut).await;
         tracing::debug!(bytes_in = done.a_to_b, bytes_out = done.b_to_a, end = ?done.end, "inbound stream done");
+    }
+
+    /// The inbound HTTP proxy of local application port `app` when this host's workload
+    /// declares that port HTTP by its name (`http`, `http-*`, `http2*`, `grpc*`); `None`
+    /// otherwise (spliced; an undeclared port was sniffed on the client side, whose proxy
+    /// then speaks HTTP over the spliced stream).
+    fn http_proxy(&self, app: SocketAddr) -> Option<Proxy<AppUpstream>> {
+        let mut declared = causeway_api::protocol::Protocol::Auto;
+        self.for_own_endpoints(|e| {
+            if let Some((name, _)) = e.ports.iter().find(|(_, p)| **p == app.port()) {
+                declared = causeway_api::protocol::Protocol::from_port_name(name);
+            }
+        });
+        let mut map = self.http.lock().unwrap_or_else(|p| p.into_inner());
+        if !declared.is_http() {
+            map.remove(&app.port());
+            return None;
+        }
+        let proxy = map.entry(app.port()).or_insert_with(|| {
+            let upstream = AppUpstream {
+                addr: app,
+                mark: self.settings.mark,
+                connect_timeout: self.settings.connect_timeout,
+            };
+            let settings = HttpSettings {
+                side: h::Side::Destination,
+                ..HttpSettings::default()
+            };
+            Proxy::new(
+                upstream,
+                settings,
+                Arc::new(crate::dataplane::outbound::LogObserver),
+            )
+        });
+        Some(proxy.clone())
     }
 
     /// Calls `f` with each of this agent's own registered endpoints (`agents/<agent id>`,

@@ -289,6 +289,9 @@ pub struct Tunnel {
     settings: TunnelSettings,
     /// Multiplexed TCP + TLS connections open now (dialled and accepted).
     mux_open: Arc<std::sync::atomic::AtomicU64>,
+    /// The inbound HTTP proxy of each local application port declared HTTP, so
+    /// connections to the application are pooled across tunnel streams.
+    http: std::sync::Mutex<HashMap<u16, super::http::Proxy<inbound::AppUpstream>>>,
     /// The deny list as last seen in the mesh state, for cutting the open streams of a
     /// peer denied since ([`Self::cut_when_denied`]).
     deny: tokio::sync::watch::Sender<Arc<std::collections::BTreeSet<String>>>,
@@ -423,6 +426,7 @@ impl Tunnel {
             tcp_only: std::sync::atomic::AtomicBool::new(settings.tcp_only),
             settings,
             mux_open: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            http: std::sync::Mutex::default(),
             inflight: super::drain::Inflight::default(),
             accepting: tokio::sync::watch::Sender::new(true),
         });
