@@ -579,6 +579,42 @@ fn authenticated(claims: serde_json::Value, rule: usize) -> Authenticated {
     }
 }
 
+/// The headers a valid token adds to the request forwarded to the workload, per its rule:
+/// `outputPayloadToHeader` (the payload as base64url JSON, as Envoy writes it) and
+/// `outputClaimToHeaders` (a claim's value; `a.b` reads a nested claim; strings, numbers and
+/// booleans only, and a value with control characters is left out so no header can be
+/// injected). Whether to drop the token itself is `rule.forward_original_token` (false:
+/// the caller removes it from where [`extract`] found it).
+pub fn output_headers(rule: &JwtRule, auth: &Authenticated) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if let Some(h) = &rule.output_payload_to_header {
+        let json = serde_json::to_vec(&auth.claims).unwrap_or_default();
+        out.push((
+            h.to_ascii_lowercase(),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json),
+        ));
+    }
+    for o in &rule.output_claim_to_headers {
+        let mut v = auth.claims.get(&o.claim);
+        if v.is_none() {
+            v = o
+                .claim
+                .split('.')
+                .try_fold(&auth.claims, |cur, k| cur.get(k));
+        }
+        let text = match v {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(n @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => n.to_string(),
+            _ => continue,
+        };
+        if text.chars().any(char::is_control) {
+            continue;
+        }
+        out.push((o.header.to_ascii_lowercase(), text));
+    }
+    out
+}
+
 /// The value of the `WWW-Authenticate` header of a 401 for an invalid token (RFC 6750 §3):
 /// `Bearer realm="<realm>", error="invalid_token"`. Quotes, backslashes and control
 /// characters are removed from the realm so the header stays well-formed.
@@ -706,6 +742,48 @@ mod tests {
         assert_eq!(set.len(), 1);
         assert!(set.has_kid("ed"));
         assert!(set.skipped()[0].starts_with("keys[1]: key \"short\""));
+    }
+
+    #[test]
+    fn output_headers_follow_the_rule() {
+        use crate::policy::resource::ClaimToHeader;
+        let auth = authenticated(
+            serde_json::json!({"iss": "i", "sub": "s", "n": 3, "org": {"team": "pay"}, "bad": "a\r\nx: y", "list": [1]}),
+            0,
+        );
+        let claim = |header: &str, claim: &str| ClaimToHeader {
+            header: header.to_owned(),
+            claim: claim.to_owned(),
+        };
+        let r = JwtRule {
+            output_payload_to_header: Some("X-Payload".to_owned()),
+            output_claim_to_headers: vec![
+                claim("x-sub", "sub"),
+                claim("x-n", "n"),
+                claim("x-team", "org.team"),
+                claim("x-bad", "bad"),
+                claim("x-list", "list"),
+                claim("x-missing", "nope"),
+            ],
+            ..rule("i")
+        };
+        let got = output_headers(&r, &auth);
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&got[0].1)
+            .unwrap();
+        assert_eq!(got[0].0, "x-payload");
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&payload).unwrap(),
+            auth.claims
+        );
+        assert_eq!(
+            got[1..],
+            [
+                ("x-sub".to_owned(), "s".to_owned()),
+                ("x-n".to_owned(), "3".to_owned()),
+                ("x-team".to_owned(), "pay".to_owned()),
+            ]
+        );
     }
 
     #[test]
