@@ -1063,6 +1063,7 @@ fn selector_of(r: &Resource) -> Option<&Selector> {
     match r {
         Resource::AuthorizationPolicy(p) => p.spec.selector.as_ref(),
         Resource::PeerAuthentication(p) => p.spec.selector.as_ref(),
+        Resource::RequestAuthentication(p) => p.spec.selector.as_ref(),
     }
 }
 
@@ -1070,7 +1071,7 @@ fn selector_of(r: &Resource) -> Option<&Selector> {
 fn selects(r: &Resource, w: Workload<'_>) -> bool {
     let ns = r.metadata().namespace();
     match r {
-        Resource::AuthorizationPolicy(_) => {
+        Resource::AuthorizationPolicy(_) | Resource::RequestAuthentication(_) => {
             (ns == w.namespace || ns == ROOT_NAMESPACE)
                 && selector_of(r).is_none_or(|s| s.matches(w.labels))
         }
@@ -1203,7 +1204,7 @@ fn authorization_policies(s: &Snapshot) -> Vec<(&PolicyFacts, &AuthorizationPoli
         .iter()
         .filter_map(|p| match &p.resource {
             Resource::AuthorizationPolicy(ap) => Some((p, ap)),
-            Resource::PeerAuthentication(_) => None,
+            _ => None,
         })
         .collect()
 }
@@ -1361,7 +1362,7 @@ fn policy_strict_agentless(s: &Snapshot, _: &Thresholds, out: &mut Vec<Message>)
         .iter()
         .filter_map(|p| match &p.resource {
             Resource::PeerAuthentication(pa) => Some((p.seq, pa)),
-            Resource::AuthorizationPolicy(_) => None,
+            _ => None,
         })
         .collect();
     let ws = workloads(s);

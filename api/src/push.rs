@@ -601,6 +601,43 @@ mod tests {
     }
 
     #[test]
+    fn a_request_authentication_travels_to_the_agent() {
+        let ra = serde_json::json!({
+            "apiVersion": "security.istio.io/v1",
+            "kind": "RequestAuthentication",
+            "metadata": {"name": "jwt", "namespace": "shop"},
+            "spec": {"jwtRules": [{"issuer": "https://idp", "jwksUri": "https://idp/jwks"}]},
+        });
+        let msg = |json: &serde_json::Value| PolicyMsg {
+            key: "RequestAuthentication/shop/jwt".into(),
+            seq: 7,
+            json: serde_json::to_vec(json).unwrap(),
+        };
+        let update = ConfigUpdate {
+            policies: vec![msg(&ra)],
+            required_features: vec![FEATURE_POLICY.into()],
+            ..full(2, vec![])
+        };
+        let s = MeshState::default().apply(&update).unwrap().state;
+        let got = &s.policies["RequestAuthentication/shop/jwt"];
+        assert_eq!(got.seq, 7);
+        let crate::policy::Resource::RequestAuthentication(r) = &got.resource else {
+            panic!("{:?}", got.resource)
+        };
+        assert_eq!(r.spec.jwt_rules[0].issuer, "https://idp");
+        // An invalid one (plain-HTTP key set) refuses the update, naming the field.
+        let mut bad = ra.clone();
+        bad["spec"]["jwtRules"][0]["jwksUri"] = "http://idp/jwks".into();
+        let update = ConfigUpdate {
+            policies: vec![msg(&bad)],
+            required_features: vec![FEATURE_POLICY.into()],
+            ..full(3, vec![])
+        };
+        let e = s.apply(&update).unwrap_err().to_string();
+        assert!(e.contains("spec.jwtRules[0].jwksUri"), "{e}");
+    }
+
+    #[test]
     fn whole_refusals_keep_the_old_state() {
         let s1 = MeshState::default()
             .apply(&full(1, vec![svc("web", "240.240.0.1", &["10.0.0.1"])]))

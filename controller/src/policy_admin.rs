@@ -118,7 +118,7 @@ pub(crate) async fn list(
         None => None,
         Some(k) => Some(Kind::from_cli(k).ok_or_else(|| {
             bad(format!(
-                "unknown kind {k:?}: expected authorizationpolicies (ap) or peerauthentications (pa)"
+                "unknown kind {k:?}: expected authorizationpolicies (ap), peerauthentications (pa) or requestauthentications (ra)"
             ))
         })?),
     };
@@ -404,12 +404,12 @@ pub(crate) async fn why(
         .values()
         .filter_map(|r| match &r.resource {
             Resource::AuthorizationPolicy(p) => Some(p),
-            Resource::PeerAuthentication(_) => None,
+            _ => None,
         })
         .collect();
     let pas = stored.values().filter_map(|r| match &r.resource {
         Resource::PeerAuthentication(p) => Some((r.seq, p)),
-        Resource::AuthorizationPolicy(_) => None,
+        _ => None,
     });
     let labels: BTreeMap<String, String> = dest.labels.clone();
     let workload = Workload {

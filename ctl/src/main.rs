@@ -102,8 +102,8 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// List or show policy resources: KIND is authorizationpolicies (ap) or
-    /// peerauthentications (pa).
+    /// List or show policy resources: KIND is authorizationpolicies (ap),
+    /// peerauthentications (pa) or requestauthentications (ra).
     Get {
         /// The kind.
         kind: String,

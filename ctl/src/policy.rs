@@ -138,7 +138,7 @@ pub(crate) async fn apply(
 fn kind_arg(kind: &str) -> anyhow::Result<Kind> {
     Kind::from_cli(kind).with_context(|| {
         format!(
-            "unknown kind {kind:?}: expected authorizationpolicies (ap) or peerauthentications (pa)"
+            "unknown kind {kind:?}: expected authorizationpolicies (ap), peerauthentications (pa) or requestauthentications (ra)"
         )
     })
 }
@@ -221,10 +221,22 @@ pub(crate) async fn get(
                             }
                         )
                         .to_ascii_uppercase(),
+                        Resource::RequestAuthentication(p) => format!(
+                            "{} JWT rule{}: {}",
+                            p.spec.jwt_rules.len(),
+                            if p.spec.jwt_rules.len() == 1 { "" } else { "s" },
+                            p.spec
+                                .jwt_rules
+                                .iter()
+                                .map(|r| r.issuer.as_str())
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        ),
                     };
                     let selector = match &i.resource {
                         Resource::AuthorizationPolicy(p) => p.spec.selector.clone(),
                         Resource::PeerAuthentication(p) => p.spec.selector.clone(),
+                        Resource::RequestAuthentication(p) => p.spec.selector.clone(),
                     }
                     .map(|s| {
                         s.match_labels

@@ -81,4 +81,16 @@ seeds = {
 for n, b in seeds.items():
     open("dns_query/" + n, "wb").write(b)
 PY
-ls -l token_decode csr_intake frame_decode dns_query
+# JWTs (PyJWT and cryptography for /usr/bin/python3: scripts/install-deps-jwt.sh): a token
+# signed by a key the target does not trust, an unsigned one, and a query string.
+mkdir -p jwt_token
+/usr/bin/python3 - <<'PY'
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ed25519
+k = ed25519.Ed25519PrivateKey.generate()
+open("jwt_token/ed25519-other-key.txt", "w").write(
+    jwt.encode({"iss": "fuzz", "sub": "s", "aud": "a"}, k, algorithm="EdDSA", headers={"kid": "k"}))
+open("jwt_token/alg-none.txt", "w").write(jwt.encode({"iss": "fuzz", "sub": "s"}, None, algorithm="none"))
+open("jwt_token/query.txt", "w").write("t=a.b.c&access_token=x.y.z")
+PY
+ls -l token_decode csr_intake frame_decode dns_query jwt_token

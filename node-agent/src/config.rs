@@ -53,6 +53,36 @@ pub struct AgentConfig {
     pub dns: DnsConfig,
     /// Health, readiness and metrics endpoint (127.0.0.1:15020).
     pub health: crate::health::HealthConfig,
+    /// Fetching the key sets of RequestAuthentication issuers.
+    pub jwt: JwtConfig,
+}
+
+/// Fetching JSON Web Key Sets for RequestAuthentication (`[jwt]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// A PEM file of CA certificates trusted for `jwksUri` endpoints, besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// How long a fetched key set is used before it is fetched again.
+    #[serde(with = "causeway_api::duration")]
+    pub refresh_interval: Duration,
+    /// Least time between two fetches caused by a token with an unknown `kid`.
+    #[serde(with = "causeway_api::duration")]
+    pub unknown_kid_interval: Duration,
+    /// Timeout of one fetch (connect and body).
+    #[serde(with = "causeway_api::duration")]
+    pub fetch_timeout: Duration,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            ca_file: None,
+            refresh_interval: Duration::from_secs(20 * 60),
+            unknown_kid_interval: Duration::from_secs(30),
+            fetch_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// How applications' DNS queries reach the agent.
@@ -271,6 +301,7 @@ impl Default for AgentConfig {
             dataplane: DataplaneConfig::default(),
             dns: DnsConfig::default(),
             health: crate::health::HealthConfig::default(),
+            jwt: JwtConfig::default(),
         }
     }
 }
@@ -327,6 +358,12 @@ impl AgentConfig {
                 humantime::format_duration(id.retry_min),
                 humantime::format_duration(id.retry_max)
             ));
+        }
+        if self.jwt.refresh_interval.is_zero() || self.jwt.fetch_timeout.is_zero() {
+            errors.push(
+                "jwt.refresh_interval and jwt.fetch_timeout must be above zero (e.g. \"20m\" and \"5s\")"
+                    .to_owned(),
+            );
         }
         if let Some(c) = &self.controller
             && !c.contains(':')

@@ -17,6 +17,7 @@ pub mod dataplane;
 pub mod dns;
 pub mod health;
 pub mod identity;
+pub mod jwks;
 pub mod logging;
 pub mod metrics;
 pub mod pinned;

@@ -49,6 +49,22 @@ spec:
     mode: STRICT
 "#;
 
+const REQUEST_AUTHN: &str = r#"
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata:
+  name: jwt
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      causeway.io/group: web
+  jwtRules:
+  - issuer: https://idp.example
+    audiences: [web]
+    jwksUri: https://idp.example/.well-known/jwks.json
+"#;
+
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
@@ -74,6 +90,7 @@ fn names(v: &Value) -> Vec<String> {
 fn all_policies(ctl: &Controller) -> Vec<String> {
     let mut out = names(&ctl.ctl_json(&["get", "ap", "-A"]));
     out.extend(names(&ctl.ctl_json(&["get", "pa", "-A"])));
+    out.extend(names(&ctl.ctl_json(&["get", "ra", "-A"])));
     out
 }
 
@@ -114,11 +131,19 @@ fn apply_get_delete_survive_a_restart_and_push_to_agents() {
     let a = AgentProcess::start_with(&state, AGENT_CFG, &["--address", "127.0.0.11"]);
     wait_for_endpoint(&ctl, "web");
 
-    let file = write(t.path(), "policy.yaml", POLICIES);
+    let file = write(
+        t.path(),
+        "policy.yaml",
+        &format!("{POLICIES}---{REQUEST_AUTHN}"),
+    );
     let before = ctl.mesh_version();
     let out = ctl.ctl_ok(&["apply", "-f", file.to_str().unwrap()]);
     assert!(
         out.contains("AuthorizationPolicy default/allow-client created"),
+        "{out}"
+    );
+    assert!(
+        out.contains("RequestAuthentication default/jwt created"),
         "{out}"
     );
     assert!(
@@ -136,8 +161,11 @@ fn apply_get_delete_survive_a_restart_and_push_to_agents() {
         "AuthorizationPolicy/default/allow-client".to_owned(),
         "AuthorizationPolicy/default/deny-batch".to_owned(),
         "PeerAuthentication/causeway-system/default".to_owned(),
+        "RequestAuthentication/default/jwt".to_owned(),
     ];
     assert_eq!(all_policies(&ctl), expected);
+    let ra = ctl.ctl_json(&["get", "ra", "jwt", "-n", "default"]);
+    assert_eq!(ra["spec"]["jwtRules"][0]["issuer"], "https://idp.example");
     // One by name, in Istio's shape; YAML output re-applies as it is.
     let one = ctl.ctl_json(&["get", "ap", "allow-client", "-n", "default"]);
     assert_eq!(one["kind"], "AuthorizationPolicy");
@@ -171,7 +199,7 @@ fn apply_get_delete_survive_a_restart_and_push_to_agents() {
 
     // Delete by name and by file.
     ctl.ctl_ok(&["delete", "ap", "deny-batch", "-n", "default"]);
-    assert_eq!(all_policies(&ctl).len(), 2);
+    assert_eq!(all_policies(&ctl).len(), 3);
     let gone = ctl.ctl(&["delete", "ap", "deny-batch", "-n", "default"]);
     assert!(!gone.status.success());
     assert!(
@@ -187,8 +215,12 @@ fn apply_get_delete_survive_a_restart_and_push_to_agents() {
     ctl.ctl_ok(&["delete", "-f", only_first.to_str().unwrap()]);
     assert_eq!(
         all_policies(&ctl),
-        vec!["PeerAuthentication/causeway-system/default".to_owned()]
+        vec![
+            "PeerAuthentication/causeway-system/default".to_owned(),
+            "RequestAuthentication/default/jwt".to_owned()
+        ]
     );
+    ctl.ctl_ok(&["delete", "ra", "jwt", "-n", "default"]);
     wait_for("the agent's cache drops deleted policies", WAIT, || {
         let text = std::fs::read_to_string(state.join("config.json")).ok()?;
         let v: Value = serde_json::from_str(&text).ok()?;

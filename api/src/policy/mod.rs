@@ -1,4 +1,5 @@
-//! Zero-trust policy: Istio's `AuthorizationPolicy` and `PeerAuthentication`
+//! Zero-trust policy: Istio's `AuthorizationPolicy`, `PeerAuthentication` and
+//! `RequestAuthentication`
 //! (`security.istio.io/v1` and `v1beta1`), decoded from the YAML users already have,
 //! validated as Istio validates them, and evaluated with Istio's documented semantics.
 //!
@@ -7,7 +8,8 @@
 //! resource and reports every problem at once; [`authz`] compiles authorization policies
 //! into matchers and decides a connection or request (DENY before ALLOW, a workload with an
 //! ALLOW policy denies what matches none), with an explanation of each step for `why`;
-//! [`peer`] resolves the effective PeerAuthentication mode of a workload port.
+//! [`peer`] resolves the effective PeerAuthentication mode of a workload port; [`jwt`]
+//! finds and verifies the JWT of a request against a RequestAuthentication's rules.
 //!
 //! What it does not: store, push or enforce anything. The controller stores and pushes the
 //! resources, the destination agent enforces the decision, `causewayctl why` prints the
@@ -15,6 +17,7 @@
 
 pub mod api;
 pub mod authz;
+pub mod jwt;
 pub mod peer;
 pub mod resource;
 pub mod validate;
@@ -22,8 +25,8 @@ pub mod validate;
 pub use authz::{CompiledPolicy, Decision, HttpAttributes, PolicySet, Request, Verdict, Workload};
 pub use peer::{PeerMode, effective_mode};
 pub use resource::{
-    Action, AuthorizationPolicy, DecodeError, Kind, Metadata, PeerAuthentication, Resource,
-    decode_documents, decode_documents_indexed,
+    Action, AuthorizationPolicy, DecodeError, JwtRule, Kind, Metadata, PeerAuthentication,
+    RequestAuthentication, Resource, decode_documents, decode_documents_indexed,
 };
 
 /// Istio's root namespace, here: policies in it apply to the whole mesh.

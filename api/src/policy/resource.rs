@@ -21,17 +21,24 @@ pub enum Kind {
     AuthorizationPolicy,
     /// `PeerAuthentication`.
     PeerAuthentication,
+    /// `RequestAuthentication` (JWT rules).
+    RequestAuthentication,
 }
 
 impl Kind {
     /// Every kind, in display order.
-    pub const ALL: [Kind; 2] = [Kind::AuthorizationPolicy, Kind::PeerAuthentication];
+    pub const ALL: [Kind; 3] = [
+        Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
+        Kind::RequestAuthentication,
+    ];
 
     /// The kind's name as written in YAML.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::RequestAuthentication => "RequestAuthentication",
         }
     }
 
@@ -43,6 +50,9 @@ impl Kind {
                 Some(Kind::AuthorizationPolicy)
             }
             "peerauthentication" | "peerauthentications" | "pa" => Some(Kind::PeerAuthentication),
+            "requestauthentication" | "requestauthentications" | "ra" => {
+                Some(Kind::RequestAuthentication)
+            }
             _ => None,
         }
     }
@@ -346,6 +356,102 @@ pub struct PeerAuthentication {
     pub spec: PeerAuthenticationSpec,
 }
 
+/// `jwtRules[].fromHeaders[]`: a header that carries the token.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtHeader {
+    /// The header's name.
+    #[serde(default)]
+    pub name: String,
+    /// A prefix to strip from the value (e.g. `Bearer `); absent: the whole value.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+}
+
+/// `jwtRules[].outputClaimToHeaders[]`: copy one claim of a valid token to a request header.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimToHeader {
+    /// The header to set.
+    #[serde(default)]
+    pub header: String,
+    /// The claim (a `.`-separated path for nested claims).
+    #[serde(default)]
+    pub claim: String,
+}
+
+/// `spec.jwtRules[]`: one accepted issuer and how to find and check its tokens.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtRule {
+    /// The `iss` a token must carry.
+    #[serde(default)]
+    pub issuer: String,
+    /// Accepted `aud` values; empty: any audience is accepted.
+    #[serde(default, skip_serializing_if = "is_empty")]
+    pub audiences: Vec<String>,
+    /// The HTTPS URL of the issuer's JSON Web Key Set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    /// The JSON Web Key Set inline, as a JSON string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
+    /// Headers that carry the token; with none of the three `from*`: `Authorization: Bearer`.
+    #[serde(default, skip_serializing_if = "is_empty")]
+    pub from_headers: Vec<JwtHeader>,
+    /// Query parameters that carry the token.
+    #[serde(default, skip_serializing_if = "is_empty")]
+    pub from_params: Vec<String>,
+    /// Cookies that carry the token.
+    #[serde(default, skip_serializing_if = "is_empty")]
+    pub from_cookies: Vec<String>,
+    /// A header to which the token's payload (base64url JSON) is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_payload_to_header: Option<String>,
+    /// Claims copied to request headers.
+    #[serde(default, skip_serializing_if = "is_empty")]
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+    /// Keep the token in the request forwarded to the workload (default: removed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forward_original_token: bool,
+    /// Istio's request timeout for fetching the JWKS (accepted, as a duration string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+/// `RequestAuthentication.spec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestAuthenticationSpec {
+    /// Workloads it applies to; absent: the namespace (the mesh, in the root namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<Selector>,
+    /// Gateway/waypoint attachment (refused by validation: no gateways on VMs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<serde_json::Value>,
+    /// Gateway/waypoint attachment (refused by validation: no gateways on VMs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_refs: Option<Vec<serde_json::Value>>,
+    /// The accepted issuers.
+    #[serde(default, skip_serializing_if = "is_empty")]
+    pub jwt_rules: Vec<JwtRule>,
+}
+
+/// A `RequestAuthentication`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestAuthentication {
+    /// `security.istio.io/v1` or `security.istio.io/v1beta1`.
+    pub api_version: String,
+    /// Always `RequestAuthentication`.
+    pub kind: String,
+    /// Name and namespace.
+    pub metadata: Metadata,
+    /// The rules.
+    #[serde(default)]
+    pub spec: RequestAuthenticationSpec,
+}
+
 /// One decoded resource. Serialises in Istio's shape; deserialises by its `kind` (through
 /// [`decode_value`]), never by guessing from the fields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -355,6 +461,8 @@ pub enum Resource {
     AuthorizationPolicy(AuthorizationPolicy),
     /// A PeerAuthentication.
     PeerAuthentication(PeerAuthentication),
+    /// A RequestAuthentication.
+    RequestAuthentication(RequestAuthentication),
 }
 
 impl<'de> Deserialize<'de> for Resource {
@@ -376,6 +484,7 @@ impl Resource {
         match self {
             Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Resource::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Resource::RequestAuthentication(_) => Kind::RequestAuthentication,
         }
     }
 
@@ -384,6 +493,7 @@ impl Resource {
         match self {
             Resource::AuthorizationPolicy(p) => &p.metadata,
             Resource::PeerAuthentication(p) => &p.metadata,
+            Resource::RequestAuthentication(p) => &p.metadata,
         }
     }
 
@@ -392,6 +502,7 @@ impl Resource {
         match self {
             Resource::AuthorizationPolicy(p) => &mut p.metadata,
             Resource::PeerAuthentication(p) => &mut p.metadata,
+            Resource::RequestAuthentication(p) => &mut p.metadata,
         }
     }
 
@@ -471,17 +582,18 @@ pub fn decode_value(value: serde_json::Value) -> Result<Resource, (String, Strin
     let kind = match kind {
         "AuthorizationPolicy" => Kind::AuthorizationPolicy,
         "PeerAuthentication" => Kind::PeerAuthentication,
+        "RequestAuthentication" => Kind::RequestAuthentication,
         "" => {
             return Err((
                 "kind".to_owned(),
-                "missing; expected AuthorizationPolicy or PeerAuthentication".to_owned(),
+                "missing; expected AuthorizationPolicy, PeerAuthentication or RequestAuthentication".to_owned(),
             ));
         }
         other => {
             return Err((
                 "kind".to_owned(),
                 format!(
-                    "unknown kind {other:?}; Causeway accepts AuthorizationPolicy and PeerAuthentication ({API_GROUP}/v1)"
+                    "unknown kind {other:?}; Causeway accepts AuthorizationPolicy, PeerAuthentication and RequestAuthentication ({API_GROUP}/v1)"
                 ),
             ));
         }
@@ -516,6 +628,9 @@ pub fn decode_value(value: serde_json::Value) -> Result<Resource, (String, Strin
         }
         Kind::PeerAuthentication => {
             Resource::PeerAuthentication(serde_path_to_error::deserialize(value).map_err(typed)?)
+        }
+        Kind::RequestAuthentication => {
+            Resource::RequestAuthentication(serde_path_to_error::deserialize(value).map_err(typed)?)
         }
     })
 }
@@ -569,6 +684,77 @@ spec:
         assert_eq!(
             pa.spec.port_level_mtls["8080"].mode,
             MtlsModeSpec::Permissive
+        );
+    }
+
+    #[test]
+    fn request_authentication_decodes_in_istio_shape() {
+        let text = r#"
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: shop}
+spec:
+  selector: {matchLabels: {app: cart}}
+  jwtRules:
+  - issuer: https://issuer.example
+    audiences: [cart, shop]
+    jwksUri: https://issuer.example/.well-known/jwks.json
+    fromHeaders:
+    - {name: x-jwt, prefix: "Bearer "}
+    fromParams: [access_token]
+    fromCookies: [session]
+    outputPayloadToHeader: x-jwt-payload
+    outputClaimToHeaders:
+    - {header: x-user, claim: sub}
+    forwardOriginalToken: true
+---
+apiVersion: security.istio.io/v1beta1
+kind: RequestAuthentication
+metadata: {name: inline}
+spec:
+  jwtRules:
+  - issuer: me
+    jwks: '{"keys":[]}'
+"#;
+        let docs = decode_documents("ra.yaml", text).unwrap();
+        assert_eq!(docs[0].kind(), Kind::RequestAuthentication);
+        assert_eq!(docs[0].display_name(), "RequestAuthentication shop/jwt");
+        let Resource::RequestAuthentication(ra) = &docs[0] else {
+            panic!()
+        };
+        let rule = &ra.spec.jwt_rules[0];
+        assert_eq!(rule.audiences, ["cart", "shop"]);
+        assert_eq!(rule.from_headers[0].prefix, "Bearer ");
+        assert_eq!(rule.from_params, ["access_token"]);
+        assert_eq!(rule.from_cookies, ["session"]);
+        assert_eq!(rule.output_claim_to_headers[0].claim, "sub");
+        assert!(rule.forward_original_token);
+        let back: Resource =
+            serde_json::from_str(&serde_json::to_string(&docs[0]).unwrap()).unwrap();
+        assert_eq!(&back, &docs[0]);
+        let Resource::RequestAuthentication(inline) = &docs[1] else {
+            panic!()
+        };
+        assert_eq!(
+            inline.spec.jwt_rules[0].jwks.as_deref(),
+            Some(r#"{"keys":[]}"#)
+        );
+        assert_eq!(Kind::from_cli("ra"), Some(Kind::RequestAuthentication));
+        assert_eq!(
+            Kind::from_cli("RequestAuthentications"),
+            Some(Kind::RequestAuthentication)
+        );
+        // A typo in a rule is an error with its path.
+        let e = decode_documents(
+            "ra.yaml",
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: a}\nspec:\n  jwtRules:\n  - issuer: x\n    jwksURI: https://x\n",
+        )
+        .unwrap_err();
+        assert!(
+            e[0].to_string()
+                .starts_with("ra.yaml doc 1: spec.jwtRules[0].jwksURI: unknown field `jwksURI`"),
+            "{}",
+            e[0]
         );
     }
 

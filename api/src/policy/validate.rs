@@ -5,7 +5,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::resource::{Action, AuthorizationPolicy, Condition, PeerAuthentication, Resource};
+use super::resource::{
+    Action, AuthorizationPolicy, Condition, PeerAuthentication, RequestAuthentication, Resource,
+};
 use crate::identity::validate_label;
 
 /// One problem: the field path and what is wrong with it.
@@ -86,6 +88,7 @@ pub fn validate(resource: &Resource) -> Vec<Problem> {
     match resource {
         Resource::AuthorizationPolicy(p) => out.extend(validate_authorization_policy(p)),
         Resource::PeerAuthentication(p) => out.extend(validate_peer_authentication(p)),
+        Resource::RequestAuthentication(p) => out.extend(validate_request_authentication(p)),
     }
     out
 }
@@ -383,6 +386,162 @@ pub fn validate_peer_authentication(p: &PeerAuthentication) -> Vec<Problem> {
     out
 }
 
+/// Whether `name` is a valid HTTP header name (an RFC 9110 token).
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Validates a RequestAuthentication as Istio does, plus what Causeway needs to fetch keys:
+/// each rule has an issuer, exactly one of an `https://` `jwksUri` and an inline `jwks`
+/// that parses, valid header names, and no issuer twice.
+pub fn validate_request_authentication(p: &RequestAuthentication) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let spec = &p.spec;
+    if spec.target_ref.is_some() || spec.target_refs.is_some() {
+        out.push(problem(
+            if spec.target_ref.is_some() { "spec.targetRef" } else { "spec.targetRefs" },
+            "targetRef attaches a policy to a gateway or waypoint, which a VM mesh does not have; select workloads with spec.selector.matchLabels",
+        ));
+    }
+    if let Some(sel) = &spec.selector {
+        for (k, v) in &sel.match_labels {
+            if k.is_empty() {
+                out.push(problem(
+                    "spec.selector.matchLabels",
+                    "a label key must not be empty",
+                ));
+            }
+            if v.contains('*') {
+                out.push(problem(
+                    format!("spec.selector.matchLabels.{k}"),
+                    format!("{v:?}: wildcards are not allowed in label values"),
+                ));
+            }
+        }
+    }
+    let mut issuers = std::collections::BTreeSet::new();
+    for (i, rule) in spec.jwt_rules.iter().enumerate() {
+        let rp = format!("spec.jwtRules[{i}]");
+        if rule.issuer.trim().is_empty() {
+            out.push(problem(
+                format!("{rp}.issuer"),
+                "missing; give the `iss` value the tokens carry (e.g. https://accounts.example.com)",
+            ));
+        } else if !issuers.insert(rule.issuer.as_str()) {
+            out.push(problem(
+                format!("{rp}.issuer"),
+                format!(
+                    "issuer {:?} appears in more than one rule; merge the rules",
+                    rule.issuer
+                ),
+            ));
+        }
+        for (ai, a) in rule.audiences.iter().enumerate() {
+            if a.is_empty() {
+                out.push(problem(
+                    format!("{rp}.audiences[{ai}]"),
+                    "empty audience; remove it or give a value",
+                ));
+            }
+        }
+        match (&rule.jwks_uri, &rule.jwks) {
+            (Some(_), Some(_)) => out.push(problem(
+                format!("{rp}.jwks"),
+                "give either jwksUri or jwks, not both",
+            )),
+            (None, None) => out.push(problem(
+                format!("{rp}.jwksUri"),
+                "missing; give the issuer's key set as jwksUri (an https:// URL) or inline as jwks",
+            )),
+            (Some(uri), None) => {
+                let host = uri
+                    .strip_prefix("https://")
+                    .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
+                match host {
+                    None => out.push(problem(
+                        format!("{rp}.jwksUri"),
+                        format!("{uri:?} is not an https:// URL; keys are only fetched over verified HTTPS"),
+                    )),
+                    Some(h) if h.is_empty() || h.starts_with(':') || uri.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                        out.push(problem(
+                            format!("{rp}.jwksUri"),
+                            format!("{uri:?} is not a valid URL (expected https://HOST[:PORT]/PATH)"),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+            (None, Some(jwks)) => {
+                if let Err(e) = super::jwt::KeySet::from_json(jwks) {
+                    out.push(problem(format!("{rp}.jwks"), e));
+                } else if let Ok(set) = super::jwt::KeySet::from_json(jwks) {
+                    for s in set.skipped() {
+                        out.push(problem(format!("{rp}.jwks"), s.clone()));
+                    }
+                }
+            }
+        }
+        for (hi, h) in rule.from_headers.iter().enumerate() {
+            if !valid_header_name(&h.name) {
+                out.push(problem(
+                    format!("{rp}.fromHeaders[{hi}].name"),
+                    format!("{:?} is not a valid HTTP header name", h.name),
+                ));
+            }
+        }
+        for (pi, v) in rule.from_params.iter().enumerate() {
+            if v.is_empty() {
+                out.push(problem(
+                    format!("{rp}.fromParams[{pi}]"),
+                    "empty parameter name",
+                ));
+            }
+        }
+        for (ci, v) in rule.from_cookies.iter().enumerate() {
+            if v.is_empty() || !valid_header_name(v) {
+                out.push(problem(
+                    format!("{rp}.fromCookies[{ci}]"),
+                    format!("{v:?} is not a valid cookie name"),
+                ));
+            }
+        }
+        if let Some(h) = &rule.output_payload_to_header
+            && !valid_header_name(h)
+        {
+            out.push(problem(
+                format!("{rp}.outputPayloadToHeader"),
+                format!("{h:?} is not a valid HTTP header name"),
+            ));
+        }
+        for (oi, o) in rule.output_claim_to_headers.iter().enumerate() {
+            if !valid_header_name(&o.header) {
+                out.push(problem(
+                    format!("{rp}.outputClaimToHeaders[{oi}].header"),
+                    format!("{:?} is not a valid HTTP header name", o.header),
+                ));
+            }
+            if o.claim.is_empty() {
+                out.push(problem(
+                    format!("{rp}.outputClaimToHeaders[{oi}].claim"),
+                    "missing; name the claim to copy (e.g. sub)",
+                ));
+            }
+        }
+        if let Some(t) = &rule.timeout
+            && humantime::parse_duration(t).is_err()
+        {
+            out.push(problem(
+                format!("{rp}.timeout"),
+                format!("{t:?} is not a duration (e.g. 5s)"),
+            ));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,6 +636,84 @@ mod tests {
                 "{spec}: want {want:?}, got {got:?}"
             );
         }
+    }
+
+    #[test]
+    fn request_authentication_rules() {
+        let ra = "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\n";
+        let ed = r#"{"keys":[{"kty":"OKP","crv":"Ed25519","kid":"ed","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#;
+        for spec in [
+            "spec: {}".to_owned(),
+            "spec: {jwtRules: [{issuer: a, jwksUri: 'https://idp.example:8443/jwks'}]}".to_owned(),
+            format!(
+                "spec: {{jwtRules: [{{issuer: a, jwks: '{ed}', fromHeaders: [{{name: x-jwt}}], fromCookies: [s], outputClaimToHeaders: [{{header: x-sub, claim: sub}}], timeout: 5s}}]}}"
+            ),
+        ] {
+            let got = problems(&format!("{ra}{spec}\n"));
+            assert!(got.is_empty(), "{spec}: {got:?}");
+        }
+        let cases = [
+            (
+                "spec: {jwtRules: [{jwksUri: 'https://x/j'}]}",
+                "spec.jwtRules[0].issuer: missing",
+            ),
+            (
+                "spec: {jwtRules: [{issuer: a}]}",
+                "spec.jwtRules[0].jwksUri: missing",
+            ),
+            (
+                "spec: {jwtRules: [{issuer: a, jwksUri: 'http://x/j'}]}",
+                "spec.jwtRules[0].jwksUri: \"http://x/j\" is not an https:// URL",
+            ),
+            (
+                "spec: {jwtRules: [{issuer: a, jwksUri: 'https:///j'}]}",
+                "is not a valid URL",
+            ),
+            (
+                "spec: {jwtRules: [{issuer: a, jwksUri: 'https://x/j', jwks: '{}'}]}",
+                "spec.jwtRules[0].jwks: give either jwksUri or jwks, not both",
+            ),
+            (
+                "spec: {jwtRules: [{issuer: a, jwks: 'nope'}]}",
+                "spec.jwtRules[0].jwks: the key set is not JSON",
+            ),
+            (
+                "spec: {jwtRules: [{issuer: a, jwksUri: 'https://x/j'}, {issuer: a, jwksUri: 'https://y/j'}]}",
+                "spec.jwtRules[1].issuer: issuer \"a\" appears in more than one rule",
+            ),
+            (
+                "spec: {jwtRules: [{issuer: a, jwksUri: 'https://x/j', fromHeaders: [{name: 'bad header'}]}]}",
+                "spec.jwtRules[0].fromHeaders[0].name: \"bad header\" is not a valid HTTP header name",
+            ),
+            (
+                "spec: {jwtRules: [{issuer: a, jwksUri: 'https://x/j', outputPayloadToHeader: 'a:b'}]}",
+                "spec.jwtRules[0].outputPayloadToHeader",
+            ),
+            (
+                "spec: {jwtRules: [{issuer: a, jwksUri: 'https://x/j', outputClaimToHeaders: [{header: x}]}]}",
+                "spec.jwtRules[0].outputClaimToHeaders[0].claim: missing",
+            ),
+            (
+                "spec: {jwtRules: [{issuer: a, jwksUri: 'https://x/j', timeout: soon}]}",
+                "spec.jwtRules[0].timeout",
+            ),
+            (
+                "spec: {targetRef: {kind: Gateway, name: g}}",
+                "spec.targetRef",
+            ),
+        ];
+        for (spec, want) in cases {
+            let got = problems(&format!("{ra}{spec}\n"));
+            assert!(
+                got.iter().any(|g| g.contains(want)),
+                "{spec}: want {want:?}, got {got:?}"
+            );
+        }
+        // Every problem at once.
+        let got = problems(&format!(
+            "{ra}spec: {{jwtRules: [{{jwksUri: 'http://x'}}, {{issuer: b}}]}}\n"
+        ));
+        assert_eq!(got.len(), 3, "{got:?}");
     }
 
     #[test]

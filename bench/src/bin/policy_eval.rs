@@ -156,7 +156,7 @@ fn main() -> Result<()> {
         .into_iter()
         .filter_map(|d| match d {
             Resource::AuthorizationPolicy(p) => Some(p),
-            Resource::PeerAuthentication(_) => None,
+            _ => None,
         })
         .collect();
     let t = Instant::now();

@@ -69,7 +69,7 @@ impl PeerView {
                 .values()
                 .filter_map(|p| match &p.resource {
                     Resource::PeerAuthentication(pa) => Some((p.seq, pa.clone())),
-                    Resource::AuthorizationPolicy(_) => None,
+                    _ => None,
                 })
                 .collect(),
         }
@@ -119,7 +119,7 @@ impl LocalAuthz {
             .values()
             .filter_map(|p| match &p.resource {
                 Resource::AuthorizationPolicy(ap) => Some(ap),
-                Resource::PeerAuthentication(_) => None,
+                _ => None,
             })
             .collect();
         let selected = PolicySet::new(aps.iter().copied()).for_workload(Workload {

@@ -1,0 +1,326 @@
+//! The agent's cache of JSON Web Key Sets for RequestAuthentication issuers.
+//!
+//! What it does: fetches each rule's `jwksUri` over HTTPS (rustls with ring, verified
+//! against the system roots plus `[jwt] ca_file`), keeps the parsed [`KeySet`] per URI for
+//! `refresh_interval`, fetches again at once when a token names a `kid` the set lacks (at
+//! most once per `unknown_kid_interval`), retries a failed fetch a bounded number of times
+//! with the shared backoff, and keeps the last good set through an outage of the endpoint
+//! (later fetches wait for the backoff, so a down endpoint is not hammered by requests).
+//! Inline `jwks` are parsed once and kept too.
+//!
+//! What it does not: answer requests. [`JwksCache::authenticate`] gives the request path
+//! `Ok(None)` (no token), `Ok(Some)` (valid) or `Err` (answer 401 with
+//! [`causeway_api::policy::jwt::www_authenticate`]).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use causeway_api::backoff::Backoff;
+use causeway_api::policy::JwtRule;
+use causeway_api::policy::jwt::{self, Authenticated, JwtError, KeySet, TokenRequest};
+use tokio::time::Instant;
+
+use crate::config::JwtConfig;
+
+/// Timing of fetches.
+#[derive(Debug, Clone)]
+pub struct JwksOptions {
+    /// How long a fetched set is used before it is fetched again.
+    pub refresh_interval: Duration,
+    /// Least time between two fetches caused by an unknown `kid`.
+    pub unknown_kid_interval: Duration,
+    /// Timeout of one attempt.
+    pub fetch_timeout: Duration,
+    /// Attempts of one fetch before it counts as failed.
+    pub attempts: u32,
+    /// First backoff bound between attempts and between failed fetches.
+    pub backoff_base: Duration,
+    /// Largest backoff bound.
+    pub backoff_cap: Duration,
+}
+
+impl From<&JwtConfig> for JwksOptions {
+    fn from(c: &JwtConfig) -> Self {
+        JwksOptions {
+            refresh_interval: c.refresh_interval,
+            unknown_kid_interval: c.unknown_kid_interval,
+            fetch_timeout: c.fetch_timeout,
+            attempts: 3,
+            backoff_base: Duration::from_millis(200),
+            backoff_cap: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One URI's state.
+struct Entry {
+    keys: Option<Arc<KeySet>>,
+    /// No fetch before this (except for an unknown `kid`).
+    next_fetch: Option<Instant>,
+    /// The last fetch caused by an unknown `kid`.
+    last_kid_fetch: Option<Instant>,
+    /// Failed fetches in a row, for the delay before the next one.
+    backoff: Backoff,
+    last_error: Option<String>,
+}
+
+/// Key sets per `jwksUri` (and per inline `jwks` text).
+pub struct JwksCache {
+    client: reqwest::Client,
+    opts: JwksOptions,
+    entries: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Entry>>>>,
+    inline: Mutex<HashMap<String, Result<Arc<KeySet>, String>>>,
+}
+
+/// Why the cache could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    /// `[jwt] ca_file` could not be read.
+    #[error("jwt.ca_file {path}: cannot read it: {source}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// `[jwt] ca_file` holds no usable certificate, or the client could not be built.
+    #[error("jwt.ca_file {path}: {message}")]
+    Client {
+        /// The file (or `-` without one).
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl JwksCache {
+    /// A cache for the agent's `[jwt]` settings.
+    pub fn from_config(c: &JwtConfig) -> Result<JwksCache, JwksError> {
+        JwksCache::new(c.ca_file.as_deref(), JwksOptions::from(c))
+    }
+
+    /// A cache that trusts the system roots plus the CAs in `ca_file` (PEM).
+    pub fn new(ca_file: Option<&Path>, opts: JwksOptions) -> Result<JwksCache, JwksError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder()
+            .https_only(true)
+            .connect_timeout(opts.fetch_timeout)
+            .timeout(opts.fetch_timeout)
+            .redirect(reqwest::redirect::Policy::limited(3));
+        let shown = ca_file.map_or("-".to_owned(), |p| p.display().to_string());
+        if let Some(path) = ca_file {
+            let pem = std::fs::read(path).map_err(|source| JwksError::CaFile {
+                path: shown.clone(),
+                source,
+            })?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| JwksError::Client {
+                    path: shown.clone(),
+                    message: format!("not a PEM certificate bundle: {e}"),
+                })?;
+            if certs.is_empty() {
+                return Err(JwksError::Client {
+                    path: shown,
+                    message: "no certificate in the file (expected PEM CERTIFICATE blocks)"
+                        .to_owned(),
+                });
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder.build().map_err(|e| JwksError::Client {
+            path: shown,
+            message: e.to_string(),
+        })?;
+        Ok(JwksCache {
+            client,
+            opts,
+            entries: Mutex::new(HashMap::new()),
+            inline: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn entry(&self, uri: &str) -> Arc<tokio::sync::Mutex<Entry>> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .entry(uri.to_owned())
+            .or_insert_with(|| {
+                Arc::new(tokio::sync::Mutex::new(Entry {
+                    keys: None,
+                    next_fetch: None,
+                    last_kid_fetch: None,
+                    backoff: Backoff::new(self.opts.backoff_base, self.opts.backoff_cap),
+                    last_error: None,
+                }))
+            })
+            .clone()
+    }
+
+    /// The key set of `uri`: the cached one while fresh, else fetched (the last good set
+    /// when the fetch fails). `Err` only when no set was ever fetched.
+    pub async fn keys(&self, uri: &str) -> Result<Arc<KeySet>, String> {
+        let entry = self.entry(uri);
+        let mut e = entry.lock().await;
+        let due = e.next_fetch.is_none_or(|t| Instant::now() >= t);
+        if due {
+            self.fetch_into(uri, &mut e).await;
+        }
+        e.keys.clone().ok_or_else(|| {
+            format!(
+                "no key set for {uri}: {}",
+                e.last_error.as_deref().unwrap_or("not fetched yet")
+            )
+        })
+    }
+
+    /// Fetches `uri` again because a token named `kid`, unless the set already has it or
+    /// such a fetch happened less than `unknown_kid_interval` ago.
+    pub async fn refresh_for_kid(&self, uri: &str, kid: &str) -> Result<Arc<KeySet>, String> {
+        let entry = self.entry(uri);
+        let mut e = entry.lock().await;
+        let has = e.keys.as_ref().is_some_and(|k| k.has_kid(kid));
+        let recent = e
+            .last_kid_fetch
+            .is_some_and(|t| t.elapsed() < self.opts.unknown_kid_interval);
+        if !has && !recent {
+            e.last_kid_fetch = Some(Instant::now());
+            self.fetch_into(uri, &mut e).await;
+        }
+        e.keys.clone().ok_or_else(|| {
+            format!(
+                "no key set for {uri}: {}",
+                e.last_error.as_deref().unwrap_or("not fetched yet")
+            )
+        })
+    }
+
+    /// The cached set of `uri`, without fetching.
+    pub fn cached(&self, uri: &str) -> Option<Arc<KeySet>> {
+        let entry = self.entry(uri);
+        let e = entry.try_lock().ok()?;
+        e.keys.clone()
+    }
+
+    /// One fetch with bounded retries; updates the entry either way.
+    async fn fetch_into(&self, uri: &str, e: &mut Entry) {
+        let mut attempt_backoff = Backoff::new(self.opts.backoff_base, self.opts.backoff_cap);
+        let mut last = String::new();
+        for attempt in 0..self.opts.attempts.max(1) {
+            if attempt > 0 {
+                tokio::time::sleep(attempt_backoff.next_delay()).await;
+            }
+            match self.fetch_once(uri).await {
+                Ok(set) => {
+                    for s in set.skipped() {
+                        tracing::warn!(uri, "JWKS key left out: {s}");
+                    }
+                    e.keys = Some(Arc::new(set));
+                    e.last_error = None;
+                    e.backoff.reset();
+                    e.next_fetch = Some(Instant::now() + self.opts.refresh_interval);
+                    return;
+                }
+                Err(err) => last = err,
+            }
+        }
+        let delay = e.backoff.next_delay().max(self.opts.backoff_base);
+        tracing::warn!(
+            uri,
+            error = %last,
+            kept_last_good = e.keys.is_some(),
+            retry_in = ?delay,
+            "JWKS fetch failed"
+        );
+        e.last_error = Some(last);
+        e.next_fetch = Some(Instant::now() + delay);
+    }
+
+    async fn fetch_once(&self, uri: &str) -> Result<KeySet, String> {
+        let mut resp = self
+            .client
+            .get(uri)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .map_err(|e| format!("GET {uri}: {}", error_chain(&e)))?;
+        if !resp.status().is_success() {
+            return Err(format!("GET {uri}: HTTP {}", resp.status()));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| format!("GET {uri}: reading the body: {}", error_chain(&e)))?
+        {
+            if body.len() + chunk.len() > jwt::MAX_JWKS_BYTES {
+                return Err(format!(
+                    "GET {uri}: the key set is over the {}-byte limit",
+                    jwt::MAX_JWKS_BYTES
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let text =
+            std::str::from_utf8(&body).map_err(|_| format!("GET {uri}: the body is not UTF-8"))?;
+        KeySet::from_json(text).map_err(|e| format!("GET {uri}: {e}"))
+    }
+
+    fn inline_keys(&self, jwks: &str) -> Result<Arc<KeySet>, String> {
+        let mut inline = self.inline.lock().unwrap_or_else(|e| e.into_inner());
+        inline
+            .entry(jwks.to_owned())
+            .or_insert_with(|| KeySet::from_json(jwks).map(Arc::new))
+            .clone()
+    }
+
+    async fn keys_for(&self, rule: &JwtRule) -> Option<Arc<KeySet>> {
+        if let Some(jwks) = &rule.jwks {
+            return self.inline_keys(jwks).ok();
+        }
+        self.keys(rule.jwks_uri.as_deref()?).await.ok()
+    }
+
+    /// Authenticates a request against `rules`: `Ok(None)` without a token, `Ok(Some)` for
+    /// a valid one, `Err` (answer 401) for an invalid one. A token whose `kid` is unknown
+    /// makes one refresh of its issuer's set (rate-limited) and is checked again.
+    pub async fn authenticate(
+        &self,
+        rules: &[JwtRule],
+        req: &TokenRequest<'_>,
+    ) -> Result<Option<Authenticated>, JwtError> {
+        let Some((token, _)) = jwt::extract(rules, req) else {
+            return Ok(None);
+        };
+        let mut sets = Vec::with_capacity(rules.len());
+        for rule in rules {
+            sets.push(self.keys_for(rule).await);
+        }
+        match jwt::verify(rules, token, |i| sets.get(i)?.as_deref()) {
+            Err(JwtError::UnknownKid { issuer, kid }) => {
+                let Some(i) = rules.iter().position(|r| r.issuer == issuer) else {
+                    return Err(JwtError::UnknownKid { issuer, kid });
+                };
+                let Some(uri) = rules[i].jwks_uri.as_deref() else {
+                    return Err(JwtError::UnknownKid { issuer, kid });
+                };
+                sets[i] = self.refresh_for_kid(uri, &kid).await.ok();
+                jwt::verify(rules, token, |i| sets.get(i)?.as_deref()).map(Some)
+            }
+            other => other.map(Some),
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
