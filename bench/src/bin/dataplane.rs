@@ -27,6 +27,9 @@
 //! `DATAPLANE_PHASE=bulk` makes the rounds measure bulk throughput instead, with each
 //! path's ratio to the same round's stunnel4. `DATAPLANE_AGENT_B=PATH` adds to the rounds
 //! a path through two agents of another build (QUIC): an A/B comparison in one run.
+//! `DATAPLANE_PUSH_MS=N` makes every round's measurement run while a config change is
+//! pushed to the agents every N ms (a policy that selects no workload, applied and
+//! deleted in turn): the push-during-traffic latency.
 //!
 //! The same program is the client and the server: `dataplane serve PORT`,
 //! `dataplane latency ADDR RATE SECS`, `dataplane bulk ADDR SECS`, `dataplane hold ADDR N`,
@@ -948,6 +951,25 @@ fn run_rounds(
                 .then_some(())
         })
     };
+    // `DATAPLANE_PUSH_MS=N`: while each path is measured, a policy that selects no
+    // workload is applied and deleted in turn every N ms, so both agents take a config
+    // push (apply, publish, cache write with fsync) every N ms under the traffic; the
+    // decisions do not change. This is the push-during-traffic figure of issue 18.
+    let push_every = std::env::var("DATAPLANE_PUSH_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis);
+    let push_policy = run.root.join("push-policy.yaml");
+    std::fs::write(
+        &push_policy,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bench-push, namespace: default}\nspec:\n  selector:\n    matchLabels: {app: no-such-workload}\n  rules:\n  - from:\n    - source: {principals: [\"causeway.local/ns/default/sa/nobody\"]}\n",
+    )?;
+    let push = Pusher {
+        node: run.lab.node("ctl").clone(),
+        admin: run.admin.clone(),
+        token: run.root.join("controller").join("admin.token"),
+        policy: push_policy,
+    };
     let mut runs: Vec<Value> = Vec::new();
     for round in 0..rounds {
         let mut direct_p99 = f64::NAN;
@@ -1002,19 +1024,36 @@ fn run_rounds(
             };
             eprintln!("-- round {}/{rounds}: {name}", round + 1);
             let before: Vec<f64> = procs.iter().map(|(_, p)| cpu_seconds(p.0.id())).collect();
-            let mut m = match phase {
-                Phase::Latency => run_json(
-                    &vm1,
-                    &run.me,
-                    &[
-                        "latency",
-                        &addr,
-                        &RATE.to_string(),
-                        &LATENCY_SECS.to_string(),
-                    ],
-                )?,
-                Phase::Bulk => run_json(&vm1, &run.me, &["bulk", &addr, &BULK_SECS.to_string()])?,
-            };
+            // `DATAPLANE_PUSH_MS`: config pushes during the measurement (see `pusher`).
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            let (m, pushes) = std::thread::scope(|s| {
+                let pusher = push_every.map(|every| {
+                    let (stop, push) = (&stop, &push);
+                    s.spawn(move || pusher(push, every, stop))
+                });
+                let m = match phase {
+                    Phase::Latency => run_json(
+                        &vm1,
+                        &run.me,
+                        &[
+                            "latency",
+                            &addr,
+                            &RATE.to_string(),
+                            &LATENCY_SECS.to_string(),
+                        ],
+                    ),
+                    Phase::Bulk => {
+                        run_json(&vm1, &run.me, &["bulk", &addr, &BULK_SECS.to_string()])
+                    }
+                };
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let pushes = pusher.map(|p| p.join().unwrap_or(0));
+                (m, pushes)
+            });
+            let mut m = m?;
+            if let Some(n) = pushes {
+                m["config_pushes"] = json!(n);
+            }
             let used: Vec<f64> = procs
                 .iter()
                 .zip(before)
@@ -1137,6 +1176,43 @@ fn run_rounds(
         "runs": runs,
         "summary": summary,
     }))
+}
+
+/// What the push thread needs to drive `causewayctl` in the controller's namespace.
+struct Pusher {
+    node: Node,
+    admin: String,
+    token: PathBuf,
+    policy: PathBuf,
+}
+
+/// Applies and deletes `push.policy` in turn every `every` until `stop`; returns how many
+/// changes were made (each one a config push to every agent).
+fn pusher(push: &Pusher, every: Duration, stop: &std::sync::atomic::AtomicBool) -> u64 {
+    let mut n = 0u64;
+    let policy = push.policy.to_string_lossy().into_owned();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let args: Vec<&str> = if n.is_multiple_of(2) {
+            vec!["apply", "-f", &policy]
+        } else {
+            vec!["delete", "ap", "bench-push", "-n", "default"]
+        };
+        let ok = push
+            .node
+            .cmd(bin("causewayctl"))
+            .args(&args)
+            .env("CAUSEWAY_CONTROLLER", &push.admin)
+            .env("CAUSEWAY_ADMIN_TOKEN_FILE", &push.token)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            n += 1;
+        }
+        std::thread::sleep(every);
+    }
+    n
 }
 
 fn time_now() -> String {
