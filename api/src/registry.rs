@@ -830,6 +830,19 @@ impl Registry {
         self.holders.keys()
     }
 
+    /// The merged services' keys after `after` (all of them with `None`), in order: a
+    /// page's start found by the tree, not by walking the keys before it.
+    pub fn service_keys_after(
+        &self,
+        after: Option<&ServiceKey>,
+    ) -> impl Iterator<Item = &ServiceKey> {
+        use std::ops::Bound;
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.holders
+            .range::<ServiceKey, _>((lower, Bound::Unbounded))
+            .map(|(k, _)| k)
+    }
+
     /// The whole merged registry: service → endpoints.
     pub fn merged(&self) -> BTreeMap<ServiceKey, Vec<Endpoint>> {
         self.holders

@@ -61,7 +61,7 @@ async fn run(s: AdminState, req: AnalyzeRequest) -> Result<Json<Report>, ApiErro
 
 /// Services copied per turn of the mesh lock: a page of a large registry takes a few
 /// milliseconds, so a push waits at most that long behind an analysis.
-const PAGE: usize = 256;
+const PAGE: usize = 64;
 
 /// Copies the merged registry (a page of [`PAGE`] services per turn of the mesh lock) and
 /// the sources' states.

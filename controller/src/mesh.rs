@@ -1302,8 +1302,7 @@ impl Mesh {
         let inner = self.lock();
         inner
             .registry
-            .service_keys()
-            .skip_while(|k| after.is_some_and(|a| *k <= a))
+            .service_keys_after(after)
             .filter_map(|key| Self::service_view(&inner, key))
             .take(limit)
             .collect()
