@@ -55,6 +55,9 @@ pub struct Metrics {
     pub push_lag: Histogram,
     /// Versions not yet acknowledged by every connected agent, and when they were made.
     pending: Mutex<BTreeMap<u64, Instant>>,
+    /// Wakes the push-lag task after ACKs and session ends: a burst of 1,000 ACKs is one
+    /// scan of the sessions there, not one per ACK on the push path under the mesh lock.
+    acked: tokio::sync::Notify,
 }
 
 /// The process's controller metrics.
@@ -65,6 +68,7 @@ pub fn get() -> &'static Metrics {
         renewals: Family::default(),
         push_lag: Histogram::new(PUSH_LAG_BUCKETS),
         pending: Mutex::new(BTreeMap::new()),
+        acked: tokio::sync::Notify::new(),
     })
 }
 
@@ -129,9 +133,15 @@ impl Metrics {
     }
 }
 
-/// An agent acknowledged a version, or a session ended: records the push lag of every
-/// version all connected agents now have.
-pub fn push_acked(mesh: &Mesh) {
+/// An agent acknowledged a version, or a session ended: the push-lag task (started with
+/// the metrics listener) then records the lag of every version all connected agents now
+/// have. Wakes coalesce, so the push path only sets a flag.
+pub fn push_acked() {
+    get().acked.notify_one();
+}
+
+/// Records the push lag of every version all connected agents have now.
+fn observe_acked(mesh: &Mesh) {
     get().acked_up_to(mesh.min_acked_version(), Instant::now());
 }
 
@@ -304,11 +314,19 @@ pub async fn spawn(
     let mut versions = mesh.watch();
     let watched = mesh.clone();
     tokio::spawn(async move {
-        while versions.changed().await.is_ok() {
-            let v = *versions.borrow_and_update();
-            get().version_made(v, Instant::now());
-            // No agent connected: nothing to wait for.
-            push_acked(&watched);
+        loop {
+            tokio::select! {
+                changed = versions.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let v = *versions.borrow_and_update();
+                    get().version_made(v, Instant::now());
+                }
+                () = get().acked.notified() => {}
+            }
+            // Also right after a new version: with no agent connected nothing waits.
+            observe_acked(&watched);
         }
     });
     let task = causeway_telemetry::http::serve(listener, move |req, _| handle(req, &mesh));
@@ -347,6 +365,7 @@ mod tests {
             renewals: Family::default(),
             push_lag: Histogram::new(PUSH_LAG_BUCKETS),
             pending: Mutex::new(BTreeMap::new()),
+            acked: tokio::sync::Notify::new(),
         };
         let t0 = Instant::now();
         m.version_made(5, t0);

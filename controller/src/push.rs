@@ -214,7 +214,7 @@ pub(crate) async fn run_session(
                     acked = a.version;
                     nacked = None;
                     mesh.record_answer(&handle, acked, None);
-                    crate::metrics::push_acked(&mesh);
+                    crate::metrics::push_acked();
                 }
                 Some(Ok(AgentFrame { kind: Some(agent_frame::Kind::Nack(n)) })) => {
                     tracing::warn!(agent = %agent.id, version = n.version, stays_on = n.current_version, error = %n.error, "agent refused a config update");
@@ -265,5 +265,5 @@ pub(crate) async fn run_session(
     if let Err(e) = mesh.session_end(&handle, graceful).await {
         tracing::error!(agent = %agent.id, error = %e, "cannot record the end of a session");
     }
-    crate::metrics::push_acked(&mesh);
+    crate::metrics::push_acked();
 }
