@@ -55,6 +55,37 @@ pub struct AgentConfig {
     pub health: crate::health::HealthConfig,
     /// Fetching the key sets of RequestAuthentication issuers.
     pub jwt: JwtConfig,
+    /// Request telemetry: access logs, tracing.
+    pub telemetry: TelemetryConfig,
+}
+
+/// Request telemetry (`[telemetry]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    // Access logs and tracing (crate::telemetry::{access_log, trace, otlp}).
+    /// One entry per HTTP request and per proxied TCP connection: "off" (default),
+    /// "text" (Envoy's format) or "json"; to the journal under systemd, else stdout.
+    pub access_log: crate::telemetry::AccessLogFormat,
+    /// Percent (0–100) of requests and connections logged.
+    pub access_log_sampling: f64,
+    /// Percent (0–100) of the traces this agent starts (requests without trace context)
+    /// that are sampled, i.e. exported; incoming contexts keep their own decision.
+    pub trace_sampling: f64,
+    /// OTLP/HTTP (protobuf) traces endpoint of a collector, e.g.
+    /// "http://127.0.0.1:4318/v1/traces"; unset: spans are not exported.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            access_log: crate::telemetry::AccessLogFormat::Off,
+            access_log_sampling: 100.0,
+            trace_sampling: 1.0,
+            otlp_endpoint: None,
+        }
+    }
 }
 
 /// Fetching JSON Web Key Sets for RequestAuthentication (`[jwt]`).
@@ -302,6 +333,7 @@ impl Default for AgentConfig {
             dns: DnsConfig::default(),
             health: crate::health::HealthConfig::default(),
             jwt: JwtConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -407,6 +439,26 @@ impl AgentConfig {
                 humantime::format_duration(dp.eject_base),
                 humantime::format_duration(dp.eject_max)
             ));
+        }
+        let t = &self.telemetry;
+        for (field, v, example) in [
+            (
+                "telemetry.access_log_sampling",
+                t.access_log_sampling,
+                "100",
+            ),
+            ("telemetry.trace_sampling", t.trace_sampling, "1.0"),
+        ] {
+            if !(0.0..=100.0).contains(&v) {
+                errors.push(format!(
+                    "{field} = {v}: must be a percentage between 0 and 100, e.g. {example}"
+                ));
+            }
+        }
+        if let Some(url) = &t.otlp_endpoint
+            && let Err(why) = crate::telemetry::otlp::parse_endpoint(url)
+        {
+            errors.push(format!("telemetry.otlp_endpoint = {url:?} {why}"));
         }
         let dns = &self.dns;
         if dns.enabled {
@@ -603,6 +655,49 @@ mod tests {
         assert!(
             err.contains("sctp") && err.contains("quic") && err.contains("tcp"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn telemetry_section_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.toml");
+        let d = AgentConfig::default().telemetry;
+        assert_eq!(d.access_log, crate::telemetry::AccessLogFormat::Off);
+        assert_eq!((d.access_log_sampling, d.trace_sampling), (100.0, 1.0));
+        std::fs::write(
+            &p,
+            "[telemetry]\naccess_log = \"json\"\naccess_log_sampling = 12.5\ntrace_sampling = 100\notlp_endpoint = \"http://10.0.0.9:4318/v1/traces\"\n",
+        )
+        .unwrap();
+        let c = AgentConfig::load(&p).unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.telemetry.access_log,
+            crate::telemetry::AccessLogFormat::Json
+        );
+        assert_eq!(c.telemetry.access_log_sampling, 12.5);
+        std::fs::write(&p, "[telemetry]\naccess_log = \"xml\"\n").unwrap();
+        let err = AgentConfig::load(&p).unwrap_err().to_string();
+        assert!(err.contains("xml") && err.contains("json"), "{err}");
+        std::fs::write(
+            &p,
+            "[telemetry]\naccess_log_sampling = 101\ntrace_sampling = -1\notlp_endpoint = \"https://c:4318\"\n",
+        )
+        .unwrap();
+        let ConfigError::Invalid(errors) = AgentConfig::load(&p).unwrap().validate().unwrap_err()
+        else {
+            panic!()
+        };
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(
+            errors[0].contains("telemetry.access_log_sampling = 101"),
+            "{errors:#?}"
+        );
+        assert!(
+            errors[2].contains("telemetry.otlp_endpoint")
+                && errors[2].contains("http://127.0.0.1:4318/v1/traces"),
+            "{errors:#?}"
         );
     }
 

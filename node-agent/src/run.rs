@@ -177,6 +177,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         f(&mut r.status);
         r.write();
     };
+    // Request telemetry (access logs, tracing) before the data plane that reports to it.
+    crate::telemetry::install(crate::telemetry::start(
+        &cfg.telemetry,
+        &identity,
+        cfg.dataplane.capture.then_some(cfg.dataplane.mark),
+    ));
     // The data plane before the control loop: it serves from the cached config while the
     // controller is away (static stability).
     let dataplane = crate::dataplane::Dataplane::start(

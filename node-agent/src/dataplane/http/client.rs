@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::HttpSettings;
 use super::record::{
-    BoxError, CountingBody, ObservedBody, Observer, Pending, RequestRecord, ResponseFlags,
+    BoxError, CountingBody, ObservedBody, Observer, Peers, Pending, RequestRecord, ResponseFlags,
     grpc_status, trace_headers,
 };
 
@@ -55,6 +55,9 @@ pub struct UpstreamConn {
     pub io: Box<dyn Io>,
     /// The upstream host as recorded in [`RequestRecord::upstream_host`] (`ip:port`).
     pub peer: String,
+    /// The upstream's SPIFFE ID when it is an agent's (a tunnel stream), recorded as
+    /// [`RequestRecord::destination_principal`] unless the connection's [`Peers`] name one.
+    pub identity: Option<String>,
 }
 
 impl std::fmt::Debug for UpstreamConn {
@@ -86,19 +89,20 @@ pub trait Upstream: Send + Sync + 'static {
     ) -> impl Future<Output = Result<UpstreamConn, UpstreamError>> + Send;
 }
 
-/// The upstream host, carried from the connector to the response.
+/// The upstream host and its identity, carried from the connector to the response.
 #[derive(Clone, Debug)]
-struct UpstreamHost(String);
+struct UpstreamHost(String, Option<Arc<str>>);
 
 /// A pooled upstream connection as hyper's client sees it.
 struct PooledConn {
     io: TokioIo<Box<dyn Io>>,
     peer: String,
+    identity: Option<Arc<str>>,
 }
 
 impl Connection for PooledConn {
     fn connected(&self) -> Connected {
-        Connected::new().extra(UpstreamHost(self.peer.clone()))
+        Connected::new().extra(UpstreamHost(self.peer.clone(), self.identity.clone()))
     }
 }
 
@@ -155,6 +159,7 @@ impl<U: Upstream> tower_service::Service<Uri> for Connector<U> {
             Ok(PooledConn {
                 io: TokioIo::new(c.io),
                 peer: c.peer,
+                identity: c.identity.map(Arc::from),
             })
         })
     }
@@ -257,6 +262,12 @@ impl<U: Upstream> Proxy<U> {
     /// Returns when the connection is done; an error is the connection's (a protocol error,
     /// a reset, the header timeout), never another connection's.
     pub async fn serve<IO: Io>(&self, io: IO) -> Result<(), BoxError> {
+        self.serve_with(io, Peers::default()).await
+    }
+
+    /// [`Proxy::serve`], with what is known of both ends of the connection (recorded in
+    /// each request's [`RequestRecord`]).
+    pub async fn serve_with<IO: Io>(&self, io: IO, peers: Peers) -> Result<(), BoxError> {
         let s = &self.inner.settings;
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
@@ -271,9 +282,11 @@ impl<U: Upstream> Proxy<U> {
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
         let this = self.clone();
+        let conn_peers = peers.clone();
         let service = service_fn(move |req| {
             let this = this.clone();
-            async move { Ok::<_, std::convert::Infallible>(this.handle(req).await) }
+            let peers = conn_peers.clone();
+            async move { Ok::<_, std::convert::Infallible>(this.handle(req, peers).await) }
         });
         let started = (Instant::now(), SystemTime::now());
         let result = builder
@@ -301,12 +314,15 @@ impl<U: Upstream> Proxy<U> {
                 duration: started.0.elapsed(),
                 upstream_host: None,
                 trace_headers: Vec::new(),
+                source_principal: peers.source_principal,
+                destination_principal: peers.destination_principal,
+                trace: None,
             });
         }
         result
     }
 
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<ObservedBody> {
+    async fn handle(&self, mut req: Request<Incoming>, peers: Peers) -> Response<ObservedBody> {
         let inner = &self.inner;
         let started = Instant::now();
         let version = req.version();
@@ -346,6 +362,14 @@ impl<U: Upstream> Proxy<U> {
                 duration: Default::default(),
                 upstream_host: None,
                 trace_headers: trace_headers(req.headers()),
+                source_principal: peers.source_principal,
+                destination_principal: peers.destination_principal,
+                // Trace context: this agent's span; the headers are rewritten for the next
+                // hop (crate::telemetry::trace).
+                trace: crate::telemetry::trace::on_request(
+                    &inner.settings.trace,
+                    req.headers_mut(),
+                ),
             },
             started,
             request_bytes: request_bytes.clone(),
@@ -406,7 +430,12 @@ impl<U: Upstream> Proxy<U> {
             }
             Ok(Ok(resp)) => resp,
         };
-        pending.record.upstream_host = resp.extensions().get::<UpstreamHost>().map(|h| h.0.clone());
+        if let Some(UpstreamHost(host, identity)) = resp.extensions().get::<UpstreamHost>() {
+            pending.record.upstream_host = Some(host.clone());
+            if pending.record.destination_principal.is_none() {
+                pending.record.destination_principal = identity.clone();
+            }
+        }
         pending.record.response_code = resp.status().as_u16();
         pending.record.grpc_status = grpc_status(resp.headers());
 

@@ -34,7 +34,9 @@ mod tests;
 use std::time::Duration;
 
 pub use client::{Io, Proxy, Upstream, UpstreamConn, UpstreamError};
-pub use record::{ObservedBody, Observer, RequestRecord, ResponseFlags, Side, TRACE_HEADERS};
+pub use record::{
+    ObservedBody, Observer, Peers, RequestRecord, ResponseFlags, Side, TRACE_HEADERS,
+};
 pub use server::{LocalApp, inbound_proxy, serve_inbound};
 pub use sniff::{Detected, Rewind, detect};
 
@@ -57,6 +59,8 @@ pub struct HttpSettings {
     pub max_headers: usize,
     /// How long an idle upstream connection stays in the pool.
     pub pool_idle_timeout: Duration,
+    /// Trace context handling ([`crate::telemetry::trace::on_request`]).
+    pub trace: crate::telemetry::trace::TraceSettings,
 }
 
 impl Default for HttpSettings {
@@ -68,6 +72,7 @@ impl Default for HttpSettings {
             max_header_bytes: 60 * 1024,
             max_headers: 100,
             pool_idle_timeout: Duration::from_secs(60),
+            trace: crate::telemetry::trace::TraceSettings::default(),
         }
     }
 }

@@ -146,6 +146,26 @@ pub struct RequestRecord {
     /// The trace headers of the request ([`TRACE_HEADERS`]), names lower case, in that
     /// order.
     pub trace_headers: Vec<(String, String)>,
+    /// The client's SPIFFE ID when known (the source agent's own workload; at the
+    /// destination, the tunnel peer's certificate).
+    pub source_principal: Option<Arc<str>>,
+    /// The server's SPIFFE ID when known (at the source, the chosen endpoint's agent; at the
+    /// destination, its own workload).
+    pub destination_principal: Option<Arc<str>>,
+    /// This agent's span of the request ([`crate::telemetry::trace`]); `None` when the
+    /// request carried no trace context and this agent started none.
+    pub trace: Option<crate::telemetry::trace::SpanRecord>,
+}
+
+/// What the agent knows of both ends of a downstream connection when it accepts it; each
+/// [`RequestRecord`] of the connection starts with these principals.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peers {
+    /// The client's SPIFFE ID.
+    pub source_principal: Option<Arc<str>>,
+    /// The server's SPIFFE ID (at the source agent: filled per request from the upstream
+    /// connection's [`crate::dataplane::http::UpstreamConn::identity`] when unset).
+    pub destination_principal: Option<Arc<str>>,
 }
 
 /// Receives one [`RequestRecord`] per finished request. Called on the request path: it

@@ -35,6 +35,7 @@ impl Upstream for LocalApp {
         Ok(UpstreamConn {
             io: Box::new(stream),
             peer: self.addr.to_string(),
+            identity: None,
         })
     }
 }

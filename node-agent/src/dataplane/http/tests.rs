@@ -322,13 +322,22 @@ async fn http1_keep_alive_reuses_one_upstream_connection_and_records_each_reques
             let resp = client.send_request(req).await.unwrap();
             assert_eq!(resp.status(), StatusCode::OK);
             let body = body_text(resp).await;
+            let r = records.recv().await.unwrap();
+            // The trace continues with this proxy's span as the app's parent.
+            let span = r.trace.clone().expect("a span");
+            assert_eq!(span.trace_id_hex(), "0af7651916cd43dd8448eb211c80319c");
+            assert_eq!(
+                span.parent_span_id.map(|p| crate::telemetry::trace::hex(&p)),
+                Some("b7ad6b7169203331".to_owned())
+            );
+            assert!(span.sampled);
             assert_eq!(
                 body,
                 format!(
-                    "POST /echo?i={i} HTTP/1.1 host=web.shop:8080 traceparent=00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01 body=hello"
+                    "POST /echo?i={i} HTTP/1.1 host=web.shop:8080 traceparent=00-0af7651916cd43dd8448eb211c80319c-{}-01 body=hello",
+                    crate::telemetry::trace::hex(&span.span_id)
                 )
             );
-            let r = records.recv().await.unwrap();
             assert_eq!(r.side, Side::Source);
             assert_eq!(r.method, "POST");
             assert_eq!(r.authority, "web.shop:8080");
@@ -356,6 +365,70 @@ async fn http1_keep_alive_reuses_one_upstream_connection_and_records_each_reques
             connects.load(Ordering::SeqCst),
             1,
             "five keep-alive requests use one upstream connection"
+        );
+    })
+    .await;
+}
+
+/// A request without trace context gets a new trace where traces start (the source
+/// agent): the app sees a `traceparent` naming the proxy's span; the record carries the
+/// span and the connection's principals (the upstream's identity when the connection's
+/// [`Peers`] do not name the destination).
+#[tokio::test]
+async fn a_request_without_context_starts_a_trace_and_records_principals() {
+    struct WithIdentity(LocalApp);
+    impl Upstream for WithIdentity {
+        async fn connect(&self, endpoint: &str) -> Result<UpstreamConn, UpstreamError> {
+            let mut c = self.0.connect(endpoint).await?;
+            c.identity = Some("spiffe://causeway.local/ns/default/sa/web".into());
+            Ok(c)
+        }
+    }
+    bounded(async {
+        let settings = HttpSettings {
+            trace: crate::telemetry::trace::TraceSettings {
+                start_sampling: Some(100.0),
+            },
+            ..HttpSettings::default()
+        };
+        let (tx, mut records) = mpsc::unbounded_channel();
+        let up = WithIdentity(LocalApp {
+            addr: app().await,
+            connect_timeout: Duration::from_secs(5),
+        });
+        let proxy = Proxy::new(up, settings, Arc::new(Recorder(tx)));
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let peers = Peers {
+            source_principal: Some("spiffe://causeway.local/ns/default/sa/client".into()),
+            destination_principal: None,
+        };
+        tokio::spawn(async move { proxy.serve_with(b, peers).await });
+        let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(a))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("/plain")
+            .header("host", "web")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let body = body_text(client.send_request(req).await.unwrap()).await;
+        let r = records.recv().await.unwrap();
+        let span = r.trace.clone().expect("a new trace");
+        assert!(span.sampled && span.parent_span_id.is_none());
+        assert!(
+            body.contains(&format!(
+                "traceparent={}",
+                crate::telemetry::trace::traceparent(&span.trace_id, &span.span_id, true)
+            )),
+            "{body}"
+        );
+        assert_eq!(
+            r.source_principal.as_deref(),
+            Some("spiffe://causeway.local/ns/default/sa/client")
+        );
+        assert_eq!(
+            r.destination_principal.as_deref(),
+            Some("spiffe://causeway.local/ns/default/sa/web")
         );
     })
     .await;

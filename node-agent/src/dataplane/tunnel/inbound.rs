@@ -2,7 +2,7 @@
 //! authorized stream to the local application.
 
 use super::*;
-use crate::dataplane::http::{self as h, HttpSettings, Proxy, UpstreamConn, UpstreamError};
+use crate::dataplane::http::{self as h, Proxy, UpstreamConn, UpstreamError};
 use tracing::Instrument as _;
 
 pub(super) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -23,6 +23,7 @@ impl h::Upstream for AppUpstream {
             Ok(s) => Ok(UpstreamConn {
                 io: Box::new(s),
                 peer: self.addr.to_string(),
+                identity: None,
             }),
             Err(e) => {
                 tracing::warn!(app = %self.addr, error = %e, "local application unreachable");
@@ -277,7 +278,10 @@ impl Tunnel {
             );
             let cut = self.cut_when_refused(peer.clone(), remote.ip(), own, header.port);
             tokio::select! {
-                r = Box::pin(proxy.serve(side.into_io())) => if let Err(e) = r {
+                r = Box::pin(proxy.serve_with(side.into_io(), h::Peers {
+                    source_principal: Some(Arc::from(peer.spiffe_id.as_str())),
+                    destination_principal: crate::telemetry::own_principal(),
+                })) => if let Err(e) = r {
                     tracing::debug!(error = %e, "inbound HTTP stream ended");
                 },
                 () = cut => tracing::info!("inbound HTTP stream cut"),
@@ -293,11 +297,23 @@ impl Tunnel {
             }
         };
         let _inflight = self.inflight.track();
+        let tcp_log = crate::telemetry::tcp_start().map(|mut l| {
+            l.upstream_host = Some(app.to_string());
+            l.source_principal = Some(Arc::from(peer.spiffe_id.as_str()));
+            l.destination_principal = crate::telemetry::own_principal();
+            l
+        });
         self.accepted[transport as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(policy = decision.policy_label(), "inbound tunnel stream");
         let cut = self.cut_when_refused(peer.clone(), remote.ip(), own, header.port);
         let done = splice_until(side, tcp, self.settings.idle_timeout, cut).await;
         tracing::debug!(bytes_in = done.a_to_b, bytes_out = done.b_to_a, end = ?done.end, "inbound stream done");
+        crate::telemetry::TcpStart::finish_opt(
+            tcp_log,
+            h::Side::Destination,
+            done.a_to_b,
+            done.b_to_a,
+        );
     }
 
     /// The inbound HTTP proxy of local application port `app` when this host's workload
@@ -322,14 +338,10 @@ impl Tunnel {
                 mark: self.settings.mark,
                 connect_timeout: self.settings.connect_timeout,
             };
-            let settings = HttpSettings {
-                side: h::Side::Destination,
-                ..HttpSettings::default()
-            };
             Proxy::new(
                 upstream,
-                settings,
-                Arc::new(crate::dataplane::outbound::LogObserver),
+                crate::telemetry::http_settings(h::Side::Destination),
+                crate::telemetry::observer(),
             )
         });
         Some(proxy.clone())
