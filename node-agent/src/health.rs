@@ -156,6 +156,7 @@ impl Health {
             reg.register_collector(Box::new(d.clone()));
         }
         crate::metrics::agent().register(&mut reg);
+        reg.register_collector(Box::new(crate::telemetry::TelemetryCollector));
         reg
     }
 

@@ -539,6 +539,26 @@ fn access_logs_and_linked_spans_from_both_agents() {
         "{}",
         m.logs()
     );
+    // Each agent counts what it exported (and dropped nothing).
+    for vm in ["vm1", "vm2"] {
+        let node = m.lab.node(vm).clone();
+        let metrics = wait_for(&format!("{vm}'s exported spans counted"), WAIT, || {
+            let text = node.sh_ok("curl -s http://127.0.0.1:15020/metrics");
+            text.lines()
+                .any(|l| l == "causeway_agent_spans_exported_total 2")
+                .then_some(text)
+        });
+        for line in [
+            "causeway_agent_spans_dropped_total{reason=\"queue_full\"} 0",
+            "causeway_agent_spans_dropped_total{reason=\"export_failed\"} 0",
+            "causeway_agent_access_log_dropped_total 0",
+        ] {
+            assert!(
+                metrics.lines().any(|l| l == line),
+                "{vm}: {line}\n{metrics}"
+            );
+        }
+    }
 }
 
 /// Through two agents with HTTP proxies at both ends (`http:8080`, `http2-h2c:8082`,

@@ -181,3 +181,52 @@ pub fn start(
         own_principal: Arc::from(identity.spiffe_id.to_string()),
     }
 }
+
+/// The telemetry's own counters on `/metrics` (read at each scrape): access log entries
+/// and spans dropped, spans exported.
+#[derive(Debug)]
+pub struct TelemetryCollector;
+
+impl prometheus_client::collector::Collector for TelemetryCollector {
+    fn encode(
+        &self,
+        mut enc: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use causeway_telemetry::metrics::{Labels, const_counter};
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(t) = get() else { return Ok(()) };
+        if let Some(log) = &t.access_log {
+            const_counter(
+                &mut enc,
+                "causeway_agent_access_log_dropped",
+                "Access log entries dropped because the writer fell behind (its queue was full).",
+                &[(Labels::new(), log.dropped())],
+            )?;
+        }
+        if let Some(e) = &t.exporter {
+            let s = e.stats();
+            const_counter(
+                &mut enc,
+                "causeway_agent_spans_exported",
+                "Spans accepted by the OTLP collector.",
+                &[(Labels::new(), s.exported.load(Relaxed))],
+            )?;
+            const_counter(
+                &mut enc,
+                "causeway_agent_spans_dropped",
+                "Spans dropped, by reason (queue_full: the export queue was full; export_failed: the collector did not take the batch).",
+                &[
+                    (
+                        vec![("reason", "queue_full".to_owned())],
+                        s.dropped_queue_full.load(Relaxed),
+                    ),
+                    (
+                        vec![("reason", "export_failed".to_owned())],
+                        s.dropped_export_failed.load(Relaxed),
+                    ),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -440,6 +440,32 @@ mod tests {
     use crate::dataplane::http::ResponseFlags;
     use crate::telemetry::trace::SpanRecord;
 
+    /// The request path never waits: with the export task stuck on a collector that
+    /// never answers, records beyond the queue are dropped and counted at once.
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = parse_endpoint(&format!(
+            "http://{}/v1/traces",
+            silent.local_addr().unwrap()
+        ))
+        .unwrap();
+        let exporter = Exporter::start(endpoint, ResourceInfo::default(), None);
+        // The test's runtime runs one task at a time: the export task does not take any
+        // record before this loop ends.
+        for _ in 0..QUEUE + 25 {
+            exporter.record(&record(Side::Source, None));
+        }
+        let mut unsampled = record(Side::Source, None);
+        unsampled.trace.as_mut().unwrap().sampled = false;
+        exporter.record(&unsampled);
+        assert_eq!(
+            exporter.stats().dropped_queue_full.load(Ordering::Relaxed),
+            25
+        );
+        assert_eq!(exporter.stats().exported.load(Ordering::Relaxed), 0);
+    }
+
     #[test]
     fn endpoints_are_http_urls() {
         let e = parse_endpoint("http://collector.example:4318/v1/traces").unwrap();
