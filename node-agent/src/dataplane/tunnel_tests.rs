@@ -1620,6 +1620,21 @@ async fn http_ports_decide_each_request_and_tcp_ports_each_stream() {
         (200, "GET /b".to_owned()),
         "the connection goes on after a denied request"
     );
+    // A policy change applies to the next request of the open connection.
+    set_policies(
+        &b_state,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: default}\nspec:\n  rules:\n  - from:\n    - source: {principals: [\"causeway.local/ns/default/sa/client\"]}\n    to:\n    - operation: {methods: [GET], notPaths: [\"/b\"]}\n",
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        http_call(&mut sender, "GET", "/b").await,
+        (403, "RBAC: access denied".to_owned()),
+        "the new policy decides the open connection's next request"
+    );
+    assert_eq!(
+        http_call(&mut sender, "GET", "/a").await,
+        (200, "GET /a".to_owned())
+    );
     let r = round_trip(&a, addr, WEB, tcp_port, b"hi").await;
     assert!(
         r.as_ref().map(|v| v.is_empty()).unwrap_or(true),
