@@ -312,3 +312,59 @@ async fn invalid_tokens_get_401_and_a_missing_one_is_left_to_authorization() {
     let payload: serde_json::Value = serde_json::from_slice(&payload).unwrap();
     assert_eq!(payload["sub"], "alice");
 }
+
+/// Through the inbound proxy over HTTP/2: a gRPC request refused by a policy gets Envoy's
+/// gRPC answer (HTTP 200, `grpc-status` 7 PERMISSION_DENIED, the text in `grpc-message`),
+/// one with an invalid token `grpc-status` 16 UNAUTHENTICATED; nothing reaches the
+/// application (none listens: a forwarded request would be 503 / `grpc-status` 14).
+#[tokio::test]
+async fn grpc_requests_get_grpc_refusals() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let signer = Signer::new();
+    let g = guard(view(&[
+        request_authn(&signer.jwks, serde_json::json!({})),
+        policy(
+            "deny-admin",
+            serde_json::json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/pkg.Admin/*"]}}]}]}),
+        ),
+    ]));
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app = crate::dataplane::http::LocalApp {
+        addr: unused.local_addr().unwrap(),
+        connect_timeout: Duration::from_secs(2),
+    };
+    drop(unused);
+    let proxy = crate::dataplane::http::inbound_proxy(
+        app,
+        crate::dataplane::http::HttpSettings::default(),
+        Arc::new(crate::dataplane::outbound::LogObserver),
+    );
+    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+    let admission: Arc<dyn Admission> = Arc::new(g);
+    tokio::spawn(async move { proxy.serve_admitted(server_io, Some(admission)).await });
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client_io))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let bad = bearer("not-a-token");
+    for (path, token, want) in [
+        ("/pkg.Admin/Drop", None, "7"),
+        ("/pkg.Shop/Buy", Some(bad.as_str()), "16"),
+        ("/pkg.Shop/Buy", None, "14"),
+    ] {
+        let mut req = ::http::Request::post(format!("http://web.shop{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        if let Some(t) = token {
+            req = req.header("authorization", t);
+        }
+        let resp = sender
+            .send_request(req.body(Empty::<bytes::Bytes>::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(resp.headers()["grpc-status"], want, "{path}: {resp:?}");
+    }
+}
