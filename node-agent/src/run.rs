@@ -177,6 +177,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         f(&mut r.status);
         r.write();
     };
+    // One JWKS cache for the agent (RequestAuthentication on HTTP ports); a bad
+    // `[jwt] ca_file` stops the start, naming the file.
+    let jwks = Arc::new(crate::jwks::JwksCache::from_config(&cfg.jwt)?);
     // The data plane before the control loop: it serves from the cached config while the
     // controller is away (static stability).
     let dataplane = crate::dataplane::Dataplane::start(
@@ -187,6 +190,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         state.path(),
     )
     .await?;
+    if let Some(t) = dataplane.tunnel() {
+        t.set_jwks(jwks);
+    }
     // DNS after the data plane (its forwarder's sockets carry the data plane's mark); it
     // answers from the cached config too. A DNS failure is logged, never fatal: nothing
     // is redirected to a server that is not running.

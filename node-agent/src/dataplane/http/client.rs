@@ -86,6 +86,32 @@ pub trait Upstream: Send + Sync + 'static {
     ) -> impl Future<Output = Result<UpstreamConn, UpstreamError>> + Send;
 }
 
+/// A decision on each request before it is forwarded (the destination agent's
+/// authentication and authorization, `super::authz`). `Ok` forwards the request, whose
+/// head it may have changed (headers added or removed, the path normalised); `Err` answers
+/// it with the [`Refusal`] and forwards nothing.
+pub trait Admission: Send + Sync + 'static {
+    /// Decides one request from its head.
+    fn admit<'a>(
+        &'a self,
+        head: &'a mut ::http::request::Parts,
+    ) -> Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send + 'a>>;
+}
+
+/// The answer to a request an [`Admission`] refused (Envoy's local reply: 403 `RBAC:
+/// access denied`, 401 `Jwt verification fails` with `WWW-Authenticate`).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The status.
+    pub status: StatusCode,
+    /// The body (text/plain; for a gRPC request the `grpc-message`).
+    pub body: &'static str,
+    /// Headers added to the answer.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The response flags recorded.
+    pub flags: ResponseFlags,
+}
+
 /// The upstream host, carried from the connector to the response.
 #[derive(Clone, Debug)]
 struct UpstreamHost(String);
@@ -257,6 +283,16 @@ impl<U: Upstream> Proxy<U> {
     /// Returns when the connection is done; an error is the connection's (a protocol error,
     /// a reset, the header timeout), never another connection's.
     pub async fn serve<IO: Io>(&self, io: IO) -> Result<(), BoxError> {
+        self.serve_admitted(io, None).await
+    }
+
+    /// [`Self::serve`], with every request of the connection decided by `admission`
+    /// before it is forwarded.
+    pub async fn serve_admitted<IO: Io>(
+        &self,
+        io: IO,
+        admission: Option<Arc<dyn Admission>>,
+    ) -> Result<(), BoxError> {
         let s = &self.inner.settings;
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
@@ -273,7 +309,10 @@ impl<U: Upstream> Proxy<U> {
         let this = self.clone();
         let service = service_fn(move |req| {
             let this = this.clone();
-            async move { Ok::<_, std::convert::Infallible>(this.handle(req).await) }
+            let admission = admission.clone();
+            async move {
+                Ok::<_, std::convert::Infallible>(this.handle(req, admission.as_deref()).await)
+            }
         });
         let started = (Instant::now(), SystemTime::now());
         let result = builder
@@ -306,7 +345,11 @@ impl<U: Upstream> Proxy<U> {
         result
     }
 
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<ObservedBody> {
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        admission: Option<&dyn Admission>,
+    ) -> Response<ObservedBody> {
         let inner = &self.inner;
         let started = Instant::now();
         let version = req.version();
@@ -364,6 +407,13 @@ impl<U: Upstream> Proxy<U> {
         }
         let h2 = version == Version::HTTP_2;
         let (mut parts, body) = req.into_parts();
+        if let Some(a) = admission
+            && let Err(refusal) = a.admit(&mut parts).await
+        {
+            let mut resp = local_reply(pending, refusal.status, refusal.flags, refusal.body);
+            resp.headers_mut().extend(refusal.headers);
+            return resp;
+        }
         parts.uri = upstream_uri(&parts.uri, &parts.method);
         if !h2 {
             // hyper's HTTP/1 client refuses other versions; HTTP/1.0 clients get HTTP/1.1

@@ -23,6 +23,7 @@
 //!   400 (both from hyper, on that connection only), and a client that does not finish its
 //!   request head within the header timeout is disconnected.
 
+pub mod authz;
 pub mod client;
 mod record;
 pub mod server;
@@ -33,7 +34,7 @@ mod tests;
 
 use std::time::Duration;
 
-pub use client::{Io, Proxy, Upstream, UpstreamConn, UpstreamError};
+pub use client::{Admission, Io, Proxy, Refusal, Upstream, UpstreamConn, UpstreamError};
 pub use record::{ObservedBody, Observer, RequestRecord, ResponseFlags, Side, TRACE_HEADERS};
 pub use server::{LocalApp, inbound_proxy, serve_inbound};
 pub use sniff::{Detected, Rewind, detect};

@@ -54,8 +54,10 @@ impl ResponseFlags {
     /// `DPE`: the downstream request had an HTTP protocol error (answered 400, 414 or 431
     /// by the agent; the record has no method or path).
     pub const DOWNSTREAM_PROTOCOL_ERROR: Self = Self(1 << 6);
+    /// `RBAC`: the request was denied by an AuthorizationPolicy (answered 403).
+    pub const RBAC_ACCESS_DENIED: Self = Self(1 << 7);
 
-    const NAMES: [(Self, &'static str); 7] = [
+    const NAMES: [(Self, &'static str); 8] = [
         (Self::NO_HEALTHY_UPSTREAM, "UH"),
         (Self::UPSTREAM_CONNECTION_FAILURE, "UF"),
         (Self::UPSTREAM_REQUEST_TIMEOUT, "UT"),
@@ -63,6 +65,7 @@ impl ResponseFlags {
         (Self::UPSTREAM_RETRY_LIMIT_EXCEEDED, "URX"),
         (Self::DOWNSTREAM_CONNECTION_TERMINATION, "DC"),
         (Self::DOWNSTREAM_PROTOCOL_ERROR, "DPE"),
+        (Self::RBAC_ACCESS_DENIED, "RBAC"),
     ];
 
     /// Whether every flag of `other` is set.

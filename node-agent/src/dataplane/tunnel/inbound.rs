@@ -260,30 +260,42 @@ impl Tunnel {
         side: S,
         refuse: impl FnOnce(S, u32),
     ) {
-        let (own, decision) = match self.authorize(peer, remote, &header) {
+        let app = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, header.port));
+        let proxy = self.http_proxy(app);
+        // On an HTTP port the policies are decided per request, with its HTTP attributes
+        // (Istio's HTTP RBAC): a denied request is answered 403, never the stream refused.
+        let (own, decision) = match self.authorize(peer, remote, &header, proxy.is_none()) {
             Ok(a) => a,
             Err(code) => {
                 refuse(side, code);
                 return;
             }
         };
-        let app = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, header.port));
-        if let Some(proxy) = self.http_proxy(app) {
+        if let Some(proxy) = proxy {
             let _inflight = self.inflight.track();
             self.accepted[transport as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!(
-                policy = decision.policy_label(),
-                "inbound tunnel stream (HTTP)"
-            );
-            let cut = self.cut_when_refused(peer.clone(), remote.ip(), own, header.port);
+            tracing::info!("inbound tunnel stream (HTTP: authorized per request)");
+            let admission = Arc::new(crate::dataplane::http::authz::RequestAuthz {
+                authz: self.authz.subscribe(),
+                jwks: self.jwks(),
+                peer: Arc::from(peer.spiffe_id.as_str()),
+                source: remote.ip(),
+                destination: own,
+                port: header.port,
+            });
+            // Policy changes apply to the next request; a denied certificate cuts.
+            let cut = self.cut_when_denied(peer.clone());
             tokio::select! {
-                r = Box::pin(proxy.serve(side.into_io())) => if let Err(e) = r {
+                r = Box::pin(proxy.serve_admitted(side.into_io(), Some(admission))) => if let Err(e) = r {
                     tracing::debug!(error = %e, "inbound HTTP stream ended");
                 },
                 () = cut => tracing::info!("inbound HTTP stream cut"),
             }
             return;
         }
+        let Some(decision) = decision else {
+            return;
+        };
         let tcp = match connect_tcp(app, self.settings.mark, self.settings.connect_timeout).await {
             Ok(s) => s,
             Err(e) => {
