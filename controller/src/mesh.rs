@@ -1326,6 +1326,27 @@ impl Mesh {
             .collect()
     }
 
+    /// [`Mesh::services_page`], ending the page early (after at least one service) once
+    /// copying it has taken `budget`: the longest it holds the mesh lock is about
+    /// `budget` plus one service.
+    pub fn services_page_within(
+        &self,
+        after: Option<&ServiceKey>,
+        limit: usize,
+        budget: std::time::Duration,
+    ) -> Vec<ServiceView> {
+        let inner = self.lock();
+        let start = std::time::Instant::now();
+        let mut page = Vec::new();
+        for key in inner.registry.service_keys_after(after) {
+            if page.len() >= limit || (!page.is_empty() && start.elapsed() >= budget) {
+                break;
+            }
+            page.extend(Self::service_view(&inner, key));
+        }
+        page
+    }
+
     fn service_view(inner: &Inner, key: &ServiceKey) -> Option<ServiceView> {
         let eps = inner.registry.service(key);
         if eps.is_empty() {
