@@ -24,8 +24,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::HttpSettings;
 use super::record::{
-    BoxError, CountingBody, ObservedBody, Observer, Pending, RequestRecord, ResponseFlags,
-    grpc_status, trace_headers,
+    BoxError, ConnInfo, CountingBody, ObservedBody, Observer, Pending, RequestRecord,
+    ResponseFlags, grpc_status, trace_headers,
 };
 
 /// A byte stream to an upstream (a tunnel stream, a TCP connection).
@@ -257,6 +257,12 @@ impl<U: Upstream> Proxy<U> {
     /// Returns when the connection is done; an error is the connection's (a protocol error,
     /// a reset, the header timeout), never another connection's.
     pub async fn serve<IO: Io>(&self, io: IO) -> Result<(), BoxError> {
+        self.serve_with(io, ConnInfo::default()).await
+    }
+
+    /// [`Proxy::serve`], with what is known of the connection (recorded in every
+    /// [`RequestRecord::conn`] of its requests).
+    pub async fn serve_with<IO: Io>(&self, io: IO, conn: ConnInfo) -> Result<(), BoxError> {
         let s = &self.inner.settings;
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
@@ -271,9 +277,10 @@ impl<U: Upstream> Proxy<U> {
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
         let this = self.clone();
+        let info = conn.clone();
         let service = service_fn(move |req| {
-            let this = this.clone();
-            async move { Ok::<_, std::convert::Infallible>(this.handle(req).await) }
+            let (this, info) = (this.clone(), info.clone());
+            async move { Ok::<_, std::convert::Infallible>(this.handle(req, info).await) }
         });
         let started = (Instant::now(), SystemTime::now());
         let result = builder
@@ -301,12 +308,13 @@ impl<U: Upstream> Proxy<U> {
                 duration: started.0.elapsed(),
                 upstream_host: None,
                 trace_headers: Vec::new(),
+                conn,
             });
         }
         result
     }
 
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<ObservedBody> {
+    async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<ObservedBody> {
         let inner = &self.inner;
         let started = Instant::now();
         let version = req.version();
@@ -346,6 +354,7 @@ impl<U: Upstream> Proxy<U> {
                 duration: Default::default(),
                 upstream_host: None,
                 trace_headers: trace_headers(req.headers()),
+                conn,
             },
             started,
             request_bytes: request_bytes.clone(),

@@ -34,7 +34,9 @@ mod tests;
 use std::time::Duration;
 
 pub use client::{Io, Proxy, Upstream, UpstreamConn, UpstreamError};
-pub use record::{ObservedBody, Observer, RequestRecord, ResponseFlags, Side, TRACE_HEADERS};
+pub use record::{
+    ConnInfo, ObservedBody, Observer, RequestRecord, ResponseFlags, Side, TRACE_HEADERS,
+};
 pub use server::{LocalApp, inbound_proxy, serve_inbound};
 pub use sniff::{Detected, Rewind, detect};
 
