@@ -270,6 +270,44 @@ mod tests {
         assert!(e.len() == 1 && e[0].contains("fixed port"), "{e:#?}");
     }
 
+    /// `metrics = false`: no Istio series, no Istio families on `/metrics`, and the
+    /// proxies' observer only logs.
+    #[test]
+    fn metrics_off_records_nothing() {
+        let cfg = TelemetryConfig {
+            metrics: false,
+            ..TelemetryConfig::default()
+        };
+        let t = Telemetry::new(
+            &cfg,
+            "spiffe://causeway.local/ns/a/sa/b",
+            "g",
+            "causeway",
+            SharedState::new(Default::default()),
+        );
+        assert!(t.istio.is_none());
+        let mut reg = prometheus_client::registry::Registry::default();
+        t.register(&mut reg);
+        let text =
+            causeway_telemetry::metrics::encode(&reg, causeway_telemetry::metrics::PROMETHEUS_TEXT);
+        assert!(!text.contains("istio_"), "{text}");
+        let on = Telemetry::new(
+            &TelemetryConfig::default(),
+            "spiffe://causeway.local/ns/a/sa/b",
+            "g",
+            "causeway",
+            SharedState::new(Default::default()),
+        );
+        let mut reg = prometheus_client::registry::Registry::default();
+        on.register(&mut reg);
+        let text =
+            causeway_telemetry::metrics::encode(&reg, causeway_telemetry::metrics::PROMETHEUS_TEXT);
+        assert!(
+            text.contains("# TYPE istio_requests_total counter"),
+            "{text}"
+        );
+    }
+
     #[tokio::test]
     async fn metrics_listen_serves_only_metrics_to_allowed_networks() {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
