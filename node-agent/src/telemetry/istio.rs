@@ -973,8 +973,32 @@ mod tests {
         assert_eq!(value("istio_tcp_connections_closed_total{", PASSTHROUGH), 1);
     }
 
-    /// A client sending 100,000 distinct response-code-making requests (here: distinct
-    /// services) leaves the cap plus one series; the overflow is counted.
+    /// Paths are not labels (as in Istio): 100,000 distinct paths are one series.
+    #[test]
+    fn distinct_paths_are_one_series() {
+        let src = istio(CLIENT, "clients", 50);
+        let o = IstioObserver::new(src.clone(), Scope::Source(Arc::from("shop/web")));
+        for i in 0..100_000u32 {
+            let mut r = record(
+                Side::Source,
+                200,
+                Some("10.0.0.2:8080"),
+                ConnInfo::default(),
+            );
+            r.path = format!("/item/{i}?q={i}");
+            o.on_request(r);
+        }
+        assert_eq!(
+            (src.metrics.http.len(), src.metrics.http.overflowed()),
+            (1, 0)
+        );
+        let text = scrape(&src.metrics);
+        assert!(!text.contains("/item/"), "a path became a label");
+    }
+
+    /// 100,000 distinct label sets (here: destination services) leave the cap plus one
+    /// series; each one past the cap is counted, and its requests land in the overflow
+    /// series.
     #[test]
     fn the_series_cap_holds_and_overflow_is_counted() {
         let src = istio(CLIENT, "clients", 50);
