@@ -537,7 +537,7 @@ fn prometheus_discovers_the_agents_and_counts_requests_and_bytes() {
         }
     }
     m.wait_value(
-        &format!("sum(istio_request_duration_milliseconds_count{{reporter=\"destination\",destination_service_name=\"web\"}})"),
+        "sum(istio_request_duration_milliseconds_count{reporter=\"destination\",destination_service_name=\"web\"})",
         10,
     );
 

@@ -513,7 +513,7 @@ impl Labeler {
                 ..Memo::default()
             };
         }
-        f(&mut *memo, &*state)
+        f(&mut memo, &state)
     }
 
     /// This agent's workload.
