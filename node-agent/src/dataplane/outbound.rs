@@ -335,6 +335,10 @@ pub struct LogObserver;
 
 impl http::Observer for LogObserver {
     fn on_request(&self, r: http::RequestRecord) {
+        self.on_request_ref(&r);
+    }
+
+    fn on_request_ref(&self, r: &http::RequestRecord) {
         tracing::debug!(
             side = r.side.as_str(),
             method = %r.method,

@@ -742,8 +742,12 @@ impl IstioObserver {
 
 impl Observer for IstioObserver {
     fn on_request(&self, record: RequestRecord) {
-        let key = self.key(&record);
-        self.istio.metrics.request(key, &record);
+        self.on_request_ref(&record);
+    }
+
+    fn on_request_ref(&self, record: &RequestRecord) {
+        let key = self.key(record);
+        self.istio.metrics.request(key, record);
     }
 }
 

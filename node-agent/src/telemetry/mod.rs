@@ -105,7 +105,7 @@ impl Observer for Fanout {
     fn on_request(&self, record: RequestRecord) {
         if let Some((last, rest)) = self.0.split_last() {
             for o in rest {
-                o.on_request(record.clone());
+                o.on_request_ref(&record);
             }
             last.on_request(record);
         }
@@ -268,6 +268,40 @@ mod tests {
             "[telemetry]\nmetrics_listen = \"10.0.0.1:0\"\nmetrics_allow = [\"10.0.0.0/8\"]\n",
         );
         assert!(e.len() == 1 && e[0].contains("fixed port"), "{e:#?}");
+    }
+
+    /// Every observer of a fan-out sees each record once.
+    #[test]
+    fn a_fanout_hands_each_record_to_every_observer() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        #[derive(Default)]
+        struct Count(AtomicUsize);
+        impl Observer for Count {
+            fn on_request(&self, r: RequestRecord) {
+                assert_eq!(r.path, "/x");
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let all: Vec<Arc<Count>> = (0..3).map(|_| Arc::default()).collect();
+        let fan = Fanout(all.iter().map(|c| c.clone() as Arc<dyn Observer>).collect());
+        fan.on_request(RequestRecord {
+            side: crate::dataplane::http::Side::Source,
+            start: std::time::SystemTime::now(),
+            method: "GET".into(),
+            authority: String::new(),
+            path: "/x".into(),
+            protocol: "HTTP/1.1",
+            response_code: 200,
+            grpc_status: None,
+            response_flags: Default::default(),
+            request_bytes: 0,
+            response_bytes: 0,
+            duration: Default::default(),
+            upstream_host: None,
+            trace_headers: Vec::new(),
+            conn: Default::default(),
+        });
+        assert!(all.iter().all(|c| c.0.load(Ordering::Relaxed) == 1));
     }
 
     /// `metrics = false`: no Istio series, no Istio families on `/metrics`, and the

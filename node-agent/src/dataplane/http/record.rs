@@ -167,6 +167,12 @@ pub struct RequestRecord {
 pub trait Observer: Send + Sync + 'static {
     /// A request finished (completed, failed, or was abandoned by either side).
     fn on_request(&self, record: RequestRecord);
+
+    /// The same, for an observer that needs no copy of its own: a fan-out hands the
+    /// record by reference to every observer but the last. Defaults to a clone.
+    fn on_request_ref(&self, record: &RequestRecord) {
+        self.on_request(record.clone());
+    }
 }
 
 /// An observer that drops every record.
