@@ -63,6 +63,8 @@ pub const RECENT_DENIALS: usize = 64;
 struct Session {
     view: SessionView,
     kick: Arc<Notify>,
+    /// Where a remote Prometheus may scrape the agent, if it said (its hello).
+    scrape: Option<crate::sd::ScrapeTarget>,
 }
 
 /// What applying one policy resource did.
@@ -1048,6 +1050,7 @@ impl Mesh {
                     facts: None,
                 },
                 kick: kick.clone(),
+                scrape: None,
             },
         );
         Ok((
@@ -1185,6 +1188,26 @@ impl Mesh {
         {
             s.view.agent_version = version;
         }
+    }
+
+    /// Records where a remote Prometheus may scrape the agent (from its hello).
+    pub fn record_scrape_target(&self, h: &SessionHandle, target: crate::sd::ScrapeTarget) {
+        if let Some(s) = self.lock().sessions.get_mut(&h.agent_id)
+            && s.view.generation == h.generation
+        {
+            s.scrape = Some(target);
+        }
+    }
+
+    /// The scrape targets of the connected agents, by agent id (Prometheus service
+    /// discovery).
+    pub fn scrape_targets(&self) -> BTreeMap<String, crate::sd::ScrapeTarget> {
+        self.lock()
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.view.connected)
+            .filter_map(|(id, s)| Some((id.clone(), s.scrape.clone()?)))
+            .collect()
     }
 
     /// Records the data-plane facts an agent reported.

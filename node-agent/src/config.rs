@@ -55,6 +55,8 @@ pub struct AgentConfig {
     pub health: crate::health::HealthConfig,
     /// Fetching the key sets of RequestAuthentication issuers.
     pub jwt: JwtConfig,
+    /// Telemetry of the proxied traffic (Istio metrics, remote scraping).
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 /// Fetching JSON Web Key Sets for RequestAuthentication (`[jwt]`).
@@ -302,6 +304,7 @@ impl Default for AgentConfig {
             dns: DnsConfig::default(),
             health: crate::health::HealthConfig::default(),
             jwt: JwtConfig::default(),
+            telemetry: crate::telemetry::TelemetryConfig::default(),
         }
     }
 }
@@ -408,6 +411,7 @@ impl AgentConfig {
                 humantime::format_duration(dp.eject_max)
             ));
         }
+        self.telemetry.validate(self.health.listen, &mut errors);
         let dns = &self.dns;
         if dns.enabled {
             if !dns.listen.ip().is_loopback() || dns.listen.port() == 0 {

@@ -24,4 +24,5 @@ pub mod pinned;
 pub mod push;
 pub mod run;
 pub mod status;
+pub mod telemetry;
 pub mod writer;

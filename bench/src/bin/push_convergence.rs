@@ -479,6 +479,7 @@ async fn run_agent(
             address: String::new(),
             agent_version: "bench".into(),
             protocol: PROTOCOL,
+            ..Hello::default()
         })),
     };
     send.write_all(&wire::encode_frame(&hello)).await?;

@@ -36,6 +36,7 @@ use super::lb::{Balancer, Candidate, Outstanding};
 use super::splice::{splice, splice_until};
 use super::tunnel::{Header, Tunnel, TunnelStream, connect_tcp};
 use crate::push::SharedState;
+use crate::telemetry::TcpConn;
 use tracing::Instrument as _;
 
 /// Endpoints tried per connection before giving up.
@@ -145,6 +146,8 @@ pub struct OutboundSettings {
     pub own_address: Option<std::net::IpAddr>,
     /// How long an undeclared port's first bytes are waited for to detect HTTP.
     pub protocol_sniff_timeout: Duration,
+    /// Telemetry of the proxied connections and requests (none: only debug log lines).
+    pub telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 /// Which HTTP proxy serves a connection: service key, port, and the endpoint key when the
@@ -167,9 +170,16 @@ pub struct Outbound {
 /// What [`Outbound::prepare`] decided for a connection.
 enum Prepared {
     /// Spliced to this connected upstream.
-    Splice(Connected, Option<Outstanding>),
+    Splice(Connected, Box<Held>),
     /// Served by this HTTP proxy; `prefix` is what sniffing read.
-    Http(Proxy<MeshUpstream>, Bytes),
+    Http(Proxy<MeshUpstream>, Bytes, Option<TcpConn>),
+}
+
+/// What a spliced connection holds until it ends: its outstanding mark at the balancer
+/// and its TCP metrics (boxed: the connection's task stays small).
+struct Held {
+    _lb: Option<Outstanding>,
+    tcp: Option<TcpConn>,
 }
 
 /// The [`http::Upstream`] of a service port on the client side: picks an endpoint per
@@ -325,6 +335,10 @@ pub struct LogObserver;
 
 impl http::Observer for LogObserver {
     fn on_request(&self, r: http::RequestRecord) {
+        self.on_request_ref(&r);
+    }
+
+    fn on_request_ref(&self, r: &http::RequestRecord) {
         tracing::debug!(
             side = r.side.as_str(),
             method = %r.method,
@@ -398,14 +412,11 @@ impl Outbound {
         // lists freed) before the splice starts: the task of a long-lived connection then
         // holds only the splice's state (~1 KiB instead of ~2.9 KiB), which is what an
         // agent's memory at tens of thousands of connections is made of.
-        let (conn, guard) = match Box::pin(self.prepare(&mut stream)).await {
+        let (conn, held) = match Box::pin(self.prepare(&mut stream)).await {
             None => return,
-            Some(Prepared::Splice(conn, guard)) => (conn, guard),
-            Some(Prepared::Http(proxy, prefix)) => {
-                let io = http::Rewind::with_prefix(prefix, stream);
-                if let Err(e) = Box::pin(proxy.serve(io)).await {
-                    tracing::debug!(error = %e, "outbound HTTP connection ended");
-                }
+            Some(Prepared::Splice(conn, held)) => (conn, held),
+            Some(Prepared::Http(proxy, prefix, m)) => {
+                Box::pin(serve_http(proxy, prefix, stream, m)).await;
                 return;
             }
         };
@@ -427,7 +438,10 @@ impl Outbound {
             Connected::Plain(u, upstream) => (splice(stream, u, idle).await, upstream),
         };
         tracing::info!(%upstream, bytes_out = done.a_to_b, bytes_in = done.b_to_a, end = ?done.end, "outbound connection done");
-        drop(guard);
+        if let Some(m) = &held.tcp {
+            m.bytes(done.a_to_b, done.b_to_a);
+        }
+        drop(held);
     }
 
     /// The HTTP proxy of a service port (made on first use); drops the proxies of services
@@ -443,7 +457,13 @@ impl Outbound {
                 port: key.1,
                 only: key.2,
             };
-            Proxy::new(upstream, HttpSettings::default(), Arc::new(LogObserver))
+            let observer: Arc<dyn http::Observer> = match &self.settings.telemetry {
+                Some(t) => t.http_observer(crate::telemetry::Scope::Source(Arc::from(
+                    upstream.service.as_str(),
+                ))),
+                None => Arc::new(LogObserver),
+            };
+            Proxy::new(upstream, HttpSettings::default(), observer)
         });
         proxy.retain_endpoints(|e| cands.iter().any(|u| u.key == e));
         proxy.clone()
@@ -479,7 +499,13 @@ impl Outbound {
                 return match connect_tcp(addr, self.settings.mark, self.settings.connect_timeout)
                     .await
                 {
-                    Ok(up) => Some(Prepared::Splice(Connected::Plain(up, addr), None)),
+                    Ok(up) => Some(Prepared::Splice(
+                        Connected::Plain(up, addr),
+                        Box::new(Held {
+                            _lb: None,
+                            tcp: self.tcp_metrics(None, None, false),
+                        }),
+                    )),
                     Err(e) => {
                         tracing::info!(%addr, error = %e, "passthrough connect failed");
                         None
@@ -510,10 +536,17 @@ impl Outbound {
             prefix = rewind.into_parts().0;
             if detected.is_http() {
                 tracing::debug!(protocol = %declared, ?detected, "served as HTTP");
+                let metrics =
+                    self.tcp_metrics(Some(first.service.as_str()), None, first.identity.is_some());
                 let key = (first.service.clone(), dst.port(), only);
-                return Some(Prepared::Http(self.http_proxy(key, &cands), prefix));
+                return Some(Prepared::Http(
+                    self.http_proxy(key, &cands),
+                    prefix,
+                    metrics,
+                ));
             }
         }
+        let service = first.service.clone();
         let (mut conn, guard) = self.connect(cands).await?;
         if !prefix.is_empty()
             && let Err(e) = write_prefix(&mut conn, &prefix).await
@@ -521,7 +554,34 @@ impl Outbound {
             tracing::info!(error = %e, "upstream failed before the splice");
             return None;
         }
-        Some(Prepared::Splice(conn, Some(guard)))
+        let (upstream, mtls) = match &conn {
+            Connected::Tunnel(_, a, _) => (a, true),
+            Connected::Plain(_, a) => (a, false),
+        };
+        let metrics = self.tcp_metrics(
+            Some(service.as_str()),
+            Some(upstream.to_string().as_str()),
+            mtls,
+        );
+        let held = Held {
+            _lb: Some(guard),
+            tcp: metrics,
+        };
+        Some(Prepared::Splice(conn, Box::new(held)))
+    }
+
+    /// The Istio TCP metrics of a connection to `service` (`None`: passthrough) at the
+    /// endpoint `upstream` (`ip:port`, when known per connection); none when telemetry
+    /// is off.
+    fn tcp_metrics(
+        &self,
+        service: Option<&str>,
+        upstream: Option<&str>,
+        mtls: bool,
+    ) -> Option<TcpConn> {
+        let istio = self.settings.telemetry.as_ref()?.istio.as_ref()?;
+        let service: Option<Arc<str>> = service.map(Arc::from);
+        Some(istio.source_tcp(service.as_ref(), upstream, mtls))
     }
 
     /// Picks an endpoint and connects to it (tunnel or plain TCP), trying up to
@@ -604,6 +664,24 @@ impl Outbound {
                 }
             }
         }
+    }
+}
+
+/// Serves a client connection with `proxy` (`prefix`: what sniffing read), counted into
+/// the TCP metrics `m` as its bytes pass.
+async fn serve_http(
+    proxy: Proxy<MeshUpstream>,
+    prefix: Bytes,
+    stream: tokio::net::TcpStream,
+    m: Option<TcpConn>,
+) {
+    let io = http::Rewind::with_prefix(prefix, stream);
+    let served = match m {
+        Some(m) => proxy.serve(crate::telemetry::CountingIo::new(io, m)).await,
+        None => proxy.serve(io).await,
+    };
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "outbound HTTP connection ended");
     }
 }
 

@@ -24,8 +24,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::HttpSettings;
 use super::record::{
-    BoxError, CountingBody, ObservedBody, Observer, Pending, RequestRecord, ResponseFlags,
-    grpc_status, trace_headers,
+    BoxError, ConnInfo, CountingBody, ObservedBody, Observer, Pending, RequestRecord,
+    ResponseFlags, grpc_status, trace_headers,
 };
 
 /// A byte stream to an upstream (a tunnel stream, a TCP connection).
@@ -283,7 +283,7 @@ impl<U: Upstream> Proxy<U> {
     /// Returns when the connection is done; an error is the connection's (a protocol error,
     /// a reset, the header timeout), never another connection's.
     pub async fn serve<IO: Io>(&self, io: IO) -> Result<(), BoxError> {
-        self.serve_admitted(io, None).await
+        self.serve_full(io, ConnInfo::default(), None).await
     }
 
     /// [`Self::serve`], with every request of the connection decided by `admission`
@@ -291,6 +291,23 @@ impl<U: Upstream> Proxy<U> {
     pub async fn serve_admitted<IO: Io>(
         &self,
         io: IO,
+        admission: Option<Arc<dyn Admission>>,
+    ) -> Result<(), BoxError> {
+        self.serve_full(io, ConnInfo::default(), admission).await
+    }
+
+    /// [`Proxy::serve`], with what is known of the connection (recorded in every
+    /// [`RequestRecord::conn`] of its requests).
+    pub async fn serve_with<IO: Io>(&self, io: IO, conn: ConnInfo) -> Result<(), BoxError> {
+        self.serve_full(io, conn, None).await
+    }
+
+    /// [`Proxy::serve`] with both: what is known of the connection, and the admission
+    /// that decides each request before it is forwarded.
+    pub async fn serve_full<IO: Io>(
+        &self,
+        io: IO,
+        conn: ConnInfo,
         admission: Option<Arc<dyn Admission>>,
     ) -> Result<(), BoxError> {
         let s = &self.inner.settings;
@@ -307,11 +324,13 @@ impl<U: Upstream> Proxy<U> {
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
         let this = self.clone();
+        let info = conn.clone();
         let service = service_fn(move |req| {
-            let this = this.clone();
-            let admission = admission.clone();
+            let (this, info, admission) = (this.clone(), info.clone(), admission.clone());
             async move {
-                Ok::<_, std::convert::Infallible>(this.handle(req, admission.as_deref()).await)
+                Ok::<_, std::convert::Infallible>(
+                    this.handle(req, info, admission.as_deref()).await,
+                )
             }
         });
         let started = (Instant::now(), SystemTime::now());
@@ -340,6 +359,7 @@ impl<U: Upstream> Proxy<U> {
                 duration: started.0.elapsed(),
                 upstream_host: None,
                 trace_headers: Vec::new(),
+                conn,
             });
         }
         result
@@ -348,6 +368,7 @@ impl<U: Upstream> Proxy<U> {
     async fn handle(
         &self,
         mut req: Request<Incoming>,
+        conn: ConnInfo,
         admission: Option<&dyn Admission>,
     ) -> Response<ObservedBody> {
         let inner = &self.inner;
@@ -389,6 +410,7 @@ impl<U: Upstream> Proxy<U> {
                 duration: Default::default(),
                 upstream_host: None,
                 trace_headers: trace_headers(req.headers()),
+                conn,
             },
             started,
             request_bytes: request_bytes.clone(),

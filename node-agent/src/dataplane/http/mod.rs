@@ -35,7 +35,9 @@ mod tests;
 use std::time::Duration;
 
 pub use client::{Admission, Io, Proxy, Refusal, Upstream, UpstreamConn, UpstreamError};
-pub use record::{ObservedBody, Observer, RequestRecord, ResponseFlags, Side, TRACE_HEADERS};
+pub use record::{
+    ConnInfo, ObservedBody, Observer, RequestRecord, ResponseFlags, Side, TRACE_HEADERS,
+};
 pub use server::{LocalApp, inbound_proxy, serve_inbound};
 pub use sniff::{Detected, Rewind, detect};
 

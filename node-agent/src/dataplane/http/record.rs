@@ -115,6 +115,18 @@ pub const TRACE_HEADERS: [&str; 8] = [
     "x-b3-flags",
 ];
 
+/// What the agent knows of a downstream connection beyond its bytes (given to
+/// [`crate::dataplane::http::Proxy::serve_with`]): on the destination side, the client
+/// agent's identity and the service the tunnel stream was opened for. Shared by every
+/// request of the connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// The SPIFFE ID the peer authenticated with (destination side: the client agent's).
+    pub peer_identity: Option<Arc<str>>,
+    /// The destination service key (`namespace/name`).
+    pub service: Option<Arc<str>>,
+}
+
 /// One finished HTTP request, as the agent saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestRecord {
@@ -149,6 +161,8 @@ pub struct RequestRecord {
     /// The trace headers of the request ([`TRACE_HEADERS`]), names lower case, in that
     /// order.
     pub trace_headers: Vec<(String, String)>,
+    /// The downstream connection's [`ConnInfo`] (empty when the proxy was not told).
+    pub conn: ConnInfo,
 }
 
 /// Receives one [`RequestRecord`] per finished request. Called on the request path: it
@@ -156,6 +170,12 @@ pub struct RequestRecord {
 pub trait Observer: Send + Sync + 'static {
     /// A request finished (completed, failed, or was abandoned by either side).
     fn on_request(&self, record: RequestRecord);
+
+    /// The same, for an observer that needs no copy of its own: a fan-out hands the
+    /// record by reference to every observer but the last. Defaults to a clone.
+    fn on_request_ref(&self, record: &RequestRecord) {
+        self.on_request(record.clone());
+    }
 }
 
 /// An observer that drops every record.

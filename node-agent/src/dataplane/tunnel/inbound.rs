@@ -285,8 +285,9 @@ impl Tunnel {
             });
             // Policy changes apply to the next request; a denied certificate cuts.
             let cut = self.cut_when_denied(peer.clone());
+            let (io, conn) = self.observed_io(peer, &header, side.into_io());
             tokio::select! {
-                r = Box::pin(proxy.serve_admitted(side.into_io(), Some(admission))) => if let Err(e) = r {
+                r = Box::pin(proxy.serve_full(io, conn, Some(admission))) => if let Err(e) = r {
                     tracing::debug!(error = %e, "inbound HTTP stream ended");
                 },
                 () = cut => tracing::info!("inbound HTTP stream cut"),
@@ -308,8 +309,44 @@ impl Tunnel {
         self.accepted[transport as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(policy = decision.policy_label(), "inbound tunnel stream");
         let cut = self.cut_when_refused(peer.clone(), remote.ip(), own, header.port);
+        let tcp_metrics = self.tcp_metrics(peer, &header);
         let done = splice_until(side, tcp, self.settings.idle_timeout, cut).await;
+        if let Some(m) = tcp_metrics {
+            m.bytes(done.a_to_b, done.b_to_a);
+        }
         tracing::debug!(bytes_in = done.a_to_b, bytes_out = done.b_to_a, end = ?done.end, "inbound stream done");
+    }
+
+    /// The Istio TCP metrics of a stream from `peer` for `header`'s service (none when
+    /// telemetry is off).
+    fn tcp_metrics(
+        &self,
+        peer: &tls::PeerFacts,
+        header: &Header,
+    ) -> Option<crate::telemetry::TcpConn> {
+        let istio = self.settings.telemetry.as_ref()?.istio.as_ref()?;
+        Some(istio.destination_tcp(
+            &Arc::from(peer.spiffe_id.as_str()),
+            &Arc::from(header.service.as_str()),
+        ))
+    }
+
+    /// A stream served as HTTP: counted into the TCP metrics as its bytes pass, and what
+    /// its requests are recorded with (the client agent's identity, the service).
+    fn observed_io(
+        &self,
+        peer: &tls::PeerFacts,
+        header: &Header,
+        io: Box<dyn h::Io>,
+    ) -> (Box<dyn h::Io>, h::ConnInfo) {
+        let conn = h::ConnInfo {
+            peer_identity: Some(Arc::from(peer.spiffe_id.as_str())),
+            service: Some(Arc::from(header.service.as_str())),
+        };
+        match self.tcp_metrics(peer, header) {
+            Some(m) => (Box::new(crate::telemetry::CountingIo::new(io, m)), conn),
+            None => (io, conn),
+        }
     }
 
     /// The inbound HTTP proxy of local application port `app` when this host's workload
@@ -338,11 +375,11 @@ impl Tunnel {
                 side: h::Side::Destination,
                 ..HttpSettings::default()
             };
-            Proxy::new(
-                upstream,
-                settings,
-                Arc::new(crate::dataplane::outbound::LogObserver),
-            )
+            let observer: Arc<dyn h::Observer> = match &self.settings.telemetry {
+                Some(t) => t.http_observer(crate::telemetry::Scope::Destination),
+                None => Arc::new(crate::dataplane::outbound::LogObserver),
+            };
+            Proxy::new(upstream, settings, observer)
         });
         Some(proxy.clone())
     }

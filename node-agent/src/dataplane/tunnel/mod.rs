@@ -242,6 +242,8 @@ pub struct TunnelSettings {
     /// How long a peer whose QUIC failed is reached over TCP + TLS between QUIC probes
     /// ([`QUIC_DOWN_FOR`]).
     pub quic_down_for: Duration,
+    /// Telemetry of the streams served (none: only debug log lines).
+    pub telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 impl Default for TunnelSettings {
@@ -253,6 +255,7 @@ impl Default for TunnelSettings {
             tcp_only: false,
             pool_idle: POOL_IDLE,
             quic_down_for: QUIC_DOWN_FOR,
+            telemetry: None,
         }
     }
 }
