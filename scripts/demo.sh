@@ -200,13 +200,13 @@ for _ in $(seq 100); do
 done
 # The agent publishes a new state to its tunnel before it writes config.json, so the
 # policy is in force once the file shows it.
-echo "==> from vm1 (principal .../sa/client): GET http://$vip:8080/ is refused by vm2's agent"
+echo "==> from vm1 (principal .../sa/client): GET http://$vip:8080/ is refused by vm2's agent (403 RBAC: access denied: an HTTP port, decided per request)"
 if in_ns vm1 python3 -c "$fetch" "http://$vip:8080/" 2>"$work/refused.txt"; then
   echo "error: the policy did not refuse vm1's request" >&2
   exit 1
 fi
 echo "    refused: $(tail -n 1 "$work/refused.txt")"
-grep -o 'tunnel stream denied by policy.*' "$work/vm2-agent.log" | tail -n 1 | sed 's/^/    vm2 agent: /'
+grep -o 'request denied by policy.*' "$work/vm2-agent.log" | tail -n 1 | sed 's/^/    vm2 agent: /'
 echo "==> vm2's agent counted the decisions (curl 127.0.0.1:15020/metrics):"
 in_ns vm2 python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:15020/metrics").read().decode())' |
   grep '^causeway_agent_authz_decisions_total'

@@ -188,6 +188,17 @@ pub struct FileResource {
     pub resource: Resource,
 }
 
+/// One routing resource from a file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FileRoute {
+    /// The file.
+    pub origin: String,
+    /// The document in the file, from 1.
+    pub doc: usize,
+    /// The resource.
+    pub resource: crate::route::RouteResource,
+}
+
 /// `POST /v1/analyze` (`GET` is the same with an empty body).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -229,6 +240,8 @@ pub struct EndpointFacts {
     pub stale: bool,
     /// The agent running there, if any.
     pub agent: Option<String>,
+    /// Its labels (from the registries and the agents' groups; subsets select on them).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// One service of the merged registry.
@@ -344,6 +357,19 @@ pub struct Snapshot {
     pub tokens: Vec<TokenFacts>,
     /// Policy resources.
     pub policies: Vec<PolicyFacts>,
+    /// Routing resources (VirtualService, DestinationRule).
+    pub routes: Vec<RouteFacts>,
+}
+
+/// One stored (or `-f`) routing resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteFacts {
+    /// Creation order (lower is older; file resources come after the stored ones).
+    pub seq: u64,
+    /// The resource.
+    pub resource: crate::route::RouteResource,
+    /// `FILE doc N` when it comes from `-f`.
+    pub origin: Option<String>,
 }
 
 impl Snapshot {
@@ -373,6 +399,32 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// Adds routing resources from files as if applied, as [`Snapshot::overlay`] does.
+    pub fn overlay_routes(&mut self, files: Vec<FileRoute>) {
+        let mut seq = self.routes.iter().map(|r| r.seq).max().unwrap_or(0);
+        for f in files {
+            let origin = format!("{} doc {}", f.origin, f.doc);
+            let name = f.resource.display_name();
+            if let Some(r) = self
+                .routes
+                .iter_mut()
+                .find(|r| r.resource.display_name() == name)
+            {
+                r.resource = f.resource;
+                r.origin = Some(origin);
+            } else {
+                seq += 1;
+                self.routes.push(RouteFacts {
+                    seq,
+                    resource: f.resource,
+                    origin: Some(origin),
+                });
+            }
+        }
+    }
+}
+
 fn key_of(r: &Resource) -> (crate::policy::Kind, String, String) {
     let m = r.metadata();
     (r.kind(), m.namespace().to_owned(), m.name.clone())
@@ -391,7 +443,7 @@ pub enum Area {
     Push,
     /// AuthorizationPolicy and PeerAuthentication.
     Policy,
-    /// VirtualService and DestinationRule (reserved: no check yet).
+    /// VirtualService and DestinationRule.
     Routing,
     /// What agents report of their data plane.
     Dataplane,
@@ -521,6 +573,42 @@ pub const CODES: &[CodeInfo] = &[
         title: "STRICT mTLS for a service whose clients include agentless workloads",
     },
     CodeInfo {
+        code: "CW0501",
+        level: Level::Warning,
+        area: Area::Routing,
+        title: "a VirtualService host matches no service of the registry",
+    },
+    CodeInfo {
+        code: "CW0502",
+        level: Level::Error,
+        area: Area::Routing,
+        title: "a route sends traffic to a service the registry does not have",
+    },
+    CodeInfo {
+        code: "CW0503",
+        level: Level::Error,
+        area: Area::Routing,
+        title: "a route names a subset that no DestinationRule defines",
+    },
+    CodeInfo {
+        code: "CW0504",
+        level: Level::Warning,
+        area: Area::Routing,
+        title: "a DestinationRule subset selects no endpoint",
+    },
+    CodeInfo {
+        code: "CW0505",
+        level: Level::Error,
+        area: Area::Routing,
+        title: "a route's weights do not sum to 100",
+    },
+    CodeInfo {
+        code: "CW0506",
+        level: Level::Warning,
+        area: Area::Routing,
+        title: "several VirtualServices route the same host (conflicting routes)",
+    },
+    CodeInfo {
         code: "CW0601",
         level: Level::Error,
         area: Area::Dataplane,
@@ -623,6 +711,36 @@ pub const CHECKS: &[Check] = &[
         run: policy_strict_agentless,
     },
     Check {
+        name: "route-hosts",
+        area: Area::Routing,
+        live_only: true,
+        run: route_hosts,
+    },
+    Check {
+        name: "route-subsets",
+        area: Area::Routing,
+        live_only: false,
+        run: route_subsets,
+    },
+    Check {
+        name: "route-subsets-empty",
+        area: Area::Routing,
+        live_only: true,
+        run: route_subsets_empty,
+    },
+    Check {
+        name: "route-weights",
+        area: Area::Routing,
+        live_only: false,
+        run: route_weights,
+    },
+    Check {
+        name: "route-conflicts",
+        area: Area::Routing,
+        live_only: false,
+        run: route_conflicts,
+    },
+    Check {
         name: "dataplane-facts",
         area: Area::Dataplane,
         live_only: true,
@@ -669,30 +787,100 @@ fn msg(
 // Input files
 
 /// CW0001 for decoding errors and validation problems of files; `text` is each file's
-/// contents with its name. Returns the valid resources and the messages.
+/// contents with its name. Returns the valid policy resources and the messages (routing
+/// documents are decoded too: see [`analyze_files_with_routes`]).
 pub fn analyze_files(files: &[(String, String)]) -> (Vec<FileResource>, Vec<Message>) {
+    let (ok, routes, mut out) = analyze_files_with_routes(files);
+    // A caller without routing support still hears that those documents were not used.
+    for r in routes {
+        out.push(msg(
+            "CW0001",
+            Level::Error,
+            format!("{} doc {}", r.origin, r.doc),
+            format!("{} cannot be analyzed here", r.resource.display_name()),
+            "use a causewayctl that knows VirtualService and DestinationRule".into(),
+        ));
+    }
+    (ok, out)
+}
+
+/// [`analyze_files`], with VirtualService and DestinationRule documents decoded and
+/// validated as well (returned apart: they are analyzed as [`Snapshot::routes`]).
+pub fn analyze_files_with_routes(
+    files: &[(String, String)],
+) -> (Vec<FileResource>, Vec<FileRoute>, Vec<Message>) {
     let mut ok = Vec::new();
+    let mut routes = Vec::new();
     let mut out = Vec::new();
+    let undecodable = |origin: &str, doc: usize, path: &str, message: &str| {
+        msg(
+            "CW0001",
+            Level::Error,
+            format!("{origin} doc {doc}"),
+            format!(
+                "cannot be decoded: {path}{}{message}",
+                if path.is_empty() { "" } else { ": " },
+            ),
+            "fix the document (the message names the field); `causewayctl apply` refuses the whole file until then".into(),
+        )
+    };
+    let invalid = |origin: &str, doc: usize, name: String, p: &crate::policy::validate::Problem| {
+        msg(
+            "CW0001",
+            Level::Error,
+            format!("{origin} doc {doc}"),
+            format!("{name} is invalid: {}: {}", p.path, p.message),
+            "fix the field named; `causewayctl apply` refuses the whole file until then".into(),
+        )
+    };
     for (origin, text) in files {
-        match crate::policy::decode_documents_indexed(origin, text) {
-            Err(errors) => {
-                for e in errors {
-                    out.push(msg(
-                        "CW0001",
-                        Level::Error,
-                        format!("{} doc {}", e.origin, e.doc),
-                        format!(
-                            "cannot be decoded: {}{}{}",
-                            e.path,
-                            if e.path.is_empty() { "" } else { ": " },
-                            e.message
-                        ),
-                        "fix the document (the message names the field); `causewayctl apply` refuses the whole file until then".into(),
+        // A file with a document that cannot be decoded gives nothing (as `apply` takes
+        // none of it); validation problems are reported per document.
+        let (ok_before, routes_before) = (ok.len(), routes.len());
+        let mut decodes = true;
+        let mut undecodable = |origin: &str, doc: usize, path: &str, message: &str| {
+            decodes = false;
+            undecodable(origin, doc, path, message)
+        };
+        for (i, d) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            let doc = i + 1;
+            let value = match serde_json::Value::deserialize(d) {
+                Ok(serde_json::Value::Null) => continue,
+                Ok(v) => v,
+                Err(e) => {
+                    out.push(undecodable(
+                        origin,
+                        doc,
+                        "",
+                        &format!("not valid YAML: {e}"),
                     ));
+                    // The YAML stream cannot be resumed after a syntax error.
+                    break;
                 }
+            };
+            let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+            if crate::route::is_route_kind(kind) {
+                match crate::route::decode_value(value) {
+                    Err((path, message)) => out.push(undecodable(origin, doc, &path, &message)),
+                    Ok(r) => {
+                        let problems = crate::route::validate(&r);
+                        for p in &problems {
+                            out.push(invalid(origin, doc, r.display_name(), p));
+                        }
+                        if problems.is_empty() {
+                            routes.push(FileRoute {
+                                origin: origin.clone(),
+                                doc,
+                                resource: r,
+                            });
+                        }
+                    }
+                }
+                continue;
             }
-            Ok(docs) => {
-                for (doc, r) in docs {
+            match crate::policy::resource::decode_value(value) {
+                Err((path, message)) => out.push(undecodable(origin, doc, &path, &message)),
+                Ok(r) => {
                     let problems = crate::policy::validate::validate(&r);
                     if problems.is_empty() {
                         ok.push(FileResource {
@@ -702,20 +890,18 @@ pub fn analyze_files(files: &[(String, String)]) -> (Vec<FileResource>, Vec<Mess
                         });
                         continue;
                     }
-                    for p in problems {
-                        out.push(msg(
-                            "CW0001",
-                            Level::Error,
-                            format!("{origin} doc {doc}"),
-                            format!("{} is invalid: {}: {}", r.display_name(), p.path, p.message),
-                            "fix the field named; `causewayctl apply` refuses the whole file until then".into(),
-                        ));
+                    for p in &problems {
+                        out.push(invalid(origin, doc, r.display_name(), p));
                     }
                 }
             }
         }
+        if !decodes {
+            ok.truncate(ok_before);
+            routes.truncate(routes_before);
+        }
     }
-    (ok, out)
+    (ok, routes, out)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1406,6 +1592,236 @@ fn policy_strict_agentless(s: &Snapshot, _: &Thresholds, out: &mut Vec<Message>)
 
 // ---------------------------------------------------------------------------------------
 // Data plane
+
+// ---------------------------------------------------------------------------------------
+// Routing
+
+fn route_name(r: &RouteFacts) -> String {
+    r.resource.display_name()
+}
+
+fn route_origin(r: &RouteFacts) -> String {
+    r.origin
+        .as_ref()
+        .map(|o| format!(" (from {o})"))
+        .unwrap_or_default()
+}
+
+fn virtual_services(
+    s: &Snapshot,
+) -> impl Iterator<Item = (&RouteFacts, &crate::route::VirtualService)> {
+    s.routes.iter().filter_map(|r| match &r.resource {
+        crate::route::RouteResource::VirtualService(v) => Some((r, v.as_ref())),
+        crate::route::RouteResource::DestinationRule(_) => None,
+    })
+}
+
+fn destination_rules(
+    s: &Snapshot,
+) -> impl Iterator<Item = (&RouteFacts, &crate::route::DestinationRule)> {
+    s.routes.iter().filter_map(|r| match &r.resource {
+        crate::route::RouteResource::DestinationRule(d) => Some((r, d.as_ref())),
+        crate::route::RouteResource::VirtualService(_) => None,
+    })
+}
+
+/// Every destination of a VirtualService's routes (HTTP and TCP), with the route's field
+/// path, and the mirror targets.
+fn destinations(
+    v: &crate::route::VirtualService,
+) -> Vec<(String, &crate::route::resource::Destination)> {
+    let mut out = Vec::new();
+    for (i, r) in v.spec.http.iter().enumerate() {
+        for (j, d) in r.route.iter().enumerate() {
+            out.push((
+                format!("spec.http[{i}].route[{j}].destination"),
+                &d.destination,
+            ));
+        }
+        if let Some(m) = &r.mirror {
+            out.push((format!("spec.http[{i}].mirror"), m));
+        }
+    }
+    for (i, r) in v.spec.tcp.iter().enumerate() {
+        for (j, d) in r.route.iter().enumerate() {
+            out.push((
+                format!("spec.tcp[{i}].route[{j}].destination"),
+                &d.destination,
+            ));
+        }
+    }
+    out
+}
+
+/// The registry's service for `host` written in a resource of namespace `ns`, if any
+/// (wildcard hosts match when any service does).
+fn service_for<'s>(s: &'s Snapshot, host: &str, ns: &str) -> Option<&'s ServiceFacts> {
+    if let Some(suffix) = host.strip_prefix('*') {
+        return s.services.iter().find(|svc| {
+            let fqdn = format!("{}.{}.causeway", svc.name, svc.namespace);
+            suffix.is_empty()
+                || fqdn.ends_with(suffix)
+                || format!("{}.{}", svc.name, svc.namespace).ends_with(suffix)
+        });
+    }
+    let (ns, name) = crate::route::validate::service_of_host(host, ns);
+    s.services
+        .iter()
+        .find(|svc| svc.namespace == ns && svc.name == name)
+}
+
+fn route_hosts(s: &Snapshot, _: &Thresholds, out: &mut Vec<Message>) {
+    for (r, v) in virtual_services(s) {
+        let ns = v.metadata.namespace();
+        for (i, host) in v.spec.hosts.iter().enumerate() {
+            if service_for(s, host, ns).is_none() {
+                let (sns, name) = crate::route::validate::service_of_host(host, ns);
+                out.push(msg(
+                    "CW0501",
+                    Level::Warning,
+                    route_name(r),
+                    format!("spec.hosts[{i}] {host:?} (service {name} in namespace {sns}) matches no service of the registry{}: the routes apply to no traffic", route_origin(r)),
+                    "fix the host (a mesh name: NAME, NAME.NAMESPACE, NAME.NAMESPACE.causeway or NAME.service.consul), or register the service; see `causewayctl registry list`".into(),
+                ));
+            }
+        }
+        for (path, d) in destinations(v) {
+            if service_for(s, &d.host, ns).is_none() {
+                let (sns, name) = crate::route::validate::service_of_host(&d.host, ns);
+                out.push(msg(
+                    "CW0502",
+                    Level::Error,
+                    route_name(r),
+                    format!("{path}.host {:?} (service {name} in namespace {sns}) is not in the registry{}: requests routed there fail with 503", d.host, route_origin(r)),
+                    "fix the destination host, or register the service first; see `causewayctl registry list`".into(),
+                ));
+            }
+        }
+    }
+}
+
+fn route_subsets(s: &Snapshot, _: &Thresholds, out: &mut Vec<Message>) {
+    let rules: Vec<&crate::route::DestinationRule> = destination_rules(s).map(|(_, d)| d).collect();
+    for (r, v) in virtual_services(s) {
+        for p in crate::route::validate::check_subsets(v, &rules) {
+            out.push(msg(
+                "CW0503",
+                Level::Error,
+                route_name(r),
+                format!("{}: {}{}", p.path, p.message, route_origin(r)),
+                "define the subset in a DestinationRule for that host (spec.subsets[].name and labels), or remove it from the route".into(),
+            ));
+        }
+    }
+}
+
+fn route_subsets_empty(s: &Snapshot, _: &Thresholds, out: &mut Vec<Message>) {
+    for (r, d) in destination_rules(s) {
+        let Some(svc) = service_for(s, &d.spec.host, d.metadata.namespace()) else {
+            continue;
+        };
+        for (i, subset) in d.spec.subsets.iter().enumerate() {
+            let selected = svc.endpoints.iter().any(|e| {
+                subset
+                    .labels
+                    .iter()
+                    .all(|(k, v)| e.labels.get(k) == Some(v))
+            });
+            if !selected {
+                out.push(msg(
+                    "CW0504",
+                    Level::Warning,
+                    route_name(r),
+                    format!(
+                        "spec.subsets[{i}] {:?} (labels {:?}) selects none of the {} endpoints of service {}.{}{}: traffic routed to it fails with 503",
+                        subset.name,
+                        subset.labels,
+                        svc.endpoints.len(),
+                        svc.name,
+                        svc.namespace,
+                        route_origin(r)
+                    ),
+                    "fix the subset's labels to match the endpoints' (see `causewayctl registry show`), or label the endpoints (group labels, Consul tags or meta, Eureka metadata, Kubernetes pod labels)".into(),
+                ));
+            }
+        }
+    }
+}
+
+fn route_weights(s: &Snapshot, _: &Thresholds, out: &mut Vec<Message>) {
+    for (r, v) in virtual_services(s) {
+        let http = v.spec.http.iter().enumerate().map(|(i, h)| {
+            (
+                format!("spec.http[{i}].route"),
+                h.route.iter().map(|d| d.weight).collect::<Vec<_>>(),
+            )
+        });
+        let tcp = v.spec.tcp.iter().enumerate().map(|(i, t)| {
+            (
+                format!("spec.tcp[{i}].route"),
+                t.route.iter().map(|d| d.weight).collect::<Vec<_>>(),
+            )
+        });
+        for (path, weights) in http.chain(tcp) {
+            // Istio: with one destination the weight may be left out (it is 100); with
+            // several, the weights given must sum to 100.
+            if weights.len() < 2 && weights.iter().all(Option::is_none) {
+                continue;
+            }
+            let sum: i64 = weights.iter().map(|w| w.unwrap_or(0)).sum();
+            if sum != 100 {
+                out.push(msg(
+                    "CW0505",
+                    Level::Error,
+                    route_name(r),
+                    format!(
+                        "{path}: the weights sum to {sum}, not 100{}",
+                        route_origin(r)
+                    ),
+                    "make the destinations' weights add up to 100".into(),
+                ));
+            }
+        }
+    }
+}
+
+fn route_conflicts(s: &Snapshot, _: &Thresholds, out: &mut Vec<Message>) {
+    // (namespace, service) → the VirtualServices naming it, oldest first.
+    let mut by_service: BTreeMap<(String, String), Vec<&RouteFacts>> = BTreeMap::new();
+    let mut vss: Vec<_> = virtual_services(s).collect();
+    vss.sort_by_key(|(r, _)| r.seq);
+    for (r, v) in vss {
+        let ns = v.metadata.namespace();
+        let keys: BTreeSet<(String, String)> = v
+            .spec
+            .hosts
+            .iter()
+            .filter(|h| !h.starts_with('*'))
+            .map(|h| crate::route::validate::service_of_host(h, ns))
+            .collect();
+        for k in keys {
+            by_service.entry(k).or_default().push(r);
+        }
+    }
+    for ((ns, name), rs) in by_service {
+        let Some((first, rest)) = rs.split_first() else {
+            continue;
+        };
+        for r in rest {
+            out.push(msg(
+                "CW0506",
+                Level::Warning,
+                route_name(r),
+                format!(
+                    "routes service {name} in namespace {ns}, as the older {} does{}: routes of one host are evaluated oldest VirtualService first, so the first match wins and later ones may never be used (Istio merges VirtualServices only on gateways; on sidecars it keeps one)",
+                    route_name(first),
+                    route_origin(r)
+                ),
+                format!("merge the routes into {} (one VirtualService per host), or delete this one", route_name(first)),
+            ));
+        }
+    }
+}
 
 fn dataplane_facts(s: &Snapshot, _: &Thresholds, out: &mut Vec<Message>) {
     for a in s.agents.iter().filter(|a| !a.removed && a.connected) {

@@ -28,8 +28,12 @@ pub const PROTOCOL: u32 = 1;
 /// The feature an update requires when it carries policy resources: an agent that cannot
 /// enforce policies must refuse the update rather than silently allow everything.
 pub const FEATURE_POLICY: &str = "policy/v1";
+/// The feature an update requires when it carries a `RequestAuthentication`: an agent that
+/// does not validate JWTs on the request path must refuse it (agents before it stored such
+/// resources and ignored them, so a token rule would silently not apply).
+pub const FEATURE_REQUEST_AUTHN: &str = "request-authn/v1";
 /// Features this build understands when an update marks them required.
-pub const KNOWN_FEATURES: &[&str] = &[FEATURE_POLICY];
+pub const KNOWN_FEATURES: &[&str] = &[FEATURE_POLICY, FEATURE_REQUEST_AUTHN];
 
 pub use crate::wire::proto::{
     Ack, AgentFacts, AgentFrame, ConfigUpdate, Denial, DenialReport, EndpointMsg, Goodbye,
@@ -298,6 +302,16 @@ impl MeshState {
     /// state had one), and everything else — other services, removals, the trust bundle
     /// and the deny list — is applied. So one bad record never stops the rest.
     pub fn apply(&self, u: &ConfigUpdate) -> Result<Applied, ApplyError> {
+        self.apply_with_features(u, KNOWN_FEATURES)
+    }
+
+    /// [`Self::apply`] for a build that understands only the features `known` (what an
+    /// older agent does with an update, for compatibility tests).
+    pub fn apply_with_features(
+        &self,
+        u: &ConfigUpdate,
+        known: &[&str],
+    ) -> Result<Applied, ApplyError> {
         let invalid = |reason: String| ApplyError::Invalid {
             version: u.version,
             reason,
@@ -305,7 +319,7 @@ impl MeshState {
         if let Some(f) = u
             .required_features
             .iter()
-            .find(|f| !KNOWN_FEATURES.contains(&f.as_str()))
+            .find(|f| !known.contains(&f.as_str()))
         {
             return Err(ApplyError::Feature {
                 version: u.version,
@@ -615,9 +629,22 @@ mod tests {
         };
         let update = ConfigUpdate {
             policies: vec![msg(&ra)],
-            required_features: vec![FEATURE_POLICY.into()],
+            required_features: vec![FEATURE_POLICY.into(), FEATURE_REQUEST_AUTHN.into()],
             ..full(2, vec![])
         };
+        // An agent that knows policies but not RequestAuthentication on the request path
+        // (the builds before it) refuses the update instead of ignoring the token rules.
+        let old = MeshState::default()
+            .apply_with_features(&update, &[FEATURE_POLICY])
+            .unwrap_err();
+        assert_eq!(
+            old,
+            ApplyError::Feature {
+                version: 2,
+                feature: FEATURE_REQUEST_AUTHN.into()
+            }
+        );
+        assert!(old.to_string().contains("upgrade causeway-agent"), "{old}");
         let s = MeshState::default().apply(&update).unwrap().state;
         let got = &s.policies["RequestAuthentication/shop/jwt"];
         assert_eq!(got.seq, 7);

@@ -475,3 +475,21 @@ fn push_messages_keep_their_encoding() {
     }
     same::<_, push::Hello>(hello());
 }
+
+/// A hello from a newer agent, naming its metrics endpoint for Prometheus service
+/// discovery (field 5), decodes in a controller that predates the field: it ignores it.
+#[test]
+fn a_hello_with_a_metrics_endpoint_decodes_in_an_older_controller() {
+    let old = hello();
+    let new = push::Hello {
+        last_version: old.last_version,
+        address: old.address.clone(),
+        agent_version: old.agent_version.clone(),
+        protocol: old.protocol,
+        metrics_endpoint: "10.0.0.1:15090".into(),
+    };
+    let decoded = old::Hello::decode(new.encode_to_vec().as_slice()).unwrap();
+    assert_eq!(decoded, old);
+    let back = push::Hello::decode(decoded.encode_to_vec().as_slice()).unwrap();
+    assert_eq!(back.metrics_endpoint, "");
+}

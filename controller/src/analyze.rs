@@ -49,19 +49,64 @@ async fn analyze_post(
 }
 
 async fn run(s: AdminState, req: AnalyzeRequest) -> Result<Json<Report>, ApiError> {
-    tokio::task::spawn_blocking(move || {
-        let mut snap = snapshot(&s)?;
-        snap.overlay(req.resources);
-        Ok::<_, ApiError>(analyze(&snap, &req.thresholds))
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map(Json)
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // A thread of its own, not the blocking pool: it runs at a lower scheduling priority
+    // for its whole life (a pooled thread would keep the priority for the next task).
+    std::thread::Builder::new()
+        .name("analyze".into())
+        .spawn(move || {
+            deprioritize_current_thread();
+            let report = snapshot(&s).map(|mut snap| {
+                snap.overlay(req.resources);
+                analyze(&snap, &req.thresholds)
+            });
+            drop(tx.send(report));
+        })
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot start the analysis thread: {e}; retry when the controller has fewer threads"),
+            )
+        })?;
+    let report = rx.await.map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the analysis thread ended without an answer (see the controller's log)".to_string(),
+        )
+    })?;
+    Ok(Json(report?))
 }
 
-/// Services copied per turn of the mesh lock: a page of a large registry takes a few
-/// milliseconds, so a push waits at most that long behind an analysis.
-const PAGE: usize = 64;
+/// The niceness an analysis thread runs at: pushes, joins and renewals (the runtime's
+/// threads, niceness 0) win the CPU over it on a busy host, and it still finishes on an
+/// idle one as fast as before.
+const ANALYSIS_NICENESS: i32 = 10;
+
+/// Lowers the calling thread's scheduling priority to [`ANALYSIS_NICENESS`] (on Linux,
+/// `setpriority(PRIO_PROCESS, tid)` applies to one thread). Analyses are background work
+/// next to config pushes; on failure the thread runs at the normal priority (logged).
+pub fn deprioritize_current_thread() {
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), ANALYSIS_NICENESS) {
+        tracing::debug!(
+            error = %e,
+            "could not lower the analysis thread's priority; it runs at the normal one"
+        );
+    }
+}
+
+/// Most services copied per turn of the mesh lock.
+pub const PAGE: usize = 64;
+
+/// Longest the copy holds the mesh lock in one turn: a page ends early when copying it
+/// took this long, so a push waits at most about this long behind an analysis whatever
+/// the size of the services.
+pub const PAGE_BUDGET: std::time::Duration = std::time::Duration::from_micros(250);
+
+/// Pause between two turns of the mesh lock. The standard mutex is not fair: a thread
+/// that unlocks and locks again at once usually wins against a waiter that was just
+/// woken, so without a pause a push could wait behind many pages in a row.
+const PAGE_PAUSE: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// Copies the merged registry (a page of [`PAGE`] services per turn of the mesh lock) and
 /// the sources' states.
@@ -88,8 +133,13 @@ pub fn registry_facts(mesh: &crate::mesh::Mesh) -> (Vec<ServiceFacts>, Vec<Sourc
     let mut services = Vec::new();
     let mut after: Option<ServiceKey> = None;
     loop {
-        let page = mesh.services_page(after.as_ref(), PAGE);
+        let page = mesh.services_page_within(after.as_ref(), PAGE, PAGE_BUDGET);
         let Some(last) = page.last() else { break };
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "runs on the analysis thread (or a caller's plain thread), never on a runtime worker"
+        )]
+        std::thread::sleep(PAGE_PAUSE);
         after = Some(ServiceKey::new(last.namespace.clone(), last.name.clone()));
         services.extend(page.into_iter().map(|v| {
             ServiceFacts {
@@ -104,6 +154,7 @@ pub fn registry_facts(mesh: &crate::mesh::Mesh) -> (Vec<ServiceFacts>, Vec<Sourc
                         ports: e.ports,
                         stale: e.stale,
                         agent: e.agent,
+                        labels: e.labels,
                     })
                     .collect(),
             }
@@ -198,6 +249,7 @@ pub fn snapshot(s: &AdminState) -> Result<Snapshot, StoreError> {
         groups: groups.into_iter().map(|g| g.group).collect(),
         tokens,
         policies,
+        routes: Vec::new(),
     })
 }
 

@@ -16,7 +16,8 @@ use std::time::Duration;
 use causeway_api::WorkloadGroup;
 use causeway_api::policy::{GROUP_LABEL, Resource};
 use causeway_api::push::{
-    ConfigUpdate, EndpointMsg, FEATURE_POLICY, PolicyMsg, ServiceMsg, ServiceRef,
+    ConfigUpdate, EndpointMsg, FEATURE_POLICY, FEATURE_REQUEST_AUTHN, PolicyMsg, ServiceMsg,
+    ServiceRef,
 };
 use causeway_api::registry::{
     BIND_SOURCE_METADATA, Conflict, Endpoint, Provenance, Registry, RegistryDelta, ServiceKey,
@@ -62,6 +63,8 @@ pub const RECENT_DENIALS: usize = 64;
 struct Session {
     view: SessionView,
     kick: Arc<Notify>,
+    /// Where a remote Prometheus may scrape the agent, if it said (its hello).
+    scrape: Option<crate::sd::ScrapeTarget>,
 }
 
 /// What applying one policy resource did.
@@ -83,6 +86,26 @@ pub struct PolicyApplied {
     pub version: u64,
     /// Each resource's key and outcome, in input order.
     pub results: Vec<(String, PolicyOutcome)>,
+}
+
+/// The features an update carrying the policies `keys` (`Kind/namespace/name`) requires:
+/// `policy/v1` for any policy (or a removal, `removals`), and `request-authn/v1` when one
+/// is a RequestAuthentication (an agent that does not validate tokens must refuse it).
+fn required_features<'a>(keys: impl Iterator<Item = &'a String>, removals: bool) -> Vec<String> {
+    let mut any = removals;
+    let mut authn = false;
+    for k in keys {
+        any = true;
+        authn |= k.starts_with("RequestAuthentication/");
+    }
+    let mut out = Vec::new();
+    if any {
+        out.push(FEATURE_POLICY.to_owned());
+    }
+    if authn {
+        out.push(FEATURE_REQUEST_AUTHN.to_owned());
+    }
+    out
 }
 
 /// A stored policy as pushed to agents.
@@ -686,11 +709,7 @@ impl Mesh {
                 deny_set: true,
                 vip_cidr: self.settings.vip_range.to_string(),
                 policies: inner.policies.iter().map(policy_msg).collect(),
-                required_features: if inner.policies.is_empty() {
-                    Vec::new()
-                } else {
-                    vec![FEATURE_POLICY.to_owned()]
-                },
+                required_features: required_features(inner.policies.keys(), false),
                 ..ConfigUpdate::default()
             };
         }
@@ -726,11 +745,12 @@ impl Mesh {
                 None => update.removed_policies.push(key),
             }
         }
-        if !update.policies.is_empty() || !update.removed_policies.is_empty() {
-            // An agent that does not know policies must refuse the update, not apply the
-            // registry part and silently allow everything.
-            update.required_features.push(FEATURE_POLICY.to_owned());
-        }
+        // An agent that does not know policies must refuse the update, not apply the
+        // registry part and silently allow everything.
+        update.required_features = required_features(
+            update.policies.iter().map(|p| &p.key),
+            !update.removed_policies.is_empty(),
+        );
         update
     }
 
@@ -1030,6 +1050,7 @@ impl Mesh {
                     facts: None,
                 },
                 kick: kick.clone(),
+                scrape: None,
             },
         );
         Ok((
@@ -1169,6 +1190,26 @@ impl Mesh {
         }
     }
 
+    /// Records where a remote Prometheus may scrape the agent (from its hello).
+    pub fn record_scrape_target(&self, h: &SessionHandle, target: crate::sd::ScrapeTarget) {
+        if let Some(s) = self.lock().sessions.get_mut(&h.agent_id)
+            && s.view.generation == h.generation
+        {
+            s.scrape = Some(target);
+        }
+    }
+
+    /// The scrape targets of the connected agents, by agent id (Prometheus service
+    /// discovery).
+    pub fn scrape_targets(&self) -> BTreeMap<String, crate::sd::ScrapeTarget> {
+        self.lock()
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.view.connected)
+            .filter_map(|(id, s)| Some((id.clone(), s.scrape.clone()?)))
+            .collect()
+    }
+
     /// Records the data-plane facts an agent reported.
     pub fn record_facts(&self, h: &SessionHandle, facts: causeway_api::push::AgentFacts) {
         if let Some(s) = self.lock().sessions.get_mut(&h.agent_id)
@@ -1306,6 +1347,27 @@ impl Mesh {
             .filter_map(|key| Self::service_view(&inner, key))
             .take(limit)
             .collect()
+    }
+
+    /// [`Mesh::services_page`], ending the page early (after at least one service) once
+    /// copying it has taken `budget`: the longest it holds the mesh lock is about
+    /// `budget` plus one service.
+    pub fn services_page_within(
+        &self,
+        after: Option<&ServiceKey>,
+        limit: usize,
+        budget: std::time::Duration,
+    ) -> Vec<ServiceView> {
+        let inner = self.lock();
+        let start = std::time::Instant::now();
+        let mut page = Vec::new();
+        for key in inner.registry.service_keys_after(after) {
+            if page.len() >= limit || (!page.is_empty() && start.elapsed() >= budget) {
+                break;
+            }
+            page.extend(Self::service_view(&inner, key));
+        }
+        page
     }
 
     fn service_view(inner: &Inner, key: &ServiceKey) -> Option<ServiceView> {
@@ -1859,6 +1921,56 @@ mod tests {
     /// Removal denies every unexpired certificate it is given (an expired one is left
     /// out), pushes them to every agent, and each entry leaves the list when its
     /// certificate expires, with a new version so agents get the shorter list.
+    /// An update carrying a RequestAuthentication requires `request-authn/v1` (full and
+    /// delta), one with only other policies `policy/v1` alone; an agent that knows only
+    /// `policy/v1` refuses the first and applies the second.
+    #[tokio::test(flavor = "current_thread")]
+    async fn request_authentication_updates_require_their_feature() {
+        let dir = tempfile::tempdir().unwrap();
+        let mesh = open(
+            dir.path(),
+            settings("240.240.0.0/16", Duration::from_secs(60)),
+        )
+        .await;
+        let doc = |kind: &str, spec: &str| {
+            causeway_api::policy::decode_documents(
+                "t",
+                &format!("apiVersion: security.istio.io/v1\nkind: {kind}\nmetadata: {{name: p, namespace: default}}\nspec: {spec}\n"),
+            )
+            .unwrap()
+            .remove(0)
+        };
+        let v0 = mesh.update_since(0).version;
+        mesh.apply_policies(vec![doc("AuthorizationPolicy", "{}")], false)
+            .await
+            .unwrap();
+        let ap_only = mesh.update_since(v0);
+        assert_eq!(ap_only.required_features, [FEATURE_POLICY]);
+        assert_eq!(mesh.update_since(0).required_features, [FEATURE_POLICY]);
+        let v1 = ap_only.version;
+        mesh.apply_policies(
+            vec![doc(
+                "RequestAuthentication",
+                "{jwtRules: [{issuer: \"https://idp\", jwksUri: \"https://idp/jwks\"}]}",
+            )],
+            false,
+        )
+        .await
+        .unwrap();
+        for update in [mesh.update_since(v1), mesh.update_since(0)] {
+            assert_eq!(
+                update.required_features,
+                [FEATURE_POLICY, FEATURE_REQUEST_AUTHN],
+                "full: {}",
+                update.full
+            );
+            let old = causeway_api::push::MeshState::default()
+                .apply_with_features(&update, &[FEATURE_POLICY])
+                .unwrap_err();
+            assert!(old.to_string().contains("request-authn/v1"), "{old}");
+        }
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn removal_denies_every_unexpired_certificate_until_it_expires() {
         let dir = tempfile::tempdir().unwrap();

@@ -14,6 +14,9 @@
 //!   `causeway_controller_source_endpoints{source}` per source.
 //! - `causeway_controller_mesh_version`, `causeway_controller_build_info{version}`.
 //!
+//! Also `GET /v1/sd/prometheus`: Prometheus HTTP service discovery of the agents'
+//! metrics endpoints ([`crate::sd`]).
+//!
 //! Counters and the histogram live in one process-wide [`Metrics`]; the gauges are read
 //! from the [`Mesh`] at each scrape.
 
@@ -277,11 +280,15 @@ pub fn registry(mesh: &Arc<Mesh>) -> Registry {
 
 fn handle<B>(req: &Request<B>, mesh: &Arc<Mesh>) -> Response<String> {
     const PLAIN: &str = "text/plain; charset=utf-8";
-    if req.uri().path() != "/metrics" {
+    let path = req.uri().path();
+    if path != "/metrics" && path != crate::sd::PATH {
         return reply(
             StatusCode::NOT_FOUND,
             PLAIN,
-            format!("no such path {:?}; try /metrics\n", req.uri().path()),
+            format!(
+                "no such path {path:?}; try /metrics or {}\n",
+                crate::sd::PATH
+            ),
         );
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -289,6 +296,13 @@ fn handle<B>(req: &Request<B>, mesh: &Arc<Mesh>) -> Response<String> {
             StatusCode::METHOD_NOT_ALLOWED,
             PLAIN,
             format!("method {} not allowed; use GET\n", req.method()),
+        );
+    }
+    if path == crate::sd::PATH {
+        return reply(
+            StatusCode::OK,
+            "application/json",
+            crate::sd::document(&mesh.scrape_targets()),
         );
     }
     let ctype = causeway_telemetry::metrics::negotiate(causeway_telemetry::http::accept(req));

@@ -15,9 +15,10 @@ use causeway_api::policy::api::{
     ApplyRequest, ApplyResponse, ApplyResult, DeleteRequest, DeleteResponse, PolicyItem,
     WhyRequest, WhyResponse, WhyStep,
 };
+use causeway_api::policy::jwt;
 use causeway_api::policy::validate::validate;
 use causeway_api::policy::{
-    HttpAttributes, Kind, PolicySet, Request, Resource, Workload, effective_mode,
+    HttpAttributes, JwtRule, Kind, PolicySet, Request, Resource, Workload, effective_mode,
 };
 use serde::Deserialize;
 
@@ -454,15 +455,69 @@ pub(crate) async fn why(
         .iter()
         .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
         .collect();
-    let http =
-        (q.method.is_some() || q.path.is_some() || !q.headers.is_empty()).then(|| HttpAttributes {
-            host,
-            method: q.method.as_deref().unwrap_or("GET"),
-            path: q.path.as_deref().unwrap_or("/"),
-            headers: &headers,
-            request_principal: None,
-            claims: None,
+    // The destination agent decides each request of an HTTP port with its attributes
+    // (GET / unless told); other ports connection by connection, unless the question
+    // gives request attributes.
+    let http_port = dest
+        .ports
+        .iter()
+        .find(|(_, p)| **p == port)
+        .is_some_and(|(name, _)| causeway_api::protocol::Protocol::from_port_name(name).is_http());
+    let asks_http = q.method.is_some()
+        || q.path.is_some()
+        || !q.headers.is_empty()
+        || q.jwt.is_some()
+        || !q.claims.is_empty();
+    if http_port || asks_http {
+        steps.push(WhyStep {
+            step: "request".into(),
+            policy: None,
+            matched: None,
+            detail: format!(
+                "{} {} (host {host}){}",
+                q.method.as_deref().unwrap_or("GET"),
+                q.path.as_deref().unwrap_or("/"),
+                if http_port {
+                    ": the port is HTTP, so the destination's agent decides each request"
+                } else {
+                    ": the port is not declared HTTP; its agent decides connections (Istio's TCP rules), these attributes show what an HTTP port would do"
+                }
+            ),
         });
+    }
+    let ras = stored.values().filter_map(|r| match &r.resource {
+        Resource::RequestAuthentication(p) => Some(p),
+        _ => None,
+    });
+    let rules = jwt::rules_for(ras, workload);
+    let auth = match request_authentication(&rules, &q, &mut steps) {
+        Ok(a) => a,
+        Err(policy) => {
+            steps.push(WhyStep {
+                step: "decision".into(),
+                policy: policy.clone(),
+                matched: None,
+                detail: "deny: the request is answered 401 (invalid token) before any AuthorizationPolicy".into(),
+            });
+            return Ok(Json(WhyResponse {
+                decision: "deny".into(),
+                policy,
+                steps,
+                recent_denials,
+            }));
+        }
+    };
+    let http = (http_port || asks_http).then(|| HttpAttributes {
+        host,
+        method: q.method.as_deref().unwrap_or("GET"),
+        path: q.path.as_deref().unwrap_or("/"),
+        headers: &headers,
+        request_principal: auth
+            .as_ref()
+            .map(|a| a.request_principal.as_str())
+            .filter(|p| !p.is_empty()),
+        claims: auth.as_ref().map(|a| &a.claims),
+    });
     let req = Request {
         principal: source.principal.as_deref(),
         source_ip: source.ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
@@ -501,6 +556,117 @@ pub(crate) async fn why(
         steps,
         recent_denials,
     }))
+}
+
+/// The RequestAuthentication step of `why`: checks `--jwt` against the rules that select
+/// the destination (with an inline key set fully; with a `jwksUri` the controller does not
+/// fetch the keys, so the signature is not checked and the claims are decoded) and adds
+/// `--claim`s. `Ok(None)`: no token (left to authorization). `Err(policy)`: the agent
+/// would answer 401 (the step says why; the policy is the RequestAuthentication's).
+fn request_authentication(
+    rules: &[(String, JwtRule)],
+    q: &WhyRequest,
+    steps: &mut Vec<WhyStep>,
+) -> Result<Option<jwt::Authenticated>, Option<String>> {
+    let mut step = |policy: Option<String>, detail: String| {
+        steps.push(WhyStep {
+            step: "request-authentication".into(),
+            policy,
+            matched: None,
+            detail,
+        })
+    };
+    let extra = jwt::claims_from_pairs(&q.claims);
+    let Some(token) = q.jwt.as_deref() else {
+        if q.claims.is_empty() {
+            if !rules.is_empty() {
+                step(
+                    Some(rules[0].0.clone()),
+                    "no token (give one with --jwt or --claim): the request passes authentication without a request principal, and the policies decide".into(),
+                );
+            }
+            return Ok(None);
+        }
+        let a = jwt::from_claims(extra);
+        step(
+            None,
+            format!(
+                "claims from --claim taken as a valid token's: {}; request principal {}",
+                a.claims,
+                if a.request_principal.is_empty() {
+                    "none (give --claim iss=... and --claim sub=... for one)".to_owned()
+                } else {
+                    a.request_principal.clone()
+                }
+            ),
+        );
+        return Ok(Some(a));
+    };
+    if rules.is_empty() {
+        step(
+            None,
+            "no RequestAuthentication selects the destination: the token is not validated and gives no request principal".into(),
+        );
+        return Ok(None);
+    }
+    let just_rules: Vec<JwtRule> = rules.iter().map(|(_, r)| r.clone()).collect();
+    let refuse = |idx: Option<usize>, e: &dyn std::fmt::Display| {
+        (
+            idx.map(|i| rules[i].0.clone()),
+            format!("401: the destination's agent refuses this token: {e}"),
+        )
+    };
+    let idx = match jwt::rule_for(&just_rules, token) {
+        Ok(i) => i,
+        Err(e) => {
+            let (policy, detail) = refuse(None, &e);
+            let policy = policy.or_else(|| Some(rules[0].0.clone()));
+            step(policy.clone(), detail);
+            return Err(policy);
+        }
+    };
+    let (ra, rule) = &rules[idx];
+    let checked = match (&rule.jwks, &rule.jwks_uri) {
+        (Some(inline), _) => match jwt::KeySet::from_json(inline) {
+            Ok(set) => jwt::verify(&just_rules, token, |i| (i == idx).then_some(&set))
+                .map(|a| (a, "signature and times checked with the inline jwks".to_owned())),
+            Err(e) => Err(jwt::JwtError::Invalid(format!("the inline jwks is unusable: {e}"))),
+        },
+        (None, uri) => jwt::decode_unverified(&just_rules, token).and_then(|a| {
+            match jwt::time_problem(&a.claims) {
+                Some(p) => Err(jwt::JwtError::Invalid(p)),
+                None => Ok((
+                    a,
+                    format!(
+                        "signature NOT checked: the keys are at {} and only the agents fetch them; claims decoded, times checked",
+                        uri.as_deref().unwrap_or("-")
+                    ),
+                )),
+            }
+        }),
+    };
+    match checked {
+        Ok((mut a, how)) => {
+            if let (serde_json::Value::Object(c), serde_json::Value::Object(more)) =
+                (&mut a.claims, extra)
+            {
+                c.extend(more);
+            }
+            step(
+                Some(ra.clone()),
+                format!(
+                    "token of issuer {} ({how}): request principal {}",
+                    rule.issuer, a.request_principal
+                ),
+            );
+            Ok(Some(a))
+        }
+        Err(e) => {
+            let (policy, detail) = refuse(Some(idx), &e);
+            step(policy.clone(), detail);
+            Err(policy)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -150,6 +150,20 @@ pub(crate) async fn run_session(
         }
     };
     mesh.record_agent_version(&handle, hello.agent_version.clone());
+    if !hello.metrics_endpoint.is_empty() {
+        mesh.record_scrape_target(
+            &handle,
+            crate::sd::ScrapeTarget {
+                endpoint: hello.metrics_endpoint.clone(),
+                group: agent.group.clone(),
+                namespace: group
+                    .as_ref()
+                    .map(|g| g.namespace.clone())
+                    .unwrap_or_default(),
+                labels: group.as_ref().map(|g| g.labels.clone()).unwrap_or_default(),
+            },
+        );
+    }
     tracing::info!(agent = %agent.id, address = %hello.address, %remote, registered = refusal.is_none(), last_version = hello.last_version, generation = handle.generation, "agent subscribed");
     // Tell the agent whether its workload is registered (older agents ignore the frame).
     if group.as_ref().is_some_and(|g| g.service.is_some()) {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use causeway_api::analyze::{
     AnalyzeRequest, Level, PolicyFacts, Report, Snapshot, Suppression, Thresholds, analyze,
-    analyze_files,
+    analyze_files_with_routes,
 };
 use reqwest::Method;
 
@@ -97,7 +97,7 @@ pub(crate) async fn run(api: Option<&Api>, out: Output, args: &AnalyzeArgs) -> a
     for path in super::policy::expand(&args.files)? {
         texts.push((path.display().to_string(), super::policy::read(&path)?));
     }
-    let (resources, file_messages) = analyze_files(&texts);
+    let (resources, routes, file_messages) = analyze_files_with_routes(&texts);
     let mut report = match api {
         None => {
             let snapshot = Snapshot {
@@ -114,6 +114,8 @@ pub(crate) async fn run(api: Option<&Api>, out: Output, args: &AnalyzeArgs) -> a
                     .collect(),
                 ..Snapshot::default()
             };
+            let mut snapshot = snapshot;
+            snapshot.overlay_routes(routes);
             analyze(&snapshot, &args.thresholds())
         }
         Some(api) => {

@@ -146,6 +146,16 @@ enum Command {
         /// HTTP header K=V (repeatable).
         #[arg(long = "header", value_parser = parse_header)]
         headers: Vec<(String, String)>,
+        /// A JWT the request carries, or a file holding one: checked against the
+        /// destination's RequestAuthentications (signature too with an inline jwks) and
+        /// its principal and claims given to the policies.
+        #[arg(long, value_name = "TOKEN|FILE")]
+        jwt: Option<String>,
+        /// A claim KEY=VALUE of the request's token (repeatable; a repeated key is a list,
+        /// `[a][b]=v` a nested claim); without --jwt, the request is taken as carrying a
+        /// valid token with these claims (give iss and sub for a request principal).
+        #[arg(long = "claim", value_parser = parse_claim, value_name = "KEY=VALUE")]
+        claims: Vec<(String, String)>,
     },
     /// Open the controller's web UI: prints a one-time login URL (valid 60 s).
     Ui(ui::UiArgs),
@@ -504,6 +514,34 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
+fn parse_claim(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| {
+            format!("claim {s:?}: expected KEY=VALUE (e.g. groups=admin, [org][team]=pay)")
+        })
+}
+
+/// `--jwt`: a token, or a file holding one.
+fn read_jwt(arg: &str) -> anyhow::Result<String> {
+    let path = std::path::Path::new(arg);
+    if arg.split('.').count() != 3 || path.exists() {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            anyhow::anyhow!(
+                "--jwt {arg:?}: neither a token (three dot-separated parts) nor a readable file: {e}"
+            )
+        })?;
+        let token = text.trim();
+        anyhow::ensure!(
+            token.split('.').count() == 3,
+            "--jwt {arg}: the file does not hold a JWT (three dot-separated parts)"
+        );
+        return Ok(token.to_owned());
+    }
+    Ok(arg.to_owned())
+}
+
 fn parse_header(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
@@ -595,6 +633,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             method,
             path,
             headers,
+            jwt,
+            claims,
         } => {
             let req = causeway_api::policy::api::WhyRequest {
                 from: from.clone(),
@@ -602,6 +642,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 method: method.clone(),
                 path: path.clone(),
                 headers: headers.clone(),
+                jwt: jwt.as_deref().map(read_jwt).transpose()?,
+                claims: claims.clone(),
             };
             policy::why(&api, out, req).await?
         }

@@ -55,37 +55,8 @@ pub struct AgentConfig {
     pub health: crate::health::HealthConfig,
     /// Fetching the key sets of RequestAuthentication issuers.
     pub jwt: JwtConfig,
-    /// Request telemetry: access logs, tracing.
-    pub telemetry: TelemetryConfig,
-}
-
-/// Request telemetry (`[telemetry]`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TelemetryConfig {
-    // Access logs and tracing (crate::telemetry::{access_log, trace, otlp}).
-    /// One entry per HTTP request and per proxied TCP connection: "off" (default),
-    /// "text" (Envoy's format) or "json"; to the journal under systemd, else stdout.
-    pub access_log: crate::telemetry::AccessLogFormat,
-    /// Percent (0–100) of requests and connections logged.
-    pub access_log_sampling: f64,
-    /// Percent (0–100) of the traces this agent starts (requests without trace context)
-    /// that are sampled, i.e. exported; incoming contexts keep their own decision.
-    pub trace_sampling: f64,
-    /// OTLP/HTTP (protobuf) traces endpoint of a collector, e.g.
-    /// "http://127.0.0.1:4318/v1/traces"; unset: spans are not exported.
-    pub otlp_endpoint: Option<String>,
-}
-
-impl Default for TelemetryConfig {
-    fn default() -> Self {
-        Self {
-            access_log: crate::telemetry::AccessLogFormat::Off,
-            access_log_sampling: 100.0,
-            trace_sampling: 1.0,
-            otlp_endpoint: None,
-        }
-    }
+    /// Telemetry of the proxied traffic (Istio metrics, remote scraping).
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 /// Fetching JSON Web Key Sets for RequestAuthentication (`[jwt]`).
@@ -333,7 +304,7 @@ impl Default for AgentConfig {
             dns: DnsConfig::default(),
             health: crate::health::HealthConfig::default(),
             jwt: JwtConfig::default(),
-            telemetry: TelemetryConfig::default(),
+            telemetry: crate::telemetry::TelemetryConfig::default(),
         }
     }
 }
@@ -440,26 +411,7 @@ impl AgentConfig {
                 humantime::format_duration(dp.eject_max)
             ));
         }
-        let t = &self.telemetry;
-        for (field, v, example) in [
-            (
-                "telemetry.access_log_sampling",
-                t.access_log_sampling,
-                "100",
-            ),
-            ("telemetry.trace_sampling", t.trace_sampling, "1.0"),
-        ] {
-            if !(0.0..=100.0).contains(&v) {
-                errors.push(format!(
-                    "{field} = {v}: must be a percentage between 0 and 100, e.g. {example}"
-                ));
-            }
-        }
-        if let Some(url) = &t.otlp_endpoint
-            && let Err(why) = crate::telemetry::otlp::parse_endpoint(url)
-        {
-            errors.push(format!("telemetry.otlp_endpoint = {url:?} {why}"));
-        }
+        self.telemetry.validate(self.health.listen, &mut errors);
         let dns = &self.dns;
         if dns.enabled {
             if !dns.listen.ip().is_loopback() || dns.listen.port() == 0 {

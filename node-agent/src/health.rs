@@ -74,6 +74,7 @@ pub struct Health {
     requests: AtomicU64,
     tunnel: std::sync::OnceLock<Arc<crate::dataplane::tunnel::Tunnel>>,
     dns: std::sync::OnceLock<Arc<crate::dns::metrics::DnsMetrics>>,
+    telemetry: std::sync::OnceLock<Arc<crate::telemetry::Telemetry>>,
 }
 
 fn now_unix() -> i64 {
@@ -110,6 +111,11 @@ impl Health {
     /// The DNS server's counters, which `/metrics` reports.
     pub fn set_dns(&self, m: Arc<crate::dns::metrics::DnsMetrics>) {
         let _ = self.dns.set(m);
+    }
+
+    /// The proxied traffic's telemetry (Istio metrics), which `/metrics` reports.
+    pub fn set_telemetry(&self, t: Arc<crate::telemetry::Telemetry>) {
+        let _ = self.telemetry.set(t);
     }
 
     /// Takes the agent's status report (written on every change by the run loop).
@@ -156,7 +162,9 @@ impl Health {
             reg.register_collector(Box::new(d.clone()));
         }
         crate::metrics::agent().register(&mut reg);
-        reg.register_collector(Box::new(crate::telemetry::TelemetryCollector));
+        if let Some(t) = self.telemetry.get() {
+            t.register(&mut reg);
+        }
         reg
     }
 

@@ -294,23 +294,51 @@ impl JwksCache {
         let Some((token, _)) = jwt::extract(rules, req) else {
             return Ok(None);
         };
-        let mut sets = Vec::with_capacity(rules.len());
-        for rule in rules {
-            sets.push(self.keys_for(rule).await);
-        }
-        match jwt::verify(rules, token, |i| sets.get(i)?.as_deref()) {
+        self.verify_token(rules, token).await.map(Some)
+    }
+
+    /// Verifies a token against `rules`. Only the key set of the token's issuer is looked
+    /// up (a slow or failing endpoint of another issuer does not hold the request); a
+    /// token whose `kid` is unknown makes one refresh of that set (rate-limited) and is
+    /// checked again.
+    pub async fn verify_token(
+        &self,
+        rules: &[JwtRule],
+        token: &str,
+    ) -> Result<Authenticated, JwtError> {
+        let i = jwt::rule_for(rules, token)?;
+        let set = self.keys_for(&rules[i]).await;
+        let first = jwt::verify(rules, token, |j| if j == i { set.as_deref() } else { None });
+        match first {
             Err(JwtError::UnknownKid { issuer, kid }) => {
-                let Some(i) = rules.iter().position(|r| r.issuer == issuer) else {
-                    return Err(JwtError::UnknownKid { issuer, kid });
-                };
                 let Some(uri) = rules[i].jwks_uri.as_deref() else {
                     return Err(JwtError::UnknownKid { issuer, kid });
                 };
-                sets[i] = self.refresh_for_kid(uri, &kid).await.ok();
-                jwt::verify(rules, token, |i| sets.get(i)?.as_deref()).map(Some)
+                let set = self.refresh_for_kid(uri, &kid).await.ok();
+                jwt::verify(rules, token, |j| if j == i { set.as_deref() } else { None })
             }
-            other => other.map(Some),
+            other => other,
         }
+    }
+
+    /// Fetches the key sets of `rules`' `jwksUri`s that are due (first use, or older than
+    /// `refresh_interval`), so requests find them warm; inline sets are parsed once. A
+    /// failure is logged by the fetch and keeps the last good set.
+    pub async fn prefetch(&self, rules: &[JwtRule]) {
+        for rule in rules {
+            if let Some(jwks) = &rule.jwks {
+                if let Err(e) = self.inline_keys(jwks) {
+                    tracing::warn!(issuer = %rule.issuer, error = %e, "inline jwks of a RequestAuthentication rule is unusable");
+                }
+            } else if let Some(uri) = &rule.jwks_uri {
+                let _ = self.keys(uri).await;
+            }
+        }
+    }
+
+    /// How long a fetched set is used before it is fetched again.
+    pub fn refresh_interval(&self) -> Duration {
+        self.opts.refresh_interval
     }
 }
 

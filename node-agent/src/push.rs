@@ -332,11 +332,14 @@ pub fn collect_facts(state_dir: &Path) -> AgentFacts {
 
 /// Runs a subscription on `conn` until it ends. `goodbye` asks for a graceful end
 /// (the controller deregisters the workload at once). `state_dir`, when given, is where
-/// the agent's data-plane facts are checked for `causewayctl analyze`.
+/// the agent's data-plane facts are checked for `causewayctl analyze`. `metrics_endpoint`
+/// is where a remote Prometheus may scrape this agent (`[telemetry] metrics_listen`),
+/// told to the controller for its service discovery.
 pub async fn subscribe(
     conn: &quinn::Connection,
     state: SharedState,
     address: Option<IpAddr>,
+    metrics_endpoint: Option<std::net::SocketAddr>,
     state_dir: Option<PathBuf>,
     goodbye: oneshot::Receiver<()>,
     mut events: impl FnMut(Event),
@@ -354,6 +357,7 @@ pub async fn subscribe(
             address: address.map(|a| a.to_string()).unwrap_or_default(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             protocol: PROTOCOL,
+            metrics_endpoint: metrics_endpoint.map(|a| a.to_string()).unwrap_or_default(),
         })),
     };
     send.write_all(&wire::encode_frame(&hello))

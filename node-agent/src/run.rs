@@ -161,6 +161,20 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             None
         }
     };
+    // `/metrics` for remote scrapers ([telemetry] metrics_listen); a failure is fatal,
+    // as the operator asked for it and Prometheus would be told of it.
+    let metrics_server = crate::telemetry::serve_metrics(&cfg.telemetry, health.clone())
+        .await?
+        .map(|(_, task)| task);
+    // Metrics, access logs and tracing, before the data plane that reports to them.
+    let telemetry = crate::telemetry::Telemetry::start(
+        &cfg.telemetry,
+        &identity,
+        &cfg.dns.causeway_domain,
+        mesh_state.clone(),
+        cfg.dataplane.capture.then_some(cfg.dataplane.mark),
+    );
+    health.set_telemetry(telemetry.clone());
     let (status_file, status_writer) = status_writer(&state);
     let rep = Arc::new(Mutex::new(Reporter {
         file: status_file,
@@ -177,12 +191,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         f(&mut r.status);
         r.write();
     };
-    // Request telemetry (access logs, tracing) before the data plane that reports to it.
-    crate::telemetry::install(crate::telemetry::start(
-        &cfg.telemetry,
-        &identity,
-        cfg.dataplane.capture.then_some(cfg.dataplane.mark),
-    ));
+    // One JWKS cache for the agent (RequestAuthentication on HTTP ports); a bad
+    // `[jwt] ca_file` stops the start, naming the file.
+    let jwks = Arc::new(crate::jwks::JwksCache::from_config(&cfg.jwt)?);
     // The data plane before the control loop: it serves from the cached config while the
     // controller is away (static stability).
     let dataplane = crate::dataplane::Dataplane::start(
@@ -191,8 +202,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         mesh_state.clone(),
         cfg.address,
         state.path(),
+        Some(telemetry),
     )
     .await?;
+    if let Some(t) = dataplane.tunnel() {
+        t.set_jwks(jwks);
+    }
     // DNS after the data plane (its forwarder's sockets carry the data plane's mark); it
     // answers from the cached config too. A DNS failure is logged, never fatal: nothing
     // is redirected to a server that is not running.
@@ -283,34 +298,44 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                     let (tx, rx) = oneshot::channel();
                     let (c2, st, rep2) = (c.clone(), mesh_state.clone(), rep.clone());
                     let facts_dir = Some(state.path().to_path_buf());
+                    let metrics_endpoint =
+                        advertised_metrics(cfg.telemetry.metrics_listen, address);
                     let task = tokio::spawn(async move {
-                        push::subscribe(&c2, st, address, facts_dir, rx, move |ev| {
-                            let mut r = rep2.lock().unwrap_or_else(|p| p.into_inner());
-                            match ev {
-                                Event::Applied(v, full) => {
-                                    if full {
-                                        r.status.full_updates += 1;
-                                    } else {
-                                        r.status.delta_updates += 1;
+                        push::subscribe(
+                            &c2,
+                            st,
+                            address,
+                            metrics_endpoint,
+                            facts_dir,
+                            rx,
+                            move |ev| {
+                                let mut r = rep2.lock().unwrap_or_else(|p| p.into_inner());
+                                match ev {
+                                    Event::Applied(v, full) => {
+                                        if full {
+                                            r.status.full_updates += 1;
+                                        } else {
+                                            r.status.delta_updates += 1;
+                                        }
+                                        r.status.config_version = v;
+                                        r.status.controller_version =
+                                            Some(r.status.controller_version.unwrap_or(0).max(v));
+                                        r.status.config_error = None;
+                                        r.status.config_applied_at = Some(now_unix());
                                     }
-                                    r.status.config_version = v;
-                                    r.status.controller_version =
-                                        Some(r.status.controller_version.unwrap_or(0).max(v));
-                                    r.status.config_error = None;
-                                    r.status.config_applied_at = Some(now_unix());
+                                    Event::Refused(v, e) => {
+                                        r.status.controller_version =
+                                            Some(r.status.controller_version.unwrap_or(0).max(v));
+                                        r.status.config_error = Some(e);
+                                    }
+                                    Event::ControllerVersion(v) => {
+                                        r.status.controller_version = Some(v)
+                                    }
+                                    Event::Registration(e) => r.status.registration_error = e,
                                 }
-                                Event::Refused(v, e) => {
-                                    r.status.controller_version =
-                                        Some(r.status.controller_version.unwrap_or(0).max(v));
-                                    r.status.config_error = Some(e);
-                                }
-                                Event::ControllerVersion(v) => {
-                                    r.status.controller_version = Some(v)
-                                }
-                                Event::Registration(e) => r.status.registration_error = e,
-                            }
-                            r.write();
-                        })
+                                r.write();
+                            },
+                        )
                         .await
                     });
                     sub = Some(Subscription {
@@ -459,13 +484,47 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     if let Some(t) = health_server {
         t.abort();
     }
+    if let Some(t) = metrics_server {
+        t.abort();
+    }
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// The address Prometheus is told to scrape (`[telemetry] metrics_listen`): as
+/// configured, or with the workload `address` when it listens on all addresses.
+fn advertised_metrics(
+    listen: Option<std::net::SocketAddr>,
+    address: Option<std::net::IpAddr>,
+) -> Option<std::net::SocketAddr> {
+    let listen = listen?;
+    if listen.ip().is_unspecified() {
+        return address.map(|a| std::net::SocketAddr::new(a, listen.port()));
+    }
+    Some(listen)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_advertised_metrics_endpoint_is_routable() {
+        let a: std::net::IpAddr = "10.0.0.7".parse().unwrap();
+        assert_eq!(advertised_metrics(None, Some(a)), None);
+        assert_eq!(
+            advertised_metrics(Some("0.0.0.0:15090".parse().unwrap()), Some(a)),
+            Some("10.0.0.7:15090".parse().unwrap())
+        );
+        assert_eq!(
+            advertised_metrics(Some("0.0.0.0:15090".parse().unwrap()), None),
+            None
+        );
+        assert_eq!(
+            advertised_metrics(Some("10.0.0.9:15090".parse().unwrap()), Some(a)),
+            Some("10.0.0.9:15090".parse().unwrap())
+        );
+    }
 
     #[test]
     fn renewal_is_about_half_life_with_jitter() {

@@ -100,6 +100,7 @@ impl RawSubscriber {
                     address: "127.0.0.99".into(),
                     agent_version: env!("CARGO_PKG_VERSION").into(),
                     protocol: causeway_api::push::PROTOCOL,
+                    ..Hello::default()
                 })),
             };
             send.write_all(&wire::encode_frame(&hello)).await.unwrap();

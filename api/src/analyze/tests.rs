@@ -39,6 +39,7 @@ fn agent(id: &str, group: &str, addr: &str) -> AgentFacts {
 /// A clean mesh: groups web and client, one agent each, synced sources.
 fn clean() -> Snapshot {
     Snapshot {
+        routes: Vec::new(),
         live: true,
         now: NOW,
         controller_started: NOW - 1000,
@@ -97,6 +98,7 @@ fn svc(name: &str, eps: &[(&str, &str, &str, u16, Option<&str>)]) -> ServiceFact
                 ports: [((*port).to_owned(), *number)].into(),
                 stale: false,
                 agent: agent.map(str::to_owned),
+                labels: BTreeMap::new(),
             })
             .collect(),
     }
@@ -622,4 +624,176 @@ fn facts_round_trip_as_an_agent_frame() {
     let bytes = crate::wire::encode_frame(&frame);
     let back: AgentFrame = crate::wire::decode_body(&bytes[4..]).unwrap();
     assert_eq!(back, frame);
+}
+
+/// Routing resources from YAML (decoded without validation, as the checks must also see
+/// what validation would refuse, e.g. from `-f`).
+fn routes(yaml: &str) -> Vec<RouteFacts> {
+    serde_yaml_ng::Deserializer::from_str(yaml)
+        .map(|d| serde_json::Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .enumerate()
+        .map(|(i, v)| RouteFacts {
+            seq: i as u64,
+            resource: crate::route::decode_value(v).unwrap(),
+            origin: None,
+        })
+        .collect()
+}
+
+/// web with two endpoints labelled version v1 and v2.
+fn versioned() -> Snapshot {
+    let mut s = clean();
+    let web = s.services.iter_mut().find(|x| x.name == "web").unwrap();
+    let mut v2 = web.endpoints[0].clone();
+    v2.address = "10.0.0.3".into();
+    v2.agent = None;
+    web.endpoints[0].labels = [("version".to_owned(), "v1".to_owned())].into();
+    v2.labels = [("version".to_owned(), "v2".to_owned())].into();
+    web.endpoints.push(v2);
+    s
+}
+
+const GOOD_ROUTES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: default}
+spec:
+  hosts: [web.default.causeway]
+  http:
+  - match: [{headers: {x-canary: {exact: "1"}}}]
+    route: [{destination: {host: web, subset: v2}}]
+  - route:
+    - {destination: {host: web, subset: v1}, weight: 90}
+    - {destination: {host: web.default, subset: v2}, weight: 10}
+"#;
+
+#[test]
+fn routes_that_fit_the_mesh_have_no_message() {
+    let mut s = versioned();
+    s.routes = routes(GOOD_ROUTES);
+    let r = run(&s);
+    assert!(r.messages.is_empty(), "{:#?}", r.messages);
+}
+
+#[test]
+fn route_hosts_and_destinations_missing_from_the_registry() {
+    let mut s = versioned();
+    s.routes = routes(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop, namespace: default}
+spec:
+  hosts: [shop]
+  http:
+  - route: [{destination: {host: cart.default}}]
+"#,
+    );
+    let r = run(&s);
+    has(&r, "CW0501", Level::Warning, "VirtualService default/shop");
+    has(&r, "CW0502", Level::Error, "VirtualService default/shop");
+    let m = r.messages.iter().find(|m| m.code == "CW0502").unwrap();
+    assert!(
+        m.message.contains("spec.http[0].route[0].destination.host"),
+        "{}",
+        m.message
+    );
+    assert!(m.message.contains("cart"), "{}", m.message);
+    // Offline (files alone) there is no registry to compare with.
+    s.live = false;
+    assert!(
+        run(&s)
+            .messages
+            .iter()
+            .all(|m| m.code != "CW0501" && m.code != "CW0502")
+    );
+}
+
+#[test]
+fn undefined_and_empty_subsets() {
+    let mut s = versioned();
+    s.routes = routes(&GOOD_ROUTES.replace("subset: v2}}]", "subset: v3}}]"));
+    let r = run(&s);
+    has(&r, "CW0503", Level::Error, "VirtualService default/web");
+    let m = r.messages.iter().find(|m| m.code == "CW0503").unwrap();
+    assert!(
+        m.message.contains("v3") && m.message.contains("DestinationRule default/web"),
+        "{}",
+        m.message
+    );
+
+    // A subset whose labels match no endpoint.
+    let mut s = versioned();
+    s.routes = routes(&GOOD_ROUTES.replace("labels: {version: v2}", "labels: {version: v9}"));
+    let r = run(&s);
+    has(&r, "CW0504", Level::Warning, "DestinationRule default/web");
+    assert!(
+        r.messages.iter().all(|m| m.code != "CW0503"),
+        "{:#?}",
+        r.messages
+    );
+}
+
+#[test]
+fn weights_not_summing_to_100() {
+    let mut s = versioned();
+    s.routes = routes(&GOOD_ROUTES.replace("weight: 10", "weight: 20"));
+    let r = run(&s);
+    has(&r, "CW0505", Level::Error, "VirtualService default/web");
+    let m = r.messages.iter().find(|m| m.code == "CW0505").unwrap();
+    assert!(
+        m.message.contains("spec.http[1].route") && m.message.contains("110"),
+        "{}",
+        m.message
+    );
+    // Files alone: still found.
+    s.live = false;
+    has(
+        &run(&s),
+        "CW0505",
+        Level::Error,
+        "VirtualService default/web",
+    );
+}
+
+#[test]
+fn two_virtual_services_for_one_host_conflict() {
+    let mut s = versioned();
+    let mut rs = routes(GOOD_ROUTES);
+    rs.extend(routes(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web-canary, namespace: default}
+spec:
+  hosts: [web]
+  http:
+  - route: [{destination: {host: web, subset: v2}}]
+"#,
+    ));
+    rs[2].seq = 5;
+    s.routes = rs;
+    let r = run(&s);
+    has(
+        &r,
+        "CW0506",
+        Level::Warning,
+        "VirtualService default/web-canary",
+    );
+    assert_eq!(
+        r.messages.iter().filter(|m| m.code == "CW0506").count(),
+        1,
+        "only the younger one is reported: {:#?}",
+        r.messages
+    );
 }

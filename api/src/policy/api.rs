@@ -84,6 +84,15 @@ pub struct WhyRequest {
     /// HTTP headers `(name, value)`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<(String, String)>,
+    /// A JWT the request carries (`--jwt`): checked against the RequestAuthentications
+    /// that select the destination, its principal and claims given to the policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<String>,
+    /// Claims `(name, value)` (`--claim`, repeatable; `[a][b]` a nested claim): without
+    /// `jwt` the request is taken as carrying a valid token with these claims; with it,
+    /// they are added to the token's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<(String, String)>,
 }
 
 /// One step of a `why` answer.

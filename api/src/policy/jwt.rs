@@ -18,7 +18,8 @@ use base64::Engine as _;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
-use super::resource::JwtRule;
+use super::authz::Workload;
+use super::resource::{JwtRule, RequestAuthentication};
 
 /// Clock skew allowed on `exp` and `nbf`, in seconds.
 pub const CLOCK_SKEW_SECS: u64 = 60;
@@ -282,6 +283,107 @@ fn b64(s: &str) -> Option<Vec<u8>> {
         .ok()
 }
 
+/// The `jwtRules` of the RequestAuthentications that select `w` (its namespace or the root
+/// namespace, and a selector its labels match; no selector: the whole namespace, as for
+/// AuthorizationPolicy), each with its resource's `namespace/name`, in the order given.
+pub fn rules_for<'a>(
+    ras: impl IntoIterator<Item = &'a RequestAuthentication>,
+    w: Workload<'_>,
+) -> Vec<(String, JwtRule)> {
+    ras.into_iter()
+        .filter(|ra| {
+            let ns = ra.metadata.namespace();
+            (ns == w.namespace || ns == super::ROOT_NAMESPACE)
+                && ra
+                    .spec
+                    .selector
+                    .as_ref()
+                    .is_none_or(|s| s.matches(w.labels))
+        })
+        .flat_map(|ra| {
+            let id = format!("{}/{}", ra.metadata.namespace(), ra.metadata.name);
+            ra.spec
+                .jwt_rules
+                .iter()
+                .map(move |r| (id.clone(), r.clone()))
+        })
+        .collect()
+}
+
+/// Claims given as `(name, value)` pairs (`causewayctl why --claim`) as a JWT payload: a
+/// name repeated gives a list; a name written as Istio's nested form `[a][b]` sets a
+/// nested claim.
+pub fn claims_from_pairs(pairs: &[(String, String)]) -> serde_json::Value {
+    let mut root = serde_json::Map::new();
+    for (name, value) in pairs {
+        let path: Vec<&str> = match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+            Some(inner) => inner.split("][").collect(),
+            None => vec![name.as_str()],
+        };
+        let Some((last, parents)) = path.split_last() else {
+            continue;
+        };
+        let mut cur = &mut root;
+        for p in parents {
+            let next = cur
+                .entry((*p).to_owned())
+                .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+            if !next.is_object() {
+                *next = serde_json::Value::Object(serde_json::Map::new());
+            }
+            let serde_json::Value::Object(m) = next else {
+                unreachable!("made an object above")
+            };
+            cur = m;
+        }
+        let v = serde_json::Value::String(value.clone());
+        match cur.get_mut(*last) {
+            Some(serde_json::Value::Array(list)) => list.push(v),
+            Some(old) => {
+                let first = old.take();
+                *old = serde_json::Value::Array(vec![first, v]);
+            }
+            None => {
+                cur.insert((*last).to_owned(), v);
+            }
+        }
+    }
+    serde_json::Value::Object(root)
+}
+
+/// What authorization sees of a payload taken as valid (`why --claim` without a token):
+/// the request principal `iss/sub` when both are there.
+pub fn from_claims(claims: serde_json::Value) -> Authenticated {
+    let mut a = authenticated(claims, 0);
+    if a.claims.get("iss").is_none() || a.claims.get("sub").is_none() {
+        a.request_principal.clear();
+    }
+    a
+}
+
+/// Whether a payload's `exp`/`nbf` are outside the clock-skew allowance now (for a token
+/// whose signature cannot be checked): the reason, or `None`.
+pub fn time_problem(claims: &serde_json::Value) -> Option<String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if let Some(exp) = claims.get("exp").and_then(|v| v.as_u64())
+        && exp + CLOCK_SKEW_SECS < now
+    {
+        return Some(format!(
+            "the token expired (exp {exp}, more than {CLOCK_SKEW_SECS} s ago)"
+        ));
+    }
+    if let Some(nbf) = claims.get("nbf").and_then(|v| v.as_u64())
+        && nbf > now + CLOCK_SKEW_SECS
+    {
+        return Some(format!(
+            "the token is not valid yet (nbf {nbf}, more than {CLOCK_SKEW_SECS} s ahead)"
+        ));
+    }
+    None
+}
+
 /// The parts of a request a token can come from.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TokenRequest<'a> {
@@ -435,6 +537,42 @@ pub fn authenticate<'k>(
     verify(rules, token, keys).map(Some)
 }
 
+/// The index of the rule a token is for (by its `iss`), from its unverified payload; `Err`
+/// for a token that is malformed, unsigned, too large or from an issuer no rule accepts.
+/// Lets a caller fetch only that issuer's key set.
+pub fn rule_for(rules: &[JwtRule], token: &str) -> Result<usize, JwtError> {
+    let (_, payload) = peek(token)?;
+    issuer_rule(rules, &payload).map(|(i, _)| i)
+}
+
+fn issuer_rule<'p>(
+    rules: &[JwtRule],
+    payload: &'p serde_json::Value,
+) -> Result<(usize, &'p str), JwtError> {
+    let iss = payload.get("iss").and_then(|i| i.as_str()).ok_or_else(|| {
+        invalid("the token has no \"iss\" (issuer) claim; its issuer must match a jwtRules issuer")
+    })?;
+    match rules.iter().position(|r| r.issuer == iss) {
+        Some(i) => Ok((i, iss)),
+        None => {
+            let known: Vec<&str> = rules.iter().map(|r| r.issuer.as_str()).collect();
+            Err(invalid(format!(
+                "issuer {iss:?} is not accepted here (accepted: {})",
+                known.join(", ")
+            )))
+        }
+    }
+}
+
+/// What a token claims, without checking its signature or times: for `causewayctl why`
+/// when the issuer's keys are only at its `jwksUri` (the controller does not fetch them).
+/// The token must still be well formed, signed (not `alg: none`) and from a rule's issuer.
+pub fn decode_unverified(rules: &[JwtRule], token: &str) -> Result<Authenticated, JwtError> {
+    let (_, payload) = peek(token)?;
+    let (rule, _) = issuer_rule(rules, &payload)?;
+    Ok(authenticated(payload, rule))
+}
+
 /// Verifies one token against the rules (the rule is chosen by the token's `iss`).
 pub fn verify<'k>(
     rules: &[JwtRule],
@@ -442,16 +580,7 @@ pub fn verify<'k>(
     keys: impl Fn(usize) -> Option<&'k KeySet>,
 ) -> Result<Authenticated, JwtError> {
     let (header, payload) = peek(token)?;
-    let iss = payload.get("iss").and_then(|i| i.as_str()).ok_or_else(|| {
-        invalid("the token has no \"iss\" (issuer) claim; its issuer must match a jwtRules issuer")
-    })?;
-    let Some(rule_idx) = rules.iter().position(|r| r.issuer == iss) else {
-        let known: Vec<&str> = rules.iter().map(|r| r.issuer.as_str()).collect();
-        return Err(invalid(format!(
-            "issuer {iss:?} is not accepted here (accepted: {})",
-            known.join(", ")
-        )));
-    };
+    let (rule_idx, iss) = issuer_rule(rules, &payload)?;
     let rule = &rules[rule_idx];
     let alg_name = header.get("alg").and_then(|a| a.as_str()).unwrap_or("");
     let alg: Algorithm = alg_name
@@ -783,6 +912,72 @@ mod tests {
                 ("x-n".to_owned(), "3".to_owned()),
                 ("x-team".to_owned(), "pay".to_owned()),
             ]
+        );
+    }
+
+    #[test]
+    fn claims_from_pairs_build_lists_and_nested_claims() {
+        let pairs: Vec<(String, String)> = [
+            ("iss", "i"),
+            ("sub", "s"),
+            ("groups", "dev"),
+            ("groups", "admin"),
+            ("groups", "ops"),
+            ("[org][team]", "pay"),
+            ("https://example.com/role", "x"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        let c = claims_from_pairs(&pairs);
+        assert_eq!(
+            c,
+            serde_json::json!({"iss": "i", "sub": "s", "groups": ["dev", "admin", "ops"],
+                "org": {"team": "pay"}, "https://example.com/role": "x"})
+        );
+        assert_eq!(from_claims(c).request_principal, "i/s");
+        let no_sub = from_claims(serde_json::json!({"iss": "i"}));
+        assert_eq!(no_sub.request_principal, "");
+    }
+
+    #[test]
+    fn rules_for_selects_like_authorization_policies() {
+        let docs = crate::policy::decode_documents(
+            "t",
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: a, namespace: shop}\nspec: {selector: {matchLabels: {app: web}}, jwtRules: [{issuer: one, jwks: x}]}\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: mesh, namespace: causeway-system}\nspec: {jwtRules: [{issuer: two, jwks: x}]}\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: other, namespace: bank}\nspec: {jwtRules: [{issuer: three, jwks: x}]}\n",
+        )
+        .unwrap();
+        let ras: Vec<&RequestAuthentication> = docs
+            .iter()
+            .filter_map(|r| match r {
+                crate::policy::Resource::RequestAuthentication(ra) => Some(ra),
+                _ => None,
+            })
+            .collect();
+        let labels = [("app".to_owned(), "web".to_owned())].into();
+        let got = |ns: &str, labels: &std::collections::BTreeMap<String, String>| {
+            rules_for(
+                ras.iter().copied(),
+                Workload {
+                    namespace: ns,
+                    labels,
+                },
+            )
+            .into_iter()
+            .map(|(id, r)| format!("{id}:{}", r.issuer))
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            got("shop", &labels),
+            ["shop/a:one", "causeway-system/mesh:two"]
+        );
+        assert_eq!(
+            got("shop", &Default::default()),
+            ["causeway-system/mesh:two"]
+        );
+        assert_eq!(
+            got("bank", &labels),
+            ["causeway-system/mesh:two", "bank/other:three"]
         );
     }
 

@@ -97,6 +97,11 @@ pub struct Hello {
     /// The protocol revision (`PROTOCOL`).
     #[prost(uint32, tag = "4")]
     pub protocol: u32,
+    /// Where a remote Prometheus may scrape the agent's `/metrics` (`host:port`, from
+    /// `\[telemetry\] metrics_listen`; empty: nowhere). Listed by the controller's Prometheus
+    /// service discovery. Older controllers ignore it.
+    #[prost(string, tag = "5")]
+    pub metrics_endpoint: ::prost::alloc::string::String,
 }
 /// Controller to agent.
 #[derive(Clone, PartialEq, ::prost::Message)]

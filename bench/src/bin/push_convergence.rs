@@ -479,6 +479,7 @@ async fn run_agent(
             address: String::new(),
             agent_version: "bench".into(),
             protocol: PROTOCOL,
+            ..Hello::default()
         })),
     };
     send.write_all(&wire::encode_frame(&hello)).await?;
@@ -600,14 +601,23 @@ async fn change_and_find_commit(
     }
 }
 
+/// How long each `GET /v1/agents` of [`wait_controller_acks`] took to answer (ms): the
+/// controller-side figure includes it (twice when the first poll came too early).
+static AGENTS_VIEW_MS: std::sync::Mutex<Vec<f64>> = std::sync::Mutex::new(Vec::new());
+
 /// Polls `GET /v1/agents` (every `CONTROLLER_ACK_POLL`) until the controller has
 /// recorded an ACK of `version` or later from `agents` agents; returns when the answer
 /// that showed it arrived (an upper bound on when the last ACK was processed).
 async fn wait_controller_acks(ctl: &Controller, version: u64, agents: usize) -> Result<Instant> {
     let deadline = Instant::now() + STEP_TIMEOUT;
     loop {
+        let asked = Instant::now();
         let v = ctl.get("/v1/agents").await?;
         let at = Instant::now();
+        AGENTS_VIEW_MS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((at - asked).as_secs_f64() * 1000.0);
         let acked = v
             .as_array()
             .map(|a| {
@@ -1020,6 +1030,20 @@ async fn run(args: Args) -> Result<()> {
         "    (the controller's view: GET /v1/agents polled every {} ms after the agents had sent their ACKs; an upper bound)",
         CONTROLLER_ACK_POLL.as_millis()
     );
+    {
+        let mut v = AGENTS_VIEW_MS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "    each GET /v1/agents ({} agents) took p50 {:.1} ms, max {:.1} ms to answer ({} polls)",
+            args.agents,
+            percentile(&v, 0.50),
+            v.last().copied().unwrap_or(0.0),
+            v.len()
+        );
+    }
     println!(
         "  first agent received, after t0: p50 {:.1} ms, max {:.1} ms",
         percentile(&first_offset, 0.5),

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use causeway_api::policy::authz::WorkloadPolicies;
 use causeway_api::policy::{
-    GROUP_LABEL, PeerAuthentication, PeerMode, PolicySet, Request, Resource, Workload,
-    effective_mode,
+    GROUP_LABEL, HttpAttributes, JwtRule, PeerAuthentication, PeerMode, PolicySet, Request,
+    Resource, Workload, effective_mode,
 };
 use causeway_api::push::MeshState;
 
@@ -24,6 +24,12 @@ use causeway_api::push::MeshState;
 pub struct LocalAuthz {
     labels: BTreeMap<String, String>,
     selected: WorkloadPolicies,
+    /// The `jwtRules` of the RequestAuthentications that select this workload, in key
+    /// order (checked on the request path of HTTP ports).
+    jwt_rules: Vec<JwtRule>,
+    /// Lower-case names of the headers AuthorizationPolicy conditions read
+    /// (`request.headers[...]`): only those are handed to the evaluator per request.
+    header_names: Vec<String>,
     /// The policy resources it was built from (to rebuild only when they change).
     source: BTreeMap<String, causeway_api::push::PolicyState>,
 }
@@ -122,15 +128,52 @@ impl LocalAuthz {
                 _ => None,
             })
             .collect();
+        let namespace = workload_namespace(spiffe_id);
         let selected = PolicySet::new(aps.iter().copied()).for_workload(Workload {
-            namespace: workload_namespace(spiffe_id),
+            namespace,
             labels: &labels,
         });
+        let mut header_names: Vec<String> = aps
+            .iter()
+            .flat_map(|ap| ap.spec.rules.iter().flatten())
+            .flat_map(|r| r.when.iter().flatten())
+            .filter_map(|c| {
+                let name = c.key.strip_prefix("request.headers[")?.strip_suffix(']')?;
+                Some(name.to_ascii_lowercase())
+            })
+            .collect();
+        header_names.sort();
+        header_names.dedup();
+        let jwt_rules = causeway_api::policy::jwt::rules_for(
+            state.policies.values().filter_map(|p| match &p.resource {
+                Resource::RequestAuthentication(ra) => Some(ra),
+                _ => None,
+            }),
+            Workload {
+                namespace,
+                labels: &labels,
+            },
+        )
+        .into_iter()
+        .map(|(_, rule)| rule)
+        .collect();
         LocalAuthz {
             labels,
             selected,
+            jwt_rules,
+            header_names,
             source: state.policies.clone(),
         }
+    }
+
+    /// The `jwtRules` of the RequestAuthentications that select this workload.
+    pub fn jwt_rules(&self) -> &[JwtRule] {
+        &self.jwt_rules
+    }
+
+    /// The (lower-case) request header names AuthorizationPolicy conditions read.
+    pub fn header_names(&self) -> &[String] {
+        &self.header_names
     }
 
     /// Whether `state` carries other policies or labels than this view was built from.
@@ -152,6 +195,30 @@ impl LocalAuthz {
         destination: IpAddr,
         port: u16,
     ) -> AuthzDecision {
+        self.decide_with(principal, source, destination, port, None)
+    }
+
+    /// Decides one HTTP request (on a port the agent parses as HTTP) with its attributes,
+    /// and counts it; a denial is remembered for the controller like a connection's.
+    pub fn decide_request(
+        &self,
+        principal: Option<&str>,
+        source: IpAddr,
+        destination: IpAddr,
+        port: u16,
+        http: HttpAttributes<'_>,
+    ) -> AuthzDecision {
+        self.decide_with(principal, source, destination, port, Some(http))
+    }
+
+    fn decide_with(
+        &self,
+        principal: Option<&str>,
+        source: IpAddr,
+        destination: IpAddr,
+        port: u16,
+        http: Option<HttpAttributes<'_>>,
+    ) -> AuthzDecision {
         let v = self.selected.decide(&Request {
             principal: principal.map(|p| p.strip_prefix("spiffe://").unwrap_or(p)),
             source_ip: source,
@@ -159,7 +226,7 @@ impl LocalAuthz {
             destination_ip: destination,
             destination_port: port,
             sni: None,
-            http: None,
+            http,
         });
         let d = AuthzDecision {
             allow: v.allow,

@@ -147,6 +147,7 @@ impl Dataplane {
         state: SharedState,
         own: Option<IpAddr>,
         state_dir: &Path,
+        telemetry: Option<Arc<crate::telemetry::Telemetry>>,
     ) -> Result<Self, DataplaneError> {
         let rules_file = state_dir.join(RULES_FILE);
         let _ = std::fs::remove_file(&rules_file);
@@ -164,6 +165,7 @@ impl Dataplane {
             mark,
             idle_timeout: idle,
             tcp_only: cfg.tunnel_transport == crate::config::TunnelTransport::Tcp,
+            telemetry: telemetry.clone(),
             ..tunnel::TunnelSettings::default()
         };
         let tunnel = match tunnel::Tunnel::bind(
@@ -218,6 +220,7 @@ impl Dataplane {
                     plaintext_upstreams: cfg.plaintext_upstreams,
                     own_address: own,
                     protocol_sniff_timeout: cfg.protocol_sniff_timeout,
+                    telemetry,
                 };
                 tracing::info!(outbound = %cfg.outbound_listen, tunnel = %cfg.tunnel_listen, "data plane listening");
                 dp.tasks.push(tokio::spawn(outbound::Outbound::serve(

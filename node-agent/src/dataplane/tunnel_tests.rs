@@ -1523,3 +1523,121 @@ async fn a_slow_config_cache_write_does_not_hold_up_proxied_connections() {
     );
     drop((send, recv));
 }
+
+/// An HTTP/1.1 application on loopback answering every request `200` with body
+/// `METHOD PATH` (keep-alive); returns its port.
+async fn http_app() -> u16 {
+    use http_body_util::Full;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let body = format!("{} {}", req.method(), req.uri().path());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            bytes::Bytes::from(body),
+                        )))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+async fn http_call(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    method: &str,
+    path: &str,
+) -> (u16, String) {
+    use http_body_util::BodyExt as _;
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "web")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// On a port the workload declares HTTP, the AuthorizationPolicies decide each request
+/// with its attributes instead of the stream: a client whose only ALLOW rule names a
+/// method gets its stream (at L4, with Istio's TCP semantics, that rule never matches),
+/// its GET reaches the application and its POST is answered 403 `RBAC: access denied` on
+/// the same connection. A TCP port keeps the TCP semantics: the same rule refuses the
+/// stream.
+#[tokio::test]
+async fn http_ports_decide_each_request_and_tcp_ports_each_stream() {
+    use http_body_util::Empty;
+    let ca = ca();
+    let http_port = http_app().await;
+    let tcp_port = echo_app().await;
+    let web = identity(&ca, WEB);
+    let client = identity(&ca, CLIENT);
+    let Pair { b_state, b, a, .. } = pair(&web, &client, http_port);
+    b_state.modify(|s| {
+        for svc in s.services.values_mut() {
+            for e in svc.endpoints.values_mut() {
+                e.ports = [("http".to_owned(), http_port), ("tcp".to_owned(), tcp_port)].into();
+            }
+        }
+    });
+    set_policies(
+        &b_state,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: default}\nspec:\n  rules:\n  - from:\n    - source: {principals: [\"causeway.local/ns/default/sa/client\"]}\n    to:\n    - operation: {methods: [GET]}\n",
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let addr = b.local_addr().unwrap();
+    let header = Header {
+        service: "default/web".into(),
+        port: http_port,
+    };
+    let (recv, send) = a.open(addr, WEB, &header).await.unwrap().into_io();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(
+        hyper_util::rt::TokioIo::new(tokio::io::join(recv, send)),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    assert_eq!(
+        http_call(&mut sender, "GET", "/a").await,
+        (200, "GET /a".to_owned())
+    );
+    assert_eq!(
+        http_call(&mut sender, "POST", "/a").await,
+        (403, "RBAC: access denied".to_owned())
+    );
+    assert_eq!(
+        http_call(&mut sender, "GET", "/b").await,
+        (200, "GET /b".to_owned()),
+        "the connection goes on after a denied request"
+    );
+    // A policy change applies to the next request of the open connection.
+    set_policies(
+        &b_state,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: default}\nspec:\n  rules:\n  - from:\n    - source: {principals: [\"causeway.local/ns/default/sa/client\"]}\n    to:\n    - operation: {methods: [GET], notPaths: [\"/b\"]}\n",
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        http_call(&mut sender, "GET", "/b").await,
+        (403, "RBAC: access denied".to_owned()),
+        "the new policy decides the open connection's next request"
+    );
+    assert_eq!(
+        http_call(&mut sender, "GET", "/a").await,
+        (200, "GET /a".to_owned())
+    );
+    let r = round_trip(&a, addr, WEB, tcp_port, b"hi").await;
+    assert!(
+        r.as_ref().map(|v| v.is_empty()).unwrap_or(true),
+        "the TCP port's stream was not refused: {r:?}"
+    );
+}

@@ -74,7 +74,8 @@ pub struct TcpRecord {
 }
 
 enum Entry {
-    Http(RequestRecord),
+    // Boxed: a request's record is three times a connection's, and the queue holds many.
+    Http(Box<RequestRecord>),
     Tcp(TcpRecord),
 }
 
@@ -156,7 +157,7 @@ impl AccessLog {
 
     /// Logs a finished HTTP request (sampled; never waits).
     pub fn http(&self, r: &RequestRecord) {
-        self.send(Entry::Http(r.clone()));
+        self.send(Entry::Http(Box::new(r.clone())));
     }
 
     /// Logs a finished TCP connection (sampled; never waits).
@@ -379,6 +380,7 @@ mod tests {
             duration: Duration::from_millis(2),
             upstream_host: Some("127.0.0.1:8080".into()),
             trace_headers: vec![],
+            conn: Default::default(),
             source_principal: Some("spiffe://causeway.local/ns/default/sa/client".into()),
             destination_principal: Some("spiffe://causeway.local/ns/default/sa/web".into()),
             trace: Some(SpanRecord {

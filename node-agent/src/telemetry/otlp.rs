@@ -509,6 +509,7 @@ mod tests {
             duration: Duration::from_millis(5),
             upstream_host: Some("10.0.0.2:8080".into()),
             trace_headers: vec![],
+            conn: Default::default(),
             source_principal: Some("spiffe://causeway.local/ns/default/sa/client".into()),
             destination_principal: None,
             trace: Some(SpanRecord {

@@ -22,11 +22,11 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::HttpSettings;
 use super::record::{
-    BoxError, CountingBody, ObservedBody, Observer, Peers, Pending, RequestRecord, ResponseFlags,
-    grpc_status, trace_headers,
+    BoxError, ConnInfo, CountingBody, ObservedBody, Observer, Pending, RequestRecord,
+    ResponseFlags, grpc_status, trace_headers,
 };
+use super::{HttpSettings, Side};
 
 /// A byte stream to an upstream (a tunnel stream, a TCP connection).
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -56,7 +56,7 @@ pub struct UpstreamConn {
     /// The upstream host as recorded in [`RequestRecord::upstream_host`] (`ip:port`).
     pub peer: String,
     /// The upstream's SPIFFE ID when it is an agent's (a tunnel stream), recorded as
-    /// [`RequestRecord::destination_principal`] unless the connection's [`Peers`] name one.
+    /// [`RequestRecord::destination_principal`] at the source agent.
     pub identity: Option<String>,
 }
 
@@ -87,6 +87,32 @@ pub trait Upstream: Send + Sync + 'static {
         &self,
         endpoint: &str,
     ) -> impl Future<Output = Result<UpstreamConn, UpstreamError>> + Send;
+}
+
+/// A decision on each request before it is forwarded (the destination agent's
+/// authentication and authorization, `super::authz`). `Ok` forwards the request, whose
+/// head it may have changed (headers added or removed, the path normalised); `Err` answers
+/// it with the [`Refusal`] and forwards nothing.
+pub trait Admission: Send + Sync + 'static {
+    /// Decides one request from its head.
+    fn admit<'a>(
+        &'a self,
+        head: &'a mut ::http::request::Parts,
+    ) -> Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send + 'a>>;
+}
+
+/// The answer to a request an [`Admission`] refused (Envoy's local reply: 403 `RBAC:
+/// access denied`, 401 `Jwt verification fails` with `WWW-Authenticate`).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The status.
+    pub status: StatusCode,
+    /// The body (text/plain; for a gRPC request the `grpc-message`).
+    pub body: &'static str,
+    /// Headers added to the answer.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The response flags recorded.
+    pub flags: ResponseFlags,
 }
 
 /// The upstream host and its identity, carried from the connector to the response.
@@ -262,12 +288,33 @@ impl<U: Upstream> Proxy<U> {
     /// Returns when the connection is done; an error is the connection's (a protocol error,
     /// a reset, the header timeout), never another connection's.
     pub async fn serve<IO: Io>(&self, io: IO) -> Result<(), BoxError> {
-        self.serve_with(io, Peers::default()).await
+        self.serve_full(io, ConnInfo::default(), None).await
     }
 
-    /// [`Proxy::serve`], with what is known of both ends of the connection (recorded in
-    /// each request's [`RequestRecord`]).
-    pub async fn serve_with<IO: Io>(&self, io: IO, peers: Peers) -> Result<(), BoxError> {
+    /// [`Self::serve`], with every request of the connection decided by `admission`
+    /// before it is forwarded.
+    pub async fn serve_admitted<IO: Io>(
+        &self,
+        io: IO,
+        admission: Option<Arc<dyn Admission>>,
+    ) -> Result<(), BoxError> {
+        self.serve_full(io, ConnInfo::default(), admission).await
+    }
+
+    /// [`Proxy::serve`], with what is known of the connection (recorded in every
+    /// [`RequestRecord::conn`] of its requests).
+    pub async fn serve_with<IO: Io>(&self, io: IO, conn: ConnInfo) -> Result<(), BoxError> {
+        self.serve_full(io, conn, None).await
+    }
+
+    /// [`Proxy::serve`] with both: what is known of the connection, and the admission
+    /// that decides each request before it is forwarded.
+    pub async fn serve_full<IO: Io>(
+        &self,
+        io: IO,
+        conn: ConnInfo,
+        admission: Option<Arc<dyn Admission>>,
+    ) -> Result<(), BoxError> {
         let s = &self.inner.settings;
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
@@ -282,11 +329,14 @@ impl<U: Upstream> Proxy<U> {
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
         let this = self.clone();
-        let conn_peers = peers.clone();
+        let info = conn.clone();
         let service = service_fn(move |req| {
-            let this = this.clone();
-            let peers = conn_peers.clone();
-            async move { Ok::<_, std::convert::Infallible>(this.handle(req, peers).await) }
+            let (this, info, admission) = (this.clone(), info.clone(), admission.clone());
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    this.handle(req, info, admission.as_deref()).await,
+                )
+            }
         });
         let started = (Instant::now(), SystemTime::now());
         let result = builder
@@ -299,6 +349,7 @@ impl<U: Upstream> Proxy<U> {
         {
             // hyper answered a malformed or oversized request head itself: record it as
             // Envoy does (the status and `DPE`).
+            let (source_principal, destination_principal) = self.principals(&conn);
             self.inner.observer.on_request(RequestRecord {
                 side: s.side,
                 start: started.1,
@@ -314,18 +365,36 @@ impl<U: Upstream> Proxy<U> {
                 duration: started.0.elapsed(),
                 upstream_host: None,
                 trace_headers: Vec::new(),
-                source_principal: peers.source_principal,
-                destination_principal: peers.destination_principal,
+                source_principal,
+                destination_principal,
                 trace: None,
+                conn,
             });
         }
         result
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, peers: Peers) -> Response<ObservedBody> {
+    /// The principals a request of connection `conn` starts with: at the source this
+    /// agent's own and the destination's still unknown (each request's upstream names it);
+    /// at the destination the authenticated peer's and this agent's own.
+    fn principals(&self, conn: &ConnInfo) -> (Option<Arc<str>>, Option<Arc<str>>) {
+        let own = self.inner.settings.own_identity.clone();
+        match self.inner.settings.side {
+            Side::Source => (own, None),
+            Side::Destination => (conn.peer_identity.clone(), own),
+        }
+    }
+
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+        admission: Option<&dyn Admission>,
+    ) -> Response<ObservedBody> {
         let inner = &self.inner;
         let started = Instant::now();
         let version = req.version();
+        let (source_principal, destination_principal) = self.principals(&conn);
         let authority = req
             .uri()
             .authority()
@@ -362,14 +431,16 @@ impl<U: Upstream> Proxy<U> {
                 duration: Default::default(),
                 upstream_host: None,
                 trace_headers: trace_headers(req.headers()),
-                source_principal: peers.source_principal,
-                destination_principal: peers.destination_principal,
                 // Trace context: this agent's span; the headers are rewritten for the next
-                // hop (crate::telemetry::trace).
+                // hop (crate::telemetry::trace). Before the admission, so that a refused
+                // request still records its trace id.
                 trace: crate::telemetry::trace::on_request(
                     &inner.settings.trace,
                     req.headers_mut(),
                 ),
+                source_principal,
+                destination_principal,
+                conn,
             },
             started,
             request_bytes: request_bytes.clone(),
@@ -388,6 +459,13 @@ impl<U: Upstream> Proxy<U> {
         }
         let h2 = version == Version::HTTP_2;
         let (mut parts, body) = req.into_parts();
+        if let Some(a) = admission
+            && let Err(refusal) = a.admit(&mut parts).await
+        {
+            let mut resp = local_reply(pending, refusal.status, refusal.flags, refusal.body);
+            resp.headers_mut().extend(refusal.headers);
+            return resp;
+        }
         parts.uri = upstream_uri(&parts.uri, &parts.method);
         if !h2 {
             // hyper's HTTP/1 client refuses other versions; HTTP/1.0 clients get HTTP/1.1

@@ -23,6 +23,7 @@
 //!   400 (both from hyper, on that connection only), and a client that does not finish its
 //!   request head within the header timeout is disconnected.
 
+pub mod authz;
 pub mod client;
 mod record;
 pub mod server;
@@ -33,9 +34,9 @@ mod tests;
 
 use std::time::Duration;
 
-pub use client::{Io, Proxy, Upstream, UpstreamConn, UpstreamError};
+pub use client::{Admission, Io, Proxy, Refusal, Upstream, UpstreamConn, UpstreamError};
 pub use record::{
-    ObservedBody, Observer, Peers, RequestRecord, ResponseFlags, Side, TRACE_HEADERS,
+    ConnInfo, ObservedBody, Observer, RequestRecord, ResponseFlags, Side, TRACE_HEADERS,
 };
 pub use server::{LocalApp, inbound_proxy, serve_inbound};
 pub use sniff::{Detected, Rewind, detect};
@@ -61,6 +62,9 @@ pub struct HttpSettings {
     pub pool_idle_timeout: Duration,
     /// Trace context handling ([`crate::telemetry::trace::on_request`]).
     pub trace: crate::telemetry::trace::TraceSettings,
+    /// This agent's SPIFFE ID, recorded as [`RequestRecord::source_principal`] at the
+    /// source and [`RequestRecord::destination_principal`] at the destination.
+    pub own_identity: Option<std::sync::Arc<str>>,
 }
 
 impl Default for HttpSettings {
@@ -73,6 +77,7 @@ impl Default for HttpSettings {
             max_headers: 100,
             pool_idle_timeout: Duration::from_secs(60),
             trace: crate::telemetry::trace::TraceSettings::default(),
+            own_identity: None,
         }
     }
 }

@@ -54,8 +54,10 @@ impl ResponseFlags {
     /// `DPE`: the downstream request had an HTTP protocol error (answered 400, 414 or 431
     /// by the agent; the record has no method or path).
     pub const DOWNSTREAM_PROTOCOL_ERROR: Self = Self(1 << 6);
+    /// `RBAC`: the request was denied by an AuthorizationPolicy (answered 403).
+    pub const RBAC_ACCESS_DENIED: Self = Self(1 << 7);
 
-    const NAMES: [(Self, &'static str); 7] = [
+    const NAMES: [(Self, &'static str); 8] = [
         (Self::NO_HEALTHY_UPSTREAM, "UH"),
         (Self::UPSTREAM_CONNECTION_FAILURE, "UF"),
         (Self::UPSTREAM_REQUEST_TIMEOUT, "UT"),
@@ -63,6 +65,7 @@ impl ResponseFlags {
         (Self::UPSTREAM_RETRY_LIMIT_EXCEEDED, "URX"),
         (Self::DOWNSTREAM_CONNECTION_TERMINATION, "DC"),
         (Self::DOWNSTREAM_PROTOCOL_ERROR, "DPE"),
+        (Self::RBAC_ACCESS_DENIED, "RBAC"),
     ];
 
     /// Whether every flag of `other` is set.
@@ -112,6 +115,18 @@ pub const TRACE_HEADERS: [&str; 8] = [
     "x-b3-flags",
 ];
 
+/// What the agent knows of a downstream connection beyond its bytes (given to
+/// [`crate::dataplane::http::Proxy::serve_with`]): on the destination side, the client
+/// agent's identity and the service the tunnel stream was opened for. Shared by every
+/// request of the connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// The SPIFFE ID the peer authenticated with (destination side: the client agent's).
+    pub peer_identity: Option<Arc<str>>,
+    /// The destination service key (`namespace/name`).
+    pub service: Option<Arc<str>>,
+}
+
 /// One finished HTTP request, as the agent saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestRecord {
@@ -146,26 +161,19 @@ pub struct RequestRecord {
     /// The trace headers of the request ([`TRACE_HEADERS`]), names lower case, in that
     /// order.
     pub trace_headers: Vec<(String, String)>,
-    /// The client's SPIFFE ID when known (the source agent's own workload; at the
-    /// destination, the tunnel peer's certificate).
+    /// The downstream connection's [`ConnInfo`] (empty when the proxy was not told).
+    pub conn: ConnInfo,
+    /// The client's SPIFFE ID when known: at the source, the agent's own
+    /// ([`crate::dataplane::http::HttpSettings::own_identity`]); at the destination,
+    /// [`ConnInfo::peer_identity`].
     pub source_principal: Option<Arc<str>>,
-    /// The server's SPIFFE ID when known (at the source, the chosen endpoint's agent; at the
-    /// destination, its own workload).
+    /// The server's SPIFFE ID when known: at the source, the chosen endpoint's agent
+    /// ([`crate::dataplane::http::UpstreamConn::identity`], per request); at the
+    /// destination, the agent's own.
     pub destination_principal: Option<Arc<str>>,
     /// This agent's span of the request ([`crate::telemetry::trace`]); `None` when the
     /// request carried no trace context and this agent started none.
     pub trace: Option<crate::telemetry::trace::SpanRecord>,
-}
-
-/// What the agent knows of both ends of a downstream connection when it accepts it; each
-/// [`RequestRecord`] of the connection starts with these principals.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Peers {
-    /// The client's SPIFFE ID.
-    pub source_principal: Option<Arc<str>>,
-    /// The server's SPIFFE ID (at the source agent: filled per request from the upstream
-    /// connection's [`crate::dataplane::http::UpstreamConn::identity`] when unset).
-    pub destination_principal: Option<Arc<str>>,
 }
 
 /// Receives one [`RequestRecord`] per finished request. Called on the request path: it
@@ -173,6 +181,12 @@ pub struct Peers {
 pub trait Observer: Send + Sync + 'static {
     /// A request finished (completed, failed, or was abandoned by either side).
     fn on_request(&self, record: RequestRecord);
+
+    /// The same, for an observer that needs no copy of its own: a fan-out hands the
+    /// record by reference to every observer but the last. Defaults to a clone.
+    fn on_request_ref(&self, record: &RequestRecord) {
+        self.on_request(record.clone());
+    }
 }
 
 /// An observer that drops every record.

@@ -372,8 +372,8 @@ async fn http1_keep_alive_reuses_one_upstream_connection_and_records_each_reques
 
 /// A request without trace context gets a new trace where traces start (the source
 /// agent): the app sees a `traceparent` naming the proxy's span; the record carries the
-/// span and the connection's principals (the upstream's identity when the connection's
-/// [`Peers`] do not name the destination).
+/// span and the principals: the agent's own as the source's, the upstream connection's
+/// identity as the destination's.
 #[tokio::test]
 async fn a_request_without_context_starts_a_trace_and_records_principals() {
     struct WithIdentity(LocalApp);
@@ -389,6 +389,7 @@ async fn a_request_without_context_starts_a_trace_and_records_principals() {
             trace: crate::telemetry::trace::TraceSettings {
                 start_sampling: Some(100.0),
             },
+            own_identity: Some("spiffe://causeway.local/ns/default/sa/client".into()),
             ..HttpSettings::default()
         };
         let (tx, mut records) = mpsc::unbounded_channel();
@@ -398,11 +399,7 @@ async fn a_request_without_context_starts_a_trace_and_records_principals() {
         });
         let proxy = Proxy::new(up, settings, Arc::new(Recorder(tx)));
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let peers = Peers {
-            source_principal: Some("spiffe://causeway.local/ns/default/sa/client".into()),
-            destination_principal: None,
-        };
-        tokio::spawn(async move { proxy.serve_with(b, peers).await });
+        tokio::spawn(async move { proxy.serve(b).await });
         let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(a))
             .await
             .unwrap();
@@ -429,6 +426,119 @@ async fn a_request_without_context_starts_a_trace_and_records_principals() {
         assert_eq!(
             r.destination_principal.as_deref(),
             Some("spiffe://causeway.local/ns/default/sa/web")
+        );
+    })
+    .await;
+}
+
+/// At the destination the source principal is the connection's authenticated peer
+/// ([`ConnInfo::peer_identity`]) and the destination principal the agent's own; a request
+/// with a context continues its trace without starting one.
+#[tokio::test]
+async fn the_destination_records_the_peer_and_its_own_principal() {
+    bounded(async {
+        let settings = HttpSettings {
+            side: Side::Destination,
+            own_identity: Some("spiffe://causeway.local/ns/default/sa/web".into()),
+            ..HttpSettings::default()
+        };
+        let (tx, mut records) = mpsc::unbounded_channel();
+        let up = LocalApp {
+            addr: app().await,
+            connect_timeout: Duration::from_secs(5),
+        };
+        let proxy = Proxy::new(up, settings, Arc::new(Recorder(tx)));
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let conn = ConnInfo {
+            peer_identity: Some("spiffe://causeway.local/ns/default/sa/client".into()),
+            service: Some("default/web".into()),
+        };
+        tokio::spawn(async move { proxy.serve_with(b, conn).await });
+        let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(a))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let req = Request::get("/in")
+            .header("host", "web")
+            .header("traceparent", parent)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        body_text(client.send_request(req).await.unwrap()).await;
+        let r = records.recv().await.unwrap();
+        let span = r.trace.clone().expect("the continued trace");
+        assert_eq!(
+            crate::telemetry::trace::hex(&span.trace_id),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(
+            r.source_principal.as_deref(),
+            Some("spiffe://causeway.local/ns/default/sa/client")
+        );
+        assert_eq!(
+            r.destination_principal.as_deref(),
+            Some("spiffe://causeway.local/ns/default/sa/web")
+        );
+    })
+    .await;
+}
+
+/// A request the admission refuses still gets its span: the trace hook runs before the
+/// admission, so the refused request's record (403, `RBAC`) carries the trace id.
+#[tokio::test]
+async fn a_refused_request_still_records_its_trace() {
+    struct DenyAll;
+    impl Admission for DenyAll {
+        fn admit<'a>(
+            &'a self,
+            _: &'a mut ::http::request::Parts,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send + 'a>> {
+            Box::pin(async {
+                Err(Refusal {
+                    status: StatusCode::FORBIDDEN,
+                    body: "RBAC: access denied",
+                    headers: Vec::new(),
+                    flags: ResponseFlags::RBAC_ACCESS_DENIED,
+                })
+            })
+        }
+    }
+    bounded(async {
+        let settings = HttpSettings {
+            side: Side::Destination,
+            ..HttpSettings::default()
+        };
+        let (tx, mut records) = mpsc::unbounded_channel();
+        let up = LocalApp {
+            addr: app().await,
+            connect_timeout: Duration::from_secs(5),
+        };
+        let proxy = Proxy::new(up, settings, Arc::new(Recorder(tx)));
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let admission: Arc<dyn Admission> = Arc::new(DenyAll);
+        tokio::spawn(async move { proxy.serve_admitted(b, Some(admission)).await });
+        let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(a))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("/secret")
+            .header("host", "web")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        body_text(resp).await;
+        let r = records.recv().await.unwrap();
+        assert_eq!(r.response_code, 403);
+        assert_eq!(r.response_flags, ResponseFlags::RBAC_ACCESS_DENIED);
+        let span = r.trace.expect("the refused request's span");
+        assert_eq!(
+            crate::telemetry::trace::hex(&span.trace_id),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
         );
     })
     .await;

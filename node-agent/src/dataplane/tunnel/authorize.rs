@@ -167,14 +167,22 @@ impl Tunnel {
     /// stream on it (expiry is the client's to act on: it redials after renewing; refusing
     /// here would break agents of older versions, which keep their pooled connection
     /// across a renewal); the AuthorizationPolicies that select this host's workload
-    /// decide the rest. Gives this workload's address and the policy decision, or the
-    /// code the stream is reset with (the refusal is logged).
+    /// decide the rest (when `decide_policies`; on HTTP ports they decide each request).
+    /// Gives this workload's address and the policy decision, or the code the stream is
+    /// reset with (the refusal is logged).
     pub(super) fn authorize(
         &self,
         peer: &tls::PeerFacts,
         remote: SocketAddr,
         header: &Header,
-    ) -> Result<(std::net::IpAddr, crate::dataplane::authz::AuthzDecision), u32> {
+        decide_policies: bool,
+    ) -> Result<
+        (
+            std::net::IpAddr,
+            Option<crate::dataplane::authz::AuthzDecision>,
+        ),
+        u32,
+    > {
         if self.state.get().deny_serials.contains(&peer.serial) {
             tracing::warn!(serial = %peer.serial, "tunnel stream refused: the peer's certificate is on the deny list");
             return Err(1);
@@ -183,6 +191,9 @@ impl Tunnel {
         if !served.contains(&header.port) {
             tracing::warn!(served = ?served, "tunnel stream refused: not a port of this host's workload");
             return Err(3);
+        }
+        if !decide_policies {
+            return Ok((own, None));
         }
         let decision =
             self.authz
@@ -195,6 +206,6 @@ impl Tunnel {
             );
             return Err(3);
         }
-        Ok((own, decision))
+        Ok((own, Some(decision)))
     }
 }

@@ -2,7 +2,7 @@
 //! authorized stream to the local application.
 
 use super::*;
-use crate::dataplane::http::{self as h, Proxy, UpstreamConn, UpstreamError};
+use crate::dataplane::http::{self as h, HttpSettings, Proxy, UpstreamConn, UpstreamError};
 use tracing::Instrument as _;
 
 pub(super) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -261,33 +261,43 @@ impl Tunnel {
         side: S,
         refuse: impl FnOnce(S, u32),
     ) {
-        let (own, decision) = match self.authorize(peer, remote, &header) {
+        let app = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, header.port));
+        let proxy = self.http_proxy(app);
+        // On an HTTP port the policies are decided per request, with its HTTP attributes
+        // (Istio's HTTP RBAC): a denied request is answered 403, never the stream refused.
+        let (own, decision) = match self.authorize(peer, remote, &header, proxy.is_none()) {
             Ok(a) => a,
             Err(code) => {
                 refuse(side, code);
                 return;
             }
         };
-        let app = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, header.port));
-        if let Some(proxy) = self.http_proxy(app) {
+        if let Some(proxy) = proxy {
             let _inflight = self.inflight.track();
             self.accepted[transport as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!(
-                policy = decision.policy_label(),
-                "inbound tunnel stream (HTTP)"
-            );
-            let cut = self.cut_when_refused(peer.clone(), remote.ip(), own, header.port);
+            tracing::info!("inbound tunnel stream (HTTP: authorized per request)");
+            let admission = Arc::new(crate::dataplane::http::authz::RequestAuthz {
+                authz: self.authz.subscribe(),
+                jwks: self.jwks(),
+                peer: Arc::from(peer.spiffe_id.as_str()),
+                source: remote.ip(),
+                destination: own,
+                port: header.port,
+            });
+            // Policy changes apply to the next request; a denied certificate cuts.
+            let cut = self.cut_when_denied(peer.clone());
+            let (io, conn) = self.observed_io(peer, &header, side.into_io());
             tokio::select! {
-                r = Box::pin(proxy.serve_with(side.into_io(), h::Peers {
-                    source_principal: Some(Arc::from(peer.spiffe_id.as_str())),
-                    destination_principal: crate::telemetry::own_principal(),
-                })) => if let Err(e) = r {
+                r = Box::pin(proxy.serve_full(io, conn, Some(admission))) => if let Err(e) = r {
                     tracing::debug!(error = %e, "inbound HTTP stream ended");
                 },
                 () = cut => tracing::info!("inbound HTTP stream cut"),
             }
             return;
         }
+        let Some(decision) = decision else {
+            return;
+        };
         let tcp = match connect_tcp(app, self.settings.mark, self.settings.connect_timeout).await {
             Ok(s) => s,
             Err(e) => {
@@ -297,23 +307,58 @@ impl Tunnel {
             }
         };
         let _inflight = self.inflight.track();
-        let tcp_log = crate::telemetry::tcp_start().map(|mut l| {
+        // The access log's record (boxed: one pointer in the stream's task).
+        let tcp_log = self.settings.telemetry.as_ref().and_then(|t| {
+            let mut l = t.tcp_start(h::Side::Destination)?;
             l.upstream_host = Some(app.to_string());
             l.source_principal = Some(Arc::from(peer.spiffe_id.as_str()));
-            l.destination_principal = crate::telemetry::own_principal();
-            l
+            l.destination_principal = Some(t.own_principal.clone());
+            Some(Box::new(l))
         });
         self.accepted[transport as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(policy = decision.policy_label(), "inbound tunnel stream");
         let cut = self.cut_when_refused(peer.clone(), remote.ip(), own, header.port);
+        let tcp_metrics = self.tcp_metrics(peer, &header);
         let done = splice_until(side, tcp, self.settings.idle_timeout, cut).await;
+        if let Some(m) = tcp_metrics {
+            m.bytes(done.a_to_b, done.b_to_a);
+        }
         tracing::debug!(bytes_in = done.a_to_b, bytes_out = done.b_to_a, end = ?done.end, "inbound stream done");
-        crate::telemetry::TcpStart::finish_opt(
-            tcp_log,
-            h::Side::Destination,
-            done.a_to_b,
-            done.b_to_a,
-        );
+        if let Some(l) = tcp_log {
+            l.finish(done.a_to_b, done.b_to_a);
+        }
+    }
+
+    /// The Istio TCP metrics of a stream from `peer` for `header`'s service (none when
+    /// telemetry is off).
+    fn tcp_metrics(
+        &self,
+        peer: &tls::PeerFacts,
+        header: &Header,
+    ) -> Option<crate::telemetry::TcpConn> {
+        let istio = self.settings.telemetry.as_ref()?.istio.as_ref()?;
+        Some(istio.destination_tcp(
+            &Arc::from(peer.spiffe_id.as_str()),
+            &Arc::from(header.service.as_str()),
+        ))
+    }
+
+    /// A stream served as HTTP: counted into the TCP metrics as its bytes pass, and what
+    /// its requests are recorded with (the client agent's identity, the service).
+    fn observed_io(
+        &self,
+        peer: &tls::PeerFacts,
+        header: &Header,
+        io: Box<dyn h::Io>,
+    ) -> (Box<dyn h::Io>, h::ConnInfo) {
+        let conn = h::ConnInfo {
+            peer_identity: Some(Arc::from(peer.spiffe_id.as_str())),
+            service: Some(Arc::from(header.service.as_str())),
+        };
+        match self.tcp_metrics(peer, header) {
+            Some(m) => (Box::new(crate::telemetry::CountingIo::new(io, m)), conn),
+            None => (io, conn),
+        }
     }
 
     /// The inbound HTTP proxy of local application port `app` when this host's workload
@@ -338,11 +383,18 @@ impl Tunnel {
                 mark: self.settings.mark,
                 connect_timeout: self.settings.connect_timeout,
             };
-            Proxy::new(
-                upstream,
-                crate::telemetry::http_settings(h::Side::Destination),
-                crate::telemetry::observer(),
-            )
+            let settings = match &self.settings.telemetry {
+                Some(t) => t.http_settings(h::Side::Destination),
+                None => HttpSettings {
+                    side: h::Side::Destination,
+                    ..HttpSettings::default()
+                },
+            };
+            let observer: Arc<dyn h::Observer> = match &self.settings.telemetry {
+                Some(t) => t.http_observer(crate::telemetry::Scope::Destination),
+                None => Arc::new(crate::dataplane::outbound::LogObserver),
+            };
+            Proxy::new(upstream, settings, observer)
         });
         Some(proxy.clone())
     }

@@ -242,6 +242,8 @@ pub struct TunnelSettings {
     /// How long a peer whose QUIC failed is reached over TCP + TLS between QUIC probes
     /// ([`QUIC_DOWN_FOR`]).
     pub quic_down_for: Duration,
+    /// Telemetry of the streams served (none: only debug log lines).
+    pub telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 impl Default for TunnelSettings {
@@ -253,6 +255,7 @@ impl Default for TunnelSettings {
             tcp_only: false,
             pool_idle: POOL_IDLE,
             quic_down_for: QUIC_DOWN_FOR,
+            telemetry: None,
         }
     }
 }
@@ -298,6 +301,9 @@ pub struct Tunnel {
     /// The authorization view of this host's workload, rebuilt when the policies or its
     /// labels change; open inbound streams are decided again on each change.
     authz: tokio::sync::watch::Sender<Arc<super::authz::LocalAuthz>>,
+    /// The agent's JWKS cache, for RequestAuthentication on the request path of HTTP
+    /// ports ([`Self::set_jwks`]; a default one when none was given).
+    jwks: std::sync::OnceLock<Arc<crate::jwks::JwksCache>>,
     /// Proxied connections in flight (outbound ones count here too), for the drain.
     inflight: super::drain::Inflight,
     /// Whether new connections are accepted (false once draining).
@@ -331,6 +337,28 @@ fn bind_pair(
     }
     let (addr, e) = last.expect("at least one attempt");
     Err(("tcp", addr, e))
+}
+
+/// Keeps the key sets of this workload's JWT rules fetched: at once, when the rules
+/// change, and every `refresh_interval` (so requests rarely wait for a fetch), until the
+/// tunnel is gone.
+async fn warm_jwks(
+    tunnel: std::sync::Weak<Tunnel>,
+    mut authz: tokio::sync::watch::Receiver<Arc<super::authz::LocalAuthz>>,
+) {
+    loop {
+        let rules = authz.borrow_and_update().jwt_rules().to_vec();
+        let Some(cache) = tunnel.upgrade().map(|t| t.jwks()) else {
+            return;
+        };
+        let every = cache.refresh_interval();
+        cache.prefetch(&rules).await;
+        drop(cache);
+        tokio::select! {
+            r = authz.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(every) => {}
+        }
+    }
 }
 
 /// QUIC application close code of the connections of an agent that stops.
@@ -427,6 +455,7 @@ impl Tunnel {
             settings,
             mux_open: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             http: std::sync::Mutex::default(),
+            jwks: std::sync::OnceLock::new(),
             inflight: super::drain::Inflight::default(),
             accepting: tokio::sync::watch::Sender::new(true),
         });
@@ -435,6 +464,31 @@ impl Tunnel {
         tokio::spawn(release_idle_connections(Arc::downgrade(&t)));
         tokio::spawn(follow_state(Arc::downgrade(&t), changes));
         Ok(t)
+    }
+
+    /// Gives the tunnel the agent's JWKS cache (`[jwt]`), once, and keeps the key sets of
+    /// the RequestAuthentication rules of this workload warm: fetched when the rules
+    /// change and again every `refresh_interval`. Returns false when a cache was set (or
+    /// a default one made) before.
+    pub fn set_jwks(self: &Arc<Self>, cache: Arc<crate::jwks::JwksCache>) -> bool {
+        let set = self.jwks.set(cache).is_ok();
+        if set {
+            tokio::spawn(warm_jwks(Arc::downgrade(self), self.authz.subscribe()));
+        }
+        set
+    }
+
+    /// The JWKS cache ([`Self::set_jwks`]; without one, a cache with the `[jwt]` defaults).
+    pub(crate) fn jwks(&self) -> Arc<crate::jwks::JwksCache> {
+        self.jwks
+            .get_or_init(|| {
+                let defaults = crate::config::JwtConfig::default();
+                Arc::new(
+                    crate::jwks::JwksCache::from_config(&defaults)
+                        .expect("the default JWKS cache has no CA file to fail on"),
+                )
+            })
+            .clone()
     }
 
     /// Opens outbound streams over TCP + TLS only (`true`), or QUIC first (`false`, the
