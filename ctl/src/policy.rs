@@ -113,7 +113,7 @@ pub(crate) fn load(paths: &[PathBuf], namespace: Option<&str>) -> anyhow::Result
                         errors.push(format!("{origin} doc {doc}: {}: {}", p.path, p.message));
                     }
                     match any {
-                        AnyResource::Policy(r) => loaded.policies.push(r),
+                        AnyResource::Policy(r) => loaded.policies.push(*r),
                         AnyResource::Route(r) => {
                             route_origins.push((origin.clone(), doc));
                             loaded.routes.push(r);

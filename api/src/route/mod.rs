@@ -192,7 +192,7 @@ pub fn check_set(resources: &[&RouteResource]) -> Vec<(String, Problem)> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum AnyResource {
     /// AuthorizationPolicy, PeerAuthentication, RequestAuthentication.
-    Policy(crate::policy::Resource),
+    Policy(Box<crate::policy::Resource>),
     /// VirtualService, DestinationRule.
     Route(RouteResource),
 }
@@ -228,7 +228,7 @@ pub fn decode_documents_indexed(
             decode_value(value).map(AnyResource::Route)
         } else {
             crate::policy::resource::decode_value(value)
-                .map(AnyResource::Policy)
+                .map(|r| AnyResource::Policy(Box::new(r)))
                 .map_err(|(path, msg)| {
                     if path == "kind" {
                         (
