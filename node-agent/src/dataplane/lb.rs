@@ -49,7 +49,8 @@ impl Drop for Outstanding {
     }
 }
 
-fn random() -> u64 {
+/// A random number (seeded per call by the standard library's hasher keys).
+pub(crate) fn random() -> u64 {
     std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish()

@@ -21,6 +21,7 @@ pub mod lb;
 pub mod mux;
 pub mod outbound;
 pub mod readahead;
+pub mod route;
 pub mod splice;
 pub mod tls;
 pub mod tunnel;

@@ -47,15 +47,19 @@ impl ResponseFlags {
     pub const UPSTREAM_REQUEST_TIMEOUT: Self = Self(1 << 2);
     /// `UC`: upstream connection termination.
     pub const UPSTREAM_CONNECTION_TERMINATION: Self = Self(1 << 3);
-    /// `URX`: upstream retry limit exceeded (reserved: the agent does not retry yet).
+    /// `URX`: upstream retry limit exceeded (a route's retries were used up).
     pub const UPSTREAM_RETRY_LIMIT_EXCEEDED: Self = Self(1 << 4);
     /// `DC`: downstream connection termination (the client went away mid-response).
     pub const DOWNSTREAM_CONNECTION_TERMINATION: Self = Self(1 << 5);
     /// `DPE`: the downstream request had an HTTP protocol error (answered 400, 414 or 431
     /// by the agent; the record has no method or path).
     pub const DOWNSTREAM_PROTOCOL_ERROR: Self = Self(1 << 6);
+    /// `FI`: the request was aborted by a route's fault injection.
+    pub const FAULT_INJECTED: Self = Self(1 << 7);
+    /// `DI`: the request was delayed by a route's fault injection.
+    pub const DELAY_INJECTED: Self = Self(1 << 8);
 
-    const NAMES: [(Self, &'static str); 7] = [
+    const NAMES: [(Self, &'static str); 9] = [
         (Self::NO_HEALTHY_UPSTREAM, "UH"),
         (Self::UPSTREAM_CONNECTION_FAILURE, "UF"),
         (Self::UPSTREAM_REQUEST_TIMEOUT, "UT"),
@@ -63,6 +67,8 @@ impl ResponseFlags {
         (Self::UPSTREAM_RETRY_LIMIT_EXCEEDED, "URX"),
         (Self::DOWNSTREAM_CONNECTION_TERMINATION, "DC"),
         (Self::DOWNSTREAM_PROTOCOL_ERROR, "DPE"),
+        (Self::FAULT_INJECTED, "FI"),
+        (Self::DELAY_INJECTED, "DI"),
     ];
 
     /// Whether every flag of `other` is set.
