@@ -17,8 +17,8 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(60);
 
 /// HTTP/1.1 server, argv[1] = port, argv[2] = its name. `GET /flaky` answers 503 the first
-/// time it sees an `x-req` value and 200 after; `GET /slow` answers after 3 s; anything
-/// else at once. Every answer's body is `<name> <path>`; every request is logged.
+/// time it sees an `x-req` value and 200 after; `GET /slow` answers after 3 s; `GET /hang`
+/// never answers on the server named v2; anything else at once. Every answer's body is `<name> <path>`; every request is logged.
 const SERVER_PY: &str = r#"
 import sys, threading, time
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
@@ -35,6 +35,9 @@ class H(BaseHTTPRequestHandler):
             if first: status = 503
         if self.path.startswith("/slow"):
             time.sleep(3)
+        if self.path.startswith("/hang") and sys.argv[2] == "v2":
+            print("hanging %s" % self.path, flush=True)
+            time.sleep(3600)
         print("served %s %d" % (self.path, status), flush=True)
         body = ("%s %s" % (sys.argv[2], self.path)).encode()
         try:
@@ -447,13 +450,28 @@ spec:
     fault:
       delay: {fixedDelay: 200ms, percentage: {value: 100}}
     route:
-    - destination: {host: web, subset: v1}";
+    - destination: {host: web, subset: v1}
+  - name: mirror
+    match:
+    - uri: {prefix: /mirror}
+    route:
+    - destination: {host: web, subset: v1}
+    mirror: {host: web, subset: v2}
+    mirrorPercentage: {value: 25.0}
+  - name: hang
+    match:
+    - uri: {prefix: /hang}
+    route:
+    - destination: {host: web, subset: v1}
+    mirror: {host: web, subset: v2}";
 
 /// A first-attempt 503 is retried into a 200; per-try and overall timeouts answer 504
 /// `UT`, never before the configured time; an abort fault at 50 % answers 503 `FI` to
-/// half the requests; a 200 ms delay fault delays every request by at least 200 ms.
+/// half the requests; a 200 ms delay fault delays every request by at least 200 ms; a
+/// 25 % mirror copies a quarter of 2,000 requests to v2, and a mirror target that never
+/// answers holds up no primary request.
 #[test]
-fn retries_timeouts_and_faults() {
+fn retries_timeouts_faults_and_mirror() {
     let m = Mesh::new();
     m.apply("resilience", &format!("{SUBSETS}\n---\n{RESILIENCE}"));
 
@@ -490,4 +508,28 @@ fn retries_timeouts_and_faults() {
     let delay = m.requests(10, "/delay", &[]);
     assert_eq!(count(&delay, "200 v1"), 10, "{delay}");
     assert!(delay["min_ms"].as_f64().unwrap() >= 200.0, "{delay}");
+
+    // Mirror 25 %: every primary request reaches v1, about a quarter are copied to v2.
+    let mirrored = m.requests(2000, "/mirror", &[]);
+    assert_eq!(count(&mirrored, "200 v1"), 2000, "{mirrored}");
+    let v2_log = || m.procs[3].log().matches("served /mirror").count();
+    let copies = wait_for("the mirrored copies to settle", WAIT, || {
+        let before = v2_log();
+        std::thread::sleep(Duration::from_millis(1000));
+        (v2_log() == before).then_some(before)
+    });
+    assert!(
+        (440..=560).contains(&copies),
+        "v2 got {copies} mirrored copies of 2,000 requests, want 25% ± 3 points"
+    );
+    assert_eq!(m.procs[1].log().matches("served /mirror").count(), 2000);
+
+    // A mirror target that never answers: every primary request still completes.
+    let hang = m.requests(100, "/hang", &[]);
+    assert_eq!(count(&hang, "200 v1"), 100, "{hang}\n{}", m.logs());
+    assert!(hang["errors"].as_array().unwrap().is_empty(), "{hang}");
+    assert!(
+        m.procs[3].log().contains("hanging /hang"),
+        "the mirror was not sent"
+    );
 }

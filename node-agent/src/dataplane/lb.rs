@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher as _, Hasher as _};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +32,23 @@ pub struct Candidate {
     pub key: String,
     /// Its zone.
     pub zone: Option<String>,
+}
+
+/// How [`Balancer::pick_by`] chooses among the eligible endpoints (a DestinationRule's
+/// `loadBalancer`).
+#[derive(Debug, Clone, Copy)]
+pub enum Choice<'a> {
+    /// Two random choices, the one with fewer outstanding connections (the default;
+    /// `LEAST_REQUEST`).
+    LeastRequest,
+    /// Uniformly at random (`RANDOM`).
+    Random,
+    /// In turn, with the destination's own counter (`ROUND_ROBIN`).
+    RoundRobin(&'a AtomicUsize),
+    /// Rendezvous hashing of this key with each endpoint's (`consistentHash`): the same
+    /// key goes to the same endpoint while it is eligible, and only the keys of an
+    /// endpoint that leaves move.
+    Hash(u64),
 }
 
 /// Counts a connection as outstanding until dropped.
@@ -73,13 +91,37 @@ impl Balancer {
         self.pick_with(cands, zone, tried, Instant::now(), random)
     }
 
+    /// [`Balancer::pick`] with another way to choose among the eligible endpoints (the
+    /// same health, ejection and zone rules).
+    pub fn pick_by(
+        &self,
+        cands: &[Candidate],
+        zone: Option<&str>,
+        tried: &[String],
+        choice: Choice<'_>,
+    ) -> Option<usize> {
+        self.pick_choice(cands, zone, tried, Instant::now(), random, choice)
+    }
+
     fn pick_with(
         &self,
         cands: &[Candidate],
         zone: Option<&str>,
         tried: &[String],
         now: Instant,
+        rnd: impl FnMut() -> u64,
+    ) -> Option<usize> {
+        self.pick_choice(cands, zone, tried, now, rnd, Choice::LeastRequest)
+    }
+
+    fn pick_choice(
+        &self,
+        cands: &[Candidate],
+        zone: Option<&str>,
+        tried: &[String],
+        now: Instant,
         mut rnd: impl FnMut() -> u64,
+        choice: Choice<'_>,
     ) -> Option<usize> {
         let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let left: Vec<usize> = (0..cands.len())
@@ -105,7 +147,23 @@ impl Balancer {
             None => Vec::new(),
         };
         let pool = if local.is_empty() { pool } else { local };
-        match pool.len() {
+        let n = pool.len();
+        match choice {
+            _ if n == 0 => return None,
+            Choice::Random => return Some(pool[usize::try_from(rnd()).unwrap_or(0) % n]),
+            Choice::RoundRobin(next) => {
+                return Some(pool[next.fetch_add(1, Ordering::Relaxed) % n]);
+            }
+            Choice::Hash(key) => {
+                return pool.iter().copied().max_by_key(|i| {
+                    let mut h = std::hash::DefaultHasher::new();
+                    std::hash::Hash::hash(&(key, &cands[*i].key), &mut h);
+                    h.finish()
+                });
+            }
+            Choice::LeastRequest => {}
+        }
+        match n {
             0 => None,
             1 => Some(pool[0]),
             n => {
@@ -170,6 +228,45 @@ mod tests {
                 zone: z.map(str::to_owned),
             })
             .collect()
+    }
+
+    #[tokio::test]
+    async fn random_round_robin_and_hash_choices() {
+        let lb = Balancer::new(Duration::from_secs(5), Duration::from_secs(60));
+        let c = cands(&[None, None, None]);
+        let next = AtomicUsize::new(0);
+        let turns: Vec<_> = (0..6)
+            .map(|_| lb.pick_by(&c, None, &[], Choice::RoundRobin(&next)))
+            .collect();
+        assert_eq!(
+            turns,
+            [Some(0), Some(1), Some(2), Some(0), Some(1), Some(2)]
+        );
+        let mut seen = [0; 3];
+        for _ in 0..300 {
+            seen[lb.pick_by(&c, None, &[], Choice::Random).unwrap()] += 1;
+        }
+        assert!(seen.iter().all(|n| *n > 50), "{seen:?}");
+        // The same key, the same endpoint; keys spread; an ejected endpoint's keys move
+        // and only those.
+        let by_key: Vec<_> = (0..60u64)
+            .map(|k| lb.pick_by(&c, None, &[], Choice::Hash(k)).unwrap())
+            .collect();
+        for (k, i) in by_key.iter().enumerate() {
+            let k = u64::try_from(k).unwrap();
+            assert_eq!(lb.pick_by(&c, None, &[], Choice::Hash(k)), Some(*i));
+        }
+        assert!((0..3).all(|e| by_key.contains(&e)), "{by_key:?}");
+        lb.failed("e0");
+        for (k, i) in by_key.iter().enumerate() {
+            let k = u64::try_from(k).unwrap();
+            let now = lb.pick_by(&c, None, &[], Choice::Hash(k)).unwrap();
+            if *i == 0 {
+                assert_ne!(now, 0);
+            } else {
+                assert_eq!(now, *i);
+            }
+        }
     }
 
     #[tokio::test]

@@ -32,8 +32,8 @@ use tokio::io::AsyncWriteExt as _;
 
 use super::http::{self, HttpSettings, Proxy, UpstreamConn, UpstreamError};
 
-use super::lb::{Balancer, Candidate, Outstanding};
-use super::route::{Dest, Plan, RouteTable, SourceFacts};
+use super::lb::{Balancer, Candidate, Choice, Outstanding};
+use super::route::{Dest, LbKind, Plan, RouteTable, SourceFacts};
 use super::splice::{splice, splice_until};
 use super::tunnel::{Header, Tunnel, TunnelStream, connect_tcp};
 use crate::push::SharedState;
@@ -311,7 +311,12 @@ impl http::Upstream for MeshUpstream {
             .plan(req, self.port, super::lb::random)
     }
 
-    fn pick_for(&self, dest: &Dest, tried: &[String]) -> Result<String, UpstreamError> {
+    fn pick_for(
+        &self,
+        dest: &Dest,
+        hash: Option<u64>,
+        tried: &[String],
+    ) -> Result<String, UpstreamError> {
         let port = dest.port.unwrap_or(self.port);
         let out = self.out.upgrade().ok_or_else(|| self.no_dest(dest, port))?;
         let cands = dest_upstreams(&out.state.get(), dest, port);
@@ -329,10 +334,16 @@ impl http::Upstream for MeshUpstream {
             .collect();
         // Another endpoint than the tries before, while one is left (Istio's default
         // retry host predicate).
+        let choice = match (&dest.lb, hash) {
+            (LbKind::Hash(_), Some(h)) => Choice::Hash(h),
+            (LbKind::Random, _) => Choice::Random,
+            (LbKind::RoundRobin, _) => Choice::RoundRobin(&dest.next),
+            _ => Choice::LeastRequest,
+        };
         let i = out
             .lb
-            .pick(&lb_cands, zone, &tried)
-            .or_else(|| out.lb.pick(&lb_cands, zone, &[]))
+            .pick_by(&lb_cands, zone, &tried, choice)
+            .or_else(|| out.lb.pick_by(&lb_cands, zone, &[], choice))
             .ok_or_else(|| self.no_dest(dest, port))?;
         Ok(if port == self.port {
             cands[i].key.clone()

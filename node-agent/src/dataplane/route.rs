@@ -24,7 +24,8 @@ use ::http::header::{HeaderMap, HeaderName, HeaderValue};
 use ::http::{StatusCode, request::Parts};
 use causeway_api::push::MeshState;
 use causeway_api::route::resource::{
-    Destination, HeaderOperations, Headers, HttpMatchRequest, HttpRetry, HttpRoute, StringMatch,
+    Destination, HeaderOperations, Headers, HttpMatchRequest, HttpRetry, HttpRoute,
+    LoadBalancerSettings, StringMatch,
 };
 use causeway_api::route::validate::{parse_duration, service_of_host};
 use causeway_api::route::{DestinationRule, RouteResource, VirtualService};
@@ -208,6 +209,88 @@ fn headers_pair(h: Option<&Headers>) -> (HeaderOps, HeaderOps) {
     )
 }
 
+/// What a consistent hash is taken of.
+#[derive(Debug, Clone)]
+pub enum HashOn {
+    /// A request header.
+    Header(HeaderName),
+    /// A cookie.
+    Cookie(String),
+    /// The source address: one per agent, so all of this workload's requests.
+    SourceIp,
+    /// A query parameter.
+    Query(String),
+}
+
+/// A destination's load balancing (its DestinationRule's `trafficPolicy.loadBalancer`,
+/// the subset's overriding the rule's).
+#[derive(Debug, Clone, Default)]
+pub enum LbKind {
+    /// Two random choices, the less loaded (also `UNSPECIFIED`, `LEAST_CONN`).
+    #[default]
+    LeastRequest,
+    /// `RANDOM`.
+    Random,
+    /// `ROUND_ROBIN`.
+    RoundRobin,
+    /// `consistentHash`.
+    Hash(HashOn),
+}
+
+impl LbKind {
+    fn compile(lb: Option<&LoadBalancerSettings>) -> LbKind {
+        let Some(lb) = lb else {
+            return LbKind::LeastRequest;
+        };
+        if let Some(h) = &lb.consistent_hash {
+            if let Some(name) = &h.http_header_name
+                && let Ok(name) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+            {
+                return LbKind::Hash(HashOn::Header(name));
+            }
+            if let Some(c) = &h.http_cookie {
+                return LbKind::Hash(HashOn::Cookie(c.name.clone()));
+            }
+            if h.use_source_ip == Some(true) {
+                return LbKind::Hash(HashOn::SourceIp);
+            }
+            if let Some(q) = &h.http_query_parameter_name {
+                return LbKind::Hash(HashOn::Query(q.clone()));
+            }
+        }
+        match lb.simple.as_deref() {
+            Some("RANDOM") => LbKind::Random,
+            Some("ROUND_ROBIN") => LbKind::RoundRobin,
+            _ => LbKind::LeastRequest,
+        }
+    }
+
+    /// The hash key of a request, for a consistent hash; `None` (a random choice, as
+    /// Envoy) when the request lacks the header, cookie or parameter.
+    fn key(&self, r: &Req<'_>) -> Option<u64> {
+        use std::hash::{Hash as _, Hasher as _};
+        let LbKind::Hash(on) = self else { return None };
+        let mut h = std::hash::DefaultHasher::new();
+        match on {
+            HashOn::Header(name) => r.headers.get(name)?.as_bytes().hash(&mut h),
+            HashOn::Cookie(name) => r
+                .headers
+                .get_all(::http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|kv| {
+                    let (k, v) = kv.trim().split_once('=')?;
+                    (k == name).then_some(v)
+                })?
+                .hash(&mut h),
+            HashOn::SourceIp => 0u8.hash(&mut h),
+            HashOn::Query(key) => query_value(r.query, key)?.hash(&mut h),
+        }
+        Some(h.finish())
+    }
+}
+
 /// Where a route sends: a service, a subset of its endpoints, a port.
 #[derive(Debug, Clone)]
 pub struct Dest {
@@ -220,6 +303,10 @@ pub struct Dest {
     /// The destination port; `None`: the port the application dialled.
     pub port: Option<u16>,
     weight: u32,
+    /// Load balancing among its endpoints.
+    pub lb: LbKind,
+    /// The round-robin counter (shared by the copies of this destination).
+    pub next: Arc<std::sync::atomic::AtomicUsize>,
     /// Request header operations of this destination.
     pub request_headers: HeaderOps,
     /// Response header operations of this destination.
@@ -354,6 +441,7 @@ pub struct HttpRouteC {
     pub retry: Retry,
     delay: Option<(Duration, f64)>,
     abort: Option<(StatusCode, f64)>,
+    mirror: Option<(Arc<Dest>, f64)>,
     /// Request header operations of the route.
     pub request_headers: HeaderOps,
     /// Response header operations of the route.
@@ -376,6 +464,10 @@ pub struct Plan {
     pub abort: Option<StatusCode>,
     /// The path to send instead (rewrite), if any.
     pub path: Option<String>,
+    /// Where a copy of the request goes (fire and forget), when the mirror roll hit.
+    pub mirror: Option<Arc<Dest>>,
+    /// The consistent-hash key of the request, when the destination hashes.
+    pub hash: Option<u64>,
 }
 
 impl Plan {
@@ -514,12 +606,20 @@ impl ServiceRoutes {
                 }
                 p
             });
+            let hash = dest.lb.key(&req);
+            let mirror = route
+                .mirror
+                .as_ref()
+                .filter(|(_, pct)| percent_hit(*pct, rnd()))
+                .map(|(d, _)| d.clone());
             return Some(Plan {
                 route: route.clone(),
                 dest,
                 delay,
                 abort,
                 path,
+                mirror,
+                hash,
             });
         }
         None
@@ -578,35 +678,58 @@ impl RouteTable {
         services.sort_by_key(|(seq, _)| *seq);
         let mut unenforced = Vec::new();
         for (_, dr) in &rules {
-            if dr.spec.traffic_policy.is_some()
-                || dr.spec.subsets.iter().any(|s| s.traffic_policy.is_some())
-            {
-                unenforced.push(format!(
-                    "DestinationRule {}/{}: trafficPolicy",
-                    dr.metadata.namespace(),
-                    dr.metadata.name
-                ));
+            let policies = dr.spec.traffic_policy.iter().chain(
+                dr.spec
+                    .subsets
+                    .iter()
+                    .filter_map(|s| s.traffic_policy.as_ref()),
+            );
+            for t in policies {
+                let lb_locality = t
+                    .load_balancer
+                    .as_ref()
+                    .is_some_and(|l| l.locality_lb_setting.is_some());
+                for (set, field) in [
+                    (t.connection_pool.is_some(), "connectionPool"),
+                    (t.outlier_detection.is_some(), "outlierDetection"),
+                    (lb_locality, "loadBalancer.localityLbSetting"),
+                ] {
+                    if set {
+                        unenforced.push(format!(
+                            "DestinationRule {}/{}: trafficPolicy.{field}",
+                            dr.metadata.namespace(),
+                            dr.metadata.name
+                        ));
+                    }
+                }
             }
         }
-        for (_, vs) in &services {
-            if vs.spec.http.iter().any(|r| r.mirror.is_some()) {
-                unenforced.push(format!(
-                    "VirtualService {}/{}: mirror",
-                    vs.metadata.namespace(),
-                    vs.metadata.name
-                ));
-            }
-        }
-        // service → subset → labels; the oldest rule defining a subset wins.
-        let mut subsets: HashMap<String, HashMap<String, BTreeMap<String, String>>> =
-            HashMap::new();
+        // service → subset → labels and load balancing; the oldest rule defining a
+        // subset wins; service → the rule's own load balancing (the oldest rule's).
+        type Subsets = HashMap<String, (BTreeMap<String, String>, LbKind)>;
+        let mut subsets: HashMap<String, Subsets> = HashMap::new();
+        let mut service_lb: HashMap<String, LbKind> = HashMap::new();
         for (_, dr) in &rules {
             let (ns, name) = service_of_host(&dr.spec.host, dr.metadata.namespace());
-            let entry = subsets.entry(format!("{ns}/{name}")).or_default();
+            let key = format!("{ns}/{name}");
+            let rule_lb = dr
+                .spec
+                .traffic_policy
+                .as_ref()
+                .and_then(|t| t.load_balancer.as_ref());
+            service_lb
+                .entry(key.clone())
+                .or_insert_with(|| LbKind::compile(rule_lb));
+            let entry = subsets.entry(key).or_default();
             for s in &dr.spec.subsets {
+                let lb = s
+                    .traffic_policy
+                    .as_ref()
+                    .and_then(|t| t.load_balancer.as_ref())
+                    .or(rule_lb);
                 entry
                     .entry(s.name.clone())
-                    .or_insert_with(|| s.labels.clone());
+                    .or_insert_with(|| (s.labels.clone(), LbKind::compile(lb)));
             }
         }
         let mut table: HashMap<String, ServiceRoutes> = HashMap::new();
@@ -615,12 +738,17 @@ impl RouteTable {
             let dest = |d: &Destination, weight: Option<i64>, headers: Option<&Headers>| {
                 let (sns, sname) = service_of_host(&d.host, ns);
                 let service = format!("{sns}/{sname}");
-                let labels = d
+                let (labels, lb) = d
                     .subset
                     .as_ref()
                     .and_then(|s| subsets.get(&service).and_then(|m| m.get(s)))
                     .cloned()
-                    .unwrap_or_default();
+                    .unwrap_or_else(|| {
+                        (
+                            BTreeMap::new(),
+                            service_lb.get(&service).cloned().unwrap_or_default(),
+                        )
+                    });
                 let (request_headers, response_headers) = headers_pair(headers);
                 Arc::new(Dest {
                     service,
@@ -628,6 +756,8 @@ impl RouteTable {
                     labels,
                     port: d.port.as_ref().and_then(|p| u16::try_from(p.number).ok()),
                     weight: u32::try_from(weight.unwrap_or(0)).unwrap_or(0),
+                    lb,
+                    next: Arc::default(),
                     request_headers,
                     response_headers,
                 })
@@ -789,6 +919,12 @@ fn compile_http(
         abort,
         request_headers,
         response_headers,
+        mirror: r.mirror.as_ref().map(|m| {
+            (
+                dest(m, Some(100), None),
+                pct(&r.mirror_percentage, r.mirror_percent),
+            )
+        }),
         rewrite_uri: r.rewrite.as_ref().and_then(|w| w.uri.clone()),
         rewrite_authority: r
             .rewrite

@@ -86,9 +86,15 @@ pub trait Upstream: Send + Sync + 'static {
         None
     }
 
-    /// Chooses the endpoint of a request routed to `dest`, avoiding the endpoints of
-    /// `tried` (earlier tries of the same request) while another is left.
-    fn pick_for(&self, _dest: &Dest, _tried: &[String]) -> Result<String, UpstreamError> {
+    /// Chooses the endpoint of a request routed to `dest` (with the request's
+    /// consistent-hash key, if the destination hashes), avoiding the endpoints of `tried`
+    /// (earlier tries of the same request) while another is left.
+    fn pick_for(
+        &self,
+        _dest: &Dest,
+        _hash: Option<u64>,
+        _tried: &[String],
+    ) -> Result<String, UpstreamError> {
         self.pick()
     }
 
@@ -515,9 +521,10 @@ impl<U: Upstream> Proxy<U> {
                 Some(r) if small => r.attempts,
                 _ => 0,
             };
+            let mirror = plan.and_then(|p| p.mirror.as_ref());
             let mut streaming = None;
             let mut buffered = None;
-            if attempts > 0 {
+            if attempts > 0 || (small && mirror.is_some()) {
                 let bytes = match body.collect().await {
                     Ok(b) => b.to_bytes(),
                     Err(e) => {
@@ -540,13 +547,21 @@ impl<U: Upstream> Proxy<U> {
                 parts.version,
                 parts.headers.clone(),
             );
+            if let Some(dest) = mirror {
+                match &buffered {
+                    Some(body) => self.mirror(dest, &parts, body.clone(), h2),
+                    None => {
+                        tracing::debug!("request body too large or of unknown length: not mirrored")
+                    }
+                }
+            }
             let mut parts = Some(parts);
             let mut tried: Vec<String> = Vec::new();
             let mut n = 0u32;
             loop {
                 let last = n >= attempts;
                 let picked = match plan {
-                    Some(p) => inner.upstream.pick_for(&p.dest, &tried),
+                    Some(p) => inner.upstream.pick_for(&p.dest, p.hash, &tried),
                     None => inner.upstream.pick(),
                 };
                 let endpoint = match picked {
@@ -642,6 +657,68 @@ impl<U: Upstream> Proxy<U> {
             Ok(r) => r,
             Err(_) => Err(Failure::timeout()),
         }
+    }
+}
+
+impl<U: Upstream> Proxy<U> {
+    /// Sends a copy of a request to `dest`, fire and forget: its own task, its response
+    /// discarded, bounded by the proxy's request timeout; the primary request never
+    /// waits for it. The authority gets Envoy's `-shadow` suffix.
+    fn mirror(&self, dest: &Arc<Dest>, parts: &::http::request::Parts, body: Bytes, h2: bool) {
+        let this = self.clone();
+        let dest = dest.clone();
+        let mut req = Request::new(CountingBody {
+            inner: http_body_util::Either::Right(Full::new(body)),
+            bytes: Arc::new(AtomicU64::new(0)),
+        });
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = parts.headers.clone();
+        if let Some(host) = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| HeaderValue::from_str(&shadow_host(h)).ok())
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        tokio::spawn(async move {
+            let inner = &this.inner;
+            let endpoint = match inner.upstream.pick_for(&dest, None, &[]) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::debug!(error = %e, "mirror: no endpoint");
+                    return;
+                }
+            };
+            let pools = inner.pools(&endpoint);
+            let client = if h2 { &pools.h2 } else { &pools.h1 };
+            let sent = tokio::time::timeout(inner.settings.request_timeout, async {
+                let resp = client.request(req).await?;
+                // Read the body so the pooled connection can be reused.
+                http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .map_err(|e| e.into())
+                    .map(|_| ())
+            })
+            .await;
+            match sent {
+                Ok(Ok(())) => {}
+                Ok(Err::<(), BoxError>(e)) => tracing::debug!(error = %e, "mirror failed"),
+                Err(_) => tracing::debug!("mirror timed out"),
+            }
+        });
+    }
+}
+
+/// `host[:port]` with Envoy's shadow suffix on the host: `web-shadow[:port]`.
+fn shadow_host(h: &str) -> String {
+    match h.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{host}-shadow:{port}")
+        }
+        _ => format!("{h}-shadow"),
     }
 }
 

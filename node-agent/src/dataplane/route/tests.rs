@@ -228,3 +228,64 @@ fn tcp_routes_pick_by_port_and_default_retries_are_istios() {
     assert!(r.on.connect_failure());
     assert!(t.service("default/other").is_none());
 }
+
+#[test]
+fn load_balancing_comes_from_the_rule_and_the_subset_overrides_it() {
+    let yaml = r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: sticky
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer:
+        consistentHash: {httpHeaderName: x-user}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: default}
+spec:
+  hosts: [web]
+  http:
+  - match:
+    - uri: {prefix: /sticky}
+    route:
+    - destination: {host: web, subset: sticky}
+    mirror: {host: web, subset: v1}
+    mirrorPercentage: {value: 0.0}
+  - route:
+    - destination: {host: web, subset: v1}
+"#;
+    let t = RouteTable::compile(&state(yaml), &SourceFacts::default());
+    let web = t.service("default/web").unwrap();
+    let p = web.plan(&req("GET", "/", &[]), 80, counter()).unwrap();
+    assert!(matches!(p.dest.lb, LbKind::RoundRobin), "{:?}", p.dest.lb);
+    assert!(p.hash.is_none());
+    let a = web
+        .plan(&req("GET", "/sticky", &[("x-user", "ann")]), 80, counter())
+        .unwrap();
+    let b = web
+        .plan(
+            &req("GET", "/sticky/x", &[("x-user", "ann")]),
+            80,
+            counter(),
+        )
+        .unwrap();
+    let c = web
+        .plan(&req("GET", "/sticky", &[("x-user", "bob")]), 80, counter())
+        .unwrap();
+    assert!(matches!(a.dest.lb, LbKind::Hash(HashOn::Header(_))));
+    assert!(a.hash.is_some() && a.hash == b.hash && a.hash != c.hash);
+    assert!(a.mirror.is_none(), "a 0% mirror never fires");
+    let none = web
+        .plan(&req("GET", "/sticky", &[]), 80, counter())
+        .unwrap();
+    assert!(none.hash.is_none(), "no header: a random choice");
+    assert!(t.unenforced.is_empty(), "{:?}", t.unenforced);
+}
