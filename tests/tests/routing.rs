@@ -18,7 +18,8 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// HTTP/1.1 server, argv[1] = port, argv[2] = its name. `GET /flaky` answers 503 the first
 /// time it sees an `x-req` value and 200 after; `GET /slow` answers after 3 s; `GET /hang`
-/// never answers on the server named v2; anything else at once. Every answer's body is `<name> <path>`; every request is logged.
+/// never answers on the server named v2; `GET /outlier` answers 500 on v2; anything else
+/// at once. Every answer's body is `<name> <path>`; every request is logged.
 const SERVER_PY: &str = r#"
 import sys, threading, time
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
@@ -35,6 +36,8 @@ class H(BaseHTTPRequestHandler):
             if first: status = 503
         if self.path.startswith("/slow"):
             time.sleep(3)
+        if self.path.startswith("/outlier") and sys.argv[2] == "v2":
+            status = 500
         if self.path.startswith("/hang") and sys.argv[2] == "v2":
             print("hanging %s" % self.path, flush=True)
             time.sleep(3600)
@@ -532,4 +535,77 @@ fn retries_timeouts_faults_and_mirror() {
         m.procs[3].log().contains("hanging /hang"),
         "the mirror was not sent"
     );
+}
+
+const OUTLIER: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 20s, maxEjectionPercent: 50}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: default}
+spec:
+  hosts: [web]
+  http:
+  - route:
+    - destination: {host: web}";
+
+/// Outlier detection: the endpoint answering 500 is ejected after 3 in a row, shown by
+/// `causeway-agent status`, gets no request while ejected, and takes requests again once
+/// the ejection ends.
+#[test]
+fn outlier_detection_ejects_the_failing_endpoint_and_takes_it_back() {
+    let m = Mesh::new();
+    m.apply("outlier", OUTLIER);
+    let status = || -> Value {
+        let out = m
+            .lab
+            .node("vm0")
+            .cmd(bin("causeway-agent"))
+            .args([
+                "status",
+                "--state-dir",
+                m.client_state.to_str().unwrap(),
+                "--output",
+                "json",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let first = m.requests(60, "/outlier", &[]);
+    let errors = count(&first, "500 -");
+    assert_eq!(
+        errors,
+        3,
+        "v2 should be ejected after 3 errors in a row: {first}\n{}",
+        m.logs()
+    );
+    let ejected = wait_for("the ejection in causeway-agent status", WAIT, || {
+        let list = status()["outlier_ejections"].as_array()?.clone();
+        (!list.is_empty()).then_some(list)
+    });
+    assert_eq!(ejected.len(), 1, "{ejected:?}");
+    // While it is ejected (20 s), v1 takes every request.
+    let during = m.requests(100, "/outlier", &[]);
+    assert_eq!(count(&during, "200 v1"), 100, "{during}");
+    assert_eq!(
+        status()["outlier_ejections"].as_array().unwrap().len(),
+        1,
+        "the ejection ended during the batch"
+    );
+    // The ejection ends; v2 takes requests again (and answers 500).
+    wait_for("the ejection to end", WAIT, || {
+        status()["outlier_ejections"]
+            .as_array()?
+            .is_empty()
+            .then_some(())
+    });
+    let after = m.requests(60, "/outlier", &[]);
+    assert!(count(&after, "500 -") >= 1, "{after}");
 }

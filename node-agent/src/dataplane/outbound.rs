@@ -311,6 +311,22 @@ impl http::Upstream for MeshUpstream {
             .plan(req, self.port, super::lb::random)
     }
 
+    fn observed(&self, dest: &Dest, endpoint: &str, status: u16) {
+        let Some(o) = &dest.outlier else { return };
+        let Some(out) = self.out.upgrade() else {
+            return;
+        };
+        let (key, port) = match endpoint.rsplit_once('#') {
+            Some((k, p)) => (k, p.parse().unwrap_or(self.port)),
+            None => (endpoint, self.port),
+        };
+        let peers: Vec<String> = dest_upstreams(&out.state.get(), dest, port)
+            .into_iter()
+            .map(|u| u.key)
+            .collect();
+        out.lb.observe(key, status, o, &peers);
+    }
+
     fn pick_for(
         &self,
         dest: &Dest,

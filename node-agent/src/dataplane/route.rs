@@ -25,7 +25,7 @@ use ::http::{StatusCode, request::Parts};
 use causeway_api::push::MeshState;
 use causeway_api::route::resource::{
     Destination, HeaderOperations, Headers, HttpMatchRequest, HttpRetry, HttpRoute,
-    LoadBalancerSettings, StringMatch,
+    LoadBalancerSettings, OutlierDetection, StringMatch,
 };
 use causeway_api::route::validate::{parse_duration, service_of_host};
 use causeway_api::route::{DestinationRule, RouteResource, VirtualService};
@@ -291,6 +291,23 @@ impl LbKind {
     }
 }
 
+/// A DestinationRule's `outlierDetection` with Istio's defaults (5 consecutive 5xx,
+/// gateway errors off, 30 s base ejection, at most 10 % ejected).
+fn outlier(o: Option<&OutlierDetection>) -> Option<Arc<super::lb::Outlier>> {
+    let o = o?;
+    let count = |v: Option<i64>, default: u32| v.map_or(default, |n| u32::try_from(n).unwrap_or(0));
+    Some(Arc::new(super::lb::Outlier {
+        consecutive_5xx: count(o.consecutive_5xx_errors, 5),
+        consecutive_gateway: count(o.consecutive_gateway_errors.or(o.consecutive_errors), 0),
+        base_ejection: o
+            .base_ejection_time
+            .as_deref()
+            .and_then(|t| parse_duration(t).ok())
+            .unwrap_or(Duration::from_secs(30)),
+        max_ejection_percent: count(o.max_ejection_percent, 10),
+    }))
+}
+
 /// Where a route sends: a service, a subset of its endpoints, a port.
 #[derive(Debug, Clone)]
 pub struct Dest {
@@ -305,6 +322,8 @@ pub struct Dest {
     weight: u32,
     /// Load balancing among its endpoints.
     pub lb: LbKind,
+    /// Outlier detection for its endpoints.
+    pub outlier: Option<Arc<super::lb::Outlier>>,
     /// The round-robin counter (shared by the copies of this destination).
     pub next: Arc<std::sync::atomic::AtomicUsize>,
     /// Request header operations of this destination.
@@ -691,7 +710,6 @@ impl RouteTable {
                     .is_some_and(|l| l.locality_lb_setting.is_some());
                 for (set, field) in [
                     (t.connection_pool.is_some(), "connectionPool"),
-                    (t.outlier_detection.is_some(), "outlierDetection"),
                     (lb_locality, "loadBalancer.localityLbSetting"),
                 ] {
                     if set {
@@ -706,9 +724,10 @@ impl RouteTable {
         }
         // service → subset → labels and load balancing; the oldest rule defining a
         // subset wins; service → the rule's own load balancing (the oldest rule's).
-        type Subsets = HashMap<String, (BTreeMap<String, String>, LbKind)>;
+        type Policy = (LbKind, Option<Arc<super::lb::Outlier>>);
+        type Subsets = HashMap<String, (BTreeMap<String, String>, Policy)>;
         let mut subsets: HashMap<String, Subsets> = HashMap::new();
-        let mut service_lb: HashMap<String, LbKind> = HashMap::new();
+        let mut service_lb: HashMap<String, Policy> = HashMap::new();
         for (_, dr) in &rules {
             let (ns, name) = service_of_host(&dr.spec.host, dr.metadata.namespace());
             let key = format!("{ns}/{name}");
@@ -717,19 +736,24 @@ impl RouteTable {
                 .traffic_policy
                 .as_ref()
                 .and_then(|t| t.load_balancer.as_ref());
+            let rule_outlier = dr
+                .spec
+                .traffic_policy
+                .as_ref()
+                .and_then(|t| t.outlier_detection.as_ref());
             service_lb
                 .entry(key.clone())
-                .or_insert_with(|| LbKind::compile(rule_lb));
+                .or_insert_with(|| (LbKind::compile(rule_lb), outlier(rule_outlier)));
             let entry = subsets.entry(key).or_default();
             for s in &dr.spec.subsets {
-                let lb = s
-                    .traffic_policy
-                    .as_ref()
-                    .and_then(|t| t.load_balancer.as_ref())
-                    .or(rule_lb);
+                let own = s.traffic_policy.as_ref();
+                let lb = own.and_then(|t| t.load_balancer.as_ref()).or(rule_lb);
+                let od = own
+                    .and_then(|t| t.outlier_detection.as_ref())
+                    .or(rule_outlier);
                 entry
                     .entry(s.name.clone())
-                    .or_insert_with(|| (s.labels.clone(), LbKind::compile(lb)));
+                    .or_insert_with(|| (s.labels.clone(), (LbKind::compile(lb), outlier(od))));
             }
         }
         let mut table: HashMap<String, ServiceRoutes> = HashMap::new();
@@ -738,7 +762,7 @@ impl RouteTable {
             let dest = |d: &Destination, weight: Option<i64>, headers: Option<&Headers>| {
                 let (sns, sname) = service_of_host(&d.host, ns);
                 let service = format!("{sns}/{sname}");
-                let (labels, lb) = d
+                let (labels, (lb, outlier)) = d
                     .subset
                     .as_ref()
                     .and_then(|s| subsets.get(&service).and_then(|m| m.get(s)))
@@ -757,6 +781,7 @@ impl RouteTable {
                     port: d.port.as_ref().and_then(|p| u16::try_from(p.number).ok()),
                     weight: u32::try_from(weight.unwrap_or(0)).unwrap_or(0),
                     lb,
+                    outlier,
                     next: Arc::default(),
                     request_headers,
                     response_headers,

@@ -86,6 +86,10 @@ pub trait Upstream: Send + Sync + 'static {
         None
     }
 
+    /// The answer of `endpoint` to a try of a request routed to `dest`: its status, 503
+    /// for a failed connection or a reset, 504 for a per-try timeout (outlier detection).
+    fn observed(&self, _dest: &Dest, _endpoint: &str, _status: u16) {}
+
     /// Chooses the endpoint of a request routed to `dest` (with the request's
     /// consistent-hash key, if the destination hashes), avoiding the endpoints of `tried`
     /// (earlier tries of the same request) while another is left.
@@ -604,6 +608,14 @@ impl<U: Upstream> Proxy<U> {
                     Some(t) => tokio::time::timeout(t, sent).await.ok(),
                     None => Some(sent.await),
                 };
+                if let (Some(p), Some(endpoint)) = (plan, tried.last()) {
+                    let status = match &result {
+                        Some(Ok(resp)) => resp.status().as_u16(),
+                        Some(Err(_)) => 503,
+                        None => 504,
+                    };
+                    inner.upstream.observed(&p.dest, endpoint, status);
+                }
                 let exhausted = |mut f: ResponseFlags| {
                     if attempts > 0 {
                         f.insert(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
