@@ -21,6 +21,7 @@ pub mod lb;
 pub mod mux;
 pub mod outbound;
 pub mod readahead;
+pub mod route;
 pub mod splice;
 pub mod tls;
 pub mod tunnel;
@@ -211,6 +212,10 @@ impl Dataplane {
         ) {
             (Ok(l), Some(t)) => {
                 let lb = lb::Balancer::new(cfg.eject_base, cfg.eject_max);
+                let _ = std::fs::remove_file(state_dir.join(lb::OUTLIERS_FILE));
+                dp.tasks.push(tokio::spawn(
+                    lb.clone().report_outliers(state_dir.to_owned()),
+                ));
                 let settings = outbound::OutboundSettings {
                     mark,
                     tunnel_port: cfg.tunnel_port,
