@@ -12,10 +12,11 @@
 //! per RFC 2308; `[dns] cache = false` turns it off), emptied whenever the resolver
 //! configuration changes.
 //!
-//! Threads: UDP is served by one blocking thread per listening socket (receive, look up
-//! the mesh name or the cache, send: no task switch on the hot path); forwarded UDP
-//! queries leave from that thread too and their answers come back on the forwarder's
-//! own threads ([`forward`]). TCP connections are tokio tasks.
+//! Threads: UDP is served by one plain thread per listening socket (receive a batch of
+//! queries with `recvmmsg`, look up the mesh names or the cache, send the batch's
+//! answers with `sendmmsg`: no task switch, no lock and no allocation per query on the
+//! hot path); forwarded UDP queries leave from that thread too and their answers come
+//! back on the forwarder's own threads ([`forward`]). TCP connections are tokio tasks.
 //!
 //! Reaching the server: with `[dns] mode = "capture"` (and data-plane capture on)
 //! nftables owner tables (`ip`, and `ip6` for IPv6 nameservers) redirect port 53 to it
