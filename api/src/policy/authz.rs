@@ -1070,8 +1070,10 @@ const INDEX_WORDS: usize = MAX_INDEXED_RULES / 64;
 struct RuleIndex {
     /// (policy, rule) of each rule id, in evaluation order.
     rules: Vec<(u32, u32)>,
-    /// Bitset of the rules without a `from` guard: always checked.
+    /// Bitset of the rules with neither a `from` nor a port guard: always checked.
     always: Vec<u64>,
+    /// (port, rule id), sorted: rules without a `from` guard that only match these ports.
+    port: Vec<(u16, u32)>,
     /// (namespace hash, rule id), sorted: [`Guard::Namespace`].
     namespace: Vec<(u64, u32)>,
     /// (namespace hash, rule id), sorted: [`Guard::PrincipalNamespace`].
@@ -1101,7 +1103,10 @@ impl RuleIndex {
                     u32::try_from(ri).expect("few rules"),
                 ));
                 let Some(guards) = &rule.from_guard else {
-                    ix.always[id as usize / 64] |= 1 << (id % 64);
+                    match &rule.port_guard {
+                        Some(ports) => ix.port.extend(ports.iter().map(|p| (*p, id))),
+                        None => ix.always[id as usize / 64] |= 1 << (id % 64),
+                    }
                     continue;
                 };
                 for g in guards.iter() {
@@ -1118,6 +1123,7 @@ impl RuleIndex {
         }
         ix.namespace.sort_unstable();
         ix.principal_namespace.sort_unstable();
+        ix.port.sort_unstable();
         ix
     }
 
@@ -1148,6 +1154,14 @@ impl RuleIndex {
         };
         by_hash(&self.namespace, ctx.namespace_hash);
         by_hash(&self.principal_namespace, ctx.principal_namespace_hash);
+        let port = ctx.req.destination_port;
+        let start = self.port.partition_point(|(p, _)| *p < port);
+        for &(p, id) in &self.port[start..] {
+            if p != port {
+                break;
+            }
+            mark(id);
+        }
         for (net, id) in &self.source {
             if net.contains_canonical(ctx.source) {
                 mark(*id);
