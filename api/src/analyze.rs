@@ -189,7 +189,7 @@ pub struct FileResource {
 }
 
 /// One routing resource from a file.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FileRoute {
     /// The file.
     pub origin: String,
@@ -206,6 +206,10 @@ pub struct AnalyzeRequest {
     /// Resources from `-f` files, analyzed as if applied (each replaces the stored one of
     /// the same kind, namespace and name).
     pub resources: Vec<FileResource>,
+    /// Routing resources from `-f` files, likewise (left out when empty, so that a
+    /// controller without routing support still takes the request).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<FileRoute>,
     /// Thresholds (defaults when absent).
     pub thresholds: Thresholds,
 }

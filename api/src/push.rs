@@ -32,8 +32,12 @@ pub const FEATURE_POLICY: &str = "policy/v1";
 /// does not validate JWTs on the request path must refuse it (agents before it stored such
 /// resources and ignored them, so a token rule would silently not apply).
 pub const FEATURE_REQUEST_AUTHN: &str = "request-authn/v1";
+/// The feature an update requires when it carries routing resources (VirtualService,
+/// DestinationRule): an agent that cannot route must refuse the update rather than send
+/// canary traffic to every version.
+pub const FEATURE_ROUTE: &str = "route/v1";
 /// Features this build understands when an update marks them required.
-pub const KNOWN_FEATURES: &[&str] = &[FEATURE_POLICY, FEATURE_REQUEST_AUTHN];
+pub const KNOWN_FEATURES: &[&str] = &[FEATURE_POLICY, FEATURE_REQUEST_AUTHN, FEATURE_ROUTE];
 
 pub use crate::wire::proto::{
     Ack, AgentFacts, AgentFrame, ConfigUpdate, Denial, DenialReport, EndpointMsg, Goodbye,
@@ -142,6 +146,41 @@ pub struct MeshState {
     /// Policy resources by `Kind/namespace/name`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub policies: BTreeMap<String, PolicyState>,
+    /// Routing resources by `Kind/namespace/name`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub routes: BTreeMap<String, RouteState>,
+}
+
+/// One routing resource as the agent holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteState {
+    /// Creation order (lower is older; Istio merges VirtualServices of one host oldest
+    /// first).
+    pub seq: u64,
+    /// The resource.
+    pub resource: crate::route::RouteResource,
+}
+
+/// Decodes and validates one pushed routing resource.
+fn decode_route(p: &PolicyMsg) -> Result<RouteState, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(&p.json).map_err(|e| format!("route {}: not JSON: {e}", p.key))?;
+    let resource = crate::route::decode_value(value)
+        .map_err(|(path, msg)| format!("route {}: {path}: {msg}", p.key))?;
+    let key = resource.key();
+    if key != p.key {
+        return Err(format!("route {}: the resource inside is {key}", p.key));
+    }
+    if let Some(first) = crate::route::validate(&resource).first() {
+        return Err(format!(
+            "route {}: {}: {}",
+            p.key, first.path, first.message
+        ));
+    }
+    Ok(RouteState {
+        seq: p.seq,
+        resource,
+    })
 }
 
 /// One policy resource as the agent holds it.
@@ -433,6 +472,14 @@ impl MeshState {
         for p in &u.policies {
             let state = decode_policy(p).map_err(invalid)?;
             next.policies.insert(p.key.clone(), state);
+        }
+        // Routes likewise: the last good route table stays until a whole new one decodes.
+        for key in &u.removed_routes {
+            next.routes.remove(key);
+        }
+        for r in &u.routes {
+            let state = decode_route(r).map_err(invalid)?;
+            next.routes.insert(r.key.clone(), state);
         }
         // One VIP, one service: a new service taking a VIP held by another is refused.
         loop {

@@ -90,6 +90,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/policies", get(crate::policy_admin::list))
         .route("/v1/policies/apply", post(crate::policy_admin::apply))
         .route("/v1/policies/delete", post(crate::policy_admin::delete))
+        .route("/v1/routes", get(crate::route_admin::list))
+        .route("/v1/routes/apply", post(crate::route_admin::apply))
+        .route("/v1/routes/delete", post(crate::route_admin::delete))
         .route("/v1/why", post(crate::policy_admin::why))
         .route("/v1/analyze", crate::analyze::route())
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth));

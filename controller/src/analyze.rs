@@ -13,8 +13,8 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::{MethodRouter, get};
 use causeway_api::analyze::{
-    AgentFacts, AnalyzeRequest, EndpointFacts, NackFacts, PolicyFacts, Report, ServiceFacts,
-    Snapshot, SourceFacts, TokenFacts, analyze,
+    AgentFacts, AnalyzeRequest, EndpointFacts, NackFacts, PolicyFacts, Report, RouteFacts,
+    ServiceFacts, Snapshot, SourceFacts, TokenFacts, analyze,
 };
 use causeway_api::registry::ServiceKey;
 
@@ -58,6 +58,7 @@ async fn run(s: AdminState, req: AnalyzeRequest) -> Result<Json<Report>, ApiErro
             deprioritize_current_thread();
             let report = snapshot(&s).map(|mut snap| {
                 snap.overlay(req.resources);
+                snap.overlay_routes(req.routes);
                 analyze(&snap, &req.thresholds)
             });
             drop(tx.send(report));
@@ -249,7 +250,16 @@ pub fn snapshot(s: &AdminState) -> Result<Snapshot, StoreError> {
         groups: groups.into_iter().map(|g| g.group).collect(),
         tokens,
         policies,
-        routes: Vec::new(),
+        routes: s
+            .mesh
+            .routes()
+            .into_values()
+            .map(|r| RouteFacts {
+                seq: r.seq,
+                resource: r.resource,
+                origin: None,
+            })
+            .collect(),
     })
 }
 

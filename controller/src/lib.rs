@@ -31,6 +31,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod policy_admin;
 pub mod push;
+pub mod route_admin;
 pub mod sd;
 pub mod store;
 pub mod store_etcd;

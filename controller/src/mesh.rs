@@ -16,13 +16,14 @@ use std::time::Duration;
 use causeway_api::WorkloadGroup;
 use causeway_api::policy::{GROUP_LABEL, Resource};
 use causeway_api::push::{
-    ConfigUpdate, EndpointMsg, FEATURE_POLICY, FEATURE_REQUEST_AUTHN, PolicyMsg, ServiceMsg,
-    ServiceRef,
+    ConfigUpdate, EndpointMsg, FEATURE_POLICY, FEATURE_REQUEST_AUTHN, FEATURE_ROUTE, PolicyMsg,
+    ServiceMsg, ServiceRef,
 };
 use causeway_api::registry::{
     BIND_SOURCE_METADATA, Conflict, Endpoint, Provenance, Registry, RegistryDelta, ServiceKey,
     SourceChange, SourceKind, SourceSnapshot, SourceState,
 };
+use causeway_api::route::RouteResource;
 use causeway_registry::{SourceUpdate, apply_update_into};
 use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
@@ -30,7 +31,8 @@ use tokio::sync::{Notify, watch};
 
 use crate::address::{AddressPolicy, AddressRefused};
 use crate::store::{
-    AgentRecord, HistoryRecord, LiveCert, MeshWrite, PolicyRecord, SourceRecord, Store, StoreError,
+    AgentRecord, HistoryRecord, LiveCert, MeshWrite, PolicyRecord, RouteRecord, SourceRecord,
+    Store, StoreError,
 };
 
 /// Metadata key carrying an agent workload's group mTLS mode.
@@ -117,6 +119,40 @@ fn policy_msg((key, rec): (&String, &PolicyRecord)) -> PolicyMsg {
     }
 }
 
+/// A stored routing resource as pushed to agents.
+fn route_msg((key, rec): (&String, &RouteRecord)) -> PolicyMsg {
+    PolicyMsg {
+        key: key.clone(),
+        seq: rec.seq,
+        json: serde_json::to_vec(&rec.resource).expect("a routing resource serialises"),
+    }
+}
+
+/// Why [`Mesh::apply_routes`] refused a set of routing resources.
+#[derive(Debug)]
+pub enum RoutesRefused {
+    /// The resources, with what is stored, do not hold together (each problem names the
+    /// resource and field).
+    Invalid(Vec<String>),
+    /// The store failed.
+    Store(StoreError),
+}
+
+impl From<StoreError> for RoutesRefused {
+    fn from(e: StoreError) -> Self {
+        RoutesRefused::Store(e)
+    }
+}
+
+/// Every problem of `routes` taken together, as `Kind namespace/name: path: message`.
+fn route_set_problems(routes: &BTreeMap<String, RouteRecord>) -> Vec<String> {
+    let all: Vec<&RouteResource> = routes.values().map(|r| &r.resource).collect();
+    causeway_api::route::check_set(&all)
+        .into_iter()
+        .map(|(key, p)| format!("{key}: {}: {}", p.path, p.message))
+        .collect()
+}
+
 /// What a session task holds.
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
@@ -145,6 +181,8 @@ struct Inner {
     next_generation: u64,
     /// Policy resources by `Kind/namespace/name`.
     policies: BTreeMap<String, PolicyRecord>,
+    /// Routing resources by `Kind/namespace/name`.
+    routes: BTreeMap<String, RouteRecord>,
     /// Endpoints refused at the door, by (source, service), shown as conflicts.
     invalid: BTreeMap<(String, ServiceKey), Vec<Conflict>>,
 }
@@ -164,6 +202,7 @@ struct Publish {
     history: HistoryRecord,
     history_keep_from: u64,
     policies: Vec<(String, Option<PolicyRecord>)>,
+    routes: Vec<(String, Option<RouteRecord>)>,
 }
 
 /// Drops the endpoints of a source's change that cannot enter the registry (see
@@ -360,6 +399,7 @@ impl Mesh {
             sessions: BTreeMap::new(),
             next_generation: 0,
             policies: dump.policies,
+            routes: dump.routes,
             invalid,
         };
         let (version_tx, _) = watch::channel(inner.version);
@@ -512,7 +552,21 @@ impl Mesh {
         deny_changed: bool,
         policies: Vec<(String, Option<PolicyRecord>)>,
     ) -> Pending {
-        let nothing = touched.is_empty() && !deny_changed && policies.is_empty();
+        self.prepare_all(inner, touched, sources, deny_changed, policies, Vec::new())
+    }
+
+    /// [`Mesh::prepare`] with routing resources too.
+    fn prepare_all(
+        &self,
+        inner: &mut Inner,
+        touched: BTreeSet<ServiceKey>,
+        sources: &[String],
+        deny_changed: bool,
+        policies: Vec<(String, Option<PolicyRecord>)>,
+        routes: Vec<(String, Option<RouteRecord>)>,
+    ) -> Pending {
+        let nothing =
+            touched.is_empty() && !deny_changed && policies.is_empty() && routes.is_empty();
         let mut new_vips = Vec::new();
         if !nothing {
             for key in &touched {
@@ -550,6 +604,7 @@ impl Mesh {
                 services: touched,
                 deny: deny_changed,
                 policies: policies.iter().map(|(k, _)| k.clone()).collect(),
+                routes: routes.iter().map(|(k, _)| k.clone()).collect(),
             }
         };
         let registry = &inner.registry;
@@ -561,6 +616,7 @@ impl Mesh {
             history: &history,
             history_keep_from,
             policies: policies.clone(),
+            routes: routes.clone(),
         };
         for name in sources {
             let entry = registry.sources().get(name);
@@ -589,6 +645,7 @@ impl Mesh {
                 history,
                 history_keep_from,
                 policies,
+                routes,
             }),
             write,
             current: inner.version,
@@ -620,6 +677,12 @@ impl Mesh {
             match rec {
                 Some(rec) => inner.policies.insert(key, rec),
                 None => inner.policies.remove(&key),
+            };
+        }
+        for (key, rec) in p.routes {
+            match rec {
+                Some(rec) => inner.routes.insert(key, rec),
+                None => inner.routes.remove(&key),
             };
         }
         inner.history.insert(p.version, p.history);
@@ -709,17 +772,26 @@ impl Mesh {
                 deny_set: true,
                 vip_cidr: self.settings.vip_range.to_string(),
                 policies: inner.policies.iter().map(policy_msg).collect(),
-                required_features: required_features(inner.policies.keys(), false),
+                routes: inner.routes.iter().map(route_msg).collect(),
+                required_features: {
+                    let mut f = required_features(inner.policies.keys(), false);
+                    if !inner.routes.is_empty() {
+                        f.push(FEATURE_ROUTE.to_owned());
+                    }
+                    f
+                },
                 ..ConfigUpdate::default()
             };
         }
         let mut keys = BTreeSet::new();
         let mut deny = false;
         let mut policy_keys = BTreeSet::new();
+        let mut route_keys = BTreeSet::new();
         for (_, rec) in inner.history.range(since + 1..) {
             keys.extend(rec.services.iter().cloned());
             deny |= rec.deny;
             policy_keys.extend(rec.policies.iter().cloned());
+            route_keys.extend(rec.routes.iter().cloned());
         }
         let mut update = ConfigUpdate {
             version: inner.version,
@@ -751,7 +823,112 @@ impl Mesh {
             update.policies.iter().map(|p| &p.key),
             !update.removed_policies.is_empty(),
         );
+        for key in route_keys {
+            match inner.routes.get_key_value(&key) {
+                Some(entry) => update.routes.push(route_msg(entry)),
+                None => update.removed_routes.push(key),
+            }
+        }
+        if !update.routes.is_empty() || !update.removed_routes.is_empty() {
+            // An agent that cannot route must refuse, not send every request everywhere.
+            update.required_features.push(FEATURE_ROUTE.to_owned());
+        }
         update
+    }
+
+    /// Applies routing resources all-or-nothing in one version (create or replace each);
+    /// with `dry_run`, reports what would change and writes nothing. Each resource must
+    /// be validated on its own by the caller; here, under the lock, the resulting set is
+    /// checked as a whole (every subset a route names is defined by a DestinationRule of
+    /// its host), so a concurrent change cannot slip a dangling subset in.
+    pub async fn apply_routes(
+        &self,
+        resources: Vec<RouteResource>,
+        dry_run: bool,
+    ) -> Result<PolicyApplied, RoutesRefused> {
+        let _writer = self.writer.lock().await;
+        let (current, pending, results) = {
+            let mut inner = self.lock();
+            let mut next_seq = inner.routes.values().map(|r| r.seq + 1).max().unwrap_or(1);
+            let mut writes: Vec<(String, Option<RouteRecord>)> = Vec::new();
+            let mut results = Vec::new();
+            let mut after = inner.routes.clone();
+            let version = inner.version + 1;
+            for resource in resources {
+                let key = resource.key();
+                let stored = inner.routes.get(&key);
+                let outcome = match stored {
+                    Some(old) if old.resource == resource => PolicyOutcome::Unchanged,
+                    Some(_) => PolicyOutcome::Configured,
+                    None => PolicyOutcome::Created,
+                };
+                // Kept when re-applied; a new resource named twice in one batch gets one.
+                let seq = match (stored, after.get(&key)) {
+                    (Some(old), _) | (None, Some(old)) => old.seq,
+                    (None, None) => {
+                        next_seq += 1;
+                        next_seq - 1
+                    }
+                };
+                results.push((key.clone(), outcome));
+                // A later document of the same batch for the same resource wins.
+                writes.retain(|(k, _)| *k != key);
+                let rec = RouteRecord {
+                    seq,
+                    version,
+                    resource,
+                };
+                if outcome != PolicyOutcome::Unchanged {
+                    writes.push((key.clone(), Some(rec.clone())));
+                }
+                after.insert(key, rec);
+            }
+            let problems = route_set_problems(&after);
+            if !problems.is_empty() {
+                return Err(RoutesRefused::Invalid(problems));
+            }
+            let pending = (!dry_run && !writes.is_empty()).then(|| {
+                self.prepare_all(&mut inner, BTreeSet::new(), &[], false, Vec::new(), writes)
+            });
+            (inner.version, pending, results)
+        };
+        let version = match pending {
+            Some(pending) => self.finish(pending).await?,
+            None => current,
+        };
+        Ok(PolicyApplied { version, results })
+    }
+
+    /// Deletes routing resources by `Kind/namespace/name`, all or none: a key that does
+    /// not exist, or a DestinationRule whose subsets a remaining VirtualService still
+    /// names, fails the whole call.
+    pub async fn delete_routes(&self, keys: &[String]) -> Result<u64, RoutesRefused> {
+        let _writer = self.writer.lock().await;
+        let pending = {
+            let mut inner = self.lock();
+            if let Some(missing) = keys.iter().find(|k| !inner.routes.contains_key(*k)) {
+                return Err(RoutesRefused::Store(StoreError::NotFound {
+                    kind: "routing resource",
+                    name: missing.clone(),
+                }));
+            }
+            let mut after = inner.routes.clone();
+            for k in keys {
+                after.remove(k);
+            }
+            let problems = route_set_problems(&after);
+            if !problems.is_empty() {
+                return Err(RoutesRefused::Invalid(problems));
+            }
+            let writes = keys.iter().map(|k| (k.clone(), None)).collect();
+            self.prepare_all(&mut inner, BTreeSet::new(), &[], false, Vec::new(), writes)
+        };
+        Ok(self.finish(pending).await?)
+    }
+
+    /// Every routing resource, by `Kind/namespace/name`.
+    pub fn routes(&self) -> BTreeMap<String, RouteRecord> {
+        self.lock().routes.clone()
     }
 
     /// Applies policy resources all-or-nothing in one version (create or replace each);
@@ -1578,6 +1755,96 @@ mod tests {
         )
         .await
         .unwrap()
+    }
+
+    fn route(yaml: &str) -> RouteResource {
+        let v: serde_json::Value = serde_yaml_ng::from_str(yaml).unwrap();
+        causeway_api::route::decode_value(v).unwrap()
+    }
+
+    const DR: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web}\nspec:\n  host: web\n  subsets:\n  - {name: v1, labels: {version: v1}}\n";
+    const VS: &str = "apiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata: {name: web}\nspec:\n  hosts: [web]\n  http:\n  - route:\n    - destination: {host: web.default.svc.cluster.local, subset: v1}\n";
+
+    /// Routing resources: one version per apply, pushed in full snapshots and deltas with
+    /// the required feature `route/v1` (an agent that cannot route refuses the update), a
+    /// dangling subset refused with nothing applied, kept across a restart.
+    #[tokio::test(flavor = "current_thread")]
+    async fn routes_are_versioned_pushed_with_their_feature_and_checked_as_a_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let mesh = open(
+            dir.path(),
+            settings("240.240.0.0/24", Duration::from_secs(60)),
+        )
+        .await;
+        let v0 = mesh.version();
+        // The VirtualService alone names a subset nobody defines: refused, nothing stored.
+        let Err(RoutesRefused::Invalid(problems)) = mesh.apply_routes(vec![route(VS)], false).await
+        else {
+            panic!("a dangling subset was accepted")
+        };
+        assert!(
+            problems[0].starts_with("VirtualService/default/web: spec.http[0].route[0].destination.subset: subset \"v1\" of default/web"),
+            "{problems:?}"
+        );
+        assert_eq!(mesh.version(), v0);
+        assert!(mesh.routes().is_empty());
+        // A dry run of both reports and writes nothing.
+        let dry = mesh
+            .apply_routes(vec![route(DR), route(VS)], true)
+            .await
+            .map_err(|_| ())
+            .unwrap();
+        assert_eq!(dry.version, v0);
+        assert!(mesh.routes().is_empty());
+        let applied = mesh
+            .apply_routes(vec![route(DR), route(VS)], false)
+            .await
+            .map_err(|_| ())
+            .unwrap();
+        assert_eq!(applied.version, v0 + 1);
+        assert_eq!(applied.results[0].1, PolicyOutcome::Created);
+        let full = mesh.update_since(0);
+        assert_eq!(full.routes.len(), 2);
+        assert_eq!(full.required_features, vec![FEATURE_ROUTE.to_owned()]);
+        let delta = mesh.update_since(v0);
+        assert_eq!(
+            delta
+                .routes
+                .iter()
+                .map(|r| r.key.as_str())
+                .collect::<Vec<_>>(),
+            ["DestinationRule/default/web", "VirtualService/default/web"]
+        );
+        assert_eq!(delta.required_features, vec![FEATURE_ROUTE.to_owned()]);
+        // An agent applies them.
+        let state = causeway_api::push::MeshState::default()
+            .apply(&full)
+            .unwrap()
+            .state;
+        assert_eq!(state.routes.len(), 2);
+        // Deleting the rule the route needs is refused; deleting both works.
+        let dr = "DestinationRule/default/web".to_owned();
+        let vs = "VirtualService/default/web".to_owned();
+        assert!(matches!(
+            mesh.delete_routes(std::slice::from_ref(&dr)).await,
+            Err(RoutesRefused::Invalid(_))
+        ));
+        drop(mesh);
+        let mesh = open(
+            dir.path(),
+            settings("240.240.0.0/24", Duration::from_secs(60)),
+        )
+        .await;
+        assert_eq!(mesh.routes().len(), 2, "kept across a restart");
+        let v = mesh
+            .delete_routes(&[vs.clone(), dr.clone()])
+            .await
+            .map_err(|_| ())
+            .unwrap();
+        let delta = mesh.update_since(v - 1);
+        assert_eq!(delta.removed_routes, vec![dr, vs]);
+        assert_eq!(delta.required_features, vec![FEATURE_ROUTE.to_owned()]);
+        assert!(mesh.update_since(0).required_features.is_empty());
     }
 
     /// VIPs come from the range, never its network or broadcast address, each service

@@ -367,6 +367,20 @@ pub struct HistoryRecord {
     /// Policy resources (`Kind/namespace/name`) created, changed or deleted.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub policies: BTreeSet<String>,
+    /// Routing resources (`Kind/namespace/name`) created, changed or deleted.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub routes: BTreeSet<String>,
+}
+
+/// One stored routing resource (VirtualService, DestinationRule).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RouteRecord {
+    /// Creation order: lower is older (VirtualServices of one host merge oldest first).
+    pub seq: u64,
+    /// The mesh version that last changed it.
+    pub version: u64,
+    /// The resource as applied (validated).
+    pub resource: causeway_api::route::RouteResource,
 }
 
 /// One stored policy resource (AuthorizationPolicy, PeerAuthentication).
@@ -404,6 +418,8 @@ pub struct MeshDump {
     pub history: BTreeMap<u64, HistoryRecord>,
     /// Policy resources by `Kind/namespace/name`.
     pub policies: BTreeMap<String, PolicyRecord>,
+    /// Routing resources by `Kind/namespace/name`.
+    pub routes: BTreeMap<String, RouteRecord>,
 }
 
 /// One mesh change to persist. It borrows the endpoints from the registry instead of
@@ -426,6 +442,8 @@ pub struct MeshWrite<'a> {
     pub history_keep_from: u64,
     /// Policy resources to write (`Some`) or delete (`None`), by `Kind/namespace/name`.
     pub policies: Vec<(String, Option<PolicyRecord>)>,
+    /// Routing resources to write (`Some`) or delete (`None`), by `Kind/namespace/name`.
+    pub routes: Vec<(String, Option<RouteRecord>)>,
 }
 
 /// A [`MeshWrite`] encoded: what the store writes in one transaction, owned, so that the
@@ -444,6 +462,8 @@ pub struct EncodedMeshWrite {
     pub(crate) history_keep_from: u64,
     /// `Kind/namespace/name` → encoded [`PolicyRecord`], or `None` to delete.
     pub(crate) policies: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// `Kind/namespace/name` → encoded [`RouteRecord`], or `None` to delete.
+    pub(crate) routes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl MeshWrite<'_> {
@@ -470,6 +490,11 @@ impl MeshWrite<'_> {
             history_keep_from: self.history_keep_from,
             policies: self
                 .policies
+                .iter()
+                .map(|(key, rec)| (key.as_bytes().to_vec(), rec.as_ref().map(encode)))
+                .collect(),
+            routes: self
+                .routes
                 .iter()
                 .map(|(key, rec)| (key.as_bytes().to_vec(), rec.as_ref().map(encode)))
                 .collect(),
@@ -500,6 +525,7 @@ pub struct SledStore {
     vips: sled::Tree,
     history: sled::Tree,
     policies: sled::Tree,
+    routes: sled::Tree,
 }
 
 const CA_KEY: &[u8] = b"ca";
@@ -565,6 +591,7 @@ impl SledStore {
             vips: db.open_tree("vips")?,
             history: db.open_tree("history")?,
             policies: db.open_tree("policies")?,
+            routes: db.open_tree("routes")?,
             db,
         };
         store.migrate()?;
@@ -1042,6 +1069,13 @@ impl Store for SledStore {
                 decode("policies", &k, &v)?,
             );
         }
+        for kv in self.routes.iter() {
+            let (k, v) = kv?;
+            dump.routes.insert(
+                String::from_utf8_lossy(&k).into_owned(),
+                decode("routes", &k, &v)?,
+            );
+        }
         Ok(dump)
     }
 
@@ -1058,8 +1092,9 @@ impl Store for SledStore {
             &self.vips,
             &self.history,
             &self.policies,
+            &self.routes,
         )
-            .transaction(|(meta, sources, data, vips, history, policies)| {
+            .transaction(|(meta, sources, data, vips, history, policies, routes)| {
                 meta.insert(b"mesh_version".as_ref(), encode(&w.version))?;
                 for (name, rec) in &w.sources {
                     sources.insert(name.as_slice(), rec.as_slice())?;
@@ -1081,6 +1116,12 @@ impl Store for SledStore {
                     match rec {
                         Some(rec) => policies.insert(key.as_slice(), rec.as_slice())?,
                         None => policies.remove(key.as_slice())?,
+                    };
+                }
+                for (key, rec) in &w.routes {
+                    match rec {
+                        Some(rec) => routes.insert(key.as_slice(), rec.as_slice())?,
+                        None => routes.remove(key.as_slice())?,
                     };
                 }
                 Ok(())

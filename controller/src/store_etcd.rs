@@ -6,7 +6,7 @@
 //! `groups/<name>`, `tokens/<id>`, `agents/<id>`, `certs/<serial>`, and the mesh under
 //! `mesh/`: `mesh/version`, `mesh/sources/<name>`, `mesh/data/<source>\0<ns>/<name>`,
 //! `mesh/vips/<ns>/<name>`, `mesh/history/<version, 20 digits>/<part, 4 digits>`,
-//! `mesh/policies/<Kind>/<ns>/<name>`.
+//! `mesh/policies/<Kind>/<ns>/<name>`, `mesh/routes/<Kind>/<ns>/<name>`.
 //!
 //! Every write is one etcd transaction that compares the mod revision of every key it
 //! read (read, compute, compare-and-swap): a lost race re-reads and recomputes, a bounded
@@ -41,8 +41,8 @@ use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 use crate::etcd::{Compare, Etcd, EtcdError, EtcdOptions, KeyValue, Op, TxnResponse, prefix_end};
 use crate::store::{
     AgentRecord, CaRecord, CertRecord, EncodedMeshWrite, EnrollOutcome, Enrollment, GroupRecord,
-    HistoryRecord, LiveCert, MAX_LIVE_CERTS, MeshDump, PolicyRecord, SCHEMA_VERSION, SourceRecord,
-    Store, StoreError, TokenRecord,
+    HistoryRecord, LiveCert, MAX_LIVE_CERTS, MeshDump, PolicyRecord, RouteRecord, SCHEMA_VERSION,
+    SourceRecord, Store, StoreError, TokenRecord,
 };
 
 /// The default key prefix.
@@ -628,6 +628,11 @@ fn history_parts(h: &HistoryRecord) -> Vec<Vec<u8>> {
                 } else {
                     BTreeSet::new()
                 },
+                routes: if i == 0 {
+                    h.routes.clone()
+                } else {
+                    BTreeSet::new()
+                },
             };
             encode(&part)
         })
@@ -903,9 +908,13 @@ impl Store for EtcdStore {
                 h.services.extend(part.services);
                 h.deny |= part.deny;
                 h.policies.extend(part.policies);
+                h.routes.extend(part.routes);
             } else if let Some(k) = rest.strip_prefix("policies/") {
                 let rec: PolicyRecord = decode("mesh/policies", &kv.key, &kv.value)?;
                 dump.policies.insert(k.to_owned(), rec);
+            } else if let Some(k) = rest.strip_prefix("routes/") {
+                let rec: RouteRecord = decode("mesh/routes", &kv.key, &kv.value)?;
+                dump.routes.insert(k.to_owned(), rec);
             }
         }
         *self.mesh_rev.lock().unwrap_or_else(|p| p.into_inner()) = Some(version_rev);
@@ -944,6 +953,13 @@ impl Store for EtcdStore {
         }
         for (key, rec) in &w.policies {
             let k = self.key("mesh/policies", &text(key));
+            ops.push(match rec {
+                Some(rec) => Op::put(k, rec.clone()),
+                None => Op::Delete { key: k },
+            });
+        }
+        for (key, rec) in &w.routes {
+            let k = self.key("mesh/routes", &text(key));
             ops.push(match rec {
                 Some(rec) => Op::put(k, rec.clone()),
                 None => Op::Delete { key: k },
@@ -1129,6 +1145,9 @@ impl EtcdStore {
                     ));
                 }
             }
+            for (key, rec) in &dump.routes {
+                ops.push(Op::put(self.key("mesh/routes", key), encode(rec)));
+            }
             for (key, rec) in &dump.policies {
                 ops.push(Op::put(self.key("mesh/policies", key), encode(rec)));
             }
@@ -1235,6 +1254,8 @@ impl EtcdStore {
         diff(&mut out, "history", hist(a.history), hist(b.history));
         let pol = |m: BTreeMap<String, PolicyRecord>| m.into_iter().collect();
         diff(&mut out, "policy", pol(a.policies), pol(b.policies));
+        let rt = |m: BTreeMap<String, RouteRecord>| m.into_iter().collect();
+        diff(&mut out, "route", rt(a.routes), rt(b.routes));
         Ok(out)
     }
 }

@@ -16,7 +16,7 @@ use causeway_api::registry::{
 use causeway_controller::etcd::{Etcd, EtcdOptions};
 use causeway_controller::store::{
     AgentRecord, CaRecord, CertRecord, Enrollment, GroupRecord, HistoryRecord, LiveCert, MeshWrite,
-    PolicyRecord, SledStore, SourceRecord, Store, StoreError, TokenRecord,
+    PolicyRecord, RouteRecord, SledStore, SourceRecord, Store, StoreError, TokenRecord,
 };
 use causeway_controller::store_etcd::{EtcdStore, Kek};
 
@@ -325,6 +325,15 @@ fn endpoint(source: &str, id: &str, addr: &str) -> Endpoint {
     e
 }
 
+fn route(seq: u64) -> RouteRecord {
+    let json = r#"{"apiVersion":"networking.istio.io/v1","kind":"DestinationRule","metadata":{"name":"x","namespace":"a"},"spec":{"host":"web","subsets":[{"name":"v1","labels":{"version":"v1"}}]}}"#;
+    RouteRecord {
+        seq,
+        version: seq,
+        resource: serde_json::from_str(json).unwrap(),
+    }
+}
+
 fn policy(seq: u64) -> PolicyRecord {
     let json = r#"{"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy","metadata":{"name":"x","namespace":"a"},"spec":{"action":"DENY","rules":[{}]}}"#;
     PolicyRecord {
@@ -517,13 +526,19 @@ fn conformance(s: &dyn Store) {
         history: &big_history,
         history_keep_from: 0,
         policies: vec![("AuthorizationPolicy/a/x".into(), Some(policy(1)))],
+        routes: vec![("DestinationRule/a/x".into(), Some(route(1)))],
     };
     s.save_mesh(&w1.encode()).unwrap();
+    assert_eq!(
+        s.load_mesh().unwrap().routes["DestinationRule/a/x"],
+        route(1)
+    );
     // Version 2 drops one service, deletes the policy and forgets history below 2.
     let small = HistoryRecord {
         services: [keys[0].clone()].into_iter().collect(),
         deny: false,
         policies: ["AuthorizationPolicy/a/x".to_owned()].into_iter().collect(),
+        routes: ["DestinationRule/a/x".to_owned()].into_iter().collect(),
     };
     let w2 = MeshWrite {
         version: 2,
@@ -533,6 +548,7 @@ fn conformance(s: &dyn Store) {
         history: &small,
         history_keep_from: 2,
         policies: vec![("AuthorizationPolicy/a/x".into(), None)],
+        routes: vec![("DestinationRule/a/x".into(), None)],
     };
     s.save_mesh(&w2.encode()).unwrap();
     let d = s.load_mesh().unwrap();
@@ -549,6 +565,7 @@ fn conformance(s: &dyn Store) {
     assert_eq!(d.history.keys().copied().collect::<Vec<_>>(), [2]);
     assert_eq!(d.history[&2], small);
     assert!(d.policies.is_empty());
+    assert!(d.routes.is_empty());
     // History below keep_from goes, what is kept comes back whole (all its parts).
     let w3 = MeshWrite {
         version: 3,
@@ -558,6 +575,7 @@ fn conformance(s: &dyn Store) {
         history: &big_history,
         history_keep_from: 2,
         policies: vec![("AuthorizationPolicy/a/x".into(), Some(policy(3)))],
+        routes: vec![],
     };
     s.save_mesh(&w3.encode()).unwrap();
     let d = s.load_mesh().unwrap();
@@ -749,6 +767,7 @@ fn a_sled_store_migrates_into_etcd_idempotently() {
         services: [key.clone()].into_iter().collect(),
         deny: false,
         policies: ["AuthorizationPolicy/a/x".to_owned()].into_iter().collect(),
+        routes: ["DestinationRule/a/x".to_owned()].into_iter().collect(),
     };
     sled.save_mesh(
         &MeshWrite {
@@ -765,6 +784,7 @@ fn a_sled_store_migrates_into_etcd_idempotently() {
             history: &history,
             history_keep_from: 0,
             policies: vec![("AuthorizationPolicy/a/x".into(), Some(policy(1)))],
+            routes: vec![("DestinationRule/a/x".into(), Some(route(1)))],
         }
         .encode(),
     )
@@ -844,6 +864,7 @@ fn a_stale_mesh_writer_is_refused() {
         history: &h,
         history_keep_from: 0,
         policies: vec![],
+        routes: vec![],
     };
     a.save_mesh(&write(1, 1).encode()).unwrap();
     a.save_mesh(&write(2, 1).encode()).unwrap();

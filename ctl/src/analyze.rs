@@ -121,6 +121,7 @@ pub(crate) async fn run(api: Option<&Api>, out: Output, args: &AnalyzeArgs) -> a
         Some(api) => {
             let body = serde_json::to_value(AnalyzeRequest {
                 resources,
+                routes,
                 thresholds: args.thresholds(),
             })?;
             api.call::<Report>(Method::POST, "/v1/analyze", Some(body))

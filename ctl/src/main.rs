@@ -89,7 +89,8 @@ enum Command {
     /// The merged registry.
     #[command(subcommand)]
     Registry(RegistryCmd),
-    /// Create or update policy resources (AuthorizationPolicy, PeerAuthentication) from
+    /// Create or update policy resources (AuthorizationPolicy, PeerAuthentication,
+    /// RequestAuthentication) and routing resources (VirtualService, DestinationRule) from
     /// Istio YAML or JSON; all or nothing.
     Apply {
         /// A file, a directory, or - for standard input (repeatable).
@@ -102,8 +103,9 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// List or show policy resources: KIND is authorizationpolicies (ap),
-    /// peerauthentications (pa) or requestauthentications (ra).
+    /// List or show policy and routing resources: KIND is authorizationpolicies (ap),
+    /// peerauthentications (pa), requestauthentications (ra), virtualservices (vs) or
+    /// destinationrules (dr).
     Get {
         /// The kind.
         kind: String,
@@ -116,7 +118,7 @@ enum Command {
         #[arg(short = 'A', long)]
         all_namespaces: bool,
     },
-    /// Delete policy resources named in files, or one by KIND NAME.
+    /// Delete policy or routing resources named in files, or one by KIND NAME.
     Delete {
         /// The kind (with NAME).
         kind: Option<String>,
@@ -927,6 +929,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             .map(|(k, n)| format!("{k}:{n}"))
                             .collect::<Vec<_>>()
                             .join(",");
+                        let labels = e
+                            .labels
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(",");
                         vec![
                             e.address.clone(),
                             ports,
@@ -935,6 +943,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             e.native_id.clone(),
                             e.stale.to_string(),
                             opt(e.identity.as_ref()),
+                            opt(e.zone.as_ref()),
+                            if labels.is_empty() {
+                                "-".into()
+                            } else {
+                                labels
+                            },
                         ]
                     })
                     .collect();
@@ -947,6 +961,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "NATIVE ID",
                         "STALE",
                         "IDENTITY",
+                        "LOCALITY",
+                        "LABELS",
                     ],
                     rows,
                 ));

@@ -1,5 +1,6 @@
-//! `apply`, `get`, `delete` and `why`: policy resources in Istio's YAML, as `kubectl` and
-//! `istioctl` users know them.
+//! `apply`, `get`, `delete` and `why`: policy and routing resources in Istio's YAML, as
+//! `kubectl` and `istioctl` users know them. Policies go to `/v1/policies`, routing
+//! resources (VirtualService, DestinationRule) to `/v1/routes`.
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,9 @@ use causeway_api::policy::api::{
     ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, PolicyItem, WhyRequest, WhyResponse,
 };
 use causeway_api::policy::validate::validate;
-use causeway_api::policy::{Kind, Resource, decode_documents_indexed};
+use causeway_api::policy::{Kind, Resource};
+use causeway_api::route::api::{RouteApplyRequest, RouteItem};
+use causeway_api::route::{AnyResource, RouteResource, decode_documents_indexed};
 use reqwest::Method;
 
 use super::{Answer, Api, Output, table};
@@ -61,21 +64,39 @@ pub(crate) fn read(path: &Path) -> anyhow::Result<String> {
     })
 }
 
+/// The resources of a set of files: policies and routing resources.
+#[derive(Debug, Default)]
+pub(crate) struct Loaded {
+    /// AuthorizationPolicy, PeerAuthentication, RequestAuthentication.
+    pub(crate) policies: Vec<Resource>,
+    /// VirtualService, DestinationRule.
+    pub(crate) routes: Vec<RouteResource>,
+}
+
 /// Reads, decodes and validates every document of every file; any problem anywhere is an
 /// error listing all of them, so nothing is applied from a file with an error.
 /// `namespace` fills resources without one and must agree with those that have one.
-pub(crate) fn load(paths: &[PathBuf], namespace: Option<&str>) -> anyhow::Result<Vec<Resource>> {
-    let mut resources = Vec::new();
+/// Routing resources are also checked together (each subset a route names must be
+/// defined by a DestinationRule in the files, or by one already applied: the controller
+/// checks that).
+pub(crate) fn load(paths: &[PathBuf], namespace: Option<&str>) -> anyhow::Result<Loaded> {
+    let mut loaded = Loaded::default();
     let mut errors = Vec::new();
+    // Where each routing resource came from: (file, document).
+    let mut route_origins: Vec<(String, usize)> = Vec::new();
     for path in expand(paths)? {
         let origin = path.display().to_string();
         let text = read(&path)?;
         match decode_documents_indexed(&origin, &text) {
             Err(es) => errors.extend(es.iter().map(ToString::to_string)),
             Ok(docs) => {
-                for (doc, mut r) in docs {
+                for (doc, any) in docs {
+                    let mut any = any;
+                    let m = match &mut any {
+                        AnyResource::Policy(r) => r.metadata_mut(),
+                        AnyResource::Route(r) => r.metadata_mut(),
+                    };
                     if let Some(ns) = namespace {
-                        let m = r.metadata_mut();
                         match &m.namespace {
                             None => m.namespace = Some(ns.to_owned()),
                             Some(have) if have != ns => errors.push(format!(
@@ -84,10 +105,40 @@ pub(crate) fn load(paths: &[PathBuf], namespace: Option<&str>) -> anyhow::Result
                             Some(_) => {}
                         }
                     }
-                    for p in validate(&r) {
+                    let problems = match &any {
+                        AnyResource::Policy(r) => validate(r),
+                        AnyResource::Route(r) => causeway_api::route::validate(r),
+                    };
+                    for p in problems {
                         errors.push(format!("{origin} doc {doc}: {}: {}", p.path, p.message));
                     }
-                    resources.push(r);
+                    match any {
+                        AnyResource::Policy(r) => loaded.policies.push(*r),
+                        AnyResource::Route(r) => {
+                            route_origins.push((origin.clone(), doc));
+                            loaded.routes.push(r);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Subsets against the DestinationRules of the files: a rule for the host that lacks
+    // the subset is an error here; a host without a rule in the files is checked by the
+    // controller against the rules already applied.
+    let rules: Vec<&causeway_api::route::DestinationRule> = loaded
+        .routes
+        .iter()
+        .filter_map(|r| match r {
+            RouteResource::DestinationRule(d) => Some(&**d),
+            RouteResource::VirtualService(_) => None,
+        })
+        .collect();
+    for (r, (origin, doc)) in loaded.routes.iter().zip(&route_origins) {
+        if let RouteResource::VirtualService(vs) = r {
+            for p in causeway_api::route::validate::check_subsets(vs, &rules) {
+                if !p.message.contains("no DestinationRule defines") {
+                    errors.push(format!("{origin} doc {doc}: {}: {}", p.path, p.message));
                 }
             }
         }
@@ -100,25 +151,13 @@ pub(crate) fn load(paths: &[PathBuf], namespace: Option<&str>) -> anyhow::Result
             errors.join("\n  ")
         );
     }
-    if resources.is_empty() {
+    if loaded.policies.is_empty() && loaded.routes.is_empty() {
         bail!("no resource found in the files given");
     }
-    Ok(resources)
+    Ok(loaded)
 }
 
-/// `causewayctl apply -f …`.
-pub(crate) async fn apply(
-    api: &Api,
-    out: Output,
-    files: &[PathBuf],
-    namespace: Option<&str>,
-    dry_run: bool,
-) -> anyhow::Result<()> {
-    let resources = load(files, namespace)?;
-    let body = serde_json::to_value(ApplyRequest { resources, dry_run })?;
-    let answer: Answer<ApplyResponse> = api
-        .call(Method::POST, "/v1/policies/apply", Some(body))
-        .await?;
+fn print_applied(out: Output, answer: &Answer<ApplyResponse>) {
     let resp = &answer.typed;
     super::print(out, &answer.raw, |_| {
         let suffix = if resp.dry_run { " (dry run)" } else { "" };
@@ -132,19 +171,74 @@ pub(crate) async fn apply(
         }
         text
     });
+}
+
+/// `causewayctl apply -f …`.
+pub(crate) async fn apply(
+    api: &Api,
+    out: Output,
+    files: &[PathBuf],
+    namespace: Option<&str>,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let loaded = load(files, namespace)?;
+    // Routing resources first: their set check on the controller is the one more likely
+    // to refuse, and then no policy of the files is applied either.
+    if !loaded.routes.is_empty() {
+        let body = serde_json::to_value(RouteApplyRequest {
+            resources: loaded.routes,
+            dry_run,
+        })?;
+        let answer: Answer<ApplyResponse> = api
+            .call(Method::POST, "/v1/routes/apply", Some(body))
+            .await?;
+        print_applied(out, &answer);
+    }
+    if !loaded.policies.is_empty() {
+        let body = serde_json::to_value(ApplyRequest {
+            resources: loaded.policies,
+            dry_run,
+        })?;
+        let answer: Answer<ApplyResponse> = api
+            .call(Method::POST, "/v1/policies/apply", Some(body))
+            .await?;
+        print_applied(out, &answer);
+    }
     Ok(())
 }
 
-fn kind_arg(kind: &str) -> anyhow::Result<Kind> {
-    Kind::from_cli(kind).with_context(|| {
+/// A kind named on the command line.
+#[derive(Debug, Clone, Copy)]
+enum CliKind {
+    Policy(Kind),
+    Route(&'static str),
+}
+
+impl std::fmt::Display for CliKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CliKind::Policy(k) => k.fmt(f),
+            CliKind::Route(k) => f.write_str(k),
+        }
+    }
+}
+
+fn kind_arg(kind: &str) -> anyhow::Result<CliKind> {
+    if let Some(k) = causeway_api::route::kind_from_cli(kind) {
+        return Ok(CliKind::Route(k));
+    }
+    Kind::from_cli(kind).map(CliKind::Policy).with_context(|| {
         format!(
-            "unknown kind {kind:?}: expected authorizationpolicies (ap), peerauthentications (pa) or requestauthentications (ra)"
+            "unknown kind {kind:?}: expected authorizationpolicies (ap), peerauthentications (pa), requestauthentications (ra), virtualservices (vs) or destinationrules (dr)"
         )
     })
 }
 
-fn list_path(kind: Kind, namespace: Option<&str>, name: Option<&str>) -> String {
-    let mut path = format!("/v1/policies?kind={}", kind.as_str());
+fn list_path(kind: CliKind, namespace: Option<&str>, name: Option<&str>) -> String {
+    let mut path = match kind {
+        CliKind::Policy(k) => format!("/v1/policies?kind={}", k.as_str()),
+        CliKind::Route(k) => format!("/v1/routes?kind={k}"),
+    };
     if let Some(ns) = namespace {
         path.push_str(&format!("&namespace={ns}"));
     }
@@ -169,6 +263,9 @@ pub(crate) async fn get(
     } else {
         Some(namespace.unwrap_or("default"))
     };
+    if let CliKind::Route(_) = kind {
+        return get_routes(api, out, kind, name, ns).await;
+    }
     let items: Vec<PolicyItem> = api
         .call(Method::GET, &list_path(kind, ns, name), None)
         .await?
@@ -268,38 +365,90 @@ pub(crate) async fn get(
     Ok(())
 }
 
-/// `causewayctl delete -f FILE` or `causewayctl delete KIND NAME -n NS`.
-pub(crate) async fn delete(
+/// `causewayctl get vs|dr`.
+async fn get_routes(
     api: &Api,
     out: Output,
-    files: &[PathBuf],
-    kind: Option<&str>,
+    kind: CliKind,
     name: Option<&str>,
-    namespace: Option<&str>,
+    ns: Option<&str>,
 ) -> anyhow::Result<()> {
-    let keys: Vec<String> = match (files.is_empty(), kind, name) {
-        (false, None, None) => load(files, namespace)?
-            .iter()
-            .map(|r| {
-                let m = r.metadata();
-                format!("{}/{}/{}", r.kind(), m.namespace(), m.name)
-            })
-            .collect(),
-        (true, Some(kind), Some(name)) => {
-            vec![format!(
-                "{}/{}/{name}",
-                kind_arg(kind)?,
-                namespace.unwrap_or("default")
-            )]
+    let items: Vec<RouteItem> = api
+        .call(Method::GET, &list_path(kind, ns, name), None)
+        .await?
+        .typed;
+    if let (Some(n), true) = (name, items.is_empty()) {
+        bail!(
+            "{kind} {n:?} not found in namespace {}",
+            ns.unwrap_or("any")
+        );
+    }
+    let resources: Vec<&RouteResource> = items.iter().map(|i| &i.resource).collect();
+    match out {
+        Output::Json => {
+            let value = if name.is_some() && resources.len() == 1 {
+                serde_json::to_value(resources[0])?
+            } else {
+                serde_json::json!({"apiVersion": "v1", "kind": "List", "items": resources})
+            };
+            println!("{}", serde_json::to_string_pretty(&value)?);
         }
-        _ => bail!(
-            "give either -f FILE or KIND NAME (e.g. `causewayctl delete ap allow-web -n shop`)"
-        ),
-    };
+        Output::Yaml => {
+            for r in &resources {
+                print!("---\n{}", serde_yaml_ng::to_string(r)?);
+            }
+        }
+        Output::Text => {
+            let rows = items
+                .iter()
+                .map(|i| {
+                    let m = i.resource.metadata();
+                    let (hosts, detail) = match &i.resource {
+                        RouteResource::VirtualService(v) => (
+                            v.spec.hosts.join(","),
+                            format!(
+                                "{} http, {} tcp routes",
+                                v.spec.http.len(),
+                                v.spec.tcp.len()
+                            ),
+                        ),
+                        RouteResource::DestinationRule(d) => (
+                            d.spec.host.clone(),
+                            format!(
+                                "subsets: {}",
+                                d.spec
+                                    .subsets
+                                    .iter()
+                                    .map(|s| s.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            ),
+                        ),
+                    };
+                    vec![
+                        m.namespace().to_owned(),
+                        m.name.clone(),
+                        hosts,
+                        detail,
+                        i.version.to_string(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["NAMESPACE", "NAME", "HOSTS", "ROUTES/SUBSETS", "VERSION"],
+                    rows
+                )
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn delete_keys(api: &Api, out: Output, path: &str, keys: Vec<String>) -> anyhow::Result<()> {
     let body = serde_json::to_value(DeleteRequest { keys })?;
-    let answer: Answer<DeleteResponse> = api
-        .call(Method::POST, "/v1/policies/delete", Some(body))
-        .await?;
+    let answer: Answer<DeleteResponse> = api.call(Method::POST, path, Some(body)).await?;
     let resp = &answer.typed;
     super::print(out, &answer.raw, |_| {
         let mut text: String = resp
@@ -310,6 +459,57 @@ pub(crate) async fn delete(
         text.push_str(&format!("mesh version {}\n", resp.version));
         text
     });
+    Ok(())
+}
+
+/// `causewayctl delete -f FILE` or `causewayctl delete KIND NAME -n NS`.
+pub(crate) async fn delete(
+    api: &Api,
+    out: Output,
+    files: &[PathBuf],
+    kind: Option<&str>,
+    name: Option<&str>,
+    namespace: Option<&str>,
+) -> anyhow::Result<()> {
+    let (policy_keys, route_keys): (Vec<String>, Vec<String>) = match (files.is_empty(), kind, name)
+    {
+        (false, None, None) => {
+            let loaded = load(files, namespace)?;
+            (
+                loaded
+                    .policies
+                    .iter()
+                    .map(|r| {
+                        let m = r.metadata();
+                        format!("{}/{}/{}", r.kind(), m.namespace(), m.name)
+                    })
+                    .collect(),
+                loaded.routes.iter().map(RouteResource::key).collect(),
+            )
+        }
+        (true, Some(kind), Some(name)) => {
+            let key = format!(
+                "{}/{}/{name}",
+                kind_arg(kind)?,
+                namespace.unwrap_or("default")
+            );
+            match kind_arg(kind)? {
+                CliKind::Policy(_) => (vec![key], Vec::new()),
+                CliKind::Route(_) => (Vec::new(), vec![key]),
+            }
+        }
+        _ => bail!(
+            "give either -f FILE or KIND NAME (e.g. `causewayctl delete ap allow-web -n shop`)"
+        ),
+    };
+    // Routes first: a DestinationRule still named by a route is refused before anything
+    // is deleted.
+    if !route_keys.is_empty() {
+        delete_keys(api, out, "/v1/routes/delete", route_keys).await?;
+    }
+    if !policy_keys.is_empty() {
+        delete_keys(api, out, "/v1/policies/delete", policy_keys).await?;
+    }
     Ok(())
 }
 
@@ -389,7 +589,9 @@ mod tests {
             r#"{"apiVersion":"security.istio.io/v1","kind":"PeerAuthentication","metadata":{"name":"b","namespace":"shop"},"spec":{"mtls":{"mode":"STRICT"}}}"#,
         );
         write(dir.path(), "notes.txt", "ignored");
-        let rs = load(&[dir.path().to_path_buf()], Some("shop")).unwrap();
+        let rs = load(&[dir.path().to_path_buf()], Some("shop"))
+            .unwrap()
+            .policies;
         assert_eq!(rs.len(), 2);
         assert_eq!(rs[0].display_name(), "AuthorizationPolicy shop/a");
         assert_eq!(rs[1].display_name(), "PeerAuthentication shop/b");

@@ -195,6 +195,9 @@ pub struct DataplaneConfig {
     pub tunnel_listen: SocketAddr,
     /// Tunnel port of peer agents.
     pub tunnel_port: u16,
+    /// Where off-host plaintext to this host's application ports (PERMISSIVE) is handed
+    /// to the agent (TPROXY) to be authorized; IPv4.
+    pub inbound_listen: SocketAddr,
     /// Socket mark (SO_MARK) on the agent's own TCP sockets so capture skips them.
     pub mark: u32,
     /// This host's zone, for same-zone-first endpoint choice.
@@ -262,6 +265,7 @@ impl Default for DataplaneConfig {
             outbound_listen: SocketAddr::from(([127, 0, 0, 1], 15001)),
             tunnel_listen: SocketAddr::from(([0, 0, 0, 0], 15008)),
             tunnel_port: 15008,
+            inbound_listen: SocketAddr::from(([0, 0, 0, 0], 15006)),
             mark: 0x4357,
             zone: None,
             connect_timeout: Duration::from_secs(5),
@@ -386,6 +390,12 @@ impl AgentConfig {
             errors.push(
                 "dataplane.outbound_listen: port 0 cannot be a capture target; use 15001".into(),
             );
+        }
+        if dp.capture && (!dp.inbound_listen.is_ipv4() || dp.inbound_listen.port() == 0) {
+            errors.push(format!(
+                "dataplane.inbound_listen = {}: must be an IPv4 address with a port (the TPROXY target of inbound plaintext), e.g. \"0.0.0.0:15006\"",
+                dp.inbound_listen
+            ));
         }
         if dp.tunnel_port == 0 {
             errors.push("dataplane.tunnel_port = 0: must be 1..65535 (15008)".into());

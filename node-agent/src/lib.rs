@@ -7,9 +7,8 @@
 //! forwards the rest ([`dns`]); reports identity, expiry, controller connection and
 //! config version ([`status`]); serves health, readiness and metrics on 15020 and tells
 //! systemd when it is ready ([`health`]). State files are written off the data-plane
-//! thread ([`writer`]).
-//!
-//! What it does not: the inbound capture port 15006 (see [`dataplane`]).
+//! thread ([`writer`]). Inbound plaintext is authorized on 15006
+//! ([`dataplane::plaintext`]).
 
 pub mod client;
 pub mod config;

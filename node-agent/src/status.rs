@@ -49,6 +49,9 @@ pub struct Status {
     pub last_renewal_at: Option<i64>,
     /// Unix seconds.
     pub next_renewal_at: Option<i64>,
+    /// Endpoints ejected by outlier detection (a DestinationRule's `outlierDetection`)
+    /// in the running agent, with the time left.
+    pub outlier_ejections: Vec<crate::dataplane::lb::Ejected>,
 }
 
 fn process_alive(pid: u32) -> bool {
@@ -109,7 +112,35 @@ pub fn status(state: &StateDir) -> anyhow::Result<Status> {
         last_error: if running { run.last_error } else { None },
         last_renewal_at: run.last_renewal_at,
         next_renewal_at: if running { run.next_renewal_at } else { None },
+        outlier_ejections: if running {
+            outlier_ejections(state, now)
+        } else {
+            Vec::new()
+        },
     })
+}
+
+/// The running agent's outlier ejections, with the time left now.
+fn outlier_ejections(state: &StateDir, now_secs: i64) -> Vec<crate::dataplane::lb::Ejected> {
+    let Some(report) = std::fs::read(state.file(crate::dataplane::lb::OUTLIERS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<crate::dataplane::lb::OutlierReport>(&b).ok())
+    else {
+        return Vec::new();
+    };
+    let elapsed = u64::try_from(now_secs)
+        .unwrap_or(0)
+        .saturating_mul(1000)
+        .saturating_sub(report.at_unix_ms);
+    report
+        .ejected
+        .into_iter()
+        .filter(|e| e.remaining_ms > elapsed)
+        .map(|mut e| {
+            e.remaining_ms -= elapsed;
+            e
+        })
+        .collect()
 }
 
 /// Human-readable form.
@@ -161,6 +192,12 @@ pub fn render(s: &Status) -> String {
     }
     if let Some(e) = &s.registration_error {
         out.push_str(&format!("NOT registered: {e}\n"));
+    }
+    for e in &s.outlier_ejections {
+        out.push_str(&format!(
+            "ejected:     {} by outlier detection, {} ms left (ejection {})\n",
+            e.endpoint, e.remaining_ms, e.ejections
+        ));
     }
     if let Some(e) = &s.last_error {
         out.push_str(&format!("last error:  {e}\n"));

@@ -873,3 +873,116 @@ fn the_demo_mesh_is_clean_then_dataplane_and_policy_problems_are_reported() {
     );
     drop(procs);
 }
+
+/// Routing checks against a live mesh (a file source with endpoints labelled by version):
+/// a DestinationRule subset selecting no endpoint and two VirtualServices for one host
+/// are applied and reported; `-f` with a host and a destination the registry lacks, with
+/// weights off 100 and an undefined subset is reported with the file and document.
+#[test]
+fn routing_conditions_live_and_from_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "services.toml",
+        "[[services]]\nname = \"web\"\nnamespace = \"default\"\nports = { http = 8080 }\n[[services.endpoints]]\naddress = \"192.0.2.21\"\nlabels = { version = \"v1\" }\n[[services.endpoints]]\naddress = \"192.0.2.22\"\nlabels = { version = \"v2\" }\n",
+    );
+    let ctl = Controller::start_with_config(
+        &dir.path().join("c"),
+        &format!(
+            "[[sources.file]]\nname = \"ext\"\npath = {:?}\n",
+            file.to_str().unwrap()
+        ),
+    );
+    wait_for("service web in the registry", WAIT, || {
+        let out = ctl.ctl(&["registry", "list", "--output", "json"]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("\"web\"")
+            .then_some(())
+    });
+    let good = write(
+        dir.path(),
+        "routes.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: default}\nspec:\n  host: web\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n  - {name: v3, labels: {version: v3}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: default}\nspec:\n  hosts: [web]\n  http:\n  - route:\n    - {destination: {host: web, subset: v1}, weight: 90}\n    - {destination: {host: web.default, subset: v2}, weight: 10}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web-canary, namespace: default}\nspec:\n  hosts: [web.default.causeway]\n  http:\n  - route: [{destination: {host: web, subset: v2}}]\n",
+    );
+    let out = ctl.ctl(&["apply", "-f", good.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let (status, messages) = analyze(&ctl, &[]);
+    let m = find(&messages, "CW0504", "DestinationRule default/web")
+        .unwrap_or_else(|| panic!("{messages:#?}"));
+    assert!(m["message"].as_str().unwrap().contains("\"v3\""), "{m}");
+    assert_eq!(m["level"], "Warning");
+    let m = find(&messages, "CW0506", "VirtualService default/web-canary")
+        .unwrap_or_else(|| panic!("{messages:#?}"));
+    assert!(
+        m["message"]
+            .as_str()
+            .unwrap()
+            .contains("VirtualService default/web"),
+        "{m}"
+    );
+    assert!(
+        find(&messages, "CW0506", "VirtualService default/web").is_none(),
+        "the older one is not reported: {messages:#?}"
+    );
+    assert_eq!(status, 0, "warnings only: {messages:#?}");
+    let (status, _) = analyze(&ctl, &["--fail-on", "warning"]);
+    assert_eq!(status, FINDINGS);
+
+    // Files checked against the live mesh before they are applied.
+    let bad = write(
+        dir.path(),
+        "bad.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: shop, namespace: default}\nspec:\n  hosts: [shop]\n  http:\n  - route: [{destination: {host: cart}}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: default}\nspec:\n  hosts: [web]\n  http:\n  - route: [{destination: {host: web, subset: v9}}]\n",
+    );
+    let (status, messages) = analyze(&ctl, &["-f", bad.to_str().unwrap()]);
+    assert_eq!(status, FINDINGS, "{messages:#?}");
+    let m = find(&messages, "CW0501", "VirtualService default/shop")
+        .unwrap_or_else(|| panic!("{messages:#?}"));
+    assert!(
+        m["message"].as_str().unwrap().contains("bad.yaml doc 1"),
+        "{m}"
+    );
+    let m = find(&messages, "CW0502", "VirtualService default/shop")
+        .unwrap_or_else(|| panic!("{messages:#?}"));
+    assert_eq!(m["level"], "Error");
+    let m = find(&messages, "CW0503", "VirtualService default/web")
+        .unwrap_or_else(|| panic!("{messages:#?}"));
+    assert!(m["message"].as_str().unwrap().contains("v9"), "{m}");
+
+    // Weights that do not add up are refused by validation: offline, CW0001 names the
+    // file and document.
+    let weights = write(
+        dir.path(),
+        "weights.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: default}\nspec:\n  hosts: [web]\n  http:\n  - route:\n    - {destination: {host: web}, weight: 60}\n    - {destination: {host: web}, weight: 60}\n",
+    );
+    let out = std::process::Command::new(bin("causewayctl"))
+        .args([
+            "analyze",
+            "--offline",
+            "-f",
+            weights.to_str().unwrap(),
+            "--output",
+            "json",
+        ])
+        .env(
+            "CAUSEWAY_CONTROLLER",
+            format!("http://127.0.0.1:{}", unshared_port()),
+        )
+        .env(
+            "CAUSEWAY_ADMIN_TOKEN_FILE",
+            dir.path().join("no-such-token"),
+        )
+        .output()
+        .unwrap();
+    let (status, messages) = report(&out);
+    assert_eq!(status, FINDINGS, "{messages:#?}");
+    assert!(
+        messages.iter().any(|m| m["code"] == "CW0001"
+            && m["resource"]
+                .as_str()
+                .unwrap()
+                .ends_with("weights.yaml doc 1")),
+        "{messages:#?}"
+    );
+}

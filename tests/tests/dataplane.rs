@@ -1276,6 +1276,175 @@ fn authorization_policy_admits_named_clients_and_cuts_on_deny() {
     assert!(out.ends_with("restored"), "{out:?}");
 }
 
+/// An AuthorizationPolicy on the source address of plaintext clients.
+fn ip_policy(name: &str, action: &str, cidr: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  selector:\n    matchLabels: {{causeway.io/group: web}}\n  action: {action}\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"{cidr}\"]\n"
+    )
+}
+
+/// Whether the plaintext policy route of an agent (routing table 17239) is in `node`.
+fn plaintext_route(node: &Node) -> bool {
+    node.sh_ok("ip rule show").contains("lookup 17239")
+}
+
+/// Inbound plaintext through the agent (PERMISSIVE): a host without an agent ("plain")
+/// reaches vm2's application through vm2's agent, which sees and passes on the client's
+/// real address; principal rules refuse it (it has none), a matching `ipBlocks` rule
+/// admits it, and a DENY on its address pushed while a plaintext connection is open cuts
+/// that connection and leaves a mesh client's open connection alone. A killed agent's
+/// TPROXY rules and policy route are removed by `causeway-agent cleanup`.
+#[test]
+fn plaintext_is_authorized_by_address_before_the_application_and_cut_on_deny() {
+    let mut m = Mesh::new();
+    let s1 = m.join("vm1", "client");
+    let s2 = m.join("vm2", "web");
+    m.server("vm2", 8080);
+    let a2 = m.agent("vm2", &s2);
+    m.agent("vm1", &s1);
+    let vm2 = m.lab.node("vm2").clone();
+    let vm2_addr = vm2.addr.to_string();
+    let plain_addr = m.lab.node("plain").addr.to_string();
+    let vip = wait_routed(&s1, "default/web", &vm2_addr);
+    wait_for("vm2's TPROXY rule for its port 8080", WAIT, || {
+        std::fs::read_to_string(s2.join("capture.rules"))
+            .ok()?
+            .contains(&format!(
+                "-d {vm2_addr}/32 -p tcp -m tcp --dport 8080 -j TPROXY --on-port 15006"
+            ))
+            .then_some(())
+    });
+    assert!(plaintext_route(&vm2), "{}", vm2.sh_ok("ip rule show"));
+    let (ok, text) = m.doctor("vm2", &s2);
+    assert!(ok, "{text}");
+    let refused = |m: &Mesh, marker: &str| {
+        let out = m.client_output("plain", &vm2_addr, 8080, marker);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            !text.contains(marker),
+            "a denied plaintext connection reached the application: {text:?}\n{}",
+            m.logs()
+        );
+    };
+
+    // No policy: admitted through the agent; the application sees the client's address.
+    let out = m.client("plain", &vm2_addr, 8080, "no-policy");
+    assert!(
+        out.starts_with(&format!("peer={plain_addr} name=vm2\n")) && out.ends_with("no-policy"),
+        "{out:?}"
+    );
+    assert!(
+        m.procs[a2].log().contains("inbound plaintext connection"),
+        "the plaintext connection did not go through vm2's agent\n{}",
+        m.logs()
+    );
+
+    // Principal rules never match plaintext: refused, and the mesh client still passes.
+    apply(&m, "allow-client", &allow_policy(&["client"]));
+    wait_policies(&s2, &["AuthorizationPolicy/default/allow-clients"]);
+    refused(&m, "principal-only");
+    assert!(
+        m.procs[a2]
+            .log()
+            .contains("plaintext connection denied by policy"),
+        "{}",
+        m.logs()
+    );
+    let out = m.client("vm1", &vip, 8080, "mesh");
+    assert!(out.ends_with("mesh"), "{out:?}");
+
+    // A matching ipBlocks rule admits it, with its real address.
+    apply(
+        &m,
+        "allow-plain",
+        &ip_policy("allow-plain", "ALLOW", &format!("{plain_addr}/32")),
+    );
+    wait_policies(
+        &s2,
+        &[
+            "AuthorizationPolicy/default/allow-clients",
+            "AuthorizationPolicy/default/allow-plain",
+        ],
+    );
+    let out = m.client("plain", &vm2_addr, 8080, "by-address");
+    assert!(
+        out.starts_with(&format!("peer={plain_addr} name=vm2\n")) && out.ends_with("by-address"),
+        "{out:?}"
+    );
+
+    // Open connections: plaintext from "plain", through the mesh from vm1.
+    let long = |vm: &str, host: &str, go: &Path| {
+        m.lab
+            .node(vm)
+            .cmd("python3")
+            .args([
+                "-c",
+                LONG_CLIENT_PY,
+                host,
+                "8080",
+                "first;",
+                go.to_str().unwrap(),
+                "second",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (go1, go3) = (m.root.join("go1"), m.root.join("go3"));
+    let from_vm1 = long("vm1", &vip, &go1);
+    let from_plain = long("plain", &vm2_addr, &go3);
+    wait_for("both long-lived connections to carry bytes", WAIT, || {
+        (go1.with_extension("open").exists() && go3.with_extension("open").exists()).then_some(())
+    });
+    let t0 = std::time::Instant::now();
+    apply(
+        &m,
+        "deny-plain",
+        &ip_policy("deny-plain", "DENY", &format!("{plain_addr}/32")),
+    );
+    wait_for("vm2's agent to cut the plaintext connection", WAIT, || {
+        m.procs[a2]
+            .log()
+            .contains("open plaintext connection cut: a policy change denies it")
+            .then_some(())
+    });
+    eprintln!(
+        "open plaintext connection cut {:?} after `causewayctl apply` of the DENY policy returned",
+        t0.elapsed()
+    );
+    std::fs::write(&go1, "").unwrap();
+    std::fs::write(&go3, "").unwrap();
+    let out1 = from_vm1.wait_with_output().unwrap();
+    let out3 = from_plain.wait_with_output().unwrap();
+    let text1 = String::from_utf8_lossy(&out1.stdout);
+    let text3 = String::from_utf8_lossy(&out3.stdout);
+    assert!(
+        !text3.contains("second"),
+        "the denied plaintext connection went on: {text3:?}\n{}",
+        m.logs()
+    );
+    assert!(
+        text1.ends_with("first;second"),
+        "the mesh client's connection was disturbed: {text1:?} {}\n{}",
+        describe(&out1),
+        m.logs()
+    );
+    refused(&m, "after-deny");
+
+    // A killed agent leaves its rules and route; cleanup removes both.
+    m.procs[a2].kill();
+    assert!(!no_causeway_rules(&vm2) && plaintext_route(&vm2));
+    let out = vm2
+        .cmd(bin("causeway-agent"))
+        .args(["cleanup", "--state-dir", s2.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(no_causeway_rules(&vm2), "{}", vm2.sh_ok("iptables-save"));
+    assert!(!plaintext_route(&vm2), "{}", vm2.sh_ok("ip rule show"));
+}
+
 /// PeerAuthentication STRICT for the namespace with a workload-level PERMISSIVE exception
 /// on one port: plaintext from a host without an agent reaches only that port; the mesh
 /// reaches both.
@@ -1301,7 +1470,7 @@ fn peer_authentication_strict_namespace_with_a_permissive_port() {
     let s2 = m.join("vm2", "multi");
     m.server("vm2", 8080);
     m.server_named("vm2", 9090, "admin", "0.0.0.0");
-    m.agent("vm2", &s2);
+    let a2 = m.agent("vm2", &s2);
     m.agent("vm1", &s1);
     let vm2_addr = m.lab.node("vm2").addr.to_string();
     let vip = wait_routed(&s1, "default/multi", &vm2_addr);
@@ -1312,10 +1481,26 @@ fn peer_authentication_strict_namespace_with_a_permissive_port() {
     );
     wait_for("vm2's STRICT rule for 9090 only", WAIT, || {
         let rules = std::fs::read_to_string(s2.join("capture.rules")).ok()?;
-        (rules.contains("--dport 9090 -j REJECT") && !rules.contains("--dport 8080")).then_some(())
+        (rules.contains("--dport 9090 -j REJECT") && !rules.contains("--dport 8080 -j REJECT"))
+            .then_some(())
     });
+    let rules = std::fs::read_to_string(s2.join("capture.rules")).unwrap();
+    assert!(
+        rules.contains("--dport 8080 -j TPROXY") && !rules.contains("--dport 9090 -j TPROXY"),
+        "only the PERMISSIVE port is handed to the agent: {rules}"
+    );
+    // Through vm2's agent (authorized there), with the client's address kept.
     let out = m.client("plain", &vm2_addr, 8080, "plaintext-ok");
-    assert!(out.ends_with("plaintext-ok"), "{out:?}");
+    assert!(
+        out.starts_with(&format!("peer={} name=vm2\n", m.lab.node("plain").addr))
+            && out.ends_with("plaintext-ok"),
+        "{out:?}"
+    );
+    assert!(
+        m.procs[a2].log().contains("inbound plaintext connection"),
+        "{}",
+        m.logs()
+    );
     let out = m.client_output("plain", &vm2_addr, 9090, "plaintext-refused");
     assert!(
         !out.status.success(),

@@ -70,39 +70,114 @@ pub struct Request<'a> {
 }
 
 impl<'a> Request<'a> {
-    fn namespace(&self) -> Option<&'a str> {
-        let p = self.principal?;
-        let rest = &p[p.find("/ns/")? + 4..];
-        Some(rest.split('/').next().unwrap_or(rest))
-    }
-
-    fn service_account(&self) -> Option<(&'a str, &'a str)> {
-        let p = self.principal?;
-        let ns = self.namespace()?;
-        let sa = &p[p.find("/sa/")? + 4..];
-        Some((ns, sa))
+    /// The principal without `spiffe://`, its namespace (after the first `/ns/`, up to the
+    /// next `/`) and its service account (the namespace, and what follows the first
+    /// `/sa/`), in one pass over the principal.
+    fn principal_parts(&self) -> (Option<&'a str>, Option<&'a str>, Option<(&'a str, &'a str)>) {
+        let Some(p) = self.principal else {
+            return (None, None, None);
+        };
+        let (ns_at, sa_at) = markers(p.as_bytes());
+        let namespace = ns_at.map(|i| {
+            let rest = &p[i + 4..];
+            match rest.as_bytes().iter().position(|&b| b == b'/') {
+                Some(end) => &rest[..end],
+                None => rest,
+            }
+        });
+        let service_account = namespace.zip(sa_at.map(|i| &p[i + 4..]));
+        (
+            Some(p.strip_prefix("spiffe://").unwrap_or(p)),
+            namespace,
+            service_account,
+        )
     }
 }
 
+/// Byte offsets of the first `/ns/` and the first `/sa/` in `p`, in one pass.
+#[inline]
+fn markers(p: &[u8]) -> (Option<usize>, Option<usize>) {
+    let (mut ns, mut sa) = (None, None);
+    let mut i = 0;
+    while i + 4 <= p.len() {
+        if p[i] == b'/' && p[i + 3] == b'/' {
+            match (p[i + 1], p[i + 2]) {
+                (b'n', b's') if ns.is_none() => ns = Some(i),
+                (b's', b'a') if sa.is_none() => sa = Some(i),
+                _ => {}
+            }
+            if ns.is_some() && sa.is_some() {
+                break;
+            }
+        }
+        i += 1;
+    }
+    (ns, sa)
+}
+
 /// What the matchers read of a request, derived once per decision (the principal without
-/// `spiffe://`, its namespace and service account).
+/// `spiffe://`, its namespace and service account, the canonical addresses).
 struct Ctx<'r, 'a> {
     req: &'r Request<'a>,
     principal: Option<&'a str>,
     namespace: Option<&'a str>,
     service_account: Option<(&'a str, &'a str)>,
+    /// `source_ip`, IPv4-mapped IPv6 as IPv4.
+    source: IpAddr,
+    /// `remote_ip` (else `source_ip`), canonical.
+    remote: IpAddr,
+    /// No HTTP attributes: a TCP port.
+    tcp: bool,
+    /// Hash of `namespace` (for [`Guard::Namespace`]).
+    namespace_hash: Option<u64>,
+    /// Hash of the namespace of `principal` as written without `spiffe://` (the same as
+    /// `namespace_hash` but for odd principals; for [`Guard::PrincipalNamespace`]).
+    principal_namespace_hash: Option<u64>,
 }
 
 impl<'r, 'a> Ctx<'r, 'a> {
     fn new(req: &'r Request<'a>) -> Self {
+        let (principal, namespace, service_account) = req.principal_parts();
+        let namespace_hash = namespace.map(hash);
+        let principal_namespace_hash = match (principal, req.principal) {
+            // Not stripped: the same string, the same namespace.
+            (Some(p), Some(raw)) if p.len() == raw.len() => namespace_hash,
+            (Some(p), _) => namespace_of(p, true).map(hash),
+            (None, _) => None,
+        };
         Ctx {
             req,
-            principal: req
-                .principal
-                .map(|p| p.strip_prefix("spiffe://").unwrap_or(p)),
-            namespace: req.namespace(),
-            service_account: req.service_account(),
+            principal,
+            namespace,
+            service_account,
+            source: req.source_ip.to_canonical(),
+            remote: req.remote_ip.unwrap_or(req.source_ip).to_canonical(),
+            tcp: req.http.is_none(),
+            namespace_hash,
+            principal_namespace_hash,
         }
+    }
+}
+
+/// FNV-1a: the guards compare hashes of namespaces, not the strings (a collision only
+/// lets the full check run).
+#[inline]
+fn hash(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The namespace of a principal (after its first `/ns/`, up to the next `/`; `whole`:
+/// also when no `/` follows, for a complete principal).
+fn namespace_of(p: &str, whole: bool) -> Option<&str> {
+    let rest = &p[markers(p.as_bytes()).0? + 4..];
+    match rest.as_bytes().iter().position(|&b| b == b'/') {
+        Some(end) => Some(&rest[..end]),
+        None => whole.then_some(rest),
     }
 }
 
@@ -224,7 +299,13 @@ impl Net {
     /// dual-stack socket reports for an IPv4 peer) counts as its IPv4 address.
     #[inline]
     fn contains(&self, ip: IpAddr) -> bool {
-        match (self, ip.to_canonical()) {
+        self.contains_canonical(ip.to_canonical())
+    }
+
+    /// [`Net::contains`] of an address already canonical.
+    #[inline]
+    fn contains_canonical(&self, ip: IpAddr) -> bool {
+        match (self, ip) {
             (Net::V4 { net, mask }, IpAddr::V4(a)) => u32::from(a) & mask == *net,
             (Net::V6 { net, mask }, IpAddr::V6(a)) => u128::from(a) & mask == *net,
             _ => false,
@@ -340,6 +421,83 @@ struct CRule {
     when: Vec<CCondition>,
     /// Whether any field or condition needs HTTP attributes.
     uses_http: bool,
+    /// The only destination ports the rule can match, when every `to` entry names ports
+    /// (their union): a one-compare rejection before anything else is looked at.
+    port_guard: Option<Box<[u16]>>,
+    /// A necessary condition of `from`, one integer check per entry (any must pass);
+    /// `None` when an entry has no such check. Rejects most rules of a decision without
+    /// looking at a string.
+    from_guard: Option<Box<[Guard]>>,
+}
+
+/// A necessary condition for one `source` entry to match, checked on integers only.
+#[derive(Debug, Clone)]
+enum Guard {
+    /// The source address is in one of the blocks (`ipBlocks`).
+    Source(Box<[Net]>),
+    /// The remote address is in one of the blocks (`remoteIpBlocks`).
+    Remote(Box<[Net]>),
+    /// The peer's namespace hashes to one of these (`namespaces`, exact values).
+    Namespace(Box<[u64]>),
+    /// The namespace inside the peer's principal hashes to one of these (`principals`
+    /// whose every value fixes the namespace: exact, or a prefix past `/ns/<ns>/`).
+    PrincipalNamespace(Box<[u64]>),
+}
+
+impl Guard {
+    /// The cheapest guard of `s`, if it has one.
+    fn of(s: &CSource) -> Option<Guard> {
+        let exact_hashes = |l: &[Pattern], f: &dyn Fn(&Pattern) -> Option<u64>| {
+            l.iter().map(f).collect::<Option<Vec<u64>>>().map(|mut v| {
+                v.sort_unstable();
+                v.dedup();
+                v.into_boxed_slice()
+            })
+        };
+        let mut best = None;
+        for c in &s.checks {
+            let (rank, g) = match c {
+                SourceCheck::IpBlocks(l) => (0, Some(Guard::Source(l.clone().into()))),
+                SourceCheck::RemoteIpBlocks(l) => (1, Some(Guard::Remote(l.clone().into()))),
+                SourceCheck::Namespaces(l) => (
+                    2,
+                    exact_hashes(l, &|p| match p {
+                        Pattern::Exact(e) => Some(hash(e)),
+                        _ => None,
+                    })
+                    .map(Guard::Namespace),
+                ),
+                SourceCheck::Principals(l) => (
+                    3,
+                    exact_hashes(l, &|p| match p {
+                        Pattern::Exact(e) => namespace_of(e, true).map(hash),
+                        Pattern::Prefix(pre) => namespace_of(pre, false).map(hash),
+                        _ => None,
+                    })
+                    .map(Guard::PrincipalNamespace),
+                ),
+                _ => (4, None),
+            };
+            if let Some(g) = g
+                && best.as_ref().is_none_or(|(r, _)| rank < *r)
+            {
+                best = Some((rank, g));
+            }
+        }
+        best.map(|(_, g)| g)
+    }
+
+    #[inline]
+    fn passes(&self, ctx: &Ctx<'_, '_>) -> bool {
+        match self {
+            Guard::Source(l) => in_canonical(l, ctx.source),
+            Guard::Remote(l) => in_canonical(l, ctx.remote),
+            Guard::Namespace(h) => ctx.namespace_hash.is_some_and(|x| h.contains(&x)),
+            Guard::PrincipalNamespace(h) => {
+                ctx.principal_namespace_hash.is_some_and(|x| h.contains(&x))
+            }
+        }
+    }
 }
 
 /// One policy, compiled.
@@ -521,11 +679,28 @@ fn compile_rule(rule: &Rule, policy_ns: &str) -> CRule {
             && o.paths.is_empty()
             && o.not_paths.is_empty())
     }) || when.iter().any(|c| c.http);
+    let port_guard = to
+        .as_ref()
+        .filter(|to| !to.is_empty() && to.iter().all(|o| !o.ports.is_empty()))
+        .map(|to| {
+            let mut ports: Vec<u16> = to.iter().flat_map(|o| o.ports.iter().copied()).collect();
+            ports.sort_unstable();
+            ports.dedup();
+            ports.into_boxed_slice()
+        });
+    let from_guard = from.as_ref().and_then(|from| {
+        from.iter()
+            .map(Guard::of)
+            .collect::<Option<Vec<Guard>>>()
+            .map(Vec::into_boxed_slice)
+    });
     CRule {
         from,
         to,
         when,
         uses_http,
+        port_guard,
+        from_guard,
     }
 }
 
@@ -568,6 +743,14 @@ impl CompiledPolicy {
         self.matches_ctx(&Ctx::new(req))
     }
 
+    /// Whether the policy matches (the decision's path: no reasons kept; the same result
+    /// as [`Self::matches_ctx`], which `explain` uses).
+    #[inline]
+    fn hits(&self, ctx: &Ctx<'_, '_>) -> bool {
+        let allow = self.action == Action::Allow;
+        self.rules.iter().any(|r| rule_hits(r, ctx, allow))
+    }
+
     fn matches_ctx(&self, ctx: &Ctx<'_, '_>) -> Result<usize, Miss> {
         let mut miss = Miss::NoRules;
         for (i, rule) in self.rules.iter().enumerate() {
@@ -578,6 +761,72 @@ impl CompiledPolicy {
         }
         Err(miss)
     }
+}
+
+/// [`match_rule`] without the reason: the hot path of [`WorkloadPolicies::decide`].
+#[inline]
+fn rule_hits(rule: &CRule, ctx: &Ctx<'_, '_>, allow: bool) -> bool {
+    if let Some(ports) = &rule.port_guard
+        && !ports.contains(&ctx.req.destination_port)
+    {
+        return false;
+    }
+    if ctx.tcp && rule.uses_http && allow {
+        return false;
+    }
+    if let Some(guard) = &rule.from_guard
+        && !guard.iter().any(|g| g.passes(ctx))
+    {
+        return false;
+    }
+    if let Some(from) = &rule.from
+        && !from.iter().any(|s| source_hits(s, ctx))
+    {
+        return false;
+    }
+    if let Some(to) = &rule.to
+        && !to.iter().any(|o| match_operation(o, ctx.req).is_ok())
+    {
+        return false;
+    }
+    rule.when
+        .iter()
+        .all(|c| (c.http && ctx.tcp) || match_condition(c, ctx))
+}
+
+/// [`match_source`] without the reason.
+#[inline]
+fn source_hits(s: &CSource, ctx: &Ctx<'_, '_>) -> bool {
+    s.checks.iter().all(|c| match c {
+        SourceCheck::Principals(l) => pos(l, ctx.principal),
+        SourceCheck::NotPrincipals(l) => neg(l, ctx.principal),
+        SourceCheck::Namespaces(l) => pos(l, ctx.namespace),
+        SourceCheck::NotNamespaces(l) => neg(l, ctx.namespace),
+        SourceCheck::ServiceAccounts(l) => sa_in(l, ctx),
+        SourceCheck::NotServiceAccounts(l) => !sa_in(l, ctx),
+        SourceCheck::IpBlocks(l) => in_canonical(l, ctx.source),
+        SourceCheck::NotIpBlocks(l) => !in_canonical(l, ctx.source),
+        SourceCheck::RemoteIpBlocks(l) => in_canonical(l, ctx.remote),
+        SourceCheck::NotRemoteIpBlocks(l) => !in_canonical(l, ctx.remote),
+        SourceCheck::RequestPrincipals(_) | SourceCheck::NotRequestPrincipals(_) if ctx.tcp => true,
+        SourceCheck::RequestPrincipals(l) => {
+            pos(l, ctx.req.http.as_ref().and_then(|h| h.request_principal))
+        }
+        SourceCheck::NotRequestPrincipals(l) => {
+            neg(l, ctx.req.http.as_ref().and_then(|h| h.request_principal))
+        }
+    })
+}
+
+#[inline]
+fn sa_in(list: &[(String, String)], ctx: &Ctx<'_, '_>) -> bool {
+    ctx.service_account
+        .is_some_and(|(ns, sa)| list.iter().any(|(n, s)| n == ns && s == sa))
+}
+
+#[inline]
+fn in_canonical(list: &[Net], ip: IpAddr) -> bool {
+    list.iter().any(|n| n.contains_canonical(ip))
 }
 
 fn match_rule(rule: &CRule, ctx: &Ctx<'_, '_>, action: Action) -> Result<(), Miss> {
@@ -802,6 +1051,141 @@ pub struct WorkloadPolicies {
     deny: Vec<Arc<CompiledPolicy>>,
     allow: Vec<Arc<CompiledPolicy>>,
     audit: Vec<Arc<CompiledPolicy>>,
+    deny_index: RuleIndex,
+    allow_index: RuleIndex,
+    audit_index: RuleIndex,
+}
+
+/// How many rules of one action's list [`RuleIndex`] indexes (a bitset on the stack of
+/// the decision); past it the list is walked policy by policy.
+const MAX_INDEXED_RULES: usize = 1024;
+const INDEX_WORDS: usize = MAX_INDEXED_RULES / 64;
+
+/// The rules of one action's policies for one workload, indexed by their guards (built
+/// with the workload's policies, once per change): a decision looks up the peer's
+/// namespace (two binary searches) and scans the address blocks (integer compares), and
+/// then checks in full only the rules those admit plus the rules without a guard, in
+/// evaluation order, so the first hit is the first matching policy.
+#[derive(Debug, Clone, Default)]
+struct RuleIndex {
+    /// (policy, rule) of each rule id, in evaluation order.
+    rules: Vec<(u32, u32)>,
+    /// Bitset of the rules with neither a `from` nor a port guard: always checked.
+    always: Vec<u64>,
+    /// (port, rule id), sorted: rules without a `from` guard that only match these ports.
+    port: Vec<(u16, u32)>,
+    /// (namespace hash, rule id), sorted: [`Guard::Namespace`].
+    namespace: Vec<(u64, u32)>,
+    /// (namespace hash, rule id), sorted: [`Guard::PrincipalNamespace`].
+    principal_namespace: Vec<(u64, u32)>,
+    /// (block, rule id): [`Guard::Source`].
+    source: Vec<(Net, u32)>,
+    /// (block, rule id): [`Guard::Remote`].
+    remote: Vec<(Net, u32)>,
+    /// More rules than the bitset holds: walk the policies instead.
+    walk: bool,
+}
+
+impl RuleIndex {
+    fn new(list: &[Arc<CompiledPolicy>]) -> RuleIndex {
+        let mut ix = RuleIndex::default();
+        let total: usize = list.iter().map(|p| p.rules.len()).sum();
+        if total > MAX_INDEXED_RULES {
+            ix.walk = true;
+            return ix;
+        }
+        ix.always = vec![0; total.div_ceil(64)];
+        for (pi, p) in list.iter().enumerate() {
+            for (ri, rule) in p.rules.iter().enumerate() {
+                let id = u32::try_from(ix.rules.len()).expect("at most MAX_INDEXED_RULES");
+                ix.rules.push((
+                    u32::try_from(pi).expect("few policies"),
+                    u32::try_from(ri).expect("few rules"),
+                ));
+                let Some(guards) = &rule.from_guard else {
+                    match &rule.port_guard {
+                        Some(ports) => ix.port.extend(ports.iter().map(|p| (*p, id))),
+                        None => ix.always[id as usize / 64] |= 1 << (id % 64),
+                    }
+                    continue;
+                };
+                for g in guards.iter() {
+                    match g {
+                        Guard::Source(l) => ix.source.extend(l.iter().map(|n| (*n, id))),
+                        Guard::Remote(l) => ix.remote.extend(l.iter().map(|n| (*n, id))),
+                        Guard::Namespace(h) => ix.namespace.extend(h.iter().map(|h| (*h, id))),
+                        Guard::PrincipalNamespace(h) => {
+                            ix.principal_namespace.extend(h.iter().map(|h| (*h, id)))
+                        }
+                    }
+                }
+            }
+        }
+        ix.namespace.sort_unstable();
+        ix.principal_namespace.sort_unstable();
+        ix.port.sort_unstable();
+        ix
+    }
+
+    /// The position in `list` of the first policy that matches (`list` is what the index
+    /// was built from).
+    #[inline]
+    fn first_hit(&self, list: &[Arc<CompiledPolicy>], ctx: &Ctx<'_, '_>) -> Option<usize> {
+        if self.walk {
+            return list.iter().position(|p| p.hits(ctx));
+        }
+        if self.rules.is_empty() {
+            return None;
+        }
+        let mut set = [0u64; INDEX_WORDS];
+        let words = self.always.len();
+        set[..words].copy_from_slice(&self.always);
+        let mut mark = |id: u32| set[id as usize / 64] |= 1 << (id % 64);
+        let mut by_hash = |table: &[(u64, u32)], key: Option<u64>| {
+            if let Some(key) = key {
+                let start = table.partition_point(|(h, _)| *h < key);
+                for &(h, id) in &table[start..] {
+                    if h != key {
+                        break;
+                    }
+                    mark(id);
+                }
+            }
+        };
+        by_hash(&self.namespace, ctx.namespace_hash);
+        by_hash(&self.principal_namespace, ctx.principal_namespace_hash);
+        let port = ctx.req.destination_port;
+        let start = self.port.partition_point(|(p, _)| *p < port);
+        for &(p, id) in &self.port[start..] {
+            if p != port {
+                break;
+            }
+            mark(id);
+        }
+        for (net, id) in &self.source {
+            if net.contains_canonical(ctx.source) {
+                mark(*id);
+            }
+        }
+        for (net, id) in &self.remote {
+            if net.contains_canonical(ctx.remote) {
+                mark(*id);
+            }
+        }
+        for (w, bits) in set[..words].iter().enumerate() {
+            let mut bits = *bits;
+            while bits != 0 {
+                let id = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let (pi, ri) = self.rules[id];
+                let p = &list[pi as usize];
+                if rule_hits(&p.rules[ri as usize], ctx, p.action == Action::Allow) {
+                    return Some(pi as usize);
+                }
+            }
+        }
+        None
+    }
 }
 
 /// One step of an explanation.
@@ -845,11 +1229,14 @@ impl WorkloadPolicies {
     pub fn decide(&self, req: &Request<'_>) -> Verdict<'_> {
         let ctx = Ctx::new(req);
         let audit = self
-            .audit
-            .iter()
-            .find(|p| p.matches_ctx(&ctx).is_ok())
-            .map(|p| &**p);
-        if let Some(p) = self.deny.iter().find(|p| p.matches_ctx(&ctx).is_ok()) {
+            .audit_index
+            .first_hit(&self.audit, &ctx)
+            .map(|i| &*self.audit[i]);
+        if let Some(p) = self
+            .deny_index
+            .first_hit(&self.deny, &ctx)
+            .map(|i| &self.deny[i])
+        {
             return Verdict {
                 allow: false,
                 policy: Some(p),
@@ -863,7 +1250,11 @@ impl WorkloadPolicies {
                 audit,
             };
         }
-        match self.allow.iter().find(|p| p.matches_ctx(&ctx).is_ok()) {
+        match self
+            .allow_index
+            .first_hit(&self.allow, &ctx)
+            .map(|i| &self.allow[i])
+        {
             Some(p) => Verdict {
                 allow: true,
                 policy: Some(p),
@@ -980,6 +1371,9 @@ impl PolicySet {
                 Action::Custom => out.deny.push(p.clone()),
             }
         }
+        out.deny_index = RuleIndex::new(&out.deny);
+        out.allow_index = RuleIndex::new(&out.allow);
+        out.audit_index = RuleIndex::new(&out.audit);
         out
     }
 }

@@ -315,6 +315,13 @@ pub struct ConfigUpdate {
     /// Keys (`Kind/namespace/name`) of policy resources that are gone.
     #[prost(string, repeated, tag = "13")]
     pub removed_policies: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Routing resources (VirtualService, DestinationRule) to add or replace (in a full
+    /// snapshot: all of them), with `key` = `Kind/namespace/name`.
+    #[prost(message, repeated, tag = "14")]
+    pub routes: ::prost::alloc::vec::Vec<PolicyMsg>,
+    /// Keys (`Kind/namespace/name`) of routing resources that are gone.
+    #[prost(string, repeated, tag = "15")]
+    pub removed_routes: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// One policy resource (AuthorizationPolicy or PeerAuthentication).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -244,7 +244,8 @@ impl LocalAuthz {
 /// reported to the controller.
 #[derive(Debug, Default)]
 pub struct Decisions {
-    counts: Mutex<BTreeMap<(bool, String), u64>>,
+    /// Per policy label: denials (`[0]`) and admissions (`[1]`).
+    counts: Mutex<[BTreeMap<String, u64>; 2]>,
     unreported: Mutex<std::collections::VecDeque<causeway_api::push::Denial>>,
 }
 
@@ -279,21 +280,22 @@ impl Decisions {
 
     fn count(&self, d: &AuthzDecision) {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        match c.get_mut(&(d.allow, d.policy_label().to_owned())) {
+        let by_policy = &mut c[usize::from(d.allow)];
+        // Looked up by `&str`: no allocation once a label was counted.
+        match by_policy.get_mut(d.policy_label()) {
             Some(n) => *n += 1,
             None => {
-                c.insert((d.allow, d.policy_label().to_owned()), 1);
+                by_policy.insert(d.policy_label().to_owned(), 1);
             }
         }
     }
 
     /// `(decision, policy, count)` rows, `decision` being `allow` or `deny`.
     pub fn snapshot(&self) -> Vec<(&'static str, String, u64)> {
-        self.counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|((allow, policy), n)| (if *allow { "allow" } else { "deny" }, policy.clone(), *n))
+        let c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c[0].iter()
+            .map(|(policy, n)| ("deny", policy.clone(), *n))
+            .chain(c[1].iter().map(|(policy, n)| ("allow", policy.clone(), *n)))
             .collect()
     }
 }

@@ -7,12 +7,15 @@
 //! what `iptables-save` shows, so leftovers of a crashed agent are found and removed.
 //!
 //! STRICT mode adds `CAUSEWAY_INBOUND` in the `filter` table (reset for off-host TCP to
-//! this host's application ports). What this module does not do: DNS capture (port
-//! 15053) and the inbound plaintext port (15006) come with their own work items.
+//! this host's application ports). Inbound plaintext capture ([`PlaintextCapture`]) adds
+//! `CAUSEWAY_PLAIN_IN` and `CAUSEWAY_PLAIN_OUT` in the `mangle` table (TPROXY of off-host
+//! plaintext to the application ports that admit it, to the agent's 15006, and the mark
+//! that routes the application's replies back to the agent) plus one policy-routing rule
+//! and route in table [`ROUTE_TABLE`]. DNS capture (port 15053) is in `crate::dns`.
 
 use std::collections::BTreeSet;
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::{Command, Stdio};
 
 use causeway_api::push::MeshState;
@@ -53,6 +56,37 @@ pub enum CaptureError {
 
 /// The chain that drops off-host plaintext to this host's application ports (STRICT).
 pub const INBOUND_CHAIN: &str = "CAUSEWAY_INBOUND";
+/// The `mangle PREROUTING` chain that hands off-host plaintext to the agent (TPROXY).
+pub const PLAIN_IN_CHAIN: &str = "CAUSEWAY_PLAIN_IN";
+/// The `mangle OUTPUT` chain that marks the application's replies to the agent's
+/// transparent connections, so they are routed back to the agent ([`ROUTE_TABLE`]).
+pub const PLAIN_OUT_CHAIN: &str = "CAUSEWAY_PLAIN_OUT";
+/// Routing table (and rule preference) of the policy route `local 0.0.0.0/0 dev lo` that
+/// delivers packets carrying the plaintext mark locally. Fixed, so cleanup finds it
+/// without knowing the mark of the agent that installed it.
+pub const ROUTE_TABLE: u32 = 0x4357;
+
+/// Inbound plaintext capture: off-host TCP to this host's workload addresses on the
+/// ports that admit plaintext (not STRICT) is handed to the agent's listener with TPROXY
+/// (the connection keeps its addresses: the agent sees the client's real address and the
+/// original destination); the agent connects to the application from the client's
+/// address (IP_TRANSPARENT) with socket mark `mark`, whose connection mark makes the
+/// application's replies return to the agent through the policy route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlaintextCapture {
+    /// The agent's plaintext listener (the TPROXY target, `[dataplane] inbound_listen`).
+    pub listen: SocketAddrV4,
+    /// Mark of the agent's connections to the application (and of the replies).
+    pub mark: u32,
+}
+
+impl PlaintextCapture {
+    /// The mark for the agent's `[dataplane] mark`: the next value (it must differ: the
+    /// policy route sends every packet with it to this host).
+    pub fn mark_for(agent_mark: u32) -> u32 {
+        agent_mark.wrapping_add(1).max(1)
+    }
+}
 
 /// The expected capture rules for one state of the mesh: pure, so it is unit-tested.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +102,12 @@ pub struct RuleSet {
     pub strict_ports: Vec<u16>,
     /// Whether STRICT mode is on (the filter chain exists even with no ports yet).
     pub strict: bool,
+    /// This host's workload addresses that plaintext is captured on (not loopback).
+    pub plain_addrs: Vec<Ipv4Addr>,
+    /// This host's application ports that admit plaintext (every own port not STRICT).
+    pub plain_ports: Vec<u16>,
+    /// Inbound plaintext capture (`None`: plaintext goes straight to the application).
+    pub plaintext: Option<PlaintextCapture>,
 }
 
 impl RuleSet {
@@ -115,13 +155,86 @@ impl RuleSet {
         }
         let mut destinations = vec![vip];
         destinations.extend(addrs.into_iter().map(Ipv4Net::from));
+        let mut plain_addrs: Vec<Ipv4Addr> = own
+            .iter()
+            .copied()
+            .filter(|a| !a.is_loopback() && !a.is_unspecified())
+            .collect();
+        plain_addrs.sort_unstable();
+        plain_addrs.dedup();
         Self {
             mark,
             outbound_port,
             destinations,
             strict: chain || ports.iter().any(|p| strict_port(*p)),
-            strict_ports: ports.into_iter().filter(|p| strict_port(*p)).collect(),
+            strict_ports: ports.iter().copied().filter(|p| strict_port(*p)).collect(),
+            plain_addrs,
+            plain_ports: ports.into_iter().filter(|p| !strict_port(*p)).collect(),
+            plaintext: None,
         }
+    }
+
+    /// The same rules with inbound plaintext capture to `capture`.
+    pub fn with_plaintext(mut self, capture: PlaintextCapture) -> Self {
+        self.plaintext = Some(capture);
+        self
+    }
+
+    /// The rules of [`PLAIN_IN_CHAIN`] and [`PLAIN_OUT_CHAIN`] (mangle), empty without
+    /// plaintext capture. Loopback is never captured: the tunnel reaches the application
+    /// over it, and so do this host's own clients and the application's replies to the
+    /// agent.
+    pub fn plaintext_rules(&self) -> (Vec<String>, Vec<String>) {
+        let Some(p) = &self.plaintext else {
+            return (Vec::new(), Vec::new());
+        };
+        let mut input = vec![format!("-A {PLAIN_IN_CHAIN} -i lo -j RETURN")];
+        for a in &self.plain_addrs {
+            for port in &self.plain_ports {
+                input.push(format!(
+                    "-A {PLAIN_IN_CHAIN} -d {a}/32 -p tcp -m tcp --dport {port} -j TPROXY --on-port {} --on-ip {} --tproxy-mark 0x0/0x0",
+                    p.listen.port(),
+                    p.listen.ip()
+                ));
+            }
+        }
+        let output = vec![
+            format!(
+                "-A {PLAIN_OUT_CHAIN} -p tcp -m mark --mark {:#x} -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff",
+                p.mark
+            ),
+            format!(
+                "-A {PLAIN_OUT_CHAIN} -p tcp -m connmark --mark {:#x} -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff",
+                p.mark
+            ),
+        ];
+        (input, output)
+    }
+
+    fn plaintext_jumps() -> [String; 2] {
+        [
+            format!("-A PREROUTING -j {PLAIN_IN_CHAIN}"),
+            format!("-A OUTPUT -j {PLAIN_OUT_CHAIN}"),
+        ]
+    }
+
+    /// The mangle section: both chains declared (which flushes them in `--noflush`
+    /// mode), their rules, and the jumps when `jumps`.
+    fn mangle_section(&self, jumps: bool) -> String {
+        let (input, output) = self.plaintext_rules();
+        let mut s = format!("*mangle\n:{PLAIN_IN_CHAIN} - [0:0]\n:{PLAIN_OUT_CHAIN} - [0:0]\n");
+        for r in input.iter().chain(&output) {
+            s.push_str(r);
+            s.push('\n');
+        }
+        if jumps {
+            for j in Self::plaintext_jumps() {
+                s.push_str(&j);
+                s.push('\n');
+            }
+        }
+        s.push_str("COMMIT\n");
+        s
     }
 
     /// The rules of [`OUTPUT_CHAIN`] (nat), in the exact form `iptables-save` prints them.
@@ -178,6 +291,18 @@ impl RuleSet {
                     .map(|r| format!("filter {r}")),
             );
         }
+        if self.plaintext.is_some() {
+            let (input, output) = self.plaintext_rules();
+            v.push(format!("mangle :{PLAIN_IN_CHAIN}"));
+            v.push(format!("mangle :{PLAIN_OUT_CHAIN}"));
+            v.extend(Self::plaintext_jumps().map(|j| format!("mangle {j}")));
+            v.extend(
+                input
+                    .into_iter()
+                    .chain(output)
+                    .map(|r| format!("mangle {r}")),
+            );
+        }
         v
     }
 
@@ -211,6 +336,9 @@ impl RuleSet {
                 Some(&Self::inbound_jump()),
             ));
         }
+        if self.plaintext.is_some() {
+            s.push_str(&self.mangle_section(true));
+        }
         s
     }
 
@@ -230,6 +358,14 @@ impl RuleSet {
             )),
             (true, false) => s.push_str(&format!(
                 "*filter\n-D INPUT -j {INBOUND_CHAIN}\n-F {INBOUND_CHAIN}\n-X {INBOUND_CHAIN}\nCOMMIT\n"
+            )),
+            (false, false) => {}
+        }
+        match (previous.plaintext.is_some(), self.plaintext.is_some()) {
+            (true, true) => s.push_str(&self.mangle_section(false)),
+            (false, true) => s.push_str(&self.mangle_section(true)),
+            (true, false) => s.push_str(&format!(
+                "*mangle\n-D PREROUTING -j {PLAIN_IN_CHAIN}\n-D OUTPUT -j {PLAIN_OUT_CHAIN}\n-F {PLAIN_IN_CHAIN}\n-F {PLAIN_OUT_CHAIN}\n-X {PLAIN_IN_CHAIN}\n-X {PLAIN_OUT_CHAIN}\nCOMMIT\n"
             )),
             (false, false) => {}
         }
@@ -406,15 +542,98 @@ pub fn restore(script: &str) -> Result<(), CaptureError> {
     Ok(())
 }
 
-/// Removes every Causeway chain and jump that is live (leftovers included).
-/// Returns how many lines were removed.
+/// Runs `ip ARGS`; its output on success.
+fn ip(args: &[&str]) -> Result<String, CaptureError> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| CaptureError::Spawn { tool: "ip", source })?;
+    if !out.status.success() {
+        return Err(CaptureError::Failed {
+            tool: "ip",
+            status: out.status.to_string(),
+            stderr: format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The policy route of plaintext capture: packets with `mark` are delivered on this host
+/// (the application's replies to the agent's transparent connections, addressed to an
+/// off-host client). Replaces what is there.
+pub fn install_route(mark: u32) -> Result<(), CaptureError> {
+    remove_route()?;
+    let (table, mark) = (ROUTE_TABLE.to_string(), format!("{mark:#x}"));
+    ip(&[
+        "route",
+        "replace",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        &table,
+    ])?;
+    ip(&[
+        "rule", "add", "fwmark", &mark, "lookup", &table, "pref", &table,
+    ])?;
+    Ok(())
+}
+
+/// The live policy-routing rules that look up [`ROUTE_TABLE`], as `ip rule` prints them.
+pub fn live_route_rules() -> Result<Vec<String>, CaptureError> {
+    let table = ROUTE_TABLE.to_string();
+    Ok(ip(&["rule", "show", "table", &table])?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Removes every rule that looks up [`ROUTE_TABLE`] and the table's routes; how many
+/// rules were removed.
+pub fn remove_route() -> Result<usize, CaptureError> {
+    let table = ROUTE_TABLE.to_string();
+    let n = live_route_rules()?.len();
+    for _ in 0..n {
+        ip(&["rule", "del", "table", &table])?;
+    }
+    // `ip route show table N` fails while the table does not exist: look in all tables.
+    let marker = format!(" table {table} ");
+    if ip(&["-4", "route", "show", "table", "all"])?
+        .lines()
+        .any(|l| format!("{l} ").contains(&marker))
+    {
+        ip(&["route", "flush", "table", &table])?;
+    }
+    Ok(n)
+}
+
+/// Removes every Causeway chain and jump that is live (leftovers included) and the
+/// plaintext policy route. Returns how many lines and rules were removed.
 pub fn remove_all() -> Result<usize, CaptureError> {
     let live = LiveRules::parse(&save()?);
     let n = live.lines().len();
     if let Some(script) = live.removal_script() {
         restore(&script)?;
     }
-    Ok(n)
+    let routes = match remove_route() {
+        Ok(r) => r,
+        // A host without `ip` has no policy route of ours.
+        Err(CaptureError::Spawn { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            0
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(n + routes)
 }
 
 /// Installed capture: updates in place and removes everything on [`Capture::remove`].
@@ -433,6 +652,9 @@ impl Capture {
                 "removed capture rules left by an earlier agent"
             );
         }
+        if let Some(p) = &rules.plaintext {
+            install_route(p.mark)?;
+        }
         restore(&rules.install_script())?;
         tracing::info!(destinations = rules.destinations.len(), mark = %format!("{:#x}", rules.mark), "capture rules installed");
         Ok(Self { current: rules })
@@ -447,6 +669,13 @@ impl Capture {
     pub fn update(&mut self, rules: RuleSet) -> Result<bool, CaptureError> {
         if rules == self.current {
             return Ok(false);
+        }
+        match (&self.current.plaintext, &rules.plaintext) {
+            (_, Some(p)) if self.current.plaintext.as_ref() != Some(p) => install_route(p.mark)?,
+            (Some(_), None) => {
+                remove_route()?;
+            }
+            _ => {}
         }
         restore(&rules.update_script(&self.current))?;
         tracing::info!(
@@ -574,6 +803,81 @@ mod tests {
             permissive
                 .update_script(&strict)
                 .contains("-X CAUSEWAY_INBOUND")
+        );
+    }
+
+    #[test]
+    fn plaintext_capture_tproxies_permissive_own_ports_and_marks_replies() {
+        let own = ["10.0.0.1".parse().unwrap(), "127.0.0.1".parse().unwrap()];
+        let mut s = state(&["10.0.0.1", "10.0.0.2"]);
+        let web = s.services.get_mut("default/web").unwrap();
+        web.endpoints.get_mut("e0").unwrap().ports =
+            [("http".to_owned(), 80), ("admin".to_owned(), 9090)].into();
+        let p = PlaintextCapture {
+            listen: "0.0.0.0:15006".parse().unwrap(),
+            mark: PlaintextCapture::mark_for(0x4357),
+        };
+        // Port 9090 STRICT: refused by the filter rule, never handed to the agent.
+        let r = RuleSet::for_state_by_port(&s, 0x4357, 15001, &own, false, &|p| p == 9090)
+            .with_plaintext(p.clone());
+        assert_eq!(r.plain_addrs, vec!["10.0.0.1".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(r.plain_ports, vec![80]);
+        assert_eq!(r.strict_ports, vec![9090]);
+        let (input, output) = r.plaintext_rules();
+        assert_eq!(
+            input,
+            vec![
+                "-A CAUSEWAY_PLAIN_IN -i lo -j RETURN",
+                "-A CAUSEWAY_PLAIN_IN -d 10.0.0.1/32 -p tcp -m tcp --dport 80 -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x0/0x0",
+            ]
+        );
+        assert_eq!(
+            output,
+            vec![
+                "-A CAUSEWAY_PLAIN_OUT -p tcp -m mark --mark 0x4358 -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff",
+                "-A CAUSEWAY_PLAIN_OUT -p tcp -m connmark --mark 0x4358 -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff",
+            ]
+        );
+        let install = r.install_script();
+        assert!(
+            install.contains("*mangle\n:CAUSEWAY_PLAIN_IN - [0:0]\n:CAUSEWAY_PLAIN_OUT - [0:0]\n")
+                && install.contains(
+                    "-A PREROUTING -j CAUSEWAY_PLAIN_IN\n-A OUTPUT -j CAUSEWAY_PLAIN_OUT\nCOMMIT"
+                ),
+            "{install}"
+        );
+        assert!(
+            r.expected_lines()
+                .contains(&"mangle -A PREROUTING -j CAUSEWAY_PLAIN_IN".to_owned())
+        );
+        assert!(!r.update_script(&r).contains("-A PREROUTING"), "jumps stay");
+        let without = RuleSet::for_state(&s, 0x4357, 15001, &own, false);
+        assert!(
+            r.update_script(&without)
+                .contains("-A PREROUTING -j CAUSEWAY_PLAIN_IN")
+        );
+        assert!(without.update_script(&r).contains("-X CAUSEWAY_PLAIN_IN"));
+        // The parsed live form is what the agent expects (doctor), and removal covers it.
+        let save = format!(
+            "*mangle\n:PREROUTING ACCEPT [0:0]\n:CAUSEWAY_PLAIN_IN - [0:0]\n:CAUSEWAY_PLAIN_OUT - [0:0]\n{}\n{}\nCOMMIT\n",
+            RuleSet::plaintext_jumps().join("\n"),
+            input
+                .iter()
+                .chain(&output)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        let live = LiveRules::parse(&save);
+        let expected: Vec<String> = r
+            .expected_lines()
+            .into_iter()
+            .filter(|l| l.starts_with("mangle "))
+            .collect();
+        assert!(Drift::between(&expected, &live.lines()).is_empty());
+        assert_eq!(
+            live.removal_script().unwrap(),
+            "*mangle\n-D PREROUTING -j CAUSEWAY_PLAIN_IN\n-D OUTPUT -j CAUSEWAY_PLAIN_OUT\n-F CAUSEWAY_PLAIN_IN\n-F CAUSEWAY_PLAIN_OUT\n-X CAUSEWAY_PLAIN_IN\n-X CAUSEWAY_PLAIN_OUT\nCOMMIT\n"
         );
     }
 

@@ -8,10 +8,10 @@
 //! (the agent would otherwise swallow traffic); with capture off the listeners are best
 //! effort (nothing is redirected to them), so several agents can share one host in tests.
 //!
-//! DNS (15053) is in [`crate::dns`], health and metrics (15020) in [`crate::health`]. The
-//! inbound plaintext port 15006 is not used: PERMISSIVE lets plaintext reach the
-//! application directly (keeping the client's address), STRICT refuses it with a filter
-//! rule (ARCHITECTURE.md, "Inbound plaintext").
+//! DNS (15053) is in [`crate::dns`], health and metrics (15020) in [`crate::health`].
+//! Inbound plaintext that PERMISSIVE lets in is captured (TPROXY, the client's address
+//! kept) to the agent's 15006 and authorized there ([`plaintext`]); STRICT refuses it with
+//! a filter rule (ARCHITECTURE.md, "Inbound plaintext").
 
 pub mod authz;
 pub mod capture;
@@ -20,7 +20,9 @@ pub mod http;
 pub mod lb;
 pub mod mux;
 pub mod outbound;
+pub mod plaintext;
 pub mod readahead;
+pub mod route;
 pub mod splice;
 pub mod tls;
 pub mod tunnel;
@@ -114,7 +116,7 @@ fn rules_for(
     // A PeerAuthentication that applies to this workload decides each port's mode; the
     // group's `--mtls` and `[dataplane] inbound_mode` decide where none applies.
     let peer = authz::PeerView::build(s, &who.0, &who.1);
-    RuleSet::for_state_by_port(
+    let rules = RuleSet::for_state_by_port(
         s,
         cfg.mark,
         cfg.outbound_listen.port(),
@@ -124,7 +126,14 @@ fn rules_for(
             Some(mode) => mode == causeway_api::policy::PeerMode::Strict,
             None => legacy,
         },
-    )
+    );
+    match cfg.inbound_listen {
+        std::net::SocketAddr::V4(listen) => rules.with_plaintext(capture::PlaintextCapture {
+            listen,
+            mark: capture::PlaintextCapture::mark_for(cfg.mark),
+        }),
+        std::net::SocketAddr::V6(_) => rules,
+    }
 }
 
 fn write_rules_file(path: &Path, rules: &RuleSet) {
@@ -211,6 +220,10 @@ impl Dataplane {
         ) {
             (Ok(l), Some(t)) => {
                 let lb = lb::Balancer::new(cfg.eject_base, cfg.eject_max);
+                let _ = std::fs::remove_file(state_dir.join(lb::OUTLIERS_FILE));
+                dp.tasks.push(tokio::spawn(
+                    lb.clone().report_outliers(state_dir.to_owned()),
+                ));
                 let settings = outbound::OutboundSettings {
                     mark,
                     tunnel_port: cfg.tunnel_port,
@@ -243,6 +256,41 @@ impl Dataplane {
                 tracing::error!(addr = %cfg.outbound_listen, error = %e, "outbound listener not started (capture is off, so the agent keeps running)");
             }
         }
+        // Inbound plaintext (15006): bound before capture hands connections to it.
+        let targets = Arc::new(tokio::sync::watch::Sender::new(Arc::new(
+            plaintext::Targets::default(),
+        )));
+        if cfg.capture
+            && let Some(t) = &tunnel
+        {
+            let listener = plaintext::bind(cfg.inbound_listen).map_err(|source| {
+                if source.kind() == std::io::ErrorKind::PermissionDenied {
+                    // IP_TRANSPARENT needs CAP_NET_ADMIN, as the capture rules do.
+                    DataplaneError::Capture(CaptureError::Failed {
+                        tool: "the inbound plaintext listener (IP_TRANSPARENT)",
+                        status: "refused".into(),
+                        stderr: format!("{}: {source}", cfg.inbound_listen),
+                    })
+                } else {
+                    DataplaneError::Bind {
+                        what: "TCP (inbound plaintext)",
+                        addr: cfg.inbound_listen.to_string(),
+                        source,
+                    }
+                }
+            })?;
+            let settings = plaintext::PlaintextSettings {
+                mark: capture::PlaintextCapture::mark_for(cfg.mark),
+                connect_timeout: cfg.connect_timeout,
+                idle_timeout: idle,
+            };
+            dp.tasks.push(tokio::spawn(plaintext::serve(
+                listener,
+                t.clone(),
+                targets.subscribe(),
+                settings,
+            )));
+        }
         if cfg.capture {
             let who = (identity.spiffe_id.to_string(), identity.info.group.clone());
             // Subscribed before the first rules are built: no change is missed between.
@@ -257,6 +305,7 @@ impl Dataplane {
                     stderr: e.to_string(),
                 })??;
             write_rules_file(&rules_file, cap.current());
+            targets.send_replace(Arc::new(plaintext::Targets::of(cap.current())));
             let cap = Arc::new(std::sync::Mutex::new(Some(cap)));
             dp.capture = Some(cap.clone());
             let cfg = cfg.clone();
@@ -266,14 +315,29 @@ impl Dataplane {
             dp.tasks.push(tokio::spawn(async move {
                 while changes.changed().await.is_ok() {
                     let snapshot = changes.borrow_and_update().clone();
-                    let (cap, cfg, file, who) =
-                        (cap.clone(), cfg.clone(), rules_file.clone(), who.clone());
+                    let (cap, cfg, file, who, targets) = (
+                        cap.clone(),
+                        cfg.clone(),
+                        rules_file.clone(),
+                        who.clone(),
+                        targets.clone(),
+                    );
                     let _ = tokio::task::spawn_blocking(move || {
                         let rules = rules_for(&snapshot, &cfg, own, &who);
                         let mut guard = cap.lock().unwrap_or_else(|p| p.into_inner());
                         if let Some(c) = guard.as_mut() {
                             match c.update(rules) {
-                                Ok(true) => write_rules_file(&file, c.current()),
+                                Ok(true) => {
+                                    write_rules_file(&file, c.current());
+                                    let now = plaintext::Targets::of(c.current());
+                                    targets.send_if_modified(|t| {
+                                        let changed = **t != now;
+                                        if changed {
+                                            *t = Arc::new(now);
+                                        }
+                                        changed
+                                    });
+                                }
                                 Ok(false) => {}
                                 Err(e) => {
                                     tracing::error!(error = %e, "cannot update capture rules")

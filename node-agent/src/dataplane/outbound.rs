@@ -32,7 +32,8 @@ use tokio::io::AsyncWriteExt as _;
 
 use super::http::{self, HttpSettings, Proxy, UpstreamConn, UpstreamError};
 
-use super::lb::{Balancer, Candidate, Outstanding};
+use super::lb::{Balancer, Candidate, Choice, Outstanding};
+use super::route::{Dest, LbKind, Plan, RouteTable, SourceFacts};
 use super::splice::{splice, splice_until};
 use super::tunnel::{Header, Tunnel, TunnelStream, connect_tcp};
 use crate::push::SharedState;
@@ -95,9 +96,19 @@ fn service_upstreams(
     svc: &causeway_api::push::ServiceState,
     port: u16,
 ) -> Vec<Upstream> {
+    upstreams_where(key, svc, port, |_| true)
+}
+
+/// [`service_upstreams`] of the endpoints `keep` accepts (a subset's labels).
+fn upstreams_where(
+    key: &str,
+    svc: &causeway_api::push::ServiceState,
+    port: u16,
+    keep: impl Fn(&causeway_api::push::EndpointState) -> bool,
+) -> Vec<Upstream> {
     svc.endpoints
         .iter()
-        .filter(|(_, e)| e.healthy && e.ports.values().any(|p| *p == port))
+        .filter(|(_, e)| e.healthy && e.ports.values().any(|p| *p == port) && keep(e))
         .filter_map(|(id, e)| {
             let addr: IpAddr = e.address.parse().ok()?;
             Some(Upstream {
@@ -124,6 +135,60 @@ pub fn port_protocol(state: &MeshState, service: &str, port: u16) -> Protocol {
                 .find_map(|e| e.ports.iter().find(|(_, p)| **p == port))
         })
         .map_or(Protocol::Auto, |(name, _)| Protocol::from_port_name(name))
+}
+
+/// The endpoint a pool key names: `service/id` on the proxy's port, or `service/id#port`
+/// (a route to another port); `None` when it is gone, unhealthy, or lacks the port.
+fn find_upstream(state: &MeshState, endpoint: &str, default_port: u16) -> Option<Upstream> {
+    let (key, port) = match endpoint.rsplit_once('#') {
+        Some((k, p)) => (k, p.parse().ok()?),
+        None => (endpoint, default_port),
+    };
+    state.services.iter().find_map(|(skey, svc)| {
+        let id = key.strip_prefix(skey.as_str())?.strip_prefix('/')?;
+        let e = svc.endpoints.get(id)?;
+        if !e.healthy || !e.ports.values().any(|p| *p == port) {
+            return None;
+        }
+        Some(Upstream {
+            key: key.to_owned(),
+            service: skey.clone(),
+            addr: SocketAddr::new(e.address.parse().ok()?, port),
+            identity: e.identity.clone(),
+            zone: e.zone.clone(),
+        })
+    })
+}
+
+/// The endpoints of a route's destination (its service, subset and port).
+fn dest_upstreams(state: &MeshState, dest: &Dest, port: u16) -> Vec<Upstream> {
+    state
+        .services
+        .get(&dest.service)
+        .map(|svc| upstreams_where(&dest.service, svc, port, |e| dest.selects(&e.labels)))
+        .unwrap_or_default()
+}
+
+/// This host's workload as routes' source conditions see it: the labels of the endpoints
+/// at `own` (its group's labels) and the namespace of their identity.
+fn source_facts(state: &MeshState, own: Option<IpAddr>) -> SourceFacts {
+    let mut facts = SourceFacts::default();
+    let Some(own) = own.map(|a| a.to_string()) else {
+        return facts;
+    };
+    for e in state.services.values().flat_map(|s| s.endpoints.values()) {
+        if e.address == own {
+            facts
+                .labels
+                .extend(e.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+            if let Some(id) = &e.identity
+                && let Some(rest) = id.split("/ns/").nth(1)
+            {
+                facts.namespace = rest.split('/').next().map(str::to_owned);
+            }
+        }
+    }
+    facts
 }
 
 /// Settings of the outbound side.
@@ -165,6 +230,9 @@ pub struct Outbound {
     /// One HTTP proxy per service port, so upstream connections (tunnel streams) are
     /// reused across the application's connections.
     http: Mutex<HashMap<ProxyKey, Proxy<MeshUpstream>>>,
+    /// The route table and the state it was compiled from: compiled again when a new
+    /// state is published (once per applied push), shared by every request until then.
+    routes: Mutex<(Option<Arc<MeshState>>, Arc<RouteTable>)>,
 }
 
 /// What [`Outbound::prepare`] decided for a connection.
@@ -220,6 +288,17 @@ pub struct MeshUpstream {
 }
 
 impl MeshUpstream {
+    fn no_dest(&self, dest: &Dest, port: u16) -> UpstreamError {
+        UpstreamError::NoHealthyUpstream(format!(
+            "{}:{port}{}",
+            dest.service,
+            dest.subset
+                .as_deref()
+                .map(|s| format!(" subset {s}"))
+                .unwrap_or_default()
+        ))
+    }
+
     fn candidates(&self, out: &Outbound) -> Vec<Upstream> {
         let state = out.state.get();
         let Some(svc) = state.services.get(&self.service) else {
@@ -254,13 +333,85 @@ impl http::Upstream for MeshUpstream {
             .ok_or_else(|| self.no_endpoint())
     }
 
+    fn plan(&self, req: &::http::request::Parts) -> Option<Plan> {
+        // The application dialled one endpoint's own address: it gets that endpoint.
+        if self.only.is_some() {
+            return None;
+        }
+        let out = self.out.upgrade()?;
+        let table = out.route_table();
+        table
+            .service(&self.service)?
+            .plan(req, self.port, super::lb::random)
+    }
+
+    fn observed(&self, dest: &Dest, endpoint: &str, status: u16) {
+        let Some(o) = &dest.outlier else { return };
+        let Some(out) = self.out.upgrade() else {
+            return;
+        };
+        let (key, port) = match endpoint.rsplit_once('#') {
+            Some((k, p)) => (k, p.parse().unwrap_or(self.port)),
+            None => (endpoint, self.port),
+        };
+        let peers: Vec<String> = dest_upstreams(&out.state.get(), dest, port)
+            .into_iter()
+            .map(|u| u.key)
+            .collect();
+        out.lb.observe(key, status, o, &peers);
+    }
+
+    fn pick_for(
+        &self,
+        dest: &Dest,
+        hash: Option<u64>,
+        tried: &[String],
+    ) -> Result<String, UpstreamError> {
+        let port = dest.port.unwrap_or(self.port);
+        let out = self.out.upgrade().ok_or_else(|| self.no_dest(dest, port))?;
+        let cands = dest_upstreams(&out.state.get(), dest, port);
+        let lb_cands: Vec<Candidate> = cands
+            .iter()
+            .map(|u| Candidate {
+                key: u.key.clone(),
+                zone: u.zone.clone(),
+            })
+            .collect();
+        let zone = out.settings.zone.as_deref();
+        let tried: Vec<String> = tried
+            .iter()
+            .map(|t| t.split('#').next().unwrap_or(t).to_owned())
+            .collect();
+        // Another endpoint than the tries before, while one is left (Istio's default
+        // retry host predicate).
+        let choice = match (&dest.lb, hash) {
+            (LbKind::Hash(_), Some(h)) => Choice::Hash(h),
+            (LbKind::Random, _) => Choice::Random,
+            (LbKind::RoundRobin, _) => Choice::RoundRobin(&dest.next),
+            _ => Choice::LeastRequest,
+        };
+        let i = out
+            .lb
+            .pick_by(&lb_cands, zone, &tried, choice)
+            .or_else(|| out.lb.pick_by(&lb_cands, zone, &[], choice))
+            .ok_or_else(|| self.no_dest(dest, port))?;
+        Ok(if port == self.port {
+            cands[i].key.clone()
+        } else {
+            format!("{}#{port}", cands[i].key)
+        })
+    }
+
     async fn connect(&self, endpoint: &str) -> Result<UpstreamConn, UpstreamError> {
         let out = self.out.upgrade().ok_or_else(|| self.no_endpoint())?;
-        let up = self
-            .candidates(&out)
-            .into_iter()
-            .find(|u| u.key == endpoint)
-            .ok_or_else(|| self.no_endpoint())?;
+        let up = match &self.only {
+            Some(_) => self
+                .candidates(&out)
+                .into_iter()
+                .find(|u| u.key == endpoint),
+            None => find_upstream(&out.state.get(), endpoint, self.port),
+        }
+        .ok_or_else(|| self.no_endpoint())?;
         let peer = up.addr.to_string();
         let conn = out
             .connect_one(&up)
@@ -381,6 +532,29 @@ impl http::Observer for LogObserver {
 }
 
 impl Outbound {
+    /// The route table of the current state (compiled once per published state).
+    fn route_table(&self) -> Arc<RouteTable> {
+        let state = self.state.get();
+        let mut cache = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(seen) = &cache.0
+            && Arc::ptr_eq(seen, &state)
+        {
+            return cache.1.clone();
+        }
+        let table = if state.routes.is_empty() {
+            Arc::new(RouteTable::default())
+        } else {
+            let t = RouteTable::compile(&state, &source_facts(&state, self.settings.own_address));
+            tracing::debug!(version = state.version, "route table compiled");
+            if !t.unenforced.is_empty() {
+                tracing::warn!(version = state.version, fields = ?t.unenforced, "routing fields not enforced by this agent yet");
+            }
+            Arc::new(t)
+        };
+        *cache = (Some(state), table.clone());
+        table
+    }
+
     /// Whether this host's own workload is in a STRICT group (pushed by the controller).
     fn group_strict(&self) -> bool {
         let Some(own) = self.settings.own_address else {
@@ -412,6 +586,7 @@ impl Outbound {
             settings,
             local,
             http: Mutex::default(),
+            routes: Mutex::default(),
         });
         loop {
             match listener.accept().await {
@@ -501,7 +676,10 @@ impl Outbound {
             };
             Proxy::new(upstream, settings, observer)
         });
-        proxy.retain_endpoints(|e| cands.iter().any(|u| u.key == e));
+        // Pools of endpoints still in the mesh stay (routes may send to other services).
+        proxy.retain_endpoints(|e| {
+            cands.iter().any(|u| u.key == e) || find_upstream(&state, e, key.1).is_some()
+        });
         proxy.clone()
     }
 
@@ -585,7 +763,21 @@ impl Outbound {
                 ));
             }
         }
-        let service = first.service.clone();
+        let mut service = first.service.clone();
+        // TCP routes (issue 21): a destination drawn by weight per connection.
+        let cands = match (&only, self.tcp_route(&first.service, dst.port())) {
+            (None, Some((dest, port))) => {
+                let routed = dest_upstreams(&self.state.get(), &dest, port);
+                tracing::debug!(service = %dest.service, subset = ?dest.subset, port, "tcp route");
+                if routed.is_empty() {
+                    tracing::warn!(service = %dest.service, subset = ?dest.subset, port, "the route's destination has no healthy endpoint; connection closed");
+                    return None;
+                }
+                service = dest.service.to_string();
+                routed
+            }
+            _ => cands,
+        };
         let (mut conn, guard) = self.connect(cands).await?;
         if !prefix.is_empty()
             && let Err(e) = write_prefix(&mut conn, &prefix).await
@@ -618,6 +810,17 @@ impl Outbound {
         let istio = self.settings.telemetry.as_ref()?.istio.as_ref()?;
         let service: Option<Arc<str>> = service.map(Arc::from);
         Some(istio.source_tcp(service.as_ref(), upstream, mtls))
+    }
+
+    /// The destination and port of a TCP connection to service `service` port `port`
+    /// under its TCP routes, if it has any.
+    fn tcp_route(&self, service: &str, port: u16) -> Option<(Arc<Dest>, u16)> {
+        let table = self.route_table();
+        let dest = table
+            .service(service)?
+            .tcp_dest(port, super::lb::random())?;
+        let p = dest.port.unwrap_or(port);
+        Some((dest, p))
     }
 
     /// Picks an endpoint and connects to it (tunnel or plain TCP), trying up to

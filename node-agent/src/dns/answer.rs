@@ -109,6 +109,21 @@ struct Plain<'a> {
     edns: bool,
 }
 
+/// Per byte of a label: its lower-case form when the fast path takes it (letters,
+/// digits, '-' and '_'), else 0.
+const LABEL_BYTE: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() || c == b'-' || c == b'_' {
+            t[b] = c.to_ascii_lowercase();
+        }
+        b += 1;
+    }
+    t
+};
+
 /// Reads the common case without allocating: one question of plain labels (no
 /// compression), nothing else but an optional EDNS version-0 OPT record with no
 /// options, and nothing after it. Anything else → None (the hickory path decides).
@@ -144,13 +159,13 @@ fn plain(packet: &[u8]) -> Option<Plain<'_>> {
             name[name_len] = b'.';
             name_len += 1;
         }
-        for b in label {
-            if !(b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_') {
+        for (d, b) in name[name_len..name_len + len].iter_mut().zip(label) {
+            *d = LABEL_BYTE[usize::from(*b)];
+            if *d == 0 {
                 return None;
             }
-            name[name_len] = b.to_ascii_lowercase();
-            name_len += 1;
         }
+        name_len += len;
         i += len;
     }
     let fixed = packet.get(i..i + 4)?;
@@ -178,45 +193,96 @@ fn plain(packet: &[u8]) -> Option<Plain<'_>> {
     })
 }
 
+/// What [`handle_into`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// The answer is in the output buffer: send it back.
+    Answer,
+    /// Not a mesh name: forward the query unchanged to the upstream resolvers.
+    Forward,
+    /// Say nothing (not a query, or not even a header).
+    Drop,
+}
+
 /// The fast path: an A query for a mesh name with a VIP is answered by copying the
-/// question and appending one record (a compression pointer to the question's name);
-/// a name outside the mesh (not SRV) is forwarded. Everything else → None.
-fn fast(index: &Index, packet: &[u8]) -> Option<Outcome> {
+/// header and the question as asked (the client's ID and letter case) and appending
+/// the name's precomputed answer record (a compression pointer to the question's name,
+/// the TTL and the VIP, built with the index); a name outside the mesh (not SRV) is
+/// forwarded. Everything else → None.
+fn fast_into(index: &Index, packet: &[u8], out: &mut Vec<u8>) -> Option<Reply> {
     let p = plain(packet)?;
-    let name = std::str::from_utf8(&p.name[..p.name_len]).ok()?;
-    match index.lookup(name) {
-        Lookup::Found(t) if p.qtype == 1 && p.qclass == 1 => {
-            let vip = t.vip?;
-            let mut out = Vec::with_capacity(HEADER + p.question.len() + 16 + 11);
-            out.extend_from_slice(&packet[..2]);
-            // QR, AA, RD as asked; RA; NOERROR.
-            out.push(0x84 | (packet[2] & 0x01));
-            out.push(0x80);
-            out.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, u8::from(p.edns)]);
-            out.extend_from_slice(p.question);
-            out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
-            out.extend_from_slice(&index.ttl.to_be_bytes());
-            out.extend_from_slice(&[0, 4]);
-            out.extend_from_slice(&vip.octets());
-            if p.edns {
-                out.push(0);
-                out.extend_from_slice(&[0, 41]);
-                out.extend_from_slice(&EDNS_PAYLOAD.to_be_bytes());
-                out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-            }
-            Some(Outcome::Answer(out))
+    let name = &p.name[..p.name_len];
+    if let Some(e) = index.entry(name) {
+        if p.qtype != 1 || p.qclass != 1 {
+            return None;
         }
-        Lookup::Outside if p.qtype != 33 => Some(Outcome::Forward),
-        _ => None,
+        let rr = e.a_record()?;
+        out.clear();
+        out.extend_from_slice(&[
+            packet[0],
+            packet[1],
+            // QR, AA, RD as asked; RA; NOERROR.
+            0x84 | (packet[2] & 0x01),
+            0x80,
+            0,
+            1,
+            0,
+            1,
+            0,
+            0,
+            0,
+            u8::from(p.edns),
+        ]);
+        out.extend_from_slice(p.question);
+        out.extend_from_slice(rr);
+        if p.edns {
+            let [hi, lo] = EDNS_PAYLOAD.to_be_bytes();
+            out.extend_from_slice(&[0, 0, 41, hi, lo, 0, 0, 0, 0, 0, 0]);
+        }
+        return Some(Reply::Answer);
+    }
+    if p.qtype != 33 && index.zone_of(name).is_none() {
+        return Some(Reply::Forward);
+    }
+    None
+}
+
+/// The fast path as an [`Outcome`] (tests compare it with the general path).
+#[cfg(test)]
+fn fast(index: &Index, packet: &[u8]) -> Option<Outcome> {
+    let mut out = Vec::new();
+    fast_into(index, packet, &mut out).map(|r| match r {
+        Reply::Answer => Outcome::Answer(out),
+        Reply::Forward => Outcome::Forward,
+        Reply::Drop => Outcome::Drop,
+    })
+}
+
+/// Handles one query, writing an answer into `out` (cleared first; its allocation is
+/// kept from query to query, so a mesh answer on the fast path allocates nothing).
+pub fn handle_into(index: &Index, packet: &[u8], transport: Transport, out: &mut Vec<u8>) -> Reply {
+    if let Some(r) = fast_into(index, packet, out) {
+        return r;
+    }
+    match handle_parsed(index, packet, transport) {
+        Outcome::Answer(b) => {
+            out.clear();
+            out.extend_from_slice(&b);
+            Reply::Answer
+        }
+        Outcome::Forward => Reply::Forward,
+        Outcome::Drop => Reply::Drop,
     }
 }
 
 /// Handles one query.
 pub fn handle(index: &Index, packet: &[u8], transport: Transport) -> Outcome {
-    if let Some(o) = fast(index, packet) {
-        return o;
+    let mut out = Vec::new();
+    match handle_into(index, packet, transport, &mut out) {
+        Reply::Answer => Outcome::Answer(out),
+        Reply::Forward => Outcome::Forward,
+        Reply::Drop => Outcome::Drop,
     }
-    handle_parsed(index, packet, transport)
 }
 
 /// The general path: hickory parses and builds (also the reference the fast path is
@@ -520,6 +586,179 @@ mod tests {
         ] {
             assert!(fast(&idx, &q).is_none());
         }
+    }
+
+    /// The fast path's answer as the builder before issue 27's rework made it (copy the
+    /// header fields and the question, append the record field by field): the reference
+    /// the precomputed record must reproduce byte for byte.
+    fn old_fast_answer(index: &Index, packet: &[u8]) -> Option<Vec<u8>> {
+        let p = plain(packet)?;
+        let name = std::str::from_utf8(&p.name[..p.name_len]).ok()?;
+        match index.lookup(name) {
+            Lookup::Found(t) if p.qtype == 1 && p.qclass == 1 => {
+                let vip = t.vip?;
+                let mut out = Vec::new();
+                out.extend_from_slice(&packet[..2]);
+                out.push(0x84 | (packet[2] & 0x01));
+                out.push(0x80);
+                out.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, u8::from(p.edns)]);
+                out.extend_from_slice(p.question);
+                out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+                out.extend_from_slice(&index.ttl.to_be_bytes());
+                out.extend_from_slice(&[0, 4]);
+                out.extend_from_slice(&vip.octets());
+                if p.edns {
+                    out.push(0);
+                    out.extend_from_slice(&[0, 41]);
+                    out.extend_from_slice(&EDNS_PAYLOAD.to_be_bytes());
+                    out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+                }
+                Some(out)
+            }
+            _ => None,
+        }
+    }
+
+    fn with_edns(name: &str, t: RecordType, payload: u16, dnssec_ok: bool) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 0xbeef;
+        m.metadata.recursion_desired = false;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+        let mut e = Edns::new();
+        e.set_max_payload(payload);
+        e.set_dnssec_ok(dnssec_ok);
+        m.set_edns(e);
+        m.to_vec().unwrap()
+    }
+
+    /// `handle_into` (the serving thread's call, with the index's precomputed A record)
+    /// writes exactly the bytes the earlier builder wrote for A queries — the client's
+    /// ID, RD bit and letter case, with and without EDNS, any TTL — and exactly the
+    /// general path's bytes for everything the fast path leaves to it (AAAA, SRV,
+    /// NXDOMAIN, NODATA, other classes), whatever the output buffer held before.
+    #[test]
+    fn handle_into_writes_the_bytes_of_the_earlier_builders() {
+        for ttl in [5, 0, 86_400, 0x7fff_ffff] {
+            let idx = Index::build(
+                &mesh(),
+                &Zones {
+                    ttl,
+                    ..Zones::default()
+                },
+            );
+            let mut rd_off = query("web.service.consul.", RecordType::A);
+            rd_off[2] &= !0x01;
+            let fast_ones = [
+                query("web.service.consul.", RecordType::A),
+                query("WeB.SeRvIcE.CoNsUl.", RecordType::A),
+                query("web.default.svc.cluster.local.", RecordType::A),
+                query("V1.Web.Service.DC1.Consul.", RecordType::A),
+                query("payments.example.com.", RecordType::A),
+                rd_off,
+                with_edns("Web.Default.Causeway.", RecordType::A, 4096, false),
+                with_edns("web.default.causeway.", RecordType::A, 512, true),
+            ];
+            for q in &fast_ones {
+                let want = old_fast_answer(&idx, q).expect("an A answer of the fast path");
+                let mut out = b"left over from the last query".to_vec();
+                assert_eq!(
+                    handle_into(&idx, q, Transport::Udp, &mut out),
+                    Reply::Answer
+                );
+                assert_eq!(out, want, "ttl {ttl}, query {q:02x?}");
+                assert_eq!(handle(&idx, q, Transport::Udp), Outcome::Answer(want));
+                // What the old fast path answered is what hickory reads from it.
+                let m = answer(Outcome::Answer(out.clone()));
+                assert_eq!(m.metadata.id, u16::from_be_bytes([q[0], q[1]]));
+                assert_eq!(m.answers.len(), 1);
+                assert_eq!(m.answers[0].ttl, ttl);
+                // The question as asked: the client's letter case.
+                let qlen = q.len() - 12 - if m.edns.is_some() { 11 } else { 0 };
+                assert_eq!(&out[12..12 + qlen], &q[12..12 + qlen]);
+            }
+            let general = [
+                query("web.service.consul.", RecordType::AAAA),
+                query("Web.Service.Consul.", RecordType::SRV),
+                query("_http._tcp.web.default.svc.cluster.local.", RecordType::SRV),
+                query("nope.service.consul.", RecordType::A),
+                query("NoPe.Default.Causeway.", RecordType::AAAA),
+                query("web.service.consul.", RecordType::MX),
+                with_edns("web.service.consul.", RecordType::AAAA, 1232, true),
+                with_edns("nope.svc.cluster.local.", RecordType::A, 4096, false),
+            ];
+            for q in &general {
+                assert_eq!(old_fast_answer(&idx, q), None);
+                let Outcome::Answer(want) = handle_parsed(&idx, q, Transport::Udp) else {
+                    panic!("the general path answers {q:02x?}");
+                };
+                let mut out = vec![0xff; 700];
+                assert_eq!(
+                    handle_into(&idx, q, Transport::Udp, &mut out),
+                    Reply::Answer
+                );
+                assert_eq!(out, want, "ttl {ttl}, query {q:02x?}");
+            }
+            // Class CH for a mesh name: REFUSED from the general path.
+            let mut ch = query("web.service.consul.", RecordType::A);
+            let n = ch.len();
+            ch[n - 1] = 3;
+            let mut out = Vec::new();
+            assert_eq!(
+                handle_into(&idx, &ch, Transport::Udp, &mut out),
+                Reply::Answer
+            );
+            assert_eq!(
+                answer(Outcome::Answer(out)).metadata.response_code,
+                ResponseCode::Refused
+            );
+            // Forwarded and dropped as before, the buffer not used.
+            let mut out = Vec::new();
+            assert_eq!(
+                handle_into(
+                    &idx,
+                    &query("example.com.", RecordType::A),
+                    Transport::Udp,
+                    &mut out
+                ),
+                Reply::Forward
+            );
+            assert_eq!(
+                handle_into(
+                    &idx,
+                    &query("_x._tcp.example.com.", RecordType::SRV),
+                    Transport::Udp,
+                    &mut out
+                ),
+                Reply::Forward
+            );
+            let mut resp = query("web.service.consul.", RecordType::A);
+            resp[2] |= 0x80;
+            assert_eq!(
+                handle_into(&idx, &resp, Transport::Udp, &mut out),
+                Reply::Drop
+            );
+            assert_eq!(
+                handle_into(&idx, &[1, 2], Transport::Udp, &mut out),
+                Reply::Drop
+            );
+        }
+    }
+
+    /// The fast path's name check accepts exactly letters, digits, '-' and '_' (lower
+    /// cased); any other byte leaves the query to the general path.
+    #[test]
+    fn label_bytes() {
+        for b in 0..=255u8 {
+            let ok = b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+            let want = if ok { b.to_ascii_lowercase() } else { 0 };
+            assert_eq!(LABEL_BYTE[usize::from(b)], want, "byte {b:#04x}");
+        }
+        let idx = index();
+        // "web\x00..." never matches; a name with a space goes to hickory (forwarded).
+        let mut q = query("web.service.consul.", RecordType::A);
+        q[13] = b' ';
+        assert!(fast(&idx, &q).is_none());
+        assert_eq!(handle(&idx, &q, Transport::Udp), Outcome::Forward);
     }
 
     #[test]

@@ -48,13 +48,48 @@ pub struct Target {
     pub ports: Vec<(String, u16)>,
 }
 
+/// One mesh name in the index: its target, and the answer record of an A query for it
+/// built once with the index.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    target: Arc<Target>,
+    /// The A record as it goes on the wire after the question: a compression pointer to
+    /// the question's name, type A, class IN, the TTL, length 4, the VIP (None: no VIP).
+    a: Option<[u8; 16]>,
+}
+
+impl Entry {
+    fn new(target: Arc<Target>, ttl: u32) -> Self {
+        let a = target.vip.map(|vip| {
+            let mut r = [0u8; 16];
+            r[..6].copy_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+            r[6..10].copy_from_slice(&ttl.to_be_bytes());
+            r[10..12].copy_from_slice(&[0, 4]);
+            r[12..].copy_from_slice(&vip.octets());
+            r
+        });
+        Self { target, a }
+    }
+
+    /// What the name stands for.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The A answer record (the name's VIP), as it follows the question on the wire.
+    pub fn a_record(&self) -> Option<&[u8; 16]> {
+        self.a.as_ref()
+    }
+}
+
 /// All mesh names of one config version.
 #[derive(Debug, Clone, Default)]
 pub struct Index {
     /// The config version it was built from.
     pub version: u64,
-    /// Lower-case names without the trailing dot.
-    names: HashMap<String, Arc<Target>>,
+    /// Lower-case names without the trailing dot (bytes: the query path looks them up
+    /// without making a string).
+    names: HashMap<Box<[u8]>, Entry>,
     /// Zones the mesh owns (unknown names inside get NXDOMAIN), lower case, longest first.
     zones: Vec<String>,
     /// TTL of answers.
@@ -135,9 +170,12 @@ impl Index {
                 vip: svc.vip,
                 ports: ports.into_iter().collect(),
             });
+            let ttl = idx.ttl;
             let mut add = |n: String| {
                 if let Some(n) = normalize(&n) {
-                    idx.names.entry(n).or_insert_with(|| target.clone());
+                    idx.names
+                        .entry(n.into_bytes().into_boxed_slice())
+                        .or_insert_with(|| Entry::new(target.clone(), ttl));
                 }
             };
             for c in &cluster {
@@ -191,19 +229,32 @@ impl Index {
 
     /// Looks up a lower-case name without the trailing dot.
     pub fn lookup(&self, name: &str) -> Lookup<'_> {
-        if let Some(t) = self.names.get(name) {
-            return Lookup::Found(t);
+        if let Some(e) = self.entry(name.as_bytes()) {
+            return Lookup::Found(&e.target);
         }
-        for z in &self.zones {
-            if name == z
-                || (name.len() > z.len()
-                    && name.ends_with(z.as_str())
-                    && name.as_bytes()[name.len() - z.len() - 1] == b'.')
-            {
-                return Lookup::NxDomain(z);
-            }
+        match self.zone_of(name.as_bytes()) {
+            Some(z) => Lookup::NxDomain(z),
+            None => Lookup::Outside,
         }
-        Lookup::Outside
+    }
+
+    /// The mesh name `name` (lower case, without the trailing dot), if it is one.
+    pub fn entry(&self, name: &[u8]) -> Option<&Entry> {
+        self.names.get(name)
+    }
+
+    /// The owned zone `name` (lower case, without the trailing dot) is in or is, if any.
+    pub fn zone_of(&self, name: &[u8]) -> Option<&str> {
+        self.zones
+            .iter()
+            .find(|z| {
+                let z = z.as_bytes();
+                name == z
+                    || (name.len() > z.len()
+                        && name.ends_with(z)
+                        && name[name.len() - z.len() - 1] == b'.')
+            })
+            .map(String::as_str)
     }
 
     /// The zones the mesh owns.
@@ -341,6 +392,53 @@ pub(crate) mod tests {
             ports,
             &vec![("grpc".to_owned(), 9090), ("http".to_owned(), 8080)]
         );
+    }
+
+    /// The A record built with the index: pointer to the question's name, A, IN, the
+    /// index's TTL, length 4, the VIP; none for a service without a VIP. The byte
+    /// look-ups answer as the string one.
+    #[test]
+    fn precomputed_a_records() {
+        let mut state = mesh();
+        state
+            .services
+            .get_mut("ext/payments")
+            .expect("in the mesh")
+            .vip = None;
+        let z = Zones {
+            ttl: 0x0102_0304,
+            ..Zones::default()
+        };
+        let idx = Index::build(&state, &z);
+        let e = idx.entry(b"web.default.causeway").expect("a mesh name");
+        assert_eq!(e.target().service, "default/web");
+        assert_eq!(
+            e.a_record(),
+            Some(&[0xc0, 0x0c, 0, 1, 0, 1, 1, 2, 3, 4, 0, 4, 240, 240, 0, 10])
+        );
+        let e = idx.entry(b"payments.example.com").expect("a mesh name");
+        assert_eq!(e.a_record(), None, "no VIP, no record");
+        assert!(
+            idx.entry(b"Web.default.causeway").is_none(),
+            "lower case only"
+        );
+        for n in [
+            "web.service.consul",
+            "nope.service.consul",
+            "service.consul",
+            "xservice.consul",
+            "example.com",
+            "causeway",
+        ] {
+            let by_bytes = match (idx.entry(n.as_bytes()), idx.zone_of(n.as_bytes())) {
+                (Some(e), _) => Lookup::Found(e.target()),
+                (None, Some(z)) => Lookup::NxDomain(z),
+                (None, None) => Lookup::Outside,
+            };
+            assert_eq!(by_bytes, idx.lookup(n), "{n}");
+        }
+        assert_eq!(idx.zone_of(b"service.consul"), Some("service.consul"));
+        assert_eq!(idx.zone_of(b"xservice.consul"), None);
     }
 
     #[test]

@@ -27,6 +27,7 @@ use super::record::{
     ResponseFlags, grpc_status, trace_headers,
 };
 use super::{HttpSettings, Side};
+use crate::dataplane::route::{Dest, Plan};
 
 /// A byte stream to an upstream (a tunnel stream, a TCP connection).
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -78,6 +79,30 @@ pub trait Upstream: Send + Sync + 'static {
     /// ([`UpstreamError::NoHealthyUpstream`]: `UH`).
     fn pick(&self) -> Result<String, UpstreamError> {
         Ok(String::new())
+    }
+
+    /// Routing (issue 21): what a VirtualService decides for this request (destination,
+    /// faults, retries, timeout, header operations, rewrite), or `None` to send it to
+    /// [`Upstream::pick`]'s choice as it is. Called once per request, before anything is
+    /// sent.
+    fn plan(&self, _req: &::http::request::Parts) -> Option<Plan> {
+        None
+    }
+
+    /// The answer of `endpoint` to a try of a request routed to `dest`: its status, 503
+    /// for a failed connection or a reset, 504 for a per-try timeout (outlier detection).
+    fn observed(&self, _dest: &Dest, _endpoint: &str, _status: u16) {}
+
+    /// Chooses the endpoint of a request routed to `dest` (with the request's
+    /// consistent-hash key, if the destination hashes), avoiding the endpoints of `tried`
+    /// (earlier tries of the same request) while another is left.
+    fn pick_for(
+        &self,
+        _dest: &Dest,
+        _hash: Option<u64>,
+        _tried: &[String],
+    ) -> Result<String, UpstreamError> {
+        self.pick()
     }
 
     /// Opens a connection to `endpoint` (a key from [`Upstream::pick`]) when its pool has
@@ -191,7 +216,38 @@ impl<U: Upstream> tower_service::Service<Uri> for Connector<U> {
     }
 }
 
-type UpBody = CountingBody<Incoming>;
+/// The request body sent upstream: streamed, or buffered when a route may retry it.
+type UpBody = CountingBody<http_body_util::Either<Incoming, Full<Bytes>>>;
+
+/// The largest request body buffered so that a route can retry the request (Envoy's
+/// default buffer limit is 1 MiB; retries are for small API calls). A larger or
+/// unknown-length body is streamed and not retried.
+const MAX_RETRY_BODY: u64 = 64 * 1024;
+
+/// A request that got no upstream response: what the agent answers.
+struct Failure {
+    status: StatusCode,
+    flags: ResponseFlags,
+    text: String,
+    host: Option<String>,
+}
+
+impl Failure {
+    fn timeout() -> Failure {
+        Failure {
+            status: StatusCode::GATEWAY_TIMEOUT,
+            flags: ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
+            text: "upstream request timeout".into(),
+            host: None,
+        }
+    }
+}
+
+/// Envoy's retry back-off: a random time up to `(2^n - 1) × 25 ms`, at most 250 ms.
+fn retry_backoff(n: u32) -> std::time::Duration {
+    let cap = (25u64 << n.min(4)).saturating_sub(25).clamp(25, 250);
+    std::time::Duration::from_millis(crate::dataplane::lb::random() % (cap + 1))
+}
 
 /// The connection pools of one endpoint.
 struct Pools<U> {
@@ -466,48 +522,53 @@ impl<U: Upstream> Proxy<U> {
             resp.headers_mut().extend(refusal.headers);
             return resp;
         }
+        // Routing (issue 21). Upgrades and CONNECT are byte streams: not routed.
+        let plan = if upgrade {
+            None
+        } else {
+            inner.upstream.plan(&parts)
+        };
+        if let Some(plan) = &plan {
+            if let Some(delay) = plan.delay {
+                pending
+                    .record
+                    .response_flags
+                    .insert(ResponseFlags::DELAY_INJECTED);
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(status) = plan.abort {
+                return local_reply(
+                    pending,
+                    status,
+                    ResponseFlags::FAULT_INJECTED,
+                    "fault filter abort",
+                );
+            }
+            plan.apply_request(&mut parts);
+        }
         parts.uri = upstream_uri(&parts.uri, &parts.method);
         if !h2 {
             // hyper's HTTP/1 client refuses other versions; HTTP/1.0 clients get HTTP/1.1
             // framing upstream, their own framing downstream.
             parts.version = Version::HTTP_11;
         }
-        let up_req = Request::from_parts(
-            parts,
-            CountingBody {
-                inner: body,
-                bytes: request_bytes,
-            },
-        );
-        let endpoint = match inner.upstream.pick() {
-            Ok(e) => e,
-            Err(e) => {
-                let (flags, text, host) = classify_upstream(&e);
-                pending.record.upstream_host = host;
-                return local_reply(pending, StatusCode::SERVICE_UNAVAILABLE, flags, &text);
+        let mut resp = match self
+            .forward(plan.as_ref(), parts, body, h2, request_bytes)
+            .await
+        {
+            Ok((resp, flags)) => {
+                pending.record.response_flags.insert(flags);
+                resp
+            }
+            Err(f) => {
+                pending.record.upstream_host = f.host;
+                tracing::debug!(flags = %f.flags, text = %f.text, "upstream request failed");
+                return local_reply(pending, f.status, f.flags, &f.text);
             }
         };
-        let pools = inner.pools(&endpoint);
-        let client = if h2 { &pools.h2 } else { &pools.h1 };
-        let result =
-            tokio::time::timeout(inner.settings.request_timeout, client.request(up_req)).await;
-        let mut resp = match result {
-            Err(_) => {
-                return local_reply(
-                    pending,
-                    StatusCode::GATEWAY_TIMEOUT,
-                    ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
-                    "upstream request timeout",
-                );
-            }
-            Ok(Err(e)) => {
-                let (flags, text, host) = classify(&e);
-                pending.record.upstream_host = host;
-                tracing::debug!(error = %error_chain(&e), flags = %flags, "upstream request failed");
-                return local_reply(pending, StatusCode::SERVICE_UNAVAILABLE, flags, &text);
-            }
-            Ok(Ok(resp)) => resp,
-        };
+        if let Some(plan) = &plan {
+            plan.apply_response(resp.headers_mut());
+        }
         if let Some(UpstreamHost(host, identity)) = resp.extensions().get::<UpstreamHost>() {
             pending.record.upstream_host = Some(host.clone());
             if pending.record.destination_principal.is_none() {
@@ -536,6 +597,247 @@ impl<U: Upstream> Proxy<U> {
             _ => strip_hop_by_hop(resp.headers_mut()),
         }
         resp.map(|body| ObservedBody::new(body, pending))
+    }
+}
+
+impl<U: Upstream> Proxy<U> {
+    /// Sends a request upstream: one try, or with a route's retry policy several (each
+    /// on another endpoint while one is left, each bounded by the per-try timeout), all
+    /// within the route's timeout (the proxy's request timeout without a route). Returns
+    /// the response with the flags to record (`URX` when the retries were used up), or
+    /// what to answer instead.
+    async fn forward(
+        &self,
+        plan: Option<&Plan>,
+        parts: ::http::request::Parts,
+        body: Incoming,
+        h2: bool,
+        request_bytes: Arc<AtomicU64>,
+    ) -> Result<(Response<Incoming>, ResponseFlags), Failure> {
+        use http_body_util::{BodyExt as _, Either};
+        use hyper::body::Body as _;
+        let inner = &self.inner;
+        let overall = plan
+            .and_then(|p| p.route.timeout)
+            .unwrap_or(inner.settings.request_timeout);
+        let retry = plan.map(|p| &p.route.retry);
+        let run = async {
+            // Retrying needs the body again: a small body of known length is buffered.
+            let small = body.is_end_stream()
+                || body
+                    .size_hint()
+                    .upper()
+                    .is_some_and(|u| u <= MAX_RETRY_BODY);
+            let attempts = match retry {
+                Some(r) if small => r.attempts,
+                _ => 0,
+            };
+            let mirror = plan.and_then(|p| p.mirror.as_ref());
+            let mut streaming = None;
+            let mut buffered = None;
+            if attempts > 0 || (small && mirror.is_some()) {
+                let bytes = match body.collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(e) => {
+                        return Err(Failure {
+                            status: StatusCode::BAD_REQUEST,
+                            flags: ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION,
+                            text: format!("downstream request body failed: {e}"),
+                            host: None,
+                        });
+                    }
+                };
+                request_bytes.store(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                buffered = Some(bytes);
+            } else {
+                streaming = Some(body);
+            }
+            let (method, uri, version, headers) = (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.version,
+                parts.headers.clone(),
+            );
+            if let Some(dest) = mirror {
+                match &buffered {
+                    Some(body) => self.mirror(dest, &parts, body.clone(), h2),
+                    None => {
+                        tracing::debug!("request body too large or of unknown length: not mirrored")
+                    }
+                }
+            }
+            let mut parts = Some(parts);
+            let mut tried: Vec<String> = Vec::new();
+            let mut n = 0u32;
+            loop {
+                let last = n >= attempts;
+                let picked = match plan {
+                    Some(p) => inner.upstream.pick_for(&p.dest, p.hash, &tried),
+                    None => inner.upstream.pick(),
+                };
+                let endpoint = match picked {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let (flags, text, host) = classify_upstream(&e);
+                        return Err(Failure {
+                            status: StatusCode::SERVICE_UNAVAILABLE,
+                            flags,
+                            text,
+                            host,
+                        });
+                    }
+                };
+                let req = match (streaming.take(), &buffered) {
+                    (Some(body), _) => Request::from_parts(
+                        parts.take().expect("one streamed try"),
+                        CountingBody {
+                            inner: Either::Left(body),
+                            bytes: request_bytes.clone(),
+                        },
+                    ),
+                    (None, buffered) => {
+                        let mut r = Request::new(CountingBody {
+                            inner: Either::Right(Full::new(buffered.clone().unwrap_or_default())),
+                            bytes: Arc::new(AtomicU64::new(0)),
+                        });
+                        *r.method_mut() = method.clone();
+                        *r.uri_mut() = uri.clone();
+                        *r.version_mut() = version;
+                        *r.headers_mut() = headers.clone();
+                        r
+                    }
+                };
+                let pools = inner.pools(&endpoint);
+                tried.push(endpoint);
+                let client = if h2 { &pools.h2 } else { &pools.h1 };
+                let sent = client.request(req);
+                let result = match plan.and_then(|p| p.route.retry.per_try) {
+                    Some(t) => tokio::time::timeout(t, sent).await.ok(),
+                    None => Some(sent.await),
+                };
+                if let (Some(p), Some(endpoint)) = (plan, tried.last()) {
+                    let status = match &result {
+                        Some(Ok(resp)) => resp.status().as_u16(),
+                        Some(Err(_)) => 503,
+                        None => 504,
+                    };
+                    inner.upstream.observed(&p.dest, endpoint, status);
+                }
+                let exhausted = |mut f: ResponseFlags| {
+                    if attempts > 0 {
+                        f.insert(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+                    }
+                    f
+                };
+                match result {
+                    Some(Ok(resp)) => {
+                        if !retry.is_some_and(|r| r.on.status(resp.status())) {
+                            return Ok((resp, ResponseFlags::NONE));
+                        }
+                        if last {
+                            return Ok((resp, exhausted(ResponseFlags::NONE)));
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let (flags, text, host) = classify(&e);
+                        tracing::debug!(error = %error_chain(&e), flags = %flags, try_ = n, "upstream try failed");
+                        let again = retry.is_some_and(|r| {
+                            if flags.contains(ResponseFlags::UPSTREAM_CONNECTION_FAILURE) {
+                                r.on.connect_failure()
+                            } else {
+                                r.on.reset()
+                            }
+                        });
+                        if !again || last {
+                            return Err(Failure {
+                                status: StatusCode::SERVICE_UNAVAILABLE,
+                                flags: if again { exhausted(flags) } else { flags },
+                                text,
+                                host,
+                            });
+                        }
+                    }
+                    None => {
+                        let again = retry.is_some_and(|r| r.on.timeout());
+                        if !again || last {
+                            let mut f = Failure::timeout();
+                            if again {
+                                f.flags = exhausted(f.flags);
+                            }
+                            return Err(f);
+                        }
+                    }
+                }
+                n += 1;
+                tokio::time::sleep(retry_backoff(n)).await;
+            }
+        };
+        match tokio::time::timeout(overall, run).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure::timeout()),
+        }
+    }
+}
+
+impl<U: Upstream> Proxy<U> {
+    /// Sends a copy of a request to `dest`, fire and forget: its own task, its response
+    /// discarded, bounded by the proxy's request timeout; the primary request never
+    /// waits for it. The authority gets Envoy's `-shadow` suffix.
+    fn mirror(&self, dest: &Arc<Dest>, parts: &::http::request::Parts, body: Bytes, h2: bool) {
+        let this = self.clone();
+        let dest = dest.clone();
+        let mut req = Request::new(CountingBody {
+            inner: http_body_util::Either::Right(Full::new(body)),
+            bytes: Arc::new(AtomicU64::new(0)),
+        });
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = parts.headers.clone();
+        if let Some(host) = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| HeaderValue::from_str(&shadow_host(h)).ok())
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        tokio::spawn(async move {
+            let inner = &this.inner;
+            let endpoint = match inner.upstream.pick_for(&dest, None, &[]) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::debug!(error = %e, "mirror: no endpoint");
+                    return;
+                }
+            };
+            let pools = inner.pools(&endpoint);
+            let client = if h2 { &pools.h2 } else { &pools.h1 };
+            let sent = tokio::time::timeout(inner.settings.request_timeout, async {
+                let resp = client.request(req).await?;
+                // Read the body so the pooled connection can be reused.
+                http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .map_err(|e| e.into())
+                    .map(|_| ())
+            })
+            .await;
+            match sent {
+                Ok(Ok(())) => {}
+                Ok(Err::<(), BoxError>(e)) => tracing::debug!(error = %e, "mirror failed"),
+                Err(_) => tracing::debug!("mirror timed out"),
+            }
+        });
+    }
+}
+
+/// `host[:port]` with Envoy's shadow suffix on the host: `web-shadow[:port]`.
+fn shadow_host(h: &str) -> String {
+    match h.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{host}-shadow:{port}")
+        }
+        _ => format!("{h}-shadow"),
     }
 }
 

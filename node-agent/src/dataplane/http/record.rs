@@ -47,7 +47,7 @@ impl ResponseFlags {
     pub const UPSTREAM_REQUEST_TIMEOUT: Self = Self(1 << 2);
     /// `UC`: upstream connection termination.
     pub const UPSTREAM_CONNECTION_TERMINATION: Self = Self(1 << 3);
-    /// `URX`: upstream retry limit exceeded (reserved: the agent does not retry yet).
+    /// `URX`: upstream retry limit exceeded (a route's retries were used up).
     pub const UPSTREAM_RETRY_LIMIT_EXCEEDED: Self = Self(1 << 4);
     /// `DC`: downstream connection termination (the client went away mid-response).
     pub const DOWNSTREAM_CONNECTION_TERMINATION: Self = Self(1 << 5);
@@ -56,8 +56,12 @@ impl ResponseFlags {
     pub const DOWNSTREAM_PROTOCOL_ERROR: Self = Self(1 << 6);
     /// `RBAC`: the request was denied by an AuthorizationPolicy (answered 403).
     pub const RBAC_ACCESS_DENIED: Self = Self(1 << 7);
+    /// `FI`: the request was aborted by a route's fault injection.
+    pub const FAULT_INJECTED: Self = Self(1 << 8);
+    /// `DI`: the request was delayed by a route's fault injection.
+    pub const DELAY_INJECTED: Self = Self(1 << 9);
 
-    const NAMES: [(Self, &'static str); 8] = [
+    const NAMES: [(Self, &'static str); 10] = [
         (Self::NO_HEALTHY_UPSTREAM, "UH"),
         (Self::UPSTREAM_CONNECTION_FAILURE, "UF"),
         (Self::UPSTREAM_REQUEST_TIMEOUT, "UT"),
@@ -66,6 +70,8 @@ impl ResponseFlags {
         (Self::DOWNSTREAM_CONNECTION_TERMINATION, "DC"),
         (Self::DOWNSTREAM_PROTOCOL_ERROR, "DPE"),
         (Self::RBAC_ACCESS_DENIED, "RBAC"),
+        (Self::FAULT_INJECTED, "FI"),
+        (Self::DELAY_INJECTED, "DI"),
     ];
 
     /// Whether every flag of `other` is set.

@@ -67,8 +67,8 @@ pub(super) async fn follow_state(
 }
 
 impl Tunnel {
-    /// Follows the authorization view of this host's workload as the tunnel rebuilds it.
-    #[cfg(test)]
+    /// Follows the authorization view of this host's workload as the tunnel rebuilds it
+    /// (also for inbound plaintext, [`crate::dataplane::plaintext`]).
     pub(crate) fn policy_changes(
         &self,
     ) -> tokio::sync::watch::Receiver<Arc<crate::dataplane::authz::LocalAuthz>> {
