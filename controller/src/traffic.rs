@@ -110,6 +110,30 @@ pub fn merge<'a>(reports: impl IntoIterator<Item = &'a TrafficReport>) -> Traffi
             });
         }
     }
+    // HTTP and gRPC are carried on connections the agents also count as TCP: their
+    // bytes go to the request edge of the same pair, not to an edge of their own.
+    let mut i = 0;
+    while i < edges.len() {
+        let e = &edges[i];
+        let carrier = (e.protocol == "tcp")
+            .then(|| {
+                edges.iter().position(|o| {
+                    o.protocol != "tcp"
+                        && (&o.source, &o.destination, o.mtls, &o.reporter)
+                            == (&e.source, &e.destination, e.mtls, &e.reporter)
+                })
+            })
+            .flatten();
+        match carrier {
+            Some(j) => {
+                let tcp = edges.swap_remove(i);
+                let j = if j == edges.len() { i } else { j };
+                edges[j].bytes += tcp.bytes;
+                edges[j].bytes_rate += tcp.bytes_rate;
+            }
+            None => i += 1,
+        }
+    }
     edges.sort_by(|a, b| {
         b.requests
             .cmp(&a.requests)
@@ -188,11 +212,19 @@ mod tests {
         };
         let (d1, d2) = (dst(30, 3), dst(10, 1));
         let tcp = TrafficReport {
-            edges: vec![TrafficEdge {
-                bytes: 4000,
-                connections: 1,
-                ..edge(false, "web", "shop/db", "tcp", true)
-            }],
+            edges: vec![
+                TrafficEdge {
+                    bytes: 4000,
+                    connections: 1,
+                    ..edge(false, "web", "shop/db", "tcp", true)
+                },
+                // The connections that carried web -> shop/legacy's requests.
+                TrafficEdge {
+                    bytes: 800,
+                    connections: 1,
+                    ..edge(false, "web", "shop/legacy", "tcp", false)
+                },
+            ],
             dropped: 0,
             interval_ms: 4000,
         };
@@ -223,6 +255,11 @@ mod tests {
             ("shop/web", "source", false, Some(5))
         );
         assert!((legacy.request_rate - 2.0).abs() < 1e-9);
+        assert_eq!(
+            legacy.bytes, 800,
+            "the carrying connections' bytes: {legacy:?}"
+        );
+        assert!((legacy.bytes_rate - 200.0).abs() < 1e-9);
         let db = &v.edges[2];
         assert_eq!((db.protocol.as_str(), db.bytes), ("tcp", 4000));
         assert!((db.bytes_rate - 1000.0).abs() < 1e-9);

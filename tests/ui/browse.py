@@ -225,6 +225,9 @@ def traffic(args, d):
     check("ms" in cells[5], "the edge has a p99 latency: %s" % cells)
     check("mTLS" in cells[7], "the edge says mTLS as text: %s" % cells)
     check(cells[8] == "destination", "the destination's view is shown: %s" % cells)
+    check(cells[6] != "0 B/s", "the request edge carries its connections' bytes: %s" % cells)
+    rows = [r.text for r in d.find_elements(By.CSS_SELECTOR, "tr.edge")]
+    check(len(rows) == 1, "one edge, no separate TCP edge for the HTTP connections: %s" % rows)
     graph = d.find_element(By.ID, "traffic-graph")
     texts = [t.text for t in graph.find_elements(By.CSS_SELECTOR, "text")]
     check(any(args.edge_from in t for t in texts) and any(args.edge_to in t for t in texts),

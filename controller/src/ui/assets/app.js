@@ -264,7 +264,7 @@
       const bytes = (x) => x >= 1048576 ? (x / 1048576).toFixed(1) + ' MB/s' : x >= 1024 ? (x / 1024).toFixed(1) + ' kB/s' : x.toFixed(0) + ' B/s';
       const pct = (x) => (x * 100).toFixed(x > 0 && x < 0.01 ? 2 : 1) + ' %';
       const p99 = (e) => e.p99_ms === null || e.p99_ms === undefined ? (e.requests ? '> 10 s' : '-') : '≤ ' + e.p99_ms + ' ms';
-      const security = (e) => e.mtls ? '🔒 mTLS' : 'plaintext';
+      const security = (e) => e.mtls ? 'mTLS' : 'plaintext';
       const label = (e) => e.protocol === 'tcp'
         ? 'tcp ' + bytes(e.bytes_rate)
         : rate(e.request_rate) + ' req/s, ' + pct(e.error_rate) + ' err, p99 ' + p99(e);
@@ -346,7 +346,7 @@
       if (!document.body.dataset.rendered) {
         document.body.dataset.rendered = String(Math.round(performance.now()));
       }
-      live.textContent = 'Updated ' + new Date().toLocaleTimeString() + '; refreshes when the mesh changes.';
+      live.textContent = 'Updated ' + new Date().toLocaleTimeString() + (PAGE === 'traffic' ? '; refreshes every few seconds.' : '; refreshes when the mesh changes.');
     } catch (e) {
       showError(e);
     } finally {
