@@ -29,6 +29,9 @@ struct Sum {
     latency: Vec<u64>,
 }
 
+/// Of one (source, destination, protocol): by destination reporter, then by mTLS.
+type Sides = BTreeMap<bool, BTreeMap<bool, Sum>>;
+
 /// The upper bound (ms) of the bucket holding the 99th percentile; `None` without
 /// requests or when it is in the bucket over the highest bound.
 pub fn p99(buckets: &[u64]) -> Option<u64> {
@@ -50,9 +53,7 @@ pub fn p99(buckets: &[u64]) -> Option<u64> {
 
 /// Merges the agents' latest reports into edges, busiest first.
 pub fn merge<'a>(reports: impl IntoIterator<Item = &'a TrafficReport>) -> TrafficView {
-    // (source, destination, protocol) -> destination reporter -> mtls -> sum
-    let mut by_edge: BTreeMap<(String, String, String), BTreeMap<bool, BTreeMap<bool, Sum>>> =
-        BTreeMap::new();
+    let mut by_edge: BTreeMap<(String, String, String), Sides> = BTreeMap::new();
     let (mut agents, mut dropped) = (0, 0u64);
     for r in reports {
         agents += 1;

@@ -404,7 +404,7 @@ pub async fn subscribe(
                 // Per-edge traffic summaries (the UI's traffic page), every 4 s when
                 // there was traffic.
                 ticks += 1;
-                if ticks % 2 == 0
+                if ticks.is_multiple_of(2)
                     && let Some(traffic) = crate::telemetry::edges::take_report()
                 {
                     let frame = AgentFrame {
