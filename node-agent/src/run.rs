@@ -174,6 +174,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         mesh_state.clone(),
     );
     health.set_telemetry(telemetry.clone());
+    if let Some(istio) = &telemetry.istio {
+        crate::telemetry::edges::install(istio.metrics.clone());
+    }
     let (status_file, status_writer) = status_writer(&state);
     let rep = Arc::new(Mutex::new(Reporter {
         file: status_file,

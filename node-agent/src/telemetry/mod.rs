@@ -7,6 +7,7 @@
 //! Observers of HTTP requests are composed with [`Fanout`]: [`Telemetry::http_observer`]
 //! gives every proxy one observer that hands each record to each enabled consumer.
 
+pub mod edges;
 pub mod istio;
 pub mod series;
 
