@@ -397,6 +397,47 @@ pub struct MeshStatus {
     pub agents_connected: usize,
 }
 
+/// `GET /v1/traffic`: the traffic between workloads and services, merged from the
+/// agents' latest per-edge summaries. When both sides report an edge, only the
+/// destination's view counts (as Kiali does); else the source's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrafficView {
+    /// The edges, busiest first.
+    pub edges: Vec<TrafficEdgeView>,
+    /// Agents whose summaries are included.
+    pub agents_reporting: usize,
+    /// Edges the agents left out of their latest reports (beyond their bound).
+    pub dropped: u64,
+}
+
+/// One edge of [`TrafficView`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrafficEdgeView {
+    /// The source workload, `namespace/name`.
+    pub source: String,
+    /// The destination service, `namespace/name` (or `PassthroughCluster`).
+    pub destination: String,
+    /// "http", "grpc" or "tcp".
+    pub protocol: String,
+    /// Through mutual TLS (else plaintext).
+    pub mtls: bool,
+    /// "destination" or "source": whose view this is.
+    pub reporter: String,
+    /// Requests per second.
+    pub request_rate: f64,
+    /// Share of requests answered 5xx, 0 to 1.
+    pub error_rate: f64,
+    /// 99th percentile latency, milliseconds (the upper bound of its bucket); `None`
+    /// without requests or above the highest bound.
+    pub p99_ms: Option<u64>,
+    /// Bytes per second (TCP).
+    pub bytes_rate: f64,
+    /// Requests in the reports.
+    pub requests: u64,
+    /// Bytes in the reports.
+    pub bytes: u64,
+}
+
 /// `POST /v1/ui/login-codes`: a one-time login code for the web UI.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoginCode {

@@ -42,8 +42,16 @@ pub const KNOWN_FEATURES: &[&str] = &[FEATURE_POLICY, FEATURE_REQUEST_AUTHN, FEA
 pub use crate::wire::proto::{
     Ack, AgentFacts, AgentFrame, ConfigUpdate, Denial, DenialReport, EndpointMsg, Goodbye,
     Heartbeat, Hello, Nack, PolicyMsg, PushFrame, Registration, ServiceMsg, ServiceRef,
-    ServiceRejection, agent_frame, push_frame,
+    ServiceRejection, TrafficEdge, TrafficReport, agent_frame, push_frame,
 };
+
+/// Most edges one [`TrafficReport`] carries (the busiest; the rest are counted in
+/// `dropped`).
+pub const MAX_EDGES_PER_REPORT: usize = 256;
+
+/// Upper bounds (milliseconds) of a [`TrafficEdge`]'s latency buckets; one more bucket
+/// holds the slower requests.
+pub const LATENCY_BOUNDS_MS: [u64; 11] = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000];
 
 /// Most denials one [`DenialReport`] carries.
 pub const MAX_DENIALS_PER_REPORT: usize = 32;

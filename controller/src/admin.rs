@@ -83,6 +83,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/agents/{id}", delete(agent_remove).get(agent_show))
         .route("/v1/certificates", get(cert_list))
         .route("/v1/mesh", get(mesh_status))
+        .route("/v1/traffic", get(traffic))
         .route("/v1/registry", get(registry_list))
         .route("/v1/registry/sources", get(registry_sources))
         .route("/v1/registry/conflicts", get(registry_conflicts))
@@ -507,6 +508,11 @@ async fn registry_conflicts(
     State(s): State<AdminState>,
 ) -> Json<Vec<causeway_api::registry::Conflict>> {
     Json(s.mesh.conflicts())
+}
+
+/// `GET /v1/traffic`: see [`crate::traffic`].
+async fn traffic(State(s): State<AdminState>) -> Json<causeway_api::admin::TrafficView> {
+    Json(s.mesh.traffic())
 }
 
 async fn mesh_status(State(s): State<AdminState>) -> Json<MeshStatus> {

@@ -36,4 +36,5 @@ pub mod sd;
 pub mod store;
 pub mod store_etcd;
 pub mod tls_listener;
+pub mod traffic;
 pub mod ui;

@@ -67,6 +67,8 @@ struct Session {
     kick: Arc<Notify>,
     /// Where a remote Prometheus may scrape the agent, if it said (its hello).
     scrape: Option<crate::sd::ScrapeTarget>,
+    /// The agent's latest traffic summary and when it came (one per agent: bounded).
+    traffic: Option<(std::time::Instant, causeway_api::push::TrafficReport)>,
 }
 
 /// What applying one policy resource did.
@@ -1228,6 +1230,7 @@ impl Mesh {
                 },
                 kick: kick.clone(),
                 scrape: None,
+                traffic: None,
             },
         );
         Ok((
@@ -1385,6 +1388,41 @@ impl Mesh {
             .filter(|(_, s)| s.view.connected)
             .filter_map(|(id, s)| Some((id.clone(), s.scrape.clone()?)))
             .collect()
+    }
+
+    /// Records an agent's traffic summary, replacing its previous one (at most
+    /// [`causeway_api::push::MAX_EDGES_PER_REPORT`] edges are kept).
+    pub fn record_traffic(&self, h: &SessionHandle, mut report: causeway_api::push::TrafficReport) {
+        if let Some(s) = self.lock().sessions.get_mut(&h.agent_id)
+            && s.view.generation == h.generation
+        {
+            let extra = report
+                .edges
+                .len()
+                .saturating_sub(causeway_api::push::MAX_EDGES_PER_REPORT);
+            report
+                .edges
+                .truncate(causeway_api::push::MAX_EDGES_PER_REPORT);
+            report.dropped = report
+                .dropped
+                .saturating_add(u32::try_from(extra).unwrap_or(u32::MAX));
+            s.traffic = Some((std::time::Instant::now(), report));
+        }
+    }
+
+    /// The traffic of the connected agents, merged from their summaries younger than
+    /// [`crate::traffic::FRESH`].
+    pub fn traffic(&self) -> causeway_api::admin::TrafficView {
+        let inner = self.lock();
+        crate::traffic::merge(
+            inner
+                .sessions
+                .values()
+                .filter(|s| s.view.connected)
+                .filter_map(|s| s.traffic.as_ref())
+                .filter(|(at, _)| at.elapsed() <= crate::traffic::FRESH)
+                .map(|(_, r)| r),
+        )
     }
 
     /// Records the data-plane facts an agent reported.

@@ -241,6 +241,9 @@ pub(crate) async fn run_session(
                 Some(Ok(AgentFrame { kind: Some(agent_frame::Kind::Denials(d)) })) => {
                     mesh.record_denials(&handle, d.denials);
                 }
+                Some(Ok(AgentFrame { kind: Some(agent_frame::Kind::Traffic(t)) })) => {
+                    mesh.record_traffic(&handle, t);
+                }
                 Some(Ok(AgentFrame { kind: Some(agent_frame::Kind::Facts(f)) })) => {
                     mesh.record_facts(&handle, f);
                 }

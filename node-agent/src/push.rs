@@ -401,9 +401,19 @@ pub async fn subscribe(
                     };
                     write(&mut send, &frame).await.map_err(proto)?;
                 }
+                // Per-edge traffic summaries (the UI's traffic page), every 4 s when
+                // there was traffic.
+                ticks += 1;
+                if ticks.is_multiple_of(2)
+                    && let Some(traffic) = crate::telemetry::edges::take_report()
+                {
+                    let frame = AgentFrame {
+                        kind: Some(agent_frame::Kind::Traffic(traffic)),
+                    };
+                    write(&mut send, &frame).await.map_err(proto)?;
+                }
                 // Data-plane facts (for `causewayctl analyze`): checked every 10 s, sent
                 // once per session and then when they change.
-                ticks += 1;
                 if let Some(dir) = state_dir.clone().filter(|_| ticks % 5 == 1) {
                     let facts = tokio::task::spawn_blocking(move || collect_facts(&dir))
                         .await

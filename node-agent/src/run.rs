@@ -175,6 +175,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         cfg.dataplane.capture.then_some(cfg.dataplane.mark),
     );
     health.set_telemetry(telemetry.clone());
+    if let Some(istio) = &telemetry.istio {
+        crate::telemetry::edges::install(istio.metrics.clone());
+    }
     let (status_file, status_writer) = status_writer(&state);
     let rep = Arc::new(Mutex::new(Reporter {
         file: status_file,

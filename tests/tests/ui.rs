@@ -589,3 +589,244 @@ fn ten_thousand_services_page_on_the_server() {
         t["services_first_render_ms"], t["services_reload_render_ms"], t["services_reload_wall_ms"]
     );
 }
+
+/// HTTP/1.1 server on argv[1]: `/fail…` answers 500, the rest 200.
+const HTTP_SERVER_PY: &str = r#"
+import sys
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        code = 500 if self.path.startswith("/fail") else 200
+        body = b"ok\n"
+        self.send_response(code); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// A client that keeps calling argv[1]:argv[2] (two 200s and one 500 a round) until
+/// killed, so the traffic stays fresh however long the browser takes.
+const HTTP_LOOP_PY: &str = r#"
+import http.client, sys, time
+while True:
+    try:
+        c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=5)
+        for p in ("/ok", "/ok", "/fail"):
+            c.request("GET", p); r = c.getresponse(); r.read()
+            print(r.status, flush=True)
+        c.close()
+    except Exception as e:
+        print("error:", e, flush=True)
+    time.sleep(0.3)
+"#;
+
+/// Two VMs with agents in network namespaces: vm1 (group `client`) calls vm2's HTTP
+/// service `shop/web` through the mesh. The agents' traffic summaries reach the
+/// controller over the push channel: `GET /v1/traffic` has the edge as the destination
+/// saw it (mutual TLS, with errors), and the browser's traffic page shows it in the
+/// graph and the table. Needs root.
+#[test]
+fn the_traffic_page_shows_the_edge_between_two_agents() {
+    use causeway_tests::netns::{Lab, Proc, require_root};
+    require_browser();
+    require_root("the traffic page test");
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    let lab = Lab::new(&["ctl", "vm1", "vm2"]);
+    let mut procs: Vec<Proc> = Vec::new();
+    let data = root.join("controller");
+    let ctl = lab.node("ctl").clone();
+    let control = format!("{}:15012", ctl.addr);
+    procs.push(Proc::spawn(
+        &ctl,
+        &root.join("controller.log"),
+        bin("causeway-controller"),
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--control-listen",
+            &control,
+        ],
+    ));
+    let endpoints: Value = wait_for("controller endpoints.json", WAIT, || {
+        let text = std::fs::read_to_string(data.join("endpoints.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    });
+    let admin = endpoints["admin"].as_str().expect("admin").to_owned();
+    let ctl_ok = |args: &[&str]| ctl.causewayctl(&admin, &data, args);
+    for (group, sa, service, port) in [
+        ("web", "web", "web", "http:8080"),
+        ("client", "client", "client", "http:8081"),
+    ] {
+        ctl_ok(&[
+            "group",
+            "create",
+            group,
+            "--namespace",
+            "shop",
+            "--service-account",
+            sa,
+            "--service",
+            service,
+            "--port",
+            port,
+        ]);
+    }
+    let (vm1, vm2) = (lab.node("vm1").clone(), lab.node("vm2").clone());
+    procs.push(Proc::spawn(
+        &vm2,
+        &root.join("vm2.http.log"),
+        "python3",
+        &["-c", HTTP_SERVER_PY, "8080"],
+    ));
+    let mut agent = |vm: &str, group: &str| {
+        let token = ctl_ok(&["token", "create", "--group", group]);
+        let state = root.join(vm);
+        let node = lab.node(vm);
+        let out = node
+            .cmd(bin("causeway-agent"))
+            .args(["join", token.trim(), "--state-dir", state.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "join {vm}: {}", describe(&out));
+        let cfg = root.join(format!("{vm}.toml"));
+        std::fs::write(&cfg, AGENT_CFG).unwrap();
+        procs.push(Proc::spawn(
+            node,
+            &root.join(format!("{vm}.agent.log")),
+            bin("causeway-agent"),
+            &[
+                "run",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--address",
+                &node.addr.to_string(),
+            ],
+        ));
+        state
+    };
+    agent("vm2", "web");
+    let s1 = agent("vm1", "client");
+    let vm2_addr = vm2.addr.to_string();
+    let vip = wait_for("shop/web routed at vm1", WAIT, || {
+        let s: causeway_api::push::MeshState =
+            serde_json::from_slice(&std::fs::read(s1.join("config.json")).ok()?).ok()?;
+        let svc = s.services.get("shop/web")?;
+        svc.endpoints.values().find(|e| e.address == vm2_addr)?;
+        let rules = std::fs::read_to_string(s1.join("capture.rules")).ok()?;
+        rules
+            .contains(&format!("-d {vm2_addr}/32 "))
+            .then_some(())?;
+        svc.vip.map(|v| v.to_string())
+    });
+    procs.push(Proc::spawn(
+        &vm1,
+        &root.join("vm1.client.log"),
+        "python3",
+        &["-c", HTTP_LOOP_PY, &vip, "8080"],
+    ));
+    let logs = |procs: &[Proc]| -> String {
+        procs
+            .iter()
+            .map(|p| format!("== {}\n{}", p.log.display(), p.log()))
+            .collect()
+    };
+
+    // The admin API: the edge as the destination's agent saw it.
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let fetch = "import sys, urllib.request\nr = urllib.request.Request(sys.argv[1], headers={'Authorization': 'Bearer ' + sys.argv[2]})\nsys.stdout.write(urllib.request.urlopen(r, timeout=10).read().decode())\n";
+    let mut last = Value::Null;
+    let edge = wait_for_value(&mut last, || {
+        let out = ctl
+            .cmd("python3")
+            .args(["-c", fetch, &format!("{admin}/v1/traffic"), token.trim()])
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    });
+    let edge = edge.unwrap_or_else(|| {
+        panic!(
+            "no shop/client -> shop/web edge with errors in /v1/traffic: {last:#}\n{}",
+            logs(&procs)
+        )
+    });
+    assert_eq!(edge["reporter"], "destination", "{last:#}");
+    assert_eq!(edge["mtls"], true, "{last:#}");
+    assert_eq!(edge["protocol"], "http", "{last:#}");
+    let errors = edge["error_rate"].as_f64().unwrap();
+    assert!(errors > 0.0 && errors < 1.0, "{last:#}");
+    assert!(edge["p99_ms"].as_u64().is_some(), "{last:#}");
+
+    // The browser, in the controller's namespace (the admin API listens on its loopback).
+    let url = ctl_ok(&["ui", "--print-url"]).trim().to_owned();
+    let out_dir = out_dir();
+    let script = workspace().join("tests/ui/browse.py");
+    let out = ctl
+        .cmd(PYTHON)
+        .arg(&script)
+        .args([
+            "--mode",
+            "traffic",
+            "--url",
+            &url,
+            "--base",
+            &admin,
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--edge-from",
+            "shop/client",
+            "--edge-to",
+            "shop/web",
+        ])
+        .output()
+        .expect("run tests/ui/browse.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("browse.py gave no report: {}", describe(&out)));
+    for c in report["checks"].as_array().into_iter().flatten() {
+        println!("ok: {}", c.as_str().unwrap_or_default());
+    }
+    assert_eq!(
+        report["errors"],
+        serde_json::json!([]),
+        "browser checks failed: {report:#}\n{}",
+        logs(&procs)
+    );
+    // Processes end before the namespaces they run in.
+    drop(procs);
+    drop(lab);
+}
+
+/// Polls `/v1/traffic` (through `get`) until the client -> web edge has errors; keeps
+/// the last answer in `last`.
+fn wait_for_value(last: &mut Value, mut get: impl FnMut() -> Option<Value>) -> Option<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while std::time::Instant::now() < deadline {
+        if let Some(v) = get() {
+            let found = v["edges"].as_array().and_then(|edges| {
+                edges
+                    .iter()
+                    .find(|e| {
+                        e["source"] == "shop/client"
+                            && e["destination"] == "shop/web"
+                            && e["error_rate"].as_f64().is_some_and(|r| r > 0.0)
+                    })
+                    .cloned()
+            });
+            *last = v;
+            if found.is_some() {
+                return found;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    None
+}

@@ -10,6 +10,9 @@ Modes:
         with expiry, traffic, policy and its why form), search, keyboard focus, no
         console error; then reuse the login URL in a browser without cookies and expect
         the refusal on the login page.
+  traffic  log in, open the traffic page and wait until the edge --edge-from ->
+        --edge-to shows in the graph and the table, with its rate, error rate, p99 and
+        "mTLS" as text.
   perf  log in, then measure the services page's first render (reported, not asserted).
 """
 
@@ -202,6 +205,40 @@ def full(args, d):
     return {"replay_message": msg}
 
 
+def traffic(args, d):
+    d.get(args.url)
+    wait_rendered(d, "/ui/services")
+    nav(d, "Traffic", "/ui/traffic")
+
+    def edge_row(d):
+        for row in d.find_elements(By.CSS_SELECTOR, "tr.edge"):
+            cells = [c.text for c in row.find_elements(By.CSS_SELECTOR, "th, td")]
+            if len(cells) >= 9 and cells[0] == args.edge_from and cells[1] == args.edge_to:
+                return cells
+        return False
+
+    # The page polls /ui/api/traffic: the edge appears without a reload.
+    cells = WebDriverWait(d, 60).until(edge_row)
+    check(cells[2] == "http", "the edge is HTTP: %s" % cells)
+    check(cells[3] not in ("", "-"), "the edge has a request rate: %s" % cells)
+    check("%" in cells[4], "the edge has an error rate: %s" % cells)
+    check("ms" in cells[5], "the edge has a p99 latency: %s" % cells)
+    check("mTLS" in cells[7], "the edge says mTLS as text: %s" % cells)
+    check(cells[8] == "destination", "the destination's view is shown: %s" % cells)
+    check(cells[6] != "0 B/s", "the request edge carries its connections' bytes: %s" % cells)
+    rows = [r.text for r in d.find_elements(By.CSS_SELECTOR, "tr.edge")]
+    check(len(rows) == 1, "one edge, no separate TCP edge for the HTTP connections: %s" % rows)
+    graph = d.find_element(By.ID, "traffic-graph")
+    texts = [t.text for t in graph.find_elements(By.CSS_SELECTOR, "text")]
+    check(any(args.edge_from in t for t in texts) and any(args.edge_to in t for t in texts),
+          "the graph has both nodes: %s" % texts)
+    check(any("req/s" in t and "mTLS" in t and "p99" in t for t in texts),
+          "the graph labels the edge with rate, p99 and mTLS: %s" % texts)
+    shot(d, args.out, "traffic-edges")
+    take_console(d, "traffic")
+    return {"edge": cells}
+
+
 def perf(args, d):
     d.get(args.url)
     wait_rendered(d, "/ui/services")
@@ -227,7 +264,7 @@ def perf(args, d):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=["full", "perf"], default="full")
+    ap.add_argument("--mode", choices=["full", "perf", "traffic"], default="full")
     ap.add_argument("--url", required=True, help="the one-time login URL")
     ap.add_argument("--base", required=True, help="the controller's admin base URL")
     ap.add_argument("--out", required=True, help="folder for screenshots")
@@ -243,13 +280,15 @@ def main():
     ap.add_argument("--live-file", default="", help="file source to add --live-append to")
     ap.add_argument("--live-append", default="")
     ap.add_argument("--live-service", default="")
+    ap.add_argument("--edge-from", default="")
+    ap.add_argument("--edge-to", default="")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     result = {}
     with tempfile.TemporaryDirectory(prefix="causeway-chromium-") as profile:
         d = driver_for(profile)
         try:
-            result = (full if args.mode == "full" else perf)(args, d)
+            result = {"full": full, "perf": perf, "traffic": traffic}[args.mode](args, d)
         except Exception as e:  # report, with a screenshot of where it stopped
             errors.append("%s: %s" % (type(e).__name__, e))
             try:

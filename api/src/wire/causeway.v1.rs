@@ -134,7 +134,7 @@ pub mod push_frame {
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AgentFrame {
     /// The frame's content.
-    #[prost(oneof = "agent_frame::Kind", tags = "1, 2, 3, 4, 5")]
+    #[prost(oneof = "agent_frame::Kind", tags = "1, 2, 3, 4, 5, 6")]
     pub kind: ::core::option::Option<agent_frame::Kind>,
 }
 /// Nested message and enum types in `AgentFrame`.
@@ -157,7 +157,62 @@ pub mod agent_frame {
         /// What the agent finds of its own data plane (for `causewayctl analyze`).
         #[prost(message, tag = "5")]
         Facts(super::AgentFacts),
+        /// Per-edge traffic summaries since the previous report (for the UI's traffic page).
+        #[prost(message, tag = "6")]
+        Traffic(super::TrafficReport),
     }
+}
+/// The traffic an agent proxied since its previous report, per edge; sent every few
+/// seconds when not empty, with at most MAX_EDGES_PER_REPORT edges (the busiest).
+/// Counters are deltas since the previous report of the same session.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TrafficReport {
+    /// The edges.
+    #[prost(message, repeated, tag = "1")]
+    pub edges: ::prost::alloc::vec::Vec<TrafficEdge>,
+    /// Edges left out of this report (beyond the bound).
+    #[prost(uint32, tag = "2")]
+    pub dropped: u32,
+    /// The time the deltas cover, milliseconds.
+    #[prost(uint64, tag = "3")]
+    pub interval_ms: u64,
+}
+/// One edge's traffic as one side saw it.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TrafficEdge {
+    /// Seen by the destination's agent (else by the source's).
+    #[prost(bool, tag = "1")]
+    pub destination_reporter: bool,
+    /// The source workload (its agent's group, or "unknown").
+    #[prost(string, tag = "2")]
+    pub source_workload: ::prost::alloc::string::String,
+    /// The source workload's namespace.
+    #[prost(string, tag = "3")]
+    pub source_namespace: ::prost::alloc::string::String,
+    /// The destination service, `namespace/name` ("PassthroughCluster" outside the mesh).
+    #[prost(string, tag = "4")]
+    pub destination_service: ::prost::alloc::string::String,
+    /// "http", "grpc" or "tcp".
+    #[prost(string, tag = "5")]
+    pub protocol: ::prost::alloc::string::String,
+    /// Through the mutual-TLS tunnel (else plaintext).
+    #[prost(bool, tag = "6")]
+    pub mtls: bool,
+    /// Requests (HTTP and gRPC).
+    #[prost(uint64, tag = "7")]
+    pub requests: u64,
+    /// Requests answered with a 5xx status.
+    #[prost(uint64, tag = "8")]
+    pub errors: u64,
+    /// Requests per latency bucket, bounds LATENCY_BOUNDS_MS then one over the last.
+    #[prost(uint64, repeated, tag = "9")]
+    pub latency_buckets: ::prost::alloc::vec::Vec<u64>,
+    /// Bytes in both directions (TCP).
+    #[prost(uint64, tag = "10")]
+    pub bytes: u64,
+    /// Connections opened (TCP).
+    #[prost(uint64, tag = "11")]
+    pub connections: u64,
 }
 /// The small facts `causewayctl analyze` needs from an agent: its version and the
 /// results of its `causeway-agent doctor` checks. Sent once per session and then when

@@ -20,8 +20,8 @@
 //! API (store, mesh); lists are paged and filtered on the server (`q`, `page`,
 //! `per_page`), so 10k services answer one page at a time. `why` calls the admin API's
 //! own handler ([`crate::policy_admin`]). `/ui/api/version` is the cheap tag the pages
-//! poll to refresh when something changed. `/ui/api/traffic` answers an empty edge list
-//! until agents report traffic summaries.
+//! poll to refresh when something changed. `/ui/api/traffic` answers the edges merged
+//! from the agents' traffic summaries (the traffic page polls it).
 
 use std::collections::HashMap;
 use std::hash::{Hash as _, Hasher as _};
@@ -828,17 +828,19 @@ async fn agents(
     Ok(Json(out))
 }
 
-/// `GET /ui/api/traffic`: per-edge summaries, once agents report them.
-///
-/// Each edge will be `{source, destination, protocol, requests_per_sec, error_rate,
-/// p99_ms, bytes_per_sec, mtls}`; until then `edges` is empty and `message` says why.
+/// `GET /ui/api/traffic`: the edges of `GET /v1/traffic` ([`crate::traffic`]), and a
+/// `message` when there are none.
 async fn traffic(State(ui): State<Ui>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     authed(&ui, &headers)?;
-    Ok(Json(json!({
-        "telemetry": false,
-        "edges": [],
-        "message": "no traffic data yet: agents do not report per-edge traffic summaries to the controller yet",
-    })))
+    let view = ui.admin.mesh.traffic();
+    let mut out = json!(view);
+    if view.edges.is_empty() {
+        out["message"] = json!(format!(
+            "no traffic data yet: no agent reported proxied traffic in the last {} s (agents report every few seconds while they proxy requests, with [telemetry] metrics = true)",
+            crate::traffic::FRESH.as_secs()
+        ));
+    }
+    Ok(Json(out))
 }
 
 async fn policies(

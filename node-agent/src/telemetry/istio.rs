@@ -91,12 +91,15 @@ const PASSTHROUGH: &str = "PassthroughCluster";
 const OVERFLOW: &str = "overflow";
 
 /// Label values in the order of the names.
-type Key = Vec<Arc<str>>;
+pub(super) type Key = Vec<Arc<str>>;
 
 /// The request metrics of one label set.
 #[derive(Debug)]
 pub struct HttpSeries {
-    requests: Counter,
+    pub(super) requests: Counter,
+    /// Requests per latency bucket of the agent's traffic summaries
+    /// ([`causeway_api::push::LATENCY_BOUNDS_MS`], then one over the last).
+    pub(super) latency: [std::sync::atomic::AtomicU64; super::edges::LATENCY_BUCKETS],
     duration: Histogram,
     request_bytes: Histogram,
     response_bytes: Histogram,
@@ -106,6 +109,7 @@ impl Default for HttpSeries {
     fn default() -> Self {
         Self {
             requests: Counter::default(),
+            latency: Default::default(),
             duration: Histogram::new(BUCKETS),
             request_bytes: Histogram::new(BUCKETS),
             response_bytes: Histogram::new(BUCKETS),
@@ -116,17 +120,17 @@ impl Default for HttpSeries {
 /// The TCP metrics of one label set.
 #[derive(Debug, Default)]
 pub struct TcpSeries {
-    opened: Counter,
+    pub(super) opened: Counter,
     closed: Counter,
-    sent: Counter,
-    received: Counter,
+    pub(super) sent: Counter,
+    pub(super) received: Counter,
 }
 
 /// The Istio metrics of one agent (a [`Collector`] for `/metrics`).
 #[derive(Debug)]
 pub struct IstioMetrics {
-    http: SeriesMap<Key, HttpSeries>,
-    tcp: SeriesMap<Key, TcpSeries>,
+    pub(super) http: SeriesMap<Key, HttpSeries>,
+    pub(super) tcp: SeriesMap<Key, TcpSeries>,
 }
 
 impl IstioMetrics {
@@ -140,19 +144,21 @@ impl IstioMetrics {
 
     /// Counts one finished request under `key` (the values of [`PEER_LABELS`] then
     /// [`HTTP_LABELS`]).
-    fn request(&self, key: Key, r: &RequestRecord) {
+    pub(super) fn request(&self, key: Key, r: &RequestRecord) {
         let reporter = key[0].clone();
         let s = self.http.get(key, || {
             overflow_key(reporter, PEER_LABELS.len() + HTTP_LABELS.len())
         });
         s.requests.inc();
         s.duration.observe(r.duration.as_secs_f64() * 1000.0);
+        s.latency[super::edges::latency_bucket(r.duration)]
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         s.request_bytes.observe(r.request_bytes as f64);
         s.response_bytes.observe(r.response_bytes as f64);
     }
 
     /// A connection opened under `key` (values of [`PEER_LABELS`] then [`TCP_LABELS`]).
-    fn tcp_open(&self, key: Key) -> TcpConn {
+    pub(super) fn tcp_open(&self, key: Key) -> TcpConn {
         let reporter = key[0].clone();
         let series = self.tcp.get(key, || {
             overflow_key(reporter, PEER_LABELS.len() + TCP_LABELS.len())

@@ -10,6 +10,7 @@
 //! [`Telemetry::http_settings`] gives it its trace handling and the agent's identity.
 
 pub mod access_log;
+pub mod edges;
 pub mod istio;
 pub mod otlp;
 pub mod series;

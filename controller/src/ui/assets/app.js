@@ -36,6 +36,48 @@
       el('tbody', {}, rows));
   }
 
+  // svg('line', {x1: 0}): an SVG element (attributes only; text as children).
+  function svg(tag, attrs, ...children) {
+    const e = document.createElementNS('http://www.w3.org/2000/svg', tag);
+    for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, String(v));
+    for (const c of children.flat()) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    return e;
+  }
+
+  // The traffic graph: workloads on the left, services on the right, one labelled
+  // arrow per edge (the label says the rate, errors, p99 and mTLS or plaintext, so
+  // nothing depends on colour; plaintext edges are also dashed).
+  function graph(edges, label, security) {
+    const left = [...new Set(edges.map((e) => e.source))].sort();
+    const right = [...new Set(edges.map((e) => e.destination))].sort();
+    const ROW = 56, W = 900, BOX = 200, TOP = 30;
+    const H = TOP + Math.max(left.length, right.length) * ROW + 10;
+    const y = (list, name) => TOP + list.indexOf(name) * ROW + 18;
+    const node = (x, name, kind) => svg('g', { class: 'node ' + kind },
+      svg('rect', { x: x, y: y(kind === 'workload' ? left : right, name) - 16, width: BOX, height: 32, rx: 4, fill: '#f5f7fa', stroke: '#1b1f24' }),
+      svg('text', { x: x + 8, y: y(kind === 'workload' ? left : right, name) + 5, fill: '#1b1f24', 'font-size': 13 }, name.length > 26 ? name.slice(0, 25) + '…' : name),
+      svg('title', {}, kind + ' ' + name));
+    const lines = edges.map((e, i) => {
+      const y1 = y(left, e.source), y2 = y(right, e.destination);
+      const x1 = BOX + 10, x2 = W - BOX - 14;
+      const mid = (y1 + y2) / 2 + ((i % 3) - 1) * 12;
+      return svg('g', { class: 'edge' },
+        svg('line', { x1: x1, y1: y1, x2: x2, y2: y2, stroke: e.mtls ? '#0d5b2a' : '#8c1d18', 'stroke-width': 2, 'stroke-dasharray': e.mtls ? 'none' : '6 4', 'marker-end': 'url(#arrow)' }),
+        svg('text', { x: W / 2, y: mid - 4, 'text-anchor': 'middle', fill: '#1b1f24', 'font-size': 12 }, e.protocol + ': ' + label(e) + ' · ' + security(e)),
+        svg('title', {}, e.source + ' → ' + e.destination + ': ' + label(e) + ', ' + security(e)));
+    });
+    return el('figure', { class: 'graph' },
+      svg('svg', { viewBox: '0 0 ' + W + ' ' + H, width: '100%', role: 'img', 'aria-labelledby': 'graph-caption', id: 'traffic-graph' },
+        svg('defs', {}, svg('marker', { id: 'arrow', viewBox: '0 0 10 10', refX: 10, refY: 5, markerWidth: 8, markerHeight: 8, orient: 'auto-start-reverse' },
+          svg('path', { d: 'M 0 0 L 10 5 L 0 10 z', fill: '#1b1f24' }))),
+        svg('text', { x: 10, y: 16, fill: '#4a5360', 'font-size': 12 }, 'Workloads'),
+        svg('text', { x: W - BOX, y: 16, fill: '#4a5360', 'font-size': 12 }, 'Services'),
+        lines,
+        left.map((n) => node(0, n, 'workload')),
+        right.map((n) => node(W - BOX, n, 'service'))),
+      el('figcaption', { id: 'graph-caption', class: 'muted' }, 'Traffic graph: ' + edges.length + ' edges between ' + left.length + ' workloads and ' + right.length + ' services; the table below lists the same edges.'));
+  }
+
   function when(unix, now) {
     if (unix === null || unix === undefined) return '-';
     const d = new Date(unix * 1000);
@@ -218,12 +260,27 @@
       if (d.edges.length === 0) {
         return [el('p', { id: 'no-traffic' }, 'No traffic data yet.'), el('p', { class: 'muted' }, d.message)];
       }
-      return [table('Traffic between workloads and services', ['From', 'To', 'Protocol', 'Requests/s', 'Errors', 'p99', 'Bytes/s', 'mTLS'],
-        d.edges.map((e) => el('tr', {},
-          el('td', {}, e.source), el('td', {}, e.destination), el('td', {}, e.protocol),
-          el('td', {}, String(e.requests_per_sec ?? '-')), el('td', {}, String(e.error_rate ?? '-')),
-          el('td', {}, String(e.p99_ms ?? '-')), el('td', {}, String(e.bytes_per_sec ?? '-')),
-          el('td', {}, badge(e.mtls ? 'mTLS' : 'plaintext', e.mtls ? 'ok' : 'warn')))))];
+      const rate = (x) => x >= 100 ? x.toFixed(0) : x >= 1 ? x.toFixed(1) : x.toFixed(2);
+      const bytes = (x) => x >= 1048576 ? (x / 1048576).toFixed(1) + ' MB/s' : x >= 1024 ? (x / 1024).toFixed(1) + ' kB/s' : x.toFixed(0) + ' B/s';
+      const pct = (x) => (x * 100).toFixed(x > 0 && x < 0.01 ? 2 : 1) + ' %';
+      const p99 = (e) => e.p99_ms === null || e.p99_ms === undefined ? (e.requests ? '> 10 s' : '-') : '≤ ' + e.p99_ms + ' ms';
+      const security = (e) => e.mtls ? 'mTLS' : 'plaintext';
+      const label = (e) => e.protocol === 'tcp'
+        ? 'tcp ' + bytes(e.bytes_rate)
+        : rate(e.request_rate) + ' req/s, ' + pct(e.error_rate) + ' err, p99 ' + p99(e);
+      return [
+        graph(d.edges, label, security),
+        table('Traffic between workloads and services (' + d.agents_reporting + ' agents reporting' + (d.dropped ? ', ' + d.dropped + ' quieter edges left out by the agents' : '') + ')',
+          ['From (workload)', 'To (service)', 'Protocol', 'Requests/s', 'Errors', 'p99 latency', 'Bytes/s', 'Security', 'Seen by'],
+          d.edges.map((e) => el('tr', { class: 'edge' },
+            el('th', { scope: 'row' }, e.source), el('td', {}, e.destination), el('td', {}, e.protocol),
+            el('td', {}, e.protocol === 'tcp' ? '-' : rate(e.request_rate)),
+            el('td', {}, e.protocol === 'tcp' ? '-' : pct(e.error_rate), e.error_rate > 0 ? [' ', badge('errors', 'bad')] : null),
+            el('td', {}, e.protocol === 'tcp' ? '-' : p99(e)),
+            el('td', {}, bytes(e.bytes_rate)),
+            el('td', {}, badge(security(e), e.mtls ? 'ok' : 'warn')),
+            el('td', {}, e.reporter)))),
+      ];
     },
 
     async policy() {
@@ -289,7 +346,7 @@
       if (!document.body.dataset.rendered) {
         document.body.dataset.rendered = String(Math.round(performance.now()));
       }
-      live.textContent = 'Updated ' + new Date().toLocaleTimeString() + '; refreshes when the mesh changes.';
+      live.textContent = 'Updated ' + new Date().toLocaleTimeString() + (PAGE === 'traffic' ? '; refreshes every few seconds.' : '; refreshes when the mesh changes.');
     } catch (e) {
       showError(e);
     } finally {
@@ -299,6 +356,11 @@
 
   async function poll() {
     if (document.hidden) return;
+    // Traffic changes without a mesh change: that page reloads its data each time.
+    if (PAGE === 'traffic') {
+      await refresh(true);
+      return;
+    }
     try {
       const v = await api('/ui/api/version');
       if (etag !== null && v.etag !== etag) {
