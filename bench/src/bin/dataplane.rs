@@ -1728,15 +1728,13 @@ fn run_http_rounds(
             if jwt_path {
                 run.ctl(&["apply", "-f", &file(&jwt_file)])?;
             }
-            if route_path {
-                if let Err(e) = run.ctl(&["apply", "-f", &file(&route_file)]) {
-                    let why = format!(
-                        "causewayctl apply refused the DestinationRule + VirtualService (this build has no VirtualService routing?): {e:#}"
-                    );
-                    eprintln!("-- {name}: skipped in every round: {why}");
-                    skipped.insert(name.to_owned(), json!(why));
-                    continue;
-                }
+            if route_path && let Err(e) = run.ctl(&["apply", "-f", &file(&route_file)]) {
+                let why = format!(
+                    "causewayctl apply refused the DestinationRule + VirtualService (this build has no VirtualService routing?): {e:#}"
+                );
+                eprintln!("-- {name}: skipped in every round: {why}");
+                skipped.insert(name.to_owned(), json!(why));
+                continue;
             }
             let (agents, addr): (Vec<(&str, Proc)>, String) = if k == 0 {
                 (Vec::new(), format!("{}:{HTTP_PORT}", vm2.addr))
