@@ -93,4 +93,21 @@ open("jwt_token/ed25519-other-key.txt", "w").write(
 open("jwt_token/alg-none.txt", "w").write(jwt.encode({"iss": "fuzz", "sub": "s"}, None, algorithm="none"))
 open("jwt_token/query.txt", "w").write("t=a.b.c&access_token=x.y.z")
 PY
-ls -l token_decode csr_intake frame_decode dns_query jwt_token
+# The agent's request path (jwt_request): tokens under each key id of the target's key set,
+# signed by other keys (the signature check is reached, and fails), and a query string.
+mkdir -p jwt_request
+/usr/bin/python3 - <<'PY'
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+claims = {"iss": "fuzz", "sub": "s", "aud": "a", "exp": 4102444800}
+for alg, kid, key in [
+    ("ES256", "es", ec.generate_private_key(ec.SECP256R1())),
+    ("RS256", "rs", rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+    ("EdDSA", "ed", ed25519.Ed25519PrivateKey.generate()),
+]:
+    open("jwt_request/%s-other-key.txt" % kid, "w").write(
+        jwt.encode(claims, key, algorithm=alg, headers={"kid": kid}))
+open("jwt_request/alg-none.txt", "w").write(jwt.encode(claims, None, algorithm="none"))
+open("jwt_request/query.txt", "w").write("access_token=a.b.c&t=x.y.z")
+PY
+ls -l token_decode csr_intake frame_decode dns_query jwt_token jwt_request

@@ -145,6 +145,10 @@ impl JwksCache {
 
     fn entry(&self, uri: &str) -> Arc<tokio::sync::Mutex<Entry>> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        // Looked up before `entry`, which would copy the URI on every request.
+        if let Some(e) = entries.get(uri) {
+            return e.clone();
+        }
         entries
             .entry(uri.to_owned())
             .or_insert_with(|| {
@@ -270,6 +274,11 @@ impl JwksCache {
 
     fn inline_keys(&self, jwks: &str) -> Result<Arc<KeySet>, String> {
         let mut inline = self.inline.lock().unwrap_or_else(|e| e.into_inner());
+        // Looked up before `entry`, which would copy the whole key set text on every
+        // request.
+        if let Some(k) = inline.get(jwks) {
+            return k.clone();
+        }
         inline
             .entry(jwks.to_owned())
             .or_insert_with(|| KeySet::from_json(jwks).map(Arc::new))

@@ -54,6 +54,65 @@ except urllib.error.HTTPError as e:
 print(status); print(headers.get("WWW-Authenticate", "-")); print(body.decode())
 "#;
 
+/// Raw client for request heads too large for `urllib`'s argv: `HOST PORT FILE` sends
+/// `GET /public/x` with `Authorization: <FILE's bytes>` and prints the status line. The
+/// agent may answer and close before it has read the whole head, so a failed send is not
+/// an error: the answer is read all the same.
+const RAW_PY: &str = r#"
+import socket, sys
+host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+auth = open(path, "rb").read()
+s = socket.create_connection((host, port), timeout=20)
+req = b"GET /public/x HTTP/1.1\r\nHost: web\r\nAuthorization: " + auth + b"\r\nConnection: close\r\n\r\n"
+try:
+    s.sendall(req)
+except OSError:
+    pass
+data = b""
+try:
+    while b"\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+except OSError:
+    pass
+print(data.split(b"\r\n")[0].decode(errors="replace"))
+"#;
+
+/// The algorithms `mint.py` signs with (every one the agent accepts but PS384/PS512).
+const ALGORITHMS: [&str; 7] = [
+    "RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA",
+];
+
+/// A key whose material is malformed (`x` is not base64url, `y` too short), in the same
+/// key set as the good ones: the agent leaves it out and keeps the others.
+const BROKEN_KEY: &str = r#"{"kty":"EC","crv":"P-256","kid":"k-broken","x":"!!","y":"AAAA"}"#;
+
+/// One key set with the public key of every algorithm's issuer key and [`BROKEN_KEY`].
+fn combined_jwks(minted: &Value) -> String {
+    let mut keys: Vec<Value> = Vec::new();
+    for alg in ALGORITHMS {
+        let set: Value = serde_json::from_str(minted[alg]["jwks"].as_str().unwrap()).unwrap();
+        keys.extend(set["keys"].as_array().unwrap().iter().cloned());
+    }
+    keys.insert(3, serde_json::from_str(BROKEN_KEY).unwrap());
+    serde_json::json!({ "keys": keys }).to_string()
+}
+
+/// `len` bytes of printable garbage (no space, so the agent sees one long token).
+fn garbage(len: usize) -> String {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'!' + (x % 94) as u8)
+        })
+        .collect()
+}
+
 fn mint() -> Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../api/tests/jwt/mint.py");
     let out = Command::new("/usr/bin/python3")
@@ -172,7 +231,9 @@ fn jwt_and_request_attributes_are_enforced_on_http_ports() {
     std::fs::create_dir(root.join("www")).unwrap();
     let ca = make_ca(&root);
     let jwks_path = root.join("www/jwks.json");
-    std::fs::write(&jwks_path, tok("jwks")).unwrap();
+    // Every algorithm's key and one malformed key in one set.
+    let jwks = combined_jwks(&minted);
+    std::fs::write(&jwks_path, &jwks).unwrap();
     let serve = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../node-agent/tests/jwks/serve.py"
@@ -198,7 +259,7 @@ fn jwt_and_request_attributes_are_enforced_on_http_ports() {
             .parse()
             .ok()
     });
-    procs.push(jwks_server);
+    // Kept apart from `procs`: it is stopped later to show the last good key set is kept.
 
     // The application and the agents; vm2's trusts the test CA for the key set.
     procs.push(Proc::spawn(
@@ -211,12 +272,15 @@ fn jwt_and_request_attributes_are_enforced_on_http_ports() {
     std::fs::write(
         &agent_cfg,
         format!(
-            "[jwt]\nca_file = {:?}\nunknown_kid_interval = \"0s\"\n",
+            // A short refresh_interval: after the JWKS server stops, the agent's fetches
+            // fail within the test and the last good set must carry the requests.
+            "[jwt]\nca_file = {:?}\nunknown_kid_interval = \"0s\"\nrefresh_interval = \"1s\"\n",
             ca.to_str().unwrap()
         ),
     )
     .unwrap();
     let vm2_log = root.join("vm2.agent.log");
+    let vm1_log = root.join("vm1.agent.log");
     let v2addr = vm2.addr.to_string();
     procs.push(Proc::spawn(
         vm2,
@@ -235,7 +299,7 @@ fn jwt_and_request_attributes_are_enforced_on_http_ports() {
     let v1addr = vm1.addr.to_string();
     procs.push(Proc::spawn(
         vm1,
-        &root.join("vm1.agent.log"),
+        &vm1_log,
         bin("causeway-agent"),
         &[
             "run",
@@ -336,6 +400,48 @@ spec:
         (a.status == 200).then_some(a)
     });
     assert_eq!(a.body, "GET /public/x auth=- team=payments", "{a:?}");
+    let in_log = |log: &Path, what: &str, needles: &[&str]| {
+        wait_for(&format!("{what} in {}", log.display()), WAIT, || {
+            let text = std::fs::read_to_string(log).ok()?;
+            text.lines()
+                .any(|l| needles.iter().all(|n| l.contains(n)))
+                .then_some(())
+        });
+    };
+    // The malformed key of the set is left out, with its reason, and the good keys of the
+    // same set serve: a token of every algorithm passes, and a wrong issuer or audience is
+    // 401 under every algorithm.
+    in_log(
+        &vm2_log,
+        "the malformed key left out",
+        &[
+            "JWKS key left out",
+            "key \"k-broken\": malformed key material",
+        ],
+    );
+    for alg in ALGORITHMS {
+        let m = &minted[alg];
+        let a = call("GET", "/public/x", m["valid"].as_str().unwrap());
+        assert_eq!(a.status, 200, "{alg}: {a:?}\n{}", logs());
+        for case in ["wrong_issuer", "wrong_audience"] {
+            let a = call("GET", "/public/x", m[case].as_str().unwrap());
+            assert_eq!(
+                (a.status, a.body.as_str()),
+                (401, "Jwt verification fails"),
+                "{alg} {case}: {a:?}"
+            );
+        }
+    }
+    for reason in [
+        "issuer \"https://evil.example\" is not accepted",
+        "audience \"someone-else\" not accepted",
+    ] {
+        in_log(
+            &vm2_log,
+            reason,
+            &["request refused: invalid JWT (401)", reason],
+        );
+    }
     // Expired or badly signed: 401 with WWW-Authenticate, never reaching the app.
     for case in ["expired", "bad_signature"] {
         let a = call("GET", "/public/x", &tok(case));
@@ -394,18 +500,84 @@ spec:
         });
     }
 
+    // Request heads past the HTTP limit: 64 KiB of garbage in `Authorization` and a
+    // PyJWT token with 10,000 claims (170 KB). Both are over the agents' request-head
+    // limit (`max_header_bytes`, 60 KiB, Envoy's default), so the client's agent answers
+    // 431 before any token parsing and logs why; neither reaches vm2 (a 401 is only for a
+    // token that fits in a request). Each time the agents serve the next request.
+    for (what, auth) in [
+        (
+            "64 KiB of garbage",
+            format!("Bearer {}", garbage(64 * 1024)),
+        ),
+        (
+            "a token with 10,000 claims",
+            format!("Bearer {}", tok("many_claims")),
+        ),
+    ] {
+        let file = root.join("auth.bin");
+        std::fs::write(&file, &auth).unwrap();
+        let out = vm1
+            .cmd("python3")
+            .args(["-c", RAW_PY, &vip, "8080", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{what}: {}", describe(&out));
+        let status = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(
+            status.starts_with("HTTP/1.1 431"),
+            "{what}: {status:?}\n{}",
+            logs()
+        );
+        let a = call("GET", "/public/x", &valid);
+        assert_eq!(a.status, 200, "after {what}: {a:?}");
+    }
+    in_log(
+        &vm1_log,
+        "the 431 and its reason",
+        &[
+            "request refused: malformed or oversized request head",
+            "status=431",
+            "message head is too large",
+        ],
+    );
+
     // Key rotation: the issuer signs with a new kid; once its key set publishes the key
     // under it, the agent (not restarted) fetches it on the unknown kid.
     let rotated = tok("unknown_kid");
     let a = call("GET", "/public/x", &rotated);
     assert_eq!(a.status, 401, "before the key set has the new kid: {a:?}");
-    std::fs::write(
-        &jwks_path,
-        tok("jwks").replace("\"k-es256\"", "\"k-rotated\""),
-    )
-    .unwrap();
+    std::fs::write(&jwks_path, jwks.replace("\"k-es256\"", "\"k-rotated\"")).unwrap();
     let a = call("GET", "/public/x", &rotated);
     assert_eq!(a.status, 200, "after the rotation: {a:?}\n{}", logs());
+
+    // The JWKS server goes down: the agent's fetches fail (logged, the last good set
+    // kept) and valid tokens of every algorithm still pass.
+    jwks_server.kill();
+    wait_for(
+        "a failed JWKS fetch that kept the last good set",
+        WAIT,
+        || {
+            for alg in ALGORITHMS {
+                let token = if alg == "ES256" {
+                    rotated.clone()
+                } else {
+                    minted[alg]["valid"].as_str().unwrap().to_owned()
+                };
+                let a = call("GET", "/public/x", &token);
+                assert_eq!(a.status, 200, "{alg}, JWKS server down: {a:?}\n{}", logs());
+            }
+            let log = std::fs::read_to_string(&vm2_log).ok()?;
+            log.lines()
+                .any(|l| l.contains("JWKS fetch failed") && l.contains("kept_last_good=true"))
+                .then_some(())
+        },
+    );
+    // Once more after the failure is logged: the requests did not just beat the fetch.
+    for alg in ALGORITHMS.iter().filter(|a| **a != "ES256") {
+        let a = call("GET", "/public/x", minted[*alg]["valid"].as_str().unwrap());
+        assert_eq!(a.status, 200, "{alg}, JWKS server down: {a:?}");
+    }
 
     // `why` with the token: the RequestAuthentication step (signature not checked: the
     // keys are at a jwksUri) and the deciding policy; with claims only.

@@ -4,8 +4,8 @@
 Usage: mint.py ISSUER AUDIENCE
 Prints one JSON object: for each algorithm, the JWKS holding its public key and tokens:
 valid, expired, wrong_issuer, wrong_audience, bad_signature (signed by another key under
-the same kid), future_nbf, unknown_kid, within_skew (expired 30 s ago), and one `alg: none`
-token for the whole run.
+the same kid), future_nbf, unknown_kid, within_skew (expired 30 s ago); for ES256 also many_claims (valid,
+with 10,000 extra claims); and one `alg: none` token for the whole run.
 """
 import json
 import sys
@@ -67,6 +67,8 @@ for alg, (make, algo) in KEYS.items():
         "unknown_kid": tok(kid="k-rotated"),
         "principal": issuer + "/user-" + alg.lower(),
     }
+    if alg == "ES256":
+        out[alg]["many_claims"] = tok(**{"c%d" % i: i for i in range(10000)})
 
 out["none"] = jwt.encode(
     {"iss": issuer, "sub": "x", "aud": audience, "exp": now + 600}, None, algorithm="none"

@@ -31,9 +31,27 @@
 //! pushed to the agents every N ms (a policy that selects no workload, applied and
 //! deleted in turn): the push-during-traffic latency.
 //!
+//! `DATAPLANE_HTTP=1` is the HTTP mode (issues 20, 21 and 22; see [`run_http_rounds`]):
+//! an HTTP/1.1 keep-alive load (a hyper client, `DATAPLANE_HTTP_CONNS` connections, 16 by
+//! default, each sending its next request as soon as the last answer is read, for
+//! `DATAPLANE_HTTP_SECS`, 10 by default) against a small hyper app, in
+//! `DATAPLANE_ROUNDS` rounds (3 by default) of: direct; two agents with the port declared
+//! `tcp:` (L4 splice); the same app port declared `http:` (the agents' HTTP proxy); HTTP
+//! with a RequestAuthentication (inline ES256 key set) and a claims AuthorizationPolicy,
+//! every request carrying a valid token; HTTP with a 3-route VirtualService and its
+//! DestinationRule (skipped with a message when `causewayctl apply` refuses the kind);
+//! and, when `DATAPLANE_AGENT_TOML_EXTRA` is set, HTTP through agents whose config file
+//! is that TOML (the hook for "telemetry off" until the agent config has a switch). It
+//! lives here rather than in a program of its own because it is the same lab (controller,
+//! two joined agents, namespaces, rounds, CPU and memory readings), only with another
+//! client, server and set of paths; the HTTP client, server and token are in the bench
+//! library (`causeway_bench::http`).
+//!
 //! The same program is the client and the server: `dataplane serve PORT`,
 //! `dataplane latency ADDR RATE SECS`, `dataplane bulk ADDR SECS`, `dataplane hold ADDR N`,
-//! `dataplane connect ADDR SECS CLIENTS`.
+//! `dataplane connect ADDR SECS CLIENTS`, `dataplane http-serve PORT...`,
+//! `dataplane http-load ADDR HOST PATH SECS CONNS [TOKEN]`,
+//! `dataplane http-probe ADDR HOST PATH [TOKEN]`.
 #![allow(clippy::disallowed_methods, reason = "a benchmark driver blocks")]
 
 use std::io::{Read as _, Write as _};
@@ -43,6 +61,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use causeway_bench::percentile;
 use causeway_tests::netns::{Lab, Node};
 use causeway_tests::{bin, wait_for};
 use serde_json::{Value, json};
@@ -62,6 +81,8 @@ const TLS_CONNS: usize = CONNS;
 /// Longest wait for the held connections to be established.
 const HOLD_WAIT: Duration = Duration::from_secs(180);
 const WAIT: Duration = Duration::from_secs(60);
+/// HTTP mode: the app port declared `http:` (the one declared `tcp:` is [`PORT`]).
+const HTTP_PORT: u16 = 8081;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -76,6 +97,28 @@ fn main() -> anyhow::Result<()> {
         Some("bulk") => bulk(a(1)?.parse()?, a(2)?.parse()?),
         Some("hold") => hold(a(1)?.parse()?, a(2)?.parse()?),
         Some("connect") => connect_rate(a(1)?.parse()?, a(2)?.parse()?, a(3)?.parse()?),
+        Some("http-serve") => {
+            let ports = args[1..]
+                .iter()
+                .map(|p| p.parse::<u16>())
+                .collect::<Result<Vec<_>, _>>()?;
+            tokio_rt()?.block_on(causeway_bench::http::serve(&ports))
+        }
+        Some("http-load") => {
+            let t = http_target(&args, 6)?;
+            let v = tokio_rt()?.block_on(causeway_bench::http::load(
+                &t,
+                a(4)?.parse()?,
+                a(5)?.parse()?,
+            ))?;
+            println!("{v}");
+            Ok(())
+        }
+        Some("http-probe") => {
+            let t = http_target(&args, 4)?;
+            println!("{}", tokio_rt()?.block_on(causeway_bench::http::probe(&t))?);
+            Ok(())
+        }
         _ => {
             let json_out = args
                 .iter()
@@ -88,6 +131,30 @@ fn main() -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------- the server and clients
+
+/// The runtime of the HTTP server and clients: two worker threads (the lab has two VMs on
+/// a small machine; the TCP server above has one, the agents their own).
+fn tokio_rt() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// `ADDR HOST PATH ...` of `http-load` and `http-probe`, the token (if any) at `token_at`.
+fn http_target(args: &[String], token_at: usize) -> anyhow::Result<causeway_bench::http::Target> {
+    let get = |i: usize| {
+        args.get(i)
+            .cloned()
+            .with_context(|| format!("missing argument {i}"))
+    };
+    Ok(causeway_bench::http::Target {
+        addr: get(1)?.parse()?,
+        host: get(2)?,
+        path: get(3)?,
+        token: args.get(token_at).cloned(),
+    })
+}
 
 /// Server: the first byte of a connection picks the mode. `E`: echo 1 KiB messages; `B`:
 /// count bytes until end of stream, answer the count; `H`: answer one byte, hold.
@@ -136,14 +203,6 @@ fn serve(port: u16) -> anyhow::Result<()> {
             });
         }
     })
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 /// Client: `rate` requests/s of 1 KiB on one connection for `secs`; prints JSON.
@@ -466,25 +525,30 @@ impl Run {
     }
 
     fn agent(&self, vm: &str, state: &Path) -> anyhow::Result<Proc> {
-        self.agent_of(&bin("causeway-agent"), vm, state)
+        self.agent_of(&bin("causeway-agent"), vm, state, None)
     }
 
-    /// An agent of the binary `exe` in `vm`.
-    fn agent_of(&self, exe: &Path, vm: &str, state: &Path) -> anyhow::Result<Proc> {
+    /// An agent of the binary `exe` in `vm`, with the config file `config` if given.
+    fn agent_of(
+        &self,
+        exe: &Path,
+        vm: &str,
+        state: &Path,
+        config: Option<&Path>,
+    ) -> anyhow::Result<Proc> {
         let node = self.lab.node(vm);
         let addr = node.addr.to_string();
-        spawn(
-            node,
-            &self.root.join(format!("{vm}.agent.log")),
-            exe,
-            &[
-                "run",
-                "--state-dir",
-                state.to_str().context("path")?,
-                "--address",
-                &addr,
-            ],
-        )
+        let mut args = vec![
+            "run",
+            "--state-dir",
+            state.to_str().context("path")?,
+            "--address",
+            &addr,
+        ];
+        if let Some(c) = config {
+            args.extend(["--config", c.to_str().context("path")?]);
+        }
+        spawn(node, &self.root.join(format!("{vm}.agent.log")), exe, &args)
     }
 
     /// Latency and bulk from vm1 to `addr`, with the CPU of `procs` during the latency run.
@@ -692,8 +756,15 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
         root: root.clone(),
         me: me.clone(),
     };
-    for (group, port) in [("web", "tcp:8080"), ("client", "tcp:7070")] {
-        run.ctl(&[
+    // HTTP mode: the app's two ports, one declared `tcp:` (L4), one `http:`.
+    let http_mode = std::env::var("DATAPLANE_HTTP").is_ok_and(|v| v == "1");
+    let web_ports: &[&str] = if http_mode {
+        &["tcp:8080", "http:8081"]
+    } else {
+        &["tcp:8080"]
+    };
+    for (group, ports) in [("web", web_ports), ("client", &["tcp:7070"][..])] {
+        let mut args = vec![
             "group",
             "create",
             group,
@@ -703,9 +774,11 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
             group,
             "--service",
             group,
-            "--port",
-            port,
-        ])?;
+        ];
+        for p in ports.iter().copied() {
+            args.extend(["--port", p]);
+        }
+        run.ctl(&args)?;
     }
     let mut states = Vec::new();
     for (vm, group) in [("vm1", "client"), ("vm2", "web")] {
@@ -734,19 +807,28 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
     for vm in [&vm1, &vm2] {
         vm.sh_ok("sysctl -qw net.ipv4.ip_local_port_range='20000 65000' net.ipv4.tcp_tw_reuse=1");
     }
-    let server = spawn(
-        &vm2,
-        &root.join("server.log"),
-        &me,
-        &["serve", &PORT.to_string()],
-    )?;
+    let server = if http_mode {
+        spawn(
+            &vm2,
+            &root.join("server.log"),
+            &me,
+            &["http-serve", &PORT.to_string(), &HTTP_PORT.to_string()],
+        )?
+    } else {
+        spawn(
+            &vm2,
+            &root.join("server.log"),
+            &me,
+            &["serve", &PORT.to_string()],
+        )?
+    };
     std::thread::sleep(Duration::from_millis(300));
     let direct_addr = format!("{}:{PORT}", vm2.addr);
     let mut results = Vec::new();
 
     // 1. Direct (in rounds mode, measured in each round instead).
     let server_pid = server.0.id();
-    if rounds.is_none() {
+    if rounds.is_none() && !http_mode {
         results.push(run.measure("direct TCP", &direct_addr, server_pid, &[])?);
     }
 
@@ -765,6 +847,16 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
             .map(str::to_owned)
     });
     let vip_addr = format!("{vip}:{PORT}");
+    if http_mode {
+        a1.stop();
+        a2.stop();
+        let report = run_http_rounds(&run, &states, &vip, rounds.unwrap_or(3))?;
+        if let Some(p) = json_out {
+            std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;
+        }
+        drop(server);
+        return Ok(());
+    }
     if let Some(rounds) = rounds {
         a1.stop();
         a2.stop();
@@ -993,8 +1085,8 @@ fn run_rounds(
                     if tcp {
                         vm1.sh_ok("iptables -A OUTPUT -p udp --dport 15008 -j DROP");
                     }
-                    let a2 = run.agent_of(&exe, "vm2", &states[1])?;
-                    let a1 = run.agent_of(&exe, "vm1", &states[0])?;
+                    let a2 = run.agent_of(&exe, "vm2", &states[1], None)?;
+                    let a1 = run.agent_of(&exe, "vm1", &states[0], None)?;
                     routed(&states[0]);
                     (
                         vec![("client agent", a1), ("server agent", a2)],
@@ -1465,4 +1557,378 @@ fn print_table(report: &Value) {
         "stunnel4 RSS after its run (MiB): {}",
         report["stunnel_rss_mib"]
     );
+}
+
+// ---------------------------------------------------------------- the HTTP mode
+
+/// The paths of [`run_http_rounds`], in the order of its first round.
+const HTTP_PATHS: [&str; 6] = [
+    "direct (no agents)",
+    "two agents, L4 (tcp: port)",
+    "two agents, HTTP (http: port)",
+    "two agents, HTTP + DATAPLANE_AGENT_TOML_EXTRA",
+    "two agents, HTTP + JWT + claims policy",
+    "two agents, HTTP + 3-route VirtualService",
+];
+/// The mesh name of the app, sent as Host (VirtualService routing matches it).
+const HTTP_HOST: &str = "web.default";
+/// The path every request asks for (the VirtualService's third route, after two matches).
+const HTTP_PATH: &str = "/api/items";
+const JWT_ISSUER: &str = "https://idp.bench.example";
+const JWT_AUDIENCE: &str = "causeway-bench";
+
+/// The ratios the issues ask for: (issue, what, path, reference path, target).
+const HTTP_TARGETS: [(&str, &str, &str, &str, f64); 4] = [
+    ("20", "HTTP ÷ L4 req/s", HTTP_PATHS[2], HTTP_PATHS[1], 0.8),
+    (
+        "22",
+        "JWT + claims policy ÷ HTTP req/s",
+        HTTP_PATHS[4],
+        HTTP_PATHS[2],
+        0.85,
+    ),
+    (
+        "21",
+        "3-route VirtualService ÷ HTTP req/s",
+        HTTP_PATHS[5],
+        HTTP_PATHS[2],
+        0.95,
+    ),
+    (
+        "20",
+        "DATAPLANE_AGENT_TOML_EXTRA ÷ HTTP req/s (no target)",
+        HTTP_PATHS[3],
+        HTTP_PATHS[2],
+        f64::NAN,
+    ),
+];
+
+/// The policy resources of the JWT path: an inline-key RequestAuthentication and an
+/// AuthorizationPolicy that allows GET /api/* to a principal of the issuer with the
+/// claim `team: bench` (so a request without the token gets 403). JSON documents, which
+/// are YAML.
+fn jwt_resources(jwks: &str) -> String {
+    let selector = json!({"matchLabels": {"causeway.io/group": "web"}});
+    let ra = json!({
+        "apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+        "metadata": {"name": "bench-jwt", "namespace": "default"},
+        "spec": {"selector": selector, "jwtRules": [{
+            "issuer": JWT_ISSUER, "audiences": [JWT_AUDIENCE], "jwks": jwks,
+        }]},
+    });
+    let ap = json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "bench-claims", "namespace": "default"},
+        "spec": {"selector": selector, "rules": [{
+            "from": [{"source": {"requestPrincipals": [format!("{JWT_ISSUER}/*")]}}],
+            "to": [{"operation": {"methods": ["GET"], "paths": ["/api/*"]}}],
+            "when": [{"key": "request.auth.claims[team]", "values": ["bench"]}],
+        }]},
+    });
+    format!("{ra}\n---\n{ap}\n")
+}
+
+/// The routing resources of the VirtualService path: a DestinationRule with one subset
+/// (the app's group) and a VirtualService of three routes, the bench's requests taking
+/// the third (after a URI prefix and a header match that do not match).
+fn route_resources() -> String {
+    let dest = json!({"host": HTTP_HOST, "subset": "v1", "port": {"number": HTTP_PORT}});
+    let dr = json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": "bench-web", "namespace": "default"},
+        "spec": {"host": HTTP_HOST, "subsets": [
+            {"name": "v1", "labels": {"causeway.io/group": "web"}},
+        ]},
+    });
+    let vs = json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "bench-web", "namespace": "default"},
+        "spec": {"hosts": [HTTP_HOST], "http": [
+            {"name": "admin", "match": [{"uri": {"prefix": "/admin"}}], "route": [{"destination": dest}]},
+            {"name": "canary", "match": [{"headers": {"x-canary": {"exact": "1"}}}], "route": [{"destination": dest}]},
+            {"name": "default", "route": [{"destination": dest}]},
+        ]},
+    });
+    format!("{dr}\n---\n{vs}\n")
+}
+
+/// One request from vm1 on a new connection: its status, or None when it failed.
+fn http_probe(run: &Run, addr: &str, token: Option<&str>) -> Option<u16> {
+    let mut args = vec!["http-probe", addr, HTTP_HOST, HTTP_PATH];
+    args.extend(token);
+    let out = run.lab.node("vm1").cmd(&run.me).args(&args).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// `DATAPLANE_HTTP=1`: `rounds` rounds of every HTTP path (see [`HTTP_PATHS`]), each one
+/// started afresh (policy or routes applied, agents started, the effect probed) and
+/// stopped after its run, direct first and the rest rotated from round to round. Per run:
+/// requests/s (200s only), latency, CPU s per 1,000 requests and RSS of each agent. Prints
+/// per path the medians and, per issue, the median over rounds of each round's ratio,
+/// PASS or FAIL against its target.
+fn run_http_rounds(
+    run: &Run,
+    states: &[PathBuf],
+    vip: &str,
+    rounds: usize,
+) -> anyhow::Result<Value> {
+    let vm2 = run.lab.node("vm2").clone();
+    let env_num = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(d)
+    };
+    let secs = env_num("DATAPLANE_HTTP_SECS", LATENCY_SECS);
+    let conns = env_num("DATAPLANE_HTTP_CONNS", 16);
+    let extra = std::env::var("DATAPLANE_AGENT_TOML_EXTRA").ok();
+    let extra_config = run.root.join("agent-extra.toml");
+    if let Some(t) = &extra {
+        std::fs::write(&extra_config, t)?;
+        eprintln!(
+            "-- agents of the path {:?} read this config file (DATAPLANE_AGENT_TOML_EXTRA):\n{t}",
+            HTTP_PATHS[3]
+        );
+    }
+    let jwt = causeway_bench::http::es256(JWT_ISSUER, JWT_AUDIENCE, "bench-client")?;
+    let jwt_file = run.root.join("bench-jwt.yaml");
+    std::fs::write(&jwt_file, jwt_resources(&jwt.jwks))?;
+    let route_file = run.root.join("bench-routes.yaml");
+    std::fs::write(&route_file, route_resources())?;
+    let file = |p: &Path| p.to_string_lossy().into_owned();
+    let mut skipped: serde_json::Map<String, Value> = serde_json::Map::new();
+    if extra.is_none() {
+        skipped.insert(
+            HTTP_PATHS[3].to_owned(),
+            json!("DATAPLANE_AGENT_TOML_EXTRA is not set (the agent config has no [telemetry] switch yet; set it to the TOML that turns telemetry off)"),
+        );
+    }
+    let routed = |state: &Path| {
+        wait_for("vm1 to route the web service", WAIT, || {
+            std::fs::read_to_string(state.join("capture.rules"))
+                .ok()?
+                .contains(&format!("-d {}/32 ", vm2.addr))
+                .then_some(())
+        })
+    };
+    let mut runs: Vec<Value> = Vec::new();
+    for round in 0..rounds {
+        let mut direct: Option<(f64, f64)> = None;
+        for k in 0..HTTP_PATHS.len() {
+            let name = if k == 0 {
+                HTTP_PATHS[0]
+            } else {
+                HTTP_PATHS[1 + (k - 1 + round) % (HTTP_PATHS.len() - 1)]
+            };
+            if skipped.contains_key(name) {
+                continue;
+            }
+            let jwt_path = name == HTTP_PATHS[4];
+            let route_path = name == HTTP_PATHS[5];
+            if jwt_path {
+                run.ctl(&["apply", "-f", &file(&jwt_file)])?;
+            }
+            if route_path && let Err(e) = run.ctl(&["apply", "-f", &file(&route_file)]) {
+                let why = format!(
+                    "causewayctl apply refused the DestinationRule + VirtualService (this build has no VirtualService routing?): {e:#}"
+                );
+                eprintln!("-- {name}: skipped in every round: {why}");
+                skipped.insert(name.to_owned(), json!(why));
+                continue;
+            }
+            let (agents, addr): (Vec<(&str, Proc)>, String) = if k == 0 {
+                (Vec::new(), format!("{}:{HTTP_PORT}", vm2.addr))
+            } else {
+                let config = (name == HTTP_PATHS[3]).then_some(extra_config.as_path());
+                let exe = bin("causeway-agent");
+                let a2 = run.agent_of(&exe, "vm2", &states[1], config)?;
+                let a1 = run.agent_of(&exe, "vm1", &states[0], config)?;
+                routed(&states[0]);
+                let port = if name == HTTP_PATHS[1] {
+                    PORT
+                } else {
+                    HTTP_PORT
+                };
+                (
+                    vec![("client agent", a1), ("server agent", a2)],
+                    format!("{vip}:{port}"),
+                )
+            };
+            // The path is ready when the agents answer as its config says: without a
+            // token 403 on the JWT path (the policy is in force), 200 elsewhere (no
+            // policy left from an earlier path); with the token 200.
+            let token = jwt_path.then_some(jwt.token.as_str());
+            let bare = if jwt_path { 403 } else { 200 };
+            wait_for(
+                &format!("{name}: a request without a token to get {bare}"),
+                WAIT,
+                || (http_probe(run, &addr, None) == Some(bare)).then_some(()),
+            );
+            if token.is_some() {
+                wait_for(
+                    &format!("{name}: a request with the token to get 200"),
+                    WAIT,
+                    || (http_probe(run, &addr, token) == Some(200)).then_some(()),
+                );
+            }
+            eprintln!("-- round {}/{rounds}: {name}", round + 1);
+            let before: Vec<f64> = agents.iter().map(|(_, p)| cpu_seconds(p.0.id())).collect();
+            let mut args = vec![
+                "http-load".to_owned(),
+                addr.clone(),
+                HTTP_HOST.to_owned(),
+                HTTP_PATH.to_owned(),
+                secs.to_string(),
+                conns.to_string(),
+            ];
+            args.extend(token.map(str::to_owned));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut m = run_json(run.lab.node("vm1"), &run.me, &args)?;
+            let requests = m["requests"].as_f64().unwrap_or(f64::NAN);
+            let cpu: Vec<f64> = agents
+                .iter()
+                .zip(&before)
+                .map(|((_, p), b)| (cpu_seconds(p.0.id()) - b) / requests * 1000.0)
+                .collect();
+            let rss: Vec<(f64, f64)> = agents.iter().map(|(_, p)| rss_mib(p.0.id())).collect();
+            let (p50, p99) = (
+                m["p50_us"].as_f64().unwrap_or(f64::NAN),
+                m["p99_us"].as_f64().unwrap_or(f64::NAN),
+            );
+            let (d50, d99) = *direct.get_or_insert((p50, p99));
+            m["added_p50_us"] = json!(p50 - d50);
+            m["added_p99_us"] = json!(p99 - d99);
+            m["agent_cpu_s_per_1k_requests"] = json!(cpu);
+            m["agent_rss_mib"] = json!(rss.iter().map(|r| r.0).collect::<Vec<_>>());
+            m["agent_peak_rss_mib"] = json!(rss.iter().map(|r| r.1).collect::<Vec<_>>());
+            m["path"] = json!(name);
+            m["round"] = json!(round + 1);
+            eprintln!("{m}");
+            runs.push(m);
+            for (_, p) in agents {
+                p.stop();
+            }
+            if jwt_path {
+                run.ctl(&["delete", "-f", &file(&jwt_file)])?;
+            }
+            if route_path {
+                run.ctl(&["delete", "-f", &file(&route_file)])?;
+            }
+        }
+    }
+    let median = |mut v: Vec<f64>| -> (f64, f64, f64) {
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return (f64::NAN, f64::NAN, f64::NAN);
+        }
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let pair = |of: &[&Value], key: &str| -> String {
+        (0..2)
+            .map(|i| {
+                let (m, _, _) = median(of.iter().filter_map(|r| r[key][i].as_f64()).collect());
+                format!("{m:.3}")
+            })
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    println!(
+        "\nHTTP/1.1 keep-alive, {conns} connections, {secs} s per run, GET {HTTP_PATH}; medians over {rounds} rounds\n"
+    );
+    println!(
+        "| path | runs | req/s (200s) median (range) | p50 µs | p99 µs | added p50 / p99 µs vs direct | agent CPU s / 1k req (client / server) | agent RSS MiB (client / server) | non-200 + errors |"
+    );
+    println!("|---|---:|---|---:|---:|---|---|---|---:|");
+    let mut summary = Vec::new();
+    for name in HTTP_PATHS {
+        let of: Vec<&Value> = runs.iter().filter(|r| r["path"] == name).collect();
+        if of.is_empty() {
+            continue;
+        }
+        let col = |k: &str| -> Vec<f64> { of.iter().filter_map(|r| r[k].as_f64()).collect() };
+        let (rps, lo, hi) = median(col("ok_req_s"));
+        let (p50, _, _) = median(col("p50_us"));
+        let (p99, _, _) = median(col("p99_us"));
+        let (a50, _, _) = median(col("added_p50_us"));
+        let (a99, _, _) = median(col("added_p99_us"));
+        let bad: f64 = of
+            .iter()
+            .map(|r| {
+                r["requests"].as_f64().unwrap_or(0.0) - r["ok_200"].as_f64().unwrap_or(0.0)
+                    + r["errors"].as_f64().unwrap_or(0.0)
+            })
+            .sum();
+        let (cpu, rss) = if name == HTTP_PATHS[0] {
+            ("–".to_owned(), "–".to_owned())
+        } else {
+            (
+                pair(&of, "agent_cpu_s_per_1k_requests"),
+                pair(&of, "agent_rss_mib"),
+            )
+        };
+        println!(
+            "| {name} | {} | {rps:.0} ({lo:.0}–{hi:.0}) | {p50:.0} | {p99:.0} | {a50:.0} / {a99:.0} | {cpu} | {rss} | {bad:.0} |",
+            of.len()
+        );
+        summary.push(json!({
+            "path": name, "runs": of.len(), "ok_req_s_median": rps,
+            "p50_median_us": p50, "p99_median_us": p99,
+            "added_p50_median_us": a50, "added_p99_median_us": a99,
+            "non_200_and_errors": bad,
+        }));
+    }
+    println!("\n| issue | ratio | median of the rounds' ratios (range) | target | verdict |");
+    println!("|---|---|---|---:|---|");
+    let mut verdicts = Vec::new();
+    for (issue, what, path, reference, target) in HTTP_TARGETS {
+        // Each run against its reference of the same round.
+        let ratios: Vec<f64> = runs
+            .iter()
+            .filter(|r| r["path"] == path)
+            .filter_map(|r| {
+                let base = runs
+                    .iter()
+                    .find(|x| x["round"] == r["round"] && x["path"] == reference)?;
+                Some(r["ok_req_s"].as_f64()? / base["ok_req_s"].as_f64()?)
+            })
+            .collect();
+        let verdict = if ratios.is_empty() {
+            match skipped.get(path) {
+                Some(why) => format!("SKIPPED: {}", why.as_str().unwrap_or("")),
+                None => "NO DATA".to_owned(),
+            }
+        } else if target.is_nan() {
+            "(information)".to_owned()
+        } else {
+            let (m, _, _) = median(ratios.clone());
+            (if m >= target { "PASS" } else { "FAIL" }).to_owned()
+        };
+        let (m, lo, hi) = median(ratios);
+        let target_s = if target.is_nan() {
+            "–".to_owned()
+        } else {
+            format!("≥ {target}")
+        };
+        println!("| {issue} | {what} | {m:.3} ({lo:.3}–{hi:.3}) | {target_s} | {verdict} |");
+        verdicts.push(json!({
+            "issue": issue, "ratio": what, "path": path, "reference": reference,
+            "median": m, "min": lo, "max": hi,
+            "target": if target.is_nan() { Value::Null } else { json!(target) },
+            "verdict": verdict,
+        }));
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("\nload average at the end (1, 5, 15 min): {}", load.trim());
+    Ok(json!({
+        "date": time_now(),
+        "mode": "http",
+        "connections": conns, "secs": secs, "path": HTTP_PATH, "host": HTTP_HOST,
+        "rounds": rounds,
+        "loadavg_end": load.trim(),
+        "agent_toml_extra": extra,
+        "skipped": skipped,
+        "runs": runs,
+        "summary": summary,
+        "targets": verdicts,
+    }))
 }

@@ -33,8 +33,8 @@ use std::sync::Arc;
 use ::http::header::{self, HeaderName, HeaderValue};
 use ::http::request::Parts;
 use ::http::{StatusCode, Uri};
-use causeway_api::policy::HttpAttributes;
-use causeway_api::policy::jwt::{self, TokenLocation, TokenRequest};
+use causeway_api::policy::jwt::{self, Authenticated, JwtError, TokenLocation, TokenRequest};
+use causeway_api::policy::{HttpAttributes, JwtRule};
 
 use super::client::{Admission, Refusal};
 use super::record::ResponseFlags;
@@ -190,6 +190,38 @@ fn unauthorized(host: &str, path: &str) -> Refusal {
     }
 }
 
+/// The authentication step of a request (module docs, 2.): the token found where `rules`
+/// say (headers whose values are not visible ASCII are not read, as
+/// [`HeaderValue::to_str`] decides) and verified with `jwks`. `Ok(None)` without rules or
+/// without a token, `Err` for a token present but invalid (answer 401). The fuzz target
+/// `jwt_request` drives this function.
+pub async fn authenticate(
+    rules: &[JwtRule],
+    jwks: &JwksCache,
+    head: &Parts,
+) -> Result<Option<(Authenticated, TokenLocation)>, JwtError> {
+    if rules.is_empty() {
+        return Ok(None);
+    }
+    let found = {
+        let pairs: Vec<(&str, &str)> = head
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
+            .collect();
+        let req = TokenRequest {
+            headers: &pairs,
+            query: head.uri.query(),
+        };
+        jwt::extract(rules, &req).map(|(t, loc)| (t.to_owned(), loc))
+    };
+    let Some((token, location)) = found else {
+        return Ok(None);
+    };
+    let auth = jwks.verify_token(rules, &token).await?;
+    Ok(Some((auth, location)))
+}
+
 /// Authenticates and authorizes one request (module docs); `head` is changed for the
 /// application when it is allowed.
 async fn check(
@@ -204,36 +236,19 @@ async fn check(
         head.uri = uri;
     }
     let rules = view.jwt_rules();
-    let mut auth = None;
-    if !rules.is_empty() {
-        let found = {
-            let pairs: Vec<(&str, &str)> = head
-                .headers
-                .iter()
-                .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
-                .collect();
-            let req = TokenRequest {
-                headers: &pairs,
-                query: head.uri.query(),
-            };
-            jwt::extract(rules, &req).map(|(t, loc)| (t.to_owned(), loc))
-        };
-        if let Some((token, location)) = found {
-            match jwks.verify_token(rules, &token).await {
-                Ok(a) => auth = Some((a, location)),
-                Err(e) => {
-                    tracing::warn!(
-                        peer_identity = %conn.peer,
-                        method = %head.method,
-                        path = head.uri.path(),
-                        reason = %e,
-                        "request refused: invalid JWT (401)"
-                    );
-                    return Err(unauthorized(host_of(head), head.uri.path()));
-                }
-            }
+    let auth = match authenticate(rules, jwks, head).await {
+        Ok(auth) => auth,
+        Err(e) => {
+            tracing::warn!(
+                peer_identity = %conn.peer,
+                method = %head.method,
+                path = head.uri.path(),
+                reason = %e,
+                "request refused: invalid JWT (401)"
+            );
+            return Err(unauthorized(host_of(head), head.uri.path()));
         }
-    }
+    };
     let headers: Vec<(String, String)> = view
         .header_names()
         .iter()

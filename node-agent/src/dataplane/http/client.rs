@@ -403,8 +403,15 @@ impl<U: Upstream> Proxy<U> {
                 .downcast_ref::<hyper::Error>()
                 .and_then(parse_error_status)
         {
-            // hyper answered a malformed or oversized request head itself: record it as
-            // Envoy does (the status and `DPE`).
+            // hyper answered a malformed or oversized request head itself: log why, and
+            // record it as Envoy does (the status and `DPE`).
+            tracing::warn!(
+                status,
+                error = %e,
+                max_header_bytes = s.max_header_bytes,
+                max_headers = s.max_headers,
+                "request refused: malformed or oversized request head"
+            );
             let (source_principal, destination_principal) = self.principals(&conn);
             self.inner.observer.on_request(RequestRecord {
                 side: s.side,
