@@ -104,11 +104,15 @@ impl JwksCache {
     /// A cache that trusts the system roots plus the CAs in `ca_file` (PEM).
     pub fn new(ca_file: Option<&Path>, opts: JwksOptions) -> Result<JwksCache, JwksError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder()
-            .https_only(true)
-            .connect_timeout(opts.fetch_timeout)
-            .timeout(opts.fetch_timeout)
-            .redirect(reqwest::redirect::Policy::limited(3));
+        let base = || {
+            reqwest::Client::builder()
+                .https_only(true)
+                .connect_timeout(opts.fetch_timeout)
+                .timeout(opts.fetch_timeout)
+                .redirect(reqwest::redirect::Policy::limited(3))
+        };
+        let mut builder = base();
+        let mut extra = Vec::new();
         let shown = ca_file.map_or("-".to_owned(), |p| p.display().to_string());
         if let Some(path) = ca_file {
             let pem = std::fs::read(path).map_err(|source| JwksError::CaFile {
@@ -128,13 +132,31 @@ impl JwksCache {
                 });
             }
             for cert in certs {
-                builder = builder.add_root_certificate(cert);
+                extra.push(cert.clone());
+                builder = builder.tls_certs_merge([cert]);
             }
         }
-        let client = builder.build().map_err(|e| JwksError::Client {
-            path: shown,
-            message: e.to_string(),
-        })?;
+        let client = match builder.build() {
+            Ok(c) => c,
+            // The system's roots could not be loaded (a minimal host without the
+            // ca-certificates package): the agent still starts, with the configured CAs
+            // alone; a key set on a public issuer then fails to fetch, logged with the URI
+            // (and inline key sets and tokens without a rule keep working).
+            Err(e) => {
+                let fallback = base().tls_certs_only(extra).build().map_err(|e| {
+                    JwksError::Client {
+                        path: shown.clone(),
+                        message: e.to_string(),
+                    }
+                })?;
+                tracing::warn!(
+                    error = %error_chain(&e),
+                    ca_file = %shown,
+                    "the system's CA certificates could not be loaded; key sets (jwksUri) are fetched trusting only [jwt] ca_file. Install the ca-certificates package to trust public issuers"
+                );
+                fallback
+            }
+        };
         Ok(JwksCache {
             client,
             opts,

@@ -145,17 +145,6 @@ pub struct Span {
     /// This field is semantically required and it is expected that end_time >= start_time.
     #[prost(fixed64, tag = "8")]
     pub end_time_unix_nano: u64,
-    /// A collection of key/value pairs. Note, global attributes
-    /// like server name can be set using the resource API. Examples of attributes:
-    ///
-    ///      "/http/user_agent": "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_14_2) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/71.0.3578.98 Safari/537.36"
-    ///      "/http/server_latency": 300
-    ///      "example.com/myattribute": true
-    ///      "example.com/score": 10.239
-    ///
-    /// Attribute keys MUST be unique (it is not allowed to have more than one
-    /// attribute with the same key).
-    /// The behavior of software that receives duplicated keys can be unpredictable.
     #[prost(message, repeated, tag = "9")]
     pub attributes: ::prost::alloc::vec::Vec<super::super::common::v1::KeyValue>,
     /// The number of attributes that were discarded. Attributes
