@@ -143,12 +143,14 @@ impl JwksCache {
             // alone; a key set on a public issuer then fails to fetch, logged with the URI
             // (and inline key sets and tokens without a rule keep working).
             Err(e) => {
-                let fallback = base().tls_certs_only(extra).build().map_err(|e| {
-                    JwksError::Client {
-                        path: shown.clone(),
-                        message: e.to_string(),
-                    }
-                })?;
+                let fallback =
+                    base()
+                        .tls_certs_only(extra)
+                        .build()
+                        .map_err(|e| JwksError::Client {
+                            path: shown.clone(),
+                            message: e.to_string(),
+                        })?;
                 tracing::warn!(
                     error = %error_chain(&e),
                     ca_file = %shown,

@@ -493,7 +493,13 @@ fn capture_rules_are_removed_on_stop_cleaned_after_sigkill_and_checked_by_doctor
     // removed and reinstalled them.
     let logged_before = m.procs[b].log().len();
     let c = m.agent("vm1", &s1);
-    let new_log = |m: &Mesh| m.procs[c].log().get(logged_before..).unwrap_or("").to_owned();
+    let new_log = |m: &Mesh| {
+        m.procs[c]
+            .log()
+            .get(logged_before..)
+            .unwrap_or("")
+            .to_owned()
+    };
     wait_for("a clean start after the crash", WAIT, || {
         new_log(&m)
             .contains("capture rules installed")
