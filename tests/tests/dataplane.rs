@@ -457,6 +457,24 @@ fn capture_rules_are_removed_on_stop_cleaned_after_sigkill_and_checked_by_doctor
     let (ok, text) = m.doctor("vm1", &s1);
     assert!(ok, "doctor on a healthy agent: {text}\n{}", vm1.nat_rules());
 
+    // The plaintext policy route is checked too: without it the application's replies
+    // to off-host plaintext clients leave the host and those clients hang.
+    let rule = vm1.sh_ok("ip rule show table 17239");
+    let body = rule
+        .split_once(':')
+        .map(|(_, b)| b.trim().to_owned())
+        .filter(|b| b.contains("fwmark"))
+        .unwrap_or_else(|| panic!("no plaintext policy route on vm1: {rule:?}"));
+    vm1.sh_ok("ip rule del table 17239");
+    let (ok, text) = m.doctor("vm1", &s1);
+    assert!(
+        !ok && text.contains(&format!("missing:    ip rule: {body}")),
+        "doctor must name the missing policy route: {text}"
+    );
+    vm1.sh_ok(&format!("ip rule add {body} pref 17239"));
+    let (ok, text) = m.doctor("vm1", &s1);
+    assert!(ok, "doctor after the route was restored: {text}");
+
     // Injected drift: a foreign rule in our chain, and our jump removed.
     vm1.sh_ok("iptables -t nat -A CAUSEWAY_OUTPUT -d 10.99.0.1/32 -p tcp -j RETURN");
     vm1.sh_ok("iptables -t nat -D OUTPUT -j CAUSEWAY_OUTPUT");

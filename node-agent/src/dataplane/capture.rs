@@ -596,6 +596,22 @@ pub fn live_route_rules() -> Result<Vec<String>, CaptureError> {
         .collect())
 }
 
+/// The live routes of [`ROUTE_TABLE`], as `ip -4 route show table all` prints them
+/// without the trailing `scope` (e.g. `local default dev lo table 17239`).
+pub fn live_route_table() -> Result<Vec<String>, CaptureError> {
+    let marker = format!(" table {ROUTE_TABLE} ");
+    Ok(ip(&["-4", "route", "show", "table", "all"])?
+        .lines()
+        .filter(|l| format!("{l} ").contains(&marker))
+        .map(|l| {
+            let l = l.trim();
+            l.split_once(" scope ")
+                .map_or(l, |(head, _)| head)
+                .to_owned()
+        })
+        .collect())
+}
+
 /// Removes every rule that looks up [`ROUTE_TABLE`] and the table's routes; how many
 /// rules were removed.
 pub fn remove_route() -> Result<usize, CaptureError> {

@@ -444,10 +444,71 @@ pub fn doctor(state_dir: &Path) -> Result<DoctorReport, CaptureError> {
         Vec::new()
     };
     let live = LiveRules::parse(&capture::save()?);
+    let mut expected = expected;
+    expected.extend(expected_route_lines(&expected));
+    let mut live = live.lines();
+    live.extend(live_route_lines()?);
     Ok(DoctorReport {
         agent_running: running,
-        drift: Drift::between(&expected, &live.lines()),
+        drift: Drift::between(&expected, &live),
     })
+}
+
+/// The policy route that plaintext capture needs, in the form [`live_route_lines`]
+/// reports it: derived from the mark in the expected `CAUSEWAY_PLAIN_OUT` rules, none
+/// without plaintext capture. Without it the application's replies to the agent's
+/// transparent connections leave the host and plaintext clients hang.
+fn expected_route_lines(expected: &[String]) -> Vec<String> {
+    // Lines are "<table> <rule>", e.g. "mangle -A CAUSEWAY_PLAIN_OUT ... --mark 0x4358 ...".
+    let prefix = format!("-A {} ", capture::PLAIN_OUT_CHAIN);
+    let mark = expected
+        .iter()
+        .filter(|l| l.contains(&prefix))
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "--mark")?;
+            words.next().map(str::to_owned)
+        });
+    let Some(mark) = mark else {
+        return Vec::new();
+    };
+    let table = capture::ROUTE_TABLE;
+    vec![
+        format!("ip rule: from all fwmark {mark} lookup {table}"),
+        format!("ip route: local default dev lo table {table}"),
+    ]
+}
+
+/// The live policy route of plaintext capture (rules and routes of
+/// [`capture::ROUTE_TABLE`]), one line each, comparable with [`expected_route_lines`].
+/// A host without `ip` has none.
+fn live_route_lines() -> Result<Vec<String>, CaptureError> {
+    let rules = match capture::live_route_rules() {
+        Err(CaptureError::Spawn { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return Ok(Vec::new());
+        }
+        other => other?,
+    };
+    let mut lines: Vec<String> = rules
+        .iter()
+        .map(|r| {
+            // "17239:\tfrom all fwmark 0x4358 lookup 17239": the preference is not part of
+            // the comparison.
+            let body = r.split_once(':').map_or(r.as_str(), |(_, b)| b);
+            format!(
+                "ip rule: {}",
+                body.split_whitespace().collect::<Vec<_>>().join(" ")
+            )
+        })
+        .collect();
+    lines.extend(
+        capture::live_route_table()?
+            .into_iter()
+            .map(|r| format!("ip route: {r}")),
+    );
+    Ok(lines)
 }
 
 /// Removes every Causeway capture rule (leftovers of a killed agent included) and the
@@ -465,6 +526,27 @@ pub fn cleanup(state_dir: &Path) -> Result<usize, CaptureError> {
     };
     let _ = std::fs::remove_file(state_dir.join(RULES_FILE));
     Ok(n)
+}
+
+#[cfg(test)]
+mod doctor_tests {
+    use super::*;
+
+    #[test]
+    fn the_policy_route_is_expected_exactly_with_plaintext_capture() {
+        let with = vec![
+            "nat -A OUTPUT -j CAUSEWAY_OUTPUT".to_owned(),
+            "mangle -A CAUSEWAY_PLAIN_OUT -p tcp -m mark --mark 0x4358 -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff".to_owned(),
+        ];
+        assert_eq!(
+            expected_route_lines(&with),
+            [
+                "ip rule: from all fwmark 0x4358 lookup 17239",
+                "ip route: local default dev lo table 17239"
+            ]
+        );
+        assert!(expected_route_lines(&with[..1]).is_empty());
+    }
 }
 
 #[cfg(test)]
