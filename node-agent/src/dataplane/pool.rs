@@ -91,7 +91,11 @@ impl PoolLimits {
     /// The limits of `cp`; `None` when it sets none that the agent enforces.
     pub fn compile(cp: Option<&ConnectionPoolSettings>) -> Option<Arc<PoolLimits>> {
         let cp = cp?;
-        let n = |v: Option<i64>| v.map(|v| u32::try_from(v.max(0)).unwrap_or(u32::MAX));
+        // As in Istio, 0 (the protobuf default) leaves a limit unset.
+        let n = |v: Option<i64>| {
+            v.filter(|v| *v > 0)
+                .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+        };
         let tcp = cp.tcp.as_ref();
         let http = cp.http.as_ref();
         let max_connections = n(tcp.and_then(|t| t.max_connections));
@@ -209,23 +213,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn one_connection_no_pending_overflows_the_second_request() {
-        let l = limits(Some(1), Some(0), None);
-        let first = l.admit_request(false).await.unwrap();
-        assert_eq!(
-            l.admit_request(false).await.unwrap_err(),
-            Overflow::MaxPending
-        );
-        // HTTP/2 requests share connections: only http2MaxRequests applies.
-        assert!(l.admit_request(true).await.is_ok());
-        drop(first);
-        let _again = l.admit_request(false).await.unwrap();
+    async fn zero_is_unset_as_in_istio() {
+        let l = limits(Some(0), Some(0), Some(0));
+        assert_eq!(l.max_connections(), u32::MAX);
+        let held: Vec<_> = admit_many(&l, 20).await;
+        assert_eq!(held.len(), 20);
+    }
+
+    async fn admit_many(l: &PoolLimits, n: usize) -> Vec<Admitted> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(l.admit_request(false).await.unwrap());
+        }
+        v
     }
 
     #[tokio::test]
     async fn a_pending_request_waits_for_the_connection() {
         let l = limits(Some(1), Some(1), None);
         let first = l.admit_request(false).await.unwrap();
+        // HTTP/2 requests share connections: only http2MaxRequests applies.
+        assert!(l.admit_request(true).await.is_ok());
         let l2 = l.clone();
         let waiting = tokio::spawn(async move { l2.admit_request(false).await.map(|_| ()) });
         // Once the second waits it holds the only pending place: a third overflows.

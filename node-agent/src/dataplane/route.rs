@@ -920,7 +920,8 @@ impl RouteTable {
         }
         // A service with a DestinationRule and no VirtualService: every request and
         // connection goes to the service under the rule's policy (Istio applies a rule
-        // without a VirtualService, with its default retries).
+        // without a VirtualService), with one try: traffic without a VirtualService keeps
+        // its retry behaviour (ARCHITECTURE.md).
         for (_, dr) in &rules {
             let (ns, name) = service_of_host(&dr.spec.host, dr.metadata.namespace());
             let service = format!("{ns}/{name}");
@@ -953,7 +954,7 @@ impl RouteTable {
                 dests: vec![dest.clone()],
                 total_weight: 100,
                 timeout: None,
-                retry: Retry::istio_default(),
+                retry: Retry::default(),
                 delay: None,
                 abort: None,
                 mirror: None,

@@ -40,7 +40,7 @@ spec:
     outlierDetection: {consecutive5xxErrors: 1}
     connectionPool:
       tcp: {maxConnections: 1, connectTimeout: 2s}
-      http: {http1MaxPendingRequests: 0, idleTimeout: 5m}
+      http: {http1MaxPendingRequests: 1, idleTimeout: 5m}
   subsets:
   - name: v2
     labels: {version: v2}
@@ -70,7 +70,11 @@ fn a_rule_without_a_virtual_service_routes_every_request_under_its_policy() {
     let limits = p.dest.limits.as_ref().expect("limits");
     assert_eq!(limits.max_connections(), 1);
     assert_eq!(limits.connect_timeout, Some(Duration::from_secs(2)));
-    assert_eq!(p.route.retry, Retry::istio_default());
+    assert_eq!(
+        p.route.retry,
+        Retry::default(),
+        "one try, as without the rule"
+    );
     let tcp = web.tcp_dest(5432, 3).expect("a TCP route too");
     assert_eq!(tcp.service, "default/web");
     // No outlierDetection: the locality setting is ignored, as in Istio, and said so.
