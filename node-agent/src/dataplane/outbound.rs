@@ -337,6 +337,8 @@ struct Held {
     _lb: Option<Outstanding>,
     /// Its place under the destination's `connectionPool.tcp.maxConnections`.
     _pool: Option<super::pool::Admitted>,
+    /// The destination's `connectionPool.tcp.idleTimeout`, instead of the agent's.
+    idle: Option<Option<Duration>>,
     tcp: Option<TcpConn>,
     /// Its access log record (when the access log is on).
     log: Option<crate::telemetry::TcpStart>,
@@ -363,6 +365,7 @@ impl Held {
         Box::new(Self {
             _lb: lb,
             _pool: None,
+            idle: None,
             tcp,
             log,
         })
@@ -744,7 +747,7 @@ impl Outbound {
                 return;
             }
         };
-        let idle = self.settings.idle_timeout;
+        let idle = held.idle.unwrap_or(self.settings.idle_timeout);
         let mut held = held;
         let (done, upstream) = match conn {
             // A tunnel stream is cut if the peer agent's certificate is denied meanwhile.
@@ -935,6 +938,9 @@ impl Outbound {
         );
         let mut held = Held::new(Some(guard), metrics, log, &conn, own);
         held._pool = admitted;
+        held.idle = route
+            .as_ref()
+            .and_then(|(d, _)| d.limits.as_ref()?.tcp_idle);
         Some(Prepared::Splice(conn, held))
     }
 

@@ -10,6 +10,9 @@
 //! - `http.http2MaxRequests`: requests (any HTTP version) in flight at once; one more is
 //!   answered 503 `UO`.
 //! - `http.maxRequestsPerConnection: 1`: no keep-alive upstream (`Connection: close`).
+//! - `tcp.connectTimeout`: the connect to an endpoint (tunnel or plain TCP).
+//! - `tcp.idleTimeout`: a spliced TCP connection with no byte either way for this long is
+//!   closed (`0s`: never), instead of the agent's `idle_timeout`.
 //!
 //! An overflow answer carries `x-causeway-overflow: <the limit's field>` and names it in
 //! its body; the request is recorded with the response flag `UO`, so the Istio metrics
@@ -37,6 +40,8 @@ pub struct PoolLimits {
     pub no_keepalive: bool,
     /// `tcp.connectTimeout`.
     pub connect_timeout: Option<Duration>,
+    /// `tcp.idleTimeout` of spliced connections (`Some(None)`: `0s`, never).
+    pub tcp_idle: Option<Option<Duration>>,
 }
 
 /// Which limit a request or connection overflowed (its field in `connectionPool`).
@@ -117,12 +122,17 @@ impl PoolLimits {
                 .and_then(|t| t.connect_timeout.as_deref())
                 .and_then(|t| parse_duration(t).ok())
                 .filter(|d| !d.is_zero()),
+            tcp_idle: tcp
+                .and_then(|t| t.idle_timeout.as_deref())
+                .and_then(|t| parse_duration(t).ok())
+                .map(|d| (!d.is_zero()).then_some(d)),
         };
         let any = limits.connections.is_some()
             || limits.max_pending.is_some()
             || limits.max_requests.is_some()
             || limits.no_keepalive
-            || limits.connect_timeout.is_some();
+            || limits.connect_timeout.is_some()
+            || limits.tcp_idle.is_some();
         any.then(|| Arc::new(limits))
     }
 
@@ -190,6 +200,7 @@ mod tests {
             tcp: Some(TcpSettings {
                 max_connections,
                 connect_timeout: Some("250ms".into()),
+                idle_timeout: Some("90s".into()),
                 ..TcpSettings::default()
             }),
             http: Some(HttpSettings {
@@ -208,6 +219,7 @@ mod tests {
         assert!(PoolLimits::compile(Some(&ConnectionPoolSettings::default())).is_none());
         let l = limits(None, None, None);
         assert!(l.no_keepalive);
+        assert_eq!(l.tcp_idle, Some(Some(Duration::from_secs(90))));
         assert_eq!(l.connect_timeout, Some(Duration::from_millis(250)));
         assert_eq!(l.max_connections(), u32::MAX);
     }

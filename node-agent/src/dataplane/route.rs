@@ -379,7 +379,6 @@ fn unenforced_fields(dr: &DestinationRule, out: &mut Vec<String>) {
                     tcp.max_connection_duration.is_some(),
                     "tcp.maxConnectionDuration",
                 ),
-                (tcp.idle_timeout.is_some(), "tcp.idleTimeout"),
             ] {
                 if set {
                     fields.push(f);
