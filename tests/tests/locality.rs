@@ -425,3 +425,31 @@ fn a_connection_pool_limit_answers_the_overflowing_request_503() {
         "{answers:?}"
     );
 }
+
+const DISTRIBUTE: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer:
+      localityLbSetting:
+        distribute:
+        - from: r1/a/*
+          to: {\"r1/a/*\": 20, \"r1/b/*\": 80}
+    outlierDetection: {consecutive5xxErrors: 5}";
+
+/// `distribute`: from zone a, 20 % of the requests stay in zone a and 80 % go to zone b;
+/// over 2,000 requests each share is within ±3 points.
+#[test]
+fn distribute_weights_across_zones_hold() {
+    let m = Mesh::new();
+    m.apply("distribute", DISTRIBUTE);
+    let n = 2000;
+    let got = m.requests(n, "/");
+    let (a, b) = (count(&got, "200 a"), count(&got, "200 b"));
+    assert_eq!(a + b, 2000, "{got}\n{}", m.logs());
+    // 20 % ± 3 points of 2,000 = 340..=460; 80 % ± 3 points = 1,540..=1,660.
+    assert!((340..=460).contains(&a), "zone a {a} of 2000: {got}");
+    assert!((1540..=1660).contains(&b), "zone b {b} of 2000: {got}");
+}
