@@ -613,6 +613,12 @@ pub const CODES: &[CodeInfo] = &[
         title: "several VirtualServices route the same host (conflicting routes)",
     },
     CodeInfo {
+        code: "CW0507",
+        level: Level::Warning,
+        area: Area::Routing,
+        title: "a DestinationRule's localityLbSetting is ignored without outlierDetection",
+    },
+    CodeInfo {
         code: "CW0601",
         level: Level::Error,
         area: Area::Dataplane,
@@ -743,6 +749,12 @@ pub const CHECKS: &[Check] = &[
         area: Area::Routing,
         live_only: false,
         run: route_conflicts,
+    },
+    Check {
+        name: "route-locality-without-outliers",
+        area: Area::Routing,
+        live_only: false,
+        run: route_locality_without_outliers,
     },
     Check {
         name: "dataplane-facts",
@@ -1823,6 +1835,39 @@ fn route_conflicts(s: &Snapshot, _: &Thresholds, out: &mut Vec<Message>) {
                 ),
                 format!("merge the routes into {} (one VirtualService per host), or delete this one", route_name(first)),
             ));
+        }
+    }
+}
+
+fn route_locality_without_outliers(s: &Snapshot, _: &Thresholds, out: &mut Vec<Message>) {
+    for (r, d) in destination_rules(s) {
+        let rule = d.spec.traffic_policy.as_ref();
+        let subsets = d.spec.subsets.iter().enumerate().map(|(i, s)| {
+            (
+                format!("spec.subsets[{i}].trafficPolicy"),
+                s.traffic_policy.as_ref(),
+            )
+        });
+        for (path, t) in std::iter::once(("spec.trafficPolicy".to_owned(), rule)).chain(subsets) {
+            let Some(t) = t else { continue };
+            let setting = t
+                .load_balancer
+                .as_ref()
+                .and_then(|l| l.locality_lb_setting.as_ref());
+            let outliers = t.outlier_detection.is_some()
+                || rule.is_some_and(|r| r.outlier_detection.is_some());
+            if setting.is_some_and(|l| l.enabled != Some(false)) && !outliers {
+                out.push(msg(
+                    "CW0507",
+                    Level::Warning,
+                    route_name(r),
+                    format!(
+                        "{path}.loadBalancer.localityLbSetting has no effect: as in Istio, locality load balancing needs outlierDetection to tell an unhealthy locality, so the agents ignore it{}",
+                        route_origin(r)
+                    ),
+                    format!("add {path}.outlierDetection (e.g. consecutive5xxErrors: 5), or remove the localityLbSetting"),
+                ));
+            }
         }
     }
 }

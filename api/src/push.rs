@@ -136,6 +136,9 @@ pub struct EndpointState {
     /// Its group is in STRICT mTLS mode.
     #[serde(default)]
     pub mtls_strict: bool,
+    /// Region (locality load balancing; the zone is `zone`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 /// The config an agent has applied (what it persists and serves from).
@@ -299,6 +302,7 @@ fn service_state(s: &ServiceMsg, range: Option<Ipv4Net>) -> Result<ServiceState,
                 stale: e.stale,
                 labels: e.labels.clone(),
                 mtls_strict: e.mtls_strict,
+                region: (!e.region.is_empty()).then(|| e.region.clone()),
             },
         );
     }

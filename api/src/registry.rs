@@ -132,6 +132,13 @@ impl Health {
     }
 }
 
+/// The well-known label of a Kubernetes node's region; an agent group carrying it places
+/// its workloads (and their agents) in that region.
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+/// The well-known label of a Kubernetes node's zone; an agent group carrying it places
+/// its workloads (and their agents) in that zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 /// Where an endpoint runs, as far as its source knows.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Locality {

@@ -23,6 +23,7 @@ use causeway_api::registry::{
     BIND_SOURCE_METADATA, Conflict, Endpoint, Provenance, Registry, RegistryDelta, ServiceKey,
     SourceChange, SourceKind, SourceSnapshot, SourceState,
 };
+use causeway_api::registry::{REGION_LABEL, ZONE_LABEL};
 use causeway_api::route::RouteResource;
 use causeway_registry::{SourceUpdate, apply_update_into};
 use ipnet::{IpNet, Ipv4Net};
@@ -305,6 +306,7 @@ fn endpoint_msg(ep: &Endpoint) -> EndpointMsg {
             .metadata
             .get(MTLS_METADATA)
             .is_some_and(|m| m == "strict"),
+        region: ep.locality.region.clone().unwrap_or_default(),
     }
 }
 
@@ -1048,6 +1050,10 @@ impl Mesh {
         // Every workload carries its group's name as a label, so that policies can select
         // a group without the operator labelling it (`causeway.io/group: <name>`).
         let mut labels = group.labels.clone();
+        // Locality (issue 21): a VM has no node object, so its group's Kubernetes
+        // topology labels say where it runs (a group per zone).
+        ep.locality.region = labels.get(REGION_LABEL).cloned();
+        ep.locality.zone = labels.get(ZONE_LABEL).cloned();
         labels.insert(GROUP_LABEL.to_owned(), group.name.clone());
         ep.labels = labels.into();
         ep.metadata

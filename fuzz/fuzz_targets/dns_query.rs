@@ -28,6 +28,7 @@ fn index() -> &'static Index {
             stale: false,
             labels: Default::default(),
             mtls_strict: false,
+            region: None,
         };
         let svc = |vip: &str, kinds: &[&str]| ServiceState {
             vip: Some(vip.parse().expect("literal")),

@@ -797,3 +797,54 @@ spec:
         r.messages
     );
 }
+
+#[test]
+fn a_locality_setting_without_outlier_detection_is_reported() {
+    let mut s = versioned();
+    s.routes = routes(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer:
+      localityLbSetting: {failover: [{from: r1, to: r2}]}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      loadBalancer:
+        localityLbSetting: {enabled: true}
+      outlierDetection: {consecutive5xxErrors: 3}
+"#,
+    );
+    let r = run(&s);
+    has(&r, "CW0507", Level::Warning, "DestinationRule default/web");
+    let m: Vec<_> = r.messages.iter().filter(|m| m.code == "CW0507").collect();
+    assert_eq!(
+        m.len(),
+        1,
+        "the subset has its own outlierDetection: {m:#?}"
+    );
+    assert!(
+        m[0].message.contains("spec.trafficPolicy.loadBalancer"),
+        "{m:#?}"
+    );
+    // With outlierDetection on the rule, nothing.
+    s.routes = routes(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer:
+      localityLbSetting: {failover: [{from: r1, to: r2}]}
+    outlierDetection: {consecutive5xxErrors: 3}
+"#,
+    );
+    assert!(run(&s).messages.iter().all(|m| m.code != "CW0507"));
+}

@@ -473,6 +473,10 @@ pub struct EndpointMsg {
     /// plaintext from off-host to its ports is dropped.
     #[prost(bool, tag = "10")]
     pub mtls_strict: bool,
+    /// Region (Consul datacenter, Kubernetes/Eureka region, an agent group's
+    /// `topology.kubernetes.io/region` label), if known: locality load balancing.
+    #[prost(string, tag = "11")]
+    pub region: ::prost::alloc::string::String,
 }
 /// A request from an agent.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -67,6 +67,7 @@ fn mesh(n: usize) -> MeshState {
             stale: false,
             labels: Default::default(),
             mtls_strict: false,
+            region: None,
         };
         s.services.insert(
             format!("default/svc{i}"),

@@ -346,6 +346,7 @@ mod tests {
             stale: false,
             labels: [("app".to_owned(), "web".to_owned())].into(),
             mtls_strict: false,
+            region: None,
         };
         s.services.insert(
             "shop/web".into(),

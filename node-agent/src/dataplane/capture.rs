@@ -733,6 +733,7 @@ mod tests {
                         stale: false,
                         labels: Default::default(),
                         mtls_strict: false,
+                        region: None,
                     },
                 )
             })

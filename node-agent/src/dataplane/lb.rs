@@ -108,6 +108,9 @@ pub struct Candidate {
     pub key: String,
     /// Its zone.
     pub zone: Option<String>,
+    /// Its locality priority (0 best; [`super::locality`]): only the best priority with
+    /// an eligible endpoint is chosen from.
+    pub priority: u32,
 }
 
 /// How [`Balancer::pick_by`] chooses among the eligible endpoints (a DestinationRule's
@@ -213,7 +216,11 @@ impl Balancer {
                 })
             })
             .collect();
-        let pool = if healthy.is_empty() { left } else { healthy };
+        let mut pool = if healthy.is_empty() { left } else { healthy };
+        // Locality failover: the best priority level with an eligible endpoint.
+        if let Some(best) = pool.iter().map(|i| cands[*i].priority).min() {
+            pool.retain(|i| cands[*i].priority == best);
+        }
         let local: Vec<usize> = match zone {
             Some(z) => pool
                 .iter()
@@ -366,6 +373,7 @@ mod tests {
             .map(|(i, z)| Candidate {
                 key: format!("e{i}"),
                 zone: z.map(str::to_owned),
+                priority: 0,
             })
             .collect()
     }
@@ -507,6 +515,45 @@ mod tests {
             lb.pick(&c, None, &["e0".into(), "e1".into(), "e2".into()]),
             None
         );
+    }
+
+    /// Locality failover: the best priority takes everything while one of its
+    /// endpoints is eligible; when they are all ejected (outlier detection) the next
+    /// level does; when they return, traffic comes back.
+    #[tokio::test]
+    async fn the_best_priority_level_with_an_eligible_endpoint_is_chosen() {
+        let lb = Balancer::new(Duration::from_secs(5), Duration::from_secs(60));
+        let mut c = cands(&[None, None, None, None]);
+        for (cand, p) in c.iter_mut().zip([0, 0, 1, 2]) {
+            cand.priority = p;
+        }
+        let peers: Vec<String> = c.iter().map(|c| c.key.clone()).collect();
+        let o = Outlier {
+            consecutive_5xx: 1,
+            consecutive_gateway: 0,
+            base_ejection: Duration::from_secs(10),
+            max_ejection_percent: 100,
+        };
+        let t0 = Instant::now();
+        let picks = |at: Instant| -> std::collections::BTreeSet<usize> {
+            (0..64)
+                .map(|_| lb.pick_with(&c, None, &[], at, random).unwrap())
+                .collect()
+        };
+        assert_eq!(picks(t0), [0, 1].into());
+        lb.observe_at("e0", 503, &o, &peers, t0);
+        assert_eq!(picks(t0), [1].into(), "one of level 0 left");
+        lb.observe_at("e1", 503, &o, &peers, t0);
+        assert_eq!(picks(t0), [2].into(), "level 0 ejected: level 1");
+        lb.observe_at("e2", 503, &o, &peers, t0);
+        assert_eq!(picks(t0), [3].into());
+        // Everything left is ejected: fail open, to the best level.
+        assert!(matches!(
+            lb.pick_with(&c, None, &["e3".into()], t0, random),
+            Some(0 | 1)
+        ));
+        // Back after the ejection.
+        assert_eq!(picks(t0 + Duration::from_secs(11)), [0, 1].into());
     }
 
     #[tokio::test]

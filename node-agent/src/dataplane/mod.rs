@@ -18,9 +18,11 @@ pub mod capture;
 pub mod drain;
 pub mod http;
 pub mod lb;
+pub mod locality;
 pub mod mux;
 pub mod outbound;
 pub mod plaintext;
+pub mod pool;
 pub mod readahead;
 pub mod route;
 pub mod splice;
@@ -569,6 +571,7 @@ mod peer_authentication_tests {
             stale: false,
             labels: [("app".to_owned(), "web".to_owned())].into(),
             mtls_strict: group_strict,
+            region: None,
         };
         s.services.insert(
             "shop/web".into(),

@@ -33,6 +33,7 @@ use tokio::io::AsyncWriteExt as _;
 use super::http::{self, HttpSettings, Proxy, UpstreamConn, UpstreamError};
 
 use super::lb::{Balancer, Candidate, Choice, Outstanding};
+use super::locality::{EndpointFacts, Locality, LocalityMode, Own};
 use super::route::{Dest, LbKind, Plan, RouteTable, SourceFacts};
 use super::splice::{splice, splice_until};
 use super::tunnel::{Header, Tunnel, TunnelStream, connect_tcp};
@@ -169,6 +170,85 @@ fn dest_upstreams(state: &MeshState, dest: &Dest, port: u16) -> Vec<Upstream> {
         .unwrap_or_default()
 }
 
+/// The balancer's candidates for `ups` (endpoints of `state`) going to `dest` (`None`:
+/// not routed), with this workload `own`, and the zone to prefer (the agent's
+/// same-zone-first choice, for destinations without a DestinationRule). Under locality
+/// load balancing each gets its priority (`roll` draws a `distribute` locality).
+fn lb_candidates(
+    state: &MeshState,
+    ups: &[Upstream],
+    dest: Option<&Dest>,
+    own: &Own,
+    roll: u64,
+) -> (Vec<Candidate>, Option<String>) {
+    let mode = dest.map(|d| &d.locality);
+    let plain = |u: &Upstream| Candidate {
+        key: u.key.clone(),
+        zone: u.zone.clone(),
+        priority: 0,
+    };
+    match mode {
+        None | Some(LocalityMode::SameZoneFirst) => {
+            (ups.iter().map(plain).collect(), own.locality.zone.clone())
+        }
+        Some(LocalityMode::Off) => (ups.iter().map(plain).collect(), None),
+        Some(LocalityMode::On(l)) => {
+            let drawn = l.draw(&own.locality, roll);
+            let no_labels = std::collections::BTreeMap::new();
+            let cands = ups
+                .iter()
+                .map(|u| {
+                    let e = state.services.get(&u.service).and_then(|s| {
+                        let id = u.key.strip_prefix(u.service.as_str())?.strip_prefix('/')?;
+                        s.endpoints.get(id)
+                    });
+                    let locality = Locality {
+                        region: e.and_then(|e| e.region.clone()),
+                        zone: u.zone.clone(),
+                    };
+                    let facts = EndpointFacts {
+                        locality: &locality,
+                        labels: e.map_or(&no_labels, |e| &e.labels),
+                    };
+                    Candidate {
+                        priority: l.priority(own, facts, drawn),
+                        ..plain(u)
+                    }
+                })
+                .collect();
+            (cands, None)
+        }
+    }
+}
+
+/// This workload as locality load balancing sees it: its labels, and the region and zone
+/// of its own endpoints (its group's topology labels), the agent config's `zone`
+/// overriding the zone.
+fn own_locality(
+    state: &MeshState,
+    facts: &SourceFacts,
+    own: Option<IpAddr>,
+    zone: Option<&str>,
+) -> Own {
+    let own = own.map(|a| a.to_string());
+    let mine = || {
+        state
+            .services
+            .values()
+            .flat_map(|s| s.endpoints.values())
+            .filter(|e| Some(&e.address) == own.as_ref())
+    };
+    Own {
+        locality: Locality {
+            region: mine().find_map(|e| e.region.clone()),
+            zone: zone
+                .map(str::to_owned)
+                .or_else(|| mine().find_map(|e| e.zone.clone())),
+        },
+        labels: facts.labels.clone(),
+    }
+}
+
 /// This host's workload as routes' source conditions see it: the labels of the endpoints
 /// at `own` (its group's labels) and the namespace of their identity.
 fn source_facts(state: &MeshState, own: Option<IpAddr>) -> SourceFacts {
@@ -232,7 +312,15 @@ pub struct Outbound {
     http: Mutex<HashMap<ProxyKey, Proxy<MeshUpstream>>>,
     /// The route table and the state it was compiled from: compiled again when a new
     /// state is published (once per applied push), shared by every request until then.
-    routes: Mutex<(Option<Arc<MeshState>>, Arc<RouteTable>)>,
+    routes: Mutex<RouteCache>,
+}
+
+/// The route table, and this workload's locality, of one published state.
+#[derive(Debug, Default)]
+struct RouteCache {
+    state: Option<Arc<MeshState>>,
+    table: Arc<RouteTable>,
+    own: Arc<Own>,
 }
 
 /// What [`Outbound::prepare`] decided for a connection.
@@ -247,6 +335,10 @@ enum Prepared {
 /// and its TCP metrics (boxed: the connection's task stays small).
 struct Held {
     _lb: Option<Outstanding>,
+    /// Its place under the destination's `connectionPool.tcp.maxConnections`.
+    _pool: Option<super::pool::Admitted>,
+    /// The destination's `connectionPool.tcp.idleTimeout`, instead of the agent's.
+    idle: Option<Option<Duration>>,
     tcp: Option<TcpConn>,
     /// Its access log record (when the access log is on).
     log: Option<crate::telemetry::TcpStart>,
@@ -270,7 +362,13 @@ impl Held {
             }
             l
         });
-        Box::new(Self { _lb: lb, tcp, log })
+        Box::new(Self {
+            _lb: lb,
+            _pool: None,
+            idle: None,
+            tcp,
+            log,
+        })
     }
 }
 
@@ -285,6 +383,8 @@ pub struct MeshUpstream {
     port: u16,
     /// Only this endpoint (the application dialled its address).
     only: Option<String>,
+    /// Connect timeouts of endpoints whose destination sets `connectionPool.tcp.connectTimeout`.
+    connect_timeouts: Mutex<HashMap<String, Duration>>,
 }
 
 impl MeshUpstream {
@@ -320,15 +420,9 @@ impl http::Upstream for MeshUpstream {
     fn pick(&self) -> Result<String, UpstreamError> {
         let out = self.out.upgrade().ok_or_else(|| self.no_endpoint())?;
         let cands = self.candidates(&out);
-        let lb_cands: Vec<Candidate> = cands
-            .iter()
-            .map(|u| Candidate {
-                key: u.key.clone(),
-                zone: u.zone.clone(),
-            })
-            .collect();
+        let (lb_cands, zone) = lb_candidates(&out.state.get(), &cands, None, &out.routing().1, 0);
         out.lb
-            .pick(&lb_cands, out.settings.zone.as_deref(), &[])
+            .pick(&lb_cands, zone.as_deref(), &[])
             .map(|i| cands[i].key.clone())
             .ok_or_else(|| self.no_endpoint())
     }
@@ -369,15 +463,16 @@ impl http::Upstream for MeshUpstream {
     ) -> Result<String, UpstreamError> {
         let port = dest.port.unwrap_or(self.port);
         let out = self.out.upgrade().ok_or_else(|| self.no_dest(dest, port))?;
-        let cands = dest_upstreams(&out.state.get(), dest, port);
-        let lb_cands: Vec<Candidate> = cands
-            .iter()
-            .map(|u| Candidate {
-                key: u.key.clone(),
-                zone: u.zone.clone(),
-            })
-            .collect();
-        let zone = out.settings.zone.as_deref();
+        let state = out.state.get();
+        let cands = dest_upstreams(&state, dest, port);
+        let (lb_cands, zone) = lb_candidates(
+            &state,
+            &cands,
+            Some(dest),
+            &out.routing().1,
+            super::lb::random(),
+        );
+        let zone = zone.as_deref();
         let tried: Vec<String> = tried
             .iter()
             .map(|t| t.split('#').next().unwrap_or(t).to_owned())
@@ -395,6 +490,12 @@ impl http::Upstream for MeshUpstream {
             .pick_by(&lb_cands, zone, &tried, choice)
             .or_else(|| out.lb.pick_by(&lb_cands, zone, &[], choice))
             .ok_or_else(|| self.no_dest(dest, port))?;
+        if let Some(t) = dest.limits.as_ref().and_then(|l| l.connect_timeout) {
+            self.connect_timeouts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(cands[i].key.clone(), t);
+        }
         Ok(if port == self.port {
             cands[i].key.clone()
         } else {
@@ -413,8 +514,14 @@ impl http::Upstream for MeshUpstream {
         }
         .ok_or_else(|| self.no_endpoint())?;
         let peer = up.addr.to_string();
+        let timeout = self
+            .connect_timeouts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&up.key)
+            .copied();
         let conn = out
-            .connect_one(&up)
+            .connect_one(&up, timeout)
             .await
             .map_err(|(_, message)| UpstreamError::Connect {
                 peer: peer.clone(),
@@ -534,25 +641,42 @@ impl http::Observer for LogObserver {
 impl Outbound {
     /// The route table of the current state (compiled once per published state).
     fn route_table(&self) -> Arc<RouteTable> {
+        self.routing().0
+    }
+
+    /// The route table and this workload's locality, of the current state (compiled once
+    /// per published state).
+    fn routing(&self) -> (Arc<RouteTable>, Arc<Own>) {
         let state = self.state.get();
         let mut cache = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(seen) = &cache.0
+        if let Some(seen) = &cache.state
             && Arc::ptr_eq(seen, &state)
         {
-            return cache.1.clone();
+            return (cache.table.clone(), cache.own.clone());
         }
+        let facts = source_facts(&state, self.settings.own_address);
         let table = if state.routes.is_empty() {
             Arc::new(RouteTable::default())
         } else {
-            let t = RouteTable::compile(&state, &source_facts(&state, self.settings.own_address));
+            let t = RouteTable::compile(&state, &facts);
             tracing::debug!(version = state.version, "route table compiled");
             if !t.unenforced.is_empty() {
-                tracing::warn!(version = state.version, fields = ?t.unenforced, "routing fields not enforced by this agent yet");
+                tracing::warn!(version = state.version, fields = ?t.unenforced, "routing fields not enforced by this agent");
             }
             Arc::new(t)
         };
-        *cache = (Some(state), table.clone());
-        table
+        let own = Arc::new(own_locality(
+            &state,
+            &facts,
+            self.settings.own_address,
+            self.settings.zone.as_deref(),
+        ));
+        *cache = RouteCache {
+            state: Some(state),
+            table: table.clone(),
+            own: own.clone(),
+        };
+        (table, own)
     }
 
     /// Whether this host's own workload is in a STRICT group (pushed by the controller).
@@ -623,7 +747,7 @@ impl Outbound {
                 return;
             }
         };
-        let idle = self.settings.idle_timeout;
+        let idle = held.idle.unwrap_or(self.settings.idle_timeout);
         let mut held = held;
         let (done, upstream) = match conn {
             // A tunnel stream is cut if the peer agent's certificate is denied meanwhile.
@@ -663,6 +787,7 @@ impl Outbound {
                 service: key.0,
                 port: key.1,
                 only: key.2,
+                connect_timeouts: Mutex::default(),
             };
             let observer: Arc<dyn http::Observer> = match &self.settings.telemetry {
                 Some(t) => t.http_observer(crate::telemetry::Scope::Source(Arc::from(
@@ -765,9 +890,24 @@ impl Outbound {
         }
         let mut service = first.service.clone();
         // TCP routes (issue 21): a destination drawn by weight per connection.
-        let cands = match (&only, self.tcp_route(&first.service, dst.port())) {
-            (None, Some((dest, port))) => {
-                let routed = dest_upstreams(&self.state.get(), &dest, port);
+        let route = match &only {
+            None => self.tcp_route(&first.service, dst.port()),
+            Some(_) => None,
+        };
+        let admitted = match route.as_ref().and_then(|(d, _)| d.limits.as_ref()) {
+            Some(limits) => match limits.admit_connection() {
+                Ok(a) => Some(a),
+                Err(o) => {
+                    tracing::warn!(service = %first.service, limit = o.field(), max = limits.max_connections(), "connection closed: the destination's connection pool overflowed (UO)");
+                    return None;
+                }
+            },
+            None => None,
+        };
+        let cands = match &route {
+            Some((dest, port)) => {
+                let port = *port;
+                let routed = dest_upstreams(&self.state.get(), dest, port);
                 tracing::debug!(service = %dest.service, subset = ?dest.subset, port, "tcp route");
                 if routed.is_empty() {
                     tracing::warn!(service = %dest.service, subset = ?dest.subset, port, "the route's destination has no healthy endpoint; connection closed");
@@ -776,9 +916,11 @@ impl Outbound {
                 service = dest.service.to_string();
                 routed
             }
-            _ => cands,
+            None => cands,
         };
-        let (mut conn, guard) = self.connect(cands).await?;
+        let (mut conn, guard) = self
+            .connect(cands, route.as_ref().map(|(d, _)| &**d))
+            .await?;
         if !prefix.is_empty()
             && let Err(e) = write_prefix(&mut conn, &prefix).await
         {
@@ -794,7 +936,11 @@ impl Outbound {
             Some(upstream.to_string().as_str()),
             mtls,
         );
-        let held = Held::new(Some(guard), metrics, log, &conn, own);
+        let mut held = Held::new(Some(guard), metrics, log, &conn, own);
+        held._pool = admitted;
+        held.idle = route
+            .as_ref()
+            .and_then(|(d, _)| d.limits.as_ref()?.tcp_idle);
         Some(Prepared::Splice(conn, held))
     }
 
@@ -825,26 +971,28 @@ impl Outbound {
 
     /// Picks an endpoint and connects to it (tunnel or plain TCP), trying up to
     /// [`ATTEMPTS`] endpoints; `None` when none could be reached (already logged).
-    async fn connect(&self, cands: Vec<Upstream>) -> Option<(Connected, Outstanding)> {
-        let lb_cands: Vec<Candidate> = cands
-            .iter()
-            .map(|u| Candidate {
-                key: u.key.clone(),
-                zone: u.zone.clone(),
-            })
-            .collect();
+    async fn connect(
+        &self,
+        cands: Vec<Upstream>,
+        dest: Option<&Dest>,
+    ) -> Option<(Connected, Outstanding)> {
+        let (lb_cands, zone) = lb_candidates(
+            &self.state.get(),
+            &cands,
+            dest,
+            &self.routing().1,
+            super::lb::random(),
+        );
+        let timeout = dest.and_then(|d| d.limits.as_ref()?.connect_timeout);
         let mut tried = Vec::new();
         while tried.len() < ATTEMPTS {
-            let Some(i) = self
-                .lb
-                .pick(&lb_cands, self.settings.zone.as_deref(), &tried)
-            else {
+            let Some(i) = self.lb.pick(&lb_cands, zone.as_deref(), &tried) else {
                 break;
             };
             let up = &cands[i];
             tried.push(up.key.clone());
             let guard = self.lb.start(&up.key);
-            match self.connect_one(up).await {
+            match self.connect_one(up, timeout).await {
                 Ok(conn) => return Some((conn, guard)),
                 Err((false, _)) => return None,
                 Err((true, _)) => {}
@@ -856,7 +1004,29 @@ impl Outbound {
 
     /// Connects to one endpoint (tunnel or plain TCP) and tells the balancer how it went.
     /// An error says whether another endpoint may be tried, and why (already logged).
-    async fn connect_one(&self, up: &Upstream) -> Result<Connected, (bool, String)> {
+    async fn connect_one(
+        &self,
+        up: &Upstream,
+        timeout: Option<Duration>,
+    ) -> Result<Connected, (bool, String)> {
+        let Some(t) = timeout else {
+            return self.connect_one_unbounded(up).await;
+        };
+        match tokio::time::timeout(t, self.connect_one_unbounded(up)).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(upstream = %up.addr, timeout = ?t, "connect timed out (the destination's connectionPool.tcp.connectTimeout)");
+                self.lb.failed(&up.key);
+                Err((
+                    true,
+                    format!("connect timed out after {t:?} (connectionPool.tcp.connectTimeout)"),
+                ))
+            }
+        }
+    }
+
+    /// [`Outbound::connect_one`] bounded by the agent's own timeouts only.
+    async fn connect_one_unbounded(&self, up: &Upstream) -> Result<Connected, (bool, String)> {
         match &up.identity {
             Some(identity) => {
                 let peer = SocketAddr::new(up.addr.ip(), self.settings.tunnel_port);
@@ -958,6 +1128,7 @@ mod tests {
             stale: false,
             labels: Default::default(),
             mtls_strict: false,
+            region: None,
         }
     }
 

@@ -25,7 +25,7 @@ use ::http::{StatusCode, request::Parts};
 use causeway_api::push::MeshState;
 use causeway_api::route::resource::{
     Destination, HeaderOperations, Headers, HttpMatchRequest, HttpRetry, HttpRoute,
-    LoadBalancerSettings, OutlierDetection, StringMatch,
+    LoadBalancerSettings, OutlierDetection, StringMatch, TrafficPolicy,
 };
 use causeway_api::route::validate::{parse_duration, service_of_host};
 use causeway_api::route::{DestinationRule, RouteResource, VirtualService};
@@ -308,6 +308,109 @@ fn outlier(o: Option<&OutlierDetection>) -> Option<Arc<super::lb::Outlier>> {
     }))
 }
 
+/// A destination's policy: its rule's `trafficPolicy`, a subset's overriding it field by
+/// field (as Istio merges them).
+#[derive(Debug, Clone, Default)]
+struct Policy {
+    lb: LbKind,
+    outlier: Option<Arc<super::lb::Outlier>>,
+    locality: super::locality::LocalityMode,
+    limits: Option<Arc<super::pool::PoolLimits>>,
+}
+
+impl Policy {
+    fn compile(rule: Option<&TrafficPolicy>, subset: Option<&TrafficPolicy>) -> Policy {
+        let field = |f: fn(&TrafficPolicy) -> bool| subset.filter(|t| f(t)).or(rule);
+        let lb = field(|t| t.load_balancer.is_some()).and_then(|t| t.load_balancer.as_ref());
+        let od =
+            field(|t| t.outlier_detection.is_some()).and_then(|t| t.outlier_detection.as_ref());
+        let cp = field(|t| t.connection_pool.is_some()).and_then(|t| t.connection_pool.as_ref());
+        Policy {
+            lb: LbKind::compile(lb),
+            outlier: outlier(od),
+            locality: super::locality::LocalityMode::compile(
+                lb.and_then(|l| l.locality_lb_setting.as_ref()),
+                od.is_some(),
+            ),
+            limits: super::pool::PoolLimits::compile(cp),
+        }
+    }
+}
+
+/// The fields of `dr` this agent accepts but does not enforce, or ignores as Istio does.
+fn unenforced_fields(dr: &DestinationRule, out: &mut Vec<String>) {
+    let name = format!(
+        "DestinationRule {}/{}",
+        dr.metadata.namespace(),
+        dr.metadata.name
+    );
+    let rule = dr.spec.traffic_policy.as_ref();
+    let policies = std::iter::once(("spec.trafficPolicy".to_owned(), rule)).chain(
+        dr.spec.subsets.iter().enumerate().map(|(i, s)| {
+            (
+                format!("spec.subsets[{i}].trafficPolicy"),
+                s.traffic_policy.as_ref(),
+            )
+        }),
+    );
+    for (path, t) in policies {
+        let Some(t) = t else { continue };
+        let has_outlier =
+            t.outlier_detection.is_some() || rule.is_some_and(|r| r.outlier_detection.is_some());
+        if let Some(l) = t
+            .load_balancer
+            .as_ref()
+            .and_then(|l| l.locality_lb_setting.as_ref())
+            && l.enabled != Some(false)
+            && !has_outlier
+        {
+            out.push(format!(
+                "{name}: {path}.loadBalancer.localityLbSetting is ignored without outlierDetection (as in Istio: the agent cannot tell an unhealthy locality); add {path}.outlierDetection"
+            ));
+        }
+        let Some(cp) = &t.connection_pool else {
+            continue;
+        };
+        let mut fields = Vec::new();
+        if let Some(tcp) = &cp.tcp {
+            for (set, f) in [
+                (tcp.tcp_keepalive.is_some(), "tcp.tcpKeepalive"),
+                (
+                    tcp.max_connection_duration.is_some(),
+                    "tcp.maxConnectionDuration",
+                ),
+            ] {
+                if set {
+                    fields.push(f);
+                }
+            }
+        }
+        if let Some(h) = &cp.http {
+            for (set, f) in [
+                (h.idle_timeout.is_some(), "http.idleTimeout"),
+                (h.max_retries.is_some(), "http.maxRetries"),
+                (
+                    h.max_requests_per_connection.is_some_and(|n| n > 1),
+                    "http.maxRequestsPerConnection above 1",
+                ),
+                (h.h2_upgrade_policy.is_some(), "http.h2UpgradePolicy"),
+                (h.use_client_protocol.is_some(), "http.useClientProtocol"),
+                (
+                    h.max_concurrent_streams.is_some(),
+                    "http.maxConcurrentStreams",
+                ),
+            ] {
+                if set {
+                    fields.push(f);
+                }
+            }
+        }
+        for f in fields {
+            out.push(format!("{name}: {path}.connectionPool.{f} (not enforced)"));
+        }
+    }
+}
+
 /// Where a route sends: a service, a subset of its endpoints, a port.
 #[derive(Debug, Clone)]
 pub struct Dest {
@@ -324,6 +427,10 @@ pub struct Dest {
     pub lb: LbKind,
     /// Outlier detection for its endpoints.
     pub outlier: Option<Arc<super::lb::Outlier>>,
+    /// Locality load balancing among its endpoints.
+    pub locality: super::locality::LocalityMode,
+    /// Its `connectionPool` limits.
+    pub limits: Option<Arc<super::pool::PoolLimits>>,
     /// The round-robin counter (shared by the copies of this destination).
     pub next: Arc<std::sync::atomic::AtomicUsize>,
     /// Request header operations of this destination.
@@ -697,63 +804,26 @@ impl RouteTable {
         services.sort_by_key(|(seq, _)| *seq);
         let mut unenforced = Vec::new();
         for (_, dr) in &rules {
-            let policies = dr.spec.traffic_policy.iter().chain(
-                dr.spec
-                    .subsets
-                    .iter()
-                    .filter_map(|s| s.traffic_policy.as_ref()),
-            );
-            for t in policies {
-                let lb_locality = t
-                    .load_balancer
-                    .as_ref()
-                    .is_some_and(|l| l.locality_lb_setting.is_some());
-                for (set, field) in [
-                    (t.connection_pool.is_some(), "connectionPool"),
-                    (lb_locality, "loadBalancer.localityLbSetting"),
-                ] {
-                    if set {
-                        unenforced.push(format!(
-                            "DestinationRule {}/{}: trafficPolicy.{field}",
-                            dr.metadata.namespace(),
-                            dr.metadata.name
-                        ));
-                    }
-                }
-            }
+            unenforced_fields(dr, &mut unenforced);
         }
         // service → subset → labels and load balancing; the oldest rule defining a
         // subset wins; service → the rule's own load balancing (the oldest rule's).
-        type Policy = (LbKind, Option<Arc<super::lb::Outlier>>);
         type Subsets = HashMap<String, (BTreeMap<String, String>, Policy)>;
         let mut subsets: HashMap<String, Subsets> = HashMap::new();
         let mut service_lb: HashMap<String, Policy> = HashMap::new();
         for (_, dr) in &rules {
             let (ns, name) = service_of_host(&dr.spec.host, dr.metadata.namespace());
             let key = format!("{ns}/{name}");
-            let rule_lb = dr
-                .spec
-                .traffic_policy
-                .as_ref()
-                .and_then(|t| t.load_balancer.as_ref());
-            let rule_outlier = dr
-                .spec
-                .traffic_policy
-                .as_ref()
-                .and_then(|t| t.outlier_detection.as_ref());
+            let rule = dr.spec.traffic_policy.as_ref();
             service_lb
                 .entry(key.clone())
-                .or_insert_with(|| (LbKind::compile(rule_lb), outlier(rule_outlier)));
+                .or_insert_with(|| Policy::compile(rule, None));
             let entry = subsets.entry(key).or_default();
             for s in &dr.spec.subsets {
                 let own = s.traffic_policy.as_ref();
-                let lb = own.and_then(|t| t.load_balancer.as_ref()).or(rule_lb);
-                let od = own
-                    .and_then(|t| t.outlier_detection.as_ref())
-                    .or(rule_outlier);
                 entry
                     .entry(s.name.clone())
-                    .or_insert_with(|| (s.labels.clone(), (LbKind::compile(lb), outlier(od))));
+                    .or_insert_with(|| (s.labels.clone(), Policy::compile(rule, own)));
             }
         }
         let mut table: HashMap<String, ServiceRoutes> = HashMap::new();
@@ -762,7 +832,7 @@ impl RouteTable {
             let dest = |d: &Destination, weight: Option<i64>, headers: Option<&Headers>| {
                 let (sns, sname) = service_of_host(&d.host, ns);
                 let service = format!("{sns}/{sname}");
-                let (labels, (lb, outlier)) = d
+                let (labels, policy) = d
                     .subset
                     .as_ref()
                     .and_then(|s| subsets.get(&service).and_then(|m| m.get(s)))
@@ -780,8 +850,10 @@ impl RouteTable {
                     labels,
                     port: d.port.as_ref().and_then(|p| u16::try_from(p.number).ok()),
                     weight: u32::try_from(weight.unwrap_or(0)).unwrap_or(0),
-                    lb,
-                    outlier,
+                    lb: policy.lb,
+                    outlier: policy.outlier,
+                    locality: policy.locality,
+                    limits: policy.limits,
                     next: Arc::default(),
                     request_headers,
                     response_headers,
@@ -844,6 +916,58 @@ impl RouteTable {
                     total_weight: t.total_weight,
                 }));
             }
+        }
+        // A service with a DestinationRule and no VirtualService: every request and
+        // connection goes to the service under the rule's policy (Istio applies a rule
+        // without a VirtualService), with one try: traffic without a VirtualService keeps
+        // its retry behaviour (ARCHITECTURE.md).
+        for (_, dr) in &rules {
+            let (ns, name) = service_of_host(&dr.spec.host, dr.metadata.namespace());
+            let service = format!("{ns}/{name}");
+            if table.contains_key(&service) {
+                continue;
+            }
+            let policy = service_lb.get(&service).cloned().unwrap_or_default();
+            let dest = Arc::new(Dest {
+                service: service.clone(),
+                subset: None,
+                labels: BTreeMap::new(),
+                port: None,
+                weight: 100,
+                lb: policy.lb,
+                outlier: policy.outlier,
+                locality: policy.locality,
+                limits: policy.limits,
+                next: Arc::default(),
+                request_headers: HeaderOps::default(),
+                response_headers: HeaderOps::default(),
+            });
+            let routes = table.entry(service).or_default();
+            routes.http.push(Arc::new(HttpRouteC {
+                name: format!(
+                    "DestinationRule {}/{} (no VirtualService)",
+                    dr.metadata.namespace(),
+                    dr.metadata.name
+                ),
+                matches: Vec::new(),
+                dests: vec![dest.clone()],
+                total_weight: 100,
+                timeout: None,
+                retry: Retry::default(),
+                delay: None,
+                abort: None,
+                mirror: None,
+                request_headers: HeaderOps::default(),
+                response_headers: HeaderOps::default(),
+                rewrite_uri: None,
+                rewrite_authority: None,
+            }));
+            routes.tcp.push(TcpRouteC {
+                ports: Vec::new(),
+                any: true,
+                dests: vec![dest],
+                total_weight: 100,
+            });
         }
         RouteTable {
             services: table.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
@@ -959,5 +1083,7 @@ fn compile_http(
     })
 }
 
+#[cfg(test)]
+mod policy_tests;
 #[cfg(test)]
 mod tests;

@@ -86,6 +86,7 @@ fn serving(port: u16, deny: &[&str]) -> SharedState {
                         stale: false,
                         labels: Default::default(),
                         mtls_strict: false,
+                        region: None,
                     },
                 )]
                 .into(),

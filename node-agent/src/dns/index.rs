@@ -293,6 +293,7 @@ pub(crate) mod tests {
                     stale: false,
                     labels: Default::default(),
                     mtls_strict: false,
+                    region: None,
                 },
             )]
             .into(),

@@ -781,6 +781,7 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             mtls_strict: false,
+            region: None,
         }
     }
 

@@ -230,6 +230,8 @@ struct Failure {
     flags: ResponseFlags,
     text: String,
     host: Option<String>,
+    /// The `connectionPool` limit that refused the request (`x-causeway-overflow`).
+    overflow: Option<&'static str>,
 }
 
 impl Failure {
@@ -239,6 +241,21 @@ impl Failure {
             flags: ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
             text: "upstream request timeout".into(),
             host: None,
+            overflow: None,
+        }
+    }
+
+    /// Envoy's circuit-breaker answer (503 `UO`), naming the limit.
+    fn overflow(o: crate::dataplane::pool::Overflow) -> Failure {
+        Failure {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            flags: ResponseFlags::UPSTREAM_OVERFLOW,
+            text: format!(
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow ({} of the destination's DestinationRule)",
+                o.field()
+            ),
+            host: None,
+            overflow: Some(o.field()),
         }
     }
 }
@@ -570,7 +587,14 @@ impl<U: Upstream> Proxy<U> {
             Err(f) => {
                 pending.record.upstream_host = f.host;
                 tracing::debug!(flags = %f.flags, text = %f.text, "upstream request failed");
-                return local_reply(pending, f.status, f.flags, &f.text);
+                let mut resp = local_reply(pending, f.status, f.flags, &f.text);
+                if let Some(limit) = f.overflow {
+                    resp.headers_mut().insert(
+                        HeaderName::from_static("x-causeway-overflow"),
+                        HeaderValue::from_static(limit),
+                    );
+                }
+                return resp;
             }
         };
         if let Some(plan) = &plan {
@@ -616,7 +640,7 @@ impl<U: Upstream> Proxy<U> {
     async fn forward(
         &self,
         plan: Option<&Plan>,
-        parts: ::http::request::Parts,
+        mut parts: ::http::request::Parts,
         body: Incoming,
         h2: bool,
         request_bytes: Arc<AtomicU64>,
@@ -628,7 +652,21 @@ impl<U: Upstream> Proxy<U> {
             .and_then(|p| p.route.timeout)
             .unwrap_or(inner.settings.request_timeout);
         let retry = plan.map(|p| &p.route.retry);
+        let limits = plan.and_then(|p| p.dest.limits.as_deref());
+        if limits.is_some_and(|l| l.no_keepalive) && !h2 {
+            // `maxRequestsPerConnection: 1`: the upstream connection closes after it.
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let run = async {
+            // The destination's connectionPool limits (Envoy's circuit breakers): a
+            // request over them is answered 503 `UO` at once; one waiting for a
+            // connection (a pending request) waits within the route's timeout.
+            let _admitted = match limits {
+                Some(l) => Some(l.admit_request(h2).await.map_err(Failure::overflow)?),
+                None => None,
+            };
             // Retrying needs the body again: a small body of known length is buffered.
             let small = body.is_end_stream()
                 || body
@@ -651,6 +689,7 @@ impl<U: Upstream> Proxy<U> {
                             flags: ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION,
                             text: format!("downstream request body failed: {e}"),
                             host: None,
+                            overflow: None,
                         });
                     }
                 };
@@ -691,6 +730,7 @@ impl<U: Upstream> Proxy<U> {
                             flags,
                             text,
                             host,
+                            overflow: None,
                         });
                     }
                 };
@@ -761,6 +801,7 @@ impl<U: Upstream> Proxy<U> {
                                 flags: if again { exhausted(flags) } else { flags },
                                 text,
                                 host,
+                                overflow: None,
                             });
                         }
                     }

@@ -60,8 +60,11 @@ impl ResponseFlags {
     pub const FAULT_INJECTED: Self = Self(1 << 8);
     /// `DI`: the request was delayed by a route's fault injection.
     pub const DELAY_INJECTED: Self = Self(1 << 9);
+    /// `UO`: the destination's connection pool overflowed (a DestinationRule's
+    /// `connectionPool` limit; answered 503).
+    pub const UPSTREAM_OVERFLOW: Self = Self(1 << 10);
 
-    const NAMES: [(Self, &'static str); 10] = [
+    const NAMES: [(Self, &'static str); 11] = [
         (Self::NO_HEALTHY_UPSTREAM, "UH"),
         (Self::UPSTREAM_CONNECTION_FAILURE, "UF"),
         (Self::UPSTREAM_REQUEST_TIMEOUT, "UT"),
@@ -72,6 +75,7 @@ impl ResponseFlags {
         (Self::RBAC_ACCESS_DENIED, "RBAC"),
         (Self::FAULT_INJECTED, "FI"),
         (Self::DELAY_INJECTED, "DI"),
+        (Self::UPSTREAM_OVERFLOW, "UO"),
     ];
 
     /// Whether every flag of `other` is set.
