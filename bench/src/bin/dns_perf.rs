@@ -218,8 +218,9 @@ struct Run {
     /// The server's CPU time (user + system, all its threads) per answered query in the
     /// throughput run, µs.
     cpu_us_per_q: f64,
-    /// How busy CPU 1 (dnsperf's) was during the throughput run, 0–1: near 1, dnsperf
-    /// itself limits the q/s, not the server.
+    /// How busy CPU 1 (dnsperf's) was during the throughput run, 0–1, counting all its
+    /// work (other programs too, on a busy machine): on a quiet machine, near 1 means
+    /// dnsperf itself limits the q/s, not the server.
     client_busy: f64,
 }
 
