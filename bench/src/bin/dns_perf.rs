@@ -18,6 +18,11 @@
 //!   latency runs' rate (every query a miss: cache look-up, forward, store), reported
 //!   (p50/p99/max; a q/s of a run that ends waiting for its few lost queries says little).
 //!
+//! Each throughput run also reports the server's CPU time (user + system, all its
+//! threads, from /proc) per answered query, and how busy CPU 1 (dnsperf's) was: at ~100 %
+//! dnsperf limits the q/s, and the CPU per query says more about the server than its q/s
+//! (the `agent/…` rows give the CPU ratio in the last column; below 1: the agent needs less).
+//!
 //! The verdict covers every row: mesh ≥ 1.5× dnsmasq q/s, forwarded and forwarded-cached
 //! ≥ 1.0× q/s with p99 ≤ dnsmasq's.
 //!
@@ -211,6 +216,37 @@ struct Run {
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// The server's CPU time (user + system, all its threads) per answered query in the
+    /// throughput run, µs.
+    cpu_us_per_q: f64,
+    /// How busy CPU 1 (dnsperf's) was during the throughput run, 0–1, counting all its
+    /// work (other programs too, on a busy machine): on a quiet machine, near 1 means
+    /// dnsperf itself limits the q/s, not the server.
+    client_busy: f64,
+}
+
+/// CPU time (user + system, seconds) process `pid` has used so far (`/proc/PID/stat`,
+/// in USER_HZ ticks: 100 per second on Linux).
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = s.rsplit_once(") ")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// (busy, total) ticks of CPU `n` so far (`/proc/stat`; idle and iowait are not busy).
+fn cpu_ticks(n: usize) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = s.lines().find(|l| l.starts_with(&format!("cpu{n} ")))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4)?;
+    Some((total - idle, total))
 }
 
 fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
@@ -219,19 +255,32 @@ fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-fn dnsperf(port: u16, data: &Path, seconds: u64, rate: u64) -> anyhow::Result<Run> {
+fn dnsperf(port: u16, pid: u32, data: &Path, seconds: u64, rate: u64) -> anyhow::Result<Run> {
     let port_s = port.to_string();
     let secs = seconds.to_string();
+    let (cpu0, client0) = (cpu_secs(pid), cpu_ticks(1));
     let out = Command::new("taskset")
         .args(["-c", "1", "dnsperf", "-s", "127.0.0.1", "-p", &port_s, "-d"])
         .arg(data)
         .args(["-l", &secs, "-c", "4", "-q", "200", "-t", "2"])
         .output()
         .context("run dnsperf (install: scripts/install-deps-dns.sh)")?;
+    let (cpu1, client1) = (cpu_secs(pid), cpu_ticks(1));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let qps: f64 = field(&text, "Queries per second:")
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("dnsperf output without qps:\n{text}"))?;
+    let completed: f64 = field(&text, "Queries completed:")
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN);
+    let cpu_us_per_q = match (cpu0, cpu1) {
+        (Some(a), Some(b)) => (b - a) * 1e6 / completed,
+        _ => f64::NAN,
+    };
+    let client_busy = match (client0, client1) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => (b1 - b0) as f64 / (t1 - t0) as f64,
+        _ => f64::NAN,
+    };
     let lost = field(&text, "Queries lost:").unwrap_or("?").to_owned();
     // Latency at a fixed rate, every query's time reported.
     let out = Command::new("taskset")
@@ -246,6 +295,8 @@ fn dnsperf(port: u16, data: &Path, seconds: u64, rate: u64) -> anyhow::Result<Ru
         p50_ms: pct[0],
         p99_ms: pct[1],
         max_ms: pct[2],
+        cpu_us_per_q,
+        client_busy,
     })
 }
 
@@ -306,8 +357,8 @@ fn dnsperf_once(
     Ok((lost, pct))
 }
 
-/// A row set: names, query file, servers (the agent first) with their ports.
-type NameSet<'a> = (&'a str, &'a Path, Vec<(&'a str, u16)>);
+/// A row set: names, query file, servers (the agent first) with their ports and pids.
+type NameSet<'a> = (&'a str, &'a Path, Vec<(&'a str, u16, u32)>);
 
 /// Starts the agent's DNS server (this program with `--serve`) pinned to CPU 0.
 fn agent(port: u16, upstream: u16, services: usize, cache: bool) -> anyhow::Result<(Killed, u32)> {
@@ -419,6 +470,7 @@ fn main() -> anyhow::Result<()> {
     wait_answers(up_ttl_port, "host0.outside.test")?;
     let (agent_port, cagent_port) = (free_port()?, free_port()?);
     let (base_port, dflt_port, big_port) = (free_port()?, free_port()?, free_port()?);
+    // `taskset` execs the server: the child's pid is the server's.
     let (agent_proc, agent_pid) = agent(agent_port, up_port, services, false)?;
     let (cagent_proc, cagent_pid) = agent(cagent_port, up_ttl_port, services, true)?;
     let baseline = dnsmasq(base_port, &mesh_hosts, Some(up_port), "0", NO_CACHE)?;
@@ -486,51 +538,68 @@ fn main() -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "{:<17} {:<20} {:>10} {:>12} {:>9} {:>9} {:>9}",
-        "names", "server", "q/s", "lost", "p50 ms", "p99 ms", "max ms"
+        "{:<17} {:<20} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "names", "server", "q/s", "lost", "p50 ms", "p99 ms", "max ms", "CPU µs/q", "CPU1 %"
     );
     let mut results = Vec::new();
     let mut verdicts = Vec::new();
+    let (base_pid, dflt_pid, big_pid) = (baseline.0.id(), dflt.0.id(), big.0.id());
     let sets: [NameSet<'_>; 3] = [
         (
             "mesh",
             &mesh_q,
-            vec![("agent", agent_port), ("dnsmasq", base_port)],
+            vec![
+                ("agent", agent_port, agent_pid),
+                ("dnsmasq", base_port, base_pid),
+            ],
         ),
         (
             "forwarded",
             &outside_q,
-            vec![("agent", agent_port), ("dnsmasq", base_port)],
+            vec![
+                ("agent", agent_port, agent_pid),
+                ("dnsmasq", base_port, base_pid),
+            ],
         ),
         (
             "forwarded-cached",
             &outside_q,
             vec![
-                ("agent", cagent_port),
-                ("dnsmasq", dflt_port),
-                ("dnsmasq-c10000", big_port),
+                ("agent", cagent_port, cagent_pid),
+                ("dnsmasq", dflt_port, dflt_pid),
+                ("dnsmasq-c10000", big_port, big_pid),
             ],
         ),
     ];
     for (set, file, servers) in &sets {
         let mut runs = Vec::new();
-        for (server, port) in servers {
-            let r = dnsperf(*port, file, seconds, rate)?;
+        for (server, port, pid) in servers {
+            let r = dnsperf(*port, *pid, file, seconds, rate)?;
             println!(
-                "{set:<17} {server:<20} {:>10.0} {:>12} {:>9.3} {:>9.3} {:>9.3}",
-                r.qps, r.lost, r.p50_ms, r.p99_ms, r.max_ms
+                "{set:<17} {server:<20} {:>10.0} {:>12} {:>9.3} {:>9.3} {:>9.3} {:>9.2} {:>7.0}",
+                r.qps,
+                r.lost,
+                r.p50_ms,
+                r.p99_ms,
+                r.max_ms,
+                r.cpu_us_per_q,
+                r.client_busy * 100.0
             );
             results.push(
                 json!({"names": set, "server": server, "qps": r.qps, "lost": r.lost,
-                "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "max_ms": r.max_ms}),
+                "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "max_ms": r.max_ms,
+                "server_cpu_us_per_query": r.cpu_us_per_q, "client_cpu_busy": r.client_busy}),
             );
             runs.push(r);
         }
-        for (i, (server, _)) in servers.iter().enumerate().skip(1) {
+        for (i, (server, _, _)) in servers.iter().enumerate().skip(1) {
             let (q, p99) = (runs[0].qps / runs[i].qps, runs[0].p99_ms / runs[i].p99_ms);
+            // Server CPU per query, agent against the other (below 1: the agent needs less).
+            let cpu = runs[0].cpu_us_per_q / runs[i].cpu_us_per_q;
             println!(
-                "{set:<17} {:<20} {q:>10.2} {:>12} {:>9} {p99:>9.2}",
+                "{set:<17} {:<20} {q:>10.2} {:>12} {:>9} {p99:>9.2} {:>9} {cpu:>9.2}",
                 format!("agent/{server}"),
+                "",
                 "",
                 "",
             );
