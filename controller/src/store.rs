@@ -346,6 +346,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// Whether several controllers share this store (etcd): the mesh state may change
+    /// under this controller, and agent workloads restored at start may belong to
+    /// agents connected to another controller.
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 /// One source's persisted state.
@@ -464,6 +471,20 @@ pub struct EncodedMeshWrite {
     pub(crate) policies: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// `Kind/namespace/name` → encoded [`RouteRecord`], or `None` to delete.
     pub(crate) routes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// The leadership this write is made under (a registry source's update on a shared
+    /// store): the store refuses it unless the leadership still holds.
+    pub(crate) fence: Option<Fence>,
+}
+
+/// A leader's fencing token: the leadership key and the revision it was created at
+/// (see [`crate::etcd::Leadership`]). A write carrying it commits only while that key
+/// still exists at that revision, so a leader whose lease expired writes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The leadership key.
+    pub key: Vec<u8>,
+    /// Its create revision.
+    pub revision: i64,
 }
 
 impl MeshWrite<'_> {
@@ -498,6 +519,7 @@ impl MeshWrite<'_> {
                 .iter()
                 .map(|(key, rec)| (key.as_bytes().to_vec(), rec.as_ref().map(encode)))
                 .collect(),
+            fence: None,
         }
     }
 }

@@ -1,0 +1,508 @@
+//! Several controllers on one etcd (issue 23; a real etcd member, Debian's `etcd-server`,
+//! which the test-deps script installs): exactly one of them leads and runs the registry
+//! sources; a killed leader is replaced and the registry goes on changing on every
+//! controller; a paused leader is replaced, its registry writes are fenced off and it
+//! steps down when it resumes; a multi-use token is never spent more than its uses by
+//! joins racing on two controllers.
+
+#![allow(clippy::disallowed_methods, reason = "tests may block")]
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use causeway_api::registry::{
+    Endpoint, Provenance, ServiceKey, SourceChange, SourceKind, SourceState,
+};
+use causeway_controller::etcd::{Etcd, EtcdOptions};
+use causeway_controller::mesh::{Mesh, MeshSettings};
+use causeway_controller::store::{Fence, Store};
+use causeway_controller::store_etcd::{EtcdStore, Kek};
+use causeway_registry::SourceUpdate;
+use causeway_tests::*;
+use serde_json::Value;
+
+/// Generous: the waits below end as soon as the condition holds.
+const WAIT: Duration = Duration::from_secs(40);
+/// The lease TTL the controllers run with (the default is 10 s).
+const TTL_SECS: u64 = 3;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One etcd member on loopback, stopped on drop.
+struct Member {
+    child: Child,
+    url: String,
+}
+
+impl Member {
+    fn start(dir: &Path) -> Member {
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(dir.join("etcd.log")).unwrap();
+        let child = Command::new("etcd")
+            .args([
+                "--name",
+                "m1",
+                "--data-dir",
+                dir.join("etcd-data").to_str().unwrap(),
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &format!("m1={peer_url}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start etcd ({e}); install it with: apt-get install etcd-server (scripts/install-test-deps.sh does)")
+            });
+        let health = format!("{url}/health");
+        wait_for("etcd healthy", Duration::from_secs(30), || {
+            let out = Command::new("curl")
+                .args(["-fsS", "-m", "1", &health])
+                .output()
+                .ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .contains("true")
+                .then_some(())
+        });
+        Member { child, url }
+    }
+
+    fn client(&self) -> Etcd {
+        Etcd::new(&EtcdOptions {
+            endpoints: vec![self.url.clone()],
+            ..EtcdOptions::default()
+        })
+        .unwrap()
+    }
+
+    /// How many keys are under `prefix`, read from etcd itself.
+    fn count(&self, prefix: &str) -> usize {
+        let etcd = self.client();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(etcd.get_prefix(prefix.as_bytes(), 0, 0))
+            .unwrap()
+            .kvs
+            .len()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A controller config on `etcd` with a short lease and a file source at `file`.
+fn ha_config(t: &Path, etcd: &Member, file: Option<&Path>) -> String {
+    let kek = t.join("ca-kek");
+    std::fs::write(&kek, "ab".repeat(32)).unwrap();
+    let mut toml = format!(
+        "[store]\nbackend = \"etcd\"\nendpoints = [\"{}\"]\nkek_file = \"{}\"\nlease_ttl = \"{TTL_SECS}s\"\n",
+        etcd.url,
+        kek.display()
+    );
+    if let Some(file) = file {
+        toml.push_str(&format!(
+            "\n[[sources.file]]\nname = \"external\"\npath = {:?}\n",
+            file.to_str().unwrap()
+        ));
+    }
+    toml
+}
+
+/// A registry file with `web` at these addresses.
+fn write_registry(file: &Path, addresses: &[&str]) {
+    let mut text =
+        "[[services]]\nname = \"web\"\nnamespace = \"default\"\nports = { tcp = 8080 }\n"
+            .to_owned();
+    for a in addresses {
+        text.push_str(&format!("[[services.endpoints]]\naddress = \"{a}\"\n"));
+    }
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, file).unwrap();
+}
+
+/// One metric's value from a controller's `/metrics` (`None`: not reachable).
+fn metric(c: &Controller, name: &str) -> Option<f64> {
+    let out = Command::new("curl")
+        .args(["-fsS", "-m", "2", &format!("{}/metrics", c.metrics)])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Which of `cs` report themselves leader (unreachable ones count as not leading).
+fn leaders(cs: &[&Controller]) -> Vec<usize> {
+    cs.iter()
+        .enumerate()
+        .filter(|(_, c)| metric(c, "causeway_controller_leader") == Some(1.0))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The addresses of `web`'s endpoints in a controller's merged registry.
+fn web_addresses(c: &Controller) -> BTreeSet<String> {
+    let list = c.ctl_json(&["registry", "list"]);
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["namespace"] == "default" && s["name"] == "web")
+        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e["address"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn set(addresses: &[&str]) -> BTreeSet<String> {
+    addresses.iter().map(|a| (*a).to_owned()).collect()
+}
+
+fn signal(c: &Controller, sig: &str) {
+    let pid = c.pid().expect("a running controller");
+    let st = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig} {pid}");
+}
+
+/// Waits until exactly one of `cs` leads; returns its index.
+fn one_leader(cs: &[&Controller]) -> usize {
+    wait_for("exactly one leader", WAIT, || {
+        match leaders(cs).as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    })
+}
+
+#[test]
+fn one_controller_leads_and_a_killed_leader_is_replaced() {
+    let t = tempfile::tempdir().unwrap();
+    let etcd = Member::start(t.path());
+    let file = t.path().join("registry.toml");
+    write_registry(&file, &["192.0.2.50"]);
+    let toml = ha_config(t.path(), &etcd, Some(&file));
+    let mut cs: Vec<Controller> = (1..=3)
+        .map(|i| Controller::start_with_config(&t.path().join(format!("c{i}")), &toml))
+        .collect();
+    let fingerprint = cs[0].fingerprint.clone();
+    assert!(cs.iter().all(|c| c.fingerprint == fingerprint), "one CA");
+
+    let refs: Vec<&Controller> = cs.iter().collect();
+    let leader = one_leader(&refs);
+    // The registry reaches every controller, through etcd.
+    for c in &cs {
+        wait_for("web on every controller", WAIT, || {
+            (web_addresses(c) == set(&["192.0.2.50"])).then_some(())
+        });
+    }
+    // Only the leader ran the sources.
+    for (i, c) in cs.iter().enumerate() {
+        assert_eq!(
+            c.log().contains("registry sources running"),
+            i == leader,
+            "controller {i} (leader {leader}) log:\n{}",
+            c.log()
+        );
+    }
+    let versions: Vec<u64> = cs.iter().map(Controller::mesh_version).collect();
+
+    // kill -9 the leader: another takes over within about the lease TTL.
+    cs[leader].kill();
+    let killed = Instant::now();
+    let survivors: Vec<&Controller> = cs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader)
+        .map(|(_, c)| c)
+        .collect();
+    let next = one_leader(&survivors);
+    println!(
+        "new leader after {:?} (lease_ttl {TTL_SECS}s)",
+        killed.elapsed()
+    );
+    assert!(
+        survivors[next].log().contains("registry sources running"),
+        "{}",
+        survivors[next].log()
+    );
+
+    // A registry change after the failover reaches every surviving controller.
+    write_registry(&file, &["192.0.2.50", "192.0.2.51"]);
+    for c in &survivors {
+        wait_for("the change on every surviving controller", WAIT, || {
+            (web_addresses(c) == set(&["192.0.2.50", "192.0.2.51"])).then_some(())
+        });
+    }
+    println!(
+        "registry change on every survivor {:?} after the kill",
+        killed.elapsed()
+    );
+    // One version counter for the set: it only grows, whichever controller answers.
+    let before = versions.iter().max().copied().unwrap();
+    for c in &survivors {
+        assert!(c.mesh_version() > before, "versions never go back");
+    }
+    drop(survivors);
+    for c in &mut cs {
+        c.stop();
+    }
+}
+
+#[test]
+fn a_paused_leader_is_replaced_and_steps_down_when_it_resumes() {
+    let t = tempfile::tempdir().unwrap();
+    let etcd = Member::start(t.path());
+    let file = t.path().join("registry.toml");
+    write_registry(&file, &["192.0.2.60"]);
+    let toml = ha_config(t.path(), &etcd, Some(&file));
+    let cs: Vec<Controller> = (1..=2)
+        .map(|i| Controller::start_with_config(&t.path().join(format!("c{i}")), &toml))
+        .collect();
+    let refs: Vec<&Controller> = cs.iter().collect();
+    let leader = one_leader(&refs);
+    let (old, new) = (&cs[leader], &cs[1 - leader]);
+    for c in &cs {
+        wait_for("web on both", WAIT, || {
+            (web_addresses(c) == set(&["192.0.2.60"])).then_some(())
+        });
+    }
+
+    // Paused past its lease: the other controller takes over and runs the sources.
+    signal(old, "-STOP");
+    let paused = Instant::now();
+    wait_for("the other controller leads", WAIT, || {
+        (metric(new, "causeway_controller_leader") == Some(1.0)).then_some(())
+    });
+    println!("taken over {:?} after the pause", paused.elapsed());
+    write_registry(&file, &["192.0.2.60", "192.0.2.61"]);
+    wait_for("the change on the new leader", WAIT, || {
+        (web_addresses(new) == set(&["192.0.2.60", "192.0.2.61"])).then_some(())
+    });
+
+    // Resumed: it steps down, follows the new leader's registry, and one leader stays.
+    signal(old, "-CONT");
+    wait_for("the old leader steps down", WAIT, || {
+        (metric(old, "causeway_controller_leader") == Some(0.0)).then_some(())
+    });
+    assert!(old.log().contains("no longer leading"), "{}", old.log());
+    wait_for("the old leader follows", WAIT, || {
+        (web_addresses(old) == set(&["192.0.2.60", "192.0.2.61"])).then_some(())
+    });
+    assert_eq!(leaders(&refs), vec![1 - leader], "one leader");
+    println!(
+        "registry writes refused by the fence on the resumed controller: {:?}",
+        metric(old, "causeway_controller_fenced_writes_total")
+    );
+    // The registry stays the new leader's: nothing the old one wrote late got through.
+    write_registry(&file, &["192.0.2.62"]);
+    for c in &cs {
+        wait_for("the next change on both", WAIT, || {
+            (web_addresses(c) == set(&["192.0.2.62"])).then_some(())
+        });
+    }
+}
+
+fn file_update(names: &[&str]) -> SourceUpdate {
+    let mut services = std::collections::BTreeMap::new();
+    for (i, name) in names.iter().enumerate() {
+        let ep = Endpoint::new(
+            format!("192.0.2.{}", i + 1),
+            Provenance {
+                source: "file".into(),
+                kind: SourceKind::File,
+                native_id: (*name).to_owned(),
+                revision: "1".into(),
+            },
+        );
+        services.insert(
+            ServiceKey::new("default", *name),
+            std::collections::BTreeMap::from([((*name).to_owned(), ep)]),
+        );
+    }
+    SourceUpdate {
+        source: "file".into(),
+        kind: SourceKind::File,
+        change: Some(SourceChange::Services(services)),
+        state: SourceState::synced(),
+    }
+}
+
+async fn mesh_on(etcd: &Member) -> (Arc<dyn Store>, Arc<Mesh>) {
+    let store: Arc<dyn Store> = Arc::new(
+        EtcdStore::open(
+            &EtcdOptions {
+                endpoints: vec![etcd.url.clone()],
+                ..EtcdOptions::default()
+            },
+            "/causeway/",
+            Kek::from_bytes("cd".repeat(32).as_bytes(), "test").unwrap(),
+        )
+        .unwrap(),
+    );
+    let mesh = Mesh::open(
+        store.clone(),
+        MeshSettings {
+            vip_range: "240.240.0.0/16".parse().unwrap(),
+            agent_grace: Duration::from_secs(60),
+            history_len: 64,
+            control_on_loopback: true,
+        },
+        Vec::new(),
+        &BTreeSet::from(["file".to_owned()]),
+        std::collections::BTreeMap::new(),
+    )
+    .await
+    .unwrap();
+    (store, mesh)
+}
+
+/// The fence itself, without timing: controller A leads and writes; its lease ends and
+/// B leads and writes; A, with an up-to-date view of the mesh (so only the fence can
+/// stop it), writes under its old leadership: etcd refuses it, the refusal is counted,
+/// and the stored registry is B's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_write_under_a_lost_leadership_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let etcd = Member::start(t.path());
+    let client = etcd.client();
+    let (store_a, mesh_a) = mesh_on(&etcd).await;
+    let (_store_b, mesh_b) = mesh_on(&etcd).await;
+    let key = b"/causeway/leader";
+
+    let (lease_a, _) = client.lease_grant(Duration::from_secs(30)).await.unwrap();
+    let la = client.try_lead(key, b"a", lease_a).await.unwrap().unwrap();
+    let fence_a = Fence {
+        key: la.key.clone(),
+        revision: la.fence,
+    };
+    let v1 = mesh_a
+        .apply_source_update_fenced(file_update(&["web"]), Some(fence_a.clone()))
+        .await
+        .unwrap();
+
+    // A's lease ends (as when it expires during a pause); B leads and writes.
+    client.lease_revoke(lease_a).await.unwrap();
+    let (lease_b, _) = client.lease_grant(Duration::from_secs(30)).await.unwrap();
+    let lb = client.try_lead(key, b"b", lease_b).await.unwrap().unwrap();
+    assert_eq!(
+        mesh_b.resync(false).await.unwrap(),
+        v1,
+        "B follows A's write"
+    );
+    let v2 = mesh_b
+        .apply_source_update_fenced(
+            file_update(&["web", "api"]),
+            Some(Fence {
+                key: lb.key.clone(),
+                revision: lb.fence,
+            }),
+        )
+        .await
+        .unwrap();
+    assert!(v2 > v1);
+
+    // A catches up with the mesh, then writes under its lost leadership.
+    assert_eq!(mesh_a.resync(false).await.unwrap(), v2);
+    let before = causeway_controller::metrics::get().fenced_writes.get();
+    let err = mesh_a
+        .apply_source_update_fenced(file_update(&["web", "api", "db"]), Some(fence_a))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no longer the leader") && err.contains("/causeway/leader"),
+        "{err}"
+    );
+    assert_eq!(
+        causeway_controller::metrics::get().fenced_writes.get(),
+        before + 1
+    );
+    let stored = tokio::task::spawn_blocking(move || store_a.load_mesh())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.version, v2, "the fenced write stored nothing");
+    let services: BTreeSet<String> = stored
+        .data
+        .get("file")
+        .map(|d| d.keys().map(|k| k.to_string()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        services,
+        BTreeSet::from(["default/api".to_owned(), "default/web".to_owned()])
+    );
+    // A's view, changed in memory before the refusal, is reloaded: B's mesh, no db.
+    assert_eq!(mesh_a.resync(false).await.unwrap(), v2);
+    assert!(mesh_a.services().iter().all(|s| s.name != "db"));
+    assert!(mesh_a.services().iter().any(|s| s.name == "api"));
+}
+
+/// A token with `uses: 10`, joins racing on two controllers of the set: exactly 10
+/// succeed, the others are refused with the token's error, and etcd holds 10 agents.
+#[test]
+fn a_multi_use_token_is_never_spent_twice_across_controllers() {
+    let t = tempfile::tempdir().unwrap();
+    let etcd = Member::start(t.path());
+    let toml = ha_config(t.path(), &etcd, None);
+    let c1 = Controller::start_with_config(&t.path().join("c1"), &toml);
+    let c2 = Controller::start_with_config(&t.path().join("c2"), &toml);
+    c1.create_web_group();
+    let token = c1.token("web", &["--uses", "10"]);
+    let mut to_c2 = causeway_api::token::JoinToken::decode(&token).unwrap();
+    to_c2.controller = c2.control.clone();
+    let tokens = [token, to_c2.encode()];
+
+    let joins: Vec<_> = (0..24)
+        .map(|i| {
+            let token = tokens[i % 2].clone();
+            let dir = t.path().join(format!("a{i}"));
+            std::thread::spawn(move || {
+                agent(&[
+                    "join",
+                    &token,
+                    "--state-dir",
+                    dir.to_str().unwrap(),
+                    "--hostname",
+                    &format!("host{i}"),
+                ])
+            })
+        })
+        .collect();
+    let outs: Vec<_> = joins.into_iter().map(|j| j.join().unwrap()).collect();
+    let ok = outs.iter().filter(|o| o.status.success()).count();
+    for o in outs.iter().filter(|o| !o.status.success()) {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("has already been used"), "{}", describe(o));
+    }
+    assert_eq!(ok, 10, "exactly the token's uses");
+    assert_eq!(etcd.count("/causeway/agents/"), 10, "agents in etcd");
+    let listed: Value = c2.ctl_json(&["token", "list"]);
+    assert!(listed.to_string().contains("\"uses_left\":0"), "{listed}");
+}
