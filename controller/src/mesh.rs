@@ -1246,7 +1246,35 @@ impl Mesh {
     /// unless the control endpoint is, and not another agent's endpoint. Returns the
     /// handle and, when the address was refused, why (the workload is then not
     /// registered, and any registration of an earlier session is withdrawn).
+    ///
+    /// On a shared store (HA controllers) a registration that lost a race with another
+    /// controller's write is tried again on the reloaded mesh, twice at most.
     pub async fn session_start(
+        &self,
+        agent: &AgentRecord,
+        group: Option<&WorkloadGroup>,
+        address: Result<IpAddr, String>,
+        remote: IpAddr,
+        cidrs: &[IpNet],
+        acked_version: u64,
+    ) -> Result<(SessionHandle, Option<String>), StoreError> {
+        let mut attempt = 0;
+        loop {
+            let r = self
+                .session_start_once(agent, group, address.clone(), remote, cidrs, acked_version)
+                .await;
+            match r {
+                Err(StoreError::Conflict(e)) if self.store.shared() && attempt < 2 => {
+                    attempt += 1;
+                    tracing::info!(agent = %agent.id, error = %e, "registration raced another controller; reloading the mesh and trying again");
+                    self.resync(true).await?;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn session_start_once(
         &self,
         agent: &AgentRecord,
         group: Option<&WorkloadGroup>,

@@ -133,10 +133,10 @@ fn ha_config(t: &Path, etcd: &Member, file: Option<&Path>) -> String {
     toml
 }
 
-/// A registry file with `web` at these addresses.
+/// A registry file with `ext/payments` at these addresses.
 fn write_registry(file: &Path, addresses: &[&str]) {
     let mut text =
-        "[[services]]\nname = \"web\"\nnamespace = \"default\"\nports = { tcp = 8080 }\n"
+        "[[services]]\nname = \"payments\"\nnamespace = \"ext\"\nports = { tcp = 8080 }\n"
             .to_owned();
     for a in addresses {
         text.push_str(&format!("[[services.endpoints]]\naddress = \"{a}\"\n"));
@@ -166,13 +166,18 @@ fn leaders(cs: &[&Controller]) -> Vec<usize> {
         .collect()
 }
 
-/// The addresses of `web`'s endpoints in a controller's merged registry.
+/// The addresses of `ext/payments`'s endpoints in a controller's merged registry.
 fn web_addresses(c: &Controller) -> BTreeSet<String> {
+    addresses(c, "ext", "payments")
+}
+
+/// The addresses of a service's endpoints in a controller's merged registry.
+fn addresses(c: &Controller, ns: &str, name: &str) -> BTreeSet<String> {
     let list = c.ctl_json(&["registry", "list"]);
     list.as_array()
         .into_iter()
         .flatten()
-        .filter(|s| s["namespace"] == "default" && s["name"] == "web")
+        .filter(|s| s["namespace"] == ns && s["name"] == name)
         .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
         .filter_map(|e| e["address"].as_str().map(str::to_owned))
         .collect()
@@ -505,4 +510,57 @@ fn a_multi_use_token_is_never_spent_twice_across_controllers() {
     assert_eq!(etcd.count("/causeway/agents/"), 10, "agents in etcd");
     let listed: Value = c2.ctl_json(&["token", "list"]);
     assert!(listed.to_string().contains("\"uses_left\":0"), "{listed}");
+}
+
+/// Agents connected to different controllers of the set: each controller registers its
+/// own agent's workload and every controller sees both; a change of the leader's
+/// registry source reaches both agents, at the same (set-wide) config version.
+#[test]
+fn agents_on_every_controller_get_the_registry_changes() {
+    let t = tempfile::tempdir().unwrap();
+    let etcd = Member::start(t.path());
+    let file = t.path().join("registry.toml");
+    write_registry(&file, &["192.0.2.70"]);
+    let toml = ha_config(t.path(), &etcd, Some(&file));
+    let c1 = Controller::start_with_config(&t.path().join("c1"), &toml);
+    let c2 = Controller::start_with_config(&t.path().join("c2"), &toml);
+    c1.create_web_group();
+    let token = c1.token("web", &["--uses", "2"]);
+    let mut to_c2 = causeway_api::token::JoinToken::decode(&token).unwrap();
+    to_c2.controller = c2.control.clone();
+    let (s1, s2) = (t.path().join("a1"), t.path().join("a2"));
+    join_ok(&token, &s1);
+    join_ok(&to_c2.encode(), &s2);
+    let cfg = "[identity]\nretry_min = \"100ms\"\nretry_max = \"1s\"\n";
+    let a1 = AgentProcess::start_with(&s1, cfg, &["--address", "127.0.0.11"]);
+    let a2 = AgentProcess::start_with(&s2, cfg, &["--address", "127.0.0.12"]);
+
+    // Both workloads, each registered by its own controller, on both controllers.
+    for c in [&c1, &c2] {
+        wait_for("both workloads on every controller", WAIT, || {
+            (addresses(c, "default", "web") == set(&["127.0.0.11", "127.0.0.12"])).then_some(())
+        });
+    }
+
+    // A registry change: both agents get it, at one version.
+    write_registry(&file, &["192.0.2.70", "192.0.2.71"]);
+    let v = wait_for(
+        "the change on both controllers at one version",
+        WAIT,
+        || {
+            let (v1, v2) = (c1.mesh_version(), c2.mesh_version());
+            (v1 == v2
+                && web_addresses(&c1) == set(&["192.0.2.70", "192.0.2.71"])
+                && web_addresses(&c2) == set(&["192.0.2.70", "192.0.2.71"]))
+            .then_some(v1)
+        },
+    );
+    for (a, s) in [(&a1, &s1), (&a2, &s2)] {
+        wait_for("the agent at the set's version", WAIT, || {
+            let st = a.status();
+            (st["config_version"].as_u64() == Some(v)).then_some(())
+        });
+        let cached = std::fs::read_to_string(s.join("config.json")).unwrap();
+        assert!(cached.contains("192.0.2.71"), "{}: {cached}", s.display());
+    }
 }
