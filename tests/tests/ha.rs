@@ -564,3 +564,115 @@ fn agents_on_every_controller_get_the_registry_changes() {
         assert!(cached.contains("192.0.2.71"), "{}: {cached}", s.display());
     }
 }
+
+/// An agent that knows both controllers (`controllers = [...]`) moves to the other one
+/// when its controller is killed, resumes its config from its version (which never goes
+/// back), and gets the next registry change there. `causewayctl` with both admin URLs,
+/// the first one dead, answers from the second.
+#[test]
+fn an_agent_fails_over_to_another_controller_and_ctl_uses_the_first_that_answers() {
+    let t = tempfile::tempdir().unwrap();
+    let etcd = Member::start(t.path());
+    let file = t.path().join("registry.toml");
+    write_registry(&file, &["192.0.2.80"]);
+    let toml = ha_config(t.path(), &etcd, Some(&file));
+    let mut c1 = Controller::start_with_config(&t.path().join("c1"), &toml);
+    let c2 = Controller::start_with_config(&t.path().join("c2"), &toml);
+    c1.create_web_group();
+    let s1 = t.path().join("a1");
+    join_ok(&c1.token("web", &[]), &s1);
+    let cfg = format!(
+        "controllers = [\"{}\", \"{}\"]\n[identity]\nretry_min = \"100ms\"\nretry_max = \"1s\"\n",
+        c1.control, c2.control
+    );
+    let a1 = AgentProcess::start_with(&s1, &cfg, &["--address", "127.0.0.21"]);
+    let mut seen = 0;
+    let mut version = |a: &AgentProcess| {
+        let st = a.status();
+        let v = st["config_version"].as_u64().unwrap_or(0);
+        assert!(
+            v >= seen,
+            "config version went back from {seen} to {v}: {st}"
+        );
+        seen = v;
+        st
+    };
+    wait_for("connected to the first controller", WAIT, || {
+        let st = version(&a1);
+        (st["controller_connected"] == true && st["controller"] == c1.control.as_str())
+            .then_some(())
+    });
+    wait_for("the agent has the registry", WAIT, || {
+        let v = c2.mesh_version();
+        (version(&a1)["config_version"].as_u64() == Some(v)).then_some(())
+    });
+
+    let c1_admin = c1.admin.clone();
+    c1.kill();
+    let killed = Instant::now();
+    wait_for("connected to the second controller", WAIT, || {
+        let st = version(&a1);
+        (st["controller_connected"] == true && st["controller"] == c2.control.as_str())
+            .then_some(())
+    });
+    println!(
+        "agent on the second controller {:?} after the kill",
+        killed.elapsed()
+    );
+    write_registry(&file, &["192.0.2.80", "192.0.2.81"]);
+    wait_for(
+        "the change reaches the agent on the second controller",
+        WAIT,
+        || {
+            let v = c2.mesh_version();
+            (web_addresses(&c2).contains("192.0.2.81")
+                && version(&a1)["config_version"].as_u64() == Some(v))
+            .then_some(())
+        },
+    );
+    let cached = std::fs::read_to_string(s1.join("config.json")).unwrap();
+    assert!(cached.contains("192.0.2.81"), "{cached}");
+
+    // causewayctl: the dead controller first, then the live one; one credential for
+    // both (the operator copied admin.token; here the live one's is used).
+    let out = Command::new(bin("causewayctl"))
+        .args([
+            "--controller",
+            &c1_admin,
+            "--controller",
+            &c2.admin,
+            "--admin-token-file",
+            c2.data_dir.join("admin.token").to_str().unwrap(),
+            "agent",
+            "list",
+            "--output",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let id = agent_id(&s1);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&id),
+        "{}",
+        describe(&out)
+    );
+    // With only the dead one, the error names it.
+    let out = Command::new(bin("causewayctl"))
+        .args([
+            "--controller",
+            &c1_admin,
+            "--admin-token-file",
+            c2.data_dir.join("admin.token").to_str().unwrap(),
+            "agent",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&c1_admin),
+        "{}",
+        describe(&out)
+    );
+}
