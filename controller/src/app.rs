@@ -386,6 +386,15 @@ async fn leader_duties(
     mesh: Arc<Mesh>,
     mut role: tokio::sync::watch::Receiver<crate::ha::Role>,
 ) {
+    /// Aborts the term's tasks when dropped, also when this task is aborted (shutdown).
+    struct Term(Vec<tokio::task::JoinHandle<()>>);
+    impl Drop for Term {
+        fn drop(&mut self) {
+            for t in &self.0 {
+                t.abort();
+            }
+        }
+    }
     loop {
         let current = role.borrow_and_update().clone();
         let mut running = Vec::new();
@@ -409,13 +418,12 @@ async fn leader_duties(
             }));
             tracing::info!(sources = running.len() - 1, "registry sources running");
         }
+        let term = Term(running);
         let changed = role.changed().await;
-        if !running.is_empty() {
+        if !term.0.is_empty() {
             tracing::info!("registry sources stopped");
         }
-        for t in &running {
-            t.abort();
-        }
+        drop(term);
         if changed.is_err() {
             return;
         }

@@ -54,6 +54,8 @@ impl Role {
 pub struct Ha {
     /// This controller's role, as it changes.
     pub role: watch::Receiver<Role>,
+    /// On sled: the sender of the role that never changes, kept so it stays open.
+    _fixed: Option<watch::Sender<Role>>,
     etcd: Option<Arc<Etcd>>,
     /// The lease of the current term (0: not leading).
     lease: Arc<AtomicI64>,
@@ -76,10 +78,10 @@ pub fn start(cfg: &StoreConfig, mesh: Arc<Mesh>, identity: String) -> anyhow::Re
     if cfg.backend != StoreBackend::Etcd {
         crate::metrics::get().leader.set(1);
         let (tx, role) = watch::channel(Role::Leader(None));
-        // Kept open: the role never changes.
-        std::mem::forget(tx);
         return Ok(Ha {
             role,
+            // Kept open: the role never changes.
+            _fixed: Some(tx),
             etcd: None,
             lease: Arc::new(AtomicI64::new(0)),
             tasks: Vec::new(),
@@ -109,6 +111,7 @@ pub fn start(cfg: &StoreConfig, mesh: Arc<Mesh>, identity: String) -> anyhow::Re
     ));
     Ok(Ha {
         role,
+        _fixed: None,
         etcd: Some(etcd),
         lease,
         tasks: vec![elect, follow],

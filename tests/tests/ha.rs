@@ -274,10 +274,29 @@ fn one_controller_leads_and_a_killed_leader_is_replaced() {
     for c in &survivors {
         assert!(c.mesh_version() > before, "versions never go back");
     }
+    // A leader stopped with SIGTERM gives the leadership up (revokes its lease) and the
+    // last controller takes over.
+    let next_index = cs
+        .iter()
+        .position(|c| std::ptr::eq(c, survivors[next]))
+        .unwrap();
+    let last = survivors[1 - next].data_dir.clone();
     drop(survivors);
-    for c in &mut cs {
-        c.stop();
-    }
+    cs[next_index].stop();
+    assert!(
+        cs[next_index].log().contains("leadership given up"),
+        "{}",
+        cs[next_index].log()
+    );
+    let last = cs.iter().find(|c| c.data_dir == last).unwrap();
+    let stopped = Instant::now();
+    wait_for("the last controller leads", WAIT, || {
+        (metric(last, "causeway_controller_leader") == Some(1.0)).then_some(())
+    });
+    println!(
+        "last controller leads {:?} after the SIGTERM",
+        stopped.elapsed()
+    );
 }
 
 #[test]
