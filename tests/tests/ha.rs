@@ -46,44 +46,64 @@ struct Member {
 
 impl Member {
     fn start(dir: &Path) -> Member {
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.join("etcd.log")).unwrap();
-        let child = Command::new("etcd")
-            .args([
-                "--name",
-                "m1",
-                "--data-dir",
-                dir.join("etcd-data").to_str().unwrap(),
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-                "--initial-cluster",
-                &format!("m1={peer_url}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start etcd ({e}); install it with: apt-get install etcd-server (scripts/install-test-deps.sh does)")
+        Member::cluster(dir, 1).pop().unwrap()
+    }
+
+    /// `n` members forming one cluster (each in its own data dir under `dir`).
+    fn cluster(dir: &Path, n: usize) -> Vec<Member> {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let members: Vec<Member> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, peer))| {
+                let url = format!("http://127.0.0.1:{client}");
+                let peer_url = format!("http://127.0.0.1:{peer}");
+                let log = std::fs::File::create(dir.join(format!("etcd{i}.log"))).unwrap();
+                let child = Command::new("etcd")
+                    .args([
+                        "--name",
+                        &format!("m{i}"),
+                        "--data-dir",
+                        dir.join(format!("etcd-data{i}")).to_str().unwrap(),
+                        "--listen-client-urls",
+                        &url,
+                        "--advertise-client-urls",
+                        &url,
+                        "--listen-peer-urls",
+                        &peer_url,
+                        "--initial-advertise-peer-urls",
+                        &peer_url,
+                        "--initial-cluster",
+                        &initial,
+                    ])
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .unwrap_or_else(|e| {
+                        panic!("cannot start etcd ({e}); install it with: apt-get install etcd-server (scripts/install-test-deps.sh does)")
+                    });
+                Member { child, url }
+            })
+            .collect();
+        for m in &members {
+            let health = format!("{}/health", m.url);
+            wait_for("etcd healthy", Duration::from_secs(30), || {
+                let out = Command::new("curl")
+                    .args(["-fsS", "-m", "1", &health])
+                    .output()
+                    .ok()?;
+                String::from_utf8_lossy(&out.stdout)
+                    .contains("true")
+                    .then_some(())
             });
-        let health = format!("{url}/health");
-        wait_for("etcd healthy", Duration::from_secs(30), || {
-            let out = Command::new("curl")
-                .args(["-fsS", "-m", "1", &health])
-                .output()
-                .ok()?;
-            String::from_utf8_lossy(&out.stdout)
-                .contains("true")
-                .then_some(())
-        });
-        Member { child, url }
+        }
+        members
     }
 
     fn client(&self) -> Etcd {
@@ -117,11 +137,20 @@ impl Drop for Member {
 
 /// A controller config on `etcd` with a short lease and a file source at `file`.
 fn ha_config(t: &Path, etcd: &Member, file: Option<&Path>) -> String {
+    ha_config_on(t, std::slice::from_ref(etcd), file)
+}
+
+/// [`ha_config`] with every member of a cluster as an endpoint.
+fn ha_config_on(t: &Path, etcd: &[Member], file: Option<&Path>) -> String {
     let kek = t.join("ca-kek");
     std::fs::write(&kek, "ab".repeat(32)).unwrap();
+    let endpoints = etcd
+        .iter()
+        .map(|m| format!("\"{}\"", m.url))
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut toml = format!(
-        "[store]\nbackend = \"etcd\"\nendpoints = [\"{}\"]\nkek_file = \"{}\"\nlease_ttl = \"{TTL_SECS}s\"\n",
-        etcd.url,
+        "[store]\nbackend = \"etcd\"\nendpoints = [{endpoints}]\nkek_file = \"{}\"\nlease_ttl = \"{TTL_SECS}s\"\n",
         kek.display()
     );
     if let Some(file) = file {
@@ -694,4 +723,59 @@ fn an_agent_fails_over_to_another_controller_and_ctl_uses_the_first_that_answers
         "{}",
         describe(&out)
     );
+}
+
+/// Three etcd members: with the first one (every controller's first endpoint) killed,
+/// the set keeps one leader, joins are served by both controllers and a registry change
+/// still reaches both. Each controller reports its etcd request latencies, and counts the
+/// requests that failed against the dead member.
+#[test]
+fn with_one_of_three_etcd_members_killed_the_controllers_keep_serving() {
+    let t = tempfile::tempdir().unwrap();
+    let mut members = Member::cluster(t.path(), 3);
+    let file = t.path().join("registry.toml");
+    write_registry(&file, &["192.0.2.90"]);
+    let toml = ha_config_on(t.path(), &members, Some(&file));
+    let c1 = Controller::start_with_config(&t.path().join("c1"), &toml);
+    let c2 = Controller::start_with_config(&t.path().join("c2"), &toml);
+    one_leader(&[&c1, &c2]);
+    c1.create_web_group();
+    join_ok(&c1.token("web", &[]), &t.path().join("a0"));
+
+    let mut first = members.remove(0);
+    let _ = first.child.kill();
+    let _ = first.child.wait();
+    // Joins on both controllers, a registry change on both, one leader.
+    for (i, c) in [&c1, &c2].into_iter().enumerate() {
+        let token = c1.token("web", &[]);
+        let mut to_c = causeway_api::token::JoinToken::decode(&token).unwrap();
+        to_c.controller = c.control.clone();
+        join_ok(&to_c.encode(), &t.path().join(format!("a{}", i + 1)));
+    }
+    write_registry(&file, &["192.0.2.90", "192.0.2.91"]);
+    for c in [&c1, &c2] {
+        wait_for("the change on both controllers", WAIT, || {
+            (web_addresses(c) == set(&["192.0.2.90", "192.0.2.91"])).then_some(())
+        });
+    }
+    one_leader(&[&c1, &c2]);
+    assert_eq!(members[0].count("/causeway/agents/"), 3);
+    for c in [&c1, &c2] {
+        let requests = metric(c, "causeway_controller_store_request_seconds_count");
+        assert!(requests.is_some_and(|n| n > 0.0), "{requests:?}");
+        let errors = metric(c, "causeway_controller_etcd_errors_total");
+        println!(
+            "{}: etcd requests {requests:?}, failed {errors:?}",
+            c.data_dir.display()
+        );
+    }
+}
+
+/// On sled (the default) the one controller always leads.
+#[test]
+fn a_sled_controller_always_leads() {
+    let t = tempfile::tempdir().unwrap();
+    let c = Controller::start_with_config(&t.path().join("c"), "");
+    assert_eq!(metric(&c, "causeway_controller_leader"), Some(1.0));
+    assert!(!c.log().contains("registry sources running"), "{}", c.log());
 }
