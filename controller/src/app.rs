@@ -224,9 +224,12 @@ pub async fn start_with(cfg: Config, hooks: Hooks) -> anyhow::Result<Handle> {
         services = mesh.services().len(),
         "mesh restored from the store"
     );
-    mesh.declare_sources(declared);
     let mut tasks = Vec::new();
+    // On etcd the sources are declared (listed as pending until they answer) by the
+    // leader when its term starts; a follower shows their states as stored.
+    let mut declared = Some(declared);
     if cfg.store.backend == crate::config::StoreBackend::Sled {
+        mesh.declare_sources(declared.take().unwrap_or_default());
         // One controller: it runs the sources for as long as it runs.
         let (src_tx, mut src_rx) = tokio::sync::mpsc::channel(64);
         tasks.extend(spawn_sources(&cfg, src_tx)?);
@@ -341,6 +344,7 @@ pub async fn start_with(cfg: Config, hooks: Hooks) -> anyhow::Result<Handle> {
             cfg.clone(),
             mesh.clone(),
             ha.role.clone(),
+            declared.take().unwrap_or_default(),
         )));
     }
 
@@ -385,6 +389,7 @@ async fn leader_duties(
     cfg: Config,
     mesh: Arc<Mesh>,
     mut role: tokio::sync::watch::Receiver<crate::ha::Role>,
+    declared: Vec<(String, SourceKind)>,
 ) {
     /// Aborts the term's tasks when dropped, also when this task is aborted (shutdown).
     struct Term(Vec<tokio::task::JoinHandle<()>>);
@@ -402,6 +407,7 @@ async fn leader_duties(
             if let Err(e) = mesh.resync(false).await {
                 tracing::warn!(error = %e, "cannot reload the mesh before running the sources");
             }
+            mesh.declare_sources(declared.clone());
             let (tx, mut rx) = tokio::sync::mpsc::channel(64);
             match spawn_sources(&cfg, tx) {
                 Ok(t) => running = t,

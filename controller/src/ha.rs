@@ -265,13 +265,26 @@ async fn follow(etcd: Arc<Etcd>, vkey: Vec<u8>, mesh: Arc<Mesh>) {
             tokio::select! {
                 batch = watch.next() => match batch {
                     Ok(Some(batch)) => {
-                        // Our own writes come back too: reload only for a newer version.
+                        // Our own writes come back too: those (and anything older than what this
+                        // controller read or wrote last) are skipped. Another
+                        // controller's write at the same version changed a source's
+                        // state only (no new version): reloaded all the same.
                         let newest = batch.events.iter().rev().find_map(|e| match e {
-                            Event::Put(kv) => serde_json::from_slice::<u64>(&kv.value).ok(),
+                            Event::Put(kv) => serde_json::from_slice::<u64>(&kv.value)
+                                .ok()
+                                .map(|v| (v, kv.mod_revision)),
                             Event::Delete(_) => None,
                         });
-                        if newest.is_none_or(|v| v > mesh.version()) {
-                            resync(false).await;
+                        let ours = mesh.store_revision();
+                        match newest {
+                            Some((_, rev)) if ours.is_some_and(|o| rev <= o) => {}
+                            Some((v, _)) if v < mesh.version() => {}
+                            Some((v, _)) if v == mesh.version() => {
+                                resync(true).await;
+                            }
+                            _ => {
+                                resync(false).await;
+                            }
                         }
                     }
                     Ok(None) => break,

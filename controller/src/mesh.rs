@@ -753,6 +753,12 @@ impl Mesh {
         self.finish(pending).await
     }
 
+    /// The store revision of the mesh version this controller last read or wrote (on a
+    /// shared store; see [`Store::mesh_revision`]).
+    pub fn store_revision(&self) -> Option<i64> {
+        self.store.mesh_revision()
+    }
+
     /// Waits until a write to a shared store failed (the view may be stale).
     pub async fn stale_notified(&self) {
         self.stale.notified().await;

@@ -353,6 +353,12 @@ pub trait Store: Send + Sync + 'static {
     fn shared(&self) -> bool {
         false
     }
+
+    /// On a shared store: the store revision of the mesh version as this controller last
+    /// read or wrote it (so a watch can tell its own writes from others').
+    fn mesh_revision(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// One source's persisted state.

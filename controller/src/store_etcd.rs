@@ -1041,6 +1041,10 @@ impl Store for EtcdStore {
         true
     }
 
+    fn mesh_revision(&self) -> Option<i64> {
+        *self.mesh_rev.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         // A transaction etcd acknowledged is on a quorum's disks already.
         Ok(())

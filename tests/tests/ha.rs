@@ -779,3 +779,39 @@ fn a_sled_controller_always_leads() {
     assert_eq!(metric(&c, "causeway_controller_leader"), Some(1.0));
     assert!(!c.log().contains("registry sources running"), "{}", c.log());
 }
+
+/// A source's state change that makes no new version (the file source's file is gone:
+/// stale, its endpoints kept) reaches the follower too.
+#[test]
+fn a_source_turning_stale_shows_on_every_controller() {
+    let t = tempfile::tempdir().unwrap();
+    let etcd = Member::start(t.path());
+    let file = t.path().join("registry.toml");
+    write_registry(&file, &["192.0.2.100"]);
+    let toml = ha_config(t.path(), &etcd, Some(&file));
+    let c1 = Controller::start_with_config(&t.path().join("c1"), &toml);
+    let c2 = Controller::start_with_config(&t.path().join("c2"), &toml);
+    one_leader(&[&c1, &c2]);
+    let state = |c: &Controller| {
+        c.api("/v1/registry/sources")
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["name"] == "external")
+            .map(|s| s["state"].as_str().unwrap_or_default().to_owned())
+    };
+    for c in [&c1, &c2] {
+        wait_for("synced on both", WAIT, || {
+            (state(c).as_deref() == Some("synced") && web_addresses(c).len() == 1).then_some(())
+        });
+    }
+    let version = c1.mesh_version();
+    std::fs::remove_file(&file).unwrap();
+    for c in [&c1, &c2] {
+        wait_for("stale on both", WAIT, || {
+            (state(c).as_deref() == Some("stale")).then_some(())
+        });
+        assert_eq!(web_addresses(c), set(&["192.0.2.100"]), "endpoints kept");
+    }
+    println!("version {version} before, {} after", c1.mesh_version());
+}
