@@ -815,3 +815,124 @@ fn a_source_turning_stale_shows_on_every_controller() {
     }
     println!("version {version} before, {} after", c1.mesh_version());
 }
+
+/// 200 joins with a `uses: 100` token spread over three controllers, the leader killed
+/// (`kill -9`) during the stream: every join either succeeds once or fails with a clear
+/// error, the token is spent exactly as many times as etcd holds agents (never above
+/// 100), and every agent that got its certificate is in etcd.
+#[test]
+fn joins_during_a_leader_kill_never_overspend_and_lose_no_agent() {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const JOINS: usize = 200;
+    let t = tempfile::tempdir().unwrap();
+    let etcd = Member::start(t.path());
+    let toml = ha_config(t.path(), &etcd, None);
+    let mut cs: Vec<Controller> = (1..=3)
+        .map(|i| Controller::start_with_config(&t.path().join(format!("c{i}")), &toml))
+        .collect();
+    let leader = one_leader(&cs.iter().collect::<Vec<_>>());
+    cs[0].create_web_group();
+    let token =
+        causeway_api::token::JoinToken::decode(&cs[0].token("web", &["--uses", "100"])).unwrap();
+    let tokens: Arc<Vec<String>> = Arc::new(
+        cs.iter()
+            .map(|c| {
+                let mut t = token.clone();
+                t.controller = c.control.clone();
+                t.encode()
+            })
+            .collect(),
+    );
+    let next = Arc::new(AtomicUsize::new(0));
+    let dead = Arc::new(AtomicUsize::new(usize::MAX));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..6)
+        .map(|_| {
+            let (next, dead, results, tokens) =
+                (next.clone(), dead.clone(), results.clone(), tokens.clone());
+            let root = t.path().to_owned();
+            std::thread::spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= JOINS {
+                        return;
+                    }
+                    let mut c = i % 3;
+                    if c == dead.load(Ordering::SeqCst) {
+                        c = (c + 1) % 3;
+                    }
+                    let dir = root.join(format!("j{i}"));
+                    let out = agent(&[
+                        "join",
+                        &tokens[c],
+                        "--state-dir",
+                        dir.to_str().unwrap(),
+                        "--hostname",
+                        &format!("host{i}"),
+                    ]);
+                    results.lock().unwrap().push((dir, out));
+                }
+            })
+        })
+        .collect();
+    wait_for("a third of the joins started", WAIT, || {
+        (next.load(Ordering::SeqCst) >= JOINS / 3).then_some(())
+    });
+    dead.store(leader, Ordering::SeqCst);
+    cs[leader].kill();
+    let killed = Instant::now();
+    for w in workers {
+        w.join().unwrap();
+    }
+    println!("joins finished {:?} after the kill", killed.elapsed());
+    let results = std::mem::take(&mut *results.lock().unwrap());
+    assert_eq!(results.len(), JOINS);
+    let mut ok = Vec::new();
+    let mut spent_refusals = 0;
+    for (dir, out) in &results {
+        if out.status.success() {
+            ok.push(agent_id(dir));
+            continue;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("has already been used") {
+            spent_refusals += 1;
+        } else {
+            // In flight on the killed controller.
+            assert!(
+                err.contains("controller") && !err.trim().is_empty(),
+                "a clear error: {}",
+                describe(out)
+            );
+        }
+    }
+    let survivor = cs.iter().position(|c| c.pid().is_some()).unwrap();
+    let ids = cs[survivor].agents();
+    let stored = etcd.count("/causeway/agents/");
+    println!(
+        "{} joined, {spent_refusals} refused as spent, {stored} agents in etcd",
+        ok.len()
+    );
+    assert!(stored <= 100, "{stored} agents for a 100-use token");
+    assert!(ok.len() <= stored);
+    for id in &ok {
+        assert!(
+            ids.iter().any(|a| a["id"].as_str() == Some(id.as_str())),
+            "agent {id} joined but is not stored"
+        );
+    }
+    let listed = cs[survivor].ctl_json(&["token", "list"]);
+    let uses_left = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"].as_str() == Some(token.id.as_str()))
+        .and_then(|t| t["uses_left"].as_u64())
+        .unwrap();
+    assert_eq!(uses_left as usize + stored, 100, "one use per stored agent");
+    assert!(
+        spent_refusals > 0 || stored < 100,
+        "more joins than uses were refused"
+    );
+}
