@@ -62,6 +62,9 @@ pub struct Ha {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// How often the mesh follower checks the stored version besides its watch.
+const CHECK_EVERY: Duration = Duration::from_secs(5);
+
 /// How often a follower tries to take the leadership.
 fn campaign_interval(ttl: Duration) -> Duration {
     (ttl / 5).clamp(Duration::from_millis(100), Duration::from_secs(1))
@@ -295,6 +298,20 @@ async fn follow(etcd: Arc<Etcd>, vkey: Vec<u8>, mesh: Arc<Mesh>) {
                 },
                 () = mesh.stale_notified() => {
                     resync(true).await;
+                }
+                // A watch whose connection silently stopped (a partition drops packets,
+                // no error reaches it) would miss changes: check the version now and then.
+                () = tokio::time::sleep(CHECK_EVERY) => {
+                    match etcd.get(&vkey).await {
+                        Ok(kv) => {
+                            let stored = kv.and_then(|kv| serde_json::from_slice::<u64>(&kv.value).ok());
+                            if stored.is_some_and(|v| v > mesh.version()) {
+                                tracing::info!("the mesh watch missed a change; reconnecting it");
+                                break;
+                            }
+                        }
+                        Err(e) => etcd_error("cannot read the mesh version", &e),
+                    }
                 }
             }
         }

@@ -604,13 +604,44 @@ fn agents_on_every_controller_get_the_registry_changes() {
         },
     );
     for (a, s) in [(&a1, &s1), (&a2, &s2)] {
-        wait_for("the agent at the set's version", WAIT, || {
-            let st = a.status();
-            (st["config_version"].as_u64() == Some(v)).then_some(())
+        let mut last = Value::Null;
+        let got = crate_wait(WAIT, || {
+            last = a.status();
+            let cached = std::fs::read_to_string(s.join("config.json")).unwrap_or_default();
+            (last["config_version"].as_u64() >= Some(v) && cached.contains("192.0.2.71"))
+                .then_some(())
         });
-        let cached = std::fs::read_to_string(s.join("config.json")).unwrap();
-        assert!(cached.contains("192.0.2.71"), "{}: {cached}", s.display());
+        assert!(
+            got.is_some(),
+            "{} never reached version {v} with the change (c1 at {}, c2 at {}): {last}\nagent log:\n{}\nc1 log:\n{}\nc2 log:\n{}",
+            s.display(),
+            c1.mesh_version(),
+            c2.mesh_version(),
+            a.log(),
+            c1.log(),
+            c2.log()
+        );
     }
+    // And they stand at one version, the set's.
+    wait_for("both agents at the controllers' version", WAIT, || {
+        let v = c1.mesh_version();
+        (v == c2.mesh_version()
+            && a1.status()["config_version"].as_u64() == Some(v)
+            && a2.status()["config_version"].as_u64() == Some(v))
+        .then_some(())
+    });
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes (`None`).
+fn crate_wait<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
 }
 
 /// An agent that knows both controllers (`controllers = [...]`) moves to the other one
@@ -668,18 +699,19 @@ fn an_agent_fails_over_to_another_controller_and_ctl_uses_the_first_that_answers
         killed.elapsed()
     );
     write_registry(&file, &["192.0.2.80", "192.0.2.81"]);
+    // The agent's cached config (written after the status) has the change.
     wait_for(
         "the change reaches the agent on the second controller",
         WAIT,
         || {
             let v = c2.mesh_version();
+            let cached = std::fs::read_to_string(s1.join("config.json")).unwrap_or_default();
             (web_addresses(&c2).contains("192.0.2.81")
-                && version(&a1)["config_version"].as_u64() == Some(v))
+                && version(&a1)["config_version"].as_u64() == Some(v)
+                && cached.contains("192.0.2.81"))
             .then_some(())
         },
     );
-    let cached = std::fs::read_to_string(s1.join("config.json")).unwrap();
-    assert!(cached.contains("192.0.2.81"), "{cached}");
 
     // causewayctl: the dead controller first, then the live one; one credential for
     // both (the operator copied admin.token; here the live one's is used).
@@ -880,6 +912,7 @@ fn joins_during_a_leader_kill_never_overspend_and_lose_no_agent() {
         (next.load(Ordering::SeqCst) >= JOINS / 3).then_some(())
     });
     dead.store(leader, Ordering::SeqCst);
+    let killed_control = cs[leader].control.clone();
     cs[leader].kill();
     let killed = Instant::now();
     for w in workers {
@@ -899,10 +932,12 @@ fn joins_during_a_leader_kill_never_overspend_and_lose_no_agent() {
         if err.contains("has already been used") {
             spent_refusals += 1;
         } else {
-            // In flight on the killed controller.
+            // In flight on the killed controller (the error names it), or etcd too slow
+            // to answer on this busy machine (the error names etcd and the setting).
             assert!(
-                err.contains("controller") && !err.trim().is_empty(),
-                "a clear error: {}",
+                err.contains(&killed_control)
+                    || (err.contains("etcd is unreachable") && err.contains("[store] endpoints")),
+                "a join fails only as spent, on the killed controller {killed_control}, or naming etcd: {}",
                 describe(out)
             );
         }
