@@ -62,6 +62,7 @@ pub struct Handle {
     admin_task: tokio::task::JoinHandle<()>,
     control_task: tokio::task::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    ha: crate::ha::Ha,
 }
 
 impl std::fmt::Debug for Handle {
@@ -76,10 +77,21 @@ impl std::fmt::Debug for Handle {
 }
 
 impl Handle {
+    /// Whether this controller leads its HA set (always on sled).
+    pub fn is_leader(&self) -> bool {
+        self.ha.role.borrow().is_leader()
+    }
+
+    /// This controller's role as it changes.
+    pub fn role(&self) -> tokio::sync::watch::Receiver<crate::ha::Role> {
+        self.ha.role.clone()
+    }
+
     /// Stops accepting, lets the admin API finish its requests, closes the control
     /// endpoint and flushes the store.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop_tx.send(true);
+        self.ha.resign().await;
         self.control.close();
         let _ = self.admin_task.await;
         self.control_task.abort();
@@ -212,11 +224,15 @@ pub async fn start_with(cfg: Config, hooks: Hooks) -> anyhow::Result<Handle> {
         services = mesh.services().len(),
         "mesh restored from the store"
     );
-    mesh.declare_sources(declared);
-    let (src_tx, mut src_rx) = tokio::sync::mpsc::channel(64);
-    let source_tasks = spawn_sources(&cfg, src_tx)?;
-    let mut tasks = source_tasks;
-    {
+    let mut tasks = Vec::new();
+    // On etcd the sources are declared (listed as pending until they answer) by the
+    // leader when its term starts; a follower shows their states as stored.
+    let mut declared = Some(declared);
+    if cfg.store.backend == crate::config::StoreBackend::Sled {
+        mesh.declare_sources(declared.take().unwrap_or_default());
+        // One controller: it runs the sources for as long as it runs.
+        let (src_tx, mut src_rx) = tokio::sync::mpsc::channel(64);
+        tasks.extend(spawn_sources(&cfg, src_tx)?);
         let mesh = mesh.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(update) = src_rx.recv().await {
@@ -226,6 +242,13 @@ pub async fn start_with(cfg: Config, hooks: Hooks) -> anyhow::Result<Handle> {
                 }
             }
         }));
+    } else {
+        // Checked here so that a bad source stops the start as on sled; the sources
+        // run while this controller leads (see `leader_duties`).
+        let (check_tx, _) = tokio::sync::mpsc::channel(1);
+        for t in spawn_sources(&cfg, check_tx)? {
+            t.abort();
+        }
     }
 
     // Metrics on a listener of their own (`[metrics] listen`).
@@ -305,6 +328,26 @@ pub async fn start_with(cfg: Config, hooks: Hooks) -> anyhow::Result<Handle> {
         tokio::spawn(async move { control.serve(enroller, mesh, store, max, observer).await })
     };
 
+    // HA on etcd: the election and the mesh follower (on sled: always the leader).
+    let ha = crate::ha::start(
+        &cfg.store,
+        mesh.clone(),
+        serde_json::json!({
+            "advertise": advertise,
+            "admin": admin_addr.to_string(),
+            "pid": std::process::id(),
+        })
+        .to_string(),
+    )?;
+    if cfg.store.backend == crate::config::StoreBackend::Etcd {
+        tasks.push(tokio::spawn(leader_duties(
+            cfg.clone(),
+            mesh.clone(),
+            ha.role.clone(),
+            declared.take().unwrap_or_default(),
+        )));
+    }
+
     // Tell tests and tools where we listen (ports may be ephemeral).
     let admin_url = format!("{scheme}://{admin_addr}");
     let ca_fingerprint = hex(&ca.fingerprint());
@@ -335,7 +378,62 @@ pub async fn start_with(cfg: Config, hooks: Hooks) -> anyhow::Result<Handle> {
         admin_task,
         control_task,
         tasks,
+        ha,
     })
+}
+
+/// Runs the registry sources while this controller leads (HA on etcd): started on
+/// winning the leadership (after reloading the mesh, so the first write builds on the
+/// newest state), stopped on losing it. Each term's writes carry its fence.
+async fn leader_duties(
+    cfg: Config,
+    mesh: Arc<Mesh>,
+    mut role: tokio::sync::watch::Receiver<crate::ha::Role>,
+    declared: Vec<(String, SourceKind)>,
+) {
+    /// Aborts the term's tasks when dropped, also when this task is aborted (shutdown).
+    struct Term(Vec<tokio::task::JoinHandle<()>>);
+    impl Drop for Term {
+        fn drop(&mut self) {
+            for t in &self.0 {
+                t.abort();
+            }
+        }
+    }
+    loop {
+        let current = role.borrow_and_update().clone();
+        let mut running = Vec::new();
+        if let crate::ha::Role::Leader(fence) = current {
+            if let Err(e) = mesh.resync(false).await {
+                tracing::warn!(error = %e, "cannot reload the mesh before running the sources");
+            }
+            mesh.declare_sources(declared.clone());
+            let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+            match spawn_sources(&cfg, tx) {
+                Ok(t) => running = t,
+                Err(e) => tracing::error!(error = %e, "cannot start the registry sources"),
+            }
+            let mesh = mesh.clone();
+            running.push(tokio::spawn(async move {
+                while let Some(update) = rx.recv().await {
+                    let source = update.source.clone();
+                    if let Err(e) = mesh.apply_source_update_fenced(update, fence.clone()).await {
+                        tracing::error!(%source, error = %e, "cannot persist a registry update");
+                    }
+                }
+            }));
+            tracing::info!(sources = running.len() - 1, "registry sources running");
+        }
+        let term = Term(running);
+        let changed = role.changed().await;
+        if !term.0.is_empty() {
+            tracing::info!("registry sources stopped");
+        }
+        drop(term);
+        if changed.is_err() {
+            return;
+        }
+    }
 }
 
 /// Starts the configured registry sources.

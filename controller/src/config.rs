@@ -98,6 +98,10 @@ pub struct StoreConfig {
     pub cert_file: Option<PathBuf>,
     /// PEM private key of `cert_file`.
     pub key_file: Option<PathBuf>,
+    /// TTL of the leadership lease (HA controllers on etcd): a leader that stops
+    /// renewing it loses the registry sources to another controller within this time.
+    #[serde(with = "causeway_api::duration")]
+    pub lease_ttl: Duration,
 }
 
 impl Default for StoreConfig {
@@ -112,6 +116,7 @@ impl Default for StoreConfig {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            lease_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -185,6 +190,12 @@ impl StoreConfig {
                     humantime::format_duration(d)
                 ));
             }
+        }
+        if self.lease_ttl < Duration::from_secs(2) || self.lease_ttl > Duration::from_secs(300) {
+            errors.push(format!(
+                "store.lease_ttl = {}: must be between 2s and 5m (etcd grants no shorter lease; the default is 10s)",
+                humantime::format_duration(self.lease_ttl)
+            ));
         }
     }
 }

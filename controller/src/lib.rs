@@ -26,6 +26,7 @@ pub mod csr;
 pub mod durability;
 pub mod enroll;
 pub mod etcd;
+pub mod ha;
 pub mod logging;
 pub mod mesh;
 pub mod metrics;

@@ -188,6 +188,9 @@ struct Inner {
     routes: BTreeMap<String, RouteRecord>,
     /// Endpoints refused at the door, by (source, service), shown as conflicts.
     invalid: BTreeMap<(String, ServiceKey), Vec<Conflict>>,
+    /// A change was applied here but its write to a shared store failed: the next
+    /// [`Mesh::resync`] reloads even at the same version.
+    diverged: bool,
 }
 
 /// A change prepared under the lock, to be written and published by [`Mesh::finish`].
@@ -270,6 +273,9 @@ pub struct Mesh {
     durable: Arc<std::sync::atomic::AtomicU64>,
     /// Wakes the deny-list pruner when entries were added.
     deny_added: Arc<Notify>,
+    /// Notified when a write to a shared store failed: this controller's view may be
+    /// stale (another controller wrote first), and [`Mesh::resync`] should run.
+    stale: Arc<Notify>,
 }
 
 fn now_ms() -> u64 {
@@ -405,6 +411,7 @@ impl Mesh {
             policies: dump.policies,
             routes: dump.routes,
             invalid,
+            diverged: false,
         };
         let (version_tx, _) = watch::channel(inner.version);
         let durable = Arc::new(std::sync::atomic::AtomicU64::new(inner.version));
@@ -419,6 +426,7 @@ impl Mesh {
             flush,
             durable,
             deny_added: Arc::new(Notify::new()),
+            stale: Arc::new(Notify::new()),
         });
         // Deny entries leave the list when their certificates expire.
         {
@@ -517,8 +525,13 @@ impl Mesh {
                 })
                 .unwrap_or_default();
             drop(inner);
-            for agent_id in restored {
-                mesh.schedule_expiry(agent_id, 0);
+            // On a shared store the restored workloads include those of agents connected
+            // to other controllers: only the controller holding an agent's session
+            // expires its workload.
+            if !mesh.store.shared() {
+                for agent_id in restored {
+                    mesh.schedule_expiry(agent_id, 0);
+                }
             }
         }
         Ok(mesh)
@@ -663,6 +676,14 @@ impl Mesh {
         if let Some(write) = pending.write {
             let store = self.store.clone();
             match tokio::task::spawn_blocking(move || store.save_mesh(&write)).await {
+                Ok(Err(e)) => {
+                    if self.store.shared() {
+                        // The change was applied in memory but not stored: reload.
+                        self.lock().diverged = true;
+                        self.stale.notify_one();
+                    }
+                    return Err(e);
+                }
                 Ok(r) => r?,
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                 Err(_) => {
@@ -697,7 +718,17 @@ impl Mesh {
     }
 
     /// Applies a registry source's update (consumed: its data moves into the registry).
-    pub async fn apply_source_update(&self, mut update: SourceUpdate) -> Result<u64, StoreError> {
+    pub async fn apply_source_update(&self, update: SourceUpdate) -> Result<u64, StoreError> {
+        self.apply_source_update_fenced(update, None).await
+    }
+
+    /// [`Mesh::apply_source_update`] under a leadership `fence` (HA controllers): the
+    /// store refuses the write unless that leadership still holds.
+    pub async fn apply_source_update_fenced(
+        &self,
+        mut update: SourceUpdate,
+        fence: Option<crate::store::Fence>,
+    ) -> Result<u64, StoreError> {
         let _writer = self.writer.lock().await;
         let pending = {
             let mut inner = self.lock();
@@ -709,15 +740,96 @@ impl Mesh {
             apply_update_into(&mut inner.registry, update, now_ms(), &mut |d| {
                 touched.insert(d.key);
             });
-            self.prepare(
+            let mut pending = self.prepare(
                 &mut inner,
                 touched,
                 std::slice::from_ref(&source),
                 false,
                 Vec::new(),
-            )
+            );
+            if let Some(w) = pending.write.as_mut() {
+                w.fence = fence;
+            }
+            pending
         };
         self.finish(pending).await
+    }
+
+    /// The store revision of the mesh version this controller last read or wrote (on a
+    /// shared store; see [`Store::mesh_revision`]).
+    pub fn store_revision(&self) -> Option<i64> {
+        self.store.mesh_revision()
+    }
+
+    /// Waits until a write to a shared store failed (the view may be stale).
+    pub async fn stale_notified(&self) {
+        self.stale.notified().await;
+    }
+
+    /// Reloads the mesh from the store when the store's version differs from this
+    /// controller's (or always, with `force`): on a shared store another controller
+    /// wrote it. The sessions stay; each agent is then sent what changed since its own
+    /// version (the history is reloaded too). The deny list is rebuilt from the removed
+    /// agents. Returns the version now in force.
+    pub async fn resync(&self, force: bool) -> Result<u64, StoreError> {
+        let _writer = self.writer.lock().await;
+        let store = self.store.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let dump = store.load_mesh()?;
+            let agents = store.agents()?;
+            Ok::<_, StoreError>((dump, agents))
+        })
+        .await
+        .map_err(|e| StoreError::Conflict(format!("the mesh reload task failed: {e}")))?;
+        let (mut dump, agents) = loaded?;
+        let mut inner = self.lock();
+        if !force && !inner.diverged && dump.version == inner.version {
+            return Ok(inner.version);
+        }
+        let mut registry = Registry::new();
+        let mut invalid = BTreeMap::new();
+        for (name, rec) in &dump.sources {
+            let mut change = SourceChange::Full(SourceSnapshot {
+                services: dump.data.remove(name).unwrap_or_default(),
+            });
+            screen(&mut invalid, name, &mut change, self.settings.vip_range);
+            registry.apply_with_state_into(name, rec.kind, change, rec.state.clone(), &mut |_| {});
+        }
+        let now = crate::enroll::now_unix();
+        let removed: Vec<AgentRecord> = agents
+            .into_iter()
+            .filter(|a| a.removed_at.is_some())
+            .collect();
+        // An agent removed through another controller loses its session here too.
+        for a in &removed {
+            if let Some(s) = inner.sessions.get(&a.id) {
+                s.kick.notify_one();
+            }
+        }
+        let deny: BTreeMap<String, i64> = removed
+            .into_iter()
+            .flat_map(|a| a.live_certs)
+            .filter(|c| c.not_after > now)
+            .map(|c| (c.serial, c.not_after))
+            .collect();
+        tracing::info!(
+            from = inner.version,
+            to = dump.version,
+            "mesh reloaded from the shared store"
+        );
+        inner.used_vips = dump.vips.values().copied().collect();
+        inner.vips = dump.vips;
+        inner.registry = registry;
+        inner.invalid = invalid;
+        inner.history = dump.history;
+        inner.policies = dump.policies;
+        inner.routes = dump.routes;
+        inner.deny = deny;
+        inner.version = dump.version;
+        inner.diverged = false;
+        inner.last_update = None;
+        self.version_tx.send_replace(inner.version);
+        Ok(inner.version)
     }
 
     /// [`Mesh::update_since`] as an encoded push frame with its version, built once per
@@ -1146,7 +1258,35 @@ impl Mesh {
     /// unless the control endpoint is, and not another agent's endpoint. Returns the
     /// handle and, when the address was refused, why (the workload is then not
     /// registered, and any registration of an earlier session is withdrawn).
+    ///
+    /// On a shared store (HA controllers) a registration that lost a race with another
+    /// controller's write is tried again on the reloaded mesh, twice at most.
     pub async fn session_start(
+        &self,
+        agent: &AgentRecord,
+        group: Option<&WorkloadGroup>,
+        address: Result<IpAddr, String>,
+        remote: IpAddr,
+        cidrs: &[IpNet],
+        acked_version: u64,
+    ) -> Result<(SessionHandle, Option<String>), StoreError> {
+        let mut attempt = 0;
+        loop {
+            let r = self
+                .session_start_once(agent, group, address.clone(), remote, cidrs, acked_version)
+                .await;
+            match r {
+                Err(StoreError::Conflict(e)) if self.store.shared() && attempt < 2 => {
+                    attempt += 1;
+                    tracing::info!(agent = %agent.id, error = %e, "registration raced another controller; reloading the mesh and trying again");
+                    self.resync(true).await?;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn session_start_once(
         &self,
         agent: &AgentRecord,
         group: Option<&WorkloadGroup>,

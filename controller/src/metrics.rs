@@ -13,6 +13,12 @@
 //!   sizes of the merged registry; `causeway_controller_source_services{source}` and
 //!   `causeway_controller_source_endpoints{source}` per source.
 //! - `causeway_controller_mesh_version`, `causeway_controller_build_info{version}`.
+//! - `causeway_controller_leader`: 1 while this controller leads the HA set (runs the
+//!   registry sources), else 0; always 1 on sled (one controller).
+//! - `causeway_controller_store_request_seconds`: latency of each etcd request of the
+//!   store (`[store] backend = "etcd"`); `causeway_controller_etcd_errors_total`: etcd
+//!   requests that failed (store, election, watch); `causeway_controller_fenced_writes_total`:
+//!   registry writes refused because this controller no longer led.
 //!
 //! Also `GET /v1/sd/prometheus`: Prometheus HTTP service discovery of the agents'
 //! metrics endpoints ([`crate::sd`]).
@@ -32,6 +38,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
@@ -40,6 +47,11 @@ use crate::mesh::Mesh;
 /// Upper bounds (seconds) of the push lag histogram's buckets.
 pub const PUSH_LAG_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// Upper bounds (seconds) of the store request latency histogram's buckets.
+pub const STORE_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
 /// Versions waiting for their ACKs, at most (the oldest is dropped beyond).
@@ -56,6 +68,14 @@ pub struct Metrics {
     pub renewals: Family<Outcome, Counter>,
     /// Config change to all ACKs.
     pub push_lag: Histogram,
+    /// 1 while this controller leads (runs the registry sources).
+    pub leader: Gauge,
+    /// Latency of the store's etcd requests.
+    pub store_latency: Histogram,
+    /// Failed etcd requests.
+    pub etcd_errors: Counter,
+    /// Registry writes refused by the leadership fence.
+    pub fenced_writes: Counter,
     /// Versions not yet acknowledged by every connected agent, and when they were made.
     pending: Mutex<BTreeMap<u64, Instant>>,
     /// Wakes the push-lag task after ACKs and session ends: a burst of 1,000 ACKs is one
@@ -70,9 +90,22 @@ pub fn get() -> &'static Metrics {
         joins: Family::default(),
         renewals: Family::default(),
         push_lag: Histogram::new(PUSH_LAG_BUCKETS),
+        leader: Gauge::default(),
+        store_latency: Histogram::new(STORE_BUCKETS),
+        etcd_errors: Counter::default(),
+        fenced_writes: Counter::default(),
         pending: Mutex::new(BTreeMap::new()),
         acked: tokio::sync::Notify::new(),
     })
+}
+
+/// Records one etcd request of the store: its latency, and an error if it failed.
+pub fn store_request(took: std::time::Duration, ok: bool) {
+    let m = get();
+    m.store_latency.observe(took.as_secs_f64());
+    if !ok {
+        m.etcd_errors.inc();
+    }
 }
 
 /// The label of an enrollment outcome: `ok`, or the wire error code in snake case.
@@ -269,6 +302,27 @@ pub fn registry(mesh: &Arc<Mesh>) -> Registry {
         "Certificate renewal requests, by outcome (ok, or the error code sent to the agent).",
         m.renewals.clone(),
     );
+    reg.register(
+        "causeway_controller_leader",
+        "1 while this controller leads the HA set and runs the registry sources, else 0 (always 1 on sled).",
+        m.leader.clone(),
+    );
+    reg.register_with_unit(
+        "causeway_controller_store_request",
+        "Latency of each etcd request of the store ([store] backend = \"etcd\").",
+        Unit::Seconds,
+        m.store_latency.clone(),
+    );
+    reg.register(
+        "causeway_controller_etcd_errors",
+        "etcd requests that failed (store, leader election, mesh watch).",
+        m.etcd_errors.clone(),
+    );
+    reg.register(
+        "causeway_controller_fenced_writes",
+        "Registry writes refused because this controller no longer led (its leadership lease had expired).",
+        m.fenced_writes.clone(),
+    );
     reg.register_with_unit(
         "causeway_controller_push_lag",
         "Time from a new mesh config version to the moment every connected agent has acknowledged it or a later one.",
@@ -378,6 +432,10 @@ mod tests {
             joins: Family::default(),
             renewals: Family::default(),
             push_lag: Histogram::new(PUSH_LAG_BUCKETS),
+            leader: Gauge::default(),
+            store_latency: Histogram::new(STORE_BUCKETS),
+            etcd_errors: Counter::default(),
+            fenced_writes: Counter::default(),
             pending: Mutex::new(BTreeMap::new()),
             acked: tokio::sync::Notify::new(),
         };

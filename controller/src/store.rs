@@ -346,6 +346,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// Whether several controllers share this store (etcd): the mesh state may change
+    /// under this controller, and agent workloads restored at start may belong to
+    /// agents connected to another controller.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// On a shared store: the store revision of the mesh version as this controller last
+    /// read or wrote it (so a watch can tell its own writes from others').
+    fn mesh_revision(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// One source's persisted state.
@@ -464,6 +477,20 @@ pub struct EncodedMeshWrite {
     pub(crate) policies: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// `Kind/namespace/name` → encoded [`RouteRecord`], or `None` to delete.
     pub(crate) routes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// The leadership this write is made under (a registry source's update on a shared
+    /// store): the store refuses it unless the leadership still holds.
+    pub(crate) fence: Option<Fence>,
+}
+
+/// A leader's fencing token: the leadership key and the revision it was created at
+/// (see [`crate::etcd::Leadership`]). A write carrying it commits only while that key
+/// still exists at that revision, so a leader whose lease expired writes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The leadership key.
+    pub key: Vec<u8>,
+    /// Its create revision.
+    pub revision: i64,
 }
 
 impl MeshWrite<'_> {
@@ -498,6 +525,7 @@ impl MeshWrite<'_> {
                 .iter()
                 .map(|(key, rec)| (key.as_bytes().to_vec(), rec.as_ref().map(encode)))
                 .collect(),
+            fence: None,
         }
     }
 }

@@ -315,13 +315,28 @@ impl EtcdStore {
         T: Send + 'static,
         Fut: Future<Output = Result<T, EtcdError>> + Send + 'static,
     {
+        self.run(f, true)
+    }
+
+    /// [`EtcdStore::call`]; `measured`: an etcd request, counted in the store metrics
+    /// (a pause between retries is not).
+    fn run<T, Fut>(&self, f: impl FnOnce(Arc<Etcd>) -> Fut, measured: bool) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        Fut: Future<Output = Result<T, EtcdError>> + Send + 'static,
+    {
         let fut = f(self.etcd.clone());
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.rt
             .as_ref()
             .expect("the runtime lives until drop")
             .spawn(async move {
-                let _ = tx.send(fut.await);
+                let started = std::time::Instant::now();
+                let r = fut.await;
+                if measured {
+                    crate::metrics::store_request(started.elapsed(), r.is_ok());
+                }
+                let _ = tx.send(r);
             });
         let wait = move || rx.recv();
         let got = match Handle::try_current() {
@@ -340,10 +355,13 @@ impl EtcdStore {
 
     fn pause(&self, attempt: u32) {
         let ms = jitter_ms(attempt);
-        let _ = self.call(move |_| async move {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            Ok::<_, EtcdError>(())
-        });
+        let _ = self.run(
+            move |_| async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok::<_, EtcdError>(())
+            },
+            false,
+        );
     }
 
     fn get(&self, key: Vec<u8>) -> Result<Option<KeyValue>, StoreError> {
@@ -980,11 +998,29 @@ impl Store for EtcdStore {
         }
         let mut expected = self.mesh_version_rev()?;
         for (i, ops) in txns.into_iter().enumerate() {
-            let r = self.txn(
-                vec![Compare::unchanged_since(vkey.clone(), expected)],
-                ops,
-                Vec::new(),
-            )?;
+            let mut compares = vec![Compare::unchanged_since(vkey.clone(), expected)];
+            if let Some(f) = &w.fence {
+                compares.push(Compare::created_at(f.key.clone(), f.revision));
+            }
+            let r = self.txn(compares, ops, Vec::new())?;
+            if !r.succeeded
+                && let Some(f) = &w.fence
+            {
+                let now = self.get(f.key.clone())?.map_or(0, |kv| kv.create_revision);
+                if now != f.revision {
+                    crate::metrics::get().fenced_writes.inc();
+                    return Err(StoreError::Conflict(format!(
+                        "this controller is no longer the leader: its registry write was refused because the leadership key {} was created at revision {} when it led and is {} now (another controller leads, or the lease expired); the new leader runs the registry sources",
+                        String::from_utf8_lossy(&f.key),
+                        f.revision,
+                        if now == 0 {
+                            "absent".to_owned()
+                        } else {
+                            format!("at revision {now}")
+                        }
+                    )));
+                }
+            }
             if !r.succeeded {
                 // The revision stays the stale one: every later write fails the same way
                 // instead of overwriting the other writer's state with this stale view.
@@ -999,6 +1035,14 @@ impl Store for EtcdStore {
             }
         }
         Ok(())
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn mesh_revision(&self) -> Option<i64> {
+        *self.mesh_rev.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn flush(&self) -> Result<(), StoreError> {

@@ -27,15 +27,17 @@ const DEFAULT_TOKEN_FILE: &str = "/var/lib/causeway/controller/admin.token";
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
-    /// Admin API of the controller.
+    /// Admin API of the controller. Repeat it (or separate with commas) for the
+    /// controllers of an HA set: the first that answers is used.
     #[arg(
         long,
         global = true,
         env = "CAUSEWAY_CONTROLLER",
         help_heading = "Global options",
+        value_delimiter = ',',
         default_value = "http://127.0.0.1:15080"
     )]
-    controller: String,
+    controller: Vec<String>,
     /// File holding the admin credential (default: the controller's data dir).
     #[arg(
         long,
@@ -293,7 +295,10 @@ enum CaCmd {
 }
 
 struct Api {
-    base: String,
+    /// The admin API URLs, in order of preference (`--controller`, repeated).
+    bases: Vec<String>,
+    /// The one that answered last (tried first).
+    current: std::sync::atomic::AtomicUsize,
     credential: String,
     http: reqwest::Client,
 }
@@ -314,7 +319,18 @@ impl Api {
             .trim()
             .to_owned();
         let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
-        if !cli.controller.starts_with("https://") {
+        let bases: Vec<String> = cli
+            .controller
+            .iter()
+            .map(|c| c.trim().trim_end_matches('/').to_owned())
+            .filter(|c| !c.is_empty())
+            .collect();
+        if bases.is_empty() {
+            bail!(
+                "--controller is empty: give the admin API URL, e.g. --controller http://127.0.0.1:15080 (repeat it for several controllers)"
+            );
+        }
+        if !bases.iter().any(|c| c.starts_with("https://")) {
             // Plain http needs no roots; loading the system's fails on hosts without the
             // ca-certificates package (minimal VMs), which broke every command there.
             builder = builder.tls_certs_only([]);
@@ -328,7 +344,8 @@ impl Api {
                 )?);
         }
         Ok(Self {
-            base: cli.controller.trim_end_matches('/').to_owned(),
+            bases,
+            current: std::sync::atomic::AtomicUsize::new(0),
             credential,
             http: builder.build()?,
         })
@@ -341,18 +358,38 @@ impl Api {
         path: &str,
         body: Option<Value>,
     ) -> anyhow::Result<Value> {
-        let url = format!("{}{path}", self.base);
-        let mut req = self
-            .http
-            .request(method, &url)
-            .bearer_auth(&self.credential);
-        if let Some(b) = body {
-            req = req.json(&b);
+        // The first controller that answers, from the one that answered last. Only a
+        // request that could not connect moves on: one that was sent may have been
+        // applied, so it is never sent twice.
+        let n = self.bases.len();
+        let start = self.current.load(std::sync::atomic::Ordering::Relaxed) % n;
+        let mut unreachable = Vec::new();
+        let mut answered = None;
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let base = &self.bases[idx];
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{base}{path}"))
+                .bearer_auth(&self.credential);
+            if let Some(b) = &body {
+                req = req.json(b);
+            }
+            match req.send().await {
+                Ok(resp) => {
+                    self.current
+                        .store(idx, std::sync::atomic::Ordering::Relaxed);
+                    answered = Some(resp);
+                    break;
+                }
+                Err(e) if e.is_connect() && i + 1 < n => unreachable.push(send_error(base, &e)),
+                Err(e) => {
+                    unreachable.push(send_error(base, &e));
+                    bail!("{}", unreachable.join("; "));
+                }
+            }
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!(send_error(&self.base, &e)))?;
+        let resp = answered.context("no controller answered")?;
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
         let value: Value = if text.trim().is_empty() {
@@ -382,6 +419,13 @@ impl Api {
         let raw = self.send(method, path, body).await?;
         let typed = decode(&what, &raw)?;
         Ok(Answer { typed, raw })
+    }
+}
+
+impl Api {
+    /// The admin API URL in use (the one that answered last).
+    fn base(&self) -> &str {
+        &self.bases[self.current.load(std::sync::atomic::Ordering::Relaxed) % self.bases.len()]
     }
 }
 

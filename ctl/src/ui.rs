@@ -31,7 +31,7 @@ pub(crate) async fn run(api: &Api, args: &UiArgs) -> anyhow::Result<()> {
     }
     let ttl = answer.typed.expires_in_secs;
     // The code goes in the fragment: browsers never send it, so no server or proxy logs it.
-    let url = format!("{}/ui/login#code={code}", api.base);
+    let url = format!("{}/ui/login#code={code}", api.base());
     if args.print_url {
         return super::write_stdout(format!("{url}\n").as_bytes());
     }

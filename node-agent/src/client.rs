@@ -294,6 +294,87 @@ pub async fn connect_pinned(token: &JoinToken) -> Result<quinn::Connection, Clie
     connect(&token.controller, tls, Some(&pinned)).await
 }
 
+/// The controllers an agent may talk to (`controllers` in agent.toml: an HA set), tried
+/// in turn from the one that answered last. Each holds the whole mesh state, and config
+/// versions are global to the set, so the push stream resumes from the agent's version
+/// on whichever answers.
+#[derive(Debug)]
+pub struct Controllers {
+    list: Vec<String>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+impl Controllers {
+    /// `list` in order of preference; empty is treated as one empty address (refused at
+    /// connect with the resolver's error).
+    pub fn new(mut list: Vec<String>) -> Self {
+        if list.is_empty() {
+            list.push(String::new());
+        }
+        Self {
+            list,
+            current: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Every controller, in order.
+    pub fn list(&self) -> &[String] {
+        &self.list
+    }
+
+    /// The controller tried first next time (the one that answered last).
+    pub fn current(&self) -> &str {
+        &self.list[self.current.load(std::sync::atomic::Ordering::Relaxed) % self.list.len()]
+    }
+
+    /// Moves to the next controller: the connection to the current one was lost, so
+    /// the next attempt starts elsewhere (and comes back to it in turn).
+    pub fn advance(&self) {
+        let n = self.list.len();
+        let _ = self.current.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |i| Some((i + 1) % n),
+        );
+    }
+
+    /// Opens a mutual-TLS connection to the first controller that answers, starting
+    /// with the current one; returns it with the controller's address. A failure that
+    /// another controller cannot fix (the local identity files) ends the round at once;
+    /// when none answers, the error names each.
+    pub async fn connect_mtls(
+        &self,
+        identity: &Identity,
+    ) -> Result<(quinn::Connection, String), ClientError> {
+        let n = self.list.len();
+        let start = self.current.load(std::sync::atomic::Ordering::Relaxed) % n;
+        let mut failures = Vec::new();
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let addr = &self.list[idx];
+            match connect_mtls(identity, addr).await {
+                Ok(c) => {
+                    self.current
+                        .store(idx, std::sync::atomic::Ordering::Relaxed);
+                    return Ok((c, addr.clone()));
+                }
+                Err(e) if n == 1 || !e.is_retryable() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(controller = %addr, error = %e, "controller unreachable; trying the next one");
+                    failures.push(e.to_string());
+                }
+            }
+        }
+        Err(ClientError::Connect {
+            addr: self.list.join(", "),
+            message: format!(
+                "no controller of the set answered ({}); check that they run and that UDP reaches them",
+                failures.join("; ")
+            ),
+        })
+    }
+}
+
 /// Opens a mutual-TLS connection to the controller with the current identity.
 pub async fn connect_mtls(
     identity: &Identity,

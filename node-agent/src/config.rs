@@ -42,6 +42,9 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// `host:port` of the controller; overrides the address from the join token.
     pub controller: Option<String>,
+    /// `host:port` of each controller of an HA set, tried in turn (the one that
+    /// answered last first); overrides `controller` and the join token's address.
+    pub controllers: Vec<String>,
     /// Workload address registered in the mesh; default: the local address of the
     /// route to the controller.
     pub address: Option<std::net::IpAddr>,
@@ -297,11 +300,24 @@ pub struct IdentityConfig {
     pub retry_max: Duration,
 }
 
+impl AgentConfig {
+    /// The controllers to use, in order: `controllers`, else `controller`, else the one
+    /// the join token named (`joined`).
+    pub fn controller_list(&self, joined: &str) -> Vec<String> {
+        if !self.controllers.is_empty() {
+            self.controllers.clone()
+        } else {
+            vec![self.controller.clone().unwrap_or_else(|| joined.to_owned())]
+        }
+    }
+}
+
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             controller: None,
+            controllers: Vec::new(),
             address: None,
             identity: IdentityConfig::default(),
             dataplane: DataplaneConfig::default(),
@@ -378,6 +394,16 @@ impl AgentConfig {
             errors.push(format!(
                 "controller = {c:?}: must be host:port, e.g. \"10.0.0.5:15012\""
             ));
+        }
+        for c in self.controllers.iter().filter(|c| !c.contains(':')) {
+            errors.push(format!(
+                "controllers: {c:?} must be host:port, e.g. controllers = [\"10.0.0.5:15012\", \"10.0.0.6:15012\"]"
+            ));
+        }
+        if self.controller.is_some() && !self.controllers.is_empty() {
+            errors.push(
+                "controller and controllers are both set: list every controller in controllers and remove controller".to_owned(),
+            );
         }
         let dp = &self.dataplane;
         if !dp.outbound_listen.ip().is_loopback() {
@@ -541,6 +567,43 @@ mod tests {
             panic!()
         };
         assert_eq!(errors.len(), 3, "{errors:#?}");
+    }
+
+    #[test]
+    fn controllers_are_host_ports_and_take_precedence() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.toml");
+        std::fs::write(
+            &p,
+            "controllers = [\"10.0.0.5:15012\", \"10.0.0.6:15012\"]\n",
+        )
+        .unwrap();
+        let cfg = AgentConfig::load(&p).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.controller_list("10.0.0.9:15012"),
+            vec!["10.0.0.5:15012".to_owned(), "10.0.0.6:15012".to_owned()]
+        );
+        let token_only = AgentConfig::default();
+        assert_eq!(
+            token_only.controller_list("10.0.0.9:15012"),
+            vec!["10.0.0.9:15012".to_owned()]
+        );
+        std::fs::write(
+            &p,
+            "controller = \"10.0.0.5:15012\"\ncontrollers = [\"nohost\"]\n",
+        )
+        .unwrap();
+        let ConfigError::Invalid(errors) = AgentConfig::load(&p).unwrap().validate().unwrap_err()
+        else {
+            panic!()
+        };
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(
+            errors[0].contains("\"nohost\" must be host:port"),
+            "{errors:#?}"
+        );
+        assert!(errors[1].contains("both set"), "{errors:#?}");
     }
 
     #[test]

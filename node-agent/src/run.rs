@@ -141,10 +141,8 @@ struct Subscription {
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let state = StateDir::new(&cfg.state_dir);
     let mut identity: Identity = state.load()?;
-    let controller = cfg
-        .controller
-        .clone()
-        .unwrap_or_else(|| identity.info.controller.clone());
+    let controllers = client::Controllers::new(cfg.controller_list(&identity.info.controller));
+    let controller = controllers.list().join(", ");
     let cache = ConfigCache::new(state.path());
     let mesh_state = SharedState::new(cache.load());
     let cached_version = mesh_state.get().version;
@@ -183,7 +181,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         file: status_file,
         status: RunStatus {
             pid: std::process::id(),
-            controller: controller.clone(),
+            controller: controllers.current().to_owned(),
             config_version: cached_version,
             ..RunStatus::default()
         },
@@ -279,8 +277,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             if let Some(c) = conn.take() {
                 c.close(0u32.into(), b"reconnecting");
             }
-            tracing::warn!(%controller, "control connection lost; serving from the last applied config");
+            tracing::warn!(controller = %controllers.current(), "control connection lost; serving from the last applied config");
             report(&|s| s.controller_connected = false);
+            // With several controllers, the next attempt starts with another one.
+            controllers.advance();
             let wait = if refused {
                 id_cfg.retry_max
             } else {
@@ -292,8 +292,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             }
         }
         if conn.is_none() {
-            match client::connect_mtls(&identity, &controller).await {
-                Ok(c) => {
+            match controllers.connect_mtls(&identity).await {
+                Ok((c, controller)) => {
                     let address = cfg
                         .address
                         .or_else(|| local_address_towards(c.remote_address()));
@@ -347,8 +347,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                     });
                     conn = Some(c);
                     backoff.reset();
-                    report(&|s| {
+                    report(&move |s| {
                         s.controller_connected = true;
+                        s.controller.clone_from(&controller);
                         s.last_error = None;
                     });
                 }
