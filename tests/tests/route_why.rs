@@ -5,12 +5,17 @@
 //! API server (the recorded EndpointSlice whose endpoints name their Pods, and the
 //! recorded Pods `web-v1-abcde` / `web-v2-fghij` with `version` labels) as sources: the
 //! merged registry's labels are what the agents match subsets against, and `why` shows
-//! the VirtualService, route, subset, DestinationRule policy and endpoints chosen.
+//! the VirtualService, route, subset, DestinationRule policy and endpoints chosen; the
+//! agent's route table, compiled from the same files over the same registry, picks the
+//! same endpoints.
 #![allow(clippy::disallowed_methods, reason = "tests may block")]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use causeway_agent::dataplane::route::{RouteTable, SourceFacts};
+use causeway_api::push::{EndpointState, MeshState, RouteState, ServiceState};
+use causeway_api::route::{AnyResource, decode_documents_indexed};
 use causeway_fakes::{ConsulRegistration, FakeConsul, FakeKubernetes, KubeKind};
 use causeway_tests::*;
 use serde_json::Value;
@@ -79,6 +84,60 @@ fn endpoints(ctl: &Controller, ns: &str, name: &str) -> Vec<Value> {
         .find(|s| s["namespace"] == ns && s["name"] == name)
         .map(|s| s["endpoints"].as_array().cloned().unwrap())
         .unwrap_or_default()
+}
+
+/// The merged registry as pushed to agents, and the routing resources of [`ROUTES`].
+fn mesh_state(ctl: &Controller) -> MeshState {
+    let mut state = MeshState::default();
+    for svc in ctl.ctl_json(&["registry", "list"]).as_array().unwrap() {
+        let key = format!(
+            "{}/{}",
+            svc["namespace"].as_str().unwrap(),
+            svc["name"].as_str().unwrap()
+        );
+        let entry = state.services.entry(key).or_insert_with(|| ServiceState {
+            vip: None,
+            endpoints: Default::default(),
+            hostnames: Vec::new(),
+            source_kinds: Vec::new(),
+            consul_tags: Vec::new(),
+            consul_datacenters: Vec::new(),
+            eureka_vips: Vec::new(),
+        });
+        for (i, e) in svc["endpoints"].as_array().unwrap().iter().enumerate() {
+            entry.endpoints.insert(
+                i.to_string(),
+                EndpointState {
+                    address: e["address"].as_str().unwrap().to_owned(),
+                    ports: serde_json::from_value(e["ports"].clone()).unwrap(),
+                    healthy: e["healthy"].as_bool().unwrap(),
+                    zone: e["zone"].as_str().map(str::to_owned),
+                    identity: None,
+                    source: e["source"].as_str().unwrap().to_owned(),
+                    stale: false,
+                    labels: serde_json::from_value(e["labels"].clone()).unwrap(),
+                    mtls_strict: false,
+                },
+            );
+        }
+    }
+    for (seq, (_, doc)) in decode_documents_indexed("routes", ROUTES)
+        .unwrap()
+        .into_iter()
+        .enumerate()
+    {
+        let AnyResource::Route(r) = doc else {
+            panic!("a policy in ROUTES")
+        };
+        state.routes.insert(
+            r.key(),
+            RouteState {
+                seq: seq as u64,
+                resource: r,
+            },
+        );
+    }
+    state
 }
 
 fn strings(v: &Value) -> Vec<String> {
@@ -225,6 +284,46 @@ fn why_explains_routes_and_subsets_select_by_consul_tags_and_pod_labels() {
         strings(&r["destinations"][0]["endpoints"]),
         vec!["10.244.1.11:8080"],
         "{r}"
+    );
+
+    // The agents' own code on the same labels: the controller's merged registry as an
+    // agent receives it, the route table compiled from the same files, the request planned,
+    // the subset's endpoints chosen as the agent chooses its upstreams.
+    let state = mesh_state(&ctl);
+    let table = RouteTable::compile(&state, &SourceFacts::default());
+    let agent_picks = |service: &str, path: &str, headers: &[(&str, &str)]| {
+        let mut b = http::Request::builder().uri(path);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let parts = b.body(()).unwrap().into_parts().0;
+        let plan = table
+            .service(service)
+            .and_then(|r| r.plan(&parts, 8080, || 0))
+            .unwrap_or_else(|| panic!("no route for {service} {path}"));
+        let mut picked: Vec<String> = state.services[service]
+            .endpoints
+            .values()
+            .filter(|e| e.healthy && plan.dest.selects(&e.labels))
+            .map(|e| e.address.clone())
+            .collect();
+        picked.sort();
+        (plan.dest.subset.clone(), picked)
+    };
+    assert_eq!(
+        agent_picks("default/shop", "/", &[("x-canary", "1")]),
+        (
+            Some("v2".to_owned()),
+            vec!["127.0.0.52".to_owned(), "127.0.0.53".to_owned()]
+        )
+    );
+    assert_eq!(
+        agent_picks("demo/web", "/v2/items", &[]),
+        (Some("v2".to_owned()), vec!["10.244.2.12".to_owned()])
+    );
+    assert_eq!(
+        agent_picks("demo/web", "/", &[]),
+        (Some("v1".to_owned()), vec!["10.244.1.11".to_owned()])
     );
 
     // The text form.

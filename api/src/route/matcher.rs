@@ -268,6 +268,15 @@ impl RequestMatch {
     }
 }
 
+/// Whether an endpoint with `labels` belongs to a subset selecting `subset` (every label
+/// of the subset, with the same value; an empty subset selects every endpoint).
+pub fn subset_selects(
+    subset: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    subset.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 /// Whether a match's source conditions hold for a workload with `labels` in
 /// `namespace` (Istio: every `sourceLabels` entry, and `sourceNamespace` when set).
 pub fn source_applies(

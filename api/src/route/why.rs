@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::matcher::{RequestAttrs, RequestMatch, source_applies};
+use super::matcher::{RequestAttrs, RequestMatch, source_applies, subset_selects};
 use super::resource::{
     ConnectionPoolSettings, Destination, HttpRoute, LoadBalancerSettings, LocalityLbSetting,
     OutlierDetection, TrafficPolicy,
@@ -232,13 +232,13 @@ fn destination(
         .find(|s| s.namespace == ns && s.name == name);
     for e in svc.iter().flat_map(|s| s.endpoints.iter()) {
         let at = format!("{}:{port}", e.address);
-        let missing: Vec<String> = p
-            .labels
-            .iter()
-            .filter(|(k, v)| e.labels.get(*k) != Some(v))
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        if !missing.is_empty() {
+        if !subset_selects(&p.labels, &e.labels) {
+            let missing: Vec<String> = p
+                .labels
+                .iter()
+                .filter(|(k, v)| e.labels.get(*k) != Some(v))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             excluded.push(format!("{at}: lacks {}", missing.join(",")));
         } else if !e.ports.values().any(|p| *p == port) {
             excluded.push(format!("{}: no port {port}", e.address));

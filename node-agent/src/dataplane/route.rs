@@ -214,7 +214,7 @@ pub struct Dest {
 impl Dest {
     /// Whether an endpoint with `labels` belongs to this destination.
     pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+        causeway_api::route::matcher::subset_selects(&self.labels, labels)
     }
 }
 
