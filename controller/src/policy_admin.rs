@@ -321,6 +321,7 @@ pub(crate) async fn why(
     let (host, port) = split_port(&q.to)?;
     let services = s.mesh.services();
     let svc = resolve_service(&services, host)?;
+    let routing = route_why(&s, &source, svc, &services, host, port, &q)?;
     let mut steps = vec![WhyStep {
         step: "source".into(),
         policy: None,
@@ -347,6 +348,7 @@ pub(crate) async fn why(
             policy: None,
             steps,
             recent_denials: Vec::new(),
+            routing,
         }));
     };
     let port = match port {
@@ -442,6 +444,7 @@ pub(crate) async fn why(
             policy: mode_policy,
             steps,
             recent_denials,
+            routing,
         }));
     }
     let set = PolicySet::new(aps.iter().copied());
@@ -504,6 +507,7 @@ pub(crate) async fn why(
                 policy,
                 steps,
                 recent_denials,
+                routing,
             }));
         }
     };
@@ -555,7 +559,102 @@ pub(crate) async fn why(
         policy: d.policy,
         steps,
         recent_denials,
+        routing,
     }))
+}
+
+/// The routing part of `why`: how the source's agent routes the request (HTTP port, or
+/// request attributes given) or the connection; `None` when the port is not given and
+/// the service has several.
+fn route_why(
+    s: &AdminState,
+    source: &Source,
+    svc: &ServiceView,
+    services: &[ServiceView],
+    host: &str,
+    port: Option<u16>,
+    q: &WhyRequest,
+) -> Result<Option<causeway_api::route::why::RouteWhy>, ApiError> {
+    use causeway_api::route::matcher::RequestAttrs;
+    let port = match port {
+        Some(p) => p,
+        None => {
+            let ports: std::collections::BTreeSet<u16> = svc
+                .endpoints
+                .iter()
+                .flat_map(|e| e.ports.values().copied())
+                .collect();
+            match ports.iter().next() {
+                Some(p) if ports.len() == 1 => *p,
+                _ => return Ok(None),
+            }
+        }
+    };
+    // The source workload as its agent sees itself: the labels of the endpoints at its
+    // address, the namespace of their identity (else of its principal).
+    let mut labels = BTreeMap::new();
+    let mut namespace = None;
+    if let Some(ip) = source.ip.map(|ip| ip.to_string()) {
+        for e in services.iter().flat_map(|s| s.endpoints.iter()) {
+            if e.address == ip {
+                labels.extend(e.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+                if e.identity.is_some() {
+                    namespace = workload_namespace(e);
+                }
+            }
+        }
+    }
+    if namespace.is_none() {
+        namespace = source
+            .principal
+            .as_deref()
+            .and_then(|p| p.split("/ns/").nth(1))
+            .and_then(|r| r.split('/').next())
+            .map(str::to_owned);
+    }
+    let http_port = svc.endpoints.iter().any(|e| {
+        e.ports.iter().any(|(name, p)| {
+            *p == port && causeway_api::protocol::Protocol::from_port_name(name).is_http()
+        })
+    });
+    let asks_http = q.method.is_some() || q.path.is_some() || !q.headers.is_empty();
+    let mut headers = http::HeaderMap::new();
+    for (k, v) in &q.headers {
+        let name = http::header::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes())
+            .map_err(|_| bad(format!("--header {k}={v}: {k:?} is not a header name")))?;
+        let value = http::HeaderValue::from_str(v)
+            .map_err(|_| bad(format!("--header {k}={v}: {v:?} is not a header value")))?;
+        headers.append(name, value);
+    }
+    let target = q.path.as_deref().unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let authority = headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(host)
+        .to_owned();
+    let stored = s.mesh.routes();
+    let routes: Vec<(u64, &causeway_api::route::RouteResource)> =
+        stored.values().map(|r| (r.seq, &r.resource)).collect();
+    let service = format!("{}/{}", svc.namespace, svc.name);
+    Ok(Some(causeway_api::route::why::explain(
+        &causeway_api::route::why::WhyInput {
+            routes: &routes,
+            services,
+            service: &service,
+            source_labels: &labels,
+            source_namespace: namespace.as_ref(),
+            port,
+            http: (http_port || asks_http).then_some(RequestAttrs {
+                path,
+                query,
+                method: q.method.as_deref().unwrap_or("GET"),
+                authority: &authority,
+                headers: &headers,
+                port,
+            }),
+        },
+    )))
 }
 
 /// The RequestAuthentication step of `why`: checks `--jwt` against the rules that select

@@ -133,7 +133,9 @@ enum Command {
         #[arg(short = 'n', long)]
         namespace: Option<String>,
     },
-    /// Explain whether a connection would be allowed, and by which policy.
+    /// Explain whether a connection would be allowed, and by which policy, and how the
+    /// source's agent routes it (VirtualService, route, subset, DestinationRule policy,
+    /// endpoints).
     Why {
         /// The source: a group name, an agent id or an IP address.
         #[arg(long)]

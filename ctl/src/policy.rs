@@ -554,6 +554,9 @@ pub(crate) async fn why(api: &Api, out: Output, req: WhyRequest) -> anyhow::Resu
                 ));
             }
         }
+        if let Some(r) = &resp.routing {
+            text.push_str(&routing_text(r));
+        }
         text.push_str(&format!(
             "=> {}{}\n",
             resp.decision.to_ascii_uppercase(),
@@ -565,6 +568,68 @@ pub(crate) async fn why(api: &Api, out: Output, req: WhyRequest) -> anyhow::Resu
         text
     });
     Ok(())
+}
+
+/// The routing part of `why` as text: the routes looked at, then where the request goes.
+fn routing_text(r: &causeway_api::route::why::RouteWhy) -> String {
+    let mut text = format!("routing ({}, as the source's agent decides):\n", r.protocol);
+    for c in &r.candidates {
+        text.push_str(&format!(
+            "    {} {} {} {}\n",
+            if c.matched {
+                "[taken]   "
+            } else {
+                "[no match]"
+            },
+            c.virtual_service,
+            c.route,
+            c.reason
+        ));
+    }
+    text.push_str(&format!("    {}\n", r.summary));
+    for d in &r.destinations {
+        text.push_str(&format!(
+            "    -> {}{} port {} weight {}/{}: {}{}{}{}\n",
+            d.service,
+            d.subset
+                .as_ref()
+                .map(|s| format!(" subset {s} {:?}", d.labels))
+                .unwrap_or_default(),
+            d.port,
+            d.weight,
+            r.total_weight,
+            d.load_balancer,
+            d.destination_rule
+                .as_ref()
+                .map(|dr| format!(" (DestinationRule {dr})"))
+                .unwrap_or_default(),
+            d.outlier_detection
+                .as_ref()
+                .and_then(|o| serde_json::to_string(o).ok())
+                .map(|o| format!(", outlierDetection {o}"))
+                .unwrap_or_default(),
+            d.connection_pool
+                .as_ref()
+                .and_then(|p| serde_json::to_string(p).ok())
+                .map(|p| format!(", connectionPool {p}"))
+                .unwrap_or_default(),
+        ));
+        text.push_str(&format!(
+            "       endpoints: {}\n",
+            if d.endpoints.is_empty() {
+                "none (the request gets 503 UH)".to_owned()
+            } else {
+                d.endpoints.join(", ")
+            }
+        ));
+        for x in &d.excluded {
+            text.push_str(&format!("       left out: {x}\n"));
+        }
+    }
+    if let Some(m) = &r.mirror {
+        text.push_str(&format!("    mirror: {m}\n"));
+    }
+    text
 }
 
 #[cfg(test)]

@@ -123,4 +123,8 @@ pub struct WhyResponse {
     /// address), newest last, as the agent reported them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recent_denials: Vec<crate::push::Denial>,
+    /// How the source's agent routes the request or connection (VirtualService, route,
+    /// subset, DestinationRule policy, endpoints); `None` when the port is unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<crate::route::why::RouteWhy>,
 }

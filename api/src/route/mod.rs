@@ -12,8 +12,10 @@
 //! [`crate::push::FEATURE_ROUTE`]; the source agent compiles them into its route table.
 
 pub mod api;
+pub mod matcher;
 pub mod resource;
 pub mod validate;
+pub mod why;
 
 pub use resource::{DestinationRule, VirtualService};
 

@@ -23,136 +23,15 @@ use std::time::Duration;
 use ::http::header::{HeaderMap, HeaderName, HeaderValue};
 use ::http::{StatusCode, request::Parts};
 use causeway_api::push::MeshState;
+use causeway_api::route::matcher::{
+    RequestAttrs as Req, RequestMatch as MatchC, query_value, source_applies,
+};
 use causeway_api::route::resource::{
     Destination, HeaderOperations, Headers, HttpMatchRequest, HttpRetry, HttpRoute,
-    LoadBalancerSettings, OutlierDetection, StringMatch, TrafficPolicy,
+    LoadBalancerSettings, OutlierDetection, TrafficPolicy,
 };
 use causeway_api::route::validate::{parse_duration, service_of_host};
 use causeway_api::route::{DestinationRule, RouteResource, VirtualService};
-
-/// A compiled string match.
-#[derive(Debug, Clone)]
-enum Sm {
-    Exact(String),
-    Prefix(String),
-    Regex(regex::Regex),
-    /// `{}`: present (headers).
-    Any,
-}
-
-impl Sm {
-    fn compile(m: &StringMatch, ignore_case: bool) -> Sm {
-        let fold = |s: &String| {
-            if ignore_case {
-                s.to_ascii_lowercase()
-            } else {
-                s.clone()
-            }
-        };
-        if let Some(e) = &m.exact {
-            Sm::Exact(fold(e))
-        } else if let Some(p) = &m.prefix {
-            Sm::Prefix(fold(p))
-        } else if let Some(r) = &m.regex {
-            // Validated on apply and on receipt; a regex that does not compile cannot get
-            // here, and would match nothing rather than everything.
-            regex::Regex::new(&format!("^(?:{r})$")).map_or_else(
-                |_| Sm::Regex(regex::Regex::new("[^\\s\\S]").expect("matches nothing")),
-                Sm::Regex,
-            )
-        } else {
-            Sm::Any
-        }
-    }
-
-    /// Whether `v` matches; `Some(len)` is the length of the matched prefix (for a
-    /// rewrite), the whole value otherwise.
-    fn matches(&self, v: &str, ignore_case: bool) -> Option<usize> {
-        match self {
-            Sm::Exact(e) => {
-                let ok = if ignore_case {
-                    v.eq_ignore_ascii_case(e)
-                } else {
-                    v == e
-                };
-                ok.then_some(v.len())
-            }
-            Sm::Prefix(p) => {
-                let ok = v.len() >= p.len()
-                    && if ignore_case {
-                        v.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
-                    } else {
-                        v.starts_with(p.as_str())
-                    };
-                ok.then_some(p.len())
-            }
-            Sm::Regex(r) => r.is_match(v).then_some(v.len()),
-            Sm::Any => Some(v.len()),
-        }
-    }
-}
-
-/// One compiled `match` entry.
-#[derive(Debug, Clone)]
-struct MatchC {
-    uri: Option<(Sm, bool)>,
-    method: Option<Sm>,
-    authority: Option<Sm>,
-    headers: Vec<(HeaderName, Sm)>,
-    without_headers: Vec<(HeaderName, Sm)>,
-    query: Vec<(String, Sm)>,
-    port: Option<u16>,
-}
-
-/// The request attributes a match looks at.
-struct Req<'a> {
-    path: &'a str,
-    query: &'a str,
-    method: &'a str,
-    authority: &'a str,
-    headers: &'a HeaderMap,
-    port: u16,
-}
-
-fn query_value<'a>(query: &'a str, key: &str) -> Option<&'a str> {
-    query.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == key).then_some(v)
-    })
-}
-
-impl MatchC {
-    /// `Some(prefix length of the path matched)` when the request matches.
-    fn eval(&self, r: &Req<'_>) -> Option<usize> {
-        if self.port.is_some_and(|p| p != r.port) {
-            return None;
-        }
-        if let Some(m) = &self.method {
-            m.matches(r.method, false)?;
-        }
-        if let Some(m) = &self.authority {
-            m.matches(r.authority, false)?;
-        }
-        for (name, m) in &self.headers {
-            let v = r.headers.get(name)?.to_str().ok()?;
-            m.matches(v, false)?;
-        }
-        for (name, m) in &self.without_headers {
-            if let Some(v) = r.headers.get(name).and_then(|v| v.to_str().ok())
-                && m.matches(v, false).is_some()
-            {
-                return None;
-            }
-        }
-        for (key, m) in &self.query {
-            m.matches(query_value(r.query, key)?, false)?;
-        }
-        match &self.uri {
-            Some((m, ignore_case)) => m.matches(r.path, *ignore_case),
-            None => Some(r.path.len()),
-        }
-    }
-}
 
 /// Header operations with names and values parsed once.
 #[derive(Debug, Clone, Default)]
@@ -442,7 +321,7 @@ pub struct Dest {
 impl Dest {
     /// Whether an endpoint with `labels` belongs to this destination.
     pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+        causeway_api::route::matcher::subset_selects(&self.labels, labels)
     }
 }
 
@@ -985,47 +864,19 @@ fn compile_http(
     weigh: &impl Fn(Vec<Arc<Dest>>) -> (Vec<Arc<Dest>>, u32),
 ) -> Option<HttpRouteC> {
     let applies = |m: &HttpMatchRequest| {
-        m.source_labels
-            .iter()
-            .all(|(k, v)| own.labels.get(k) == Some(v))
-            && m.source_namespace
-                .as_ref()
-                .is_none_or(|n| own.namespace.as_ref() == Some(n))
+        source_applies(
+            &m.source_labels,
+            m.source_namespace.as_ref(),
+            &own.labels,
+            own.namespace.as_ref(),
+        )
     };
     let kept: Vec<&HttpMatchRequest> = r.matches.iter().filter(|m| applies(m)).collect();
     if !r.matches.is_empty() && kept.is_empty() {
         // Every match names another source: the route never applies here.
         return None;
     }
-    let header_matches = |map: &BTreeMap<String, StringMatch>| {
-        map.iter()
-            .filter_map(|(k, v)| {
-                Some((
-                    HeaderName::from_bytes(k.as_bytes()).ok()?,
-                    Sm::compile(v, false),
-                ))
-            })
-            .collect::<Vec<_>>()
-    };
-    let matches = kept
-        .iter()
-        .map(|m| {
-            let ic = m.ignore_uri_case.unwrap_or(false);
-            MatchC {
-                uri: m.uri.as_ref().map(|u| (Sm::compile(u, ic), ic)),
-                method: m.method.as_ref().map(|s| Sm::compile(s, false)),
-                authority: m.authority.as_ref().map(|s| Sm::compile(s, false)),
-                headers: header_matches(&m.headers),
-                without_headers: header_matches(&m.without_headers),
-                query: m
-                    .query_params
-                    .iter()
-                    .map(|(k, v)| (k.clone(), Sm::compile(v, false)))
-                    .collect(),
-                port: m.port.and_then(|p| u16::try_from(p).ok()),
-            }
-        })
-        .collect();
+    let matches = kept.iter().map(|m| MatchC::compile(m)).collect();
     let (dests, total_weight) = weigh(
         r.route
             .iter()

@@ -17,6 +17,11 @@
 //! `upstream_host`) and `reporter`, `grpc_status`, `source_principal`,
 //! `destination_principal`, `trace_id`; null for what is unknown.
 //!
+//! A request the source agent's route sent to a DestinationRule subset (issue 21) also
+//! carries `destination_subset` and `destination_version` (the subset's `version` label):
+//! JSON keys (null otherwise), and at the end of the text line
+//! (`… trace_id=… destination_subset=v2 destination_version=v2`; absent otherwise).
+//!
 //! Where: the systemd journal when the agent's stderr is connected to it (one entry per
 //! record, `SYSLOG_IDENTIFIER=causeway-access-log`, the fields as journal fields:
 //! `journalctl -t causeway-access-log RESPONSE_CODE=503`), stdout otherwise. Entries are
@@ -190,6 +195,8 @@ struct Fields {
     source_principal: Option<String>,
     destination_principal: Option<String>,
     trace_id: Option<String>,
+    destination_subset: Option<String>,
+    destination_version: Option<String>,
 }
 
 fn non_empty(s: &str) -> Option<String> {
@@ -216,6 +223,12 @@ impl Fields {
                 source_principal: r.source_principal.as_deref().map(str::to_owned),
                 destination_principal: r.destination_principal.as_deref().map(str::to_owned),
                 trace_id: r.trace.as_ref().map(|t| t.trace_id_hex()),
+                destination_subset: r.subset.as_ref().map(|s| s.name.to_string()),
+                destination_version: r
+                    .subset
+                    .as_ref()
+                    .and_then(|s| s.version.as_deref())
+                    .map(str::to_owned),
             },
             Entry::Tcp(r) => Self {
                 start_time: humantime::format_rfc3339_millis(r.start).to_string(),
@@ -234,13 +247,15 @@ impl Fields {
                 source_principal: r.source_principal.as_deref().map(str::to_owned),
                 destination_principal: r.destination_principal.as_deref().map(str::to_owned),
                 trace_id: None,
+                destination_subset: None,
+                destination_version: None,
             },
         }
     }
 
     fn text(&self) -> String {
         let d = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
-        format!(
+        let mut line = format!(
             "[{}] \"{} {} {}\" {} {} {} {} {} \"{}\" \"{}\" reporter={} source_principal={} destination_principal={} trace_id={}",
             self.start_time,
             d(&self.method),
@@ -257,7 +272,15 @@ impl Fields {
             d(&self.source_principal),
             d(&self.destination_principal),
             d(&self.trace_id),
-        )
+        );
+        // Only for a request routed to a subset: other lines keep their shape.
+        if let Some(subset) = &self.destination_subset {
+            line.push_str(&format!(
+                " destination_subset={subset} destination_version={}",
+                d(&self.destination_version)
+            ));
+        }
+        line
     }
 
     fn json(&self) -> String {
@@ -278,6 +301,8 @@ impl Fields {
             "source_principal": self.source_principal,
             "destination_principal": self.destination_principal,
             "trace_id": self.trace_id,
+            "destination_subset": self.destination_subset,
+            "destination_version": self.destination_version,
         })
         .to_string()
     }
@@ -302,6 +327,8 @@ impl Fields {
             source_principal = self.source_principal.as_deref().unwrap_or(none),
             destination_principal = self.destination_principal.as_deref().unwrap_or(none),
             trace_id = self.trace_id.as_deref().unwrap_or(none),
+            destination_subset = self.destination_subset.as_deref().unwrap_or(none),
+            destination_version = self.destination_version.as_deref().unwrap_or(none),
             "{line}"
         );
     }
@@ -375,6 +402,7 @@ mod tests {
             response_code: 200,
             grpc_status: None,
             response_flags: ResponseFlags::NONE,
+            subset: None,
             request_bytes: 0,
             response_bytes: 31,
             duration: Duration::from_millis(2),
@@ -445,6 +473,38 @@ mod tests {
             (tcp["bytes_received"].as_u64(), tcp["bytes_sent"].as_u64()),
             (Some(5), Some(7))
         );
+    }
+
+    #[test]
+    fn a_request_routed_to_a_subset_logs_the_subset_and_its_version() {
+        let buf = Buf::default();
+        let log = AccessLog::start(
+            AccessLogFormat::Text,
+            100.0,
+            Sink::Lines(Box::new(buf.clone())),
+        )
+        .unwrap();
+        let mut r = record();
+        r.subset = Some(crate::dataplane::http::SubsetRecord {
+            name: Arc::from("canary"),
+            version: Some(Arc::from("v2")),
+        });
+        log.http(&r);
+        log.finish();
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.trim_end().ends_with(
+                "trace_id=abababababababababababababababab destination_subset=canary destination_version=v2"
+            ),
+            "{text}"
+        );
+        let f = Fields::of(&Entry::Http(Box::new(r)));
+        let json: serde_json::Value = serde_json::from_str(&f.json()).unwrap();
+        assert_eq!(json["destination_subset"], "canary");
+        assert_eq!(json["destination_version"], "v2");
+        let plain: serde_json::Value =
+            serde_json::from_str(&Fields::of(&Entry::Http(Box::new(record()))).json()).unwrap();
+        assert_eq!(plain["destination_version"], serde_json::Value::Null);
     }
 
     #[test]

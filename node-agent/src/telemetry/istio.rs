@@ -16,7 +16,9 @@
 //! registry service it belongs to; `*_workload_namespace` is the SPIFFE ID's namespace
 //! (the service's namespace without an agent); principals are SPIFFE IDs
 //! (`spiffe://<trust domain>/ns/<ns>/sa/<sa>`, `unknown` without an agent); `*_app` and
-//! `*_version` are the endpoint labels `app` and `version`; `*_cluster` is `unknown`
+//! `*_version` are the endpoint labels `app` and `version` (at the source, a request a
+//! route sent to a DestinationRule subset with a `version` label has that version as
+//! `destination_version`, also when no endpoint was reached); `*_cluster` is `unknown`
 //! (VMs have no Kubernetes cluster id). `destination_service` is
 //! `<name>.<namespace>.<causeway DNS domain>`, `PassthroughCluster` for connections to
 //! non-mesh destinations. `connection_security_policy` is `mutual_tls` through the
@@ -73,6 +75,8 @@ const PEER_LABELS: [&str; 16] = [
     "destination_service_namespace",
     "destination_cluster",
 ];
+/// The index of `destination_version` in [`PEER_LABELS`].
+const DESTINATION_VERSION: usize = 11;
 const HTTP_LABELS: [&str; 5] = [
     "request_protocol",
     "response_code",
@@ -724,7 +728,12 @@ impl IstioObserver {
         let (mut key, mtls) = match &self.scope {
             Scope::Source(service) => {
                 let upstream = r.upstream_host.as_deref();
-                let key = l.source_key(Some(service), upstream);
+                let mut key = l.source_key(Some(service), upstream);
+                // Routed to a subset with a `version` label: that version, also when no
+                // endpoint was reached (no healthy endpoint in the subset, fault abort).
+                if let Some(v) = r.subset.as_ref().and_then(|s| s.version.as_ref()) {
+                    key[DESTINATION_VERSION] = v.clone();
+                }
                 // Through the tunnel when the endpoint reached runs an agent.
                 let mtls = upstream.is_some() && &*key[9] != UNKNOWN;
                 (key, mtls)
@@ -831,6 +840,7 @@ mod tests {
             response_code: code,
             grpc_status: None,
             response_flags: ResponseFlags::NONE,
+            subset: None,
             request_bytes: 3,
             response_bytes: 1200,
             duration: Duration::from_millis(7),
@@ -854,6 +864,51 @@ mod tests {
             metrics: Arc::new(IstioMetrics::new(max)),
             labeler: Labeler::new(identity, group, "causeway", state()),
         })
+    }
+
+    #[test]
+    fn a_request_routed_to_a_subset_carries_its_version() {
+        assert_eq!(PEER_LABELS[DESTINATION_VERSION], "destination_version");
+        let src = istio(CLIENT, "clients", 100);
+        let o = IstioObserver::new(src.clone(), Scope::Source(Arc::from("shop/web")));
+        let subset = |v: &str| {
+            Some(crate::dataplane::http::SubsetRecord {
+                name: Arc::from(v),
+                version: Some(Arc::from(v)),
+            })
+        };
+        // The subset's only endpoint is down: no upstream, the version is the subset's.
+        let mut r = record(Side::Source, 503, None, ConnInfo::default());
+        r.response_flags = ResponseFlags::NO_HEALTHY_UPSTREAM;
+        r.subset = subset("v3");
+        o.on_request(r);
+        // Reached: the endpoint's version, the same as the subset's.
+        let mut r = record(
+            Side::Source,
+            200,
+            Some("10.0.0.2:8080"),
+            ConnInfo::default(),
+        );
+        r.subset = subset("v2");
+        o.on_request(r);
+        // Without a subset and no upstream: unknown, as before.
+        o.on_request(record(Side::Source, 502, None, ConnInfo::default()));
+        let text = scrape(&src.metrics);
+        let line = |code: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("istio_requests_total{")
+                        && l.contains(&format!("response_code=\"{code}\""))
+                })
+                .unwrap_or_else(|| panic!("{text}"))
+                .to_owned()
+        };
+        assert!(line("503").contains("destination_version=\"v3\""), "{text}");
+        assert!(line("200").contains("destination_version=\"v2\""), "{text}");
+        assert!(
+            line("502").contains("destination_version=\"unknown\""),
+            "{text}"
+        );
     }
 
     #[test]

@@ -552,6 +552,7 @@ mod tests {
             response_code: 200,
             grpc_status: None,
             response_flags: Default::default(),
+            subset: None,
             request_bytes: 0,
             response_bytes: 0,
             duration: Default::default(),

@@ -504,6 +504,7 @@ mod tests {
             response_code: 503,
             grpc_status: None,
             response_flags: ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+            subset: None,
             request_bytes: 1,
             response_bytes: 2,
             duration: Duration::from_millis(5),

@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::record::{
     BoxError, ConnInfo, CountingBody, ObservedBody, Observer, Pending, RequestRecord,
-    ResponseFlags, grpc_status, trace_headers,
+    ResponseFlags, SubsetRecord, grpc_status, trace_headers,
 };
 use super::{HttpSettings, Side};
 use crate::dataplane::route::{Dest, Plan};
@@ -440,6 +440,7 @@ impl<U: Upstream> Proxy<U> {
                 response_code: status,
                 grpc_status: None,
                 response_flags: ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR,
+                subset: None,
                 request_bytes: 0,
                 response_bytes: 0,
                 duration: started.0.elapsed(),
@@ -506,6 +507,7 @@ impl<U: Upstream> Proxy<U> {
                 response_code: 0,
                 grpc_status: None,
                 response_flags: ResponseFlags::NONE,
+                subset: None,
                 request_bytes: 0,
                 response_bytes: 0,
                 duration: Default::default(),
@@ -553,6 +555,14 @@ impl<U: Upstream> Proxy<U> {
             inner.upstream.plan(&parts)
         };
         if let Some(plan) = &plan {
+            pending.record.subset = plan.dest.subset.as_deref().map(|name| SubsetRecord {
+                name: Arc::from(name),
+                version: plan
+                    .dest
+                    .labels
+                    .get("version")
+                    .map(|v| Arc::from(v.as_str())),
+            });
             if let Some(delay) = plan.delay {
                 pending
                     .record

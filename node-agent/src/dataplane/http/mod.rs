@@ -36,7 +36,8 @@ use std::time::Duration;
 
 pub use client::{Admission, Io, Proxy, Refusal, Upstream, UpstreamConn, UpstreamError};
 pub use record::{
-    ConnInfo, ObservedBody, Observer, RequestRecord, ResponseFlags, Side, TRACE_HEADERS,
+    ConnInfo, ObservedBody, Observer, RequestRecord, ResponseFlags, Side, SubsetRecord,
+    TRACE_HEADERS,
 };
 pub use server::{LocalApp, inbound_proxy, serve_inbound};
 pub use sniff::{Detected, Rewind, detect};

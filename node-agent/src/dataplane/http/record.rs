@@ -184,6 +184,19 @@ pub struct RequestRecord {
     /// This agent's span of the request ([`crate::telemetry::trace`]); `None` when the
     /// request carried no trace context and this agent started none.
     pub trace: Option<crate::telemetry::trace::SpanRecord>,
+    /// At the source, the DestinationRule subset the request was routed to (issue 21);
+    /// `None` without routing or without a subset.
+    pub subset: Option<SubsetRecord>,
+}
+
+/// The subset a route sent a request to, for telemetry: Istio's `destination_version`
+/// and the access log carry its `version` label.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubsetRecord {
+    /// The subset's name.
+    pub name: Arc<str>,
+    /// Its `version` label, if it selects by one.
+    pub version: Option<Arc<str>>,
 }
 
 /// Receives one [`RequestRecord`] per finished request. Called on the request path: it

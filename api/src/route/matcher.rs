@@ -1,0 +1,392 @@
+//! Request matching of VirtualService `http[].match[]` entries, shared by the source
+//! agent's route table (evaluated per request) and the controller's `why` (which also
+//! wants the first condition that did not hold): one implementation, so `why` explains
+//! exactly what the agents do.
+//!
+//! A [`RequestMatch`] is compiled once from an [`HttpMatchRequest`] (regexes, header
+//! names); [`RequestMatch::check`] borrows the request ([`RequestAttrs`]) and allocates
+//! nothing: it returns the matched path prefix length or the first [`Miss`].
+//! Source conditions (`sourceLabels`, `sourceNamespace`) are about the calling workload,
+//! not the request: [`source_applies`] decides them once per source.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use http::HeaderMap;
+use http::header::HeaderName;
+
+use super::resource::{HttpMatchRequest, StringMatch};
+
+/// A compiled string match.
+#[derive(Debug, Clone)]
+pub enum StringMatcher {
+    /// `exact`.
+    Exact(String),
+    /// `prefix`.
+    Prefix(String),
+    /// `regex`, anchored at both ends (RE2 full match, as Envoy).
+    Regex(regex::Regex),
+    /// `{}`: any value, the header must be present.
+    Any,
+}
+
+impl StringMatcher {
+    /// Compiles `m`; with `ignore_case` the exact and prefix values are folded to lower
+    /// case (the comparison folds the request's).
+    pub fn compile(m: &StringMatch, ignore_case: bool) -> StringMatcher {
+        let fold = |s: &String| {
+            if ignore_case {
+                s.to_ascii_lowercase()
+            } else {
+                s.clone()
+            }
+        };
+        if let Some(e) = &m.exact {
+            StringMatcher::Exact(fold(e))
+        } else if let Some(p) = &m.prefix {
+            StringMatcher::Prefix(fold(p))
+        } else if let Some(r) = &m.regex {
+            // Validated on apply and on receipt; a regex that does not compile cannot get
+            // here, and would match nothing rather than everything.
+            regex::Regex::new(&format!("^(?:{r})$")).map_or_else(
+                |_| {
+                    StringMatcher::Regex(
+                        regex::Regex::new("[^\\s\\S]").expect("a regex matching nothing"),
+                    )
+                },
+                StringMatcher::Regex,
+            )
+        } else {
+            StringMatcher::Any
+        }
+    }
+
+    /// Whether `v` matches; `Some(len)` is the length of the matched prefix (for a
+    /// rewrite), the whole value's otherwise.
+    pub fn matches(&self, v: &str, ignore_case: bool) -> Option<usize> {
+        match self {
+            StringMatcher::Exact(e) => {
+                let ok = if ignore_case {
+                    v.eq_ignore_ascii_case(e)
+                } else {
+                    v == e
+                };
+                ok.then_some(v.len())
+            }
+            StringMatcher::Prefix(p) => {
+                let ok = v.len() >= p.len()
+                    && if ignore_case {
+                        v.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+                    } else {
+                        v.starts_with(p.as_str())
+                    };
+                ok.then_some(p.len())
+            }
+            StringMatcher::Regex(r) => r.is_match(v).then_some(v.len()),
+            StringMatcher::Any => Some(v.len()),
+        }
+    }
+}
+
+impl fmt::Display for StringMatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StringMatcher::Exact(e) => write!(f, "exact {e:?}"),
+            StringMatcher::Prefix(p) => write!(f, "prefix {p:?}"),
+            StringMatcher::Regex(r) => {
+                let s = r.as_str();
+                let inner = s
+                    .strip_prefix("^(?:")
+                    .and_then(|s| s.strip_suffix(")$"))
+                    .unwrap_or(s);
+                write!(f, "regex {inner:?}")
+            }
+            StringMatcher::Any => f.write_str("present"),
+        }
+    }
+}
+
+/// The attributes of a request that a match looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestAttrs<'a> {
+    /// The path, without the query.
+    pub path: &'a str,
+    /// The query, without `?` (empty: none).
+    pub query: &'a str,
+    /// The method.
+    pub method: &'a str,
+    /// The authority (`:authority` or `Host`).
+    pub authority: &'a str,
+    /// The request headers.
+    pub headers: &'a HeaderMap,
+    /// The destination port the application dialled.
+    pub port: u16,
+}
+
+/// The value of query parameter `key` in `query` (the first one; `""` without `=`).
+pub fn query_value<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then_some(v)
+    })
+}
+
+/// One compiled `match` entry (its request conditions; the source conditions are
+/// decided by [`source_applies`]).
+#[derive(Debug, Clone)]
+pub struct RequestMatch {
+    uri: Option<(StringMatcher, bool)>,
+    method: Option<StringMatcher>,
+    authority: Option<StringMatcher>,
+    headers: Vec<(HeaderName, StringMatcher)>,
+    without_headers: Vec<(HeaderName, StringMatcher)>,
+    query: Vec<(String, StringMatcher)>,
+    port: Option<u16>,
+}
+
+/// The first condition of a [`RequestMatch`] that a request did not meet.
+#[derive(Debug, Clone, Copy)]
+pub enum Miss<'m, 'r> {
+    /// `port`: the request's port differs.
+    Port {
+        /// The match's port.
+        want: u16,
+        /// The request's.
+        got: u16,
+    },
+    /// `method`.
+    Method(&'m StringMatcher, &'r str),
+    /// `authority`.
+    Authority(&'m StringMatcher, &'r str),
+    /// `headers.NAME`: absent (`None`) or another value.
+    Header(&'m HeaderName, &'m StringMatcher, Option<&'r str>),
+    /// `withoutHeaders.NAME`: present with a matching value.
+    WithoutHeader(&'m HeaderName, &'m StringMatcher, &'r str),
+    /// `queryParams.KEY`: absent or another value.
+    Query(&'m str, &'m StringMatcher, Option<&'r str>),
+    /// `uri`.
+    Uri(&'m StringMatcher, &'r str),
+}
+
+impl fmt::Display for Miss<'_, '_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let got = |v: Option<&str>| v.map_or_else(|| "absent".to_owned(), |v| format!("{v:?}"));
+        match self {
+            Miss::Port { want, got } => write!(f, "port: {got} is not {want}"),
+            Miss::Method(m, v) => write!(f, "method: {v:?} does not match {m}"),
+            Miss::Authority(m, v) => write!(f, "authority: {v:?} does not match {m}"),
+            Miss::Header(n, m, v) => write!(f, "headers.{n}: {} does not match {m}", got(*v)),
+            Miss::WithoutHeader(n, m, v) => {
+                write!(f, "withoutHeaders.{n}: {v:?} matches {m}")
+            }
+            Miss::Query(k, m, v) => {
+                write!(f, "queryParams.{k}: {} does not match {m}", got(*v))
+            }
+            Miss::Uri(m, v) => write!(f, "uri: {v:?} does not match {m}"),
+        }
+    }
+}
+
+impl RequestMatch {
+    /// Compiles the request conditions of `m`.
+    pub fn compile(m: &HttpMatchRequest) -> RequestMatch {
+        let ic = m.ignore_uri_case.unwrap_or(false);
+        let header_matches = |map: &BTreeMap<String, StringMatch>| {
+            map.iter()
+                .filter_map(|(k, v)| {
+                    Some((
+                        HeaderName::from_bytes(k.as_bytes()).ok()?,
+                        StringMatcher::compile(v, false),
+                    ))
+                })
+                .collect::<Vec<_>>()
+        };
+        RequestMatch {
+            uri: m.uri.as_ref().map(|u| (StringMatcher::compile(u, ic), ic)),
+            method: m.method.as_ref().map(|s| StringMatcher::compile(s, false)),
+            authority: m
+                .authority
+                .as_ref()
+                .map(|s| StringMatcher::compile(s, false)),
+            headers: header_matches(&m.headers),
+            without_headers: header_matches(&m.without_headers),
+            query: m
+                .query_params
+                .iter()
+                .map(|(k, v)| (k.clone(), StringMatcher::compile(v, false)))
+                .collect(),
+            port: m.port.and_then(|p| u16::try_from(p).ok()),
+        }
+    }
+
+    /// `Some(length of the path prefix matched)` when the request matches.
+    pub fn eval(&self, r: &RequestAttrs<'_>) -> Option<usize> {
+        self.check(r).ok()
+    }
+
+    /// The length of the path prefix matched, or the first condition that did not hold
+    /// (in the order port, method, authority, headers, withoutHeaders, queryParams, uri).
+    pub fn check<'m, 'r>(&'m self, r: &RequestAttrs<'r>) -> Result<usize, Miss<'m, 'r>> {
+        if let Some(want) = self.port
+            && want != r.port
+        {
+            return Err(Miss::Port { want, got: r.port });
+        }
+        if let Some(m) = &self.method
+            && m.matches(r.method, false).is_none()
+        {
+            return Err(Miss::Method(m, r.method));
+        }
+        if let Some(m) = &self.authority
+            && m.matches(r.authority, false).is_none()
+        {
+            return Err(Miss::Authority(m, r.authority));
+        }
+        for (name, m) in &self.headers {
+            let v = r.headers.get(name).and_then(|v| v.to_str().ok());
+            if v.and_then(|v| m.matches(v, false)).is_none() {
+                return Err(Miss::Header(name, m, v));
+            }
+        }
+        for (name, m) in &self.without_headers {
+            if let Some(v) = r.headers.get(name).and_then(|v| v.to_str().ok())
+                && m.matches(v, false).is_some()
+            {
+                return Err(Miss::WithoutHeader(name, m, v));
+            }
+        }
+        for (key, m) in &self.query {
+            let v = query_value(r.query, key);
+            if v.and_then(|v| m.matches(v, false)).is_none() {
+                return Err(Miss::Query(key, m, v));
+            }
+        }
+        match &self.uri {
+            Some((m, ignore_case)) => m.matches(r.path, *ignore_case).ok_or(Miss::Uri(m, r.path)),
+            None => Ok(r.path.len()),
+        }
+    }
+}
+
+/// Whether an endpoint with `labels` belongs to a subset selecting `subset` (every label
+/// of the subset, with the same value; an empty subset selects every endpoint).
+pub fn subset_selects(
+    subset: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    subset.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Whether a match's source conditions hold for a workload with `labels` in
+/// `namespace` (Istio: every `sourceLabels` entry, and `sourceNamespace` when set).
+pub fn source_applies(
+    source_labels: &BTreeMap<String, String>,
+    source_namespace: Option<&String>,
+    labels: &BTreeMap<String, String>,
+    namespace: Option<&String>,
+) -> bool {
+    source_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+        && source_namespace.is_none_or(|n| namespace == Some(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs<'a>(path: &'a str, query: &'a str, h: &'a HeaderMap) -> RequestAttrs<'a> {
+        RequestAttrs {
+            path,
+            query,
+            method: "GET",
+            authority: "web",
+            headers: h,
+            port: 8080,
+        }
+    }
+
+    fn sm(exact: Option<&str>, prefix: Option<&str>, regex: Option<&str>) -> StringMatch {
+        StringMatch {
+            exact: exact.map(str::to_owned),
+            prefix: prefix.map(str::to_owned),
+            regex: regex.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn check_names_the_first_condition_that_did_not_hold() {
+        let m = RequestMatch::compile(&HttpMatchRequest {
+            uri: Some(sm(None, Some("/api"), None)),
+            headers: [("x-canary".to_owned(), sm(Some("1"), None, None))].into(),
+            query_params: [("v".to_owned(), sm(None, None, Some("[0-9]+")))].into(),
+            ..HttpMatchRequest::default()
+        });
+        let mut h = HeaderMap::new();
+        assert_eq!(
+            m.check(&attrs("/api/x", "v=2", &h))
+                .unwrap_err()
+                .to_string(),
+            "headers.x-canary: absent does not match exact \"1\""
+        );
+        h.insert("x-canary", "0".parse().unwrap());
+        assert_eq!(
+            m.check(&attrs("/api/x", "v=2", &h))
+                .unwrap_err()
+                .to_string(),
+            "headers.x-canary: \"0\" does not match exact \"1\""
+        );
+        h.insert("x-canary", "1".parse().unwrap());
+        assert_eq!(
+            m.check(&attrs("/api/x", "v=a", &h))
+                .unwrap_err()
+                .to_string(),
+            "queryParams.v: \"a\" does not match regex \"[0-9]+\""
+        );
+        assert_eq!(
+            m.check(&attrs("/web", "v=2", &h)).unwrap_err().to_string(),
+            "uri: \"/web\" does not match prefix \"/api\""
+        );
+        assert_eq!(m.check(&attrs("/api/x", "v=2", &h)).unwrap(), 4);
+        assert_eq!(m.eval(&attrs("/api/x", "v=2", &h)), Some(4));
+        let port = RequestMatch::compile(&HttpMatchRequest {
+            port: Some(9090),
+            ..HttpMatchRequest::default()
+        });
+        assert_eq!(
+            port.check(&attrs("/", "", &h)).unwrap_err().to_string(),
+            "port: 8080 is not 9090"
+        );
+    }
+
+    #[test]
+    fn ignore_uri_case_and_without_headers() {
+        let m = RequestMatch::compile(&HttpMatchRequest {
+            uri: Some(sm(Some("/Login"), None, None)),
+            ignore_uri_case: Some(true),
+            without_headers: [("x-debug".to_owned(), StringMatch::default())].into(),
+            ..HttpMatchRequest::default()
+        });
+        let mut h = HeaderMap::new();
+        assert!(m.eval(&attrs("/LOGIN", "", &h)).is_some());
+        h.insert("x-debug", "yes".parse().unwrap());
+        assert_eq!(
+            m.check(&attrs("/login", "", &h)).unwrap_err().to_string(),
+            "withoutHeaders.x-debug: \"yes\" matches present"
+        );
+    }
+
+    #[test]
+    fn source_conditions() {
+        let labels: BTreeMap<String, String> = [("app".to_owned(), "shop".to_owned())].into();
+        let want: BTreeMap<String, String> = labels.clone();
+        let ns = "default".to_owned();
+        assert!(source_applies(&want, Some(&ns), &labels, Some(&ns)));
+        assert!(!source_applies(&want, Some(&ns), &labels, None));
+        assert!(!source_applies(&want, None, &BTreeMap::new(), Some(&ns)));
+        assert!(source_applies(
+            &BTreeMap::new(),
+            None,
+            &BTreeMap::new(),
+            None
+        ));
+    }
+}
