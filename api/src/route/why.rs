@@ -461,10 +461,12 @@ pub fn explain(input: &WhyInput<'_>) -> RouteWhy {
     }
     if out.route.is_none() {
         // As without routing: the dialled service, every healthy endpoint, the default
-        // balancing.
+        // balancing; with a DestinationRule for the host and no VirtualService, the
+        // agent's default route for the rule applies the rule's policy.
+        let fallback: &[&DestinationRule] = if for_service.is_empty() { &rules } else { &[] };
         let d = destination(
             input,
-            &[],
+            fallback,
             &Destination {
                 host: input
                     .service

@@ -236,7 +236,43 @@ fn no_route_matching_goes_to_the_whole_service() {
         "{}",
         w.summary
     );
-    // The host's DestinationRule still applies (the agent's default route for the rule).
+    // A VirtualService exists for the host: the agent's no-route path does not apply
+    // the DestinationRule.
+    assert_eq!(w.destinations[0].destination_rule, None);
+    assert!(
+        w.summary.ends_with("with the default balancing"),
+        "{}",
+        w.summary
+    );
+}
+
+#[test]
+fn a_destination_rule_without_a_virtual_service_applies_its_policy() {
+    let owned: Vec<(u64, RouteResource)> = resources()
+        .into_iter()
+        .filter(|(_, r)| matches!(r, RouteResource::DestinationRule(_)))
+        .collect();
+    let routes: Vec<(u64, &RouteResource)> = owned.iter().map(|(s, r)| (*s, r)).collect();
+    let services = services();
+    let labels = BTreeMap::new();
+    let h = HeaderMap::new();
+    let w = explain(&WhyInput {
+        routes: &routes,
+        services: &services,
+        service: "default/web",
+        source_labels: &labels,
+        source_namespace: None,
+        port: 8080,
+        http: Some(RequestAttrs {
+            path: "/",
+            query: "",
+            method: "GET",
+            authority: "web",
+            headers: &h,
+            port: 8080,
+        }),
+    });
+    assert_eq!(w.route, None);
     assert_eq!(
         w.destinations[0].destination_rule.as_deref(),
         Some("default/web")
