@@ -333,6 +333,9 @@ pub struct EndpointView {
     /// Zone.
     #[serde(deserialize_with = "present")]
     pub zone: Option<String>,
+    /// Region (absent from controllers before locality load balancing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
     /// Every source that knows this endpoint: its own `source` first, then the agent
     /// whose workload is bound to it (`agents`), when joined from an existing registry.
     pub sources: Vec<String>,

@@ -1758,6 +1758,7 @@ impl Mesh {
                     stale: e.stale,
                     identity: e.identity.clone(),
                     zone: e.locality.zone.clone(),
+                    region: e.locality.region.clone(),
                     labels: (&e.labels).into(),
                     sources: std::iter::once(&e.provenance)
                         .chain(&e.bound)

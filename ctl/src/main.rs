@@ -989,7 +989,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             e.native_id.clone(),
                             e.stale.to_string(),
                             opt(e.identity.as_ref()),
-                            opt(e.zone.as_ref()),
+                            match (&e.region, &e.zone) {
+                                (Some(r), Some(z)) => format!("{r}/{z}"),
+                                (Some(r), None) => format!("{r}/-"),
+                                (None, z) => opt(z.as_ref()),
+                            },
                             if labels.is_empty() {
                                 "-".into()
                             } else {

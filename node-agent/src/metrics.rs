@@ -5,7 +5,9 @@
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
@@ -23,6 +25,12 @@ pub struct AgentMetrics {
     /// Time to set up a tunnel connection to a peer agent (QUIC handshake; TCP connect,
     /// TLS and HTTP/2 handshakes), by transport; successful dials only.
     pub tunnel_connect: Family<TransportLabel, Histogram, fn() -> Histogram>,
+    /// Endpoints ejected by outlier detection (a DestinationRule's `outlierDetection`)
+    /// since the agent started (Envoy's `outlier_detection.ejections_enforced_total`).
+    pub outlier_ejections: Counter,
+    /// Endpoints outlier detection holds ejected now (Envoy's `ejections_active`),
+    /// updated every second.
+    pub outlier_ejections_active: Gauge,
 }
 
 fn connect_histogram() -> Histogram {
@@ -35,6 +43,8 @@ pub fn agent() -> &'static AgentMetrics {
     M.get_or_init(|| {
         let m = AgentMetrics {
             tunnel_connect: Family::new_with_constructor(connect_histogram),
+            outlier_ejections: Counter::default(),
+            outlier_ejections_active: Gauge::default(),
         };
         // Both series from the start (zero until the first dial), so dashboards and
         // rate() see them.
@@ -53,6 +63,16 @@ impl AgentMetrics {
             "Time to set up a tunnel connection to a peer agent (QUIC handshake; tcp: TCP connect, TLS and HTTP/2 handshakes), by transport, for dials that succeeded.",
             Unit::Seconds,
             self.tunnel_connect.clone(),
+        );
+        reg.register(
+            "causeway_agent_outlier_ejections",
+            "Endpoints ejected by outlier detection (a DestinationRule's outlierDetection) since the agent started.",
+            self.outlier_ejections.clone(),
+        );
+        reg.register(
+            "causeway_agent_outlier_ejections_active",
+            "Endpoints outlier detection holds ejected now (updated every second).",
+            self.outlier_ejections_active.clone(),
         );
     }
 }

@@ -177,6 +177,8 @@ fn both_endpoints_pass_promtool_and_count_what_happened() {
         ("causeway_agent_ready", 1.0),
         ("causeway_agent_controller_connected", 1.0),
         ("causeway_agent_config_version", ctl.mesh_version() as f64),
+        ("causeway_agent_outlier_ejections_total", 0.0),
+        ("causeway_agent_outlier_ejections_active", 0.0),
     ] {
         assert_eq!(sample(&a, series), Some(want), "{series} in\n{a}");
     }

@@ -98,6 +98,12 @@ fn consul_and_file_merge_and_survive_a_restart_without_their_sources() {
         text.contains("consul-dc1") && text.contains("external"),
         "{text}"
     );
+    // Locality is region/zone: Consul's datacenter is the region.
+    assert!(
+        text.lines()
+            .any(|l| l.contains("consul-dc1") && l.contains(" dc1/")),
+        "{text}"
+    );
 
     // Controller killed; Consul gone too. After restart, before any source answers,
     // the merged registry is back from sled, with the same VIP.

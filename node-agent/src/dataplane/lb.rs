@@ -61,6 +61,9 @@ impl Balancer {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let ejected = self.ejected();
+            crate::metrics::agent()
+                .outlier_ejections_active
+                .set(i64::try_from(ejected.len()).unwrap_or(i64::MAX));
             if ejected.is_empty() && !had {
                 continue;
             }
@@ -328,6 +331,7 @@ impl Balancer {
         st.errors_5xx = 0;
         st.errors_gateway = 0;
         st.ejections = st.ejections.saturating_add(1);
+        crate::metrics::agent().outlier_ejections.inc();
         let d = (o.base_ejection * st.ejections).min(Duration::from_secs(300));
         st.outlier_until = Some(now + d);
         tracing::info!(endpoint = key, ejected_for = ?d, ejections = st.ejections, "endpoint ejected by outlier detection");
@@ -429,6 +433,7 @@ mod tests {
             max_ejection_percent: 50,
         };
         let t0 = Instant::now();
+        let counted = crate::metrics::agent().outlier_ejections.get();
         lb.observe_at("e0", 503, &o, &peers, t0);
         lb.observe_at("e0", 500, &o, &peers, t0);
         lb.observe_at("e0", 200, &o, &peers, t0);
@@ -437,6 +442,10 @@ mod tests {
         assert!(lb.ejected().is_empty(), "a success resets the count");
         lb.observe_at("e0", 503, &o, &peers, t0);
         assert_eq!(lb.ejected().len(), 1);
+        assert!(
+            crate::metrics::agent().outlier_ejections.get() > counted,
+            "the ejection is counted"
+        );
         for _ in 0..30 {
             assert_ne!(lb.pick_with(&c, None, &[], t0, random), Some(0));
         }

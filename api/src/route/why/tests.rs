@@ -72,6 +72,7 @@ fn endpoint(address: &str, version: &str, healthy: bool) -> EndpointView {
         stale: false,
         identity: None,
         zone: None,
+        region: None,
         sources: vec!["consul-dc1".into()],
         agent: None,
         labels: [("version".to_owned(), version.to_owned())].into(),
