@@ -107,6 +107,10 @@ pub struct ConsulSourceConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub retry_max: Option<Duration>,
+    /// The service or node `Meta` key holding an endpoint's zone (the datacenter is its
+    /// region); default "zone". Service meta wins over node meta.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone_meta_key: Option<String>,
 }
 
 /// One Eureka source (`[[sources.eureka]]`).

@@ -41,6 +41,8 @@ pub struct ConsulSource {
     name: String,
     base: String,
     datacenter: Option<String>,
+    /// The Meta key of an endpoint's zone (`zone_meta_key`, default `zone`).
+    zone_key: String,
     /// `&ns=…&partition=…` for Consul Enterprise, or empty.
     scope: String,
     token: Option<String>,
@@ -98,6 +100,11 @@ impl ConsulSource {
             name: cfg.name.clone(),
             base: cfg.address.trim_end_matches('/').to_string(),
             datacenter: cfg.datacenter.clone(),
+            zone_key: cfg
+                .zone_meta_key
+                .clone()
+                .filter(|k| !k.is_empty())
+                .unwrap_or_else(|| "zone".into()),
             scope: [("ns", &cfg.consul_namespace), ("partition", &cfg.partition)]
                 .into_iter()
                 .filter_map(|(k, v)| v.as_ref().map(|v| format!("&{k}={v}")))
@@ -372,12 +379,17 @@ async fn watch(
                 // other and backs off, instead of being asked again at once.
                 let event = match &name {
                     None => parse_catalog(&body).map(Event::Catalog),
-                    Some(n) => parse_health(&src.name, src.datacenter.as_deref(), &body)
-                        .map(|eps| Event::Health {
-                            name: n.clone(),
-                            eps,
-                        })
-                        .map_err(|e| format!("health/service/{n}: {e}")),
+                    Some(n) => parse_health_with(
+                        &src.name,
+                        src.datacenter.as_deref(),
+                        &src.zone_key,
+                        &body,
+                    )
+                    .map(|eps| Event::Health {
+                        name: n.clone(),
+                        eps,
+                    })
+                    .map_err(|e| format!("health/service/{n}: {e}")),
                 };
                 let failed = event.is_err();
                 let event = event.unwrap_or_else(|detail| Event::Err {
@@ -493,6 +505,16 @@ pub fn parse_health(
     datacenter: Option<&str>,
     body: &[u8],
 ) -> Result<ServiceEndpoints, String> {
+    parse_health_with(source, datacenter, "zone", body)
+}
+
+/// [`parse_health`] with the zone read from service or node `Meta` key `zone_key`.
+pub fn parse_health_with(
+    source: &str,
+    datacenter: Option<&str>,
+    zone_key: &str,
+    body: &[u8],
+) -> Result<ServiceEndpoints, String> {
     let entries: Vec<HealthEntry> =
         serde_json::from_slice(body).map_err(|e| format!("not the expected JSON array: {e}"))?;
     let mut out = ServiceEndpoints::new();
@@ -543,7 +565,10 @@ pub fn parse_health(
                 .datacenter
                 .clone()
                 .or_else(|| datacenter.map(str::to_string)),
-            zone: meta.get("zone").or_else(|| node_meta.get("zone")).cloned(),
+            zone: meta
+                .get(zone_key)
+                .or_else(|| node_meta.get(zone_key))
+                .cloned(),
             node: Some(e.node.node.clone()),
         };
         if meta.get("external-source").map(String::as_str) == Some("kubernetes") {
@@ -684,6 +709,25 @@ mod tests {
             .unwrap()
             .is_empty()
         );
+    }
+
+    #[test]
+    fn the_zone_comes_from_the_configured_meta_key_service_before_node() {
+        let body = br#"[{"Node":{"Node":"n1","Address":"10.0.0.7","Datacenter":"dc1","Meta":{"zone":"node-zone","rack-zone":"eu-1b"}},
+            "Service":{"ID":"web-x","Service":"web","Tags":null,"Address":"","Meta":{"az":"eu-1a"},"Port":8080,"ModifyIndex":3},
+            "Checks":[]}]"#;
+        let zone = |key: &str| {
+            parse_health_with("consul-dc1", None, key, body).unwrap()["n1/web-x"]
+                .locality
+                .zone
+                .clone()
+        };
+        assert_eq!(zone("zone").as_deref(), Some("node-zone"));
+        assert_eq!(zone("az").as_deref(), Some("eu-1a"));
+        assert_eq!(zone("rack-zone").as_deref(), Some("eu-1b"));
+        assert_eq!(zone("none"), None);
+        let e = &parse_health_with("consul-dc1", None, "az", body).unwrap()["n1/web-x"];
+        assert_eq!(e.locality.region.as_deref(), Some("dc1"));
     }
 
     #[test]
