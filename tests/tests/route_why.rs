@@ -112,6 +112,7 @@ fn mesh_state(ctl: &Controller) -> MeshState {
                     ports: serde_json::from_value(e["ports"].clone()).unwrap(),
                     healthy: e["healthy"].as_bool().unwrap(),
                     zone: e["zone"].as_str().map(str::to_owned),
+                    region: e["region"].as_str().map(str::to_owned),
                     identity: None,
                     source: e["source"].as_str().unwrap().to_owned(),
                     stale: false,
