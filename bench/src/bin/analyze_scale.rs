@@ -10,7 +10,7 @@
 //!    (its endpoints at other addresses, same ports).
 //! 2. `copy`: `controller::analyze::registry_facts` (what `/v1/analyze` copies out of the
 //!    mesh: the merged registry, page by page, and the sources), timed; one page
-//!    (`Mesh::services_page_within`, at most 64 services or 250 µs: the longest the copy holds the mesh lock) and
+//!    (`Mesh::services_page_within`, at most 64 services or `analyze::PAGE_BUDGET`, 100 µs: the longest the copy holds the mesh lock) and
 //!    the whole registry at once (`mesh.services()`, as `registry list` copies it) too.
 //! 3. `checks`: `causeway_api::analyze::analyze` on that registry plus 100 groups, 1,000
 //!    agents (10 per group; some with a stale certificate, a NACK or lag), 1,000 policies
@@ -177,7 +177,11 @@ fn snapshot_for(
             not_after: if a % 100 == 0 { NOW + 60 } else { NOW + 80_000 },
             connected: a % 50 != 0,
             session_since: Some(NOW - 3000),
-            acked_version: Some(if a % 70 == 0 { version.saturating_sub(5) } else { version }),
+            acked_version: Some(if a % 70 == 0 {
+                version.saturating_sub(5)
+            } else {
+                version
+            }),
             last_nack: (a % 333 == 0).then(|| NackFacts {
                 version,
                 error: "test".into(),
