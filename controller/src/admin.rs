@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -71,6 +71,11 @@ fn bad_request(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
+/// Largest body of `causewayctl apply` and `delete` (`/v1/policies/*`, `/v1/routes/*`): a
+/// mesh's policy set in one file (1,000 AuthorizationPolicies are about 0.5 MiB) is applied
+/// in one all-or-nothing call; every other route keeps 64 KiB.
+pub const APPLY_BODY_LIMIT: usize = 4 * 1024 * 1024;
+
 /// The router with every route.
 pub fn router(state: AdminState) -> Router {
     let api = Router::new()
@@ -89,11 +94,23 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/registry/conflicts", get(registry_conflicts))
         .route("/v1/registry/{namespace}/{name}", get(registry_show))
         .route("/v1/policies", get(crate::policy_admin::list))
-        .route("/v1/policies/apply", post(crate::policy_admin::apply))
-        .route("/v1/policies/delete", post(crate::policy_admin::delete))
+        .route(
+            "/v1/policies/apply",
+            post(crate::policy_admin::apply).layer(DefaultBodyLimit::max(APPLY_BODY_LIMIT)),
+        )
+        .route(
+            "/v1/policies/delete",
+            post(crate::policy_admin::delete).layer(DefaultBodyLimit::max(APPLY_BODY_LIMIT)),
+        )
         .route("/v1/routes", get(crate::route_admin::list))
-        .route("/v1/routes/apply", post(crate::route_admin::apply))
-        .route("/v1/routes/delete", post(crate::route_admin::delete))
+        .route(
+            "/v1/routes/apply",
+            post(crate::route_admin::apply).layer(DefaultBodyLimit::max(APPLY_BODY_LIMIT)),
+        )
+        .route(
+            "/v1/routes/delete",
+            post(crate::route_admin::delete).layer(DefaultBodyLimit::max(APPLY_BODY_LIMIT)),
+        )
         .route("/v1/why", post(crate::policy_admin::why))
         .route("/v1/analyze", crate::analyze::route())
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth));
@@ -101,7 +118,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(api)
         .merge(crate::ui::router(state.clone()))
-        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(state)
 }
 

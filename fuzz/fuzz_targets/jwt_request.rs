@@ -65,6 +65,8 @@ static RULES: LazyLock<[JwtRule; 2]> = LazyLock::new(|| {
     ]
 });
 
+static RULES_ID: LazyLock<u64> = LazyLock::new(|| causeway_agent::jwks::rules_id(&*RULES));
+
 /// Polls `f` once: with inline keys only, the request path has nothing to wait for.
 fn at_once<F: Future>(f: F) -> F::Output {
     let mut f = std::pin::pin!(f);
@@ -75,7 +77,7 @@ fn at_once<F: Future>(f: F) -> F::Output {
 }
 
 fn check(head: http::request::Parts) {
-    match at_once(authenticate(&*RULES, &CACHE, &head)) {
+    match at_once(authenticate(&*RULES, *RULES_ID, &CACHE, &head)) {
         Ok(None) => {}
         Ok(Some((a, _))) => panic!("accepted a token the fuzzer could not sign: {a:?}"),
         Err(e) => assert!(!e.to_string().is_empty(), "a refusal without a reason"),

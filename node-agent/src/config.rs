@@ -77,6 +77,9 @@ pub struct JwtConfig {
     /// Timeout of one fetch (connect and body).
     #[serde(with = "causeway_api::duration")]
     pub fetch_timeout: Duration,
+    /// Most verified tokens kept so their signatures are not checked on every request
+    /// (0: none kept).
+    pub verified_tokens: usize,
 }
 
 impl Default for JwtConfig {
@@ -86,9 +89,13 @@ impl Default for JwtConfig {
             refresh_interval: Duration::from_secs(20 * 60),
             unknown_kid_interval: Duration::from_secs(30),
             fetch_timeout: Duration::from_secs(5),
+            verified_tokens: crate::jwks::verified::DEFAULT_ENTRIES,
         }
     }
 }
+
+/// The most `[jwt] verified_tokens` accepted.
+pub const MAX_VERIFIED_TOKENS: usize = 1_000_000;
 
 /// How applications' DNS queries reach the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -388,6 +395,12 @@ impl AgentConfig {
                     .to_owned(),
             );
         }
+        if self.jwt.verified_tokens > MAX_VERIFIED_TOKENS {
+            errors.push(format!(
+                "jwt.verified_tokens = {}: must be at most {MAX_VERIFIED_TOKENS} (each entry holds a token's claims, up to a few KiB; 0 turns the cache off)",
+                self.jwt.verified_tokens
+            ));
+        }
         if let Some(c) = &self.controller
             && !c.contains(':')
         {
@@ -660,6 +673,28 @@ mod tests {
         let c = AgentConfig::load(&p).unwrap();
         c.validate().unwrap();
         assert!(!c.dns.cache && AgentConfig::default().dns.cache);
+    }
+
+    #[test]
+    fn jwt_verified_tokens_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.toml");
+        assert_eq!(AgentConfig::default().jwt.verified_tokens, 10_000);
+        std::fs::write(&p, "[jwt]\nverified_tokens = 0\n").unwrap();
+        let c = AgentConfig::load(&p).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.jwt.verified_tokens, 0);
+        std::fs::write(&p, "[jwt]\nverified_tokens = 2000000\n").unwrap();
+        let ConfigError::Invalid(errors) = AgentConfig::load(&p).unwrap().validate().unwrap_err()
+        else {
+            panic!()
+        };
+        assert!(
+            errors.len() == 1
+                && errors[0].contains("jwt.verified_tokens = 2000000")
+                && errors[0].contains("1000000"),
+            "{errors:#?}"
+        );
     }
 
     #[test]

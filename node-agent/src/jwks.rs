@@ -8,6 +8,10 @@
 //! (later fetches wait for the backoff, so a down endpoint is not hammered by requests).
 //! Inline `jwks` are parsed once and kept too.
 //!
+//! Verified tokens are cached ([`verified`], [`JwksCache::verify_token_cached`]): a token
+//! seen before under the same rules and key sets is not verified again until its `exp`. A
+//! fetched set that differs from the last one (rotation, a removed key) empties that cache.
+//!
 //! What it does not: answer requests. [`JwksCache::authenticate`] gives the request path
 //! `Ok(None)` (no token), `Ok(Some)` (valid) or `Err` (answer 401 with
 //! [`causeway_api::policy::jwt::www_authenticate`]).
@@ -23,6 +27,10 @@ use causeway_api::policy::jwt::{self, Authenticated, JwtError, KeySet, TokenRequ
 use tokio::time::Instant;
 
 use crate::config::JwtConfig;
+
+pub mod verified;
+
+use verified::VerifiedTokens;
 
 /// Timing of fetches.
 #[derive(Debug, Clone)]
@@ -64,6 +72,8 @@ struct Entry {
     /// Failed fetches in a row, for the delay before the next one.
     backoff: Backoff,
     last_error: Option<String>,
+    /// SHA-256 of the body of the last good fetch (a different one is a key change).
+    digest: Option<[u8; 32]>,
 }
 
 /// Key sets per `jwksUri` (and per inline `jwks` text).
@@ -72,6 +82,7 @@ pub struct JwksCache {
     opts: JwksOptions,
     entries: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Entry>>>>,
     inline: Mutex<HashMap<String, Result<Arc<KeySet>, String>>>,
+    verified: VerifiedTokens,
 }
 
 /// Why the cache could not be built.
@@ -98,7 +109,20 @@ pub enum JwksError {
 impl JwksCache {
     /// A cache for the agent's `[jwt]` settings.
     pub fn from_config(c: &JwtConfig) -> Result<JwksCache, JwksError> {
-        JwksCache::new(c.ca_file.as_deref(), JwksOptions::from(c))
+        Ok(JwksCache::new(c.ca_file.as_deref(), JwksOptions::from(c))?
+            .with_verified_tokens(c.verified_tokens, verified::system_clock()))
+    }
+
+    /// The same cache with a verified-token cache of `entries` (0: none) reading `clock`
+    /// (by default [`verified::DEFAULT_ENTRIES`] and the system clock).
+    pub fn with_verified_tokens(mut self, entries: usize, clock: verified::Clock) -> JwksCache {
+        self.verified = VerifiedTokens::new(entries, clock);
+        self
+    }
+
+    /// The cache of verified tokens.
+    pub fn verified(&self) -> &VerifiedTokens {
+        &self.verified
     }
 
     /// A cache that trusts the system roots plus the CAs in `ca_file` (PEM).
@@ -164,6 +188,7 @@ impl JwksCache {
             opts,
             entries: Mutex::new(HashMap::new()),
             inline: Mutex::new(HashMap::new()),
+            verified: VerifiedTokens::new(verified::DEFAULT_ENTRIES, verified::system_clock()),
         })
     }
 
@@ -182,6 +207,7 @@ impl JwksCache {
                     last_kid_fetch: None,
                     backoff: Backoff::new(self.opts.backoff_base, self.opts.backoff_cap),
                     last_error: None,
+                    digest: None,
                 }))
             })
             .clone()
@@ -241,14 +267,11 @@ impl JwksCache {
                 tokio::time::sleep(attempt_backoff.next_delay()).await;
             }
             match self.fetch_once(uri).await {
-                Ok(set) => {
+                Ok((set, digest)) => {
                     for s in set.skipped() {
                         tracing::warn!(uri, "JWKS key left out: {s}");
                     }
-                    e.keys = Some(Arc::new(set));
-                    e.last_error = None;
-                    e.backoff.reset();
-                    e.next_fetch = Some(Instant::now() + self.opts.refresh_interval);
+                    self.store_fetched(uri, e, set, digest);
                     return;
                 }
                 Err(err) => last = err,
@@ -266,7 +289,35 @@ impl JwksCache {
         e.next_fetch = Some(Instant::now() + delay);
     }
 
-    async fn fetch_once(&self, uri: &str) -> Result<KeySet, String> {
+    /// Keeps a fetched set; a set whose body differs from the last good one's (a rotation,
+    /// a removed key) empties the verified-token cache, so no token verified under the old
+    /// keys is taken without checking it again.
+    fn store_fetched(&self, uri: &str, e: &mut Entry, set: KeySet, digest: [u8; 32]) {
+        if e.digest.is_some_and(|d| d != digest) {
+            tracing::info!(
+                uri,
+                "the key set changed; cached token verifications are dropped"
+            );
+            self.verified.invalidate();
+        }
+        e.digest = Some(digest);
+        e.keys = Some(Arc::new(set));
+        e.last_error = None;
+        e.backoff.reset();
+        e.next_fetch = Some(Instant::now() + self.opts.refresh_interval);
+    }
+
+    /// Stores `json` as if fetched from `uri` (tests of what a fetch changes).
+    #[cfg(test)]
+    pub(crate) fn store_fetched_json(&self, uri: &str, json: &str) {
+        let set = KeySet::from_json(json).expect("test key set parses");
+        let entry = self.entry(uri);
+        let mut e = entry.try_lock().expect("no fetch in flight in the test");
+        self.store_fetched(uri, &mut e, set, sha256(json.as_bytes()));
+        e.next_fetch = Some(Instant::now() + Duration::from_secs(3600));
+    }
+
+    async fn fetch_once(&self, uri: &str) -> Result<(KeySet, [u8; 32]), String> {
         let mut resp = self
             .client
             .get(uri)
@@ -293,7 +344,8 @@ impl JwksCache {
         }
         let text =
             std::str::from_utf8(&body).map_err(|_| format!("GET {uri}: the body is not UTF-8"))?;
-        KeySet::from_json(text).map_err(|e| format!("GET {uri}: {e}"))
+        let set = KeySet::from_json(text).map_err(|e| format!("GET {uri}: {e}"))?;
+        Ok((set, sha256(&body)))
     }
 
     fn inline_keys(&self, jwks: &str) -> Result<Arc<KeySet>, String> {
@@ -354,6 +406,50 @@ impl JwksCache {
         }
     }
 
+    /// Verifies a token against `rules` as [`Self::verify_token`] does, through the cache of
+    /// verified tokens: a token verified before under the same rules (`rules_id`, from
+    /// [`rules_id`]) and key sets, before its `exp`, is taken without checking its signature
+    /// again. A verified token is also checked against the cache's clock (its `exp`/`nbf`
+    /// with [`jwt::CLOCK_SKEW_SECS`]), so the cache never accepts what its clock refuses.
+    pub async fn verify_token_cached(
+        &self,
+        rules: &[JwtRule],
+        rules_id: u64,
+        token: &str,
+    ) -> Result<Arc<Authenticated>, JwtError> {
+        let key = self.verified.key(rules_id, token);
+        if let Some(k) = &key
+            && let Some(auth) = self.verified.get(k)
+        {
+            return Ok(auth);
+        }
+        let generation = self.verified.generation();
+        let auth = self.verify_token(rules, token).await?;
+        let now = self.verified.now();
+        let claim = |k: &str| auth.claims.get(k).and_then(|v| v.as_u64());
+        if let Some(exp) = claim("exp")
+            && exp.saturating_add(jwt::CLOCK_SKEW_SECS) < now
+        {
+            return Err(JwtError::Invalid(format!(
+                "the token expired (exp {exp}, more than {} s ago)",
+                jwt::CLOCK_SKEW_SECS
+            )));
+        }
+        if let Some(nbf) = claim("nbf")
+            && nbf > now.saturating_add(jwt::CLOCK_SKEW_SECS)
+        {
+            return Err(JwtError::Invalid(format!(
+                "the token is not valid yet (nbf {nbf}, more than {} s ahead)",
+                jwt::CLOCK_SKEW_SECS
+            )));
+        }
+        let auth = Arc::new(auth);
+        if let Some(k) = key {
+            self.verified.insert(k, auth.clone(), generation);
+        }
+        Ok(auth)
+    }
+
     /// Fetches the key sets of `rules`' `jwksUri`s that are due (first use, or older than
     /// `refresh_interval`), so requests find them warm; inline sets are parsed once. A
     /// failure is logged by the fetch and keeps the last good set.
@@ -373,6 +469,22 @@ impl JwksCache {
     pub fn refresh_interval(&self) -> Duration {
         self.opts.refresh_interval
     }
+}
+
+/// The identity of a list of `jwtRules` for the verified-token cache: equal for equal rules
+/// (in the same order), different when any field of any rule differs. Computed once per
+/// change of the rules, not per request.
+pub fn rules_id(rules: &[JwtRule]) -> u64 {
+    let json = serde_json::to_vec(rules).unwrap_or_default();
+    let d = sha256(&json);
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -191,6 +191,62 @@ async fn keys_are_fetched_rotated_and_kept_through_an_outage() {
     assert_eq!(e.unknown_kid(), Some("k-es256"), "{e}");
 }
 
+/// A token verified and cached is refused once the fetched key set no longer has its key
+/// (the issuer rotated to a new `kid` and dropped the old one): the refresh that finds the
+/// changed set drops the cached verifications.
+#[tokio::test]
+async fn a_cached_token_is_refused_after_its_key_is_rotated_out() {
+    let minted = mint();
+    let es = &minted["ES256"];
+    let t = |k: &str| es[k].as_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("www")).unwrap();
+    let ca = make_ca(dir.path());
+    let jwks_path = dir.path().join("www/jwks.json");
+    std::fs::write(&jwks_path, t("jwks")).unwrap();
+    let server = Server::start(dir.path());
+    let rules = [JwtRule {
+        issuer: ISSUER.to_owned(),
+        audiences: vec![AUDIENCE.to_owned()],
+        jwks_uri: Some(format!("https://127.0.0.1:{}/jwks.json", server.port)),
+        ..JwtRule::default()
+    }];
+    let id = causeway_agent::jwks::rules_id(&rules);
+    // Every lookup of the set is due for a fetch (the refresh below really fetches).
+    let opts = JwksOptions {
+        refresh_interval: Duration::ZERO,
+        ..options()
+    };
+    let cache = JwksCache::new(Some(&ca), opts).unwrap();
+    let valid = t("valid");
+    for _ in 0..3 {
+        let ok = cache.verify_token_cached(&rules, id, &valid).await.unwrap();
+        assert_eq!(ok.request_principal, t("principal"));
+    }
+    assert_eq!(cache.verified().stats().0, 2, "served from the cache");
+
+    // The issuer publishes the key under a new kid only; the agent's refresh (the tunnel
+    // warms the rules' key sets every refresh_interval) fetches it.
+    std::fs::write(
+        &jwks_path,
+        t("jwks").replace("\"k-es256\"", "\"k-rotated\""),
+    )
+    .unwrap();
+    cache.prefetch(&rules).await;
+    let e = cache
+        .verify_token_cached(&rules, id, &valid)
+        .await
+        .unwrap_err();
+    assert_eq!(e.unknown_kid(), Some("k-es256"), "{e}");
+    assert_eq!(cache.verified().stats().0, 2);
+    assert!(
+        cache
+            .verify_token_cached(&rules, id, &t("unknown_kid"))
+            .await
+            .is_ok()
+    );
+}
+
 #[test]
 fn a_bad_ca_file_is_refused_with_its_name() {
     let dir = tempfile::tempdir().unwrap();

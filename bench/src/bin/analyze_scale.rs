@@ -10,7 +10,7 @@
 //!    (its endpoints at other addresses, same ports).
 //! 2. `copy`: `controller::analyze::registry_facts` (what `/v1/analyze` copies out of the
 //!    mesh: the merged registry, page by page, and the sources), timed; one page
-//!    (`Mesh::services_page_within`, at most 64 services or 250 µs: the longest the copy holds the mesh lock) and
+//!    (`Mesh::services_page_within`, at most 64 services or `analyze::PAGE_BUDGET`, 100 µs: the longest the copy holds the mesh lock) and
 //!    the whole registry at once (`mesh.services()`, as `registry list` copies it) too.
 //! 3. `checks`: `causeway_api::analyze::analyze` on that registry plus 100 groups, 1,000
 //!    agents (10 per group; some with a stale certificate, a NACK or lag), 1,000 policies
@@ -22,8 +22,13 @@
 //!    runs copy + checks in a loop; the latency of each change+frame is reported (p50,
 //!    p99, max) for both phases.
 //!
+//! 5. With `--attribute`: two more push phases, while another thread runs only the copy
+//!    (`registry_facts`: the mesh lock, page by page, and the allocations of the copy) and
+//!    only the checks (on a snapshot copied once: CPU and allocations, no lock), to tell
+//!    which part of an analysis the push path suffers from.
+//!
 //! Usage: `analyze_scale [--services N] [--agents N] [--policies N] [--iterations N]
-//! [--push-secs S] [--json FILE]`.
+//! [--push-secs S] [--attribute] [--json FILE]`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -172,7 +177,11 @@ fn snapshot_for(
             not_after: if a % 100 == 0 { NOW + 60 } else { NOW + 80_000 },
             connected: a % 50 != 0,
             session_since: Some(NOW - 3000),
-            acked_version: Some(if a % 70 == 0 { version - 5 } else { version }),
+            acked_version: Some(if a % 70 == 0 {
+                version.saturating_sub(5)
+            } else {
+                version
+            }),
             last_nack: (a % 333 == 0).then(|| NackFacts {
                 version,
                 error: "test".into(),
@@ -288,8 +297,13 @@ fn main() -> Result<()> {
     let mut iterations = 5usize;
     let mut push_secs = 5.0f64;
     let mut json_out = None;
+    let mut attribute = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
+        if a == "--attribute" {
+            attribute = true;
+            continue;
+        }
         let mut num = |what: &str| -> Result<String> {
             args.next().with_context(|| format!("{what} needs a value"))
         };
@@ -301,7 +315,7 @@ fn main() -> Result<()> {
             "--push-secs" => push_secs = num("--push-secs")?.parse()?,
             "--json" => json_out = Some(num("--json")?),
             other => bail!(
-                "unknown argument {other:?}; usage: analyze_scale [--services N] [--agents N] [--policies N] [--iterations N] [--push-secs S] [--json FILE]"
+                "unknown argument {other:?}; usage: analyze_scale [--services N] [--agents N] [--policies N] [--iterations N] [--push-secs S] [--attribute] [--json FILE]"
             ),
         }
     }
@@ -435,6 +449,38 @@ fn main() -> Result<()> {
     println!("push path (one-endpoint change + update frame), {push_secs} s each:");
     row("alone", &alone);
     row(&format!("during analyze ({analyses} runs)"), &during);
+    let mut attributed = serde_json::Map::new();
+    if attribute {
+        let m3 = mesh.clone();
+        let copy_only: Box<dyn Fn() + Send> = Box::new(move || {
+            causeway_controller::analyze::deprioritize_current_thread();
+            drop(causeway_controller::analyze::registry_facts(&m3));
+        });
+        let (copy_lat, copies) =
+            push_phase(&mesh, services, 2_000_000, push_secs, Some(copy_only))?;
+        let (svc, src) = causeway_controller::analyze::registry_facts(&mesh);
+        let snap = Arc::new(snapshot_for(svc, src, agents, &policies, mesh.version()));
+        let checks_only: Box<dyn Fn() + Send> = Box::new(move || {
+            causeway_controller::analyze::deprioritize_current_thread();
+            drop(analyze(&snap, &Thresholds::default()));
+        });
+        let (checks_lat, checks_runs) =
+            push_phase(&mesh, services, 3_000_000, push_secs, Some(checks_only))?;
+        let (alone2, _) = push_phase(&mesh, services, 4_000_000, push_secs, None)?;
+        row(&format!("during copy only ({copies})"), &copy_lat);
+        row(&format!("during checks only ({checks_runs})"), &checks_lat);
+        row("alone again", &alone2);
+        for (k, v) in [
+            ("copy_only", &copy_lat),
+            ("checks_only", &checks_lat),
+            ("alone_again", &alone2),
+        ] {
+            attributed.insert(
+                k.to_owned(),
+                serde_json::json!({"n": v.len(), "p50_ms": percentile(v, 0.5), "p99_ms": percentile(v, 0.99), "max_ms": v.last().copied().unwrap_or(0.0)}),
+            );
+        }
+    }
 
     if let Some(path) = json_out {
         let stats = |v: &[f64]| serde_json::json!({"n": v.len(), "p50_ms": percentile(v, 0.5), "p99_ms": percentile(v, 0.99), "max_ms": v.last().copied().unwrap_or(0.0)});
@@ -443,6 +489,7 @@ fn main() -> Result<()> {
             "page_lock_ms": lock, "whole_registry_lock_ms": whole, "copy_ms": copy, "checks_ms": checks, "total_ms": total_s * 1000.0,
             "target_s": TARGET_SECS, "per_check_ms": per_check,
             "push_alone": stats(&alone), "push_during_analyze": stats(&during), "analyses_during": analyses,
+            "push_attributed": attributed,
         });
         std::fs::write(&path, serde_json::to_string_pretty(&j)?)
             .with_context(|| format!("cannot write {path}"))?;

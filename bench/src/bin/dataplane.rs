@@ -47,6 +47,14 @@
 //! client, server and set of paths; the HTTP client, server and token are in the bench
 //! library (`causeway_bench::http`).
 //!
+//! `DATAPLANE_POLICIES=N` is the policy mode (issue 19; see [`run_policy_rounds`]): new
+//! connections per second through the two agents (QUIC), in `DATAPLANE_ROUNDS` rounds (3
+//! by default) of two paths, without policies and with `N` AuthorizationPolicies applied
+//! by `causewayctl apply` (50 of them selecting the server's workload, each ALLOWing the
+//! client, the rest selecting other workloads and namespaces: `causeway_bench::policy_set`),
+//! each run `DATAPLANE_CONNECT_SECS` (5 by default) with 10 clients; prints the median of
+//! the rounds' ratios with PASS or FAIL against issue 19's 0.9.
+//!
 //! The same program is the client and the server: `dataplane serve PORT`,
 //! `dataplane latency ADDR RATE SECS`, `dataplane bulk ADDR SECS`, `dataplane hold ADDR N`,
 //! `dataplane connect ADDR SECS CLIENTS`, `dataplane http-serve PORT...`,
@@ -855,6 +863,15 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
             std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;
         }
         drop(server);
+        return Ok(());
+    }
+    if let Some(policies) = policy_mode()? {
+        a1.stop();
+        a2.stop();
+        let report = run_policy_rounds(&run, &states, &vip_addr, rounds.unwrap_or(3), policies)?;
+        if let Some(p) = json_out {
+            std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;
+        }
         return Ok(());
     }
     if let Some(rounds) = rounds {
@@ -1930,5 +1947,223 @@ fn run_http_rounds(
         "runs": runs,
         "summary": summary,
         "targets": verdicts,
+    }))
+}
+
+// ---------------------------------------------------------------- the policy mode
+
+/// Issue 19's target: new connections/s with the policy set ÷ without.
+const POLICY_TARGET: f64 = 0.9;
+/// How many of the policies select the server's workload.
+const POLICY_SELECTING: usize = 50;
+/// The client's principal (group `client`, namespace `default`), which every selecting
+/// policy allows.
+const POLICY_CLIENT: &str = "causeway.local/ns/default/sa/client";
+
+/// `DATAPLANE_POLICIES=N`: the number of policies of the policy mode, if set.
+fn policy_mode() -> anyhow::Result<Option<usize>> {
+    let Ok(v) = std::env::var("DATAPLANE_POLICIES") else {
+        return Ok(None);
+    };
+    match v.parse::<usize>() {
+        Ok(n) if n >= POLICY_SELECTING => Ok(Some(n)),
+        _ => bail!(
+            "DATAPLANE_POLICIES={v:?}: expected a number of policies of at least {POLICY_SELECTING} (that many select the server), e.g. 1000"
+        ),
+    }
+}
+
+/// How many policies the agent whose state directory is `state` holds (its cached config).
+fn agent_policies(state: &Path) -> Option<usize> {
+    let cfg: Value =
+        serde_json::from_slice(&std::fs::read(state.join("config.json")).ok()?).ok()?;
+    Some(cfg["policies"].as_object().map_or(0, |m| m.len()))
+}
+
+/// `DATAPLANE_POLICIES=N`: `rounds` rounds of new connections through two agents without
+/// policies and with the `N` of [`causeway_bench::policy_set`] applied (the order swapped
+/// every round). Each path starts fresh agents, waits until both hold the expected number
+/// of policies and a connection passes, then runs the `connect` client (10 clients,
+/// `DATAPLANE_CONNECT_SECS`). Per run: connections/s, connection time p50/p99, agent CPU
+/// s per 1,000 connections and RSS. Prints per path the medians and the median of the
+/// rounds' ratios (with ÷ without), PASS or FAIL against [`POLICY_TARGET`].
+fn run_policy_rounds(
+    run: &Run,
+    states: &[PathBuf],
+    vip_addr: &str,
+    rounds: usize,
+    policies: usize,
+) -> anyhow::Result<Value> {
+    let vm2 = run.lab.node("vm2").clone();
+    let secs = std::env::var("DATAPLANE_CONNECT_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(5);
+    let file = run.root.join("bench-policies.yaml");
+    std::fs::write(
+        &file,
+        causeway_bench::policy_set::yaml(
+            policies,
+            POLICY_SELECTING,
+            "default",
+            "web",
+            POLICY_CLIENT,
+        ),
+    )?;
+    let file = file.to_string_lossy().into_owned();
+    let with = format!("two agents, {policies} policies ({POLICY_SELECTING} selecting)");
+    let paths = ["two agents, no policies".to_owned(), with.clone()];
+    let mut runs: Vec<Value> = Vec::new();
+    for round in 0..rounds {
+        for k in 0..paths.len() {
+            let name = &paths[(k + round) % paths.len()];
+            let with_policies = *name == with;
+            let expect = if with_policies {
+                run.ctl(&["apply", "-f", &file])?;
+                policies
+            } else {
+                0
+            };
+            let a2 = run.agent("vm2", &states[1])?;
+            let a1 = run.agent("vm1", &states[0])?;
+            wait_for("vm1 to route the web service", WAIT, || {
+                std::fs::read_to_string(states[0].join("capture.rules"))
+                    .ok()?
+                    .contains(&format!("-d {}/32 ", vm2.addr))
+                    .then_some(())
+            });
+            for state in states {
+                wait_for(
+                    &format!(
+                        "{name}: the agent of {} to hold {expect} policies",
+                        state.display()
+                    ),
+                    WAIT,
+                    || (agent_policies(state) == Some(expect)).then_some(()),
+                );
+            }
+            // One connection end to end: the policies admit the client.
+            run_json(
+                run.lab.node("vm1"),
+                &run.me,
+                &["connect", vip_addr, "1", "1"],
+            )
+            .with_context(|| {
+                format!(
+                    "{name}: a connection through the agents failed (see the agents' logs in {})",
+                    run.root.display()
+                )
+            })?;
+            eprintln!(
+                "-- round {}/{rounds}: {name}: new connections for {secs}s, {CONNECT_CLIENTS} clients",
+                round + 1
+            );
+            let agents = [("client agent", &a1), ("server agent", &a2)];
+            let before: Vec<f64> = agents.iter().map(|(_, p)| cpu_seconds(p.0.id())).collect();
+            let mut m = run_json(
+                run.lab.node("vm1"),
+                &run.me,
+                &[
+                    "connect",
+                    vip_addr,
+                    &secs.to_string(),
+                    &CONNECT_CLIENTS.to_string(),
+                ],
+            )?;
+            let conns = m["connections"].as_f64().unwrap_or(f64::NAN);
+            let cpu: Vec<f64> = agents
+                .iter()
+                .zip(&before)
+                .map(|((_, p), b)| (cpu_seconds(p.0.id()) - b) / conns * 1000.0)
+                .collect();
+            let rss: Vec<f64> = agents.iter().map(|(_, p)| rss_mib(p.0.id()).0).collect();
+            m["agent_cpu_s_per_1k_connections"] = json!(cpu);
+            m["agent_rss_mib"] = json!(rss);
+            m["policies"] = json!(expect);
+            m["path"] = json!(name);
+            m["round"] = json!(round + 1);
+            eprintln!("{m}");
+            runs.push(m);
+            a1.stop();
+            a2.stop();
+            if with_policies {
+                run.ctl(&["delete", "-f", &file])?;
+            }
+        }
+    }
+    let median = |mut v: Vec<f64>| -> (f64, f64, f64) {
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return (f64::NAN, f64::NAN, f64::NAN);
+        }
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    println!(
+        "\nNew connections through two agents (QUIC), {CONNECT_CLIENTS} clients, {secs} s per run, each a 1 KiB request/response; medians over {rounds} rounds\n"
+    );
+    println!(
+        "| path | runs | connections/s median (range) | p50 µs | p99 µs | agent CPU s / 1k conn (client / server) | agent RSS MiB (client / server) |"
+    );
+    println!("|---|---:|---|---:|---:|---|---|");
+    let mut summary = Vec::new();
+    for name in &paths {
+        let of: Vec<&Value> = runs.iter().filter(|r| r["path"] == name.as_str()).collect();
+        let col = |k: &str| -> Vec<f64> { of.iter().filter_map(|r| r[k].as_f64()).collect() };
+        let pair = |k: &str| -> String {
+            (0..2)
+                .map(|i| {
+                    let (m, _, _) = median(of.iter().filter_map(|r| r[k][i].as_f64()).collect());
+                    format!("{m:.3}")
+                })
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        let (cps, lo, hi) = median(col("per_s"));
+        let (p50, _, _) = median(col("p50_us"));
+        let (p99, _, _) = median(col("p99_us"));
+        println!(
+            "| {name} | {} | {cps:.0} ({lo:.0}–{hi:.0}) | {p50:.0} | {p99:.0} | {} | {} |",
+            of.len(),
+            pair("agent_cpu_s_per_1k_connections"),
+            pair("agent_rss_mib"),
+        );
+        summary.push(json!({
+            "path": name, "runs": of.len(), "per_s_median": cps,
+            "p50_median_us": p50, "p99_median_us": p99,
+        }));
+    }
+    // Each round's run with the policies against the same round's run without.
+    let ratios: Vec<f64> = runs
+        .iter()
+        .filter(|r| r["path"] == with.as_str())
+        .filter_map(|r| {
+            let base = runs
+                .iter()
+                .find(|x| x["round"] == r["round"] && x["path"] == paths[0].as_str())?;
+            Some(r["per_s"].as_f64()? / base["per_s"].as_f64()?)
+        })
+        .collect();
+    let (m, lo, hi) = median(ratios);
+    let verdict = if m.is_nan() {
+        "NO DATA"
+    } else if m >= POLICY_TARGET {
+        "PASS"
+    } else {
+        "FAIL"
+    };
+    println!(
+        "\nissue 19: new connections/s with {policies} policies ÷ without: {m:.3} ({lo:.3}–{hi:.3}), target ≥ {POLICY_TARGET}: {verdict}"
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("load average at the end (1, 5, 15 min): {}", load.trim());
+    Ok(json!({
+        "date": time_now(),
+        "mode": "policies",
+        "policies": policies, "selecting": POLICY_SELECTING,
+        "clients": CONNECT_CLIENTS, "secs": secs, "rounds": rounds,
+        "loadavg_end": load.trim(),
+        "runs": runs,
+        "summary": summary,
+        "ratio": {"median": m, "min": lo, "max": hi, "target": POLICY_TARGET, "verdict": verdict},
     }))
 }

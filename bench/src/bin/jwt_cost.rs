@@ -14,6 +14,11 @@
 //! floor is the same timing around a no-op future; "no token" is a request head without
 //! a token (what every request pays when a RequestAuthentication selects the workload).
 //!
+//! The "valid" rows verify each time (the agent's cache of verified tokens turned off, as
+//! with `[jwt] verified_tokens = 0`); the "cached" rows send the same token again with the
+//! cache on (the default), as a keep-alive client does: what a request costs once its token
+//! was verified.
+//!
 //! Usage: `jwt_cost [--iterations N] [--json FILE]` (default 20,000 validations per row).
 //! The tokens expire 10 minutes after they are minted: keep a run under that.
 
@@ -143,24 +148,27 @@ fn main() -> Result<()> {
         jwks: Some(serde_json::json!({ "keys": keys }).to_string()),
         ..JwtRule::default()
     }];
-    let cache = JwksCache::new(
-        None,
-        JwksOptions {
-            refresh_interval: Duration::from_secs(3600),
-            unknown_kid_interval: Duration::from_secs(30),
-            fetch_timeout: Duration::from_secs(5),
-            attempts: 1,
-            backoff_base: Duration::from_millis(200),
-            backoff_cap: Duration::from_secs(1),
-        },
-    )?;
+    let options = JwksOptions {
+        refresh_interval: Duration::from_secs(3600),
+        unknown_kid_interval: Duration::from_secs(30),
+        fetch_timeout: Duration::from_secs(5),
+        attempts: 1,
+        backoff_base: Duration::from_millis(200),
+        backoff_cap: Duration::from_secs(1),
+    };
+    let rules_id = causeway_agent::jwks::rules_id(&rules);
+    // Verifies every time: the cost of a verification.
+    let cache = JwksCache::new(None, options.clone())?
+        .with_verified_tokens(0, causeway_agent::jwks::verified::system_clock());
+    // The agent's default: a token seen before is taken from the cache.
+    let cached = JwksCache::new(None, options)?;
 
     let started = Instant::now();
     let floor = time(iterations, || at_once(async { true }) == Some(true))?;
     let empty = head(None)?;
     let no_token = time(iterations, || {
         matches!(
-            at_once(authenticate(&rules, &cache, &empty)),
+            at_once(authenticate(&rules, rules_id, &cache, &empty)),
             Some(Ok(None))
         )
     })?;
@@ -170,14 +178,33 @@ fn main() -> Result<()> {
         let principal = minted[alg]["principal"].as_str().context("no principal")?;
         let h = head(Some(token))?;
         // Once outside the timing, with the reason if it fails.
-        match at_once(authenticate(&rules, &cache, &h)) {
+        match at_once(authenticate(&rules, rules_id, &cache, &h)) {
             Some(Ok(Some((a, _)))) if a.request_principal == principal => {}
             other => bail!("{alg}: the valid token was not accepted: {other:?}"),
         }
         let s = time(iterations, || {
-            matches!(at_once(authenticate(&rules, &cache, &h)), Some(Ok(Some(_))))
+            matches!(
+                at_once(authenticate(&rules, rules_id, &cache, &h)),
+                Some(Ok(Some(_)))
+            )
         })?;
         rows.push((alg, s));
+    }
+    let mut cached_rows = Vec::new();
+    for alg in ALGORITHMS {
+        let token = minted[alg]["valid"].as_str().context("no valid token")?;
+        let h = head(Some(token))?;
+        let s = time(iterations, || {
+            matches!(
+                at_once(authenticate(&rules, rules_id, &cached, &h)),
+                Some(Ok(Some(_)))
+            )
+        })?;
+        cached_rows.push((alg, s));
+    }
+    let (hits, misses) = cached.verified().stats();
+    if misses != ALGORITHMS.len() as u64 {
+        bail!("the cached rows verified {misses} times (expected once per algorithm, {hits} hits)");
     }
     let elapsed = started.elapsed();
 
@@ -202,6 +229,9 @@ fn main() -> Result<()> {
     for (alg, s) in &rows {
         line(&format!("valid {alg}"), s);
     }
+    for (alg, s) in &cached_rows {
+        line(&format!("cached {alg}"), s);
+    }
     println!("ran in {:.1} s", elapsed.as_secs_f64());
     if let Some(path) = json_out {
         let mut j = serde_json::json!({
@@ -212,6 +242,10 @@ fn main() -> Result<()> {
         });
         for (alg, s) in &rows {
             j[*alg] = serde_json::json!({"p50_ns": s.p50, "p99_ns": s.p99, "mean_ns": s.mean});
+        }
+        for (alg, s) in &cached_rows {
+            j[format!("{alg}_cached")] =
+                serde_json::json!({"p50_ns": s.p50, "p99_ns": s.p99, "mean_ns": s.mean});
         }
         std::fs::write(&path, serde_json::to_string_pretty(&j)?)
             .with_context(|| format!("writing {path}"))?;

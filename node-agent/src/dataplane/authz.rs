@@ -27,6 +27,8 @@ pub struct LocalAuthz {
     /// The `jwtRules` of the RequestAuthentications that select this workload, in key
     /// order (checked on the request path of HTTP ports).
     jwt_rules: Vec<JwtRule>,
+    /// The identity of `jwt_rules` for the verified-token cache ([`crate::jwks::rules_id`]).
+    jwt_rules_id: u64,
     /// Lower-case names of the headers AuthorizationPolicy conditions read
     /// (`request.headers[...]`): only those are handed to the evaluator per request.
     header_names: Vec<String>,
@@ -156,10 +158,11 @@ impl LocalAuthz {
         )
         .into_iter()
         .map(|(_, rule)| rule)
-        .collect();
+        .collect::<Vec<_>>();
         LocalAuthz {
             labels,
             selected,
+            jwt_rules_id: crate::jwks::rules_id(&jwt_rules),
             jwt_rules,
             header_names,
             source: state.policies.clone(),
@@ -169,6 +172,11 @@ impl LocalAuthz {
     /// The `jwtRules` of the RequestAuthentications that select this workload.
     pub fn jwt_rules(&self) -> &[JwtRule] {
         &self.jwt_rules
+    }
+
+    /// The identity of [`Self::jwt_rules`] for the verified-token cache.
+    pub fn jwt_rules_id(&self) -> u64 {
+        self.jwt_rules_id
     }
 
     /// The (lower-case) request header names AuthorizationPolicy conditions read.

@@ -192,14 +192,16 @@ fn unauthorized(host: &str, path: &str) -> Refusal {
 
 /// The authentication step of a request (module docs, 2.): the token found where `rules`
 /// say (headers whose values are not visible ASCII are not read, as
-/// [`HeaderValue::to_str`] decides) and verified with `jwks`. `Ok(None)` without rules or
+/// [`HeaderValue::to_str`] decides) and verified with `jwks`, through its cache of verified
+/// tokens (`rules_id` is [`crate::jwks::rules_id`] of `rules`). `Ok(None)` without rules or
 /// without a token, `Err` for a token present but invalid (answer 401). The fuzz target
 /// `jwt_request` drives this function.
 pub async fn authenticate(
     rules: &[JwtRule],
+    rules_id: u64,
     jwks: &JwksCache,
     head: &Parts,
-) -> Result<Option<(Authenticated, TokenLocation)>, JwtError> {
+) -> Result<Option<(Arc<Authenticated>, TokenLocation)>, JwtError> {
     if rules.is_empty() {
         return Ok(None);
     }
@@ -218,7 +220,7 @@ pub async fn authenticate(
     let Some((token, location)) = found else {
         return Ok(None);
     };
-    let auth = jwks.verify_token(rules, &token).await?;
+    let auth = jwks.verify_token_cached(rules, rules_id, &token).await?;
     Ok(Some((auth, location)))
 }
 
@@ -236,7 +238,7 @@ async fn check(
         head.uri = uri;
     }
     let rules = view.jwt_rules();
-    let auth = match authenticate(rules, jwks, head).await {
+    let auth = match authenticate(rules, view.jwt_rules_id(), jwks, head).await {
         Ok(auth) => auth,
         Err(e) => {
             tracing::warn!(

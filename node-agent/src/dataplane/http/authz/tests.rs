@@ -368,3 +368,190 @@ async fn grpc_requests_get_grpc_refusals() {
         assert_eq!(resp.headers()["grpc-status"], want, "{path}: {resp:?}");
     }
 }
+
+/// A JWKS cache whose verified-token cache reads the clock `t` (seconds since the epoch).
+fn cache_with_clock(entries: usize, t: &Arc<std::sync::atomic::AtomicU64>) -> JwksCache {
+    let opts = JwksOptions {
+        refresh_interval: Duration::from_secs(3600),
+        unknown_kid_interval: Duration::from_secs(3600),
+        fetch_timeout: Duration::from_secs(1),
+        attempts: 1,
+        backoff_base: Duration::from_millis(1),
+        backoff_cap: Duration::from_millis(1),
+    };
+    let t = t.clone();
+    JwksCache::new(None, opts).unwrap().with_verified_tokens(
+        entries,
+        Arc::new(move || t.load(std::sync::atomic::Ordering::SeqCst)),
+    )
+}
+
+fn clock_now() -> Arc<std::sync::atomic::AtomicU64> {
+    Arc::new(std::sync::atomic::AtomicU64::new(now()))
+}
+
+async fn verify(
+    jwks: &JwksCache,
+    view: &LocalAuthz,
+    token: &str,
+) -> Result<Arc<Authenticated>, JwtError> {
+    let h = head("GET", "/", &[("authorization", &bearer(token))]);
+    authenticate(view.jwt_rules(), view.jwt_rules_id(), jwks, &h)
+        .await
+        .map(|a| a.expect("the token is found").0)
+}
+
+/// A verified token is taken from the cache on the next request, but never at or past its
+/// `exp`: then it is verified again, and refused once the clock is past `exp` + skew.
+#[tokio::test]
+async fn a_cached_token_is_not_used_past_its_exp() {
+    let signer = Signer::new();
+    let v = view(&[request_authn(&signer.jwks, serde_json::json!({}))]);
+    let t = clock_now();
+    let jwks = cache_with_clock(100, &t);
+    let exp = now() + 600;
+    let token =
+        signer.token(serde_json::json!({"iss": ISSUER, "sub": "alice", "aud": "shop", "exp": exp}));
+    let hits = || jwks.verified().stats().0;
+
+    let first = verify(&jwks, &v, &token).await.unwrap();
+    assert_eq!(first.request_principal, format!("{ISSUER}/alice"));
+    assert_eq!(hits(), 0);
+    let again = verify(&jwks, &v, &token).await.unwrap();
+    assert_eq!(again, first);
+    assert_eq!(hits(), 1, "the second request is served from the cache");
+
+    // At exp: not from the cache (verified again, and still within the clock skew).
+    t.store(exp, std::sync::atomic::Ordering::SeqCst);
+    verify(&jwks, &v, &token).await.unwrap();
+    assert_eq!(hits(), 1, "a cached token was used at its exp");
+
+    // Past exp + skew by the cache's clock: refused, not served from the cache.
+    t.store(
+        exp + causeway_api::policy::jwt::CLOCK_SKEW_SECS + 1,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    let e = verify(&jwks, &v, &token).await.unwrap_err();
+    assert!(e.to_string().contains("expired"), "{e}");
+    assert_eq!(hits(), 1);
+}
+
+/// Rotation of a fetched key set (the same `kid`, another key) and a changed inline key
+/// set both refuse a token verified and cached under the old key; removing the
+/// RequestAuthentication leaves no cached principal behind.
+#[tokio::test]
+async fn a_token_cached_under_a_rotated_or_removed_key_is_refused_after_the_change() {
+    let old = Signer::new();
+    let new = Signer::new();
+    let t = clock_now();
+    let token = old.token(claims("alice", &["dev"]));
+
+    // A fetched set (the fetch stood in for): rotated to another key under the same kid.
+    let uri = "https://idp.test/jwks.json";
+    let fetched = view(&[request_authn_uri(uri)]);
+    let jwks = cache_with_clock(100, &t);
+    jwks.store_fetched_json(uri, &old.jwks);
+    verify(&jwks, &fetched, &token).await.unwrap();
+    verify(&jwks, &fetched, &token).await.unwrap();
+    assert_eq!(jwks.verified().stats().0, 1);
+    // The same body fetched again changes nothing.
+    jwks.store_fetched_json(uri, &old.jwks);
+    verify(&jwks, &fetched, &token).await.unwrap();
+    assert_eq!(jwks.verified().stats().0, 2);
+    jwks.store_fetched_json(uri, &new.jwks);
+    let e = verify(&jwks, &fetched, &token).await.unwrap_err();
+    assert!(e.to_string().contains("signature"), "{e}");
+    assert_eq!(
+        jwks.verified().stats().0,
+        2,
+        "served from the cache after rotation"
+    );
+    let fresh = new.token(claims("alice", &["dev"]));
+    verify(&jwks, &fetched, &fresh).await.unwrap();
+
+    // Inline keys: the RequestAuthentication now carries the new key only.
+    let jwks = cache_with_clock(100, &t);
+    let before = view(&[request_authn(&old.jwks, serde_json::json!({}))]);
+    verify(&jwks, &before, &token).await.unwrap();
+    verify(&jwks, &before, &token).await.unwrap();
+    assert_eq!(jwks.verified().stats().0, 1);
+    let after = view(&[request_authn(&new.jwks, serde_json::json!({}))]);
+    assert_ne!(before.jwt_rules_id(), after.jwt_rules_id());
+    let e = verify(&jwks, &after, &token).await.unwrap_err();
+    assert!(e.to_string().contains("signature"), "{e}");
+    // Another audience list: the cached verification (which checked "shop") is not used.
+    let other_aud = view(&[request_authn(
+        &old.jwks,
+        serde_json::json!({"audiences": ["billing"]}),
+    )]);
+    let e = verify(&jwks, &other_aud, &token).await.unwrap_err();
+    assert!(e.to_string().contains("audience"), "{e}");
+    assert_eq!(jwks.verified().stats().0, 1);
+
+    // The RequestAuthentication removed: the token is not looked at (no principal).
+    let none = view(&[]);
+    let h = head("GET", "/", &[("authorization", &bearer(&token))]);
+    let a = authenticate(none.jwt_rules(), none.jwt_rules_id(), &jwks, &h)
+        .await
+        .unwrap();
+    assert!(a.is_none());
+}
+
+/// A token with the same claims as a cached one but another signature is verified, and
+/// refused.
+#[tokio::test]
+async fn a_token_with_cached_claims_but_a_bad_signature_is_refused() {
+    let signer = Signer::new();
+    let forger = Signer::new();
+    let v = view(&[request_authn(&signer.jwks, serde_json::json!({}))]);
+    let t = clock_now();
+    let jwks = cache_with_clock(100, &t);
+    let c = claims("alice", &["admin"]);
+    let good = signer.token(c.clone());
+    verify(&jwks, &v, &good).await.unwrap();
+    verify(&jwks, &v, &good).await.unwrap();
+    assert_eq!(jwks.verified().stats().0, 1);
+
+    let forged = forger.token(c);
+    assert_ne!(forged, good);
+    let e = verify(&jwks, &v, &forged).await.unwrap_err();
+    assert!(e.to_string().contains("signature"), "{e}");
+    // The good token's header and payload with its signature altered.
+    let (body, sig) = good.rsplit_once('.').unwrap();
+    let mut sig = sig.as_bytes().to_vec();
+    sig[0] = if sig[0] == b'A' { b'B' } else { b'A' };
+    let tampered = format!("{body}.{}", String::from_utf8(sig).unwrap());
+    assert!(verify(&jwks, &v, &tampered).await.is_err());
+    // Still refused the second time (refusals are not cached as anything else).
+    assert!(verify(&jwks, &v, &forged).await.is_err());
+    assert_eq!(jwks.verified().stats().0, 1);
+}
+
+/// The cache holds at most `[jwt] verified_tokens` entries, and none with 0.
+#[tokio::test]
+async fn the_verified_token_cache_stays_within_its_bound() {
+    let signer = Signer::new();
+    let v = view(&[request_authn(&signer.jwks, serde_json::json!({}))]);
+    let t = clock_now();
+    for cap in [0, 5] {
+        let jwks = cache_with_clock(cap, &t);
+        for i in 0..20 {
+            let token = signer.token(claims(&format!("user-{i}"), &[]));
+            verify(&jwks, &v, &token).await.unwrap();
+            assert!(
+                jwks.verified().len() <= cap,
+                "{} > {cap}",
+                jwks.verified().len()
+            );
+        }
+        assert_eq!(jwks.verified().len(), cap);
+    }
+}
+
+fn request_authn_uri(uri: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+        "metadata": {"name": "jwt", "namespace": "shop"},
+        "spec": {"jwtRules": [{"issuer": ISSUER, "audiences": ["shop"], "jwksUri": uri}]},
+    })
+}
