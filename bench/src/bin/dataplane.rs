@@ -47,12 +47,23 @@
 //! client, server and set of paths; the HTTP client, server and token are in the bench
 //! library (`causeway_bench::http`).
 //!
+//! `ZTUNNEL_BIN=PATH` is the side-by-side mode of issue 25 (see the `versus` module): Istio's
+//! ztunnel (dedicated mode, local config, fake CA) as one more path in the same rounds as
+//! direct TCP, both Causeway transports, stunnel4 and haproxy (the floors), over keep-alive,
+//! serial, new-connection, one-stream and 8-stream bulk workloads, every figure also given
+//! as a ratio to ztunnel's (`DATAPLANE_ROUNDS`, 3 by default; `DATAPLANE_SECS` per workload,
+//! 5 by default; `DATAPLANE_AGENT_B` adds a TCP + TLS path through another agent build).
+//!
 //! The same program is the client and the server: `dataplane serve PORT`,
 //! `dataplane latency ADDR RATE SECS`, `dataplane bulk ADDR SECS`, `dataplane hold ADDR N`,
 //! `dataplane connect ADDR SECS CLIENTS`, `dataplane http-serve PORT...`,
 //! `dataplane http-load ADDR HOST PATH SECS CONNS [TOKEN]`,
 //! `dataplane http-probe ADDR HOST PATH [TOKEN]`.
 #![allow(clippy::disallowed_methods, reason = "a benchmark driver blocks")]
+
+// The ztunnel side-by-side mode (`ZTUNNEL_BIN`), in a file of its own.
+#[path = "dataplane/versus.rs"]
+mod versus;
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -114,6 +125,7 @@ fn main() -> anyhow::Result<()> {
             println!("{v}");
             Ok(())
         }
+        Some(p) if p.starts_with("vs-") => versus::client(&args),
         Some("http-probe") => {
             let t = http_target(&args, 4)?;
             println!("{}", tokio_rt()?.block_on(causeway_bench::http::probe(&t))?);
@@ -855,6 +867,16 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
             std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;
         }
         drop(server);
+        return Ok(());
+    }
+    // `ZTUNNEL_BIN`: ztunnel side by side with every path (issue 25; see `versus`).
+    if let Some(zt) = std::env::var_os("ZTUNNEL_BIN") {
+        a1.stop();
+        a2.stop();
+        let report = versus::run_versus(&run, &states, Path::new(&zt), rounds.unwrap_or(3))?;
+        if let Some(p) = json_out {
+            std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;
+        }
         return Ok(());
     }
     if let Some(rounds) = rounds {
