@@ -12,6 +12,10 @@
 //! address as Causeway's capture is). Every proxy logs at `RUST_LOG=warn` (no per
 //! connection line for either mesh).
 //!
+//! `ztunnel-1w` is ztunnel with one worker thread per proxy (`ZTUNNEL_WORKER_THREADS=1`), as
+//! many runtime threads as the agent; its ratios are to the default `ztunnel` like every
+//! other path's.
+//!
 //! Every path dials the server's own address (`vm2:8080`, declared `tcp:8080`: the L4
 //! path), except the floors, which dial their local listener. Workloads per path and round,
 //! `DATAPLANE_SECS` seconds each (5 by default), all 1 KiB request/response on the
@@ -25,7 +29,9 @@
 //! - bulk: one stream, and 8 parallel streams, as fast as they go: Gbit/s.
 //!
 //! `DATAPLANE_AGENT_B=PATH` adds a path through two agents of that build (TCP + TLS), an
-//! A/B in the same rounds. The client programs are `dataplane vs-ping ADDR`,
+//! A/B in the same rounds. For profiling, `DATAPLANE_PATHS` (comma-separated path names;
+//! direct always runs) and `DATAPLANE_WORKLOADS` (of `keepalive,serial,connect,bulk1,bulk8`)
+//! narrow the rounds. The client programs are `dataplane vs-ping ADDR`,
 //! `vs-keepalive ADDR SECS CONNS`, `vs-serial ADDR SECS`, `vs-bulk-par ADDR SECS N` (and
 //! the bench's own `connect` and `bulk`).
 
@@ -51,9 +57,10 @@ const ZT_MARK: u32 = 1337;
 const ZT_CHAIN: &str = "CW_BENCH_ZT";
 
 /// The paths, in the order of the first round (direct always first, the rest rotated).
-const PATHS: [&str; 8] = [
+const PATHS: [&str; 9] = [
     "direct",
     "ztunnel",
+    "ztunnel-1w",
     "causeway-tcp",
     "causeway-quic",
     "causeway-tcp (agent B)",
@@ -347,8 +354,16 @@ fn wait_listen(node: &Node, port: u16, what: &str) {
     });
 }
 
-/// Both ztunnels (server side first), then vm1's redirect of the server's address.
-fn start_ztunnel(run: &Run, zt: &Path, vm1: &Node, vm2: &Node) -> anyhow::Result<Started> {
+/// Both ztunnels (server side first), then vm1's redirect of the server's address;
+/// `workers`: `ZTUNNEL_WORKER_THREADS` (its default is one per CPU, 2 here; the agent runs
+/// one).
+fn start_ztunnel(
+    run: &Run,
+    zt: &Path,
+    vm1: &Node,
+    vm2: &Node,
+    workers: Option<u32>,
+) -> anyhow::Result<Started> {
     let xds = run.root.join("zt-xds.yaml");
     std::fs::write(&xds, ztunnel_xds(vm1, vm2))?;
     let mut procs = Vec::new();
@@ -359,8 +374,11 @@ fn start_ztunnel(run: &Run, zt: &Path, vm1: &Node, vm2: &Node) -> anyhow::Result
         let dir = run.root.join(format!("zt-{side}"));
         std::fs::create_dir_all(&dir)?;
         let log = std::fs::File::create(run.root.join(format!("ztunnel-{side}.log")))?;
-        let child = node
-            .cmd("prlimit")
+        let mut cmd = node.cmd("prlimit");
+        if let Some(w) = workers {
+            cmd.env("ZTUNNEL_WORKER_THREADS", w.to_string());
+        }
+        let child = cmd
             .arg(nofile_arg())
             .arg(zt)
             .current_dir(&dir)
@@ -461,7 +479,8 @@ fn start_path(
             redirect_in: None,
             agent_states: Vec::new(),
         },
-        "ztunnel" => start_ztunnel(run, zt, vm1, vm2)?,
+        "ztunnel" => start_ztunnel(run, zt, vm1, vm2, None)?,
+        "ztunnel-1w" => start_ztunnel(run, zt, vm1, vm2, Some(1))?,
         "causeway-tcp" => start_agents(run, states, &bin("causeway-agent"), "tcp", vm1, vm2)?,
         "causeway-quic" => start_agents(run, states, &bin("causeway-agent"), "quic", vm1, vm2)?,
         "causeway-tcp (agent B)" => {
@@ -503,12 +522,60 @@ fn measure(run: &Run, p: &Started, secs: u64) -> anyhow::Result<Value> {
     let s = secs.to_string();
     run_json(vm1, me, &["vs-ping", addr]).context("the path does not answer")?;
     let mut m = json!({ "load1_start": load1() });
+    let wanted = std::env::var("DATAPLANE_WORKLOADS").ok();
+    let want = |w: &str| {
+        wanted
+            .as_deref()
+            .is_none_or(|l| l.split(',').any(|x| x.trim() == w))
+    };
     let pids = p.pids();
+    if want("keepalive") {
+        keepalive_figures(run, &pids, addr, &s, &mut m)?;
+    }
+    if want("serial") {
+        let serial = run_json(vm1, me, &["vs-serial", addr, &s])?;
+        m["serial_p50_us"] = serial["p50_us"].clone();
+        m["serial_p99_us"] = serial["p99_us"].clone();
+    }
+    if want("connect") {
+        let conn = run_json(
+            vm1,
+            me,
+            &["connect", addr, &s, &CONNECT_CLIENTS.to_string()],
+        )?;
+        m["conn_rps"] = conn["per_s"].clone();
+    }
+    if want("bulk1") {
+        let bulk = run_json(vm1, me, &["bulk", addr, &s])?;
+        m["bulk1_gbps"] = bulk["gbit_s"].clone();
+    }
+    if want("bulk8") {
+        let bulk8 = run_json(
+            vm1,
+            me,
+            &["vs-bulk-par", addr, &s, &BULK_STREAMS.to_string()],
+        )?;
+        m["bulk8_gbps"] = bulk8["gbit_s"].clone();
+    }
+    m["load1_end"] = json!(load1());
+    Ok(m)
+}
+
+/// The keep-alive load, with the CPU of both proxies per 1,000 requests and their RSS
+/// after it.
+fn keepalive_figures(
+    run: &Run,
+    pids: &[u32],
+    addr: &str,
+    s: &str,
+    m: &mut Value,
+) -> anyhow::Result<()> {
+    let (vm1, me) = (run.lab.node("vm1"), &run.me);
     let cpu0: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
     let ka = run_json(
         vm1,
         me,
-        &["vs-keepalive", addr, &s, &KEEPALIVE_CONNS.to_string()],
+        &["vs-keepalive", addr, s, &KEEPALIVE_CONNS.to_string()],
     )?;
     let cpu: Vec<f64> = pids
         .iter()
@@ -527,25 +594,7 @@ fn measure(run: &Run, p: &Started, secs: u64) -> anyhow::Result<Value> {
         m["rss_server_mib"] = json!(rss[1]);
         m["rss_mib"] = json!(rss[0] + rss[1]);
     }
-    let serial = run_json(vm1, me, &["vs-serial", addr, &s])?;
-    m["serial_p50_us"] = serial["p50_us"].clone();
-    m["serial_p99_us"] = serial["p99_us"].clone();
-    let conn = run_json(
-        vm1,
-        me,
-        &["connect", addr, &s, &CONNECT_CLIENTS.to_string()],
-    )?;
-    m["conn_rps"] = conn["per_s"].clone();
-    let bulk = run_json(vm1, me, &["bulk", addr, &s])?;
-    m["bulk1_gbps"] = bulk["gbit_s"].clone();
-    let bulk8 = run_json(
-        vm1,
-        me,
-        &["vs-bulk-par", addr, &s, &BULK_STREAMS.to_string()],
-    )?;
-    m["bulk8_gbps"] = bulk8["gbit_s"].clone();
-    m["load1_end"] = json!(load1());
-    Ok(m)
+    Ok(())
 }
 
 fn median_range(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
@@ -604,6 +653,13 @@ pub(super) fn run_versus(
         "-- side by side with ztunnel: {rounds} rounds of {} paths, {secs} s per workload (load {load_before})",
         PATHS.len()
     );
+    let only = std::env::var("DATAPLANE_PATHS").ok();
+    let chosen = |name: &str| {
+        name == "direct"
+            || only
+                .as_deref()
+                .is_none_or(|l| l.split(',').any(|x| x.trim() == name))
+    };
     let mut runs: Vec<Value> = Vec::new();
     for round in 0..rounds {
         let mut direct = Value::Null;
@@ -613,6 +669,9 @@ pub(super) fn run_versus(
             } else {
                 PATHS[1 + (k - 1 + round) % (PATHS.len() - 1)]
             };
+            if !chosen(name) {
+                continue;
+            }
             let Some(started) = start_path(run, states, name, zt, agent_b.as_deref())
                 .with_context(|| format!("starting {name}"))?
             else {
