@@ -438,6 +438,11 @@ fn start_agents(
         &cfg,
         format!("[dataplane]\ntunnel_transport = \"{transport}\"\n"),
     )?;
+    // The previous agents' rules file would pass the wait below before these agents
+    // capture anything (and the keep-alive connections would go around them).
+    for state in states {
+        let _ = std::fs::remove_file(state.join("capture.rules"));
+    }
     let a2 = run.agent_of(exe, "vm2", &states[1], Some(&cfg))?;
     let a1 = run.agent_of(exe, "vm1", &states[0], Some(&cfg))?;
     let started = Started {
@@ -455,6 +460,14 @@ fn start_agents(
             .contains(&format!("-d {}/32 ", vm2.addr))
             .then_some(())
     });
+    for node in [vm1, vm2] {
+        wait_for("the agent to be ready (15020/healthz/ready)", WAIT, || {
+            node.sh("curl -sf -o /dev/null --max-time 1 http://127.0.0.1:15020/healthz/ready")
+                .status
+                .success()
+                .then_some(())
+        });
+    }
     Ok(started)
 }
 
