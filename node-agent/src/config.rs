@@ -226,9 +226,9 @@ pub struct DataplaneConfig {
     /// pushes the workload group's mode.
     pub inbound_mode: InboundMode,
     /// Transport this agent uses towards peer agents: "tcp" (the default: TCP + TLS on
-    /// 15008, HTTP/2-multiplexed; ahead of QUIC on every workload measured side by side
-    /// with ztunnel, BENCHMARKS.md) or "quic" (UDP 15008, the TCP + TLS fallback when UDP
-    /// gets no answer). Inbound, both are always served, so agents with either setting
+    /// 15008, HTTP/2-multiplexed; ahead of QUIC on bulk, serial latency and memory side by
+    /// side with ztunnel, BENCHMARKS.md) or "quic" (UDP 15008, the TCP + TLS fallback when
+    /// UDP gets no answer). Inbound, both are always served, so agents with either setting
     /// (and older agents, whose default was "quic") reach each other.
     pub tunnel_transport: TunnelTransport,
     /// How long the client side waits for the first bytes of a connection to a port whose
@@ -600,9 +600,9 @@ mod tests {
         assert!(!c.dns.cache && AgentConfig::default().dns.cache);
     }
 
-    /// The default transport is TCP + TLS (issue 25: ahead of QUIC on every workload
-    /// measured side by side with ztunnel), with no config file, with a file that does not
-    /// name it, and for the enum itself; "quic" stays selectable.
+    /// The default transport is TCP + TLS (issue 25: ahead of QUIC on bulk, serial latency
+    /// and memory side by side with ztunnel), with no config file, with a file that does
+    /// not name it, and for the enum itself; "quic" stays selectable.
     #[test]
     fn tunnel_transport_defaults_to_tcp() {
         let dir = tempfile::tempdir().unwrap();
