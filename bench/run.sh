@@ -13,6 +13,10 @@
 #   BENCH_OUT=DIR    keep the JSON results there
 # The dataplane program needs root (network namespaces), stunnel4 and haproxy (installed
 # here with apt-get when missing; without haproxy its two rows are skipped) and prlimit.
+#   ZTUNNEL_BIN=PATH   dataplane runs Istio's ztunnel (a build with rustls + ring and its
+#                    `testing` feature's fake CA) beside every path, in DATAPLANE_ROUNDS
+#                    rounds (3 by default), and gives every figure as a ratio to it; it
+#                    needs curl and iptables (see bench/src/bin/dataplane/versus.rs)
 #   CARGO_TARGET_DIR as usual
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)

@@ -172,7 +172,7 @@ in_ns vm1 getent hosts web.default.causeway
 in_ns vm1 python3 -c "$fetch" "http://web.default.causeway:8080/"
 echo "==> vm2's application saw its local agent, not vm1:"
 tail -n 3 "$work/vm2-app.log"
-echo "==> vm2's agent knew the client's identity (mutual TLS over the QUIC tunnel):"
+echo "==> vm2's agent knew the client's identity (mutual TLS over the tunnel):"
 grep -o 'inbound tunnel stream.*' "$work/vm2-agent.log" | head -n 3
 echo
 echo "==> zero-trust policy: web admits only the principal causeway.local/ns/default/sa/frontend"

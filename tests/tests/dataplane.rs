@@ -231,7 +231,49 @@ impl Mesh {
         self.agent_with(vm, state, &[])
     }
 
+    /// Starts an agent with `extra` arguments. With `CAUSEWAY_TEST_TUNNEL_TRANSPORT=quic`
+    /// (or `tcp`) in the environment, an agent whose config does not name a transport gets
+    /// that one: `CAUSEWAY_TEST_TUNNEL_TRANSPORT=quic cargo test --test dataplane` runs every
+    /// test of this file over QUIC (the default transport is TCP + TLS).
     fn agent_with(&mut self, vm: &str, state: &Path, extra: &[&str]) -> usize {
+        let Some(transport) = std::env::var("CAUSEWAY_TEST_TUNNEL_TRANSPORT")
+            .ok()
+            .filter(|t| !t.is_empty())
+        else {
+            return self.agent_exact(vm, state, extra);
+        };
+        assert!(
+            transport == "quic" || transport == "tcp",
+            "CAUSEWAY_TEST_TUNNEL_TRANSPORT={transport}: expected quic or tcp"
+        );
+        let mut args: Vec<String> = extra.iter().map(|a| (*a).to_owned()).collect();
+        let at = args.iter().position(|a| a == "--config");
+        let mut cfg: toml::Table = match at {
+            Some(i) => toml::from_str(&std::fs::read_to_string(&args[i + 1]).unwrap()).unwrap(),
+            None => toml::Table::new(),
+        };
+        let dp = cfg
+            .entry("dataplane")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .expect("[dataplane] is a table");
+        dp.entry("tunnel_transport")
+            .or_insert_with(|| toml::Value::String(transport.clone()));
+        let file = self
+            .root
+            .join(format!("{vm}.agent{}.{transport}.toml", self.procs.len()));
+        std::fs::write(&file, toml::to_string(&cfg).unwrap()).unwrap();
+        let file = file.to_str().unwrap().to_owned();
+        match at {
+            Some(i) => args[i + 1] = file,
+            None => args.extend(["--config".to_owned(), file]),
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.agent_exact(vm, state, &args)
+    }
+
+    /// Starts an agent with exactly `extra` (no test-wide transport).
+    fn agent_exact(&mut self, vm: &str, state: &Path, extra: &[&str]) -> usize {
         let node = self.lab.node(vm).clone();
         let addr = node.addr.to_string();
         let mut args = vec![
@@ -352,15 +394,36 @@ fn no_causeway_rules(node: &Node) -> bool {
     !node.sh_ok("iptables-save").contains("CAUSEWAY")
 }
 
+/// With the default transport (TCP + TLS).
 #[test]
 fn vip_and_address_through_both_agents_without_plaintext_on_the_wire() {
+    through_both_agents_without_plaintext_on_the_wire(None);
+}
+
+/// The same with both agents set to `tunnel_transport = "quic"`.
+#[test]
+fn vip_and_address_through_both_agents_without_plaintext_on_the_wire_over_quic() {
+    through_both_agents_without_plaintext_on_the_wire(Some("quic"));
+}
+
+/// The agents' transport towards peers: `transport` in their config files, or the
+/// default (`None`; `CAUSEWAY_TEST_TUNNEL_TRANSPORT` when set, else TCP + TLS).
+fn through_both_agents_without_plaintext_on_the_wire(transport: Option<&str>) {
     let mut m = Mesh::new();
     let s1 = m.join("vm1", "client");
     let s2 = m.join("vm2", "web");
     m.server("vm2", 8080);
     m.server("plain", 9090);
-    let a2 = m.agent("vm2", &s2);
-    m.agent("vm1", &s1);
+    let cfg = m.root.join("agents.toml");
+    if let Some(t) = transport {
+        std::fs::write(&cfg, format!("[dataplane]\ntunnel_transport = \"{t}\"\n")).unwrap();
+    }
+    let extra: &[&str] = match transport {
+        Some(_) => &["--config", cfg.to_str().unwrap()],
+        None => &[],
+    };
+    let a2 = m.agent_with("vm2", &s2, extra);
+    let a1 = m.agent_with("vm1", &s1, extra);
     let vm1 = m.lab.node("vm1").clone();
     let vm2_addr = m.lab.node("vm2").addr.to_string();
     let plain_addr = m.lab.node("plain").addr.to_string();
@@ -442,6 +505,24 @@ fn vip_and_address_through_both_agents_without_plaintext_on_the_wire() {
     assert!(
         !contains(secret_addr),
         "address marker seen in plaintext on the wire"
+    );
+    // Both tunnelled connections used the expected transport.
+    let expected = match transport
+        .map(str::to_owned)
+        .or_else(|| std::env::var("CAUSEWAY_TEST_TUNNEL_TRANSPORT").ok())
+        .as_deref()
+    {
+        Some("quic") => "transport=quic",
+        _ => "transport=tcp+tls",
+    };
+    let log = m.procs[a1].log();
+    let used: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("outbound via tunnel"))
+        .collect();
+    assert!(
+        used.len() == 2 && used.iter().all(|l| l.contains(expected)),
+        "expected two tunnelled connections with {expected}:\n{log}"
     );
 }
 
@@ -641,6 +722,7 @@ fn load_balancing_skips_a_down_endpoint_and_takes_it_back_after_recovery() {
     });
 }
 
+/// The client's agent set to `tunnel_transport = "quic"` (the default is TCP + TLS).
 #[test]
 fn udp_blocked_between_the_vms_falls_back_to_tcp_tls() {
     let mut m = Mesh::new();
@@ -648,7 +730,9 @@ fn udp_blocked_between_the_vms_falls_back_to_tcp_tls() {
     let s2 = m.join("vm2", "web");
     m.server("vm2", 8080);
     let a2 = m.agent("vm2", &s2);
-    let a1 = m.agent("vm1", &s1);
+    let cfg = m.root.join("vm1-quic.toml");
+    std::fs::write(&cfg, "[dataplane]\ntunnel_transport = \"quic\"\n").unwrap();
+    let a1 = m.agent_with("vm1", &s1, &["--config", cfg.to_str().unwrap()]);
     let vm1 = m.lab.node("vm1").clone();
     let vm2_addr = m.lab.node("vm2").addr.to_string();
     let vip = wait_routed(&s1, "default/web", &vm2_addr);
@@ -727,6 +811,92 @@ fn tunnel_transport_tcp_goes_straight_to_tcp_tls() {
     );
 }
 
+/// The value of the metric line starting with `series` (name and labels) in `text`.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// Mixed transports, both ways: vm1's agent set to `tunnel_transport = "quic"` (as
+/// agents of the previous version were by default), vm2's agent with no config file (the
+/// default, TCP + TLS). Each source agent uses its own setting and every agent serves both
+/// transports inbound, so vm1 → vm2 goes over QUIC and vm2 → vm1 over TCP + TLS, each
+/// answered by the other's agent; vm2's `/metrics` shows its outbound streams on `tcp`.
+#[test]
+fn quic_and_tcp_agents_talk_both_ways_and_the_default_is_tcp() {
+    let mut m = Mesh::new();
+    let s1 = m.join("vm1", "client");
+    let s2 = m.join("vm2", "web");
+    m.server("vm2", 8080);
+    m.server("vm1", 7070);
+    let cfg = m.root.join("vm1-quic.toml");
+    std::fs::write(&cfg, "[dataplane]\ntunnel_transport = \"quic\"\n").unwrap();
+    // Exactly these settings, whatever CAUSEWAY_TEST_TUNNEL_TRANSPORT says.
+    let a2 = m.agent_exact("vm2", &s2, &[]);
+    let a1 = m.agent_exact("vm1", &s1, &["--config", cfg.to_str().unwrap()]);
+    let vm1_addr = m.lab.node("vm1").addr.to_string();
+    let vm2_addr = m.lab.node("vm2").addr.to_string();
+    wait_routed(&s1, "default/web", &vm2_addr);
+    wait_routed(&s2, "default/client", &vm1_addr);
+    for round in ["one", "two"] {
+        let marker = format!("quic-to-tcp-agent-{round}");
+        let out = m.client("vm1", &vm2_addr, 8080, &marker);
+        assert!(
+            out.starts_with("peer=127.0.0.1 name=vm2\n") && out.ends_with(&marker),
+            "{out:?}\n{}",
+            m.logs()
+        );
+        let marker = format!("tcp-to-quic-agent-{round}");
+        let out = m.client("vm2", &vm1_addr, 7070, &marker);
+        assert!(
+            out.starts_with("peer=127.0.0.1 name=vm1\n") && out.ends_with(&marker),
+            "{out:?}\n{}",
+            m.logs()
+        );
+    }
+    let lines = |i: usize, what: &str| -> Vec<String> {
+        m.procs[i]
+            .log()
+            .lines()
+            .filter(|l| l.contains(what))
+            .map(str::to_owned)
+            .collect()
+    };
+    // (Neither "transport=quic" nor "transport=tcp+tls" is a prefix of the other.)
+    let all = |v: &[String], t: &str| {
+        v.len() == 2 && v.iter().all(|l| l.contains(&format!("transport={t}")))
+    };
+    let (out1, in1) = (
+        lines(a1, "outbound via tunnel"),
+        lines(a1, "inbound tunnel stream"),
+    );
+    let (out2, in2) = (
+        lines(a2, "outbound via tunnel"),
+        lines(a2, "inbound tunnel stream"),
+    );
+    assert!(all(&out1, "quic"), "vm1 (quic) outbound: {out1:#?}");
+    assert!(all(&in2, "quic"), "vm2 (default) inbound: {in2:#?}");
+    assert!(all(&out2, "tcp+tls"), "vm2 (default) outbound: {out2:#?}");
+    assert!(all(&in1, "tcp+tls"), "vm1 (quic) inbound: {in1:#?}");
+    // The default agent's metrics: its outbound streams went over TCP + TLS, none over QUIC.
+    let text = m
+        .lab
+        .node("vm2")
+        .sh_ok("curl -s http://127.0.0.1:15020/metrics");
+    let series = |d: &str, t: &str| {
+        metric(
+            &text,
+            &format!("causeway_agent_tunnel_streams_total{{direction=\"{d}\",transport=\"{t}\"}}"),
+        )
+    };
+    assert_eq!(
+        (series("outbound", "tcp"), series("outbound", "quic")),
+        (Some(2.0), Some(0.0)),
+        "{text}"
+    );
+    assert_eq!(series("inbound", "quic"), Some(2.0), "{text}");
+}
+
 /// Runs the reset client in `vm` against `host:port` in `mode`; returns what it printed.
 fn reset_client(m: &Mesh, vm: &str, host: &str, port: u16, mode: &str) -> String {
     let out = m
@@ -741,8 +911,8 @@ fn reset_client(m: &Mesh, vm: &str, host: &str, port: u16, mode: &str) -> String
 }
 
 /// A reset at either end arrives as a reset at the other end (not as a clean end of
-/// stream), over QUIC and over the TCP + TLS fallback; a silent connection is reset at
-/// both ends after the idle timeout.
+/// stream), over QUIC and over the TCP + TLS fallback (the client's agent set to QUIC);
+/// a silent connection is reset at both ends after the idle timeout.
 #[test]
 fn resets_and_idle_timeouts_travel_end_to_end() {
     let mut m = Mesh::new();
@@ -752,7 +922,11 @@ fn resets_and_idle_timeouts_travel_end_to_end() {
     let srv = m.reset_server("vm2");
     m.agent("vm2", &s2);
     let cfg = m.root.join("vm1.toml");
-    std::fs::write(&cfg, "[dataplane]\nidle_timeout = \"3s\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[dataplane]\nidle_timeout = \"3s\"\ntunnel_transport = \"quic\"\n",
+    )
+    .unwrap();
     let mut a1 = m.agent_with("vm1", &s1, &["--config", cfg.to_str().unwrap()]);
     let vm1 = m.lab.node("vm1").clone();
     let vm2_addr = node2.addr.to_string();

@@ -48,12 +48,18 @@
 //! library (`causeway_bench::http`).
 //!
 //! `DATAPLANE_POLICIES=N` is the policy mode (issue 19; see [`run_policy_rounds`]): new
-//! connections per second through the two agents (QUIC), in `DATAPLANE_ROUNDS` rounds (3
+//! connections per second through the two agents (their default transport), in `DATAPLANE_ROUNDS` rounds (3
 //! by default) of two paths, without policies and with `N` AuthorizationPolicies applied
 //! by `causewayctl apply` (50 of them selecting the server's workload, each ALLOWing the
 //! client, the rest selecting other workloads and namespaces: `causeway_bench::policy_set`),
 //! each run `DATAPLANE_CONNECT_SECS` (5 by default) with 10 clients; prints the median of
 //! the rounds' ratios with PASS or FAIL against issue 19's 0.9.
+//! `ZTUNNEL_BIN=PATH` is the side-by-side mode of issue 25 (see the `versus` module): Istio's
+//! ztunnel (dedicated mode, local config, fake CA) as one more path in the same rounds as
+//! direct TCP, both Causeway transports, stunnel4 and haproxy (the floors), over keep-alive,
+//! serial, new-connection, one-stream and 8-stream bulk workloads, every figure also given
+//! as a ratio to ztunnel's (`DATAPLANE_ROUNDS`, 3 by default; `DATAPLANE_SECS` per workload,
+//! 5 by default; `DATAPLANE_AGENT_B` adds a TCP + TLS path through another agent build).
 //!
 //! The same program is the client and the server: `dataplane serve PORT`,
 //! `dataplane latency ADDR RATE SECS`, `dataplane bulk ADDR SECS`, `dataplane hold ADDR N`,
@@ -61,6 +67,10 @@
 //! `dataplane http-load ADDR HOST PATH SECS CONNS [TOKEN]`,
 //! `dataplane http-probe ADDR HOST PATH [TOKEN]`.
 #![allow(clippy::disallowed_methods, reason = "a benchmark driver blocks")]
+
+// The ztunnel side-by-side mode (`ZTUNNEL_BIN`), in a file of its own.
+#[path = "dataplane/versus.rs"]
+mod versus;
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -122,6 +132,7 @@ fn main() -> anyhow::Result<()> {
             println!("{v}");
             Ok(())
         }
+        Some(p) if p.starts_with("vs-") => versus::client(&args),
         Some("http-probe") => {
             let t = http_target(&args, 4)?;
             println!("{}", tokio_rt()?.block_on(causeway_bench::http::probe(&t))?);
@@ -536,6 +547,23 @@ impl Run {
         self.agent_of(&bin("causeway-agent"), vm, state, None)
     }
 
+    /// An agent of `exe` whose tunnel is `transport` ("quic" or "tcp") whatever the
+    /// build's default: the paths named after a transport use it.
+    fn agent_on(
+        &self,
+        exe: &Path,
+        vm: &str,
+        state: &Path,
+        transport: &str,
+    ) -> anyhow::Result<Proc> {
+        let config = self.root.join(format!("transport-{transport}.toml"));
+        std::fs::write(
+            &config,
+            format!("[dataplane]\ntunnel_transport = \"{transport}\"\n"),
+        )?;
+        self.agent_of(exe, vm, state, Some(&config))
+    }
+
     /// An agent of the binary `exe` in `vm`, with the config file `config` if given.
     fn agent_of(
         &self,
@@ -841,8 +869,8 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
     }
 
     // 2. Two agents, QUIC.
-    let a2 = run.agent("vm2", &states[1])?;
-    let a1 = run.agent("vm1", &states[0])?;
+    let a2 = run.agent_on(&bin("causeway-agent"), "vm2", &states[1], "quic")?;
+    let a1 = run.agent_on(&bin("causeway-agent"), "vm1", &states[0], "quic")?;
     let vip: String = wait_for("vm1 to route the web service", WAIT, || {
         let cfg: Value =
             serde_json::from_slice(&std::fs::read(states[0].join("config.json")).ok()?).ok()?;
@@ -869,6 +897,16 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
         a1.stop();
         a2.stop();
         let report = run_policy_rounds(&run, &states, &vip_addr, rounds.unwrap_or(3), policies)?;
+        if let Some(p) = json_out {
+            std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;
+        }
+        return Ok(());
+    }
+    // `ZTUNNEL_BIN`: ztunnel side by side with every path (issue 25; see `versus`).
+    if let Some(zt) = std::env::var_os("ZTUNNEL_BIN") {
+        a1.stop();
+        a2.stop();
+        let report = versus::run_versus(&run, &states, Path::new(&zt), rounds.unwrap_or(3))?;
         if let Some(p) = json_out {
             std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;
         }
@@ -905,14 +943,14 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
     a1.stop();
     a2.stop();
     vm1.sh_ok("iptables -A OUTPUT -p udp --dport 15008 -j DROP");
-    let a2 = run.agent("vm2", &states[1])?;
+    let a2 = run.agent_on(&bin("causeway-agent"), "vm2", &states[1], "tcp")?;
     wait_for("vm2's agent to listen on TCP 15008", WAIT, || {
         vm2.sh("ss -ltn | grep -q ':15008 '")
             .status
             .success()
             .then_some(())
     });
-    let a1 = run.agent("vm1", &states[0])?;
+    let a1 = run.agent_on(&bin("causeway-agent"), "vm1", &states[0], "tcp")?;
     wait_for("vm1 to route again", WAIT, || {
         std::fs::read_to_string(states[0].join("capture.rules"))
             .ok()?
@@ -1102,8 +1140,9 @@ fn run_rounds(
                     if tcp {
                         vm1.sh_ok("iptables -A OUTPUT -p udp --dport 15008 -j DROP");
                     }
-                    let a2 = run.agent_of(&exe, "vm2", &states[1], None)?;
-                    let a1 = run.agent_of(&exe, "vm1", &states[0], None)?;
+                    let transport = if tcp { "tcp" } else { "quic" };
+                    let a2 = run.agent_on(&exe, "vm2", &states[1], transport)?;
+                    let a1 = run.agent_on(&exe, "vm1", &states[0], transport)?;
                     routed(&states[0]);
                     (
                         vec![("client agent", a1), ("server agent", a2)],
