@@ -2081,12 +2081,21 @@ fn run_policy_rounds(
                     || (agent_policies(state) == Some(expect)).then_some(()),
                 );
             }
-            // One connection end to end: the policies admit the client.
-            run_json(
-                run.lab.node("vm1"),
-                &run.me,
-                &["connect", vip_addr, "1", "1"],
-            )
+            // One connection end to end: the policies admit the client. The agents may
+            // still be starting (the capture file can be the previous agent's): a few
+            // tries, 250 ms apart.
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match run_json(
+                    run.lab.node("vm1"),
+                    &run.me,
+                    &["connect", vip_addr, "1", "1"],
+                ) {
+                    Err(_) if tries < 40 => std::thread::sleep(Duration::from_millis(250)),
+                    other => break other,
+                }
+            }
             .with_context(|| {
                 format!(
                     "{name}: a connection through the agents failed (see the agents' logs in {})",
@@ -2138,7 +2147,7 @@ fn run_policy_rounds(
         (v[v.len() / 2], v[0], v[v.len() - 1])
     };
     println!(
-        "\nNew connections through two agents (QUIC), {CONNECT_CLIENTS} clients, {secs} s per run, each a 1 KiB request/response; medians over {rounds} rounds\n"
+        "\nNew connections through two agents (default transport), {CONNECT_CLIENTS} clients, {secs} s per run, each a 1 KiB request/response; medians over {rounds} rounds\n"
     );
     println!(
         "| path | runs | connections/s median (range) | p50 µs | p99 µs | agent CPU s / 1k conn (client / server) | agent RSS MiB (client / server) |"
