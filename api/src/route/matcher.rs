@@ -61,6 +61,11 @@ impl StringMatcher {
         }
     }
 
+    /// Whether this is a regex (evaluated after the cheaper comparisons).
+    pub fn is_regex(&self) -> bool {
+        matches!(self, StringMatcher::Regex(_))
+    }
+
     /// Whether `v` matches; `Some(len)` is the length of the matched prefix (for a
     /// rewrite), the whole value's otherwise.
     pub fn matches(&self, v: &str, ignore_case: bool) -> Option<usize> {
@@ -224,47 +229,65 @@ impl RequestMatch {
         self.check(r).ok()
     }
 
-    /// The length of the path prefix matched, or the first condition that did not hold
-    /// (in the order port, method, authority, headers, withoutHeaders, queryParams, uri).
+    /// The length of the path prefix matched, or the first condition that did not hold.
+    /// Every condition must hold, so the order only decides which failing one is named
+    /// and what a route not taken costs: the port first, then the exact, prefix and
+    /// presence comparisons, then the regexes (each pass in the order method, authority,
+    /// headers, withoutHeaders, queryParams, uri). A route not taken is usually decided
+    /// by a cheap comparison; a regex runs only when everything cheaper held.
     pub fn check<'m, 'r>(&'m self, r: &RequestAttrs<'r>) -> Result<usize, Miss<'m, 'r>> {
         if let Some(want) = self.port
             && want != r.port
         {
             return Err(Miss::Port { want, got: r.port });
         }
-        if let Some(m) = &self.method
-            && m.matches(r.method, false).is_none()
-        {
-            return Err(Miss::Method(m, r.method));
-        }
-        if let Some(m) = &self.authority
-            && m.matches(r.authority, false).is_none()
-        {
-            return Err(Miss::Authority(m, r.authority));
-        }
-        for (name, m) in &self.headers {
-            let v = r.headers.get(name).and_then(|v| v.to_str().ok());
-            if v.and_then(|v| m.matches(v, false)).is_none() {
-                return Err(Miss::Header(name, m, v));
-            }
-        }
-        for (name, m) in &self.without_headers {
-            if let Some(v) = r.headers.get(name).and_then(|v| v.to_str().ok())
-                && m.matches(v, false).is_some()
+        let mut uri_len = None;
+        for regex in [false, true] {
+            if let Some(m) = &self.method
+                && m.is_regex() == regex
+                && m.matches(r.method, false).is_none()
             {
-                return Err(Miss::WithoutHeader(name, m, v));
+                return Err(Miss::Method(m, r.method));
+            }
+            if let Some(m) = &self.authority
+                && m.is_regex() == regex
+                && m.matches(r.authority, false).is_none()
+            {
+                return Err(Miss::Authority(m, r.authority));
+            }
+            for (name, m) in self.headers.iter().filter(|(_, m)| m.is_regex() == regex) {
+                let v = r.headers.get(name).and_then(|v| v.to_str().ok());
+                if v.and_then(|v| m.matches(v, false)).is_none() {
+                    return Err(Miss::Header(name, m, v));
+                }
+            }
+            for (name, m) in self
+                .without_headers
+                .iter()
+                .filter(|(_, m)| m.is_regex() == regex)
+            {
+                if let Some(v) = r.headers.get(name).and_then(|v| v.to_str().ok())
+                    && m.matches(v, false).is_some()
+                {
+                    return Err(Miss::WithoutHeader(name, m, v));
+                }
+            }
+            for (key, m) in self.query.iter().filter(|(_, m)| m.is_regex() == regex) {
+                let v = query_value(r.query, key);
+                if v.and_then(|v| m.matches(v, false)).is_none() {
+                    return Err(Miss::Query(key, m, v));
+                }
+            }
+            if let Some((m, ignore_case)) = &self.uri
+                && m.is_regex() == regex
+            {
+                uri_len = Some(
+                    m.matches(r.path, *ignore_case)
+                        .ok_or(Miss::Uri(m, r.path))?,
+                );
             }
         }
-        for (key, m) in &self.query {
-            let v = query_value(r.query, key);
-            if v.and_then(|v| m.matches(v, false)).is_none() {
-                return Err(Miss::Query(key, m, v));
-            }
-        }
-        match &self.uri {
-            Some((m, ignore_case)) => m.matches(r.path, *ignore_case).ok_or(Miss::Uri(m, r.path)),
-            None => Ok(r.path.len()),
-        }
+        Ok(uri_len.unwrap_or(r.path.len()))
     }
 }
 
