@@ -278,8 +278,11 @@ fn weights(ws: &[Option<i64>]) -> Vec<u32> {
 }
 
 /// Why an HTTP route is or is not taken: `Ok(which match)` or `Err(reason)`.
-fn http_route_verdict(input: &WhyInput<'_>, r: &HttpRoute) -> Result<String, String> {
-    let req = input.http.as_ref().expect("an HTTP request");
+fn http_route_verdict(
+    input: &WhyInput<'_>,
+    req: &RequestAttrs<'_>,
+    r: &HttpRoute,
+) -> Result<String, String> {
     if r.matches.is_empty() {
         return Ok("no match conditions: every request".into());
     }
@@ -343,10 +346,13 @@ pub fn explain(input: &WhyInput<'_>) -> RouteWhy {
             })
         })
         .collect();
-    let http = input.http.is_some() && for_service.iter().any(|v| !v.spec.http.is_empty());
+    let http = input
+        .http
+        .as_ref()
+        .filter(|_| for_service.iter().any(|v| !v.spec.http.is_empty()));
     let mut out = RouteWhy {
         service: input.service.to_owned(),
-        protocol: if http { "http" } else { "tcp" }.into(),
+        protocol: if http.is_some() { "http" } else { "tcp" }.into(),
         virtual_service: None,
         route: None,
         candidates: Vec::new(),
@@ -358,12 +364,12 @@ pub fn explain(input: &WhyInput<'_>) -> RouteWhy {
     'found: for vs in &for_service {
         let vs_name = name_of(&vs.metadata);
         let ns = vs.metadata.namespace();
-        if http {
+        if let Some(req) = http {
             for (i, r) in vs.spec.http.iter().enumerate() {
                 let route = r.name.clone().unwrap_or_else(|| format!("http[{i}]"));
                 let ws = weights(&r.route.iter().map(|d| d.weight).collect::<Vec<_>>());
                 let total: u32 = ws.iter().sum();
-                let verdict = http_route_verdict(input, r).and_then(|why| {
+                let verdict = http_route_verdict(input, req, r).and_then(|why| {
                     if total == 0 {
                         Err(format!("{why}, but every weight is 0: passed over"))
                     } else {
@@ -503,7 +509,11 @@ pub fn explain(input: &WhyInput<'_>) -> RouteWhy {
         _ if for_service.is_empty() => format!(
             "no VirtualService for {}: the {} goes to the service's {} healthy endpoint(s) {}",
             input.service,
-            if http { "request" } else { "connection" },
+            if http.is_some() {
+                "request"
+            } else {
+                "connection"
+            },
             out.destinations[0].endpoints.len(),
             rule_note(&out.destinations[0])
         ),
