@@ -673,10 +673,7 @@ mod tests {
                 "10.0.0.7:15012"
             ]
         );
-        assert_eq!(
-            cands[0].label(),
-            "ctl.mesh.internal:15012 (10.0.0.5:15012)"
-        );
+        assert_eq!(cands[0].label(), "ctl.mesh.internal:15012 (10.0.0.5:15012)");
         assert_eq!(cands[3].label(), "10.0.0.7:15012");
         assert_eq!(failed.len(), 2, "{failed:?}");
         assert!(
@@ -693,8 +690,7 @@ mod tests {
     async fn each_round_resolves_again_and_starts_where_it_should() {
         let r = Arc::new(Fixed::default());
         r.set("ctl.mesh.internal:15012", &["10.0.0.5:15012"]);
-        let set =
-            Controllers::with_resolver(vec!["ctl.mesh.internal:15012".into()], r.clone());
+        let set = Controllers::with_resolver(vec!["ctl.mesh.internal:15012".into()], r.clone());
         assert_eq!(set.current(), "ctl.mesh.internal:15012");
         let (cands, start) = set.round().await.unwrap();
         assert_eq!((addrs(&cands), start), (vec!["10.0.0.5:15012".into()], 0));
@@ -719,7 +715,10 @@ mod tests {
         };
         assert_eq!(set.round().await.unwrap().1, 0);
         // The address that answered last left the record: start at the first.
-        r.set("ctl.mesh.internal:15012", &["10.0.0.7:15012", "10.0.0.8:15012"]);
+        r.set(
+            "ctl.mesh.internal:15012",
+            &["10.0.0.7:15012", "10.0.0.8:15012"],
+        );
         let (cands, start) = set.round().await.unwrap();
         assert_eq!(
             (addrs(&cands), start),
