@@ -1,7 +1,9 @@
 //! The agent's side of the control endpoint: join (server-authenticated by the pinned CA)
 //! and renewal (mutual TLS with the current certificate), over QUIC.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,30 +92,141 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-async fn resolve(addr: &str) -> Result<SocketAddr, ClientError> {
-    let resolved = tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| ClientError::Resolve {
-            addr: addr.to_owned(),
-            message: e.to_string(),
-        })?;
-    let all: Vec<SocketAddr> = resolved.collect();
-    all.iter()
-        .find(|a| a.is_ipv4())
-        .or(all.first())
-        .copied()
-        .ok_or_else(|| ClientError::Resolve {
-            addr: addr.to_owned(),
-            message: "no addresses".into(),
-        })
+/// Looks a controller's `host:port` up: every address it has, IPv4 and IPv6 (a DNS name
+/// with several A/AAAA records names several controllers of an HA set).
+pub trait Resolver: Send + Sync + std::fmt::Debug {
+    /// The addresses of `host_port`, in the resolver's order.
+    fn lookup<'a>(
+        &'a self,
+        host_port: &'a str,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>>;
 }
 
+/// The system's resolver (`getaddrinfo`: /etc/hosts, DNS), asked again on every
+/// connection round so a changed record is followed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemResolver;
+
+impl Resolver for SystemResolver {
+    fn lookup<'a>(
+        &'a self,
+        host_port: &'a str,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+        Box::pin(async move { Ok(tokio::net::lookup_host(host_port).await?.collect()) })
+    }
+}
+
+/// One address to try: the configured `host:port` it came from and what it resolved to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// The entry as configured (`controllers`, `controller` or the join token's address).
+    pub entry: String,
+    /// One of its addresses.
+    pub addr: SocketAddr,
+}
+
+impl Candidate {
+    /// How the candidate is shown (status, logs): the entry itself when it is an
+    /// address, else `name:port (address)`.
+    pub fn label(&self) -> String {
+        if self.entry.parse::<SocketAddr>().is_ok() {
+            self.entry.clone()
+        } else {
+            format!("{} ({})", self.entry, self.addr)
+        }
+    }
+}
+
+/// Every address of every entry, in the entries' order: an entry that is an address as
+/// it is, a name with each of its addresses (IPv4 first, then IPv6, each in the
+/// resolver's order), an address met twice only once. Returns the entries that did not
+/// resolve with why, so that the caller can name them when nothing is left.
+pub async fn expand(entries: &[String], resolver: &dyn Resolver) -> (Vec<Candidate>, Vec<String>) {
+    let mut out: Vec<Candidate> = Vec::new();
+    let mut failed = Vec::new();
+    for entry in entries {
+        let mut addrs = match entry.parse::<SocketAddr>() {
+            Ok(a) => vec![a],
+            Err(_) => match resolver.lookup(entry).await {
+                Ok(a) if !a.is_empty() => a,
+                Ok(_) => {
+                    failed.push(format!("{entry:?}: the name has no addresses"));
+                    continue;
+                }
+                Err(e) => {
+                    failed.push(format!("{entry:?}: {e}"));
+                    continue;
+                }
+            },
+        };
+        // Stable: IPv4 first (what a controller listening on 0.0.0.0 answers), then IPv6.
+        addrs.sort_by_key(SocketAddr::is_ipv6);
+        for addr in addrs {
+            if !out.iter().any(|c| c.addr == addr) {
+                out.push(Candidate {
+                    entry: entry.clone(),
+                    addr,
+                });
+            }
+        }
+    }
+    (out, failed)
+}
+
+/// Resolves `addr` (`host:port`) to every address it has with the system resolver.
+async fn resolve_all(addr: &str) -> Result<Vec<Candidate>, ClientError> {
+    let (cands, failed) = expand(&[addr.to_owned()], &SystemResolver).await;
+    if cands.is_empty() {
+        return Err(ClientError::Resolve {
+            addr: addr.to_owned(),
+            message: failed.join("; "),
+        });
+    }
+    Ok(cands)
+}
+
+/// Connects to the first address of `addr` that answers (a name with several addresses
+/// is several controllers); a failure another address cannot fix ends it at once.
 async fn connect(
     addr: &str,
     tls: rustls::ClientConfig,
     pinned: Option<&PinnedCa>,
 ) -> Result<quinn::Connection, ClientError> {
-    let target = resolve(addr).await?;
+    let cands = resolve_all(addr).await?;
+    let n = cands.len();
+    let mut failures = Vec::new();
+    for c in &cands {
+        match connect_to(&c.label(), c.addr, tls.clone(), pinned).await {
+            Ok(conn) => return Ok(conn),
+            Err(e) if n == 1 || !e.is_retryable() => return Err(e),
+            Err(e) => {
+                tracing::warn!(controller = %c.label(), error = %e, "controller address unreachable; trying the next one");
+                failures.push(e.to_string());
+            }
+        }
+    }
+    Err(ClientError::Connect {
+        addr: addr.to_owned(),
+        message: format!(
+            "none of its {n} addresses answered ({}); check that the controllers run and that UDP reaches them",
+            failures.join("; ")
+        ),
+    })
+}
+
+async fn connect_to(
+    label: &str,
+    target: SocketAddr,
+    tls: rustls::ClientConfig,
+    pinned: Option<&PinnedCa>,
+) -> Result<quinn::Connection, ClientError> {
+    let addr = label;
+    if let Some(p) = pinned
+        && let Ok(mut f) = p.failure.lock()
+    {
+        // A reason left by an earlier address is not this one's.
+        *f = None;
+    }
     let bind: SocketAddr = if target.is_ipv4() {
         "0.0.0.0:0".parse().expect("literal")
     } else {
@@ -295,78 +408,130 @@ pub async fn connect_pinned(token: &JoinToken) -> Result<quinn::Connection, Clie
 }
 
 /// The controllers an agent may talk to (`controllers` in agent.toml: an HA set), tried
-/// in turn from the one that answered last. Each holds the whole mesh state, and config
-/// versions are global to the set, so the push stream resumes from the agent's version
-/// on whichever answers.
+/// in turn from the one that answered last. An entry may be a DNS name with several
+/// addresses: each address is a controller, and the name is resolved again on every
+/// connection round, so a changed record is followed. Each controller holds the whole
+/// mesh state, and config versions are global to the set, so the push stream resumes
+/// from the agent's version on whichever answers.
 #[derive(Debug)]
 pub struct Controllers {
     list: Vec<String>,
-    current: std::sync::atomic::AtomicUsize,
+    resolver: Arc<dyn Resolver>,
+    cursor: std::sync::Mutex<Cursor>,
+}
+
+/// Where the next round starts.
+#[derive(Debug, Default)]
+struct Cursor {
+    /// The address that answered last.
+    last: Option<Candidate>,
+    /// Start after it (its connection was lost).
+    moved: bool,
 }
 
 impl Controllers {
-    /// `list` in order of preference; empty is treated as one empty address (refused at
-    /// connect with the resolver's error).
-    pub fn new(mut list: Vec<String>) -> Self {
+    /// `list` in order of preference, resolved with the system's resolver; empty is
+    /// treated as one empty address (refused at connect with the resolver's error).
+    pub fn new(list: Vec<String>) -> Self {
+        Self::with_resolver(list, Arc::new(SystemResolver))
+    }
+
+    /// [`Controllers::new`] with another resolver.
+    pub fn with_resolver(mut list: Vec<String>, resolver: Arc<dyn Resolver>) -> Self {
         if list.is_empty() {
             list.push(String::new());
         }
         Self {
             list,
-            current: std::sync::atomic::AtomicUsize::new(0),
+            resolver,
+            cursor: std::sync::Mutex::new(Cursor::default()),
         }
     }
 
-    /// Every controller, in order.
+    fn cursor(&self) -> std::sync::MutexGuard<'_, Cursor> {
+        self.cursor.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every controller entry, in order.
     pub fn list(&self) -> &[String] {
         &self.list
     }
 
-    /// The controller tried first next time (the one that answered last).
-    pub fn current(&self) -> &str {
-        &self.list[self.current.load(std::sync::atomic::Ordering::Relaxed) % self.list.len()]
+    /// The controller that answered last (`name:port (address)` for a name), or the
+    /// first entry before any answered.
+    pub fn current(&self) -> String {
+        self.cursor()
+            .last
+            .as_ref()
+            .map_or_else(|| self.list[0].clone(), Candidate::label)
     }
 
     /// Moves to the next controller: the connection to the current one was lost, so
     /// the next attempt starts elsewhere (and comes back to it in turn).
     pub fn advance(&self) {
-        let n = self.list.len();
-        let _ = self.current.fetch_update(
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-            |i| Some((i + 1) % n),
-        );
+        self.cursor().moved = true;
+    }
+
+    /// This round's addresses (every entry resolved now) and the index to start at: the
+    /// one that answered last, or the one after it when it was left; the first when it
+    /// is no longer among them.
+    pub async fn round(&self) -> Result<(Vec<Candidate>, usize), ClientError> {
+        let (cands, failed) = expand(&self.list, &*self.resolver).await;
+        if cands.is_empty() {
+            return Err(ClientError::Resolve {
+                addr: self.list.join(", "),
+                message: failed.join("; "),
+            });
+        }
+        for f in &failed {
+            tracing::warn!(error = %f, "a controller entry does not resolve; trying the others");
+        }
+        let cursor = self.cursor();
+        let start = cursor
+            .last
+            .as_ref()
+            .and_then(|l| cands.iter().position(|c| c == l))
+            .map_or(0, |p| if cursor.moved { p + 1 } else { p })
+            % cands.len();
+        Ok((cands, start))
     }
 
     /// Opens a mutual-TLS connection to the first controller that answers, starting
-    /// with the current one; returns it with the controller's address. A failure that
+    /// with the current one; returns it with the controller's label. A failure that
     /// another controller cannot fix (the local identity files) ends the round at once;
     /// when none answers, the error names each.
     pub async fn connect_mtls(
         &self,
         identity: &Identity,
     ) -> Result<(quinn::Connection, String), ClientError> {
-        let n = self.list.len();
-        let start = self.current.load(std::sync::atomic::Ordering::Relaxed) % n;
+        let (cands, start) = self.round().await?;
+        let n = cands.len();
+        let tls = mtls_config(identity)?;
         let mut failures = Vec::new();
         for i in 0..n {
-            let idx = (start + i) % n;
-            let addr = &self.list[idx];
-            match connect_mtls(identity, addr).await {
+            let cand = &cands[(start + i) % n];
+            let label = cand.label();
+            match connect_to(&label, cand.addr, tls.clone(), None).await {
                 Ok(c) => {
-                    self.current
-                        .store(idx, std::sync::atomic::Ordering::Relaxed);
-                    return Ok((c, addr.clone()));
+                    *self.cursor() = Cursor {
+                        last: Some(cand.clone()),
+                        moved: false,
+                    };
+                    return Ok((c, label));
                 }
                 Err(e) if n == 1 || !e.is_retryable() => return Err(e),
                 Err(e) => {
-                    tracing::warn!(controller = %addr, error = %e, "controller unreachable; trying the next one");
+                    tracing::warn!(controller = %label, error = %e, "controller unreachable; trying the next one");
                     failures.push(e.to_string());
                 }
             }
         }
         Err(ClientError::Connect {
-            addr: self.list.join(", "),
+            addr: cands
+                .iter()
+                .map(Candidate::label)
+                .collect::<Vec<_>>()
+                .join(", "),
             message: format!(
                 "no controller of the set answered ({}); check that they run and that UDP reaches them",
                 failures.join("; ")
@@ -380,6 +545,13 @@ pub async fn connect_mtls(
     identity: &Identity,
     controller: &str,
 ) -> Result<quinn::Connection, ClientError> {
+    connect(controller, mtls_config(identity)?, None).await
+}
+
+/// The TLS client settings of a mutual-TLS connection with the current identity. The
+/// controller is checked by its certificate's name ([`SERVER_NAME`]) under the mesh CA,
+/// whatever address or DNS name it was reached at.
+fn mtls_config(identity: &Identity) -> Result<rustls::ClientConfig, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     for der in &identity.bundle_der {
         roots.add(CertificateDer::from(der.clone())).map_err(|e| {
@@ -416,7 +588,7 @@ pub async fn connect_mtls(
             })
         })?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    connect(controller, tls, None).await
+    Ok(tls)
 }
 
 /// Renews the certificate over `conn` (mTLS) with a fresh key; saves and returns the new identity.
@@ -435,4 +607,150 @@ pub async fn renew(
     info.spiffe_id = issued.spiffe_id.clone();
     state.save(&key, &issued, &info)?;
     Ok(state.load()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    /// A resolver with a fixed answer per name that the test can change.
+    #[derive(Debug, Default)]
+    struct Fixed(Mutex<HashMap<String, Vec<SocketAddr>>>);
+
+    impl Fixed {
+        fn set(&self, name: &str, addrs: &[&str]) {
+            self.0.lock().unwrap().insert(
+                name.to_owned(),
+                addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            );
+        }
+    }
+
+    impl Resolver for Fixed {
+        fn lookup<'a>(
+            &'a self,
+            host_port: &'a str,
+        ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+            let answer = self.0.lock().unwrap().get(host_port).cloned();
+            Box::pin(async move {
+                answer.ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no such name")
+                })
+            })
+        }
+    }
+
+    fn addrs(c: &[Candidate]) -> Vec<String> {
+        c.iter().map(|c| c.addr.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_name_expands_to_each_of_its_addresses_ipv4_first() {
+        let r = Fixed::default();
+        r.set(
+            "ctl.mesh.internal:15012",
+            &["[fd00::5]:15012", "10.0.0.5:15012", "10.0.0.6:15012"],
+        );
+        r.set("empty.internal:15012", &[]);
+        let entries = [
+            "ctl.mesh.internal:15012",
+            "10.0.0.6:15012",
+            "10.0.0.7:15012",
+            "gone.internal:15012",
+            "empty.internal:15012",
+        ]
+        .map(str::to_owned);
+        let (cands, failed) = expand(&entries, &r).await;
+        // Each address once, in the entries' order; a name's IPv4 addresses before its IPv6.
+        assert_eq!(
+            addrs(&cands),
+            [
+                "10.0.0.5:15012",
+                "10.0.0.6:15012",
+                "[fd00::5]:15012",
+                "10.0.0.7:15012"
+            ]
+        );
+        assert_eq!(cands[0].label(), "ctl.mesh.internal:15012 (10.0.0.5:15012)");
+        assert_eq!(cands[3].label(), "10.0.0.7:15012");
+        assert_eq!(failed.len(), 2, "{failed:?}");
+        assert!(
+            failed[0].contains("gone.internal:15012") && failed[0].contains("no such name"),
+            "{failed:?}"
+        );
+        assert!(
+            failed[1].contains("empty.internal") && failed[1].contains("no addresses"),
+            "{failed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_round_resolves_again_and_starts_where_it_should() {
+        let r = Arc::new(Fixed::default());
+        r.set("ctl.mesh.internal:15012", &["10.0.0.5:15012"]);
+        let set = Controllers::with_resolver(vec!["ctl.mesh.internal:15012".into()], r.clone());
+        assert_eq!(set.current(), "ctl.mesh.internal:15012");
+        let (cands, start) = set.round().await.unwrap();
+        assert_eq!((addrs(&cands), start), (vec!["10.0.0.5:15012".into()], 0));
+        // The record gains an address: the next round has both.
+        r.set(
+            "ctl.mesh.internal:15012",
+            &["10.0.0.5:15012", "[fd00::6]:15012"],
+        );
+        let (cands, start) = set.round().await.unwrap();
+        assert_eq!(addrs(&cands), ["10.0.0.5:15012", "[fd00::6]:15012"]);
+        assert_eq!(start, 0);
+        // The first answered, then its connection was lost: the next round starts after it.
+        set.cursor().last = Some(cands[0].clone());
+        assert_eq!(set.current(), "ctl.mesh.internal:15012 (10.0.0.5:15012)");
+        assert_eq!(set.round().await.unwrap().1, 0, "stays while it answers");
+        set.advance();
+        assert_eq!(set.round().await.unwrap().1, 1);
+        // The second answered, was left, and the round wraps to the first.
+        *set.cursor() = Cursor {
+            last: Some(cands[1].clone()),
+            moved: true,
+        };
+        assert_eq!(set.round().await.unwrap().1, 0);
+        // The address that answered last left the record: start at the first.
+        r.set(
+            "ctl.mesh.internal:15012",
+            &["10.0.0.7:15012", "10.0.0.8:15012"],
+        );
+        let (cands, start) = set.round().await.unwrap();
+        assert_eq!(
+            (addrs(&cands), start),
+            (vec!["10.0.0.7:15012".into(), "10.0.0.8:15012".into()], 0)
+        );
+        // No entry resolves: the error names the entries and why.
+        r.0.lock().unwrap().clear();
+        let err = set.round().await.unwrap_err().to_string();
+        assert!(
+            err.contains("ctl.mesh.internal:15012") && err.contains("no such name"),
+            "{err}"
+        );
+    }
+
+    /// The system resolver: `localhost` is loopback (one or both families), an address
+    /// entry is taken as it is.
+    #[tokio::test]
+    async fn the_system_resolver_expands_localhost_and_keeps_addresses() {
+        let entries = ["localhost:15012", "[::1]:15013"].map(str::to_owned);
+        let (cands, failed) = expand(&entries, &SystemResolver).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        let from_name: Vec<&Candidate> = cands
+            .iter()
+            .filter(|c| c.entry == "localhost:15012")
+            .collect();
+        assert!(!from_name.is_empty());
+        assert!(
+            from_name
+                .iter()
+                .all(|c| c.addr.ip().is_loopback() && c.addr.port() == 15012),
+            "{cands:?}"
+        );
+        assert_eq!(cands.last().unwrap().label(), "[::1]:15013");
+    }
 }

@@ -43,7 +43,9 @@ pub struct AgentConfig {
     /// `host:port` of the controller; overrides the address from the join token.
     pub controller: Option<String>,
     /// `host:port` of each controller of an HA set, tried in turn (the one that
-    /// answered last first); overrides `controller` and the join token's address.
+    /// answered last first); a DNS name stands for each of its addresses (IPv4 and
+    /// IPv6, resolved again on every connection round); overrides `controller` and the
+    /// join token's address.
     pub controllers: Vec<String>,
     /// Workload address registered in the mesh; default: the local address of the
     /// route to the controller.

@@ -181,7 +181,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         file: status_file,
         status: RunStatus {
             pid: std::process::id(),
-            controller: controllers.current().to_owned(),
+            controller: controllers.current(),
             config_version: cached_version,
             ..RunStatus::default()
         },

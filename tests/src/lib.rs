@@ -488,6 +488,13 @@ impl AgentProcess {
 
     /// Starts `causeway-agent run` with a config file and extra arguments.
     pub fn start_with(state_dir: &Path, toml: &str, extra: &[&str]) -> Self {
+        Self::start_through(&[], state_dir, toml, extra)
+    }
+
+    /// [`AgentProcess::start_with`] through a command that execs the agent (`prefix`
+    /// followed by the agent's path and arguments, e.g. a mount namespace with its own
+    /// /etc/hosts); the process keeps the agent's pid.
+    pub fn start_through(prefix: &[&str], state_dir: &Path, toml: &str, extra: &[&str]) -> Self {
         let cfg = state_dir.with_extension("agent.toml");
         std::fs::write(&cfg, toml).expect("write agent config");
         let log = std::fs::OpenOptions::new()
@@ -495,7 +502,15 @@ impl AgentProcess {
             .append(true)
             .open(state_dir.with_extension("agent.log"))
             .expect("agent log");
-        let child = Command::new(bin("causeway-agent"))
+        let mut cmd = match prefix.split_first() {
+            None => Command::new(bin("causeway-agent")),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("causeway-agent"));
+                c
+            }
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(&cfg)
             .arg("--state-dir")

@@ -142,11 +142,17 @@ fn ha_config(t: &Path, etcd: &Member, file: Option<&Path>) -> String {
 
 /// [`ha_config`] with every member of a cluster as an endpoint.
 fn ha_config_on(t: &Path, etcd: &[Member], file: Option<&Path>) -> String {
+    let urls: Vec<String> = etcd.iter().map(|m| m.url.clone()).collect();
+    ha_config_via(t, &urls, file)
+}
+
+/// [`ha_config`] with these etcd client URLs.
+fn ha_config_via(t: &Path, urls: &[String], file: Option<&Path>) -> String {
     let kek = t.join("ca-kek");
     std::fs::write(&kek, "ab".repeat(32)).unwrap();
-    let endpoints = etcd
+    let endpoints = urls
         .iter()
-        .map(|m| format!("\"{}\"", m.url))
+        .map(|u| format!("\"{u}\""))
         .collect::<Vec<_>>()
         .join(", ");
     let mut toml = format!(
@@ -328,56 +334,241 @@ fn one_controller_leads_and_a_killed_leader_is_replaced() {
     );
 }
 
+/// A TCP relay on loopback in front of etcd for one controller. It forwards both ways,
+/// except that it can hold the first request carrying a given pattern (a registry write
+/// with a given fence) on its way to etcd until the test releases it: a write that the
+/// controller sent while it led and that reaches etcd after it lost the lease, as a
+/// write delayed in the network or in a paused process would.
+struct Relay {
+    url: String,
+    hold: Arc<Hold>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    port: u16,
+}
+
+#[derive(Default)]
+struct Hold {
+    /// (pattern to hold, held now, released)
+    state: std::sync::Mutex<(Option<Vec<u8>>, bool, bool)>,
+    released: std::sync::Condvar,
+}
+
+impl Relay {
+    fn start(etcd_url: &str) -> Relay {
+        let upstream = etcd_url.trim_start_matches("http://").to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hold = Arc::new(Hold::default());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (h, st) = (hold.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if st.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (mut c_read, mut s_write) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut s_read, mut c_write) = (server, client);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_read, &mut c_write);
+                    let _ = c_write.shutdown(std::net::Shutdown::Write);
+                });
+                let h = h.clone();
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut tail: Vec<u8> = Vec::new();
+                    loop {
+                        let n = match c_read.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let chunk = &buf[..n];
+                        let mut state = h.state.lock().unwrap();
+                        if let Some(pattern) = state.0.clone() {
+                            let mut seen = std::mem::take(&mut tail);
+                            seen.extend_from_slice(chunk);
+                            if seen.windows(pattern.len()).any(|w| w == pattern.as_slice()) {
+                                state.0 = None;
+                                state.1 = true;
+                                while !state.2 {
+                                    state = h.released.wait(state).unwrap();
+                                }
+                            } else {
+                                let keep = seen.len().saturating_sub(pattern.len());
+                                tail = seen.split_off(keep);
+                            }
+                        }
+                        drop(state);
+                        if s_write.write_all(chunk).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s_write.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Relay {
+            url: format!("http://127.0.0.1:{port}"),
+            hold,
+            stop,
+            port,
+        }
+    }
+
+    /// Holds the next request that carries `pattern`.
+    fn hold_request_with(&self, pattern: &str) {
+        *self.hold.state.lock().unwrap() = (Some(pattern.as_bytes().to_vec()), false, false);
+    }
+
+    /// Whether a request is held now.
+    fn holding(&self) -> bool {
+        let s = self.hold.state.lock().unwrap();
+        s.1 && !s.2
+    }
+
+    /// Lets the held request (and everything after it) through.
+    fn release(&self) {
+        self.hold.state.lock().unwrap().2 = true;
+        self.hold.released.notify_all();
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.release();
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accept loop so that it sees the stop.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// The create revision of the leadership key (the current leader's fence), from etcd.
+fn leader_fence(etcd: &Member) -> i64 {
+    let client = etcd.client();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(client.get(b"/causeway/leader"))
+        .unwrap()
+        .expect("a leader key")
+        .create_revision
+}
+
+/// The stored endpoints of `ext/payments`, read from etcd itself.
+fn stored_payments(etcd: &Member) -> String {
+    let client = etcd.client();
+    let r = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(client.get_prefix(b"/causeway/mesh/data/", 0, 0))
+        .unwrap();
+    r.kvs
+        .iter()
+        .filter(|kv| String::from_utf8_lossy(&kv.key).contains("payments"))
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+        .collect()
+}
+
+/// The fencing test with real processes, without a race: the leader's registry write is
+/// sent while it leads and held on its way to etcd (the relay), the leader is paused
+/// (SIGSTOP) past its lease, the other controller takes over and writes the registry
+/// twice; then the held write reaches etcd and must be refused by the fence (counted on
+/// the old leader, `causeway_controller_fenced_writes_total`), etcd keeps the new
+/// leader's registry, and the resumed controller steps down and follows. Without the
+/// relay, whether the resumed process writes before it notices its lost lease is a race
+/// (the term's tasks and the election wake together); the in-process test below covers
+/// a stale leader writing on an up-to-date view.
 #[test]
 fn a_paused_leader_is_replaced_and_steps_down_when_it_resumes() {
     let t = tempfile::tempdir().unwrap();
     let etcd = Member::start(t.path());
     let file = t.path().join("registry.toml");
     write_registry(&file, &["192.0.2.60"]);
-    let toml = ha_config(t.path(), &etcd, Some(&file));
-    let cs: Vec<Controller> = (1..=2)
-        .map(|i| Controller::start_with_config(&t.path().join(format!("c{i}")), &toml))
+    // Each controller reaches etcd through its own relay; a request waits there for as
+    // long as the test holds it (the request timeout is longer than the test).
+    let relays: Vec<Relay> = (0..2).map(|_| Relay::start(&etcd.url)).collect();
+    let cs: Vec<Controller> = relays
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let toml = ha_config_via(t.path(), std::slice::from_ref(&r.url), Some(&file))
+                .replace("[store]\n", "[store]\nrequest_timeout = \"5m\"\n");
+            Controller::start_with_config(&t.path().join(format!("c{}", i + 1)), &toml)
+        })
         .collect();
     let refs: Vec<&Controller> = cs.iter().collect();
     let leader = one_leader(&refs);
-    let (old, new) = (&cs[leader], &cs[1 - leader]);
+    let (old, new, relay) = (&cs[leader], &cs[1 - leader], &relays[leader]);
     for c in &cs {
         wait_for("web on both", WAIT, || {
             (web_addresses(c) == set(&["192.0.2.60"])).then_some(())
         });
     }
 
-    // Paused past its lease: the other controller takes over and runs the sources.
+    // The leader writes a registry change under its fence; the write is held.
+    let fence = leader_fence(&etcd);
+    relay.hold_request_with(&format!("\"create_revision\":\"{fence}\""));
+    write_registry(&file, &["192.0.2.60", "192.0.2.61"]);
+    wait_for(
+        "the leader's registry write held on its way to etcd",
+        WAIT,
+        || relay.holding().then_some(()),
+    );
+    assert_eq!(
+        metric(old, "causeway_controller_leader"),
+        Some(1.0),
+        "it still leads (its lease is renewed on other connections)"
+    );
+
+    // Paused past its lease with its write in flight: the other controller takes over,
+    // runs the sources and writes the registry (twice).
     signal(old, "-STOP");
     let paused = Instant::now();
     wait_for("the other controller leads", WAIT, || {
         (metric(new, "causeway_controller_leader") == Some(1.0)).then_some(())
     });
     println!("taken over {:?} after the pause", paused.elapsed());
-    write_registry(&file, &["192.0.2.60", "192.0.2.61"]);
+    assert_ne!(leader_fence(&etcd), fence, "a new term, a new fence");
     wait_for("the change on the new leader", WAIT, || {
         (web_addresses(new) == set(&["192.0.2.60", "192.0.2.61"])).then_some(())
     });
+    write_registry(&file, &["192.0.2.62"]);
+    wait_for("the next change on the new leader", WAIT, || {
+        (web_addresses(new) == set(&["192.0.2.62"])).then_some(())
+    });
 
-    // Resumed: it steps down, follows the new leader's registry, and one leader stays.
+    // The held write reaches etcd under the old fence, and the old leader resumes: the
+    // write is refused, and etcd keeps the new leader's registry.
+    relay.release();
     signal(old, "-CONT");
+    wait_for("the late write refused by the fence", WAIT, || {
+        (metric(old, "causeway_controller_fenced_writes_total").unwrap_or(0.0) >= 1.0).then_some(())
+    });
+    let stored = stored_payments(&etcd);
+    assert!(
+        stored.contains("192.0.2.62") && !stored.contains("192.0.2.61"),
+        "etcd holds the new leader's registry: {stored}"
+    );
+    // It steps down, follows the new leader's registry, and one leader stays.
     wait_for("the old leader steps down", WAIT, || {
         (metric(old, "causeway_controller_leader") == Some(0.0)).then_some(())
     });
     assert!(old.log().contains("no longer leading"), "{}", old.log());
     wait_for("the old leader follows", WAIT, || {
-        (web_addresses(old) == set(&["192.0.2.60", "192.0.2.61"])).then_some(())
+        (web_addresses(old) == set(&["192.0.2.62"])).then_some(())
     });
     assert_eq!(leaders(&refs), vec![1 - leader], "one leader");
-    println!(
-        "registry writes refused by the fence on the resumed controller: {:?}",
-        metric(old, "causeway_controller_fenced_writes_total")
-    );
-    // The registry stays the new leader's: nothing the old one wrote late got through.
-    write_registry(&file, &["192.0.2.62"]);
+    write_registry(&file, &["192.0.2.63"]);
     for c in &cs {
         wait_for("the next change on both", WAIT, || {
-            (web_addresses(c) == set(&["192.0.2.62"])).then_some(())
+            (web_addresses(c) == set(&["192.0.2.63"])).then_some(())
         });
     }
 }
@@ -757,6 +948,106 @@ fn an_agent_fails_over_to_another_controller_and_ctl_uses_the_first_that_answers
     );
 }
 
+/// `sh -c` script that runs a command in its own mount namespace (`unshare --user
+/// --map-root-user --mount`, so no root needed) with `$0` mounted over /etc/hosts: the
+/// command resolves names with the system's resolver (getaddrinfo) against that file,
+/// and nothing changes for other processes.
+const WITH_HOSTS: &str = "mount --bind \"$0\" /etc/hosts && exec \"$@\"";
+
+/// A DNS name for the HA set: both controllers advertise `controllers.causeway.test:PORT`
+/// (the join token names it), one on 127.0.0.2, the other on [::1], same port. The
+/// agent (and its join) resolve the name through a hosts file of their own, which first
+/// lists only the first controller: the agent joins and connects there. The record then
+/// gains the second controller's IPv6 address, the first controller is killed, and the
+/// agent, resolving the name again on its next round, connects to the second one and
+/// gets the next registry change there.
+#[test]
+fn an_agent_uses_every_address_of_a_controller_name_and_resolves_it_again() {
+    let t = tempfile::tempdir().unwrap();
+    let etcd = Member::start(t.path());
+    let file = t.path().join("registry.toml");
+    write_registry(&file, &["192.0.2.70"]);
+    let toml = ha_config(t.path(), &etcd, Some(&file));
+    let port = unshared_port();
+    let name = format!("controllers.causeway.test:{port}");
+    let mut c1 = Controller::start_listening(
+        &t.path().join("c1"),
+        &toml,
+        &format!("127.0.0.2:{port}"),
+        &name,
+    );
+    let c2 =
+        Controller::start_listening(&t.path().join("c2"), &toml, &format!("[::1]:{port}"), &name);
+    let hosts = t.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.2 controllers.causeway.test\n").unwrap();
+    let wrap = [
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "--mount",
+        "--",
+        "sh",
+        "-c",
+        WITH_HOSTS,
+        hosts.to_str().unwrap(),
+    ];
+
+    c1.create_web_group();
+    let token = c1.token("web", &[]);
+    assert_eq!(
+        causeway_api::JoinToken::decode(&token).unwrap().controller,
+        name,
+        "the token names the set"
+    );
+    let s1 = t.path().join("a1");
+    let out = Command::new(wrap[0])
+        .args(&wrap[1..])
+        .arg(bin("causeway-agent"))
+        .args(["join", &token, "--state-dir", s1.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "join by name: {}", describe(&out));
+    // No `controllers`: the agent uses the token's name.
+    let a1 = AgentProcess::start_through(
+        &wrap,
+        &s1,
+        "[identity]\nretry_min = \"100ms\"\nretry_max = \"1s\"\n",
+        &["--address", "127.0.0.22"],
+    );
+    let first = format!("{name} (127.0.0.2:{port})");
+    let second = format!("{name} ([::1]:{port})");
+    let on_first = wait_for("connected to the first controller by name", WAIT, || {
+        let st = a1.status();
+        (st["controller_connected"] == true).then(|| st["controller"].clone())
+    });
+
+    // The record gains the second controller (IPv6); the first one dies. Only a new
+    // resolution of the name reaches the second controller.
+    std::fs::write(
+        &hosts,
+        "127.0.0.2 controllers.causeway.test\n::1 controllers.causeway.test\n",
+    )
+    .unwrap();
+    c1.kill();
+    write_registry(&file, &["192.0.2.70", "192.0.2.71"]);
+    wait_for(
+        "the change reaches the agent through the second controller",
+        WAIT,
+        || {
+            let v = c2.mesh_version();
+            let cached = std::fs::read_to_string(s1.join("config.json")).unwrap_or_default();
+            let st = a1.status();
+            (st["controller_connected"] == true
+                && st["config_version"].as_u64() == Some(v)
+                && cached.contains("192.0.2.71"))
+            .then_some(())
+        },
+    );
+    // The status names the entry and the address in use.
+    assert_eq!(on_first, first.as_str());
+    assert_eq!(a1.status()["controller"], second.as_str());
+}
+
 /// Three etcd members: with the first one (every controller's first endpoint) killed,
 /// the set keeps one leader, joins are served by both controllers and a registry change
 /// still reaches both. Each controller reports its etcd request latencies, and counts the
@@ -970,4 +1261,221 @@ fn joins_during_a_leader_kill_never_overspend_and_lose_no_agent() {
         spent_refusals > 0 || stored < 100,
         "more joins than uses were refused"
     );
+}
+
+/// Runs the real `ansible-playbook` (connection local) on `playbook` with the repository's
+/// roles; returns its output, asserting success.
+fn ansible_playbook(t: &Path, inventory: &Path, playbook: &Path, vars: &Path) -> String {
+    let home = t.join("ansible-home");
+    let out = Command::new("ansible-playbook")
+        .arg("-i")
+        .arg(inventory)
+        .arg(playbook)
+        .arg("-e")
+        .arg(format!("@{}", vars.display()))
+        .env(
+            "ANSIBLE_ROLES_PATH",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../ansible/roles"),
+        )
+        .env("ANSIBLE_HOME", &home)
+        .env("ANSIBLE_LOCAL_TEMP", home.join("tmp"))
+        .env("ANSIBLE_NOCOLOR", "1")
+        .env("LC_ALL", "C.UTF-8")
+        .env("ANSIBLE_RETRY_FILES_ENABLED", "0")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run ansible-playbook ({e}); install Debian's ansible (scripts/install-deps-vm.sh does)")
+        });
+    assert!(out.status.success(), "ansible-playbook: {}", describe(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `KEY="value"` lines of an environment file.
+fn env_file(path: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap_or_else(|| panic!("{l:?}"));
+            (k.to_owned(), v.trim_matches('"').to_owned())
+        })
+        .collect()
+}
+
+/// The Ansible roles for an HA set, through the real `ansible-playbook` (connection local,
+/// each role's `config` tasks writing into a directory per inventory host instead of
+/// /etc): the `etcd` role renders three members' settings from the inventory, and
+/// `causeway_controller` with `causeway_store_backend: etcd` renders two controllers'
+/// `[store]` and their CA key-encryption key. A second run changes nothing. Then etcd
+/// runs with exactly the rendered settings and the controllers with exactly the rendered
+/// controller.toml (the harness only moves their data dirs and listen ports): one
+/// cluster, one CA, one leader.
+#[test]
+fn the_ansible_roles_render_an_ha_set_that_runs() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("rendered");
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let mut inventory = String::from("[etcd]\n");
+    for (i, (client, peer)) in ports.iter().enumerate() {
+        inventory.push_str(&format!(
+            "e{i} ansible_host=127.0.0.1 etcd_client_port={client} etcd_peer_port={peer}\n"
+        ));
+    }
+    inventory.push_str(
+        "\n[causeway_controller]\nc1 ansible_host=127.0.0.1\nc2 ansible_host=127.0.0.1\n\n[all:vars]\nansible_connection=local\nansible_python_interpreter=/usr/bin/python3\n",
+    );
+    let inv = t.path().join("hosts.ini");
+    std::fs::write(&inv, inventory).unwrap();
+    // site.yml's two first plays, with only the roles' configuration tasks.
+    let playbook = t.path().join("ha.yml");
+    std::fs::write(
+        &playbook,
+        r#"---
+- name: etcd members
+  hosts: etcd
+  gather_facts: false
+  tasks:
+    - name: A directory per member
+      ansible.builtin.file:
+        path: "{{ out }}/{{ inventory_hostname }}"
+        state: directory
+        mode: "0755"
+    - name: The etcd role's configuration
+      ansible.builtin.include_role:
+        name: etcd
+        tasks_from: config
+      vars:
+        etcd_config_file: "{{ out }}/{{ inventory_hostname }}/etcd"
+        etcd_data_dir: "{{ out }}/{{ inventory_hostname }}/data"
+        etcd_service: false
+
+- name: Causeway controllers
+  hosts: causeway_controller
+  gather_facts: false
+  tasks:
+    - name: A directory per controller
+      ansible.builtin.file:
+        path: "{{ out }}/{{ inventory_hostname }}"
+        state: directory
+        mode: "0755"
+    - name: The controller role's configuration
+      ansible.builtin.include_role:
+        name: causeway_controller
+        tasks_from: config
+      vars:
+        causeway_controller_config_dir: "{{ out }}/{{ inventory_hostname }}"
+        causeway_controller_config_group: root
+        causeway_controller_service: false
+"#,
+    )
+    .unwrap();
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|(c, _)| format!("http://127.0.0.1:{c}"))
+        .collect();
+    let kek = "cd".repeat(32);
+    let vars = t.path().join("vars.json");
+    std::fs::write(
+        &vars,
+        serde_json::json!({
+            "out": out,
+            "causeway_store_backend": "etcd",
+            "causeway_etcd_endpoints": urls,
+            "causeway_ca_kek": kek,
+            "causeway_lease_ttl": "3s",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let first = ansible_playbook(t.path(), &inv, &playbook, &vars);
+    assert!(first.contains("changed=3"), "{first}");
+    let second = ansible_playbook(t.path(), &inv, &playbook, &vars);
+    for host in ["e0", "e1", "e2", "c1", "c2"] {
+        let recap = second
+            .lines()
+            .find(|l| l.starts_with(host) && l.contains("ok="))
+            .unwrap_or_else(|| panic!("no recap for {host}: {second}"));
+        assert!(recap.contains("changed=0"), "second run: {recap}");
+    }
+
+    // The rendered files.
+    let cluster = (0..3)
+        .map(|i| format!("e{i}=http://127.0.0.1:{}", ports[i].1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut members = Vec::new();
+    for (i, (client, _)) in ports.iter().enumerate() {
+        let env = env_file(&out.join(format!("e{i}/etcd")));
+        let get = |k: &str| {
+            env.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("{k} missing: {env:?}"))
+        };
+        assert_eq!(get("ETCD_NAME"), format!("e{i}"));
+        assert_eq!(get("ETCD_INITIAL_CLUSTER"), cluster);
+        assert_eq!(
+            get("ETCD_ADVERTISE_CLIENT_URLS"),
+            format!("http://127.0.0.1:{client}")
+        );
+        let log = std::fs::File::create(t.path().join(format!("etcd-e{i}.log"))).unwrap();
+        let child = Command::new("etcd")
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd (apt-get install etcd-server)");
+        members.push(Member {
+            child,
+            url: urls[i].clone(),
+        });
+    }
+    for name in ["c1", "c2"] {
+        let path = out.join(name).join("controller.toml");
+        let cfg = causeway_controller::config::Config::load(&path).unwrap();
+        cfg.validate()
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(
+            cfg.store.backend,
+            causeway_controller::config::StoreBackend::Etcd
+        );
+        assert_eq!(cfg.store.endpoints, urls);
+        assert_eq!(cfg.store.lease_ttl, Duration::from_secs(3));
+        let kek_file = out.join(name).join("ca-kek");
+        assert_eq!(cfg.store.kek_file.as_deref(), Some(kek_file.as_path()));
+        assert_eq!(std::fs::read_to_string(&kek_file).unwrap(), kek);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&kek_file).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+    }
+
+    // They run: one etcd cluster, two controllers with one CA and one leader.
+    for m in &members {
+        let health = format!("{}/health", m.url);
+        wait_for("the rendered etcd members form a cluster", WAIT, || {
+            let out = Command::new("curl")
+                .args(["-fsS", "-m", "1", &health])
+                .output()
+                .ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .contains("true")
+                .then_some(())
+        });
+    }
+    let cs: Vec<Controller> = ["c1", "c2"]
+        .iter()
+        .map(|name| {
+            let cfg = out.join(name).join("controller.toml");
+            Controller::start(
+                &t.path().join(format!("data-{name}")),
+                &["--config", cfg.to_str().unwrap()],
+            )
+        })
+        .collect();
+    assert_eq!(cs[0].fingerprint, cs[1].fingerprint, "one CA");
+    let refs: Vec<&Controller> = cs.iter().collect();
+    one_leader(&refs);
 }

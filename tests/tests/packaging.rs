@@ -89,6 +89,7 @@ fn ansible_templates_render_to_valid_configs() {
     for extra in [
         "{causeway_agent_address: 10.0.0.7}",
         "{causeway_agent_address: 10.0.0.7, causeway_agent_controller: '10.0.0.5:15012', causeway_agent_zone: z1, causeway_agent_capture: false, causeway_agent_inbound_mode: strict}",
+        "{causeway_agent_address: 10.0.0.7, causeway_agent_controllers: ['10.0.0.5:15012', 'controllers.mesh.internal:15012']}",
     ] {
         let p = dir.path().join("agent.toml");
         std::fs::write(&p, render("causeway_agent", "agent.toml.j2", extra)).unwrap();
