@@ -8,8 +8,9 @@
 //! every registry write of that term compares ([`crate::store::Fence`]), so a leader that
 //! lost its lease (paused, partitioned) has its writes refused by etcd even before it
 //! notices. The leader steps down when a renewal fails past the lease's expiry by its own
-//! clock, or etcd says the lease is gone; the others campaign every fifth of the TTL
-//! (between 100 ms and 1 s).
+//! clock, etcd says the lease is gone, or a registry write of its term is refused by the
+//! fence (the key was deleted or taken over while its lease lived); the others campaign
+//! every fifth of the TTL (between 100 ms and 1 s).
 //!
 //! Every controller also follows the mesh: it watches `<prefix>mesh/version` and reloads
 //! the mesh from etcd when another controller wrote a newer version
@@ -140,6 +141,18 @@ impl Ha {
     }
 }
 
+/// The fence (leadership key create revision) of the last registry write etcd refused
+/// because the leadership key was no longer the writer's: the leader of that term steps
+/// down at once instead of waiting for its lease, which may still live (the key deleted
+/// by hand, or taken over while this controller's renewals kept succeeding).
+static FENCED: std::sync::LazyLock<watch::Sender<i64>> =
+    std::sync::LazyLock::new(|| watch::Sender::new(0));
+
+/// Called by the store when etcd refused a registry write made under `fence`.
+pub fn write_fenced(fence: i64) {
+    FENCED.send_replace(fence);
+}
+
 /// Campaigns, leads, steps down, campaigns again, for as long as the controller runs.
 async fn elect(
     etcd: Arc<Etcd>,
@@ -199,8 +212,14 @@ async fn elect(
             key: leadership.key.clone(),
             revision: leadership.fence,
         })));
+        let mut fenced = FENCED.subscribe();
         let why = loop {
-            tokio::time::sleep((granted / 3).saturating_sub(renewed.elapsed())).await;
+            tokio::select! {
+                () = tokio::time::sleep((granted / 3).saturating_sub(renewed.elapsed())) => {}
+                _ = fenced.wait_for(|f| *f == leadership.fence) => {
+                    break "a registry write was refused by the fence: the leadership key is no longer this controller's (deleted, or another controller's)";
+                }
+            }
             let now = Instant::now();
             let Some(left) = (renewed + granted).checked_duration_since(now) else {
                 break "the lease expired before it could be renewed (was this process paused?)";

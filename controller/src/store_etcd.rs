@@ -1009,6 +1009,7 @@ impl Store for EtcdStore {
                 let now = self.get(f.key.clone())?.map_or(0, |kv| kv.create_revision);
                 if now != f.revision {
                     crate::metrics::get().fenced_writes.inc();
+                    crate::ha::write_fenced(f.revision);
                     return Err(StoreError::Conflict(format!(
                         "this controller is no longer the leader: its registry write was refused because the leadership key {} was created at revision {} when it led and is {} now (another controller leads, or the lease expired); the new leader runs the registry sources",
                         String::from_utf8_lossy(&f.key),

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use causeway_api::registry::{
     Endpoint, Provenance, ServiceKey, SourceChange, SourceKind, SourceState,
 };
-use causeway_controller::etcd::{Etcd, EtcdOptions};
+use causeway_controller::etcd::{Etcd, EtcdOptions, Op};
 use causeway_controller::mesh::{Mesh, MeshSettings};
 use causeway_controller::store::{Fence, Store};
 use causeway_controller::store_etcd::{EtcdStore, Kek};
@@ -458,6 +458,60 @@ fn leader_fence(etcd: &Member) -> i64 {
         .unwrap()
         .expect("a leader key")
         .create_revision
+}
+
+/// A leadership key deleted by hand (as `etcdctl del /causeway/leader` would): the
+/// leader's lease still renews, so only its next registry write can tell it that it no
+/// longer leads. That write is refused by the fence; the leader steps down at once,
+/// campaigns again under a new fence, and the change lands in etcd in its new term (the
+/// controller that kept "leading" wrote nothing again, forever).
+#[test]
+fn a_leader_whose_key_is_deleted_steps_down_at_its_first_fenced_write() {
+    let t = tempfile::tempdir().unwrap();
+    let etcd = Member::start(t.path());
+    let file = t.path().join("registry.toml");
+    write_registry(&file, &["192.0.2.70"]);
+    let toml = ha_config(t.path(), &etcd, Some(&file));
+    let c = Controller::start_with_config(&t.path().join("c1"), &toml);
+    wait_for("the controller leads", WAIT, || {
+        (metric(&c, "causeway_controller_leader") == Some(1.0)).then_some(())
+    });
+    wait_for("payments in etcd", WAIT, || {
+        stored_payments(&etcd).contains("192.0.2.70").then_some(())
+    });
+    let fence = leader_fence(&etcd);
+
+    let client = etcd.client();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(client.txn(
+            &[],
+            &[Op::Delete {
+                key: b"/causeway/leader".to_vec(),
+            }],
+            &[],
+        ))
+        .unwrap();
+    write_registry(&file, &["192.0.2.70", "192.0.2.71"]);
+    wait_for("the change stored in etcd", WAIT, || {
+        stored_payments(&etcd).contains("192.0.2.71").then_some(())
+    });
+    let log = c.log();
+    assert!(
+        log.contains("refused by the fence") && log.contains("no longer leading"),
+        "{log}"
+    );
+    assert!(
+        metric(&c, "causeway_controller_fenced_writes_total").unwrap_or(0.0) >= 1.0,
+        "{log}"
+    );
+    assert!(leader_fence(&etcd) > fence, "a new term, under a new fence");
+    wait_for("the controller leads again", WAIT, || {
+        (metric(&c, "causeway_controller_leader") == Some(1.0)).then_some(())
+    });
+    assert_eq!(web_addresses(&c), set(&["192.0.2.70", "192.0.2.71"]));
 }
 
 /// The stored endpoints of `ext/payments`, read from etcd itself.
