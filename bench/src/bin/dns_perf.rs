@@ -872,7 +872,7 @@ fn main() -> anyhow::Result<()> {
     println!("verdict:");
     for v in &verdicts {
         println!(
-            "  {:<48} {:<8} {:<66} {}",
+            "  {:<52} {:<8} {:<66} {}",
             v.row,
             v.client,
             v.what,
@@ -880,7 +880,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "  {:<48} {:<8} reported only (no target)",
+        "  {:<52} {:<8} reported only (no target)",
         "cold", "dnsperf"
     );
     let rss = |pid: u32| vm_hwm_kib(pid);

@@ -619,7 +619,7 @@ pub(crate) fn run(queries: &[Query], o: &Options) -> anyhow::Result<serde_json::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hickory_proto::op::{Message, MessageType, OpCode, Query as Q, ResponseCode};
+    use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
     use hickory_proto::rr::rdata::{A, CNAME};
     use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
@@ -814,9 +814,11 @@ mod tests {
         let b = ids.take(2, 200).unwrap();
         let c = ids.take(3, 900).unwrap();
         ids.answer(a).unwrap();
-        // At 1,150 with a timeout of 1,000: b (sent at 200) is lost; a was answered; c is
-        // still waiting.
-        assert_eq!(ids.expire(1_150, 1_000), 1);
+        // At 1,150 with a timeout of 1,000 nothing is lost yet (b is 950 old).
+        assert_eq!(ids.expire(1_150, 1_000), 0);
+        assert_eq!(ids.inflight(), 2);
+        // At 1,200: b (sent at 200) is lost; a was answered; c is still waiting.
+        assert_eq!(ids.expire(1_200, 1_000), 1);
         assert_eq!(ids.inflight(), 1);
         // The lost query's late answer is not counted as an answer.
         assert_eq!(ids.answer(b), None);
@@ -843,7 +845,11 @@ mod tests {
             let mut buf = [0u8; 512];
             let mut n = 0u32;
             while let Ok((len, from)) = server.recv_from(&mut buf) {
-                let ip = if n % 2 == 0 { "192.0.2.1" } else { "192.0.2.9" };
+                let ip = if n.is_multiple_of(2) {
+                    "192.0.2.1"
+                } else {
+                    "192.0.2.9"
+                };
                 n += 1;
                 let r = answer(&buf[..len], vec![a("ok.test.", ip)], ResponseCode::NoError);
                 let _ = server.send_to(&r, from);
