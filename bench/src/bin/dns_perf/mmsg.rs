@@ -300,6 +300,24 @@ impl Ids {
         Some((s.query, s.sent_ns))
     }
 
+    /// The answer with `id` arrived at `now_ns`: its (query, send time) when it came within
+    /// `timeout_ns`, `Err(())` when it came later (the query counts as lost, as if
+    /// [`Ids::expire`] had run first: a stalled client does not turn a timeout into an
+    /// answer); None when no query is in flight under it. The ID is free again.
+    pub(crate) fn answer_at(
+        &mut self,
+        id: u16,
+        now_ns: u64,
+        timeout_ns: u64,
+    ) -> Option<Result<(u32, u64), ()>> {
+        let (query, sent_ns) = self.answer(id)?;
+        Some(if now_ns.saturating_sub(sent_ns) < timeout_ns {
+            Ok((query, sent_ns))
+        } else {
+            Err(())
+        })
+    }
+
     /// Frees `id` taken for a query that could not be sent after all.
     pub(crate) fn cancel(&mut self, id: u16) {
         let _ = self.answer(id);
@@ -529,9 +547,16 @@ pub(crate) fn run(queries: &[Query], o: &Options) -> anyhow::Result<serde_json::
                         c.errors[Verdict::Malformed.kind()] += 1;
                         continue;
                     };
-                    let Some((qi, sent_ns)) = conn.ids.answer(id) else {
-                        c.late += 1;
-                        continue;
+                    let (qi, sent_ns) = match conn.ids.answer_at(id, at, timeout_ns) {
+                        Some(Ok(q)) => q,
+                        Some(Err(())) => {
+                            c.lost += 1;
+                            continue;
+                        }
+                        None => {
+                            c.late += 1;
+                            continue;
+                        }
                     };
                     let q = &queries[qi as usize];
                     match check_answer(d, &q.packet, q.expect) {
@@ -826,6 +851,13 @@ mod tests {
         assert_eq!(ids.expire(1_900, 1_000), 1);
         assert_eq!(ids.answer(c), None);
         assert_eq!(ids.inflight(), 0);
+        // An answer that comes after the timeout, before an expire ran, is lost too.
+        let e = ids.take(5, 1_000).unwrap();
+        assert_eq!(ids.answer_at(e, 3_000, 2_000), Some(Err(())));
+        assert_eq!(ids.inflight(), 0);
+        assert_eq!(ids.answer_at(e, 3_000, 2_000), None, "and only once");
+        let f = ids.take(6, 1_000).unwrap();
+        assert_eq!(ids.answer_at(f, 2_999, 2_000), Some(Ok((6, 1_000))));
         // A cancelled ID is free again and never expires.
         let d = ids.take(4, 0).unwrap();
         ids.cancel(d);
