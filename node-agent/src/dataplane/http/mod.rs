@@ -9,10 +9,8 @@
 //!   keep-alive and pipelining, HTTP/2 prior knowledge with trailers, Upgrade/CONNECT as a
 //!   byte stream) and forwards each request through an [`Upstream`], which picks an
 //!   endpoint per request and opens connections to it (on the client side tunnel streams).
-//!   An HTTP/1.1 downstream connection keeps upstream connections of its own (one per
-//!   endpoint, driven by its task); HTTP/2, upgrades and mirrors use connections pooled
-//!   per endpoint: keep-alive for HTTP/1.1, one multiplexed connection for HTTP/2. A
-//!   request keeps its HTTP version upstream.
+//!   Connections are pooled per endpoint: keep-alive for HTTP/1.1, one multiplexed
+//!   connection for HTTP/2. A request keeps its HTTP version upstream.
 //! - [`server::LocalApp`] is the [`Upstream`] of the destination agent: the local
 //!   application over TCP; [`server::serve_inbound`] serves a tunnel stream with it.
 //! - Failures become the responses an operator expects, with Envoy's response flags
