@@ -41,7 +41,9 @@
 //! every request carrying a valid token; HTTP with a 3-route VirtualService and its
 //! DestinationRule (skipped with a message when `causewayctl apply` refuses the kind);
 //! and, when `DATAPLANE_AGENT_TOML_EXTRA` is set, HTTP through agents whose config file
-//! is that TOML (the hook for "telemetry off" until the agent config has a switch). It
+//! is that TOML (the hook for "telemetry off" until the agent config has a switch); with
+//! `DATAPLANE_AGENT_B=PATH` that path runs agents of that other build (an A/B of the HTTP
+//! proxy in the same rounds; with the TOML too when both are set). It
 //! lives here rather than in a program of its own because it is the same lab (controller,
 //! two joined agents, namespaces, rounds, CPU and memory readings), only with another
 //! client, server and set of paths; the HTTP client, server and token are in the bench
@@ -1738,6 +1740,20 @@ fn run_http_rounds(
     let secs = env_num("DATAPLANE_HTTP_SECS", LATENCY_SECS);
     let conns = env_num("DATAPLANE_HTTP_CONNS", 16);
     let extra = std::env::var("DATAPLANE_AGENT_TOML_EXTRA").ok();
+    // An A/B of two agent builds in the same rounds: the extra path runs this build.
+    let agent_b = std::env::var_os("DATAPLANE_AGENT_B").map(PathBuf::from);
+    if let Some(b) = &agent_b {
+        anyhow::ensure!(
+            b.is_file(),
+            "DATAPLANE_AGENT_B={}: no such file",
+            b.display()
+        );
+        eprintln!(
+            "-- the path {:?} runs the agent build {} (DATAPLANE_AGENT_B)",
+            HTTP_PATHS[3],
+            b.display()
+        );
+    }
     let extra_config = run.root.join("agent-extra.toml");
     if let Some(t) = &extra {
         std::fs::write(&extra_config, t)?;
@@ -1753,7 +1769,7 @@ fn run_http_rounds(
     std::fs::write(&route_file, route_resources())?;
     let file = |p: &Path| p.to_string_lossy().into_owned();
     let mut skipped: serde_json::Map<String, Value> = serde_json::Map::new();
-    if extra.is_none() {
+    if extra.is_none() && agent_b.is_none() {
         skipped.insert(
             HTTP_PATHS[3].to_owned(),
             json!("DATAPLANE_AGENT_TOML_EXTRA is not set (the agent config has no [telemetry] switch yet; set it to the TOML that turns telemetry off)"),
@@ -1795,8 +1811,12 @@ fn run_http_rounds(
             let (agents, addr): (Vec<(&str, Proc)>, String) = if k == 0 {
                 (Vec::new(), format!("{}:{HTTP_PORT}", vm2.addr))
             } else {
-                let config = (name == HTTP_PATHS[3]).then_some(extra_config.as_path());
-                let exe = bin("causeway-agent");
+                let config =
+                    (name == HTTP_PATHS[3] && extra.is_some()).then_some(extra_config.as_path());
+                let exe = match &agent_b {
+                    Some(b) if name == HTTP_PATHS[3] => b.clone(),
+                    _ => bin("causeway-agent"),
+                };
                 let a2 = run.agent_of(&exe, "vm2", &states[1], config)?;
                 let a1 = run.agent_of(&exe, "vm1", &states[0], config)?;
                 routed(&states[0]);
