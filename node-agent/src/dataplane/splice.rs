@@ -37,7 +37,7 @@ pub const RESET_CODE: u32 = 0x52;
 pub(super) const TCP_CHUNK: usize = 4 * TLS_RECORD - super::mux::FRAME_HEADER;
 /// Largest plaintext of one TLS record.
 const TLS_RECORD: usize = 16 * 1024;
-const _: () = assert!((TCP_CHUNK + super::mux::FRAME_HEADER) % TLS_RECORD == 0);
+const _: () = assert!((TCP_CHUNK + super::mux::FRAME_HEADER).is_multiple_of(TLS_RECORD));
 /// Most bytes read from a TLS side at once (four full records).
 const TLS_GATHER: usize = 64 * 1024;
 
@@ -556,9 +556,8 @@ mod tests {
         }
         drop(writer.await.unwrap());
         let frame = TCP_CHUNK + crate::dataplane::mux::FRAME_HEADER;
-        assert_eq!(
-            frame % TLS_RECORD,
-            0,
+        assert!(
+            frame.is_multiple_of(TLS_RECORD),
             "a full read's frame is {frame} bytes"
         );
     }
