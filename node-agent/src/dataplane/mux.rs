@@ -39,6 +39,9 @@ const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * STREAM_WINDOW;
 /// Largest DATA frame accepted: fewer frames per TLS record batch in a bulk transfer.
 const MAX_FRAME: u32 = 64 * 1024;
+/// Bytes of an HTTP/2 frame header.
+pub const FRAME_HEADER: usize = 9;
+const _: () = assert!(super::splice::TCP_CHUNK <= MAX_FRAME as usize);
 /// Streams one connection may carry at once (as many as a QUIC connection).
 const MAX_STREAMS: u32 = 100_000;
 /// Most bytes gathered from a stream into one write to the other side.

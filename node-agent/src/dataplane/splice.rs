@@ -27,8 +27,17 @@ use tokio::io::{AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 /// Application error code for a QUIC stream reset by the agent (the other side reset).
 pub const RESET_CODE: u32 = 0x52;
-/// Largest read from a TCP socket at once.
-const TCP_CHUNK: usize = 64 * 1024;
+/// Largest read from a TCP socket at once: four TLS records' worth of plaintext less one
+/// HTTP/2 frame header. On the multiplexed TCP + TLS tunnel a full read becomes one DATA
+/// frame, and frame header plus payload then fill exactly four 16 KiB records, which
+/// rustls takes in one call (its 64 KiB send buffer) and the agent writes with one system
+/// call. A 64 KiB read made a 64 KiB + 9 byte frame: four full records and a fifth of 9
+/// bytes, written on their own (two `writev` calls and an extra small TCP segment per
+/// 64 KiB; `strace` in BENCHMARKS.md, issue 25). ztunnel's writes are whole records too.
+pub(super) const TCP_CHUNK: usize = 4 * TLS_RECORD - super::mux::FRAME_HEADER;
+/// Largest plaintext of one TLS record.
+const TLS_RECORD: usize = 16 * 1024;
+const _: () = assert!((TCP_CHUNK + super::mux::FRAME_HEADER).is_multiple_of(TLS_RECORD));
 /// Most bytes read from a TLS side at once (four full records).
 const TLS_GATHER: usize = 64 * 1024;
 
@@ -523,6 +532,34 @@ mod tests {
         write_vectored_all(&mut w, &mut chunks).await.unwrap();
         assert_eq!(w.0, b"abcdefghijklmnopq");
         assert!(chunks.is_empty());
+    }
+
+    /// A full read from a TCP side, sent as one HTTP/2 DATA frame, fills whole TLS records
+    /// (no small record and second write behind every 64 KiB).
+    #[tokio::test]
+    async fn a_full_tcp_read_plus_a_frame_header_fills_whole_tls_records() {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut client, server) = pair().await;
+        let writer = tokio::spawn(async move {
+            client.write_all(&vec![7u8; 3 * TCP_CHUNK]).await.unwrap();
+            client
+        });
+        let (mut r, _w) = server.into_split();
+        let mut total = 0;
+        while total < 3 * TCP_CHUNK {
+            let mut chunks = Vec::new();
+            assert!(r.read_chunks(&mut chunks).await.unwrap());
+            for c in &chunks {
+                assert!(c.len() <= TCP_CHUNK, "a read of {} bytes", c.len());
+                total += c.len();
+            }
+        }
+        drop(writer.await.unwrap());
+        let frame = TCP_CHUNK + crate::dataplane::mux::FRAME_HEADER;
+        assert!(
+            frame.is_multiple_of(TLS_RECORD),
+            "a full read's frame is {frame} bytes"
+        );
     }
 
     #[test]
