@@ -107,86 +107,8 @@ enum Command {
     },
 }
 
-/// glibc malloc settings for the agent's service (`GLIBC_TUNABLES`): free memory at the top
-/// of the heap is given back to the kernel only above 1 MiB, and allocations from 1 MiB up
-/// get a mapping of their own (glibc's defaults: 128 KiB for both, raised dynamically).
-///
-/// The data plane allocates 64 KiB read buffers and 16 KiB TLS records and frees them once
-/// written. With the 128 KiB trim threshold the heap shrank (`brk`) and grew again many
-/// times a second under bulk load, and every page came back through a page fault and
-/// zeroing: ~3,900 `brk` calls and ~32,000 page faults per 8 s of one bulk stream, about a
-/// tenth of the agents' CPU (BENCHMARKS.md, issue 25). With these, 30 and 1,600.
-const MALLOC_TUNABLES: &str =
-    "glibc.malloc.trim_threshold=1048576:glibc.malloc.mmap_threshold=1048576";
-/// Set in the environment of the agent re-executed with [`MALLOC_TUNABLES`].
-const MALLOC_TUNED_MARK: &str = "CAUSEWAY_AGENT_MALLOC_TUNED";
-
-/// The `GLIBC_TUNABLES` value to re-execute the agent with, given the environment's:
-/// `None` when the operator set malloc parameters already (`GLIBC_TUNABLES` naming
-/// `glibc.malloc.`, or `MALLOC_TRIM_THRESHOLD_` / `MALLOC_MMAP_THRESHOLD_`; those win) or
-/// the agent was re-executed already.
-fn malloc_tunables(
-    tunables: Option<&str>,
-    legacy_malloc_env: bool,
-    already: bool,
-) -> Option<String> {
-    let tunables = tunables.unwrap_or("");
-    if already || legacy_malloc_env || tunables.contains("glibc.malloc.") {
-        return None;
-    }
-    Some(if tunables.is_empty() {
-        MALLOC_TUNABLES.to_owned()
-    } else {
-        format!("{tunables}:{MALLOC_TUNABLES}")
-    })
-}
-
-/// Re-executes the agent's service with [`MALLOC_TUNABLES`] (glibc reads them only at
-/// process start, and the workspace forbids the `unsafe` a `mallopt` call needs). Same
-/// process id, arguments and environment plus the two variables; returns only when it
-/// did not re-execute (then the agent runs with glibc's defaults, after a warning).
-fn reexec_with_malloc_tunables() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        use std::os::unix::process::CommandExt as _;
-        let tunables = std::env::var("GLIBC_TUNABLES").ok();
-        let legacy = std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_some()
-            || std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some();
-        let already = std::env::var_os(MALLOC_TUNED_MARK).is_some();
-        let Some(value) = malloc_tunables(tunables.as_deref(), legacy, already) else {
-            return;
-        };
-        let exe = match std::env::current_exe() {
-            Ok(e) => e,
-            Err(e) => {
-                eprintln!(
-                    "warning: cannot find the agent's executable to apply malloc settings ({e}); running with glibc's defaults"
-                );
-                return;
-            }
-        };
-        let mut args = std::env::args_os();
-        let mut cmd = std::process::Command::new(&exe);
-        if let Some(argv0) = args.next() {
-            cmd.arg0(argv0);
-        }
-        let err = cmd
-            .args(args)
-            .env("GLIBC_TUNABLES", value)
-            .env(MALLOC_TUNED_MARK, "1")
-            .exec();
-        eprintln!(
-            "warning: cannot re-execute {} with malloc settings ({err}); running with glibc's defaults",
-            exe.display()
-        );
-    }
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
-    if matches!(args.command, Command::Run { .. }) {
-        reexec_with_malloc_tunables();
-    }
     logging::init("info");
     let _ = rustls::crypto::ring::default_provider().install_default();
     let threads = match &args.command {
@@ -424,30 +346,5 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_service_gets_the_malloc_settings_unless_the_operator_set_some() {
-        assert_eq!(
-            malloc_tunables(None, false, false).as_deref(),
-            Some(MALLOC_TUNABLES)
-        );
-        // Other tunables are kept, ours appended.
-        assert_eq!(
-            malloc_tunables(Some("glibc.rtld.nns=2"), false, false),
-            Some(format!("glibc.rtld.nns=2:{MALLOC_TUNABLES}"))
-        );
-        // The operator's malloc settings win; a re-executed agent does not loop.
-        assert_eq!(
-            malloc_tunables(Some("glibc.malloc.arena_max=2"), false, false),
-            None
-        );
-        assert_eq!(malloc_tunables(None, true, false), None);
-        assert_eq!(malloc_tunables(None, false, true), None);
     }
 }
