@@ -550,7 +550,7 @@ async fn enroll_row(
     );
     let agents = first.agents()?;
     let joined = agents.iter().filter(|a| a.token_id == TOKEN_ID).count();
-    let renewed: u64 = agents.iter().map(|a| u64::from(a.renewals)).sum();
+    let renewed: u64 = agents.iter().map(|a| a.renewals).sum();
     ensure!(
         joined == n && renewed == renewals as u64,
         "{backend}: {joined} agents and {renewed} renewals recorded, expected {n} and {renewals}"
@@ -1170,7 +1170,7 @@ async fn ha_part(
         fleet.wait_all(v, &all).await?;
         let done = fleet.acked_at(v);
         ensure!(done.len() == args.agents, "not every agent reported");
-        let mut worst = vec![0.0f64; CONTROLLERS];
+        let mut worst = [0.0f64; CONTROLLERS];
         for (agent, at) in &done {
             let lat = ms(at.saturating_duration_since(t0));
             per_agent_ms.push(lat);
@@ -1247,9 +1247,10 @@ async fn ha_part(
                 new_leader.map(|(s, _)| s),
                 fleet.behind(before + 1, &survivors)
             );
-            match tokio::time::timeout(Duration::from_millis(10), fleet.rx.recv()).await {
-                Ok(Some(r)) => fleet.take(r),
-                Ok(None) | Err(_) => {}
+            if let Ok(Some(r)) =
+                tokio::time::timeout(Duration::from_millis(10), fleet.rx.recv()).await
+            {
+                fleet.take(r);
             }
         }
         let (new_leader, leader_at) = new_leader.context("no new leader")?;
