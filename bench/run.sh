@@ -11,6 +11,7 @@
 #                    available, so "one core" holds for every thread of it, the fsync and
 #                    sled threads included; the other programs are never pinned)
 #   BENCH_OUT=DIR    keep the JSON results there
+# ha_bench needs etcd (Debian etcd-server; installed here with apt-get when missing).
 # The dataplane program needs root (network namespaces), stunnel4 and haproxy (installed
 # here with apt-get when missing; without haproxy its two rows are skipped) and prlimit.
 #   ZTUNNEL_BIN=PATH   dataplane runs Istio's ztunnel (a build with rustls + ring and its
@@ -45,6 +46,22 @@ if [ "$wants_dataplane" = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
         if [[ " ${missing[*]} " == *" haproxy "* ]] && command -v systemctl >/dev/null; then
             systemctl disable --now haproxy >/dev/null 2>&1 || true
         fi
+    fi
+fi
+
+# ha_bench runs three etcd members (Debian's etcd-server); the package also starts its own
+# etcd service, which the bench does not use.
+wants_ha=1
+if [ $# -gt 0 ]; then
+    wants_ha=0
+    for p in "$@"; do [ "$p" = ha_bench ] && wants_ha=1; done
+fi
+if [ "$wants_ha" = 1 ] && ! command -v etcd >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing etcd-server (ha_bench)"
+    if DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server >/dev/null; then
+        command -v systemctl >/dev/null && systemctl disable --now etcd >/dev/null 2>&1 || true
+    else
+        echo "(could not install etcd-server; ha_bench will say what is missing)"
     fi
 fi
 
