@@ -1193,23 +1193,63 @@ fn a_source_turning_stale_shows_on_every_controller() {
     println!("version {version} before, {} after", c1.mesh_version());
 }
 
-/// 200 joins with a `uses: 100` token spread over three controllers, the leader killed
-/// (`kill -9`) during the stream: every join either succeeds once or fails with a clear
-/// error, the token is spent exactly as many times as etcd holds agents (never above
-/// 100), and every agent that got its certificate is in etcd.
+/// The scenario: three etcd members, three controllers, two running agents (one
+/// on the leader, one on another controller, each knowing all three). 200 joins with a
+/// `uses: 100` token spread over the controllers, the leader killed (`kill -9`) during
+/// the stream and the registry source changed at once: every join either succeeds once
+/// or fails with a clear error, the token is spent exactly as many times as etcd holds
+/// new agents (never above 100), every agent that got its certificate is in etcd, the
+/// change reaches both running agents (the time from the kill is printed beside lease
+/// TTL + 2 s, not asserted), and the leader's agent is connected to a survivor.
 #[test]
 fn joins_during_a_leader_kill_never_overspend_and_lose_no_agent() {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
     const JOINS: usize = 200;
     let t = tempfile::tempdir().unwrap();
-    let etcd = Member::start(t.path());
-    let toml = ha_config(t.path(), &etcd, None);
+    let members = Member::cluster(t.path(), 3);
+    let etcd = &members[0];
+    let file = t.path().join("registry.toml");
+    write_registry(&file, &["192.0.2.90"]);
+    let toml = ha_config_on(t.path(), &members, Some(&file));
     let mut cs: Vec<Controller> = (1..=3)
         .map(|i| Controller::start_with_config(&t.path().join(format!("c{i}")), &toml))
         .collect();
     let leader = one_leader(&cs.iter().collect::<Vec<_>>());
     cs[0].create_web_group();
+
+    // Two agents: a1 starts on the leader, a2 on another controller; both list all three.
+    let other = (leader + 1) % 3;
+    let running = cs[0].token("web", &["--uses", "2"]);
+    let mut agents = Vec::new();
+    for (n, first) in [(1, leader), (2, other)] {
+        let mut tok = causeway_api::token::JoinToken::decode(&running).unwrap();
+        tok.controller = cs[first].control.clone();
+        let state = t.path().join(format!("a{n}"));
+        join_ok(&tok.encode(), &state);
+        let order: Vec<String> = (0..3)
+            .map(|k| format!("\"{}\"", cs[(first + k) % 3].control))
+            .collect();
+        let cfg = format!(
+            "controllers = [{}]\n[identity]\nretry_min = \"100ms\"\nretry_max = \"1s\"\n",
+            order.join(", ")
+        );
+        let a = AgentProcess::start_with(&state, &cfg, &["--address", &format!("127.0.0.3{n}")]);
+        wait_for(
+            "each agent on its first controller, with the registry",
+            WAIT,
+            || {
+                let st = a.status();
+                let cached = std::fs::read_to_string(state.join("config.json")).unwrap_or_default();
+                (st["controller_connected"] == true
+                    && st["controller"] == cs[first].control.as_str()
+                    && cached.contains("192.0.2.90"))
+                .then_some(())
+            },
+        );
+        agents.push((a, state));
+    }
+    let before = etcd.count("/causeway/agents/");
     let token =
         causeway_api::token::JoinToken::decode(&cs[0].token("web", &["--uses", "100"])).unwrap();
     let tokens: Arc<Vec<String>> = Arc::new(
@@ -1260,6 +1300,27 @@ fn joins_during_a_leader_kill_never_overspend_and_lose_no_agent() {
     let killed_control = cs[leader].control.clone();
     cs[leader].kill();
     let killed = Instant::now();
+    write_registry(&file, &["192.0.2.90", "192.0.2.91"]);
+    for (a, state) in &agents {
+        wait_for("the registry change at both running agents", WAIT, || {
+            let cached = std::fs::read_to_string(state.join("config.json")).unwrap_or_default();
+            cached.contains("192.0.2.91").then_some(())
+        });
+        println!(
+            "registry change at {} {:?} after the kill (lease TTL {TTL_SECS} s + 2 s = {} s)",
+            state.display(),
+            killed.elapsed(),
+            TTL_SECS + 2
+        );
+        wait_for("the agent on a surviving controller", WAIT, || {
+            let st = a.status();
+            (st["controller_connected"] == true
+                && st["controller"]
+                    .as_str()
+                    .is_some_and(|c| c != killed_control))
+            .then_some(())
+        });
+    }
     for w in workers {
         w.join().unwrap();
     }
@@ -1289,9 +1350,10 @@ fn joins_during_a_leader_kill_never_overspend_and_lose_no_agent() {
     }
     let survivor = cs.iter().position(|c| c.pid().is_some()).unwrap();
     let ids = cs[survivor].agents();
-    let stored = etcd.count("/causeway/agents/");
+    // The two running agents were stored before the joins.
+    let stored = etcd.count("/causeway/agents/") - before;
     println!(
-        "{} joined, {spent_refusals} refused as spent, {stored} agents in etcd",
+        "{} joined, {spent_refusals} refused as spent, {stored} new agents in etcd",
         ok.len()
     );
     assert!(stored <= 100, "{stored} agents for a 100-use token");

@@ -1,4 +1,4 @@
-//! Locality load balancing and connection pool limits end to end (issue 21), in network
+//! Locality load balancing and connection pool limits (retries among them) end to end (issue 21), in network
 //! namespaces created by the test: a controller, a client VM in zone `a` and two server VMs
 //! of the same service `web` (`http:8080`), one in zone `a` and one in zone `b`. The
 //! zones come from the groups' `topology.kubernetes.io/region|zone` labels; the client's
@@ -16,14 +16,25 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(60);
 
 /// HTTP/1.1 server, argv[1] = port, argv[2] = its name. `GET /block` answers once the file
-/// argv[3] exists; anything else at once. Every answer's body is `<name> <path>`.
+/// argv[3] exists; `GET /retry-block/<id>` answers 503 `first try` the first time any
+/// server sees `<id>` (a marker file beside argv[3]), then like `/block`; anything else
+/// at once. Every 200's body is `<name> <path>`.
 const SERVER_PY: &str = r#"
 import os, sys, time
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
-        if self.path.startswith("/block"):
+        if self.path.startswith("/retry-block"):
+            mark = os.path.join(os.path.dirname(sys.argv[3]), "seen" + self.path.replace("/", "-"))
+            try:
+                fd = os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY); os.close(fd)
+                self.send_response(503); self.send_header("Content-Length", "9"); self.end_headers()
+                self.wfile.write(b"first try")
+                return
+            except FileExistsError:
+                pass
+        if self.path.startswith("/block") or self.path.startswith("/retry-block"):
             print("blocked %s" % self.path, flush=True)
             while not os.path.exists(sys.argv[3]): time.sleep(0.02)
         body = ("%s %s" % (sys.argv[2], self.path)).encode()
@@ -54,23 +65,28 @@ for i in range(n):
 print(json.dumps({"counts": counts, "errors": errors}))
 "#;
 
-/// Three concurrent `GET /block` on their own connections to argv[1]:argv[2]. Once one
-/// answer arrived (the overflow), creates the file argv[3] (which releases the server) and
-/// waits for the others. Prints each answer: status, `x-causeway-overflow`, body.
+/// Three concurrent `GET /block` (or `GET argv[4]/<i>`) on their own connections to
+/// argv[1]:argv[2]. Once one answer (argv[5] answers) arrived, creates the file argv[3]
+/// (which releases the server) and waits for the others. Prints each answer: status,
+/// `x-causeway-overflow`, body.
 const CONCURRENT_PY: &str = r#"
 import http.client, json, sys, threading
 host, port, release = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+prefix = sys.argv[4] if len(sys.argv) > 4 else None
+need = int(sys.argv[5]) if len(sys.argv) > 5 else 1
 out, lock, first = [], threading.Lock(), threading.Event()
-def one():
+def one(i):
+    path = "/block" if prefix is None else "%s/%d" % (prefix, i)
     c = http.client.HTTPConnection(host, port, timeout=60)
     try:
-        c.request("GET", "/block"); r = c.getresponse(); body = r.read().decode()
+        c.request("GET", path); r = c.getresponse(); body = r.read().decode()
         res = {"status": r.status, "overflow": r.getheader("x-causeway-overflow"), "body": body}
     except Exception as e:
         res = {"error": repr(e)}
-    with lock: out.append(res)
-    first.set()
-ts = [threading.Thread(target=one) for _ in range(3)]
+    with lock:
+        out.append(res)
+        if len(out) >= need: first.set()
+ts = [threading.Thread(target=one, args=(i,)) for i in range(3)]
 for t in ts: t.start()
 first.wait(60)
 open(release, "w").close()
@@ -423,6 +439,63 @@ fn a_connection_pool_limit_answers_the_overflowing_request_503() {
             .unwrap()
             .contains("reset reason: overflow"),
         "{answers:?}"
+    );
+}
+
+const RETRIES: &str = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: default}
+spec:
+  hosts: [web]
+  http:
+  - route:
+    - destination: {host: web}
+    retries: {attempts: 1, retryOn: 5xx}
+    timeout: 60s";
+
+const MAX_RETRIES: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web
+  trafficPolicy:
+    connectionPool:
+      http: {maxRetries: 1}";
+
+/// `connectionPool.http.maxRetries: 1` (Envoy's retry circuit breaker): three concurrent
+/// requests each get 503 on their first try and would each retry; the retry that holds
+/// the one place blocks on the server, so the other two are not retried and their
+/// clients get the server's own 503 at once (recorded `UO`); once they have, the server
+/// is released and the retried request completes with 200. Without the limit all three
+/// retries would block and no answer would come.
+#[test]
+fn max_retries_bounds_the_retries_in_flight() {
+    let m = Mesh::new();
+    m.apply("max-retries", MAX_RETRIES);
+    m.apply("retries", RETRIES);
+    let release = m.root.join("release");
+    let answers = m.python(
+        CONCURRENT_PY,
+        &[
+            &m.vip,
+            "8080",
+            release.to_str().unwrap(),
+            "/retry-block",
+            "2",
+        ],
+    );
+    let answers = answers.as_array().unwrap();
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    let ok = answers.iter().filter(|a| a["status"] == 200).count();
+    let not_retried = answers
+        .iter()
+        .filter(|a| a["status"] == 503 && a["body"] == "first try")
+        .count();
+    assert_eq!((ok, not_retried), (1, 2), "{answers:?}\n{}", m.logs());
+    assert!(
+        !m.logs().contains("http.maxRetries"),
+        "maxRetries is enforced, not reported as ignored: {}",
+        m.logs()
     );
 }
 

@@ -9,6 +9,9 @@
 //!   connections; one more is answered 503 `UO`.
 //! - `http.http2MaxRequests`: requests (any HTTP version) in flight at once; one more is
 //!   answered 503 `UO`.
+//! - `http.maxRetries`: retries in flight to the destination at once (Envoy's retry
+//!   circuit breaker); a retry over it is not made, and the try's own answer goes back
+//!   with the response flag `UO`.
 //! - `http.maxRequestsPerConnection: 1`: no keep-alive upstream (`Connection: close`).
 //! - `tcp.connectTimeout`: the connect to an endpoint (tunnel or plain TCP).
 //! - `tcp.idleTimeout`: a spliced TCP connection with no byte either way for this long is
@@ -36,6 +39,8 @@ pub struct PoolLimits {
     pending: Arc<AtomicU32>,
     max_requests: Option<u32>,
     requests: Arc<AtomicU32>,
+    max_retries: Option<u32>,
+    retries: Arc<AtomicU32>,
     /// `maxRequestsPerConnection: 1`: each request on its own upstream connection.
     pub no_keepalive: bool,
     /// `tcp.connectTimeout`.
@@ -53,6 +58,8 @@ pub enum Overflow {
     MaxPending,
     /// `http.http2MaxRequests`.
     MaxRequests,
+    /// `http.maxRetries`.
+    MaxRetries,
 }
 
 impl Overflow {
@@ -62,6 +69,7 @@ impl Overflow {
             Overflow::MaxConnections => "connectionPool.tcp.maxConnections",
             Overflow::MaxPending => "connectionPool.http.http1MaxPendingRequests",
             Overflow::MaxRequests => "connectionPool.http.http2MaxRequests",
+            Overflow::MaxRetries => "connectionPool.http.maxRetries",
         }
     }
 }
@@ -117,6 +125,8 @@ impl PoolLimits {
             pending: Arc::default(),
             max_requests: n(http.and_then(|h| h.http2_max_requests)),
             requests: Arc::default(),
+            max_retries: n(http.and_then(|h| h.max_retries)),
+            retries: Arc::default(),
             no_keepalive: http.and_then(|h| h.max_requests_per_connection) == Some(1),
             connect_timeout: tcp
                 .and_then(|t| t.connect_timeout.as_deref())
@@ -130,6 +140,7 @@ impl PoolLimits {
         let any = limits.connections.is_some()
             || limits.max_pending.is_some()
             || limits.max_requests.is_some()
+            || limits.max_retries.is_some()
             || limits.no_keepalive
             || limits.connect_timeout.is_some()
             || limits.tcp_idle.is_some();
@@ -161,6 +172,19 @@ impl PoolLimits {
         Ok(Admitted {
             _request: request,
             _connection: connection,
+        })
+    }
+
+    /// Admits a retry, at once or not at all (`http.maxRetries`); the retry holds what is
+    /// returned until its try is over.
+    pub fn admit_retry(&self) -> Result<Admitted, Overflow> {
+        let request = match self.max_retries {
+            Some(max) => Some(take(&self.retries, max).ok_or(Overflow::MaxRetries)?),
+            None => None,
+        };
+        Ok(Admitted {
+            _request: request,
+            _connection: None,
         })
     }
 
@@ -258,6 +282,32 @@ mod tests {
         );
         drop(first);
         assert_eq!(waiting.await.unwrap(), Ok(()));
+    }
+
+    #[test]
+    fn retries_in_flight_are_bounded_by_max_retries() {
+        let l = PoolLimits::compile(Some(&ConnectionPoolSettings {
+            http: Some(HttpSettings {
+                max_retries: Some(2),
+                ..HttpSettings::default()
+            }),
+            ..ConnectionPoolSettings::default()
+        }))
+        .expect("maxRetries is enforced");
+        let first = l.admit_retry().unwrap();
+        let _second = l.admit_retry().unwrap();
+        assert_eq!(l.admit_retry().unwrap_err(), Overflow::MaxRetries);
+        assert_eq!(
+            Overflow::MaxRetries.field(),
+            "connectionPool.http.maxRetries"
+        );
+        // A retry that is over gives its place back.
+        drop(first);
+        assert!(l.admit_retry().is_ok());
+        // Without maxRetries (or with 0, unset as in Istio) retries are not counted.
+        let free = limits(Some(1), None, None);
+        let held: Vec<_> = (0..100).map(|_| free.admit_retry().unwrap()).collect();
+        assert_eq!(held.len(), 100);
     }
 
     #[tokio::test]

@@ -267,7 +267,6 @@ fn unenforced_fields(dr: &DestinationRule, out: &mut Vec<String>) {
         if let Some(h) = &cp.http {
             for (set, f) in [
                 (h.idle_timeout.is_some(), "http.idleTimeout"),
-                (h.max_retries.is_some(), "http.maxRetries"),
                 (
                     h.max_requests_per_connection.is_some_and(|n| n > 1),
                     "http.maxRequestsPerConnection above 1",

@@ -27,6 +27,7 @@ use super::record::{
     ResponseFlags, SubsetRecord, grpc_status, trace_headers,
 };
 use super::{HttpSettings, Side};
+use crate::dataplane::pool::{Admitted, PoolLimits};
 use crate::dataplane::route::{Dest, Plan};
 
 /// A byte stream to an upstream (a tunnel stream, a TCP connection).
@@ -641,6 +642,22 @@ impl<U: Upstream> Proxy<U> {
     }
 }
 
+/// Whether the next retry may go under the destination's `maxRetries` (Envoy's retry
+/// circuit breaker): the previous retry's place is given back, the next one's taken and
+/// held in `held` until its try is over. Over the limit the retry is not made and the
+/// last try's answer goes back flagged `UO`, as Envoy does.
+fn retry_admitted(limits: Option<&PoolLimits>, held: &mut Option<Admitted>) -> bool {
+    *held = None;
+    match limits.map(PoolLimits::admit_retry) {
+        None => true,
+        Some(Ok(a)) => {
+            *held = Some(a);
+            true
+        }
+        Some(Err(_)) => false,
+    }
+}
+
 impl<U: Upstream> Proxy<U> {
     /// Sends a request upstream: one try, or with a route's retry policy several (each
     /// on another endpoint while one is left, each bounded by the per-try timeout), all
@@ -725,6 +742,8 @@ impl<U: Upstream> Proxy<U> {
             let mut parts = Some(parts);
             let mut tried: Vec<String> = Vec::new();
             let mut n = 0u32;
+            // The place the retry in flight holds under `maxRetries`.
+            let mut retry_held = None;
             loop {
                 let last = n >= attempts;
                 let picked = match plan {
@@ -794,6 +813,9 @@ impl<U: Upstream> Proxy<U> {
                         if last {
                             return Ok((resp, exhausted(ResponseFlags::NONE)));
                         }
+                        if !retry_admitted(limits, &mut retry_held) {
+                            return Ok((resp, ResponseFlags::UPSTREAM_OVERFLOW));
+                        }
                     }
                     Some(Err(e)) => {
                         let (flags, text, host) = classify(&e);
@@ -814,6 +836,17 @@ impl<U: Upstream> Proxy<U> {
                                 overflow: None,
                             });
                         }
+                        if !retry_admitted(limits, &mut retry_held) {
+                            let mut flags = flags;
+                            flags.insert(ResponseFlags::UPSTREAM_OVERFLOW);
+                            return Err(Failure {
+                                status: StatusCode::SERVICE_UNAVAILABLE,
+                                flags,
+                                text,
+                                host,
+                                overflow: None,
+                            });
+                        }
                     }
                     None => {
                         let again = retry.is_some_and(|r| r.on.timeout());
@@ -822,6 +855,11 @@ impl<U: Upstream> Proxy<U> {
                             if again {
                                 f.flags = exhausted(f.flags);
                             }
+                            return Err(f);
+                        }
+                        if !retry_admitted(limits, &mut retry_held) {
+                            let mut f = Failure::timeout();
+                            f.flags.insert(ResponseFlags::UPSTREAM_OVERFLOW);
                             return Err(f);
                         }
                     }
