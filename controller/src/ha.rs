@@ -148,6 +148,11 @@ impl Ha {
 static FENCED: std::sync::LazyLock<watch::Sender<i64>> =
     std::sync::LazyLock::new(|| watch::Sender::new(0));
 
+/// Whether etcd refused a registry write made under `fence` (the last such refusal).
+pub fn is_fenced(fence: i64) -> bool {
+    *FENCED.borrow() == fence
+}
+
 /// Called by the store when etcd refused a registry write made under `fence`.
 pub fn write_fenced(fence: i64) {
     FENCED.send_replace(fence);

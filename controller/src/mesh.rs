@@ -724,7 +724,37 @@ impl Mesh {
 
     /// [`Mesh::apply_source_update`] under a leadership `fence` (HA controllers): the
     /// store refuses the write unless that leadership still holds.
+    ///
+    /// On a shared store a write that lost the race with another controller's (a join or
+    /// a renewal there moves the mesh version too) is tried again on the reloaded mesh, a
+    /// few times: the failed write's change would otherwise be dropped by the reload and
+    /// wait for the source's next change. A write refused by the fence is not retried.
     pub async fn apply_source_update_fenced(
+        &self,
+        mut update: SourceUpdate,
+        fence: Option<crate::store::Fence>,
+    ) -> Result<u64, StoreError> {
+        let mut attempt = 0;
+        loop {
+            let again = (self.store.shared() && attempt < 5).then(|| update.clone());
+            match self.apply_source_update_once(update, fence.clone()).await {
+                Err(StoreError::Conflict(e))
+                    if again.is_some()
+                        && !fence
+                            .as_ref()
+                            .is_some_and(|f| crate::ha::is_fenced(f.revision)) =>
+                {
+                    attempt += 1;
+                    tracing::info!(error = %e, attempt, "registry update raced another controller's write; reloading the mesh and trying again");
+                    self.resync(true).await?;
+                    update = again.expect("checked above");
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn apply_source_update_once(
         &self,
         mut update: SourceUpdate,
         fence: Option<crate::store::Fence>,

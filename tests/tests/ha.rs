@@ -681,6 +681,46 @@ async fn mesh_on(etcd: &Member) -> (Arc<dyn Store>, Arc<Mesh>) {
     (store, mesh)
 }
 
+/// A registry write that lost the race with another controller's write (here B's; in a
+/// running set a join or a renewal on another controller) is tried again on the reloaded
+/// mesh instead of being dropped: the stored registry has A's change on top of B's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_write_that_lost_a_race_is_tried_again_on_the_reloaded_mesh() {
+    let t = tempfile::tempdir().unwrap();
+    let etcd = Member::start(t.path());
+    let (store_a, mesh_a) = mesh_on(&etcd).await;
+    let (_store_b, mesh_b) = mesh_on(&etcd).await;
+    let v1 = mesh_a
+        .apply_source_update(file_update(&["web"]))
+        .await
+        .unwrap();
+    assert_eq!(mesh_b.resync(false).await.unwrap(), v1);
+    // B writes; A has not seen it, so A's next write is made on a stale version.
+    let v2 = mesh_b
+        .apply_source_update(file_update(&["web", "api"]))
+        .await
+        .unwrap();
+    let v3 = mesh_a
+        .apply_source_update(file_update(&["web", "api", "db"]))
+        .await
+        .unwrap();
+    assert!(v3 > v2, "{v3} after {v2}");
+    let stored = tokio::task::spawn_blocking(move || store_a.load_mesh())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.version, v3);
+    let services: BTreeSet<String> = stored
+        .data
+        .get("file")
+        .map(|d| d.keys().map(|k| k.to_string()).collect())
+        .unwrap_or_default();
+    assert!(
+        services.iter().any(|s| s.contains("db")),
+        "A's change is stored: {services:?}"
+    );
+}
+
 /// The fence itself, without timing: controller A leads and writes; its lease ends and
 /// B leads and writes; A, with an up-to-date view of the mesh (so only the fence can
 /// stop it), writes under its old leadership: etcd refuses it, the refusal is counted,
