@@ -678,9 +678,17 @@ impl Mesh {
             match tokio::task::spawn_blocking(move || store.save_mesh(&write)).await {
                 Ok(Err(e)) => {
                     if self.store.shared() {
-                        // The change was applied in memory but not stored: reload.
+                        // The change was applied in memory but not stored: reload now,
+                        // still holding the writer lock, so that no later write (the
+                        // next leadership term's first source update, say) is diffed
+                        // against a registry that etcd never got: it would find nothing
+                        // changed and store nothing. If the reload fails too, the
+                        // follower task retries it.
                         self.lock().diverged = true;
-                        self.stale.notify_one();
+                        if let Err(reload) = self.reload_locked(true).await {
+                            tracing::warn!(error = %reload, "cannot reload the mesh after a failed write; retrying in the background");
+                            self.stale.notify_one();
+                        }
                     }
                     return Err(e);
                 }
@@ -746,7 +754,9 @@ impl Mesh {
                 {
                     attempt += 1;
                     tracing::info!(error = %e, attempt, "registry update raced another controller's write; reloading the mesh and trying again");
-                    self.resync(true).await?;
+                    // The failed write reloaded the mesh already (see `finish`);
+                    // this reloads only if that reload failed.
+                    self.resync(false).await?;
                     update = again.expect("checked above");
                 }
                 r => return r,
@@ -803,6 +813,11 @@ impl Mesh {
     /// agents. Returns the version now in force.
     pub async fn resync(&self, force: bool) -> Result<u64, StoreError> {
         let _writer = self.writer.lock().await;
+        self.reload_locked(force).await
+    }
+
+    /// [`Mesh::resync`] for a caller that holds the writer lock.
+    async fn reload_locked(&self, force: bool) -> Result<u64, StoreError> {
         let store = self.store.clone();
         let loaded = tokio::task::spawn_blocking(move || {
             let dump = store.load_mesh()?;

@@ -22,6 +22,11 @@ pub const SERVER_NAME: &str = "causeway-controller";
 /// ALPN of the control protocol.
 pub const ALPN: &[u8] = b"causeway-control/1";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alive interval of the control connection (see [`connect_to`]).
+const CONTROL_KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// Idle timeout of the control connection: no packet from the controller for this
+/// long and the agent moves to another controller.
+const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why talking to the controller failed.
@@ -241,10 +246,14 @@ async fn connect_to(
         .map_err(|e| connect_err(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    // Keep-alives every 3 s and a 10 s idle timeout: the controller notices a dead
-    // agent (and starts its lease's grace period) within about 10 s.
-    transport.keep_alive_interval(Some(Duration::from_secs(3)));
-    transport.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("in range")));
+    // Keep-alives every second and a 4 s idle timeout (the connection's is the lower
+    // of the two ends'): an agent whose controller died without a word (`kill -9`, a
+    // host gone) moves to another controller about 4 s later, inside an HA set's
+    // leader takeover (lease TTL, 10 s by default), instead of after 10 s; the
+    // controller likewise notices a dead agent and starts its lease's grace period.
+    // Three missed keep-alives in a row are needed to drop a live connection.
+    transport.keep_alive_interval(Some(CONTROL_KEEP_ALIVE));
+    transport.max_idle_timeout(Some(CONTROL_IDLE_TIMEOUT.try_into().expect("in range")));
     cfg.transport_config(Arc::new(transport));
     endpoint.set_default_client_config(cfg);
     let connecting = endpoint

@@ -802,6 +802,67 @@ async fn a_registry_write_under_a_lost_leadership_is_refused() {
     assert!(mesh_a.services().iter().any(|s| s.name == "api"));
 }
 
+/// The deleted-key case without a race: a leader's write refused by the fence changed
+/// its registry in memory only; when the same controller leads again and its sources
+/// send the same data (a new term restarts them), that data is still a change to store.
+/// The refused write reloads the mesh before it returns: if it were left to the
+/// background reload, the new term's first write could be diffed against the unstored
+/// registry, find nothing changed and store nothing, for as long as the source stays as
+/// it is (seen in CI as a change that never reached etcd).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_refused_by_the_fence_is_stored_when_the_controller_leads_again() {
+    let t = tempfile::tempdir().unwrap();
+    let etcd = Member::start(t.path());
+    let client = etcd.client();
+    let (store, mesh) = mesh_on(&etcd).await;
+    let key = b"/causeway/leader";
+    async fn lead(client: &Etcd, key: &[u8]) -> Fence {
+        let (lease, _) = client.lease_grant(Duration::from_secs(30)).await.unwrap();
+        let l = client.try_lead(key, b"a", lease).await.unwrap().unwrap();
+        Fence {
+            key: l.key,
+            revision: l.fence,
+        }
+    }
+    let first = lead(&client, key).await;
+    let v1 = mesh
+        .apply_source_update_fenced(file_update(&["web"]), Some(first.clone()))
+        .await
+        .unwrap();
+    client
+        .txn(&[], &[Op::Delete { key: key.to_vec() }], &[])
+        .await
+        .unwrap();
+    let err = mesh
+        .apply_source_update_fenced(file_update(&["web", "api"]), Some(first))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no longer the leader"), "{err}");
+
+    // The next term, at once: its sources send what they know.
+    let second = lead(&client, key).await;
+    let v2 = mesh
+        .apply_source_update_fenced(file_update(&["web", "api"]), Some(second))
+        .await
+        .unwrap();
+    assert!(v2 > v1, "the change is a new version ({v1} then {v2})");
+    let stored = tokio::task::spawn_blocking(move || store.load_mesh())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.version, v2);
+    let services: BTreeSet<String> = stored
+        .data
+        .get("file")
+        .map(|d| d.keys().map(|k| k.to_string()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        services,
+        BTreeSet::from(["default/api".to_owned(), "default/web".to_owned()])
+    );
+}
+
 /// A token with `uses: 10`, joins racing on two controllers of the set: exactly 10
 /// succeed, the others are refused with the token's error, and etcd holds 10 agents.
 #[test]
@@ -1341,17 +1402,26 @@ fn joins_during_a_leader_kill_never_overspend_and_lose_no_agent() {
     cs[leader].kill();
     let killed = Instant::now();
     write_registry(&file, &["192.0.2.90", "192.0.2.91"]);
-    for (a, state) in &agents {
-        wait_for("the registry change at both running agents", WAIT, || {
+    // Both agents watched together: each one's time is its own.
+    let mut arrived: Vec<Option<Duration>> = vec![None; agents.len()];
+    wait_for("the registry change at both running agents", WAIT, || {
+        for ((_, state), at) in agents.iter().zip(arrived.iter_mut()) {
             let cached = std::fs::read_to_string(state.join("config.json")).unwrap_or_default();
-            cached.contains("192.0.2.91").then_some(())
-        });
+            if at.is_none() && cached.contains("192.0.2.91") {
+                *at = Some(killed.elapsed());
+            }
+        }
+        arrived.iter().all(Option::is_some).then_some(())
+    });
+    for ((_, state), at) in agents.iter().zip(&arrived) {
         println!(
             "registry change at {} {:?} after the kill (lease TTL {TTL_SECS} s + 2 s = {} s)",
             state.display(),
-            killed.elapsed(),
+            at.expect("waited for above"),
             TTL_SECS + 2
         );
+    }
+    for (a, _) in &agents {
         wait_for("the agent on a surviving controller", WAIT, || {
             let st = a.status();
             (st["controller_connected"] == true
