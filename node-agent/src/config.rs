@@ -405,16 +405,18 @@ impl AgentConfig {
             ));
         }
         if let Some(c) = &self.controller
-            && !c.contains(':')
+            && let Err(why) = check_host_port(c)
         {
             errors.push(format!(
-                "controller = {c:?}: must be host:port, e.g. \"10.0.0.5:15012\""
+                "controller = {c:?}: {why}; write host:port, e.g. \"10.0.0.5:15012\""
             ));
         }
-        for c in self.controllers.iter().filter(|c| !c.contains(':')) {
-            errors.push(format!(
-                "controllers: {c:?} must be host:port, e.g. controllers = [\"10.0.0.5:15012\", \"10.0.0.6:15012\"]"
-            ));
+        for c in &self.controllers {
+            if let Err(why) = check_host_port(c) {
+                errors.push(format!(
+                    "controllers: {c:?} must be host:port ({why}), e.g. controllers = [\"10.0.0.5:15012\", \"[2001:db8::5]:15012\", \"controllers.example:15012\"]"
+                ));
+            }
         }
         if self.controller.is_some() && !self.controllers.is_empty() {
             errors.push(
@@ -547,6 +549,38 @@ impl AgentConfig {
     }
 }
 
+/// Checks a controller address: `host:port` with a name, an IPv4 address or a bracketed
+/// IPv6 address, and a port from 1 to 65535.
+fn check_host_port(s: &str) -> Result<(), String> {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err("no port".to_owned());
+    };
+    match port.parse::<u16>() {
+        Ok(0) => return Err("port 0".to_owned()),
+        Ok(_) => {}
+        Err(_) => return Err(format!("port {port:?} is not a number from 1 to 65535")),
+    }
+    if host.is_empty() {
+        return Err("no host".to_owned());
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let Some(inner) = inner.strip_suffix(']') else {
+            return Err(format!("{host:?} opens a bracket it does not close"));
+        };
+        return inner
+            .parse::<std::net::Ipv6Addr>()
+            .map(|_| ())
+            .map_err(|_| format!("{inner:?} is not an IPv6 address"));
+    }
+    if host.contains(char::is_whitespace) || host.contains('/') {
+        return Err(format!("{host:?} is not a host name or address"));
+    }
+    if host.contains(':') {
+        return Err("an IPv6 address needs brackets, e.g. [2001:db8::5]:15012".to_owned());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -605,6 +639,33 @@ mod tests {
             token_only.controller_list("10.0.0.9:15012"),
             vec!["10.0.0.9:15012".to_owned()]
         );
+        std::fs::write(
+            &p,
+            "controllers = [\"[2001:db8::5]:15012\", \"ctl.example:15012\"]\n",
+        )
+        .unwrap();
+        AgentConfig::load(&p).unwrap().validate().unwrap();
+        for (bad, why) in [
+            ("ctl.example:http", "not a number"),
+            ("ctl.example:0", "port 0"),
+            ("ctl.example:70000", "not a number"),
+            (":15012", "no host"),
+            ("2001:db8::5:15012", "needs brackets"),
+            ("[2001:db8::5:15012", "does not close"),
+            ("[not-v6]:15012", "not an IPv6 address"),
+            ("http://ctl.example:15012", "not a host name"),
+        ] {
+            std::fs::write(&p, format!("controllers = [{bad:?}]\n")).unwrap();
+            let ConfigError::Invalid(errors) =
+                AgentConfig::load(&p).unwrap().validate().unwrap_err()
+            else {
+                panic!("{bad}")
+            };
+            assert!(
+                errors.len() == 1 && errors[0].contains(bad) && errors[0].contains(why),
+                "{bad}: {errors:#?}"
+            );
+        }
         std::fs::write(
             &p,
             "controller = \"10.0.0.5:15012\"\ncontrollers = [\"nohost\"]\n",
