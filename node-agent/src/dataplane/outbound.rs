@@ -321,6 +321,8 @@ struct RouteCache {
     state: Option<Arc<MeshState>>,
     table: Arc<RouteTable>,
     own: Arc<Own>,
+    /// The connection-pool limits of `table`, reused by the next compile.
+    pools: super::pool::PoolCache,
 }
 
 /// What [`Outbound::prepare`] decided for a connection.
@@ -658,7 +660,7 @@ impl Outbound {
         let table = if state.routes.is_empty() {
             Arc::new(RouteTable::default())
         } else {
-            let t = RouteTable::compile(&state, &facts);
+            let t = RouteTable::compile_with(&state, &facts, &mut cache.pools);
             tracing::debug!(version = state.version, "route table compiled");
             if !t.unenforced.is_empty() {
                 tracing::warn!(version = state.version, fields = ?t.unenforced, "routing fields not enforced by this agent");
@@ -671,11 +673,10 @@ impl Outbound {
             self.settings.own_address,
             self.settings.zone.as_deref(),
         ));
-        *cache = RouteCache {
-            state: Some(state),
-            table: table.clone(),
-            own: own.clone(),
-        };
+        cache.state = Some(state);
+        cache.table = table.clone();
+        cache.own = own.clone();
+        cache.pools.prune();
         (table, own)
     }
 

@@ -19,11 +19,15 @@
 //!
 //! An overflow answer carries `x-causeway-overflow: <the limit's field>` and names it in
 //! its body; the request is recorded with the response flag `UO`, so the Istio metrics
-//! (`response_flags="UO"`) and the access log count them. Limits live with the route table:
-//! a new push starts new counters (requests in flight finish under the old ones).
+//! (`response_flags="UO"`) and the access log count them. Limits live with the route table
+//! and outlive it: a push that leaves a destination's `connectionPool` as it was keeps its
+//! counters ([`PoolCache`]), so the requests and connections in flight still count
+//! against the limit after any registry or routing change; a push that changes the
+//! settings starts new counters (what is in flight finishes under the old ones).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use causeway_api::route::resource::ConnectionPoolSettings;
@@ -207,6 +211,54 @@ impl PoolLimits {
     /// `tcp.maxConnections` (`u32::MAX`: unlimited).
     pub fn max_connections(&self) -> u32 {
         self.max_connections
+    }
+}
+
+/// The compiled limits of the route table in force, by destination (service key and
+/// subset name, `""` for the service's own policy), so that the next compile reuses the
+/// limits (and so the counters) of every destination whose settings it leaves as they
+/// were. Holds them weakly: limits no table and no request holds any more are dropped.
+#[derive(Debug, Default)]
+pub struct PoolCache {
+    live: HashMap<(String, String), (ConnectionPoolSettings, Weak<PoolLimits>)>,
+}
+
+impl PoolCache {
+    /// The limits of `cp` for destination (`service`, `subset`): the live ones when their
+    /// settings are the same, else newly compiled ones (see [`PoolLimits::compile`]).
+    pub fn limits(
+        &mut self,
+        service: &str,
+        subset: &str,
+        cp: Option<&ConnectionPoolSettings>,
+    ) -> Option<Arc<PoolLimits>> {
+        let settings = cp?;
+        let key = (service.to_owned(), subset.to_owned());
+        if let Some((was, live)) = self.live.get(&key)
+            && was == settings
+            && let Some(limits) = live.upgrade()
+        {
+            return Some(limits);
+        }
+        let limits = PoolLimits::compile(cp)?;
+        self.live
+            .insert(key, (settings.clone(), Arc::downgrade(&limits)));
+        Some(limits)
+    }
+
+    /// Forgets the limits nothing holds any more (call after the old table is dropped).
+    pub fn prune(&mut self) {
+        self.live.retain(|_, (_, live)| live.strong_count() > 0);
+    }
+
+    /// How many destinations' limits are kept.
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Whether no limits are kept.
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
     }
 }
 

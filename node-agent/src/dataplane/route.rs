@@ -198,7 +198,15 @@ struct Policy {
 }
 
 impl Policy {
-    fn compile(rule: Option<&TrafficPolicy>, subset: Option<&TrafficPolicy>) -> Policy {
+    /// The policy of destination (`service`, `subset_name`; `""`: the service's own),
+    /// its connection-pool limits taken from `pools` when unchanged.
+    fn compile(
+        rule: Option<&TrafficPolicy>,
+        subset: Option<&TrafficPolicy>,
+        pools: &mut super::pool::PoolCache,
+        service: &str,
+        subset_name: &str,
+    ) -> Policy {
         let field = |f: fn(&TrafficPolicy) -> bool| subset.filter(|t| f(t)).or(rule);
         let lb = field(|t| t.load_balancer.is_some()).and_then(|t| t.load_balancer.as_ref());
         let od =
@@ -211,7 +219,7 @@ impl Policy {
                 lb.and_then(|l| l.locality_lb_setting.as_ref()),
                 od.is_some(),
             ),
-            limits: super::pool::PoolLimits::compile(cp),
+            limits: pools.limits(service, subset_name, cp),
         }
     }
 }
@@ -670,6 +678,16 @@ impl RouteTable {
 
     /// Compiles the routing resources of `state` as seen from the workload `own`.
     pub fn compile(state: &MeshState, own: &SourceFacts) -> RouteTable {
+        Self::compile_with(state, own, &mut super::pool::PoolCache::default())
+    }
+
+    /// [`RouteTable::compile`], keeping the connection-pool limits (and their counters)
+    /// in `pools` of every destination whose `connectionPool` is unchanged.
+    pub fn compile_with(
+        state: &MeshState,
+        own: &SourceFacts,
+        pools: &mut super::pool::PoolCache,
+    ) -> RouteTable {
         let mut rules: Vec<(u64, &DestinationRule)> = Vec::new();
         let mut services: Vec<(u64, &VirtualService)> = Vec::new();
         for r in state.routes.values() {
@@ -695,13 +713,16 @@ impl RouteTable {
             let rule = dr.spec.traffic_policy.as_ref();
             service_lb
                 .entry(key.clone())
-                .or_insert_with(|| Policy::compile(rule, None));
-            let entry = subsets.entry(key).or_default();
+                .or_insert_with(|| Policy::compile(rule, None, pools, &key, ""));
+            let entry = subsets.entry(key.clone()).or_default();
             for s in &dr.spec.subsets {
                 let own = s.traffic_policy.as_ref();
-                entry
-                    .entry(s.name.clone())
-                    .or_insert_with(|| (s.labels.clone(), Policy::compile(rule, own)));
+                entry.entry(s.name.clone()).or_insert_with(|| {
+                    (
+                        s.labels.clone(),
+                        Policy::compile(rule, own, pools, &key, &s.name),
+                    )
+                });
             }
         }
         let mut table: HashMap<String, ServiceRoutes> = HashMap::new();

@@ -129,3 +129,78 @@ spec:
 fn lb_random() -> u64 {
     crate::dataplane::lb::random()
 }
+
+/// The limits of `default/web`'s service-level policy in `t`.
+fn web_limits(t: &RouteTable) -> Arc<crate::dataplane::pool::PoolLimits> {
+    t.service("default/web")
+        .unwrap()
+        .plan(&get("/"), 80, lb_random)
+        .unwrap()
+        .dest
+        .limits
+        .clone()
+        .expect("limits")
+}
+
+/// Every registry or routing push compiles a new route table. The connections and
+/// requests in flight must still count against `maxConnections` after it: a push that
+/// leaves the destination's `connectionPool` as it was keeps its counters; one that
+/// changes the settings starts new ones.
+#[test]
+fn pool_counters_survive_a_push_that_leaves_the_pool_settings_as_they_were() {
+    use crate::dataplane::pool::{Overflow, PoolCache};
+    let facts = SourceFacts::default();
+    let mut pools = PoolCache::default();
+    let t1 = RouteTable::compile_with(&state(RULES), &facts, &mut pools);
+    let held = web_limits(&t1)
+        .admit_connection()
+        .expect("the one connection maxConnections allows");
+
+    // Another rule added: web's settings are unchanged.
+    let other = r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api, namespace: default}
+spec:
+  host: api
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 5}"#;
+    let t2 = RouteTable::compile_with(
+        &state(&format!("{RULES}\n---\n{other}")),
+        &facts,
+        &mut pools,
+    );
+    drop(t1);
+    pools.prune();
+    assert!(
+        matches!(
+            web_limits(&t2).admit_connection(),
+            Err(Overflow::MaxConnections)
+        ),
+        "the connection admitted before the push still counts"
+    );
+    drop(held);
+    drop(
+        web_limits(&t2)
+            .admit_connection()
+            .expect("its end frees the place"),
+    );
+
+    // Changed settings: new counters; what is in flight finishes under the old ones.
+    let held = web_limits(&t2).admit_connection().unwrap();
+    let changed = RULES.replace("maxConnections: 1,", "maxConnections: 2,");
+    let t3 = RouteTable::compile_with(&state(&changed), &facts, &mut pools);
+    drop(t2);
+    pools.prune();
+    let limits = web_limits(&t3);
+    assert_eq!(limits.max_connections(), 2);
+    let (_a, _b) = (
+        limits.admit_connection().unwrap(),
+        limits.admit_connection().unwrap(),
+    );
+    assert!(limits.admit_connection().is_err());
+    drop(held);
+    // The old limits went with the old tables: only those of a destination in a live
+    // table are kept (web's; api's went with t2, and subset v2 is in no route).
+    assert_eq!(pools.len(), 1, "{pools:?}");
+}
