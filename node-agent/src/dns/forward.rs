@@ -16,7 +16,11 @@
 //! thread restores the client's ID, stores it in the [cache](super::cache) and sends it
 //! from the listening socket the query came to. A pending query after `timeout` (or at
 //! once when the upstream's port refuses it) goes to the next upstream in resolv.conf
-//! order; after the last one the client gets SERVFAIL. Query buffers are recycled: no
+//! order, and a late answer of an earlier one still answers it; after the last one the
+//! client gets SERVFAIL. The timeout thread takes the answers already waiting in the
+//! sockets before it times anything out (on a busy host the answer threads may not have
+//! run yet), and does not count time it could not run at all (a stalled host: the
+//! upstreams could not run either). Query buffers are recycled: no
 //! allocation per query once warm. Off-path spoofing needs the socket's port, the random
 //! ID and the question, as against dnsmasq (which also rotates ports per query).
 //!
@@ -97,13 +101,25 @@ struct Pending {
     generation: u64,
     upstream: usize,
     sent: Instant,
+    /// [`Table::stalled`] when it was sent.
+    stalled_at_send: Duration,
+    /// Its keys at the upstreams that timed out before: their late answers still answer
+    /// it (empty until a retry, so no allocation on the hot path).
+    earlier: Vec<u32>,
 }
 
 /// Pending queries by (socket, ID), and recycled query buffers.
 struct Table {
     map: HashMap<u32, Pending>,
+    /// The keys of [`Pending::earlier`] → the query's current key.
+    earlier: HashMap<u32, u32>,
     free: Vec<Vec<u8>>,
     rng: u64,
+    /// Time the timeout thread could not run (a stalled or starved host), in all: it is
+    /// not counted against the upstreams, which could not run either.
+    stalled: Duration,
+    /// When the timeout round last ran.
+    last_sweep: Instant,
 }
 
 impl Table {
@@ -118,18 +134,54 @@ impl Table {
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    /// A free (socket of `upstream`, ID) key.
+    /// A free (socket of `upstream`, ID) key: neither a pending query's nor an earlier
+    /// key one may still get a late answer for.
     fn key(&mut self, upstream: usize) -> u32 {
         loop {
             let r = self.next();
             let sock = upstream * SOCKETS_PER_UPSTREAM + (r >> 32) as usize % SOCKETS_PER_UPSTREAM;
             let key = ((sock as u32) << 16) | (r & 0xffff) as u32;
-            if !self.map.contains_key(&key) {
+            if !self.map.contains_key(&key) && !self.earlier.contains_key(&key) {
                 return key;
             }
         }
     }
+
+    /// `p` is done (answered or failed): its earlier keys are free again.
+    fn forget(&mut self, p: &Pending) {
+        for k in &p.earlier {
+            self.earlier.remove(k);
+        }
+    }
+
+    /// The pending query `resp` (received on the socket of `key`) answers, taken out of
+    /// the table: by its current key or an earlier one, with the question asked (a
+    /// spoofer has to know it too). None for a late answer (the query was answered or
+    /// failed) or one that is not ours.
+    fn take(&mut self, key: u32, resp: &[u8]) -> Option<Pending> {
+        let cur = if self.map.contains_key(&key) {
+            key
+        } else {
+            *self.earlier.get(&key)?
+        };
+        let p = self.map.get(&cur)?;
+        if let Some(qend) = p.qend
+            && !resp
+                .get(12..qend)
+                .is_some_and(|r| r.eq_ignore_ascii_case(&p.query[12..qend]))
+        {
+            return None;
+        }
+        let p = self.map.remove(&cur)?;
+        self.forget(&p);
+        Some(p)
+    }
 }
+
+/// A timeout round that starts more than this after the previous one's start (they are
+/// [`SWEEP`] apart) found the host stalled: the time past [`SWEEP`] is not counted
+/// against the upstreams.
+const STALL: Duration = Duration::from_millis(200);
 
 struct UdpInner {
     /// Every upstream's sockets, in order: upstream i has sockets
@@ -144,20 +196,114 @@ struct UdpInner {
 }
 
 impl UdpInner {
+    fn new(
+        socks: Vec<UdpSocket>,
+        upstreams: Vec<SocketAddr>,
+        timeout: Duration,
+        cache: Option<Arc<Cache>>,
+        metrics: Arc<DnsMetrics>,
+    ) -> Self {
+        Self {
+            socks,
+            upstreams,
+            timeout,
+            table: Mutex::new(Table {
+                map: HashMap::with_capacity(256),
+                earlier: HashMap::new(),
+                free: Vec::new(),
+                rng: seed(),
+                stalled: Duration::ZERO,
+                last_sweep: Instant::now(),
+            }),
+            cache,
+            metrics,
+            stop: AtomicBool::new(false),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Sends a UDP query that came to `reply` from `client` to the first upstream; see
+    /// [`Forwarder::udp_query`].
+    fn query(
+        &self,
+        query: &mut [u8],
+        client: SocketAddr,
+        reply: &Arc<UdpSocket>,
+        info: Option<QueryInfo>,
+        generation: u64,
+    ) -> bool {
+        if query.len() < 12 {
+            return false;
+        }
+        let client_id = [query[0], query[1]];
+        let qend = question_end(query);
+        let key = {
+            let mut t = self.lock();
+            if t.map.len() >= MAX_PENDING {
+                return false;
+            }
+            let key = t.key(0);
+            query[..2].copy_from_slice(&key.to_be_bytes()[2..]);
+            let mut buf = t.free.pop().unwrap_or_default();
+            buf.clear();
+            buf.extend_from_slice(query);
+            let stalled_at_send = t.stalled;
+            t.map.insert(
+                key,
+                Pending {
+                    client,
+                    reply: reply.clone(),
+                    client_id,
+                    qend,
+                    query: buf,
+                    info,
+                    generation,
+                    upstream: 0,
+                    sent: Instant::now(),
+                    stalled_at_send,
+                    earlier: Vec::new(),
+                },
+            );
+            key
+        };
+        self.metrics.forwarded[0].inc();
+        if let Err(e) = self.socks[(key >> 16) as usize].send(query) {
+            self.metrics.upstream_errors.inc();
+            tracing::debug!(upstream = %self.upstreams[0], error = %e, "cannot send to the upstream (UDP)");
+            let mut t = self.lock();
+            if let Some(mut p) = t.map.remove(&key) {
+                p.upstream += 1;
+                self.dispatch(&mut t, p, None);
+            }
+        }
+        query[..2].copy_from_slice(&client_id);
+        true
+    }
+
     /// Sends `p` to upstream `p.upstream` (on a fresh key), or answers SERVFAIL when
-    /// there is none left. Called with the table locked.
-    fn dispatch(&self, t: &mut Table, mut p: Pending) {
+    /// there is none left. `timed_out`: its key at the upstream that did not answer in
+    /// time, whose answer still counts if it comes before another's. Called with the
+    /// table locked.
+    fn dispatch(&self, t: &mut Table, mut p: Pending, timed_out: Option<u32>) {
+        if let Some(k) = timed_out
+            && p.upstream < self.upstreams.len()
+        {
+            p.earlier.push(k);
+        }
         while p.upstream < self.upstreams.len() {
             let key = t.key(p.upstream);
             p.query[..2].copy_from_slice(&key.to_be_bytes()[2..]);
             p.sent = Instant::now();
+            p.stalled_at_send = t.stalled;
             let sock = (key >> 16) as usize;
             match self.socks[sock].send(&p.query) {
                 Ok(_) => {
+                    for k in &p.earlier {
+                        t.earlier.insert(*k, key);
+                    }
                     t.map.insert(key, p);
                     return;
                 }
@@ -174,11 +320,64 @@ impl UdpInner {
     /// SERVFAIL to the client of `p`; its buffer is recycled.
     fn fail(&self, t: &mut Table, mut p: Pending) {
         tracing::warn!(upstreams = ?self.upstreams, "no upstream resolver answered; answering SERVFAIL");
+        t.forget(&p);
         p.query[..2].copy_from_slice(&p.client_id);
         if let super::answer::Outcome::Answer(b) = super::answer::servfail(&p.query) {
-            let _ = p.reply.send_to(&b, p.client);
+            send_answer(&p.reply, &b, p.client);
         }
         t.free.push(p.query);
+    }
+
+    /// An upstream's answer `resp` received on socket `s`: to its client (and the
+    /// cache). The buffer of the answered query is left in `done`, to be recycled under
+    /// the next lock. False when stopping.
+    fn deliver(&self, s: usize, resp: &mut [u8], done: &mut Option<Vec<u8>>) -> bool {
+        if resp.len() < 12 || resp[2] & 0x80 == 0 {
+            return true;
+        }
+        let key = ((s as u32) << 16) | u32::from(u16::from_be_bytes([resp[0], resp[1]]));
+        let p = {
+            let mut t = self.lock();
+            if let Some(b) = done.take() {
+                t.free.push(b);
+            }
+            if self.stop.load(Ordering::Relaxed) && t.map.is_empty() {
+                return false;
+            }
+            match t.take(key, resp) {
+                Some(p) => p,
+                None => return true, // late (answered or failed) or not ours
+            }
+        };
+        let now = Instant::now();
+        self.metrics.observe(now.saturating_duration_since(p.sent));
+        resp[..2].copy_from_slice(&p.client_id);
+        if let (Some(c), Some(info)) = (&self.cache, &p.info) {
+            c.insert(p.generation, info, &p.query, resp, now);
+        }
+        send_answer(&p.reply, resp, p.client);
+        *done = Some(p.query);
+        true
+    }
+
+    /// An ICMP error of an earlier send on socket `s` (port unreachable): the upstream
+    /// does not serve; the queries waiting on this socket go to the next one now.
+    fn unreachable(&self, s: usize, e: &std::io::Error) {
+        self.metrics.upstream_errors.inc();
+        tracing::debug!(upstream = %self.upstreams[s / SOCKETS_PER_UPSTREAM], error = %e, "upstream unreachable (UDP)");
+        let mut t = self.lock();
+        let keys: Vec<u32> = t
+            .map
+            .keys()
+            .copied()
+            .filter(|k| (k >> 16) as usize == s)
+            .collect();
+        for k in keys {
+            if let Some(mut p) = t.map.remove(&k) {
+                p.upstream += 1;
+                self.dispatch(&mut t, p, None);
+            }
+        }
     }
 
     /// The answer thread of socket `s`.
@@ -188,8 +387,12 @@ impl UdpInner {
         // The buffer of the last answered query, recycled under the next lock.
         let mut done: Option<Vec<u8>> = None;
         loop {
-            let n = match sock.recv(&mut buf) {
-                Ok(n) => n,
+            match sock.recv(&mut buf) {
+                Ok(n) => {
+                    if !self.deliver(s, &mut buf[..n], &mut done) {
+                        return;
+                    }
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -201,66 +404,9 @@ impl UdpInner {
                     if self.stop.load(Ordering::Relaxed) && self.lock().map.is_empty() {
                         return;
                     }
-                    continue;
                 }
-                Err(e) => {
-                    // An ICMP error of an earlier send (port unreachable): the upstream
-                    // does not serve; its queries on this socket go to the next one now.
-                    self.metrics.upstream_errors.inc();
-                    tracing::debug!(upstream = %self.upstreams[s / SOCKETS_PER_UPSTREAM], error = %e, "upstream unreachable (UDP)");
-                    let mut t = self.lock();
-                    let keys: Vec<u32> = t
-                        .map
-                        .keys()
-                        .copied()
-                        .filter(|k| (k >> 16) as usize == s)
-                        .collect();
-                    for k in keys {
-                        if let Some(mut p) = t.map.remove(&k) {
-                            p.upstream += 1;
-                            self.dispatch(&mut t, p);
-                        }
-                    }
-                    continue;
-                }
-            };
-            let resp = &mut buf[..n];
-            if n < 12 || resp[2] & 0x80 == 0 {
-                continue;
+                Err(e) => self.unreachable(s, &e),
             }
-            let key = ((s as u32) << 16) | u32::from(u16::from_be_bytes([resp[0], resp[1]]));
-            let p = {
-                let mut t = self.lock();
-                if let Some(b) = done.take() {
-                    t.free.push(b);
-                }
-                if self.stop.load(Ordering::Relaxed) && t.map.is_empty() {
-                    return;
-                }
-                let Some(p) = t.map.get(&key) else {
-                    continue; // late (timed out) or not ours
-                };
-                // The question must be the one asked (a spoofer has to know it too).
-                if let Some(qend) = p.qend
-                    && !resp
-                        .get(12..qend)
-                        .is_some_and(|r| r.eq_ignore_ascii_case(&p.query[12..qend]))
-                {
-                    continue;
-                }
-                match t.map.remove(&key) {
-                    Some(p) => p,
-                    None => continue,
-                }
-            };
-            let now = Instant::now();
-            self.metrics.observe(now.saturating_duration_since(p.sent));
-            resp[..2].copy_from_slice(&p.client_id);
-            if let (Some(c), Some(info)) = (&self.cache, &p.info) {
-                c.insert(p.generation, info, &p.query, resp, now);
-            }
-            let _ = p.reply.send_to(resp, p.client);
-            done = Some(p.query);
         }
     }
 
@@ -270,27 +416,85 @@ impl UdpInner {
         reason = "a plain thread of its own, not a Tokio worker"
     )]
     fn sweep(&self) {
+        let mut buf = vec![0u8; 65535];
         loop {
             std::thread::sleep(SWEEP);
-            let mut t = self.lock();
-            if self.stop.load(Ordering::Relaxed) && t.map.is_empty() {
+            if !self.sweep_once(Instant::now(), &mut buf) {
                 return;
             }
-            let now = Instant::now();
-            let late: Vec<u32> = t
-                .map
-                .iter()
-                .filter(|(_, p)| now.saturating_duration_since(p.sent) >= self.timeout)
-                .map(|(k, _)| *k)
-                .collect();
-            for k in late {
-                if let Some(mut p) = t.map.remove(&k) {
-                    self.metrics.upstream_timeouts.inc();
-                    tracing::debug!(upstream = %self.upstreams[p.upstream], "upstream did not answer in time (UDP)");
-                    p.upstream += 1;
-                    self.dispatch(&mut t, p);
+        }
+    }
+
+    /// One timeout round at `now`. The answers already waiting in the sockets are taken
+    /// first, so a query whose answer came in time is answered even when its answer
+    /// thread has not run yet (a busy host); and a round that starts late (the host
+    /// stalled) does not count the stall against the upstreams. False when stopping.
+    fn sweep_once(&self, now: Instant, buf: &mut [u8]) -> bool {
+        use rustix::net::{RecvFlags, recv};
+        let mut done = None;
+        for (s, sock) in self.socks.iter().enumerate() {
+            loop {
+                match recv(sock, &mut *buf, RecvFlags::DONTWAIT) {
+                    Ok((n, _)) => {
+                        let n = n.min(buf.len());
+                        if !self.deliver(s, &mut buf[..n], &mut done) {
+                            return false;
+                        }
+                    }
+                    Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => break,
+                    Err(e) => {
+                        self.unreachable(s, &e.into());
+                        break;
+                    }
                 }
             }
+        }
+        let mut t = self.lock();
+        if let Some(b) = done {
+            t.free.push(b);
+        }
+        if self.stop.load(Ordering::Relaxed) && t.map.is_empty() {
+            return false;
+        }
+        let gap = now.saturating_duration_since(t.last_sweep);
+        t.last_sweep = t.last_sweep.max(now);
+        if gap > STALL {
+            t.stalled += gap - SWEEP;
+            tracing::debug!(
+                stalled_ms = (gap - SWEEP).as_millis() as u64,
+                "the DNS timeout thread ran late; the stall does not count against the upstreams"
+            );
+        }
+        let stalled = t.stalled;
+        let late: Vec<u32> = t
+            .map
+            .iter()
+            .filter(|(_, p)| {
+                now.saturating_duration_since(p.sent)
+                    .saturating_sub(stalled - p.stalled_at_send)
+                    >= self.timeout
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in late {
+            if let Some(mut p) = t.map.remove(&k) {
+                self.metrics.upstream_timeouts.inc();
+                tracing::debug!(upstream = %self.upstreams[p.upstream], "upstream did not answer in time (UDP)");
+                p.upstream += 1;
+                self.dispatch(&mut t, p, Some(k));
+            }
+        }
+        true
+    }
+}
+
+/// Sends an answer from the listening socket (non-blocking: a full buffer is waited
+/// for as the serving loop does).
+fn send_answer(sock: &UdpSocket, b: &[u8], to: SocketAddr) {
+    let mut waits = 0;
+    while let Err(e) = sock.send_to(b, to) {
+        if !super::send_error(&e, to, &mut waits, sock) {
+            break;
         }
     }
 }
@@ -351,19 +555,13 @@ impl Forwarder {
             .collect();
         let udp = match socks {
             Ok(socks) if !socks.is_empty() => {
-                let inner = Arc::new(UdpInner {
+                let inner = Arc::new(UdpInner::new(
                     socks,
-                    upstreams: upstreams.clone(),
+                    upstreams.clone(),
                     timeout,
-                    table: Mutex::new(Table {
-                        map: HashMap::with_capacity(256),
-                        free: Vec::new(),
-                        rng: seed(),
-                    }),
-                    cache: cache.clone(),
-                    metrics: metrics.clone(),
-                    stop: AtomicBool::new(false),
-                });
+                    cache.clone(),
+                    metrics.clone(),
+                ));
                 let mut ok = true;
                 for s in 0..inner.socks.len() {
                     let i = inner.clone();
@@ -433,52 +631,10 @@ impl Forwarder {
         info: Option<QueryInfo>,
         generation: u64,
     ) -> bool {
-        let Some(u) = &self.udp else {
-            return false;
-        };
-        if query.len() < 12 {
-            return false;
+        match &self.udp {
+            Some(u) => u.query(query, client, reply, info, generation),
+            None => false,
         }
-        let client_id = [query[0], query[1]];
-        let qend = question_end(query);
-        let key = {
-            let mut t = u.lock();
-            if t.map.len() >= MAX_PENDING {
-                return false;
-            }
-            let key = t.key(0);
-            query[..2].copy_from_slice(&key.to_be_bytes()[2..]);
-            let mut buf = t.free.pop().unwrap_or_default();
-            buf.clear();
-            buf.extend_from_slice(query);
-            t.map.insert(
-                key,
-                Pending {
-                    client,
-                    reply: reply.clone(),
-                    client_id,
-                    qend,
-                    query: buf,
-                    info,
-                    generation,
-                    upstream: 0,
-                    sent: Instant::now(),
-                },
-            );
-            key
-        };
-        self.metrics.forwarded[0].inc();
-        if let Err(e) = u.socks[(key >> 16) as usize].send(query) {
-            self.metrics.upstream_errors.inc();
-            tracing::debug!(upstream = %u.upstreams[0], error = %e, "cannot send to the upstream (UDP)");
-            let mut t = u.lock();
-            if let Some(mut p) = t.map.remove(&key) {
-                p.upstream += 1;
-                u.dispatch(&mut t, p);
-            }
-        }
-        query[..2].copy_from_slice(&client_id);
-        true
     }
 
     /// One query on one TCP connection.
@@ -709,5 +865,160 @@ mod tests {
         assert_eq!(&r[..2], &[0x43, 0x21]);
         assert_eq!(r[3] & 0x0f, 2, "SERVFAIL");
         drop(silent);
+    }
+
+    fn a_query(id: u16) -> Vec<u8> {
+        let mut q = id.to_be_bytes().to_vec();
+        q.extend_from_slice(&[0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+        q.extend_from_slice(b"\x03www\x07example\x00\x00\x01\x00\x01");
+        q
+    }
+
+    /// A bound socket standing for an upstream the test answers from by hand.
+    fn manual_upstream() -> UdpSocket {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+
+    /// The upstream's answer to the query it got: the query with QR set.
+    fn answer_to(q: &[u8]) -> Vec<u8> {
+        let mut r = q.to_vec();
+        r[2] |= 0x80;
+        r[3] = 0x80;
+        r
+    }
+
+    /// The first upstream answers only after the query was sent on to the second
+    /// (which never answers): its late answer reaches the client — before, it was
+    /// dropped and the client got SERVFAIL once the second timed out too.
+    #[test]
+    fn a_late_answer_of_an_earlier_upstream_still_answers() {
+        let (a, b) = (manual_upstream(), manual_upstream());
+        let f = forwarder(
+            vec![a.local_addr().unwrap(), b.local_addr().unwrap()],
+            Duration::from_millis(300),
+        );
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let listener = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        let mut q = a_query(0x7777);
+        assert!(f.udp_query(&mut q, client.local_addr().unwrap(), &listener, None, 0));
+        let mut buf = [0u8; 512];
+        let (n, agent) = a.recv_from(&mut buf).unwrap();
+        let first = buf[..n].to_vec();
+        // The retry at the second upstream (the first's timeout has passed).
+        let (n, _) = b.recv_from(&mut buf).unwrap();
+        assert_eq!(buf[12..n], first[12..], "the same question");
+        a.send_to(&answer_to(&first), agent).unwrap();
+        let n = client.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..2], &[0x77, 0x77], "the client's ID");
+        assert_eq!(
+            buf[3] & 0x0f,
+            0,
+            "the first upstream's answer, not SERVFAIL"
+        );
+        assert_eq!(buf[12..n], first[12..]);
+        let u = f.udp.as_ref().unwrap();
+        let t = u.lock();
+        assert!(
+            t.map.is_empty() && t.earlier.is_empty(),
+            "nothing left waiting"
+        );
+    }
+
+    /// The forwarding state without its threads, on sockets connected to `upstreams`.
+    fn inner(upstreams: &[SocketAddr], timeout: Duration) -> UdpInner {
+        let socks = upstreams
+            .iter()
+            .flat_map(|u| std::iter::repeat_n(*u, SOCKETS_PER_UPSTREAM))
+            .map(|u| udp_socket(u, None).unwrap())
+            .collect();
+        UdpInner::new(
+            socks,
+            upstreams.to_vec(),
+            timeout,
+            None,
+            Arc::new(DnsMetrics::default()),
+        )
+    }
+
+    /// An answer that came in time but is still in the socket (its answer thread had not
+    /// run: a busy host) is delivered by the timeout round, not timed out into SERVFAIL.
+    #[test]
+    fn an_answer_waiting_in_the_socket_is_not_timed_out() {
+        use rustix::event::{PollFd, PollFlags, poll};
+        let up = manual_upstream();
+        let u = inner(&[up.local_addr().unwrap()], Duration::from_millis(100));
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let listener = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        let mut q = a_query(0x1234);
+        assert!(u.query(&mut q, client.local_addr().unwrap(), &listener, None, 0));
+        let mut buf = [0u8; 512];
+        let (n, agent) = up.recv_from(&mut buf).unwrap();
+        up.send_to(&answer_to(&buf[..n]), agent).unwrap();
+        // Wait until the answer is in one of the agent's sockets.
+        let mut fds: Vec<PollFd<'_>> = u
+            .socks
+            .iter()
+            .map(|s| PollFd::new(s, PollFlags::IN))
+            .collect();
+        assert_eq!(poll(&mut fds, None).unwrap(), 1);
+        // A round well past the timeout, on time (no stall).
+        let now = Instant::now() + Duration::from_secs(1);
+        u.lock().last_sweep = now - SWEEP;
+        let mut scratch = vec![0u8; 65535];
+        assert!(u.sweep_once(now, &mut scratch));
+        let n = client.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..2], &[0x12, 0x34]);
+        assert_eq!(buf[3] & 0x0f, 0, "the upstream's answer, not SERVFAIL");
+        assert!(n > 12);
+        assert_eq!(u.metrics.upstream_timeouts.get(), 0);
+    }
+
+    /// A timeout round that runs seconds late (the host stalled) does not count the stall
+    /// against the upstream; the query times out once it has waited `timeout` of the time
+    /// the agent could run.
+    #[test]
+    fn a_stalled_host_does_not_time_out_the_upstream() {
+        let silent = manual_upstream();
+        let u = inner(&[silent.local_addr().unwrap()], Duration::from_secs(1));
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let listener = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        let t0 = Instant::now();
+        u.lock().last_sweep = t0;
+        let mut q = a_query(0x4321);
+        assert!(u.query(&mut q, client.local_addr().unwrap(), &listener, None, 0));
+        let mut scratch = vec![0u8; 65535];
+        // Three seconds without a round, then rounds every 50 ms again.
+        let mut at = t0 + Duration::from_secs(3);
+        assert!(u.sweep_once(at, &mut scratch));
+        while at < t0 + Duration::from_millis(3500) {
+            at += SWEEP;
+            assert!(u.sweep_once(at, &mut scratch));
+        }
+        assert_eq!(u.lock().map.len(), 1, "still waiting for the upstream");
+        assert_eq!(u.metrics.upstream_timeouts.get(), 0);
+        while at < t0 + Duration::from_millis(4100) {
+            at += SWEEP;
+            assert!(u.sweep_once(at, &mut scratch));
+        }
+        assert!(
+            u.lock().map.is_empty(),
+            "timed out after a second of running time"
+        );
+        let mut buf = [0u8; 512];
+        client.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..2], &[0x43, 0x21]);
+        assert_eq!(buf[3] & 0x0f, 2, "SERVFAIL");
+        assert_eq!(u.metrics.upstream_timeouts.get(), 1);
     }
 }
