@@ -27,6 +27,9 @@
 //! `DATAPLANE_PHASE=bulk` makes the rounds measure bulk throughput instead, with each
 //! path's ratio to the same round's stunnel4. `DATAPLANE_AGENT_B=PATH` adds to the rounds
 //! a path through two agents of another build (QUIC): an A/B comparison in one run.
+//! `DATAPLANE_LOG=FILTER` is the `RUST_LOG` of the controller and the agents (`warn` by
+//! default); `DATAPLANE_KEEP=1` keeps the run's directory with their logs (named at the
+//! start).
 //! `DATAPLANE_PUSH_MS=N` makes every round's measurement run while a config change is
 //! pushed to the agents every N ms (a policy that selects no workload, applied and
 //! deleted in turn): the push-during-traffic latency.
@@ -43,7 +46,9 @@
 //! and, when `DATAPLANE_AGENT_TOML_EXTRA` is set, HTTP through agents whose config file
 //! is that TOML (the hook for "telemetry off" until the agent config has a switch); with
 //! `DATAPLANE_AGENT_B=PATH` that path runs agents of that other build (an A/B of the HTTP
-//! proxy in the same rounds; with the TOML too when both are set). It
+//! proxy in the same rounds; with the TOML too when both are set).
+//! `DATAPLANE_HTTP_PATHS=1,2,3` runs only those agent paths (numbered in the order above,
+//! from L4 = 1; direct always runs). It
 //! lives here rather than in a program of its own because it is the same lab (controller,
 //! two joined agents, namespaces, rounds, CPU and memory readings), only with another
 //! client, server and set of paths; the HTTP client, server and token are in the bench
@@ -420,7 +425,10 @@ fn spawn(node: &Node, log: &Path, program: &Path, args: &[&str]) -> anyhow::Resu
         .arg(nofile_arg())
         .arg(program)
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("DATAPLANE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(f.try_clone()?)
         .stderr(f)
@@ -744,6 +752,17 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
     let me = std::env::current_exe()?;
     let dir = tempfile::tempdir()?;
     let root = dir.path().to_owned();
+    // `DATAPLANE_KEEP=1`: the run's directory (every process's log) stays for reading.
+    let _dir = if std::env::var("DATAPLANE_KEEP").is_ok_and(|v| v == "1") {
+        let kept = dir.keep();
+        eprintln!(
+            "-- logs and state stay in {} (DATAPLANE_KEEP)",
+            kept.display()
+        );
+        None
+    } else {
+        Some(dir)
+    };
     let lab = Lab::new(&["ctl", "vm1", "vm2"]);
     if let Some(mtu) = std::env::var("DATAPLANE_MTU")
         .ok()
@@ -1710,6 +1729,25 @@ fn route_resources() -> String {
     format!("{dr}\n---\n{vs}\n")
 }
 
+/// Waits until the agent of process `pid` with state directory `state` is connected to
+/// the controller and has applied the controller's latest config version it knows of (its
+/// `status.json`), so that it no longer runs on the cached config it started with.
+fn controller_synced(state: &Path, pid: u32) {
+    wait_for(
+        &format!("the agent {pid} to apply the controller's config"),
+        WAIT,
+        || {
+            let s: Value =
+                serde_json::from_str(&std::fs::read_to_string(state.join("status.json")).ok()?)
+                    .ok()?;
+            (s["pid"].as_u64()? == u64::from(pid)
+                && s["controller_connected"].as_bool()?
+                && s["config_version"].as_u64()? >= s["controller_version"].as_u64()?)
+            .then_some(())
+        },
+    );
+}
+
 /// One request from vm1 on a new connection: its status, or None when it failed.
 fn http_probe(run: &Run, addr: &str, token: Option<&str>) -> Option<u16> {
     let mut args = vec!["http-probe", addr, HTTP_HOST, HTTP_PATH];
@@ -1720,7 +1758,8 @@ fn http_probe(run: &Run, addr: &str, token: Option<&str>) -> Option<u16> {
 
 /// `DATAPLANE_HTTP=1`: `rounds` rounds of every HTTP path (see [`HTTP_PATHS`]), each one
 /// started afresh (policy or routes applied, agents started, the effect probed) and
-/// stopped after its run, direct first and the rest rotated from round to round. Per run:
+/// stopped after its run, direct first and the rest rotated and reversed from round to
+/// round. Per run:
 /// requests/s (200s only), latency, CPU s per 1,000 requests and RSS of each agent. Prints
 /// per path the medians and, per issue, the median over rounds of each round's ratio,
 /// PASS or FAIL against its target.
@@ -1775,6 +1814,33 @@ fn run_http_rounds(
             json!("DATAPLANE_AGENT_TOML_EXTRA is not set (the agent config has no [telemetry] switch yet; set it to the TOML that turns telemetry off)"),
         );
     }
+    // `DATAPLANE_HTTP_PATHS=1,2,3`: only these of the agent paths (numbered from 1 in
+    // [`HTTP_PATHS`] after direct, which always runs), for a quicker A/B.
+    if let Ok(only) = std::env::var("DATAPLANE_HTTP_PATHS") {
+        let keep = only
+            .split(',')
+            .map(|n| match n.trim().parse::<usize>() {
+                Ok(i) if (1..HTTP_PATHS.len()).contains(&i) => Ok(i),
+                _ => Err(anyhow::anyhow!(
+                    "DATAPLANE_HTTP_PATHS={only:?}: {n:?} is not a path number; expected numbers from 1 to {} separated by commas (1 = {:?}, 2 = {:?}, 3 = {:?}, 4 = {:?}, 5 = {:?})",
+                    HTTP_PATHS.len() - 1,
+                    HTTP_PATHS[1],
+                    HTTP_PATHS[2],
+                    HTTP_PATHS[3],
+                    HTTP_PATHS[4],
+                    HTTP_PATHS[5],
+                )),
+            })
+            .collect::<anyhow::Result<Vec<usize>>>()?;
+        for (i, name) in HTTP_PATHS.iter().enumerate().skip(1) {
+            if !keep.contains(&i) {
+                skipped.insert(
+                    (*name).to_owned(),
+                    json!(format!("not in DATAPLANE_HTTP_PATHS={only}")),
+                );
+            }
+        }
+    }
     let routed = |state: &Path| {
         wait_for("vm1 to route the web service", WAIT, || {
             std::fs::read_to_string(state.join("capture.rules"))
@@ -1786,12 +1852,21 @@ fn run_http_rounds(
     let mut runs: Vec<Value> = Vec::new();
     for round in 0..rounds {
         let mut direct: Option<(f64, f64)> = None;
-        for k in 0..HTTP_PATHS.len() {
-            let name = if k == 0 {
-                HTTP_PATHS[0]
-            } else {
-                HTTP_PATHS[1 + (k - 1 + round) % (HTTP_PATHS.len() - 1)]
-            };
+        // Direct first; the agent paths that run rotated by one every second round and
+        // reversed every other round, so that of any two paths each goes first in half of
+        // the rounds (a later slot was seen to be favoured).
+        let active: Vec<&str> = HTTP_PATHS[1..]
+            .iter()
+            .copied()
+            .filter(|n| !skipped.contains_key(*n))
+            .collect();
+        let mut order: Vec<&str> = (0..active.len())
+            .map(|i| active[(i + round / 2) % active.len()])
+            .collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (k, name) in std::iter::once(HTTP_PATHS[0]).chain(order).enumerate() {
             if skipped.contains_key(name) {
                 continue;
             }
@@ -1820,6 +1895,15 @@ fn run_http_rounds(
                 let a2 = run.agent_of(&exe, "vm2", &states[1], config)?;
                 let a1 = run.agent_of(&exe, "vm1", &states[0], config)?;
                 routed(&states[0]);
+                // Each agent starts on its cached config (the one of the last path, with
+                // the server's endpoint) and then takes the controller's, which may still
+                // lack the restarted server agent: a connection accepted in that window
+                // was passed through to the VIP and reset (seen as the load's `connection
+                // error`). The load starts once both are at the controller's version; the
+                // probe below then waits for the server's endpoint.
+                for (state, agent) in [(&states[1], &a2), (&states[0], &a1)] {
+                    controller_synced(state, agent.0.id());
+                }
                 let port = if name == HTTP_PATHS[1] {
                     PORT
                 } else {

@@ -601,6 +601,21 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CutIo<IO> {
         std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.poll_cut(cx)?;
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    /// As the stream below: hyper then hands a message's head and body over together
+    /// instead of copying them into one buffer first.
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,

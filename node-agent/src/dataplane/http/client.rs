@@ -177,6 +177,18 @@ impl hyper::rt::Write for PooledConn {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        hyper::rt::Write::is_write_vectored(&self.io)
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
@@ -309,6 +321,110 @@ impl<U: Upstream> Inner<U> {
     }
 }
 
+/// A driven upstream connection (hyper's `Connection` future), polled by the task of the
+/// downstream connection that opened it.
+type ConnTask = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The most upstream HTTP/1.1 connections one downstream HTTP/1.1 connection holds (one
+/// per endpoint its requests went to); a request to yet another endpoint uses the shared
+/// pool.
+const STICKY_MAX: usize = 4;
+
+/// The upstream HTTP/1.1 connections of one downstream HTTP/1.1 connection, driven by the
+/// downstream connection's own task ([`Proxy::serve_full`] polls them next to hyper's
+/// server connection). A keep-alive client's requests then go out on "its" upstream
+/// connection: no pool checkout, no task of its own per upstream connection, no hand-off
+/// of each request and response between tasks. HTTP/1.1 serves one request at a time, so
+/// one connection per endpoint is the usual case; a connection that is not ready (its last
+/// response still streaming) gets a sibling, up to [`STICKY_MAX`]. The connections close
+/// with the downstream connection.
+#[derive(Default)]
+struct Sticky {
+    /// Connection futures opened by requests, not yet polled by the driver.
+    opened: Mutex<Vec<ConnTask>>,
+    /// The connections' senders, with their endpoint key and upstream host.
+    conns: Mutex<Vec<StickyConn>>,
+}
+
+struct StickyConn {
+    endpoint: Arc<str>,
+    send: hyper::client::conn::http1::SendRequest<UpBody>,
+    host: UpstreamHost,
+}
+
+impl Sticky {
+    /// A ready connection to `endpoint` (closed ones are dropped), or whether there is room
+    /// for a new one (`Err(true)`).
+    fn take(&self, endpoint: &str) -> Result<StickyConn, bool> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.retain(|c| !c.send.is_closed());
+        match conns
+            .iter()
+            .position(|c| &*c.endpoint == endpoint && c.send.is_ready())
+        {
+            Some(i) => Ok(conns.swap_remove(i)),
+            None => Err(conns.len() < STICKY_MAX),
+        }
+    }
+
+    fn put(&self, conn: StickyConn) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+    }
+
+    fn drive(&self, task: ConnTask) {
+        self.opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+    }
+
+    /// Moves newly opened connections into `tasks`; whether there were any.
+    fn adopt(&self, tasks: &mut Vec<ConnTask>) -> bool {
+        let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+        let any = !opened.is_empty();
+        tasks.append(&mut opened);
+        any
+    }
+}
+
+/// Why a try got no response.
+enum SendError {
+    /// The shared pool's client failed.
+    Pool(hyper_util::client::legacy::Error),
+    /// No connection to the endpoint could be opened.
+    Connect(UpstreamError),
+    /// The connection failed before the response head (`None`: it closed before the
+    /// request went out), with the upstream host when known.
+    Conn(Option<hyper::Error>, Option<String>),
+}
+
+impl SendError {
+    /// The response flags and reply text for a failed upstream request.
+    fn classify(&self) -> (ResponseFlags, String, Option<String>) {
+        match self {
+            SendError::Pool(e) => classify(e),
+            SendError::Connect(e) => classify_upstream(e),
+            SendError::Conn(_, host) => (
+                ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+                CONNECTION_TERMINATION.into(),
+                host.clone(),
+            ),
+        }
+    }
+
+    fn chain(&self) -> String {
+        match self {
+            SendError::Pool(e) => error_chain(e),
+            SendError::Connect(e) => error_chain(e),
+            SendError::Conn(Some(e), _) => error_chain(e),
+            SendError::Conn(None, _) => "the upstream connection closed".into(),
+        }
+    }
+}
+
 /// The HTTP proxy for one destination: serves downstream connections ([`Proxy::serve`])
 /// and forwards their requests to its [`Upstream`] through a shared connection pool. Cheap
 /// to clone; build one per upstream target (e.g. per service port) and keep it, so that
@@ -404,18 +520,36 @@ impl<U: Upstream> Proxy<U> {
             .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
         let this = self.clone();
         let info = conn.clone();
+        let sticky = Arc::new(Sticky::default());
+        let ours = sticky.clone();
         let service = service_fn(move |req| {
             let (this, info, admission) = (this.clone(), info.clone(), admission.clone());
+            let sticky = ours.clone();
             async move {
                 Ok::<_, std::convert::Infallible>(
-                    this.handle(req, info, admission.as_deref()).await,
+                    this.handle(req, info, admission.as_deref(), &sticky).await,
                 )
             }
         });
         let started = (Instant::now(), SystemTime::now());
-        let result = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .await;
+        let mut served =
+            std::pin::pin!(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
+        // The upstream connections this connection's requests opened ([`Sticky`]) are
+        // polled here, in this task, before the server connection that waits on them.
+        let mut upstream: Vec<ConnTask> = Vec::new();
+        let result = std::future::poll_fn(|cx| {
+            loop {
+                sticky.adopt(&mut upstream);
+                upstream.retain_mut(|c| c.as_mut().poll(cx).is_pending());
+                if let Poll::Ready(r) = served.as_mut().poll(cx) {
+                    return Poll::Ready(r);
+                }
+                if !sticky.adopt(&mut upstream) {
+                    return Poll::Pending;
+                }
+            }
+        })
+        .await;
         if let Err(e) = &result
             && let Some(status) = e
                 .downcast_ref::<hyper::Error>()
@@ -472,6 +606,7 @@ impl<U: Upstream> Proxy<U> {
         mut req: Request<Incoming>,
         conn: ConnInfo,
         admission: Option<&dyn Admission>,
+        sticky: &Sticky,
     ) -> Response<ObservedBody> {
         let inner = &self.inner;
         let started = Instant::now();
@@ -587,8 +722,11 @@ impl<U: Upstream> Proxy<U> {
             // framing upstream, their own framing downstream.
             parts.version = Version::HTTP_11;
         }
+        // HTTP/1.1 requests go out on the connection's own upstream connections; HTTP/2
+        // (its streams are tasks of their own) and upgrades use the shared pool.
+        let sticky = (!h2 && !upgrade).then_some(sticky);
         let mut resp = match self
-            .forward(plan.as_ref(), parts, body, h2, request_bytes)
+            .forward(plan.as_ref(), parts, body, h2, request_bytes, sticky)
             .await
         {
             Ok((resp, flags)) => {
@@ -671,6 +809,7 @@ impl<U: Upstream> Proxy<U> {
         body: Incoming,
         h2: bool,
         request_bytes: Arc<AtomicU64>,
+        sticky: Option<&Sticky>,
     ) -> Result<(Response<Incoming>, ResponseFlags), Failure> {
         use http_body_util::{BodyExt as _, Either};
         use hyper::body::Body as _;
@@ -725,12 +864,6 @@ impl<U: Upstream> Proxy<U> {
             } else {
                 streaming = Some(body);
             }
-            let (method, uri, version, headers) = (
-                parts.method.clone(),
-                parts.uri.clone(),
-                parts.version,
-                parts.headers.clone(),
-            );
             if let Some(dest) = mirror {
                 match &buffered {
                     Some(body) => self.mirror(dest, &parts, body.clone(), h2),
@@ -771,22 +904,22 @@ impl<U: Upstream> Proxy<U> {
                             bytes: request_bytes.clone(),
                         },
                     ),
+                    // A buffered body may be sent again: each try gets a copy of the head.
                     (None, buffered) => {
+                        let head = parts.as_ref().expect("a buffered request keeps its head");
                         let mut r = Request::new(CountingBody {
                             inner: Either::Right(Full::new(buffered.clone().unwrap_or_default())),
                             bytes: Arc::new(AtomicU64::new(0)),
                         });
-                        *r.method_mut() = method.clone();
-                        *r.uri_mut() = uri.clone();
-                        *r.version_mut() = version;
-                        *r.headers_mut() = headers.clone();
+                        *r.method_mut() = head.method.clone();
+                        *r.uri_mut() = head.uri.clone();
+                        *r.version_mut() = head.version;
+                        *r.headers_mut() = head.headers.clone();
                         r
                     }
                 };
-                let pools = inner.pools(&endpoint);
                 tried.push(endpoint);
-                let client = if h2 { &pools.h2 } else { &pools.h1 };
-                let sent = client.request(req);
+                let sent = self.send(&tried[tried.len() - 1], req, h2, sticky);
                 let result = match plan.and_then(|p| p.route.retry.per_try) {
                     Some(t) => tokio::time::timeout(t, sent).await.ok(),
                     None => Some(sent.await),
@@ -818,8 +951,8 @@ impl<U: Upstream> Proxy<U> {
                         }
                     }
                     Some(Err(e)) => {
-                        let (flags, text, host) = classify(&e);
-                        tracing::debug!(error = %error_chain(&e), flags = %flags, try_ = n, "upstream try failed");
+                        let (flags, text, host) = e.classify();
+                        tracing::debug!(error = %e.chain(), flags = %flags, try_ = n, "upstream try failed");
                         let again = retry.is_some_and(|r| {
                             if flags.contains(ResponseFlags::UPSTREAM_CONNECTION_FAILURE) {
                                 r.on.connect_failure()
@@ -876,6 +1009,98 @@ impl<U: Upstream> Proxy<U> {
 }
 
 impl<U: Upstream> Proxy<U> {
+    /// One try of a request to `endpoint`: on a [`Sticky`] connection of the downstream
+    /// connection when given one (and it holds or has room for one to `endpoint`), else
+    /// through the shared pool.
+    async fn send(
+        &self,
+        endpoint: &str,
+        mut req: Request<UpBody>,
+        h2: bool,
+        sticky: Option<&Sticky>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let target = sticky.and_then(|s| match s.take(endpoint) {
+            Ok(c) => Some((s, Some(c))),
+            Err(true) => Some((s, None)),
+            Err(false) => None,
+        });
+        let Some((sticky, conn)) = target else {
+            let pools = self.inner.pools(endpoint);
+            let client = if h2 { &pools.h2 } else { &pools.h1 };
+            return client.request(req).await.map_err(SendError::Pool);
+        };
+        origin_form(req.uri_mut());
+        let endpoint: Arc<str> = Arc::from(endpoint);
+        let (reused, conn) = match conn {
+            Some(c) => (true, c),
+            None => (false, self.open(sticky, &endpoint).await?),
+        };
+        let sent = match self.try_sticky(sticky, conn, req).await {
+            Err(Ok(req)) if reused => {
+                // The idle connection closed before the request went out (the upstream's
+                // keep-alive timeout): once more, on a new connection.
+                let conn = self.open(sticky, &endpoint).await?;
+                self.try_sticky(sticky, conn, req).await
+            }
+            sent => sent,
+        };
+        sent.map_err(|e| match e {
+            Ok(_unsent) => SendError::Conn(None, None),
+            Err((e, host)) => SendError::Conn(Some(e), host),
+        })
+    }
+
+    /// Sends `req` on `conn`, which goes back to `sticky` at once (it is ready again for
+    /// the next request once this one's response has been read). `Err(Ok(req))`: the
+    /// request was not sent (the connection had closed).
+    async fn try_sticky(
+        &self,
+        sticky: &Sticky,
+        mut conn: StickyConn,
+        req: Request<UpBody>,
+    ) -> Result<Response<Incoming>, Result<Request<UpBody>, (hyper::Error, Option<String>)>> {
+        let sent = conn.send.try_send_request(req);
+        let host = conn.host.clone();
+        sticky.put(conn);
+        match sent.await {
+            Ok(mut resp) => {
+                resp.extensions_mut().insert(host);
+                Ok(resp)
+            }
+            Err(mut e) => match e.take_message() {
+                Some(req) => Err(Ok(req)),
+                None => Err(Err((e.into_error(), Some(host.0)))),
+            },
+        }
+    }
+
+    /// Opens a [`Sticky`] connection to `endpoint`, driven by the downstream connection's
+    /// task.
+    async fn open(&self, sticky: &Sticky, endpoint: &Arc<str>) -> Result<StickyConn, SendError> {
+        let c = self
+            .inner
+            .upstream
+            .connect(endpoint)
+            .await
+            .map_err(SendError::Connect)?;
+        let host = UpstreamHost(c.peer, c.identity.map(Arc::from));
+        let (send, conn) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(self.inner.settings.max_header_bytes.max(8192) + 8192)
+            .handshake(TokioIo::new(c.io))
+            .await
+            .map_err(|e| SendError::Conn(Some(e), Some(host.0.clone())))?;
+        sticky.drive(Box::pin(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %error_chain(&e), "upstream connection failed");
+            }
+        }));
+        Ok(StickyConn {
+            endpoint: endpoint.clone(),
+            send,
+            host,
+        })
+    }
+
     /// Sends a copy of a request to `dest`, fire and forget: its own task, its response
     /// discarded, bounded by the proxy's request timeout; the primary request never
     /// waits for it. The authority gets Envoy's `-shadow` suffix.
@@ -1049,9 +1274,24 @@ fn classify(e: &hyper_util::client::legacy::Error) -> (ResponseFlags, String, Op
     }
     (
         ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
-        "upstream connect error or disconnect/reset before headers. reset reason: connection termination".into(),
+        CONNECTION_TERMINATION.into(),
         e.connect_info().and_then(upstream_host_of),
     )
+}
+
+const CONNECTION_TERMINATION: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
+
+/// The origin form of a request target (`/path?query`), as hyper's pooled client sends
+/// HTTP/1.1 requests.
+fn origin_form(uri: &mut Uri) {
+    *uri = match uri.path_and_query() {
+        Some(p) if p.as_str() != "/" => {
+            let mut parts = ::http::uri::Parts::default();
+            parts.path_and_query = Some(p.clone());
+            Uri::from_parts(parts).unwrap_or_default()
+        }
+        _ => Uri::default(),
+    };
 }
 
 const CONNECT_FAILURE: &str =

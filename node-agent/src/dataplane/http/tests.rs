@@ -370,6 +370,76 @@ async fn http1_keep_alive_reuses_one_upstream_connection_and_records_each_reques
     .await;
 }
 
+/// Each downstream HTTP/1.1 connection has its own upstream connection, opened by its
+/// first request and reused by the next ones; the upstream connection closes with it.
+#[tokio::test]
+async fn each_http1_client_connection_keeps_its_own_upstream_connection() {
+    bounded(async {
+        let up = Counting::new(app().await);
+        let connects = up.connects.clone();
+        let (addr, _records) = proxy(up, HttpSettings::default()).await;
+        let (mut a, mut b) = (h1(addr).await, h1(addr).await);
+        for i in 0..3 {
+            for c in [&mut a, &mut b] {
+                let resp = c.send_request(get(&format!("/x?i={i}"))).await.unwrap();
+                assert_eq!(resp.status(), StatusCode::OK);
+                body_text(resp).await;
+            }
+        }
+        assert_eq!(
+            connects.load(Ordering::SeqCst),
+            2,
+            "two client connections, three requests each: one upstream connection each"
+        );
+        // A third client while the first two are idle gets a connection of its own, not
+        // one of theirs.
+        let mut c = h1(addr).await;
+        let resp = c.send_request(get("/x")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(connects.load(Ordering::SeqCst), 3);
+    })
+    .await;
+}
+
+/// An upstream that closes its connection after every keep-alive response (without
+/// `Connection: close`, as an app with a short idle timeout does): each request of a
+/// keep-alive client still gets its answer, on a new upstream connection.
+#[tokio::test]
+async fn an_upstream_closing_idle_connections_costs_the_client_nothing() {
+    bounded(async {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    read_until(&mut s, "\r\n\r\n", 1).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    // Closed here, the response having said nothing about it.
+                });
+            }
+        });
+        let up = Counting::new(app);
+        let connects = up.connects.clone();
+        let (addr, mut records) = proxy(up, HttpSettings::default()).await;
+        let mut client = h1(addr).await;
+        for i in 0..5 {
+            let resp = client
+                .send_request(get(&format!("/x?i={i}")))
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "request {i}");
+            assert_eq!(body_text(resp).await, "ok");
+            let r = records.recv().await.unwrap();
+            assert_eq!(r.response_flags, ResponseFlags::NONE, "request {i}");
+        }
+        assert_eq!(connects.load(Ordering::SeqCst), 5);
+    })
+    .await;
+}
+
 /// A request without trace context gets a new trace where traces start (the source
 /// agent): the app sees a `traceparent` naming the proxy's span; the record carries the
 /// span and the principals: the agent's own as the source's, the upstream connection's
