@@ -892,6 +892,9 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
     // 2. Two agents, QUIC.
     let a2 = run.agent_on(&bin("causeway-agent"), "vm2", &states[1], "quic")?;
     let a1 = run.agent_on(&bin("causeway-agent"), "vm1", &states[0], "quic")?;
+    for (state, agent) in [(&states[1], &a2), (&states[0], &a1)] {
+        controller_synced(state, agent.0.id());
+    }
     let vip: String = wait_for("vm1 to route the web service", WAIT, || {
         let cfg: Value =
             serde_json::from_slice(&std::fs::read(states[0].join("config.json")).ok()?).ok()?;
@@ -972,6 +975,9 @@ fn orchestrate(json_out: Option<&Path>) -> anyhow::Result<()> {
             .then_some(())
     });
     let a1 = run.agent_on(&bin("causeway-agent"), "vm1", &states[0], "tcp")?;
+    for (state, agent) in [(&states[1], &a2), (&states[0], &a1)] {
+        controller_synced(state, agent.0.id());
+    }
     wait_for("vm1 to route again", WAIT, || {
         std::fs::read_to_string(states[0].join("capture.rules"))
             .ok()?
@@ -1164,6 +1170,11 @@ fn run_rounds(
                     let transport = if tcp { "tcp" } else { "quic" };
                     let a2 = run.agent_on(&exe, "vm2", &states[1], transport)?;
                     let a1 = run.agent_on(&exe, "vm1", &states[0], transport)?;
+                    // As in the HTTP rounds: not on the cached config any more, then
+                    // routed by the controller's (see `run_http_rounds`).
+                    for (state, agent) in [(&states[1], &a2), (&states[0], &a1)] {
+                        controller_synced(state, agent.0.id());
+                    }
                     routed(&states[0]);
                     (
                         vec![("client agent", a1), ("server agent", a2)],
