@@ -652,6 +652,20 @@ fn file_update(names: &[&str]) -> SourceUpdate {
     }
 }
 
+/// The mesh version stored in `store` and the services of its `file` source.
+async fn stored_file_services(store: Arc<dyn Store>) -> (u64, BTreeSet<String>) {
+    let stored = tokio::task::spawn_blocking(move || store.load_mesh())
+        .await
+        .unwrap()
+        .unwrap();
+    let services = stored
+        .data
+        .get("file")
+        .map(|d| d.keys().map(|k| k.to_string()).collect())
+        .unwrap_or_default();
+    (stored.version, services)
+}
+
 async fn mesh_on(etcd: &Member) -> (Arc<dyn Store>, Arc<Mesh>) {
     let store: Arc<dyn Store> = Arc::new(
         EtcdStore::open(
@@ -705,16 +719,8 @@ async fn a_registry_write_that_lost_a_race_is_tried_again_on_the_reloaded_mesh()
         .await
         .unwrap();
     assert!(v3 > v2, "{v3} after {v2}");
-    let stored = tokio::task::spawn_blocking(move || store_a.load_mesh())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(stored.version, v3);
-    let services: BTreeSet<String> = stored
-        .data
-        .get("file")
-        .map(|d| d.keys().map(|k| k.to_string()).collect())
-        .unwrap_or_default();
+    let (stored_version, services) = stored_file_services(store_a).await;
+    assert_eq!(stored_version, v3);
     assert!(
         services.iter().any(|s| s.contains("db")),
         "A's change is stored: {services:?}"
@@ -782,16 +788,8 @@ async fn a_registry_write_under_a_lost_leadership_is_refused() {
         causeway_controller::metrics::get().fenced_writes.get(),
         before + 1
     );
-    let stored = tokio::task::spawn_blocking(move || store_a.load_mesh())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(stored.version, v2, "the fenced write stored nothing");
-    let services: BTreeSet<String> = stored
-        .data
-        .get("file")
-        .map(|d| d.keys().map(|k| k.to_string()).collect())
-        .unwrap_or_default();
+    let (stored_version, services) = stored_file_services(store_a).await;
+    assert_eq!(stored_version, v2, "the fenced write stored nothing");
     assert_eq!(
         services,
         BTreeSet::from(["default/api".to_owned(), "default/web".to_owned()])
@@ -847,16 +845,8 @@ async fn a_change_refused_by_the_fence_is_stored_when_the_controller_leads_again
         .await
         .unwrap();
     assert!(v2 > v1, "the change is a new version ({v1} then {v2})");
-    let stored = tokio::task::spawn_blocking(move || store.load_mesh())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(stored.version, v2);
-    let services: BTreeSet<String> = stored
-        .data
-        .get("file")
-        .map(|d| d.keys().map(|k| k.to_string()).collect())
-        .unwrap_or_default();
+    let (stored_version, services) = stored_file_services(store).await;
+    assert_eq!(stored_version, v2);
     assert_eq!(
         services,
         BTreeSet::from(["default/api".to_owned(), "default/web".to_owned()])
