@@ -684,10 +684,14 @@ impl Mesh {
                         // against a registry that etcd never got: it would find nothing
                         // changed and store nothing. If the reload fails too, the
                         // follower task retries it.
+                        // Marked and handed to the follower first: if this task is
+                        // dropped while it reloads (a term's sources stop when it
+                        // ends), the next write still reloads first (see
+                        // `apply_source_update_once`).
                         self.lock().diverged = true;
+                        self.stale.notify_one();
                         if let Err(reload) = self.reload_locked(true).await {
                             tracing::warn!(error = %reload, "cannot reload the mesh after a failed write; retrying in the background");
-                            self.stale.notify_one();
                         }
                     }
                     return Err(e);
@@ -770,6 +774,12 @@ impl Mesh {
         fence: Option<crate::store::Fence>,
     ) -> Result<u64, StoreError> {
         let _writer = self.writer.lock().await;
+        // A mesh changed in memory by a write the store refused is reloaded before it
+        // is diffed again: otherwise the same data would look unchanged and never be
+        // stored.
+        if self.store.shared() && self.lock().diverged {
+            self.reload_locked(true).await?;
+        }
         let pending = {
             let mut inner = self.lock();
             let source = update.source.clone();
