@@ -674,8 +674,23 @@ impl Mesh {
     /// nothing changed).
     async fn finish(&self, pending: Pending) -> Result<u64, StoreError> {
         if let Some(write) = pending.write {
+            // On a shared store the mesh in memory is marked diverged before the write
+            // goes out, and the mark is put back only once the store took the write: a
+            // caller dropped while it waits (a leadership term's tasks are aborted as
+            // soon as the fence refuses a write, from inside that write) would otherwise
+            // leave a registry in memory that the store never got, unmarked, and the
+            // next term would diff its sources' data against it, find nothing changed
+            // and store nothing. Marked, the next write or term reloads first.
+            let was_diverged = self.store.shared() && {
+                let mut inner = self.lock();
+                std::mem::replace(&mut inner.diverged, true)
+            };
             let store = self.store.clone();
-            match tokio::task::spawn_blocking(move || store.save_mesh(&write)).await {
+            let saved = tokio::task::spawn_blocking(move || store.save_mesh(&write)).await;
+            if self.store.shared() && matches!(saved, Ok(Ok(()))) {
+                self.lock().diverged = was_diverged;
+            }
+            match saved {
                 Ok(Err(e)) => {
                     if self.store.shared() {
                         // The change was applied in memory but not stored: reload now,
@@ -684,11 +699,10 @@ impl Mesh {
                         // against a registry that etcd never got: it would find nothing
                         // changed and store nothing. If the reload fails too, the
                         // follower task retries it.
-                        // Marked and handed to the follower first: if this task is
-                        // dropped while it reloads (a term's sources stop when it
-                        // ends), the next write still reloads first (see
+                        // Still marked (above), and handed to the follower first: if
+                        // this task is dropped while it reloads (a term's sources stop
+                        // when it ends), the next write still reloads first (see
                         // `apply_source_update_once`).
-                        self.lock().diverged = true;
                         self.stale.notify_one();
                         if let Err(reload) = self.reload_locked(true).await {
                             tracing::warn!(error = %reload, "cannot reload the mesh after a failed write; retrying in the background");

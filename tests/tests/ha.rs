@@ -495,7 +495,7 @@ fn a_leader_whose_key_is_deleted_steps_down_at_its_first_fenced_write() {
         ))
         .unwrap();
     write_registry(&file, &["192.0.2.70", "192.0.2.71"]);
-    wait_for("the change stored in etcd", WAIT, || {
+    c.wait_for("the change stored in etcd", WAIT, || {
         stored_payments(&etcd).contains("192.0.2.71").then_some(())
     });
     let log = c.log();
@@ -840,6 +840,67 @@ async fn a_change_refused_by_the_fence_is_stored_when_the_controller_leads_again
 
     // The next term, at once: its sources send what they know.
     let second = lead(&client, key).await;
+    let v2 = mesh
+        .apply_source_update_fenced(file_update(&["web", "api"]), Some(second))
+        .await
+        .unwrap();
+    assert!(v2 > v1, "the change is a new version ({v1} then {v2})");
+    let (stored_version, services) = stored_file_services(store).await;
+    assert_eq!(stored_version, v2);
+    assert_eq!(
+        services,
+        BTreeSet::from(["default/api".to_owned(), "default/web".to_owned()])
+    );
+}
+
+/// The same, when the refused write never returns: a term's tasks are aborted as soon as
+/// the election notices the fence (the store signals it from inside the write), so the
+/// source task can be dropped while its write is still on its way to etcd, after the
+/// registry in memory was changed and before any error handling runs. The next term
+/// must still find that data a change to store. Seen in CI and in one local run of six
+/// of the process-level test above (the controller led again at once and stored
+/// nothing): the mesh is marked diverged before the write goes out, not after it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_write_is_abandoned_midway_is_stored_by_the_next_term() {
+    let t = tempfile::tempdir().unwrap();
+    let etcd = Member::start(t.path());
+    let client = etcd.client();
+    let (store, mesh) = mesh_on(&etcd).await;
+    let key = b"/causeway/leader";
+    async fn lead(client: &Etcd, key: &[u8]) -> Fence {
+        let (lease, _) = client.lease_grant(Duration::from_secs(30)).await.unwrap();
+        let l = client.try_lead(key, b"a", lease).await.unwrap().unwrap();
+        Fence {
+            key: l.key,
+            revision: l.fence,
+        }
+    }
+    let first = lead(&client, key).await;
+    let v1 = mesh
+        .apply_source_update_fenced(file_update(&["web"]), Some(first.clone()))
+        .await
+        .unwrap();
+    client
+        .txn(&[], &[Op::Delete { key: key.to_vec() }], &[])
+        .await
+        .unwrap();
+    // Polled once, then dropped: the registry is changed in memory and the write is
+    // out (it runs to its end on a blocking thread, refused), but the caller is gone.
+    let abandoned = tokio::time::timeout(
+        Duration::ZERO,
+        mesh.apply_source_update_fenced(file_update(&["web", "api"]), Some(first.clone())),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the write should still be on its way");
+    // Until the refused write has reached etcd (the fence signal marks it).
+    wait_for("the refused write", Duration::from_secs(20), || {
+        causeway_controller::ha::is_fenced(first.revision).then_some(())
+    });
+
+    // The next term, as `leader_duties` starts it: a reload if needed, then the
+    // sources send what they know.
+    let second = lead(&client, key).await;
+    mesh.resync(false).await.unwrap();
     let v2 = mesh
         .apply_source_update_fenced(file_update(&["web", "api"]), Some(second))
         .await
