@@ -638,6 +638,9 @@ fn measure(client: Client, set: &NameSet<'_>, plan: &Plan) -> anyhow::Result<(Ve
     }
     let qps: Vec<f64> = runs.iter().map(|r| r.qps).collect();
     let rate = rounds::offered_rate(plan.rate, &qps);
+    // Let the last saturated run's backlog (socket queues, timed-out queries, the
+    // kernel's deferred work) drain before the first round.
+    std::thread::sleep(Duration::from_secs(1));
     for r in 0..plan.rounds {
         for i in rounds::order(r, servers.len()) {
             let l = client.latency(servers[i].1, file, plan.round_seconds, rate)?;
