@@ -11,7 +11,7 @@
 //! - `mesh`: mesh names, agent against dnsmasq (hosts file).
 //! - `forwarded`: the forwarding paths alone — the upstream answers with TTL 0, the agent
 //!   runs with `cache = false`, dnsmasq with `--cache-size=0`.
-//! - `forwarded-cached`: the caches, warm — a second upstream answers with TTL 300; the
+//! - `forwarded-cached`: the caches, warm — a second upstream answers with TTL 3600; the
 //!   agent with its cache on (defaults), against dnsmasq with its default cache (150
 //!   names, so the 1,000 names do not fit) and with `--cache-size=10000` (they fit).
 //! - cold: `--cold` names (default 20,000) asked once each of the cached servers at the
@@ -24,13 +24,30 @@
 //! (the `agent/…` rows give the CPU ratio in the last column; below 1: the agent needs less).
 //!
 //! The verdict covers every row: mesh ≥ 1.5× dnsmasq q/s, forwarded and forwarded-cached
-//! ≥ 1.0× q/s with p99 ≤ dnsmasq's; with the mmsg client, also no wrong answer.
+//! ≥ 1.0× q/s with p99 ≤ dnsmasq's (the median ratio of the latency rounds ≤ 1.0); with
+//! the mmsg client, also no wrong answer (throughput run and rounds).
 //!
-//! Both servers under test run pinned to CPU 0 (`taskset -c 0`, one core); dnsperf and the
-//! upstream run on CPU 1. Per server and name set: one throughput run (dnsperf as fast as
-//! it can, `-c 4 -q 200`) for queries/s, and one latency run at a fixed rate (`--rate`,
-//! dnsperf `-v` reports each query's latency) for p50/p99. Needs dnsperf, dnsmasq and
-//! taskset (scripts/install-deps-dns.sh); no root, loopback only.
+//! Both servers under test run pinned to CPU 0 (`taskset -c 0`, one core); the clients
+//! and the upstreams run on CPU 1. Needs dnsperf, dnsmasq and taskset
+//! (scripts/install-deps-dns.sh); no root, loopback only.
+//!
+//! Method, per row set and client:
+//! - throughput: one run per server as fast as the client goes (dnsperf `-c 4 -q 200`,
+//!   the mmsg client with 200 in flight) for `--seconds`: the q/s, saturated;
+//! - latency: `--rounds` rounds (default 7) of `--round-seconds` (default 2) per server
+//!   at one fixed offered rate for every server of the row — `--rate` (default 10,000
+//!   q/s), but at most half the q/s the slowest server of the row reached in its
+//!   throughput run, so no server runs near its capacity (a saturated server queues,
+//!   and the p99 of a saturating client measures that queue, not the server). The
+//!   servers' rounds are interleaved (agent, dnsmasq, …, then reversed: …, dnsmasq,
+//!   agent), so each pair of rounds sees the same machine. A row's p50/p99 is the
+//!   median over its rounds, its max the longest answer of any round; the agent/other
+//!   p99 ratio is the median of the per-round ratios, printed with its range (module
+//!   `rounds`). One 10 s run's p99 on a shared 2-vCPU machine is set by a few
+//!   scheduling stalls, and single-run verdicts flipped between runs (BENCHMARKS.md,
+//!   session 14); the median of paired rounds is not moved by one stalled round.
+//! - The cached rows' upstream answers with TTL 3600, so names warmed once before the
+//!   rows stay cached to the last round.
 //!
 //! Two clients. dnsperf needs ~5.5 µs of its CPU per query, more than the agent's server
 //! per mesh answer, so on a 2-vCPU machine its one core caps the agent's q/s. The rows
@@ -59,6 +76,12 @@ use causeway_agent::config::{DnsConfig, DnsMode};
 
 #[path = "dns_perf/mmsg.rs"]
 mod mmsg;
+#[path = "dns_perf/rounds.rs"]
+mod rounds;
+
+/// The TTL of the cached rows' upstream answers: longer than a whole run, so the names
+/// warmed once are still cached in the last round.
+const UPSTREAM_TTL: u32 = 3600;
 use causeway_api::push::{EndpointState, MeshState, ServiceState};
 use serde_json::json;
 
@@ -228,21 +251,51 @@ fn dnsmasq(
 struct Run {
     qps: f64,
     lost: String,
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
     /// The server's CPU time (user + system, all its threads) per answered query in the
     /// throughput run, µs.
     cpu_us_per_q: f64,
-    /// How busy CPU 1 (dnsperf's) was during the throughput run, 0–1, counting all its
-    /// work (other programs too, on a busy machine): on a quiet machine, near 1 means
-    /// dnsperf itself limits the q/s, not the server.
+    /// How busy CPU 1 (the client's) was during the throughput run, 0–1, counting all
+    /// its work (other programs too, on a busy machine): on a quiet machine, near 1 means
+    /// the client itself limits the q/s, not the server.
     client_busy: f64,
     /// The client's own CPU time (user + system) per answered query in the throughput
     /// run, µs.
     client_cpu_us_per_q: f64,
-    /// Wrong answers (the mmsg client checks every answer; dnsperf: None).
+    /// Wrong answers, throughput run and latency rounds (the mmsg client checks every
+    /// answer; dnsperf: None).
     errors: Option<u64>,
+    /// The latency rounds, in the order they ran.
+    rounds: Vec<Latency>,
+}
+
+impl Run {
+    fn per_round(&self, f: impl Fn(&Latency) -> f64) -> Vec<f64> {
+        self.rounds.iter().map(f).collect()
+    }
+    /// The median over the rounds of their p50.
+    fn p50_ms(&self) -> f64 {
+        rounds::median_range(&self.per_round(|l| l.p50_ms)).0
+    }
+    /// The median over the rounds of their p99.
+    fn p99_ms(&self) -> f64 {
+        rounds::median_range(&self.per_round(|l| l.p99_ms)).0
+    }
+    /// The longest latency of any round.
+    fn max_ms(&self) -> f64 {
+        self.per_round(|l| l.max_ms)
+            .into_iter()
+            .fold(f64::NAN, f64::max)
+    }
+}
+
+/// One latency round of one server: every answer's latency at a fixed offered rate.
+#[derive(Debug, Clone, Copy, Default)]
+struct Latency {
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    /// Wrong answers (mmsg client; 0 for dnsperf, which does not check).
+    errors: u64,
 }
 
 /// CPU time (user + system, seconds) of this program's children that were waited for
@@ -286,7 +339,8 @@ fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-fn dnsperf(port: u16, pid: u32, data: &Path, seconds: u64, rate: u64) -> anyhow::Result<Run> {
+/// dnsperf's throughput run: as fast as it goes (`-c 4 -q 200`) for `seconds`.
+fn dnsperf_throughput(port: u16, pid: u32, data: &Path, seconds: u64) -> anyhow::Result<Run> {
     let port_s = port.to_string();
     let secs = seconds.to_string();
     let (cpu0, client0, own0) = (cpu_secs(pid), cpu_ticks(1), children_cpu_secs());
@@ -314,23 +368,35 @@ fn dnsperf(port: u16, pid: u32, data: &Path, seconds: u64, rate: u64) -> anyhow:
         _ => f64::NAN,
     };
     let lost = field(&text, "Queries lost:").unwrap_or("?").to_owned();
-    // Latency at a fixed rate, every query's time reported.
-    let out = Command::new("taskset")
-        .args(["-c", "1", "dnsperf", "-s", "127.0.0.1", "-p", &port_s, "-d"])
-        .arg(data)
-        .args(["-l", "5", "-Q", &rate.to_string(), "-t", "2", "-v"])
-        .output()?;
-    let pct = percentiles(&String::from_utf8_lossy(&out.stdout))?;
     Ok(Run {
         qps,
         lost,
-        p50_ms: pct[0],
-        p99_ms: pct[1],
-        max_ms: pct[2],
         cpu_us_per_q,
         client_busy,
         client_cpu_us_per_q,
         errors: None,
+        rounds: Vec::new(),
+    })
+}
+
+/// One dnsperf latency round: `rate` q/s (`-Q`) for `seconds`, every query's latency
+/// reported (`-v`).
+fn dnsperf_latency(port: u16, data: &Path, seconds: u64, rate: u64) -> anyhow::Result<Latency> {
+    let out = Command::new("taskset")
+        .args(["-c", "1", "dnsperf", "-s", "127.0.0.1", "-p"])
+        .arg(port.to_string())
+        .arg("-d")
+        .arg(data)
+        .args(["-l", &seconds.to_string(), "-Q", &rate.to_string()])
+        .args(["-t", "2", "-v"])
+        .output()
+        .context("run dnsperf (install: scripts/install-deps-dns.sh)")?;
+    let [p50_ms, p99_ms, max_ms] = percentiles(&String::from_utf8_lossy(&out.stdout))?;
+    Ok(Latency {
+        p50_ms,
+        p99_ms,
+        max_ms,
+        errors: 0,
     })
 }
 
@@ -373,9 +439,8 @@ fn mmsg_once(
     serde_json::from_slice(&out.stdout).context("the mmsg client's report")
 }
 
-/// The mmsg client's throughput run (q/s, server and client CPU per query) and latency
-/// run at `rate` (p50/p99/max), as dnsperf's.
-fn mmsg_client(port: u16, pid: u32, data: &Path, seconds: u64, rate: u64) -> anyhow::Result<Run> {
+/// The mmsg client's throughput run: as fast as the answers come, 200 in flight.
+fn mmsg_throughput(port: u16, pid: u32, data: &Path, seconds: u64) -> anyhow::Result<Run> {
     let (cpu0, client0) = (cpu_secs(pid), cpu_ticks(1));
     let t = mmsg_once(port, data, seconds, None)?;
     let (cpu1, client1) = (cpu_secs(pid), cpu_ticks(1));
@@ -385,24 +450,40 @@ fn mmsg_client(port: u16, pid: u32, data: &Path, seconds: u64, rate: u64) -> any
         (Some(a), Some(b)) => (b - a) * 1e6 / ok,
         _ => f64::NAN,
     };
-    let l = mmsg_once(port, data, 5, Some(rate))?;
-    let errors = t["errors"].as_u64().unwrap_or(0) + l["errors"].as_u64().unwrap_or(0);
+    let errors = t["errors"].as_u64().unwrap_or(0);
     if errors > 0 {
         eprintln!(
-            "mmsg client, port {port}: wrong answers: throughput run {}, latency run {}",
-            t["errors_by_kind"], l["errors_by_kind"]
+            "mmsg client, port {port}: wrong answers in the throughput run: {}",
+            t["errors_by_kind"]
         );
     }
     Ok(Run {
         qps: num(&t, "qps"),
         lost: format!("{}", t["lost"].as_u64().unwrap_or(0)),
-        p50_ms: num(&l, "p50_ms"),
-        p99_ms: num(&l, "p99_ms"),
-        max_ms: num(&l, "max_ms"),
         cpu_us_per_q,
         client_busy: busy(client0, client1),
         client_cpu_us_per_q: num(&t, "cpu_us_per_query"),
         errors: Some(errors),
+        rounds: Vec::new(),
+    })
+}
+
+/// One latency round of the mmsg client: `rate` q/s for `seconds`.
+fn mmsg_latency(port: u16, data: &Path, seconds: u64, rate: u64) -> anyhow::Result<Latency> {
+    let l = mmsg_once(port, data, seconds, Some(rate))?;
+    let num = |k: &str| l[k].as_f64().unwrap_or(f64::NAN);
+    let errors = l["errors"].as_u64().unwrap_or(0);
+    if errors > 0 {
+        eprintln!(
+            "mmsg client, port {port}: wrong answers in a latency round: {}",
+            l["errors_by_kind"]
+        );
+    }
+    Ok(Latency {
+        p50_ms: num("p50_ms"),
+        p99_ms: num("p99_ms"),
+        max_ms: num("max_ms"),
+        errors,
     })
 }
 
@@ -487,8 +568,90 @@ fn dnsperf_once(
     Ok((lost, pct))
 }
 
-/// A row set: names, query file, servers (the agent first) with their ports and pids.
-type NameSet<'a> = (&'a str, &'a Path, Vec<(&'a str, u16, u32)>);
+/// A row set: names, its query files (dnsperf's, the mmsg client's), servers (the agent
+/// first) with their ports and pids.
+type NameSet<'a> = (&'a str, [&'a Path; 2], Vec<(&'a str, u16, u32)>);
+
+/// The load generator of a block of rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Client {
+    Dnsperf,
+    Mmsg,
+}
+
+impl Client {
+    fn name(self) -> &'static str {
+        match self {
+            Client::Dnsperf => "dnsperf",
+            Client::Mmsg => "mmsg",
+        }
+    }
+
+    /// The query file of `set` for this client.
+    fn file<'a>(self, set: &NameSet<'a>) -> &'a Path {
+        set.1[usize::from(self == Client::Mmsg)]
+    }
+
+    /// The row label of name set `set`.
+    fn label(self, set: &str) -> String {
+        match self {
+            Client::Dnsperf => set.to_owned(),
+            Client::Mmsg => format!("{set} (mmsg client)"),
+        }
+    }
+
+    fn throughput(self, port: u16, pid: u32, data: &Path, seconds: u64) -> anyhow::Result<Run> {
+        match self {
+            Client::Dnsperf => dnsperf_throughput(port, pid, data, seconds),
+            Client::Mmsg => mmsg_throughput(port, pid, data, seconds),
+        }
+    }
+
+    fn latency(self, port: u16, data: &Path, seconds: u64, rate: u64) -> anyhow::Result<Latency> {
+        match self {
+            Client::Dnsperf => dnsperf_latency(port, data, seconds, rate),
+            Client::Mmsg => mmsg_latency(port, data, seconds, rate),
+        }
+    }
+}
+
+/// How long and how fast: the throughput runs' length, the latency rounds' rate (at
+/// most; see [`rounds::offered_rate`]), number and length.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    seconds: u64,
+    rate: u64,
+    rounds: usize,
+    round_seconds: u64,
+}
+
+/// One row set with one client: each server's throughput run (saturated), then
+/// `plan.rounds` latency rounds of every server at one offered rate, the servers
+/// interleaved (order reversed every round). The runs (in the set's server order) and
+/// the offered rate.
+fn measure(client: Client, set: &NameSet<'_>, plan: &Plan) -> anyhow::Result<(Vec<Run>, u64)> {
+    let file = client.file(set);
+    let servers = &set.2;
+    let mut runs = Vec::with_capacity(servers.len());
+    for (_, port, pid) in servers {
+        runs.push(client.throughput(*port, *pid, file, plan.seconds)?);
+    }
+    let qps: Vec<f64> = runs.iter().map(|r| r.qps).collect();
+    let rate = rounds::offered_rate(plan.rate, &qps);
+    // Let the last saturated run's backlog (socket queues, timed-out queries, the
+    // kernel's deferred work) drain before the first round.
+    std::thread::sleep(Duration::from_secs(1));
+    for r in 0..plan.rounds {
+        for i in rounds::order(r, servers.len()) {
+            let l = client.latency(servers[i].1, file, plan.round_seconds, rate)?;
+            if let Some(e) = runs[i].errors.as_mut() {
+                *e += l.errors;
+            }
+            runs[i].rounds.push(l);
+        }
+    }
+    Ok((runs, rate))
+}
 
 /// Starts the agent's DNS server (this program with `--serve`) pinned to CPU 0.
 fn agent(port: u16, upstream: u16, services: usize, cache: bool) -> anyhow::Result<(Killed, u32)> {
@@ -516,19 +679,27 @@ fn agent(port: u16, upstream: u16, services: usize, cache: bool) -> anyhow::Resu
 }
 
 /// A throughput/latency row as JSON.
-fn run_json(set: &str, server: &str, client: &str, r: &Run) -> serde_json::Value {
+fn run_json(set: &str, server: &str, client: &str, r: &Run, rate: u64) -> serde_json::Value {
     json!({"names": set, "server": server, "client": client, "qps": r.qps, "lost": r.lost,
-    "errors": r.errors, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "max_ms": r.max_ms,
+    "errors": r.errors, "latency_rate": rate, "latency_rounds": r.rounds.len(),
+    "p50_ms": r.p50_ms(), "p99_ms": r.p99_ms(), "max_ms": r.max_ms(),
+    "p50_rounds_ms": r.per_round(|l| l.p50_ms), "p99_rounds_ms": r.per_round(|l| l.p99_ms),
+    "max_rounds_ms": r.per_round(|l| l.max_ms),
     "server_cpu_us_per_query": r.cpu_us_per_q, "client_cpu_busy": r.client_busy,
     "client_cpu_us_per_query": r.client_cpu_us_per_q})
 }
 
-/// The agent's run against another's: q/s ratio, p99 ratio, server CPU per query ratio
-/// (below 1: the agent needs less).
-fn ratios(agent: &Run, other: &Run) -> (f64, f64, f64) {
+/// The agent's run against another's: q/s ratio, p99 ratio (median over the rounds of
+/// the per-round ratios, with its min and max), server CPU per query ratio (below 1:
+/// the agent needs less).
+fn ratios(agent: &Run, other: &Run) -> (f64, (f64, f64, f64), f64) {
+    let p99 = rounds::ratios(
+        &agent.per_round(|l| l.p99_ms),
+        &other.per_round(|l| l.p99_ms),
+    );
     (
         agent.qps / other.qps,
-        agent.p99_ms / other.p99_ms,
+        rounds::median_range(&p99),
         agent.cpu_us_per_q / other.cpu_us_per_q,
     )
 }
@@ -542,17 +713,18 @@ struct Verdict {
 }
 
 /// The verdict of `agent` against `other` on name set `set`, printed as row `label`:
-/// mesh ≥ 1.5× q/s; the forwarded sets ≥ 1.0× q/s and p99 ≤ the other's; and, with the
-/// mmsg client, no wrong answer from either server.
+/// mesh ≥ 1.5× q/s; the forwarded sets ≥ 1.0× q/s and p99 ≤ the other's (the median
+/// of the per-round ratios at offered rate `rate`); and, with the mmsg client, no wrong
+/// answer from either server.
 fn verdict(
     label: &str,
     set: &str,
     server: &str,
     client: &'static str,
-    agent: &Run,
-    other: &Run,
+    (agent, other): (&Run, &Run),
+    rate: u64,
 ) -> Verdict {
-    let (q, p99, _) = ratios(agent, other);
+    let (q, (p99, lo, hi), _) = ratios(agent, other);
     let (min_q, check_p99) = if set == "mesh" {
         (1.5, false)
     } else {
@@ -562,7 +734,10 @@ fn verdict(
     let pass = q >= min_q && (!check_p99 || p99 <= 1.0) && errors == 0;
     let mut what = format!("q/s {q:.2}× (target ≥ {min_q:.1}×)");
     if check_p99 {
-        what.push_str(&format!(", p99 {p99:.2}× (target ≤ 1.0×)"));
+        what.push_str(&format!(
+            ", p99 {p99:.2}× (median of {} rounds at {rate} q/s, {lo:.2}–{hi:.2}×; target ≤ 1.0×)",
+            agent.rounds.len().min(other.rounds.len())
+        ));
     }
     if errors > 0 {
         what.push_str(&format!(", {errors} wrong answers"));
@@ -573,6 +748,94 @@ fn verdict(
         what,
         pass,
     }
+}
+
+/// Measures every row set with `client` and prints its table: per server the
+/// throughput run's q/s, lost, (mmsg) wrong answers, CPU per query and the client's,
+/// and the latency rounds' median p50 and p99 and their longest answer; per agent/other
+/// pair the q/s ratio, the p99 ratio (median of the rounds, min–max) and the CPU ratio;
+/// then each server's p99 round by round. Appends the rows' JSON and verdicts.
+fn run_client(
+    client: Client,
+    sets: &[NameSet<'_>],
+    plan: &Plan,
+    results: &mut Vec<serde_json::Value>,
+    verdicts: &mut Vec<Verdict>,
+) -> anyhow::Result<()> {
+    println!(
+        "{:<30} {:<20} {:>10} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7} {:>11}",
+        "names",
+        "server",
+        "q/s",
+        "lost",
+        "errors",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "CPU µs/q",
+        "CPU1 %",
+        "client µs/q"
+    );
+    let mut per_round = Vec::new();
+    for set in sets {
+        let (name, _, servers) = set;
+        let label = client.label(name);
+        let (runs, rate) = measure(client, set, plan)?;
+        for ((server, _, _), r) in servers.iter().zip(&runs) {
+            println!(
+                "{label:<30} {server:<20} {:>10.0} {:>8} {:>7} {:>9.3} {:>9.3} {:>9.3} {:>9.2} {:>7.0} {:>11.2}",
+                r.qps,
+                r.lost,
+                r.errors.map_or("-".to_owned(), |e| e.to_string()),
+                r.p50_ms(),
+                r.p99_ms(),
+                r.max_ms(),
+                r.cpu_us_per_q,
+                r.client_busy * 100.0,
+                r.client_cpu_us_per_q,
+            );
+            results.push(run_json(name, server, client.name(), r, rate));
+            per_round.push(format!(
+                "  {label:<30} {server:<20} at {rate:>6} q/s: {}",
+                r.per_round(|l| l.p99_ms)
+                    .iter()
+                    .map(|v| format!("{v:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ));
+        }
+        for (i, (server, _, _)) in servers.iter().enumerate().skip(1) {
+            let (q, (p99, lo, hi), cpu) = ratios(&runs[0], &runs[i]);
+            println!(
+                "{label:<30} {:<20} {q:>10.2} {:>8} {:>7} {:>9} {:>9} {:>9} {cpu:>9.2}",
+                format!("agent/{server}"),
+                "",
+                "",
+                "",
+                format!("{p99:.2}"),
+                format!("{lo:.2}–{hi:.2}"),
+            );
+            verdicts.push(verdict(
+                &label,
+                name,
+                server,
+                client.name(),
+                (&runs[0], &runs[i]),
+                rate,
+            ));
+        }
+    }
+    println!(
+        "(agent/… lines: q/s ratio; in the p99 column the median of the per-round p99 ratios, in the max column their range; CPU ratio)"
+    );
+    println!(
+        "p99 ms per latency round ({} rounds, {} s each, servers interleaved, order reversed every round):",
+        plan.rounds, plan.round_seconds
+    );
+    for l in per_round {
+        println!("{l}");
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -591,6 +854,8 @@ fn main() -> anyhow::Result<()> {
     let mut seconds = 10u64;
     let mut rate = 10_000u64;
     let mut cold = 20_000usize;
+    let mut latency_rounds = 7usize;
+    let mut round_seconds = 2u64;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = || it.next().context("missing value");
@@ -600,11 +865,24 @@ fn main() -> anyhow::Result<()> {
             "--seconds" => seconds = val()?.parse()?,
             "--rate" => rate = val()?.parse()?,
             "--cold" => cold = val()?.parse()?,
+            "--rounds" => latency_rounds = val()?.parse()?,
+            "--round-seconds" => round_seconds = val()?.parse()?,
             other => bail!(
-                "unknown argument {other}; usage: dns_perf [--json FILE] [--services N] [--seconds S] [--rate QPS] [--cold NAMES]"
+                "unknown argument {other}; usage: dns_perf [--json FILE] [--services N] [--seconds S] [--rate QPS] [--rounds N] [--round-seconds S] [--cold NAMES]"
             ),
         }
     }
+    if latency_rounds == 0 || round_seconds == 0 || rate == 0 {
+        bail!(
+            "--rounds {latency_rounds}, --round-seconds {round_seconds}, --rate {rate}: each must be at least 1 (defaults 7, 2, 10000)"
+        );
+    }
+    let plan = Plan {
+        seconds,
+        rate,
+        rounds: latency_rounds,
+        round_seconds,
+    };
     let dir = tempfile::tempdir()?;
     let mesh_hosts = dir.path().join("mesh.hosts");
     let outside_hosts = dir.path().join("outside.hosts");
@@ -652,7 +930,8 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&mesh_mq, mmq)?;
     std::fs::write(&outside_mq, omq)?;
 
-    // Upstreams: TTL 0 (the forwarding paths alone) and TTL 300 (for the caches).
+    // Upstreams: TTL 0 (the forwarding paths alone) and TTL 3600 (for the caches: the
+    // names warmed once stay cached for the whole run, rounds included).
     let (up_port, up_ttl_port) = (free_port()?, free_port()?);
     let _upstream = dnsmasq(up_port, &outside_hosts, None, "1", NO_CACHE)?;
     let _upstream_ttl = dnsmasq(
@@ -662,7 +941,7 @@ fn main() -> anyhow::Result<()> {
         "1",
         Dnsmasq {
             cache: Some(0),
-            local_ttl: Some(300),
+            local_ttl: Some(UPSTREAM_TTL),
         },
     )?;
     wait_answers(up_port, "host0.outside.test")?;
@@ -701,11 +980,11 @@ fn main() -> anyhow::Result<()> {
     }
 
     println!(
-        "{services} services ({} mesh names), {seconds}s throughput runs (dnsperf -c 4 -q 200, then the mmsg client), latency at {rate} q/s; servers pinned to CPU 0, the clients and the upstreams to CPU 1",
+        "{services} services ({} mesh names), {seconds}s throughput runs (dnsperf -c 4 -q 200, then the mmsg client: saturated); latency in {latency_rounds} rounds of {round_seconds}s per server, interleaved, at {rate} q/s (at most half the slower server's q/s); servers pinned to CPU 0, the clients and the upstreams to CPU 1",
         services * 2
     );
     println!(
-        "forwarded: upstream TTL 0, agent cache off, dnsmasq --cache-size=0; forwarded-cached: upstream TTL 300, warm, agent cache on, dnsmasq default cache (150) and --cache-size=10000"
+        "forwarded: upstream TTL 0, agent cache off, dnsmasq --cache-size=0; forwarded-cached: upstream TTL {UPSTREAM_TTL}, warm, agent cache on, dnsmasq default cache (150) and --cache-size=10000"
     );
     // The cold pass first: no cached server has seen these names.
     println!();
@@ -731,32 +1010,18 @@ fn main() -> anyhow::Result<()> {
             "lost": lost, "p50_ms": p50, "p99_ms": p99, "max_ms": max}),
         );
     }
-    // Warm the caches with the names of the cached rows.
+    // Warm the caches with the names of the cached rows (their TTL outlasts the run).
     for port in [cagent_port, dflt_port, big_port] {
         dnsperf_once(port, &outside_q, None)?;
     }
-    println!();
-    println!("client: dnsperf -c 4 -q 200 on CPU 1");
-    println!(
-        "{:<17} {:<20} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7} {:>11}",
-        "names",
-        "server",
-        "q/s",
-        "lost",
-        "p50 ms",
-        "p99 ms",
-        "max ms",
-        "CPU µs/q",
-        "CPU1 %",
-        "client µs/q"
-    );
     let mut results = Vec::new();
+    let mut mmsg_results = Vec::new();
     let mut verdicts = Vec::new();
     let (base_pid, dflt_pid, big_pid) = (baseline.0.id(), dflt.0.id(), big.0.id());
     let sets: [NameSet<'_>; 3] = [
         (
             "mesh",
-            &mesh_q,
+            [&mesh_q, &mesh_mq],
             vec![
                 ("agent", agent_port, agent_pid),
                 ("dnsmasq", base_port, base_pid),
@@ -764,7 +1029,7 @@ fn main() -> anyhow::Result<()> {
         ),
         (
             "forwarded",
-            &outside_q,
+            [&outside_q, &outside_mq],
             vec![
                 ("agent", agent_port, agent_pid),
                 ("dnsmasq", base_port, base_pid),
@@ -772,7 +1037,7 @@ fn main() -> anyhow::Result<()> {
         ),
         (
             "forwarded-cached",
-            &outside_q,
+            [&outside_q, &outside_mq],
             vec![
                 ("agent", cagent_port, cagent_pid),
                 ("dnsmasq", dflt_port, dflt_pid),
@@ -780,99 +1045,21 @@ fn main() -> anyhow::Result<()> {
             ],
         ),
     ];
-    for (set, file, servers) in &sets {
-        let mut runs = Vec::new();
-        for (server, port, pid) in servers {
-            let r = dnsperf(*port, *pid, file, seconds, rate)?;
-            println!(
-                "{set:<17} {server:<20} {:>10.0} {:>12} {:>9.3} {:>9.3} {:>9.3} {:>9.2} {:>7.0} {:>11.2}",
-                r.qps,
-                r.lost,
-                r.p50_ms,
-                r.p99_ms,
-                r.max_ms,
-                r.cpu_us_per_q,
-                r.client_busy * 100.0,
-                r.client_cpu_us_per_q,
-            );
-            results.push(run_json(set, server, "dnsperf", &r));
-            runs.push(r);
-        }
-        for (i, (server, _, _)) in servers.iter().enumerate().skip(1) {
-            let (q, p99, cpu) = ratios(&runs[0], &runs[i]);
-            println!(
-                "{set:<17} {:<20} {q:>10.2} {:>12} {:>9} {p99:>9.2} {:>9} {cpu:>9.2}",
-                format!("agent/{server}"),
-                "",
-                "",
-                "",
-            );
-            verdicts.push(verdict(set, set, server, "dnsperf", &runs[0], &runs[i]));
-        }
-    }
-
-    // The same rows with the mmsg client (the caches warmed again: their TTL is 300 s).
-    for port in [cagent_port, dflt_port, big_port] {
-        dnsperf_once(port, &outside_q, None)?;
-    }
     println!();
     println!(
-        "client: mmsg (this program, --mmsg-client: sendmmsg/recvmmsg, 4 sockets, 200 in flight, every answer checked) on CPU 1"
+        "client: dnsperf on CPU 1 (throughput -c 4 -q 200; latency rounds -Q RATE -v); p50/p99: median of the rounds, max: of all rounds"
     );
+    run_client(Client::Dnsperf, &sets, &plan, &mut results, &mut verdicts)?;
+    println!();
     println!(
-        "{:<30} {:<20} {:>10} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7} {:>11}",
-        "names",
-        "server",
-        "q/s",
-        "lost",
-        "errors",
-        "p50 ms",
-        "p99 ms",
-        "max ms",
-        "CPU µs/q",
-        "CPU1 %",
-        "client µs/q"
+        "client: mmsg on CPU 1 (this program, --mmsg-client: sendmmsg/recvmmsg, 4 sockets, 200 in flight, every answer checked)"
     );
-    let mut mmsg_results = Vec::new();
-    let mmsg_files = [&mesh_mq, &outside_mq, &outside_mq];
-    for ((set, _, servers), file) in sets.iter().zip(mmsg_files) {
-        let label = format!("{set} (mmsg client)");
-        let mut runs = Vec::new();
-        for (server, port, pid) in servers {
-            let r = mmsg_client(*port, *pid, file, seconds, rate)?;
-            println!(
-                "{label:<30} {server:<20} {:>10.0} {:>8} {:>7} {:>9.3} {:>9.3} {:>9.3} {:>9.2} {:>7.0} {:>11.2}",
-                r.qps,
-                r.lost,
-                r.errors.unwrap_or(0),
-                r.p50_ms,
-                r.p99_ms,
-                r.max_ms,
-                r.cpu_us_per_q,
-                r.client_busy * 100.0,
-                r.client_cpu_us_per_q,
-            );
-            mmsg_results.push(run_json(set, server, "mmsg", &r));
-            runs.push(r);
-        }
-        for (i, (server, _, _)) in servers.iter().enumerate().skip(1) {
-            let (q, p99, cpu) = ratios(&runs[0], &runs[i]);
-            println!(
-                "{label:<30} {:<20} {q:>10.2} {:>8} {:>7} {:>9} {p99:>9.2} {:>9} {cpu:>9.2}",
-                format!("agent/{server}"),
-                "",
-                "",
-                "",
-                "",
-            );
-            verdicts.push(verdict(&label, set, server, "mmsg", &runs[0], &runs[i]));
-        }
-    }
+    run_client(Client::Mmsg, &sets, &plan, &mut mmsg_results, &mut verdicts)?;
     println!();
     println!("verdict:");
     for v in &verdicts {
         println!(
-            "  {:<52} {:<8} {:<66} {}",
+            "  {:<52} {:<8} {:<110} {}",
             v.row,
             v.client,
             v.what,
@@ -882,6 +1069,16 @@ fn main() -> anyhow::Result<()> {
     println!(
         "  {:<52} {:<8} reported only (no target)",
         "cold", "dnsperf"
+    );
+    let failed = verdicts.iter().filter(|v| !v.pass).count();
+    println!(
+        "  {} PASS, {failed} FAIL{}",
+        verdicts.len() - failed,
+        if failed == 0 {
+            ": every row passes"
+        } else {
+            ""
+        }
     );
     let rss = |pid: u32| vm_hwm_kib(pid);
     let (a_rss, ca_rss) = (rss(agent_pid), rss(cagent_pid));
@@ -901,6 +1098,8 @@ fn main() -> anyhow::Result<()> {
             &p,
             serde_json::to_vec_pretty(&json!({
                 "services": services, "seconds": seconds, "latency_rate": rate,
+                "latency_rounds": latency_rounds, "latency_round_seconds": round_seconds,
+                "upstream_ttl": UPSTREAM_TTL,
                 "results": results, "mmsg_results": mmsg_results, "cold": cold_results,
                 "verdict": verdicts.iter().map(|v| json!({"row": v.row, "client": v.client, "measured": v.what, "pass": v.pass})).collect::<Vec<_>>(),
                 "agent_rss_kib": a_rss, "agent_cache_rss_kib": ca_rss,
