@@ -389,8 +389,11 @@ pub struct MeshUpstream {
     connect_timeouts: Mutex<HashMap<String, Duration>>,
     /// [`MeshUpstream::candidates`] of the last mesh snapshot (they depend on nothing
     /// else): made once per snapshot instead of once per request.
-    cands: Mutex<Option<(Arc<MeshState>, Arc<Vec<Upstream>>)>>,
+    cands: Mutex<Option<Candidates>>,
 }
+
+/// The candidates of a service port in one mesh snapshot.
+type Candidates = (Arc<MeshState>, Arc<Vec<Upstream>>);
 
 impl MeshUpstream {
     fn no_dest(&self, dest: &Dest, port: u16) -> UpstreamError {
