@@ -387,7 +387,13 @@ pub struct MeshUpstream {
     only: Option<String>,
     /// Connect timeouts of endpoints whose destination sets `connectionPool.tcp.connectTimeout`.
     connect_timeouts: Mutex<HashMap<String, Duration>>,
+    /// [`MeshUpstream::candidates`] of the last mesh snapshot (they depend on nothing
+    /// else): made once per snapshot instead of once per request.
+    cands: Mutex<Option<Candidates>>,
 }
+
+/// The candidates of a service port in one mesh snapshot.
+type Candidates = (Arc<MeshState>, Arc<Vec<Upstream>>);
 
 impl MeshUpstream {
     fn no_dest(&self, dest: &Dest, port: u16) -> UpstreamError {
@@ -401,15 +407,23 @@ impl MeshUpstream {
         ))
     }
 
-    fn candidates(&self, out: &Outbound) -> Vec<Upstream> {
+    fn candidates(&self, out: &Outbound) -> Arc<Vec<Upstream>> {
         let state = out.state.get();
-        let Some(svc) = state.services.get(&self.service) else {
-            return Vec::new();
+        let mut memo = self.cands.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((seen, cands)) = &*memo
+            && Arc::ptr_eq(seen, &state)
+        {
+            return cands.clone();
+        }
+        let mut v = match state.services.get(&self.service) {
+            Some(svc) => service_upstreams(&self.service, svc, self.port),
+            None => Vec::new(),
         };
-        let mut v = service_upstreams(&self.service, svc, self.port);
         if let Some(only) = &self.only {
             v.retain(|u| &u.key == only);
         }
+        let v = Arc::new(v);
+        *memo = Some((state, v.clone()));
         v
     }
 
@@ -510,8 +524,9 @@ impl http::Upstream for MeshUpstream {
         let up = match &self.only {
             Some(_) => self
                 .candidates(&out)
-                .into_iter()
-                .find(|u| u.key == endpoint),
+                .iter()
+                .find(|u| u.key == endpoint)
+                .cloned(),
             None => find_upstream(&out.state.get(), endpoint, self.port),
         }
         .ok_or_else(|| self.no_endpoint())?;
@@ -804,6 +819,7 @@ impl Outbound {
                 port: key.1,
                 only: key.2,
                 connect_timeouts: Mutex::default(),
+                cands: Mutex::default(),
             };
             let observer: Arc<dyn http::Observer> = match &self.settings.telemetry {
                 Some(t) => t.http_observer(crate::telemetry::Scope::Source(Arc::from(

@@ -148,11 +148,22 @@ impl IstioMetrics {
 
     /// Counts one finished request under `key` (the values of [`PEER_LABELS`] then
     /// [`HTTP_LABELS`]).
+    #[cfg(test)]
     pub(super) fn request(&self, key: Key, r: &RequestRecord) {
+        let s = self.request_series(key).0;
+        Self::count(&s, r);
+    }
+
+    /// The series of requests under `key`, and whether it is the overflow series.
+    fn request_series(&self, key: Key) -> (Arc<HttpSeries>, bool) {
         let reporter = key[0].clone();
-        let s = self.http.get(key, || {
+        self.http.get_flagged(key, || {
             overflow_key(reporter, PEER_LABELS.len() + HTTP_LABELS.len())
-        });
+        })
+    }
+
+    /// Counts request `r` into series `s`.
+    fn count(s: &HttpSeries, r: &RequestRecord) {
         s.requests.inc();
         s.duration.observe(r.duration.as_secs_f64() * 1000.0);
         s.latency[super::edges::latency_bucket(r.duration)]
@@ -715,12 +726,48 @@ pub enum Scope {
 pub struct IstioObserver {
     istio: Arc<Istio>,
     scope: Scope,
+    /// The series of the last request counted, with what its labels were made from: a
+    /// request that matches it (the usual case: the same endpoint and status as the last
+    /// one, in the same mesh snapshot) is counted without building its labels again.
+    last: Mutex<Option<LastSeries>>,
+}
+
+/// What [`IstioObserver::key`] reads of a request and of the mesh, and the series its
+/// labels gave (never the overflow series: each label set folded into it is counted).
+#[derive(Debug)]
+struct LastSeries {
+    state: Arc<MeshState>,
+    upstream: Option<String>,
+    version: Option<Arc<str>>,
+    peer: Option<Arc<str>>,
+    service: Option<Arc<str>>,
+    response_code: u16,
+    grpc_status: Option<u32>,
+    flags: crate::dataplane::http::ResponseFlags,
+    series: Arc<HttpSeries>,
+}
+
+impl LastSeries {
+    fn matches(&self, state: &Arc<MeshState>, r: &RequestRecord) -> bool {
+        Arc::ptr_eq(&self.state, state)
+            && self.response_code == r.response_code
+            && self.grpc_status == r.grpc_status
+            && self.flags == r.response_flags
+            && self.upstream.as_deref() == r.upstream_host.as_deref()
+            && self.version.as_deref() == r.subset.as_ref().and_then(|s| s.version.as_deref())
+            && self.peer.as_deref() == r.conn.peer_identity.as_deref()
+            && self.service.as_deref() == r.conn.service.as_deref()
+    }
 }
 
 impl IstioObserver {
     /// The observer of a proxy at `scope`.
     pub fn new(istio: Arc<Istio>, scope: Scope) -> Self {
-        Self { istio, scope }
+        Self {
+            istio,
+            scope,
+            last: Mutex::default(),
+        }
     }
 
     fn key(&self, r: &RequestRecord) -> Key {
@@ -761,8 +808,28 @@ impl Observer for IstioObserver {
     }
 
     fn on_request_ref(&self, record: &RequestRecord) {
-        let key = self.key(record);
-        self.istio.metrics.request(key, record);
+        let state = self.istio.labeler.state.get();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = last.as_ref().filter(|l| l.matches(&state, record)) {
+            IstioMetrics::count(&l.series, record);
+            return;
+        }
+        // The labels are made from this snapshot or a newer one: a newer one is never
+        // matched by `state` again, so the entry below is only ever used for labels made
+        // from the snapshot it names.
+        let (series, overflowed) = self.istio.metrics.request_series(self.key(record));
+        IstioMetrics::count(&series, record);
+        *last = (!overflowed).then(|| LastSeries {
+            state,
+            upstream: record.upstream_host.clone(),
+            version: record.subset.as_ref().and_then(|s| s.version.clone()),
+            peer: record.conn.peer_identity.clone(),
+            service: record.conn.service.clone(),
+            response_code: record.response_code,
+            grpc_status: record.grpc_status,
+            flags: record.response_flags,
+            series,
+        });
     }
 }
 
@@ -1040,6 +1107,68 @@ mod tests {
         assert_eq!(value("istio_tcp_connections_opened_total{", "web"), 1);
         assert_eq!(value("istio_tcp_connections_closed_total{", "web"), 1);
         assert_eq!(value("istio_tcp_connections_closed_total{", PASSTHROUGH), 1);
+    }
+
+    /// The observer counts a request like the last one into the last one's series
+    /// without making its labels again; a new mesh snapshot (here the endpoint's
+    /// `version` label changes) relabels the next request, and a label set folded into
+    /// the overflow series is counted as overflow every time it is seen.
+    #[test]
+    fn repeated_requests_follow_mesh_changes_and_overflow_counts() {
+        let src = istio(CLIENT, "clients", 2);
+        let o = IstioObserver::new(src.clone(), Scope::Source(Arc::from("shop/web")));
+        let ok = || {
+            record(
+                Side::Source,
+                200,
+                Some("10.0.0.2:8080"),
+                ConnInfo::default(),
+            )
+        };
+        o.on_request(ok());
+        o.on_request(ok());
+        src.labeler.state.modify(|s| {
+            let e = s
+                .services
+                .get_mut("shop/web")
+                .and_then(|svc| svc.endpoints.get_mut("agents/a1"))
+                .expect("endpoint a1");
+            e.labels.insert("version".into(), "v3".into());
+        });
+        o.on_request(ok());
+        let text = scrape(&src.metrics);
+        let count = |version: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("istio_requests_total{")
+                        && l.contains(&format!("destination_version=\"{version}\""))
+                })
+                .unwrap_or_else(|| panic!("no series of {version}: {text}"))
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        assert_eq!((count("v2"), count("v3")), (Some(2), Some(1)), "{text}");
+        // The cap (2) is reached: a third label set, twice, overflows twice.
+        for _ in 0..2 {
+            o.on_request(record(
+                Side::Source,
+                500,
+                Some("10.0.0.2:8080"),
+                ConnInfo::default(),
+            ));
+        }
+        assert_eq!(src.metrics.http.overflowed(), 2);
+        o.on_request(ok());
+        assert_eq!(src.metrics.http.overflowed(), 2);
+        assert_eq!(count("v3"), Some(1), "scraped before the last request");
+        let text = scrape(&src.metrics);
+        assert!(
+            text.lines().any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("destination_version=\"v3\"")
+                && l.ends_with(" 2")),
+            "{text}"
+        );
     }
 
     /// Paths are not labels (as in Istio): 100,000 distinct paths are one series.

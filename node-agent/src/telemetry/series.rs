@@ -30,18 +30,23 @@ impl<K: Hash + Eq + Clone, V: Default> SeriesMap<K, V> {
     /// The value of `key`'s series; when the cap is reached and `key` has none, the value
     /// of `overflow()`'s series (made once), and the overflow count grows by one.
     pub fn get(&self, key: K, overflow: impl FnOnce() -> K) -> Arc<V> {
+        self.get_flagged(key, overflow).0
+    }
+
+    /// [`Self::get`], and whether the value is the overflow series' (`key` was folded).
+    pub fn get_flagged(&self, key: K, overflow: impl FnOnce() -> K) -> (Arc<V>, bool) {
         if let Some(v) = self.read().get(&key) {
-            return v.clone();
+            return (v.clone(), false);
         }
         let mut map = self.series.write().unwrap_or_else(|p| p.into_inner());
         if let Some(v) = map.get(&key) {
-            return v.clone();
+            return (v.clone(), false);
         }
         if map.len() >= self.max {
             self.overflowed.fetch_add(1, Ordering::Relaxed);
-            return map.entry(overflow()).or_default().clone();
+            return (map.entry(overflow()).or_default().clone(), true);
         }
-        map.entry(key).or_default().clone()
+        (map.entry(key).or_default().clone(), false)
     }
 
     /// How many times a new label set was folded into the overflow series.

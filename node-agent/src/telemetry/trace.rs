@@ -11,7 +11,6 @@
 //! the child of the source agent's span.
 
 use std::cell::Cell;
-use std::fmt::Write as _;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -65,11 +64,28 @@ pub struct TraceSettings {
 /// Hex digits, lower case.
 pub fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
+    push_hex(&mut s, bytes);
     s
 }
+
+/// Appends `bytes` in lower-case hex to `s` (on the request path: no formatter).
+fn push_hex(s: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+}
+
+// The trace headers, parsed once (a lookup by `&str` parses the name every time).
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+const B3: HeaderName = HeaderName::from_static("b3");
+const X_B3_TRACEID: HeaderName = HeaderName::from_static("x-b3-traceid");
+const X_B3_SPANID: HeaderName = HeaderName::from_static("x-b3-spanid");
+const X_B3_PARENTSPANID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+const X_B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+const X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
 fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
     if s.len() != 2 * N || !s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
@@ -159,12 +175,12 @@ pub fn parse_b3_single(value: &str) -> Option<Context> {
 /// `x-b3-sampled` (`1`/`0`, `true`/`false`; absent: sampled) and `x-b3-flags: 1` (debug,
 /// sampled).
 pub fn parse_b3_multi(headers: &HeaderMap) -> Option<Context> {
-    let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
-    let trace_id = b3_trace_id(get("x-b3-traceid")?)?;
-    let span_id = parse_span_id(get("x-b3-spanid")?)?;
-    let debug = get("x-b3-flags") == Some("1");
+    let get = |n: &HeaderName| headers.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
+    let trace_id = b3_trace_id(get(&X_B3_TRACEID)?)?;
+    let span_id = parse_span_id(get(&X_B3_SPANID)?)?;
+    let debug = get(&X_B3_FLAGS) == Some("1");
     let sampled = debug
-        || match get("x-b3-sampled") {
+        || match get(&X_B3_SAMPLED) {
             None => true,
             Some(s) => s == "1" || s.eq_ignore_ascii_case("true"),
         };
@@ -189,11 +205,11 @@ pub enum Format {
 /// The context a request carries, and in which format: `traceparent` if valid, else `b3`,
 /// else the `x-b3-*` headers.
 pub fn extract(headers: &HeaderMap) -> Option<(Context, Format)> {
-    let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    if let Some(c) = get("traceparent").and_then(parse_traceparent) {
+    let get = |n: &HeaderName| headers.get(n).and_then(|v| v.to_str().ok());
+    if let Some(c) = get(&TRACEPARENT).and_then(parse_traceparent) {
         return Some((c, Format::W3c));
     }
-    if let Some(c) = get("b3").and_then(parse_b3_single) {
+    if let Some(c) = get(&B3).and_then(parse_b3_single) {
         return Some((c, Format::B3Single));
     }
     parse_b3_multi(headers).map(|c| (c, Format::B3Multi))
@@ -259,17 +275,18 @@ fn new_trace_id() -> TraceId {
 
 /// The `traceparent` value of a span.
 pub fn traceparent(trace_id: &TraceId, span_id: &SpanId, sampled: bool) -> String {
-    format!(
-        "00-{}-{}-{}",
-        hex(trace_id),
-        hex(span_id),
-        if sampled { "01" } else { "00" }
-    )
+    let mut s = String::with_capacity(55);
+    s.push_str("00-");
+    push_hex(&mut s, trace_id);
+    s.push('-');
+    push_hex(&mut s, span_id);
+    s.push_str(if sampled { "-01" } else { "-00" });
+    s
 }
 
-fn set(headers: &mut HeaderMap, name: &'static str, value: &str) {
+fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
-        headers.insert(HeaderName::from_static(name), v);
+        headers.insert(name, v);
     }
 }
 
@@ -280,7 +297,7 @@ fn set(headers: &mut HeaderMap, name: &'static str, value: &str) {
 pub fn on_request(settings: &TraceSettings, headers: &mut HeaderMap) -> Option<SpanRecord> {
     let extracted = extract(headers);
     let trace_state = headers
-        .get("tracestate")
+        .get(&TRACESTATE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let span = match extracted {
@@ -308,33 +325,38 @@ pub fn on_request(settings: &TraceSettings, headers: &mut HeaderMap) -> Option<S
         }
     };
     if span.trace_state.is_none() {
-        headers.remove("tracestate");
+        headers.remove(&TRACESTATE);
     }
     set(
         headers,
-        "traceparent",
+        TRACEPARENT,
         &traceparent(&span.trace_id, &span.span_id, span.sampled),
     );
     let sampled = if span.sampled { "1" } else { "0" };
-    if headers.contains_key("b3") {
-        let mut v = format!("{}-{}-{sampled}", hex(&span.trace_id), hex(&span.span_id));
+    if headers.contains_key(&B3) {
+        let mut v = String::with_capacity(68);
+        push_hex(&mut v, &span.trace_id);
+        v.push('-');
+        push_hex(&mut v, &span.span_id);
+        v.push('-');
+        v.push_str(sampled);
         if let Some(p) = &span.parent_span_id {
             v.push('-');
-            v.push_str(&hex(p));
+            push_hex(&mut v, p);
         }
-        set(headers, "b3", &v);
+        set(headers, B3, &v);
     }
-    if headers.contains_key("x-b3-traceid") || headers.contains_key("x-b3-spanid") {
-        set(headers, "x-b3-traceid", &hex(&span.trace_id));
-        set(headers, "x-b3-spanid", &hex(&span.span_id));
+    if headers.contains_key(&X_B3_TRACEID) || headers.contains_key(&X_B3_SPANID) {
+        set(headers, X_B3_TRACEID, &hex(&span.trace_id));
+        set(headers, X_B3_SPANID, &hex(&span.span_id));
         match &span.parent_span_id {
-            Some(p) => set(headers, "x-b3-parentspanid", &hex(p)),
+            Some(p) => set(headers, X_B3_PARENTSPANID, &hex(p)),
             None => {
-                headers.remove("x-b3-parentspanid");
+                headers.remove(&X_B3_PARENTSPANID);
             }
         }
-        if !headers.contains_key("x-b3-flags") {
-            set(headers, "x-b3-sampled", sampled);
+        if !headers.contains_key(&X_B3_FLAGS) {
+            set(headers, X_B3_SAMPLED, sampled);
         }
     }
     Some(span)

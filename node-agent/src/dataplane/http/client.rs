@@ -725,13 +725,13 @@ impl<U: Upstream> Proxy<U> {
         // HTTP/1.1 requests go out on the connection's own upstream connections; HTTP/2
         // (its streams are tasks of their own) and upgrades use the shared pool.
         let sticky = (!h2 && !upgrade).then_some(sticky);
-        let mut resp = match self
+        let (mut resp, upstream_host) = match self
             .forward(plan.as_ref(), parts, body, h2, request_bytes, sticky)
             .await
         {
-            Ok((resp, flags)) => {
+            Ok((resp, flags, host)) => {
                 pending.record.response_flags.insert(flags);
-                resp
+                (resp, host)
             }
             Err(f) => {
                 pending.record.upstream_host = f.host;
@@ -749,10 +749,10 @@ impl<U: Upstream> Proxy<U> {
         if let Some(plan) = &plan {
             plan.apply_response(resp.headers_mut());
         }
-        if let Some(UpstreamHost(host, identity)) = resp.extensions().get::<UpstreamHost>() {
-            pending.record.upstream_host = Some(host.clone());
+        if let Some(UpstreamHost(host, identity)) = upstream_host {
+            pending.record.upstream_host = Some(host);
             if pending.record.destination_principal.is_none() {
-                pending.record.destination_principal = identity.clone();
+                pending.record.destination_principal = identity;
             }
         }
         pending.record.response_code = resp.status().as_u16();
@@ -810,7 +810,7 @@ impl<U: Upstream> Proxy<U> {
         h2: bool,
         request_bytes: Arc<AtomicU64>,
         sticky: Option<&Sticky>,
-    ) -> Result<(Response<Incoming>, ResponseFlags), Failure> {
+    ) -> Result<(Response<Incoming>, ResponseFlags, Option<UpstreamHost>), Failure> {
         use http_body_util::{BodyExt as _, Either};
         use hyper::body::Body as _;
         let inner = &self.inner;
@@ -926,7 +926,7 @@ impl<U: Upstream> Proxy<U> {
                 };
                 if let (Some(p), Some(endpoint)) = (plan, tried.last()) {
                     let status = match &result {
-                        Some(Ok(resp)) => resp.status().as_u16(),
+                        Some(Ok((resp, _))) => resp.status().as_u16(),
                         Some(Err(_)) => 503,
                         None => 504,
                     };
@@ -939,15 +939,15 @@ impl<U: Upstream> Proxy<U> {
                     f
                 };
                 match result {
-                    Some(Ok(resp)) => {
+                    Some(Ok((resp, host))) => {
                         if !retry.is_some_and(|r| r.on.status(resp.status())) {
-                            return Ok((resp, ResponseFlags::NONE));
+                            return Ok((resp, ResponseFlags::NONE, host));
                         }
                         if last {
-                            return Ok((resp, exhausted(ResponseFlags::NONE)));
+                            return Ok((resp, exhausted(ResponseFlags::NONE), host));
                         }
                         if !retry_admitted(limits, &mut retry_held) {
-                            return Ok((resp, ResponseFlags::UPSTREAM_OVERFLOW));
+                            return Ok((resp, ResponseFlags::UPSTREAM_OVERFLOW, host));
                         }
                     }
                     Some(Err(e)) => {
@@ -1011,14 +1011,14 @@ impl<U: Upstream> Proxy<U> {
 impl<U: Upstream> Proxy<U> {
     /// One try of a request to `endpoint`: on a [`Sticky`] connection of the downstream
     /// connection when given one (and it holds or has room for one to `endpoint`), else
-    /// through the shared pool.
+    /// through the shared pool. The response comes with the upstream host it came from.
     async fn send(
         &self,
         endpoint: &str,
         mut req: Request<UpBody>,
         h2: bool,
         sticky: Option<&Sticky>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<(Response<Incoming>, Option<UpstreamHost>), SendError> {
         let target = sticky.and_then(|s| match s.take(endpoint) {
             Ok(c) => Some((s, Some(c))),
             Err(true) => Some((s, None)),
@@ -1027,19 +1027,24 @@ impl<U: Upstream> Proxy<U> {
         let Some((sticky, conn)) = target else {
             let pools = self.inner.pools(endpoint);
             let client = if h2 { &pools.h2 } else { &pools.h1 };
-            return client.request(req).await.map_err(SendError::Pool);
+            return match client.request(req).await {
+                Ok(mut resp) => {
+                    let host = resp.extensions_mut().remove::<UpstreamHost>();
+                    Ok((resp, host))
+                }
+                Err(e) => Err(SendError::Pool(e)),
+            };
         };
         origin_form(req.uri_mut());
-        let endpoint: Arc<str> = Arc::from(endpoint);
         let (reused, conn) = match conn {
             Some(c) => (true, c),
-            None => (false, self.open(sticky, &endpoint).await?),
+            None => (false, self.open(sticky, &Arc::from(endpoint)).await?),
         };
         let sent = match self.try_sticky(sticky, conn, req).await {
             Err(Ok(req)) if reused => {
                 // The idle connection closed before the request went out (the upstream's
                 // keep-alive timeout): once more, on a new connection.
-                let conn = self.open(sticky, &endpoint).await?;
+                let conn = self.open(sticky, &Arc::from(endpoint)).await?;
                 self.try_sticky(sticky, conn, req).await
             }
             sent => sent,
@@ -1058,15 +1063,15 @@ impl<U: Upstream> Proxy<U> {
         sticky: &Sticky,
         mut conn: StickyConn,
         req: Request<UpBody>,
-    ) -> Result<Response<Incoming>, Result<Request<UpBody>, (hyper::Error, Option<String>)>> {
+    ) -> Result<
+        (Response<Incoming>, Option<UpstreamHost>),
+        Result<Request<UpBody>, (hyper::Error, Option<String>)>,
+    > {
         let sent = conn.send.try_send_request(req);
         let host = conn.host.clone();
         sticky.put(conn);
         match sent.await {
-            Ok(mut resp) => {
-                resp.extensions_mut().insert(host);
-                Ok(resp)
-            }
+            Ok(resp) => Ok((resp, Some(host))),
             Err(mut e) => match e.take_message() {
                 Some(req) => Err(Ok(req)),
                 None => Err(Err((e.into_error(), Some(host.0)))),
@@ -1211,9 +1216,28 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// Whether `name` is one of the hop-by-hop headers [`strip_hop_by_hop`] removes or
+/// rewrites (those a `Connection` header names come only with a `Connection` header).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TRAILER
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
 /// Removes the hop-by-hop headers (RFC 9110 §7.6.1), including those the `Connection`
 /// header names; `TE: trailers` stays (gRPC needs it).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over their few names instead of a dozen
+    // lookups, per request and per response.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -217,21 +217,38 @@ impl Observer for () {
     fn on_request(&self, _record: RequestRecord) {}
 }
 
+/// [`TRACE_HEADERS`] as header names, parsed once (a lookup by `&str` parses the name
+/// every time, eight times per request).
+static TRACE_HEADER_NAMES: [::http::HeaderName; 8] = [
+    ::http::HeaderName::from_static(TRACE_HEADERS[0]),
+    ::http::HeaderName::from_static(TRACE_HEADERS[1]),
+    ::http::HeaderName::from_static(TRACE_HEADERS[2]),
+    ::http::HeaderName::from_static(TRACE_HEADERS[3]),
+    ::http::HeaderName::from_static(TRACE_HEADERS[4]),
+    ::http::HeaderName::from_static(TRACE_HEADERS[5]),
+    ::http::HeaderName::from_static(TRACE_HEADERS[6]),
+    ::http::HeaderName::from_static(TRACE_HEADERS[7]),
+];
+
 pub(crate) fn trace_headers(headers: &HeaderMap) -> Vec<(String, String)> {
     TRACE_HEADERS
         .iter()
-        .filter_map(|name| {
+        .zip(&TRACE_HEADER_NAMES)
+        .filter_map(|(name, key)| {
             headers
-                .get(*name)
+                .get(key)
                 .and_then(|v| v.to_str().ok())
                 .map(|v| ((*name).to_owned(), v.to_owned()))
         })
         .collect()
 }
 
+/// `grpc-status`, parsed once.
+static GRPC_STATUS: ::http::HeaderName = ::http::HeaderName::from_static("grpc-status");
+
 pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<u32> {
     headers
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
 }
