@@ -309,18 +309,16 @@ impl Controller {
         mut f: impl FnMut() -> Option<T>,
     ) -> T {
         let start = Instant::now();
-        loop {
-            if let Some(v) = f() {
-                return v;
-            }
-            if start.elapsed() >= timeout {
+        wait_for(what, Duration::MAX, || {
+            let v = f();
+            if v.is_none() && start.elapsed() >= timeout {
                 panic!(
                     "timed out after {timeout:?} waiting for {what}; the controller's log:\n{}",
                     self.log()
                 );
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            v
+        })
     }
 
     /// SIGKILL, as a crash would.

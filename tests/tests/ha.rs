@@ -800,6 +800,84 @@ async fn a_registry_write_under_a_lost_leadership_is_refused() {
     assert!(mesh_a.services().iter().any(|s| s.name == "api"));
 }
 
+/// A mesh on `etcd` whose leader (fence `first`) stored the file source's `web` at
+/// version `v1`, then lost its leadership key: deleted by hand, its lease still alive.
+struct DeletedKey {
+    client: Etcd,
+    store: Arc<dyn Store>,
+    mesh: Arc<Mesh>,
+    first: Fence,
+    v1: u64,
+}
+
+const LEADER_KEY: &[u8] = b"/causeway/leader";
+
+/// Takes the leadership key under a fresh lease.
+async fn lead(client: &Etcd) -> Fence {
+    let (lease, _) = client.lease_grant(Duration::from_secs(30)).await.unwrap();
+    let l = client
+        .try_lead(LEADER_KEY, b"a", lease)
+        .await
+        .unwrap()
+        .unwrap();
+    Fence {
+        key: l.key,
+        revision: l.fence,
+    }
+}
+
+impl DeletedKey {
+    async fn set_up(etcd: &Member) -> DeletedKey {
+        let client = etcd.client();
+        let (store, mesh) = mesh_on(etcd).await;
+        let first = lead(&client).await;
+        let v1 = mesh
+            .apply_source_update_fenced(file_update(&["web"]), Some(first.clone()))
+            .await
+            .unwrap();
+        client
+            .txn(
+                &[],
+                &[Op::Delete {
+                    key: LEADER_KEY.to_vec(),
+                }],
+                &[],
+            )
+            .await
+            .unwrap();
+        DeletedKey {
+            client,
+            store,
+            mesh,
+            first,
+            v1,
+        }
+    }
+}
+
+/// The next leadership term, as `leader_duties` starts it (a reload if needed, then the
+/// sources send what they know: `web` and `api`): the change is a new version, stored.
+async fn the_next_term_stores_the_change(
+    client: &Etcd,
+    store: &Arc<dyn Store>,
+    mesh: &Mesh,
+    v1: u64,
+) {
+    let second = lead(client).await;
+    mesh.resync(false).await.unwrap();
+    let v2 = mesh
+        .apply_source_update_fenced(file_update(&["web", "api"]), Some(second))
+        .await
+        .unwrap();
+    assert!(v2 > v1, "the change is a new version ({v1} then {v2})");
+    let (stored_version, services) = stored_file_services(store.clone()).await;
+    assert_eq!(stored_version, v2);
+    assert_eq!(
+        services,
+        BTreeSet::from(["default/api".to_owned(), "default/web".to_owned()])
+    );
+}
+
 /// The deleted-key case without a race: a leader's write refused by the fence changed
 /// its registry in memory only; when the same controller leads again and its sources
 /// send the same data (a new term restarts them), that data is still a change to store.
@@ -811,26 +889,13 @@ async fn a_registry_write_under_a_lost_leadership_is_refused() {
 async fn a_change_refused_by_the_fence_is_stored_when_the_controller_leads_again() {
     let t = tempfile::tempdir().unwrap();
     let etcd = Member::start(t.path());
-    let client = etcd.client();
-    let (store, mesh) = mesh_on(&etcd).await;
-    let key = b"/causeway/leader";
-    async fn lead(client: &Etcd, key: &[u8]) -> Fence {
-        let (lease, _) = client.lease_grant(Duration::from_secs(30)).await.unwrap();
-        let l = client.try_lead(key, b"a", lease).await.unwrap().unwrap();
-        Fence {
-            key: l.key,
-            revision: l.fence,
-        }
-    }
-    let first = lead(&client, key).await;
-    let v1 = mesh
-        .apply_source_update_fenced(file_update(&["web"]), Some(first.clone()))
-        .await
-        .unwrap();
-    client
-        .txn(&[], &[Op::Delete { key: key.to_vec() }], &[])
-        .await
-        .unwrap();
+    let DeletedKey {
+        client,
+        store,
+        mesh,
+        first,
+        v1,
+    } = DeletedKey::set_up(&etcd).await;
     let err = mesh
         .apply_source_update_fenced(file_update(&["web", "api"]), Some(first))
         .await
@@ -838,19 +903,7 @@ async fn a_change_refused_by_the_fence_is_stored_when_the_controller_leads_again
         .to_string();
     assert!(err.contains("no longer the leader"), "{err}");
 
-    // The next term, at once: its sources send what they know.
-    let second = lead(&client, key).await;
-    let v2 = mesh
-        .apply_source_update_fenced(file_update(&["web", "api"]), Some(second))
-        .await
-        .unwrap();
-    assert!(v2 > v1, "the change is a new version ({v1} then {v2})");
-    let (stored_version, services) = stored_file_services(store).await;
-    assert_eq!(stored_version, v2);
-    assert_eq!(
-        services,
-        BTreeSet::from(["default/api".to_owned(), "default/web".to_owned()])
-    );
+    the_next_term_stores_the_change(&client, &store, &mesh, v1).await;
 }
 
 /// The same, when the refused write never returns: a term's tasks are aborted as soon as
@@ -864,26 +917,13 @@ async fn a_change_refused_by_the_fence_is_stored_when_the_controller_leads_again
 async fn a_change_whose_write_is_abandoned_midway_is_stored_by_the_next_term() {
     let t = tempfile::tempdir().unwrap();
     let etcd = Member::start(t.path());
-    let client = etcd.client();
-    let (store, mesh) = mesh_on(&etcd).await;
-    let key = b"/causeway/leader";
-    async fn lead(client: &Etcd, key: &[u8]) -> Fence {
-        let (lease, _) = client.lease_grant(Duration::from_secs(30)).await.unwrap();
-        let l = client.try_lead(key, b"a", lease).await.unwrap().unwrap();
-        Fence {
-            key: l.key,
-            revision: l.fence,
-        }
-    }
-    let first = lead(&client, key).await;
-    let v1 = mesh
-        .apply_source_update_fenced(file_update(&["web"]), Some(first.clone()))
-        .await
-        .unwrap();
-    client
-        .txn(&[], &[Op::Delete { key: key.to_vec() }], &[])
-        .await
-        .unwrap();
+    let DeletedKey {
+        client,
+        store,
+        mesh,
+        first,
+        v1,
+    } = DeletedKey::set_up(&etcd).await;
     // Polled once, then dropped: the registry is changed in memory and the write is
     // out (it runs to its end on a blocking thread, refused), but the caller is gone.
     let abandoned = tokio::time::timeout(
@@ -897,21 +937,7 @@ async fn a_change_whose_write_is_abandoned_midway_is_stored_by_the_next_term() {
         causeway_controller::ha::is_fenced(first.revision).then_some(())
     });
 
-    // The next term, as `leader_duties` starts it: a reload if needed, then the
-    // sources send what they know.
-    let second = lead(&client, key).await;
-    mesh.resync(false).await.unwrap();
-    let v2 = mesh
-        .apply_source_update_fenced(file_update(&["web", "api"]), Some(second))
-        .await
-        .unwrap();
-    assert!(v2 > v1, "the change is a new version ({v1} then {v2})");
-    let (stored_version, services) = stored_file_services(store).await;
-    assert_eq!(stored_version, v2);
-    assert_eq!(
-        services,
-        BTreeSet::from(["default/api".to_owned(), "default/web".to_owned()])
-    );
+    the_next_term_stores_the_change(&client, &store, &mesh, v1).await;
 }
 
 /// A token with `uses: 10`, joins racing on two controllers of the set: exactly 10

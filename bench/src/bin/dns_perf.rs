@@ -439,6 +439,18 @@ fn mmsg_once(
     serde_json::from_slice(&out.stdout).context("the mmsg client's report")
 }
 
+/// The wrong answers of one mmsg client report, said on stderr by kind when there are any.
+fn wrong_answers(port: u16, report: &serde_json::Value, during: &str) -> u64 {
+    let errors = report["errors"].as_u64().unwrap_or(0);
+    if errors > 0 {
+        eprintln!(
+            "mmsg client, port {port}: wrong answers in {during}: {}",
+            report["errors_by_kind"]
+        );
+    }
+    errors
+}
+
 /// The mmsg client's throughput run: as fast as the answers come, 200 in flight.
 fn mmsg_throughput(port: u16, pid: u32, data: &Path, seconds: u64) -> anyhow::Result<Run> {
     let (cpu0, client0) = (cpu_secs(pid), cpu_ticks(1));
@@ -450,13 +462,7 @@ fn mmsg_throughput(port: u16, pid: u32, data: &Path, seconds: u64) -> anyhow::Re
         (Some(a), Some(b)) => (b - a) * 1e6 / ok,
         _ => f64::NAN,
     };
-    let errors = t["errors"].as_u64().unwrap_or(0);
-    if errors > 0 {
-        eprintln!(
-            "mmsg client, port {port}: wrong answers in the throughput run: {}",
-            t["errors_by_kind"]
-        );
-    }
+    let errors = wrong_answers(port, &t, "the throughput run");
     Ok(Run {
         qps: num(&t, "qps"),
         lost: format!("{}", t["lost"].as_u64().unwrap_or(0)),
@@ -472,13 +478,7 @@ fn mmsg_throughput(port: u16, pid: u32, data: &Path, seconds: u64) -> anyhow::Re
 fn mmsg_latency(port: u16, data: &Path, seconds: u64, rate: u64) -> anyhow::Result<Latency> {
     let l = mmsg_once(port, data, seconds, Some(rate))?;
     let num = |k: &str| l[k].as_f64().unwrap_or(f64::NAN);
-    let errors = l["errors"].as_u64().unwrap_or(0);
-    if errors > 0 {
-        eprintln!(
-            "mmsg client, port {port}: wrong answers in a latency round: {}",
-            l["errors_by_kind"]
-        );
-    }
+    let errors = wrong_answers(port, &l, "a latency round");
     Ok(Latency {
         p50_ms: num("p50_ms"),
         p99_ms: num("p99_ms"),

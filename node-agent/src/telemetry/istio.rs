@@ -926,6 +926,14 @@ mod tests {
         causeway_telemetry::metrics::encode(&reg, causeway_telemetry::metrics::PROMETHEUS_TEXT)
     }
 
+    /// The scraped `istio_requests_total` series whose `label` is `value`.
+    fn requests_total_line<'a>(text: &'a str, label: &str, value: &str) -> &'a str {
+        let want = format!("{label}=\"{value}\"");
+        text.lines()
+            .find(|l| l.starts_with("istio_requests_total{") && l.contains(&want))
+            .unwrap_or_else(|| panic!("no istio_requests_total series with {want}: {text}"))
+    }
+
     fn istio(identity: &str, group: &str, max: usize) -> Arc<Istio> {
         Arc::new(Istio {
             metrics: Arc::new(IstioMetrics::new(max)),
@@ -961,15 +969,7 @@ mod tests {
         // Without a subset and no upstream: unknown, as before.
         o.on_request(record(Side::Source, 502, None, ConnInfo::default()));
         let text = scrape(&src.metrics);
-        let line = |code: &str| {
-            text.lines()
-                .find(|l| {
-                    l.starts_with("istio_requests_total{")
-                        && l.contains(&format!("response_code=\"{code}\""))
-                })
-                .unwrap_or_else(|| panic!("{text}"))
-                .to_owned()
-        };
+        let line = |code: &str| requests_total_line(&text, "response_code", code).to_owned();
         assert!(line("503").contains("destination_version=\"v3\""), "{text}");
         assert!(line("200").contains("destination_version=\"v2\""), "{text}");
         assert!(
@@ -1138,12 +1138,7 @@ mod tests {
         o.on_request(ok());
         let text = scrape(&src.metrics);
         let count = |version: &str| {
-            text.lines()
-                .find(|l| {
-                    l.starts_with("istio_requests_total{")
-                        && l.contains(&format!("destination_version=\"{version}\""))
-                })
-                .unwrap_or_else(|| panic!("no series of {version}: {text}"))
+            requests_total_line(&text, "destination_version", version)
                 .rsplit(' ')
                 .next()
                 .and_then(|v| v.parse::<u64>().ok())

@@ -610,21 +610,6 @@ fn keepalive_figures(
     Ok(())
 }
 
-fn median_range(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let med = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    Some((med, v[0], v[n - 1]))
-}
-
 /// `rounds` rounds of every path (each started before and stopped after its turn; direct
 /// first, the others rotated by one place per round); prints the medians, ranges and
 /// ratios to ztunnel; returns the report.
@@ -721,19 +706,19 @@ pub(super) fn run_versus(
         .flatten()
         .collect();
     let (load_med, load_lo, load_hi) =
-        median_range(loads).unwrap_or((f64::NAN, f64::NAN, f64::NAN));
+        causeway_bench::median_range(&loads).unwrap_or((f64::NAN, f64::NAN, f64::NAN));
     let paths: Vec<&str> = PATHS
         .iter()
         .copied()
         .filter(|p| runs.iter().any(|r| r["path"] == *p))
         .collect();
     let stat = |path: &str, key: &str| {
-        median_range(
-            runs.iter()
-                .filter(|r| r["path"] == path)
-                .filter_map(|r| r[key].as_f64())
-                .collect(),
-        )
+        let v: Vec<f64> = runs
+            .iter()
+            .filter(|r| r["path"] == path)
+            .filter_map(|r| r[key].as_f64())
+            .collect();
+        causeway_bench::median_range(&v)
     };
     println!(
         "Median [min–max] over {rounds} rounds, {secs} s per workload; (×) ratio of medians to ztunnel's (req/s, Gbit/s: > 1 is better; latency, CPU, RSS: < 1 is better). 1-min load average during the rounds: median {load_med:.2}, range {load_lo:.2}–{load_hi:.2}."

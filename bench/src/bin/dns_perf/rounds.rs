@@ -10,21 +10,10 @@
 //! see the same machine; the median of their ratios is what the two servers differ
 //! by, and the range shows how far one round can be off.
 
-/// The median and the range (min, max) of `v` (NaN for all three when empty; NaN
-/// values sort last).
+/// The median and the range (min, max) of `v` ([`causeway_bench::median_range`]; NaN
+/// for all three when no value is finite).
 pub(crate) fn median_range(v: &[f64]) -> (f64, f64, f64) {
-    if v.is_empty() {
-        return (f64::NAN, f64::NAN, f64::NAN);
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    let median = if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    };
-    (median, s[0], s[n - 1])
+    causeway_bench::median_range(v).unwrap_or((f64::NAN, f64::NAN, f64::NAN))
 }
 
 /// The agent's p99 over the other server's, round by round (rounds both have).
